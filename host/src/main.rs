@@ -1,1 +1,102 @@
-fn main() {}
+//! The `tidegate` command: a thin shell around [`tidegate::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// MongoDB change streams → WebAssembly plugins → NATS JetStream.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipelines of a config file until SIGTERM or SIGINT.
+    Run {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a config file and load its plugins without connecting to anything.
+    Check {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (Command::Run { config } | Command::Check { config }) = &cli.command;
+    let config = match tidegate::Config::load(config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("tidegate: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    tidegate::telemetry::init(&config.log);
+    let result = match cli.command {
+        Command::Check { .. } => check(&config),
+        Command::Run { .. } => run(config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("tidegate: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn check(config: &tidegate::Config) -> anyhow::Result<()> {
+    let sandbox = tidegate::sandbox::Sandbox::new().map_err(anyhow::Error::msg)?;
+    let chains = tidegate::load_chains(config, &sandbox)?;
+    for (pipeline, chain) in config.pipelines.iter().zip(chains) {
+        let plugins: Vec<String> = chain
+            .plugins()
+            .iter()
+            .map(|p| format!("{} ({:?}, {})", p.name(), p.world(), p.path().display()))
+            .collect();
+        println!("pipeline '{}': ok [{}]", pipeline.id, plugins.join(", "));
+    }
+    Ok(())
+}
+
+fn run(config: tidegate::Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), "tidegate starting");
+        tidegate::run(config, shutdown_signal()).await?;
+        tracing::info!("tidegate stopped cleanly");
+        Ok(())
+    })
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining and checkpointing"),
+        _ = int.recv() => tracing::info!("SIGINT: draining and checkpointing"),
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        eprintln!("tidegate: second signal, exiting without draining");
+        std::process::exit(130);
+    });
+}

@@ -1,0 +1,622 @@
+//! The configuration file: its TOML model, defaults, environment overrides and validation.
+//!
+//! Every key is documented on its field below and in `examples/quickstart/tidegate.toml`.
+//! Unknown keys are errors (a typo must never silently fall back to a default), and every
+//! error names the file and the key at fault.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::Error;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Folder that holds plugin components (`<name>.wasm`). Relative paths are resolved against
+    /// the config file's folder. Default: `plugins`.
+    #[serde(default = "default_plugin_dir")]
+    pub plugin_dir: PathBuf,
+    /// The NATS server every pipeline publishes to.
+    pub nats: NatsConfig,
+    /// Log format and level.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// One entry per change stream to relay. At least one is required.
+    #[serde(rename = "pipeline")]
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated. Overridden by the environment variable
+    /// `TIDEGATE_NATS_URL`, so that credentials in URLs need not live in the file.
+    pub url: String,
+    /// How long to wait for a JetStream acknowledgement before the publish is treated as
+    /// failed and retried. Default: 5000.
+    #[serde(default = "default_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `human` (default) or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `tidegate=debug`. The `RUST_LOG` environment
+    /// variable overrides it. Default: `info`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One relay: a change stream, a plugin chain, a JetStream stream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Unique name: letters, digits, `-` and `_`. It keys the checkpoint and prefixes every
+    /// message id, so renaming a pipeline starts it afresh.
+    pub id: String,
+    /// MongoDB connection string (a replica set or sharded cluster: change streams need one).
+    /// Overridden by `TIDEGATE_PIPELINE_<ID>_MONGODB_URI` (ID upper-cased, `-` as `_`).
+    pub mongodb_uri: String,
+    /// Database to watch. Absent: the whole deployment.
+    pub database: Option<String>,
+    /// Collections of `database` to watch. Absent or empty: the whole database.
+    #[serde(default)]
+    pub collections: Vec<String>,
+    /// Whether update events carry the whole document after the change: `off` (default),
+    /// `update-lookup`, `when-available` or `required` (MongoDB's `fullDocument`).
+    #[serde(default)]
+    pub full_document: FullDocument,
+    /// Whether events carry the document before the change: `off` (default),
+    /// `when-available` or `required` (MongoDB's `fullDocumentBeforeChange`; the collection
+    /// needs `changeStreamPreAndPostImages`).
+    #[serde(default)]
+    pub full_document_before_change: FullDocumentBeforeChange,
+    /// Plugins every event goes through, in order.
+    #[serde(default)]
+    pub plugins: Vec<PluginConfig>,
+    /// Where messages go.
+    pub sink: SinkConfig,
+    /// Where the position is saved.
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+/// `fullDocument` for update events.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FullDocument {
+    /// Updates carry only their update description.
+    #[default]
+    Off,
+    /// The server looks up the current document (it may be newer than the change).
+    UpdateLookup,
+    /// The post-image, when the collection records images.
+    WhenAvailable,
+    /// The post-image; the stream fails if it is missing.
+    Required,
+}
+
+/// `fullDocumentBeforeChange`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FullDocumentBeforeChange {
+    /// No pre-images.
+    #[default]
+    Off,
+    /// The pre-image when the collection records them.
+    WhenAvailable,
+    /// The pre-image; the stream fails if it is missing.
+    Required,
+}
+
+/// One plugin in a chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The plugin's name, used in logs, dead-letter headers and (without `file`) to find
+    /// `<plugin_dir>/<name>.wasm`.
+    pub name: String,
+    /// Explicit path to the component; relative to the config file's folder.
+    pub file: Option<PathBuf>,
+    /// Key/values the plugin reads through its `config` import. Values must be strings.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Sandbox limits for this plugin.
+    #[serde(default)]
+    pub limits: PluginLimits,
+}
+
+/// What one plugin call may consume before it is stopped and the event dead-lettered.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimits {
+    /// Most linear memory the plugin instance may grow to, in MiB. Default: 64.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u32,
+    /// Most fuel (roughly, wasm instructions) one call may burn. Deterministic: the same
+    /// event gets the same verdict on replay. Default: 100,000,000.
+    #[serde(default = "default_fuel")]
+    pub fuel_per_call: u64,
+    /// Wall-clock limit for one call, in milliseconds. Default: 1000.
+    #[serde(default = "default_call_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            memory_mib: default_memory_mib(),
+            fuel_per_call: default_fuel(),
+            timeout_ms: default_call_timeout_ms(),
+        }
+    }
+}
+
+/// The JetStream side of a pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// JetStream stream name. Created (subjects `<subject_prefix>.>`) when missing; when it
+    /// exists it must cover those subjects and keep a long enough duplicate window. Each
+    /// pipeline needs a stream of its own: ordering is enforced with
+    /// `Nats-Expected-Last-Msg-Id`, which assumes one writer.
+    pub stream: String,
+    /// First subject token(s) of everything this pipeline publishes, e.g. `cdc` or `cdc.shop`.
+    pub subject_prefix: String,
+    /// Subject of each event. Placeholders: `{prefix}`, `{db}`, `{coll}`, `{operation}`.
+    /// Must start with `{prefix}.`. Default: `{prefix}.{db}.{coll}.{operation}`.
+    #[serde(default = "default_subject_template")]
+    pub subject_template: String,
+    /// Subject for events a plugin failed on. Default: `<subject_prefix>.dead-letter`.
+    pub dead_letter_subject: Option<String>,
+    /// Payload encoding: `relaxed-json` (default), `canonical-json` or `bson`.
+    #[serde(default)]
+    pub encoding: Encoding,
+    /// Most messages published but not yet acknowledged. Default: 256.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Smallest JetStream duplicate window (seconds) tidegate accepts on the stream, and the
+    /// window it sets when it creates the stream. Default: 120.
+    #[serde(default = "default_duplicate_window_secs")]
+    pub duplicate_window_secs: u64,
+}
+
+/// How a published payload is encoded.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encoding {
+    /// MongoDB relaxed Extended JSON v2: readable, numbers as plain JSON numbers.
+    #[default]
+    RelaxedJson,
+    /// Canonical Extended JSON v2: lossless, every BSON type explicit.
+    CanonicalJson,
+    /// The event as one BSON document.
+    Bson,
+}
+
+impl Encoding {
+    /// The value of the `Content-Type` header published with each message.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Encoding::RelaxedJson => "application/json; ejson=relaxed",
+            Encoding::CanonicalJson => "application/json; ejson=canonical",
+            Encoding::Bson => "application/bson",
+        }
+    }
+}
+
+/// Where a pipeline's position is saved.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// `nats-kv` (default) or `mongodb`.
+    #[serde(default)]
+    pub store: CheckpointStoreKind,
+    /// KV bucket for `nats-kv`. Default: `tidegate-checkpoints`.
+    #[serde(default = "default_bucket")]
+    pub bucket: String,
+    /// Database for `mongodb` (on the pipeline's own deployment). Default: `tidegate`.
+    #[serde(default = "default_checkpoint_database")]
+    pub database: String,
+    /// Collection for `mongodb`. Default: `checkpoints`.
+    #[serde(default = "default_checkpoint_collection")]
+    pub collection: String,
+    /// How often the acknowledged position is saved, in milliseconds. Default: 1000.
+    /// A crash replays at most this much (JetStream drops the replayed duplicates).
+    #[serde(default = "default_checkpoint_interval_ms")]
+    pub interval_ms: u64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            store: CheckpointStoreKind::default(),
+            bucket: default_bucket(),
+            database: default_checkpoint_database(),
+            collection: default_checkpoint_collection(),
+            interval_ms: default_checkpoint_interval_ms(),
+        }
+    }
+}
+
+/// Checkpoint backends.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckpointStoreKind {
+    /// A NATS key-value bucket.
+    #[default]
+    NatsKv,
+    /// A MongoDB collection, one document per pipeline.
+    Mongodb,
+}
+
+fn default_plugin_dir() -> PathBuf {
+    PathBuf::from("plugins")
+}
+fn default_ack_timeout_ms() -> u64 {
+    5000
+}
+fn default_log_level() -> String {
+    "info".to_string()
+}
+fn default_memory_mib() -> u32 {
+    64
+}
+fn default_fuel() -> u64 {
+    100_000_000
+}
+fn default_call_timeout_ms() -> u64 {
+    1000
+}
+fn default_subject_template() -> String {
+    "{prefix}.{db}.{coll}.{operation}".to_string()
+}
+fn default_max_in_flight() -> usize {
+    256
+}
+fn default_duplicate_window_secs() -> u64 {
+    120
+}
+fn default_bucket() -> String {
+    "tidegate-checkpoints".to_string()
+}
+fn default_checkpoint_database() -> String {
+    "tidegate".to_string()
+}
+fn default_checkpoint_collection() -> String {
+    "checkpoints".to_string()
+}
+fn default_checkpoint_interval_ms() -> u64 {
+    1000
+}
+
+impl Config {
+    /// Reads, parses, applies environment overrides to and validates a config file.
+    /// Relative paths inside it are made absolute against the file's folder.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|err| Error::Config {
+            path: path.to_path_buf(),
+            message: format!("cannot read it: {err}"),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base, |name| std::env::var(name).ok()).map_err(|message| {
+            Error::Config {
+                path: path.to_path_buf(),
+                message,
+            }
+        })
+    }
+
+    /// Parses config text. `base` resolves relative paths; `env` looks up overrides.
+    pub fn parse(
+        text: &str,
+        base: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, String> {
+        let mut config: Config = toml::from_str(text).map_err(|err| err.to_string())?;
+        if let Some(url) = env("TIDEGATE_NATS_URL") {
+            config.nats.url = url;
+        }
+        for pipeline in &mut config.pipelines {
+            if let Some(uri) = env(&pipeline_env_var(&pipeline.id, "MONGODB_URI")) {
+                pipeline.mongodb_uri = uri;
+            }
+        }
+        config.plugin_dir = base.join(&config.plugin_dir);
+        for plugin in config.pipelines.iter_mut().flat_map(|p| p.plugins.iter_mut()) {
+            if let Some(file) = &plugin.file {
+                plugin.file = Some(base.join(file));
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.pipelines.is_empty() {
+            return Err("no [[pipeline]] is configured; at least one is needed".into());
+        }
+        let mut ids = HashSet::new();
+        let mut streams = HashSet::new();
+        for pipeline in &self.pipelines {
+            let at = |key: &str| format!("pipeline '{}': {key}", pipeline.id);
+            if pipeline.id.is_empty()
+                || !pipeline
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(format!(
+                    "pipeline id '{}' must be non-empty and use only letters, digits, '-' and '_'",
+                    pipeline.id
+                ));
+            }
+            if !ids.insert(pipeline.id.as_str()) {
+                return Err(format!("pipeline id '{}' is used twice", pipeline.id));
+            }
+            if !streams.insert(pipeline.sink.stream.as_str()) {
+                return Err(format!(
+                    "{}: stream '{}' is already used by another pipeline; each pipeline needs its own \
+                     stream because ordering is enforced with Nats-Expected-Last-Msg-Id",
+                    at("sink.stream"),
+                    pipeline.sink.stream
+                ));
+            }
+            if pipeline.database.is_none() && !pipeline.collections.is_empty() {
+                return Err(format!(
+                    "{}: collections are listed but no database is set",
+                    at("collections")
+                ));
+            }
+            let sink = &pipeline.sink;
+            if !is_valid_subject(&sink.subject_prefix, false) {
+                return Err(format!(
+                    "{}: '{}' is not a valid NATS subject prefix (dot-separated tokens, no spaces or wildcards)",
+                    at("sink.subject_prefix"),
+                    sink.subject_prefix
+                ));
+            }
+            if !sink.subject_template.starts_with("{prefix}.") {
+                return Err(format!(
+                    "{}: '{}' must start with '{{prefix}}.' so every subject stays in the stream",
+                    at("sink.subject_template"),
+                    sink.subject_template
+                ));
+            }
+            let probe = sink
+                .subject_template
+                .replace("{prefix}", &sink.subject_prefix)
+                .replace("{db}", "d")
+                .replace("{coll}", "c")
+                .replace("{operation}", "o");
+            if probe.contains('{') || probe.contains('}') || !is_valid_subject(&probe, false) {
+                return Err(format!(
+                    "{}: '{}' is not a valid subject template (placeholders: {{prefix}}, {{db}}, {{coll}}, {{operation}})",
+                    at("sink.subject_template"),
+                    sink.subject_template
+                ));
+            }
+            let dead_letter = pipeline.dead_letter_subject();
+            if !is_valid_subject(&dead_letter, false) || !is_under_prefix(&dead_letter, &sink.subject_prefix) {
+                return Err(format!(
+                    "{}: '{}' must be a valid subject under '{}.'",
+                    at("sink.dead_letter_subject"),
+                    dead_letter,
+                    sink.subject_prefix
+                ));
+            }
+            if sink.max_in_flight == 0 {
+                return Err(format!("{}: must be at least 1", at("sink.max_in_flight")));
+            }
+            if sink.duplicate_window_secs == 0 {
+                return Err(format!(
+                    "{}: must be at least 1 second: deduplication is how restarts avoid duplicates",
+                    at("sink.duplicate_window_secs")
+                ));
+            }
+            if pipeline.checkpoint.interval_ms == 0 {
+                return Err(format!("{}: must be at least 1", at("checkpoint.interval_ms")));
+            }
+            let mut names = HashSet::new();
+            for plugin in &pipeline.plugins {
+                if plugin.name.is_empty()
+                    || !plugin
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    return Err(format!(
+                        "{}: plugin name '{}' must use only letters, digits, '-' and '_'",
+                        at("plugins"),
+                        plugin.name
+                    ));
+                }
+                if !names.insert(plugin.name.as_str()) {
+                    return Err(format!(
+                        "{}: plugin '{}' appears twice; give the second a different name and a `file`",
+                        at("plugins"),
+                        plugin.name
+                    ));
+                }
+                let limits = plugin.limits;
+                if limits.memory_mib == 0 || limits.fuel_per_call == 0 || limits.timeout_ms == 0 {
+                    return Err(format!(
+                        "{}: limits of plugin '{}' must all be greater than zero",
+                        at("plugins.limits"),
+                        plugin.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PipelineConfig {
+    /// The dead-letter subject, with its default applied.
+    pub fn dead_letter_subject(&self) -> String {
+        self.sink
+            .dead_letter_subject
+            .clone()
+            .unwrap_or_else(|| format!("{}.dead-letter", self.sink.subject_prefix))
+    }
+
+    /// The file a plugin is loaded from.
+    pub fn plugin_path(plugin: &PluginConfig, plugin_dir: &Path) -> PathBuf {
+        plugin
+            .file
+            .clone()
+            .unwrap_or_else(|| plugin_dir.join(format!("{}.wasm", plugin.name)))
+    }
+}
+
+/// The environment variable that overrides `key` of pipeline `id`.
+pub fn pipeline_env_var(id: &str, key: &str) -> String {
+    let id: String = id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .collect();
+    format!("TIDEGATE_PIPELINE_{id}_{key}")
+}
+
+/// Whether `subject` is a literal NATS subject (or, with `wildcards`, a pattern).
+pub fn is_valid_subject(subject: &str, wildcards: bool) -> bool {
+    !subject.is_empty()
+        && subject.split('.').all(|token| {
+            !token.is_empty()
+                && token.chars().all(|c| !c.is_whitespace() && !c.is_control())
+                && (wildcards || (token != "*" && token != ">"))
+                && (token.len() == 1 || !token.contains(['*', '>']))
+        })
+}
+
+/// Whether literal `subject` lies under `prefix.` (and is not the prefix itself).
+pub fn is_under_prefix(subject: &str, prefix: &str) -> bool {
+    subject.len() > prefix.len() + 1
+        && subject.starts_with(prefix)
+        && subject.as_bytes()[prefix.len()] == b'.'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [nats]
+        url = "nats://127.0.0.1:4222"
+        [[pipeline]]
+        id = "orders"
+        mongodb_uri = "mongodb://127.0.0.1:27017/?replicaSet=rs0"
+        database = "shop"
+        collections = ["orders"]
+        [pipeline.sink]
+        stream = "ORDERS"
+        subject_prefix = "cdc"
+    "#;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("/etc/tidegate"), |_| None)
+    }
+
+    /// Defaults are applied and relative paths resolved against the file's folder.
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = parse(MINIMAL).expect("valid");
+        let p = &config.pipelines[0];
+        assert_eq!(config.plugin_dir, Path::new("/etc/tidegate/plugins"));
+        assert_eq!(p.sink.subject_template, "{prefix}.{db}.{coll}.{operation}");
+        assert_eq!(p.sink.encoding, Encoding::RelaxedJson);
+        assert_eq!(p.sink.max_in_flight, 256);
+        assert_eq!(p.dead_letter_subject(), "cdc.dead-letter");
+        assert_eq!(p.checkpoint.store, CheckpointStoreKind::NatsKv);
+    }
+
+    /// A misspelt key is an error that names it, not a silent default.
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let text = MINIMAL.replace("subject_prefix", "subject_prefx");
+        let err = parse(&text).expect_err("typo must fail");
+        assert!(err.contains("subject_prefx"), "{err}");
+    }
+
+    /// Secrets such as URIs can come from the environment instead of the file.
+    #[test]
+    fn environment_overrides_uris() {
+        let config = Config::parse(MINIMAL, Path::new("."), |name| match name {
+            "TIDEGATE_NATS_URL" => Some("nats://secret@n:4222".into()),
+            "TIDEGATE_PIPELINE_ORDERS_MONGODB_URI" => Some("mongodb://user:pw@m/".into()),
+            _ => None,
+        })
+        .expect("valid");
+        assert_eq!(config.nats.url, "nats://secret@n:4222");
+        assert_eq!(config.pipelines[0].mongodb_uri, "mongodb://user:pw@m/");
+    }
+
+    /// Two pipelines writing one stream would break the ordering chain: refused.
+    #[test]
+    fn shared_stream_is_refused() {
+        let second = MINIMAL
+            .split("[[pipeline]]")
+            .nth(1)
+            .expect("has pipeline")
+            .replace("\"orders\"\n", "\"orders2\"\n");
+        let text = format!("{MINIMAL}\n[[pipeline]]{second}");
+        let err = parse(&text).expect_err("shared stream");
+        assert!(err.contains("already used by another pipeline"), "{err}");
+    }
+
+    /// Templates that would publish outside the stream's subjects are refused.
+    #[test]
+    fn subject_template_must_stay_under_prefix() {
+        let text = MINIMAL.replace(
+            "subject_prefix = \"cdc\"",
+            "subject_prefix = \"cdc\"\nsubject_template = \"other.{db}\"",
+        );
+        assert!(parse(&text).expect_err("bad template").contains("{prefix}."));
+        let text = MINIMAL.replace(
+            "subject_prefix = \"cdc\"",
+            "subject_prefix = \"cdc\"\nsubject_template = \"{prefix}.{nope}\"",
+        );
+        assert!(parse(&text).expect_err("bad placeholder").contains("placeholders"));
+    }
+
+    #[test]
+    fn subject_helpers() {
+        assert!(is_valid_subject("a.b.c", false));
+        assert!(!is_valid_subject("a..b", false));
+        assert!(!is_valid_subject("a.*", false));
+        assert!(is_valid_subject("a.>", true));
+        assert!(!is_valid_subject("a b", false));
+        assert!(is_under_prefix("cdc.x", "cdc"));
+        assert!(!is_under_prefix("cdcx.y", "cdc"));
+        assert!(!is_under_prefix("cdc", "cdc"));
+    }
+}

@@ -1,0 +1,308 @@
+//! One pipeline, wired: source → plugin chain → sink, with the checkpoint beside the sink.
+//!
+//! ```text
+//!  source task ──(SourceItem)──▶ chain thread ──(Unit)──▶ sink task ──▶ JetStream
+//!  (async, driver)              (sync, wasmtime)          (async)    └─▶ checkpoint
+//! ```
+//! The chain runs on its own OS thread because plugin calls are synchronous CPU work; the
+//! bounded channels between the stages are the backpressure: when JetStream slows down or
+//! is away, the sink stops taking units, the chain stops taking events, and the source stops
+//! reading the change stream. Nothing is dropped; the position simply stops advancing.
+//!
+//! Shutdown: the source stops reading, the chain finishes what it has, the sink publishes
+//! and settles every unit it was given, and the final position is checkpointed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::Context;
+use async_nats::HeaderMap;
+use tokio::sync::{mpsc, watch};
+
+use crate::checkpoint::CheckpointStore;
+use crate::config::{Encoding, PipelineConfig};
+use crate::encode;
+use crate::error::Error;
+use crate::event::SourceEvent;
+use crate::plugin::{CallError, Chain, Verdict};
+use crate::sink::{self, Message, Position, Publisher, Unit};
+use crate::source::{self, SourceItem};
+use crate::telemetry::PipelineStats;
+
+/// Runs one pipeline until `shutdown` turns true (then drains and checkpoints) or a fatal
+/// error occurs.
+pub async fn run(
+    pipeline: PipelineConfig,
+    chain: Chain,
+    js: Context,
+    max_payload: usize,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let id = pipeline.id.clone();
+    let mongo = mongodb::Client::with_uri_str(&pipeline.mongodb_uri)
+        .await
+        .map_err(|err| Error::Source {
+            pipeline: id.clone(),
+            message: format!("invalid MongoDB URI: {err}"),
+        })?;
+    sink::prepare_stream(&js, &pipeline).await?;
+    let checkpoints = CheckpointStore::open(&pipeline.checkpoint, &id, &js, &mongo).await?;
+    let start = checkpoints.load().await?;
+    match &start {
+        Some(_) => tracing::info!(pipeline = %id, "resuming after checkpoint"),
+        None => tracing::info!(pipeline = %id, "no checkpoint: starting from now"),
+    }
+
+    let stats = Arc::new(PipelineStats::default());
+    let (event_tx, event_rx) = mpsc::channel::<SourceItem>(1024);
+    let (unit_tx, mut unit_rx) = mpsc::channel::<Unit>(pipeline.sink.max_in_flight.max(16));
+
+    let (source_stop_tx, source_stop_rx) = watch::channel(false);
+    let source_task = tokio::spawn(source::run(
+        mongo.clone(),
+        pipeline.clone(),
+        start.as_ref().map(|p| p.token.clone()),
+        event_tx,
+        source_stop_rx,
+    ));
+
+    let framer = Framer::new(&pipeline, max_payload);
+    let chain_stats = stats.clone();
+    let chain_thread = std::thread::Builder::new()
+        .name(format!("tidegate-chain-{id}"))
+        .spawn(move || run_chain(chain, framer, event_rx, unit_tx, &chain_stats))
+        .map_err(|err| Error::Sink {
+            pipeline: id.clone(),
+            message: format!("cannot start plugin thread: {err}"),
+        })?;
+
+    let mut publisher = Publisher::new(js, &id, &pipeline.sink, start.clone());
+    let mut saved = start;
+    let mut checkpoint_timer = tokio::time::interval(Duration::from_millis(pipeline.checkpoint.interval_ms));
+    let mut summary_timer = tokio::time::interval(Duration::from_secs(30));
+    let mut source_task = Some(source_task);
+    let mut outcome: Result<(), Error> = Ok(());
+    let mut inputs_open = true;
+
+    while inputs_open || !publisher.is_idle() {
+        tokio::select! {
+            _ = shutdown.changed(), if !*source_stop_tx.borrow() => {
+                tracing::info!(pipeline = %id, "stopping: draining in-flight messages");
+                let _ = source_stop_tx.send(true);
+            }
+            unit = unit_rx.recv(), if inputs_open && publisher.has_room() => match unit {
+                Some(unit) => publisher.push(unit).await,
+                None => inputs_open = false,
+            },
+            result = publisher.next_ack(), if !publisher.is_idle() => publisher.handle_ack(result).await,
+            _ = checkpoint_timer.tick() => {
+                save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
+            }
+            _ = summary_timer.tick() => stats.log(&id, publisher.stats()),
+            result = async { source_task.as_mut().expect("guarded").await }, if source_task.is_some() => {
+                source_task = None;
+                let result = result.unwrap_or_else(|err| Err(Error::Source {
+                    pipeline: id.clone(),
+                    message: format!("source task failed: {err}"),
+                }));
+                if let Err(err) = result {
+                    // Publish and checkpoint what was already read, then report.
+                    outcome = Err(err);
+                    let _ = source_stop_tx.send(true);
+                }
+            }
+        }
+    }
+    save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
+    stats.log(&id, publisher.stats());
+    if let Err(panic) = chain_thread.join() {
+        tracing::error!(pipeline = %id, "plugin thread panicked: {panic:?}");
+    }
+    if let Some(task) = source_task {
+        task.abort();
+    }
+    tracing::info!(pipeline = %id, "stopped");
+    outcome
+}
+
+async fn save_if_moved(
+    checkpoints: &CheckpointStore,
+    position: Option<&Position>,
+    saved: &mut Option<Position>,
+) {
+    let Some(position) = position else { return };
+    if saved.as_ref() == Some(position) {
+        return;
+    }
+    match checkpoints.save(position).await {
+        Ok(()) => *saved = Some(position.clone()),
+        // The position is kept and saved on the next tick; a crash meanwhile only replays
+        // events JetStream deduplicates.
+        Err(err) => tracing::warn!(error = %err, "checkpoint not saved; will retry"),
+    }
+}
+
+/// The plugin thread: runs each event through the chain and frames the result as messages.
+fn run_chain(
+    mut chain: Chain,
+    framer: Framer,
+    mut events: mpsc::Receiver<SourceItem>,
+    units: mpsc::Sender<Unit>,
+    stats: &PipelineStats,
+) {
+    while let Some(item) = events.blocking_recv() {
+        let unit = match item {
+            SourceItem::Heartbeat(token) => Unit {
+                messages: Vec::new(),
+                token,
+            },
+            SourceItem::Event(event) => {
+                stats.read();
+                let verdict = chain.run(&event.change);
+                framer.frame(&event, verdict, stats)
+            }
+        };
+        if units.blocking_send(unit).is_err() {
+            return;
+        }
+    }
+}
+
+/// Turns chain verdicts into NATS messages: subjects, ids, headers, payloads.
+struct Framer {
+    pipeline: String,
+    prefix: String,
+    template: String,
+    dead_letter_subject: String,
+    encoding: Encoding,
+    max_payload: usize,
+}
+
+impl Framer {
+    fn new(pipeline: &PipelineConfig, max_payload: usize) -> Framer {
+        Framer {
+            pipeline: pipeline.id.clone(),
+            prefix: pipeline.sink.subject_prefix.clone(),
+            template: pipeline.sink.subject_template.clone(),
+            dead_letter_subject: pipeline.dead_letter_subject(),
+            encoding: pipeline.sink.encoding,
+            max_payload,
+        }
+    }
+
+    fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("Content-Type", self.encoding.content_type());
+        headers.insert("Tidegate-Pipeline", self.pipeline.as_str());
+        headers
+    }
+
+    fn frame(&self, event: &SourceEvent, verdict: Verdict, stats: &PipelineStats) -> Unit {
+        let change = &event.change;
+        let outputs = match verdict {
+            Verdict::DeadLetter(err) => {
+                return Unit {
+                    messages: vec![self.dead_letter(event, &err, stats)],
+                    token: event.token.clone(),
+                }
+            }
+            Verdict::Publish(outputs) => outputs,
+        };
+        if outputs.is_empty() {
+            stats.filtered();
+        }
+        let mut messages = Vec::with_capacity(outputs.len());
+        for (index, output) in outputs.into_iter().enumerate() {
+            let payload = match encode::payload(&output.change, self.encoding) {
+                Ok(payload) if payload.len() + 1024 <= self.max_payload => payload,
+                Ok(payload) => {
+                    let err = CallError {
+                        plugin: String::new(),
+                        kind: "too-large".into(),
+                        message: format!(
+                            "encoded event is {} bytes; the NATS server accepts at most {}",
+                            payload.len(),
+                            self.max_payload
+                        ),
+                    };
+                    return Unit {
+                        messages: vec![self.dead_letter(event, &err, stats)],
+                        token: event.token.clone(),
+                    };
+                }
+                Err(message) => {
+                    let err = CallError {
+                        plugin: String::new(),
+                        kind: "encoding".into(),
+                        message,
+                    };
+                    return Unit {
+                        messages: vec![self.dead_letter(event, &err, stats)],
+                        token: event.token.clone(),
+                    };
+                }
+            };
+            let subject = output
+                .subject
+                .unwrap_or_else(|| encode::subject(&self.template, &self.prefix, &output.change));
+            let mut headers = self.headers();
+            for (name, value) in output.headers {
+                headers.append(name.as_str(), value.as_str());
+            }
+            messages.push(Message {
+                subject,
+                msg_id: format!("{}:{}:{index}", self.pipeline, change.id),
+                headers,
+                payload: payload.into(),
+            });
+        }
+        Unit {
+            messages,
+            token: event.token.clone(),
+        }
+    }
+
+    /// The original event, to the dead-letter subject, with the reason in headers. If even
+    /// the original is too large, its documents are left out (the key still identifies it).
+    fn dead_letter(&self, event: &SourceEvent, err: &CallError, stats: &PipelineStats) -> Message {
+        stats.dead_lettered();
+        tracing::warn!(
+            pipeline = %self.pipeline,
+            plugin = %err.plugin,
+            kind = %err.kind,
+            error = %err.message,
+            event = %event.change.id,
+            "event dead-lettered"
+        );
+        let mut payload = encode::payload(&event.change, self.encoding).unwrap_or_default();
+        if payload.is_empty() || payload.len() + 4096 > self.max_payload {
+            let mut slim = event.change.clone();
+            slim.full_document = None;
+            slim.full_document_before_change = None;
+            slim.update_description = None;
+            payload = encode::payload(&slim, self.encoding).unwrap_or_default();
+        }
+        let mut headers = self.headers();
+        let clean = |s: &str| -> String {
+            s.chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .take(1000)
+                .collect()
+        };
+        headers.insert("Tidegate-Error-Kind", clean(&err.kind).as_str());
+        headers.insert("Tidegate-Error", clean(&err.message).as_str());
+        if !err.plugin.is_empty() {
+            headers.insert("Tidegate-Plugin", clean(&err.plugin).as_str());
+        }
+        headers.insert(
+            "Tidegate-Original-Subject",
+            encode::subject(&self.template, &self.prefix, &event.change).as_str(),
+        );
+        Message {
+            subject: self.dead_letter_subject.clone(),
+            msg_id: format!("{}:{}:dead-letter", self.pipeline, event.change.id),
+            headers,
+            payload: payload.into(),
+        }
+    }
+}

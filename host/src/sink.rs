@@ -1,0 +1,409 @@
+//! The JetStream side: preparing the stream, and publishing in order with a bounded window.
+//!
+//! # Delivery
+//! Every message carries `Nats-Msg-Id = <pipeline>:<event id>:<output index>` (or
+//! `…:dead-letter`), so the stream drops a message it already holds, within its duplicate
+//! window. Messages are published asynchronously, at most `max_in_flight` unacknowledged, in
+//! change-stream order. Each also carries `Nats-Expected-Last-Msg-Id` naming the message
+//! before it, so the stream refuses to store a message whose predecessor it did not store:
+//! a lost message can never leave a gap that a retry would fill out of order.
+//!
+//! When a publish fails (timeout, NATS down, refused), the sink stops taking new work, waits
+//! with backoff, and re-publishes everything from the oldest unacknowledged message on.
+//! Messages that had in fact been stored come back as duplicates and are skipped.
+//!
+//! A [`Unit`] is everything one source event produced (possibly nothing). The sink reports
+//! a unit's resume token as the pipeline's [`Position`] only once all of its messages, and
+//! all earlier units' messages, are acknowledged; only then may it be checkpointed.
+
+use std::collections::VecDeque;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
+use async_nats::jetstream::{self, Context};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use mongodb::change_stream::event::ResumeToken;
+
+use crate::config::{PipelineConfig, SinkConfig};
+use crate::error::Error;
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Its subject.
+    pub subject: String,
+    /// Its `Nats-Msg-Id`.
+    pub msg_id: String,
+    /// Headers other than the ones the sink adds (`Nats-Msg-Id`, `Nats-Expected-Last-Msg-Id`).
+    pub headers: HeaderMap,
+    /// The encoded event.
+    pub payload: Bytes,
+}
+
+/// Everything one source event produced, and the token to resume after it.
+#[derive(Debug)]
+pub struct Unit {
+    /// Messages to publish, in order; empty when the event was filtered out (or for an idle
+    /// heartbeat that only moves the position).
+    pub messages: Vec<Message>,
+    /// Resume token after this unit.
+    pub token: ResumeToken,
+}
+
+/// How far the pipeline is durably published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Position {
+    /// Resume after this token.
+    pub token: ResumeToken,
+    /// The last message id the stream acknowledged, if any: the predecessor for the next
+    /// `Nats-Expected-Last-Msg-Id`.
+    pub last_msg_id: Option<String>,
+}
+
+/// Counters the sink keeps for the pipeline summary.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SinkStats {
+    /// Messages the stream stored.
+    pub published: u64,
+    /// Messages the stream reported as duplicates (already stored).
+    pub duplicates: u64,
+    /// Publish attempts that failed and were retried.
+    pub retries: u64,
+}
+
+/// Creates the pipeline's stream, or checks that an existing one can deduplicate and holds
+/// every subject the pipeline publishes.
+pub async fn prepare_stream(js: &Context, pipeline: &PipelineConfig) -> Result<(), Error> {
+    let sink = &pipeline.sink;
+    let fail = |message: String| Error::Sink {
+        pipeline: pipeline.id.clone(),
+        message,
+    };
+    let wanted_subject = format!("{}.>", sink.subject_prefix);
+    let window = Duration::from_secs(sink.duplicate_window_secs);
+    match js.get_stream(&sink.stream).await {
+        Ok(mut stream) => {
+            let info = stream
+                .info()
+                .await
+                .map_err(|err| fail(format!("cannot read stream '{}': {err}", sink.stream)))?;
+            let config = &info.config;
+            if !config.subjects.iter().any(|s| subject_covers(s, &wanted_subject)) {
+                return Err(fail(format!(
+                    "stream '{}' has subjects [{}], which do not cover '{wanted_subject}'; add it to \
+                     the stream or change sink.subject_prefix",
+                    sink.stream,
+                    config.subjects.join(", ")
+                )));
+            }
+            if config.duplicate_window < window {
+                return Err(fail(format!(
+                    "stream '{}' keeps message ids for {}s, less than sink.duplicate_window_secs = {}; \
+                     restarts could then publish duplicates. Raise the stream's duplicate window \
+                     (nats stream edit {} --dupe-window {}s) or lower the setting",
+                    sink.stream,
+                    config.duplicate_window.as_secs(),
+                    sink.duplicate_window_secs,
+                    sink.stream,
+                    sink.duplicate_window_secs
+                )));
+            }
+            if config.no_ack {
+                return Err(fail(format!(
+                    "stream '{}' has no_ack set, so publishes cannot be confirmed",
+                    sink.stream
+                )));
+            }
+            Ok(())
+        }
+        Err(err) if is_stream_not_found(&err) => {
+            let config = StreamConfig {
+                name: sink.stream.clone(),
+                subjects: vec![wanted_subject.clone()],
+                duplicate_window: window,
+                storage: StorageType::File,
+                ..Default::default()
+            };
+            js.create_stream(config)
+                .await
+                .map_err(|err| fail(format!("cannot create stream '{}': {err}", sink.stream)))?;
+            tracing::info!(pipeline = %pipeline.id, stream = %sink.stream, subjects = %wanted_subject, "created stream");
+            Ok(())
+        }
+        Err(err) => Err(fail(format!("cannot look up stream '{}': {err}", sink.stream))),
+    }
+}
+
+fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        err.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// Whether subject pattern `pattern` matches every subject `target` (itself possibly a
+/// pattern) matches.
+pub fn subject_covers(pattern: &str, target: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut t = target.split('.');
+    loop {
+        match (p.next(), t.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some(_), Some(">")) => return false,
+            (Some("*"), Some(tt)) if tt != ">" => continue,
+            (Some(pp), Some(tt)) if pp == tt => continue,
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = Result<jetstream::publish::PublishAck, PublishError>> + Send>>;
+
+struct Slot {
+    message: Message,
+    ack: Option<AckFuture>,
+    /// Set on the last message of a unit: the position reached once this is acknowledged.
+    advance_to: Option<ResumeToken>,
+}
+
+/// Publishes units in order and reports the acknowledged position.
+pub struct Publisher {
+    js: Context,
+    pipeline: String,
+    max_in_flight: usize,
+    slots: VecDeque<Slot>,
+    /// Id of the newest message handed to the stream, the predecessor of the next one.
+    last_sent_msg_id: Option<String>,
+    acked: Option<Position>,
+    stats: SinkStats,
+    backoff: Duration,
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Publisher {
+    /// A publisher continuing after `start` (the checkpoint), if any.
+    pub fn new(js: Context, pipeline: &str, sink: &SinkConfig, start: Option<Position>) -> Publisher {
+        Publisher {
+            js,
+            pipeline: pipeline.to_string(),
+            max_in_flight: sink.max_in_flight,
+            slots: VecDeque::new(),
+            last_sent_msg_id: start.as_ref().and_then(|p| p.last_msg_id.clone()),
+            acked: start,
+            stats: SinkStats::default(),
+            backoff: MIN_BACKOFF,
+        }
+    }
+
+    /// Whether another unit may be accepted now.
+    pub fn has_room(&self) -> bool {
+        self.slots.len() < self.max_in_flight
+    }
+
+    /// Whether nothing is waiting for an acknowledgement.
+    pub fn is_idle(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The acknowledged position.
+    pub fn position(&self) -> Option<&Position> {
+        self.acked.as_ref()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> SinkStats {
+        self.stats
+    }
+
+    /// Queues and publishes a unit's messages.
+    pub async fn push(&mut self, unit: Unit) {
+        if unit.messages.is_empty() {
+            match self.slots.back_mut() {
+                // Earlier messages are still in flight: move the position once they land.
+                Some(last) => last.advance_to = Some(unit.token),
+                None => {
+                    let last_msg_id = self.acked.as_ref().and_then(|p| p.last_msg_id.clone());
+                    self.acked = Some(Position {
+                        token: unit.token,
+                        last_msg_id,
+                    });
+                }
+            }
+            return;
+        }
+        let count = unit.messages.len();
+        let mut token = Some(unit.token);
+        for (i, message) in unit.messages.into_iter().enumerate() {
+            let advance_to = if i + 1 == count { token.take() } else { None };
+            let ack = self.send(&message).await;
+            self.slots.push_back(Slot {
+                message,
+                ack,
+                advance_to,
+            });
+        }
+    }
+
+    /// Sends one message; `None` when it could not even be handed to the client (the retry
+    /// path treats that like a failed acknowledgement).
+    async fn send(&mut self, message: &Message) -> Option<AckFuture> {
+        let mut publish = PublishMessage::build()
+            .payload(message.payload.clone())
+            .headers(message.headers.clone())
+            .message_id(&message.msg_id);
+        if let Some(previous) = &self.last_sent_msg_id {
+            publish = publish.expected_last_message_id(previous);
+        }
+        self.last_sent_msg_id = Some(message.msg_id.clone());
+        match self.js.send_publish(message.subject.clone(), publish).await {
+            Ok(ack) => Some(ack.into_future()),
+            Err(err) => {
+                tracing::debug!(pipeline = %self.pipeline, error = %err, "publish not sent");
+                None
+            }
+        }
+    }
+
+    /// Waits for the oldest in-flight message's acknowledgement. Cancel-safe: dropping the
+    /// returned future leaves the acknowledgement pending. Pass the result to
+    /// [`Publisher::handle_ack`].
+    pub async fn next_ack(&mut self) -> Result<jetstream::publish::PublishAck, PublishError> {
+        let Some(front) = self.slots.front_mut() else {
+            return Err(PublishError::new(PublishErrorKind::Other));
+        };
+        let result = match front.ack.as_mut() {
+            Some(ack) => ack.await,
+            None => Err(PublishError::new(PublishErrorKind::Other)),
+        };
+        // A completed future must never be polled again.
+        front.ack = None;
+        result
+    }
+
+    /// Records the oldest message's acknowledgement; on failure, backs off and re-publishes
+    /// everything in flight, in order.
+    pub async fn handle_ack(&mut self, result: Result<jetstream::publish::PublishAck, PublishError>) {
+        match result {
+            Ok(ack) => {
+                if ack.duplicate {
+                    self.stats.duplicates += 1;
+                } else {
+                    self.stats.published += 1;
+                }
+                self.backoff = MIN_BACKOFF;
+                self.pop_acked();
+            }
+            Err(err) => self.recover(err).await,
+        }
+    }
+
+    fn pop_acked(&mut self) {
+        if let Some(slot) = self.slots.pop_front() {
+            let token = slot
+                .advance_to
+                .or_else(|| self.acked.as_ref().map(|p| p.token.clone()));
+            if let Some(token) = token {
+                self.acked = Some(Position {
+                    token,
+                    last_msg_id: Some(slot.message.msg_id),
+                });
+            }
+        }
+    }
+
+    async fn recover(&mut self, err: PublishError) {
+        self.stats.retries += 1;
+        let text = format!("{err}: {}", std::error::Error::source(&err).map(|s| s.to_string()).unwrap_or_default());
+        if err.kind() == PublishErrorKind::WrongLastMessageId {
+            // The stream's last message is not the predecessor we named. If it is one of
+            // ours still in flight, everything up to it was stored: count those as done.
+            let stored = last_msg_id_in(&text);
+            if let Some(i) = stored
+                .as_deref()
+                .and_then(|id| self.slots.iter().position(|s| s.message.msg_id == id))
+            {
+                for _ in 0..=i {
+                    self.stats.duplicates += 1;
+                    self.pop_acked();
+                }
+                self.republish_all().await;
+                return;
+            }
+            tracing::warn!(
+                pipeline = %self.pipeline,
+                stream_last = ?stored,
+                "the stream's last message is not the one this pipeline expected (another writer, or \
+                 a purge?); continuing, relying on the duplicate window alone for the next message"
+            );
+            self.last_sent_msg_id = None;
+        } else {
+            tracing::warn!(
+                pipeline = %self.pipeline,
+                error = %text,
+                in_flight = self.slots.len(),
+                retry_in_ms = self.backoff.as_millis() as u64,
+                "publish failed; will re-publish everything unacknowledged, in order"
+            );
+            tokio::time::sleep(self.backoff).await;
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+            self.last_sent_msg_id = self.acked.as_ref().and_then(|p| p.last_msg_id.clone());
+        }
+        self.republish_all().await;
+    }
+
+    async fn republish_all(&mut self) {
+        self.last_sent_msg_id = match self.last_sent_msg_id.take() {
+            None => None,
+            Some(_) => self.acked.as_ref().and_then(|p| p.last_msg_id.clone()),
+        };
+        let mut slots = std::mem::take(&mut self.slots);
+        for slot in slots.iter_mut() {
+            slot.ack = self.send(&slot.message).await;
+        }
+        self.slots = slots;
+    }
+}
+
+/// Extracts `X` from a JetStream "wrong last msg ID: X" error text.
+fn last_msg_id_in(text: &str) -> Option<String> {
+    let start = text.find("wrong last msg ID: ")? + "wrong last msg ID: ".len();
+    let id: String = text[start..]
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"' && *c != ')' && *c != ',')
+        .collect();
+    (!id.is_empty()).then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn covers() {
+        assert!(subject_covers("cdc.>", "cdc.>"));
+        assert!(subject_covers(">", "cdc.>"));
+        assert!(subject_covers("*.>", "cdc.>"));
+        assert!(!subject_covers("cdc.*", "cdc.>"));
+        assert!(!subject_covers("cdc.a.>", "cdc.>"));
+        assert!(!subject_covers("other.>", "cdc.>"));
+        assert!(subject_covers("cdc.a", "cdc.a"));
+    }
+
+    #[test]
+    fn parses_wrong_last_msg_id() {
+        assert_eq!(
+            last_msg_id_in("wrong last message id: wrong last msg ID: p:82ab:0 (10071)").as_deref(),
+            Some("p:82ab:0")
+        );
+        assert_eq!(last_msg_id_in("wrong last msg ID: "), None);
+    }
+}

@@ -1,0 +1,224 @@
+//! The MongoDB side: one change stream per pipeline, resumed across failures.
+//!
+//! The source hands events downstream in change-stream order. While no events arrive it also
+//! hands down the stream's post-batch resume token as a heartbeat, so a quiet pipeline's
+//! checkpoint keeps moving and does not age out of the oplog.
+//!
+//! Transient failures (network, elections) reopen the stream after the last token read, with
+//! backoff. Failures no resume can fix (history lost from the oplog, an invalid token, a
+//! server that is not a replica set, auth) stop the pipeline with the server's own words.
+
+use std::time::Duration;
+
+use bson::{doc, Document};
+use mongodb::change_stream::event::{ChangeStreamEvent, ResumeToken};
+use mongodb::change_stream::ChangeStream;
+use mongodb::error::ErrorKind;
+use mongodb::options::{ChangeStreamOptions, FullDocumentBeforeChangeType, FullDocumentType};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{FullDocument, FullDocumentBeforeChange, PipelineConfig};
+use crate::error::Error;
+use crate::event::{Operation, SourceEvent};
+
+/// What the source hands downstream.
+#[derive(Debug)]
+pub enum SourceItem {
+    /// A change.
+    Event(Box<SourceEvent>),
+    /// No change arrived, but the stream's position moved on to this token.
+    Heartbeat(ResumeToken),
+}
+
+/// Where to open the stream.
+#[derive(Debug, Clone)]
+enum Start {
+    Now,
+    ResumeAfter(ResumeToken),
+    StartAfter(ResumeToken),
+}
+
+/// Server error codes after which resuming cannot succeed.
+const FATAL_CODES: &[(i32, &str)] = &[
+    (
+        286,
+        "the checkpointed position is no longer in the oplog (ChangeStreamHistoryLost); \
+         events were lost while tidegate was behind. Delete the pipeline's checkpoint to start \
+         from now, or enlarge the oplog",
+    ),
+    (260, "the checkpointed resume token is invalid for this stream (InvalidResumeToken)"),
+    (280, "the change stream failed fatally (ChangeStreamFatalError)"),
+    (
+        40573,
+        "change streams need a replica set or sharded cluster, and this server is standalone",
+    ),
+    (13, "not authorized to watch this namespace"),
+    (18, "authentication failed"),
+];
+
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+fn error_code(err: &mongodb::error::Error) -> Option<i32> {
+    match err.kind.as_ref() {
+        ErrorKind::Command(command) => Some(command.code),
+        _ => None,
+    }
+}
+
+/// Reads the pipeline's change stream until `shutdown` turns true or a fatal error occurs.
+/// `start` is the checkpointed token to resume after (none: start from now).
+pub async fn run(
+    client: mongodb::Client,
+    pipeline: PipelineConfig,
+    start: Option<ResumeToken>,
+    events: mpsc::Sender<SourceItem>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let fatal = |message: String| Error::Source {
+        pipeline: pipeline.id.clone(),
+        message,
+    };
+    let mut start = start.map(Start::ResumeAfter).unwrap_or(Start::Now);
+    let mut backoff = MIN_BACKOFF;
+    let mut last_heartbeat: Option<ResumeToken> = None;
+    'reopen: loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let mut stream = match open(&client, &pipeline, &start).await {
+            Ok(stream) => stream,
+            Err(err) => {
+                if let Some(reason) = fatal_reason(&err) {
+                    return Err(fatal(format!("{reason}: {err}")));
+                }
+                tracing::warn!(pipeline = %pipeline.id, error = %err, retry_in_ms = backoff.as_millis() as u64, "cannot open change stream; retrying");
+                if sleep_or_shutdown(backoff, &mut shutdown).await {
+                    return Ok(());
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue 'reopen;
+            }
+        };
+        tracing::info!(pipeline = %pipeline.id, start = ?start_label(&start), "change stream open");
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(()),
+                next = stream.next_if_any() => next,
+            };
+            match next {
+                Ok(Some(event)) => {
+                    backoff = MIN_BACKOFF;
+                    let event = SourceEvent::from_driver(event);
+                    let invalidated = event.change.operation == Operation::Invalidate;
+                    start = if invalidated {
+                        Start::StartAfter(event.token.clone())
+                    } else {
+                        Start::ResumeAfter(event.token.clone())
+                    };
+                    if events.send(SourceItem::Event(Box::new(event))).await.is_err() {
+                        return Ok(());
+                    }
+                    if invalidated {
+                        tracing::warn!(pipeline = %pipeline.id, "change stream invalidated (watched namespace dropped or renamed); continuing after it");
+                        continue 'reopen;
+                    }
+                }
+                Ok(None) => {
+                    if !stream.is_alive() {
+                        continue 'reopen;
+                    }
+                    let token = stream.resume_token();
+                    if let Some(token) = token {
+                        if last_heartbeat.as_ref() != Some(&token) {
+                            last_heartbeat = Some(token.clone());
+                            if !matches!(start, Start::StartAfter(_)) {
+                                start = Start::ResumeAfter(token.clone());
+                            }
+                            if events.send(SourceItem::Heartbeat(token)).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+                Err(err) => {
+                    if let Some(reason) = fatal_reason(&err) {
+                        return Err(fatal(format!("{reason}: {err}")));
+                    }
+                    tracing::warn!(pipeline = %pipeline.id, error = %err, retry_in_ms = backoff.as_millis() as u64, "change stream failed; resuming after the last event read");
+                    if sleep_or_shutdown(backoff, &mut shutdown).await {
+                        return Ok(());
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue 'reopen;
+                }
+            }
+        }
+    }
+}
+
+fn start_label(start: &Start) -> &'static str {
+    match start {
+        Start::Now => "now",
+        Start::ResumeAfter(_) => "resume-after-token",
+        Start::StartAfter(_) => "start-after-token",
+    }
+}
+
+fn fatal_reason(err: &mongodb::error::Error) -> Option<&'static str> {
+    let code = error_code(err)?;
+    FATAL_CODES
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map(|(_, reason)| *reason)
+}
+
+/// Sleeps; true if shutdown was requested meanwhile.
+async fn sleep_or_shutdown(delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => *shutdown.borrow(),
+        _ = shutdown.changed() => true,
+    }
+}
+
+async fn open(
+    client: &mongodb::Client,
+    pipeline: &PipelineConfig,
+    start: &Start,
+) -> Result<ChangeStream<ChangeStreamEvent<Document>>, mongodb::error::Error> {
+    let full_document = match pipeline.full_document {
+        FullDocument::Off => None,
+        FullDocument::UpdateLookup => Some(FullDocumentType::UpdateLookup),
+        FullDocument::WhenAvailable => Some(FullDocumentType::WhenAvailable),
+        FullDocument::Required => Some(FullDocumentType::Required),
+    };
+    let before = match pipeline.full_document_before_change {
+        FullDocumentBeforeChange::Off => None,
+        FullDocumentBeforeChange::WhenAvailable => Some(FullDocumentBeforeChangeType::WhenAvailable),
+        FullDocumentBeforeChange::Required => Some(FullDocumentBeforeChangeType::Required),
+    };
+    let (resume_after, start_after) = match start {
+        Start::Now => (None, None),
+        Start::ResumeAfter(token) => (Some(token.clone()), None),
+        Start::StartAfter(token) => (None, Some(token.clone())),
+    };
+    let options = ChangeStreamOptions::builder()
+        .full_document(full_document)
+        .full_document_before_change(before)
+        .resume_after(resume_after)
+        .start_after(start_after)
+        .max_await_time(Duration::from_millis(500))
+        .build();
+    match (&pipeline.database, pipeline.collections.as_slice()) {
+        (None, _) => client.watch().with_options(options).await,
+        (Some(db), []) => client.database(db).watch().with_options(options).await,
+        (Some(db), [coll]) => client.database(db).collection::<Document>(coll).watch().with_options(options).await,
+        (Some(db), colls) => client
+            .database(db)
+            .watch()
+            .pipeline([doc! { "$match": { "ns.coll": { "$in": colls.to_vec() } } }])
+            .with_options(options)
+            .await,
+    }
+}

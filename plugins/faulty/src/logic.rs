@@ -1,0 +1,95 @@
+//! Deciding what to do with an event, free of WIT bindings so it can be unit-tested natively.
+
+use serde_json::Value;
+
+/// The keys this plugin reads; `init` warns about any other key (probably a typo).
+pub const KNOWN_KEYS: &[&str] = &["fail-init"];
+
+/// What the event's `full-document` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Hand the event on unchanged.
+    Pass,
+    /// `"fail": true`: return `plugin-error::failed`.
+    Fail,
+    /// `"trap": true`: panic, which traps the instance.
+    Trap,
+    /// `"spin": true`: never return, until the host's deadline interrupts the instance.
+    Spin,
+}
+
+/// Reads the flags from a relaxed-EJSON `full-document`. Only the JSON literal `true` counts;
+/// when several flags are set, `fail` wins over `trap`, and `trap` over `spin`. Events without
+/// a full document (deletes, DDL) and documents that are not objects pass.
+pub fn action(full_document: Option<&[u8]>) -> Result<Action, String> {
+    let Some(bytes) = full_document else { return Ok(Action::Pass) };
+    let doc: Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("full-document is not valid JSON: {e}"))?;
+    let flag = |name: &str| doc.get(name) == Some(&Value::Bool(true));
+    Ok(if flag("fail") {
+        Action::Fail
+    } else if flag("trap") {
+        Action::Trap
+    } else if flag("spin") {
+        Action::Spin
+    } else {
+        Action::Pass
+    })
+}
+
+/// Parses `fail-init` (`true` or `false`, default `false`): when true, `init` returns
+/// `invalid-config`, to test that the host refuses to start.
+pub fn parse_fail_init(value: Option<&str>) -> Result<bool, String> {
+    match value.map(str::trim) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(format!("`fail-init` must be true or false, got {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn act(doc: &str) -> Result<Action, String> {
+        action(Some(doc.as_bytes()))
+    }
+
+    #[test]
+    fn flags() {
+        assert_eq!(action(None), Ok(Action::Pass));
+        assert_eq!(act(r#"{"_id": 1}"#), Ok(Action::Pass));
+        assert_eq!(act(r#"{"fail": true}"#), Ok(Action::Fail));
+        assert_eq!(act(r#"{"trap": true}"#), Ok(Action::Trap));
+        assert_eq!(act(r#"{"spin": true}"#), Ok(Action::Spin));
+        assert_eq!(act(r#"{"spin": true, "trap": true, "fail": true}"#), Ok(Action::Fail));
+        assert_eq!(act(r#"{"spin": true, "trap": true}"#), Ok(Action::Trap));
+    }
+
+    #[test]
+    fn only_literal_true_counts() {
+        for doc in [
+            r#"{"fail": "true"}"#,
+            r#"{"fail": 1}"#,
+            r#"{"fail": false}"#,
+            r#"{"nested": {"fail": true}}"#,
+            r#"[{"fail": true}]"#,
+            r#""fail""#,
+        ] {
+            assert_eq!(act(doc), Ok(Action::Pass), "{doc}");
+        }
+    }
+
+    #[test]
+    fn bad_json() {
+        assert!(act("{").unwrap_err().contains("not valid JSON"));
+    }
+
+    #[test]
+    fn fail_init() {
+        assert_eq!(parse_fail_init(None), Ok(false));
+        assert_eq!(parse_fail_init(Some("false")), Ok(false));
+        assert_eq!(parse_fail_init(Some("true")), Ok(true));
+        assert!(parse_fail_init(Some("yes")).unwrap_err().starts_with("`fail-init`"));
+    }
+}

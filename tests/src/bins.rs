@@ -1,0 +1,74 @@
+//! Locating the server binaries.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail};
+
+use crate::repo_root;
+
+/// Output of `scripts/install-deps.sh` (`KEY=value` lines), computed once per process.
+static INSTALLED: OnceLock<Result<HashMap<String, String>, String>> = OnceLock::new();
+
+fn run_install_deps() -> Result<HashMap<String, String>, String> {
+    let script = repo_root().join("scripts").join("install-deps.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .current_dir(repo_root())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed with {}\n--- stderr ---\n{stderr}\n--- stdout ---\n{stdout}",
+            script.display(),
+            out.status
+        ));
+    }
+    Ok(stdout
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect())
+}
+
+/// Resolves a binary: `$env_var` if set, else the `key` line printed by `install-deps.sh`.
+fn locate(env_var: &str, key: &str) -> anyhow::Result<PathBuf> {
+    let path = match std::env::var_os(env_var) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => {
+            let installed = INSTALLED
+                .get_or_init(run_install_deps)
+                .as_ref()
+                .map_err(|e| anyhow!("locating {key} (set {env_var} to skip this): {e}"))?;
+            match installed.get(key) {
+                Some(p) => PathBuf::from(p),
+                None => bail!(
+                    "scripts/install-deps.sh printed no {key}=... line (set {env_var} instead)"
+                ),
+            }
+        }
+    };
+    if !path.is_file() {
+        bail!(
+            "{key} binary {} does not exist (from {env_var} or scripts/install-deps.sh)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Path of the `mongod` binary: `$TIDEGATE_MONGOD`, else what `scripts/install-deps.sh` installs
+/// (the script runs at most once per process).
+pub fn mongod_path() -> anyhow::Result<PathBuf> {
+    locate("TIDEGATE_MONGOD", "MONGOD")
+}
+
+/// Path of the `nats-server` binary: `$TIDEGATE_NATS_SERVER`, else what
+/// `scripts/install-deps.sh` installs (the script runs at most once per process).
+pub fn nats_server_path() -> anyhow::Result<PathBuf> {
+    locate("TIDEGATE_NATS_SERVER", "NATS_SERVER")
+}
