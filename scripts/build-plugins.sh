@@ -65,23 +65,33 @@ GUEST_CARGO="$(dep GUEST_CARGO)"
 [ -x "$GUEST_RUSTC" ] || die "guest rustc $GUEST_RUSTC not found"
 [ -x "$GUEST_CARGO" ] || die "guest cargo $GUEST_CARGO not found"
 
+# Drop settings an enclosing cargo, CI or shell may have exported: they would change what is
+# built, or force full rebuilds by changing cargo's fingerprints between runs.
+unset RUSTFLAGS RUSTDOCFLAGS CARGO_ENCODED_RUSTFLAGS CARGO_BUILD_RUSTFLAGS RUSTC_WRAPPER \
+  RUSTC_WORKSPACE_WRAPPER CARGO_BUILD_TARGET CARGO_BUILD_TARGET_DIR CARGO_TARGET_DIR RUSTUP_TOOLCHAIN \
+  CARGO_MAKEFLAGS MAKEFLAGS MFLAGS CARGO_BUILD_JOBS RUSTC_LINKER
+for v in $(compgen -e); do
+  case "$v" in CARGO_PROFILE_* | CARGO_TARGET_*) unset "$v" ;; esac
+done
+
 # The wasm linker. rustc-web links wasm with `rust-lld`, which Debian ships as a symlink to
 # `lld-NN` from the separate lld-NN package; rust-web-llvm does not depend on it, so the link
-# can dangle. Then fall back to a wasm-ld on PATH, or to rustup's bundled rust-lld. The choice is
-# passed explicitly (it is part of cargo's fingerprint, so it must be stable between runs).
+# can dangle. Then fall back to a wasm-ld on PATH, or to rustup's bundled rust-lld.
 find_linker() {
+  local c
   if [ -n "${TIDEGATE_GUEST_LINKER:-}" ]; then
-    echo "$TIDEGATE_GUEST_LINKER"; return
+    c="$(command -v "$TIDEGATE_GUEST_LINKER")" || die "TIDEGATE_GUEST_LINKER=$TIDEGATE_GUEST_LINKER not found"
+    case "$c" in /*) echo "$c" ;; *) echo "$PWD/$c" ;; esac
+    return
   fi
   if [ -x /usr/bin/rust-lld ]; then
     echo /usr/bin/rust-lld; return
   fi
-  local c
   for c in wasm-ld $(compgen -c wasm-ld- 2>/dev/null | sort -Vr); do
     if command -v "$c" >/dev/null; then command -v "$c"; return; fi
   done
   local rustc sysroot host
-  if command -v rustup >/dev/null && rustc="$(rustup which rustc 2>/dev/null)"; then
+  if command -v rustup >/dev/null && rustc="$(cd / && rustup which rustc 2>/dev/null)"; then
     sysroot="$("$rustc" --print sysroot 2>/dev/null || true)"
     host="$("$rustc" -vV 2>/dev/null | sed -n 's/^host: //p' || true)"
     c="$sysroot/lib/rustlib/$host/bin/rust-lld"
@@ -94,17 +104,19 @@ is missing; install it (apt-get install $(readlink /usr/bin/rust-lld 2>/dev/null
 put wasm-ld on PATH, or set TIDEGATE_GUEST_LINKER"
 
 # --- build ----------------------------------------------------------------------------------
-# Drop settings an enclosing cargo, CI or shell may have exported: they would change what is
-# built, or force full rebuilds by changing cargo's fingerprints between runs.
-unset RUSTFLAGS RUSTDOCFLAGS CARGO_ENCODED_RUSTFLAGS CARGO_BUILD_RUSTFLAGS RUSTC_WRAPPER \
-  RUSTC_WORKSPACE_WRAPPER CARGO_BUILD_TARGET CARGO_BUILD_TARGET_DIR CARGO_TARGET_DIR RUSTUP_TOOLCHAIN \
-  CARGO_MAKEFLAGS MAKEFLAGS MFLAGS CARGO_BUILD_JOBS RUSTC_LINKER
-for v in $(compgen -e); do
-  case "$v" in CARGO_PROFILE_* | CARGO_TARGET_*) unset "$v" ;; esac
-done
+[ "$LINKER" = /usr/bin/rust-lld ] || log "using wasm linker $LINKER"
+# Cargo fingerprints the linker's path: a change would rebuild everything, std included. So cargo
+# always sees the same path, a symlink (named rust-lld, which tells rustc to pass `-flavor wasm`).
+LINKER_LINK="$GUEST_TARGET/bin/rust-lld"
+if [ "$(readlink "$LINKER_LINK" 2>/dev/null || true)" != "$LINKER" ]; then
+  mkdir -p "$GUEST_TARGET/bin"
+  TMP_FILES+=("$LINKER_LINK.tmp.$$")
+  ln -sfn "$LINKER" "$LINKER_LINK.tmp.$$"
+  mv -fT "$LINKER_LINK.tmp.$$" "$LINKER_LINK"
+fi
 
 export RUSTC="$GUEST_RUSTC" RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR="$GUEST_TARGET"
-export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER="$LINKER"
+export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER="$LINKER_LINK"
 TARGET=wasm32-unknown-unknown
 
 # --locked: the build uses plugins/Cargo.lock as committed and never touches the index, so it works

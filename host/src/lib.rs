@@ -92,7 +92,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .connect(config.nats.url.as_str())
         .await
         .map_err(|err| nats_error(format!("cannot connect to NATS: {err}")))?;
-    let max_payload = nats.server_info().max_payload.max(1024);
     let ack_timeout = std::time::Duration::from_millis(config.nats.ack_timeout_ms);
     let max_in_flight = config
         .pipelines
@@ -108,7 +107,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     for (pipeline, chain) in config.pipelines.iter().cloned().zip(chains) {
-        tasks.spawn(pipeline::run(pipeline, chain, js.clone(), max_payload, stop_rx.clone()));
+        tasks.spawn(pipeline::run(pipeline, chain, js.clone(), stop_rx.clone()));
     }
 
     tokio::pin!(shutdown);

@@ -29,13 +29,15 @@ use crate::sink::{self, Message, Position, Publisher, Unit};
 use crate::source::{self, SourceItem};
 use crate::telemetry::PipelineStats;
 
+/// NATS's default `max_payload`, assumed if the server did not say.
+const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
 /// Runs one pipeline until `shutdown` turns true (then drains and checkpoints) or a fatal
 /// error occurs.
 pub async fn run(
     pipeline: PipelineConfig,
     chain: Chain,
     js: Context,
-    max_payload: usize,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let id = pipeline.id.clone();
@@ -46,6 +48,11 @@ pub async fn run(
             message: format!("invalid MongoDB URI: {err}"),
         })?;
     sink::prepare_stream(&js, &pipeline).await?;
+    // Known only once connected (the client may have started before NATS was up).
+    let max_payload = match js.client().server_info().max_payload {
+        0 => DEFAULT_MAX_PAYLOAD,
+        n => n,
+    };
     let checkpoints = CheckpointStore::open(&pipeline.checkpoint, &id, &js, &mongo).await?;
     let start = checkpoints.load().await?;
     match &start {

@@ -153,7 +153,9 @@ pub fn trap_reason(err: &wasmtime::Error) -> String {
     match err.downcast_ref::<Trap>() {
         Some(Trap::OutOfFuel) => "out-of-fuel".to_string(),
         Some(Trap::Interrupt) => "deadline".to_string(),
-        _ => {
+        // The trap alone reads better than the backtrace that wraps it.
+        Some(trap) => format!("trap: {trap}"),
+        None => {
             let text = format!("{err:#}");
             if text.contains("growing memory") || text.contains("memory minimum size") {
                 "memory".to_string()

@@ -25,12 +25,14 @@ mod mongo;
 mod nats;
 mod plugins;
 mod process;
+mod stream;
 
 pub use bins::{mongod_path, nats_server_path};
 pub use mongo::MongoReplicaSet;
 pub use nats::NatsServer;
 pub use plugins::plugin_dir;
 pub use process::ChildProcess;
+pub use stream::{stream_len, stream_messages};
 
 /// Root of the tidegate repository (the parent of this crate's manifest directory).
 pub fn repo_root() -> PathBuf {

@@ -70,7 +70,10 @@ mod component {
                 .map(|i| Output {
                     event: event.clone(),
                     subject: config.subject(i),
-                    headers: vec![Header { name: "X-Copy".to_owned(), value: i.to_string() }],
+                    headers: vec![Header {
+                        name: "X-Copy".to_owned(),
+                        value: i.to_string(),
+                    }],
                 })
                 .collect())
         }

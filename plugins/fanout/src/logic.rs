@@ -38,13 +38,18 @@ impl Config {
                 Some(p.to_owned())
             }
         };
-        Ok(Config { copies, subject_prefix })
+        Ok(Config {
+            copies,
+            subject_prefix,
+        })
     }
 
     /// The subject of copy `index`: `<subject-prefix>.copy<index>`, or `None` (the pipeline's
     /// own subject) when no prefix is configured.
     pub fn subject(&self, index: u32) -> Option<String> {
-        self.subject_prefix.as_ref().map(|p| format!("{p}.copy{index}"))
+        self.subject_prefix
+            .as_ref()
+            .map(|p| format!("{p}.copy{index}"))
     }
 }
 
@@ -54,7 +59,9 @@ fn check_subject_prefix(p: &str) -> Result<(), String> {
     let ok = !p.is_empty()
         && p.split('.').all(|token| {
             !token.is_empty()
-                && !token.chars().any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>')
+                && !token
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>')
         });
     if ok {
         Ok(())
@@ -73,7 +80,13 @@ mod tests {
     #[test]
     fn defaults() {
         let c = Config::parse(None, None).unwrap();
-        assert_eq!(c, Config { copies: 2, subject_prefix: None });
+        assert_eq!(
+            c,
+            Config {
+                copies: 2,
+                subject_prefix: None
+            }
+        );
         assert_eq!(c.subject(1), None);
     }
 

@@ -54,19 +54,30 @@ mod component {
         fn transform(event: ChangeEvent) -> Result<Vec<Output>, PluginError> {
             let act = action(event.full_document.as_deref()).map_err(PluginError::InvalidEvent)?;
             match act {
-                Action::Pass => {
-                    Ok(vec![Output { event, subject: None, headers: Vec::new() }])
-                }
+                Action::Pass => Ok(vec![Output {
+                    event,
+                    subject: None,
+                    headers: Vec::new(),
+                }]),
                 Action::Fail => {
-                    log::write(Level::Debug, &format!("failing event {} as asked", event.id));
+                    log::write(
+                        Level::Debug,
+                        &format!("failing event {} as asked", event.id),
+                    );
                     Err(PluginError::Failed("asked to fail".to_owned()))
                 }
                 Action::Trap => {
-                    log::write(Level::Debug, &format!("trapping on event {} as asked", event.id));
+                    log::write(
+                        Level::Debug,
+                        &format!("trapping on event {} as asked", event.id),
+                    );
                     panic!("asked to trap");
                 }
                 Action::Spin => {
-                    log::write(Level::Debug, &format!("spinning on event {} as asked", event.id));
+                    log::write(
+                        Level::Debug,
+                        &format!("spinning on event {} as asked", event.id),
+                    );
                     // `black_box` keeps the optimiser from reasoning about the loop; it compiles
                     // to a bare wasm `loop`, where the host's epoch interruption can stop it.
                     let mut n: u64 = 0;

@@ -22,9 +22,11 @@ pub enum Action {
 /// when several flags are set, `fail` wins over `trap`, and `trap` over `spin`. Events without
 /// a full document (deletes, DDL) and documents that are not objects pass.
 pub fn action(full_document: Option<&[u8]>) -> Result<Action, String> {
-    let Some(bytes) = full_document else { return Ok(Action::Pass) };
-    let doc: Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("full-document is not valid JSON: {e}"))?;
+    let Some(bytes) = full_document else {
+        return Ok(Action::Pass);
+    };
+    let doc: Value = serde_json::from_slice(bytes)
+        .map_err(|e| format!("full-document is not valid JSON: {e}"))?;
     let flag = |name: &str| doc.get(name) == Some(&Value::Bool(true));
     Ok(if flag("fail") {
         Action::Fail
@@ -62,7 +64,10 @@ mod tests {
         assert_eq!(act(r#"{"fail": true}"#), Ok(Action::Fail));
         assert_eq!(act(r#"{"trap": true}"#), Ok(Action::Trap));
         assert_eq!(act(r#"{"spin": true}"#), Ok(Action::Spin));
-        assert_eq!(act(r#"{"spin": true, "trap": true, "fail": true}"#), Ok(Action::Fail));
+        assert_eq!(
+            act(r#"{"spin": true, "trap": true, "fail": true}"#),
+            Ok(Action::Fail)
+        );
         assert_eq!(act(r#"{"spin": true, "trap": true}"#), Ok(Action::Trap));
     }
 
@@ -90,6 +95,8 @@ mod tests {
         assert_eq!(parse_fail_init(None), Ok(false));
         assert_eq!(parse_fail_init(Some("false")), Ok(false));
         assert_eq!(parse_fail_init(Some("true")), Ok(true));
-        assert!(parse_fail_init(Some("yes")).unwrap_err().starts_with("`fail-init`"));
+        assert!(parse_fail_init(Some("yes"))
+            .unwrap_err()
+            .starts_with("`fail-init`"));
     }
 }

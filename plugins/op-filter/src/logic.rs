@@ -94,7 +94,10 @@ impl NsPattern {
         if coll.contains('*') {
             return bad("only a whole-collection wildcard (db.*) is supported");
         }
-        Ok(NsPattern::Collection { db: db.to_owned(), coll: coll.to_owned() })
+        Ok(NsPattern::Collection {
+            db: db.to_owned(),
+            coll: coll.to_owned(),
+        })
     }
 
     pub fn matches(&self, db: &str, coll: Option<&str>) -> bool {
@@ -154,7 +157,10 @@ impl Config {
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
-        Ok(Config { operations, namespaces })
+        Ok(Config {
+            operations,
+            namespaces,
+        })
     }
 
     /// Whether an event with this operation and namespace goes on down the chain.
@@ -200,7 +206,16 @@ mod tests {
 
     #[test]
     fn bad_operations() {
-        for bad in ["", "insert,", "insert,,update", " , ", "insrt", "other:", "other:a b", "INSERT"] {
+        for bad in [
+            "",
+            "insert,",
+            "insert,,update",
+            " , ",
+            "insrt",
+            "other:",
+            "other:a b",
+            "INSERT",
+        ] {
             let err = Config::parse(Some(bad), None).unwrap_err();
             assert!(err.starts_with("`operations`"), "{bad:?}: {err}");
         }
@@ -221,7 +236,15 @@ mod tests {
 
     #[test]
     fn bad_namespaces() {
-        for bad in ["", "shop", "shop.", ".orders", "*.orders", "shop.ord*", "a.b,,c.d"] {
+        for bad in [
+            "",
+            "shop",
+            "shop.",
+            ".orders",
+            "*.orders",
+            "shop.ord*",
+            "a.b,,c.d",
+        ] {
             let err = Config::parse(None, Some(bad)).unwrap_err();
             assert!(err.starts_with("`namespaces`"), "{bad:?}: {err}");
         }

@@ -80,7 +80,10 @@ mod component {
     impl Guest for Redact {
         fn init() -> Result<(), PluginError> {
             let c = load()?;
-            log::write(Level::Debug, &format!("redact configured with {} path(s)", c.paths.len()));
+            log::write(
+                Level::Debug,
+                &format!("redact configured with {} path(s)", c.paths.len()),
+            );
             // A second `init` (should the host ever call it again) keeps the first configuration.
             let _ = CONFIG.set(c);
             Ok(())
@@ -88,7 +91,12 @@ mod component {
 
         fn transform(mut event: ChangeEvent) -> Result<Vec<Output>, PluginError> {
             let config = current()?;
-            let mut count = redact(&mut event.full_document, Kind::Document, "full-document", config)?;
+            let mut count = redact(
+                &mut event.full_document,
+                Kind::Document,
+                "full-document",
+                config,
+            )?;
             count += redact(
                 &mut event.full_document_before_change,
                 Kind::Document,
@@ -109,7 +117,10 @@ mod component {
             Ok(vec![Output {
                 event,
                 subject: None,
-                headers: vec![Header { name: "X-Redacted".to_owned(), value: count.to_string() }],
+                headers: vec![Header {
+                    name: "X-Redacted".to_owned(),
+                    value: count.to_string(),
+                }],
             }])
         }
     }

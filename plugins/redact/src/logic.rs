@@ -19,9 +19,11 @@ impl Config {
     /// Parses `fields`: comma-separated dotted paths such as `email,address.street`.
     pub fn parse(fields: Option<&str>) -> Result<Config, String> {
         let Some(fields) = fields else {
-            return Err("`fields` is required: comma-separated dotted paths to redact, \
+            return Err(
+                "`fields` is required: comma-separated dotted paths to redact, \
                         e.g. \"email,address.street\""
-                .to_owned());
+                    .to_owned(),
+            );
         };
         let mut paths: Vec<Vec<String>> = Vec::new();
         for item in fields.split(',').map(str::trim) {
@@ -56,7 +58,9 @@ fn redact_at(value: &mut Value, path: &[String]) -> usize {
                 return 0;
             };
             match first.parse::<usize>() {
-                Ok(index) => items.get_mut(index).map_or(0, |item| redact_leaf(item, rest)),
+                Ok(index) => items
+                    .get_mut(index)
+                    .map_or(0, |item| redact_leaf(item, rest)),
                 Err(_) => items
                     .iter_mut()
                     .filter_map(Value::as_object_mut)
@@ -71,7 +75,9 @@ fn redact_at(value: &mut Value, path: &[String]) -> usize {
 /// [`redact_at`] for an object.
 fn redact_field(map: &mut Map<String, Value>, path: &[String]) -> usize {
     match path.split_first() {
-        Some((first, rest)) => map.get_mut(first.as_str()).map_or(0, |child| redact_leaf(child, rest)),
+        Some((first, rest)) => map
+            .get_mut(first.as_str())
+            .map_or(0, |child| redact_leaf(child, rest)),
         None => 0,
     }
 }
@@ -193,7 +199,9 @@ mod tests {
     fn run(kind: Kind, doc: Value, fields: &str) -> (usize, Value) {
         let bytes = serde_json::to_vec(&doc).unwrap();
         let (n, out) = redact_bytes(&bytes, kind, &cfg(fields)).unwrap();
-        let out = out.map(|b| serde_json::from_slice(&b).unwrap()).unwrap_or(doc);
+        let out = out
+            .map(|b| serde_json::from_slice(&b).unwrap())
+            .unwrap_or(doc);
         (n, out)
     }
 
@@ -201,9 +209,14 @@ mod tests {
     fn config_parsing() {
         assert_eq!(
             cfg(" email , address.street,email").paths,
-            vec![vec!["email".to_owned()], vec!["address".to_owned(), "street".to_owned()]]
+            vec![
+                vec!["email".to_owned()],
+                vec!["address".to_owned(), "street".to_owned()]
+            ]
         );
-        assert!(Config::parse(None).unwrap_err().contains("`fields` is required"));
+        assert!(Config::parse(None)
+            .unwrap_err()
+            .contains("`fields` is required"));
         for bad in ["", "a,", "a,,b", "a..b", ".a", "a.", "a. b"] {
             assert!(Config::parse(Some(bad)).is_err(), "{bad:?}");
         }
@@ -251,7 +264,11 @@ mod tests {
 
     #[test]
     fn path_through_scalar_is_ignored() {
-        let (n, _) = run(Kind::Document, json!({"address": "one line"}), "address.street");
+        let (n, _) = run(
+            Kind::Document,
+            json!({"address": "one line"}),
+            "address.street",
+        );
         assert_eq!(n, 0);
     }
 
@@ -305,17 +322,27 @@ mod tests {
 
     #[test]
     fn updated_field_below_path_is_covered() {
-        let (n, out) =
-            run(Kind::UpdatedFields, json!({"address.geo.lat": 1, "addressee": 2}), "address");
+        let (n, out) = run(
+            Kind::UpdatedFields,
+            json!({"address.geo.lat": 1, "addressee": 2}),
+            "address",
+        );
         assert_eq!(n, 1);
-        assert_eq!(out, json!({"address.geo.lat": "[redacted]", "addressee": 2}));
+        assert_eq!(
+            out,
+            json!({"address.geo.lat": "[redacted]", "addressee": 2})
+        );
     }
 
     #[test]
     fn bad_documents() {
         let c = cfg("email");
-        assert!(redact_bytes(b"[1,2]", Kind::Document, &c).unwrap_err().contains("not a JSON object"));
-        assert!(redact_bytes(b"{", Kind::Document, &c).unwrap_err().contains("not valid JSON"));
+        assert!(redact_bytes(b"[1,2]", Kind::Document, &c)
+            .unwrap_err()
+            .contains("not a JSON object"));
+        assert!(redact_bytes(b"{", Kind::Document, &c)
+            .unwrap_err()
+            .contains("not valid JSON"));
         assert!(redact_bytes(b"\xff", Kind::UpdatedFields, &c).is_err());
     }
 }

@@ -1,0 +1,196 @@
+//! The happy paths, end to end against a real MongoDB replica set and a real JetStream:
+//! events go through filter and transform plugins and land with the right subjects, ids,
+//! headers and payloads.
+
+mod support;
+
+use std::time::Duration;
+
+use bson::doc;
+use support::{header, json, Harness, InProcess, STREAM};
+
+/// Insert, update, replace and delete flow through a filter and a transform: subjects follow
+/// the template, ids are `<pipeline>:<event id>:<output>`, the transform's header is present,
+/// the redacted field is redacted, and relaxed EJSON keeps the change-stream shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crud_events_flow_through_filter_and_transform() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = r#"
+[[pipeline.plugins]]
+name = "op-filter"
+config = { operations = "insert,update,replace,delete" }
+
+[[pipeline.plugins]]
+name = "redact"
+config = { fields = "email" }
+"#;
+    let path = h.write_config("tidegate.toml", &h.config(plugins, ""))?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+
+    let coll = h.collection().await?;
+    coll.insert_one(doc! { "_id": 1, "email": "a@example.com", "total": 10_i64 }).await?;
+    coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "total": 11_i64 } }).await?;
+    coll.replace_one(doc! { "_id": 1 }, doc! { "email": "b@example.com", "total": 12_i64 })
+        .await?;
+    coll.delete_one(doc! { "_id": 1 }).await?;
+
+    let messages = h.wait_settled(STREAM, 4, Duration::from_secs(20)).await?;
+    running.stop().await?;
+    assert_eq!(messages.len(), 4, "exactly four events");
+    let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(
+        subjects,
+        [
+            "cdc.shop.orders.insert",
+            "cdc.shop.orders.update",
+            "cdc.shop.orders.replace",
+            "cdc.shop.orders.delete"
+        ]
+    );
+    for m in &messages {
+        let body = json(m);
+        let id = body["id"].as_str().expect("id in payload");
+        assert_eq!(header(m, "Nats-Msg-Id"), Some(format!("orders:{id}:0")));
+        assert_eq!(header(m, "Tidegate-Pipeline").as_deref(), Some("orders"));
+        assert!(header(m, "X-Redacted").is_some(), "redact plugin header on {}", m.subject);
+        assert_eq!(body["ns"]["db"], "shop");
+        assert_eq!(body["documentKey"]["_id"], 1);
+    }
+    let insert = json(&messages[0]);
+    assert_eq!(insert["operationType"], "insert");
+    assert_eq!(insert["fullDocument"]["email"], "[redacted]");
+    assert_eq!(insert["fullDocument"]["total"], 10);
+    let update = json(&messages[1]);
+    assert_eq!(update["updateDescription"]["updatedFields"]["total"], 11);
+    assert_eq!(update["fullDocument"]["email"], "[redacted]", "update-lookup document redacted too");
+    let replace = json(&messages[2]);
+    assert_eq!(replace["fullDocument"]["total"], 12);
+    assert!(json(&messages[3]).get("fullDocument").is_none(), "deletes carry no document");
+    Ok(())
+}
+
+/// A filter drops what it is told to: only inserts survive `operations = "insert"`, and
+/// the dropped events still move the checkpoint (a restart does not replay them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_drops_events() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = r#"
+[[pipeline.plugins]]
+name = "op-filter"
+config = { operations = "insert" }
+"#;
+    let path = h.write_config("tidegate.toml", &h.config(plugins, ""))?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+    let coll = h.collection().await?;
+    for i in 0..5 {
+        coll.insert_one(doc! { "_id": i }).await?;
+        coll.update_one(doc! { "_id": i }, doc! { "$set": { "x": 1 } }).await?;
+        coll.delete_one(doc! { "_id": i }).await?;
+    }
+    coll.insert_one(doc! { "_id": "last" }).await?;
+    let messages = h.wait_settled(STREAM, 6, Duration::from_secs(20)).await?;
+    running.stop().await?;
+    assert_eq!(messages.len(), 6);
+    assert!(messages.iter().all(|m| m.subject.as_str() == "cdc.shop.orders.insert"));
+    assert_eq!(json(&messages[5])["documentKey"]["_id"], "last");
+    Ok(())
+}
+
+/// A transform that fans out publishes every output, in order, each with its own id
+/// (`…:0`, `…:1`, `…:2`), its own subject and header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transform_fans_out() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = r#"
+[[pipeline.plugins]]
+name = "fanout"
+config = { copies = "3", subject-prefix = "cdc.copies" }
+"#;
+    let path = h.write_config("tidegate.toml", &h.config(plugins, ""))?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+    h.collection().await?.insert_one(doc! { "_id": 7 }).await?;
+    let messages = h.wait_settled(STREAM, 3, Duration::from_secs(20)).await?;
+    running.stop().await?;
+    assert_eq!(messages.len(), 3);
+    let id = json(&messages[0])["id"].as_str().unwrap_or_default().to_string();
+    for (i, m) in messages.iter().enumerate() {
+        assert_eq!(m.subject.as_str(), format!("cdc.copies.copy{i}"));
+        assert_eq!(header(m, "X-Copy"), Some(i.to_string()));
+        assert_eq!(header(m, "Nats-Msg-Id"), Some(format!("orders:{id}:{i}")));
+        assert_eq!(json(m)["documentKey"]["_id"], 7);
+    }
+    Ok(())
+}
+
+/// A plugin error and a plugin trap each send the original event to the dead-letter subject
+/// with the plugin and reason in headers; the events after them still flow, and a trapped
+/// plugin gets a fresh instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_failures_are_dead_lettered_and_the_pipeline_continues() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = r#"
+[[pipeline.plugins]]
+name = "faulty"
+"#;
+    let path = h.write_config("tidegate.toml", &h.config(plugins, ""))?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+    let coll = h.collection().await?;
+    coll.insert_one(doc! { "_id": 1 }).await?;
+    coll.insert_one(doc! { "_id": 2, "fail": true }).await?;
+    coll.insert_one(doc! { "_id": 3 }).await?;
+    coll.insert_one(doc! { "_id": 4, "trap": true }).await?;
+    coll.insert_one(doc! { "_id": 5 }).await?;
+    let messages = h.wait_settled(STREAM, 5, Duration::from_secs(20)).await?;
+    running.stop().await?;
+    assert_eq!(messages.len(), 5);
+    let keys: Vec<i64> = messages
+        .iter()
+        .map(|m| json(m)["documentKey"]["_id"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(keys, [1, 2, 3, 4, 5], "order kept, dead letters in place");
+    let failed = &messages[1];
+    assert_eq!(failed.subject.as_str(), "cdc.dead-letter");
+    assert_eq!(header(failed, "Tidegate-Plugin").as_deref(), Some("faulty"));
+    assert_eq!(header(failed, "Tidegate-Error-Kind").as_deref(), Some("plugin-error"));
+    assert!(header(failed, "Tidegate-Error").unwrap_or_default().contains("asked to fail"));
+    assert!(header(failed, "Nats-Msg-Id").unwrap_or_default().ends_with(":dead-letter"));
+    assert_eq!(json(failed)["fullDocument"]["fail"], true, "original event is the payload");
+    let trapped = &messages[3];
+    assert_eq!(trapped.subject.as_str(), "cdc.dead-letter");
+    assert_eq!(header(trapped, "Tidegate-Error-Kind").as_deref(), Some("trap"));
+    for i in [0, 2, 4] {
+        assert_eq!(messages[i].subject.as_str(), "cdc.shop.orders.insert");
+    }
+    Ok(())
+}
+
+/// With no plugins and `encoding = "canonical-json"`, BSON types survive exactly (int64 vs
+/// int32, dates), and `bson` encoding yields a BSON document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encodings_preserve_types() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let path = h.write_config(
+        "tidegate.toml",
+        &h.config("", "encoding = \"canonical-json\""),
+    )?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+    h.collection()
+        .await?
+        .insert_one(doc! { "_id": 1, "small": 5_i64, "when": bson::DateTime::from_millis(86_400_000) })
+        .await?;
+    let messages = h.wait_for_messages(STREAM, 1, Duration::from_secs(20)).await?;
+    running.stop().await?;
+    let body = json(&messages[0]);
+    assert_eq!(body["fullDocument"]["small"]["$numberLong"], "5");
+    assert_eq!(body["fullDocument"]["when"]["$date"]["$numberLong"], "86400000");
+    assert_eq!(
+        header(&messages[0], "Content-Type").as_deref(),
+        Some("application/json; ejson=canonical")
+    );
+    Ok(())
+}

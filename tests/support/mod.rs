@@ -1,0 +1,198 @@
+//! What tidegate's integration tests share: real servers, a config written for them, and
+//! tidegate itself, either in-process (`tidegate::run`) or as the real binary.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::message::StreamMessage;
+use tidegate_testkit::{
+    plugin_dir, stream_len, stream_messages, wait_until, ChildProcess, MongoReplicaSet, NatsServer,
+};
+
+/// SIGTERM, for `ChildProcess::signal`.
+pub const SIGTERM: i32 = 15;
+
+pub const PIPELINE: &str = "orders";
+pub const STREAM: &str = "ORDERS";
+pub const DB: &str = "shop";
+pub const COLL: &str = "orders";
+
+/// A MongoDB replica set, a NATS server, the built plugins and a scratch folder.
+pub struct Harness {
+    pub mongo: MongoReplicaSet,
+    pub nats: NatsServer,
+    pub plugins: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Harness {
+    pub async fn start() -> anyhow::Result<Harness> {
+        let plugins = tokio::task::spawn_blocking(plugin_dir).await??;
+        let (mongo, nats) = tokio::try_join!(MongoReplicaSet::start(), NatsServer::start())?;
+        Ok(Harness {
+            mongo,
+            nats,
+            plugins,
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    /// A config for one pipeline watching `shop.orders`, with `plugins` (TOML
+    /// `[[pipeline.plugins]]` tables) and `extra_sink` lines appended to `[pipeline.sink]`.
+    pub fn config(&self, plugins: &str, extra_sink: &str) -> String {
+        format!(
+            r#"
+plugin_dir = "{plugin_dir}"
+
+[nats]
+url = "{nats}"
+ack_timeout_ms = 2000
+
+[[pipeline]]
+id = "{PIPELINE}"
+mongodb_uri = "{mongo}"
+database = "{DB}"
+collections = ["{COLL}"]
+full_document = "update-lookup"
+
+[pipeline.sink]
+stream = "{STREAM}"
+subject_prefix = "cdc"
+{extra_sink}
+
+[pipeline.checkpoint]
+interval_ms = 200
+
+{plugins}
+"#,
+            plugin_dir = self.plugins.display(),
+            nats = self.nats.url(),
+            mongo = self.mongo.uri(),
+        )
+    }
+
+    pub fn write_config(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    pub async fn collection(&self) -> anyhow::Result<mongodb::Collection<bson::Document>> {
+        Ok(self.mongo.client().await?.database(DB).collection(COLL))
+    }
+
+    pub async fn nats_client(&self) -> anyhow::Result<async_nats::Client> {
+        self.nats.client().await
+    }
+
+    /// Waits until the pipeline has saved a checkpoint in NATS KV: proof that its change
+    /// stream is open (the first empty batch's token is checkpointed as a heartbeat).
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        let client = self.nats_client().await?;
+        let js = async_nats::jetstream::new(client);
+        wait_until("pipeline checkpoint in KV", Duration::from_secs(30), || {
+            let js = js.clone();
+            async move {
+                match js.get_key_value("tidegate-checkpoints").await {
+                    Ok(kv) => matches!(kv.get(PIPELINE).await, Ok(Some(_))),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Waits until `stream` holds at least `count` messages, then returns them all.
+    pub async fn wait_for_messages(
+        &self,
+        stream: &str,
+        count: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<StreamMessage>> {
+        let client = self.nats_client().await?;
+        wait_until(&format!("{count} messages in {stream}"), timeout, || {
+            let client = client.clone();
+            async move { stream_len(&client, stream).await >= count }
+        })
+        .await?;
+        stream_messages(&client, stream).await
+    }
+
+    /// Waits for `count` messages, then a little longer so that a late extra message (a
+    /// duplicate, say) would show, and returns everything in the stream.
+    pub async fn wait_settled(
+        &self,
+        stream: &str,
+        count: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<StreamMessage>> {
+        self.wait_for_messages(stream, count, timeout).await?;
+        tokio::time::sleep(Duration::from_millis(750)).await;
+        self.messages(stream).await
+    }
+
+    /// Every message in `stream` now.
+    pub async fn messages(&self, stream: &str) -> anyhow::Result<Vec<StreamMessage>> {
+        stream_messages(&self.nats_client().await?, stream).await
+    }
+
+    /// Starts the real `tidegate run` binary on a config file.
+    pub fn spawn_binary(&self, config: &std::path::Path) -> anyhow::Result<ChildProcess> {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"));
+        cmd.arg("run").arg("--config").arg(config);
+        cmd.env("RUST_LOG", "info");
+        ChildProcess::spawn(cmd)
+    }
+}
+
+/// tidegate running inside the test process.
+pub struct InProcess {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), tidegate::Error>>,
+}
+
+impl InProcess {
+    pub fn start(config_path: &std::path::Path) -> anyhow::Result<InProcess> {
+        let config = tidegate::Config::load(config_path)?;
+        tidegate::telemetry::init(&config.log);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(tidegate::run(config, async move {
+            let _ = stopped.await;
+        }));
+        Ok(InProcess {
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Asks it to drain and stop, and returns its result.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), &mut self.task)
+            .await
+            .context("tidegate did not stop within 30 s")??
+            .context("tidegate returned an error")
+    }
+}
+
+/// A header's value, if present.
+/// (Names are compared as text: async-nats keys well-known names such as `Nats-Msg-Id`
+/// differently from custom ones.)
+pub fn header(message: &StreamMessage, name: &str) -> Option<String> {
+    message
+        .headers
+        .iter()
+        .find(|(key, _)| key.to_string().eq_ignore_ascii_case(name))
+        .and_then(|(_, values)| values.first())
+        .map(|v| v.as_str().to_string())
+}
+
+/// The payload as JSON.
+pub fn json(message: &StreamMessage) -> serde_json::Value {
+    serde_json::from_slice(&message.payload).unwrap_or(serde_json::Value::Null)
+}
