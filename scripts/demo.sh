@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The quick-start demo: installs what it needs, builds tidegate and the example plugins,
+# starts throw-away MongoDB + NATS servers, runs tidegate on examples/quickstart/tidegate.toml
+# and shows change events flowing into JetStream. Safe to run repeatedly.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${TIDEGATE_CACHE:-$HOME/.cache/tidegate}/target}"
+
+"$ROOT/scripts/install-deps.sh" >/dev/null
+echo "== building tidegate (release; the first build takes several minutes)"
+cargo build --release --locked -p tidegate -p tidegate-testkit --bins
+exec "$CARGO_TARGET_DIR/release/tidegate-demo"

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs the servers and toolchains it needs, then
+#   1. format and lint checks (cargo fmt, clippy -D warnings) for the host and the plugins;
+#   2. the guest plugins' own unit tests (native, no wasm needed);
+#   3. every host unit and integration test, against real mongod + nats-server;
+#   4. the quick-start demo, end to end, so the example never rots.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+CACHE="${TIDEGATE_CACHE:-$HOME/.cache/tidegate}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+started=$SECONDS
+phase() { printf '\n== [%4ss] %s\n' "$((SECONDS - started))" "$*"; }
+
+phase "installing servers and toolchains (skipped when present)"
+"$ROOT/scripts/install-deps.sh"
+
+phase "building the guest plugins"
+"$ROOT/scripts/build-plugins.sh" >/dev/null
+
+phase "cargo fmt --check"
+cargo fmt --all -- --check
+(cd plugins && cargo fmt --all -- --check)
+
+phase "cargo clippy -D warnings"
+cargo clippy --release --locked --workspace --all-targets -- -D warnings
+
+phase "plugin unit tests (native)"
+(cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" cargo test --locked)
+
+phase "host unit and integration tests (real mongod and nats-server)"
+cargo test --release --locked --workspace
+
+phase "quick-start demo"
+cargo build --release --locked -p tidegate -p tidegate-testkit --bins
+"$CARGO_TARGET_DIR/release/tidegate-demo"
+
+phase "all passed"
