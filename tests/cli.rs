@@ -61,7 +61,11 @@ fn unknown_config_key_is_refused_by_name() {
 fn missing_config_file_is_named() {
     let out = tidegate(&["check"], Path::new("/nonexistent/tidegate.toml"));
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("/nonexistent/tidegate.toml"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/tidegate.toml"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 fn check_plugin_bytes(bytes: Option<&[u8]>, extra: &str) -> (Option<i32>, String) {
@@ -82,7 +86,10 @@ fn check_plugin_bytes(bytes: Option<&[u8]>, extra: &str) -> (Option<i32>, String
 fn bad_plugins_are_refused_with_the_file_and_the_problem() {
     let (code, err) = check_plugin_bytes(None, "");
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("plugin 'bad'") && err.contains("bad.wasm") && err.contains("cannot read"), "{err}");
+    assert!(
+        err.contains("plugin 'bad'") && err.contains("bad.wasm") && err.contains("cannot read"),
+        "{err}"
+    );
 
     let (code, err) = check_plugin_bytes(Some(b"definitely not wasm"), "");
     assert_eq!(code, Some(1), "{err}");
@@ -96,7 +103,10 @@ fn bad_plugins_are_refused_with_the_file_and_the_problem() {
     // A valid, empty component: it implements no tidegate world.
     let (code, err) = check_plugin_bytes(Some(b"\0asm\x0d\0\x01\0"), "");
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("exports neither `filter` nor `transform`"), "{err}");
+    assert!(
+        err.contains("exports neither `filter` nor `transform`"),
+        "{err}"
+    );
 }
 
 /// A plugin that rejects its configuration in `init` stops tidegate, naming the plugin.
@@ -111,7 +121,10 @@ fn plugin_rejecting_its_config_is_refused() {
     let out = tidegate(&["check"], &path);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("plugin 'redact'") && err.contains("invalid-config"), "{err}");
+    assert!(
+        err.contains("plugin 'redact'") && err.contains("invalid-config"),
+        "{err}"
+    );
 
     let text = offline_config(
         &plugins,

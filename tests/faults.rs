@@ -106,7 +106,11 @@ config = { fields = "email" }
         .await?;
     tidegate.signal(SIGTERM)?;
     let status = tidegate.wait_exit(Duration::from_secs(30)).await?;
-    assert!(status.success(), "clean exit after SIGTERM: {status:?}\n{}", tidegate.log());
+    assert!(
+        status.success(),
+        "clean exit after SIGTERM: {status:?}\n{}",
+        tidegate.log()
+    );
     assert!(kills >= 6, "tidegate was killed {kills} times");
     assert_exactly_once_in_order(&messages, TOTAL);
     assert!(messages
@@ -153,12 +157,15 @@ async fn mongodb_restart_resumes_from_last_token() -> anyhow::Result<()> {
     let running = InProcess::start(&path)?;
     h.wait_ready().await?;
     write_range(h.collection().await?, 0, 500, 50, Duration::ZERO).await?;
-    h.wait_for_messages(STREAM, 500, Duration::from_secs(30)).await?;
+    h.wait_for_messages(STREAM, 500, Duration::from_secs(30))
+        .await?;
     h.mongo.kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
     h.mongo.restart().await?;
     write_range(h.collection().await?, 500, 1000, 50, Duration::ZERO).await?;
-    let messages = h.wait_settled(STREAM, 1000, Duration::from_secs(60)).await?;
+    let messages = h
+        .wait_settled(STREAM, 1000, Duration::from_secs(60))
+        .await?;
     running.stop().await?;
     assert_exactly_once_in_order(&messages, 1000);
     Ok(())
@@ -180,11 +187,20 @@ async fn sigterm_drains_checkpoints_in_mongodb_and_restart_continues() -> anyhow
         .await?;
     let coll = h.collection().await?;
     write_range(coll.clone(), 0, 100, 100, Duration::ZERO).await?;
-    h.wait_for_messages(STREAM, 100, Duration::from_secs(30)).await?;
+    h.wait_for_messages(STREAM, 100, Duration::from_secs(30))
+        .await?;
     tidegate.signal(SIGTERM)?;
     let status = tidegate.wait_exit(Duration::from_secs(30)).await?;
-    assert!(status.success(), "exit 0 after SIGTERM: {status:?}\n{}", tidegate.log());
-    assert!(tidegate.log().contains("tidegate stopped cleanly"), "{}", tidegate.log());
+    assert!(
+        status.success(),
+        "exit 0 after SIGTERM: {status:?}\n{}",
+        tidegate.log()
+    );
+    assert!(
+        tidegate.log().contains("tidegate stopped cleanly"),
+        "{}",
+        tidegate.log()
+    );
 
     // The 60 s interval never fired: this checkpoint was written by the drain.
     let saved = h
@@ -196,14 +212,21 @@ async fn sigterm_drains_checkpoints_in_mongodb_and_restart_continues() -> anyhow
         .find_one(doc! { "_id": "orders" })
         .await?
         .expect("checkpoint document written on shutdown");
-    assert!(saved.get_str("lastMsgId").unwrap_or_default().starts_with("orders:"));
+    assert!(saved
+        .get_str("lastMsgId")
+        .unwrap_or_default()
+        .starts_with("orders:"));
 
     write_range(coll, 100, 200, 100, Duration::ZERO).await?;
     let mut tidegate = h.spawn_binary(&path)?;
     let messages = h.wait_settled(STREAM, 200, Duration::from_secs(30)).await?;
     tidegate.signal(SIGTERM)?;
     tidegate.wait_exit(Duration::from_secs(30)).await?;
-    assert!(tidegate.log().contains("resuming after checkpoint"), "{}", tidegate.log());
+    assert!(
+        tidegate.log().contains("resuming after checkpoint"),
+        "{}",
+        tidegate.log()
+    );
     assert_exactly_once_in_order(&messages, 200);
     Ok(())
 }

@@ -29,10 +29,15 @@ config = { fields = "email" }
     h.wait_ready().await?;
 
     let coll = h.collection().await?;
-    coll.insert_one(doc! { "_id": 1, "email": "a@example.com", "total": 10_i64 }).await?;
-    coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "total": 11_i64 } }).await?;
-    coll.replace_one(doc! { "_id": 1 }, doc! { "email": "b@example.com", "total": 12_i64 })
+    coll.insert_one(doc! { "_id": 1, "email": "a@example.com", "total": 10_i64 })
         .await?;
+    coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "total": 11_i64 } })
+        .await?;
+    coll.replace_one(
+        doc! { "_id": 1 },
+        doc! { "email": "b@example.com", "total": 12_i64 },
+    )
+    .await?;
     coll.delete_one(doc! { "_id": 1 }).await?;
 
     let messages = h.wait_settled(STREAM, 4, Duration::from_secs(20)).await?;
@@ -53,7 +58,11 @@ config = { fields = "email" }
         let id = body["id"].as_str().expect("id in payload");
         assert_eq!(header(m, "Nats-Msg-Id"), Some(format!("orders:{id}:0")));
         assert_eq!(header(m, "Tidegate-Pipeline").as_deref(), Some("orders"));
-        assert!(header(m, "X-Redacted").is_some(), "redact plugin header on {}", m.subject);
+        assert!(
+            header(m, "X-Redacted").is_some(),
+            "redact plugin header on {}",
+            m.subject
+        );
         assert_eq!(body["ns"]["db"], "shop");
         assert_eq!(body["documentKey"]["_id"], 1);
     }
@@ -63,10 +72,16 @@ config = { fields = "email" }
     assert_eq!(insert["fullDocument"]["total"], 10);
     let update = json(&messages[1]);
     assert_eq!(update["updateDescription"]["updatedFields"]["total"], 11);
-    assert_eq!(update["fullDocument"]["email"], "[redacted]", "update-lookup document redacted too");
+    assert_eq!(
+        update["fullDocument"]["email"], "[redacted]",
+        "update-lookup document redacted too"
+    );
     let replace = json(&messages[2]);
     assert_eq!(replace["fullDocument"]["total"], 12);
-    assert!(json(&messages[3]).get("fullDocument").is_none(), "deletes carry no document");
+    assert!(
+        json(&messages[3]).get("fullDocument").is_none(),
+        "deletes carry no document"
+    );
     Ok(())
 }
 
@@ -86,14 +101,17 @@ config = { operations = "insert" }
     let coll = h.collection().await?;
     for i in 0..5 {
         coll.insert_one(doc! { "_id": i }).await?;
-        coll.update_one(doc! { "_id": i }, doc! { "$set": { "x": 1 } }).await?;
+        coll.update_one(doc! { "_id": i }, doc! { "$set": { "x": 1 } })
+            .await?;
         coll.delete_one(doc! { "_id": i }).await?;
     }
     coll.insert_one(doc! { "_id": "last" }).await?;
     let messages = h.wait_settled(STREAM, 6, Duration::from_secs(20)).await?;
     running.stop().await?;
     assert_eq!(messages.len(), 6);
-    assert!(messages.iter().all(|m| m.subject.as_str() == "cdc.shop.orders.insert"));
+    assert!(messages
+        .iter()
+        .all(|m| m.subject.as_str() == "cdc.shop.orders.insert"));
     assert_eq!(json(&messages[5])["documentKey"]["_id"], "last");
     Ok(())
 }
@@ -115,7 +133,10 @@ config = { copies = "3", subject-prefix = "cdc.copies" }
     let messages = h.wait_settled(STREAM, 3, Duration::from_secs(20)).await?;
     running.stop().await?;
     assert_eq!(messages.len(), 3);
-    let id = json(&messages[0])["id"].as_str().unwrap_or_default().to_string();
+    let id = json(&messages[0])["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     for (i, m) in messages.iter().enumerate() {
         assert_eq!(m.subject.as_str(), format!("cdc.copies.copy{i}"));
         assert_eq!(header(m, "X-Copy"), Some(i.to_string()));
@@ -155,13 +176,27 @@ name = "faulty"
     let failed = &messages[1];
     assert_eq!(failed.subject.as_str(), "cdc.dead-letter");
     assert_eq!(header(failed, "Tidegate-Plugin").as_deref(), Some("faulty"));
-    assert_eq!(header(failed, "Tidegate-Error-Kind").as_deref(), Some("plugin-error"));
-    assert!(header(failed, "Tidegate-Error").unwrap_or_default().contains("asked to fail"));
-    assert!(header(failed, "Nats-Msg-Id").unwrap_or_default().ends_with(":dead-letter"));
-    assert_eq!(json(failed)["fullDocument"]["fail"], true, "original event is the payload");
+    assert_eq!(
+        header(failed, "Tidegate-Error-Kind").as_deref(),
+        Some("plugin-error")
+    );
+    assert!(header(failed, "Tidegate-Error")
+        .unwrap_or_default()
+        .contains("asked to fail"));
+    assert!(header(failed, "Nats-Msg-Id")
+        .unwrap_or_default()
+        .ends_with(":dead-letter"));
+    assert_eq!(
+        json(failed)["fullDocument"]["fail"],
+        true,
+        "original event is the payload"
+    );
     let trapped = &messages[3];
     assert_eq!(trapped.subject.as_str(), "cdc.dead-letter");
-    assert_eq!(header(trapped, "Tidegate-Error-Kind").as_deref(), Some("trap"));
+    assert_eq!(
+        header(trapped, "Tidegate-Error-Kind").as_deref(),
+        Some("trap")
+    );
     for i in [0, 2, 4] {
         assert_eq!(messages[i].subject.as_str(), "cdc.shop.orders.insert");
     }
@@ -181,13 +216,20 @@ async fn encodings_preserve_types() -> anyhow::Result<()> {
     h.wait_ready().await?;
     h.collection()
         .await?
-        .insert_one(doc! { "_id": 1, "small": 5_i64, "when": bson::DateTime::from_millis(86_400_000) })
+        .insert_one(
+            doc! { "_id": 1, "small": 5_i64, "when": bson::DateTime::from_millis(86_400_000) },
+        )
         .await?;
-    let messages = h.wait_for_messages(STREAM, 1, Duration::from_secs(20)).await?;
+    let messages = h
+        .wait_for_messages(STREAM, 1, Duration::from_secs(20))
+        .await?;
     running.stop().await?;
     let body = json(&messages[0]);
     assert_eq!(body["fullDocument"]["small"]["$numberLong"], "5");
-    assert_eq!(body["fullDocument"]["when"]["$date"]["$numberLong"], "86400000");
+    assert_eq!(
+        body["fullDocument"]["when"]["$date"]["$numberLong"],
+        "86400000"
+    );
     assert_eq!(
         header(&messages[0], "Content-Type").as_deref(),
         Some("application/json; ejson=canonical")

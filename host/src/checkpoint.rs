@@ -57,7 +57,10 @@ impl CheckpointStore {
                         })
                         .await
                         .map_err(|err| {
-                            fail(format!("cannot open or create KV bucket '{}': {err}", config.bucket))
+                            fail(format!(
+                                "cannot open or create KV bucket '{}': {err}",
+                                config.bucket
+                            ))
                         })?,
                 };
                 Ok(CheckpointStore::NatsKv {
@@ -93,9 +96,12 @@ impl CheckpointStore {
                 {
                     None => None,
                     Some(bytes) => {
-                        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|err| {
-                            self.fail(format!("key '{key}' does not hold a tidegate checkpoint: {err}"))
-                        })?;
+                        let value: serde_json::Value =
+                            serde_json::from_slice(&bytes).map_err(|err| {
+                                self.fail(format!(
+                                    "key '{key}' does not hold a tidegate checkpoint: {err}"
+                                ))
+                            })?;
                         match Bson::try_from(value) {
                             Ok(Bson::Document(doc)) => Some(doc),
                             _ => {

@@ -351,7 +351,11 @@ impl Config {
             }
         }
         config.plugin_dir = base.join(&config.plugin_dir);
-        for plugin in config.pipelines.iter_mut().flat_map(|p| p.plugins.iter_mut()) {
+        for plugin in config
+            .pipelines
+            .iter_mut()
+            .flat_map(|p| p.plugins.iter_mut())
+        {
             if let Some(file) = &plugin.file {
                 plugin.file = Some(base.join(file));
             }
@@ -425,7 +429,9 @@ impl Config {
                 ));
             }
             let dead_letter = pipeline.dead_letter_subject();
-            if !is_valid_subject(&dead_letter, false) || !is_under_prefix(&dead_letter, &sink.subject_prefix) {
+            if !is_valid_subject(&dead_letter, false)
+                || !is_under_prefix(&dead_letter, &sink.subject_prefix)
+            {
                 return Err(format!(
                     "{}: '{}' must be a valid subject under '{}.'",
                     at("sink.dead_letter_subject"),
@@ -443,7 +449,10 @@ impl Config {
                 ));
             }
             if pipeline.checkpoint.interval_ms == 0 {
-                return Err(format!("{}: must be at least 1", at("checkpoint.interval_ms")));
+                return Err(format!(
+                    "{}: must be at least 1",
+                    at("checkpoint.interval_ms")
+                ));
             }
             let mut names = HashSet::new();
             for plugin in &pipeline.plugins {
@@ -502,7 +511,13 @@ impl PipelineConfig {
 pub fn pipeline_env_var(id: &str, key: &str) -> String {
     let id: String = id
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("TIDEGATE_PIPELINE_{id}_{key}")
 }
@@ -600,12 +615,16 @@ mod tests {
             "subject_prefix = \"cdc\"",
             "subject_prefix = \"cdc\"\nsubject_template = \"other.{db}\"",
         );
-        assert!(parse(&text).expect_err("bad template").contains("{prefix}."));
+        assert!(parse(&text)
+            .expect_err("bad template")
+            .contains("{prefix}."));
         let text = MINIMAL.replace(
             "subject_prefix = \"cdc\"",
             "subject_prefix = \"cdc\"\nsubject_template = \"{prefix}.{nope}\"",
         );
-        assert!(parse(&text).expect_err("bad placeholder").contains("placeholders"));
+        assert!(parse(&text)
+            .expect_err("bad placeholder")
+            .contains("placeholders"));
     }
 
     #[test]

@@ -93,8 +93,10 @@ pub fn envelope(change: &Change) -> Document {
 pub fn payload(change: &Change, encoding: Encoding) -> Result<Vec<u8>, String> {
     let envelope = envelope(change);
     match encoding {
-        Encoding::RelaxedJson => serde_json::to_vec(&Bson::Document(envelope).into_relaxed_extjson())
-            .map_err(|err| format!("cannot encode relaxed JSON: {err}")),
+        Encoding::RelaxedJson => {
+            serde_json::to_vec(&Bson::Document(envelope).into_relaxed_extjson())
+                .map_err(|err| format!("cannot encode relaxed JSON: {err}"))
+        }
         Encoding::CanonicalJson => {
             serde_json::to_vec(&Bson::Document(envelope).into_canonical_extjson())
                 .map_err(|err| format!("cannot encode canonical JSON: {err}"))
@@ -152,6 +154,12 @@ mod tests {
         assert_eq!(canonical["fullDocument"]["n"]["$numberLong"], "5");
         let raw = payload(&change(), Encoding::Bson).unwrap();
         let back: Document = bson::deserialize_from_slice(&raw).unwrap();
-        assert_eq!(back.get_document("fullDocument").unwrap().get_i64("n").unwrap(), 5);
+        assert_eq!(
+            back.get_document("fullDocument")
+                .unwrap()
+                .get_i64("n")
+                .unwrap(),
+            5
+        );
     }
 }

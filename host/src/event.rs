@@ -135,7 +135,9 @@ pub fn token_id(token: &ResumeToken) -> String {
     match bson::serialize_to_bson(token) {
         Ok(bson::Bson::Document(doc)) => match doc.get_str("_data") {
             Ok(data) => data.to_string(),
-            Err(_) => bson::Bson::Document(doc).into_canonical_extjson().to_string(),
+            Err(_) => bson::Bson::Document(doc)
+                .into_canonical_extjson()
+                .to_string(),
         },
         Ok(other) => other.into_canonical_extjson().to_string(),
         Err(_) => String::new(),

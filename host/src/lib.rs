@@ -49,7 +49,10 @@ pub use error::Error;
 
 /// Loads every pipeline's plugins, checking each against the contract. Used by `run` and
 /// by `tidegate check`.
-pub fn load_chains(config: &Config, sandbox: &sandbox::Sandbox) -> Result<Vec<plugin::Chain>, Error> {
+pub fn load_chains(
+    config: &Config,
+    sandbox: &sandbox::Sandbox,
+) -> Result<Vec<plugin::Chain>, Error> {
     config
         .pipelines
         .iter()
@@ -75,7 +78,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::info!(pipeline = %pipeline.id, plugins = %plugins.join(" → "), "plugins loaded");
     }
 
-    let first_pipeline = config.pipelines.first().map(|p| p.id.clone()).unwrap_or_default();
+    let first_pipeline = config
+        .pipelines
+        .first()
+        .map(|p| p.id.clone())
+        .unwrap_or_default();
     let nats_error = |message: String| Error::Sink {
         pipeline: first_pipeline.clone(),
         message,
@@ -84,7 +91,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .retry_on_initial_connect()
         .event_callback(|event| async move {
             match event {
-                async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("NATS disconnected; reconnecting")
+                }
                 async_nats::Event::Connected => tracing::info!("NATS connected"),
                 other => tracing::debug!("NATS event: {other}"),
             }

@@ -85,7 +85,8 @@ pub async fn run(
 
     let mut publisher = Publisher::new(js, &id, &pipeline.sink, start.clone());
     let mut saved = start;
-    let mut checkpoint_timer = tokio::time::interval(Duration::from_millis(pipeline.checkpoint.interval_ms));
+    let mut checkpoint_timer =
+        tokio::time::interval(Duration::from_millis(pipeline.checkpoint.interval_ms));
     let mut summary_timer = tokio::time::interval(Duration::from_secs(30));
     let mut source_task = Some(source_task);
     let mut outcome: Result<(), Error> = Ok(());

@@ -135,7 +135,10 @@ pub fn arm(store: &mut Store<PluginState>, limits: &PluginLimits) -> Result<(), 
     store
         .set_fuel(limits.fuel_per_call)
         .map_err(|err| format!("cannot set fuel: {err}"))?;
-    let ticks = limits.timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64).max(1);
+    let ticks = limits
+        .timeout_ms
+        .div_ceil(EPOCH_TICK.as_millis() as u64)
+        .max(1);
     store.set_epoch_deadline(ticks);
     Ok(())
 }

@@ -93,7 +93,11 @@ pub async fn prepare_stream(js: &Context, pipeline: &PipelineConfig) -> Result<(
                 .await
                 .map_err(|err| fail(format!("cannot read stream '{}': {err}", sink.stream)))?;
             let config = &info.config;
-            if !config.subjects.iter().any(|s| subject_covers(s, &wanted_subject)) {
+            if !config
+                .subjects
+                .iter()
+                .any(|s| subject_covers(s, &wanted_subject))
+            {
                 return Err(fail(format!(
                     "stream '{}' has subjects [{}], which do not cover '{wanted_subject}'; add it to \
                      the stream or change sink.subject_prefix",
@@ -135,7 +139,10 @@ pub async fn prepare_stream(js: &Context, pipeline: &PipelineConfig) -> Result<(
             tracing::info!(pipeline = %pipeline.id, stream = %sink.stream, subjects = %wanted_subject, "created stream");
             Ok(())
         }
-        Err(err) => Err(fail(format!("cannot look up stream '{}': {err}", sink.stream))),
+        Err(err) => Err(fail(format!(
+            "cannot look up stream '{}': {err}",
+            sink.stream
+        ))),
     }
 }
 
@@ -164,7 +171,8 @@ pub fn subject_covers(pattern: &str, target: &str) -> bool {
     }
 }
 
-type AckFuture = Pin<Box<dyn Future<Output = Result<jetstream::publish::PublishAck, PublishError>> + Send>>;
+type AckFuture =
+    Pin<Box<dyn Future<Output = Result<jetstream::publish::PublishAck, PublishError>> + Send>>;
 
 struct Slot {
     message: Message,
@@ -191,7 +199,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl Publisher {
     /// A publisher continuing after `start` (the checkpoint), if any.
-    pub fn new(js: Context, pipeline: &str, sink: &SinkConfig, start: Option<Position>) -> Publisher {
+    pub fn new(
+        js: Context,
+        pipeline: &str,
+        sink: &SinkConfig,
+        start: Option<Position>,
+    ) -> Publisher {
         Publisher {
             js,
             pipeline: pipeline.to_string(),
@@ -291,7 +304,10 @@ impl Publisher {
 
     /// Records the oldest message's acknowledgement; on failure, backs off and re-publishes
     /// everything in flight, in order.
-    pub async fn handle_ack(&mut self, result: Result<jetstream::publish::PublishAck, PublishError>) {
+    pub async fn handle_ack(
+        &mut self,
+        result: Result<jetstream::publish::PublishAck, PublishError>,
+    ) {
         match result {
             Ok(ack) => {
                 if ack.duplicate {
@@ -322,7 +338,12 @@ impl Publisher {
 
     async fn recover(&mut self, err: PublishError) {
         self.stats.retries += 1;
-        let text = format!("{err}: {}", std::error::Error::source(&err).map(|s| s.to_string()).unwrap_or_default());
+        let text = format!(
+            "{err}: {}",
+            std::error::Error::source(&err)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        );
         if err.kind() == PublishErrorKind::WrongLastMessageId {
             // The stream's last message is not the predecessor we named. If it is one of
             // ours still in flight, everything up to it was stored: count those as done.

@@ -46,8 +46,14 @@ const FATAL_CODES: &[(i32, &str)] = &[
          events were lost while tidegate was behind. Delete the pipeline's checkpoint to start \
          from now, or enlarge the oplog",
     ),
-    (260, "the checkpointed resume token is invalid for this stream (InvalidResumeToken)"),
-    (280, "the change stream failed fatally (ChangeStreamFatalError)"),
+    (
+        260,
+        "the checkpointed resume token is invalid for this stream (InvalidResumeToken)",
+    ),
+    (
+        280,
+        "the change stream failed fatally (ChangeStreamFatalError)",
+    ),
     (
         40573,
         "change streams need a replica set or sharded cluster, and this server is standalone",
@@ -117,7 +123,11 @@ pub async fn run(
                     } else {
                         Start::ResumeAfter(event.token.clone())
                     };
-                    if events.send(SourceItem::Event(Box::new(event))).await.is_err() {
+                    if events
+                        .send(SourceItem::Event(Box::new(event)))
+                        .await
+                        .is_err()
+                    {
                         return Ok(());
                     }
                     if invalidated {
@@ -195,7 +205,9 @@ async fn open(
     };
     let before = match pipeline.full_document_before_change {
         FullDocumentBeforeChange::Off => None,
-        FullDocumentBeforeChange::WhenAvailable => Some(FullDocumentBeforeChangeType::WhenAvailable),
+        FullDocumentBeforeChange::WhenAvailable => {
+            Some(FullDocumentBeforeChangeType::WhenAvailable)
+        }
         FullDocumentBeforeChange::Required => Some(FullDocumentBeforeChangeType::Required),
     };
     let (resume_after, start_after) = match start {
@@ -213,12 +225,21 @@ async fn open(
     match (&pipeline.database, pipeline.collections.as_slice()) {
         (None, _) => client.watch().with_options(options).await,
         (Some(db), []) => client.database(db).watch().with_options(options).await,
-        (Some(db), [coll]) => client.database(db).collection::<Document>(coll).watch().with_options(options).await,
-        (Some(db), colls) => client
-            .database(db)
-            .watch()
-            .pipeline([doc! { "$match": { "ns.coll": { "$in": colls.to_vec() } } }])
-            .with_options(options)
-            .await,
+        (Some(db), [coll]) => {
+            client
+                .database(db)
+                .collection::<Document>(coll)
+                .watch()
+                .with_options(options)
+                .await
+        }
+        (Some(db), colls) => {
+            client
+                .database(db)
+                .watch()
+                .pipeline([doc! { "$match": { "ns.coll": { "$in": colls.to_vec() } } }])
+                .with_options(options)
+                .await
+        }
     }
 }

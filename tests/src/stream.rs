@@ -24,7 +24,9 @@ pub async fn stream_messages(
             Ok(message) => out.push(message),
             // Deleted sequences leave gaps; anything else is a real failure.
             Err(err) if err.to_string().contains("no message found") => {}
-            Err(err) => return Err(err).with_context(|| format!("reading seq {seq} of '{stream}'")),
+            Err(err) => {
+                return Err(err).with_context(|| format!("reading seq {seq} of '{stream}'"))
+            }
         }
     }
     Ok(out)

@@ -147,14 +147,14 @@ pub fn from_wit(
     let update_description = match event.update_description {
         None => None,
         Some(u) => {
-            let updated_fields = if sent_update.map(|s| &s.updated_fields) == Some(&u.updated_fields)
-            {
-                original_update
-                    .map(|o| o.updated_fields.clone())
-                    .unwrap_or_default()
-            } else {
-                json_document("updateDescription.updatedFields", &u.updated_fields)?
-            };
+            let updated_fields =
+                if sent_update.map(|s| &s.updated_fields) == Some(&u.updated_fields) {
+                    original_update
+                        .map(|o| o.updated_fields.clone())
+                        .unwrap_or_default()
+                } else {
+                    json_document("updateDescription.updatedFields", &u.updated_fields)?
+                };
             Some(UpdateDescription {
                 updated_fields,
                 removed_fields: u.removed_fields,
@@ -223,7 +223,9 @@ mod tests {
             },
             to: None,
             document_key: Some(doc! { "_id": bson::oid::ObjectId::new() }),
-            full_document: Some(doc! { "_id": 1, "big": 7_i64, "when": bson::DateTime::from_millis(5) }),
+            full_document: Some(
+                doc! { "_id": 1, "big": 7_i64, "when": bson::DateTime::from_millis(5) },
+            ),
             full_document_before_change: None,
             update_description: Some(UpdateDescription {
                 updated_fields: doc! { "a.b": 1 },

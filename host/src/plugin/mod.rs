@@ -110,7 +110,8 @@ impl Plugin {
             path: path.to_path_buf(),
             message,
         };
-        let bytes = std::fs::read(path).map_err(|err| fail(format!("cannot read the file: {err}")))?;
+        let bytes =
+            std::fs::read(path).map_err(|err| fail(format!("cannot read the file: {err}")))?;
         if bytes.get(0..4) != Some(b"\0asm") {
             return Err(fail("not a WebAssembly file (no \\0asm header)".into()));
         }
@@ -148,7 +149,9 @@ impl Plugin {
         })?;
         let pre = match world {
             World::Filter => Pre::Filter(FilterPre::new(instance_pre).map_err(|err| {
-                fail(format!("does not match the `filter` world of tidegate:plugin@0.1.0: {err:#}"))
+                fail(format!(
+                    "does not match the `filter` world of tidegate:plugin@0.1.0: {err:#}"
+                ))
             })?),
             World::Transform => Pre::Transform(TransformPre::new(instance_pre).map_err(|err| {
                 fail(format!(
@@ -202,7 +205,10 @@ impl Plugin {
             Pre::Transform(pre) => pre.instantiate(&mut store).map(Instance::Transform),
         };
         let instance = instance.map_err(|err| {
-            self.error("trap", format!("instantiation failed: {}", sandbox::trap_reason(&err)))
+            self.error(
+                "trap",
+                format!("instantiation failed: {}", sandbox::trap_reason(&err)),
+            )
         })?;
         let init = match &instance {
             Instance::Filter(f) => f.call_init(&mut store),
@@ -301,7 +307,11 @@ pub struct Chain {
 
 impl Chain {
     /// Loads every plugin of a pipeline. Fails on the first plugin that cannot run.
-    pub fn load(sandbox: &Sandbox, pipeline: &PipelineConfig, plugin_dir: &Path) -> Result<Chain, Error> {
+    pub fn load(
+        sandbox: &Sandbox,
+        pipeline: &PipelineConfig,
+        plugin_dir: &Path,
+    ) -> Result<Chain, Error> {
         let plugins = pipeline
             .plugins
             .iter()
@@ -362,14 +372,14 @@ impl Chain {
                 Ok(changed) => outputs.push(Output {
                     change: changed,
                     subject: out.subject,
-                    headers: out
-                        .headers
-                        .into_iter()
-                        .map(|h| (h.name, h.value))
-                        .collect(),
+                    headers: out.headers.into_iter().map(|h| (h.name, h.value)).collect(),
                 }),
                 Err(message) => {
-                    let last = self.plugins.last().map(|p| p.name.clone()).unwrap_or_default();
+                    let last = self
+                        .plugins
+                        .last()
+                        .map(|p| p.name.clone())
+                        .unwrap_or_default();
                     return Verdict::DeadLetter(CallError {
                         plugin: last,
                         kind: "invalid-output".into(),
@@ -409,7 +419,10 @@ fn check_output(out: &wit::Output, input: &wit::ChangeEvent, prefix: &str) -> Re
                 .bytes()
                 .all(|b| b.is_ascii_graphic() && b != b':');
         if !valid_name || header.value.contains(['\r', '\n']) {
-            return Err(format!("header '{}' has an invalid name or value", header.name));
+            return Err(format!(
+                "header '{}' has an invalid name or value",
+                header.name
+            ));
         }
     }
     Ok(())

@@ -103,7 +103,11 @@ async fn main() -> anyhow::Result<()> {
     step("stopping tidegate with SIGTERM (drains and checkpoints)");
     tidegate.signal(SIGTERM)?;
     let status = tidegate.wait_exit(Duration::from_secs(30)).await?;
-    for line in tidegate.log().lines().filter(|l| l.contains("summary") || l.contains("stopped")) {
+    for line in tidegate
+        .log()
+        .lines()
+        .filter(|l| l.contains("summary") || l.contains("stopped"))
+    {
         println!("   {line}");
     }
     if !status.success() {
@@ -120,10 +124,7 @@ fn step(what: &str) {
 /// A binary built next to this one (`cargo build --release --workspace --bins`).
 fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let path = exe
-        .parent()
-        .context("executable has no folder")?
-        .join(name);
+    let path = exe.parent().context("executable has no folder")?.join(name);
     if !path.is_file() {
         bail!(
             "{} not found: build it first with `cargo build --release -p tidegate` (scripts/demo.sh does)",
