@@ -18,7 +18,7 @@ pub enum CheckpointStore {
     /// One key per pipeline in a KV bucket.
     NatsKv {
         /// The bucket.
-        store: kv::Store,
+        store: Box<kv::Store>,
         /// The pipeline id (the key).
         key: String,
     },
@@ -64,7 +64,7 @@ impl CheckpointStore {
                         })?,
                 };
                 Ok(CheckpointStore::NatsKv {
-                    store,
+                    store: Box::new(store),
                     key: pipeline.to_string(),
                 })
             }

@@ -32,7 +32,7 @@ pub enum SourceItem {
 
 /// Where to open the stream.
 #[derive(Debug, Clone)]
-enum Start {
+enum OpenAt {
     Now,
     ResumeAfter(ResumeToken),
     StartAfter(ResumeToken),
@@ -85,7 +85,7 @@ pub async fn run(
         pipeline: pipeline.id.clone(),
         message,
     };
-    let mut start = start.map(Start::ResumeAfter).unwrap_or(Start::Now);
+    let mut start = start.map(OpenAt::ResumeAfter).unwrap_or(OpenAt::Now);
     let mut backoff = MIN_BACKOFF;
     let mut last_heartbeat: Option<ResumeToken> = None;
     'reopen: loop {
@@ -119,9 +119,9 @@ pub async fn run(
                     let event = SourceEvent::from_driver(event);
                     let invalidated = event.change.operation == Operation::Invalidate;
                     start = if invalidated {
-                        Start::StartAfter(event.token.clone())
+                        OpenAt::StartAfter(event.token.clone())
                     } else {
-                        Start::ResumeAfter(event.token.clone())
+                        OpenAt::ResumeAfter(event.token.clone())
                     };
                     if events
                         .send(SourceItem::Event(Box::new(event)))
@@ -143,8 +143,8 @@ pub async fn run(
                     if let Some(token) = token {
                         if last_heartbeat.as_ref() != Some(&token) {
                             last_heartbeat = Some(token.clone());
-                            if !matches!(start, Start::StartAfter(_)) {
-                                start = Start::ResumeAfter(token.clone());
+                            if !matches!(start, OpenAt::StartAfter(_)) {
+                                start = OpenAt::ResumeAfter(token.clone());
                             }
                             if events.send(SourceItem::Heartbeat(token)).await.is_err() {
                                 return Ok(());
@@ -168,11 +168,11 @@ pub async fn run(
     }
 }
 
-fn start_label(start: &Start) -> &'static str {
+fn start_label(start: &OpenAt) -> &'static str {
     match start {
-        Start::Now => "now",
-        Start::ResumeAfter(_) => "resume-after-token",
-        Start::StartAfter(_) => "start-after-token",
+        OpenAt::Now => "now",
+        OpenAt::ResumeAfter(_) => "resume-after-token",
+        OpenAt::StartAfter(_) => "start-after-token",
     }
 }
 
@@ -195,7 +195,7 @@ async fn sleep_or_shutdown(delay: Duration, shutdown: &mut watch::Receiver<bool>
 async fn open(
     client: &mongodb::Client,
     pipeline: &PipelineConfig,
-    start: &Start,
+    start: &OpenAt,
 ) -> Result<ChangeStream<ChangeStreamEvent<Document>>, mongodb::error::Error> {
     let full_document = match pipeline.full_document {
         FullDocument::Off => None,
@@ -211,9 +211,9 @@ async fn open(
         FullDocumentBeforeChange::Required => Some(FullDocumentBeforeChangeType::Required),
     };
     let (resume_after, start_after) = match start {
-        Start::Now => (None, None),
-        Start::ResumeAfter(token) => (Some(token.clone()), None),
-        Start::StartAfter(token) => (None, Some(token.clone())),
+        OpenAt::Now => (None, None),
+        OpenAt::ResumeAfter(token) => (Some(token.clone()), None),
+        OpenAt::StartAfter(token) => (None, Some(token.clone())),
     };
     let options = ChangeStreamOptions::builder()
         .full_document(full_document)
