@@ -230,3 +230,21 @@ async fn sigterm_drains_checkpoints_in_mongodb_and_restart_continues() -> anyhow
     assert_exactly_once_in_order(&messages, 200);
     Ok(())
 }
+
+/// NATS not up yet when tidegate starts: it waits (saying so) instead of failing, and
+/// relays normally once NATS appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_at_start_is_waited_for() -> anyhow::Result<()> {
+    let mut h = Harness::start().await?;
+    h.nats.stop();
+    let path = h.write_config("tidegate.toml", &h.config("", ""))?;
+    let running = InProcess::start(&path)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    h.nats.start_again().await?;
+    h.wait_ready().await?;
+    write_range(h.collection().await?, 0, 50, 50, Duration::ZERO).await?;
+    let messages = h.wait_settled(STREAM, 50, Duration::from_secs(30)).await?;
+    running.stop().await?;
+    assert_exactly_once_in_order(&messages, 50);
+    Ok(())
+}

@@ -107,11 +107,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .iter()
         .map(|p| p.sink.max_in_flight)
         .sum::<usize>();
+    // Each pipeline bounds its own window; the client's limit only has to leave room for a
+    // full re-publish while the abandoned acks of the previous attempt are still held
+    // (for up to the ack timeout) by the client's acker.
     let js = async_nats::jetstream::context::ContextBuilder::new()
         .timeout(ack_timeout)
-        .max_ack_inflight(max_in_flight + 16)
+        .ack_timeout(ack_timeout)
+        .max_ack_inflight(2 * max_in_flight + 16)
         .backpressure_on_inflight(true)
         .build(nats.clone());
+
+    tokio::pin!(shutdown);
+    // The client connects in the background (and keeps reconnecting); pipelines need it up
+    // to check their streams, so wait here, saying so, rather than fail on a NATS that is
+    // merely not up yet.
+    let mut waited = 0;
+    while nats.connection_state() != async_nats::connection::State::Connected {
+        if waited % 50 == 0 {
+            tracing::warn!(url = %redact_url(&config.nats.url), "waiting for NATS");
+        }
+        waited += 1;
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+        }
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -119,7 +139,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tasks.spawn(pipeline::run(pipeline, chain, js.clone(), stop_rx.clone()));
     }
 
-    tokio::pin!(shutdown);
     let mut outcome = Ok(());
     let mut stopping = false;
     while !tasks.is_empty() {
@@ -145,4 +164,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!(error = %err, "final NATS flush failed");
     }
     outcome
+}
+
+/// A URL with any `user:password@` or `token@` part removed, for logs.
+fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| match (one.find("://"), one.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***@{}", &one[..scheme + 3], &one[at + 1..])
+            }
+            _ => one.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    /// Credentials in NATS URLs never reach the log.
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("nats://u:p@h:4222"), "nats://***@h:4222");
+        assert_eq!(
+            redact_url("nats://h:4222,tls://t@g"),
+            "nats://h:4222,tls://***@g"
+        );
+    }
 }

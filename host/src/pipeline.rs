@@ -87,7 +87,9 @@ pub async fn run(
     let mut saved = start;
     let mut checkpoint_timer =
         tokio::time::interval(Duration::from_millis(pipeline.checkpoint.interval_ms));
-    let mut summary_timer = tokio::time::interval(Duration::from_secs(30));
+    let summary_every = Duration::from_secs(30);
+    let mut summary_timer =
+        tokio::time::interval_at(tokio::time::Instant::now() + summary_every, summary_every);
     let mut source_task = Some(source_task);
     let mut outcome: Result<(), Error> = Ok(());
     let mut inputs_open = true;

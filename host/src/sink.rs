@@ -338,34 +338,36 @@ impl Publisher {
 
     async fn recover(&mut self, err: PublishError) {
         self.stats.retries += 1;
-        let text = format!(
-            "{err}: {}",
-            std::error::Error::source(&err)
-                .map(|s| s.to_string())
-                .unwrap_or_default()
-        );
+        let source = std::error::Error::source(&err)
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        let text = format!("{err}: {source}");
         if err.kind() == PublishErrorKind::WrongLastMessageId {
             // The stream's last message is not the predecessor we named. If it is one of
             // ours still in flight, everything up to it was stored: count those as done.
             let stored = last_msg_id_in(&text);
-            if let Some(i) = stored
+            match stored
                 .as_deref()
                 .and_then(|id| self.slots.iter().position(|s| s.message.msg_id == id))
             {
-                for _ in 0..=i {
-                    self.stats.duplicates += 1;
-                    self.pop_acked();
+                Some(i) => {
+                    for _ in 0..=i {
+                        self.stats.duplicates += 1;
+                        self.pop_acked();
+                    }
+                    self.last_sent_msg_id = stored;
                 }
-                self.republish_all().await;
-                return;
+                None => {
+                    tracing::warn!(
+                        pipeline = %self.pipeline,
+                        stream_last = ?stored,
+                        "the stream's last message is not the one this pipeline expected (another \
+                         writer, or a purge?); continuing, relying on the duplicate window alone \
+                         for the next message"
+                    );
+                    self.last_sent_msg_id = None;
+                }
             }
-            tracing::warn!(
-                pipeline = %self.pipeline,
-                stream_last = ?stored,
-                "the stream's last message is not the one this pipeline expected (another writer, or \
-                 a purge?); continuing, relying on the duplicate window alone for the next message"
-            );
-            self.last_sent_msg_id = None;
         } else {
             tracing::warn!(
                 pipeline = %self.pipeline,
@@ -378,14 +380,8 @@ impl Publisher {
             self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
             self.last_sent_msg_id = self.acked.as_ref().and_then(|p| p.last_msg_id.clone());
         }
-        self.republish_all().await;
-    }
-
-    async fn republish_all(&mut self) {
-        self.last_sent_msg_id = match self.last_sent_msg_id.take() {
-            None => None,
-            Some(_) => self.acked.as_ref().and_then(|p| p.last_msg_id.clone()),
-        };
+        // Re-publish everything still unacknowledged, in order, chaining from
+        // `last_sent_msg_id`. Messages the stream already holds come back as duplicates.
         let mut slots = std::mem::take(&mut self.slots);
         for slot in slots.iter_mut() {
             slot.ack = self.send(&slot.message).await;

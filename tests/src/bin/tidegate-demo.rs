@@ -40,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
 
     let client = nats.client().await?;
-    let mut live = client.subscribe("shop.>").await?;
+    let mut live = client.subscribe("cdc.>").await?;
     client.flush().await?;
 
     step("writing to shop.customers: 3 inserts, 1 update, 1 replace, 1 delete");
