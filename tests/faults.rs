@@ -248,3 +248,117 @@ async fn nats_down_at_start_is_waited_for() -> anyhow::Result<()> {
     assert_exactly_once_in_order(&messages, 50);
     Ok(())
 }
+
+/// Like the NATS restart above, but the stream forgets message ids after 1 s, so by the time
+/// tidegate re-publishes, deduplication alone could no longer catch messages that were stored
+/// but whose acks were lost. The `Nats-Expected-Last-Msg-Id` chain must still keep the stream
+/// exactly-once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_with_short_duplicate_window_stays_exactly_once() -> anyhow::Result<()> {
+    const TOTAL: i64 = 2_000;
+    let mut h = Harness::start().await?;
+    let js = async_nats::jetstream::new(h.nats_client().await?);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["cdc.>".into()],
+        duplicate_window: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await?;
+    let path = h.write_config("tidegate.toml", &h.config("", "duplicate_window_secs = 1"))?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+    let writer = tokio::spawn(write_range(
+        h.collection().await?,
+        0,
+        TOTAL,
+        40,
+        Duration::from_millis(20),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.nats.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    h.nats.start_again().await?;
+    writer.await??;
+    let messages = h
+        .wait_settled(STREAM, TOTAL as u64, Duration::from_secs(120))
+        .await?;
+    running.stop().await?;
+    assert_exactly_once_in_order(&messages, TOTAL);
+    Ok(())
+}
+
+/// The publisher on its own, against a real stream that forgets ids after 1 s: messages
+/// stored before a restart (but never acknowledged to tidegate) are re-published after the
+/// duplicate window has passed. The stream refuses them with "wrong last msg ID", and the
+/// publisher counts them as stored instead of storing them twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_skips_stored_messages_after_the_duplicate_window() -> anyhow::Result<()> {
+    use tidegate::sink::{Message, Position, Publisher, Unit};
+    let h = Harness::start().await?;
+    let client = h.nats_client().await?;
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["cdc.>".into()],
+        duplicate_window: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await?;
+    let token = |n: u32| -> anyhow::Result<mongodb::change_stream::event::ResumeToken> {
+        Ok(bson::deserialize_from_bson(bson::Bson::Document(
+            doc! { "_data": format!("{n:04}") },
+        ))?)
+    };
+    let message = |n: u32| Message {
+        subject: format!("cdc.test.{n}"),
+        msg_id: format!("p:{n:04}:0"),
+        headers: async_nats::HeaderMap::new(),
+        payload: format!("event {n}").into(),
+    };
+    // Before the "crash": 0 acknowledged and checkpointed, 1 and 2 stored but never acked.
+    for n in 0..3 {
+        let m = message(n);
+        js.send_publish(
+            m.subject.clone(),
+            async_nats::jetstream::message::PublishMessage::build()
+                .payload(m.payload.clone())
+                .message_id(&m.msg_id),
+        )
+        .await?
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let config = tidegate::Config::parse(&h.config("", ""), std::path::Path::new("."), |_| None)
+        .map_err(anyhow::Error::msg)?;
+    let start = Position {
+        token: token(0)?,
+        last_msg_id: Some(message(0).msg_id),
+    };
+    let mut publisher = Publisher::new(js, "p", &config.pipelines[0].sink, Some(start));
+    for n in 1..4 {
+        publisher
+            .push(Unit {
+                messages: vec![message(n)],
+                token: token(n)?,
+            })
+            .await;
+    }
+    while !publisher.is_idle() {
+        let result = publisher.next_ack().await;
+        publisher.handle_ack(result).await;
+    }
+    let stored: Vec<String> = h
+        .messages(STREAM)
+        .await?
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    assert_eq!(stored, ["event 0", "event 1", "event 2", "event 3"]);
+    assert_eq!(
+        publisher.position().map(|p| p.last_msg_id.clone()),
+        Some(Some(message(3).msg_id))
+    );
+    Ok(())
+}

@@ -494,6 +494,97 @@ fn micro(plugins: &Path, iters: usize) -> anyhow::Result<(Table, Table, usize)> 
 // ---------------------------------------------------------------------------------------------
 // Server scenarios
 
+/// Linux's USER_HZ: the unit of utime/stime in `/proc/<pid>/stat` (`getconf CLK_TCK`).
+const CLOCK_TICKS_PER_SEC: f64 = 100.0;
+
+/// user + system CPU time of a process so far, in clock ticks (all threads).
+fn cpu_ticks(pid: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the parenthesised command name: state is index 0, utime 11, stime 12.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+/// The pid of the server this run started: a process whose binary name ends with `binary`
+/// and whose arguments contain `flag port`.
+fn find_server_pid(binary: &str, flag: &str, port: u16) -> Option<String> {
+    let port = port.to_string();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).to_string())
+            .collect();
+        let is_binary = args.first().is_some_and(|a| a.ends_with(binary));
+        let has_port = args.windows(2).any(|w| w[0] == flag && w[1] == port);
+        if is_binary && has_port {
+            return Some(name);
+        }
+    }
+    None
+}
+
+/// CPU time of this process (which hosts tidegate in scenarios 3–4), mongod and nats-server.
+#[derive(Clone)]
+struct Cpu {
+    pids: [Option<String>; 3],
+}
+
+#[derive(Clone, Copy)]
+struct CpuMark {
+    at: Instant,
+    ticks: [u64; 3],
+}
+
+impl Cpu {
+    fn mark(&self) -> CpuMark {
+        let mut ticks = [0; 3];
+        for (t, pid) in ticks.iter_mut().zip(&self.pids) {
+            *t = pid.as_deref().map_or(0, cpu_ticks);
+        }
+        CpuMark {
+            at: Instant::now(),
+            ticks,
+        }
+    }
+
+    /// Cores used between two marks, as `bench / mongod / nats = total`.
+    fn since(&self, start: CpuMark, end: CpuMark) -> String {
+        let wall = (end.at - start.at).as_secs_f64().max(1e-9);
+        let cores: Vec<f64> = (0..3)
+            .map(|i| {
+                end.ticks[i].saturating_sub(start.ticks[i]) as f64 / CLOCK_TICKS_PER_SEC / wall
+            })
+            .collect();
+        let fmt = |i: usize| match self.pids[i] {
+            Some(_) => format!("{:.2}", cores[i]),
+            None => "?".to_string(),
+        };
+        format!(
+            "{} / {} / {} = {:.2}",
+            fmt(0),
+            fmt(1),
+            fmt(2),
+            cores.iter().sum::<f64>()
+        )
+    }
+}
+
 fn plugins_toml(count: usize) -> String {
     let filter = r#"
 [[pipeline.plugins]]
@@ -522,6 +613,7 @@ struct Env {
     plugins: PathBuf,
     mongo_client: mongodb::Client,
     nats_client: async_nats::Client,
+    cpu: Cpu,
 }
 
 impl Env {
@@ -612,7 +704,7 @@ impl Running {
 }
 
 /// Scenario 1: the driver alone reading a backlog of `n` inserts.
-async fn raw_read(env: &Env, n: usize) -> anyhow::Result<(f64, f64)> {
+async fn raw_read(env: &Env, n: usize) -> anyhow::Result<(f64, f64, String)> {
     let coll = env.collection("raw_read");
     let mut stream = coll.watch().await.context("watch")?;
     let token = loop {
@@ -634,6 +726,7 @@ async fn raw_read(env: &Env, n: usize) -> anyhow::Result<(f64, f64)> {
         .await
         .context("watch resume_after")?;
     let t = Instant::now();
+    let mark = env.cpu.mark();
     let mut count = 0;
     while count < n {
         let next: Option<ChangeStreamEvent<Document>> = stream.next_if_any().await?;
@@ -642,7 +735,8 @@ async fn raw_read(env: &Env, n: usize) -> anyhow::Result<(f64, f64)> {
             count += 1;
         }
     }
-    Ok((rate(n, t.elapsed()), insert_rate))
+    let cpu = env.cpu.since(mark, env.cpu.mark());
+    Ok((rate(n, t.elapsed()), insert_rate, cpu))
 }
 
 fn js_context(client: &async_nats::Client) -> async_nats::jetstream::Context {
@@ -685,7 +779,7 @@ async fn raw_publish(
     payload: &Bytes,
     mode: PublishMode,
     tag: &str,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, String)> {
     let js = js_context(&env.nats_client);
     let stream = format!("RAW_{}", tag.to_uppercase());
     let prefix = format!("raw{tag}");
@@ -694,6 +788,7 @@ async fn raw_publish(
     let mut window = VecDeque::with_capacity(PUBLISH_WINDOW);
     let mut previous: Option<String> = None;
     let t = Instant::now();
+    let mark = env.cpu.mark();
     for i in 0..n {
         if window.len() >= PUBLISH_WINDOW {
             let ack: async_nats::jetstream::context::PublishAckFuture =
@@ -724,11 +819,12 @@ async fn raw_publish(
         ack.await.map_err(|e| anyhow!("ack: {e}"))?;
     }
     let elapsed = t.elapsed();
+    let cpu = env.cpu.since(mark, env.cpu.mark());
     let stored = stream_len(&env.nats_client, &stream).await;
     if stored != n as u64 {
         bail!("stream {stream} holds {stored} messages, expected {n}");
     }
-    Ok(rate(n, elapsed))
+    Ok((rate(n, elapsed), cpu))
 }
 
 /// Fails if `stream` holds more than the one subject inserts are published on (a dead letter
@@ -757,6 +853,7 @@ struct Backlog {
     startup: Duration,
     steady_rate: f64,
     total_rate: f64,
+    cpu: String,
 }
 
 /// Scenario 3: tidegate draining a backlog of `n` events.
@@ -779,13 +876,13 @@ async fn e2e_backlog(env: &Env, n: usize, plugins: usize) -> anyhow::Result<Back
 
     let t = Instant::now();
     let running = Running::start(config);
-    let mut first: Option<(Instant, u64)> = None;
+    let mut first: Option<(Instant, u64, CpuMark)> = None;
     let deadline = t + Duration::from_secs(600);
     loop {
         let len = stream_len(&env.nats_client, &stream).await;
         let now = Instant::now();
         if len > 0 && first.is_none() {
-            first = Some((now, len));
+            first = Some((now, len, env.cpu.mark()));
         }
         if len >= n as u64 {
             break;
@@ -800,19 +897,21 @@ async fn e2e_backlog(env: &Env, n: usize, plugins: usize) -> anyhow::Result<Back
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let total = t.elapsed();
+    let end_mark = env.cpu.mark();
     running.stop().await?;
     let stored = stream_len(&env.nats_client, &stream).await;
     if stored != n as u64 {
         bail!("stream {stream} holds {stored} messages after stopping, expected {n}");
     }
     check_no_dead_letters(&env.nats_client, &stream).await?;
-    let (first_at, first_len) = first.unwrap_or((t, 0));
+    let (first_at, first_len, first_mark) = first.unwrap_or((t, 0, end_mark));
     let steady = t + total - first_at;
     Ok(Backlog {
         total,
         startup: first_at - t,
         steady_rate: (n as u64 - first_len) as f64 / steady.as_secs_f64().max(1e-9),
         total_rate: rate(n, total),
+        cpu: env.cpu.since(first_mark, end_mark),
     })
 }
 
@@ -956,46 +1055,55 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
     let n = args.events;
     eprintln!("starting mongod and nats-server…");
     let (mongo, nats) = tokio::try_join!(MongoReplicaSet::start(), NatsServer::start())?;
+    let cpu = Cpu {
+        pids: [
+            Some("self".to_string()),
+            find_server_pid("mongod", "--port", mongo.port()),
+            find_server_pid("nats-server", "-p", nats.port()),
+        ],
+    };
     let env = Env {
         mongo_client: mongo.client().await?,
         nats_client: nats.client().await?,
         mongo,
         nats,
         plugins,
+        cpu,
     };
 
+    const CPU_HEADER: &str = "CPU cores: bench / mongod / nats = total";
     eprintln!("1. raw change-stream read ({n} events)…");
-    let (read_rate, insert_rate) = raw_read(&env, n).await?;
+    let (read_rate, insert_rate, read_cpu) = raw_read(&env, n).await?;
     let mut raw = Table::new(
         &format!("1–2. Raw rates, no tidegate (N = {n})"),
-        &["what", "events/s"],
+        &["what", "events/s", CPU_HEADER],
     );
     raw.row(vec![
         "change stream read, driver alone (backlog, resume_after)".into(),
         fmt_rate(read_rate),
+        read_cpu,
     ]);
 
     eprintln!("2. raw JetStream publish…");
     let payload = Bytes::from(vec![b'x'; payload_len]);
     // Warm-up (not reported): first connection use, first stream files.
-    raw_publish(
-        &env,
-        (n / 10).max(100),
-        &payload,
-        PublishMode::Async,
-        "warmup",
-    )
-    .await?;
-    let async_rate = raw_publish(&env, n, &payload, PublishMode::Async, "async").await?;
-    let chained_rate = raw_publish(&env, n, &payload, PublishMode::AsyncChained, "chained").await?;
-    let sync_rate = raw_publish(&env, n / 10, &payload, PublishMode::Sync, "sync").await?;
+    let warmup = (n / 10).max(100);
+    raw_publish(&env, warmup, &payload, PublishMode::Async, "warmup").await?;
+    let (async_rate, async_cpu) =
+        raw_publish(&env, n, &payload, PublishMode::Async, "async").await?;
+    let (chained_rate, chained_cpu) =
+        raw_publish(&env, n, &payload, PublishMode::AsyncChained, "chained").await?;
+    let (sync_rate, sync_cpu) =
+        raw_publish(&env, n / 10, &payload, PublishMode::Sync, "sync").await?;
     raw.row(vec![
         format!("JetStream publish, async window {PUBLISH_WINDOW}, Nats-Msg-Id"),
         fmt_rate(async_rate),
+        async_cpu,
     ]);
     raw.row(vec![
         "  … plus Nats-Expected-Last-Msg-Id chaining (as tidegate does)".into(),
         fmt_rate(chained_rate),
+        chained_cpu,
     ]);
     raw.row(vec![
         format!(
@@ -1003,13 +1111,18 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
             n / 10
         ),
         fmt_rate(sync_rate),
+        sync_cpu,
     ]);
     raw.row(vec![
         "(context) MongoDB insert_many, batches of 1000".into(),
         fmt_rate(insert_rate),
+        String::new(),
     ]);
     raw.note(format!(
-        "Publish payloads are {payload_len} bytes, the size of tidegate's relaxed-JSON payload for these documents."
+        "Publish payloads are {payload_len} bytes, the size of tidegate's relaxed-JSON payload for \
+         these documents. CPU columns: cores used while measuring (user+system time from \
+         /proc/<pid>/stat ÷ wall time); the machine has {} cores.",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     ));
     let lower = read_rate.min(async_rate);
 
@@ -1022,6 +1135,7 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
             "events/s (after first msg)",
             "events/s (incl. startup)",
             "vs. min(raw read, raw publish)",
+            CPU_HEADER,
         ],
     );
     for (plugins, label) in [
@@ -1038,12 +1152,14 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
             fmt_rate(b.steady_rate),
             fmt_rate(b.total_rate),
             format!("{:.0}%", 100.0 * b.steady_rate / lower),
+            b.cpu,
         ]);
     }
     backlog.note(format!(
         "min(raw read, raw async publish) = {} events/s. \"startup\" is from tidegate::run until the \
          first message is seen in the stream (connect, compile plugins, open the change stream); \
-         the rate after the first message excludes it.",
+         the rate and the CPU figures after the first message exclude it. \"bench\" is the process \
+         tidegate runs in (plus the bench's 10 ms stream-length polling).",
         fmt_rate(lower)
     ));
 

@@ -123,7 +123,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // merely not up yet.
     let mut waited = 0;
     while nats.connection_state() != async_nats::connection::State::Connected {
-        if waited % 50 == 0 {
+        if waited % 50 == 10 {
             tracing::warn!(url = %redact_url(&config.nats.url), "waiting for NATS");
         }
         waited += 1;

@@ -109,7 +109,12 @@ pub async fn run(
                 save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
             }
             _ = summary_timer.tick() => stats.log(&id, publisher.stats()),
-            result = async { source_task.as_mut().expect("guarded").await }, if source_task.is_some() => {
+            result = async {
+                match source_task.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            }, if source_task.is_some() => {
                 source_task = None;
                 let result = result.unwrap_or_else(|err| Err(Error::Source {
                     pipeline: id.clone(),
