@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use bson::doc;
-use support::{header, json, Harness, InProcess, STREAM};
+use support::{header, json, Harness, InProcess, COLL, DB, STREAM};
 
 /// Insert, update, replace and delete flow through a filter and a transform: subjects follow
 /// the template, ids are `<pipeline>:<event id>:<output>`, the transform's header is present,
@@ -233,6 +233,141 @@ async fn encodings_preserve_types() -> anyhow::Result<()> {
     assert_eq!(
         header(&messages[0], "Content-Type").as_deref(),
         Some("application/json; ejson=canonical")
+    );
+    Ok(())
+}
+
+/// Changes made in a multi-document transaction carry the session id and transaction number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_details_are_published() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let path = h.write_config("tidegate.toml", &h.config("", ""))?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+    let client = h.mongo.client().await?;
+    let coll = client.database(DB).collection::<bson::Document>(COLL);
+    coll.insert_one(doc! { "_id": 0 }).await?; // creates the collection outside the transaction
+    let mut session = client.start_session().await?;
+    session.start_transaction().await?;
+    coll.insert_one(doc! { "_id": 1 })
+        .session(&mut session)
+        .await?;
+    coll.insert_one(doc! { "_id": 2 })
+        .session(&mut session)
+        .await?;
+    session.commit_transaction().await?;
+    let messages = h.wait_settled(STREAM, 3, Duration::from_secs(20)).await?;
+    running.stop().await?;
+    assert_eq!(messages.len(), 3);
+    assert!(json(&messages[0]).get("txnNumber").is_none());
+    for m in &messages[1..] {
+        let body = json(m);
+        assert!(body["txnNumber"].as_i64().is_some(), "{body}");
+        assert!(body["lsid"]["id"].is_object(), "{body}");
+    }
+    Ok(())
+}
+
+/// Dropping the watched collection publishes the drop and the invalidate, and capture goes on
+/// (`startAfter`) when the collection is re-created: nothing stops silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_continues_after_the_collection_is_dropped() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let path = h.write_config("tidegate.toml", &h.config("", ""))?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+    let coll = h.collection().await?;
+    coll.insert_one(doc! { "_id": "before" }).await?;
+    coll.drop().await?;
+    h.wait_for_messages(STREAM, 3, Duration::from_secs(20))
+        .await?;
+    coll.insert_one(doc! { "_id": "after" }).await?;
+    let messages = h.wait_settled(STREAM, 4, Duration::from_secs(20)).await?;
+    running.stop().await?;
+    let ops: Vec<String> = messages
+        .iter()
+        .map(|m| json(m)["operationType"].as_str().unwrap_or("?").to_string())
+        .collect();
+    assert_eq!(ops, ["insert", "drop", "invalidate", "insert"]);
+    assert_eq!(messages[2].subject.as_str(), "cdc.shop.orders.invalidate");
+    assert_eq!(json(&messages[3])["documentKey"]["_id"], "after");
+    Ok(())
+}
+
+/// Three pipelines in one process, one per scope: a list of collections, a whole database and
+/// the whole deployment. Each sees exactly its scope, on its own stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_scopes_collection_list_database_and_deployment() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let pipeline = |id: &str, stream: &str, prefix: &str, scope: &str| {
+        format!(
+            "[[pipeline]]\nid = \"{id}\"\nmongodb_uri = \"{}\"\n{scope}\n\
+             [pipeline.sink]\nstream = \"{stream}\"\nsubject_prefix = \"{prefix}\"\n\
+             [pipeline.checkpoint]\ninterval_ms = 200\n",
+            h.mongo.uri()
+        )
+    };
+    let config = format!(
+        "[nats]\nurl = \"{}\"\n{}{}{}",
+        h.nats.url(),
+        pipeline(
+            "list",
+            "LIST",
+            "list",
+            "database = \"shop\"\ncollections = [\"a\", \"b\"]"
+        ),
+        pipeline("db", "DB", "db", "database = \"shop\""),
+        pipeline("all", "ALL", "all", ""),
+    );
+    let path = h.write_config("tidegate.toml", &config)?;
+    let running = InProcess::start(&path)?;
+    let js = async_nats::jetstream::new(h.nats_client().await?);
+    tidegate_testkit::wait_until("three checkpoints", Duration::from_secs(30), || {
+        let js = js.clone();
+        async move {
+            let Ok(kv) = js.get_key_value("tidegate-checkpoints").await else {
+                return false;
+            };
+            for key in ["list", "db", "all"] {
+                if !matches!(kv.get(key).await, Ok(Some(_))) {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await?;
+    let client = h.mongo.client().await?;
+    for (db, coll) in [("shop", "a"), ("shop", "b"), ("shop", "c"), ("other", "a")] {
+        client
+            .database(db)
+            .collection::<bson::Document>(coll)
+            .insert_one(doc! { "from": format!("{db}.{coll}") })
+            .await?;
+    }
+    let all = h.wait_settled("ALL", 4, Duration::from_secs(20)).await?;
+    let db = h.messages("DB").await?;
+    let list = h.messages("LIST").await?;
+    running.stop().await?;
+    let subjects = |ms: &[async_nats::jetstream::message::StreamMessage]| -> Vec<String> {
+        ms.iter().map(|m| m.subject.to_string()).collect()
+    };
+    assert_eq!(
+        subjects(&list),
+        ["list.shop.a.insert", "list.shop.b.insert"]
+    );
+    assert_eq!(
+        subjects(&db),
+        ["db.shop.a.insert", "db.shop.b.insert", "db.shop.c.insert"]
+    );
+    assert_eq!(
+        subjects(&all),
+        [
+            "all.shop.a.insert",
+            "all.shop.b.insert",
+            "all.shop.c.insert",
+            "all.other.a.insert"
+        ]
     );
     Ok(())
 }

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{FullDocument, FullDocumentBeforeChange, PipelineConfig};
 use crate::error::Error;
-use crate::event::{Operation, SourceEvent};
+use crate::event::{Namespace, Operation, SourceEvent};
 
 /// What the source hands downstream.
 #[derive(Debug)]
@@ -108,8 +108,12 @@ pub async fn run(
             match next {
                 Ok(Some(event)) => {
                     backoff = MIN_BACKOFF;
-                    let event = SourceEvent::from_driver(event);
+                    let mut event = SourceEvent::from_driver(event);
                     let invalidated = event.change.operation == Operation::Invalidate;
+                    if invalidated && event.change.namespace.db.is_empty() {
+                        // The server sends invalidate without `ns`; say what was invalidated.
+                        event.change.namespace = watched_namespace(&pipeline);
+                    }
                     start = if invalidated {
                         OpenAt::StartAfter(event.token.clone())
                     } else {
@@ -153,6 +157,17 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// The namespace a pipeline watches: a database, and a collection when it watches just one.
+fn watched_namespace(pipeline: &PipelineConfig) -> Namespace {
+    Namespace {
+        db: pipeline.database.clone().unwrap_or_default(),
+        coll: match pipeline.collections.as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        },
     }
 }
 

@@ -2,33 +2,18 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail};
 
-use crate::repo_root;
+use crate::run_script;
 
 /// Output of `scripts/install-deps.sh` (`KEY=value` lines), computed once per process.
 static INSTALLED: OnceLock<Result<HashMap<String, String>, String>> = OnceLock::new();
 
 fn run_install_deps() -> Result<HashMap<String, String>, String> {
-    let script = repo_root().join("scripts").join("install-deps.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .current_dir(repo_root())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        return Err(format!(
-            "{} failed with {}\n--- stderr ---\n{stderr}\n--- stdout ---\n{stdout}",
-            script.display(),
-            out.status
-        ));
-    }
-    Ok(stdout
+    Ok(run_script("install-deps.sh")?
+        .stdout
         .lines()
         .filter_map(|line| line.split_once('='))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))

@@ -16,6 +16,7 @@
 use std::future::Future;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -25,6 +26,7 @@ mod mongo;
 mod nats;
 mod plugins;
 mod process;
+mod server;
 mod stream;
 
 pub use bins::{mongod_path, nats_server_path};
@@ -41,6 +43,39 @@ pub fn repo_root() -> PathBuf {
         Some(parent) => parent.to_path_buf(),
         None => manifest,
     }
+}
+
+/// What a repository script printed (lossily decoded), from [`run_script`].
+pub(crate) struct ScriptOutput {
+    /// Path of the script, for error messages.
+    pub(crate) script: PathBuf,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+}
+
+/// Runs `scripts/<name>` with `bash` in the repository root and captures its output. Fails (with
+/// the exit status, stderr and stdout) if it cannot be run or does not exit successfully.
+pub(crate) fn run_script(name: &str) -> Result<ScriptOutput, String> {
+    let script = repo_root().join("scripts").join(name);
+    let out = Command::new("bash")
+        .arg(&script)
+        .current_dir(repo_root())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed with {}\n--- stderr ---\n{stderr}\n--- stdout ---\n{stdout}",
+            script.display(),
+            out.status
+        ));
+    }
+    Ok(ScriptOutput {
+        script,
+        stdout,
+        stderr,
+    })
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago: binds port 0, reads the port the kernel

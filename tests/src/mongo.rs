@@ -4,20 +4,18 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context};
+use anyhow::Context;
 use mongodb::bson::{doc, Document};
 use mongodb::error::ErrorKind;
 use mongodb::options::ClientOptions;
 
-use crate::process::ChildProcess;
-use crate::{free_port, mongod_path, tail_file, tcp_accepts, temp_dir};
+use crate::mongod_path;
+use crate::server::{start_fresh, Server, ServerProcess};
 
 /// Replica set name used by [`MongoReplicaSet`].
 const REPL_SET: &str = "rs0";
 /// How long start-up may take before it is reported as failed.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Fresh starts retry with another port this many times when the port was taken meanwhile.
-const START_ATTEMPTS: usize = 5;
 /// mongod's exit code when it cannot listen (EXIT_NET_ERROR).
 const EXIT_NET_ERROR: i32 = 48;
 /// `AlreadyInitialized`, returned by `replSetInitiate` on an initiated node.
@@ -28,12 +26,8 @@ const ALREADY_INITIALIZED: i32 = 23;
 ///
 /// Dropping it kills `mongod` with `SIGKILL`, reaps it and removes the directory.
 pub struct MongoReplicaSet {
-    /// Declared before `dir` so the process dies before its directory is removed.
-    proc: Option<ChildProcess>,
-    port: u16,
+    server: ServerProcess,
     oplog_mb: u32,
-    mongod: PathBuf,
-    dir: tempfile::TempDir,
 }
 
 impl MongoReplicaSet {
@@ -47,58 +41,47 @@ impl MongoReplicaSet {
     /// A small oplog rolls over quickly, e.g. to test resuming from a token that has fallen off.
     pub async fn start_with_oplog_mb(oplog_mb: u32) -> anyhow::Result<Self> {
         let mongod = mongod_path()?;
-        let mut attempt = 1;
-        loop {
-            let mut rs = Self {
-                proc: None,
-                port: free_port(),
+        start_fresh(|| {
+            let rs = Self {
+                server: ServerProcess::new("mongod", mongod.clone(), "mongod")?,
                 oplog_mb,
-                mongod: mongod.clone(),
-                dir: temp_dir("tidegate-mongod-")?,
             };
             std::fs::create_dir_all(rs.db_path())
                 .with_context(|| format!("creating mongod dbpath {}", rs.db_path().display()))?;
-            rs.spawn()?;
-            match rs.wait_ready(true).await {
-                Ok(()) => return Ok(rs),
-                Err(e) if attempt < START_ATTEMPTS && rs.lost_port_race() => {
-                    attempt += 1;
-                    drop(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
+            Ok(rs)
+        })
+        .await
     }
 
     /// Connection string: `mongodb://127.0.0.1:P/?replicaSet=rs0&directConnection=true`.
     pub fn uri(&self) -> String {
         format!(
             "mongodb://127.0.0.1:{}/?replicaSet={REPL_SET}&directConnection=true",
-            self.port
+            self.port()
         )
     }
 
     /// Port `mongod` listens on (stays the same across [`MongoReplicaSet::restart`]).
     pub fn port(&self) -> u16 {
-        self.port
+        self.server.port()
     }
 
     /// Path of `mongod.log` (appended to across restarts).
     pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("mongod.log")
+        self.server.log_path()
     }
 
     /// A new driver client for [`MongoReplicaSet::uri`].
     pub async fn client(&self) -> anyhow::Result<mongodb::Client> {
         mongodb::Client::with_uri_str(self.uri())
             .await
-            .with_context(|| format!("creating a MongoDB client for {}", self.describe()))
+            .with_context(|| format!("creating a MongoDB client for {}", self.server.describe()))
     }
 
     /// Kills `mongod` with `SIGKILL` and reaps it (an unclean shutdown: the next start recovers
     /// from the journal). The data directory is kept. Does nothing if it is not running.
     pub fn kill(&mut self) {
-        if let Some(mut proc) = self.proc.take() {
+        if let Some(mut proc) = self.server.take() {
             proc.kill9();
         }
     }
@@ -111,34 +94,21 @@ impl MongoReplicaSet {
         self.wait_ready(false).await.with_context(|| {
             format!(
                 "restarting mongod on the same port {} (another process may have taken it)",
-                self.port
+                self.port()
             )
         })
     }
 
     fn db_path(&self) -> PathBuf {
-        self.dir.path().join("db")
-    }
-
-    fn stdout_path(&self) -> PathBuf {
-        self.dir.path().join("mongod.stdout.log")
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "mongod {} on port {} (log {})",
-            self.mongod.display(),
-            self.port,
-            self.log_path().display()
-        )
+        self.server.dir().join("db")
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let mut cmd = Command::new(&self.mongod);
+        let mut cmd = Command::new(self.server.binary());
         cmd.arg("--replSet")
             .arg(REPL_SET)
             .arg("--port")
-            .arg(self.port.to_string())
+            .arg(self.port().to_string())
             .arg("--bind_ip")
             .arg("127.0.0.1")
             .arg("--dbpath")
@@ -154,52 +124,7 @@ impl MongoReplicaSet {
             .arg("--nounixsocket")
             .arg("--setParameter")
             .arg("diagnosticDataCollectionEnabled=false");
-        let proc = ChildProcess::spawn_logged(cmd, &self.stdout_path())
-            .with_context(|| self.describe())?;
-        self.proc = Some(proc);
-        Ok(())
-    }
-
-    /// Whether the last start failed because the port was taken after [`free_port`] chose it.
-    fn lost_port_race(&self) -> bool {
-        let Some(proc) = &self.proc else { return false };
-        let exited_net =
-            matches!(proc.try_status(), Ok(Some(s)) if s.code() == Some(EXIT_NET_ERROR));
-        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        exited_net || log.contains("Address already in use")
-    }
-
-    /// Error for a failed start, quoting the logs.
-    fn start_error(&self, what: impl std::fmt::Display) -> anyhow::Error {
-        let mut msg = format!(
-            "{}: {what}\n--- tail of {} ---\n{}",
-            self.describe(),
-            self.log_path().display(),
-            tail_file(&self.log_path(), 30)
-        );
-        let stdout = tail_file(&self.stdout_path(), 20);
-        if stdout != "<empty>" {
-            msg.push_str(&format!(
-                "\n--- tail of {} ---\n{stdout}",
-                self.stdout_path().display()
-            ));
-        }
-        anyhow!(msg)
-    }
-
-    /// Fails with the logs if `mongod` has exited.
-    fn check_running(&self) -> anyhow::Result<()> {
-        let proc = self
-            .proc
-            .as_ref()
-            .ok_or_else(|| self.start_error("not running"))?;
-        match proc.try_status() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => {
-                Err(self.start_error(format!("exited during start-up with {status}")))
-            }
-            Err(e) => Err(self.start_error(format!("{e:#}"))),
-        }
+        self.server.spawn(cmd)
     }
 
     /// Waits until `mongod` accepts connections, optionally runs `replSetInitiate`, then waits
@@ -207,39 +132,39 @@ impl MongoReplicaSet {
     async fn wait_ready(&self, initiate: bool) -> anyhow::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let timed_out = |stage: &str, last: &str| {
-            self.start_error(format!(
+            self.server.start_error(format!(
                 "not ready after {READY_TIMEOUT:?} ({stage}; last error: {last})"
             ))
         };
 
-        while !tcp_accepts(self.port).await {
-            self.check_running()?;
-            if Instant::now() >= deadline {
-                return Err(timed_out(
-                    "waiting for a TCP connection",
-                    "connection refused",
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.server
+            .wait_tcp(deadline, || {
+                timed_out("waiting for a TCP connection", "connection refused")
+            })
+            .await?;
 
         let mut opts = ClientOptions::parse(format!(
             "mongodb://127.0.0.1:{}/?directConnection=true",
-            self.port
+            self.port()
         ))
         .await
-        .map_err(|e| self.start_error(format!("parsing the direct connection string: {e}")))?;
+        .map_err(|e| {
+            self.server
+                .start_error(format!("parsing the direct connection string: {e}"))
+        })?;
         opts.server_selection_timeout = Some(Duration::from_secs(2));
         opts.connect_timeout = Some(Duration::from_secs(1));
-        let client = mongodb::Client::with_options(opts)
-            .map_err(|e| self.start_error(format!("creating a direct client: {e}")))?;
+        let client = mongodb::Client::with_options(opts).map_err(|e| {
+            self.server
+                .start_error(format!("creating a direct client: {e}"))
+        })?;
         let admin = client.database("admin");
 
         if initiate {
             let config = doc! {
                 "replSetInitiate": {
                     "_id": REPL_SET,
-                    "members": [{ "_id": 0, "host": format!("127.0.0.1:{}", self.port) }],
+                    "members": [{ "_id": 0, "host": format!("127.0.0.1:{}", self.port()) }],
                 }
             };
             loop {
@@ -250,7 +175,7 @@ impl MongoReplicaSet {
                         _ => e.to_string(),
                     },
                 };
-                self.check_running()?;
+                self.server.check_running()?;
                 if Instant::now() >= deadline {
                     return Err(timed_out("running replSetInitiate", &last));
                 }
@@ -264,7 +189,7 @@ impl MongoReplicaSet {
                 Ok(reply) => format!("hello replied {reply}"),
                 Err(e) => e.to_string(),
             };
-            self.check_running()?;
+            self.server.check_running()?;
             if Instant::now() >= deadline {
                 return Err(timed_out("waiting for isWritablePrimary", &last));
             }
@@ -279,9 +204,20 @@ fn is_writable_primary(hello: &Document) -> bool {
     matches!(hello.get_bool("isWritablePrimary"), Ok(true))
 }
 
-impl Drop for MongoReplicaSet {
-    fn drop(&mut self) {
-        self.kill();
-        // `dir` (a TempDir) is removed when the fields are dropped, after this.
+impl Server for MongoReplicaSet {
+    async fn spawn_and_wait(&mut self) -> anyhow::Result<()> {
+        self.spawn()?;
+        self.wait_ready(true).await
+    }
+
+    /// mongod exits with EXIT_NET_ERROR, or logs "Address already in use".
+    fn lost_port_race(&self) -> bool {
+        if !self.server.is_spawned() {
+            return false;
+        }
+        let exited_net =
+            matches!(self.server.exit_status(), Some(s) if s.code() == Some(EXIT_NET_ERROR));
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        exited_net || log.contains("Address already in use")
     }
 }

@@ -1,12 +1,11 @@
 //! Building the guest plugins.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
 
 use anyhow::anyhow;
 
-use crate::repo_root;
+use crate::{repo_root, run_script};
 
 static PLUGIN_DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
@@ -24,22 +23,9 @@ pub fn plugin_dir() -> anyhow::Result<PathBuf> {
 }
 
 fn build_plugins() -> Result<PathBuf, String> {
-    let script = repo_root().join("scripts").join("build-plugins.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .current_dir(repo_root())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        return Err(format!(
-            "{} failed with {}\n--- stderr ---\n{stderr}\n--- stdout ---\n{stdout}",
-            script.display(),
-            out.status
-        ));
-    }
-    let Some(last) = stdout.lines().map(str::trim).rfind(|l| !l.is_empty()) else {
+    let out = run_script("build-plugins.sh")?;
+    let (script, stderr) = (&out.script, &out.stderr);
+    let Some(last) = out.stdout.lines().map(str::trim).rfind(|l| !l.is_empty()) else {
         return Err(format!(
             "{} printed no output directory on stdout\n--- stderr ---\n{stderr}",
             script.display()
