@@ -25,6 +25,7 @@ cargo fmt --all -- --check
 
 phase "cargo clippy -D warnings"
 cargo clippy --release --locked --workspace --all-targets -- -D warnings
+(cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" cargo clippy --locked --all-targets -- -D warnings)
 
 phase "plugin unit tests (native)"
 (cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" cargo test --locked)

@@ -8,6 +8,7 @@
 use async_nats::jetstream::{self, kv};
 use bson::{doc, Bson, Document};
 use mongodb::change_stream::event::ResumeToken;
+use mongodb::options::{DatabaseOptions, ReadConcern, WriteConcern};
 
 use crate::config::{CheckpointConfig, CheckpointStoreKind};
 use crate::error::Error;
@@ -68,9 +69,17 @@ impl CheckpointStore {
                     key: pipeline.to_string(),
                 })
             }
+            // Majority writes: a checkpoint that a failover could roll back would let the
+            // position go backwards (replaying is harmless; it is just wasted work).
             CheckpointStoreKind::Mongodb => Ok(CheckpointStore::Mongo {
                 collection: mongo
-                    .database(&config.database)
+                    .database_with_options(
+                        &config.database,
+                        DatabaseOptions::builder()
+                            .write_concern(WriteConcern::majority())
+                            .read_concern(ReadConcern::majority())
+                            .build(),
+                    )
                     .collection(&config.collection),
                 key: pipeline.to_string(),
             }),
