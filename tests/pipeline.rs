@@ -371,3 +371,31 @@ async fn watch_scopes_collection_list_database_and_deployment() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// An event larger than the NATS server's `max_payload` (1 MiB by default) cannot block the
+/// stream: it is dead-lettered as `too-large` with its documents left out (its key still
+/// identifies it), and the next event flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_event_is_dead_lettered_without_blocking() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let path = h.write_config("tidegate.toml", &h.config("", ""))?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+    let coll = h.collection().await?;
+    coll.insert_one(doc! { "_id": "big", "blob": "x".repeat(1_500_000) })
+        .await?;
+    coll.insert_one(doc! { "_id": "small" }).await?;
+    let messages = h.wait_settled(STREAM, 2, Duration::from_secs(20)).await?;
+    running.stop().await?;
+    assert_eq!(messages.len(), 2);
+    let big = &messages[0];
+    assert_eq!(big.subject.as_str(), "cdc.dead-letter");
+    assert_eq!(
+        header(big, "Tidegate-Error-Kind").as_deref(),
+        Some("too-large")
+    );
+    assert_eq!(json(big)["documentKey"]["_id"], "big");
+    assert!(json(big).get("fullDocument").is_none());
+    assert_eq!(messages[1].subject.as_str(), "cdc.shop.orders.insert");
+    Ok(())
+}
