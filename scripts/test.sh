@@ -12,6 +12,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 started=$SECONDS
 phase() { printf '\n== [%4ss] %s\n' "$((SECONDS - started))" "$*"; }
+# Every test runner's output is also kept here, to print one total at the end.
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
 
 phase "installing servers and toolchains (skipped when present)"
 "$ROOT/scripts/install-deps.sh"
@@ -28,13 +31,15 @@ cargo clippy --release --locked --workspace --all-targets -- -D warnings
 (cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" cargo clippy --locked --all-targets -- -D warnings)
 
 phase "plugin unit tests (native)"
-(cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" cargo test --locked)
+(cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" cargo test --locked) 2>&1 | tee -a "$results"
 
 phase "host unit and integration tests (real mongod and nats-server)"
-cargo test --release --locked --workspace
+cargo test --release --locked --workspace 2>&1 | tee -a "$results"
 
 phase "quick-start demo"
 cargo build --release --locked -p tidegate -p tidegate-testkit --bins
 "$CARGO_TARGET_DIR/release/tidegate-demo"
 
 phase "all passed"
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, s }' "$results"

@@ -50,7 +50,7 @@ pub struct LogConfig {
     #[serde(default)]
     pub format: LogFormat,
     /// A `tracing` filter such as `info` or `tidegate=debug`. The `RUST_LOG` environment
-    /// variable overrides it. Default: `info`.
+    /// variable overrides it. Default: `info,async_nats=warn`.
     #[serde(default = "default_log_level")]
     pub level: String,
 }
@@ -285,7 +285,8 @@ fn default_ack_timeout_ms() -> u64 {
     5000
 }
 fn default_log_level() -> String {
-    "info".to_string()
+    // The NATS client logs every reconnect attempt at info; tidegate says it once.
+    "info,async_nats=warn".to_string()
 }
 fn default_memory_mib() -> u32 {
     64

@@ -160,7 +160,6 @@ interval_ms = 200
     pub fn spawn_binary(&self, config: &std::path::Path) -> anyhow::Result<ChildProcess> {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"));
         cmd.arg("run").arg("--config").arg(config);
-        cmd.env("RUST_LOG", "info");
         ChildProcess::spawn(cmd)
     }
 }
@@ -174,7 +173,11 @@ pub struct InProcess {
 impl InProcess {
     pub fn start(config_path: &std::path::Path) -> anyhow::Result<InProcess> {
         let config = tidegate::Config::load(config_path)?;
-        tidegate::telemetry::init(&config.log);
+        // Captured per test by the test harness: shown only when a test fails.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info,async_nats=warn"))
+            .with_test_writer()
+            .try_init();
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(tidegate::run(config, async move {
             let _ = stopped.await;
