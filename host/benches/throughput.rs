@@ -514,6 +514,47 @@ fn cpu_ticks(pid: &str) -> u64 {
     field(11) + field(12)
 }
 
+/// CPU ticks of this process's threads, summed by thread name (`/proc/self/task/*/comm`,
+/// 15 characters at most): e.g. `tokio-runtime-w`, `tidegate-chain-`, `tidegate-epoch`.
+fn thread_ticks() -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let tid = task.file_name().to_string_lossy().to_string();
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let ticks = cpu_ticks(&format!("self/task/{tid}"));
+        *out.entry(comm.trim().to_string()).or_insert(0) += ticks;
+    }
+    out
+}
+
+/// Cores used per thread name between two [`thread_ticks`] snapshots, busiest first.
+fn thread_cores(
+    start: &BTreeMap<String, u64>,
+    end: &BTreeMap<String, u64>,
+    wall: Duration,
+) -> String {
+    let wall = wall.as_secs_f64().max(1e-9);
+    let mut used: Vec<(String, f64)> = end
+        .iter()
+        .map(|(name, t)| {
+            let before = start.get(name).copied().unwrap_or(0);
+            (
+                name.clone(),
+                t.saturating_sub(before) as f64 / CLOCK_TICKS_PER_SEC / wall,
+            )
+        })
+        .filter(|(_, cores)| *cores >= 0.01)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    used.iter()
+        .map(|(name, cores)| format!("{name} {cores:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The pid of the server this run started: a process whose binary name ends with `binary`
 /// and whose arguments contain `flag port`.
 fn find_server_pid(binary: &str, flag: &str, port: u16) -> Option<String> {
@@ -704,7 +745,7 @@ impl Running {
 }
 
 /// Scenario 1: the driver alone reading a backlog of `n` inserts.
-async fn raw_read(env: &Env, n: usize) -> anyhow::Result<(f64, f64, String)> {
+async fn raw_read(env: &Env, n: usize) -> anyhow::Result<(f64, f64, String, String)> {
     let coll = env.collection("raw_read");
     let mut stream = coll.watch().await.context("watch")?;
     let token = loop {
@@ -728,15 +769,35 @@ async fn raw_read(env: &Env, n: usize) -> anyhow::Result<(f64, f64, String)> {
     let t = Instant::now();
     let mark = env.cpu.mark();
     let mut count = 0;
+    // Gaps over 1 ms between consecutive events are server round trips (getMore).
+    let (mut waits, mut waited, mut longest) = (0, Duration::ZERO, Duration::ZERO);
+    let mut previous = t;
     while count < n {
         let next: Option<ChangeStreamEvent<Document>> = stream.next_if_any().await?;
         if let Some(event) = next {
             black_box(&event);
             count += 1;
+            let now = Instant::now();
+            let gap = now - previous;
+            if gap > Duration::from_millis(1) {
+                waits += 1;
+                waited += gap;
+                longest = longest.max(gap);
+            }
+            previous = now;
         }
     }
+    let elapsed = t.elapsed();
     let cpu = env.cpu.since(mark, env.cpu.mark());
-    Ok((rate(n, t.elapsed()), insert_rate, cpu))
+    let gaps = format!(
+        "The driver-alone read waited on the server {waits} times (gaps over 1 ms between \
+         events: the initial aggregate and getMore batches), {:.0} ms in all of its {:.0} ms, \
+         longest {:.0} ms.",
+        waited.as_secs_f64() * 1e3,
+        elapsed.as_secs_f64() * 1e3,
+        longest.as_secs_f64() * 1e3
+    );
+    Ok((rate(n, elapsed), insert_rate, cpu, gaps))
 }
 
 fn js_context(client: &async_nats::Client) -> async_nats::jetstream::Context {
@@ -854,6 +915,8 @@ struct Backlog {
     steady_rate: f64,
     total_rate: f64,
     cpu: String,
+    threads: String,
+    longest_stall: Duration,
 }
 
 /// Scenario 3: tidegate draining a backlog of `n` events.
@@ -876,13 +939,24 @@ async fn e2e_backlog(env: &Env, n: usize, plugins: usize) -> anyhow::Result<Back
 
     let t = Instant::now();
     let running = Running::start(config);
-    let mut first: Option<(Instant, u64, CpuMark)> = None;
+    let mut first: Option<(Instant, u64, CpuMark, BTreeMap<String, u64>)> = None;
     let deadline = t + Duration::from_secs(600);
+    // Longest time the stream length did not grow once publishing had begun.
+    let mut last_growth: Option<(Instant, u64)> = None;
+    let mut longest_stall = Duration::ZERO;
     loop {
         let len = stream_len(&env.nats_client, &stream).await;
         let now = Instant::now();
         if len > 0 && first.is_none() {
-            first = Some((now, len, env.cpu.mark()));
+            first = Some((now, len, env.cpu.mark(), thread_ticks()));
+        }
+        match last_growth {
+            Some((at, seen)) if len > seen => {
+                longest_stall = longest_stall.max(now - at);
+                last_growth = Some((now, len));
+            }
+            None if len > 0 => last_growth = Some((now, len)),
+            _ => {}
         }
         if len >= n as u64 {
             break;
@@ -898,13 +972,15 @@ async fn e2e_backlog(env: &Env, n: usize, plugins: usize) -> anyhow::Result<Back
     }
     let total = t.elapsed();
     let end_mark = env.cpu.mark();
+    let end_threads = thread_ticks();
     running.stop().await?;
     let stored = stream_len(&env.nats_client, &stream).await;
     if stored != n as u64 {
         bail!("stream {stream} holds {stored} messages after stopping, expected {n}");
     }
     check_no_dead_letters(&env.nats_client, &stream).await?;
-    let (first_at, first_len, first_mark) = first.unwrap_or((t, 0, end_mark));
+    let (first_at, first_len, first_mark, first_threads) =
+        first.unwrap_or((t, 0, end_mark, end_threads.clone()));
     let steady = t + total - first_at;
     Ok(Backlog {
         total,
@@ -912,6 +988,8 @@ async fn e2e_backlog(env: &Env, n: usize, plugins: usize) -> anyhow::Result<Back
         steady_rate: (n as u64 - first_len) as f64 / steady.as_secs_f64().max(1e-9),
         total_rate: rate(n, total),
         cpu: env.cpu.since(first_mark, end_mark),
+        threads: thread_cores(&first_threads, &end_threads, end_mark.at - first_mark.at),
+        longest_stall,
     })
 }
 
@@ -1073,7 +1151,7 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
 
     const CPU_HEADER: &str = "CPU cores: bench / mongod / nats = total";
     eprintln!("1. raw change-stream read ({n} events)…");
-    let (read_rate, insert_rate, read_cpu) = raw_read(&env, n).await?;
+    let (read_rate, insert_rate, read_cpu, read_gaps) = raw_read(&env, n).await?;
     let mut raw = Table::new(
         &format!("1–2. Raw rates, no tidegate (N = {n})"),
         &["what", "events/s", CPU_HEADER],
@@ -1124,6 +1202,7 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
          /proc/<pid>/stat ÷ wall time); the machine has {} cores.",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     ));
+    raw.note(read_gaps);
     let lower = read_rate.min(async_rate);
 
     let mut backlog = Table::new(
@@ -1135,9 +1214,11 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
             "events/s (after first msg)",
             "events/s (incl. startup)",
             "vs. min(raw read, raw publish)",
+            "longest stall ms",
             CPU_HEADER,
         ],
     );
+    let mut thread_notes = Vec::new();
     for (plugins, label) in [
         (0, "0"),
         (1, "1 (op-filter)"),
@@ -1145,6 +1226,7 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
     ] {
         eprintln!("3. end to end backlog, {plugins} plugin(s)…");
         let b = e2e_backlog(&env, n, plugins).await?;
+        thread_notes.push(format!("{label}: {}", b.threads));
         backlog.row(vec![
             label.into(),
             fmt_secs(b.total),
@@ -1152,15 +1234,22 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
             fmt_rate(b.steady_rate),
             fmt_rate(b.total_rate),
             format!("{:.0}%", 100.0 * b.steady_rate / lower),
+            format!("{:.0}", b.longest_stall.as_secs_f64() * 1e3),
             b.cpu,
         ]);
     }
     backlog.note(format!(
         "min(raw read, raw async publish) = {} events/s. \"startup\" is from tidegate::run until the \
          first message is seen in the stream (connect, compile plugins, open the change stream); \
-         the rate and the CPU figures after the first message exclude it. \"bench\" is the process \
+         the rate and the CPU figures after the first message exclude it. \"longest stall\" is the \
+         longest interval (10 ms polling) in which the stream did not grow after publishing began. \"bench\" is the process \
          tidegate runs in (plus the bench's 10 ms stream-length polling).",
         fmt_rate(lower)
+    ));
+    backlog.note(format!(
+        "Cores used per thread of the bench process over the same interval (thread names cut to \
+         15 characters by Linux): {}.",
+        thread_notes.join("; ")
     ));
 
     let mut latency = Table::new(
