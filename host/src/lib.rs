@@ -123,13 +123,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // merely not up yet.
     let mut waited = 0;
     while nats.connection_state() != async_nats::connection::State::Connected {
-        if waited % 50 == 10 {
+        if waited % 500 == 100 {
             tracing::warn!(url = %redact_url(&config.nats.url), "waiting for NATS");
         }
         waited += 1;
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
         }
     }
 

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::Context;
 use async_nats::HeaderMap;
+use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::CheckpointStore;
@@ -28,6 +29,9 @@ use crate::plugin::{CallError, Chain, Verdict};
 use crate::sink::{self, Message, Position, Publisher, Unit};
 use crate::source::{self, SourceItem};
 use crate::telemetry::PipelineStats;
+
+/// Events read ahead of the plugin chain: a few change-stream batches (see `source`).
+const SOURCE_QUEUE: usize = 4096;
 
 /// NATS's default `max_payload`, assumed if the server did not say.
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
@@ -61,7 +65,7 @@ pub async fn run(
     }
 
     let stats = Arc::new(PipelineStats::default());
-    let (event_tx, event_rx) = mpsc::channel::<SourceItem>(1024);
+    let (event_tx, event_rx) = mpsc::channel::<SourceItem>(SOURCE_QUEUE);
     let (unit_tx, mut unit_rx) = mpsc::channel::<Unit>(pipeline.sink.max_in_flight.max(16));
 
     let (source_stop_tx, source_stop_rx) = watch::channel(false);
@@ -101,10 +105,32 @@ pub async fn run(
                 let _ = source_stop_tx.send(true);
             }
             unit = unit_rx.recv(), if inputs_open && publisher.has_room() => match unit {
-                Some(unit) => publisher.push(unit).await,
+                Some(unit) => {
+                    publisher.push(unit).await;
+                    // Take whatever else is ready without another turn of the select loop.
+                    while publisher.has_room() {
+                        match unit_rx.try_recv() {
+                            Ok(unit) => publisher.push(unit).await,
+                            Err(mpsc::error::TryRecvError::Empty) => break,
+                            Err(mpsc::error::TryRecvError::Disconnected) => {
+                                inputs_open = false;
+                                break;
+                            }
+                        }
+                    }
+                }
                 None => inputs_open = false,
             },
-            result = publisher.next_ack(), if !publisher.is_idle() => publisher.handle_ack(result).await,
+            result = publisher.next_ack(), if !publisher.is_idle() => {
+                publisher.handle_ack(result).await;
+                // Settle acknowledgements that have already arrived, likewise.
+                while !publisher.is_idle() {
+                    match publisher.next_ack().now_or_never() {
+                        Some(result) => publisher.handle_ack(result).await,
+                        None => break,
+                    }
+                }
+            }
             _ = checkpoint_timer.tick() => {
                 save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
             }
@@ -228,7 +254,8 @@ impl Framer {
         }
         let mut messages = Vec::with_capacity(outputs.len());
         for (index, output) in outputs.into_iter().enumerate() {
-            let payload = match encode::payload(&output.change, self.encoding) {
+            let change = output.change.as_ref().unwrap_or(change);
+            let payload = match encode::payload(change, self.encoding) {
                 Ok(payload) if payload.len() + 1024 <= self.max_payload => payload,
                 Ok(payload) => {
                     let err = CallError {
@@ -257,9 +284,10 @@ impl Framer {
                     };
                 }
             };
-            let subject = output
-                .subject
-                .unwrap_or_else(|| encode::subject(&self.template, &self.prefix, &output.change));
+            let subject = match output.subject {
+                Some(subject) => subject,
+                None => encode::subject(&self.template, &self.prefix, change),
+            };
             let mut headers = self.headers();
             for (name, value) in output.headers {
                 headers.append(name.as_str(), value.as_str());

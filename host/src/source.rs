@@ -62,6 +62,11 @@ const FATAL_CODES: &[(i32, &str)] = &[
     (18, "authentication failed"),
 ];
 
+/// Events per getMore. Well under the pipeline's source queue, so that the next batch is
+/// fetched while the plugin and publish stages still have the previous one to work on (the
+/// server's default, up to 16 MB, made them idle through every long getMore).
+const BATCH_SIZE: u32 = 1000;
+
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -240,6 +245,7 @@ async fn open(
         .resume_after(resume_after)
         .start_after(start_after)
         .max_await_time(Duration::from_millis(500))
+        .batch_size(BATCH_SIZE)
         .build();
     match (&pipeline.database, pipeline.collections.as_slice()) {
         (None, _) => client.watch().with_options(options).await,

@@ -12,11 +12,7 @@ use bson::{Bson, Document};
 use super::bindings::wit;
 use crate::event::{Change, Namespace, Operation, UpdateDescription};
 
-/// A BSON document as relaxed Extended JSON bytes.
-pub fn document_json(doc: &Document) -> Vec<u8> {
-    // Serialising a serde_json::Value cannot fail (string keys only).
-    serde_json::to_vec(&Bson::Document(doc.clone()).into_relaxed_extjson()).unwrap_or_default()
-}
+use crate::encode::relaxed_json as document_json;
 
 /// Parses relaxed (or canonical) Extended JSON bytes back into a BSON document.
 pub fn json_document(field: &str, bytes: &[u8]) -> Result<Document, String> {

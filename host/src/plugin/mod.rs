@@ -224,39 +224,30 @@ impl Plugin {
         }
     }
 
-    /// Runs the plugin on one event. Filters return the event or nothing; transforms return
-    /// their outputs. After a trap the instance is discarded (its memory may be
-    /// half-updated) and the next call gets a fresh one.
-    pub fn call(&mut self, event: &wit::ChangeEvent) -> Result<Vec<wit::Output>, CallError> {
+    /// Runs the plugin on one event. After a trap the instance is discarded (its memory may
+    /// be half-updated) and the next call gets a fresh one.
+    pub fn call(&mut self, event: &wit::ChangeEvent) -> Result<Decision, CallError> {
         let (mut store, instance) = match self.live.take() {
             Some(live) => live,
             None => self.instantiate()?,
         };
         sandbox::arm(&mut store, &self.limits).map_err(|m| self.error("trap", m))?;
         let result = match &instance {
-            Instance::Filter(f) => f.call_filter(&mut store, event).map(|r| {
-                r.map(|keep| {
-                    if keep {
-                        vec![wit::Output {
-                            event: event.clone(),
-                            subject: None,
-                            headers: Vec::new(),
-                        }]
-                    } else {
-                        Vec::new()
-                    }
-                })
-            }),
-            Instance::Transform(t) => t.call_transform(&mut store, event),
+            Instance::Filter(f) => f
+                .call_filter(&mut store, event)
+                .map(|r| r.map(|keep| if keep { Decision::Keep } else { Decision::Drop })),
+            Instance::Transform(t) => t
+                .call_transform(&mut store, event)
+                .map(|r| r.map(Decision::Replace)),
         };
         let dropped = store.data_mut().take_dropped_log_lines();
         if dropped > 0 {
             tracing::warn!(plugin = %self.name, dropped, "plugin log lines over the per-call cap were dropped");
         }
         match result {
-            Ok(Ok(outputs)) => {
+            Ok(Ok(decision)) => {
                 self.live = Some((store, instance));
-                Ok(outputs)
+                Ok(decision)
             }
             Ok(Err(err)) => {
                 self.live = Some((store, instance));
@@ -271,6 +262,17 @@ impl Plugin {
     }
 }
 
+/// What one plugin made of one event.
+#[derive(Debug)]
+pub enum Decision {
+    /// A filter kept the event as it was.
+    Keep,
+    /// A filter dropped it.
+    Drop,
+    /// A transform replaced it with these outputs (none: dropped).
+    Replace(Vec<wit::Output>),
+}
+
 fn plugin_error_text(err: &wit::PluginError) -> String {
     match err {
         wit::PluginError::InvalidEvent(m) => format!("invalid-event: {m}"),
@@ -282,8 +284,9 @@ fn plugin_error_text(err: &wit::PluginError) -> String {
 /// One message the chain wants published.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Output {
-    /// The (possibly transformed) change.
-    pub change: Change,
+    /// The transformed change, or `None` for the original event, untouched (no plugin, or
+    /// only filters): publishing it then needs no conversion at all.
+    pub change: Option<Change>,
     /// Subject chosen by a plugin, if any.
     pub subject: Option<String>,
     /// Extra headers chosen by plugins.
@@ -333,44 +336,56 @@ impl Chain {
 
     /// Runs the chain over one change.
     pub fn run(&mut self, change: &Change) -> Verdict {
-        if self.plugins.is_empty() {
-            return Verdict::Publish(vec![Output {
-                change: change.clone(),
-                subject: None,
-                headers: Vec::new(),
-            }]);
-        }
-        let sent = convert::to_wit(change);
-        let mut current = vec![wit::Output {
-            event: sent.clone(),
-            subject: None,
-            headers: Vec::new(),
-        }];
+        // The contract's form of the original, converted only if some plugin needs it.
+        let mut sent: Option<wit::ChangeEvent> = None;
+        // What flows down the chain; `None` is the original event, untouched so far.
+        let mut current: Vec<Option<wit::Output>> = vec![None];
         for plugin in &mut self.plugins {
             let mut next = Vec::with_capacity(current.len());
             for item in current {
-                let outputs = match plugin.call(&item.event) {
-                    Ok(outputs) => outputs,
+                let input = match &item {
+                    Some(output) => &output.event,
+                    None => &*sent.get_or_insert_with(|| convert::to_wit(change)),
+                };
+                let outputs = match plugin.call(input) {
+                    Ok(Decision::Keep) => {
+                        next.push(item);
+                        continue;
+                    }
+                    Ok(Decision::Drop) => continue,
+                    Ok(Decision::Replace(outputs)) => outputs,
                     Err(err) => return Verdict::DeadLetter(err),
                 };
                 for mut out in outputs {
-                    if let Err(message) = check_output(&out, &item.event, &self.subject_prefix) {
+                    if let Err(message) = check_output(&out, input, &self.subject_prefix) {
                         return Verdict::DeadLetter(plugin.error("invalid-output", message));
                     }
-                    out.subject = out.subject.or_else(|| item.subject.clone());
-                    let mut headers = item.headers.clone();
-                    headers.append(&mut out.headers);
-                    out.headers = headers;
-                    next.push(out);
+                    if let Some(earlier) = &item {
+                        out.subject = out.subject.or_else(|| earlier.subject.clone());
+                        let mut headers = earlier.headers.clone();
+                        headers.append(&mut out.headers);
+                        out.headers = headers;
+                    }
+                    next.push(Some(out));
                 }
             }
             current = next;
         }
         let mut outputs = Vec::with_capacity(current.len());
-        for out in current {
-            match convert::from_wit(out.event, &sent, change) {
+        for item in current {
+            let Some(out) = item else {
+                outputs.push(Output {
+                    change: None,
+                    subject: None,
+                    headers: Vec::new(),
+                });
+                continue;
+            };
+            // A transformed item exists only if the original was converted for a plugin.
+            let Some(sent) = &sent else { continue };
+            match convert::from_wit(out.event, sent, change) {
                 Ok(changed) => outputs.push(Output {
-                    change: changed,
+                    change: Some(changed),
                     subject: out.subject,
                     headers: out.headers.into_iter().map(|h| (h.name, h.value)).collect(),
                 }),
