@@ -157,7 +157,12 @@ pub async fn run(
     save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
     stats.log(&id, publisher.stats());
     if let Err(panic) = chain_thread.join() {
-        tracing::error!(pipeline = %id, "plugin thread panicked: {panic:?}");
+        // Everything it had handed over was published and checkpointed above; what it held
+        // is replayed on restart. Stop rather than carry on without a chain.
+        outcome = Err(Error::Sink {
+            pipeline: id.clone(),
+            message: format!("plugin thread panicked (a tidegate bug): {panic:?}"),
+        });
     }
     if let Some(task) = source_task {
         task.abort();
