@@ -166,3 +166,84 @@ async fn stream_not_covering_subjects_is_refused() -> anyhow::Result<()> {
     assert!(log.contains("do not cover 'cdc.>'"), "{log}");
     Ok(())
 }
+
+/// Builds a component from an inline WIT world and a WAT core module with `wasm-tools`.
+fn component(dir: &Path, name: &str, wit: &str, world: &str, wat: &str) -> std::path::PathBuf {
+    let tools = tidegate_testkit::wasm_tools_path().expect("wasm-tools installed");
+    std::fs::write(dir.join(format!("{name}.wit")), wit).expect("write wit");
+    std::fs::write(dir.join(format!("{name}.wat")), wat).expect("write wat");
+    let core = dir.join(format!("{name}.core.wasm"));
+    let out = dir.join(format!("{name}.wasm"));
+    let run = |args: &[&std::ffi::OsStr]| {
+        let status = Command::new(&tools)
+            .args(args)
+            .status()
+            .expect("run wasm-tools");
+        assert!(status.success(), "wasm-tools {args:?}");
+    };
+    run(&[
+        "component".as_ref(),
+        "embed".as_ref(),
+        "--world".as_ref(),
+        world.as_ref(),
+        dir.join(format!("{name}.wit")).as_os_str(),
+        dir.join(format!("{name}.wat")).as_os_str(),
+        "-o".as_ref(),
+        core.as_os_str(),
+    ]);
+    run(&[
+        "component".as_ref(),
+        "new".as_ref(),
+        core.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ]);
+    out
+}
+
+/// Real components that are wrong in the two ways that matter: one exports a `filter` of
+/// another shape (built for a different contract), one imports a capability tidegate does not
+/// grant. Both are refused at start, naming the plugin and the problem.
+#[test]
+fn wrong_world_and_ungranted_import_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wrong_shape = component(
+        dir.path(),
+        "shape",
+        "package test:shape;\nworld shape { export filter: func(x: u32) -> bool; }\n",
+        "shape",
+        r#"(module (func (export "filter") (param i32) (result i32) i32.const 1))"#,
+    );
+    let wants_network = component(
+        dir.path(),
+        "net",
+        "package test:net;\ninterface socket { connect: func(); }\n\
+         world net { import socket; export filter: func(x: u32) -> bool; }\n",
+        "net",
+        r#"(module (import "test:net/socket" "connect" (func))
+                   (func (export "filter") (param i32) (result i32) i32.const 1))"#,
+    );
+    let check = |file: &Path| {
+        let plugins = format!(
+            "[[pipeline.plugins]]\nname = \"bad\"\nfile = \"{}\"\n",
+            file.display()
+        );
+        let path = dir.path().join("tidegate.toml");
+        std::fs::write(&path, offline_config(dir.path(), &plugins)).expect("write");
+        let out = tidegate(&["check"], &path);
+        (out.status.code(), stderr(&out))
+    };
+    let (code, err) = check(&wrong_shape);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("plugin 'bad'") && err.contains("does not match the `filter` world"),
+        "{err}"
+    );
+    let (code, err) = check(&wants_network);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("imports something tidegate does not grant"),
+        "{err}"
+    );
+    assert!(err.contains("test:net/socket"), "{err}");
+}

@@ -57,3 +57,9 @@ pub fn mongod_path() -> anyhow::Result<PathBuf> {
 pub fn nats_server_path() -> anyhow::Result<PathBuf> {
     locate("TIDEGATE_NATS_SERVER", "NATS_SERVER")
 }
+
+/// Path of the `wasm-tools` binary: `$TIDEGATE_WASM_TOOLS`, else what
+/// `scripts/install-deps.sh` installs. Tests use it to build deliberately wrong components.
+pub fn wasm_tools_path() -> anyhow::Result<PathBuf> {
+    locate("TIDEGATE_WASM_TOOLS", "WASM_TOOLS")
+}

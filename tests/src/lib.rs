@@ -29,7 +29,7 @@ mod process;
 mod server;
 mod stream;
 
-pub use bins::{mongod_path, nats_server_path};
+pub use bins::{mongod_path, nats_server_path, wasm_tools_path};
 pub use mongo::MongoReplicaSet;
 pub use nats::NatsServer;
 pub use plugins::plugin_dir;
