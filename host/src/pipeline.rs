@@ -1,17 +1,19 @@
 //! One pipeline, wired: source → plugin chain → sink, with the checkpoint beside the sink.
 //!
 //! ```text
-//!  source task ──(SourceItem)──▶ chain thread ──(Unit)──▶ sink task ──▶ JetStream
-//!  (async, driver)              (sync, wasmtime)          (async)    └─▶ checkpoint
+//!  source task ──(events)──▶ chain thread ──(units)──▶ sink task ──▶ JetStream
+//!  (async, driver)           (sync, wasmtime)          (async)    └─▶ checkpoint
 //! ```
-//! The chain runs on its own OS thread because plugin calls are synchronous CPU work; the
-//! bounded channels between the stages are the backpressure: when JetStream slows down or
+//! The chain runs on its own OS thread because plugin calls are synchronous CPU work. Stages
+//! hand work over in batches (one wake-up per batch, not per event), and the bounded channels
+//! between them are the backpressure: when JetStream slows down or
 //! is away, the sink stops taking units, the chain stops taking events, and the source stops
 //! reading the change stream. Nothing is dropped; the position simply stops advancing.
 //!
 //! Shutdown: the source stops reading, the chain finishes what it has, the sink publishes
 //! and settles every unit it was given, and the final position is checkpointed.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,8 +32,12 @@ use crate::sink::{self, Message, Position, Publisher, Unit};
 use crate::source::{self, SourceItem};
 use crate::telemetry::PipelineStats;
 
-/// Events read ahead of the plugin chain: a few change-stream batches (see `source`).
-const SOURCE_QUEUE: usize = 4096;
+/// Batches (of up to `source::HANDOFF_BATCH` events) read ahead of the plugin chain: several
+/// change-stream batches, so the next getMore overlaps plugin and publish work.
+const SOURCE_QUEUE_BATCHES: usize = 16;
+
+/// Batches of units framed ahead of the publisher.
+const UNIT_QUEUE_BATCHES: usize = 4;
 
 /// NATS's default `max_payload`, assumed if the server did not say.
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
@@ -65,8 +71,8 @@ pub async fn run(
     }
 
     let stats = Arc::new(PipelineStats::default());
-    let (event_tx, event_rx) = mpsc::channel::<SourceItem>(SOURCE_QUEUE);
-    let (unit_tx, mut unit_rx) = mpsc::channel::<Unit>(pipeline.sink.max_in_flight.max(16));
+    let (event_tx, event_rx) = mpsc::channel::<Vec<SourceItem>>(SOURCE_QUEUE_BATCHES);
+    let (unit_tx, mut unit_rx) = mpsc::channel::<Vec<Unit>>(UNIT_QUEUE_BATCHES);
 
     let (source_stop_tx, source_stop_rx) = watch::channel(false);
     let source_task = tokio::spawn(source::run(
@@ -97,33 +103,32 @@ pub async fn run(
     let mut source_task = Some(source_task);
     let mut outcome: Result<(), Error> = Ok(());
     let mut inputs_open = true;
+    // Units received but not yet published, waiting for room in the window.
+    let mut backlog: VecDeque<Unit> = VecDeque::new();
 
-    while inputs_open || !publisher.is_idle() {
+    loop {
+        while publisher.has_room() {
+            let Some(unit) = backlog.pop_front() else {
+                break;
+            };
+            publisher.push(unit).await;
+        }
+        if !inputs_open && backlog.is_empty() && publisher.is_idle() {
+            break;
+        }
         tokio::select! {
             _ = shutdown.changed(), if !*source_stop_tx.borrow() => {
                 tracing::info!(pipeline = %id, "stopping: draining in-flight messages");
                 let _ = source_stop_tx.send(true);
             }
-            unit = unit_rx.recv(), if inputs_open && publisher.has_room() => match unit {
-                Some(unit) => {
-                    publisher.push(unit).await;
-                    // Take whatever else is ready without another turn of the select loop.
-                    while publisher.has_room() {
-                        match unit_rx.try_recv() {
-                            Ok(unit) => publisher.push(unit).await,
-                            Err(mpsc::error::TryRecvError::Empty) => break,
-                            Err(mpsc::error::TryRecvError::Disconnected) => {
-                                inputs_open = false;
-                                break;
-                            }
-                        }
-                    }
-                }
+            units = unit_rx.recv(), if inputs_open && backlog.is_empty() => match units {
+                Some(units) => backlog.extend(units),
                 None => inputs_open = false,
             },
             result = publisher.next_ack(), if !publisher.is_idle() => {
                 publisher.handle_ack(result).await;
-                // Settle acknowledgements that have already arrived, likewise.
+                // Settle acknowledgements that have already arrived without another turn of
+                // the loop.
                 while !publisher.is_idle() {
                     match publisher.next_ack().now_or_never() {
                         Some(result) => publisher.handle_ack(result).await,
@@ -188,27 +193,31 @@ async fn save_if_moved(
     }
 }
 
-/// The plugin thread: runs each event through the chain and frames the result as messages.
+/// The plugin thread: runs each event through the chain and frames the result as messages,
+/// a batch at a time.
 fn run_chain(
     mut chain: Chain,
     framer: Framer,
-    mut events: mpsc::Receiver<SourceItem>,
-    units: mpsc::Sender<Unit>,
+    mut events: mpsc::Receiver<Vec<SourceItem>>,
+    units: mpsc::Sender<Vec<Unit>>,
     stats: &PipelineStats,
 ) {
-    while let Some(item) = events.blocking_recv() {
-        let unit = match item {
-            SourceItem::Heartbeat(token) => Unit {
-                messages: Vec::new(),
-                token,
-            },
-            SourceItem::Event(event) => {
-                stats.read();
-                let verdict = chain.run(&event.change);
-                framer.frame(&event, verdict, stats)
-            }
-        };
-        if units.blocking_send(unit).is_err() {
+    while let Some(batch) = events.blocking_recv() {
+        let framed = batch
+            .into_iter()
+            .map(|item| match item {
+                SourceItem::Heartbeat(token) => Unit {
+                    messages: Vec::new(),
+                    token,
+                },
+                SourceItem::Event(event) => {
+                    stats.read();
+                    let verdict = chain.run(&event.change);
+                    framer.frame(&event, verdict, stats)
+                }
+            })
+            .collect();
+        if units.blocking_send(framed).is_err() {
             return;
         }
     }

@@ -8,6 +8,7 @@
 //! backoff. Failures no resume can fix (history lost from the oplog, an invalid token, a
 //! server that is not a replica set, auth) stop the pipeline with the server's own words.
 
+use std::task::Poll;
 use std::time::Duration;
 
 use bson::{doc, Document};
@@ -67,6 +68,9 @@ const FATAL_CODES: &[(i32, &str)] = &[
 /// server's default, up to 16 MB, made them idle through every long getMore).
 const BATCH_SIZE: u32 = 1000;
 
+/// Most events handed downstream at once (see [`run`]).
+pub const HANDOFF_BATCH: usize = 256;
+
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -79,18 +83,33 @@ fn error_code(err: &mongodb::error::Error) -> Option<i32> {
 
 /// Reads the pipeline's change stream until `shutdown` turns true or a fatal error occurs.
 /// `start` is the checkpointed token to resume after (none: start from now).
+///
+/// Events go downstream in batches: everything the driver already holds (up to
+/// [`HANDOFF_BATCH`]) is handed over at once, and a batch is sent as soon as the next event
+/// would need a round trip to the server. One hand-off per batch instead of per event keeps
+/// the plugin thread from being woken for every single event.
 pub async fn run(
     client: mongodb::Client,
     pipeline: PipelineConfig,
     start: Option<ResumeToken>,
-    events: mpsc::Sender<SourceItem>,
+    events: mpsc::Sender<Vec<SourceItem>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let mut start = start.map(OpenAt::ResumeAfter).unwrap_or(OpenAt::Now);
     let mut backoff = MIN_BACKOFF;
     let mut last_heartbeat: Option<ResumeToken> = None;
+    let mut batch: Vec<SourceItem> = Vec::with_capacity(HANDOFF_BATCH);
+    // Sends the batch; false when downstream is gone (shutting down).
+    async fn hand_off(events: &mpsc::Sender<Vec<SourceItem>>, batch: &mut Vec<SourceItem>) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        let full = std::mem::replace(batch, Vec::with_capacity(HANDOFF_BATCH));
+        events.send(full).await.is_ok()
+    }
     'reopen: loop {
-        if *shutdown.borrow() {
+        // `start` has moved past everything read so far: hand it over before reopening.
+        if !hand_off(&events, &mut batch).await || *shutdown.borrow() {
             return Ok(());
         }
         let mut stream = match open(&client, &pipeline, &start).await {
@@ -105,10 +124,26 @@ pub async fn run(
         };
         tracing::info!(pipeline = %pipeline.id, start = ?start_label(&start), "change stream open");
         loop {
-            let next = tokio::select! {
-                biased;
-                _ = shutdown.changed() => return Ok(()),
-                next = stream.next_if_any() => next,
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            let next = {
+                let next = stream.next_if_any();
+                tokio::pin!(next);
+                match futures::poll!(&mut next) {
+                    Poll::Ready(next) => next,
+                    Poll::Pending => {
+                        // The next event needs a round trip: hand over what we have first.
+                        if !hand_off(&events, &mut batch).await {
+                            return Ok(());
+                        }
+                        tokio::select! {
+                            biased;
+                            _ = shutdown.changed() => return Ok(()),
+                            next = &mut next => next,
+                        }
+                    }
+                }
             };
             match next {
                 Ok(Some(event)) => {
@@ -124,16 +159,13 @@ pub async fn run(
                     } else {
                         OpenAt::ResumeAfter(event.token.clone())
                     };
-                    if events
-                        .send(SourceItem::Event(Box::new(event)))
-                        .await
-                        .is_err()
-                    {
-                        return Ok(());
-                    }
+                    batch.push(SourceItem::Event(Box::new(event)));
                     if invalidated {
                         tracing::warn!(pipeline = %pipeline.id, "change stream invalidated (watched namespace dropped or renamed); continuing after it");
                         continue 'reopen;
+                    }
+                    if batch.len() >= HANDOFF_BATCH && !hand_off(&events, &mut batch).await {
+                        return Ok(());
                     }
                 }
                 Ok(None) => {
@@ -147,13 +179,17 @@ pub async fn run(
                             if !matches!(start, OpenAt::StartAfter(_)) {
                                 start = OpenAt::ResumeAfter(token.clone());
                             }
-                            if events.send(SourceItem::Heartbeat(token)).await.is_err() {
+                            batch.push(SourceItem::Heartbeat(token));
+                            if !hand_off(&events, &mut batch).await {
                                 return Ok(());
                             }
                         }
                     }
                 }
                 Err(err) => {
+                    if !hand_off(&events, &mut batch).await {
+                        return Ok(());
+                    }
                     let what = "change stream failed; resuming after the last event read";
                     if retry_later(&pipeline.id, what, err, &mut backoff, &mut shutdown).await? {
                         return Ok(());
