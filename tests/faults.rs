@@ -5,6 +5,8 @@
 mod support;
 
 use std::collections::HashSet;
+
+use anyhow::Context as _;
 use std::time::Duration;
 
 use async_nats::jetstream::message::StreamMessage;
@@ -340,5 +342,70 @@ async fn publisher_skips_stored_messages_after_the_duplicate_window() -> anyhow:
         publisher.position().map(|p| p.last_msg_id.clone()),
         Some(Some(message(3).msg_id))
     );
+    Ok(())
+}
+
+/// The checkpoint has fallen out of a tiny oplog while tidegate was stopped: it refuses to
+/// start with an error that says so (ChangeStreamHistoryLost), instead of silently skipping
+/// the lost events or stalling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_lost_from_the_oplog_is_a_clear_error() -> anyhow::Result<()> {
+    let mongo = tidegate_testkit::MongoReplicaSet::start_with_oplog_mb(1).await?;
+    let mut h = Harness::start().await?;
+    h.mongo = mongo;
+    let path = h.write_config("tidegate.toml", &h.config("", ""))?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+    write_range(h.collection().await?, 0, 10, 10, Duration::ZERO).await?;
+    h.wait_settled(STREAM, 10, Duration::from_secs(20)).await?;
+    running.stop().await?;
+
+    // The newest oplog entry now: everything up to it has been published and checkpointed.
+    let oplog = h
+        .mongo
+        .client()
+        .await?
+        .database("local")
+        .collection::<bson::Document>("oplog.rs");
+    let newest = |first: bool| {
+        let oplog = oplog.clone();
+        async move {
+            let order = if first { 1 } else { -1 };
+            let entry = oplog
+                .find_one(doc! {})
+                .sort(doc! { "$natural": order })
+                .await?;
+            anyhow::Ok(entry.and_then(|e| e.get_timestamp("ts").ok()))
+        }
+    };
+    let stopped_at = newest(false).await?.context("oplog has entries")?;
+
+    // ~40 MB of changes through a 1 MB oplog while tidegate is down, until the server has
+    // truncated past the checkpoint (truncation is asynchronous).
+    let coll = h.collection().await?;
+    let blob = "y".repeat(100_000);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let docs: Vec<bson::Document> = (0..20).map(|i| doc! { "i": i, "blob": &blob }).collect();
+        coll.insert_many(docs).await?;
+        if newest(true)
+            .await?
+            .is_some_and(|oldest| oldest > stopped_at)
+        {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the 1 MB oplog was never truncated past the checkpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut tidegate = h.spawn_binary(&path)?;
+    let status = tidegate.wait_exit(Duration::from_secs(60)).await?;
+    let log = tidegate.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("no longer in the oplog"), "{log}");
+    assert!(log.contains("ChangeStreamHistoryLost"), "{log}");
     Ok(())
 }

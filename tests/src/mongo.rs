@@ -21,6 +21,9 @@ const EXIT_NET_ERROR: i32 = 48;
 /// `AlreadyInitialized`, returned by `replSetInitiate` on an initiated node.
 const ALREADY_INITIALIZED: i32 = 23;
 
+/// The oplog size of [`MongoReplicaSet::start`].
+const DEFAULT_OPLOG_MB: u32 = 128;
+
 /// A real `mongod` running as the single-node replica set `rs0` on a free loopback port, with its
 /// data in a temporary directory.
 ///
@@ -34,11 +37,13 @@ impl MongoReplicaSet {
     /// Starts `mongod` as a fresh single-node replica set with a 128 MB oplog, initiates it and
     /// waits (up to 30 s) until it is a writable primary.
     pub async fn start() -> anyhow::Result<Self> {
-        Self::start_with_oplog_mb(128).await
+        Self::start_with_oplog_mb(DEFAULT_OPLOG_MB).await
     }
 
     /// Like [`MongoReplicaSet::start`], with an oplog of `oplog_mb` megabytes (`--oplogSize`).
     /// A small oplog rolls over quickly, e.g. to test resuming from a token that has fallen off.
+    /// Below the default size, storage checkpoints every second (`--syncdelay 1`): the server
+    /// truncates the oplog only up to its last checkpoint, which otherwise comes once a minute.
     pub async fn start_with_oplog_mb(oplog_mb: u32) -> anyhow::Result<Self> {
         let mongod = mongod_path()?;
         start_fresh(|| {
@@ -124,6 +129,9 @@ impl MongoReplicaSet {
             .arg("--nounixsocket")
             .arg("--setParameter")
             .arg("diagnosticDataCollectionEnabled=false");
+        if self.oplog_mb < DEFAULT_OPLOG_MB {
+            cmd.arg("--syncdelay").arg("1");
+        }
         self.server.spawn(cmd)
     }
 
