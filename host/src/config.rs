@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::encode::SubjectTemplate;
 use crate::error::Error;
+use crate::event::Change;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -416,15 +418,17 @@ impl Config {
                     sink.subject_template
                 ));
             }
-            let probe = sink
-                .subject_template
-                .replace("{prefix}", &sink.subject_prefix)
-                .replace("{db}", "d")
-                .replace("{coll}", "c")
-                .replace("{operation}", "o");
-            if probe.contains('{') || probe.contains('}') || !is_valid_subject(&probe, false) {
+            let probe = SubjectTemplate::parse(&sink.subject_template, &sink.subject_prefix)
+                .map(|template| template.render(&Change::probe()))
+                .map_err(|err| {
+                    format!(
+                        "{}: {err} (placeholders: {{prefix}}, {{db}}, {{coll}}, {{operation}})",
+                        at("sink.subject_template")
+                    )
+                })?;
+            if !is_valid_subject(&probe, false) {
                 return Err(format!(
-                    "{}: '{}' is not a valid subject template (placeholders: {{prefix}}, {{db}}, {{coll}}, {{operation}})",
+                    "{}: '{}' does not make a valid NATS subject",
                     at("sink.subject_template"),
                     sink.subject_template
                 ));

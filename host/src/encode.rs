@@ -9,31 +9,88 @@ use bson::{doc, Bson, Document};
 use crate::config::Encoding;
 use crate::event::{Change, Namespace};
 
-/// Renders the subject template for a change. Characters that would split or wildcard a
-/// subject token (`.`, `*`, `>`, whitespace) in database or collection names become `_`.
-pub fn subject(template: &str, prefix: &str, change: &Change) -> String {
-    let coll = change.namespace.coll.as_deref().unwrap_or("_");
-    template
-        .replace("{prefix}", prefix)
-        .replace("{db}", &subject_token(&change.namespace.db))
-        .replace("{coll}", &subject_token(coll))
-        .replace("{operation}", &subject_token(change.operation.as_str()))
+/// A parsed subject template (`{prefix}.{db}.{coll}.{operation}`), rendered per event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectTemplate {
+    parts: Vec<Part>,
 }
 
-/// Makes `name` safe to use as one subject token.
-pub fn subject_token(name: &str) -> String {
-    if name.is_empty() {
-        return "_".to_string();
-    }
-    name.chars()
-        .map(|c| {
-            if c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control() {
-                '_'
-            } else {
-                c
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Db,
+    Coll,
+    Operation,
+}
+
+impl SubjectTemplate {
+    /// Parses `template`, substituting `prefix` for `{prefix}` once and for all. Placeholders:
+    /// `{prefix}`, `{db}`, `{coll}`, `{operation}`; anything else in braces is an error.
+    pub fn parse(template: &str, prefix: &str) -> Result<SubjectTemplate, String> {
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            literal.push_str(&rest[..open]);
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("unclosed '{{' in '{template}'"))?;
+            let part = match &rest[open + 1..open + close] {
+                "prefix" => {
+                    literal.push_str(prefix);
+                    None
+                }
+                "db" => Some(Part::Db),
+                "coll" => Some(Part::Coll),
+                "operation" => Some(Part::Operation),
+                other => return Err(format!("unknown placeholder '{{{other}}}' in '{template}'")),
+            };
+            if let Some(part) = part {
+                if !literal.is_empty() {
+                    parts.push(Part::Literal(std::mem::take(&mut literal)));
+                }
+                parts.push(part);
             }
-        })
-        .collect()
+            rest = &rest[open + close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("unmatched '}}' in '{template}'"));
+        }
+        literal.push_str(rest);
+        if !literal.is_empty() {
+            parts.push(Part::Literal(literal));
+        }
+        Ok(SubjectTemplate { parts })
+    }
+
+    /// The subject of `change`. Characters that would split or wildcard a subject token (`.`,
+    /// `*`, `>`, whitespace) in database or collection names become `_`.
+    pub fn render(&self, change: &Change) -> String {
+        let mut out = String::with_capacity(64);
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => out.push_str(text),
+                Part::Db => push_token(&mut out, &change.namespace.db),
+                Part::Coll => push_token(&mut out, change.namespace.coll.as_deref().unwrap_or("")),
+                Part::Operation => push_token(&mut out, change.operation.as_str()),
+            }
+        }
+        out
+    }
+}
+
+fn push_token(out: &mut String, name: &str) {
+    if name.is_empty() {
+        out.push('_');
+        return;
+    }
+    out.extend(name.chars().map(|c| {
+        if c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control() {
+            '_'
+        } else {
+            c
+        }
+    }));
 }
 
 /// The change as one BSON document in the change stream's field names.
@@ -319,8 +376,25 @@ mod tests {
     /// Dots in collection names must not create extra subject tokens.
     #[test]
     fn subject_escapes_dots() {
-        let s = subject("{prefix}.{db}.{coll}.{operation}", "cdc", &change());
-        assert_eq!(s, "cdc.shop.orders_v2.insert");
+        let template = SubjectTemplate::parse("{prefix}.{db}.{coll}.{operation}", "cdc").unwrap();
+        assert_eq!(template.render(&change()), "cdc.shop.orders_v2.insert");
+        let mut db_wide = change();
+        db_wide.namespace.coll = None;
+        assert_eq!(template.render(&db_wide), "cdc.shop._.insert");
+    }
+
+    /// Unknown or unbalanced placeholders are errors naming the template.
+    #[test]
+    fn bad_templates_are_refused() {
+        assert!(SubjectTemplate::parse("{prefix}.{nope}", "p")
+            .unwrap_err()
+            .contains("{nope}"));
+        assert!(SubjectTemplate::parse("{prefix}.{db", "p")
+            .unwrap_err()
+            .contains("unclosed"));
+        assert!(SubjectTemplate::parse("{prefix}.db}", "p")
+            .unwrap_err()
+            .contains("unmatched"));
     }
 
     /// Canonical JSON keeps int64 distinct from int32; relaxed JSON does not.

@@ -120,6 +120,29 @@ pub struct Change {
     pub txn_number: Option<i64>,
 }
 
+impl Change {
+    /// A stand-in change, for checking what a subject template renders to.
+    pub fn probe() -> Change {
+        Change {
+            id: "probe".into(),
+            operation: Operation::Insert,
+            namespace: Namespace {
+                db: "db".into(),
+                coll: Some("coll".into()),
+            },
+            to: None,
+            document_key: None,
+            full_document: None,
+            full_document_before_change: None,
+            update_description: None,
+            cluster_time: None,
+            wall_time: None,
+            lsid: None,
+            txn_number: None,
+        }
+    }
+}
+
 /// A change as read from the stream, with the token to resume after it.
 #[derive(Debug, Clone)]
 pub struct SourceEvent {

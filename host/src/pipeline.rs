@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::{Encoding, PipelineConfig};
-use crate::encode;
+use crate::encode::{self, SubjectTemplate};
 use crate::error::Error;
 use crate::event::SourceEvent;
 use crate::plugin::{CallError, Chain, Verdict};
@@ -83,7 +83,7 @@ pub async fn run(
         source_stop_rx,
     ));
 
-    let framer = Framer::new(&pipeline, max_payload);
+    let framer = Framer::new(&pipeline, max_payload)?;
     let chain_stats = stats.clone();
     let chain_thread = std::thread::Builder::new()
         .name(format!("tidegate-chain-{id}"))
@@ -100,7 +100,6 @@ pub async fn run(
     let summary_every = Duration::from_secs(30);
     let mut summary_timer =
         tokio::time::interval_at(tokio::time::Instant::now() + summary_every, summary_every);
-    let mut source_task = Some(source_task);
     let mut outcome: Result<(), Error> = Ok(());
     let mut inputs_open = true;
     // Units received but not yet published, waiting for room in the window.
@@ -140,23 +139,6 @@ pub async fn run(
                 save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
             }
             _ = summary_timer.tick() => stats.log(&id, publisher.stats()),
-            result = async {
-                match source_task.as_mut() {
-                    Some(task) => task.await,
-                    None => std::future::pending().await,
-                }
-            }, if source_task.is_some() => {
-                source_task = None;
-                let result = result.unwrap_or_else(|err| Err(Error::Source {
-                    pipeline: id.clone(),
-                    message: format!("source task failed: {err}"),
-                }));
-                if let Err(err) = result {
-                    // Publish and checkpoint what was already read, then report.
-                    outcome = Err(err);
-                    let _ = source_stop_tx.send(true);
-                }
-            }
         }
     }
     save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
@@ -169,11 +151,16 @@ pub async fn run(
             message: format!("plugin thread panicked (a tidegate bug): {panic:?}"),
         });
     }
-    if let Some(task) = source_task {
-        task.abort();
-    }
+    // The loop ends once the chain's input closed, i.e. once the source task returned: by
+    // shutdown, or with a fatal error that everything read before it was published ahead of.
+    let source_result = source_task.await.unwrap_or_else(|err| {
+        Err(Error::Source {
+            pipeline: id.clone(),
+            message: format!("source task failed: {err}"),
+        })
+    });
     tracing::info!(pipeline = %id, "stopped");
-    outcome
+    outcome.and(source_result)
 }
 
 async fn save_if_moved(
@@ -226,30 +213,39 @@ fn run_chain(
 /// Turns chain verdicts into NATS messages: subjects, ids, headers, payloads.
 struct Framer {
     pipeline: String,
-    prefix: String,
-    template: String,
+    subjects: SubjectTemplate,
     dead_letter_subject: String,
     encoding: Encoding,
     max_payload: usize,
+    /// The headers every message starts with, built once.
+    common_headers: HeaderMap,
 }
 
 impl Framer {
-    fn new(pipeline: &PipelineConfig, max_payload: usize) -> Framer {
-        Framer {
+    fn new(pipeline: &PipelineConfig, max_payload: usize) -> Result<Framer, Error> {
+        let subjects = SubjectTemplate::parse(
+            &pipeline.sink.subject_template,
+            &pipeline.sink.subject_prefix,
+        )
+        .map_err(|message| Error::Sink {
             pipeline: pipeline.id.clone(),
-            prefix: pipeline.sink.subject_prefix.clone(),
-            template: pipeline.sink.subject_template.clone(),
+            message,
+        })?;
+        let mut common_headers = HeaderMap::new();
+        common_headers.insert("Content-Type", pipeline.sink.encoding.content_type());
+        common_headers.insert("Tidegate-Pipeline", pipeline.id.as_str());
+        Ok(Framer {
+            pipeline: pipeline.id.clone(),
+            subjects,
             dead_letter_subject: pipeline.dead_letter_subject(),
             encoding: pipeline.sink.encoding,
             max_payload,
-        }
+            common_headers,
+        })
     }
 
     fn headers(&self) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        headers.insert("Content-Type", self.encoding.content_type());
-        headers.insert("Tidegate-Pipeline", self.pipeline.as_str());
-        headers
+        self.common_headers.clone()
     }
 
     fn frame(&self, event: &SourceEvent, verdict: Verdict, stats: &PipelineStats) -> Unit {
@@ -300,7 +296,7 @@ impl Framer {
             };
             let subject = match output.subject {
                 Some(subject) => subject,
-                None => encode::subject(&self.template, &self.prefix, change),
+                None => self.subjects.render(change),
             };
             let mut headers = self.headers();
             for (name, value) in output.headers {
@@ -353,7 +349,7 @@ impl Framer {
         }
         headers.insert(
             "Tidegate-Original-Subject",
-            encode::subject(&self.template, &self.prefix, &event.change).as_str(),
+            self.subjects.render(&event.change).as_str(),
         );
         Message {
             subject: self.dead_letter_subject.clone(),
