@@ -378,6 +378,12 @@ impl Publisher {
             );
             tokio::time::sleep(self.backoff).await;
             self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+            // While disconnected, re-publishing would only pile copies up in the client's
+            // buffer: wait for the connection first.
+            let client = self.js.client();
+            while client.connection_state() != async_nats::connection::State::Connected {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             self.last_sent_msg_id = self.acked.as_ref().and_then(|p| p.last_msg_id.clone());
         }
         // Re-publish everything still unacknowledged, in order, chaining from
