@@ -399,3 +399,30 @@ async fn oversized_event_is_dead_lettered_without_blocking() -> anyhow::Result<(
     assert_eq!(messages[1].subject.as_str(), "cdc.shop.orders.insert");
     Ok(())
 }
+
+/// A transform that names a subject outside the pipeline's prefix is not silently rewritten
+/// or published elsewhere: the event is dead-lettered as `invalid-output`, naming the subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_subject_outside_the_prefix_is_dead_lettered() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = r#"
+[[pipeline.plugins]]
+name = "fanout"
+config = { copies = "1", subject-prefix = "elsewhere" }
+"#;
+    let path = h.write_config("tidegate.toml", &h.config(plugins, ""))?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+    h.collection().await?.insert_one(doc! { "_id": 1 }).await?;
+    let messages = h.wait_settled(STREAM, 1, Duration::from_secs(20)).await?;
+    running.stop().await?;
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].subject.as_str(), "cdc.dead-letter");
+    assert_eq!(
+        header(&messages[0], "Tidegate-Error-Kind").as_deref(),
+        Some("invalid-output")
+    );
+    let error = header(&messages[0], "Tidegate-Error").unwrap_or_default();
+    assert!(error.contains("elsewhere.copy0"), "{error}");
+    Ok(())
+}
