@@ -426,3 +426,36 @@ config = { copies = "1", subject-prefix = "elsewhere" }
     assert!(error.contains("elsewhere.copy0"), "{error}");
     Ok(())
 }
+
+/// A plugin stuck in a loop is stopped by its fuel budget (deterministic) or, with fuel to
+/// spare, by its wall-clock deadline; either way the event is dead-lettered with that reason,
+/// the stuck instance is replaced, and the next event flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runaway_plugin_is_stopped_by_fuel_or_deadline() -> anyhow::Result<()> {
+    for (limits, kind) in [
+        ("{ fuel_per_call = 2000000 }", "out-of-fuel"),
+        (
+            "{ fuel_per_call = 1000000000000, timeout_ms = 200 }",
+            "deadline",
+        ),
+    ] {
+        let h = Harness::start().await?;
+        let plugins = format!("[[pipeline.plugins]]\nname = \"faulty\"\nlimits = {limits}\n");
+        let path = h.write_config("tidegate.toml", &h.config(&plugins, ""))?;
+        let running = InProcess::start(&path)?;
+        h.wait_ready().await?;
+        let coll = h.collection().await?;
+        coll.insert_one(doc! { "_id": 1, "spin": true }).await?;
+        coll.insert_one(doc! { "_id": 2 }).await?;
+        let messages = h.wait_settled(STREAM, 2, Duration::from_secs(20)).await?;
+        running.stop().await?;
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[0].subject.as_str(), "cdc.dead-letter");
+        assert_eq!(
+            header(&messages[0], "Tidegate-Error-Kind").as_deref(),
+            Some(kind)
+        );
+        assert_eq!(messages[1].subject.as_str(), "cdc.shop.orders.insert");
+    }
+    Ok(())
+}
