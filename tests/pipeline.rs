@@ -459,3 +459,27 @@ async fn runaway_plugin_is_stopped_by_fuel_or_deadline() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A plugin that allocates without limit hits its instance's memory cap: the call traps with
+/// reason `memory`, the event is dead-lettered, and a fresh instance serves the next event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_bomb_is_stopped_by_the_memory_cap() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = "[[pipeline.plugins]]\nname = \"faulty\"\nlimits = { memory_mib = 16 }\n";
+    let path = h.write_config("tidegate.toml", &h.config(plugins, ""))?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+    let coll = h.collection().await?;
+    coll.insert_one(doc! { "_id": 1, "bomb": true }).await?;
+    coll.insert_one(doc! { "_id": 2 }).await?;
+    let messages = h.wait_settled(STREAM, 2, Duration::from_secs(20)).await?;
+    running.stop().await?;
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[0].subject.as_str(), "cdc.dead-letter");
+    assert_eq!(
+        header(&messages[0], "Tidegate-Error-Kind").as_deref(),
+        Some("memory")
+    );
+    assert_eq!(messages[1].subject.as_str(), "cdc.shop.orders.insert");
+    Ok(())
+}

@@ -6,9 +6,10 @@
 //! - `"fail": true` → returns `plugin-error::failed("asked to fail")`;
 //! - `"trap": true` → panics, which traps the instance (guests are built with `panic = "abort"`);
 //! - `"spin": true` → loops forever, until the host's deadline interrupts it;
+//! - `"bomb": true` → allocates memory until the host's memory cap traps it;
 //! - otherwise → the unchanged event as the single output.
 //!
-//! Each of the first three writes one `debug` line to the log first. A full document that is not
+//! Each of the first four writes one `debug` line to the log first. A full document that is not
 //! valid JSON is an `invalid-event`.
 //!
 //! Config keys (optional):
@@ -83,6 +84,19 @@ mod component {
                     let mut n: u64 = 0;
                     loop {
                         n = std::hint::black_box(n.wrapping_add(1));
+                    }
+                }
+                Action::Bomb => {
+                    log::write(
+                        Level::Debug,
+                        &format!("allocating without limit on event {} as asked", event.id),
+                    );
+                    // Touch every page so nothing is optimised away; the host's cap on linear
+                    // memory makes `memory.grow` trap long before this returns.
+                    let mut hoard: Vec<Vec<u8>> = Vec::new();
+                    loop {
+                        hoard.push(vec![1u8; 1 << 20]);
+                        std::hint::black_box(&hoard);
                     }
                 }
             }

@@ -16,10 +16,12 @@ pub enum Action {
     Trap,
     /// `"spin": true`: never return, until the host's deadline interrupts the instance.
     Spin,
+    /// `"bomb": true`: allocate memory until the host's memory cap traps the instance.
+    Bomb,
 }
 
 /// Reads the flags from a relaxed-EJSON `full-document`. Only the JSON literal `true` counts;
-/// when several flags are set, `fail` wins over `trap`, and `trap` over `spin`. Events without
+/// when several flags are set, `fail` wins over `trap`, `trap` over `spin`, `spin` over `bomb`. Events without
 /// a full document (deletes, DDL) and documents that are not objects pass.
 pub fn action(full_document: Option<&[u8]>) -> Result<Action, String> {
     let Some(bytes) = full_document else {
@@ -34,6 +36,8 @@ pub fn action(full_document: Option<&[u8]>) -> Result<Action, String> {
         Action::Trap
     } else if flag("spin") {
         Action::Spin
+    } else if flag("bomb") {
+        Action::Bomb
     } else {
         Action::Pass
     })
@@ -69,6 +73,8 @@ mod tests {
             Ok(Action::Fail)
         );
         assert_eq!(act(r#"{"spin": true, "trap": true}"#), Ok(Action::Trap));
+        assert_eq!(act(r#"{"bomb": true}"#), Ok(Action::Bomb));
+        assert_eq!(act(r#"{"bomb": true, "spin": true}"#), Ok(Action::Spin));
     }
 
     #[test]
