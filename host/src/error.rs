@@ -28,6 +28,12 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// Something every pipeline needs could not be set up (the wasm engine, the NATS client).
+    #[error("{message}")]
+    Startup {
+        /// What failed.
+        message: String,
+    },
     /// MongoDB refused or lost the change stream in a way a resume cannot fix.
     #[error("pipeline '{pipeline}': MongoDB: {message}")]
     Source {

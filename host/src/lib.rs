@@ -64,10 +64,7 @@ pub fn load_chains(
 /// checkpoints and returns `Ok`) or a pipeline fails (then stops the others the same way and
 /// returns its error).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let sandbox = sandbox::Sandbox::new().map_err(|message| Error::Config {
-        path: "<engine>".into(),
-        message,
-    })?;
+    let sandbox = sandbox::Sandbox::new().map_err(|message| Error::Startup { message })?;
     let chains = load_chains(&config, &sandbox)?;
     for (pipeline, chain) in config.pipelines.iter().zip(&chains) {
         let plugins: Vec<String> = chain
@@ -78,15 +75,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::info!(pipeline = %pipeline.id, plugins = %plugins.join(" → "), "plugins loaded");
     }
 
-    let first_pipeline = config
-        .pipelines
-        .first()
-        .map(|p| p.id.clone())
-        .unwrap_or_default();
-    let nats_error = |message: String| Error::Sink {
-        pipeline: first_pipeline.clone(),
-        message,
-    };
     let nats = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .event_callback(|event| async move {
@@ -100,7 +88,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         })
         .connect(config.nats.url.as_str())
         .await
-        .map_err(|err| nats_error(format!("cannot connect to NATS: {err}")))?;
+        .map_err(|err| Error::Startup {
+            message: format!("cannot connect to NATS: {err}"),
+        })?;
     let ack_timeout = std::time::Duration::from_millis(config.nats.ack_timeout_ms);
     let max_in_flight = config
         .pipelines
@@ -148,7 +138,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 let _ = stop_tx.send(true);
             }
             Some(done) = tasks.join_next() => {
-                let result = done.unwrap_or_else(|err| Err(nats_error(format!("pipeline task failed: {err}"))));
+                let result = done.unwrap_or_else(|err| Err(Error::Startup {
+                    message: format!("pipeline task failed: {err}"),
+                }));
                 if let Err(err) = result {
                     tracing::error!(error = %err, "pipeline failed; stopping the others");
                     if outcome.is_ok() {
