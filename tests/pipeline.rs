@@ -483,3 +483,54 @@ async fn memory_bomb_is_stopped_by_the_memory_cap() -> anyhow::Result<()> {
     assert_eq!(messages[1].subject.as_str(), "cdc.shop.orders.insert");
     Ok(())
 }
+
+/// A deployment-wide pipeline that checkpoints into MongoDB does not watch its own
+/// checkpoint writes (which would otherwise be published, checkpointed and published again,
+/// forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_scope_ignores_its_own_mongodb_checkpoints() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let config = format!(
+        "[nats]\nurl = \"{}\"\n[[pipeline]]\nid = \"all\"\nmongodb_uri = \"{}\"\n\
+         [pipeline.sink]\nstream = \"ALL\"\nsubject_prefix = \"all\"\n\
+         [pipeline.checkpoint]\nstore = \"mongodb\"\ninterval_ms = 100\n",
+        h.nats.url(),
+        h.mongo.uri()
+    );
+    let path = h.write_config("tidegate.toml", &config)?;
+    let mut tidegate = h.spawn_binary(&path)?;
+    tidegate
+        .wait_for_log("change stream open", Duration::from_secs(30))
+        .await?;
+    let coll = h.collection().await?;
+    for i in 0..3 {
+        coll.insert_one(doc! { "_id": i }).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    h.wait_for_messages("ALL", 3, Duration::from_secs(20))
+        .await?;
+    // Several checkpoint intervals pass: a feedback loop would keep adding messages.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let messages = h.messages("ALL").await?;
+    tidegate.signal(support::SIGTERM)?;
+    tidegate.wait_exit(Duration::from_secs(30)).await?;
+    let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(
+        subjects,
+        [
+            "all.shop.orders.insert",
+            "all.shop.orders.insert",
+            "all.shop.orders.insert"
+        ]
+    );
+    let saved = h
+        .mongo
+        .client()
+        .await?
+        .database("tidegate")
+        .collection::<bson::Document>("checkpoints")
+        .count_documents(doc! {})
+        .await?;
+    assert_eq!(saved, 1, "the checkpoint itself was written");
+    Ok(())
+}

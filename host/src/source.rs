@@ -18,7 +18,7 @@ use mongodb::error::ErrorKind;
 use mongodb::options::{ChangeStreamOptions, FullDocumentBeforeChangeType, FullDocumentType};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{FullDocument, FullDocumentBeforeChange, PipelineConfig};
+use crate::config::{CheckpointStoreKind, FullDocument, FullDocumentBeforeChange, PipelineConfig};
 use crate::error::Error;
 use crate::event::{Namespace, Operation, SourceEvent};
 
@@ -283,24 +283,47 @@ async fn open(
         .max_await_time(Duration::from_millis(500))
         .batch_size(BATCH_SIZE)
         .build();
+    let stages = server_side_filter(pipeline);
     match (&pipeline.database, pipeline.collections.as_slice()) {
-        (None, _) => client.watch().with_options(options).await,
-        (Some(db), []) => client.database(db).watch().with_options(options).await,
+        (None, _) => client.watch().pipeline(stages).with_options(options).await,
         (Some(db), [coll]) => {
             client
                 .database(db)
                 .collection::<Document>(coll)
                 .watch()
+                .pipeline(stages)
                 .with_options(options)
                 .await
         }
-        (Some(db), colls) => {
+        (Some(db), _) => {
             client
                 .database(db)
                 .watch()
-                .pipeline([doc! { "$match": { "ns.coll": { "$in": colls.to_vec() } } }])
+                .pipeline(stages)
                 .with_options(options)
                 .await
         }
     }
+}
+
+/// The `$match` stages that narrow a database- or deployment-wide stream on the server:
+/// the listed collections only, and never the pipeline's own checkpoint collection (whose
+/// writes would otherwise be published, checkpointed, published… forever).
+fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
+    let mut stages = Vec::new();
+    if pipeline.collections.len() > 1 {
+        stages.push(doc! { "$match": { "ns.coll": { "$in": pipeline.collections.clone() } } });
+    }
+    let checkpoint = &pipeline.checkpoint;
+    let may_see_checkpoints = match &pipeline.database {
+        None => true,
+        Some(db) => db == &checkpoint.database && pipeline.collections.len() != 1,
+    };
+    if checkpoint.store == CheckpointStoreKind::Mongodb && may_see_checkpoints {
+        stages.push(doc! { "$match": { "$or": [
+            { "ns.db": { "$ne": &checkpoint.database } },
+            { "ns.coll": { "$ne": &checkpoint.collection } },
+        ] } });
+    }
+    stages
 }
