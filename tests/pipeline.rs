@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use bson::doc;
-use support::{header, json, Harness, InProcess, COLL, DB, STREAM};
+use support::{assert_dead_letter, header, json, Harness, InProcess, COLL, DB, STREAM};
 
 /// Insert, update, replace and delete flow through a filter and a transform: subjects follow
 /// the template, ids are `<pipeline>:<event id>:<output>`, the transform's header is present,
@@ -24,24 +24,21 @@ config = { operations = "insert,update,replace,delete" }
 name = "redact"
 config = { fields = "email" }
 "#;
-    let path = h.write_config("tidegate.toml", &h.config(plugins, ""))?;
-    let running = InProcess::start(&path)?;
-    h.wait_ready().await?;
-
-    let coll = h.collection().await?;
-    coll.insert_one(doc! { "_id": 1, "email": "a@example.com", "total": 10_i64 })
+    let messages = h
+        .relay(plugins, "", 4, |coll| async move {
+            coll.insert_one(doc! { "_id": 1, "email": "a@example.com", "total": 10_i64 })
+                .await?;
+            coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "total": 11_i64 } })
+                .await?;
+            coll.replace_one(
+                doc! { "_id": 1 },
+                doc! { "email": "b@example.com", "total": 12_i64 },
+            )
+            .await?;
+            coll.delete_one(doc! { "_id": 1 }).await?;
+            Ok(())
+        })
         .await?;
-    coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "total": 11_i64 } })
-        .await?;
-    coll.replace_one(
-        doc! { "_id": 1 },
-        doc! { "email": "b@example.com", "total": 12_i64 },
-    )
-    .await?;
-    coll.delete_one(doc! { "_id": 1 }).await?;
-
-    let messages = h.wait_settled(STREAM, 4, Duration::from_secs(20)).await?;
-    running.stop().await?;
     assert_eq!(messages.len(), 4, "exactly four events");
     let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
     assert_eq!(
@@ -85,8 +82,7 @@ config = { fields = "email" }
     Ok(())
 }
 
-/// A filter drops what it is told to: only inserts survive `operations = "insert"`, and
-/// the dropped events still move the checkpoint (a restart does not replay them).
+/// A filter drops what it is told to: only inserts survive `operations = "insert"`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filter_drops_events() -> anyhow::Result<()> {
     let h = Harness::start().await?;
@@ -95,19 +91,18 @@ async fn filter_drops_events() -> anyhow::Result<()> {
 name = "op-filter"
 config = { operations = "insert" }
 "#;
-    let path = h.write_config("tidegate.toml", &h.config(plugins, ""))?;
-    let running = InProcess::start(&path)?;
-    h.wait_ready().await?;
-    let coll = h.collection().await?;
-    for i in 0..5 {
-        coll.insert_one(doc! { "_id": i }).await?;
-        coll.update_one(doc! { "_id": i }, doc! { "$set": { "x": 1 } })
-            .await?;
-        coll.delete_one(doc! { "_id": i }).await?;
-    }
-    coll.insert_one(doc! { "_id": "last" }).await?;
-    let messages = h.wait_settled(STREAM, 6, Duration::from_secs(20)).await?;
-    running.stop().await?;
+    let messages = h
+        .relay(plugins, "", 6, |coll| async move {
+            for i in 0..5 {
+                coll.insert_one(doc! { "_id": i }).await?;
+                coll.update_one(doc! { "_id": i }, doc! { "$set": { "x": 1 } })
+                    .await?;
+                coll.delete_one(doc! { "_id": i }).await?;
+            }
+            coll.insert_one(doc! { "_id": "last" }).await?;
+            Ok(())
+        })
+        .await?;
     assert_eq!(messages.len(), 6);
     assert!(messages
         .iter()
@@ -126,12 +121,12 @@ async fn transform_fans_out() -> anyhow::Result<()> {
 name = "fanout"
 config = { copies = "3", subject-prefix = "cdc.copies" }
 "#;
-    let path = h.write_config("tidegate.toml", &h.config(plugins, ""))?;
-    let running = InProcess::start(&path)?;
-    h.wait_ready().await?;
-    h.collection().await?.insert_one(doc! { "_id": 7 }).await?;
-    let messages = h.wait_settled(STREAM, 3, Duration::from_secs(20)).await?;
-    running.stop().await?;
+    let messages = h
+        .relay(plugins, "", 3, |coll| async move {
+            coll.insert_one(doc! { "_id": 7 }).await?;
+            Ok(())
+        })
+        .await?;
     assert_eq!(messages.len(), 3);
     let id = json(&messages[0])["id"]
         .as_str()
@@ -156,17 +151,16 @@ async fn plugin_failures_are_dead_lettered_and_the_pipeline_continues() -> anyho
 [[pipeline.plugins]]
 name = "faulty"
 "#;
-    let path = h.write_config("tidegate.toml", &h.config(plugins, ""))?;
-    let running = InProcess::start(&path)?;
-    h.wait_ready().await?;
-    let coll = h.collection().await?;
-    coll.insert_one(doc! { "_id": 1 }).await?;
-    coll.insert_one(doc! { "_id": 2, "fail": true }).await?;
-    coll.insert_one(doc! { "_id": 3 }).await?;
-    coll.insert_one(doc! { "_id": 4, "trap": true }).await?;
-    coll.insert_one(doc! { "_id": 5 }).await?;
-    let messages = h.wait_settled(STREAM, 5, Duration::from_secs(20)).await?;
-    running.stop().await?;
+    let messages = h
+        .relay(plugins, "", 5, |coll| async move {
+            coll.insert_one(doc! { "_id": 1 }).await?;
+            coll.insert_one(doc! { "_id": 2, "fail": true }).await?;
+            coll.insert_one(doc! { "_id": 3 }).await?;
+            coll.insert_one(doc! { "_id": 4, "trap": true }).await?;
+            coll.insert_one(doc! { "_id": 5 }).await?;
+            Ok(())
+        })
+        .await?;
     assert_eq!(messages.len(), 5);
     let keys: Vec<i64> = messages
         .iter()
@@ -174,29 +168,17 @@ name = "faulty"
         .collect();
     assert_eq!(keys, [1, 2, 3, 4, 5], "order kept, dead letters in place");
     let failed = &messages[1];
-    assert_eq!(failed.subject.as_str(), "cdc.dead-letter");
+    assert_dead_letter(failed, "plugin-error");
     assert_eq!(header(failed, "Tidegate-Plugin").as_deref(), Some("faulty"));
-    assert_eq!(
-        header(failed, "Tidegate-Error-Kind").as_deref(),
-        Some("plugin-error")
-    );
     assert!(header(failed, "Tidegate-Error")
         .unwrap_or_default()
         .contains("asked to fail"));
-    assert!(header(failed, "Nats-Msg-Id")
-        .unwrap_or_default()
-        .ends_with(":dead-letter"));
     assert_eq!(
         json(failed)["fullDocument"]["fail"],
         true,
         "original event is the payload"
     );
-    let trapped = &messages[3];
-    assert_eq!(trapped.subject.as_str(), "cdc.dead-letter");
-    assert_eq!(
-        header(trapped, "Tidegate-Error-Kind").as_deref(),
-        Some("trap")
-    );
+    assert_dead_letter(&messages[3], "trap");
     for i in [0, 2, 4] {
         assert_eq!(messages[i].subject.as_str(), "cdc.shop.orders.insert");
     }
@@ -378,22 +360,17 @@ async fn watch_scopes_collection_list_database_and_deployment() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_event_is_dead_lettered_without_blocking() -> anyhow::Result<()> {
     let h = Harness::start().await?;
-    let path = h.write_config("tidegate.toml", &h.config("", ""))?;
-    let running = InProcess::start(&path)?;
-    h.wait_ready().await?;
-    let coll = h.collection().await?;
-    coll.insert_one(doc! { "_id": "big", "blob": "x".repeat(1_500_000) })
+    let messages = h
+        .relay("", "", 2, |coll| async move {
+            coll.insert_one(doc! { "_id": "big", "blob": "x".repeat(1_500_000) })
+                .await?;
+            coll.insert_one(doc! { "_id": "small" }).await?;
+            Ok(())
+        })
         .await?;
-    coll.insert_one(doc! { "_id": "small" }).await?;
-    let messages = h.wait_settled(STREAM, 2, Duration::from_secs(20)).await?;
-    running.stop().await?;
     assert_eq!(messages.len(), 2);
     let big = &messages[0];
-    assert_eq!(big.subject.as_str(), "cdc.dead-letter");
-    assert_eq!(
-        header(big, "Tidegate-Error-Kind").as_deref(),
-        Some("too-large")
-    );
+    assert_dead_letter(big, "too-large");
     assert_eq!(json(big)["documentKey"]["_id"], "big");
     assert!(json(big).get("fullDocument").is_none());
     assert_eq!(messages[1].subject.as_str(), "cdc.shop.orders.insert");
@@ -410,18 +387,14 @@ async fn output_subject_outside_the_prefix_is_dead_lettered() -> anyhow::Result<
 name = "fanout"
 config = { copies = "1", subject-prefix = "elsewhere" }
 "#;
-    let path = h.write_config("tidegate.toml", &h.config(plugins, ""))?;
-    let running = InProcess::start(&path)?;
-    h.wait_ready().await?;
-    h.collection().await?.insert_one(doc! { "_id": 1 }).await?;
-    let messages = h.wait_settled(STREAM, 1, Duration::from_secs(20)).await?;
-    running.stop().await?;
+    let messages = h
+        .relay(plugins, "", 1, |coll| async move {
+            coll.insert_one(doc! { "_id": 1 }).await?;
+            Ok(())
+        })
+        .await?;
     assert_eq!(messages.len(), 1);
-    assert_eq!(messages[0].subject.as_str(), "cdc.dead-letter");
-    assert_eq!(
-        header(&messages[0], "Tidegate-Error-Kind").as_deref(),
-        Some("invalid-output")
-    );
+    assert_dead_letter(&messages[0], "invalid-output");
     let error = header(&messages[0], "Tidegate-Error").unwrap_or_default();
     assert!(error.contains("elsewhere.copy0"), "{error}");
     Ok(())
@@ -441,20 +414,15 @@ async fn runaway_plugin_is_stopped_by_fuel_or_deadline() -> anyhow::Result<()> {
     ] {
         let h = Harness::start().await?;
         let plugins = format!("[[pipeline.plugins]]\nname = \"faulty\"\nlimits = {limits}\n");
-        let path = h.write_config("tidegate.toml", &h.config(&plugins, ""))?;
-        let running = InProcess::start(&path)?;
-        h.wait_ready().await?;
-        let coll = h.collection().await?;
-        coll.insert_one(doc! { "_id": 1, "spin": true }).await?;
-        coll.insert_one(doc! { "_id": 2 }).await?;
-        let messages = h.wait_settled(STREAM, 2, Duration::from_secs(20)).await?;
-        running.stop().await?;
+        let messages = h
+            .relay(&plugins, "", 2, |coll| async move {
+                coll.insert_one(doc! { "_id": 1, "spin": true }).await?;
+                coll.insert_one(doc! { "_id": 2 }).await?;
+                Ok(())
+            })
+            .await?;
         assert_eq!(messages.len(), 2);
-        assert_eq!(messages[0].subject.as_str(), "cdc.dead-letter");
-        assert_eq!(
-            header(&messages[0], "Tidegate-Error-Kind").as_deref(),
-            Some(kind)
-        );
+        assert_dead_letter(&messages[0], kind);
         assert_eq!(messages[1].subject.as_str(), "cdc.shop.orders.insert");
     }
     Ok(())
@@ -466,20 +434,15 @@ async fn runaway_plugin_is_stopped_by_fuel_or_deadline() -> anyhow::Result<()> {
 async fn memory_bomb_is_stopped_by_the_memory_cap() -> anyhow::Result<()> {
     let h = Harness::start().await?;
     let plugins = "[[pipeline.plugins]]\nname = \"faulty\"\nlimits = { memory_mib = 16 }\n";
-    let path = h.write_config("tidegate.toml", &h.config(plugins, ""))?;
-    let running = InProcess::start(&path)?;
-    h.wait_ready().await?;
-    let coll = h.collection().await?;
-    coll.insert_one(doc! { "_id": 1, "bomb": true }).await?;
-    coll.insert_one(doc! { "_id": 2 }).await?;
-    let messages = h.wait_settled(STREAM, 2, Duration::from_secs(20)).await?;
-    running.stop().await?;
+    let messages = h
+        .relay(plugins, "", 2, |coll| async move {
+            coll.insert_one(doc! { "_id": 1, "bomb": true }).await?;
+            coll.insert_one(doc! { "_id": 2 }).await?;
+            Ok(())
+        })
+        .await?;
     assert_eq!(messages.len(), 2);
-    assert_eq!(messages[0].subject.as_str(), "cdc.dead-letter");
-    assert_eq!(
-        header(&messages[0], "Tidegate-Error-Kind").as_deref(),
-        Some("memory")
-    );
+    assert_dead_letter(&messages[0], "memory");
     assert_eq!(messages[1].subject.as_str(), "cdc.shop.orders.insert");
     Ok(())
 }

@@ -122,6 +122,32 @@ interval_ms = 200
         .await
     }
 
+    /// The common shape of a pipeline test: runs tidegate in-process on the standard pipeline
+    /// with `plugins` and `extra_sink` (see [`Harness::config`]), waits until its change
+    /// stream is open, lets `write` change the watched collection, and returns the stream
+    /// once it holds `expected` messages (and has settled), after stopping tidegate cleanly.
+    pub async fn relay<F, Fut>(
+        &self,
+        plugins: &str,
+        extra_sink: &str,
+        expected: u64,
+        write: F,
+    ) -> anyhow::Result<Vec<StreamMessage>>
+    where
+        F: FnOnce(mongodb::Collection<bson::Document>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let path = self.write_config("tidegate.toml", &self.config(plugins, extra_sink))?;
+        let running = InProcess::start(&path)?;
+        self.wait_ready().await?;
+        write(self.collection().await?).await?;
+        let messages = self
+            .wait_settled(STREAM, expected, Duration::from_secs(20))
+            .await?;
+        running.stop().await?;
+        Ok(messages)
+    }
+
     /// Waits until `stream` holds at least `count` messages, then returns them all.
     pub async fn wait_for_messages(
         &self,
@@ -210,6 +236,21 @@ pub fn header(message: &StreamMessage, name: &str) -> Option<String> {
         .find(|(key, _)| key.to_string().eq_ignore_ascii_case(name))
         .and_then(|(_, values)| values.first())
         .map(|v| v.as_str().to_string())
+}
+
+/// Asserts that `message` is a dead letter of kind `kind`.
+pub fn assert_dead_letter(message: &StreamMessage, kind: &str) {
+    assert_eq!(message.subject.as_str(), "cdc.dead-letter");
+    assert_eq!(
+        header(message, "Tidegate-Error-Kind").as_deref(),
+        Some(kind)
+    );
+    assert!(
+        header(message, "Nats-Msg-Id")
+            .unwrap_or_default()
+            .ends_with(":dead-letter"),
+        "dead letters have their own message id"
+    );
 }
 
 /// The payload as JSON.
