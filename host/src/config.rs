@@ -650,11 +650,9 @@ impl Config {
         let mut streams = HashSet::new();
         for pipeline in &self.pipelines {
             let at = |key: &str| format!("pipeline '{}': {key}", pipeline.id);
-            if pipeline.id.is_empty()
-                || !pipeline
-                    .id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            // A tenant unit's id is `<pipeline>.<tenant>`, both parts checked alike.
+            if !pipeline.id.split('.').all(is_valid_id)
+                || pipeline.id.contains('.') != pipeline.tenant.is_some()
             {
                 return Err(format!(
                     "pipeline id '{}' must be non-empty and use only letters, digits, '-' and '_'",
@@ -753,12 +751,7 @@ impl Config {
             }
             let mut names = HashSet::new();
             for plugin in &pipeline.plugins {
-                if plugin.name.is_empty()
-                    || !plugin
-                        .name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                {
+                if !is_valid_id(&plugin.name) {
                     return Err(format!(
                         "{}: plugin name '{}' must use only letters, digits, '-' and '_'",
                         at("plugins"),
@@ -824,12 +817,7 @@ fn expand_tenants(pipelines: Vec<PipelineConfig>) -> Result<Vec<PipelineConfig>,
         for tenant in tenants {
             let at =
                 |key: &str| format!("pipeline '{}', tenant '{}': {key}", pipeline.id, tenant.id);
-            if tenant.id.is_empty()
-                || !tenant
-                    .id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
+            if !is_valid_id(&tenant.id) {
                 return Err(format!(
                     "{}: the id must be non-empty and use only letters, digits, '-' and '_'",
                     at("id")
@@ -920,6 +908,14 @@ impl PipelineConfig {
             .clone()
             .unwrap_or_else(|| plugin_dir.join(format!("{}.wasm", plugin.name)))
     }
+}
+
+/// Whether `id` is a valid pipeline, tenant or plugin name: letters, digits, `-` and `_`.
+fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// The environment variable that overrides `key` of pipeline `id`.

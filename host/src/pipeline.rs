@@ -94,6 +94,7 @@ pub async fn run(
     let (event_tx, event_rx) = mpsc::channel::<Vec<SourceItem>>(SOURCE_QUEUE_BATCHES);
     let (unit_tx, mut unit_rx) = mpsc::channel::<Vec<Unit>>(UNIT_QUEUE_BATCHES);
 
+    let wake = event_tx.downgrade();
     let (source_stop_tx, source_stop_rx) = watch::channel(false);
     let source_task = tokio::spawn(source::run(
         mongo.clone(),
@@ -102,6 +103,18 @@ pub async fn run(
         event_tx,
         source_stop_rx,
     ));
+
+    // Reloads reach the plugin thread between two events; an empty batch wakes it when the
+    // stream is idle. The weak sender never keeps the event channel open on its own.
+    let (reload_tx, reloads) = std::sync::mpsc::channel();
+    tokio::spawn(async move {
+        while let Some(update) = updates.recv().await {
+            let Some(wake) = wake.upgrade() else { return };
+            if reload_tx.send(update).is_err() || wake.send(Vec::new()).await.is_err() {
+                return;
+            }
+        }
+    });
 
     let framer = Framer::new(&pipeline, max_payload)?;
     let chain_stats = stats.clone();
@@ -113,7 +126,7 @@ pub async fn run(
                 chain,
                 scope,
                 framer,
-                updates,
+                reloads,
             };
             stages.run(event_rx, unit_tx, &chain_stats)
         })
@@ -215,7 +228,7 @@ struct ChainStages {
     /// The unit's config, for the tenant scope check.
     scope: PipelineConfig,
     framer: Framer,
-    updates: mpsc::UnboundedReceiver<ChainUpdate>,
+    reloads: std::sync::mpsc::Receiver<ChainUpdate>,
 }
 
 impl ChainStages {
@@ -230,6 +243,10 @@ impl ChainStages {
         stats: &PipelineStats,
     ) -> Result<(), Error> {
         while let Some(batch) = events.blocking_recv() {
+            self.apply_updates();
+            if batch.is_empty() {
+                continue;
+            }
             let mut framed = Vec::with_capacity(batch.len());
             let mut halted = None;
             for item in batch {
@@ -276,7 +293,7 @@ impl ChainStages {
 
     /// Swaps in whatever the reloader has sent.
     fn apply_updates(&mut self) {
-        while let Ok(update) = self.updates.try_recv() {
+        while let Ok(update) = self.reloads.try_recv() {
             match update {
                 ChainUpdate::Plugin { index, plugin } => {
                     let name = plugin.name().to_string();
