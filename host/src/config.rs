@@ -1038,6 +1038,109 @@ mod tests {
             .contains("placeholders"));
     }
 
+    const TENANTS: &str = r#"
+        [nats]
+        url = "nats://127.0.0.1:4222"
+        [[pipeline]]
+        id = "shop"
+        mongodb_uri = "mongodb://127.0.0.1:27017/?replicaSet=rs0"
+        database = "shop"
+        [[pipeline.tenant]]
+        id = "acme"
+        namespaces = ["shop.orders", "shop.returns"]
+        limits = { memory_mib = 16, timeout_ms = 200 }
+        capabilities = { clock = true }
+        [pipeline.tenant.sink]
+        stream = "ACME"
+        subject_prefix = "tenants.acme"
+        [[pipeline.tenant.plugins]]
+        name = "redact"
+        limits = { timeout_ms = 50 }
+        [[pipeline.tenant]]
+        id = "globex"
+        namespaces = ["shop.*"]
+        [pipeline.tenant.sink]
+        stream = "GLOBEX"
+        subject_prefix = "tenants.globex"
+    "#;
+
+    /// Each tenant becomes a unit of its own, inheriting the source and keeping its own
+    /// sink, plugins, limits (merged key by key) and capabilities.
+    #[test]
+    fn tenants_become_units() {
+        let config = parse(TENANTS).expect("valid");
+        let ids: Vec<&str> = config.pipelines.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["shop.acme", "shop.globex"]);
+        let acme = &config.pipelines[0];
+        assert_eq!(acme.database.as_deref(), Some("shop"));
+        assert_eq!(acme.sink.stream, "ACME");
+        assert_eq!(acme.dead_letter_subject(), "tenants.acme.dead-letter");
+        assert!(acme.capabilities.clock && !acme.capabilities.random);
+        let limits = acme.plugin_limits(&acme.plugins[0]);
+        assert_eq!((limits.memory_mib, limits.timeout_ms), (16, 50));
+        assert_eq!(
+            limits.fuel_per_call, 100_000_000,
+            "unset keys keep the default"
+        );
+        let scope = acme.tenant.as_ref().expect("tenant scope");
+        assert_eq!(scope.id, "acme");
+        let ns = |db: &str, coll: Option<&str>| crate::event::Namespace {
+            db: db.into(),
+            coll: coll.map(Into::into),
+        };
+        assert!(acme.may_see(&ns("shop", Some("orders"))));
+        assert!(!acme.may_see(&ns("shop", Some("secrets"))));
+        assert!(!acme.may_see(&ns("other", Some("orders"))));
+        assert!(
+            acme.may_see(&ns("shop", None)),
+            "dropDatabase of its database"
+        );
+        assert!(acme.may_see(&ns("", None)), "invalidate");
+        assert!(config.pipelines[1].may_see(&ns("shop", Some("anything"))));
+    }
+
+    /// Tenant mistakes are named precisely.
+    #[test]
+    fn tenant_mistakes_are_refused() {
+        let cases = [
+            (
+                "\"shop.*\"]",
+                "\"other.*\"]",
+                "outside what the pipeline watches",
+            ),
+            ("\"shop.*\"]", "\"shop.ord*\"]", "only a whole database"),
+            (
+                "namespaces = [\"shop.*\"]",
+                "namespaces = []",
+                "list what the tenant may see",
+            ),
+            ("id = \"globex\"", "id = \"acme\"", "used twice"),
+            (
+                "stream = \"GLOBEX\"",
+                "stream = \"ACME\"",
+                "already used by another pipeline",
+            ),
+            (
+                "database = \"shop\"",
+                "database = \"shop\"\nplugins = [{ name = \"x\" }]",
+                "belong in each",
+            ),
+        ];
+        for (from, to, expected) in cases {
+            let text = TENANTS.replacen(from, to, 1);
+            assert_ne!(text, TENANTS, "{from}");
+            let err = parse(&text).expect_err(expected);
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+        let no_sink = MINIMAL
+            .replace("[pipeline.sink]", "[pipeline.checkpoint]")
+            .replace("stream = \"ORDERS\"\n", "")
+            .replace("subject_prefix = \"cdc\"\n", "");
+        assert!(parse(&no_sink)
+            .expect_err("no sink")
+            .contains("[pipeline.sink]"));
+    }
+
     #[test]
     fn subject_helpers() {
         assert!(is_valid_subject("a.b.c", false));
