@@ -1420,5 +1420,144 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
             .into(),
     );
 
-    Ok(vec![raw, backlog, latency])
+    let mut tenants = Table::new(
+        &format!(
+            "6. Tenants: K tenants on one collection, each its own change stream, backlog of N = {n}"
+        ),
+        &[
+            "K",
+            "raw: K driver streams, events/s each",
+            "raw: total delivered/s",
+            "tidegate: events/s per tenant",
+            "tidegate: total published/s",
+            "CPU mongod / nats / bench = total",
+        ],
+    );
+    for k in [1, 2, 4] {
+        eprintln!("6. tenants, K = {k}…");
+        let raw = raw_read_concurrent(&env, n, k).await?;
+        let (per_tenant, cpu) = tenants_backlog(&env, n, k).await?;
+        tenants.row(vec![
+            k.to_string(),
+            fmt_rate(raw),
+            fmt_rate(raw * k as f64),
+            fmt_rate(per_tenant),
+            fmt_rate(per_tenant * k as f64),
+            cpu,
+        ]);
+    }
+    tenants.note(
+        "Each tenant is a unit with its own change stream ($match on its namespaces), plugin \
+         thread, publisher, stream and checkpoint; here none has plugins, so the figures show \
+         what reading the same events K times costs."
+            .into(),
+    );
+
+    Ok(vec![raw, backlog, latency, tenants])
+}
+
+/// The driver alone, `k` change streams reading the same backlog of `n` inserts at once;
+/// returns the events/s of the slowest.
+async fn raw_read_concurrent(env: &Env, n: usize, k: usize) -> anyhow::Result<f64> {
+    let coll = env.collection(&format!("raw_tenants_{k}"));
+    let mut stream = coll.watch().await.context("watch")?;
+    let token = loop {
+        if let Some(token) = stream.resume_token() {
+            break token;
+        }
+        if stream.next_if_any().await?.is_some() {
+            bail!("unexpected event on a fresh collection");
+        }
+    };
+    drop(stream);
+    insert_range(&coll, 0, n).await?;
+    let t = Instant::now();
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..k {
+        let (coll, token) = (coll.clone(), token.clone());
+        readers.spawn(async move {
+            let mut stream = coll.watch().resume_after(token).await?;
+            let mut count = 0;
+            while count < n {
+                if let Some(event) = stream.next_if_any().await? {
+                    black_box(&event);
+                    count += 1;
+                }
+            }
+            anyhow::Ok(t.elapsed())
+        });
+    }
+    let mut slowest = Duration::ZERO;
+    while let Some(done) = readers.join_next().await {
+        slowest = slowest.max(done??);
+    }
+    Ok(rate(n, slowest))
+}
+
+/// tidegate with `k` tenants (no plugins) on one collection draining a backlog of `n`;
+/// returns the events/s of the slowest tenant and the CPU split.
+async fn tenants_backlog(env: &Env, n: usize, k: usize) -> anyhow::Result<(f64, String)> {
+    let coll = format!("tenants_{k}");
+    let tenants: String = (0..k)
+        .map(|i| {
+            format!(
+                "[[pipeline.tenant]]\nid = \"t{i}\"\nnamespaces = [\"{DB}.{coll}\"]\n\
+                 [pipeline.tenant.sink]\nstream = \"TENANTS_{k}_{i}\"\nsubject_prefix = \"ten{k}.t{i}\"\n"
+            )
+        })
+        .collect();
+    let text = format!(
+        r#"
+plugin_dir = "{dir}"
+[log]
+level = "warn"
+[nats]
+url = "{nats}"
+[[pipeline]]
+id = "bench-tenants-{k}"
+mongodb_uri = "{mongo}"
+database = "{DB}"
+collections = ["{coll}"]
+[pipeline.checkpoint]
+interval_ms = 200
+{tenants}
+"#,
+        dir = env.plugins.display(),
+        nats = env.nats.url(),
+        mongo = env.mongo.uri(),
+    );
+    let config =
+        Config::parse(&text, &env.plugins, |_| None).map_err(|e| anyhow!("tenants config: {e}"))?;
+    let running = Running::start(config.clone());
+    for i in 0..k {
+        env.wait_checkpoint(&format!("bench-tenants-{k}.t{i}"))
+            .await?;
+    }
+    running.stop().await?;
+    insert_range(&env.collection(&coll), 0, n).await?;
+    let t = Instant::now();
+    let mark = env.cpu.mark();
+    let running = Running::start(config);
+    let deadline = t + Duration::from_secs(600);
+    let mut pending: Vec<usize> = (0..k).collect();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for i in pending {
+            if stream_len(&env.nats_client, &format!("TENANTS_{k}_{i}")).await < n as u64 {
+                still.push(i);
+            }
+        }
+        pending = still;
+        if Instant::now() > deadline {
+            bail!(
+                "{} tenants did not publish {n} events in 600 s",
+                pending.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = t.elapsed();
+    let cpu = env.cpu.since(mark, env.cpu.mark());
+    running.stop().await?;
+    Ok((rate(n, elapsed), cpu))
 }
