@@ -602,6 +602,10 @@ pub struct CheckpointConfig {
     /// A crash replays at most this much (JetStream drops the replayed duplicates).
     #[serde(default = "default_checkpoint_interval_ms")]
     pub interval_ms: u64,
+    /// How often the saved checkpoint is compared with the oplog's window, in milliseconds:
+    /// past half of it tidegate warns, past 80 % it logs an error. Default: 60000.
+    #[serde(default = "default_oplog_check_interval_ms")]
+    pub oplog_check_interval_ms: u64,
 }
 
 impl Default for CheckpointConfig {
@@ -612,6 +616,7 @@ impl Default for CheckpointConfig {
             database: default_checkpoint_database(),
             collection: default_checkpoint_collection(),
             interval_ms: default_checkpoint_interval_ms(),
+            oplog_check_interval_ms: default_oplog_check_interval_ms(),
         }
     }
 }
@@ -666,6 +671,9 @@ fn default_checkpoint_database() -> String {
 }
 fn default_checkpoint_collection() -> String {
     "checkpoints".to_string()
+}
+fn default_oplog_check_interval_ms() -> u64 {
+    60_000
 }
 fn default_checkpoint_interval_ms() -> u64 {
     1000
@@ -818,10 +826,12 @@ impl Config {
                     at("sink.duplicate_window_secs")
                 ));
             }
-            if pipeline.checkpoint.interval_ms == 0 {
+            if pipeline.checkpoint.interval_ms == 0
+                || pipeline.checkpoint.oplog_check_interval_ms == 0
+            {
                 return Err(format!(
                     "{}: must be at least 1",
-                    at("checkpoint.interval_ms")
+                    at("checkpoint.interval_ms / oplog_check_interval_ms")
                 ));
             }
             for entry in pipeline.include.iter().chain(&pipeline.exclude) {

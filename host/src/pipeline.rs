@@ -77,6 +77,7 @@ pub async fn run(
             pipeline: id.clone(),
             message: format!("invalid MongoDB URI: {err}"),
         })?;
+    source::check_images(&mongo, &pipeline).await?;
     sink::prepare_stream(&js, &pipeline).await?;
     // Known only once connected (the client may have started before NATS was up).
     let max_payload = match js.client().server_info().max_payload {
@@ -89,6 +90,18 @@ pub async fn run(
         Some(_) => tracing::info!(pipeline = %id, "resuming after checkpoint"),
         None => tracing::info!(pipeline = %id, "no checkpoint: starting from now"),
     }
+
+    let (saved_time, saved_time_rx) = watch::channel(
+        start
+            .as_ref()
+            .and_then(|p| crate::event::token_time(&p.token)),
+    );
+    tokio::spawn(source::watch_oplog_window(
+        mongo.clone(),
+        id.clone(),
+        Duration::from_millis(pipeline.checkpoint.oplog_check_interval_ms),
+        saved_time_rx,
+    ));
 
     let stats = Arc::new(PipelineStats::default());
     let (event_tx, event_rx) = mpsc::channel::<Vec<SourceItem>>(SOURCE_QUEUE_BATCHES);
@@ -178,6 +191,8 @@ pub async fn run(
             }
             _ = checkpoint_timer.tick() => {
                 save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
+                let time = saved.as_ref().and_then(|p| crate::event::token_time(&p.token));
+                saved_time.send_if_modified(|old| std::mem::replace(old, time) != time);
             }
             _ = summary_timer.tick() => stats.log(&id, publisher.stats()),
         }
