@@ -26,6 +26,9 @@ pub struct Config {
     /// Log format and level.
     #[serde(default)]
     pub log: LogConfig,
+    /// High availability: leases shared with other instances (see [`crate::lease`]).
+    #[serde(default)]
+    pub ha: crate::lease::HaConfig,
     /// One entry per change stream to relay. At least one is required.
     #[serde(rename = "pipeline")]
     pub pipelines: Vec<PipelineConfig>,
@@ -368,6 +371,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        self.ha.validate()?;
         if self.pipelines.is_empty() {
             return Err("no [[pipeline]] is configured; at least one is needed".into());
         }

@@ -20,6 +20,8 @@
 //! - [`encode`] — subjects and payload encodings.
 //! - [`sink`] — the JetStream stream check and the ordered, deduplicated publisher.
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
+//! - [`fence`] — whether this process may still write for a pipeline.
+//! - [`lease`] — high availability: pipelines shared between instances through NATS KV leases.
 //! - [`pipeline`] — wiring one pipeline's stages together, shutdown and draining.
 //! - [`telemetry`] — logs and counters.
 //!
@@ -33,6 +35,8 @@ pub mod config;
 pub mod encode;
 pub mod error;
 pub mod event;
+pub mod fence;
+pub mod lease;
 pub mod pipeline;
 pub mod plugin;
 pub mod sandbox;
@@ -64,7 +68,8 @@ pub fn load_chains(
 /// checkpoints and returns `Ok`) or a pipeline fails (then stops the others the same way and
 /// returns its error).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let sandbox = sandbox::Sandbox::new().map_err(|message| Error::Startup { message })?;
+    let sandbox =
+        std::sync::Arc::new(sandbox::Sandbox::new().map_err(|message| Error::Startup { message })?);
     let chains = load_chains(&config, &sandbox)?;
     for (pipeline, chain) in config.pipelines.iter().zip(&chains) {
         let plugins: Vec<String> = chain
@@ -125,8 +130,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    let ha = match config.ha.enabled {
+        true => Some(lease::Coordinator::open(&js, &config.ha, config.pipelines.len()).await?),
+        false => None,
+    };
+    if let Some(ha) = &ha {
+        tasks.spawn(ha.clone().run_presence(stop_rx.clone()));
+    }
     for (pipeline, chain) in config.pipelines.iter().cloned().zip(chains) {
-        tasks.spawn(pipeline::run(pipeline, chain, js.clone(), stop_rx.clone()));
+        match &ha {
+            Some(ha) => tasks.spawn(ha.clone().run_pipeline(
+                pipeline,
+                chain,
+                sandbox.clone(),
+                config.plugin_dir.clone(),
+                js.clone(),
+                stop_rx.clone(),
+            )),
+            None => tasks.spawn(pipeline::run(
+                pipeline,
+                chain,
+                js.clone(),
+                stop_rx.clone(),
+                fence::Fence::none(),
+            )),
+        };
     }
 
     let mut outcome = Ok(());

@@ -27,6 +27,7 @@ use crate::config::{Encoding, PipelineConfig};
 use crate::encode::{self, SubjectTemplate};
 use crate::error::Error;
 use crate::event::SourceEvent;
+use crate::fence::Fence;
 use crate::plugin::{CallError, Chain, Verdict};
 use crate::sink::{self, Message, Position, Publisher, Unit};
 use crate::source::{self, SourceItem};
@@ -42,13 +43,15 @@ const UNIT_QUEUE_BATCHES: usize = 4;
 /// NATS's default `max_payload`, assumed if the server did not say.
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 
-/// Runs one pipeline until `shutdown` turns true (then drains and checkpoints) or a fatal
-/// error occurs.
+/// Runs one pipeline until `shutdown` turns true (then drains and checkpoints), a fatal
+/// error occurs, or `fence` is lost (then stops at once with [`Error::Fenced`], writing
+/// nothing more).
 pub async fn run(
     pipeline: PipelineConfig,
     chain: Chain,
     js: Context,
     mut shutdown: watch::Receiver<bool>,
+    fence: Fence,
 ) -> Result<(), Error> {
     let id = pipeline.id.clone();
     let mongo = mongodb::Client::with_uri_str(&pipeline.mongodb_uri)
@@ -63,7 +66,8 @@ pub async fn run(
         0 => DEFAULT_MAX_PAYLOAD,
         n => n,
     };
-    let checkpoints = CheckpointStore::open(&pipeline.checkpoint, &id, &js, &mongo).await?;
+    let checkpoints =
+        CheckpointStore::open(&pipeline.checkpoint, &id, &js, &mongo, fence.clone()).await?;
     let start = checkpoints.load().await?;
     match &start {
         Some(_) => tracing::info!(pipeline = %id, "resuming after checkpoint"),
@@ -93,7 +97,7 @@ pub async fn run(
             message: format!("cannot start plugin thread: {err}"),
         })?;
 
-    let mut publisher = Publisher::new(js, &id, &pipeline.sink, start.clone());
+    let mut publisher = Publisher::new(js, &id, &pipeline.sink, start.clone(), fence.clone());
     let mut saved = start;
     let mut checkpoint_timer =
         tokio::time::interval(Duration::from_millis(pipeline.checkpoint.interval_ms));
@@ -139,10 +143,26 @@ pub async fn run(
                 save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
             }
             _ = summary_timer.tick() => stats.log(&id, publisher.stats()),
+            _ = fence.lost() => {
+                let _ = source_stop_tx.send(true);
+                outcome = Err(Error::Fenced { pipeline: id.clone(), message: fence.reason() });
+                break;
+            }
         }
     }
+    // Unblocks the chain thread if the loop ended early (fenced).
+    drop(unit_rx);
     save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
     stats.log(&id, publisher.stats());
+    // The loop ends once the chain's input closed, i.e. once the source task returned: by
+    // shutdown, or with a fatal error that everything read before it was published ahead of.
+    // (When fenced, the source is still stopping: await it before blocking on the thread.)
+    let source_result = source_task.await.unwrap_or_else(|err| {
+        Err(Error::Source {
+            pipeline: id.clone(),
+            message: format!("source task failed: {err}"),
+        })
+    });
     if let Err(panic) = chain_thread.join() {
         // Everything it had handed over was published and checkpointed above; what it held
         // is replayed on restart. Stop rather than carry on without a chain.
@@ -151,14 +171,6 @@ pub async fn run(
             message: format!("plugin thread panicked (a tidegate bug): {panic:?}"),
         });
     }
-    // The loop ends once the chain's input closed, i.e. once the source task returned: by
-    // shutdown, or with a fatal error that everything read before it was published ahead of.
-    let source_result = source_task.await.unwrap_or_else(|err| {
-        Err(Error::Source {
-            pipeline: id.clone(),
-            message: format!("source task failed: {err}"),
-        })
-    });
     tracing::info!(pipeline = %id, "stopped");
     outcome.and(source_result)
 }
@@ -174,6 +186,8 @@ async fn save_if_moved(
     }
     match checkpoints.save(position).await {
         Ok(()) => *saved = Some(position.clone()),
+        // Deposed: the pipeline is stopping (the lease keeper logs why).
+        Err(Error::Fenced { .. }) => {}
         // The position is kept and saved on the next tick; a crash meanwhile only replays
         // events JetStream deduplicates.
         Err(err) => tracing::warn!(error = %err, "checkpoint not saved; will retry"),

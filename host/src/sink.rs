@@ -31,6 +31,7 @@ use mongodb::change_stream::event::ResumeToken;
 
 use crate::config::{PipelineConfig, SinkConfig};
 use crate::error::Error;
+use crate::fence::Fence;
 
 /// One message to publish.
 #[derive(Debug, Clone)]
@@ -192,18 +193,22 @@ pub struct Publisher {
     acked: Option<Position>,
     stats: SinkStats,
     backoff: Duration,
+    /// Nothing is sent once it no longer holds.
+    fence: Fence,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl Publisher {
-    /// A publisher continuing after `start` (the checkpoint), if any.
+    /// A publisher continuing after `start` (the checkpoint), if any, publishing only while
+    /// `fence` holds.
     pub fn new(
         js: Context,
         pipeline: &str,
         sink: &SinkConfig,
         start: Option<Position>,
+        fence: Fence,
     ) -> Publisher {
         Publisher {
             js,
@@ -214,6 +219,7 @@ impl Publisher {
             acked: start,
             stats: SinkStats::default(),
             backoff: MIN_BACKOFF,
+            fence,
         }
     }
 
@@ -269,6 +275,9 @@ impl Publisher {
     /// Sends one message; `None` when it could not even be handed to the client (the retry
     /// path treats that like a failed acknowledgement).
     async fn send(&mut self, message: &Message) -> Option<AckFuture> {
+        if !self.fence.holds() {
+            return None;
+        }
         let mut publish = PublishMessage::build()
             .payload(message.payload.clone())
             .headers(message.headers.clone())
@@ -337,6 +346,10 @@ impl Publisher {
     }
 
     async fn recover(&mut self, err: PublishError) {
+        if !self.fence.holds() {
+            // Deposed: the pipeline is stopping; nothing more may be sent.
+            return;
+        }
         self.stats.retries += 1;
         let source = std::error::Error::source(&err)
             .map(|s| s.to_string())
@@ -345,11 +358,23 @@ impl Publisher {
         if err.kind() == PublishErrorKind::WrongLastMessageId {
             // The stream's last message is not the predecessor we named. If it is one of
             // ours still in flight, everything up to it was stored: count those as done.
+            // (Ids are derived from the events, so a new owner of the pipeline publishes the
+            // same ids for the same events: if X is one of ours, the event is stored, whoever
+            // stored it.)
             let stored = last_msg_id_in(&text);
             match stored
                 .as_deref()
                 .and_then(|id| self.slots.iter().position(|s| s.message.msg_id == id))
             {
+                // Not ours, with high availability on: another instance has published past
+                // us, so it owns the pipeline now. Stop; never skip ahead.
+                None if self.fence.is_leased() => {
+                    self.fence.revoke(&format!(
+                        "the stream's last message ({}) was published by another instance",
+                        stored.as_deref().unwrap_or("?")
+                    ));
+                    return;
+                }
                 Some(i) => {
                     for _ in 0..=i {
                         self.stats.duplicates += 1;
