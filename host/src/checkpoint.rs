@@ -236,6 +236,7 @@ impl CheckpointStore {
                     let err = match written {
                         Ok(revision) => {
                             self.revision.store(revision, Ordering::Release);
+                            crate::metrics::pipeline(key).checkpointed();
                             return Ok(());
                         }
                         Err(err) => err,
@@ -273,7 +274,10 @@ impl CheckpointStore {
                     .upsert(true)
                     .await
                 {
-                    Ok(_) => Ok(()),
+                    Ok(_) => {
+                        crate::metrics::pipeline(key).checkpointed();
+                        Ok(())
+                    }
                     // The upsert found no record of ours and could not insert one: the
                     // record exists with another writer.
                     Err(err) if is_duplicate_key(&err) => {

@@ -26,6 +26,9 @@ pub struct Config {
     /// Log format and level.
     #[serde(default)]
     pub log: LogConfig,
+    /// The operations endpoint (health, metrics, status); absent: none.
+    #[serde(default)]
+    pub http: Option<crate::http::HttpConfig>,
     /// High availability: leases shared with other instances (see [`crate::lease`]).
     #[serde(default)]
     pub ha: crate::lease::HaConfig,

@@ -48,6 +48,7 @@ use tokio::time::Instant;
 use crate::config::PipelineConfig;
 use crate::error::Error;
 use crate::fence::Fence;
+use crate::metrics::State;
 use crate::plugin::Chain;
 use crate::sandbox::Sandbox;
 
@@ -191,6 +192,7 @@ impl Coordinator {
             )));
         }
         let instance = config.instance.clone().unwrap_or_else(default_instance);
+        crate::metrics::registry().set_instance(&instance);
         tracing::info!(instance = %instance, bucket = %config.bucket, lease_ttl_ms = config.lease_ttl_ms, "high availability on");
         Ok(Arc::new(Coordinator {
             kv,
@@ -322,6 +324,7 @@ impl Coordinator {
         let id = pipeline.id.clone();
         let key = format!("lease.{id}");
         let mut chain = Some(chain);
+        let metrics = crate::metrics::pipeline(&id);
         // Let instances started together see each other before anyone takes leases.
         tokio::select! {
             _ = shutdown.changed() => return Ok(()),
@@ -329,6 +332,7 @@ impl Coordinator {
         }
         loop {
             // Standby.
+            metrics.set_state(State::Standby);
             let (mut revision, sent) = loop {
                 if *shutdown.borrow() {
                     return Ok(());
@@ -351,6 +355,7 @@ impl Coordinator {
                 }
             };
             let fence = Fence::leased(self.valid_until(sent));
+            metrics.set_state(State::Starting);
             tracing::info!(pipeline = %id, instance = %self.instance, "lease taken: running the pipeline from its checkpoint");
             let chain = match chain.take() {
                 Some(chain) => chain,
@@ -413,6 +418,7 @@ impl Coordinator {
             }
             match result {
                 Err(Error::Fenced { message, .. }) => {
+                    metrics.lease_lost();
                     tracing::warn!(pipeline = %id, reason = %message, "lost the lease: stopped writing, standing by");
                 }
                 Err(err) => {

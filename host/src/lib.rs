@@ -20,10 +20,12 @@
 //! - [`encode`] — subjects and payload encodings.
 //! - [`sink`] — the JetStream stream check and the ordered, deduplicated publisher.
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
+//! - [`http`] — the operations endpoint: health, readiness, metrics, status.
 //! - [`fence`] — whether this process may still write for a pipeline.
 //! - [`lease`] — high availability: pipelines shared between instances through NATS KV leases.
 //! - [`pipeline`] — wiring one pipeline's stages together, shutdown and draining.
-//! - [`telemetry`] — logs and counters.
+//! - [`telemetry`] — logs.
+//! - [`metrics`] — every counter, gauge and histogram, rendered for Prometheus and `/status`.
 //!
 //! The binary (`src/main.rs`) only parses the command line, installs signal handlers and
 //! calls [`run`].
@@ -36,7 +38,9 @@ pub mod encode;
 pub mod error;
 pub mod event;
 pub mod fence;
+pub mod http;
 pub mod lease;
+pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
 pub mod sandbox;
@@ -78,6 +82,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .map(|p| format!("{}({:?})", p.name(), p.world()))
             .collect();
         tracing::info!(pipeline = %pipeline.id, plugins = %plugins.join(" → "), "plugins loaded");
+        metrics::pipeline(&pipeline.id).set_plugins(
+            chain
+                .plugins()
+                .iter()
+                .map(|p| metrics::PluginInfo {
+                    name: p.name().to_string(),
+                    world: format!("{:?}", p.world()).to_lowercase(),
+                    sha256: metrics::file_sha256(p.path()),
+                })
+                .collect(),
+        );
     }
 
     let nats = async_nats::ConnectOptions::new()
@@ -96,6 +111,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(|err| Error::Startup {
             message: format!("cannot connect to NATS: {err}"),
         })?;
+    let _http = match &config.http {
+        Some(http) => Some(AbortOnDrop(tokio::spawn(http::serve(
+            http::bind(http).await?,
+            nats.clone(),
+        )))),
+        None => None,
+    };
     let ack_timeout = std::time::Duration::from_millis(config.nats.ack_timeout_ms);
     let max_in_flight = config
         .pipelines
@@ -184,6 +206,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!(error = %err, "final NATS flush failed");
     }
     outcome
+}
+
+/// Stops a background task when dropped (whichever way `run` returns).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A URL with any `user:password@` or `token@` part removed, for logs.

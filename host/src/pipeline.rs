@@ -14,7 +14,6 @@
 //! and settles every unit it was given, and the final position is checkpointed.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::Context;
@@ -74,7 +73,7 @@ pub async fn run(
         None => tracing::info!(pipeline = %id, "no checkpoint: starting from now"),
     }
 
-    let stats = Arc::new(PipelineStats::default());
+    let stats = crate::metrics::pipeline(&id);
     let (event_tx, event_rx) = mpsc::channel::<Vec<SourceItem>>(SOURCE_QUEUE_BATCHES);
     let (unit_tx, mut unit_rx) = mpsc::channel::<Vec<Unit>>(UNIT_QUEUE_BATCHES);
 
@@ -142,7 +141,7 @@ pub async fn run(
             _ = checkpoint_timer.tick() => {
                 save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
             }
-            _ = summary_timer.tick() => stats.log(&id, publisher.stats()),
+            _ = summary_timer.tick() => stats.log(),
             _ = fence.lost() => {
                 let _ = source_stop_tx.send(true);
                 outcome = Err(Error::Fenced { pipeline: id.clone(), message: fence.reason() });
@@ -153,7 +152,7 @@ pub async fn run(
     // Unblocks the chain thread if the loop ended early (fenced).
     drop(unit_rx);
     save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
-    stats.log(&id, publisher.stats());
+    stats.log();
     // The loop ends once the chain's input closed, i.e. once the source task returned: by
     // shutdown, or with a fatal error that everything read before it was published ahead of.
     // (When fenced, the source is still stopping: await it before blocking on the thread.)
@@ -171,6 +170,7 @@ pub async fn run(
             message: format!("plugin thread panicked (a tidegate bug): {panic:?}"),
         });
     }
+    stats.set_state(crate::metrics::State::Stopped);
     tracing::info!(pipeline = %id, "stopped");
     outcome.and(source_result)
 }

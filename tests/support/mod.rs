@@ -315,3 +315,25 @@ pub async fn write_range(
     }
     Ok(())
 }
+
+/// `GET path` from an HTTP server at `address` (one request, `Connection: close`): the status
+/// code and the body.
+pub async fn http_get(address: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let response = String::from_utf8(response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("HTTP response without a blank line")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("HTTP status line")?;
+    Ok((status, body.to_string()))
+}
