@@ -48,6 +48,12 @@ pub struct NatsConfig {
     /// failed and retried. Default: 5000.
     #[serde(default = "default_ack_timeout_ms")]
     pub ack_timeout_ms: u64,
+    /// Authentication, `[nats.auth]` (see [`crate::security::NatsAuth`]). Default: none.
+    #[serde(default)]
+    pub auth: crate::security::NatsAuth,
+    /// TLS, `[nats.tls]` (see [`crate::security::NatsTls`]). Absent: TLS only if the server
+    /// asks for it.
+    pub tls: Option<crate::security::NatsTls>,
 }
 
 /// Logging.
@@ -360,6 +366,10 @@ impl Config {
             }
         }
         config.plugin_dir = base.join(&config.plugin_dir);
+        config.nats.auth.resolve(base);
+        if let Some(tls) = &mut config.nats.tls {
+            tls.resolve(base);
+        }
         for plugin in config
             .pipelines
             .iter_mut()
@@ -375,6 +385,10 @@ impl Config {
 
     fn validate(&self) -> Result<(), String> {
         self.ha.validate()?;
+        self.nats.auth.validate()?;
+        if let Some(tls) = &self.nats.tls {
+            tls.validate()?;
+        }
         if self.pipelines.is_empty() {
             return Err("no [[pipeline]] is configured; at least one is needed".into());
         }

@@ -16,6 +16,7 @@
 //! - [`source`] — the change stream: open, resume, heartbeat, fatal vs. transient errors.
 //! - [`event`] — the change as tidegate carries it (BSON documents, resume token).
 //! - [`plugin`] — loading components, the WIT bindings, running a chain over an event.
+//! - [`security`] — NATS authentication and TLS, MongoDB defaults, secrets.
 //! - [`sandbox`] — the wasmtime engine and the limits of every plugin call.
 //! - [`encode`] — subjects and payload encodings.
 //! - [`sink`] — the JetStream stream check and the ordered, deduplicated publisher.
@@ -44,6 +45,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
 pub mod sandbox;
+pub mod security;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
@@ -95,7 +97,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
     }
 
-    let nats = async_nats::ConnectOptions::new()
+    let nats = security::nats_options(&config.nats.auth, config.nats.tls.as_ref())
+        .await?
         .retry_on_initial_connect()
         .event_callback(|event| async move {
             match event {

@@ -53,7 +53,7 @@ pub async fn run(
     fence: Fence,
 ) -> Result<(), Error> {
     let id = pipeline.id.clone();
-    let mongo = mongodb::Client::with_uri_str(&pipeline.mongodb_uri)
+    let mongo = crate::security::mongo_client(&pipeline.mongodb_uri)
         .await
         .map_err(|err| Error::Source {
             pipeline: id.clone(),

@@ -190,8 +190,18 @@ interval_ms = 200
 
     /// Starts the real `tidegate run` binary on a config file.
     pub fn spawn_binary(&self, config: &std::path::Path) -> anyhow::Result<ChildProcess> {
+        self.spawn_binary_with_env(config, &[])
+    }
+
+    /// Starts the real `tidegate run` binary with extra environment variables.
+    pub fn spawn_binary_with_env(
+        &self,
+        config: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<ChildProcess> {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"));
         cmd.arg("run").arg("--config").arg(config);
+        cmd.envs(env.iter().copied());
         ChildProcess::spawn(cmd)
     }
 }

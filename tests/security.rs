@@ -1,0 +1,212 @@
+//! Secured NATS, for real: a nats-server configured for each authentication method (and for
+//! mutual TLS), and the real binary relaying events through it with its secret taken from a
+//! file or the environment, never printed. (JWT `.creds` files: see the manual check in
+//! the README.)
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::ConnectOptions;
+use support::{write_range, Harness, SIGTERM, STREAM};
+use tidegate_testkit::NatsServer;
+
+/// Starts the harness with a NATS server configured by `server_config`, reached by test
+/// clients with `options`; runs the binary on the standard pipeline with `tidegate_nats`
+/// (TOML appended to the config, e.g. a `[nats.auth]` table) and `env`; checks that 20 events
+/// arrive, that it stops cleanly, and that `secret` is nowhere in its log.
+async fn relays_through(
+    server_config: &str,
+    options: impl Fn() -> ConnectOptions + Send + Sync + 'static,
+    tidegate_nats: &str,
+    files: &[(&str, &str)],
+    env: &[(&str, &str)],
+    secret: &str,
+) -> anyhow::Result<()> {
+    let nats = NatsServer::start_with_config(server_config, Arc::new(options)).await?;
+    let mut h = Harness::start().await?;
+    h.nats = nats;
+    for (name, content) in files {
+        h.write_config(name, content)?;
+    }
+    let config = format!("{}\n{tidegate_nats}\n", h.config("", ""));
+    let path = h.write_config("tidegate.toml", &config)?;
+    let mut tidegate = h.spawn_binary_with_env(&path, env)?;
+    h.wait_ready()
+        .await
+        .with_context(|| format!("tidegate log:\n{}", tidegate.log()))?;
+    write_range(h.collection().await?, 0, 20, 20, Duration::ZERO).await?;
+    let messages = h.wait_settled(STREAM, 20, Duration::from_secs(30)).await?;
+    assert_eq!(messages.len(), 20);
+    tidegate.signal(SIGTERM)?;
+    let status = tidegate.wait_exit(Duration::from_secs(30)).await?;
+    let log = tidegate.log();
+    assert!(status.success(), "{log}");
+    assert!(
+        !log.contains(secret),
+        "the secret leaked into the log:\n{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password_from_a_file() -> anyhow::Result<()> {
+    relays_through(
+        r#"authorization { user: "tidegate", password: "pw-Secret-1" }"#,
+        || ConnectOptions::new().user_and_password("tidegate".into(), "pw-Secret-1".into()),
+        "[nats.auth]\nuser = \"tidegate\"\npassword = { file = \"nats-password\" }",
+        &[("nats-password", "pw-Secret-1\n")],
+        &[],
+        "pw-Secret-1",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_from_the_environment() -> anyhow::Result<()> {
+    relays_through(
+        r#"authorization { token: "tok-Secret-2" }"#,
+        || ConnectOptions::new().token("tok-Secret-2".into()),
+        "[nats.auth]\ntoken = { env = \"TIDEGATE_TEST_NATS_TOKEN\" }",
+        &[],
+        &[("TIDEGATE_TEST_NATS_TOKEN", "tok-Secret-2")],
+        "tok-Secret-2",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey_seed_from_a_file() -> anyhow::Result<()> {
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed()?;
+    let client_seed = seed.clone();
+    relays_through(
+        &format!(
+            "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}",
+            user.public_key()
+        ),
+        move || ConnectOptions::new().nkey(client_seed.clone()),
+        "[nats.auth]\nnkey_seed = { file = \"user.nk\" }",
+        &[("user.nk", &format!("{seed}\n"))],
+        &[],
+        &seed,
+    )
+    .await
+}
+
+/// Mutual TLS: the server verifies tidegate's client certificate, tidegate verifies the
+/// server's against a private CA. Certificates are made with the openssl command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_a_private_ca() -> anyhow::Result<()> {
+    let certs = tempfile::tempdir()?;
+    make_certificates(certs.path())?;
+    let file = |name: &str| certs.path().join(name).display().to_string();
+    let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client.key"));
+    let client = {
+        let (ca, cert, key) = (ca.clone(), cert.clone(), key.clone());
+        move || {
+            ConnectOptions::new()
+                .require_tls(true)
+                .add_root_certificates(ca.clone().into())
+                .add_client_certificate(cert.clone().into(), key.clone().into())
+        }
+    };
+    let server_config = format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{ca}\", verify: true, timeout: 5 }}",
+        file("server.pem"),
+        file("server.key"),
+    );
+    relays_through(
+        &server_config,
+        client,
+        &format!("[nats.tls]\nca_file = \"{ca}\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\""),
+        &[],
+        &[],
+        "PRIVATE KEY",
+    )
+    .await
+}
+
+/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files
+/// in `dir`.
+fn make_certificates(dir: &Path) -> anyhow::Result<()> {
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("running openssl (scripts/install-deps.sh installs it)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca = [
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tidegate test CA",
+        ],
+    ]
+    .concat();
+    openssl(&ca)?;
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )?;
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+    for name in ["server", "client"] {
+        let (key, csr, pem, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        let subject = format!("/CN={name}");
+        let request = [
+            &["req"][..],
+            &ec,
+            &["-keyout", &key, "-out", &csr, "-subj", &subject],
+        ]
+        .concat();
+        openssl(&request)?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ])?;
+    }
+    Ok(())
+}
