@@ -210,3 +210,90 @@ fn make_certificates(dir: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Operator (JWT) mode: an operator, an account with JetStream enabled and a user, their
+/// JWTs signed here with NKeys, and tidegate authenticating with a `.creds` file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_file_in_operator_mode() -> anyhow::Result<()> {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    // JetStream needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        serde_json::json!({ "type": "account", "version": 2 }),
+    )?;
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        serde_json::json!({ "type": "operator", "version": 2 }),
+    )?;
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        serde_json::json!({
+            "type": "account", "version": 2,
+            "limits": {
+                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                "wildcards": true, "conn": -1, "leaf": -1,
+                "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+            },
+        }),
+    )?;
+    let user_jwt = jwt(
+        &account,
+        &user.public_key(),
+        serde_json::json!({ "type": "user", "version": 2, "subs": -1, "data": -1, "payload": -1 }),
+    )?;
+    let seed = user.seed()?;
+    let creds = format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    );
+    let server_config = format!(
+        "operator: \"{operator_jwt}\"\nsystem_account: {sys}\nresolver: MEMORY\n\
+         resolver_preload: {{\n  {acc}: \"{account_jwt}\"\n  {sys}: \"{system_jwt}\"\n}}\n",
+        acc = account.public_key(),
+        sys = system.public_key(),
+    );
+    let client_creds = creds.clone();
+    relays_through(
+        &server_config,
+        move || {
+            ConnectOptions::with_credentials(&client_creds).unwrap_or_else(|_| ConnectOptions::new())
+        },
+        "[nats.auth]\ncredentials_file = \"user.creds\"",
+        &[("user.creds", &creds)],
+        &[],
+        &seed,
+    )
+    .await
+}
+
+/// A NATS JWT (`ed25519-nkey`) for `subject`, signed by `issuer`, with `nats` claims.
+fn jwt(
+    issuer: &nkeys::KeyPair,
+    subject: &str,
+    nats: serde_json::Value,
+) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let header = b64.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        "jti": format!("tidegate-test-{subject}"),
+        "iat": now,
+        "iss": issuer.public_key(),
+        "name": "tidegate-test",
+        "sub": subject,
+        "nats": nats,
+    });
+    let body = b64.encode(serde_json::to_vec(&claims)?);
+    let signed = format!("{header}.{body}");
+    let signature = b64.encode(issuer.sign(signed.as_bytes())?);
+    Ok(format!("{signed}.{signature}"))
+}
