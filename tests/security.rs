@@ -262,7 +262,8 @@ async fn credentials_file_in_operator_mode() -> anyhow::Result<()> {
     relays_through(
         &server_config,
         move || {
-            ConnectOptions::with_credentials(&client_creds).unwrap_or_else(|_| ConnectOptions::new())
+            ConnectOptions::with_credentials(&client_creds)
+                .unwrap_or_else(|_| ConnectOptions::new())
         },
         "[nats.auth]\ncredentials_file = \"user.creds\"",
         &[("user.creds", &creds)],
@@ -273,11 +274,7 @@ async fn credentials_file_in_operator_mode() -> anyhow::Result<()> {
 }
 
 /// A NATS JWT (`ed25519-nkey`) for `subject`, signed by `issuer`, with `nats` claims.
-fn jwt(
-    issuer: &nkeys::KeyPair,
-    subject: &str,
-    nats: serde_json::Value,
-) -> anyhow::Result<String> {
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, nats: serde_json::Value) -> anyhow::Result<String> {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let now = std::time::SystemTime::now()
@@ -296,4 +293,59 @@ fn jwt(
     let signed = format!("{header}.{body}");
     let signature = b64.encode(issuer.sign(signed.as_bytes())?);
     Ok(format!("{signed}.{signature}"))
+}
+
+/// MongoDB SCRAM-SHA-256: the connection string (from the environment, so the secret is not
+/// in the file) carries a user's credentials; tidegate relays with them, and with a wrong
+/// password it says authentication failed. Neither password reaches the log. (The test
+/// mongod does not enforce access control, but it does verify a client's SCRAM handshake.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_scram_credentials_from_the_environment() -> anyhow::Result<()> {
+    const URI_VAR: &str = "TIDEGATE_PIPELINE_ORDERS_MONGODB_URI";
+    let h = Harness::start().await?;
+    h.mongo
+        .client()
+        .await?
+        .database("admin")
+        .run_command(bson::doc! {
+            "createUser": "tidegate",
+            "pwd": "mongo-Secret-3",
+            "roles": [{ "role": "root", "db": "admin" }],
+        })
+        .await?;
+    let uri = format!(
+        "{}&authSource=admin&authMechanism=SCRAM-SHA-256",
+        h.mongo
+            .uri()
+            .replace("mongodb://", "mongodb://tidegate:mongo-Secret-3@")
+    );
+    let path = h.write_config("tidegate.toml", &h.config("", ""))?;
+    let mut tidegate = h.spawn_binary_with_env(&path, &[(URI_VAR, &uri)])?;
+    h.wait_ready().await?;
+    write_range(h.collection().await?, 0, 20, 20, Duration::ZERO).await?;
+    assert_eq!(
+        h.wait_settled(STREAM, 20, Duration::from_secs(30))
+            .await?
+            .len(),
+        20
+    );
+    tidegate.signal(SIGTERM)?;
+    assert!(tidegate.wait_exit(Duration::from_secs(30)).await?.success());
+    assert!(
+        !tidegate.log().contains("mongo-Secret-3"),
+        "{}",
+        tidegate.log()
+    );
+
+    let wrong = uri.replace("mongo-Secret-3", "wrong-Secret-4");
+    let tidegate = h.spawn_binary_with_env(&path, &[(URI_VAR, &wrong)])?;
+    tidegate
+        .wait_for_log("Authentication failed", Duration::from_secs(30))
+        .await?;
+    assert!(
+        !tidegate.log().contains("wrong-Secret-4"),
+        "{}",
+        tidegate.log()
+    );
+    Ok(())
 }
