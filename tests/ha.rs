@@ -231,3 +231,64 @@ interval_ms = 200
     }
     Ok(())
 }
+
+/// A rolling restart: the owner gets SIGTERM mid-stream, drains, checkpoints and releases
+/// its lease, so the standby takes over at once (well within a lease's TTL); the owner
+/// restarts as a standby. Nothing is lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_over_without_waiting_for_the_lease() -> anyhow::Result<()> {
+    const TOTAL: i64 = 3_000;
+    let h = Harness::start().await?;
+    let mut instances: BTreeMap<String, ChildProcess> = BTreeMap::new();
+    let mut paths = BTreeMap::new();
+    for name in ["a", "b"] {
+        // A long TTL: a handover within it can only come from the released lease.
+        let config = format!("{}\n{}", h.config("", ""), ha_section(name))
+            .replace(&format!("lease_ttl_ms = {TTL_MS}"), "lease_ttl_ms = 20000");
+        let path = h.write_config(&format!("{name}.toml"), &config)?;
+        instances.insert(name.to_string(), h.spawn_binary(&path)?);
+        paths.insert(name.to_string(), path);
+    }
+    h.wait_ready().await?;
+    let first = wait_owner_other_than(&h, "orders", None, Duration::from_secs(10)).await?;
+    let writer = tokio::spawn(write_range(
+        h.collection().await?,
+        0,
+        TOTAL,
+        20,
+        Duration::from_millis(15),
+    ));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    let stopped_at = Instant::now();
+    let owner_process = instances.get_mut(&first).expect("owner");
+    owner_process.signal(SIGTERM)?;
+    let status = owner_process.wait_exit(Duration::from_secs(30)).await?;
+    assert!(status.success(), "{}", owner_process.log());
+    assert!(
+        owner_process.log().contains("lease released"),
+        "{}",
+        owner_process.log()
+    );
+    let second = wait_owner_other_than(&h, "orders", Some(&first), Duration::from_secs(10)).await?;
+    let handover = stopped_at.elapsed();
+    eprintln!("handover after SIGTERM: {handover:?} (lease TTL 20 s)");
+    assert!(
+        handover < Duration::from_secs(10),
+        "handover took {handover:?}"
+    );
+    // The restarted instance stands by.
+    instances.insert(first.clone(), h.spawn_binary(&paths[&first])?);
+
+    writer.await??;
+    let messages = h
+        .wait_settled(STREAM, TOTAL as u64, Duration::from_secs(60))
+        .await?;
+    assert_eq!(owner(&h, "orders").await?.as_deref(), Some(second.as_str()));
+    for child in instances.values_mut() {
+        child.signal(SIGTERM)?;
+        assert!(child.wait_exit(Duration::from_secs(30)).await?.success());
+    }
+    assert_exactly_once_in_order(&messages, TOTAL);
+    Ok(())
+}
