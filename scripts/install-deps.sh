@@ -54,6 +54,18 @@ if ! guest_toolchain_ok; then
   guest_toolchain_ok || { log "rustc-web installed but not usable"; exit 1; }
 fi
 
+# The TLS tests (tests/security.rs) make their certificates with the openssl command.
+if ! command -v openssl >/dev/null 2>&1; then
+  if [ "$(id -u)" != 0 ]; then
+    log "need root to apt-get install openssl"
+    exit 1
+  fi
+  log "installing openssl (certificates for the TLS tests)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends openssl >/dev/null
+fi
+
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   log "cargo-nextest not found; tests will run with plain cargo test"
 fi

@@ -29,6 +29,12 @@ pub struct Config {
     /// The wasm engine shared by every plugin.
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    /// The operations endpoint (health, metrics, status); absent: none.
+    #[serde(default)]
+    pub http: Option<crate::http::HttpConfig>,
+    /// High availability: leases shared with other instances (see [`crate::lease`]).
+    #[serde(default)]
+    pub ha: crate::lease::HaConfig,
     /// One entry per change stream to relay. At least one is required. After loading,
     /// each tenant of a pipeline is an entry of its own (see [`TenantConfig`]).
     #[serde(rename = "pipeline")]
@@ -49,6 +55,12 @@ pub struct NatsConfig {
     /// failed and retried. Default: 5000.
     #[serde(default = "default_ack_timeout_ms")]
     pub ack_timeout_ms: u64,
+    /// Authentication, `[nats.auth]` (see [`crate::security::NatsAuth`]). Default: none.
+    #[serde(default)]
+    pub auth: crate::security::NatsAuth,
+    /// TLS, `[nats.tls]` (see [`crate::security::NatsTls`]). Absent: TLS only if the server
+    /// asks for it.
+    pub tls: Option<crate::security::NatsTls>,
 }
 
 /// Logging.
@@ -716,6 +728,10 @@ impl Config {
         }
         config.plugin_dir = base.join(&config.plugin_dir);
         config.pipelines = expand_tenants(std::mem::take(&mut config.pipelines))?;
+        config.nats.auth.resolve(base);
+        if let Some(tls) = &mut config.nats.tls {
+            tls.resolve(base);
+        }
         for plugin in config
             .pipelines
             .iter_mut()
@@ -740,6 +756,11 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        self.ha.validate()?;
+        self.nats.auth.validate()?;
+        if let Some(tls) = &self.nats.tls {
+            tls.validate()?;
+        }
         if self.pipelines.is_empty() {
             return Err("no [[pipeline]] is configured; at least one is needed".into());
         }

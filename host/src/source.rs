@@ -138,6 +138,7 @@ pub async fn run(
             }
         };
         tracing::info!(pipeline = %pipeline.id, start = ?start_label(&start), "change stream open");
+        crate::metrics::pipeline(&pipeline.id).set_state(crate::metrics::State::Running);
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -487,6 +488,7 @@ async fn retry_later(
         });
     }
     tracing::warn!(pipeline, error = %err, retry_in_ms = backoff.as_millis() as u64, "{what}");
+    crate::metrics::pipeline(pipeline).set_state(crate::metrics::State::Retrying);
     let delay = *backoff;
     *backoff = (*backoff * 2).min(MAX_BACKOFF);
     Ok(tokio::select! {
