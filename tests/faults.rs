@@ -265,6 +265,7 @@ async fn publisher_skips_stored_messages_after_the_duplicate_window() -> anyhow:
     let start = Position {
         token: token(0)?,
         last_msg_id: Some(message(0).msg_id),
+        snapshot: None,
     };
     let mut publisher = Publisher::new(
         js,
@@ -278,6 +279,7 @@ async fn publisher_skips_stored_messages_after_the_duplicate_window() -> anyhow:
             .push(Unit {
                 messages: vec![message(n)],
                 token: token(n)?,
+                snapshot: None,
             })
             .await;
     }

@@ -175,7 +175,12 @@ impl CheckpointStore {
         let token: ResumeToken = bson::deserialize_from_bson(token)
             .map_err(|err| self.fail(format!("checkpoint token is unreadable: {err}")))?;
         let last_msg_id = saved.get_str("lastMsgId").ok().map(str::to_string);
-        Ok(Some(Position { token, last_msg_id }))
+        let snapshot = saved.get_document("snapshot").ok().cloned();
+        Ok(Some(Position {
+            token,
+            last_msg_id,
+            snapshot,
+        }))
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<Document, Error> {
@@ -216,6 +221,9 @@ impl CheckpointStore {
         };
         if let Some(id) = &position.last_msg_id {
             record.insert("lastMsgId", id.as_str());
+        }
+        if let Some(snapshot) = &position.snapshot {
+            record.insert("snapshot", snapshot.clone());
         }
         let key = self.key.as_str();
         match &self.backend {

@@ -198,10 +198,20 @@ pub struct PipelineConfig {
     #[serde(default)]
     pub on_invalidate: InvalidatePolicy,
     /// What happens when the checkpoint is no longer in the oplog: `fail` (default: stop with
-    /// the checkpoint's time and the oplog's oldest entry) or `latest` (resume from now,
-    /// logged as an error with what was skipped).
+    /// the checkpoint's time and the oplog's oldest entry), `latest` (resume from now,
+    /// logged as an error with what was skipped) or `resnapshot` (take a new snapshot, then
+    /// stream from where it began; also what `snapshot = "when-needed"` does).
     #[serde(default)]
     pub on_history_lost: HistoryLostPolicy,
+    /// When existing documents are published as `snapshot-read` events before streaming:
+    /// `never` (default), `initial` (when the pipeline has no checkpoint), `when-needed`
+    /// (no checkpoint, or the checkpoint fell out of the oplog) or `always` (at every start).
+    /// A snapshot interrupted by a crash or a stop resumes where it was.
+    #[serde(default)]
+    pub snapshot: SnapshotMode,
+    /// Documents per snapshot chunk (one query, one progress step). Default: 1000.
+    #[serde(default = "default_snapshot_chunk")]
+    pub snapshot_chunk_size: u32,
     /// Plugins every event goes through, in order. With tenants, each tenant has its own.
     #[serde(default)]
     pub plugins: Vec<PluginConfig>,
@@ -394,6 +404,23 @@ pub enum HistoryLostPolicy {
     Fail,
     /// Resume from now, loudly.
     Latest,
+    /// Take a new snapshot, then stream from where it began.
+    Resnapshot,
+}
+
+/// See [`PipelineConfig::snapshot`].
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotMode {
+    /// Never read existing documents.
+    #[default]
+    Never,
+    /// When there is no checkpoint.
+    Initial,
+    /// When there is no checkpoint or it fell out of the oplog.
+    WhenNeeded,
+    /// At every start.
+    Always,
 }
 
 /// Operation types MongoDB change streams report (what `skip_operations` may name).
@@ -684,6 +711,9 @@ fn default_checkpoint_database() -> String {
 fn default_checkpoint_collection() -> String {
     "checkpoints".to_string()
 }
+fn default_snapshot_chunk() -> u32 {
+    1000
+}
 fn default_oplog_check_interval_ms() -> u64 {
     60_000
 }
@@ -876,6 +906,19 @@ impl Config {
             }
             for stage in &pipeline.stages {
                 check_stage(stage).map_err(|e| format!("{}: {e}", at("stages")))?;
+            }
+            if pipeline.snapshot != SnapshotMode::Never
+                && (pipeline.start_at.as_deref().is_some_and(|s| s != "now")
+                    || pipeline.start_after_token.is_some())
+            {
+                return Err(format!(
+                    "{}: a snapshot starts capture from now; it cannot be combined with start_at \
+                     or start_after_token",
+                    at("snapshot")
+                ));
+            }
+            if pipeline.snapshot_chunk_size == 0 {
+                return Err(format!("{}: must be at least 1", at("snapshot_chunk_size")));
             }
             if let Some(start) = &pipeline.start_at {
                 parse_start_at(start).map_err(|e| format!("{}: {e}", at("start_at")))?;

@@ -159,6 +159,9 @@ pub struct SourceEvent {
     pub token: ResumeToken,
     /// The event itself.
     pub change: Change,
+    /// For a snapshot read, the snapshot's progress once this event is published (saved
+    /// with the checkpoint; see `snapshot`). `None` for change events.
+    pub snapshot: Option<bson::Document>,
 }
 
 /// The `_data` string of a resume token; tokens from MongoDB 4.2+ are `{_data: "<hex>"}`.
@@ -225,6 +228,7 @@ impl SourceEvent {
         SourceEvent {
             token: event.id,
             change,
+            snapshot: None,
         }
     }
 }

@@ -14,7 +14,9 @@
 //!
 //! - [`config`] — the TOML file: every key, its default, its validation; tenants become
 //!   units of their own here.
-//! - [`source`] — the change stream: open, resume, heartbeat, fatal vs. transient errors.
+//! - [`source`] — the change stream: open, resume, heartbeat, fatal vs. transient errors,
+//!   start positions, invalidate and lost-history policies.
+//! - [`snapshot`] — reading existing documents before streaming, in resumable chunks.
 //! - [`event`] — the change as tidegate carries it (BSON documents, resume token).
 //! - [`plugin`] — loading components, the WIT bindings, running a chain over an event,
 //!   quarantine.
@@ -52,6 +54,7 @@ pub mod reload;
 pub mod sandbox;
 pub mod security;
 pub mod sink;
+pub mod snapshot;
 pub mod source;
 pub mod telemetry;
 

@@ -119,7 +119,7 @@ pub async fn run(
     let source_task = tokio::spawn(source::run(
         mongo.clone(),
         pipeline.clone(),
-        start.as_ref().map(|p| p.token.clone()),
+        start.clone(),
         event_tx,
         source_stop_rx,
     ));
@@ -303,6 +303,7 @@ impl ChainStages {
                         framed.push(Unit {
                             messages: Vec::new(),
                             token,
+                            snapshot: None,
                         });
                         continue;
                     }
@@ -411,6 +412,7 @@ impl Framer {
                 return Unit {
                     messages: vec![self.dead_letter(event, &err, stats)],
                     token: event.token.clone(),
+                    snapshot: event.snapshot.clone(),
                 }
             }
             Verdict::Skip(_) | Verdict::Halt(_) => {
@@ -447,6 +449,7 @@ impl Framer {
                     return Unit {
                         messages: vec![self.dead_letter(event, &err, stats)],
                         token: event.token.clone(),
+                        snapshot: event.snapshot.clone(),
                     };
                 }
                 Err(message) => {
@@ -459,6 +462,7 @@ impl Framer {
                     return Unit {
                         messages: vec![self.dead_letter(event, &err, stats)],
                         token: event.token.clone(),
+                        snapshot: event.snapshot.clone(),
                     };
                 }
             };
@@ -480,6 +484,7 @@ impl Framer {
         Unit {
             messages,
             token: event.token.clone(),
+            snapshot: event.snapshot.clone(),
         }
     }
 

@@ -56,6 +56,8 @@ pub struct Unit {
     pub messages: Vec<Message>,
     /// Resume token after this unit.
     pub token: ResumeToken,
+    /// Snapshot progress after this unit, while a snapshot runs.
+    pub snapshot: Option<bson::Document>,
 }
 
 /// How far the pipeline is durably published.
@@ -66,6 +68,8 @@ pub struct Position {
     /// The last message id the stream acknowledged, if any: the predecessor for the next
     /// `Nats-Expected-Last-Msg-Id`.
     pub last_msg_id: Option<String>,
+    /// While a snapshot runs, how far it has come (see `snapshot::Progress`).
+    pub snapshot: Option<bson::Document>,
 }
 
 /// Creates the pipeline's stream, or checks that an existing one can deduplicate and holds
@@ -171,8 +175,9 @@ struct Slot {
     ack: Option<AckFuture>,
     /// When it was (last) handed to the client.
     sent_at: Instant,
-    /// Set on the last message of a unit: the position reached once this is acknowledged.
-    advance_to: Option<ResumeToken>,
+    /// Set on the last message of a unit: the position (token and snapshot progress)
+    /// reached once this is acknowledged.
+    advance_to: Option<(ResumeToken, Option<bson::Document>)>,
 }
 
 /// Publishes units in order and reports the acknowledged position.
@@ -236,19 +241,20 @@ impl Publisher {
         if unit.messages.is_empty() {
             match self.slots.back_mut() {
                 // Earlier messages are still in flight: move the position once they land.
-                Some(last) => last.advance_to = Some(unit.token),
+                Some(last) => last.advance_to = Some((unit.token, unit.snapshot)),
                 None => {
                     let last_msg_id = self.acked.as_ref().and_then(|p| p.last_msg_id.clone());
                     self.acked = Some(Position {
                         token: unit.token,
                         last_msg_id,
+                        snapshot: unit.snapshot,
                     });
                 }
             }
             return;
         }
         let count = unit.messages.len();
-        let mut token = Some(unit.token);
+        let mut token = Some((unit.token, unit.snapshot));
         for (i, message) in unit.messages.into_iter().enumerate() {
             let advance_to = if i + 1 == count { token.take() } else { None };
             let ack = self.send(&message).await;
@@ -319,13 +325,16 @@ impl Publisher {
 
     fn pop_acked(&mut self) {
         if let Some(slot) = self.slots.pop_front() {
-            let token = slot
-                .advance_to
-                .or_else(|| self.acked.as_ref().map(|p| p.token.clone()));
-            if let Some(token) = token {
+            let reached = slot.advance_to.or_else(|| {
+                self.acked
+                    .as_ref()
+                    .map(|p| (p.token.clone(), p.snapshot.clone()))
+            });
+            if let Some((token, snapshot)) = reached {
                 self.acked = Some(Position {
                     token,
                     last_msg_id: Some(slot.message.msg_id),
+                    snapshot,
                 });
                 if let Some(position) = &self.acked {
                     self.metrics

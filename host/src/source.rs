@@ -21,10 +21,12 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{
     check_stage, parse_start_at, parse_token, CheckpointStoreKind, FullDocument,
     FullDocumentBeforeChange, HistoryLostPolicy, InvalidatePolicy, NamespaceFilter, PipelineConfig,
-    StartAt,
+    SnapshotMode, StartAt,
 };
 use crate::error::Error;
 use crate::event::{token_from_document, token_time, Namespace, Operation, SourceEvent};
+use crate::sink::Position;
+use crate::snapshot::{self, Progress};
 
 /// What the source hands downstream.
 #[derive(Debug)]
@@ -99,13 +101,28 @@ fn error_code(err: &mongodb::error::Error) -> Option<i32> {
 pub async fn run(
     client: mongodb::Client,
     pipeline: PipelineConfig,
-    start: Option<ResumeToken>,
+    start: Option<Position>,
     events: mpsc::Sender<Vec<SourceItem>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    let mut start = match start {
-        Some(token) => OpenAt::ResumeAfter(token),
-        None => first_start(&pipeline)?,
+    // A snapshot to take (or finish) before streaming.
+    let (mut start, mut snapshot) = match start {
+        Some(Position {
+            token,
+            snapshot: Some(progress),
+            ..
+        }) => (
+            OpenAt::ResumeAfter(token),
+            Some(SnapshotPlan::Resume(progress)),
+        ),
+        Some(Position { token, .. }) => (
+            OpenAt::ResumeAfter(token),
+            (pipeline.snapshot == SnapshotMode::Always).then_some(SnapshotPlan::New),
+        ),
+        None => (
+            first_start(&pipeline)?,
+            (pipeline.snapshot != SnapshotMode::Never).then_some(SnapshotPlan::New),
+        ),
     };
     let mut backoff = MIN_BACKOFF;
     let mut last_heartbeat: Option<ResumeToken> = None;
@@ -123,10 +140,19 @@ pub async fn run(
         if !hand_off(&events, &mut batch).await || *shutdown.borrow() {
             return Ok(());
         }
+        if let Some(plan) = snapshot.take() {
+            match take_snapshot(&client, &pipeline, plan, &events, &mut shutdown).await? {
+                Some(began) => start = OpenAt::ResumeAfter(began),
+                None => return Ok(()),
+            }
+        }
         let mut stream = match open(&client, &pipeline, &start).await {
             Ok(stream) => stream,
             Err(err) if error_code(&err) == Some(HISTORY_LOST) => {
-                start = history_lost(&client, &pipeline, &start, err).await?;
+                match history_lost(&client, &pipeline, &start, err).await? {
+                    Some(next) => start = next,
+                    None => snapshot = Some(SnapshotPlan::New),
+                }
                 continue 'reopen;
             }
             Err(err) => {
@@ -221,7 +247,10 @@ pub async fn run(
                         return Ok(());
                     }
                     if error_code(&err) == Some(HISTORY_LOST) {
-                        start = history_lost(&client, &pipeline, &start, err).await?;
+                        match history_lost(&client, &pipeline, &start, err).await? {
+                            Some(next) => start = next,
+                            None => snapshot = Some(SnapshotPlan::New),
+                        }
                         continue 'reopen;
                     }
                     let what = "change stream failed; resuming after the last event read";
@@ -267,15 +296,150 @@ fn first_start(pipeline: &PipelineConfig) -> Result<OpenAt, Error> {
     })
 }
 
+/// A snapshot to take before streaming.
+enum SnapshotPlan {
+    /// From scratch.
+    New,
+    /// Continue the one whose progress the checkpoint holds.
+    Resume(Document),
+}
+
+/// Reads every document in scope as `snapshot-read` events (see [`snapshot`]) and returns the
+/// position to stream from (captured before reading); `None` when shut down meanwhile.
+async fn take_snapshot(
+    client: &mongodb::Client,
+    pipeline: &PipelineConfig,
+    plan: SnapshotPlan,
+    events: &mpsc::Sender<Vec<SourceItem>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<ResumeToken>, Error> {
+    let id = pipeline.id.as_str();
+    let mut backoff = MIN_BACKOFF;
+    let mut progress = match plan {
+        SnapshotPlan::Resume(saved) => {
+            let progress = Progress::from_document(&saved).map_err(|e| Error::Source {
+                pipeline: id.to_string(),
+                message: format!("the checkpoint's snapshot progress is unreadable: {e}"),
+            })?;
+            tracing::info!(
+                pipeline = id,
+                done = progress.done,
+                namespace = progress.index,
+                "resuming the snapshot where it stopped"
+            );
+            progress
+        }
+        SnapshotPlan::New => loop {
+            match begin_snapshot(client, pipeline).await {
+                Ok(progress) => break progress,
+                Err(err) => {
+                    let what = "cannot start the snapshot; retrying";
+                    if retry_later(id, what, err, &mut backoff, shutdown).await? {
+                        return Ok(None);
+                    }
+                }
+            }
+        },
+    };
+    tracing::info!(
+        pipeline = id,
+        namespaces = progress.namespaces.len(),
+        "snapshot: reading existing documents, then streaming from before the first read"
+    );
+    while !progress.finished() {
+        if *shutdown.borrow() {
+            return Ok(None);
+        }
+        let before = progress.clone();
+        match snapshot::next_chunk(client, &mut progress, pipeline.snapshot_chunk_size).await {
+            Ok(chunk) if chunk.is_empty() => {}
+            Ok(chunk) => {
+                backoff = MIN_BACKOFF;
+                let namespace = before.namespaces.get(before.index).map(ToString::to_string);
+                tracing::info!(
+                    pipeline = id,
+                    namespace = namespace.unwrap_or_default(),
+                    read = chunk.len(),
+                    done = progress.done,
+                    "snapshot chunk"
+                );
+                let items = chunk
+                    .into_iter()
+                    .map(|event| SourceItem::Event(Box::new(event)))
+                    .collect();
+                if events.send(items).await.is_err() {
+                    return Ok(None);
+                }
+            }
+            Err(err) => {
+                progress = before;
+                let what = "snapshot read failed; retrying the chunk";
+                if retry_later(id, what, err, &mut backoff, shutdown).await? {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+    tracing::info!(
+        pipeline = id,
+        documents = progress.done,
+        "snapshot done; streaming from where it began"
+    );
+    // A unit with no snapshot progress: the checkpoint becomes a plain position again.
+    if events
+        .send(vec![SourceItem::Heartbeat(progress.start.clone())])
+        .await
+        .is_err()
+    {
+        return Ok(None);
+    }
+    Ok(Some(progress.start))
+}
+
+/// Captures the stream's position now (before any document is read) and lists what to read.
+async fn begin_snapshot(
+    client: &mongodb::Client,
+    pipeline: &PipelineConfig,
+) -> Result<Progress, mongodb::error::Error> {
+    let mut stream = open(client, pipeline, &OpenAt::Now).await?;
+    // The server returns the position with the (empty) first batch; an event arriving in
+    // between would carry its own token, which lies after it: refuse that and retry.
+    let start = match stream.resume_token() {
+        Some(token) => token,
+        None => match stream.next_if_any().await? {
+            None => stream.resume_token().ok_or_else(|| {
+                mongodb::error::Error::from(std::io::Error::other(
+                    "the server gave no starting position for the snapshot",
+                ))
+            })?,
+            Some(_) => {
+                return Err(mongodb::error::Error::from(std::io::Error::other(
+                    "a change arrived while the snapshot's position was being captured",
+                )))
+            }
+        },
+    };
+    drop(stream);
+    let namespaces = snapshot::namespaces(client, pipeline, namespace_filter(pipeline)).await?;
+    Ok(Progress {
+        start,
+        namespaces,
+        index: 0,
+        last_id: None,
+        done: 0,
+    })
+}
+
 /// Applies `on_history_lost` when the stream cannot resume from `start`: `latest` reopens
-/// from now (the only way on); `fail` is an error naming the checkpoint's time and the
-/// oplog's oldest entry.
+/// from now (the only way on); `resnapshot` (or `snapshot = "when-needed"`) asks for a new
+/// snapshot (`None`); `fail` is an error naming the checkpoint's time and the oplog's
+/// oldest entry.
 async fn history_lost(
     client: &mongodb::Client,
     pipeline: &PipelineConfig,
     start: &OpenAt,
     err: mongodb::error::Error,
-) -> Result<OpenAt, Error> {
+) -> Result<Option<OpenAt>, Error> {
     let wanted = match start {
         OpenAt::ResumeAfter(token) | OpenAt::StartAfter(token) => token_time(token),
         OpenAt::AtTime(time) => Some(*time),
@@ -296,14 +460,26 @@ async fn history_lost(
         describe(wanted),
         describe(oldest)
     );
-    match pipeline.on_history_lost {
+    let policy = match pipeline.snapshot {
+        SnapshotMode::WhenNeeded => HistoryLostPolicy::Resnapshot,
+        _ => pipeline.on_history_lost,
+    };
+    match policy {
+        HistoryLostPolicy::Resnapshot => {
+            tracing::error!(
+                pipeline = %pipeline.id,
+                "history lost: {detail}; taking a new snapshot, then streaming from where it \
+                 began (changes in between are covered by the documents' current state)"
+            );
+            Ok(None)
+        }
         HistoryLostPolicy::Latest => {
             tracing::error!(
                 pipeline = %pipeline.id,
                 "history lost: {detail}; on_history_lost = \"latest\", so capture resumes from \
                  now and the events in between are NOT published"
             );
-            Ok(OpenAt::Now)
+            Ok(Some(OpenAt::Now))
         }
         HistoryLostPolicy::Fail => Err(Error::Source {
             pipeline: pipeline.id.clone(),
@@ -559,6 +735,18 @@ async fn open(
 /// checkpoint collection (whose writes would otherwise be published, checkpointed,
 /// published… forever).
 fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
+    let mut stages = namespace_filter(pipeline);
+    if !pipeline.skip_operations.is_empty() {
+        stages.push(
+            doc! { "$match": { "operationType": { "$nin": pipeline.skip_operations.clone() } } },
+        );
+    }
+    stages
+}
+
+/// The stages that decide which namespaces a pipeline sees; they look at `ns` only, so a
+/// snapshot runs them on synthetic events to pick its collections.
+fn namespace_filter(pipeline: &PipelineConfig) -> Vec<Document> {
     let mut stages = Vec::new();
     if pipeline.collections.len() > 1 {
         stages.push(doc! { "$match": { "ns.coll": { "$in": pipeline.collections.clone() } } });
@@ -595,11 +783,6 @@ fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
     if !pipeline.exclude.is_empty() {
         let none: Vec<Document> = pipeline.exclude.iter().map(condition).collect();
         stages.push(doc! { "$match": { "$nor": none } });
-    }
-    if !pipeline.skip_operations.is_empty() {
-        stages.push(
-            doc! { "$match": { "operationType": { "$nin": pipeline.skip_operations.clone() } } },
-        );
     }
     let checkpoint = &pipeline.checkpoint;
     let may_see_checkpoints = match &pipeline.database {
