@@ -344,6 +344,72 @@ pub fn as_f64(value: &Value) -> Option<f64> {
     }
 }
 
+/// Milliseconds since the epoch of an EJSON `$date` value: an ISO-8601 string (relaxed form)
+/// or `{"$numberLong": "…"}` (canonical form, and relaxed outside years 1970–9999).
+///
+/// ```
+/// # use tidegate_plugin::document::date_millis;
+/// use serde_json::json;
+/// assert_eq!(date_millis(&json!("1970-01-01T00:00:01.5Z")), Some(1500));
+/// assert_eq!(date_millis(&json!("1970-01-01T01:00:00+01:00")), Some(0));
+/// assert_eq!(date_millis(&json!("2000-03-01T00:00:00.25Z")), Some(951_868_800_250));
+/// assert_eq!(date_millis(&json!("2000-03-01")), None);
+/// assert_eq!(date_millis(&json!({"$numberLong": "-5"})), Some(-5));
+/// ```
+pub fn date_millis(v: &Value) -> Option<i64> {
+    match v {
+        Value::String(s) => parse_iso(s),
+        Value::Number(n) => n.as_i64(),
+        other => as_i64(other),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fff]` followed by `Z` or `±HH:MM`.
+fn parse_iso(s: &str) -> Option<i64> {
+    let num = |range: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(range)?;
+        if part.bytes().all(|b| b.is_ascii_digit()) {
+            part.parse().ok()
+        } else {
+            None
+        }
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if s.get(4..5)? != "-" || s.get(7..8)? != "-" || s.get(13..14)? != ":" {
+        return None;
+    }
+    let mut rest = s.get(19..)?;
+    let mut millis = 0;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        let padded = format!("{:0<3}", &frac[..digits.min(3)]);
+        millis = padded.parse::<i64>().ok()?;
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" => 0,
+        tz if tz.len() == 6 => {
+            let sign = match &tz[..1] {
+                "+" => 1,
+                "-" => -1,
+                _ => return None,
+            };
+            sign * (tz[1..3].parse::<i64>().ok()? * 60 + tz[4..6].parse::<i64>().ok()?)
+        }
+        _ => return None,
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Some(((days * 24 + h) * 60 + mi - offset) * 60_000 + sec * 1000 + millis)
+}
+
 fn wrong_type(path: &str, expected: &str, got: &Value) -> Error {
     let kind = match got {
         Value::Null => "null",
