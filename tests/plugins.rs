@@ -219,3 +219,59 @@ ejson = "canonical"
     );
     Ok(())
 }
+
+/// The C example plugin (`examples/c-filter`, built from source by
+/// `scripts/build-examples.sh`) runs in a pipeline like any other: events on `tmp_`
+/// collections are dropped, the rest published in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_guest_filters_through_the_host() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let examples = tokio::task::spawn_blocking(tidegate_testkit::examples_dir).await??;
+    let plugins = format!(
+        r#"
+[[pipeline.plugins]]
+name = "c-filter"
+file = "{}"
+config = {{ skip-prefix = "tmp_" }}
+"#,
+        examples.join("c-filter.wasm").display()
+    );
+    let text = h.config(&plugins, "").replace(
+        r#"collections = ["orders"]"#,
+        r#"collections = ["orders", "tmp_orders"]"#,
+    );
+    let path = h.write_config("tidegate.toml", &text)?;
+    let running = support::InProcess::start(&path)?;
+    h.wait_ready().await?;
+    let db = h.mongo.client().await?.database(support::DB);
+    let (orders, scratch) = (
+        db.collection::<bson::Document>("orders"),
+        db.collection::<bson::Document>("tmp_orders"),
+    );
+    orders.insert_one(doc! { "_id": 1 }).await?;
+    scratch.insert_one(doc! { "_id": 2 }).await?;
+    orders.insert_one(doc! { "_id": 3 }).await?;
+    scratch.delete_one(doc! { "_id": 2 }).await?;
+    orders.delete_one(doc! { "_id": 1 }).await?;
+    let messages = h
+        .wait_settled(support::STREAM, 3, std::time::Duration::from_secs(20))
+        .await?;
+    running.stop().await?;
+    let got: Vec<(String, i64)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m.subject.to_string(),
+                json(m)["documentKey"]["_id"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    let want = [
+        ("cdc.shop.orders.insert", 1),
+        ("cdc.shop.orders.insert", 3),
+        ("cdc.shop.orders.delete", 1),
+    ];
+    let want: Vec<(String, i64)> = want.iter().map(|(s, i)| (s.to_string(), *i)).collect();
+    assert_eq!(got, want);
+    Ok(())
+}

@@ -82,6 +82,7 @@ pub struct Plugin {
     engine: Engine,
     pre: Pre,
     live: Option<(Store<PluginState>, Instance)>,
+    last_fuel_used: u64,
 }
 
 /// Why a plugin call produced no usable result.
@@ -168,6 +169,7 @@ impl Plugin {
             engine,
             pre,
             live: None,
+            last_fuel_used: 0,
         };
         plugin.live = Some(plugin.instantiate().map_err(|err| fail(err.message))?);
         Ok(plugin)
@@ -186,6 +188,11 @@ impl Plugin {
     /// The file it came from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Fuel the last [`Plugin::call`] burnt (for `tidegate plugin test`).
+    pub fn last_fuel_used(&self) -> u64 {
+        self.last_fuel_used
     }
 
     fn error(&self, kind: &str, message: impl Into<String>) -> CallError {
@@ -240,6 +247,7 @@ impl Plugin {
                 .call_transform(&mut store, event)
                 .map(|r| r.map(Decision::Replace)),
         };
+        self.last_fuel_used = sandbox::fuel_used(&store, &self.limits);
         let dropped = store.data_mut().take_dropped_log_lines();
         if dropped > 0 {
             tracing::warn!(plugin = %self.name, dropped, "plugin log lines over the per-call cap were dropped");
