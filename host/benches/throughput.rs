@@ -32,10 +32,10 @@ use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
 use bson::{doc, oid::ObjectId, DateTime, Document, Timestamp};
 use bytes::Bytes;
 use mongodb::change_stream::event::ChangeStreamEvent;
-use tidegate::config::{Encoding, LogConfig, LogFormat, PluginLimits};
+use tidegate::config::{Encoding, LogConfig, LogFormat, PluginLimits, SandboxConfig};
 use tidegate::event::{Change, Namespace, Operation};
 use tidegate::plugin::bindings::wit;
-use tidegate::plugin::{convert, Chain, Decision, Plugin, Verdict};
+use tidegate::plugin::{convert, Chain, Decision, Plugin, PluginSettings, Verdict};
 use tidegate::sandbox::Sandbox;
 use tidegate::{encode, Config};
 use tidegate_testkit::{plugin_dir, stream_len, stream_messages, MongoReplicaSet, NatsServer};
@@ -348,28 +348,26 @@ fn micro(plugins: &Path, iters: usize) -> anyhow::Result<(Table, Table, usize)> 
     let event = convert::to_wit(&change);
     let doc_json_len = event.full_document.as_ref().map_or(0, Vec::len);
 
-    let sandbox = Sandbox::new().map_err(|e| anyhow!(e))?;
-    let limits = PluginLimits::default();
-    let filter_config: BTreeMap<String, String> = [(
-        "operations".to_string(),
-        "insert,update,replace,delete".to_string(),
-    )]
-    .into();
-    let redact_config: BTreeMap<String, String> =
-        [("fields".to_string(), "email".to_string())].into();
+    let sandbox = Sandbox::new(&SandboxConfig::default(), 64).map_err(|e| anyhow!(e))?;
+    let settings = |config: &[(&str, &str)]| PluginSettings {
+        config: config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        limits: PluginLimits::default(),
+        capabilities: Default::default(),
+    };
     let mut filter = Plugin::load(
         &sandbox,
         "op-filter",
         &plugins.join("op-filter.wasm"),
-        &filter_config,
-        limits,
+        &settings(&[("operations", "insert,update,replace,delete")]),
     )?;
     let mut redact = Plugin::load(
         &sandbox,
         "redact",
         &plugins.join("redact.wasm"),
-        &redact_config,
-        limits,
+        &settings(&[("fields", "email")]),
     )?;
     // Sanity: both keep the event, and redact really rewrites it.
     let kept = filter

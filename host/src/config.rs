@@ -26,9 +26,16 @@ pub struct Config {
     /// Log format and level.
     #[serde(default)]
     pub log: LogConfig,
-    /// One entry per change stream to relay. At least one is required.
+    /// The wasm engine shared by every plugin.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+    /// One entry per change stream to relay. At least one is required. After loading,
+    /// each tenant of a pipeline is an entry of its own (see [`TenantConfig`]).
     #[serde(rename = "pipeline")]
     pub pipelines: Vec<PipelineConfig>,
+    /// The file this config was read from, for SIGHUP. Not a config key.
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
 /// How to reach NATS.
@@ -62,6 +69,49 @@ impl Default for LogConfig {
         LogConfig {
             format: LogFormat::default(),
             level: default_log_level(),
+        }
+    }
+}
+
+/// The engine every plugin runs in.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// Keep compiled plugins on disk, so a restart or reload skips compilation (seconds for
+    /// large Python or JavaScript components). Default: true.
+    #[serde(default = "default_true")]
+    pub cache: bool,
+    /// Where compiled plugins are kept. Default: `$XDG_CACHE_HOME/tidegate/compiled`, else
+    /// `$HOME/.cache/tidegate/compiled`. tidegate creates it private to its user and loads
+    /// only files it wrote there itself.
+    pub cache_dir: Option<PathBuf>,
+    /// Pre-reserve instance slots (wasmtime's pooling allocator): faster instantiation after
+    /// a trap or reload. Falls back to on-demand allocation, with a warning, where the
+    /// machine cannot reserve the address space. Default: true.
+    #[serde(default = "default_true")]
+    pub pooling: bool,
+    /// Most plugin instances alive at once (each plugin has one, plus one while it is being
+    /// reloaded). Past it, loading a plugin fails with a clear error rather than exhausting
+    /// memory. Default: 256.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: u32,
+    /// Watch plugin files and hot-reload a changed one (see `reload`). Default: true.
+    #[serde(default = "default_true")]
+    pub watch_plugins: bool,
+    /// How often plugin files are checked, in milliseconds. Default: 1000.
+    #[serde(default = "default_watch_interval_ms")]
+    pub watch_interval_ms: u64,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            cache: true,
+            cache_dir: None,
+            pooling: true,
+            max_instances: default_max_instances(),
+            watch_plugins: true,
+            watch_interval_ms: default_watch_interval_ms(),
         }
     }
 }
@@ -101,14 +151,176 @@ pub struct PipelineConfig {
     /// needs `changeStreamPreAndPostImages`).
     #[serde(default)]
     pub full_document_before_change: FullDocumentBeforeChange,
-    /// Plugins every event goes through, in order.
+    /// Plugins every event goes through, in order. With tenants, each tenant has its own.
     #[serde(default)]
     pub plugins: Vec<PluginConfig>,
-    /// Where messages go.
+    /// Sandbox limits for every plugin of this pipeline; a plugin's own `limits` override
+    /// them key by key. With tenants, each tenant has its own.
+    #[serde(default)]
+    pub limits: LimitOverrides,
+    /// What this pipeline's plugins may use beyond their own memory. Default: nothing.
+    #[serde(default)]
+    pub capabilities: Capabilities,
+    /// How a plugin that keeps failing is handled.
+    #[serde(default)]
+    pub quarantine: QuarantineConfig,
+    /// Where messages go. Required without tenants; with tenants, each tenant has its own.
+    #[serde(default)]
     pub sink: SinkConfig,
     /// Where the position is saved.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// Tenants sharing this pipeline's MongoDB source, each isolated from the others: its
+    /// own namespaces, plugins, limits, stream, subjects, dead letters and checkpoint.
+    /// Absent: the pipeline is one unit of its own.
+    #[serde(default, rename = "tenant")]
+    pub tenants: Vec<TenantConfig>,
+    /// Set when this unit was made from a `[[pipeline.tenant]]`: which tenant it runs and
+    /// what it may see. Not a config key.
+    #[serde(skip)]
+    pub tenant: Option<TenantScope>,
+}
+
+/// One tenant of a pipeline (`[[pipeline.tenant]]`). At load time each tenant becomes a
+/// unit of its own with id `<pipeline>.<tenant>`: its own change stream (narrowed on the
+/// server to its namespaces), plugin thread, publisher and checkpoint, so a slow or broken
+/// tenant can never hold another one back.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Unique within the pipeline: letters, digits, `-` and `_`.
+    pub id: String,
+    /// The namespaces the tenant may see: `db.coll`, or `db.*` for a whole database. They
+    /// must lie inside the pipeline's own scope. Enforced on the server (`$match`) and
+    /// again in the host before any plugin sees an event.
+    pub namespaces: Vec<String>,
+    /// The tenant's plugin chain.
+    #[serde(default)]
+    pub plugins: Vec<PluginConfig>,
+    /// Limits for the tenant's plugins (a plugin's own `limits` override them).
+    #[serde(default)]
+    pub limits: LimitOverrides,
+    /// What the tenant's plugins may use. Default: nothing.
+    #[serde(default)]
+    pub capabilities: Capabilities,
+    /// How the tenant's failing plugins are handled.
+    #[serde(default)]
+    pub quarantine: QuarantineConfig,
+    /// The tenant's stream and subjects. Every output must stay under its `subject_prefix`.
+    pub sink: SinkConfig,
+}
+
+/// What a tenant unit may see, kept for the host-side check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantScope {
+    /// The tenant's id.
+    pub id: String,
+    /// Its namespaces, parsed.
+    pub namespaces: Vec<NamespacePattern>,
+}
+
+/// `db.coll` or `db.*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespacePattern {
+    /// Database name.
+    pub db: String,
+    /// Collection name; `None` for every collection of `db`.
+    pub coll: Option<String>,
+}
+
+impl NamespacePattern {
+    /// Parses `db.coll` or `db.*`.
+    pub fn parse(text: &str) -> Result<NamespacePattern, String> {
+        let (db, coll) = text
+            .split_once('.')
+            .ok_or_else(|| format!("'{text}' is not 'db.collection' or 'db.*'"))?;
+        if db.is_empty() || coll.is_empty() || db.contains(['*', '$', ' ']) {
+            return Err(format!("'{text}' is not 'db.collection' or 'db.*'"));
+        }
+        let coll = match coll {
+            "*" => None,
+            c if c.contains('*') => {
+                return Err(format!(
+                    "'{text}': only a whole database may be matched with '*' (as in 'db.*')"
+                ))
+            }
+            c => Some(c.to_string()),
+        };
+        Ok(NamespacePattern {
+            db: db.to_string(),
+            coll,
+        })
+    }
+
+    /// Whether an event on `db`/`coll` falls under this pattern. Database-level events
+    /// (no collection, like dropDatabase) match any pattern of their database.
+    pub fn matches(&self, db: &str, coll: Option<&str>) -> bool {
+        self.db == db
+            && match (&self.coll, coll) {
+                (Some(mine), Some(theirs)) => mine == theirs,
+                _ => true,
+            }
+    }
+}
+
+/// Capabilities a plugin may be granted. Plugins that import WASI get a deny-by-default
+/// implementation: no files, no network, an empty environment, a clock stopped at the Unix
+/// epoch and a fixed random stream, unless granted here. Plugins that import nothing from
+/// WASI are unaffected.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    /// The real wall and monotonic clocks. Without it time stands still, so verdicts do not
+    /// depend on when an event is (re)played.
+    #[serde(default)]
+    pub clock: bool,
+    /// The host's random numbers. Without it the random stream is the same on every call.
+    #[serde(default)]
+    pub random: bool,
+    /// Environment variables the plugin may read (name only; the value is the host's).
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Host folders the plugin may read, mounted read-only at the same path.
+    #[serde(default)]
+    pub read_dirs: Vec<PathBuf>,
+}
+
+/// What happens to a plugin that fails many events in a row.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct QuarantineConfig {
+    /// Consecutive failed events (errors, traps, limit violations) after which the plugin
+    /// is quarantined: no longer called until it is reloaded. 0 turns quarantine off.
+    /// Default: 100.
+    #[serde(default = "default_quarantine_after")]
+    pub after_failures: u32,
+    /// What a quarantined plugin's events become: `dead-letter` (default: each one is
+    /// published to the dead-letter subject, reason `quarantined`), `skip` (dropped and
+    /// counted) or `halt` (the unit stops with an error; other units carry on).
+    #[serde(default)]
+    pub action: QuarantineAction,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        QuarantineConfig {
+            after_failures: default_quarantine_after(),
+            action: QuarantineAction::default(),
+        }
+    }
+}
+
+/// See [`QuarantineConfig::action`].
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum QuarantineAction {
+    /// Dead-letter every event the plugin would have seen.
+    #[default]
+    DeadLetter,
+    /// Drop them, counted.
+    Skip,
+    /// Stop the unit.
+    Halt,
 }
 
 /// `fullDocument` for update events.
@@ -151,39 +363,82 @@ pub struct PluginConfig {
     /// Key/values the plugin reads through its `config` import. Values must be strings.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
-    /// Sandbox limits for this plugin.
+    /// Sandbox limits for this plugin, overriding the pipeline's or tenant's key by key.
     #[serde(default)]
-    pub limits: PluginLimits,
+    pub limits: LimitOverrides,
 }
 
 /// What one plugin call may consume before it is stopped and the event dead-lettered.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PluginLimits {
-    /// Most linear memory the plugin instance may grow to, in MiB. Default: 64.
-    #[serde(default = "default_memory_mib")]
+    /// Most linear memory the plugin instance may grow to, in MiB.
     pub memory_mib: u32,
-    /// Most fuel (roughly, wasm instructions) one call may burn. Deterministic: the same
-    /// event gets the same verdict on replay. Default: 100,000,000.
-    #[serde(default = "default_fuel")]
+    /// Most fuel (roughly, wasm instructions) one call may burn.
     pub fuel_per_call: u64,
-    /// Wall-clock limit for one call, in milliseconds. Default: 1000.
-    #[serde(default = "default_call_timeout_ms")]
+    /// Wall-clock limit for one call, in milliseconds.
     pub timeout_ms: u64,
+    /// Most outputs one transform call may return.
+    pub max_outputs: u32,
+    /// Most bytes of documents all outputs of one call may carry together.
+    pub max_output_bytes: u64,
+    /// Most log lines one call may write; the rest are counted and dropped.
+    pub log_lines_per_call: u32,
 }
 
 impl Default for PluginLimits {
     fn default() -> Self {
+        LimitOverrides::default().resolve()
+    }
+}
+
+/// Limits as written in the file: any key may be left out and falls back to the level
+/// above (plugin → tenant or pipeline → built-in default).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitOverrides {
+    /// Most linear memory a plugin instance may grow to, in MiB. Default: 64.
+    pub memory_mib: Option<u32>,
+    /// Most fuel (roughly, wasm instructions) one call may burn. Deterministic: the same
+    /// event gets the same verdict on replay. Default: 100,000,000.
+    pub fuel_per_call: Option<u64>,
+    /// Wall-clock limit for one call, in milliseconds. Default: 1000.
+    pub timeout_ms: Option<u64>,
+    /// Most outputs one transform call may return. Default: 100.
+    pub max_outputs: Option<u32>,
+    /// Most bytes of documents the outputs of one call may carry together. Default: 4 MiB.
+    pub max_output_bytes: Option<u64>,
+    /// Most log lines one call may write. Default: 32.
+    pub log_lines_per_call: Option<u32>,
+}
+
+impl LimitOverrides {
+    /// These overrides, with unset keys taken from `fallback`.
+    pub fn or(self, fallback: LimitOverrides) -> LimitOverrides {
+        LimitOverrides {
+            memory_mib: self.memory_mib.or(fallback.memory_mib),
+            fuel_per_call: self.fuel_per_call.or(fallback.fuel_per_call),
+            timeout_ms: self.timeout_ms.or(fallback.timeout_ms),
+            max_outputs: self.max_outputs.or(fallback.max_outputs),
+            max_output_bytes: self.max_output_bytes.or(fallback.max_output_bytes),
+            log_lines_per_call: self.log_lines_per_call.or(fallback.log_lines_per_call),
+        }
+    }
+
+    /// The limits, with built-in defaults for unset keys.
+    pub fn resolve(self) -> PluginLimits {
         PluginLimits {
-            memory_mib: default_memory_mib(),
-            fuel_per_call: default_fuel(),
-            timeout_ms: default_call_timeout_ms(),
+            memory_mib: self.memory_mib.unwrap_or(64),
+            fuel_per_call: self.fuel_per_call.unwrap_or(100_000_000),
+            timeout_ms: self.timeout_ms.unwrap_or(1000),
+            max_outputs: self.max_outputs.unwrap_or(100),
+            max_output_bytes: self.max_output_bytes.unwrap_or(4 * 1024 * 1024),
+            log_lines_per_call: self.log_lines_per_call.unwrap_or(32),
         }
     }
 }
 
 /// The JetStream side of a pipeline.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
     /// JetStream stream name. Created (subjects `<subject_prefix>.>`) when missing; when it
@@ -290,14 +545,17 @@ fn default_log_level() -> String {
     // The NATS client logs every reconnect attempt at info; tidegate says it once.
     "info,async_nats=warn".to_string()
 }
-fn default_memory_mib() -> u32 {
-    64
+fn default_true() -> bool {
+    true
 }
-fn default_fuel() -> u64 {
-    100_000_000
-}
-fn default_call_timeout_ms() -> u64 {
+fn default_watch_interval_ms() -> u64 {
     1000
+}
+fn default_max_instances() -> u32 {
+    256
+}
+fn default_quarantine_after() -> u32 {
+    100
 }
 fn default_subject_template() -> String {
     "{prefix}.{db}.{coll}.{operation}".to_string()
@@ -330,12 +588,15 @@ impl Config {
             message: format!("cannot read it: {err}"),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, base, |name| std::env::var(name).ok()).map_err(|message| {
-            Error::Config {
-                path: path.to_path_buf(),
-                message,
-            }
-        })
+        let mut config =
+            Config::parse(&text, base, |name| std::env::var(name).ok()).map_err(|message| {
+                Error::Config {
+                    path: path.to_path_buf(),
+                    message,
+                }
+            })?;
+        config.path = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses config text. `base` resolves relative paths; `env` looks up overrides.
@@ -354,6 +615,7 @@ impl Config {
             }
         }
         config.plugin_dir = base.join(&config.plugin_dir);
+        config.pipelines = expand_tenants(std::mem::take(&mut config.pipelines))?;
         for plugin in config
             .pipelines
             .iter_mut()
@@ -367,19 +629,30 @@ impl Config {
         Ok(config)
     }
 
+    /// The largest memory cap of any plugin, which sizes the engine's instance slots.
+    pub fn largest_memory_mib(&self) -> u32 {
+        self.pipelines
+            .iter()
+            .flat_map(|p| p.plugins.iter().map(|plugin| p.plugin_limits(plugin)))
+            .map(|limits| limits.memory_mib)
+            .max()
+            .unwrap_or(0)
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.pipelines.is_empty() {
             return Err("no [[pipeline]] is configured; at least one is needed".into());
+        }
+        if self.sandbox.max_instances == 0 {
+            return Err("sandbox.max_instances: must be at least 1".into());
         }
         let mut ids = HashSet::new();
         let mut streams = HashSet::new();
         for pipeline in &self.pipelines {
             let at = |key: &str| format!("pipeline '{}': {key}", pipeline.id);
-            if pipeline.id.is_empty()
-                || !pipeline
-                    .id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            // A tenant unit's id is `<pipeline>.<tenant>`, both parts checked alike.
+            if !pipeline.id.split('.').all(is_valid_id)
+                || pipeline.id.contains('.') != pipeline.tenant.is_some()
             {
                 return Err(format!(
                     "pipeline id '{}' must be non-empty and use only letters, digits, '-' and '_'",
@@ -459,14 +732,26 @@ impl Config {
                     at("checkpoint.interval_ms")
                 ));
             }
+            if pipeline.quarantine.after_failures == 0
+                && pipeline.quarantine.action != QuarantineAction::DeadLetter
+            {
+                return Err(format!(
+                    "{}: an action is set but after_failures = 0 turns quarantine off",
+                    at("quarantine")
+                ));
+            }
+            for dir in &pipeline.capabilities.read_dirs {
+                if !dir.is_absolute() {
+                    return Err(format!(
+                        "{}: '{}' must be an absolute path",
+                        at("capabilities.read_dirs"),
+                        dir.display()
+                    ));
+                }
+            }
             let mut names = HashSet::new();
             for plugin in &pipeline.plugins {
-                if plugin.name.is_empty()
-                    || !plugin
-                        .name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                {
+                if !is_valid_id(&plugin.name) {
                     return Err(format!(
                         "{}: plugin name '{}' must use only letters, digits, '-' and '_'",
                         at("plugins"),
@@ -480,11 +765,16 @@ impl Config {
                         plugin.name
                     ));
                 }
-                let limits = plugin.limits;
-                if limits.memory_mib == 0 || limits.fuel_per_call == 0 || limits.timeout_ms == 0 {
+                let limits = pipeline.plugin_limits(plugin);
+                if limits.memory_mib == 0
+                    || limits.fuel_per_call == 0
+                    || limits.timeout_ms == 0
+                    || limits.max_output_bytes == 0
+                {
                     return Err(format!(
-                        "{}: limits of plugin '{}' must all be greater than zero",
-                        at("plugins.limits"),
+                        "{}: memory_mib, fuel_per_call, timeout_ms and max_output_bytes of \
+                         plugin '{}' must be greater than zero",
+                        at("limits"),
                         plugin.name
                     ));
                 }
@@ -494,7 +784,115 @@ impl Config {
     }
 }
 
+/// Turns every pipeline with `[[pipeline.tenant]]`s into one unit per tenant (see
+/// [`TenantConfig`]); pipelines without tenants are units as they are.
+fn expand_tenants(pipelines: Vec<PipelineConfig>) -> Result<Vec<PipelineConfig>, String> {
+    let mut units = Vec::new();
+    for mut pipeline in pipelines {
+        let tenants = std::mem::take(&mut pipeline.tenants);
+        if tenants.is_empty() {
+            if pipeline.sink.stream.is_empty() || pipeline.sink.subject_prefix.is_empty() {
+                return Err(format!(
+                    "pipeline '{}': [pipeline.sink] with `stream` and `subject_prefix` is \
+                     required (or [[pipeline.tenant]]s, each with its own sink)",
+                    pipeline.id
+                ));
+            }
+            units.push(pipeline);
+            continue;
+        }
+        if !pipeline.plugins.is_empty()
+            || !pipeline.sink.stream.is_empty()
+            || pipeline.limits != LimitOverrides::default()
+            || pipeline.capabilities != Capabilities::default()
+            || pipeline.quarantine != QuarantineConfig::default()
+        {
+            return Err(format!(
+                "pipeline '{}' has tenants: plugins, limits, capabilities, quarantine and sink \
+                 belong in each [[pipeline.tenant]], not in the pipeline",
+                pipeline.id
+            ));
+        }
+        let mut ids = HashSet::new();
+        for tenant in tenants {
+            let at =
+                |key: &str| format!("pipeline '{}', tenant '{}': {key}", pipeline.id, tenant.id);
+            if !is_valid_id(&tenant.id) {
+                return Err(format!(
+                    "{}: the id must be non-empty and use only letters, digits, '-' and '_'",
+                    at("id")
+                ));
+            }
+            if !ids.insert(tenant.id.clone()) {
+                return Err(format!("{}: used twice", at("id")));
+            }
+            if tenant.namespaces.is_empty() {
+                return Err(format!(
+                    "{}: list what the tenant may see ('db.coll' or 'db.*')",
+                    at("namespaces")
+                ));
+            }
+            let mut namespaces = Vec::new();
+            for text in &tenant.namespaces {
+                let pattern = NamespacePattern::parse(text)
+                    .map_err(|e| format!("{}: {e}", at("namespaces")))?;
+                let inside = pipeline
+                    .database
+                    .as_ref()
+                    .is_none_or(|db| *db == pattern.db)
+                    && (pipeline.collections.is_empty()
+                        || pattern
+                            .coll
+                            .as_ref()
+                            .is_some_and(|c| pipeline.collections.contains(c)));
+                if !inside {
+                    return Err(format!(
+                        "{}: '{text}' lies outside what the pipeline watches",
+                        at("namespaces")
+                    ));
+                }
+                namespaces.push(pattern);
+            }
+            units.push(PipelineConfig {
+                id: format!("{}.{}", pipeline.id, tenant.id),
+                plugins: tenant.plugins,
+                limits: tenant.limits,
+                capabilities: tenant.capabilities,
+                quarantine: tenant.quarantine,
+                sink: tenant.sink,
+                tenants: Vec::new(),
+                tenant: Some(TenantScope {
+                    id: tenant.id,
+                    namespaces,
+                }),
+                ..pipeline.clone()
+            });
+        }
+    }
+    Ok(units)
+}
+
 impl PipelineConfig {
+    /// The limits `plugin` runs under: its own, then the pipeline's (or tenant's), then the
+    /// built-in defaults.
+    pub fn plugin_limits(&self, plugin: &PluginConfig) -> PluginLimits {
+        plugin.limits.or(self.limits).resolve()
+    }
+
+    /// Whether this unit may see an event on `namespace`: always without tenants; for a
+    /// tenant, only its namespaces (and stream-level events such as invalidate, which have
+    /// no namespace).
+    pub fn may_see(&self, namespace: &crate::event::Namespace) -> bool {
+        let Some(tenant) = &self.tenant else {
+            return true;
+        };
+        namespace.db.is_empty()
+            || tenant
+                .namespaces
+                .iter()
+                .any(|p| p.matches(&namespace.db, namespace.coll.as_deref()))
+    }
+
     /// The dead-letter subject, with its default applied.
     pub fn dead_letter_subject(&self) -> String {
         self.sink
@@ -510,6 +908,14 @@ impl PipelineConfig {
             .clone()
             .unwrap_or_else(|| plugin_dir.join(format!("{}.wasm", plugin.name)))
     }
+}
+
+/// Whether `id` is a valid pipeline, tenant or plugin name: letters, digits, `-` and `_`.
+fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// The environment variable that overrides `key` of pipeline `id`.

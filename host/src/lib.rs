@@ -12,11 +12,15 @@
 //!                                                                      checkpoint
 //! ```
 //!
-//! - [`config`] — the TOML file: every key, its default, its validation.
+//! - [`config`] — the TOML file: every key, its default, its validation; tenants become
+//!   units of their own here.
 //! - [`source`] — the change stream: open, resume, heartbeat, fatal vs. transient errors.
 //! - [`event`] — the change as tidegate carries it (BSON documents, resume token).
-//! - [`plugin`] — loading components, the WIT bindings, running a chain over an event.
-//! - [`sandbox`] — the wasmtime engine and the limits of every plugin call.
+//! - [`plugin`] — loading components, the WIT bindings, running a chain over an event,
+//!   quarantine.
+//! - [`sandbox`] — the wasmtime engine, compiled-plugin cache, instance admission, and the
+//!   limits and capabilities of every plugin call.
+//! - [`reload`] — hot reload of changed plugin files, and SIGHUP.
 //! - [`encode`] — subjects and payload encodings.
 //! - [`sink`] — the JetStream stream check and the ordered, deduplicated publisher.
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
@@ -35,6 +39,7 @@ pub mod error;
 pub mod event;
 pub mod pipeline;
 pub mod plugin;
+pub mod reload;
 pub mod sandbox;
 pub mod sink;
 pub mod source;
@@ -53,6 +58,7 @@ pub fn load_chains(
     config: &Config,
     sandbox: &sandbox::Sandbox,
 ) -> Result<Vec<plugin::Chain>, Error> {
+    // `run` loads them itself, to hold tenants whose plugins fail instead of refusing all.
     config
         .pipelines
         .iter()
@@ -60,19 +66,39 @@ pub fn load_chains(
         .collect()
 }
 
+/// Creates the shared sandbox for `config`.
+pub fn new_sandbox(config: &Config) -> Result<sandbox::Sandbox, Error> {
+    sandbox::Sandbox::new(&config.sandbox, config.largest_memory_mib())
+        .map_err(|message| Error::Startup { message })
+}
+
 /// Runs every pipeline of `config` until `shutdown` resolves (then drains in-flight messages,
 /// checkpoints and returns `Ok`) or a pipeline fails (then stops the others the same way and
 /// returns its error).
+///
+/// Tenants are isolated from each other: a tenant whose plugins do not load is held (it
+/// reads nothing and keeps its checkpoint until a working plugin appears), and a tenant
+/// unit that fails stops alone, while the others carry on.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let sandbox = sandbox::Sandbox::new().map_err(|message| Error::Startup { message })?;
-    let chains = load_chains(&config, &sandbox)?;
-    for (pipeline, chain) in config.pipelines.iter().zip(&chains) {
-        let plugins: Vec<String> = chain
-            .plugins()
-            .iter()
-            .map(|p| format!("{}({:?})", p.name(), p.world()))
-            .collect();
-        tracing::info!(pipeline = %pipeline.id, plugins = %plugins.join(" → "), "plugins loaded");
+    let sandbox = std::sync::Arc::new(new_sandbox(&config)?);
+    let mut chains = Vec::new();
+    for pipeline in &config.pipelines {
+        match plugin::Chain::load(&sandbox, pipeline, &config.plugin_dir) {
+            Ok(chain) => {
+                let plugins: Vec<String> = chain
+                    .plugins()
+                    .iter()
+                    .map(|p| format!("{}({:?})", p.name(), p.world()))
+                    .collect();
+                tracing::info!(pipeline = %pipeline.id, plugins = %plugins.join(" → "), "plugins loaded");
+                chains.push(Some(chain));
+            }
+            Err(err) if pipeline.tenant.is_some() => {
+                tracing::error!(pipeline = %pipeline.id, "tenant held until its plugins load: {err}");
+                chains.push(None);
+            }
+            Err(err) => return Err(err),
+        }
     }
 
     let nats = async_nats::ConnectOptions::new()
@@ -125,9 +151,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    let mut handles = Vec::new();
     for (pipeline, chain) in config.pipelines.iter().cloned().zip(chains) {
-        tasks.spawn(pipeline::run(pipeline, chain, js.clone(), stop_rx.clone()));
+        let (updates_tx, updates_rx) = tokio::sync::mpsc::unbounded_channel();
+        handles.push(reload::UnitHandle::new(
+            pipeline.clone(),
+            &config.plugin_dir,
+            updates_tx,
+            chain.is_none(),
+        ));
+        let is_tenant = pipeline.tenant.is_some();
+        let run = pipeline::run(pipeline, chain, updates_rx, js.clone(), stop_rx.clone());
+        tasks.spawn(async move { (is_tenant, run.await) });
     }
+    let reloader = tokio::spawn(reload::run(
+        sandbox.clone(),
+        config.clone(),
+        handles,
+        stop_rx.clone(),
+    ));
 
     let mut outcome = Ok(());
     let mut stopping = false;
@@ -138,20 +180,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 let _ = stop_tx.send(true);
             }
             Some(done) = tasks.join_next() => {
-                let result = done.unwrap_or_else(|err| Err(Error::Startup {
+                let (is_tenant, result) = done.unwrap_or_else(|err| (false, Err(Error::Startup {
                     message: format!("pipeline task failed: {err}"),
-                }));
+                })));
                 if let Err(err) = result {
-                    tracing::error!(error = %err, "pipeline failed; stopping the others");
+                    if is_tenant && !stopping && !tasks.is_empty() {
+                        tracing::error!(error = %err, "tenant unit stopped; the other units carry on");
+                    } else {
+                        tracing::error!(error = %err, "pipeline failed; stopping the others");
+                        stopping = true;
+                        let _ = stop_tx.send(true);
+                    }
                     if outcome.is_ok() {
                         outcome = Err(err);
                     }
-                    stopping = true;
-                    let _ = stop_tx.send(true);
                 }
             }
         }
     }
+    let _ = stop_tx.send(true);
+    let _ = reloader.await;
     if let Err(err) = nats.flush().await {
         tracing::warn!(error = %err, "final NATS flush failed");
     }

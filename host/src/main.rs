@@ -68,7 +68,7 @@ fn main() -> ExitCode {
 }
 
 fn check(config: &tidegate::Config) -> anyhow::Result<()> {
-    let sandbox = tidegate::sandbox::Sandbox::new().map_err(anyhow::Error::msg)?;
+    let sandbox = tidegate::new_sandbox(config)?;
     let chains = tidegate::load_chains(config, &sandbox)?;
     for (pipeline, chain) in config.pipelines.iter().zip(chains) {
         let plugins: Vec<String> = chain

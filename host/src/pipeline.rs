@@ -28,6 +28,7 @@ use crate::encode::{self, SubjectTemplate};
 use crate::error::Error;
 use crate::event::SourceEvent;
 use crate::plugin::{CallError, Chain, Verdict};
+use crate::reload::ChainUpdate;
 use crate::sink::{self, Message, Position, Publisher, Unit};
 use crate::source::{self, SourceItem};
 use crate::telemetry::PipelineStats;
@@ -42,15 +43,34 @@ const UNIT_QUEUE_BATCHES: usize = 4;
 /// NATS's default `max_payload`, assumed if the server did not say.
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 
-/// Runs one pipeline until `shutdown` turns true (then drains and checkpoints) or a fatal
-/// error occurs.
+/// Runs one pipeline (or tenant unit) until `shutdown` turns true (then drains and
+/// checkpoints) or a fatal error occurs. Without a `chain` (its plugins failed to load) the
+/// unit holds: it reads nothing and keeps its checkpoint until `updates` brings a chain
+/// that loads. `updates` also carries hot reloads to the plugin thread.
 pub async fn run(
     pipeline: PipelineConfig,
-    chain: Chain,
+    chain: Option<Chain>,
+    mut updates: mpsc::UnboundedReceiver<ChainUpdate>,
     js: Context,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let id = pipeline.id.clone();
+    let chain = match chain {
+        Some(chain) => chain,
+        None => {
+            tracing::warn!(pipeline = %id, "holding: reading nothing until its plugins load");
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return Ok(()),
+                    update = updates.recv() => match update {
+                        Some(ChainUpdate::Chain(chain)) => break chain,
+                        Some(ChainUpdate::Plugin { .. }) => continue,
+                        None => return Ok(()),
+                    },
+                }
+            }
+        }
+    };
     let mongo = mongodb::Client::with_uri_str(&pipeline.mongodb_uri)
         .await
         .map_err(|err| Error::Source {
@@ -74,6 +94,7 @@ pub async fn run(
     let (event_tx, event_rx) = mpsc::channel::<Vec<SourceItem>>(SOURCE_QUEUE_BATCHES);
     let (unit_tx, mut unit_rx) = mpsc::channel::<Vec<Unit>>(UNIT_QUEUE_BATCHES);
 
+    let wake = event_tx.downgrade();
     let (source_stop_tx, source_stop_rx) = watch::channel(false);
     let source_task = tokio::spawn(source::run(
         mongo.clone(),
@@ -83,11 +104,32 @@ pub async fn run(
         source_stop_rx,
     ));
 
+    // Reloads reach the plugin thread between two events; an empty batch wakes it when the
+    // stream is idle. The weak sender never keeps the event channel open on its own.
+    let (reload_tx, reloads) = std::sync::mpsc::channel();
+    tokio::spawn(async move {
+        while let Some(update) = updates.recv().await {
+            let Some(wake) = wake.upgrade() else { return };
+            if reload_tx.send(update).is_err() || wake.send(Vec::new()).await.is_err() {
+                return;
+            }
+        }
+    });
+
     let framer = Framer::new(&pipeline, max_payload)?;
     let chain_stats = stats.clone();
+    let scope = pipeline.clone();
     let chain_thread = std::thread::Builder::new()
         .name(format!("tidegate-chain-{id}"))
-        .spawn(move || run_chain(chain, framer, event_rx, unit_tx, &chain_stats))
+        .spawn(move || {
+            let stages = ChainStages {
+                chain,
+                scope,
+                framer,
+                reloads,
+            };
+            stages.run(event_rx, unit_tx, &chain_stats)
+        })
         .map_err(|err| Error::Sink {
             pipeline: id.clone(),
             message: format!("cannot start plugin thread: {err}"),
@@ -100,7 +142,6 @@ pub async fn run(
     let summary_every = Duration::from_secs(30);
     let mut summary_timer =
         tokio::time::interval_at(tokio::time::Instant::now() + summary_every, summary_every);
-    let mut outcome: Result<(), Error> = Ok(());
     let mut inputs_open = true;
     // Units received but not yet published, waiting for room in the window.
     let mut backlog: VecDeque<Unit> = VecDeque::new();
@@ -143,14 +184,15 @@ pub async fn run(
     }
     save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
     stats.log(&id, publisher.stats());
-    if let Err(panic) = chain_thread.join() {
-        // Everything it had handed over was published and checkpointed above; what it held
-        // is replayed on restart. Stop rather than carry on without a chain.
-        outcome = Err(Error::Sink {
+    // Everything the plugin thread handed over was published and checkpointed above; what
+    // it held is replayed on restart.
+    let outcome = match chain_thread.join() {
+        Ok(result) => result,
+        Err(panic) => Err(Error::Sink {
             pipeline: id.clone(),
             message: format!("plugin thread panicked (a tidegate bug): {panic:?}"),
-        });
-    }
+        }),
+    };
     // The loop ends once the chain's input closed, i.e. once the source task returned: by
     // shutdown, or with a fatal error that everything read before it was published ahead of.
     let source_result = source_task.await.unwrap_or_else(|err| {
@@ -180,32 +222,91 @@ async fn save_if_moved(
     }
 }
 
-/// The plugin thread: runs each event through the chain and frames the result as messages,
-/// a batch at a time.
-fn run_chain(
-    mut chain: Chain,
+/// What the plugin thread owns.
+struct ChainStages {
+    chain: Chain,
+    /// The unit's config, for the tenant scope check.
+    scope: PipelineConfig,
     framer: Framer,
-    mut events: mpsc::Receiver<Vec<SourceItem>>,
-    units: mpsc::Sender<Vec<Unit>>,
-    stats: &PipelineStats,
-) {
-    while let Some(batch) = events.blocking_recv() {
-        let framed = batch
-            .into_iter()
-            .map(|item| match item {
-                SourceItem::Heartbeat(token) => Unit {
-                    messages: Vec::new(),
-                    token,
-                },
-                SourceItem::Event(event) => {
-                    stats.read();
-                    let verdict = chain.run(&event.change);
-                    framer.frame(&event, verdict, stats)
+    reloads: std::sync::mpsc::Receiver<ChainUpdate>,
+}
+
+impl ChainStages {
+    /// The plugin thread: runs each event through the chain and frames the result as
+    /// messages, a batch at a time. Reloaded plugins are swapped in between two events. A
+    /// quarantined plugin under the `halt` policy ends the thread with an error before the
+    /// event it would have seen, so that event is neither published nor checkpointed.
+    fn run(
+        mut self,
+        mut events: mpsc::Receiver<Vec<SourceItem>>,
+        units: mpsc::Sender<Vec<Unit>>,
+        stats: &PipelineStats,
+    ) -> Result<(), Error> {
+        while let Some(batch) = events.blocking_recv() {
+            self.apply_updates();
+            if batch.is_empty() {
+                continue;
+            }
+            let mut framed = Vec::with_capacity(batch.len());
+            let mut halted = None;
+            for item in batch {
+                self.apply_updates();
+                let event = match item {
+                    SourceItem::Heartbeat(token) => {
+                        framed.push(Unit {
+                            messages: Vec::new(),
+                            token,
+                        });
+                        continue;
+                    }
+                    SourceItem::Event(event) => event,
+                };
+                stats.read();
+                let verdict = if self.scope.may_see(&event.change.namespace) {
+                    self.chain.run(&event.change)
+                } else {
+                    Verdict::OutOfScope
+                };
+                if let Verdict::Halt(err) = verdict {
+                    halted = Some(err);
+                    break;
                 }
-            })
-            .collect();
-        if units.blocking_send(framed).is_err() {
-            return;
+                framed.push(self.framer.frame(&event, verdict, stats));
+            }
+            if units.blocking_send(framed).is_err() {
+                return Ok(());
+            }
+            if let Some(err) = halted {
+                return Err(Error::Plugin {
+                    name: err.plugin,
+                    path: Default::default(),
+                    message: format!(
+                        "unit '{}' halted: {} (quarantine action `halt`; fix the plugin and \
+                         restart, or send SIGHUP once it is replaced)",
+                        self.scope.id, err.message
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Swaps in whatever the reloader has sent.
+    fn apply_updates(&mut self) {
+        while let Ok(update) = self.reloads.try_recv() {
+            match update {
+                ChainUpdate::Plugin { index, plugin } => {
+                    let name = plugin.name().to_string();
+                    let hash = plugin.hash().to_string();
+                    if self.chain.replace(index, *plugin).is_some() {
+                        tracing::info!(pipeline = %self.scope.id, plugin = %name, %hash, "plugin reloaded");
+                    }
+                }
+                ChainUpdate::Chain(chain) => {
+                    self.chain = chain;
+                    tracing::info!(pipeline = %self.scope.id, "plugin chain reloaded");
+                }
+            }
         }
     }
 }
@@ -234,6 +335,9 @@ impl Framer {
         let mut common_headers = HeaderMap::new();
         common_headers.insert("Content-Type", pipeline.sink.encoding.content_type());
         common_headers.insert("Tidegate-Pipeline", pipeline.id.as_str());
+        if let Some(tenant) = &pipeline.tenant {
+            common_headers.insert("Tidegate-Tenant", tenant.id.as_str());
+        }
         Ok(Framer {
             pipeline: pipeline.id.clone(),
             subjects,
@@ -257,11 +361,21 @@ impl Framer {
                     token: event.token.clone(),
                 }
             }
-            Verdict::Publish(outputs) => outputs,
+            Verdict::Skip(_) | Verdict::Halt(_) => {
+                stats.skipped();
+                Vec::new()
+            }
+            Verdict::OutOfScope => {
+                stats.out_of_scope();
+                Vec::new()
+            }
+            Verdict::Publish(outputs) => {
+                if outputs.is_empty() {
+                    stats.filtered();
+                }
+                outputs
+            }
         };
-        if outputs.is_empty() {
-            stats.filtered();
-        }
         let mut messages = Vec::with_capacity(outputs.len());
         for (index, output) in outputs.into_iter().enumerate() {
             let change = output.change.as_ref().unwrap_or(change);
@@ -270,6 +384,7 @@ impl Framer {
                 Ok(payload) => {
                     let err = CallError {
                         plugin: String::new(),
+                        plugin_hash: String::new(),
                         kind: "too-large".into(),
                         message: format!(
                             "encoded event is {} bytes; the NATS server accepts at most {}",
@@ -285,6 +400,7 @@ impl Framer {
                 Err(message) => {
                     let err = CallError {
                         plugin: String::new(),
+                        plugin_hash: String::new(),
                         kind: "encoding".into(),
                         message,
                     };
@@ -346,6 +462,7 @@ impl Framer {
         headers.insert("Tidegate-Error", clean(&err.message).as_str());
         if !err.plugin.is_empty() {
             headers.insert("Tidegate-Plugin", clean(&err.plugin).as_str());
+            headers.insert("Tidegate-Plugin-Hash", clean(&err.plugin_hash).as_str());
         }
         headers.insert(
             "Tidegate-Original-Subject",

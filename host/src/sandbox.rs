@@ -1,4 +1,5 @@
-//! The wasm sandbox: one shared engine, and the limits every plugin call runs under.
+//! The wasm sandbox: one shared engine, the compiled-component cache, instance admission,
+//! and the limits and capabilities every plugin call runs under.
 //!
 //! - **Fuel** bounds the CPU of one call deterministically: a replayed event gets the same
 //!   verdict, which a wall-clock limit alone cannot promise.
@@ -7,42 +8,85 @@
 //!   [`EPOCH_TICK`], and each call gets a deadline in ticks.
 //! - **Memory** is capped per instance by a [`StoreLimits`] that traps on failed growth, so a
 //!   memory bomb is a trap with a reason rather than an allocation failure the guest ignores.
+//! - **Admission**: at most `sandbox.max_instances` instances live at once; past it loading
+//!   fails with a clear error instead of exhausting the pool or the machine.
+//! - **Capabilities**: the linker offers `tidegate:plugin/{log,config}` and WASI 0.2, the
+//!   latter deny-by-default (see [`wasi_context`]); any other import is refused at load.
 //!
 //! A store whose call trapped is never reused: the plugin gets a fresh instance for the next
 //! event (see `plugin::Plugin`).
-//!
-//! Plugins get no WASI at all: the only imports a linker offers are `log` and `config`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, ResourceTable};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder, Trap,
+};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::config::PluginLimits;
+use crate::config::{Capabilities, PluginLimits, SandboxConfig};
 
 /// How often the epoch advances; call deadlines are rounded up to it.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
-
-/// Most log lines one plugin call may write; the rest are counted and dropped, so a chatty
-/// plugin cannot flood the host's log.
-pub const MAX_LOG_LINES_PER_CALL: u32 = 32;
 
 /// The engine shared by every plugin, and the thread that drives its epoch.
 pub struct Sandbox {
     engine: Engine,
     stop_ticker: Arc<AtomicBool>,
+    cache: Option<ComponentCache>,
+    admission: Arc<Admission>,
+}
+
+/// A compiled component and where it came from.
+pub struct Compiled {
+    /// The component, ready to link.
+    pub component: Component,
+    /// `sha256:<hex>` of the file's bytes: names the exact plugin version in dead-letter
+    /// headers and logs.
+    pub hash: String,
+    /// Whether it was loaded from the on-disk cache instead of compiled.
+    pub cached: bool,
 }
 
 impl Sandbox {
-    /// Creates the engine with fuel and epoch interruption on.
-    pub fn new() -> Result<Sandbox, String> {
-        let mut config = Config::new();
-        config.wasm_component_model(true);
-        config.consume_fuel(true);
-        config.epoch_interruption(true);
-        let engine = Engine::new(&config).map_err(|err| format!("cannot create engine: {err}"))?;
+    /// Creates the engine with fuel and epoch interruption on, the pooling allocator if
+    /// configured and possible (its slots sized for `largest_memory_mib`), and the cache.
+    pub fn new(config: &SandboxConfig, largest_memory_mib: u32) -> Result<Sandbox, String> {
+        let pool_memory_mib = largest_memory_mib.max(64);
+        let (engine, pooled) = if config.pooling {
+            match Engine::new(&engine_config(Some((
+                config.max_instances,
+                pool_memory_mib,
+            )))) {
+                Ok(engine) => (engine, true),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot reserve the plugin instance pool; allocating instances on demand");
+                    (new_engine(None)?, false)
+                }
+            }
+        } else {
+            (new_engine(None)?, false)
+        };
+        let cache = if config.cache {
+            match ComponentCache::open(config.cache_dir.clone(), &engine) {
+                Ok(cache) => Some(cache),
+                Err(message) => {
+                    tracing::warn!("compiled-plugin cache disabled: {message}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let ticker_engine = engine.weak();
         let stop = stop_ticker.clone();
@@ -61,6 +105,13 @@ impl Sandbox {
         Ok(Sandbox {
             engine,
             stop_ticker,
+            cache,
+            admission: Arc::new(Admission {
+                capacity: config.max_instances,
+                used: AtomicU32::new(0),
+                pooled,
+                pool_memory_mib,
+            }),
         })
     }
 
@@ -68,11 +119,230 @@ impl Sandbox {
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
+
+    /// Whether instances come from the pre-reserved pool.
+    pub fn is_pooled(&self) -> bool {
+        self.admission.pooled
+    }
+
+    /// The admission counter every plugin instance must pass.
+    pub fn admission(&self) -> Arc<Admission> {
+        self.admission.clone()
+    }
+
+    /// Compiles a component, or loads it from the cache when this exact file was compiled
+    /// before by this exact engine.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, String> {
+        let hash = format!("sha256:{:x}", Sha256::digest(bytes));
+        if let Some(cache) = &self.cache {
+            if let Some(component) = cache.load(&self.engine, &hash) {
+                return Ok(Compiled {
+                    component,
+                    hash,
+                    cached: true,
+                });
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|err| format!("{err:#}"))?;
+        if let Some(cache) = &self.cache {
+            cache.store(&hash, &component);
+        }
+        Ok(Compiled {
+            component,
+            hash,
+            cached: false,
+        })
+    }
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Admission control in front of the instance pool: counts live instances against
+/// `sandbox.max_instances`.
+pub struct Admission {
+    capacity: u32,
+    used: AtomicU32,
+    pooled: bool,
+    pool_memory_mib: u32,
+}
+
+impl Admission {
+    /// Reserves one instance slot; the slot is freed when the returned [`Slot`] drops.
+    pub fn admit(self: &Arc<Self>, limits: &PluginLimits) -> Result<Slot, String> {
+        if self.pooled && limits.memory_mib > self.pool_memory_mib {
+            return Err(format!(
+                "its memory limit ({} MiB) is larger than the instance pool's slots ({} MiB), \
+                 which are sized at start-up from the config; restart tidegate to apply it",
+                limits.memory_mib, self.pool_memory_mib
+            ));
+        }
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            if used >= self.capacity {
+                return Err(format!(
+                    "all {} plugin instance slots are in use (sandbox.max_instances)",
+                    self.capacity
+                ));
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(Slot(self.clone())),
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    /// Instances alive now.
+    pub fn in_use(&self) -> u32 {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+fn new_engine(pool: Option<(u32, u32)>) -> Result<Engine, String> {
+    Engine::new(&engine_config(pool)).map_err(|err| format!("cannot create engine: {err}"))
+}
+
+/// The engine settings; `pool` is (instances, MiB per memory) for the pooling allocator.
+fn engine_config(pool: Option<(u32, u32)>) -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.consume_fuel(true);
+    config.epoch_interruption(true);
+    if let Some((instances, memory_mib)) = pool {
+        // Components built from Python or JavaScript hold several core modules, memories and
+        // large tables; the per-instance figures leave room for them.
+        let mut pooling = PoolingAllocationConfig::new();
+        pooling
+            .total_component_instances(instances)
+            .total_core_instances(instances * 8)
+            .total_memories(instances * 4)
+            .total_tables(instances * 8)
+            .max_memory_size(memory_mib as usize * 1024 * 1024)
+            .max_memories_per_module(2)
+            .max_tables_per_module(4)
+            .table_elements(200_000)
+            .max_core_instance_size(16 * 1024 * 1024)
+            .max_component_instance_size(16 * 1024 * 1024)
+            .max_core_instances_per_component(64)
+            .max_memories_per_component(16)
+            .max_tables_per_component(64);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+    }
+    config
+}
+
+/// One admitted instance; frees its slot when dropped.
+pub struct Slot(Arc<Admission>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Compiled components on disk, named `<sha256>-<engine>.cwasm`.
+///
+/// Loading a compiled component runs native code from the file, so only files tidegate
+/// wrote itself are loaded: the folder must belong to this user and be private to it
+/// (checked at start), and each file must belong to this user and be writable by no one
+/// else. A file that fails to load is recompiled and overwritten.
+struct ComponentCache {
+    dir: PathBuf,
+    engine_key: String,
+    uid: u32,
+}
+
+impl ComponentCache {
+    fn open(dir: Option<PathBuf>, engine: &Engine) -> Result<ComponentCache, String> {
+        let dir = match dir {
+            Some(dir) => dir,
+            None => std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+                .ok_or("neither XDG_CACHE_HOME nor HOME is set; set sandbox.cache_dir")?
+                .join("tidegate")
+                .join("compiled"),
+        };
+        std::fs::create_dir_all(&dir)
+            .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
+        let uid = std::fs::metadata("/proc/self")
+            .map_err(|err| format!("cannot tell this process's user: {err}"))?
+            .uid();
+        let meta = std::fs::metadata(&dir)
+            .map_err(|err| format!("cannot read {}: {err}", dir.display()))?;
+        if meta.uid() != uid {
+            return Err(format!(
+                "{} belongs to another user; compiled code is loaded only from a folder of \
+                 tidegate's own user",
+                dir.display()
+            ));
+        }
+        if meta.mode() & 0o077 != 0 {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|err| format!("cannot make {} private: {err}", dir.display()))?;
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        Ok(ComponentCache {
+            dir,
+            engine_key: format!("{:016x}", hasher.finish()),
+            uid,
+        })
+    }
+
+    fn path(&self, hash: &str) -> PathBuf {
+        let hex = hash.trim_start_matches("sha256:");
+        self.dir.join(format!("{hex}-{}.cwasm", self.engine_key))
+    }
+
+    fn load(&self, engine: &Engine, hash: &str) -> Option<Component> {
+        let path = self.path(hash);
+        let meta = std::fs::symlink_metadata(&path).ok()?;
+        if !meta.is_file() || meta.uid() != self.uid || meta.mode() & 0o022 != 0 {
+            tracing::warn!(file = %path.display(), "ignoring a compiled plugin tidegate did not write");
+            return None;
+        }
+        // SAFETY: the file was written by `store` below from `Component::serialize` (it
+        // belongs to this user, in a folder private to this user, and is not writable by
+        // anyone else), and wasmtime checks that it matches this engine's version and
+        // settings before using it.
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(component) => Some(component),
+            Err(err) => {
+                tracing::warn!(file = %path.display(), error = %err, "cached plugin unusable; recompiling");
+                None
+            }
+        }
+    }
+
+    fn store(&self, hash: &str, component: &Component) {
+        let result = component
+            .serialize()
+            .map_err(|err| err.to_string())
+            .and_then(|bytes| {
+                let path = self.path(hash);
+                let temp = path.with_extension(format!("tmp{}", std::process::id()));
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&temp)
+                    .map_err(|err| err.to_string())?;
+                file.write_all(&bytes).map_err(|err| err.to_string())?;
+                std::fs::rename(&temp, &path).map_err(|err| err.to_string())
+            });
+        if let Err(err) = result {
+            tracing::warn!(dir = %self.dir.display(), error = %err, "cannot cache compiled plugin");
+        }
     }
 }
 
@@ -83,12 +353,16 @@ pub struct PluginState {
     /// The plugin's own config (what its `config` import returns).
     pub config: BTreeMap<String, String>,
     limits: StoreLimits,
+    log_cap: u32,
     log_lines: u32,
     log_dropped: u32,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    _slot: Slot,
 }
 
 impl PluginState {
-    /// How many log lines the current call tried to write past [`MAX_LOG_LINES_PER_CALL`].
+    /// How many log lines the current call tried to write past its cap.
     pub fn take_dropped_log_lines(&mut self) -> u32 {
         self.log_lines = 0;
         std::mem::take(&mut self.log_dropped)
@@ -96,7 +370,7 @@ impl PluginState {
 
     /// Counts one log line; false when the per-call cap is reached.
     pub fn admit_log_line(&mut self) -> bool {
-        if self.log_lines >= MAX_LOG_LINES_PER_CALL {
+        if self.log_lines >= self.log_cap {
             self.log_dropped += 1;
             return false;
         }
@@ -105,25 +379,93 @@ impl PluginState {
     }
 }
 
-/// A fresh store for one plugin instance, with its memory cap installed.
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// What a plugin is allowed beyond its own memory, as a WASI context. Without grants:
+/// no preopened folders, an empty environment and no arguments, stdio closed, every socket
+/// address and name lookup denied (wasmtime-wasi's defaults), the clocks stopped at the
+/// Unix epoch and a fixed random stream, so a plugin's verdict cannot depend on when or
+/// how often an event is replayed.
+pub fn wasi_context(capabilities: &Capabilities) -> Result<WasiCtx, String> {
+    let mut builder = WasiCtxBuilder::new();
+    for name in &capabilities.env {
+        if let Ok(value) = std::env::var(name) {
+            builder.env(name, value);
+        }
+    }
+    for dir in &capabilities.read_dirs {
+        let guest = dir.to_string_lossy();
+        builder
+            .preopened_dir(dir, guest.as_ref(), FsPerms::ReadOnly)
+            .map_err(|err| format!("cannot open granted folder {}: {err}", dir.display()))?;
+    }
+    if !capabilities.clock {
+        builder
+            .wall_clock(StoppedClock)
+            .monotonic_clock(StoppedClock);
+    }
+    if !capabilities.random {
+        builder
+            .secure_random(wasmtime_wasi::Deterministic::new(vec![42; 32]))
+            .insecure_random(wasmtime_wasi::Deterministic::new(vec![42; 32]))
+            .insecure_random_seed(42);
+    }
+    Ok(builder.build())
+}
+
+/// The clock a plugin without the `clock` capability sees.
+struct StoppedClock;
+
+impl wasmtime_wasi::HostWallClock for StoppedClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for StoppedClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+/// A fresh store for one plugin instance, with its memory cap and capabilities installed.
 pub fn new_store(
     engine: &Engine,
     plugin: &str,
     config: &BTreeMap<String, String>,
     limits: &PluginLimits,
+    wasi: WasiCtx,
+    slot: Slot,
 ) -> Store<PluginState> {
     let state = PluginState {
         plugin: plugin.to_string(),
         config: config.clone(),
         limits: StoreLimitsBuilder::new()
             .memory_size(limits.memory_mib as usize * 1024 * 1024)
-            .instances(16)
+            .instances(64)
             .tables(64)
-            .memories(4)
+            .memories(16)
             .trap_on_grow_failure(true)
             .build(),
+        log_cap: limits.log_lines_per_call,
         log_lines: 0,
         log_dropped: 0,
+        wasi,
+        table: ResourceTable::new(),
+        _slot: slot,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limits);

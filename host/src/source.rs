@@ -307,12 +307,25 @@ async fn open(
 }
 
 /// The `$match` stages that narrow a database- or deployment-wide stream on the server:
-/// the listed collections only, and never the pipeline's own checkpoint collection (whose
-/// writes would otherwise be published, checkpointed, published… forever).
+/// the listed collections only, a tenant's namespaces only, and never the pipeline's own
+/// checkpoint collection (whose writes would otherwise be published, checkpointed,
+/// published… forever).
 fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
     let mut stages = Vec::new();
     if pipeline.collections.len() > 1 {
         stages.push(doc! { "$match": { "ns.coll": { "$in": pipeline.collections.clone() } } });
+    }
+    if let Some(tenant) = &pipeline.tenant {
+        // Mirrors `PipelineConfig::may_see`, which checks every event again in the host.
+        let mut allowed = vec![doc! { "operationType": "invalidate" }];
+        for pattern in &tenant.namespaces {
+            allowed.push(match &pattern.coll {
+                Some(coll) => doc! { "ns.db": &pattern.db, "ns.coll": coll },
+                None => doc! { "ns.db": &pattern.db },
+            });
+            allowed.push(doc! { "ns.db": &pattern.db, "ns.coll": { "$exists": false } });
+        }
+        stages.push(doc! { "$match": { "$or": allowed } });
     }
     let checkpoint = &pipeline.checkpoint;
     let may_see_checkpoints = match &pipeline.database {

@@ -33,6 +33,8 @@ pub struct PipelineStats {
     read: AtomicU64,
     filtered: AtomicU64,
     dead_lettered: AtomicU64,
+    skipped: AtomicU64,
+    out_of_scope: AtomicU64,
 }
 
 impl PipelineStats {
@@ -44,6 +46,16 @@ impl PipelineStats {
     /// One event dropped by a filter.
     pub fn filtered(&self) {
         self.filtered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One event dropped because its plugin is quarantined with the `skip` action.
+    pub fn skipped(&self) {
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One event outside a tenant's namespaces, stopped by the host-side check.
+    pub fn out_of_scope(&self) {
+        self.out_of_scope.fetch_add(1, Ordering::Relaxed);
     }
 
     /// One event sent to the dead-letter subject.
@@ -58,6 +70,8 @@ impl PipelineStats {
             read = self.read.load(Ordering::Relaxed),
             filtered = self.filtered.load(Ordering::Relaxed),
             dead_lettered = self.dead_lettered.load(Ordering::Relaxed),
+            skipped = self.skipped.load(Ordering::Relaxed),
+            out_of_scope = self.out_of_scope.load(Ordering::Relaxed),
             published = sink.published,
             duplicates = sink.duplicates,
             retries = sink.retries,

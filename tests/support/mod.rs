@@ -226,6 +226,46 @@ impl InProcess {
     }
 }
 
+/// Builds a component from an inline WIT world and a WAT core module with `wasm-tools`.
+pub fn component(
+    dir: &std::path::Path,
+    name: &str,
+    wit: &str,
+    world: &str,
+    wat: &str,
+) -> std::path::PathBuf {
+    let tools = tidegate_testkit::wasm_tools_path().expect("wasm-tools installed");
+    std::fs::write(dir.join(format!("{name}.wit")), wit).expect("write wit");
+    std::fs::write(dir.join(format!("{name}.wat")), wat).expect("write wat");
+    let core = dir.join(format!("{name}.core.wasm"));
+    let out = dir.join(format!("{name}.wasm"));
+    let run = |args: &[&std::ffi::OsStr]| {
+        let status = std::process::Command::new(&tools)
+            .args(args)
+            .status()
+            .expect("run wasm-tools");
+        assert!(status.success(), "wasm-tools {args:?}");
+    };
+    run(&[
+        "component".as_ref(),
+        "embed".as_ref(),
+        "--world".as_ref(),
+        world.as_ref(),
+        dir.join(format!("{name}.wit")).as_os_str(),
+        dir.join(format!("{name}.wat")).as_os_str(),
+        "-o".as_ref(),
+        core.as_os_str(),
+    ]);
+    run(&[
+        "component".as_ref(),
+        "new".as_ref(),
+        core.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ]);
+    out
+}
+
 /// A header's value, if present.
 /// (Names are compared as text: async-nats keys well-known names such as `Nats-Msg-Id`
 /// differently from custom ones.)

@@ -3,13 +3,15 @@
 //! A [`Plugin`] is one component, checked at load time against the world it exports
 //! (`filter` or `transform`), pre-instantiated once, and given its own store. A [`Chain`] runs
 //! a pipeline's plugins in order over one event and says what to publish, or why the event
-//! must be dead-lettered.
+//! must be dead-lettered. A plugin that fails many events in a row is quarantined (see
+//! `config::QuarantineConfig`) until it is reloaded.
 
 pub mod bindings;
 pub mod convert;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, Store};
@@ -17,10 +19,13 @@ use wasmtime::{Engine, Store};
 use self::bindings::filter::{Filter, FilterPre};
 use self::bindings::transform::{Transform, TransformPre};
 use self::bindings::wit;
-use crate::config::{is_under_prefix, is_valid_subject, PipelineConfig, PluginLimits};
+use crate::config::{
+    is_under_prefix, is_valid_subject, Capabilities, PipelineConfig, PluginLimits,
+    QuarantineAction, QuarantineConfig,
+};
 use crate::error::Error;
 use crate::event::Change;
-use crate::sandbox::{self, PluginState, Sandbox};
+use crate::sandbox::{self, Admission, PluginState, Sandbox};
 
 impl wit::Host for PluginState {}
 
@@ -72,16 +77,30 @@ enum Instance {
     Transform(Transform),
 }
 
+/// Everything a plugin is loaded with besides its file.
+#[derive(Debug, Clone)]
+pub struct PluginSettings {
+    /// Its own key/values (what its `config` import returns).
+    pub config: BTreeMap<String, String>,
+    /// Limits of each call.
+    pub limits: PluginLimits,
+    /// What it may use beyond its memory.
+    pub capabilities: Capabilities,
+}
+
 /// One loaded plugin with its (lazily re-created) instance.
 pub struct Plugin {
     name: String,
     path: PathBuf,
+    hash: String,
     world: World,
-    config: BTreeMap<String, String>,
-    limits: PluginLimits,
+    settings: PluginSettings,
     engine: Engine,
+    admission: Arc<Admission>,
     pre: Pre,
     live: Option<(Store<PluginState>, Instance)>,
+    failures_in_a_row: u32,
+    quarantined: bool,
     last_fuel_used: u64,
 }
 
@@ -90,8 +109,10 @@ pub struct Plugin {
 pub struct CallError {
     /// The plugin's name.
     pub plugin: String,
+    /// The plugin file's `sha256:<hex>`, naming the exact version that failed.
+    pub plugin_hash: String,
     /// Short machine-friendly kind: `plugin-error`, `trap`, `out-of-fuel`, `deadline`,
-    /// `memory` or `invalid-output`.
+    /// `memory`, `output-too-large`, `invalid-output`, `quarantined` or `admission`.
     pub kind: String,
     /// Human-readable detail.
     pub message: String,
@@ -103,8 +124,7 @@ impl Plugin {
         sandbox: &Sandbox,
         name: &str,
         path: &Path,
-        config: &BTreeMap<String, String>,
-        limits: PluginLimits,
+        settings: &PluginSettings,
     ) -> Result<Plugin, Error> {
         let fail = |message: String| Error::Plugin {
             name: name.to_string(),
@@ -117,12 +137,13 @@ impl Plugin {
             return Err(fail("not a WebAssembly file (no \\0asm header)".into()));
         }
         let engine = sandbox.engine().clone();
-        let component = Component::new(&engine, &bytes).map_err(|err| {
+        let compiled = sandbox.compile(&bytes).map_err(|err| {
             fail(format!(
                 "not a valid WebAssembly component (a core module must be wrapped with \
-                 `wasm-tools component new`): {err:#}"
+                 `wasm-tools component new`): {err}"
             ))
         })?;
+        let component: Component = compiled.component;
         let exports: Vec<String> = component
             .component_type()
             .exports(&engine)
@@ -142,10 +163,13 @@ impl Plugin {
         let mut linker: Linker<PluginState> = Linker::new(&engine);
         Filter::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |state| state)
             .map_err(|err| fail(format!("cannot set up imports: {err:#}")))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|err| fail(format!("cannot set up WASI imports: {err:#}")))?;
         let instance_pre = linker.instantiate_pre(&component).map_err(|err| {
             fail(format!(
-                "imports something tidegate does not grant (only tidegate:plugin/log and \
-                 tidegate:plugin/config are offered): {err:#}"
+                "imports something tidegate does not grant (offered: tidegate:plugin/log, \
+                 tidegate:plugin/config, and WASI 0.2 with only the capabilities the config \
+                 grants): {err:#}"
             ))
         })?;
         let pre = match world {
@@ -163,16 +187,43 @@ impl Plugin {
         let mut plugin = Plugin {
             name: name.to_string(),
             path: path.to_path_buf(),
+            hash: compiled.hash,
             world,
-            config: config.clone(),
-            limits,
+            settings: settings.clone(),
             engine,
+            admission: sandbox.admission(),
             pre,
             live: None,
+            failures_in_a_row: 0,
+            quarantined: false,
             last_fuel_used: 0,
         };
         plugin.live = Some(plugin.instantiate().map_err(|err| fail(err.message))?);
         Ok(plugin)
+    }
+
+    /// The file's `sha256:<hex>`.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// Whether the plugin is quarantined (not called until reloaded).
+    pub fn is_quarantined(&self) -> bool {
+        self.quarantined
+    }
+
+    /// Calls the plugin once on a synthetic event, then gives it a fresh instance, so a new
+    /// version that traps on contact is refused before it replaces a working one. A
+    /// `plugin-error` verdict passes: plugins may rightly reject an event they do not know.
+    pub fn smoke_test(&mut self) -> Result<(), CallError> {
+        let probe = convert::to_wit(&Change::probe());
+        match self.call(&probe) {
+            Err(err) if err.kind != "plugin-error" => return Err(err),
+            _ => {}
+        }
+        self.live = None;
+        self.live = Some(self.instantiate()?);
+        Ok(())
     }
 
     /// The plugin's name.
@@ -198,6 +249,7 @@ impl Plugin {
     fn error(&self, kind: &str, message: impl Into<String>) -> CallError {
         CallError {
             plugin: self.name.clone(),
+            plugin_hash: self.hash.clone(),
             kind: kind.to_string(),
             message: message.into(),
         }
@@ -205,8 +257,22 @@ impl Plugin {
 
     /// A fresh instance, `init` already called.
     fn instantiate(&self) -> Result<(Store<PluginState>, Instance), CallError> {
-        let mut store = sandbox::new_store(&self.engine, &self.name, &self.config, &self.limits);
-        sandbox::arm(&mut store, &self.limits).map_err(|m| self.error("trap", m))?;
+        let limits = &self.settings.limits;
+        let slot = self
+            .admission
+            .admit(limits)
+            .map_err(|m| self.error("admission", m))?;
+        let wasi = sandbox::wasi_context(&self.settings.capabilities)
+            .map_err(|m| self.error("admission", m))?;
+        let mut store = sandbox::new_store(
+            &self.engine,
+            &self.name,
+            &self.settings.config,
+            limits,
+            wasi,
+            slot,
+        );
+        sandbox::arm(&mut store, limits).map_err(|m| self.error("trap", m))?;
         let instance = match &self.pre {
             Pre::Filter(pre) => pre.instantiate(&mut store).map(Instance::Filter),
             Pre::Transform(pre) => pre.instantiate(&mut store).map(Instance::Transform),
@@ -238,7 +304,7 @@ impl Plugin {
             Some(live) => live,
             None => self.instantiate()?,
         };
-        sandbox::arm(&mut store, &self.limits).map_err(|m| self.error("trap", m))?;
+        sandbox::arm(&mut store, &self.settings.limits).map_err(|m| self.error("trap", m))?;
         let result = match &instance {
             Instance::Filter(f) => f
                 .call_filter(&mut store, event)
@@ -247,7 +313,7 @@ impl Plugin {
                 .call_transform(&mut store, event)
                 .map(|r| r.map(Decision::Replace)),
         };
-        self.last_fuel_used = sandbox::fuel_used(&store, &self.limits);
+        self.last_fuel_used = sandbox::fuel_used(&store, &self.settings.limits);
         let dropped = store.data_mut().take_dropped_log_lines();
         if dropped > 0 {
             tracing::warn!(plugin = %self.name, dropped, "plugin log lines over the per-call cap were dropped");
@@ -308,12 +374,21 @@ pub enum Verdict {
     Publish(Vec<Output>),
     /// A plugin failed: publish the original event to the dead-letter subject.
     DeadLetter(CallError),
+    /// A quarantined plugin's event, dropped by the `skip` policy.
+    Skip(CallError),
+    /// A quarantined plugin's event under the `halt` policy: the unit must stop before it.
+    Halt(CallError),
+    /// The event lies outside the tenant's namespaces (the server-side filter should have
+    /// kept it away): no plugin saw it and nothing is published.
+    OutOfScope,
 }
 
 /// A pipeline's plugins, in order.
 pub struct Chain {
     plugins: Vec<Plugin>,
     subject_prefix: String,
+    quarantine: QuarantineConfig,
+    unit: String,
 }
 
 impl Chain {
@@ -328,13 +403,24 @@ impl Chain {
             .iter()
             .map(|p| {
                 let path = PipelineConfig::plugin_path(p, plugin_dir);
-                Plugin::load(sandbox, &p.name, &path, &p.config, p.limits)
+                Plugin::load(sandbox, &p.name, &path, &Chain::settings(pipeline, p))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Chain {
             plugins,
             subject_prefix: pipeline.sink.subject_prefix.clone(),
+            quarantine: pipeline.quarantine,
+            unit: pipeline.id.clone(),
         })
+    }
+
+    /// What plugin `p` of `pipeline` is loaded with.
+    pub fn settings(pipeline: &PipelineConfig, p: &crate::config::PluginConfig) -> PluginSettings {
+        PluginSettings {
+            config: p.config.clone(),
+            limits: pipeline.plugin_limits(p),
+            capabilities: pipeline.capabilities.clone(),
+        }
     }
 
     /// The loaded plugins.
@@ -342,20 +428,86 @@ impl Chain {
         &self.plugins
     }
 
-    /// Runs the chain over one change.
+    /// Puts a new version of the plugin at `index` in place, between two events. Its
+    /// failure count and any quarantine start afresh.
+    pub fn replace(&mut self, index: usize, plugin: Plugin) -> Option<Plugin> {
+        let slot = self.plugins.get_mut(index)?;
+        Some(std::mem::replace(slot, plugin))
+    }
+
+    /// Runs every plugin once on a synthetic event (see [`Plugin::smoke_test`]).
+    pub fn smoke_test(&mut self) -> Result<(), CallError> {
+        self.plugins.iter_mut().try_for_each(Plugin::smoke_test)
+    }
+
+    /// Records the outcome of one call of plugin `index`, quarantining it when it has failed
+    /// too often in a row.
+    fn record(&mut self, index: usize, failed: Option<&CallError>) {
+        let after = self.quarantine.after_failures;
+        let Some(plugin) = self.plugins.get_mut(index) else {
+            return;
+        };
+        let Some(err) = failed else {
+            plugin.failures_in_a_row = 0;
+            return;
+        };
+        plugin.failures_in_a_row += 1;
+        if after > 0 && plugin.failures_in_a_row >= after && !plugin.quarantined {
+            plugin.quarantined = true;
+            tracing::error!(
+                pipeline = %self.unit,
+                plugin = %plugin.name,
+                hash = %plugin.hash,
+                failures = plugin.failures_in_a_row,
+                last_error = %err.message,
+                action = ?self.quarantine.action,
+                "plugin quarantined: it is no longer called. Release it by replacing {} (it is \
+                 reloaded automatically) or by sending SIGHUP",
+                plugin.path.display()
+            );
+        }
+    }
+
+    /// What a quarantined plugin's event becomes.
+    fn quarantined(&self, index: usize) -> Option<Verdict> {
+        let plugin = self.plugins.get(index).filter(|p| p.quarantined)?;
+        let err = plugin.error(
+            "quarantined",
+            format!(
+                "plugin failed {} events in a row and is quarantined until reloaded",
+                plugin.failures_in_a_row
+            ),
+        );
+        Some(match self.quarantine.action {
+            QuarantineAction::DeadLetter => Verdict::DeadLetter(err),
+            QuarantineAction::Skip => Verdict::Skip(err),
+            QuarantineAction::Halt => Verdict::Halt(err),
+        })
+    }
+
+    /// Runs the chain over one change of a unit whose scope check `may_see` is already done.
     pub fn run(&mut self, change: &Change) -> Verdict {
         // The contract's form of the original, converted only if some plugin needs it.
         let mut sent: Option<wit::ChangeEvent> = None;
         // What flows down the chain; `None` is the original event, untouched so far.
         let mut current: Vec<Option<wit::Output>> = vec![None];
-        for plugin in &mut self.plugins {
+        for index in 0..self.plugins.len() {
+            if let Some(verdict) = self.quarantined(index) {
+                return verdict;
+            }
             let mut next = Vec::with_capacity(current.len());
             for item in current {
                 let input = match &item {
                     Some(output) => &output.event,
                     None => &*sent.get_or_insert_with(|| convert::to_wit(change)),
                 };
-                let outputs = match plugin.call(input) {
+                let plugin = &mut self.plugins[index];
+                let result = plugin.call(input).and_then(|decision| {
+                    check_outputs(plugin, &decision, input, &self.subject_prefix)?;
+                    Ok(decision)
+                });
+                self.record(index, result.as_ref().err());
+                let outputs = match result {
                     Ok(Decision::Keep) => {
                         next.push(item);
                         continue;
@@ -365,9 +517,6 @@ impl Chain {
                     Err(err) => return Verdict::DeadLetter(err),
                 };
                 for mut out in outputs {
-                    if let Err(message) = check_output(&out, input, &self.subject_prefix) {
-                        return Verdict::DeadLetter(plugin.error("invalid-output", message));
-                    }
                     if let Some(earlier) = &item {
                         out.subject = out.subject.or_else(|| earlier.subject.clone());
                         let mut headers = earlier.headers.clone();
@@ -401,10 +550,11 @@ impl Chain {
                     let last = self
                         .plugins
                         .last()
-                        .map(|p| p.name.clone())
+                        .map(|p| (p.name.clone(), p.hash.clone()))
                         .unwrap_or_default();
                     return Verdict::DeadLetter(CallError {
-                        plugin: last,
+                        plugin: last.0,
+                        plugin_hash: last.1,
                         kind: "invalid-output".into(),
                         message,
                     });
@@ -413,6 +563,66 @@ impl Chain {
         }
         Verdict::Publish(outputs)
     }
+}
+
+/// Checks a transform's outputs against its limits (count and bytes: `output-too-large`)
+/// and the contract (`invalid-output`, see [`check_output`]).
+fn check_outputs(
+    plugin: &Plugin,
+    decision: &Decision,
+    input: &wit::ChangeEvent,
+    prefix: &str,
+) -> Result<(), CallError> {
+    let Decision::Replace(outputs) = decision else {
+        return Ok(());
+    };
+    let limits = &plugin.settings.limits;
+    if outputs.len() > limits.max_outputs as usize {
+        return Err(plugin.error(
+            "output-too-large",
+            format!(
+                "{} outputs for one event; the limit is {} (limits.max_outputs)",
+                outputs.len(),
+                limits.max_outputs
+            ),
+        ));
+    }
+    let bytes: u64 = outputs.iter().map(|o| output_bytes(o) as u64).sum();
+    if bytes > limits.max_output_bytes {
+        return Err(plugin.error(
+            "output-too-large",
+            format!(
+                "outputs carry {bytes} bytes for one event; the limit is {} (limits.max_output_bytes)",
+                limits.max_output_bytes
+            ),
+        ));
+    }
+    for out in outputs {
+        check_output(out, input, prefix)
+            .map_err(|message| plugin.error("invalid-output", message))?;
+    }
+    Ok(())
+}
+
+/// Bytes of documents and headers in one output: what it costs the host to carry.
+fn output_bytes(out: &wit::Output) -> usize {
+    let event = &out.event;
+    let docs = [
+        event.document_key.as_ref(),
+        event.full_document.as_ref(),
+        event.full_document_before_change.as_ref(),
+    ];
+    docs.iter().flatten().map(|d| d.len()).sum::<usize>()
+        + event
+            .update_description
+            .as_ref()
+            .map(|u| u.updated_fields.len())
+            .unwrap_or(0)
+        + out
+            .headers
+            .iter()
+            .map(|h| h.name.len() + h.value.len())
+            .sum::<usize>()
 }
 
 /// What a transform may not do to an output: change the event id, leave the pipeline's

@@ -21,9 +21,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Subcommand, ValueEnum};
-use tidegate::config::Encoding;
-use tidegate::config::PluginLimits;
-use tidegate::plugin::{convert, Decision, Plugin};
+use tidegate::config::{Capabilities, Encoding, PluginLimits, SandboxConfig};
+use tidegate::plugin::{convert, Decision, Plugin, PluginSettings};
 use tidegate::sandbox::Sandbox;
 
 /// `tidegate plugin <command>`.
@@ -58,6 +57,10 @@ pub enum Command {
         /// Wall-clock limit per call, ms (production default 1000).
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// Grant a WASI capability, as `capabilities` does in the config: `clock` or
+        /// `random` (repeatable; production default: none).
+        #[arg(long = "allow", value_name = "CAPABILITY")]
+        allow: Vec<String>,
     },
     /// Create a new plugin project in `<dir>/<name>` with a working example and a test.
     New {
@@ -93,7 +96,14 @@ pub enum Lang {
 /// failed, 2 on bad arguments.
 pub fn run(command: Command) -> ExitCode {
     let result = match command {
-        Command::Inspect { file, config } => parse_config(&config).and_then(|c| inspect(&file, &c)),
+        Command::Inspect { file, config } => parse_config(&config).and_then(|config| {
+            let settings = PluginSettings {
+                config,
+                limits: PluginLimits::default(),
+                capabilities: Capabilities::default(),
+            };
+            inspect(&file, &settings)
+        }),
         Command::Test {
             file,
             events,
@@ -101,12 +111,26 @@ pub fn run(command: Command) -> ExitCode {
             memory_mib,
             fuel,
             timeout_ms,
-        } => parse_config(&config).and_then(|c| {
+            allow,
+        } => parse_config(&config).and_then(|config| {
             let mut limits = PluginLimits::default();
             limits.memory_mib = memory_mib.unwrap_or(limits.memory_mib);
             limits.fuel_per_call = fuel.unwrap_or(limits.fuel_per_call);
             limits.timeout_ms = timeout_ms.unwrap_or(limits.timeout_ms);
-            test(&file, &events, &c, limits)
+            let mut capabilities = Capabilities::default();
+            for a in &allow {
+                match a.as_str() {
+                    "clock" => capabilities.clock = true,
+                    "random" => capabilities.random = true,
+                    other => bail!("--allow {other:?}: expected clock or random"),
+                }
+            }
+            let settings = PluginSettings {
+                config,
+                limits,
+                capabilities,
+            };
+            test(&file, &events, &settings)
         }),
         Command::New {
             name,
@@ -142,14 +166,15 @@ fn name_of(file: &Path) -> String {
         .unwrap_or_else(|| "plugin".into())
 }
 
-/// Loads a plugin exactly as a pipeline does. The one place the CLI touches the sandbox.
+/// Loads a plugin exactly as a pipeline does, in a sandbox with the production defaults
+/// (including the compiled-plugin cache). The one place the CLI touches the sandbox.
 fn load(
     file: &Path,
-    config: &BTreeMap<String, String>,
-    limits: PluginLimits,
+    settings: &PluginSettings,
 ) -> anyhow::Result<(Sandbox, Result<Plugin, tidegate::Error>)> {
-    let sandbox = Sandbox::new().map_err(anyhow::Error::msg)?;
-    let plugin = Plugin::load(&sandbox, &name_of(file), file, config, limits);
+    let sandbox = Sandbox::new(&SandboxConfig::default(), settings.limits.memory_mib)
+        .map_err(anyhow::Error::msg)?;
+    let plugin = Plugin::load(&sandbox, &name_of(file), file, settings);
     Ok((sandbox, plugin))
 }
 
@@ -171,9 +196,10 @@ fn shape(sandbox: &Sandbox, bytes: &[u8]) -> Result<Shape, String> {
         _ => return Err("not a WebAssembly file (no \\0asm header)".into()),
     }
     let engine = sandbox.engine();
-    let component = wasmtime::component::Component::new(engine, bytes)
-        .map_err(|err| format!("not a valid component: {err:#}"))?;
-    let ty = component.component_type();
+    let compiled = sandbox
+        .compile(bytes)
+        .map_err(|err| format!("not a valid component: {err}"))?;
+    let ty = compiled.component.component_type();
     let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
     let imports: Vec<String> = ty.imports(engine).map(|(n, _)| n.to_string()).collect();
     let world = if exports.iter().any(|e| e == "filter") {
@@ -190,9 +216,9 @@ fn shape(sandbox: &Sandbox, bytes: &[u8]) -> Result<Shape, String> {
     })
 }
 
-fn inspect(file: &Path, config: &BTreeMap<String, String>) -> anyhow::Result<bool> {
+fn inspect(file: &Path, settings: &PluginSettings) -> anyhow::Result<bool> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let (sandbox, plugin) = load(file, config, PluginLimits::default())?;
+    let (sandbox, plugin) = load(file, settings)?;
     println!("file:      {} ({} bytes)", file.display(), bytes.len());
     let shape = match shape(&sandbox, &bytes) {
         Ok(shape) => shape,
@@ -238,7 +264,7 @@ fn inspect(file: &Path, config: &BTreeMap<String, String>) -> anyhow::Result<boo
                 other => other.to_string(),
             };
             println!("runs:      no — {message}");
-            if message.contains("invalid-config") && config.is_empty() {
+            if message.contains("invalid-config") && settings.config.is_empty() {
                 println!("           (its init refused an empty config: pass --config KEY=VALUE)");
             }
             Ok(false)
@@ -246,12 +272,8 @@ fn inspect(file: &Path, config: &BTreeMap<String, String>) -> anyhow::Result<boo
     }
 }
 
-fn test(
-    file: &Path,
-    events: &Path,
-    config: &BTreeMap<String, String>,
-    limits: PluginLimits,
-) -> anyhow::Result<bool> {
+fn test(file: &Path, events: &Path, settings: &PluginSettings) -> anyhow::Result<bool> {
+    let limits = settings.limits;
     // Plugin log lines (and nothing else) on stderr.
     tidegate::telemetry::init(&tidegate::config::LogConfig {
         level: "warn,tidegate::plugin=debug".into(),
@@ -260,7 +282,7 @@ fn test(
     let text = std::fs::read_to_string(events)
         .with_context(|| format!("cannot read {}", events.display()))?;
     let changes = events::parse_lines(&text).with_context(|| format!("in {}", events.display()))?;
-    let (_sandbox, plugin) = load(file, config, limits)?;
+    let (_sandbox, plugin) = load(file, settings)?;
     let mut plugin = match plugin {
         Ok(p) => p,
         Err(err) => {

@@ -24,7 +24,7 @@ mod logic;
 
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use crate::logic::{action, parse_fail_init, Action, KNOWN_KEYS};
+    use crate::logic::{action, parse_fail_init, Action, ESCAPE_SUBJECT, HUGE_COPIES, KNOWN_KEYS};
 
     wit_bindgen::generate!({
         world: "transform",
@@ -86,6 +86,18 @@ mod component {
                         n = std::hint::black_box(n.wrapping_add(1));
                     }
                 }
+                Action::Huge => Ok((0..HUGE_COPIES)
+                    .map(|_| Output {
+                        event: event.clone(),
+                        subject: None,
+                        headers: Vec::new(),
+                    })
+                    .collect()),
+                Action::Escape => Ok(vec![Output {
+                    event,
+                    subject: Some(ESCAPE_SUBJECT.to_owned()),
+                    headers: Vec::new(),
+                }]),
                 Action::Bomb => {
                     log::write(
                         Level::Debug,

@@ -18,10 +18,21 @@ pub enum Action {
     Spin,
     /// `"bomb": true`: allocate memory until the host's memory cap traps the instance.
     Bomb,
+    /// `"huge": true`: return [`HUGE_COPIES`] copies of the event, past any sane output cap.
+    Huge,
+    /// `"escape": true`: publish to [`ESCAPE_SUBJECT`], outside every tenant's prefix.
+    Escape,
 }
 
+/// How many outputs a `huge` event becomes.
+pub const HUGE_COPIES: usize = 1_000;
+
+/// Where an `escape` event tries to go.
+pub const ESCAPE_SUBJECT: &str = "elsewhere.stolen";
+
 /// Reads the flags from a relaxed-EJSON `full-document`. Only the JSON literal `true` counts;
-/// when several flags are set, `fail` wins over `trap`, `trap` over `spin`, `spin` over `bomb`. Events without
+/// when several flags are set, `fail` wins over `trap`, `trap` over `spin`, `spin` over `bomb`,
+/// `bomb` over `huge`, `huge` over `escape`. Events without
 /// a full document (deletes, DDL) and documents that are not objects pass.
 pub fn action(full_document: Option<&[u8]>) -> Result<Action, String> {
     let Some(bytes) = full_document else {
@@ -38,6 +49,10 @@ pub fn action(full_document: Option<&[u8]>) -> Result<Action, String> {
         Action::Spin
     } else if flag("bomb") {
         Action::Bomb
+    } else if flag("huge") {
+        Action::Huge
+    } else if flag("escape") {
+        Action::Escape
     } else {
         Action::Pass
     })
@@ -75,6 +90,9 @@ mod tests {
         assert_eq!(act(r#"{"spin": true, "trap": true}"#), Ok(Action::Trap));
         assert_eq!(act(r#"{"bomb": true}"#), Ok(Action::Bomb));
         assert_eq!(act(r#"{"bomb": true, "spin": true}"#), Ok(Action::Spin));
+        assert_eq!(act(r#"{"huge": true}"#), Ok(Action::Huge));
+        assert_eq!(act(r#"{"escape": true}"#), Ok(Action::Escape));
+        assert_eq!(act(r#"{"escape": true, "huge": true}"#), Ok(Action::Huge));
     }
 
     #[test]

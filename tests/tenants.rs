@@ -1,0 +1,489 @@
+//! Multi-tenancy and the sandbox against real servers: hostile plugins in one tenant never
+//! touch another tenant's events, every violation is dead-lettered with its reason, nothing
+//! is lost, and plugins are swapped on disk or by SIGHUP without a restart.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_nats::jetstream::message::StreamMessage;
+use bson::doc;
+use support::{component, header, json, Harness, InProcess, DB, SIGTERM};
+use tidegate_testkit::{stream_len, wait_until};
+
+/// Two tenants on one `shop` pipeline: `good` (no plugins) sees `shop.orders`; `bad` runs
+/// `bad_plugins` on `shop.orders` and `shop.returns`. `bad_extra` adds keys to the bad
+/// tenant's table (limits, quarantine…).
+fn tenant_config(h: &Harness, plugin_dir: &Path, bad_plugins: &str, bad_extra: &str) -> String {
+    format!(
+        r#"
+plugin_dir = "{plugin_dir}"
+
+[nats]
+url = "{nats}"
+ack_timeout_ms = 2000
+
+[[pipeline]]
+id = "shop"
+mongodb_uri = "{mongo}"
+database = "{DB}"
+full_document = "update-lookup"
+
+[pipeline.checkpoint]
+interval_ms = 200
+
+[[pipeline.tenant]]
+id = "good"
+namespaces = ["shop.orders"]
+[pipeline.tenant.sink]
+stream = "GOOD"
+subject_prefix = "good"
+
+[[pipeline.tenant]]
+id = "bad"
+namespaces = ["shop.orders", "shop.returns"]
+{bad_extra}
+[pipeline.tenant.sink]
+stream = "BAD"
+subject_prefix = "bad"
+{bad_plugins}
+"#,
+        plugin_dir = plugin_dir.display(),
+        nats = h.nats.url(),
+        mongo = h.mongo.uri(),
+    )
+}
+
+/// Waits until both tenant units have checkpointed (their change streams are open).
+async fn wait_tenants_ready(h: &Harness, units: &[&str]) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(h.nats_client().await?);
+    for unit in units {
+        let key = unit.to_string();
+        wait_until(
+            &format!("checkpoint of {unit}"),
+            Duration::from_secs(30),
+            || {
+                let (js, key) = (js.clone(), key.clone());
+                async move {
+                    match js.get_key_value("tidegate-checkpoints").await {
+                        Ok(kv) => matches!(kv.get(&key).await, Ok(Some(_))),
+                        Err(_) => false,
+                    }
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Inserts `count` orders numbered from `n` on, a few milliseconds apart.
+async fn write(
+    orders: &mongodb::Collection<bson::Document>,
+    n: &mut i64,
+    count: i64,
+) -> anyhow::Result<()> {
+    for _ in 0..count {
+        orders
+            .insert_one(doc! { "n": *n, "email": "a@b.c", "name": "x" })
+            .await?;
+        *n += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// Waits until the child's log holds `line` at least `count` times.
+async fn wait_for_count(
+    child: &tidegate_testkit::ChildProcess,
+    line: &str,
+    count: usize,
+) -> anyhow::Result<()> {
+    wait_until(
+        &format!("{count}× '{line}'"),
+        Duration::from_secs(20),
+        || async { child.log().matches(line).count() >= count },
+    )
+    .await
+}
+
+/// `n` of every message's payload, in stream order.
+fn numbers(messages: &[StreamMessage]) -> Vec<i64> {
+    messages
+        .iter()
+        .filter_map(|m| json(m)["fullDocument"]["n"].as_i64())
+        .collect()
+}
+
+/// A private copy of the built plugins, so a test can swap files without touching others.
+fn plugin_copy(h: &Harness) -> anyhow::Result<PathBuf> {
+    let dir = h.dir.path().join("plugins");
+    std::fs::create_dir_all(&dir)?;
+    for entry in std::fs::read_dir(&h.plugins)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), dir.join(entry.file_name()))?;
+    }
+    Ok(dir)
+}
+
+/// Replaces a plugin file the way an operator should: write aside, then rename over.
+fn swap_plugin(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    let temp = dir.join(format!(".{name}.new"));
+    std::fs::write(&temp, bytes)?;
+    std::fs::rename(&temp, dir.join(name))?;
+    Ok(())
+}
+
+/// Every hostile behaviour in one tenant's plugin: each event is dead-lettered with its
+/// reason and the plugin's name and hash, the host survives, the other tenant receives every
+/// one of its events unchanged, neither tenant sees a namespace outside its own, and nothing
+/// is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_plugin_harms_only_its_own_tenant() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let config = tenant_config(
+        &h,
+        &h.plugins,
+        "[[pipeline.tenant.plugins]]\nname = \"faulty\"",
+        // Fuel high enough that the spinning call meets its wall-clock deadline first;
+        // quarantine off so every event gets its own verdict.
+        "limits = { memory_mib = 16, timeout_ms = 300, fuel_per_call = 1000000000000 }\n\
+         quarantine = { after_failures = 0 }",
+    );
+    let path = h.write_config("tenants.toml", &config)?;
+    let running = InProcess::start(&path)?;
+    wait_tenants_ready(&h, &["shop.good", "shop.bad"]).await?;
+
+    let client = h.mongo.client().await?;
+    let orders = client.database(DB).collection::<bson::Document>("orders");
+    let hostile = [
+        ("spin", "deadline"),
+        ("bomb", "memory"),
+        ("huge", "output-too-large"),
+        ("trap", "trap"),
+        ("fail", "plugin-error"),
+        ("escape", "invalid-output"),
+    ];
+    let mut n = 0;
+    for (flag, _) in hostile {
+        orders.insert_one(doc! { "n": n, "plain": true }).await?;
+        n += 1;
+        orders.insert_one(doc! { "n": n, flag: true }).await?;
+        n += 1;
+    }
+    orders.insert_one(doc! { "n": n, "plain": true }).await?;
+    n += 1;
+    // Outside both tenants, and inside only `bad`'s namespaces.
+    client
+        .database(DB)
+        .collection::<bson::Document>("secrets")
+        .insert_one(doc! { "n": 1000 })
+        .await?;
+    client
+        .database(DB)
+        .collection::<bson::Document>("returns")
+        .insert_one(doc! { "n": 2000 })
+        .await?;
+
+    let good = h
+        .wait_settled("GOOD", n as u64, Duration::from_secs(60))
+        .await?;
+    let bad = h
+        .wait_settled("BAD", n as u64 + 1, Duration::from_secs(60))
+        .await?;
+    running.stop().await?;
+
+    // The good tenant: every order, in order, unchanged, and nothing else.
+    assert_eq!(numbers(&good), (0..n).collect::<Vec<_>>());
+    for m in &good {
+        assert!(m.subject.as_str().starts_with("good.shop.orders."));
+        assert_eq!(header(m, "Tidegate-Tenant").as_deref(), Some("good"));
+        assert_eq!(header(m, "Tidegate-Error-Kind"), None);
+    }
+
+    // The bad tenant: one message per event, plain ones published, hostile ones
+    // dead-lettered with the right reason; plus its own `returns` event.
+    assert_eq!(bad.len() as i64, n + 1, "one message per event, none lost");
+    let mut seen = Vec::new();
+    for m in &bad {
+        let doc = &json(m)["fullDocument"];
+        let number = doc["n"].as_i64().unwrap_or(-1);
+        seen.push(number);
+        if number == 2000 {
+            assert_eq!(m.subject.as_str(), "bad.shop.returns.insert");
+            continue;
+        }
+        match hostile.iter().find(|(flag, _)| doc[*flag] == true) {
+            Some((flag, kind)) => {
+                assert_eq!(m.subject.as_str(), "bad.dead-letter", "{flag}");
+                assert_eq!(
+                    header(m, "Tidegate-Error-Kind").as_deref(),
+                    Some(*kind),
+                    "{flag}: {:?}",
+                    header(m, "Tidegate-Error")
+                );
+                assert_eq!(header(m, "Tidegate-Plugin").as_deref(), Some("faulty"));
+                assert!(header(m, "Tidegate-Plugin-Hash")
+                    .unwrap_or_default()
+                    .starts_with("sha256:"));
+                assert_eq!(header(m, "Tidegate-Tenant").as_deref(), Some("bad"));
+            }
+            None => assert_eq!(m.subject.as_str(), "bad.shop.orders.insert"),
+        }
+    }
+    let mut expected: Vec<i64> = (0..n).collect();
+    expected.push(2000);
+    assert_eq!(seen, expected);
+    Ok(())
+}
+
+/// A plugin that fails event after event is quarantined: with `dead-letter`, the following
+/// events are dead-lettered without calling it (reason `quarantined`); replacing the file
+/// releases it. With `halt`, its unit stops while the other tenant carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_plugin_is_quarantined_until_replaced() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = plugin_copy(&h)?;
+    std::fs::copy(plugins.join("faulty.wasm"), plugins.join("tenant.wasm"))?;
+    let config = tenant_config(
+        &h,
+        &plugins,
+        "[[pipeline.tenant.plugins]]\nname = \"tenant\"",
+        "quarantine = { after_failures = 3, action = \"dead-letter\" }",
+    );
+    let path = h.write_config("tenants.toml", &config)?;
+    let running = InProcess::start(&path)?;
+    wait_tenants_ready(&h, &["shop.good", "shop.bad"]).await?;
+    let orders = h.collection().await?;
+
+    for n in 0..3 {
+        orders.insert_one(doc! { "n": n, "fail": true }).await?;
+    }
+    for n in 3..6 {
+        orders.insert_one(doc! { "n": n }).await?;
+    }
+    let bad = h.wait_settled("BAD", 6, Duration::from_secs(30)).await?;
+    let kinds: Vec<_> = bad
+        .iter()
+        .map(|m| header(m, "Tidegate-Error-Kind").unwrap_or_default())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "plugin-error",
+            "plugin-error",
+            "plugin-error",
+            "quarantined",
+            "quarantined",
+            "quarantined"
+        ]
+    );
+
+    // A new version on disk releases it (op-filter passes every event).
+    swap_plugin(
+        &plugins,
+        "tenant.wasm",
+        &std::fs::read(plugins.join("op-filter.wasm"))?,
+    )?;
+    let mut n = 6;
+    // Keep writing until the new version shows, then a few more.
+    let messages = loop {
+        orders.insert_one(doc! { "n": n }).await?;
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let messages = h.messages("BAD").await?;
+        if messages
+            .last()
+            .and_then(|m| header(m, "Tidegate-Error-Kind"))
+            .is_none()
+        {
+            break messages;
+        }
+        assert!(n < 200, "the replaced plugin never took over");
+    };
+    let good = h
+        .wait_settled("GOOD", n as u64, Duration::from_secs(30))
+        .await?;
+    running.stop().await?;
+    assert_eq!(numbers(&good), (0..n).collect::<Vec<_>>());
+    // Every event of the bad tenant is there once: quarantined ones dead-lettered, later
+    // ones published; once published, never dead-lettered again.
+    let all = h.messages("BAD").await?;
+    assert_eq!(numbers(&all), (0..n).collect::<Vec<_>>());
+    let first_ok = messages.len() - 1;
+    for m in &all[first_ok..] {
+        assert_eq!(header(m, "Tidegate-Error-Kind"), None);
+    }
+    Ok(())
+}
+
+/// `halt`: the quarantined tenant's unit stops before the event, which stays unpublished and
+/// uncheckpointed; the other tenant carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn halt_stops_only_the_failing_tenant() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let config = tenant_config(
+        &h,
+        &h.plugins,
+        "[[pipeline.tenant.plugins]]\nname = \"faulty\"",
+        "quarantine = { after_failures = 2, action = \"halt\" }",
+    );
+    let path = h.write_config("tenants.toml", &config)?;
+    let running = InProcess::start(&path)?;
+    wait_tenants_ready(&h, &["shop.good", "shop.bad"]).await?;
+    let orders = h.collection().await?;
+    for n in 0..2 {
+        orders.insert_one(doc! { "n": n, "fail": true }).await?;
+    }
+    for n in 2..20 {
+        orders.insert_one(doc! { "n": n }).await?;
+    }
+    let good = h.wait_settled("GOOD", 20, Duration::from_secs(30)).await?;
+    assert_eq!(numbers(&good), (0..20).collect::<Vec<_>>());
+    let bad = h.messages("BAD").await?;
+    assert_eq!(
+        numbers(&bad),
+        vec![0, 1],
+        "the halted unit published nothing after"
+    );
+    let result = running.stop().await;
+    let err = format!("{:#}", result.expect_err("a halted unit is reported"));
+    assert!(err.contains("halted"), "{err}");
+    Ok(())
+}
+
+/// Hot reload with the real binary: a new version on disk takes over between two events
+/// with nothing lost or duplicated; garbage, a wrong-world component and a plugin that
+/// traps on contact are refused while the running version carries on; SIGHUP applies a
+/// changed plugin config; a tenant whose plugin does not load at start-up is held and
+/// catches up from its checkpoint once the file is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_swap_on_disk_and_on_sighup_without_loss() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = plugin_copy(&h)?;
+    let op_filter = std::fs::read(plugins.join("op-filter.wasm"))?;
+    let redact = std::fs::read(plugins.join("redact.wasm"))?;
+    std::fs::write(plugins.join("tenant.wasm"), &op_filter)?;
+    // Each candidate ignores the other's keys; faulty fails `init` on `fail-init`.
+    let plugin_table = |fields: &str| {
+        format!(
+            "[[pipeline.tenant.plugins]]\nname = \"tenant\"\n\
+             config = {{ fields = \"{fields}\", fail-init = \"true\" }}"
+        )
+    };
+    let wrong_world = component(
+        h.dir.path(),
+        "shape",
+        "package test:shape;\nworld shape { export filter: func(x: u32) -> bool; }\n",
+        "shape",
+        r#"(module (func (export "filter") (param i32) (result i32) i32.const 1))"#,
+    );
+    let wants_network = component(
+        h.dir.path(),
+        "net",
+        "package test:net;\ninterface socket { connect: func(); }\n\
+         world net { import socket; export filter: func(x: u32) -> bool; }\n",
+        "net",
+        r#"(module (import "test:net/socket" "connect" (func))
+                   (func (export "filter") (param i32) (result i32) i32.const 1))"#,
+    );
+    let config = tenant_config(&h, &plugins, &plugin_table("email"), "");
+    let path = h.write_config("tenants.toml", &config)?;
+    let mut child = h.spawn_binary(&path)?;
+    wait_tenants_ready(&h, &["shop.good", "shop.bad"]).await?;
+    let orders = h.collection().await?;
+    let mut n = 0i64;
+
+    write(&orders, &mut n, 50).await?;
+    // Refused, one after the other, while events flow: garbage, a component of another
+    // world, one importing what tidegate does not grant, one failing `init`.
+    let refused = [
+        b"\0asm garbage".to_vec(),
+        std::fs::read(&wrong_world)?,
+        std::fs::read(&wants_network)?,
+        std::fs::read(plugins.join("faulty.wasm"))?,
+    ];
+    for (count, bytes) in refused.iter().enumerate() {
+        swap_plugin(&plugins, "tenant.wasm", bytes)?;
+        wait_for_count(&child, "plugin reload refused", count + 1).await?;
+        write(&orders, &mut n, 10).await?;
+    }
+    // A real new version: redact.
+    swap_plugin(&plugins, "tenant.wasm", &redact)?;
+    child
+        .wait_for_log("plugin reloaded", Duration::from_secs(20))
+        .await?;
+    write(&orders, &mut n, 50).await?;
+
+    let bad = h
+        .wait_settled("BAD", n as u64, Duration::from_secs(60))
+        .await?;
+    assert_eq!(
+        numbers(&bad),
+        (0..n).collect::<Vec<_>>(),
+        "nothing lost or repeated"
+    );
+    // Before the swap the email is untouched, after it redacted, and the switch happens once.
+    let redacted: Vec<bool> = bad
+        .iter()
+        .map(|m| json(m)["fullDocument"]["email"] != "a@b.c")
+        .collect();
+    let switch = redacted.iter().position(|r| *r).expect("redact took over");
+    assert!(switch >= 90, "no refused file may have replaced op-filter");
+    assert!(
+        redacted[switch..].iter().all(|r| *r),
+        "once swapped, always the new version"
+    );
+
+    // SIGHUP: redact `name` instead of `email`.
+    let config = tenant_config(&h, &plugins, &plugin_table("name"), "");
+    std::fs::write(&path, config)?;
+    child.signal(1)?;
+    child
+        .wait_for_log("plugin chain reloaded", Duration::from_secs(20))
+        .await?;
+    let before = n;
+    write(&orders, &mut n, 20).await?;
+    let bad = h
+        .wait_settled("BAD", n as u64, Duration::from_secs(30))
+        .await?;
+    assert_eq!(numbers(&bad), (0..n).collect::<Vec<_>>());
+    let last = json(bad.last().expect("messages"));
+    assert_eq!(last["fullDocument"]["email"], "a@b.c", "{last}");
+    assert_ne!(last["fullDocument"]["name"], "x", "{last}");
+
+    // Stop, break the plugin on disk, start again: `bad` is held, `good` flows; fixing the
+    // file lets `bad` catch up from its checkpoint.
+    child.signal(SIGTERM)?;
+    child.wait_exit(Duration::from_secs(30)).await?;
+    swap_plugin(&plugins, "tenant.wasm", b"not wasm at all")?;
+    let mut child = h.spawn_binary(&path)?;
+    child
+        .wait_for_log(
+            "tenant held until its plugins load",
+            Duration::from_secs(30),
+        )
+        .await?;
+    write(&orders, &mut n, 30).await?;
+    let good = h
+        .wait_settled("GOOD", n as u64, Duration::from_secs(30))
+        .await?;
+    assert_eq!(numbers(&good), (0..n).collect::<Vec<_>>());
+    assert_eq!(
+        stream_len(&h.nats_client().await?, "BAD").await,
+        before as u64 + 20
+    );
+    swap_plugin(&plugins, "tenant.wasm", &redact)?;
+    let bad = h
+        .wait_settled("BAD", n as u64, Duration::from_secs(60))
+        .await?;
+    assert_eq!(
+        numbers(&bad),
+        (0..n).collect::<Vec<_>>(),
+        "held tenant caught up"
+    );
+    child.signal(SIGTERM)?;
+    child.wait_exit(Duration::from_secs(30)).await?;
+    Ok(())
+}
