@@ -41,6 +41,25 @@ COMPONENTIZE_PY_DIR="$CACHE/componentize-py-0.25.1"
 pip_wheel "$COMPONENTIZE_PY_DIR" bin/componentize-py \
   'componentize-py==0.25.1 --hash=sha256:8623cd8cab8453cb0cd8bf03f3c7103420d06f2f3d360186a280a70a1ca5e89f'
 
+# JavaScript guests (examples/js-transform): componentize-js from npm, pinned to 0.23.0 (its own
+# dependencies follow its version ranges; npm checks their integrity hashes).
+COMPONENTIZE_JS_DIR="$CACHE/componentize-js-0.23.0"
+COMPONENTIZE_JS="$COMPONENTIZE_JS_DIR/node_modules/@bytecodealliance/componentize-js"
+if [ ! -f "$COMPONENTIZE_JS/src/componentize.js" ]; then
+  if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+    [ "$(id -u)" = 0 ] || { log "need root to apt-get install nodejs npm"; exit 1; }
+    log "installing node and npm"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  fi
+  log "installing componentize-js into $COMPONENTIZE_JS_DIR"
+  mkdir -p "$COMPONENTIZE_JS_DIR"
+  (cd "$COMPONENTIZE_JS_DIR" && echo '{"private": true}' >package.json \
+    && npm install --no-audit --no-fund --no-package-lock --silent \
+      '@bytecodealliance/componentize-js@0.23.0' >&2)
+fi
+
 # Guest plugins are compiled for wasm32-unknown-unknown with std built from source. rustup cannot
 # download targets on these machines, so we use Debian's rustc-web (1.9x) and its std sources.
 guest_toolchain_ok() {
@@ -90,3 +109,4 @@ echo "GUEST_CARGO=/usr/bin/cargo"
 echo "CLANG=$(command -v clang)"
 echo "COMPONENTIZE_PY=$COMPONENTIZE_PY_DIR/bin/componentize-py"
 echo "COMPONENTIZE_PY_PATH=$COMPONENTIZE_PY_DIR"
+echo "COMPONENTIZE_JS=$COMPONENTIZE_JS"

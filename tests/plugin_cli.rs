@@ -262,16 +262,35 @@ fn new_c_plugin_builds_and_runs() {
         text.contains("line 4: dropDatabase scratch -> keep"),
         "{text}"
     );
+}
 
-    let out = plugin(&[
-        "new",
-        "py",
-        "--lang",
-        "python",
-        "--dir",
-        &dir.path().display().to_string(),
-    ]);
-    assert_eq!(out.status.code(), Some(2), "python is refused plainly");
+/// `new --lang python|js` writes the example project with the WIT contract next to it, so the
+/// build needs nothing from the tidegate tree. (The examples themselves are built and run
+/// through the host in tests/plugins.rs.)
+#[test]
+fn new_python_and_js_plugins_are_self_contained() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().display().to_string();
+    for (lang, files) in [
+        ("python", ["app.py", "build.sh", "events.jsonl"]),
+        ("js", ["plugin.js", "build.mjs", "events.jsonl"]),
+    ] {
+        let out = plugin(&["new", lang, "--lang", lang, "--dir", &d]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let root = dir.path().join(lang);
+        for f in files {
+            assert!(root.join(f).is_file(), "{lang}: {f}");
+        }
+        let wit = std::fs::read_to_string(root.join("wit/types.wit")).expect("wit");
+        assert!(wit.contains("package tidegate:plugin@0.1.0;"));
+    }
+    let out = plugin(&["new", "9lives", "--lang", "c", "--dir", &d]);
+    assert_eq!(out.status.code(), Some(2), "bad names are refused");
 }
 
 /// `~/.cache/tidegate` (or `$TIDEGATE_CACHE`).

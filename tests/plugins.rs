@@ -226,7 +226,6 @@ ejson = "canonical"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_guest_filters_through_the_host() -> anyhow::Result<()> {
     let h = Harness::start().await?;
-    let examples = tokio::task::spawn_blocking(tidegate_testkit::examples_dir).await??;
     let plugins = format!(
         r#"
 [[pipeline.plugins]]
@@ -234,7 +233,7 @@ name = "c-filter"
 file = "{}"
 config = {{ skip-prefix = "tmp_" }}
 "#,
-        examples.join("c-filter.wasm").display()
+        example("c-filter").await?
     );
     let text = h.config(&plugins, "").replace(
         r#"collections = ["orders"]"#,
@@ -273,5 +272,96 @@ config = {{ skip-prefix = "tmp_" }}
     ];
     let want: Vec<(String, i64)> = want.iter().map(|(s, i)| (s.to_string(), *i)).collect();
     assert_eq!(got, want);
+    Ok(())
+}
+
+/// The path of an example plugin built by `scripts/build-examples.sh`.
+async fn example(name: &str) -> anyhow::Result<String> {
+    let dir = tokio::task::spawn_blocking(tidegate_testkit::examples_dir).await??;
+    Ok(dir.join(format!("{name}.wasm")).display().to_string())
+}
+
+/// The Python example (`examples/python-filter`, componentize-py, WASI imported but nothing
+/// granted) keeps big orders and deletes, through the host like any plugin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_guest_filters_through_the_host() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = format!(
+        r#"
+[[pipeline.plugins]]
+name = "min-total"
+file = "{}"
+config = {{ min-total = "100" }}
+"#,
+        example("python-filter").await?
+    );
+    let messages = h
+        .relay(&plugins, "", 3, |coll| async move {
+            coll.insert_one(doc! { "_id": 1, "total": 150 }).await?;
+            coll.insert_one(doc! { "_id": 2, "total": 50 }).await?;
+            coll.insert_one(doc! { "_id": 3, "total": 5_000_000_000_i64 })
+                .await?;
+            coll.delete_one(doc! { "_id": 2 }).await?;
+            Ok(())
+        })
+        .await?;
+    let got: Vec<(String, i64)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m.subject.to_string(),
+                json(m)["documentKey"]["_id"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    let want = [
+        ("cdc.shop.orders.insert", 1),
+        ("cdc.shop.orders.insert", 3),
+        ("cdc.shop.orders.delete", 2),
+    ];
+    let want: Vec<(String, i64)> = want.iter().map(|(s, i)| (s.to_string(), *i)).collect();
+    assert_eq!(got, want);
+    Ok(())
+}
+
+/// The JavaScript example (`examples/js-transform`, componentize-js) routes each event by a
+/// document field to its own subject with a header, through the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn javascript_guest_routes_through_the_host() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = format!(
+        r#"
+[[pipeline.plugins]]
+name = "route-by-field"
+file = "{}"
+config = {{ subject-prefix = "cdc.regions" }}
+"#,
+        example("js-transform").await?
+    );
+    let messages = h
+        .relay(&plugins, "", 3, |coll| async move {
+            coll.insert_one(doc! { "_id": 1, "region": "eu" }).await?;
+            coll.insert_one(doc! { "_id": 2, "region": "us.east" })
+                .await?;
+            coll.insert_one(doc! { "_id": 3 }).await?;
+            Ok(())
+        })
+        .await?;
+    let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(
+        subjects,
+        [
+            "cdc.regions.eu",
+            "cdc.regions.us_east",
+            "cdc.shop.orders.insert"
+        ]
+    );
+    assert_eq!(header(&messages[0], "X-Route").as_deref(), Some("eu"));
+    assert_eq!(header(&messages[2], "X-Route"), None);
+    assert_eq!(
+        json(&messages[1])["fullDocument"]["region"],
+        "us.east",
+        "payload untouched"
+    );
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! `tidegate plugin new`: a plugin project that builds and tests out of the box.
 //!
-//! The Rust template lives in `templates/rust`; the C project is a copy of the example in
-//! `examples/c-filter` (source, build script and committed bindings), so the scaffold is
-//! exactly what the test suite builds and runs.
+//! The Rust template lives in `templates/rust`; the C, Python and JavaScript projects are
+//! copies of the examples in `examples/` (plus the WIT contract), so each scaffold is exactly
+//! what the test suite builds and runs through the host.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +22,52 @@ const RUST: &[File] = &[
         "events.jsonl",
         include_bytes!("templates/rust/events.jsonl"),
     ),
+];
+
+/// tidegate's WIT contract, which the Python and JavaScript toolchains read at build time.
+const WIT: File = (
+    "wit/types.wit",
+    include_bytes!("../../../wit/plugin-0.1/types.wit"),
+);
+
+const PYTHON: &[File] = &[
+    (
+        "app.py",
+        include_bytes!("../../../examples/python-filter/app.py"),
+    ),
+    (
+        "build.sh",
+        include_bytes!("../../../examples/python-filter/build.sh"),
+    ),
+    (
+        "README.md",
+        include_bytes!("../../../examples/python-filter/README.md"),
+    ),
+    (
+        "events.jsonl",
+        include_bytes!("../../../examples/python-filter/events.jsonl"),
+    ),
+    WIT,
+];
+
+const JS: &[File] = &[
+    (
+        "plugin.js",
+        include_bytes!("../../../examples/js-transform/plugin.js"),
+    ),
+    (
+        "build.mjs",
+        include_bytes!("../../../examples/js-transform/build.mjs"),
+    ),
+    (
+        "README.md",
+        include_bytes!("../../../examples/js-transform/README.md"),
+    ),
+    (
+        "events.jsonl",
+        include_bytes!("../../../examples/js-transform/events.jsonl"),
+    ),
+    WIT,
 ];
 
 const C: &[File] = &[
@@ -125,15 +171,14 @@ pub fn new(name: &str, lang: Lang, dir: &Path, sdk: Option<&Path>) -> anyhow::Re
         }
     }
     println!("created {} ({lang:?})", root.display());
-    for line in match lang {
-        Lang::Rust => vec![
-            format!("  cd {} && cargo test", root.display()),
-            "  then build: see README.md".to_owned(),
-        ],
-        _ => vec![format!("  cd {} && ./build.sh {name}.wasm", root.display())],
-    } {
-        println!("{line}");
-    }
+    let build = match lang {
+        Lang::Rust => "cargo test, then build as README.md says".to_owned(),
+        Lang::Js => format!(
+            "npm install @bytecodealliance/componentize-js@0.23.0 && node build.mjs {name}.wasm"
+        ),
+        Lang::C | Lang::Python => format!("./build.sh {name}.wasm"),
+    };
+    println!("  cd {} && {build}", root.display());
     println!("  tidegate plugin test <the .wasm> --events events.jsonl");
     Ok(())
 }
