@@ -65,36 +65,33 @@ fn parse(line: usize, text: &str) -> anyhow::Result<Change> {
     let ns = doc
         .get_document("ns")
         .map_err(|_| anyhow!("`ns` ({{\"db\": …, \"coll\": …}}) is required"))?;
-    let update_description = match optional_doc(&doc, "updateDescription")? {
-        None => None,
-        Some(u) => Some(UpdateDescription {
-            updated_fields: u.get_document("updatedFields").cloned().unwrap_or_default(),
-            removed_fields: u
-                .get_array("removedFields")
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|f| f.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            truncated_arrays: u
-                .get_array("truncatedArrays")
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Bson::as_document)
-                        .filter_map(|t| {
-                            let field = t.get_str("field").ok()?.to_owned();
-                            let size = t
-                                .get_i64("newSize")
-                                .ok()
-                                .or_else(|| t.get_i32("newSize").ok().map(i64::from))?;
-                            Some((field, size.max(0) as u32))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
-        }),
-    };
+    let update_description = optional_doc(&doc, "updateDescription")?.map(|u| UpdateDescription {
+        updated_fields: u.get_document("updatedFields").cloned().unwrap_or_default(),
+        removed_fields: u
+            .get_array("removedFields")
+            .map(|a| {
+                a.iter()
+                    .filter_map(|f| f.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        truncated_arrays: u
+            .get_array("truncatedArrays")
+            .map(|a| {
+                a.iter()
+                    .filter_map(Bson::as_document)
+                    .filter_map(|t| {
+                        let field = t.get_str("field").ok()?.to_owned();
+                        let size = t
+                            .get_i64("newSize")
+                            .ok()
+                            .or_else(|| t.get_i32("newSize").ok().map(i64::from))?;
+                        Some((field, size.max(0) as u32))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    });
     Ok(Change {
         id: doc
             .get_str("id")

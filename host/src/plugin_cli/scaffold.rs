@@ -133,16 +133,8 @@ pub fn new(name: &str, lang: Lang, dir: &Path, sdk: Option<&Path>) -> anyhow::Re
             (RUST, sdk.display().to_string())
         }
         Lang::C => (C, String::new()),
-        Lang::Python | Lang::Js => bail!(
-            "--lang {} is not available yet: tidegate does not run components that import \
-             WASI, which componentize-py and componentize-js produce (see \
-             docs/writing-plugins.md)",
-            if matches!(lang, Lang::Python) {
-                "python"
-            } else {
-                "js"
-            }
-        ),
+        Lang::Python => (PYTHON, String::new()),
+        Lang::Js => (JS, String::new()),
     };
     let root = dir.join(name);
     if root.exists() {
