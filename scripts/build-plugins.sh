@@ -148,11 +148,11 @@ while read -r pkg lib; do
     tmp="$comp.tmp.$$"
     TMP_FILES+=("$tmp")
     "$WASM_TOOLS" component new "$core" -o "$tmp" || die "wasm-tools component new failed for $pkg"
-    # tidegate grants only its own interfaces; anything else (WASI) would fail at load time.
+    # tidegate offers its own interfaces and WASI 0.2; anything else would fail at load time.
     imports="$("$WASM_TOOLS" component wit "$tmp" | sed -n 's/^ *import \([^;]*\);.*/\1/p')" \
       || die "wasm-tools component wit failed for $pkg"
-    bad="$(grep -v '^tidegate:plugin/' <<<"$imports" || true)"
-    [ -z "$bad" ] || die "$pkg imports non-tidegate interfaces: $(tr '\n' ' ' <<<"$bad")"
+    bad="$(grep -v -e '^tidegate:plugin/' -e '^wasi:[a-z-]*/[a-z-]*@0\.2\.' <<<"$imports" || true)"
+    [ -z "$bad" ] || die "$pkg imports interfaces tidegate does not offer: $(tr '\n' ' ' <<<"$bad")"
     mv -f "$tmp" "$comp"
   fi
   out="$OUT_DIR/$pkg.wasm"

@@ -213,3 +213,22 @@ fn wrong_world_and_ungranted_import_are_refused() {
     );
     assert!(err.contains("test:net/socket"), "{err}");
 }
+
+/// The tenants example stays valid: every tenant's plugins load and check.
+#[test]
+fn tenants_example_checks() -> anyhow::Result<()> {
+    tidegate_testkit::plugin_dir()?;
+    let path = tidegate_testkit::repo_root().join("examples/tenants/tidegate.toml");
+    let out = tidegate(&["check"], &path);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text, stderr(&out));
+    assert!(
+        text.contains("pipeline 'shop.analytics': ok [op-filter"),
+        "{text}"
+    );
+    assert!(
+        text.contains("pipeline 'shop.support': ok [redact"),
+        "{text}"
+    );
+    Ok(())
+}

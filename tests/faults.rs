@@ -407,5 +407,33 @@ async fn checkpoint_lost_from_the_oplog_is_a_clear_error() -> anyhow::Result<()>
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("no longer in the oplog"), "{log}");
     assert!(log.contains("ChangeStreamHistoryLost"), "{log}");
+    assert!(log.contains("the oldest oplog entry is"), "{log}");
+
+    // on_history_lost = "latest": resumes from now, says so loudly, and publishes what
+    // follows (the ~40 MB written while it was down are skipped, as the policy says).
+    let latest = h.config("", "").replace(
+        "full_document = \"update-lookup\"",
+        "full_document = \"update-lookup\"\non_history_lost = \"latest\"",
+    );
+    let path = h.write_config("latest.toml", &latest)?;
+    let before = h.messages(STREAM).await?.len() as u64;
+    let mut tidegate = h.spawn_binary(&path)?;
+    tidegate
+        .wait_for_log("capture resumes from now", Duration::from_secs(60))
+        .await?;
+    tidegate
+        .wait_for_log("change stream open", Duration::from_secs(30))
+        .await?;
+    write_range(h.collection().await?, 1000, 1005, 5, Duration::ZERO).await?;
+    let messages = h
+        .wait_settled(STREAM, before + 5, Duration::from_secs(30))
+        .await?;
+    assert_eq!(
+        messages.len() as u64,
+        before + 5,
+        "only what came after the restart"
+    );
+    tidegate.signal(SIGTERM)?;
+    tidegate.wait_exit(Duration::from_secs(30)).await?;
     Ok(())
 }

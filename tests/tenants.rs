@@ -487,3 +487,100 @@ async fn plugins_swap_on_disk_and_on_sighup_without_loss() -> anyhow::Result<()>
     child.wait_exit(Duration::from_secs(30)).await?;
     Ok(())
 }
+
+/// Capabilities: a plugin that reads the environment, the clock, random numbers, folders and
+/// the network sees nothing real without grants (an empty environment, a clock stopped at
+/// the epoch, the same random bytes every time, no folders, connections denied), and sees
+/// exactly what its tenant was granted otherwise. The network is never granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasi_capabilities_are_denied_unless_granted() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let shared = h.dir.path().join("shared");
+    std::fs::create_dir_all(&shared)?;
+    let tenant = |id: &str, stream: &str, grants: &str| {
+        format!(
+            r#"
+[[pipeline.tenant]]
+id = "{id}"
+namespaces = ["shop.orders"]
+{grants}
+[pipeline.tenant.sink]
+stream = "{stream}"
+subject_prefix = "{id}"
+[[pipeline.tenant.plugins]]
+name = "snoop"
+"#
+        )
+    };
+    let config = format!(
+        r#"
+plugin_dir = "{plugin_dir}"
+[nats]
+url = "{nats}"
+[[pipeline]]
+id = "shop"
+mongodb_uri = "{mongo}"
+database = "{DB}"
+[pipeline.checkpoint]
+interval_ms = 200
+{closed}
+{open}
+"#,
+        plugin_dir = h.plugins.display(),
+        nats = h.nats.url(),
+        mongo = h.mongo.uri(),
+        closed = tenant("closed", "CLOSED", ""),
+        open = tenant(
+            "open",
+            "OPEN",
+            &format!(
+                "capabilities = {{ clock = true, random = true, env = [\"SNOOP_VISIBLE\"], \
+                 read_dirs = [\"{}\"] }}",
+                shared.display()
+            )
+        ),
+    );
+    let path = h.write_config("capabilities.toml", &config)?;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env("SNOOP_VISIBLE", "yes")
+        .env("SNOOP_HIDDEN", "no");
+    let mut child = tidegate_testkit::ChildProcess::spawn(cmd)?;
+    wait_tenants_ready(&h, &["shop.closed", "shop.open"]).await?;
+    let orders = h.collection().await?;
+    for n in 0..2 {
+        orders.insert_one(doc! { "n": n }).await?;
+    }
+    let closed = h.wait_settled("CLOSED", 2, Duration::from_secs(30)).await?;
+    let open = h.wait_settled("OPEN", 2, Duration::from_secs(30)).await?;
+    child.signal(SIGTERM)?;
+    child.wait_exit(Duration::from_secs(30)).await?;
+
+    for m in &closed {
+        assert_eq!(header(m, "X-Env").as_deref(), Some("0"));
+        assert_eq!(header(m, "X-Clock").as_deref(), Some("0"));
+        assert_eq!(header(m, "X-Dirs").as_deref(), Some(""));
+        assert_eq!(header(m, "X-Connect").as_deref(), Some("access-denied"));
+    }
+    assert_eq!(
+        header(&closed[0], "X-Random"),
+        header(&closed[1], "X-Random"),
+        "without the grant, randomness is a fixed stream"
+    );
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    for m in &open {
+        assert_eq!(
+            header(m, "X-Env").as_deref(),
+            Some("1"),
+            "only the listed variable"
+        );
+        let clock: u64 = header(m, "X-Clock").unwrap_or_default().parse()?;
+        assert!(clock.abs_diff(now.as_secs()) < 300, "real clock: {clock}");
+        assert_eq!(header(m, "X-Dirs"), Some(shared.display().to_string()));
+        assert_eq!(header(m, "X-Connect").as_deref(), Some("access-denied"));
+    }
+    assert_ne!(header(&open[0], "X-Random"), header(&open[1], "X-Random"));
+    Ok(())
+}

@@ -52,6 +52,8 @@ struct Args {
     rate: u64,
     latency_secs: u64,
     micro_iters: usize,
+    /// Skip the server scenarios (CPU-only tables).
+    micro_only: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -61,6 +63,7 @@ fn parse_args() -> anyhow::Result<Args> {
         rate: 2000,
         latency_secs: 5,
         micro_iters: 20_000,
+        micro_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -82,9 +85,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--rate" => args.rate = value()?.parse().context("--rate")?,
             "--latency-secs" => args.latency_secs = value()?.parse().context("--latency-secs")?,
             "--micro-iters" => args.micro_iters = value()?.parse().context("--micro-iters")?,
+            "--micro-only" => args.micro_only = true,
             other => bail!(
                 "unknown argument {other:?}; expected --events N, --out PATH, --rate R, \
-                 --latency-secs S, --micro-iters I"
+                 --latency-secs S, --micro-iters I, --micro-only"
             ),
         }
     }
@@ -490,6 +494,129 @@ fn micro(plugins: &Path, iters: usize) -> anyhow::Result<(Table, Table, usize)> 
         .map_err(|e| anyhow!(e))?
         .len();
     Ok((calls, conv, payload_len))
+}
+
+/// Resident memory of this process, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Compilation (cold and from the on-disk cache), instantiation (pooled and on demand) and
+/// the memory one tenant's loaded chain costs.
+fn sandbox_costs(plugins: &Path, iters: usize) -> anyhow::Result<Table> {
+    let mut table = Table::new(
+        "5c. Sandbox: compile, cache, instantiate, memory per tenant",
+        &["what", "time", "note"],
+    );
+    let cache = tempfile::tempdir()?;
+    let sandbox_with = |pooling: bool| {
+        Sandbox::new(
+            &SandboxConfig {
+                cache_dir: Some(cache.path().to_path_buf()),
+                pooling,
+                ..SandboxConfig::default()
+            },
+            64,
+        )
+        .map_err(|e| anyhow!(e))
+    };
+    for name in ["op-filter", "redact"] {
+        let bytes = std::fs::read(plugins.join(format!("{name}.wasm")))?;
+        let sandbox = sandbox_with(false)?;
+        let started = Instant::now();
+        let cold = sandbox.compile(&bytes).map_err(|e| anyhow!(e))?;
+        let cold_time = started.elapsed();
+        let started = Instant::now();
+        let cached = sandbox.compile(&bytes).map_err(|e| anyhow!(e))?;
+        let cached_time = started.elapsed();
+        if cold.cached || !cached.cached {
+            bail!(
+                "{name}: the cache did not behave (cold {}, cached {})",
+                cold.cached,
+                cached.cached
+            );
+        }
+        table.row(vec![
+            format!("compile {name}.wasm ({} KB), cold", bytes.len() / 1024),
+            format!("{:.1} ms", cold_time.as_secs_f64() * 1e3),
+            "Component::new".into(),
+        ]);
+        table.row(vec![
+            format!("compile {name}.wasm, from the on-disk cache"),
+            format!("{:.2} ms", cached_time.as_secs_f64() * 1e3),
+            "deserialize_file".into(),
+        ]);
+    }
+    let settings = PluginSettings {
+        config: [("fields".to_string(), "email".to_string())].into(),
+        limits: PluginLimits::default(),
+        capabilities: Default::default(),
+    };
+    for pooling in [true, false] {
+        let sandbox = sandbox_with(pooling)?;
+        let mut plugin = Plugin::load(&sandbox, "redact", &plugins.join("redact.wasm"), &settings)?;
+        let ns = ns_per_call(iters.min(2000), || {
+            black_box(plugin.fresh_instance().is_ok());
+        });
+        table.row(vec![
+            format!(
+                "instantiate redact + init ({})",
+                if sandbox.is_pooled() {
+                    "pooling allocator"
+                } else {
+                    "on demand"
+                }
+            ),
+            format!("{:.1} µs", ns / 1e3),
+            "after a trap, or a reload".into(),
+        ]);
+    }
+    // Memory: tenants of three plugins each, each plugin with its own instance.
+    let tenants = 100;
+    let sandbox = Sandbox::new(
+        &SandboxConfig {
+            cache_dir: Some(cache.path().to_path_buf()),
+            pooling: false,
+            max_instances: 4 * tenants,
+            ..SandboxConfig::default()
+        },
+        64,
+    )
+    .map_err(|e| anyhow!(e))?;
+    let before = rss_kib();
+    let mut chains = Vec::new();
+    let config = chain_config(plugins, &plugins_toml(2))?;
+    for _ in 0..tenants as usize {
+        chains.push(Chain::load(
+            &sandbox,
+            &config.pipelines[0],
+            &config.plugin_dir,
+        )?);
+    }
+    let change = sample_change();
+    for chain in &mut chains {
+        black_box(chain.run(&change));
+    }
+    let after = rss_kib();
+    table.row(vec![
+        format!(
+            "memory per tenant (op-filter + redact + fanout, {tenants} tenants, after one event)"
+        ),
+        format!(
+            "{:.0} KiB",
+            (after.saturating_sub(before)) as f64 / tenants as f64
+        ),
+        "resident set growth / tenants".into(),
+    ]);
+    Ok(table)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1096,14 +1223,20 @@ fn main() -> anyhow::Result<()> {
     // CPU-only measurements first, while no server is running.
     eprintln!("micro benchmarks ({} iterations each)…", args.micro_iters);
     let (calls, conv, payload_len) = micro(&plugins, args.micro_iters)?;
+    let sandbox = sandbox_costs(&plugins, args.micro_iters)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let mut all = runtime.block_on(servers(&args, plugins, payload_len))?;
+    let mut all = if args.micro_only {
+        Vec::new()
+    } else {
+        runtime.block_on(servers(&args, plugins, payload_len))?
+    };
     all.push(calls);
     all.push(conv);
+    all.push(sandbox);
     let elapsed = began.elapsed();
 
     let mut text = String::new();
@@ -1287,5 +1420,144 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
             .into(),
     );
 
-    Ok(vec![raw, backlog, latency])
+    let mut tenants = Table::new(
+        &format!(
+            "6. Tenants: K tenants on one collection, each its own change stream, backlog of N = {n}"
+        ),
+        &[
+            "K",
+            "raw: K driver streams, events/s each",
+            "raw: total delivered/s",
+            "tidegate: events/s per tenant",
+            "tidegate: total published/s",
+            "CPU mongod / nats / bench = total",
+        ],
+    );
+    for k in [1, 2, 4] {
+        eprintln!("6. tenants, K = {k}…");
+        let raw = raw_read_concurrent(&env, n, k).await?;
+        let (per_tenant, cpu) = tenants_backlog(&env, n, k).await?;
+        tenants.row(vec![
+            k.to_string(),
+            fmt_rate(raw),
+            fmt_rate(raw * k as f64),
+            fmt_rate(per_tenant),
+            fmt_rate(per_tenant * k as f64),
+            cpu,
+        ]);
+    }
+    tenants.note(
+        "Each tenant is a unit with its own change stream ($match on its namespaces), plugin \
+         thread, publisher, stream and checkpoint; here none has plugins, so the figures show \
+         what reading the same events K times costs."
+            .into(),
+    );
+
+    Ok(vec![raw, backlog, latency, tenants])
+}
+
+/// The driver alone, `k` change streams reading the same backlog of `n` inserts at once;
+/// returns the events/s of the slowest.
+async fn raw_read_concurrent(env: &Env, n: usize, k: usize) -> anyhow::Result<f64> {
+    let coll = env.collection(&format!("raw_tenants_{k}"));
+    let mut stream = coll.watch().await.context("watch")?;
+    let token = loop {
+        if let Some(token) = stream.resume_token() {
+            break token;
+        }
+        if stream.next_if_any().await?.is_some() {
+            bail!("unexpected event on a fresh collection");
+        }
+    };
+    drop(stream);
+    insert_range(&coll, 0, n).await?;
+    let t = Instant::now();
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..k {
+        let (coll, token) = (coll.clone(), token.clone());
+        readers.spawn(async move {
+            let mut stream = coll.watch().resume_after(token).await?;
+            let mut count = 0;
+            while count < n {
+                if let Some(event) = stream.next_if_any().await? {
+                    black_box(&event);
+                    count += 1;
+                }
+            }
+            anyhow::Ok(t.elapsed())
+        });
+    }
+    let mut slowest = Duration::ZERO;
+    while let Some(done) = readers.join_next().await {
+        slowest = slowest.max(done??);
+    }
+    Ok(rate(n, slowest))
+}
+
+/// tidegate with `k` tenants (no plugins) on one collection draining a backlog of `n`;
+/// returns the events/s of the slowest tenant and the CPU split.
+async fn tenants_backlog(env: &Env, n: usize, k: usize) -> anyhow::Result<(f64, String)> {
+    let coll = format!("tenants_{k}");
+    let tenants: String = (0..k)
+        .map(|i| {
+            format!(
+                "[[pipeline.tenant]]\nid = \"t{i}\"\nnamespaces = [\"{DB}.{coll}\"]\n\
+                 [pipeline.tenant.sink]\nstream = \"TENANTS_{k}_{i}\"\nsubject_prefix = \"ten{k}.t{i}\"\n"
+            )
+        })
+        .collect();
+    let text = format!(
+        r#"
+plugin_dir = "{dir}"
+[log]
+level = "warn"
+[nats]
+url = "{nats}"
+[[pipeline]]
+id = "bench-tenants-{k}"
+mongodb_uri = "{mongo}"
+database = "{DB}"
+collections = ["{coll}"]
+[pipeline.checkpoint]
+interval_ms = 200
+{tenants}
+"#,
+        dir = env.plugins.display(),
+        nats = env.nats.url(),
+        mongo = env.mongo.uri(),
+    );
+    let config =
+        Config::parse(&text, &env.plugins, |_| None).map_err(|e| anyhow!("tenants config: {e}"))?;
+    let running = Running::start(config.clone());
+    for i in 0..k {
+        env.wait_checkpoint(&format!("bench-tenants-{k}.t{i}"))
+            .await?;
+    }
+    running.stop().await?;
+    insert_range(&env.collection(&coll), 0, n).await?;
+    let t = Instant::now();
+    let mark = env.cpu.mark();
+    let running = Running::start(config);
+    let deadline = t + Duration::from_secs(600);
+    let mut pending: Vec<usize> = (0..k).collect();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for i in pending {
+            if stream_len(&env.nats_client, &format!("TENANTS_{k}_{i}")).await < n as u64 {
+                still.push(i);
+            }
+        }
+        pending = still;
+        if Instant::now() > deadline {
+            bail!(
+                "{} tenants did not publish {n} events in 600 s",
+                pending.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = t.elapsed();
+    let cpu = env.cpu.since(mark, env.cpu.mark());
+    running.stop().await?;
+    Ok((rate(n, elapsed), cpu))
 }

@@ -151,6 +151,45 @@ pub struct PipelineConfig {
     /// needs `changeStreamPreAndPostImages`).
     #[serde(default)]
     pub full_document_before_change: FullDocumentBeforeChange,
+    /// Namespaces to capture, within `database`/`collections` (default: everything there):
+    /// `db.coll`, `db.*`, or `/regex/` matched against `db.coll`. Pushed to the server.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Namespaces to leave out, in the same forms; applied after `include`.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Operation types never captured, e.g. `["delete"]`. `invalidate` cannot be skipped.
+    #[serde(default)]
+    pub skip_operations: Vec<String>,
+    /// Extra aggregation stages appended to the change stream's pipeline: `$match`,
+    /// `$project` (exclusions only), `$addFields`/`$set` and `$unset`, never touching `_id`
+    /// (the resume token) or the fields tidegate reads.
+    #[serde(default)]
+    pub stages: Vec<toml::Table>,
+    /// DDL events too (create, createIndexes, modify, …): MongoDB's `showExpandedEvents`
+    /// (6.0+). Default: false.
+    #[serde(default)]
+    pub show_expanded_events: bool,
+    /// Where a pipeline without a checkpoint starts: `now` (default), an RFC 3339 time
+    /// (`2026-11-22T10:00:00Z`), or a cluster time `<seconds>.<increment>`; the time must
+    /// still be in the oplog.
+    #[serde(default)]
+    pub start_at: Option<String>,
+    /// A resume token to start after when there is no checkpoint, as JSON (a change event's
+    /// `_id`, e.g. `{"_data": "8263…"}`). Takes precedence over `start_at`.
+    #[serde(default)]
+    pub start_after_token: Option<String>,
+    /// What a drop, rename or dropDatabase of the watched namespace does: `continue`
+    /// (default: the events are published and capture goes on with `startAfter`) or `stop`
+    /// (the events before the invalidate are published, then the pipeline stops with an
+    /// error, at the same place on every restart, until the policy or checkpoint changes).
+    #[serde(default)]
+    pub on_invalidate: InvalidatePolicy,
+    /// What happens when the checkpoint is no longer in the oplog: `fail` (default: stop with
+    /// the checkpoint's time and the oplog's oldest entry) or `latest` (resume from now,
+    /// logged as an error with what was skipped).
+    #[serde(default)]
+    pub on_history_lost: HistoryLostPolicy,
     /// Plugins every event goes through, in order. With tenants, each tenant has its own.
     #[serde(default)]
     pub plugins: Vec<PluginConfig>,
@@ -322,6 +361,59 @@ pub enum QuarantineAction {
     /// Stop the unit.
     Halt,
 }
+
+/// See [`PipelineConfig::on_invalidate`].
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum InvalidatePolicy {
+    /// Publish and continue after the invalidate with `startAfter`.
+    #[default]
+    Continue,
+    /// Stop the pipeline with an error.
+    Stop,
+}
+
+/// See [`PipelineConfig::on_history_lost`].
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum HistoryLostPolicy {
+    /// Stop with a clear error.
+    #[default]
+    Fail,
+    /// Resume from now, loudly.
+    Latest,
+}
+
+/// Operation types MongoDB change streams report (what `skip_operations` may name).
+pub const OPERATION_TYPES: &[&str] = &[
+    "insert",
+    "update",
+    "replace",
+    "delete",
+    "drop",
+    "rename",
+    "dropDatabase",
+    "create",
+    "createIndexes",
+    "dropIndexes",
+    "modify",
+    "shardCollection",
+    "refineCollectionShardKey",
+    "reshardCollection",
+];
+
+/// Top-level fields of a change event that tidegate reads: user stages may not touch them.
+const EVENT_FIELDS: &[&str] = &[
+    "_id",
+    "operationType",
+    "ns",
+    "to",
+    "documentKey",
+    "clusterTime",
+    "wallTime",
+    "lsid",
+    "txnNumber",
+];
 
 /// `fullDocument` for update events.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -732,6 +824,34 @@ impl Config {
                     at("checkpoint.interval_ms")
                 ));
             }
+            for entry in pipeline.include.iter().chain(&pipeline.exclude) {
+                NamespaceFilter::parse(entry)
+                    .map_err(|e| format!("{}: {e}", at("include/exclude")))?;
+            }
+            for op in &pipeline.skip_operations {
+                if op == "invalidate" {
+                    return Err(format!(
+                        "{}: invalidate cannot be skipped: it is how capture follows a dropped or renamed namespace",
+                        at("skip_operations")
+                    ));
+                }
+                if !OPERATION_TYPES.contains(&op.as_str()) {
+                    return Err(format!(
+                        "{}: unknown operation '{op}' (known: {})",
+                        at("skip_operations"),
+                        OPERATION_TYPES.join(", ")
+                    ));
+                }
+            }
+            for stage in &pipeline.stages {
+                check_stage(stage).map_err(|e| format!("{}: {e}", at("stages")))?;
+            }
+            if let Some(start) = &pipeline.start_at {
+                parse_start_at(start).map_err(|e| format!("{}: {e}", at("start_at")))?;
+            }
+            if let Some(token) = &pipeline.start_after_token {
+                parse_token(token).map_err(|e| format!("{}: {e}", at("start_after_token")))?;
+            }
             if pipeline.quarantine.after_failures == 0
                 && pipeline.quarantine.action != QuarantineAction::DeadLetter
             {
@@ -910,6 +1030,133 @@ impl PipelineConfig {
     }
 }
 
+/// One `include`/`exclude` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamespaceFilter {
+    /// `db.coll` or `db.*`.
+    Pattern(NamespacePattern),
+    /// `/regex/`, matched by the server against `db.coll`.
+    Regex(String),
+}
+
+impl NamespaceFilter {
+    /// Parses one entry.
+    pub fn parse(text: &str) -> Result<NamespaceFilter, String> {
+        match text.strip_prefix('/').and_then(|t| t.strip_suffix('/')) {
+            Some("") => Err(format!("'{text}' is an empty regex")),
+            Some(regex) => Ok(NamespaceFilter::Regex(regex.to_string())),
+            None => NamespacePattern::parse(text).map(NamespaceFilter::Pattern),
+        }
+    }
+}
+
+/// Where a pipeline without a checkpoint starts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StartAt {
+    /// From now.
+    Now,
+    /// At this cluster time.
+    ClusterTime(bson::Timestamp),
+}
+
+/// Parses `start_at`: `now`, an RFC 3339 time, or `<seconds>.<increment>`.
+pub fn parse_start_at(text: &str) -> Result<StartAt, String> {
+    if text == "now" {
+        return Ok(StartAt::Now);
+    }
+    if let Some((secs, inc)) = text.split_once('.') {
+        if let (Ok(time), Ok(increment)) = (secs.parse::<u32>(), inc.parse::<u32>()) {
+            return Ok(StartAt::ClusterTime(bson::Timestamp { time, increment }));
+        }
+    }
+    let at = bson::DateTime::parse_rfc3339_str(text).map_err(|_| {
+        format!("'{text}' is not `now`, an RFC 3339 time or `<seconds>.<increment>`")
+    })?;
+    let time = u32::try_from(at.timestamp_millis() / 1000)
+        .map_err(|_| format!("'{text}' is outside what a cluster time can hold"))?;
+    Ok(StartAt::ClusterTime(bson::Timestamp { time, increment: 0 }))
+}
+
+/// Parses `start_after_token`: a JSON object such as `{"_data": "82…"}`.
+pub fn parse_token(text: &str) -> Result<bson::Document, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let document = bson::Document::try_from(
+        value
+            .as_object()
+            .cloned()
+            .ok_or("must be a JSON object such as {\"_data\": \"82…\"}")?,
+    )
+    .map_err(|e| format!("not a resume token: {e}"))?;
+    if !document.contains_key("_data") {
+        return Err("must hold `_data`, as a change event's `_id` does".into());
+    }
+    Ok(document)
+}
+
+/// Checks one user stage: an allowed operator that leaves `_id` and the fields tidegate
+/// reads alone.
+pub fn check_stage(stage: &toml::Table) -> Result<bson::Document, String> {
+    let json = serde_json::to_value(stage).map_err(|e| e.to_string())?;
+    let document = json
+        .as_object()
+        .cloned()
+        .map(bson::Document::try_from)
+        .ok_or("a stage must be a table")?
+        .map_err(|e| e.to_string())?;
+    let mut keys = document.keys();
+    let (Some(operator), None) = (keys.next(), keys.next()) else {
+        return Err(
+            "each stage must have exactly one operator, like { \"$match\" = { … } }".into(),
+        );
+    };
+    let touched = |field: &str| {
+        let top = field.split('.').next().unwrap_or(field);
+        EVENT_FIELDS.contains(&top)
+    };
+    let body = document.get(operator);
+    match (operator.as_str(), body) {
+        ("$match", Some(bson::Bson::Document(_))) => {}
+        ("$project", Some(bson::Bson::Document(fields))) => {
+            for (field, value) in fields {
+                let excluded = matches!(value, bson::Bson::Int32(0) | bson::Bson::Int64(0) | bson::Bson::Boolean(false));
+                if !excluded {
+                    return Err(format!(
+                        "$project may only exclude fields (`{field}` would keep only some and drop what tidegate reads)"
+                    ));
+                }
+                if touched(field) {
+                    return Err(format!("$project may not remove `{field}`, which tidegate reads"));
+                }
+            }
+        }
+        ("$addFields" | "$set", Some(bson::Bson::Document(fields))) => {
+            if let Some(field) = fields.keys().find(|f| touched(f)) {
+                return Err(format!("{operator} may not change `{field}`, which tidegate reads"));
+            }
+        }
+        ("$unset", Some(body)) => {
+            let fields: Vec<String> = match body {
+                bson::Bson::String(one) => vec![one.clone()],
+                bson::Bson::Array(many) => many.iter().filter_map(|f| f.as_str().map(str::to_string)).collect(),
+                _ => return Err("$unset takes a field name or a list of them".into()),
+            };
+            if let Some(field) = fields.iter().find(|f| touched(f)) {
+                return Err(format!("$unset may not remove `{field}`, which tidegate reads"));
+            }
+        }
+        ("$match" | "$project" | "$addFields" | "$set", _) => {
+            return Err(format!("{operator} takes a table"));
+        }
+        (other, _) => {
+            return Err(format!(
+                "{other} is not allowed (allowed: $match, $project with exclusions, $addFields, $set, $unset)"
+            ))
+        }
+    }
+    Ok(document)
+}
+
 /// Whether `id` is a valid pipeline, tenant or plugin name: letters, digits, `-` and `_`.
 fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -1036,6 +1283,179 @@ mod tests {
         assert!(parse(&text)
             .expect_err("bad placeholder")
             .contains("placeholders"));
+    }
+
+    const TENANTS: &str = r#"
+        [nats]
+        url = "nats://127.0.0.1:4222"
+        [[pipeline]]
+        id = "shop"
+        mongodb_uri = "mongodb://127.0.0.1:27017/?replicaSet=rs0"
+        database = "shop"
+        [[pipeline.tenant]]
+        id = "acme"
+        namespaces = ["shop.orders", "shop.returns"]
+        limits = { memory_mib = 16, timeout_ms = 200 }
+        capabilities = { clock = true }
+        [pipeline.tenant.sink]
+        stream = "ACME"
+        subject_prefix = "tenants.acme"
+        [[pipeline.tenant.plugins]]
+        name = "redact"
+        limits = { timeout_ms = 50 }
+        [[pipeline.tenant]]
+        id = "globex"
+        namespaces = ["shop.*"]
+        [pipeline.tenant.sink]
+        stream = "GLOBEX"
+        subject_prefix = "tenants.globex"
+    "#;
+
+    /// Each tenant becomes a unit of its own, inheriting the source and keeping its own
+    /// sink, plugins, limits (merged key by key) and capabilities.
+    #[test]
+    fn tenants_become_units() {
+        let config = parse(TENANTS).expect("valid");
+        let ids: Vec<&str> = config.pipelines.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["shop.acme", "shop.globex"]);
+        let acme = &config.pipelines[0];
+        assert_eq!(acme.database.as_deref(), Some("shop"));
+        assert_eq!(acme.sink.stream, "ACME");
+        assert_eq!(acme.dead_letter_subject(), "tenants.acme.dead-letter");
+        assert!(acme.capabilities.clock && !acme.capabilities.random);
+        let limits = acme.plugin_limits(&acme.plugins[0]);
+        assert_eq!((limits.memory_mib, limits.timeout_ms), (16, 50));
+        assert_eq!(
+            limits.fuel_per_call, 100_000_000,
+            "unset keys keep the default"
+        );
+        let scope = acme.tenant.as_ref().expect("tenant scope");
+        assert_eq!(scope.id, "acme");
+        let ns = |db: &str, coll: Option<&str>| crate::event::Namespace {
+            db: db.into(),
+            coll: coll.map(Into::into),
+        };
+        assert!(acme.may_see(&ns("shop", Some("orders"))));
+        assert!(!acme.may_see(&ns("shop", Some("secrets"))));
+        assert!(!acme.may_see(&ns("other", Some("orders"))));
+        assert!(
+            acme.may_see(&ns("shop", None)),
+            "dropDatabase of its database"
+        );
+        assert!(acme.may_see(&ns("", None)), "invalidate");
+        assert!(config.pipelines[1].may_see(&ns("shop", Some("anything"))));
+    }
+
+    /// Tenant mistakes are named precisely.
+    #[test]
+    fn tenant_mistakes_are_refused() {
+        let cases = [
+            (
+                "\"shop.*\"]",
+                "\"other.*\"]",
+                "outside what the pipeline watches",
+            ),
+            ("\"shop.*\"]", "\"shop.ord*\"]", "only a whole database"),
+            (
+                "namespaces = [\"shop.*\"]",
+                "namespaces = []",
+                "list what the tenant may see",
+            ),
+            ("id = \"globex\"", "id = \"acme\"", "used twice"),
+            (
+                "stream = \"GLOBEX\"",
+                "stream = \"ACME\"",
+                "already used by another pipeline",
+            ),
+            (
+                "database = \"shop\"",
+                "database = \"shop\"\nplugins = [{ name = \"x\" }]",
+                "belong in each",
+            ),
+        ];
+        for (from, to, expected) in cases {
+            let text = TENANTS.replacen(from, to, 1);
+            assert_ne!(text, TENANTS, "{from}");
+            let err = parse(&text).expect_err(expected);
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+        let no_sink = MINIMAL
+            .replace("[pipeline.sink]", "[pipeline.checkpoint]")
+            .replace("stream = \"ORDERS\"\n", "")
+            .replace("subject_prefix = \"cdc\"\n", "");
+        assert!(parse(&no_sink)
+            .expect_err("no sink")
+            .contains("[pipeline.sink]"));
+    }
+
+    /// User stages may filter and add fields but never touch the resume token or what
+    /// tidegate reads.
+    #[test]
+    fn user_stages_are_checked() {
+        let stage = |text: &str| -> Result<bson::Document, String> {
+            let table: toml::Table =
+                toml::from_str(&format!("s = {text}")).map_err(|e| e.to_string())?;
+            match table.get("s") {
+                Some(toml::Value::Table(t)) => check_stage(t),
+                _ => Err("not a table".into()),
+            }
+        };
+        assert!(stage(r#"{ "$match" = { "fullDocument.paid" = true } }"#).is_ok());
+        assert!(stage(r#"{ "$project" = { "fullDocument.secret" = 0 } }"#).is_ok());
+        assert!(stage(r#"{ "$set" = { "fullDocument.x" = 1 } }"#).is_ok());
+        for (text, expected) in [
+            (r#"{ "$project" = { "_id" = 0 } }"#, "may not remove `_id`"),
+            (
+                r#"{ "$project" = { "fullDocument" = 1 } }"#,
+                "may only exclude",
+            ),
+            (r#"{ "$set" = { "_id" = "x" } }"#, "may not change `_id`"),
+            (r#"{ "$unset" = ["ns.coll"] }"#, "may not remove `ns.coll`"),
+            (
+                r#"{ "$replaceRoot" = { "newRoot" = "$fullDocument" } }"#,
+                "not allowed",
+            ),
+            (
+                r#"{ "$match" = { "a" = 1 }, "$set" = { "b" = 1 } }"#,
+                "exactly one operator",
+            ),
+        ] {
+            let err = stage(text).expect_err(text);
+            assert!(err.contains(expected), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn start_positions_parse() {
+        assert_eq!(parse_start_at("now"), Ok(StartAt::Now));
+        assert_eq!(
+            parse_start_at("1732270000.3"),
+            Ok(StartAt::ClusterTime(bson::Timestamp {
+                time: 1_732_270_000,
+                increment: 3
+            }))
+        );
+        assert_eq!(
+            parse_start_at("2026-11-22T10:00:00Z"),
+            Ok(StartAt::ClusterTime(bson::Timestamp {
+                time: 1_795_341_600,
+                increment: 0
+            }))
+        );
+        assert!(parse_start_at("yesterday").is_err());
+        assert!(parse_token(r#"{"_data": "8263"}"#).is_ok());
+        assert!(parse_token(r#"{"data": 1}"#).unwrap_err().contains("_data"));
+        assert!(parse_token("not json").is_err());
+        let text = MINIMAL.replace(
+            "database = \"shop\"",
+            "database = \"shop\"\nskip_operations = [\"invalidate\"]",
+        );
+        assert!(parse(&text).unwrap_err().contains("cannot be skipped"));
+        let text = MINIMAL.replace(
+            "database = \"shop\"",
+            "database = \"shop\"\ninclude = [\"//\"]",
+        );
+        assert!(parse(&text).unwrap_err().contains("empty regex"));
     }
 
     #[test]

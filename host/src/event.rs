@@ -80,6 +80,15 @@ pub struct Namespace {
     pub coll: Option<String>,
 }
 
+impl std::fmt::Display for Namespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.coll {
+            Some(coll) => write!(f, "{}.{coll}", self.db),
+            None => write!(f, "{}", self.db),
+        }
+    }
+}
+
 /// What an update changed.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct UpdateDescription {
@@ -165,6 +174,22 @@ pub fn token_id(token: &ResumeToken) -> String {
         Ok(other) => other.into_canonical_extjson().to_string(),
         Err(_) => String::new(),
     }
+}
+
+/// The cluster time a resume token stands for, read from its `_data` (MongoDB's KeyString
+/// encoding starts with a timestamp: type byte 0x82, then seconds and increment, big-endian).
+/// `None` for tokens of another shape.
+pub fn token_time(token: &ResumeToken) -> Option<bson::Timestamp> {
+    let data = token_id(token);
+    let hex = data.strip_prefix("82")?;
+    let time = u32::from_str_radix(hex.get(0..8)?, 16).ok()?;
+    let increment = u32::from_str_radix(hex.get(8..16)?, 16).ok()?;
+    Some(bson::Timestamp { time, increment })
+}
+
+/// A resume token from its document form (`{"_data": …}`).
+pub fn token_from_document(document: bson::Document) -> Result<ResumeToken, String> {
+    bson::deserialize_from_bson(bson::Bson::Document(document)).map_err(|e| e.to_string())
 }
 
 impl SourceEvent {

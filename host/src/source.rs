@@ -18,9 +18,13 @@ use mongodb::error::ErrorKind;
 use mongodb::options::{ChangeStreamOptions, FullDocumentBeforeChangeType, FullDocumentType};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{CheckpointStoreKind, FullDocument, FullDocumentBeforeChange, PipelineConfig};
+use crate::config::{
+    check_stage, parse_start_at, parse_token, CheckpointStoreKind, FullDocument,
+    FullDocumentBeforeChange, HistoryLostPolicy, InvalidatePolicy, NamespaceFilter, PipelineConfig,
+    StartAt,
+};
 use crate::error::Error;
-use crate::event::{Namespace, Operation, SourceEvent};
+use crate::event::{token_from_document, token_time, Namespace, Operation, SourceEvent};
 
 /// What the source hands downstream.
 #[derive(Debug)]
@@ -35,17 +39,21 @@ pub enum SourceItem {
 #[derive(Debug, Clone)]
 enum OpenAt {
     Now,
+    AtTime(bson::Timestamp),
     ResumeAfter(ResumeToken),
     StartAfter(ResumeToken),
 }
 
+/// MongoDB's ChangeStreamHistoryLost.
+const HISTORY_LOST: i32 = 286;
+
 /// Server error codes after which resuming cannot succeed.
 const FATAL_CODES: &[(i32, &str)] = &[
     (
-        286,
+        HISTORY_LOST,
         "the checkpointed position is no longer in the oplog (ChangeStreamHistoryLost); \
-         events were lost while tidegate was behind. Delete the pipeline's checkpoint to start \
-         from now, or enlarge the oplog",
+         events were lost while tidegate was behind. Set `on_history_lost = \"latest\"` or \
+         delete the pipeline's checkpoint to start from now, and enlarge the oplog",
     ),
     (
         260,
@@ -95,7 +103,10 @@ pub async fn run(
     events: mpsc::Sender<Vec<SourceItem>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    let mut start = start.map(OpenAt::ResumeAfter).unwrap_or(OpenAt::Now);
+    let mut start = match start {
+        Some(token) => OpenAt::ResumeAfter(token),
+        None => first_start(&pipeline)?,
+    };
     let mut backoff = MIN_BACKOFF;
     let mut last_heartbeat: Option<ResumeToken> = None;
     let mut batch: Vec<SourceItem> = Vec::with_capacity(HANDOFF_BATCH);
@@ -114,6 +125,10 @@ pub async fn run(
         }
         let mut stream = match open(&client, &pipeline, &start).await {
             Ok(stream) => stream,
+            Err(err) if error_code(&err) == Some(HISTORY_LOST) => {
+                start = history_lost(&client, &pipeline, &start, err).await?;
+                continue 'reopen;
+            }
             Err(err) => {
                 let what = "cannot open change stream; retrying";
                 if retry_later(&pipeline.id, what, err, &mut backoff, &mut shutdown).await? {
@@ -159,6 +174,20 @@ pub async fn run(
                     } else {
                         OpenAt::ResumeAfter(event.token.clone())
                     };
+                    if invalidated && pipeline.on_invalidate == InvalidatePolicy::Stop {
+                        // Everything before the invalidate is published and checkpointed; the
+                        // invalidate is not, so every restart stops here again.
+                        hand_off(&events, &mut batch).await;
+                        return Err(Error::Source {
+                            pipeline: pipeline.id.clone(),
+                            message: format!(
+                                "the watched namespace {} was dropped or renamed (invalidate) and \
+                                 on_invalidate = \"stop\"; set it to \"continue\" to go on after \
+                                 it, or delete the checkpoint to start afresh",
+                                event.change.namespace
+                            ),
+                        });
+                    }
                     batch.push(SourceItem::Event(Box::new(event)));
                     if invalidated {
                         tracing::warn!(pipeline = %pipeline.id, "change stream invalidated (watched namespace dropped or renamed); continuing after it");
@@ -190,6 +219,10 @@ pub async fn run(
                     if !hand_off(&events, &mut batch).await {
                         return Ok(());
                     }
+                    if error_code(&err) == Some(HISTORY_LOST) {
+                        start = history_lost(&client, &pipeline, &start, err).await?;
+                        continue 'reopen;
+                    }
                     let what = "change stream failed; resuming after the last event read";
                     if retry_later(&pipeline.id, what, err, &mut backoff, &mut shutdown).await? {
                         return Ok(());
@@ -212,9 +245,102 @@ fn watched_namespace(pipeline: &PipelineConfig) -> Namespace {
     }
 }
 
+/// Where a pipeline without a checkpoint opens its stream.
+fn first_start(pipeline: &PipelineConfig) -> Result<OpenAt, Error> {
+    let invalid = |message: String| Error::Source {
+        pipeline: pipeline.id.clone(),
+        message,
+    };
+    if let Some(text) = &pipeline.start_after_token {
+        let token = parse_token(text)
+            .and_then(token_from_document)
+            .map_err(|e| invalid(format!("start_after_token: {e}")))?;
+        return Ok(OpenAt::StartAfter(token));
+    }
+    Ok(match &pipeline.start_at {
+        None => OpenAt::Now,
+        Some(text) => match parse_start_at(text).map_err(invalid)? {
+            StartAt::Now => OpenAt::Now,
+            StartAt::ClusterTime(time) => OpenAt::AtTime(time),
+        },
+    })
+}
+
+/// Applies `on_history_lost` when the stream cannot resume from `start`: `latest` reopens
+/// from now (the only way on); `fail` is an error naming the checkpoint's time and the
+/// oplog's oldest entry.
+async fn history_lost(
+    client: &mongodb::Client,
+    pipeline: &PipelineConfig,
+    start: &OpenAt,
+    err: mongodb::error::Error,
+) -> Result<OpenAt, Error> {
+    let wanted = match start {
+        OpenAt::ResumeAfter(token) | OpenAt::StartAfter(token) => token_time(token),
+        OpenAt::AtTime(time) => Some(*time),
+        OpenAt::Now => None,
+    };
+    let oldest = oplog_window(client).await.map(|(first, _)| first);
+    let describe = |t: Option<bson::Timestamp>| match t {
+        Some(t) => format!(
+            "{} ({}.{})",
+            bson::DateTime::from_millis(i64::from(t.time) * 1000),
+            t.time,
+            t.increment
+        ),
+        None => "unknown".to_string(),
+    };
+    let detail = format!(
+        "the stream needed cluster time {}, the oldest oplog entry is {}",
+        describe(wanted),
+        describe(oldest)
+    );
+    match pipeline.on_history_lost {
+        HistoryLostPolicy::Latest => {
+            tracing::error!(
+                pipeline = %pipeline.id,
+                "history lost: {detail}; on_history_lost = \"latest\", so capture resumes from \
+                 now and the events in between are NOT published"
+            );
+            Ok(OpenAt::Now)
+        }
+        HistoryLostPolicy::Fail => Err(Error::Source {
+            pipeline: pipeline.id.clone(),
+            message: format!(
+                "{}; {detail}: {err}",
+                FATAL_CODES
+                    .iter()
+                    .find(|(code, _)| *code == HISTORY_LOST)
+                    .map(|(_, reason)| *reason)
+                    .unwrap_or("history lost")
+            ),
+        }),
+    }
+}
+
+/// The oplog's first and last entries' times, if this user may read `local.oplog.rs`.
+pub async fn oplog_window(client: &mongodb::Client) -> Option<(bson::Timestamp, bson::Timestamp)> {
+    let oplog = client.database("local").collection::<Document>("oplog.rs");
+    let first = oplog
+        .find_one(doc! {})
+        .sort(doc! { "$natural": 1 })
+        .await
+        .ok()??;
+    let last = oplog
+        .find_one(doc! {})
+        .sort(doc! { "$natural": -1 })
+        .await
+        .ok()??;
+    Some((
+        first.get_timestamp("ts").ok()?,
+        last.get_timestamp("ts").ok()?,
+    ))
+}
+
 fn start_label(start: &OpenAt) -> &'static str {
     match start {
         OpenAt::Now => "now",
+        OpenAt::AtTime(_) => "at-cluster-time",
         OpenAt::ResumeAfter(_) => "resume-after-token",
         OpenAt::StartAfter(_) => "start-after-token",
     }
@@ -270,16 +396,19 @@ async fn open(
         }
         FullDocumentBeforeChange::Required => Some(FullDocumentBeforeChangeType::Required),
     };
-    let (resume_after, start_after) = match start {
-        OpenAt::Now => (None, None),
-        OpenAt::ResumeAfter(token) => (Some(token.clone()), None),
-        OpenAt::StartAfter(token) => (None, Some(token.clone())),
+    let (resume_after, start_after, at_time) = match start {
+        OpenAt::Now => (None, None, None),
+        OpenAt::AtTime(time) => (None, None, Some(*time)),
+        OpenAt::ResumeAfter(token) => (Some(token.clone()), None, None),
+        OpenAt::StartAfter(token) => (None, Some(token.clone()), None),
     };
     let options = ChangeStreamOptions::builder()
         .full_document(full_document)
         .full_document_before_change(before)
         .resume_after(resume_after)
         .start_after(start_after)
+        .start_at_operation_time(at_time)
+        .show_expanded_events(pipeline.show_expanded_events.then_some(true))
         .max_await_time(Duration::from_millis(500))
         .batch_size(BATCH_SIZE)
         .build();
@@ -327,6 +456,32 @@ fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
         }
         stages.push(doc! { "$match": { "$or": allowed } });
     }
+    let condition = |entry: &String| match NamespaceFilter::parse(entry) {
+        Ok(NamespaceFilter::Pattern(p)) => match &p.coll {
+            Some(coll) => doc! { "ns.db": &p.db, "ns.coll": coll },
+            None => doc! { "ns.db": &p.db },
+        },
+        Ok(NamespaceFilter::Regex(regex)) => doc! { "$expr": { "$regexMatch": {
+            "input": { "$concat": ["$ns.db", ".", { "$ifNull": ["$ns.coll", ""] }] },
+            "regex": regex,
+        } } },
+        // Validated with the config; unreachable, and matching nothing is the safe side.
+        Err(_) => doc! { "_id": { "$exists": false } },
+    };
+    if !pipeline.include.is_empty() {
+        let mut any: Vec<Document> = pipeline.include.iter().map(condition).collect();
+        any.push(doc! { "operationType": "invalidate" });
+        stages.push(doc! { "$match": { "$or": any } });
+    }
+    if !pipeline.exclude.is_empty() {
+        let none: Vec<Document> = pipeline.exclude.iter().map(condition).collect();
+        stages.push(doc! { "$match": { "$nor": none } });
+    }
+    if !pipeline.skip_operations.is_empty() {
+        stages.push(
+            doc! { "$match": { "operationType": { "$nin": pipeline.skip_operations.clone() } } },
+        );
+    }
     let checkpoint = &pipeline.checkpoint;
     let may_see_checkpoints = match &pipeline.database {
         None => true,
@@ -338,5 +493,12 @@ fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
             { "ns.coll": { "$ne": &checkpoint.collection } },
         ] } });
     }
+    // The user's own stages come last, checked with the config (they leave `_id` alone).
+    stages.extend(
+        pipeline
+            .stages
+            .iter()
+            .filter_map(|stage| check_stage(stage).ok()),
+    );
     stages
 }

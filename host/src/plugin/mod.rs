@@ -221,6 +221,11 @@ impl Plugin {
             Err(err) if err.kind != "plugin-error" => return Err(err),
             _ => {}
         }
+        self.fresh_instance()
+    }
+
+    /// Replaces the instance with a fresh one (`init` called), as happens after a trap.
+    pub fn fresh_instance(&mut self) -> Result<(), CallError> {
         self.live = None;
         self.live = Some(self.instantiate()?);
         Ok(())

@@ -1,0 +1,188 @@
+//! The change-stream side against a real replica set: include/exclude lists, skipped
+//! operations and user stages pushed to the server; start positions for a pipeline without a
+//! checkpoint; the `stop` invalidation policy.
+
+mod support;
+
+use std::time::Duration;
+
+use bson::doc;
+use futures::StreamExt;
+use support::{json, Harness, InProcess, DB, STREAM};
+
+/// `(collection, n)` of every message, in stream order.
+fn seen(messages: &[async_nats::jetstream::message::StreamMessage]) -> Vec<(String, i64)> {
+    messages
+        .iter()
+        .map(|m| {
+            let event = json(m);
+            (
+                event["ns"]["coll"].as_str().unwrap_or_default().to_string(),
+                event["fullDocument"]["n"]
+                    .as_i64()
+                    .or(event["documentKey"]["_id"].as_i64())
+                    .unwrap_or(-1),
+            )
+        })
+        .collect()
+}
+
+/// A database-wide pipeline with `extra` keys in its `[[pipeline]]` table.
+fn database_config(h: &Harness, extra: &str) -> String {
+    h.config("", "")
+        .replace("collections = [\"orders\"]\n", "")
+        .replace(
+            "full_document = \"update-lookup\"",
+            &format!("full_document = \"update-lookup\"\n{extra}"),
+        )
+}
+
+/// Include (literal and regex), exclude, skipped operations and a user `$match` are applied
+/// by the server: only what they let through is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scopes_and_user_stages_are_pushed_down() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let config = database_config(
+        &h,
+        r#"include = ["shop.orders", "/^shop\\.log_/"]
+exclude = ["shop.log_secret"]
+skip_operations = ["delete"]
+stages = [{ "$match" = { "fullDocument.hidden" = { "$ne" = true } } }]"#,
+    );
+    let path = h.write_config("scopes.toml", &config)?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+    let db = h.mongo.client().await?.database(DB);
+    let coll = |name: &str| db.collection::<bson::Document>(name);
+    coll("orders").insert_one(doc! { "_id": 1, "n": 1 }).await?;
+    coll("orders")
+        .insert_one(doc! { "_id": 2, "n": 2, "hidden": true })
+        .await?;
+    coll("log_a").insert_one(doc! { "_id": 3, "n": 3 }).await?;
+    coll("log_secret")
+        .insert_one(doc! { "_id": 4, "n": 4 })
+        .await?;
+    coll("other").insert_one(doc! { "_id": 5, "n": 5 }).await?;
+    coll("orders").delete_one(doc! { "_id": 1 }).await?;
+    coll("orders")
+        .update_one(doc! { "_id": 2 }, doc! { "$set": { "hidden": false } })
+        .await?;
+    let messages = h.wait_settled(STREAM, 3, Duration::from_secs(20)).await?;
+    running.stop().await?;
+    assert_eq!(
+        seen(&messages),
+        [
+            ("orders".to_string(), 1),
+            ("log_a".to_string(), 3),
+            ("orders".to_string(), 2)
+        ],
+        "hidden insert, log_secret, other and the delete stay out"
+    );
+    assert_eq!(json(&messages[2])["operationType"], "update");
+    Ok(())
+}
+
+/// Without a checkpoint, `start_at` (a cluster time) and `start_after_token` start the
+/// stream in the past; a checkpoint, once written, wins over both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_positions_reach_into_the_past() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let orders = h.collection().await?;
+    // A change stream of our own gives the cluster time and tokens of the events.
+    let mut watch = orders.watch().await?;
+    for n in 0..5 {
+        orders.insert_one(doc! { "n": n }).await?;
+    }
+    let mut events = Vec::new();
+    while events.len() < 5 {
+        if let Some(event) = watch.next().await {
+            events.push(event?);
+        }
+    }
+    let first_time = events[0].cluster_time.expect("cluster time");
+    let token_of_2 =
+        serde_json::to_string(&bson::serialize_to_bson(&events[2].id)?.into_relaxed_extjson())?;
+
+    // start_at the first event's cluster time: all five.
+    let config = h.config("", "").replace(
+        "full_document = \"update-lookup\"",
+        &format!(
+            "full_document = \"update-lookup\"\nstart_at = \"{}.{}\"",
+            first_time.time, first_time.increment
+        ),
+    );
+    let path = h.write_config("start-at.toml", &config)?;
+    let running = InProcess::start(&path)?;
+    let messages = h.wait_settled(STREAM, 5, Duration::from_secs(20)).await?;
+    running.stop().await?;
+    let numbers: Vec<i64> = seen(&messages).into_iter().map(|(_, n)| n).collect();
+    assert_eq!(numbers, [0, 1, 2, 3, 4]);
+
+    // start_after_token of event 2, on a fresh pipeline id and stream: events 3 and 4.
+    let config = h
+        .config("", "")
+        .replace(
+            "full_document = \"update-lookup\"",
+            &format!("full_document = \"update-lookup\"\nstart_after_token = '{token_of_2}'"),
+        )
+        .replace("id = \"orders\"", "id = \"orders-token\"")
+        .replace("stream = \"ORDERS\"", "stream = \"FROM_TOKEN\"")
+        .replace("subject_prefix = \"cdc\"", "subject_prefix = \"tok\"");
+    let path = h.write_config("start-token.toml", &config)?;
+    let running = InProcess::start(&path)?;
+    let messages = h
+        .wait_settled("FROM_TOKEN", 2, Duration::from_secs(20))
+        .await?;
+    running.stop().await?;
+    let numbers: Vec<i64> = seen(&messages).into_iter().map(|(_, n)| n).collect();
+    assert_eq!(numbers, [3, 4]);
+    Ok(())
+}
+
+/// `on_invalidate = "stop"`: the drop is published, then the pipeline stops with an error
+/// naming the namespace and the policy, and stops at the same place after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_policy_stop_stops_clearly_every_time() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let config = h.config("", "").replace(
+        "full_document = \"update-lookup\"",
+        "full_document = \"update-lookup\"\non_invalidate = \"stop\"",
+    );
+    let path = h.write_config("stop.toml", &config)?;
+    let mut tidegate = h.spawn_binary(&path)?;
+    h.wait_ready().await?;
+    let orders = h.collection().await?;
+    orders.insert_one(doc! { "n": 1 }).await?;
+    orders.drop().await?;
+    let status = tidegate.wait_exit(Duration::from_secs(30)).await?;
+    let log = tidegate.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("shop.orders was dropped or renamed"), "{log}");
+    assert!(log.contains("on_invalidate = \"stop\""), "{log}");
+    let messages = h.wait_settled(STREAM, 2, Duration::from_secs(20)).await?;
+    let operations: Vec<String> = messages
+        .iter()
+        .map(|m| {
+            json(m)["operationType"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        operations,
+        ["insert", "drop"],
+        "the invalidate itself is not published"
+    );
+
+    let mut again = h.spawn_binary(&path)?;
+    let status = again.wait_exit(Duration::from_secs(30)).await?;
+    assert_eq!(status.code(), Some(1), "{}", again.log());
+    assert!(again.log().contains("on_invalidate = \"stop\""));
+    assert_eq!(
+        h.messages(STREAM).await?.len(),
+        2,
+        "nothing new on the restart"
+    );
+    Ok(())
+}
