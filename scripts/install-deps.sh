@@ -97,6 +97,18 @@ if ! c_toolchain_ok; then
   c_toolchain_ok || { log "clang installed but cannot build wasm32-wasi"; exit 1; }
 fi
 
+# The TLS tests (tests/security.rs) make their certificates with the openssl command.
+if ! command -v openssl >/dev/null 2>&1; then
+  if [ "$(id -u)" != 0 ]; then
+    log "need root to apt-get install openssl"
+    exit 1
+  fi
+  log "installing openssl (certificates for the TLS tests)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends openssl >/dev/null
+fi
+
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   log "cargo-nextest not found; tests will run with plain cargo test"
 fi

@@ -4,66 +4,14 @@
 
 mod support;
 
-use std::collections::HashSet;
-
 use anyhow::Context as _;
 use std::time::Duration;
 
 use async_nats::jetstream::message::StreamMessage;
 use bson::doc;
-use support::{header, json, Harness, InProcess, SIGTERM, STREAM};
-
-/// The `seq` field of each message's document, in stream order.
-fn seqs(messages: &[StreamMessage]) -> Vec<i64> {
-    messages
-        .iter()
-        .map(|m| json(m)["fullDocument"]["seq"].as_i64().unwrap_or(-1))
-        .collect()
-}
-
-/// Asserts the stream holds exactly the events 0..n, once each, in order, with unique ids.
-fn assert_exactly_once_in_order(messages: &[StreamMessage], n: i64) {
-    let seqs = seqs(messages);
-    let expected: Vec<i64> = (0..n).collect();
-    if seqs != expected {
-        let dupes = seqs.len() - seqs.iter().collect::<HashSet<_>>().len();
-        let first_bad = seqs.iter().zip(&expected).position(|(a, b)| a != b);
-        panic!(
-            "stream holds {} messages ({} duplicates), expected {}; first mismatch at index {:?}",
-            seqs.len(),
-            dupes,
-            n,
-            first_bad
-        );
-    }
-    let ids: HashSet<String> = messages
-        .iter()
-        .filter_map(|m| header(m, "Nats-Msg-Id"))
-        .collect();
-    assert_eq!(ids.len(), messages.len(), "message ids are unique");
-}
-
-/// Inserts documents `{seq: from..to}` in ordered batches, pausing between batches so that
-/// faults land mid-stream.
-async fn write_range(
-    coll: mongodb::Collection<bson::Document>,
-    from: i64,
-    to: i64,
-    batch: i64,
-    pause: Duration,
-) -> anyhow::Result<()> {
-    let mut next = from;
-    while next < to {
-        let end = (next + batch).min(to);
-        let docs: Vec<bson::Document> = (next..end)
-            .map(|seq| doc! { "seq": seq, "email": format!("user{seq}@example.com"), "pad": "x".repeat(200) })
-            .collect();
-        coll.insert_many(docs).await?;
-        next = end;
-        tokio::time::sleep(pause).await;
-    }
-    Ok(())
-}
+use support::{
+    assert_exactly_once_in_order, json, write_range, Harness, InProcess, SIGTERM, STREAM,
+};
 
 /// The core promise: tidegate SIGKILLed again and again while 10,000 events are
 /// written, restarted each time, and the stream ends with every event exactly once, in order.
@@ -318,7 +266,13 @@ async fn publisher_skips_stored_messages_after_the_duplicate_window() -> anyhow:
         token: token(0)?,
         last_msg_id: Some(message(0).msg_id),
     };
-    let mut publisher = Publisher::new(js, "p", &config.pipelines[0].sink, Some(start));
+    let mut publisher = Publisher::new(
+        js,
+        "p",
+        &config.pipelines[0].sink,
+        Some(start),
+        tidegate::fence::Fence::none(),
+    );
     for n in 1..4 {
         publisher
             .push(Unit {

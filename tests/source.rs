@@ -186,3 +186,81 @@ async fn invalidate_policy_stop_stops_clearly_every_time() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// While NATS is away the checkpoint stands still and the oplog moves on: tidegate warns
+/// before the checkpoint falls out of the window, naming both figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_near_the_oplog_edge_is_warned_about() -> anyhow::Result<()> {
+    let mongo = tidegate_testkit::MongoReplicaSet::start_with_oplog_mb(1).await?;
+    let mut h = Harness::start().await?;
+    h.mongo = mongo;
+    let config = h.config("", "").replace(
+        "interval_ms = 200",
+        "interval_ms = 200\noplog_check_interval_ms = 500",
+    );
+    let path = h.write_config("window.toml", &config)?;
+    let mut tidegate = h.spawn_binary(&path)?;
+    h.wait_ready().await?;
+    let orders = h.collection().await?;
+    orders.insert_one(doc! { "n": 0 }).await?;
+    h.wait_settled(STREAM, 1, Duration::from_secs(20)).await?;
+    h.nats.stop();
+    // ~100 KB every 250 ms: the 1 MB oplog's window shrinks to a few seconds while the
+    // checkpoint stays where NATS left it.
+    let blob = "z".repeat(100_000);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !tidegate.log().contains("close to falling out of the oplog") {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no warning: {}",
+            tidegate.log()
+        );
+        orders.insert_one(doc! { "blob": &blob }).await?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let log = tidegate.log();
+    assert!(log.contains("checkpoint_age_s"), "{log}");
+    assert!(log.contains("oplog_window_s"), "{log}");
+    tidegate.kill9();
+    Ok(())
+}
+
+/// `required` pre-images on a collection that does not record them: a clear error at start
+/// that says how to enable them; once enabled, before-images flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_images_are_checked_at_start() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let db = h.mongo.client().await?.database(DB);
+    db.create_collection("orders").await?;
+    let config = h.config("", "").replace(
+        "full_document = \"update-lookup\"",
+        "full_document = \"update-lookup\"\nfull_document_before_change = \"required\"",
+    );
+    let path = h.write_config("images.toml", &config)?;
+    let mut tidegate = h.spawn_binary(&path)?;
+    let status = tidegate.wait_exit(Duration::from_secs(30)).await?;
+    let log = tidegate.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("changeStreamPreAndPostImages on shop.orders"),
+        "{log}"
+    );
+    assert!(log.contains("collMod"), "{log}");
+
+    db.run_command(
+        doc! { "collMod": "orders", "changeStreamPreAndPostImages": { "enabled": true } },
+    )
+    .await?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+    let orders = h.collection().await?;
+    orders.insert_one(doc! { "_id": 1, "n": 1 }).await?;
+    orders
+        .update_one(doc! { "_id": 1 }, doc! { "$set": { "n": 2 } })
+        .await?;
+    let messages = h.wait_settled(STREAM, 2, Duration::from_secs(20)).await?;
+    running.stop().await?;
+    assert_eq!(json(&messages[1])["fullDocumentBeforeChange"]["n"], 1);
+    assert_eq!(json(&messages[1])["fullDocument"]["n"], 2);
+    Ok(())
+}

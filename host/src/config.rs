@@ -29,6 +29,12 @@ pub struct Config {
     /// The wasm engine shared by every plugin.
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    /// The operations endpoint (health, metrics, status); absent: none.
+    #[serde(default)]
+    pub http: Option<crate::http::HttpConfig>,
+    /// High availability: leases shared with other instances (see [`crate::lease`]).
+    #[serde(default)]
+    pub ha: crate::lease::HaConfig,
     /// One entry per change stream to relay. At least one is required. After loading,
     /// each tenant of a pipeline is an entry of its own (see [`TenantConfig`]).
     #[serde(rename = "pipeline")]
@@ -49,6 +55,12 @@ pub struct NatsConfig {
     /// failed and retried. Default: 5000.
     #[serde(default = "default_ack_timeout_ms")]
     pub ack_timeout_ms: u64,
+    /// Authentication, `[nats.auth]` (see [`crate::security::NatsAuth`]). Default: none.
+    #[serde(default)]
+    pub auth: crate::security::NatsAuth,
+    /// TLS, `[nats.tls]` (see [`crate::security::NatsTls`]). Absent: TLS only if the server
+    /// asks for it.
+    pub tls: Option<crate::security::NatsTls>,
 }
 
 /// Logging.
@@ -602,6 +614,10 @@ pub struct CheckpointConfig {
     /// A crash replays at most this much (JetStream drops the replayed duplicates).
     #[serde(default = "default_checkpoint_interval_ms")]
     pub interval_ms: u64,
+    /// How often the saved checkpoint is compared with the oplog's window, in milliseconds:
+    /// past half of it tidegate warns, past 80 % it logs an error. Default: 60000.
+    #[serde(default = "default_oplog_check_interval_ms")]
+    pub oplog_check_interval_ms: u64,
 }
 
 impl Default for CheckpointConfig {
@@ -612,6 +628,7 @@ impl Default for CheckpointConfig {
             database: default_checkpoint_database(),
             collection: default_checkpoint_collection(),
             interval_ms: default_checkpoint_interval_ms(),
+            oplog_check_interval_ms: default_oplog_check_interval_ms(),
         }
     }
 }
@@ -667,6 +684,9 @@ fn default_checkpoint_database() -> String {
 fn default_checkpoint_collection() -> String {
     "checkpoints".to_string()
 }
+fn default_oplog_check_interval_ms() -> u64 {
+    60_000
+}
 fn default_checkpoint_interval_ms() -> u64 {
     1000
 }
@@ -708,6 +728,10 @@ impl Config {
         }
         config.plugin_dir = base.join(&config.plugin_dir);
         config.pipelines = expand_tenants(std::mem::take(&mut config.pipelines))?;
+        config.nats.auth.resolve(base);
+        if let Some(tls) = &mut config.nats.tls {
+            tls.resolve(base);
+        }
         for plugin in config
             .pipelines
             .iter_mut()
@@ -732,6 +756,11 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        self.ha.validate()?;
+        self.nats.auth.validate()?;
+        if let Some(tls) = &self.nats.tls {
+            tls.validate()?;
+        }
         if self.pipelines.is_empty() {
             return Err("no [[pipeline]] is configured; at least one is needed".into());
         }
@@ -818,10 +847,12 @@ impl Config {
                     at("sink.duplicate_window_secs")
                 ));
             }
-            if pipeline.checkpoint.interval_ms == 0 {
+            if pipeline.checkpoint.interval_ms == 0
+                || pipeline.checkpoint.oplog_check_interval_ms == 0
+            {
                 return Err(format!(
                     "{}: must be at least 1",
-                    at("checkpoint.interval_ms")
+                    at("checkpoint.interval_ms / oplog_check_interval_ms")
                 ));
             }
             for entry in pipeline.include.iter().chain(&pipeline.exclude) {

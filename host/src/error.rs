@@ -59,4 +59,13 @@ pub enum Error {
         /// What happened.
         message: String,
     },
+    /// Another instance owns the pipeline now (high availability): this one must stop
+    /// writing for it. Not a failure of the process; the pipeline goes back to standby.
+    #[error("pipeline '{pipeline}': fenced: {message}")]
+    Fenced {
+        /// The pipeline.
+        pipeline: String,
+        /// How it was found out.
+        message: String,
+    },
 }

@@ -21,11 +21,16 @@
 //! - [`sandbox`] — the wasmtime engine, compiled-plugin cache, instance admission, and the
 //!   limits and capabilities of every plugin call.
 //! - [`reload`] — hot reload of changed plugin files, and SIGHUP.
+//! - [`security`] — NATS authentication and TLS, MongoDB defaults, secrets.
 //! - [`encode`] — subjects and payload encodings.
 //! - [`sink`] — the JetStream stream check and the ordered, deduplicated publisher.
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
+//! - [`http`] — the operations endpoint: health, readiness, metrics, status.
+//! - [`fence`] — whether this process may still write for a pipeline.
+//! - [`lease`] — high availability: pipelines shared between instances through NATS KV leases.
 //! - [`pipeline`] — wiring one pipeline's stages together, shutdown and draining.
-//! - [`telemetry`] — logs and counters.
+//! - [`telemetry`] — logs.
+//! - [`metrics`] — every counter, gauge and histogram, rendered for Prometheus and `/status`.
 //!
 //! The binary (`src/main.rs`) only parses the command line, installs signal handlers and
 //! calls [`run`].
@@ -37,10 +42,15 @@ pub mod config;
 pub mod encode;
 pub mod error;
 pub mod event;
+pub mod fence;
+pub mod http;
+pub mod lease;
+pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
 pub mod reload;
 pub mod sandbox;
+pub mod security;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
@@ -91,6 +101,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     .map(|p| format!("{}({:?})", p.name(), p.world()))
                     .collect();
                 tracing::info!(pipeline = %pipeline.id, plugins = %plugins.join(" → "), "plugins loaded");
+                metrics::pipeline(&pipeline.id).set_plugins(metrics::plugin_infos(&chain));
                 chains.push(Some(chain));
             }
             Err(err) if pipeline.tenant.is_some() => {
@@ -101,7 +112,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
 
-    let nats = async_nats::ConnectOptions::new()
+    let nats = security::nats_options(&config.nats.auth, config.nats.tls.as_ref())
+        .await?
         .retry_on_initial_connect()
         .event_callback(|event| async move {
             match event {
@@ -117,6 +129,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(|err| Error::Startup {
             message: format!("cannot connect to NATS: {err}"),
         })?;
+    let _http = match &config.http {
+        Some(http) => Some(AbortOnDrop(tokio::spawn(http::serve(
+            http::bind(http).await?,
+            nats.clone(),
+        )))),
+        None => None,
+    };
     let ack_timeout = std::time::Duration::from_millis(config.nats.ack_timeout_ms);
     let max_in_flight = config
         .pipelines
@@ -151,9 +170,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    let ha = match config.ha.enabled {
+        true => Some(lease::Coordinator::open(&js, &config.ha, config.pipelines.len()).await?),
+        false => None,
+    };
+    if let Some(ha) = &ha {
+        let presence = ha.clone().run_presence(stop_rx.clone());
+        tasks.spawn(async move { (false, presence.await) });
+    }
     let mut handles = Vec::new();
     for (pipeline, chain) in config.pipelines.iter().cloned().zip(chains) {
         let (updates_tx, updates_rx) = tokio::sync::mpsc::unbounded_channel();
+        let updates = std::sync::Arc::new(tokio::sync::Mutex::new(updates_rx));
         handles.push(reload::UnitHandle::new(
             pipeline.clone(),
             &config.plugin_dir,
@@ -161,8 +189,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             chain.is_none(),
         ));
         let is_tenant = pipeline.tenant.is_some();
-        let run = pipeline::run(pipeline, chain, updates_rx, js.clone(), stop_rx.clone());
-        tasks.spawn(async move { (is_tenant, run.await) });
+        match &ha {
+            Some(ha) => {
+                let plugins = lease::UnitPlugins {
+                    chain,
+                    updates,
+                    sandbox: sandbox.clone(),
+                    plugin_dir: config.plugin_dir.clone(),
+                };
+                let run = ha
+                    .clone()
+                    .run_pipeline(pipeline, plugins, js.clone(), stop_rx.clone());
+                tasks.spawn(async move { (is_tenant, run.await) });
+            }
+            None => {
+                let run = pipeline::run(
+                    pipeline,
+                    chain,
+                    updates,
+                    js.clone(),
+                    stop_rx.clone(),
+                    fence::Fence::none(),
+                );
+                tasks.spawn(async move { (is_tenant, run.await) });
+            }
+        };
     }
     let reloader = tokio::spawn(reload::run(
         sandbox.clone(),
@@ -204,6 +255,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!(error = %err, "final NATS flush failed");
     }
     outcome
+}
+
+/// Stops a background task when dropped (whichever way `run` returns).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A URL with any `user:password@` or `token@` part removed, for logs.

@@ -14,7 +14,6 @@
 //! and settles every unit it was given, and the final position is checkpointed.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::Context;
@@ -27,8 +26,9 @@ use crate::config::{Encoding, PipelineConfig};
 use crate::encode::{self, SubjectTemplate};
 use crate::error::Error;
 use crate::event::SourceEvent;
+use crate::fence::Fence;
 use crate::plugin::{CallError, Chain, Verdict};
-use crate::reload::ChainUpdate;
+use crate::reload::{ChainUpdate, Updates};
 use crate::sink::{self, Message, Position, Publisher, Unit};
 use crate::source::{self, SourceItem};
 use crate::telemetry::PipelineStats;
@@ -44,17 +44,23 @@ const UNIT_QUEUE_BATCHES: usize = 4;
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 
 /// Runs one pipeline (or tenant unit) until `shutdown` turns true (then drains and
-/// checkpoints) or a fatal error occurs. Without a `chain` (its plugins failed to load) the
-/// unit holds: it reads nothing and keeps its checkpoint until `updates` brings a chain
-/// that loads. `updates` also carries hot reloads to the plugin thread.
+/// checkpoints), a fatal error occurs, or `fence` is lost (then stops at once with
+/// [`Error::Fenced`], writing nothing more).
+///
+/// Without a `chain` (its plugins failed to load) the unit holds: it reads nothing and keeps
+/// its checkpoint until `updates` brings a chain that loads. `updates` also carries hot
+/// reloads to the plugin thread; it is shared (a high-availability owner runs the unit again
+/// after regaining its lease) and locked for the duration of one run.
 pub async fn run(
     pipeline: PipelineConfig,
     chain: Option<Chain>,
-    mut updates: mpsc::UnboundedReceiver<ChainUpdate>,
+    updates: Updates,
     js: Context,
     mut shutdown: watch::Receiver<bool>,
+    fence: Fence,
 ) -> Result<(), Error> {
     let id = pipeline.id.clone();
+    let mut updates = updates.lock_owned().await;
     let chain = match chain {
         Some(chain) => chain,
         None => {
@@ -71,26 +77,40 @@ pub async fn run(
             }
         }
     };
-    let mongo = mongodb::Client::with_uri_str(&pipeline.mongodb_uri)
+    let mongo = crate::security::mongo_client(&pipeline.mongodb_uri)
         .await
         .map_err(|err| Error::Source {
             pipeline: id.clone(),
             message: format!("invalid MongoDB URI: {err}"),
         })?;
+    source::check_images(&mongo, &pipeline).await?;
     sink::prepare_stream(&js, &pipeline).await?;
     // Known only once connected (the client may have started before NATS was up).
     let max_payload = match js.client().server_info().max_payload {
         0 => DEFAULT_MAX_PAYLOAD,
         n => n,
     };
-    let checkpoints = CheckpointStore::open(&pipeline.checkpoint, &id, &js, &mongo).await?;
+    let checkpoints =
+        CheckpointStore::open(&pipeline.checkpoint, &id, &js, &mongo, fence.clone()).await?;
     let start = checkpoints.load().await?;
     match &start {
         Some(_) => tracing::info!(pipeline = %id, "resuming after checkpoint"),
         None => tracing::info!(pipeline = %id, "no checkpoint: starting from now"),
     }
 
-    let stats = Arc::new(PipelineStats::default());
+    let (saved_time, saved_time_rx) = watch::channel(
+        start
+            .as_ref()
+            .and_then(|p| crate::event::token_time(&p.token)),
+    );
+    tokio::spawn(source::watch_oplog_window(
+        mongo.clone(),
+        id.clone(),
+        Duration::from_millis(pipeline.checkpoint.oplog_check_interval_ms),
+        saved_time_rx,
+    ));
+
+    let stats = crate::metrics::pipeline(&id);
     let (event_tx, event_rx) = mpsc::channel::<Vec<SourceItem>>(SOURCE_QUEUE_BATCHES);
     let (unit_tx, mut unit_rx) = mpsc::channel::<Vec<Unit>>(UNIT_QUEUE_BATCHES);
 
@@ -105,16 +125,17 @@ pub async fn run(
     ));
 
     // Reloads reach the plugin thread between two events; an empty batch wakes it when the
-    // stream is idle. The weak sender never keeps the event channel open on its own.
+    // stream is idle. The weak sender never keeps the event channel open on its own, and the
+    // forwarder (holding the lock on `updates`) ends with this run.
     let (reload_tx, reloads) = std::sync::mpsc::channel();
-    tokio::spawn(async move {
+    let _forwarder = AbortOnDrop(tokio::spawn(async move {
         while let Some(update) = updates.recv().await {
             let Some(wake) = wake.upgrade() else { return };
             if reload_tx.send(update).is_err() || wake.send(Vec::new()).await.is_err() {
                 return;
             }
         }
-    });
+    }));
 
     let framer = Framer::new(&pipeline, max_payload)?;
     let chain_stats = stats.clone();
@@ -135,13 +156,14 @@ pub async fn run(
             message: format!("cannot start plugin thread: {err}"),
         })?;
 
-    let mut publisher = Publisher::new(js, &id, &pipeline.sink, start.clone());
+    let mut publisher = Publisher::new(js, &id, &pipeline.sink, start.clone(), fence.clone());
     let mut saved = start;
     let mut checkpoint_timer =
         tokio::time::interval(Duration::from_millis(pipeline.checkpoint.interval_ms));
     let summary_every = Duration::from_secs(30);
     let mut summary_timer =
         tokio::time::interval_at(tokio::time::Instant::now() + summary_every, summary_every);
+    let mut outcome: Result<(), Error> = Ok(());
     let mut inputs_open = true;
     // Units received but not yet published, waiting for room in the window.
     let mut backlog: VecDeque<Unit> = VecDeque::new();
@@ -178,31 +200,54 @@ pub async fn run(
             }
             _ = checkpoint_timer.tick() => {
                 save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
+                let time = saved.as_ref().and_then(|p| crate::event::token_time(&p.token));
+                saved_time.send_if_modified(|old| std::mem::replace(old, time) != time);
             }
-            _ = summary_timer.tick() => stats.log(&id, publisher.stats()),
+            _ = summary_timer.tick() => stats.log(),
+            _ = fence.lost() => {
+                let _ = source_stop_tx.send(true);
+                outcome = Err(Error::Fenced { pipeline: id.clone(), message: fence.reason() });
+                break;
+            }
         }
     }
+    // Unblocks the chain thread if the loop ended early (fenced).
+    drop(unit_rx);
     save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
-    stats.log(&id, publisher.stats());
-    // Everything the plugin thread handed over was published and checkpointed above; what
-    // it held is replayed on restart.
-    let outcome = match chain_thread.join() {
-        Ok(result) => result,
-        Err(panic) => Err(Error::Sink {
-            pipeline: id.clone(),
-            message: format!("plugin thread panicked (a tidegate bug): {panic:?}"),
-        }),
-    };
+    stats.log();
     // The loop ends once the chain's input closed, i.e. once the source task returned: by
     // shutdown, or with a fatal error that everything read before it was published ahead of.
+    // (When fenced, the source is still stopping: await it before blocking on the thread.)
     let source_result = source_task.await.unwrap_or_else(|err| {
         Err(Error::Source {
             pipeline: id.clone(),
             message: format!("source task failed: {err}"),
         })
     });
+    // Everything the plugin thread handed over was published and checkpointed above; what
+    // it held is replayed on restart.
+    let chain_result = match chain_thread.join() {
+        Ok(result) => result,
+        Err(panic) => Err(Error::Sink {
+            pipeline: id.clone(),
+            message: format!("plugin thread panicked (a tidegate bug): {panic:?}"),
+        }),
+    };
+    if outcome.is_ok() {
+        outcome = chain_result;
+    }
+    stats.set_state(crate::metrics::State::Stopped);
     tracing::info!(pipeline = %id, "stopped");
     outcome.and(source_result)
+}
+
+/// Aborts a task when dropped, on every way out of a function.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn save_if_moved(
@@ -216,6 +261,8 @@ async fn save_if_moved(
     }
     match checkpoints.save(position).await {
         Ok(()) => *saved = Some(position.clone()),
+        // Deposed: the pipeline is stopping (the lease keeper logs why).
+        Err(Error::Fenced { .. }) => {}
         // The position is kept and saved on the next tick; a crash meanwhile only replays
         // events JetStream deduplicates.
         Err(err) => tracing::warn!(error = %err, "checkpoint not saved; will retry"),
@@ -243,14 +290,14 @@ impl ChainStages {
         stats: &PipelineStats,
     ) -> Result<(), Error> {
         while let Some(batch) = events.blocking_recv() {
-            self.apply_updates();
+            self.apply_updates(stats);
             if batch.is_empty() {
                 continue;
             }
             let mut framed = Vec::with_capacity(batch.len());
             let mut halted = None;
             for item in batch {
-                self.apply_updates();
+                self.apply_updates(stats);
                 let event = match item {
                     SourceItem::Heartbeat(token) => {
                         framed.push(Unit {
@@ -292,8 +339,10 @@ impl ChainStages {
     }
 
     /// Swaps in whatever the reloader has sent.
-    fn apply_updates(&mut self) {
+    fn apply_updates(&mut self, stats: &PipelineStats) {
+        let mut swapped = false;
         while let Ok(update) = self.reloads.try_recv() {
+            swapped = true;
             match update {
                 ChainUpdate::Plugin { index, plugin } => {
                     let name = plugin.name().to_string();
@@ -307,6 +356,9 @@ impl ChainStages {
                     tracing::info!(pipeline = %self.scope.id, "plugin chain reloaded");
                 }
             }
+        }
+        if swapped {
+            stats.set_plugins(crate::metrics::plugin_infos(&self.chain));
         }
     }
 }

@@ -36,6 +36,10 @@ pub enum ChainUpdate {
     Chain(Chain),
 }
 
+/// The receiving end of a unit's updates, shared by the runs of the unit (a
+/// high-availability owner runs it again after regaining its lease) and locked by each.
+pub type Updates = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ChainUpdate>>>;
+
 /// The reloader's view of one running unit.
 pub struct UnitHandle {
     config: PipelineConfig,

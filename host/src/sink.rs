@@ -19,7 +19,8 @@
 use std::collections::VecDeque;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
@@ -31,6 +32,8 @@ use mongodb::change_stream::event::ResumeToken;
 
 use crate::config::{PipelineConfig, SinkConfig};
 use crate::error::Error;
+use crate::fence::Fence;
+use crate::metrics::PipelineMetrics;
 
 /// One message to publish.
 #[derive(Debug, Clone)]
@@ -63,17 +66,6 @@ pub struct Position {
     /// The last message id the stream acknowledged, if any: the predecessor for the next
     /// `Nats-Expected-Last-Msg-Id`.
     pub last_msg_id: Option<String>,
-}
-
-/// Counters the sink keeps for the pipeline summary.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SinkStats {
-    /// Messages the stream stored.
-    pub published: u64,
-    /// Messages the stream reported as duplicates (already stored).
-    pub duplicates: u64,
-    /// Publish attempts that failed and were retried.
-    pub retries: u64,
 }
 
 /// Creates the pipeline's stream, or checks that an existing one can deduplicate and holds
@@ -177,6 +169,8 @@ type AckFuture =
 struct Slot {
     message: Message,
     ack: Option<AckFuture>,
+    /// When it was (last) handed to the client.
+    sent_at: Instant,
     /// Set on the last message of a unit: the position reached once this is acknowledged.
     advance_to: Option<ResumeToken>,
 }
@@ -190,20 +184,24 @@ pub struct Publisher {
     /// Id of the newest message handed to the stream, the predecessor of the next one.
     last_sent_msg_id: Option<String>,
     acked: Option<Position>,
-    stats: SinkStats,
+    metrics: Arc<PipelineMetrics>,
     backoff: Duration,
+    /// Nothing is sent once it no longer holds.
+    fence: Fence,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl Publisher {
-    /// A publisher continuing after `start` (the checkpoint), if any.
+    /// A publisher continuing after `start` (the checkpoint), if any, publishing only while
+    /// `fence` holds.
     pub fn new(
         js: Context,
         pipeline: &str,
         sink: &SinkConfig,
         start: Option<Position>,
+        fence: Fence,
     ) -> Publisher {
         Publisher {
             js,
@@ -212,8 +210,9 @@ impl Publisher {
             slots: VecDeque::new(),
             last_sent_msg_id: start.as_ref().and_then(|p| p.last_msg_id.clone()),
             acked: start,
-            stats: SinkStats::default(),
+            metrics: crate::metrics::pipeline(pipeline),
             backoff: MIN_BACKOFF,
+            fence,
         }
     }
 
@@ -230,11 +229,6 @@ impl Publisher {
     /// The acknowledged position.
     pub fn position(&self) -> Option<&Position> {
         self.acked.as_ref()
-    }
-
-    /// Counters so far.
-    pub fn stats(&self) -> SinkStats {
-        self.stats
     }
 
     /// Queues and publishes a unit's messages.
@@ -261,6 +255,7 @@ impl Publisher {
             self.slots.push_back(Slot {
                 message,
                 ack,
+                sent_at: Instant::now(),
                 advance_to,
             });
         }
@@ -269,6 +264,9 @@ impl Publisher {
     /// Sends one message; `None` when it could not even be handed to the client (the retry
     /// path treats that like a failed acknowledgement).
     async fn send(&mut self, message: &Message) -> Option<AckFuture> {
+        if !self.fence.holds() {
+            return None;
+        }
         let mut publish = PublishMessage::build()
             .payload(message.payload.clone())
             .headers(message.headers.clone())
@@ -310,11 +308,8 @@ impl Publisher {
     ) {
         match result {
             Ok(ack) => {
-                if ack.duplicate {
-                    self.stats.duplicates += 1;
-                } else {
-                    self.stats.published += 1;
-                }
+                let latency = self.slots.front().map(|s| s.sent_at.elapsed());
+                self.metrics.acked(ack.duplicate, latency);
                 self.backoff = MIN_BACKOFF;
                 self.pop_acked();
             }
@@ -332,12 +327,20 @@ impl Publisher {
                     token,
                     last_msg_id: Some(slot.message.msg_id),
                 });
+                if let Some(position) = &self.acked {
+                    self.metrics
+                        .position(&position.token, position.last_msg_id.as_deref());
+                }
             }
         }
     }
 
     async fn recover(&mut self, err: PublishError) {
-        self.stats.retries += 1;
+        if !self.fence.holds() {
+            // Deposed: the pipeline is stopping; nothing more may be sent.
+            return;
+        }
+        self.metrics.retried();
         let source = std::error::Error::source(&err)
             .map(|s| s.to_string())
             .unwrap_or_default();
@@ -345,14 +348,26 @@ impl Publisher {
         if err.kind() == PublishErrorKind::WrongLastMessageId {
             // The stream's last message is not the predecessor we named. If it is one of
             // ours still in flight, everything up to it was stored: count those as done.
+            // (Ids are derived from the events, so a new owner of the pipeline publishes the
+            // same ids for the same events: if X is one of ours, the event is stored, whoever
+            // stored it.)
             let stored = last_msg_id_in(&text);
             match stored
                 .as_deref()
                 .and_then(|id| self.slots.iter().position(|s| s.message.msg_id == id))
             {
+                // Not ours, with high availability on: another instance has published past
+                // us, so it owns the pipeline now. Stop; never skip ahead.
+                None if self.fence.is_leased() => {
+                    self.fence.revoke(&format!(
+                        "the stream's last message ({}) was published by another instance",
+                        stored.as_deref().unwrap_or("?")
+                    ));
+                    return;
+                }
                 Some(i) => {
                     for _ in 0..=i {
-                        self.stats.duplicates += 1;
+                        self.metrics.acked(true, None);
                         self.pop_acked();
                     }
                     self.last_sent_msg_id = stored;
@@ -391,6 +406,7 @@ impl Publisher {
         let mut slots = std::mem::take(&mut self.slots);
         for slot in slots.iter_mut() {
             slot.ack = self.send(&slot.message).await;
+            slot.sent_at = Instant::now();
         }
         self.slots = slots;
     }

@@ -138,6 +138,7 @@ pub async fn run(
             }
         };
         tracing::info!(pipeline = %pipeline.id, start = ?start_label(&start), "change stream open");
+        crate::metrics::pipeline(&pipeline.id).set_state(crate::metrics::State::Running);
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -318,6 +319,123 @@ async fn history_lost(
     }
 }
 
+/// Checks at start that `required` document images can work: the server is 6.0 or newer and
+/// every listed collection records pre- and post-images. Without this the stream would fail
+/// on the first event lacking an image, far from the cause.
+pub async fn check_images(
+    client: &mongodb::Client,
+    pipeline: &PipelineConfig,
+) -> Result<(), Error> {
+    let needs_after = pipeline.full_document == FullDocument::Required;
+    let needs_before = pipeline.full_document_before_change == FullDocumentBeforeChange::Required;
+    let uses_images = needs_after
+        || needs_before
+        || pipeline.full_document == FullDocument::WhenAvailable
+        || pipeline.full_document_before_change == FullDocumentBeforeChange::WhenAvailable;
+    if !uses_images {
+        return Ok(());
+    }
+    let fail = |message: String| Error::Source {
+        pipeline: pipeline.id.clone(),
+        message,
+    };
+    let info = match client
+        .database("admin")
+        .run_command(doc! { "buildInfo": 1 })
+        .await
+    {
+        Ok(info) => info,
+        Err(err) => {
+            // Unreachable now (it may come up later, and the stream retries): check nothing
+            // rather than fail a pipeline that would otherwise wait for the server.
+            tracing::warn!(pipeline = %pipeline.id, error = %err, "cannot check document-image support now");
+            return Ok(());
+        }
+    };
+    let major = info
+        .get_str("version")
+        .ok()
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse::<u32>().ok())
+        .unwrap_or(0);
+    if major < 6 {
+        return Err(fail(format!(
+            "document images (full_document = when-available/required, \
+             full_document_before_change) need MongoDB 6.0 or newer; this server is {}",
+            info.get_str("version").unwrap_or("older")
+        )));
+    }
+    if !(needs_after || needs_before) {
+        return Ok(());
+    }
+    let Some(db) = &pipeline.database else {
+        return Ok(());
+    };
+    for coll in &pipeline.collections {
+        let mut found = client
+            .database(db)
+            .list_collections()
+            .filter(doc! { "name": coll })
+            .await
+            .map_err(|e| fail(format!("cannot list collections of {db}: {e}")))?;
+        let spec = futures::StreamExt::next(&mut found).await;
+        let enabled = match spec {
+            Some(Ok(spec)) => spec
+                .options
+                .change_stream_pre_and_post_images
+                .is_some_and(|o| o.enabled),
+            _ => false,
+        };
+        if !enabled {
+            return Err(fail(format!(
+                "`required` document images need changeStreamPreAndPostImages on {db}.{coll}, \
+                 which is off (or the collection does not exist); enable it with \
+                 db.runCommand({{collMod: \"{coll}\", changeStreamPreAndPostImages: {{enabled: true}}}}) \
+                 or use when-available"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Warns, well before it happens, that the checkpoint is about to fall out of the oplog:
+/// at half the oplog's window a warning, at 80 % an error, each naming the figures. Ends
+/// when `saved` (the time of the last saved checkpoint) is dropped.
+pub async fn watch_oplog_window(
+    client: mongodb::Client,
+    pipeline: String,
+    every: Duration,
+    mut saved: watch::Receiver<Option<bson::Timestamp>>,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = saved.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
+        let Some(at) = *saved.borrow() else { continue };
+        let Some((first, last)) = oplog_window(&client).await else {
+            continue;
+        };
+        let window = last.time.saturating_sub(first.time);
+        let age = last.time.saturating_sub(at.time);
+        if window == 0 {
+            continue;
+        }
+        let used = f64::from(age) / f64::from(window);
+        if used >= 0.8 {
+            tracing::error!(%pipeline, checkpoint_age_s = age, oplog_window_s = window, "the checkpoint is close to falling out of the oplog; catch up or enlarge the oplog");
+        } else if used >= 0.5 {
+            tracing::warn!(%pipeline, checkpoint_age_s = age, oplog_window_s = window, "the checkpoint is past half of the oplog's window");
+        }
+    }
+}
+
 /// The oplog's first and last entries' times, if this user may read `local.oplog.rs`.
 pub async fn oplog_window(client: &mongodb::Client) -> Option<(bson::Timestamp, bson::Timestamp)> {
     let oplog = client.database("local").collection::<Document>("oplog.rs");
@@ -370,6 +488,7 @@ async fn retry_later(
         });
     }
     tracing::warn!(pipeline, error = %err, retry_in_ms = backoff.as_millis() as u64, "{what}");
+    crate::metrics::pipeline(pipeline).set_state(crate::metrics::State::Retrying);
     let delay = *backoff;
     *backoff = (*backoff * 2).min(MAX_BACKOFF);
     Ok(tokio::select! {

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -20,16 +21,32 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Dropping it kills the server with `SIGKILL`, reaps it and removes the directory.
 pub struct NatsServer {
     server: ServerProcess,
+    /// Extra `nats-server -c` configuration (auth, TLS), if any.
+    config: Option<String>,
+    /// How clients (the readiness probe, [`NatsServer::client`]) connect.
+    options: ClientOptions,
 }
+
+/// Makes the connect options a client of this server needs (credentials, TLS).
+pub type ClientOptions = Arc<dyn Fn() -> async_nats::ConnectOptions + Send + Sync>;
 
 impl NatsServer {
     /// Starts `nats-server -js` and waits (up to 20 s) until a client can connect and read its
     /// JetStream account info.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with_config("", Arc::new(async_nats::ConnectOptions::new)).await
+    }
+
+    /// Like [`NatsServer::start`], with `config` (nats-server configuration text, e.g. an
+    /// `authorization` or `tls` block; the command line still sets the port and JetStream)
+    /// and clients connecting with `options()`.
+    pub async fn start_with_config(config: &str, options: ClientOptions) -> anyhow::Result<Self> {
         let binary = nats_server_path()?;
         start_fresh(|| {
             Ok(Self {
                 server: ServerProcess::new("nats-server", binary.clone(), "nats")?,
+                config: (!config.is_empty()).then(|| config.to_string()),
+                options: options.clone(),
             })
         })
         .await
@@ -57,7 +74,8 @@ impl NatsServer {
 
     /// A new client connected to [`NatsServer::url`].
     pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
-        async_nats::connect(self.url())
+        (self.options)()
+            .connect(self.url())
             .await
             .with_context(|| format!("connecting to {}", self.server.describe()))
     }
@@ -88,6 +106,11 @@ impl NatsServer {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new(self.server.binary());
+        if let Some(config) = &self.config {
+            let path = self.server.dir().join("nats.conf");
+            std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+            cmd.arg("-c").arg(path);
+        }
         cmd.arg("-js")
             .arg("-sd")
             .arg(self.store_dir())
@@ -126,7 +149,7 @@ impl NatsServer {
     }
 
     async fn try_jetstream(&self) -> anyhow::Result<()> {
-        let client = async_nats::ConnectOptions::new()
+        let client = (self.options)()
             .connection_timeout(Duration::from_secs(1))
             .connect(self.url())
             .await

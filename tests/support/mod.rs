@@ -3,17 +3,23 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::jetstream::message::StreamMessage;
+use bson::doc;
 use tidegate_testkit::{
     plugin_dir, stream_len, stream_messages, wait_until, ChildProcess, MongoReplicaSet, NatsServer,
 };
 
 /// SIGTERM, for `ChildProcess::signal`.
 pub const SIGTERM: i32 = 15;
+/// SIGSTOP (Linux), for `ChildProcess::signal`.
+pub const SIGSTOP: i32 = 19;
+/// SIGCONT (Linux), for `ChildProcess::signal`.
+pub const SIGCONT: i32 = 18;
 
 pub const PIPELINE: &str = "orders";
 pub const STREAM: &str = "ORDERS";
@@ -184,8 +190,18 @@ interval_ms = 200
 
     /// Starts the real `tidegate run` binary on a config file.
     pub fn spawn_binary(&self, config: &std::path::Path) -> anyhow::Result<ChildProcess> {
+        self.spawn_binary_with_env(config, &[])
+    }
+
+    /// Starts the real `tidegate run` binary with extra environment variables.
+    pub fn spawn_binary_with_env(
+        &self,
+        config: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<ChildProcess> {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"));
         cmd.arg("run").arg("--config").arg(config);
+        cmd.envs(env.iter().copied());
         ChildProcess::spawn(cmd)
     }
 }
@@ -296,4 +312,78 @@ pub fn assert_dead_letter(message: &StreamMessage, kind: &str) {
 /// The payload as JSON.
 pub fn json(message: &StreamMessage) -> serde_json::Value {
     serde_json::from_slice(&message.payload).unwrap_or(serde_json::Value::Null)
+}
+
+/// The `seq` field of each message's document, in stream order.
+pub fn seqs(messages: &[StreamMessage]) -> Vec<i64> {
+    messages
+        .iter()
+        .map(|m| json(m)["fullDocument"]["seq"].as_i64().unwrap_or(-1))
+        .collect()
+}
+
+/// Asserts the stream holds exactly the events 0..n, once each, in order, with unique ids.
+pub fn assert_exactly_once_in_order(messages: &[StreamMessage], n: i64) {
+    let seqs = seqs(messages);
+    let expected: Vec<i64> = (0..n).collect();
+    if seqs != expected {
+        let dupes = seqs.len() - seqs.iter().collect::<HashSet<_>>().len();
+        let first_bad = seqs.iter().zip(&expected).position(|(a, b)| a != b);
+        panic!(
+            "stream holds {} messages ({} duplicates), expected {}; first mismatch at index {:?}",
+            seqs.len(),
+            dupes,
+            n,
+            first_bad
+        );
+    }
+    let ids: HashSet<String> = messages
+        .iter()
+        .filter_map(|m| header(m, "Nats-Msg-Id"))
+        .collect();
+    assert_eq!(ids.len(), messages.len(), "message ids are unique");
+}
+
+/// Inserts documents `{seq: from..to}` in ordered batches, pausing between batches so that
+/// faults land mid-stream.
+pub async fn write_range(
+    coll: mongodb::Collection<bson::Document>,
+    from: i64,
+    to: i64,
+    batch: i64,
+    pause: Duration,
+) -> anyhow::Result<()> {
+    let mut next = from;
+    while next < to {
+        let end = (next + batch).min(to);
+        let docs: Vec<bson::Document> = (next..end)
+            .map(|seq| doc! { "seq": seq, "email": format!("user{seq}@example.com"), "pad": "x".repeat(200) })
+            .collect();
+        coll.insert_many(docs).await?;
+        next = end;
+        tokio::time::sleep(pause).await;
+    }
+    Ok(())
+}
+
+/// `GET path` from an HTTP server at `address` (one request, `Connection: close`): the status
+/// code and the body.
+pub async fn http_get(address: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let response = String::from_utf8(response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("HTTP response without a blank line")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("HTTP status line")?;
+    Ok((status, body.to_string()))
 }

@@ -1,0 +1,173 @@
+//! Whether this process may still write for a pipeline: publish its messages and save its
+//! checkpoint.
+//!
+//! Without high availability a pipeline is never fenced ([`Fence::none`]). With it, the
+//! [`lease`](crate::lease) keeper hands the pipeline a fence that holds until a deadline it
+//! pushes forward on every renewal of the pipeline's lease. The deadline is computed from
+//! when the renewal was *sent* and ends a margin before the lease can expire on the server,
+//! so by the time any standby can take the lease over, this process has stopped writing. The
+//! clock is monotonic and keeps running while the process is suspended (SIGSTOP, a VM
+//! pause): a process that wakes up past its deadline finds the fence gone before it writes.
+//!
+//! A fence is also revoked outright when a write proves that someone else has taken over
+//! (a checkpoint compare-and-set that fails, a stream whose last message is not ours). Once
+//! gone, a fence never comes back: the pipeline stops and the lease keeper starts afresh.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// A pipeline's right to write; cheap to clone (all clones share the state).
+#[derive(Clone, Debug)]
+pub struct Fence {
+    state: Option<Arc<State>>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Reference point of `deadline_ms`.
+    base: Instant,
+    /// Milliseconds after `base` when the fence ends unless extended.
+    deadline_ms: AtomicU64,
+    revoked: AtomicBool,
+    /// Why the fence was revoked, for the log.
+    reason: Mutex<String>,
+    changed: Notify,
+}
+
+impl Fence {
+    /// A fence that always holds: the pipeline runs without a lease.
+    pub fn none() -> Fence {
+        Fence { state: None }
+    }
+
+    /// A fence that holds until `until`.
+    pub fn leased(until: Instant) -> Fence {
+        let fence = Fence {
+            state: Some(Arc::new(State {
+                base: Instant::now(),
+                deadline_ms: AtomicU64::new(0),
+                revoked: AtomicBool::new(false),
+                reason: Mutex::new(String::new()),
+                changed: Notify::new(),
+            })),
+        };
+        fence.extend_until(until);
+        fence
+    }
+
+    /// Whether this fence comes from a lease (high availability is on).
+    pub fn is_leased(&self) -> bool {
+        self.state.is_some()
+    }
+
+    /// Whether the pipeline may still write. Once false, false for good.
+    pub fn holds(&self) -> bool {
+        let Some(state) = &self.state else {
+            return true;
+        };
+        if state.revoked.load(Ordering::Acquire) {
+            return false;
+        }
+        if Instant::now() >= state.deadline() {
+            self.revoke("the lease was not renewed in time (was this process suspended?)");
+            return false;
+        }
+        true
+    }
+
+    /// Pushes the deadline to `until` (never backwards; nothing once revoked).
+    pub fn extend_until(&self, until: Instant) {
+        let Some(state) = &self.state else { return };
+        if state.revoked.load(Ordering::Acquire) {
+            return;
+        }
+        let ms = until.saturating_duration_since(state.base).as_millis() as u64;
+        state.deadline_ms.fetch_max(ms, Ordering::AcqRel);
+        state.changed.notify_waiters();
+    }
+
+    /// Ends the fence now; the first reason given is kept.
+    pub fn revoke(&self, reason: &str) {
+        let Some(state) = &self.state else { return };
+        if !state.revoked.swap(true, Ordering::AcqRel) {
+            if let Ok(mut kept) = state.reason.lock() {
+                *kept = reason.to_string();
+            }
+        }
+        state.changed.notify_waiters();
+    }
+
+    /// Why the fence was revoked (empty while it holds).
+    pub fn reason(&self) -> String {
+        match &self.state {
+            Some(state) => state.reason.lock().map(|r| r.clone()).unwrap_or_default(),
+            None => String::new(),
+        }
+    }
+
+    /// Resolves once the fence no longer holds; never for [`Fence::none`].
+    pub async fn lost(&self) {
+        let Some(state) = &self.state else {
+            return std::future::pending().await;
+        };
+        loop {
+            let changed = state.changed.notified();
+            if !self.holds() {
+                return;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(state.deadline()) => {}
+            }
+        }
+    }
+}
+
+impl State {
+    fn deadline(&self) -> Instant {
+        self.base + Duration::from_millis(self.deadline_ms.load(Ordering::Acquire))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn expires_unless_extended_and_stays_revoked() {
+        let fence = Fence::leased(Instant::now() + Duration::from_millis(50));
+        assert!(fence.holds());
+        fence.extend_until(Instant::now() + Duration::from_millis(200));
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(fence.holds(), "extended");
+        tokio::time::timeout(Duration::from_secs(2), fence.lost())
+            .await
+            .expect("lost() resolves at the deadline");
+        assert!(!fence.holds());
+        fence.extend_until(Instant::now() + Duration::from_secs(60));
+        assert!(!fence.holds(), "a lost fence never comes back");
+        assert!(fence.reason().contains("not renewed"));
+    }
+
+    #[tokio::test]
+    async fn revoke_wakes_waiters_and_none_always_holds() {
+        let fence = Fence::leased(Instant::now() + Duration::from_secs(60));
+        let waiter = tokio::spawn({
+            let fence = fence.clone();
+            async move { fence.lost().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        fence.revoke("taken over");
+        tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("revocation wakes lost()")
+            .expect("task");
+        assert_eq!(fence.reason(), "taken over");
+        assert!(Fence::none().holds());
+        assert!(!Fence::none().is_leased());
+    }
+}

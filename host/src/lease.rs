@@ -1,0 +1,521 @@
+//! High availability: several instances with the same config share the pipelines, each
+//! pipeline run by one instance at a time, coordinated through a NATS KV bucket.
+//!
+//! # Leases
+//! Pipeline `P` is owned by whoever holds key `lease.P` in the bucket (`[ha] bucket`). The
+//! bucket's `max_age` is the lease time-to-live, so a key that is not rewritten within
+//! `lease_ttl_ms` disappears on the server. An instance takes a free lease with `create`
+//! (which fails if the key exists), and renews it every third of the TTL with `update`, a
+//! compare-and-set on the key's revision. A renewal that finds a different revision means
+//! the lease was lost: the pipeline stops at once.
+//!
+//! # Fencing
+//! While it owns a pipeline, the instance writes through a [`Fence`] that lapses a margin
+//! before the lease could expire on the server (counted from when the renewal was sent), so
+//! an owner that was suspended or cut off stops writing before anyone can take over. Writes
+//! that slip through anyway are refused by the servers: the checkpoint is written with a
+//! compare-and-set against the new owner's claim (see [`crate::checkpoint`]), and messages
+//! chain `Nats-Expected-Last-Msg-Id`, deduplicate on ids derived from the events, and a
+//! deposed publisher that finds another instance's message at the stream's end stops (see
+//! [`crate::sink`]).
+//!
+//! # Takeover time
+//! When an owner dies, its lease expires `lease_ttl_ms` after its last renewal; standbys try
+//! to take free leases every fifth of the TTL; the new owner then connects, loads (and
+//! claims) the checkpoint and resumes the change stream after it. So a pipeline is
+//! unattended for at most `lease_ttl_ms` × 1.2 plus the server's expiry timer (about a
+//! second) plus the pipeline's start-up. On a clean shutdown the owner deletes its lease
+//! after draining, and a standby takes over within a fifth of the TTL.
+//!
+//! # Balancing
+//! Each instance keeps a presence key `instance.<id>` alive the same way. With `L` live
+//! instances and `P` pipelines, an instance takes a lease only while it owns fewer than
+//! ⌈P / L⌉, and one that owns more (because instances joined) hands one pipeline over per
+//! renewal: it drains it, checkpoints, deletes the lease, and waits a lease's time before
+//! competing again.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use futures::TryStreamExt;
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::PipelineConfig;
+use crate::error::Error;
+use crate::fence::Fence;
+use crate::metrics::State;
+use crate::plugin::Chain;
+use crate::reload::Updates;
+use crate::sandbox::Sandbox;
+
+/// The `[ha]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// Share pipelines between instances through leases. Default: false (every pipeline of
+    /// the config runs here).
+    #[serde(default)]
+    pub enabled: bool,
+    /// KV bucket of leases and presence keys; created (with `max_age` = the TTL) when
+    /// missing. Every instance sharing the work must use the same bucket and TTL. Default:
+    /// `tidegate-leases`.
+    #[serde(default = "default_bucket")]
+    pub bucket: String,
+    /// Lease time-to-live in milliseconds (at least 1000). A dead owner's pipelines are taken
+    /// over about this long after its last renewal. Default: 10000.
+    #[serde(default = "default_ttl_ms")]
+    pub lease_ttl_ms: u64,
+    /// This instance's name in leases and logs (letters, digits, `-`, `_`). Default:
+    /// `<hostname>-<pid>`.
+    pub instance: Option<String>,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        HaConfig {
+            enabled: false,
+            bucket: default_bucket(),
+            lease_ttl_ms: default_ttl_ms(),
+            instance: None,
+        }
+    }
+}
+
+fn default_bucket() -> String {
+    "tidegate-leases".into()
+}
+
+fn default_ttl_ms() -> u64 {
+    10_000
+}
+
+impl HaConfig {
+    /// Checks the section; the message names the key at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.lease_ttl_ms < 1000 {
+            return Err(format!(
+                "ha.lease_ttl_ms = {} is below the minimum of 1000",
+                self.lease_ttl_ms
+            ));
+        }
+        if let Some(name) = &self.instance {
+            if !is_key_token(name) {
+                return Err(format!(
+                    "ha.instance = '{name}': use letters, digits, '-' and '_' only"
+                ));
+            }
+        }
+        if !is_key_token(&self.bucket) {
+            return Err(format!(
+                "ha.bucket = '{}': use letters, digits, '-' and '_' only",
+                self.bucket
+            ));
+        }
+        Ok(())
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
+    }
+}
+
+fn is_key_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// What a lease key holds: who owns the pipeline (for operators and `/status`).
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+pub struct LeaseValue {
+    /// The owning instance.
+    pub instance: String,
+}
+
+/// What an owner needs to run a unit's plugins, term after term.
+pub struct UnitPlugins {
+    /// The chain loaded at start-up, for the first term (`None`: load, or hold).
+    pub chain: Option<Chain>,
+    /// Hot reloads for the unit (see `reload`).
+    pub updates: Updates,
+    /// The engine to load the chain with in later terms.
+    pub sandbox: Arc<Sandbox>,
+    /// Where plugin files are.
+    pub plugin_dir: PathBuf,
+}
+
+/// This instance's side of the coordination, shared by its pipelines' lease keepers.
+pub struct Coordinator {
+    kv: kv::Store,
+    instance: String,
+    ttl: Duration,
+    pipelines: usize,
+    /// Leases held (or being taken) by this instance.
+    owned: AtomicUsize,
+    /// Live instances, as last counted by the presence task (at least 1: this one).
+    live: AtomicUsize,
+}
+
+impl Coordinator {
+    /// Opens (creating if needed) the lease bucket for an instance running `pipelines`
+    /// pipelines.
+    pub async fn open(
+        js: &jetstream::Context,
+        config: &HaConfig,
+        pipelines: usize,
+    ) -> Result<Arc<Coordinator>, Error> {
+        let fail = |message: String| Error::Startup { message };
+        let ttl = config.ttl();
+        let kv = match js.get_key_value(&config.bucket).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: config.bucket.clone(),
+                    description: "tidegate pipeline leases".into(),
+                    history: 1,
+                    max_age: ttl,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|err| {
+                    fail(format!(
+                        "cannot open or create KV bucket '{}': {err}",
+                        config.bucket
+                    ))
+                })?,
+        };
+        let max_age = kv
+            .status()
+            .await
+            .map_err(|err| fail(format!("cannot read KV bucket '{}': {err}", config.bucket)))?
+            .max_age();
+        if max_age != ttl {
+            return Err(fail(format!(
+                "KV bucket '{}' expires keys after {} ms but ha.lease_ttl_ms = {}; every instance \
+                 must use the bucket's TTL (or delete the bucket to change it)",
+                config.bucket,
+                max_age.as_millis(),
+                config.lease_ttl_ms
+            )));
+        }
+        let instance = config.instance.clone().unwrap_or_else(default_instance);
+        crate::metrics::registry().set_instance(&instance);
+        tracing::info!(instance = %instance, bucket = %config.bucket, lease_ttl_ms = config.lease_ttl_ms, "high availability on");
+        Ok(Arc::new(Coordinator {
+            kv,
+            instance,
+            ttl,
+            pipelines,
+            owned: AtomicUsize::new(0),
+            live: AtomicUsize::new(1),
+        }))
+    }
+
+    /// This instance's name.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    fn renew_every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    fn poll_every(&self) -> Duration {
+        self.ttl / 5
+    }
+
+    /// When a lease written at `sent` stops protecting its owner: a tenth of the TTL before
+    /// it can expire on the server.
+    fn valid_until(&self, sent: Instant) -> Instant {
+        sent + self.ttl - self.ttl / 10
+    }
+
+    fn fair_share(&self) -> usize {
+        let live = self.live.load(Ordering::Acquire).max(1);
+        self.pipelines.div_ceil(live).max(1)
+    }
+
+    /// Reserves room for one more lease if this instance is below its fair share.
+    fn reserve(&self) -> bool {
+        let fair = self.fair_share();
+        self.owned
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| {
+                (o < fair).then_some(o + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives up room for one lease if this instance is above its fair share.
+    fn shed(&self) -> bool {
+        let fair = self.fair_share();
+        self.owned
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| {
+                (o > fair).then(|| o - 1)
+            })
+            .is_ok()
+    }
+
+    fn unreserve(&self) {
+        let _ = self
+            .owned
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| o.checked_sub(1));
+    }
+
+    fn lease_value(&self) -> bytes::Bytes {
+        serde_json::to_vec(&LeaseValue {
+            instance: self.instance.clone(),
+        })
+        .unwrap_or_default()
+        .into()
+    }
+
+    /// Keeps this instance's presence key alive (and counts the live instances) until
+    /// `shutdown`, then deletes it.
+    pub async fn run_presence(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        let key = format!("instance.{}", self.instance);
+        let mut tick = tokio::time::interval(self.renew_every());
+        let mut previous_count = 0;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => {
+                    if let Err(err) = self.kv.put(&key, self.lease_value()).await {
+                        tracing::warn!(error = %err, "cannot renew presence key; retrying");
+                    }
+                    match self.count_live().await {
+                        Ok(counted) => {
+                            // A lower count is believed only when seen twice in a row: a key
+                            // may be missing for a moment while it is being replaced.
+                            let live = counted.max(previous_count).max(1);
+                            previous_count = counted;
+                            let before = self.live.swap(live, Ordering::AcqRel);
+                            if before != live {
+                                tracing::info!(live_instances = live, fair_share = self.fair_share(), "instances changed");
+                            }
+                        }
+                        Err(err) => tracing::warn!(error = %err, "cannot count live instances"),
+                    }
+                }
+            }
+        }
+        let _ = self.kv.delete(&key).await;
+        Ok(())
+    }
+
+    async fn count_live(&self) -> Result<usize, String> {
+        let keys: Vec<String> = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| e.to_string())?
+            .try_collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(keys.iter().filter(|k| k.starts_with("instance.")).count())
+    }
+
+    /// Runs `pipeline` whenever this instance holds its lease, standing by otherwise, until
+    /// `shutdown` (drain, checkpoint, release) or a pipeline error (release, return it).
+    pub async fn run_pipeline(
+        self: Arc<Self>,
+        pipeline: PipelineConfig,
+        plugins: UnitPlugins,
+        js: jetstream::Context,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        let id = pipeline.id.clone();
+        let key = format!("lease.{id}");
+        let UnitPlugins {
+            mut chain,
+            updates,
+            sandbox,
+            plugin_dir,
+        } = plugins;
+        let metrics = crate::metrics::pipeline(&id);
+        // Let instances started together see each other before anyone takes leases.
+        tokio::select! {
+            _ = shutdown.changed() => return Ok(()),
+            _ = tokio::time::sleep(self.renew_every()) => {}
+        }
+        loop {
+            // Standby.
+            metrics.set_state(State::Standby);
+            let (mut revision, sent) = loop {
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+                if self.reserve() {
+                    let sent = Instant::now();
+                    match self.kv.create(&key, self.lease_value()).await {
+                        Ok(revision) => break (revision, sent),
+                        Err(err) => {
+                            self.unreserve();
+                            if err.kind() != kv::CreateErrorKind::AlreadyExists {
+                                tracing::warn!(pipeline = %id, error = %err, "cannot take lease; retrying");
+                            }
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => {}
+                    _ = tokio::time::sleep(self.poll_every()) => {}
+                }
+            };
+            let fence = Fence::leased(self.valid_until(sent));
+            metrics.set_state(State::Starting);
+            tracing::info!(pipeline = %id, instance = %self.instance, "lease taken: running the pipeline from its checkpoint");
+            // The chain of the previous term is gone with its run: load the files as they
+            // are now. A tenant whose plugins do not load holds (see `pipeline::run`).
+            let chain = match chain.take() {
+                Some(chain) => Some(chain),
+                None => match Chain::load(&sandbox, &pipeline, &plugin_dir) {
+                    Ok(chain) => Some(chain),
+                    Err(err) if pipeline.tenant.is_some() => {
+                        tracing::error!(pipeline = %id, "tenant held until its plugins load: {err}");
+                        None
+                    }
+                    Err(err) => {
+                        self.release(&key, revision).await;
+                        return Err(err);
+                    }
+                },
+            };
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let mut task = tokio::spawn(crate::pipeline::run(
+                pipeline.clone(),
+                chain,
+                updates.clone(),
+                js.clone(),
+                stop_rx,
+                fence.clone(),
+            ));
+            let mut renew =
+                tokio::time::interval_at(Instant::now() + self.renew_every(), self.renew_every());
+            let mut draining = false;
+            let mut handing_over = false;
+            let result = loop {
+                tokio::select! {
+                    _ = shutdown.changed(), if !draining => {
+                        draining = true;
+                        let _ = stop_tx.send(true);
+                    }
+                    done = &mut task => break done.unwrap_or_else(|err| Err(Error::Startup {
+                        message: format!("pipeline task failed: {err}"),
+                    })),
+                    _ = renew.tick() => {
+                        if !fence.holds() {
+                            continue;
+                        }
+                        let sent = Instant::now();
+                        match self.kv.update(&key, self.lease_value(), revision).await {
+                            Ok(next) => {
+                                revision = next;
+                                fence.extend_until(self.valid_until(sent));
+                            }
+                            Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                                fence.revoke("the lease was taken by another instance");
+                            }
+                            // The fence lapses on its own if this goes on too long.
+                            Err(err) => tracing::warn!(pipeline = %id, error = %err, "cannot renew lease; retrying"),
+                        }
+                        if !draining && fence.holds() && self.shed() {
+                            tracing::info!(pipeline = %id, fair_share = self.fair_share(), "handing the pipeline over to balance instances");
+                            draining = true;
+                            handing_over = true;
+                            let _ = stop_tx.send(true);
+                        }
+                    }
+                }
+            };
+            if !handing_over {
+                self.unreserve();
+            }
+            match result {
+                Err(Error::Fenced { message, .. }) => {
+                    metrics.lease_lost();
+                    tracing::warn!(pipeline = %id, reason = %message, "lost the lease: stopped writing, standing by");
+                }
+                Err(err) => {
+                    if fence.holds() {
+                        self.release(&key, revision).await;
+                    }
+                    return Err(err);
+                }
+                Ok(()) => {
+                    if fence.holds() {
+                        self.release(&key, revision).await;
+                    }
+                    if *shutdown.borrow() {
+                        return Ok(());
+                    }
+                    if handing_over {
+                        // Leave the pipeline to the others for a while.
+                        tokio::select! {
+                            _ = shutdown.changed() => return Ok(()),
+                            _ = tokio::time::sleep(self.ttl * 2) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes the lease if it is still ours, so that a standby takes over without waiting
+    /// for it to expire.
+    async fn release(&self, key: &str, revision: u64) {
+        match self.kv.delete_expect_revision(key, Some(revision)).await {
+            Ok(()) => tracing::info!(lease = %key, "lease released"),
+            Err(err) => tracing::debug!(lease = %key, error = %err, "lease not released"),
+        }
+    }
+}
+
+/// `<hostname>-<pid>`, reduced to characters a KV key accepts.
+fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "tidegate".into());
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut ha = HaConfig::default();
+        assert!(ha.validate().is_ok());
+        ha.lease_ttl_ms = 500;
+        assert!(ha.validate().unwrap_err().contains("ha.lease_ttl_ms"));
+        ha.lease_ttl_ms = 5000;
+        ha.instance = Some("a.b".into());
+        assert!(ha.validate().unwrap_err().contains("ha.instance"));
+    }
+
+    #[test]
+    fn default_instance_is_a_key_token() {
+        assert!(is_key_token(&default_instance()));
+    }
+}
