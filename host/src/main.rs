@@ -1,4 +1,7 @@
-//! The `tidegate` command: a thin shell around [`tidegate::run`].
+//! The `tidegate` command: a thin shell around [`tidegate::run`], plus the plugin authoring
+//! tools in [`plugin_cli`].
+
+mod plugin_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,12 +30,21 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Tools for plugin authors: inspect, test and scaffold plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: plugin_cli::Command,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Run { config } | Command::Check { config }) = &cli.command;
-    let config = match tidegate::Config::load(config) {
+    let (config, check_only) = match cli.command {
+        Command::Plugin { command } => return plugin_cli::run(command),
+        Command::Run { config } => (config, false),
+        Command::Check { config } => (config, true),
+    };
+    let config = match tidegate::Config::load(&config) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("tidegate: {err}");
@@ -40,9 +52,10 @@ fn main() -> ExitCode {
         }
     };
     tidegate::telemetry::init(&config.log);
-    let result = match cli.command {
-        Command::Check { .. } => check(&config),
-        Command::Run { .. } => run(config),
+    let result = if check_only {
+        check(&config)
+    } else {
+        run(config)
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,7 +32,7 @@ mod stream;
 pub use bins::{mongod_path, nats_server_path, wasm_tools_path};
 pub use mongo::MongoReplicaSet;
 pub use nats::{ClientOptions, NatsServer};
-pub use plugins::plugin_dir;
+pub use plugins::{examples_dir, plugin_dir};
 pub use process::ChildProcess;
 pub use stream::{stream_len, stream_messages};
 

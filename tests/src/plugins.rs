@@ -8,6 +8,7 @@ use anyhow::anyhow;
 use crate::{repo_root, run_script};
 
 static PLUGIN_DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+static EXAMPLES_DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
 /// Builds the guest plugins once per process by running `scripts/build-plugins.sh`, and returns
 /// the directory that holds the `<name>.wasm` files (the last line the script prints on stdout).
@@ -17,13 +18,23 @@ static PLUGIN_DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 /// failure the error contains the script's stderr.
 pub fn plugin_dir() -> anyhow::Result<PathBuf> {
     PLUGIN_DIR
-        .get_or_init(build_plugins)
+        .get_or_init(|| build_dir("build-plugins.sh"))
         .clone()
         .map_err(|e| anyhow!(e))
 }
 
-fn build_plugins() -> Result<PathBuf, String> {
-    let out = run_script("build-plugins.sh")?;
+/// Like [`plugin_dir`] for the example plugins in other languages (`scripts/build-examples.sh`):
+/// the directory holding `c-filter.wasm`.
+pub fn examples_dir() -> anyhow::Result<PathBuf> {
+    EXAMPLES_DIR
+        .get_or_init(|| build_dir("build-examples.sh"))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// Runs a build script that prints its output directory as its last stdout line.
+fn build_dir(script: &str) -> Result<PathBuf, String> {
+    let out = run_script(script)?;
     let (script, stderr) = (&out.script, &out.stderr);
     let Some(last) = out.stdout.lines().map(str::trim).rfind(|l| !l.is_empty()) else {
         return Err(format!(

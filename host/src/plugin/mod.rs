@@ -101,6 +101,7 @@ pub struct Plugin {
     live: Option<(Store<PluginState>, Instance)>,
     failures_in_a_row: u32,
     quarantined: bool,
+    last_fuel_used: u64,
 }
 
 /// Why a plugin call produced no usable result.
@@ -195,6 +196,7 @@ impl Plugin {
             live: None,
             failures_in_a_row: 0,
             quarantined: false,
+            last_fuel_used: 0,
         };
         plugin.live = Some(plugin.instantiate().map_err(|err| fail(err.message))?);
         Ok(plugin)
@@ -242,6 +244,11 @@ impl Plugin {
     /// The file it came from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Fuel the last [`Plugin::call`] burnt (for `tidegate plugin test`).
+    pub fn last_fuel_used(&self) -> u64 {
+        self.last_fuel_used
     }
 
     fn error(&self, kind: &str, message: impl Into<String>) -> CallError {
@@ -311,6 +318,7 @@ impl Plugin {
                 .call_transform(&mut store, event)
                 .map(|r| r.map(Decision::Replace)),
         };
+        self.last_fuel_used = sandbox::fuel_used(&store, &self.settings.limits);
         let dropped = store.data_mut().take_dropped_log_lines();
         if dropped > 0 {
             tracing::warn!(plugin = %self.name, dropped, "plugin log lines over the per-call cap were dropped");

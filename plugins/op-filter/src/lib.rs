@@ -9,82 +9,188 @@
 //! - `namespaces`: comma-separated `db.coll` or `db.*` patterns. Absent: every namespace is kept.
 //!
 //! Filtering in a plugin rather than in the change stream's `$match` lets one watch feed
-//! pipelines that each keep a different slice.
-//!
-//! The logic lives in [`logic`] (plain Rust, tested natively); this file only adapts it to the
-//! WIT bindings, which exist only when compiling for wasm32.
-#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+//! pipelines that each keep a different slice. (The `match` plugin does this and more, from a
+//! query; `op-filter` stays for its two-key simplicity.)
 
-mod logic;
+use std::collections::BTreeSet;
 
-#[cfg(target_arch = "wasm32")]
-mod component {
-    use std::sync::OnceLock;
+use tidegate_plugin::{Config, Error, Event, Filter, NamespacePattern, Operation};
 
-    use crate::logic::{Config, Op, KNOWN_KEYS};
+/// The keys this plugin reads; `init` warns about any other key (probably a typo).
+pub const KNOWN_KEYS: &[&str] = &["operations", "namespaces"];
 
-    wit_bindgen::generate!({
-        world: "filter",
-        path: "../../wit/plugin-0.1",
-    });
+/// The parsed configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpFilter {
+    /// `None`: every operation passes.
+    pub operations: Option<BTreeSet<Operation>>,
+    /// `None`: every namespace passes.
+    pub namespaces: Option<Vec<NamespacePattern>>,
+}
 
-    use tidegate::plugin::log::{self, Level};
-    use tidegate::plugin::{config, types::Operation};
+/// Prefixes an error with the key it came from.
+fn in_key(key: &str) -> impl Fn(Error) -> Error + '_ {
+    move |e| Error::invalid_config(format!("`{key}`: {}", e.message()))
+}
 
-    /// Parsed once by `init`; a component instance handles one event at a time.
-    static CONFIG: OnceLock<Config> = OnceLock::new();
+impl OpFilter {
+    /// Whether an event with this operation and namespace goes on down the chain.
+    pub fn keeps(&self, op: &Operation, db: &str, coll: Option<&str>) -> bool {
+        let op_ok = self.operations.as_ref().is_none_or(|ops| ops.contains(op));
+        let ns_ok = self
+            .namespaces
+            .as_ref()
+            .is_none_or(|pats| pats.iter().any(|p| p.matches(db, coll)));
+        op_ok && ns_ok
+    }
+}
 
-    fn load() -> Result<Config, PluginError> {
-        for (key, _) in config::entries() {
-            if !KNOWN_KEYS.contains(&key.as_str()) {
-                log::write(Level::Warn, &format!("ignoring unknown config key `{key}`"));
-            }
-        }
-        let ops = config::get("operations");
-        let nss = config::get("namespaces");
-        Config::parse(ops.as_deref(), nss.as_deref()).map_err(PluginError::InvalidConfig)
+impl Filter for OpFilter {
+    fn init(config: &Config) -> Result<Self, Error> {
+        config.warn_unknown_keys(KNOWN_KEYS);
+        let operations = match config.list("operations")? {
+            None => None,
+            Some(names) => Some(
+                names
+                    .iter()
+                    .map(|n| Operation::parse(n).map_err(in_key("operations")))
+                    .collect::<Result<BTreeSet<_>, _>>()?,
+            ),
+        };
+        let namespaces = match config.list("namespaces")? {
+            None => None,
+            Some(patterns) => Some(
+                patterns
+                    .iter()
+                    .map(|p| NamespacePattern::parse(p).map_err(in_key("namespaces")))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        Ok(OpFilter {
+            operations,
+            namespaces,
+        })
     }
 
-    /// The configuration, loaded on first use if the host did not call `init` first.
-    fn current() -> Result<&'static Config, PluginError> {
-        if let Some(c) = CONFIG.get() {
-            return Ok(c);
+    fn filter(&self, event: &Event) -> Result<bool, Error> {
+        let ns = &event.namespace;
+        Ok(self.keeps(&event.operation, &ns.db, ns.coll.as_deref()))
+    }
+}
+
+tidegate_plugin::filter!(OpFilter);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidegate_plugin::Operation as Op;
+
+    fn parse(ops: Option<&str>, nss: Option<&str>) -> Result<OpFilter, String> {
+        let mut pairs = Vec::new();
+        if let Some(o) = ops {
+            pairs.push(("operations", o));
         }
-        let c = load()?;
-        Ok(CONFIG.get_or_init(|| c))
+        if let Some(n) = nss {
+            pairs.push(("namespaces", n));
+        }
+        OpFilter::init(&Config::from_pairs(pairs)).map_err(|e| e.message().to_owned())
     }
 
-    fn op(o: &Operation) -> Op {
-        match o {
-            Operation::Insert => Op::Insert,
-            Operation::Update => Op::Update,
-            Operation::Replace => Op::Replace,
-            Operation::Delete => Op::Delete,
-            Operation::Drop => Op::Drop,
-            Operation::Rename => Op::Rename,
-            Operation::DropDatabase => Op::DropDatabase,
-            Operation::Invalidate => Op::Invalidate,
-            Operation::SnapshotRead => Op::SnapshotRead,
-            Operation::Other(s) => Op::Other(s.clone()),
+    #[test]
+    fn no_config_keeps_everything() {
+        let c = parse(None, None).unwrap();
+        assert!(c.keeps(&Op::Insert, "a", Some("b")));
+        assert!(c.keeps(&Op::Other("modify".into()), "a", None));
+    }
+
+    #[test]
+    fn operations_list() {
+        let c = parse(Some("insert, update ,drop-database"), None).unwrap();
+        assert!(c.keeps(&Op::Insert, "a", Some("b")));
+        assert!(c.keeps(&Op::Update, "a", Some("b")));
+        assert!(c.keeps(&Op::DropDatabase, "a", None));
+        assert!(!c.keeps(&Op::Delete, "a", Some("b")));
+        assert!(!c.keeps(&Op::Other("create".into()), "a", Some("b")));
+    }
+
+    #[test]
+    fn server_spellings_and_other() {
+        let c = parse(Some("dropDatabase,createIndexes,other:futureThing"), None).unwrap();
+        assert!(c.keeps(&Op::DropDatabase, "a", None));
+        assert!(c.keeps(&Op::Other("createIndexes".into()), "a", Some("b")));
+        assert!(c.keeps(&Op::Other("futureThing".into()), "a", Some("b")));
+        assert!(!c.keeps(&Op::Other("dropIndexes".into()), "a", Some("b")));
+    }
+
+    #[test]
+    fn bad_operations() {
+        for bad in [
+            "",
+            "insert,",
+            "insert,,update",
+            " , ",
+            "insrt",
+            "other:",
+            "other:a b",
+            "INSERT",
+        ] {
+            let err = parse(Some(bad), None).unwrap_err();
+            assert!(err.starts_with("`operations`"), "{bad:?}: {err}");
         }
     }
 
-    struct OpFilter;
+    #[test]
+    fn namespace_patterns() {
+        let c = parse(None, Some("shop.orders, audit.*, app.system.views")).unwrap();
+        assert!(c.keeps(&Op::Insert, "shop", Some("orders")));
+        assert!(!c.keeps(&Op::Insert, "shop", Some("users")));
+        assert!(!c.keeps(&Op::DropDatabase, "shop", None));
+        assert!(c.keeps(&Op::Insert, "audit", Some("anything")));
+        assert!(c.keeps(&Op::DropDatabase, "audit", None));
+        assert!(c.keeps(&Op::Insert, "app", Some("system.views")));
+        assert!(!c.keeps(&Op::Insert, "app", Some("system")));
+        assert!(!c.keeps(&Op::Insert, "other", Some("orders")));
+    }
 
-    impl Guest for OpFilter {
-        fn init() -> Result<(), PluginError> {
-            let c = load()?;
-            log::write(Level::Debug, &format!("op-filter configured: {c:?}"));
-            // A second `init` (should the host ever call it again) keeps the first configuration.
-            let _ = CONFIG.set(c);
-            Ok(())
-        }
-
-        fn filter(event: ChangeEvent) -> Result<bool, PluginError> {
-            let ns = &event.namespace;
-            Ok(current()?.keeps(&op(&event.operation), &ns.db, ns.coll.as_deref()))
+    #[test]
+    fn bad_namespaces() {
+        for bad in [
+            "",
+            "shop",
+            "shop.",
+            ".orders",
+            "*.orders",
+            "shop.ord*",
+            "a.b,,c.d",
+        ] {
+            let err = parse(None, Some(bad)).unwrap_err();
+            assert!(err.starts_with("`namespaces`"), "{bad:?}: {err}");
         }
     }
 
-    export!(OpFilter);
+    #[test]
+    fn both_must_match() {
+        let c = parse(Some("insert"), Some("shop.*")).unwrap();
+        assert!(c.keeps(&Op::Insert, "shop", Some("orders")));
+        assert!(!c.keeps(&Op::Update, "shop", Some("orders")));
+        assert!(!c.keeps(&Op::Insert, "other", Some("orders")));
+    }
+
+    /// Through the trait, as the host would call it; unknown keys are warned about.
+    #[test]
+    fn filter_events_and_warn_unknown_keys() {
+        let f = OpFilter::init(&Config::from_pairs([
+            ("operations", "insert"),
+            ("namepsaces", "x.y"),
+        ]))
+        .unwrap();
+        let logged = tidegate_plugin::log::captured();
+        assert_eq!(logged.len(), 1);
+        assert!(logged[0].1.contains("namepsaces"));
+        let insert = Event::insert("shop", "orders", serde_json::json!({"_id": 1}));
+        assert!(f.filter(&insert).unwrap());
+        assert!(!f
+            .filter(&Event::delete("shop", "orders", serde_json::json!(1)))
+            .unwrap());
+    }
 }

@@ -1,129 +1,128 @@
-//! `redact`: a tidegate `transform` plugin that replaces sensitive fields with `"[redacted]"`
+//! `redact`: a tidegate `transform` plugin that removes or disguises sensitive fields (PII)
 //! before an event leaves the database's trust boundary.
 //!
-//! Config keys:
-//! - `fields` (required): comma-separated dotted paths, e.g. `email,address.street`. A path
-//!   through an array applies to each element (`addresses.street`); a numeric segment picks one
-//!   element (`addresses.0.street`).
+//! Config keys (at least one of the first four; each a comma-separated list of dotted paths):
+//! - `fields`: replace the value with `"[redacted]"`.
+//! - `drop`: remove the field (or, for a numeric last segment, the array element).
+//! - `mask`: replace the value by a string of `*` keeping its last `mask-keep` characters
+//!   (default 4, never more than half); non-strings are masked as their JSON text.
+//! - `hash`: replace the value by the hex HMAC-SHA-256 of its text (strings as is, anything
+//!   else as its JSON text) under `hash-key`, so equal values still join but cannot be read.
+//! - `mask-keep`: characters `mask` leaves visible (default 4).
+//! - `hash-key`: the HMAC key, at least 16 characters; required with `hash`.
 //!
-//! Redacted: `full-document`, `full-document-before-change`, and the matching keys of an
-//! update's `updated-fields` (keys equal to a path or below it are replaced whole; for keys above
-//! a path, the rest of the path is redacted inside the value). `document-key` is left alone: it
+//! A path through an array applies to each element (`addresses.street`); a numeric segment
+//! picks one element (`addresses.0.street`). A path may be listed under one action only.
+//!
+//! Applied to `full-document`, `full-document-before-change` and an update's
+//! `updated-fields` (keys equal to a path or below it are acted on whole; for keys above a
+//! path, the rest of the path is acted on inside the value). `document-key` is left alone: it
 //! identifies the document and the host relies on it.
 //!
 //! Each event becomes exactly one output, published on the pipeline's usual subject, with a
-//! header `X-Redacted` giving the number of values replaced. A document that is not a JSON
+//! header `X-Redacted` giving the number of values changed. A document that is not a JSON
 //! object is an `invalid-event`. Beware: on any plugin error the host dead-letters the
 //! *original* event, so the dead-letter subject sees unredacted data and needs the same access
 //! control as the source collection.
-//!
-//! The logic lives in [`logic`] (plain Rust, tested natively); this file only adapts it to the
-//! WIT bindings, which exist only when compiling for wasm32.
-#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
 mod logic;
 
-#[cfg(target_arch = "wasm32")]
-mod component {
-    use std::sync::OnceLock;
+use tidegate_plugin::{Config as PluginConfig, Document, Error, Event, Output, Transform};
 
-    use crate::logic::{redact_bytes, Config, Kind, KNOWN_KEYS};
+pub use logic::{redact_bytes, Action, Config, Kind, KNOWN_KEYS};
 
-    wit_bindgen::generate!({
-        world: "transform",
-        path: "../../wit/plugin-0.1",
-    });
+/// The plugin: its parsed configuration.
+pub struct Redact(Config);
 
-    use tidegate::plugin::config;
-    use tidegate::plugin::log::{self, Level};
-    use tidegate::plugin::types::Header;
-
-    /// Parsed once by `init`; a component instance handles one event at a time.
-    static CONFIG: OnceLock<Config> = OnceLock::new();
-
-    fn load() -> Result<Config, PluginError> {
-        for (key, _) in config::entries() {
-            if !KNOWN_KEYS.contains(&key.as_str()) {
-                log::write(Level::Warn, &format!("ignoring unknown config key `{key}`"));
-            }
-        }
-        Config::parse(config::get("fields").as_deref()).map_err(PluginError::InvalidConfig)
-    }
-
-    /// The configuration, loaded on first use if the host did not call `init` first.
-    fn current() -> Result<&'static Config, PluginError> {
-        if let Some(c) = CONFIG.get() {
-            return Ok(c);
-        }
-        let c = load()?;
-        Ok(CONFIG.get_or_init(|| c))
-    }
-
+impl Redact {
     /// Redacts one optional document in place, naming it in any error.
-    fn redact(
-        doc: &mut Option<Vec<u8>>,
-        kind: Kind,
-        what: &str,
-        config: &Config,
-    ) -> Result<usize, PluginError> {
-        let Some(bytes) = doc else { return Ok(0) };
-        let (count, rewritten) = redact_bytes(bytes, kind, config)
-            .map_err(|e| PluginError::InvalidEvent(format!("{what}: {e}")))?;
+    fn redact(&self, doc: &mut Option<Document>, kind: Kind, what: &str) -> Result<usize, Error> {
+        let Some(current) = doc else { return Ok(0) };
+        let (count, rewritten) = redact_bytes(current.as_bytes(), kind, &self.0)
+            .map_err(|e| Error::invalid_event(format!("{what}: {e}")))?;
         if let Some(rewritten) = rewritten {
-            *bytes = rewritten;
+            *current = Document::from_bytes(rewritten);
         }
         Ok(count)
     }
+}
 
-    struct Redact;
-
-    impl Guest for Redact {
-        fn init() -> Result<(), PluginError> {
-            let c = load()?;
-            log::write(
-                Level::Debug,
-                &format!("redact configured with {} path(s)", c.paths.len()),
-            );
-            // A second `init` (should the host ever call it again) keeps the first configuration.
-            let _ = CONFIG.set(c);
-            Ok(())
-        }
-
-        fn transform(mut event: ChangeEvent) -> Result<Vec<Output>, PluginError> {
-            let config = current()?;
-            let mut count = redact(
-                &mut event.full_document,
-                Kind::Document,
-                "full-document",
-                config,
-            )?;
-            count += redact(
-                &mut event.full_document_before_change,
-                Kind::Document,
-                "full-document-before-change",
-                config,
-            )?;
-            if let Some(update) = &mut event.update_description {
-                let mut fields = Some(std::mem::take(&mut update.updated_fields));
-                let result = redact(
-                    &mut fields,
-                    Kind::UpdatedFields,
-                    "update-description.updated-fields",
-                    config,
-                );
-                update.updated_fields = fields.unwrap_or_default();
-                count += result?;
-            }
-            Ok(vec![Output {
-                event,
-                subject: None,
-                headers: vec![Header {
-                    name: "X-Redacted".to_owned(),
-                    value: count.to_string(),
-                }],
-            }])
-        }
+impl Transform for Redact {
+    fn init(config: &PluginConfig) -> Result<Self, Error> {
+        config.warn_unknown_keys(KNOWN_KEYS);
+        let c = Config::parse(config)?;
+        tidegate_plugin::log::debug(&format!("redact configured with {} path(s)", c.rules.len()));
+        Ok(Redact(c))
     }
 
-    export!(Redact);
+    fn transform(&self, mut event: Event) -> Result<Vec<Output>, Error> {
+        let mut count = self.redact(&mut event.full_document, Kind::Document, "full-document")?;
+        count += self.redact(
+            &mut event.full_document_before_change,
+            Kind::Document,
+            "full-document-before-change",
+        )?;
+        if let Some(update) = &mut event.update_description {
+            let mut fields = Some(update.updated_fields.clone());
+            count += self.redact(
+                &mut fields,
+                Kind::UpdatedFields,
+                "update-description.updated-fields",
+            )?;
+            if let Some(fields) = fields {
+                update.updated_fields = fields;
+            }
+        }
+        Ok(vec![
+            Output::new(event).header("X-Redacted", count.to_string())
+        ])
+    }
+}
+
+tidegate_plugin::transform!(Redact);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Through the trait: documents and updated fields redacted, the key untouched, the
+    /// count in the header; an untouched document keeps its exact bytes.
+    #[test]
+    fn transform_event() {
+        let r = Redact::init(&PluginConfig::from_pairs([("fields", "email")])).unwrap();
+        let event = Event::update(
+            "shop",
+            "users",
+            json!("u1"),
+            json!({"email": "x@y.z", "n": 1}),
+            Some(json!({"_id": "u1", "email": "x@y.z"})),
+        );
+        let out = r.transform(event.clone()).unwrap();
+        assert_eq!(out.len(), 1);
+        let e = &out[0].event;
+        assert_eq!(
+            e.full_document.as_ref().unwrap().get_str("email").unwrap(),
+            Some("[redacted]")
+        );
+        let fields = &e.update_description.as_ref().unwrap().updated_fields;
+        assert_eq!(fields.get_str("email").unwrap(), Some("[redacted]"));
+        assert_eq!(e.document_key, event.document_key);
+        assert_eq!(out[0].headers[0].name, "X-Redacted");
+        assert_eq!(out[0].headers[0].value, "2");
+
+        let untouched = Event::insert("shop", "users", json!({"_id": 1, "name": "n"}));
+        let out = r.transform(untouched.clone()).unwrap();
+        assert_eq!(out[0].event.full_document, untouched.full_document);
+        assert_eq!(out[0].headers[0].value, "0");
+    }
+
+    #[test]
+    fn not_an_object_is_invalid_event() {
+        let r = Redact::init(&PluginConfig::from_pairs([("fields", "email")])).unwrap();
+        let mut event = Event::insert("a", "b", json!({}));
+        event.full_document = Some(Document::from_bytes(b"[1]".to_vec()));
+        let err = r.transform(event).err().unwrap();
+        assert!(matches!(err, Error::InvalidEvent(m) if m.starts_with("full-document")));
+    }
 }

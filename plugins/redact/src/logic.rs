@@ -1,70 +1,168 @@
-//! Parsing the `fields` list and redacting documents, free of WIT bindings so it can be
+//! Parsing the configuration and redacting documents, free of WIT bindings so it can be
 //! unit-tested natively.
 
+use hmac::{KeyInit, Mac};
 use serde_json::{Map, Value};
+use tidegate_plugin::Error;
 
-/// What every redacted value becomes.
+/// What `fields` values become.
 pub const REDACTED: &str = "[redacted]";
 
 /// The keys this plugin reads; `init` warns about any other key (probably a typo).
-pub const KNOWN_KEYS: &[&str] = &["fields"];
+pub const KNOWN_KEYS: &[&str] = &["fields", "drop", "mask", "mask-keep", "hash", "hash-key"];
 
-/// The parsed configuration: the dotted paths to redact, split into segments.
+/// Characters `mask` leaves visible at the end of a value unless `mask-keep` says otherwise.
+pub const DEFAULT_MASK_KEEP: usize = 4;
+
+/// Shortest `hash-key` accepted: a short key makes the hashes of guessable values (phone
+/// numbers, e-mail addresses) easy to brute-force.
+pub const MIN_HASH_KEY_LEN: usize = 16;
+
+/// What happens to a value at a configured path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// `fields`: replaced by `"[redacted]"`.
+    Replace,
+    /// `drop`: removed (the field, or the array element for a numeric segment).
+    Drop,
+    /// `mask`: turned into a string of `*` but for its last `mask-keep` characters.
+    Mask,
+    /// `hash`: replaced by the hex HMAC-SHA-256 of its text under `hash-key`, so equal values
+    /// still join without being readable.
+    Hash,
+}
+
+/// One configured path and what to do there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// The dotted path, split into segments.
+    pub path: Vec<String>,
+    /// What to do with the value(s) it reaches.
+    pub action: Action,
+}
+
+/// The parsed configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    pub paths: Vec<Vec<String>>,
+    /// Every rule, in the order `fields`, `drop`, `mask`, `hash`.
+    pub rules: Vec<Rule>,
+    /// Characters `mask` keeps visible.
+    pub mask_keep: usize,
+    /// The HMAC key for `hash`.
+    hash_key: Vec<u8>,
 }
 
 impl Config {
-    /// Parses `fields`: comma-separated dotted paths such as `email,address.street`.
-    pub fn parse(fields: Option<&str>) -> Result<Config, String> {
-        let Some(fields) = fields else {
-            return Err(
-                "`fields` is required: comma-separated dotted paths to redact, \
-                        e.g. \"email,address.street\""
-                    .to_owned(),
-            );
-        };
-        let mut paths: Vec<Vec<String>> = Vec::new();
-        for item in fields.split(',').map(str::trim) {
-            if item.is_empty() {
-                return Err(format!("`fields` has an empty entry in {fields:?}"));
-            }
-            let segments: Vec<String> = item.split('.').map(str::to_owned).collect();
-            if segments.iter().any(|s| s.is_empty() || s.trim() != s) {
-                return Err(format!(
-                    "`fields`: bad path {item:?} (segments must be non-empty, without blanks)"
-                ));
-            }
-            if !paths.contains(&segments) {
-                paths.push(segments);
+    /// Parses the plugin's configuration. At least one of `fields`, `drop`, `mask`, `hash` is
+    /// required; a path may appear under one action only; `hash` needs a `hash-key`.
+    pub fn parse(config: &tidegate_plugin::Config) -> Result<Config, Error> {
+        let mut rules: Vec<Rule> = Vec::new();
+        for (key, action) in [
+            ("fields", Action::Replace),
+            ("drop", Action::Drop),
+            ("mask", Action::Mask),
+            ("hash", Action::Hash),
+        ] {
+            for item in config.list(key)?.unwrap_or_default() {
+                let path: Vec<String> = item.split('.').map(str::to_owned).collect();
+                if path.iter().any(|s| s.is_empty() || s.trim() != s) {
+                    return Err(Error::invalid_config(format!(
+                        "`{key}`: bad path {item:?} (segments must be non-empty, without blanks)"
+                    )));
+                }
+                match rules.iter().find(|r| r.path == path) {
+                    Some(r) if r.action == action => {}
+                    Some(_) => {
+                        return Err(Error::invalid_config(format!(
+                            "`{key}`: path {item:?} is already listed under another action"
+                        )))
+                    }
+                    None => rules.push(Rule { path, action }),
+                }
             }
         }
-        Ok(Config { paths })
+        if rules.is_empty() {
+            return Err(Error::invalid_config(
+                "`fields` is required (or `drop`, `mask`, `hash`): comma-separated dotted paths \
+                 to redact, e.g. \"email,address.street\"",
+            ));
+        }
+        let mask_keep = config
+            .parse::<usize>("mask-keep")?
+            .unwrap_or(DEFAULT_MASK_KEEP);
+        let hash_key = config
+            .get("hash-key")
+            .unwrap_or_default()
+            .as_bytes()
+            .to_vec();
+        if rules.iter().any(|r| r.action == Action::Hash) && hash_key.len() < MIN_HASH_KEY_LEN {
+            return Err(Error::invalid_config(format!(
+                "`hash` needs a `hash-key` of at least {MIN_HASH_KEY_LEN} characters"
+            )));
+        }
+        Ok(Config {
+            rules,
+            mask_keep,
+            hash_key,
+        })
+    }
+
+    /// The new value for `value` under a non-drop action.
+    fn replacement(&self, action: Action, value: &Value) -> Value {
+        let text = || match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        match action {
+            Action::Replace | Action::Drop => Value::String(REDACTED.to_owned()),
+            Action::Mask => {
+                let text = text();
+                let n = text.chars().count();
+                let keep = self.mask_keep.min(n / 2);
+                let masked: String = std::iter::repeat_n('*', n - keep)
+                    .chain(text.chars().skip(n - keep))
+                    .collect();
+                Value::String(masked)
+            }
+            Action::Hash => {
+                // A key of any length is valid for HMAC; `parse` checked it is long enough.
+                let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.hash_key) else {
+                    return Value::String(REDACTED.to_owned());
+                };
+                mac.update(text().as_bytes());
+                let digest = mac.finalize().into_bytes();
+                Value::String(digest.iter().map(|b| format!("{b:02x}")).collect())
+            }
+        }
     }
 }
 
-/// Replaces the value at `path` inside `value` with [`REDACTED`]; returns how many values it
-/// replaced.
+/// Applies `rule` at `path` inside `value`; returns how many values it changed.
 ///
 /// Follows MongoDB's dotted-path rules: a numeric segment picks an array element, and any other
 /// segment applied to an array applies to each of its (object) elements, so `addresses.street`
-/// redacts the street of every address.
-fn redact_at(value: &mut Value, path: &[String]) -> usize {
+/// reaches the street of every address.
+fn apply_at(value: &mut Value, path: &[String], action: Action, config: &Config) -> usize {
     match value {
-        Value::Object(map) => redact_field(map, path),
+        Value::Object(map) => apply_field(map, path, action, config),
         Value::Array(items) => {
             let Some((first, rest)) = path.split_first() else {
                 return 0;
             };
             match first.parse::<usize>() {
-                Ok(index) => items
-                    .get_mut(index)
-                    .map_or(0, |item| redact_leaf(item, rest)),
+                Ok(index) if index < items.len() => {
+                    if rest.is_empty() && action == Action::Drop {
+                        items.remove(index);
+                        1
+                    } else {
+                        apply_leaf(&mut items[index], rest, action, config)
+                    }
+                }
+                Ok(_) => 0,
                 Err(_) => items
                     .iter_mut()
                     .filter_map(Value::as_object_mut)
-                    .map(|map| redact_field(map, path))
+                    .map(|map| apply_field(map, path, action, config))
                     .sum(),
             }
         }
@@ -72,33 +170,40 @@ fn redact_at(value: &mut Value, path: &[String]) -> usize {
     }
 }
 
-/// [`redact_at`] for an object.
-fn redact_field(map: &mut Map<String, Value>, path: &[String]) -> usize {
-    match path.split_first() {
-        Some((first, rest)) => map
-            .get_mut(first.as_str())
-            .map_or(0, |child| redact_leaf(child, rest)),
-        None => 0,
+/// [`apply_at`] for an object.
+fn apply_field(
+    map: &mut Map<String, Value>,
+    path: &[String],
+    action: Action,
+    config: &Config,
+) -> usize {
+    let Some((first, rest)) = path.split_first() else {
+        return 0;
+    };
+    if rest.is_empty() && action == Action::Drop {
+        return usize::from(map.shift_remove(first.as_str()).is_some());
     }
+    map.get_mut(first.as_str())
+        .map_or(0, |child| apply_leaf(child, rest, action, config))
 }
 
-/// Redacts `value` itself when the path ends here, or goes on down.
-fn redact_leaf(value: &mut Value, rest: &[String]) -> usize {
+/// Changes `value` itself when the path ends here, or goes on down.
+fn apply_leaf(value: &mut Value, rest: &[String], action: Action, config: &Config) -> usize {
     if rest.is_empty() {
-        *value = Value::String(REDACTED.to_owned());
+        *value = config.replacement(action, value);
         1
     } else {
-        redact_at(value, rest)
+        apply_at(value, rest, action, config)
     }
 }
 
 /// How an `updated-fields` key relates to a configured path.
 #[derive(Debug, PartialEq, Eq)]
 enum Relation<'p> {
-    /// The key is the path or lies below it (`address.street` for path `address`): redact the
+    /// The key is the path or lies below it (`address.street` for path `address`): act on the
     /// whole value.
     Covers,
-    /// The key lies above the path (`address` for path `address.street`): redact the rest of
+    /// The key lies above the path (`address` for path `address.street`): act on the rest of
     /// the path inside the value.
     Inside(&'p [String]),
     Unrelated,
@@ -127,27 +232,40 @@ fn relate<'p>(key: &str, path: &'p [String]) -> Relation<'p> {
     }
 }
 
-/// Redacts the configured paths in a document whose top-level keys are field names
-/// (`full-document`, `full-document-before-change`).
+/// Applies the rules to a document whose top-level keys are field names (`full-document`,
+/// `full-document-before-change`).
 pub fn redact_document(doc: &mut Map<String, Value>, config: &Config) -> usize {
-    config.paths.iter().map(|p| redact_field(doc, p)).sum()
+    config
+        .rules
+        .iter()
+        .map(|r| apply_field(doc, &r.path, r.action, config))
+        .sum()
 }
 
-/// Redacts the configured paths in an update's `updated-fields`, whose keys are dotted paths.
+/// Applies the rules to an update's `updated-fields`, whose keys are dotted paths. A dropped
+/// key disappears from the update (consumers never learn it changed).
 pub fn redact_updated_fields(fields: &mut Map<String, Value>, config: &Config) -> usize {
     let mut count = 0;
+    let mut dropped = Vec::new();
     for (key, value) in fields.iter_mut() {
-        for path in &config.paths {
-            match relate(key, path) {
+        for rule in &config.rules {
+            match relate(key, &rule.path) {
                 Relation::Covers => {
-                    *value = Value::String(REDACTED.to_owned());
+                    if rule.action == Action::Drop {
+                        dropped.push(key.clone());
+                    } else {
+                        *value = config.replacement(rule.action, value);
+                    }
                     count += 1;
                     break;
                 }
-                Relation::Inside(rest) => count += redact_at(value, rest),
+                Relation::Inside(rest) => count += apply_at(value, rest, rule.action, config),
                 Relation::Unrelated => {}
             }
         }
+    }
+    for key in dropped {
+        fields.shift_remove(&key);
     }
     count
 }
@@ -163,7 +281,7 @@ pub enum Kind {
 
 /// Redacts one relaxed-EJSON document given as bytes.
 ///
-/// Returns the number of values redacted and, only when that is non-zero, the rewritten bytes.
+/// Returns the number of values changed and, only when that is non-zero, the rewritten bytes.
 /// An untouched document is handed back as the original bytes, so the host publishes the
 /// original BSON with full type fidelity. Anything but a JSON object is an error.
 pub fn redact_bytes(
@@ -183,8 +301,7 @@ pub fn redact_bytes(
     if count == 0 {
         return Ok((0, None));
     }
-    let out = serde_json::to_vec(&Value::Object(map)).map_err(|e| format!("re-encoding: {e}"))?;
-    Ok((count, Some(out)))
+    Ok((count, Some(Value::Object(map).to_string().into_bytes())))
 }
 
 #[cfg(test)]
@@ -193,7 +310,12 @@ mod tests {
     use serde_json::json;
 
     fn cfg(s: &str) -> Config {
-        Config::parse(Some(s)).unwrap()
+        Config::parse(&tidegate_plugin::Config::from_pairs([("fields", s)])).unwrap()
+    }
+
+    fn cfg_with(pairs: &[(&str, &str)]) -> Result<Config, String> {
+        Config::parse(&tidegate_plugin::Config::from_pairs(pairs.iter().copied()))
+            .map_err(|e| e.message().to_owned())
     }
 
     fn run(kind: Kind, doc: Value, fields: &str) -> (usize, Value) {
@@ -207,19 +329,27 @@ mod tests {
 
     #[test]
     fn config_parsing() {
+        let paths: Vec<Vec<String>> = cfg(" email , address.street,email")
+            .rules
+            .into_iter()
+            .map(|r| r.path)
+            .collect();
         assert_eq!(
-            cfg(" email , address.street,email").paths,
+            paths,
             vec![
                 vec!["email".to_owned()],
                 vec!["address".to_owned(), "street".to_owned()]
             ]
         );
-        assert!(Config::parse(None)
-            .unwrap_err()
-            .contains("`fields` is required"));
+        assert!(cfg_with(&[]).unwrap_err().contains("`fields` is required"));
         for bad in ["", "a,", "a,,b", "a..b", ".a", "a.", "a. b"] {
-            assert!(Config::parse(Some(bad)).is_err(), "{bad:?}");
+            assert!(cfg_with(&[("fields", bad)]).is_err(), "{bad:?}");
         }
+        let err = cfg_with(&[("fields", "a"), ("drop", "a")]).unwrap_err();
+        assert!(err.contains("another action"), "{err}");
+        let err = cfg_with(&[("hash", "a"), ("hash-key", "short")]).unwrap_err();
+        assert!(err.contains("hash-key"), "{err}");
+        assert!(cfg_with(&[("mask", "a"), ("mask-keep", "x")]).is_err());
     }
 
     #[test]
@@ -344,5 +474,113 @@ mod tests {
             .unwrap_err()
             .contains("not valid JSON"));
         assert!(redact_bytes(b"\xff", Kind::UpdatedFields, &c).is_err());
+    }
+
+    fn run_with(kind: Kind, doc: Value, pairs: &[(&str, &str)]) -> (usize, Value) {
+        let bytes = serde_json::to_vec(&doc).unwrap();
+        let (n, out) = redact_bytes(&bytes, kind, &cfg_with(pairs).unwrap()).unwrap();
+        (
+            n,
+            out.map(|b| serde_json::from_slice(&b).unwrap())
+                .unwrap_or(doc),
+        )
+    }
+
+    #[test]
+    fn drop_fields_and_array_elements() {
+        let (n, out) = run_with(
+            Kind::Document,
+            json!({"_id": 1, "ssn": "x", "a": {"b": 1, "c": 2}, "list": [1, 2, 3], "z": 0}),
+            &[("drop", "ssn,a.b,list.1,missing")],
+        );
+        assert_eq!(n, 3);
+        assert_eq!(
+            out,
+            json!({"_id": 1, "a": {"c": 2}, "list": [1, 3], "z": 0})
+        );
+        let keys: Vec<&String> = out.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["_id", "a", "list", "z"], "order kept");
+    }
+
+    #[test]
+    fn drop_in_updated_fields() {
+        let (n, out) = run_with(
+            Kind::UpdatedFields,
+            json!({"ssn": "x", "profile": {"ssn": "y", "n": 1}, "k": 2}),
+            &[("drop", "ssn,profile.ssn")],
+        );
+        assert_eq!(n, 2);
+        assert_eq!(out, json!({"profile": {"n": 1}, "k": 2}));
+    }
+
+    #[test]
+    fn mask_keeps_the_tail() {
+        let (n, out) = run_with(
+            Kind::Document,
+            json!({"card": "4111111111111111", "pin": "12", "phone": 5551234567_i64}),
+            &[("mask", "card,pin,phone")],
+        );
+        assert_eq!(n, 3);
+        assert_eq!(out["card"], "************1111");
+        assert_eq!(out["pin"], "*2", "never reveals more than half");
+        assert_eq!(out["phone"], "******4567");
+        let (_, out) = run_with(
+            Kind::Document,
+            json!({"card": "4111"}),
+            &[("mask", "card"), ("mask-keep", "0")],
+        );
+        assert_eq!(out["card"], "****");
+    }
+
+    #[test]
+    fn hash_is_keyed_and_stable() {
+        let key = ("hash-key", "0123456789abcdef");
+        let (n, a) = run_with(
+            Kind::Document,
+            json!({"email": "a@b.c", "other": "a@b.c", "n": 5}),
+            &[("hash", "email,other,n"), key],
+        );
+        assert_eq!(n, 3);
+        let h = a["email"].as_str().unwrap();
+        assert_eq!(h.len(), 64);
+        assert_eq!(a["email"], a["other"], "equal values hash equally");
+        assert_ne!(a["n"], a["email"]);
+        let (_, b) = run_with(
+            Kind::Document,
+            json!({"email": "a@b.c"}),
+            &[("hash", "email"), ("hash-key", "another key, 16+")],
+        );
+        assert_ne!(a["email"], b["email"], "the key matters");
+        // RFC 4231 test case 2 uses a short key; check the construction with our own
+        // reference value instead: HMAC-SHA-256("0123456789abcdef", "a@b.c").
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"0123456789abcdef").unwrap();
+        mac.update(b"a@b.c");
+        let hex: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(h, hex);
+    }
+
+    #[test]
+    fn actions_combine() {
+        let (n, out) = run_with(
+            Kind::Document,
+            json!({"email": "a@b.c", "ssn": "1", "card": "12345678", "name": "Ada"}),
+            &[
+                ("fields", "name"),
+                ("drop", "ssn"),
+                ("mask", "card"),
+                ("hash", "email"),
+                ("hash-key", "0123456789abcdef"),
+            ],
+        );
+        assert_eq!(n, 4);
+        assert_eq!(out["name"], "[redacted]");
+        assert!(out.get("ssn").is_none());
+        assert_eq!(out["card"], "****5678");
+        assert_eq!(out["email"].as_str().unwrap().len(), 64);
     }
 }

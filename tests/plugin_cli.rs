@@ -1,0 +1,303 @@
+//! `tidegate plugin inspect | test | new`, run as the real binary on the plugins the project
+//! builds from source: what authors see, and the exit codes scripts rely on.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tidegate_testkit::{examples_dir, plugin_dir};
+
+fn plugin(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tidegate"))
+        .arg("plugin")
+        .args(args)
+        .output()
+        .expect("run tidegate")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wasm(name: &str) -> String {
+    plugin_dir()
+        .expect("plugins build")
+        .join(format!("{name}.wasm"))
+        .display()
+        .to_string()
+}
+
+/// `inspect` names the world, contract version, exports and imports, and says plainly
+/// whether tidegate can run the file and why not (a config `init` refuses, not wasm at all).
+#[test]
+fn inspect_reports_shape_and_whether_it_runs() {
+    let out = plugin(&["inspect", &wasm("op-filter")]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("world:     filter"), "{text}");
+    assert!(text.contains("contract:  tidegate:plugin@0.1.0"), "{text}");
+    assert!(text.contains("exports:   init, filter"), "{text}");
+    assert!(text.contains("tidegate:plugin/config@0.1.0"), "{text}");
+    assert!(text.contains("runs:      yes"), "{text}");
+
+    let out = plugin(&["inspect", &wasm("redact")]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("world:     transform"), "{text}");
+    assert!(
+        text.contains("runs:      no — invalid-config: `fields` is required"),
+        "{text}"
+    );
+    assert!(text.contains("pass --config"), "{text}");
+    let out = plugin(&["inspect", &wasm("redact"), "--config", "fields=email"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not wasm").expect("write");
+    let out = plugin(&["inspect", &junk.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("not a WebAssembly file"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+fn events(dir: &Path) -> String {
+    let path = dir.join("events.jsonl");
+    std::fs::write(
+        &path,
+        r#"// a comment line
+{"operationType": "insert", "ns": {"db": "shop", "coll": "orders"}, "documentKey": {"_id": 1}, "fullDocument": {"_id": 1, "email": "a@b.c"}}
+{"operationType": "insert", "ns": {"db": "shop", "coll": "orders"}, "documentKey": {"_id": 2}, "fullDocument": {"_id": 2, "fail": true}}
+{"operationType": "delete", "ns": {"db": "shop", "coll": "orders"}, "documentKey": {"_id": 2}}
+"#,
+    )
+    .expect("write events");
+    path.display().to_string()
+}
+
+/// `test` prints per event the verdict or each output (subject, headers, payload) with fuel
+/// and time; a failing event shows its error and makes the exit code 1.
+#[test]
+fn test_runs_events_and_reports_each() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = events(dir.path());
+
+    let out = plugin(&[
+        "test",
+        &wasm("op-filter"),
+        "--events",
+        &events,
+        "--config",
+        "operations=insert",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("line 2: insert shop.orders -> keep [fuel "),
+        "{text}"
+    );
+    assert!(
+        text.contains("line 4: delete shop.orders -> drop [fuel "),
+        "{text}"
+    );
+
+    let out = plugin(&[
+        "test",
+        &wasm("fanout"),
+        "--events",
+        &events,
+        "--config",
+        "copies=2",
+        "--config",
+        "subject-prefix=cdc.c",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("line 2: insert shop.orders -> 2 output(s)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[1] subject: cdc.c.copy1; headers: X-Copy: 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#""fullDocument":{"_id":1,"email":"a@b.c"}"#),
+        "{text}"
+    );
+
+    let out = plugin(&["test", &wasm("faulty"), "--events", &events]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("line 3: insert shop.orders -> error plugin-error: failed: asked to fail"),
+        "{text}"
+    );
+    assert!(
+        text.contains("line 4: delete shop.orders -> 1 output(s)"),
+        "the run goes on: {text}"
+    );
+
+    // The production limits apply, and can be tightened: a runaway call runs out of fuel.
+    let spin = dir.path().join("spin.jsonl");
+    std::fs::write(
+        &spin,
+        r#"{"operationType": "insert", "ns": {"db": "d", "coll": "c"}, "fullDocument": {"spin": true}}"#,
+    )
+    .expect("write");
+    let spin = spin.display().to_string();
+    let out = plugin(&[
+        "test",
+        &wasm("faulty"),
+        "--events",
+        &spin,
+        "--fuel",
+        "5000000",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("5000000 fuel"), "{text}");
+    assert!(text.contains("-> error out-of-fuel"), "{text}");
+}
+
+/// `new --lang rust` scaffolds a crate on the SDK whose own tests pass natively.
+#[test]
+fn new_rust_plugin_passes_its_tests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = plugin(&[
+        "new",
+        "status-filter",
+        "--lang",
+        "rust",
+        "--dir",
+        &dir.path().display().to_string(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let project = dir.path().join("status-filter");
+    assert!(project.join("src/lib.rs").is_file());
+    let again = plugin(&[
+        "new",
+        "status-filter",
+        "--lang",
+        "rust",
+        "--dir",
+        &dir.path().display().to_string(),
+    ]);
+    assert_eq!(again.status.code(), Some(2), "never overwrites");
+    // Shared across runs so the SDK's dependencies compile once.
+    let target = dirs_cache().join("scaffold-target");
+    let test = Command::new("cargo")
+        .args(["test", "--offline", "--quiet"])
+        .current_dir(&project)
+        .env("CARGO_TARGET_DIR", &target)
+        .env_remove("RUSTFLAGS")
+        .output()
+        .expect("run cargo");
+    let text = String::from_utf8_lossy(&test.stdout);
+    assert!(
+        test.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&test.stderr)
+    );
+    assert!(text.contains("3 passed"), "{text}");
+}
+
+/// `new --lang c` scaffolds the C example; it builds with the project's C toolchain and
+/// `plugin test` runs it.
+#[test]
+fn new_c_plugin_builds_and_runs() {
+    // Installs the C toolchain (and builds the shipped example) first.
+    examples_dir().expect("examples build");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = plugin(&[
+        "new",
+        "skipper",
+        "--lang",
+        "c",
+        "--dir",
+        &dir.path().display().to_string(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let project = dir.path().join("skipper");
+    let build = Command::new(project.join("build.sh"))
+        .arg("skipper.wasm")
+        .current_dir(&project)
+        .env(
+            "WASM_TOOLS",
+            tidegate_testkit::wasm_tools_path().expect("wasm-tools"),
+        )
+        .output()
+        .expect("run build.sh");
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let component = project.join("skipper.wasm").display().to_string();
+    let events = project.join("events.jsonl").display().to_string();
+    let out = plugin(&["test", &component, "--events", &events]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("line 2: insert shop.orders -> keep"),
+        "{text}"
+    );
+    assert!(
+        text.contains("line 3: insert shop.tmp_import -> drop"),
+        "{text}"
+    );
+    assert!(
+        text.contains("line 4: dropDatabase scratch -> keep"),
+        "{text}"
+    );
+}
+
+/// `new --lang python|js` writes the example project with the WIT contract next to it, so the
+/// build needs nothing from the tidegate tree. (The examples themselves are built and run
+/// through the host in tests/plugins.rs.)
+#[test]
+fn new_python_and_js_plugins_are_self_contained() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().display().to_string();
+    for (lang, files) in [
+        ("python", ["app.py", "build.sh", "events.jsonl"]),
+        ("js", ["plugin.js", "build.mjs", "events.jsonl"]),
+    ] {
+        let out = plugin(&["new", lang, "--lang", lang, "--dir", &d]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let root = dir.path().join(lang);
+        for f in files {
+            assert!(root.join(f).is_file(), "{lang}: {f}");
+        }
+        let wit = std::fs::read_to_string(root.join("wit/types.wit")).expect("wit");
+        assert!(wit.contains("package tidegate:plugin@0.1.0;"));
+    }
+    let out = plugin(&["new", "9lives", "--lang", "c", "--dir", &d]);
+    assert_eq!(out.status.code(), Some(2), "bad names are refused");
+}
+
+/// `~/.cache/tidegate` (or `$TIDEGATE_CACHE`).
+fn dirs_cache() -> std::path::PathBuf {
+    std::env::var_os("TIDEGATE_CACHE")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/tidegate")
+        })
+}

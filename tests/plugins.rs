@@ -1,0 +1,367 @@
+//! The first-party plugins (`match`, `map`, `redact`, `encode`) through the host, end to end
+//! against a real MongoDB replica set and a real JetStream: configured as an operator would in
+//! TOML, built from source by `scripts/build-plugins.sh`.
+
+mod support;
+
+use bson::doc;
+use support::{assert_dead_letter, header, json, Harness};
+
+/// `match` keeps exactly the events its query selects: operation set, a comparison, `$in`,
+/// a `$regex`, and an `$or` that lets deletes through although they carry no document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn match_keeps_what_the_query_selects() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = r#"
+[[pipeline.plugins]]
+name = "match"
+[pipeline.plugins.config]
+operations = "insert,delete"
+where = '''{"$or": [
+  {"operationType": "delete"},
+  {"fullDocument.total": {"$gte": 100}, "fullDocument.status": {"$in": ["paid", "sent"]}},
+  {"fullDocument.email": {"$regex": "@VIP\\.example$", "$options": "i"}}
+]}'''
+"#;
+    let messages = h
+        .relay(plugins, "", 4, |coll| async move {
+            coll.insert_one(doc! { "_id": 1, "total": 150, "status": "paid" })
+                .await?; // kept
+            coll.insert_one(doc! { "_id": 2, "total": 99, "status": "paid" })
+                .await?;
+            coll.insert_one(doc! { "_id": 3, "total": 500, "status": "open" })
+                .await?;
+            coll.insert_one(doc! { "_id": 4, "email": "a@vip.example" })
+                .await?; // kept
+            coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "total": 1000 } })
+                .await?;
+            coll.delete_one(doc! { "_id": 2 }).await?; // kept
+            coll.insert_one(doc! { "_id": 5, "total": 100.5, "status": "sent" })
+                .await?; // kept
+            Ok(())
+        })
+        .await?;
+    let got: Vec<(String, i64)> = messages
+        .iter()
+        .map(|m| {
+            let body = json(m);
+            (
+                body["operationType"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                body["documentKey"]["_id"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    let want = [("insert", 1), ("insert", 4), ("delete", 2), ("insert", 5)];
+    let want: Vec<(String, i64)> = want.iter().map(|(o, i)| (o.to_string(), *i)).collect();
+    assert_eq!(got, want);
+    Ok(())
+}
+
+/// `map` projects a polymorphic collection: one mapping per `kind`, dotted paths renamed,
+/// a subject per mapping; updates (with the looked-up document) are mapped too, and a
+/// document of an unknown kind is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_projects_each_variant_to_its_subject() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = r#"
+[[pipeline.plugins]]
+name = "map"
+[pipeline.plugins.config]
+discriminator = "kind"
+variants = '''{
+  "post":    {"fields": "_id -> id, author.id -> userId, title", "subject": "cdc.posts.{operation}"},
+  "comment": {"fields": {"_id": "id", "post.id": "postId", "text": "body"}, "subject": "cdc.comments.{operation}"}
+}'''
+"#;
+    let messages = h
+        .relay(plugins, "", 4, |coll| async move {
+            coll.insert_one(
+                doc! { "_id": 1, "kind": "post", "author": { "id": 7, "name": "Ada" }, "title": "Hi", "draft": true },
+            )
+            .await?;
+            coll.insert_one(doc! { "_id": 2, "kind": "comment", "post": { "id": 1 }, "text": "Nice" })
+                .await?;
+            coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "title": "Hello", "draft": false } })
+                .await?;
+            coll.insert_one(doc! { "_id": 3, "kind": "like" }).await?;
+            Ok(())
+        })
+        .await?;
+    assert_eq!(messages.len(), 4);
+    let post = &messages[0];
+    assert_eq!(post.subject.as_str(), "cdc.posts.insert");
+    assert_eq!(
+        json(post)["fullDocument"],
+        serde_json::json!({"id": 1, "userId": 7, "title": "Hi"})
+    );
+    assert_eq!(
+        json(post)["documentKey"]["_id"],
+        1,
+        "the key is never mapped"
+    );
+    assert_eq!(header(post, "X-Map-Variant").as_deref(), Some("post"));
+    let comment = &messages[1];
+    assert_eq!(comment.subject.as_str(), "cdc.comments.insert");
+    assert_eq!(
+        json(comment)["fullDocument"],
+        serde_json::json!({"id": 2, "postId": 1, "body": "Nice"})
+    );
+    let update = &messages[2];
+    assert_eq!(update.subject.as_str(), "cdc.posts.update");
+    let body = json(update);
+    assert_eq!(
+        body["updateDescription"]["updatedFields"],
+        serde_json::json!({"title": "Hello"})
+    );
+    assert_eq!(body["fullDocument"]["title"], "Hello");
+    assert!(body["fullDocument"].get("draft").is_none());
+    assert_dead_letter(&messages[3], "plugin-error");
+    assert!(header(&messages[3], "Tidegate-Error")
+        .unwrap_or_default()
+        .contains("\"like\""));
+    Ok(())
+}
+
+/// `redact` replaces, drops, masks and hashes by path — in the document and in an update's
+/// fields — and the hash is stable, so equal values still join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redact_replaces_drops_masks_and_hashes() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = r#"
+[[pipeline.plugins]]
+name = "redact"
+[pipeline.plugins.config]
+fields = "name"
+drop = "ssn,address.street"
+mask = "card"
+hash = "email"
+hash-key = "test-key-0123456789"
+"#;
+    let messages = h
+        .relay(plugins, "", 3, |coll| async move {
+            coll.insert_one(doc! {
+                "_id": 1, "name": "Ada", "ssn": "123-45-6789", "card": "4111111111111111",
+                "email": "ada@example.com", "address": { "street": "1 Main St", "city": "Paris" },
+            })
+            .await?;
+            coll.insert_one(doc! { "_id": 2, "email": "ada@example.com" })
+                .await?;
+            coll.update_one(
+                doc! { "_id": 1 },
+                doc! { "$set": { "ssn": "999", "card": "5500000000000004" } },
+            )
+            .await?;
+            Ok(())
+        })
+        .await?;
+    let first = json(&messages[0]);
+    let d = &first["fullDocument"];
+    assert_eq!(d["name"], "[redacted]");
+    assert!(d.get("ssn").is_none());
+    assert_eq!(d["address"], serde_json::json!({"city": "Paris"}));
+    assert_eq!(d["card"], "************1111");
+    let hash = d["email"].as_str().unwrap_or_default();
+    assert_eq!(hash.len(), 64);
+    assert_ne!(hash, "ada@example.com");
+    assert_eq!(header(&messages[0], "X-Redacted").as_deref(), Some("5"));
+    assert_eq!(
+        json(&messages[1])["fullDocument"]["email"],
+        hash,
+        "stable hash"
+    );
+    let update = json(&messages[2]);
+    let fields = &update["updateDescription"]["updatedFields"];
+    assert_eq!(fields, &serde_json::json!({"card": "************0004"}));
+    Ok(())
+}
+
+/// `encode` publishes arrays and nested documents as strings and the types JSON cannot hold
+/// as plain JSON; the document key keeps its ObjectId.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encode_stringifies_arrays_documents_and_special_types() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = r#"
+[[pipeline.plugins]]
+name = "encode"
+[pipeline.plugins.config]
+arrays = "string"
+documents = "string"
+special = "string"
+ejson = "canonical"
+"#;
+    let oid = bson::oid::ObjectId::parse_str("65a1b2c3d4e5f60718293a4b")?;
+    let messages = h
+        .relay(plugins, "", 1, |coll| async move {
+            coll.insert_one(doc! {
+                "_id": oid,
+                "tags": ["a", 1_i32],
+                "author": { "id": 7_i32 },
+                "at": bson::DateTime::from_millis(1_704_164_645_678),
+                "big": 9_007_199_254_740_993_i64,
+            })
+            .await?;
+            Ok(())
+        })
+        .await?;
+    let body = json(&messages[0]);
+    let d = &body["fullDocument"];
+    assert_eq!(d["_id"], "65a1b2c3d4e5f60718293a4b");
+    assert_eq!(d["tags"], r#"["a",{"$numberInt":"1"}]"#);
+    assert_eq!(d["author"], r#"{"id":{"$numberInt":"7"}}"#);
+    assert_eq!(d["at"], "2024-01-02T03:04:05.678Z");
+    assert_eq!(d["big"], 9_007_199_254_740_993_i64);
+    assert_eq!(
+        body["documentKey"]["_id"]["$oid"],
+        "65a1b2c3d4e5f60718293a4b"
+    );
+    Ok(())
+}
+
+/// The C example plugin (`examples/c-filter`, built from source by
+/// `scripts/build-examples.sh`) runs in a pipeline like any other: events on `tmp_`
+/// collections are dropped, the rest published in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_guest_filters_through_the_host() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = format!(
+        r#"
+[[pipeline.plugins]]
+name = "c-filter"
+file = "{}"
+config = {{ skip-prefix = "tmp_" }}
+"#,
+        example("c-filter").await?
+    );
+    let text = h.config(&plugins, "").replace(
+        r#"collections = ["orders"]"#,
+        r#"collections = ["orders", "tmp_orders"]"#,
+    );
+    let path = h.write_config("tidegate.toml", &text)?;
+    let running = support::InProcess::start(&path)?;
+    h.wait_ready().await?;
+    let db = h.mongo.client().await?.database(support::DB);
+    let (orders, scratch) = (
+        db.collection::<bson::Document>("orders"),
+        db.collection::<bson::Document>("tmp_orders"),
+    );
+    orders.insert_one(doc! { "_id": 1 }).await?;
+    scratch.insert_one(doc! { "_id": 2 }).await?;
+    orders.insert_one(doc! { "_id": 3 }).await?;
+    scratch.delete_one(doc! { "_id": 2 }).await?;
+    orders.delete_one(doc! { "_id": 1 }).await?;
+    let messages = h
+        .wait_settled(support::STREAM, 3, std::time::Duration::from_secs(20))
+        .await?;
+    running.stop().await?;
+    let got: Vec<(String, i64)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m.subject.to_string(),
+                json(m)["documentKey"]["_id"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    let want = [
+        ("cdc.shop.orders.insert", 1),
+        ("cdc.shop.orders.insert", 3),
+        ("cdc.shop.orders.delete", 1),
+    ];
+    let want: Vec<(String, i64)> = want.iter().map(|(s, i)| (s.to_string(), *i)).collect();
+    assert_eq!(got, want);
+    Ok(())
+}
+
+/// The path of an example plugin built by `scripts/build-examples.sh`.
+async fn example(name: &str) -> anyhow::Result<String> {
+    let dir = tokio::task::spawn_blocking(tidegate_testkit::examples_dir).await??;
+    Ok(dir.join(format!("{name}.wasm")).display().to_string())
+}
+
+/// The Python example (`examples/python-filter`, componentize-py, WASI imported but nothing
+/// granted) keeps big orders and deletes, through the host like any plugin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_guest_filters_through_the_host() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = format!(
+        r#"
+[[pipeline.plugins]]
+name = "min-total"
+file = "{}"
+config = {{ min-total = "100" }}
+"#,
+        example("python-filter").await?
+    );
+    let messages = h
+        .relay(&plugins, "", 3, |coll| async move {
+            coll.insert_one(doc! { "_id": 1, "total": 150 }).await?;
+            coll.insert_one(doc! { "_id": 2, "total": 50 }).await?;
+            coll.insert_one(doc! { "_id": 3, "total": 5_000_000_000_i64 })
+                .await?;
+            coll.delete_one(doc! { "_id": 2 }).await?;
+            Ok(())
+        })
+        .await?;
+    let got: Vec<(String, i64)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m.subject.to_string(),
+                json(m)["documentKey"]["_id"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    let want = [
+        ("cdc.shop.orders.insert", 1),
+        ("cdc.shop.orders.insert", 3),
+        ("cdc.shop.orders.delete", 2),
+    ];
+    let want: Vec<(String, i64)> = want.iter().map(|(s, i)| (s.to_string(), *i)).collect();
+    assert_eq!(got, want);
+    Ok(())
+}
+
+/// The JavaScript example (`examples/js-transform`, componentize-js) routes each event by a
+/// document field to its own subject with a header, through the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn javascript_guest_routes_through_the_host() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = format!(
+        r#"
+[[pipeline.plugins]]
+name = "route-by-field"
+file = "{}"
+config = {{ subject-prefix = "cdc.regions" }}
+"#,
+        example("js-transform").await?
+    );
+    let messages = h
+        .relay(&plugins, "", 3, |coll| async move {
+            coll.insert_one(doc! { "_id": 1, "region": "eu" }).await?;
+            coll.insert_one(doc! { "_id": 2, "region": "us.east" })
+                .await?;
+            coll.insert_one(doc! { "_id": 3 }).await?;
+            Ok(())
+        })
+        .await?;
+    let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(
+        subjects,
+        [
+            "cdc.regions.eu",
+            "cdc.regions.us_east",
+            "cdc.shop.orders.insert"
+        ]
+    );
+    assert_eq!(header(&messages[0], "X-Route").as_deref(), Some("eu"));
+    assert_eq!(header(&messages[2], "X-Route"), None);
+    assert_eq!(
+        json(&messages[1])["fullDocument"]["region"],
+        "us.east",
+        "payload untouched"
+    );
+    Ok(())
+}
