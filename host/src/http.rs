@@ -146,11 +146,7 @@ fn not_ready(nats: &async_nats::Client) -> Vec<String> {
     for series in all {
         let state = series.state();
         if !matches!(state, State::Running | State::Standby) {
-            reasons.push(format!(
-                "pipeline {}: {}",
-                series.labels().get("pipeline").unwrap_or_default(),
-                state.name()
-            ));
+            reasons.push(format!("pipeline {}: {}", series.unit_id(), state.name()));
         }
     }
     reasons
@@ -183,7 +179,7 @@ fn page(nats: &async_nats::Client) -> String {
         let opt = |v: Option<String>| v.unwrap_or_else(|| "–".into());
         rows.push_str(&format!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
-            html(series.labels().get("pipeline").unwrap_or_default()),
+            html(&series.unit_id()),
             series.state().name(),
             c.read,
             c.published,

@@ -166,6 +166,13 @@ pub struct PipelineMetrics {
     dead_lettered: AtomicU64,
     skipped: AtomicU64,
     out_of_scope: AtomicU64,
+    /// Dead letters by (plugin, reason): both from bounded sets (the config's plugins,
+    /// tidegate's reasons).
+    dead_letters: Mutex<std::collections::BTreeMap<(String, String), u64>>,
+    /// Per plugin: calls, fuel, time and peak memory since start.
+    plugin_usage: Mutex<std::collections::BTreeMap<String, crate::plugin::Usage>>,
+    reloads_applied: AtomicU64,
+    reloads_refused: AtomicU64,
     published: AtomicU64,
     duplicates: AtomicU64,
     retries: AtomicU64,
@@ -210,6 +217,10 @@ impl PipelineMetrics {
             dead_lettered: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             out_of_scope: AtomicU64::new(0),
+            dead_letters: Mutex::new(Default::default()),
+            plugin_usage: Mutex::new(Default::default()),
+            reloads_applied: AtomicU64::new(0),
+            reloads_refused: AtomicU64::new(0),
             published: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             retries: AtomicU64::new(0),
@@ -230,6 +241,15 @@ impl PipelineMetrics {
         &self.labels
     }
 
+    /// The unit's id: `<pipeline>`, or `<pipeline>.<tenant>` for a tenant.
+    pub fn unit_id(&self) -> String {
+        let pipeline = self.labels.get("pipeline").unwrap_or_default();
+        match self.labels.get("tenant") {
+            Some(tenant) => format!("{pipeline}.{tenant}"),
+            None => pipeline.to_string(),
+        }
+    }
+
     /// One event read from the change stream.
     pub fn read(&self) {
         self.read.fetch_add(1, Ordering::Relaxed);
@@ -240,9 +260,35 @@ impl PipelineMetrics {
         self.filtered.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// One event sent to the dead-letter subject.
-    pub fn dead_lettered(&self) {
+    /// One event sent to the dead-letter subject because `plugin` (empty: the host)
+    /// failed with `reason` (`out-of-fuel`, `deadline`, `memory`, …).
+    pub fn dead_lettered(&self, plugin: &str, reason: &str) {
         self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut all) = self.dead_letters.lock() {
+            *all.entry((plugin.to_string(), reason.to_string()))
+                .or_default() += 1;
+        }
+    }
+
+    /// Adds what `plugin` consumed since the last report.
+    pub fn add_plugin_usage(&self, plugin: &str, delta: crate::plugin::Usage) {
+        if let Ok(mut all) = self.plugin_usage.lock() {
+            let usage = all.entry(plugin.to_string()).or_default();
+            usage.calls += delta.calls;
+            usage.fuel += delta.fuel;
+            usage.nanos += delta.nanos;
+            usage.memory_peak = usage.memory_peak.max(delta.memory_peak);
+        }
+    }
+
+    /// A hot reload (or SIGHUP) put new plugins in place.
+    pub fn reload_applied(&self) {
+        self.reloads_applied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A hot reload was refused; the running plugins stayed.
+    pub fn reload_refused(&self) {
+        self.reloads_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// One event dropped because its plugin is quarantined with the `skip` action.
@@ -347,7 +393,7 @@ impl PipelineMetrics {
     pub fn log(&self) {
         let c = self.counts();
         tracing::info!(
-            pipeline = self.labels.get("pipeline").unwrap_or_default(),
+            pipeline = self.unit_id(),
             read = c.read,
             filtered = c.filtered,
             dead_lettered = c.dead_lettered,
@@ -422,7 +468,11 @@ pub fn series(labels: Labels) -> Arc<PipelineMetrics> {
 
 /// The series of a whole pipeline.
 pub fn pipeline(id: &str) -> Arc<PipelineMetrics> {
-    series(Labels::pipeline(id))
+    // A tenant unit `<pipeline>.<tenant>` is labelled with both.
+    match id.split_once('.') {
+        Some((pipeline, tenant)) => series(Labels::pipeline(pipeline).with("tenant", tenant)),
+        None => series(Labels::pipeline(id)),
+    }
 }
 
 impl Registry {
@@ -560,6 +610,7 @@ impl Registry {
                 }
             }
         }
+        self.render_labelled(&mut out, &all);
         type Get = fn(&PipelineMetrics) -> &Histogram;
         let histograms: &[(&str, &str, Get)] = &[
             ("tidegate_publish_latency_seconds", "Time from publishing a message to its JetStream acknowledgement.", |m| &m.publish_latency),
@@ -572,6 +623,98 @@ impl Registry {
             }
         }
         out
+    }
+}
+
+impl Registry {
+    /// The families with a label beyond the series' own: per plugin, reason or outcome.
+    fn render_labelled(&self, out: &mut String, all: &[Arc<PipelineMetrics>]) {
+        let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        family(
+            out,
+            "tidegate_dead_letters_total",
+            "counter",
+            "Dead-lettered events by plugin (empty: the host) and reason.",
+        );
+        for m in all {
+            let Ok(reasons) = m.dead_letters.lock() else {
+                continue;
+            };
+            for ((plugin, reason), count) in reasons.iter() {
+                let _ = writeln!(
+                    out,
+                    "tidegate_dead_letters_total{{{},plugin=\"{}\",reason=\"{}\"}} {count}",
+                    m.labels.render(),
+                    escape(plugin),
+                    escape(reason)
+                );
+            }
+        }
+        type Read = fn(&crate::plugin::Usage) -> f64;
+        let usage: &[(&str, &str, &str, Read)] = &[
+            (
+                "tidegate_plugin_calls_total",
+                "counter",
+                "Plugin calls.",
+                |u| u.calls as f64,
+            ),
+            (
+                "tidegate_plugin_fuel_total",
+                "counter",
+                "Fuel plugin calls burnt.",
+                |u| u.fuel as f64,
+            ),
+            (
+                "tidegate_plugin_seconds_total",
+                "counter",
+                "Wall-clock time in plugin calls.",
+                |u| u.nanos as f64 / 1e9,
+            ),
+            (
+                "tidegate_plugin_memory_peak_bytes",
+                "gauge",
+                "Largest linear memory an instance of the plugin reached.",
+                |u| u.memory_peak as f64,
+            ),
+        ];
+        for (name, kind, help, read) in usage {
+            family(out, name, kind, help);
+            for m in all {
+                let Ok(plugins) = m.plugin_usage.lock() else {
+                    continue;
+                };
+                for (plugin, u) in plugins.iter() {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{{},plugin=\"{}\"}} {}",
+                        m.labels.render(),
+                        escape(plugin),
+                        read(u)
+                    );
+                }
+            }
+        }
+        family(
+            out,
+            "tidegate_plugin_reloads_total",
+            "counter",
+            "Hot reloads and SIGHUP reloads, applied or refused (the running plugins stay).",
+        );
+        for m in all {
+            let labels = m.labels.render();
+            let _ = writeln!(
+                out,
+                "tidegate_plugin_reloads_total{{{labels},outcome=\"applied\"}} {}",
+                m.reloads_applied.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "tidegate_plugin_reloads_total{{{labels},outcome=\"refused\"}} {}",
+                m.reloads_refused.load(Ordering::Relaxed)
+            );
+        }
     }
 }
 

@@ -27,7 +27,7 @@ use crate::encode::{self, SubjectTemplate};
 use crate::error::Error;
 use crate::event::SourceEvent;
 use crate::fence::Fence;
-use crate::plugin::{CallError, Chain, Verdict};
+use crate::plugin::{CallError, Chain, Usage, Verdict};
 use crate::reload::{ChainUpdate, Updates};
 use crate::sink::{self, Message, Position, Publisher, Unit};
 use crate::source::{self, SourceItem};
@@ -143,11 +143,13 @@ pub async fn run(
     let chain_thread = std::thread::Builder::new()
         .name(format!("tidegate-chain-{id}"))
         .spawn(move || {
+            let reported = vec![Usage::default(); chain.plugins().len()];
             let stages = ChainStages {
                 chain,
                 scope,
                 framer,
                 reloads,
+                reported,
             };
             stages.run(event_rx, unit_tx, &chain_stats)
         })
@@ -276,6 +278,8 @@ struct ChainStages {
     scope: PipelineConfig,
     framer: Framer,
     reloads: std::sync::mpsc::Receiver<ChainUpdate>,
+    /// Each plugin's usage as last reported to the metrics.
+    reported: Vec<Usage>,
 }
 
 impl ChainStages {
@@ -321,6 +325,7 @@ impl ChainStages {
                 }
                 framed.push(self.framer.frame(&event, verdict, stats));
             }
+            self.report_usage(stats);
             if units.blocking_send(framed).is_err() {
                 return Ok(());
             }
@@ -339,6 +344,23 @@ impl ChainStages {
         Ok(())
     }
 
+    /// Adds what each plugin consumed since the last report to the metrics.
+    fn report_usage(&mut self, stats: &PipelineStats) {
+        for (plugin, seen) in self.chain.plugins().iter().zip(&mut self.reported) {
+            let now = plugin.usage();
+            stats.add_plugin_usage(
+                plugin.name(),
+                Usage {
+                    calls: now.calls - seen.calls,
+                    fuel: now.fuel - seen.fuel,
+                    nanos: now.nanos - seen.nanos,
+                    memory_peak: now.memory_peak,
+                },
+            );
+            *seen = now;
+        }
+    }
+
     /// Swaps in whatever the reloader has sent.
     fn apply_updates(&mut self, stats: &PipelineStats) {
         let mut swapped = false;
@@ -348,17 +370,22 @@ impl ChainStages {
                 ChainUpdate::Plugin { index, plugin } => {
                     let name = plugin.name().to_string();
                     let hash = plugin.hash().to_string();
+                    if let Some(seen) = self.reported.get_mut(index) {
+                        *seen = Usage::default();
+                    }
                     if self.chain.replace(index, *plugin).is_some() {
                         tracing::info!(pipeline = %self.scope.id, plugin = %name, %hash, "plugin reloaded");
                     }
                 }
                 ChainUpdate::Chain(chain) => {
+                    self.reported = vec![Usage::default(); chain.plugins().len()];
                     self.chain = chain;
                     tracing::info!(pipeline = %self.scope.id, "plugin chain reloaded");
                 }
             }
         }
         if swapped {
+            stats.reload_applied();
             stats.set_plugins(crate::metrics::plugin_infos(&self.chain));
         }
     }
@@ -491,7 +518,7 @@ impl Framer {
     /// The original event, to the dead-letter subject, with the reason in headers. If even
     /// the original is too large, its documents are left out (the key still identifies it).
     fn dead_letter(&self, event: &SourceEvent, err: &CallError, stats: &PipelineStats) -> Message {
-        stats.dead_lettered();
+        stats.dead_lettered(&err.plugin, &err.kind);
         tracing::warn!(
             pipeline = %self.pipeline,
             plugin = %err.plugin,

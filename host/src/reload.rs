@@ -165,6 +165,7 @@ async fn check_files(sandbox: &Arc<Sandbox>, unit: &mut UnitHandle, plugin_dir: 
                 let _ = unit.updates.send(ChainUpdate::Chain(chain));
             }
             Err(message) => {
+                crate::metrics::pipeline(&unit.config.id).reload_refused();
                 tracing::error!(pipeline = %unit.config.id, "plugin reload refused; the unit stays held: {message}")
             }
         }
@@ -194,11 +195,14 @@ async fn check_files(sandbox: &Arc<Sandbox>, unit: &mut UnitHandle, plugin_dir: 
                     plugin: Box::new(plugin),
                 });
             }
-            Err(message) => tracing::error!(
-                pipeline = %unit.config.id,
-                file = %unit.files[index].path.display(),
-                "plugin reload refused; the running version stays: {message}"
-            ),
+            Err(message) => {
+                crate::metrics::pipeline(&unit.config.id).reload_refused();
+                tracing::error!(
+                    pipeline = %unit.config.id,
+                    file = %unit.files[index].path.display(),
+                    "plugin reload refused; the running version stays: {message}"
+                )
+            }
         }
     }
 }
@@ -257,10 +261,13 @@ async fn reload_config(sandbox: &Arc<Sandbox>, running: &Config, units: &mut [Un
                 unit.held = false;
                 let _ = unit.updates.send(ChainUpdate::Chain(chain));
             }
-            Err(message) => tracing::error!(
-                pipeline = %unit.config.id,
-                "config reload refused for this unit; its running plugins stay: {message}"
-            ),
+            Err(message) => {
+                crate::metrics::pipeline(&unit.config.id).reload_refused();
+                tracing::error!(
+                    pipeline = %unit.config.id,
+                    "config reload refused for this unit; its running plugins stay: {message}"
+                )
+            }
         }
     }
     for new in &fresh.pipelines {

@@ -356,6 +356,8 @@ pub struct PluginState {
     log_cap: u32,
     log_lines: u32,
     log_dropped: u32,
+    /// Largest linear memory this instance has grown to, in bytes.
+    memory_peak: usize,
     wasi: WasiCtx,
     table: ResourceTable,
     _slot: Slot,
@@ -376,6 +378,58 @@ impl PluginState {
         }
         self.log_lines += 1;
         true
+    }
+}
+
+impl PluginState {
+    /// Largest linear memory the instance has reached, in bytes.
+    pub fn memory_peak(&self) -> usize {
+        self.memory_peak
+    }
+}
+
+/// The memory cap of [`StoreLimits`], recording how far memory grew on the way.
+impl wasmtime::ResourceLimiter for PluginState {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if allowed {
+            self.memory_peak = self.memory_peak.max(desired);
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
     }
 }
 
@@ -463,12 +517,13 @@ pub fn new_store(
         log_cap: limits.log_lines_per_call,
         log_lines: 0,
         log_dropped: 0,
+        memory_peak: 0,
         wasi,
         table: ResourceTable::new(),
         _slot: slot,
     };
     let mut store = Store::new(engine, state);
-    store.limiter(|state| &mut state.limits);
+    store.limiter(|state| state);
     store
 }
 

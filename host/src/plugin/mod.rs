@@ -102,6 +102,20 @@ pub struct Plugin {
     failures_in_a_row: u32,
     quarantined: bool,
     last_fuel_used: u64,
+    usage: Usage,
+}
+
+/// What a plugin has consumed since it was loaded, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Calls made.
+    pub calls: u64,
+    /// Fuel burnt, all calls together.
+    pub fuel: u64,
+    /// Wall-clock time in calls, nanoseconds.
+    pub nanos: u64,
+    /// Largest linear memory an instance of it reached, bytes.
+    pub memory_peak: u64,
 }
 
 /// Why a plugin call produced no usable result.
@@ -197,6 +211,7 @@ impl Plugin {
             failures_in_a_row: 0,
             quarantined: false,
             last_fuel_used: 0,
+            usage: Usage::default(),
         };
         plugin.live = Some(plugin.instantiate().map_err(|err| fail(err.message))?);
         Ok(plugin)
@@ -244,6 +259,11 @@ impl Plugin {
     /// The file it came from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What the plugin has consumed since it was loaded.
+    pub fn usage(&self) -> Usage {
+        self.usage
     }
 
     /// Fuel the last [`Plugin::call`] burnt (for `tidegate plugin test`).
@@ -310,6 +330,7 @@ impl Plugin {
             None => self.instantiate()?,
         };
         sandbox::arm(&mut store, &self.settings.limits).map_err(|m| self.error("trap", m))?;
+        let started = std::time::Instant::now();
         let result = match &instance {
             Instance::Filter(f) => f
                 .call_filter(&mut store, event)
@@ -319,6 +340,13 @@ impl Plugin {
                 .map(|r| r.map(Decision::Replace)),
         };
         self.last_fuel_used = sandbox::fuel_used(&store, &self.settings.limits);
+        self.usage.calls += 1;
+        self.usage.fuel += self.last_fuel_used;
+        self.usage.nanos += started.elapsed().as_nanos() as u64;
+        self.usage.memory_peak = self
+            .usage
+            .memory_peak
+            .max(store.data().memory_peak() as u64);
         let dropped = store.data_mut().take_dropped_log_lines();
         if dropped > 0 {
             tracing::warn!(plugin = %self.name, dropped, "plugin log lines over the per-call cap were dropped");
