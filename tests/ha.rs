@@ -292,3 +292,107 @@ async fn sigterm_hands_over_without_waiting_for_the_lease() -> anyhow::Result<()
     assert_exactly_once_in_order(&messages, TOTAL);
     Ok(())
 }
+
+/// The publisher of a deposed owner, against a real stream: another instance has published
+/// past it (and the duplicate window has passed, so its own re-publish is not simply
+/// deduplicated). The stream refuses its next message with "wrong last msg ID: X", X not
+/// among its own in flight: it must stop and give up the pipeline, never skip ahead or
+/// store anything. With a fence that tolerates a foreign tail (lease kept, earlier owner's
+/// leftovers) it falls back to deduplication like a single instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deposed_publisher_stops_at_a_foreign_last_message() -> anyhow::Result<()> {
+    use tidegate::fence::Fence;
+    use tidegate::sink::{Message, Position, Publisher, Unit};
+    let h = Harness::start().await?;
+    h.create_stream(&["cdc.>"], Duration::from_secs(1)).await?;
+    let js = async_nats::jetstream::new(h.nats_client().await?);
+    let token = |n: u32| -> anyhow::Result<mongodb::change_stream::event::ResumeToken> {
+        Ok(bson::deserialize_from_bson(bson::Bson::Document(
+            bson::doc! { "_data": format!("{n:04}") },
+        ))?)
+    };
+    let message = |n: u32| Message {
+        subject: format!("cdc.test.{n}"),
+        msg_id: format!("p:{n:04}:0"),
+        headers: async_nats::HeaderMap::new(),
+        payload: format!("event {n}").into(),
+    };
+    // The new owner stored 0..=5.
+    for n in 0..6 {
+        let m = message(n);
+        js.send_publish(
+            m.subject.clone(),
+            async_nats::jetstream::message::PublishMessage::build()
+                .payload(m.payload.clone())
+                .message_id(&m.msg_id),
+        )
+        .await?
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stored = || async {
+        anyhow::Ok(
+            h.messages(STREAM)
+                .await?
+                .iter()
+                .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let before = stored().await?;
+
+    let config = tidegate::Config::parse(&h.config("", ""), std::path::Path::new("."), |_| None)
+        .map_err(anyhow::Error::msg)?;
+    let start = Position {
+        token: token(0)?,
+        last_msg_id: Some(message(0).msg_id),
+    };
+    let run = |fence: Fence| {
+        let (js, sink, start) = (js.clone(), config.pipelines[0].sink.clone(), start.clone());
+        async move {
+            // The deposed owner, still at its checkpoint 0, with 1 and 2 to publish.
+            let mut publisher = Publisher::new(js, "p", &sink, Some(start), fence.clone());
+            for n in 1..3 {
+                publisher
+                    .push(Unit {
+                        messages: vec![message(n)],
+                        token: token(n)?,
+                    })
+                    .await;
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            // (A pipeline stops as soon as its fence is lost.)
+            while !publisher.is_idle() && fence.holds() && Instant::now() < deadline {
+                let result =
+                    tokio::time::timeout(Duration::from_secs(3), publisher.next_ack()).await;
+                match result {
+                    Ok(result) => publisher.handle_ack(result).await,
+                    Err(_) => break,
+                }
+            }
+            anyhow::Ok(publisher.position().cloned())
+        }
+    };
+
+    let fence = Fence::leased(tokio::time::Instant::now() + Duration::from_secs(60));
+    let position = run(fence.clone()).await?;
+    assert!(!fence.holds(), "the publisher gave up the pipeline");
+    assert!(fence.saw_foreign_tail());
+    assert!(fence.reason().contains("p:0005:0"), "{}", fence.reason());
+    assert_eq!(
+        position.and_then(|p| p.last_msg_id),
+        Some(message(0).msg_id),
+        "no skipping"
+    );
+    assert_eq!(stored().await?, before, "nothing stored");
+
+    let tolerant =
+        Fence::tolerating_foreign_tail(tokio::time::Instant::now() + Duration::from_secs(60));
+    let position = run(tolerant.clone()).await?;
+    assert!(tolerant.holds());
+    assert_eq!(
+        position.and_then(|p| p.last_msg_id),
+        Some(message(2).msg_id)
+    );
+    Ok(())
+}

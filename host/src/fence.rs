@@ -33,6 +33,10 @@ struct State {
     /// Milliseconds after `base` when the fence ends unless extended.
     deadline_ms: AtomicU64,
     revoked: AtomicBool,
+    /// Revoked because the stream's last message was not this pipeline's (see the sink).
+    foreign_tail: AtomicBool,
+    /// Whether the sink should rely on deduplication instead (see [`Fence::tolerating_foreign_tail`]).
+    tolerate_foreign_tail: bool,
     /// Why the fence was revoked, for the log.
     reason: Mutex<String>,
     changed: Notify,
@@ -46,22 +50,32 @@ impl Fence {
 
     /// A fence that holds until `until`.
     pub fn leased(until: Instant) -> Fence {
+        Fence::new_leased(until, false)
+    }
+
+    /// A fence that holds until `until`, for a pipeline restarted by its lease keeper after
+    /// the stream was found to end with a message this pipeline did not publish although the
+    /// lease was never lost: an earlier owner stored it after the checkpoint, and the duplicate
+    /// window has passed. The sink then falls back to deduplication alone, as without high
+    /// availability (see the README's delivery guarantee).
+    pub fn tolerating_foreign_tail(until: Instant) -> Fence {
+        Fence::new_leased(until, true)
+    }
+
+    fn new_leased(until: Instant, tolerate_foreign_tail: bool) -> Fence {
         let fence = Fence {
             state: Some(Arc::new(State {
                 base: Instant::now(),
                 deadline_ms: AtomicU64::new(0),
                 revoked: AtomicBool::new(false),
+                foreign_tail: AtomicBool::new(false),
+                tolerate_foreign_tail,
                 reason: Mutex::new(String::new()),
                 changed: Notify::new(),
             })),
         };
         fence.extend_until(until);
         fence
-    }
-
-    /// Whether this fence comes from a lease (high availability is on).
-    pub fn is_leased(&self) -> bool {
-        self.state.is_some()
     }
 
     /// Whether the pipeline may still write. Once false, false for good.
@@ -99,6 +113,29 @@ impl Fence {
             }
         }
         state.changed.notify_waiters();
+    }
+
+    /// Revokes the fence because the stream's last message is not this pipeline's: another
+    /// instance published, or an earlier owner did (the lease keeper finds out which).
+    pub fn revoke_foreign_tail(&self, reason: &str) {
+        if let Some(state) = &self.state {
+            state.foreign_tail.store(true, Ordering::Release);
+        }
+        self.revoke(reason);
+    }
+
+    /// Whether [`Fence::revoke_foreign_tail`] was called.
+    pub fn saw_foreign_tail(&self) -> bool {
+        self.state
+            .as_ref()
+            .is_some_and(|s| s.foreign_tail.load(Ordering::Acquire))
+    }
+
+    /// Whether the sink should stop on a foreign last message (leased, not tolerating).
+    pub fn stops_on_foreign_tail(&self) -> bool {
+        self.state
+            .as_ref()
+            .is_some_and(|s| !s.tolerate_foreign_tail)
     }
 
     /// Why the fence was revoked (empty while it holds).
@@ -168,6 +205,6 @@ mod tests {
             .expect("task");
         assert_eq!(fence.reason(), "taken over");
         assert!(Fence::none().holds());
-        assert!(!Fence::none().is_leased());
+        assert!(!Fence::none().stops_on_foreign_tail());
     }
 }

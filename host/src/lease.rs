@@ -354,92 +354,127 @@ impl Coordinator {
                     _ = tokio::time::sleep(self.poll_every()) => {}
                 }
             };
-            let fence = Fence::leased(self.valid_until(sent));
             metrics.set_state(State::Starting);
             tracing::info!(pipeline = %id, instance = %self.instance, "lease taken: running the pipeline from its checkpoint");
-            let chain = match chain.take() {
-                Some(chain) => chain,
-                None => match Chain::load(&sandbox, &pipeline, &plugin_dir) {
-                    Ok(chain) => chain,
-                    Err(err) => {
-                        self.release(&key, revision).await;
-                        return Err(err);
-                    }
-                },
-            };
-            let (stop_tx, stop_rx) = watch::channel(false);
-            let mut task = tokio::spawn(crate::pipeline::run(
-                pipeline.clone(),
-                chain,
-                js.clone(),
-                stop_rx,
-                fence.clone(),
-            ));
-            let mut renew =
-                tokio::time::interval_at(Instant::now() + self.renew_every(), self.renew_every());
-            let mut draining = false;
-            let mut handing_over = false;
-            let result = loop {
-                tokio::select! {
-                    _ = shutdown.changed(), if !draining => {
-                        draining = true;
-                        let _ = stop_tx.send(true);
-                    }
-                    done = &mut task => break done.unwrap_or_else(|err| Err(Error::Startup {
-                        message: format!("pipeline task failed: {err}"),
-                    })),
-                    _ = renew.tick() => {
-                        if !fence.holds() {
-                            continue;
+            let mut sent = sent;
+            let mut tolerate_foreign_tail = false;
+            // Owner.
+            loop {
+                let fence = match tolerate_foreign_tail {
+                    false => Fence::leased(self.valid_until(sent)),
+                    true => Fence::tolerating_foreign_tail(self.valid_until(sent)),
+                };
+                let chain = match chain.take() {
+                    Some(chain) => chain,
+                    None => match Chain::load(&sandbox, &pipeline, &plugin_dir) {
+                        Ok(chain) => chain,
+                        Err(err) => {
+                            self.release(&key, revision).await;
+                            return Err(err);
                         }
-                        let sent = Instant::now();
-                        match self.kv.update(&key, self.lease_value(), revision).await {
-                            Ok(next) => {
-                                revision = next;
-                                fence.extend_until(self.valid_until(sent));
-                            }
-                            Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                                fence.revoke("the lease was taken by another instance");
-                            }
-                            // The fence lapses on its own if this goes on too long.
-                            Err(err) => tracing::warn!(pipeline = %id, error = %err, "cannot renew lease; retrying"),
-                        }
-                        if !draining && fence.holds() && self.shed() {
-                            tracing::info!(pipeline = %id, fair_share = self.fair_share(), "handing the pipeline over to balance instances");
+                    },
+                };
+                let (stop_tx, stop_rx) = watch::channel(false);
+                let mut task = tokio::spawn(crate::pipeline::run(
+                    pipeline.clone(),
+                    chain,
+                    js.clone(),
+                    stop_rx,
+                    fence.clone(),
+                ));
+                let mut renew = tokio::time::interval_at(
+                    Instant::now() + self.renew_every(),
+                    self.renew_every(),
+                );
+                let mut draining = false;
+                let mut handing_over = false;
+                let result = loop {
+                    tokio::select! {
+                        _ = shutdown.changed(), if !draining => {
                             draining = true;
-                            handing_over = true;
                             let _ = stop_tx.send(true);
                         }
-                    }
-                }
-            };
-            if !handing_over {
-                self.unreserve();
-            }
-            match result {
-                Err(Error::Fenced { message, .. }) => {
-                    metrics.lease_lost();
-                    tracing::warn!(pipeline = %id, reason = %message, "lost the lease: stopped writing, standing by");
-                }
-                Err(err) => {
-                    if fence.holds() {
-                        self.release(&key, revision).await;
-                    }
-                    return Err(err);
-                }
-                Ok(()) => {
-                    if fence.holds() {
-                        self.release(&key, revision).await;
-                    }
-                    if *shutdown.borrow() {
-                        return Ok(());
-                    }
-                    if handing_over {
-                        // Leave the pipeline to the others for a while.
-                        tokio::select! {
-                            _ = shutdown.changed() => return Ok(()),
-                            _ = tokio::time::sleep(self.ttl * 2) => {}
+                        done = &mut task => break done.unwrap_or_else(|err| Err(Error::Startup {
+                            message: format!("pipeline task failed: {err}"),
+                        })),
+                        _ = renew.tick() => {
+                            if !fence.holds() {
+                                continue;
+                            }
+                            let sent = Instant::now();
+                            match self.kv.update(&key, self.lease_value(), revision).await {
+                                Ok(next) => {
+                                    revision = next;
+                                    fence.extend_until(self.valid_until(sent));
+                                }
+                                Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                                    fence.revoke("the lease was taken by another instance");
+                                }
+                                // The fence lapses on its own if this goes on too long.
+                                Err(err) => tracing::warn!(pipeline = %id, error = %err, "cannot renew lease; retrying"),
+                            }
+                            if !draining && fence.holds() && self.shed() {
+                                tracing::info!(pipeline = %id, fair_share = self.fair_share(), "handing the pipeline over to balance instances");
+                                draining = true;
+                                handing_over = true;
+                                let _ = stop_tx.send(true);
+                            }
                         }
+                    }
+                };
+                match result {
+                    Err(Error::Fenced { message, .. }) => {
+                        // A foreign message at the stream's end, but is the lease really lost?
+                        // If it is still ours, no other instance can have published since we
+                        // took it: an earlier owner stored that message after the checkpoint,
+                        // and the duplicate window has passed. Run again, relying on
+                        // deduplication as a single instance does.
+                        if fence.saw_foreign_tail() && !tolerate_foreign_tail && !handing_over {
+                            let resent = Instant::now();
+                            if let Ok(next) =
+                                self.kv.update(&key, self.lease_value(), revision).await
+                            {
+                                tracing::warn!(pipeline = %id, "the stream ends with a message an earlier owner stored after the checkpoint, past the duplicate window; restarting the pipeline relying on deduplication alone");
+                                revision = next;
+                                sent = resent;
+                                tolerate_foreign_tail = true;
+                                continue;
+                            }
+                        }
+                        if !handing_over {
+                            self.unreserve();
+                        }
+                        metrics.lease_lost();
+                        tracing::warn!(pipeline = %id, reason = %message, "lost the lease: stopped writing, standing by");
+                        break;
+                    }
+                    Err(err) => {
+                        if !handing_over {
+                            self.unreserve();
+                        }
+                        if fence.holds() {
+                            self.release(&key, revision).await;
+                        }
+                        return Err(err);
+                    }
+                    Ok(()) => {
+                        if !handing_over {
+                            self.unreserve();
+                        }
+                        if fence.holds() {
+                            self.release(&key, revision).await;
+                        }
+                        if *shutdown.borrow() {
+                            return Ok(());
+                        }
+                        if handing_over {
+                            // Leave the pipeline to the others for a while.
+                            tokio::select! {
+                                _ = shutdown.changed() => return Ok(()),
+                                _ = tokio::time::sleep(self.ttl * 2) => {}
+                            }
+                        }
+                        break;
                     }
                 }
             }
