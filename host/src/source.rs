@@ -77,6 +77,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 fn error_code(err: &mongodb::error::Error) -> Option<i32> {
     match err.kind.as_ref() {
         ErrorKind::Command(command) => Some(command.code),
+        // A failed handshake (e.g. a wrong SCRAM password) carries the server's refusal as
+        // its source.
+        ErrorKind::Authentication { .. } => {
+            let source = std::error::Error::source(err)?;
+            let source = source
+                .downcast_ref::<Box<mongodb::error::Error>>()
+                .map(|boxed| &**boxed)
+                .or_else(|| source.downcast_ref::<mongodb::error::Error>())?;
+            error_code(source)
+        }
         _ => None,
     }
 }
