@@ -87,6 +87,35 @@ config = { operations = "insert" }
         Some(Value::Histogram(_))
     ));
 
+    // The oplog's ends are read every few seconds: the position is well inside them.
+    wait_until(
+        "oplog headroom in /metrics",
+        Duration::from_secs(20),
+        || {
+            let address = address.clone();
+            async move {
+                let Ok((_, text)) = http_get(&address, "/metrics").await else {
+                    return false;
+                };
+                let Ok(scrape) = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))) else {
+                    return false;
+                };
+                sample(&scrape, "tidegate_oplog_window_seconds").is_some()
+                    && sample(&scrape, "tidegate_oplog_headroom_seconds").is_some()
+            }
+        },
+    )
+    .await?;
+    let (_, text) = http_get(&address, "/metrics").await?;
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?;
+    let window = number(sample(&scrape, "tidegate_oplog_window_seconds"));
+    let headroom = number(sample(&scrape, "tidegate_oplog_headroom_seconds"));
+    assert!(
+        window >= 0.0 && headroom >= window * 0.5,
+        "headroom {headroom} of {window}"
+    );
+    assert_eq!(http_get(&address, "/readyz").await?.0, 200);
+
     let (status, json) = http_get(&address, "/status").await?;
     assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_str(&json)?;

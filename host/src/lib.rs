@@ -26,6 +26,7 @@
 //! - [`lease`] — high availability: pipelines shared between instances through NATS KV leases.
 //! - [`pipeline`] — wiring one pipeline's stages together, shutdown and draining.
 //! - [`telemetry`] — logs.
+//! - [`oplog`] — how close each position is to the oplog's oldest entry.
 //! - [`metrics`] — every counter, gauge and histogram, rendered for Prometheus and `/status`.
 //!
 //! The binary (`src/main.rs`) only parses the command line, installs signal handlers and
@@ -42,6 +43,7 @@ pub mod fence;
 pub mod http;
 pub mod lease;
 pub mod metrics;
+pub mod oplog;
 pub mod pipeline;
 pub mod plugin;
 pub mod sandbox;
@@ -121,6 +123,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         )))),
         None => None,
     };
+    // Only the endpoint shows the oplog headroom.
+    let (_oplog_stop, oplog_stopped) = watch::channel(false);
+    if config.http.is_some() {
+        for pipeline in &config.pipelines {
+            tokio::spawn(oplog::watch_headroom(
+                pipeline.clone(),
+                oplog_stopped.clone(),
+            ));
+        }
+    }
     let ack_timeout = std::time::Duration::from_millis(config.nats.ack_timeout_ms);
     let max_in_flight = config
         .pipelines

@@ -174,6 +174,9 @@ pub struct PipelineMetrics {
     /// Unix seconds of the change at the acknowledged position; 0 = unknown.
     position_secs: AtomicI64,
     state: AtomicU8,
+    /// Unix seconds of the oplog's oldest and newest entries; 0 = unknown.
+    oplog_oldest_secs: AtomicI64,
+    oplog_newest_secs: AtomicI64,
     last_msg_id: Mutex<Option<String>>,
     plugins: Mutex<Vec<PluginInfo>>,
     /// Time from handing a message to the client to its JetStream acknowledgement.
@@ -214,6 +217,8 @@ impl PipelineMetrics {
             checkpoint_at_ms: AtomicI64::new(0),
             position_secs: AtomicI64::new(0),
             state: AtomicU8::new(State::Starting as u8),
+            oplog_oldest_secs: AtomicI64::new(0),
+            oplog_newest_secs: AtomicI64::new(0),
             last_msg_id: Mutex::new(None),
             plugins: Mutex::new(Vec::new()),
             publish_latency: Histogram::new(LATENCY_BOUNDS),
@@ -329,6 +334,41 @@ impl PipelineMetrics {
         }
     }
 
+    /// Records the times of the oplog's oldest and newest entries.
+    pub fn set_oplog(&self, oldest_secs: i64, newest_secs: i64) {
+        self.oplog_oldest_secs.store(oldest_secs, Ordering::Relaxed);
+        self.oplog_newest_secs.store(newest_secs, Ordering::Relaxed);
+    }
+
+    /// Seconds of history the oplog holds, if known.
+    pub fn oplog_window_seconds(&self) -> Option<i64> {
+        match self.oplog_oldest_secs.load(Ordering::Relaxed) {
+            0 => None,
+            oldest => Some(self.oplog_newest_secs.load(Ordering::Relaxed) - oldest),
+        }
+    }
+
+    /// Seconds between the oplog's oldest entry and the acknowledged position, if both are
+    /// known: how long the pipeline could stall before its position falls out of the oplog
+    /// (at the current write rate).
+    pub fn oplog_headroom_seconds(&self) -> Option<i64> {
+        match (
+            self.oplog_oldest_secs.load(Ordering::Relaxed),
+            self.position_secs.load(Ordering::Relaxed),
+        ) {
+            (0, _) | (_, 0) => None,
+            (oldest, position) => Some(position - oldest),
+        }
+    }
+
+    /// Whether the position is within the oldest tenth of the oplog's window.
+    pub fn near_oplog_edge(&self) -> bool {
+        match (self.oplog_headroom_seconds(), self.oplog_window_seconds()) {
+            (Some(headroom), Some(window)) => headroom < window / 10,
+            _ => false,
+        }
+    }
+
     /// Writes the summary log line.
     pub fn log(&self) {
         let c = self.counts();
@@ -364,6 +404,8 @@ impl PipelineMetrics {
                 },
             },
             "lag_seconds": self.lag_seconds(),
+            "oplog_headroom_seconds": self.oplog_headroom_seconds(),
+            "oplog_window_seconds": self.oplog_window_seconds(),
             "checkpoint_age_seconds": self.checkpoint_age_seconds(),
             "counts": {
                 "read": c.read,
@@ -500,6 +542,18 @@ impl Registry {
                 |m| m.lag_seconds().map(|s| s as f64),
             ),
             (
+                "tidegate_oplog_headroom_seconds",
+                "gauge",
+                "Seconds between the oplog's oldest entry and the acknowledged position.",
+                |m| m.oplog_headroom_seconds().map(|s| s as f64),
+            ),
+            (
+                "tidegate_oplog_window_seconds",
+                "gauge",
+                "Seconds of history the oplog holds.",
+                |m| m.oplog_window_seconds().map(|s| s as f64),
+            ),
+            (
                 "tidegate_pipeline_running",
                 "gauge",
                 "1 while the change stream is open here.",
@@ -598,6 +652,18 @@ mod tests {
         assert!(out.contains("x_bucket{p=\"a\",le=\"2\"} 2\n"));
         assert!(out.contains("x_bucket{p=\"a\",le=\"+Inf\"} 3\n"));
         assert!(out.contains("x_count{p=\"a\"} 3\n"));
+    }
+
+    #[test]
+    fn near_the_oplog_edge_within_its_oldest_tenth() {
+        let m = PipelineMetrics::new(Labels::pipeline("p"));
+        assert!(!m.near_oplog_edge(), "unknown is not near");
+        m.set_oplog(1000, 2000);
+        m.position_secs.store(1050, Ordering::Relaxed);
+        assert_eq!(m.oplog_headroom_seconds(), Some(50));
+        assert!(m.near_oplog_edge());
+        m.position_secs.store(1900, Ordering::Relaxed);
+        assert!(!m.near_oplog_edge());
     }
 
     #[test]
