@@ -82,6 +82,23 @@ config = { operations = "insert" }
         }
         other => panic!("publish latency is not a histogram: {other:?}"),
     }
+    // The op-filter plugin saw every event (100 inserts and the delete it dropped).
+    let plugin = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.get("plugin") == Some("op-filter"))
+            .map(|s| &s.value)
+    };
+    assert_eq!(number(plugin("tidegate_plugin_calls_total")), 101.0);
+    assert_eq!(number(plugin("tidegate_plugin_failures_total")), 0.0);
+    assert!(number(plugin("tidegate_plugin_fuel_total")) > 0.0);
+    match plugin("tidegate_plugin_call_seconds") {
+        Some(Value::Histogram(buckets)) => {
+            assert_eq!(buckets.last().map(|b| b.count), Some(101.0));
+        }
+        other => panic!("plugin call time is not a histogram: {other:?}"),
+    }
     assert!(matches!(
         sample(&scrape, "tidegate_end_to_end_lag_seconds"),
         Some(Value::Histogram(_))

@@ -108,6 +108,10 @@ pub struct Histogram {
 const LATENCY_BOUNDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
+/// Plugin calls: microseconds to the default one-second deadline.
+const CALL_BOUNDS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1, 1.0,
+];
 /// End-to-end lag: the resume token's clock has one-second resolution.
 const LAG_BOUNDS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
 
@@ -421,10 +425,55 @@ impl PipelineMetrics {
     }
 }
 
+/// The calls of one plugin of a chain (labels: `pipeline`, `plugin`, and later `tenant`).
+#[derive(Debug)]
+pub struct PluginMetrics {
+    labels: Labels,
+    calls: AtomicU64,
+    failures: AtomicU64,
+    fuel: AtomicU64,
+    /// Wall-clock time per call.
+    pub call_time: Histogram,
+}
+
+impl PluginMetrics {
+    /// Records one call: how long it took, the fuel it burnt, and whether it failed (the
+    /// event was dead-lettered).
+    pub fn call(&self, elapsed: Duration, fuel: u64, failed: bool) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        self.fuel.fetch_add(fuel, Ordering::Relaxed);
+        self.call_time.observe(elapsed);
+    }
+}
+
+/// The series of plugin `name` in the chain with `labels`, created on first use.
+pub fn plugin(labels: &Labels, name: &str) -> Arc<PluginMetrics> {
+    let labels = labels.clone().with("plugin", name);
+    let mut all = registry()
+        .plugins
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    all.entry(labels.clone())
+        .or_insert_with(|| {
+            Arc::new(PluginMetrics {
+                labels,
+                calls: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                fuel: AtomicU64::new(0),
+                call_time: Histogram::new(CALL_BOUNDS),
+            })
+        })
+        .clone()
+}
+
 /// All series of this process.
 #[derive(Debug, Default)]
 pub struct Registry {
     series: Mutex<BTreeMap<Labels, Arc<PipelineMetrics>>>,
+    plugins: Mutex<BTreeMap<Labels, Arc<PluginMetrics>>>,
     /// This instance's name when high availability is on.
     instance: OnceLock<String>,
 }
@@ -596,6 +645,41 @@ impl Registry {
             for m in &all {
                 get(m).render(&mut out, name, &m.labels.render());
             }
+        }
+        let plugins: Vec<Arc<PluginMetrics>> = self
+            .plugins
+            .lock()
+            .map(|all| all.values().cloned().collect())
+            .unwrap_or_default();
+        type Count = fn(&PluginMetrics) -> u64;
+        let counters: &[(&str, &str, Count)] = &[
+            ("tidegate_plugin_calls_total", "Plugin calls.", |m| {
+                m.calls.load(Ordering::Relaxed)
+            }),
+            (
+                "tidegate_plugin_failures_total",
+                "Plugin calls that returned an error or trapped (fuel, deadline, memory).",
+                |m| m.failures.load(Ordering::Relaxed),
+            ),
+            (
+                "tidegate_plugin_fuel_total",
+                "Fuel (about one unit per wasm instruction) plugin calls burnt.",
+                |m| m.fuel.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, read) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for m in &plugins {
+                let _ = writeln!(out, "{name}{{{}}} {}", m.labels.render(), read(m));
+            }
+        }
+        let name = "tidegate_plugin_call_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Wall-clock time of one plugin call.\n# TYPE {name} histogram"
+        );
+        for m in &plugins {
+            m.call_time.render(&mut out, name, &m.labels.render());
         }
         out
     }

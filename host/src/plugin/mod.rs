@@ -82,6 +82,8 @@ pub struct Plugin {
     engine: Engine,
     pre: Pre,
     live: Option<(Store<PluginState>, Instance)>,
+    /// Fuel burnt by the last call, for the metrics.
+    last_fuel: u64,
 }
 
 /// Why a plugin call produced no usable result.
@@ -168,6 +170,7 @@ impl Plugin {
             engine,
             pre,
             live: None,
+            last_fuel: 0,
         };
         plugin.live = Some(plugin.instantiate().map_err(|err| fail(err.message))?);
         Ok(plugin)
@@ -240,6 +243,7 @@ impl Plugin {
                 .call_transform(&mut store, event)
                 .map(|r| r.map(Decision::Replace)),
         };
+        self.last_fuel = sandbox::fuel_used(&store, &self.limits);
         let dropped = store.data_mut().take_dropped_log_lines();
         if dropped > 0 {
             tracing::warn!(plugin = %self.name, dropped, "plugin log lines over the per-call cap were dropped");
@@ -305,6 +309,8 @@ pub enum Verdict {
 /// A pipeline's plugins, in order.
 pub struct Chain {
     plugins: Vec<Plugin>,
+    /// One series per plugin, in chain order.
+    metrics: Vec<std::sync::Arc<crate::metrics::PluginMetrics>>,
     subject_prefix: String,
 }
 
@@ -323,7 +329,12 @@ impl Chain {
                 Plugin::load(sandbox, &p.name, &path, &p.config, p.limits)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let labels = crate::metrics::Labels::pipeline(&pipeline.id);
         Ok(Chain {
+            metrics: plugins
+                .iter()
+                .map(|p| crate::metrics::plugin(&labels, p.name()))
+                .collect(),
             plugins,
             subject_prefix: pipeline.sink.subject_prefix.clone(),
         })
@@ -340,14 +351,17 @@ impl Chain {
         let mut sent: Option<wit::ChangeEvent> = None;
         // What flows down the chain; `None` is the original event, untouched so far.
         let mut current: Vec<Option<wit::Output>> = vec![None];
-        for plugin in &mut self.plugins {
+        for (plugin, metrics) in self.plugins.iter_mut().zip(&self.metrics) {
             let mut next = Vec::with_capacity(current.len());
             for item in current {
                 let input = match &item {
                     Some(output) => &output.event,
                     None => &*sent.get_or_insert_with(|| convert::to_wit(change)),
                 };
-                let outputs = match plugin.call(input) {
+                let started = std::time::Instant::now();
+                let called = plugin.call(input);
+                metrics.call(started.elapsed(), plugin.last_fuel, called.is_err());
+                let outputs = match called {
                     Ok(Decision::Keep) => {
                         next.push(item);
                         continue;
