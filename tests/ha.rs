@@ -396,3 +396,31 @@ async fn deposed_publisher_stops_at_a_foreign_last_message() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// Without `[ha]`, the same config started twice by mistake: the second instance claims the
+/// checkpoint, so the first one's next checkpoint write fails and it stops with an error that
+/// says so, instead of both writing on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_without_ha_stops_the_first() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let path = h.write_config("tidegate.toml", &h.config("", ""))?;
+    let mut first = h.spawn_binary(&path)?;
+    h.wait_ready().await?;
+    let mut second = h.spawn_binary(&path)?;
+    second
+        .wait_for_log("change stream open", Duration::from_secs(30))
+        .await?;
+    write_range(h.collection().await?, 0, 100, 50, Duration::ZERO).await?;
+    let status = first.wait_exit(Duration::from_secs(30)).await?;
+    let log = first.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("another instance has taken this pipeline over"),
+        "{log}"
+    );
+    let messages = h.wait_settled(STREAM, 100, Duration::from_secs(30)).await?;
+    second.signal(SIGTERM)?;
+    assert!(second.wait_exit(Duration::from_secs(30)).await?.success());
+    assert_exactly_once_in_order(&messages, 100);
+    Ok(())
+}
