@@ -31,7 +31,7 @@
 //! Each instance keeps a presence key `instance.<id>` alive the same way. With `L` live
 //! instances and `P` pipelines, an instance takes a lease only while it owns fewer than
 //! ⌈P / L⌉, and one that owns more (because instances joined) hands one pipeline over per
-//! renewal: it drains it, checkpoints, deletes the lease, and waits a lease's time before
+//! renewal: it drains it, checkpoints, deletes the lease, and waits two leases' time before
 //! competing again.
 
 use std::path::PathBuf;
