@@ -25,7 +25,7 @@
 //! claims) the checkpoint and resumes the change stream after it. So a pipeline is
 //! unattended for at most `lease_ttl_ms` × 1.2 plus the server's expiry timer (about a
 //! second) plus the pipeline's start-up. On a clean shutdown the owner deletes its lease
-//! after draining, and a standby takes over within a fifth of the TTL.
+//! after draining, and standbys, which watch the key, take over at once.
 //!
 //! # Balancing
 //! Each instance keeps a presence key `instance.<id>` alive the same way. With `L` live
@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -333,6 +333,9 @@ impl Coordinator {
         loop {
             // Standby.
             metrics.set_state(State::Standby);
+            // A released lease is taken at once; an expired one is found by polling (expiry
+            // leaves no marker to watch).
+            let mut released = self.kv.watch(&key).await.ok();
             let (mut revision, sent) = loop {
                 if *shutdown.borrow() {
                     return Ok(());
@@ -352,8 +355,10 @@ impl Coordinator {
                 tokio::select! {
                     _ = shutdown.changed() => {}
                     _ = tokio::time::sleep(self.poll_every()) => {}
+                    Some(_) = next_change(&mut released) => {}
                 }
             };
+            drop(released);
             metrics.set_state(State::Starting);
             tracing::info!(pipeline = %id, instance = %self.instance, "lease taken: running the pipeline from its checkpoint");
             let mut sent = sent;
@@ -488,6 +493,14 @@ impl Coordinator {
             Ok(()) => tracing::info!(lease = %key, "lease released"),
             Err(err) => tracing::debug!(lease = %key, error = %err, "lease not released"),
         }
+    }
+}
+
+/// The next change of a watched key; never, without a watch.
+async fn next_change(watch: &mut Option<kv::Watch>) -> Option<()> {
+    match watch {
+        Some(watch) => watch.next().await.map(|_| ()),
+        None => std::future::pending().await,
     }
 }
 
