@@ -424,3 +424,50 @@ async fn a_second_instance_without_ha_stops_the_first() -> anyhow::Result<()> {
     assert_exactly_once_in_order(&messages, 100);
     Ok(())
 }
+
+/// Checkpoint fencing on both stores, against real servers: once a new owner has loaded
+/// (and so claimed) the checkpoint, the old owner's next write is refused and its fence is
+/// revoked, while the new owner writes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_checkpoint_fences_the_previous_writer() -> anyhow::Result<()> {
+    use tidegate::checkpoint::CheckpointStore;
+    use tidegate::config::{CheckpointConfig, CheckpointStoreKind};
+    use tidegate::fence::Fence;
+    use tidegate::sink::Position;
+    let h = Harness::start().await?;
+    let js = async_nats::jetstream::new(h.nats_client().await?);
+    let mongo = h.mongo.client().await?;
+    let position = |n: u32| -> anyhow::Result<Position> {
+        Ok(Position {
+            token: bson::deserialize_from_bson(bson::Bson::Document(
+                bson::doc! { "_data": format!("{n:04}") },
+            ))?,
+            last_msg_id: Some(format!("p:{n:04}:0")),
+        })
+    };
+    for store in [CheckpointStoreKind::NatsKv, CheckpointStoreKind::Mongodb] {
+        let config = CheckpointConfig {
+            store,
+            ..Default::default()
+        };
+        let lease = || Fence::leased(tokio::time::Instant::now() + Duration::from_secs(60));
+        let (old_fence, new_fence) = (lease(), lease());
+        let old = CheckpointStore::open(&config, "p", &js, &mongo, old_fence.clone()).await?;
+        old.load().await?;
+        old.save(&position(1)?).await?;
+        old.save(&position(2)?).await?;
+
+        let new = CheckpointStore::open(&config, "p", &js, &mongo, new_fence.clone()).await?;
+        assert_eq!(new.load().await?, Some(position(2)?), "{store:?}");
+        let refused = old.save(&position(3)?).await;
+        assert!(
+            matches!(refused, Err(tidegate::Error::Fenced { .. })),
+            "{store:?}: {refused:?}"
+        );
+        assert!(!old_fence.holds(), "{store:?}");
+        new.save(&position(4)?).await?;
+        assert!(new_fence.holds(), "{store:?}");
+        assert_eq!(new.load().await?, Some(position(4)?), "{store:?}");
+    }
+    Ok(())
+}
