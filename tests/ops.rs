@@ -82,10 +82,56 @@ config = { operations = "insert" }
         }
         other => panic!("publish latency is not a histogram: {other:?}"),
     }
+    // The op-filter plugin saw every event (100 inserts and the delete it dropped).
+    let plugin = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.get("plugin") == Some("op-filter"))
+            .map(|s| &s.value)
+    };
+    assert_eq!(number(plugin("tidegate_plugin_calls_total")), 101.0);
+    assert_eq!(number(plugin("tidegate_plugin_failures_total")), 0.0);
+    assert!(number(plugin("tidegate_plugin_fuel_total")) > 0.0);
+    match plugin("tidegate_plugin_call_seconds") {
+        Some(Value::Histogram(buckets)) => {
+            assert_eq!(buckets.last().map(|b| b.count), Some(101.0));
+        }
+        other => panic!("plugin call time is not a histogram: {other:?}"),
+    }
     assert!(matches!(
         sample(&scrape, "tidegate_end_to_end_lag_seconds"),
         Some(Value::Histogram(_))
     ));
+
+    // The oplog's ends are read every few seconds: the position is well inside them.
+    wait_until(
+        "oplog headroom in /metrics",
+        Duration::from_secs(20),
+        || {
+            let address = address.clone();
+            async move {
+                let Ok((_, text)) = http_get(&address, "/metrics").await else {
+                    return false;
+                };
+                let Ok(scrape) = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))) else {
+                    return false;
+                };
+                sample(&scrape, "tidegate_oplog_window_seconds").is_some()
+                    && sample(&scrape, "tidegate_oplog_headroom_seconds").is_some()
+            }
+        },
+    )
+    .await?;
+    let (_, text) = http_get(&address, "/metrics").await?;
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?;
+    let window = number(sample(&scrape, "tidegate_oplog_window_seconds"));
+    let headroom = number(sample(&scrape, "tidegate_oplog_headroom_seconds"));
+    assert!(
+        window >= 0.0 && headroom >= window * 0.5,
+        "headroom {headroom} of {window}"
+    );
+    assert_eq!(http_get(&address, "/readyz").await?.0, 200);
 
     let (status, json) = http_get(&address, "/status").await?;
     assert_eq!(status, 200);

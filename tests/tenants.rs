@@ -9,8 +9,33 @@ use std::time::Duration;
 
 use async_nats::jetstream::message::StreamMessage;
 use bson::doc;
-use support::{component, header, json, Harness, InProcess, DB, SIGTERM};
-use tidegate_testkit::{stream_len, wait_until};
+use prometheus_parse::{Scrape, Value};
+use support::{component, header, http_get, json, Harness, InProcess, DB, SIGTERM};
+use tidegate_testkit::{free_port, stream_len, wait_until};
+
+/// Scrapes `/metrics` at `address` with a Prometheus text parser.
+async fn scrape(address: &str) -> anyhow::Result<Scrape> {
+    let (status, text) = http_get(address, "/metrics").await?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    Ok(Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?)
+}
+
+/// The value of metric `name` for tenant `tenant` whose other labels include `labels`.
+fn metric(scrape: &Scrape, name: &str, tenant: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == name
+                && s.labels.get("tenant") == Some(tenant)
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+        .map(|s| match s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .unwrap_or(0.0)
+}
 
 /// Two tenants on one `shop` pipeline: `good` (no plugins) sees `shop.orders`; `bad` runs
 /// `bad_plugins` on `shop.orders` and `shop.returns`. `bad_extra` adds keys to the bad
@@ -151,6 +176,8 @@ async fn hostile_plugin_harms_only_its_own_tenant() -> anyhow::Result<()> {
         "limits = { memory_mib = 16, timeout_ms = 300, fuel_per_call = 1000000000000 }\n\
          quarantine = { after_failures = 0 }",
     );
+    let address = format!("127.0.0.1:{}", free_port());
+    let config = format!("{config}\n[http]\naddress = \"{address}\"\n");
     let path = h.write_config("tenants.toml", &config)?;
     let running = InProcess::start(&path)?;
     wait_tenants_ready(&h, &["shop.good", "shop.bad"]).await?;
@@ -192,7 +219,33 @@ async fn hostile_plugin_harms_only_its_own_tenant() -> anyhow::Result<()> {
     let bad = h
         .wait_settled("BAD", n as u64 + 1, Duration::from_secs(60))
         .await?;
+    let metrics = scrape(&address).await?;
     running.stop().await?;
+
+    // The counters say the same, per tenant, plugin and reason.
+    for (_, reason) in hostile {
+        let labels = [("plugin", "faulty"), ("reason", reason)];
+        assert_eq!(
+            metric(&metrics, "tidegate_dead_letters_total", "bad", &labels),
+            1.0,
+            "{reason}"
+        );
+    }
+    let faulty = [("plugin", "faulty")];
+    let calls = metric(&metrics, "tidegate_plugin_calls_total", "bad", &faulty);
+    assert!(calls >= n as f64, "calls: {calls}");
+    let peak = metric(
+        &metrics,
+        "tidegate_plugin_memory_peak_bytes",
+        "bad",
+        &faulty,
+    );
+    assert!(peak > 0.0 && peak <= 16.0 * 1024.0 * 1024.0, "peak: {peak}");
+    assert!(metric(&metrics, "tidegate_plugin_fuel_total", "bad", &faulty) > 0.0);
+    assert_eq!(
+        metric(&metrics, "tidegate_events_read_total", "good", &[]),
+        n as f64
+    );
 
     // The good tenant: every order, in order, unchanged, and nothing else.
     assert_eq!(numbers(&good), (0..n).collect::<Vec<_>>());
@@ -388,7 +441,9 @@ async fn plugins_swap_on_disk_and_on_sighup_without_loss() -> anyhow::Result<()>
         r#"(module (import "test:net/socket" "connect" (func))
                    (func (export "filter") (param i32) (result i32) i32.const 1))"#,
     );
-    let config = tenant_config(&h, &plugins, &plugin_table("email"), "");
+    let address = format!("127.0.0.1:{}", free_port());
+    let http = format!("\n[http]\naddress = \"{address}\"\n");
+    let config = tenant_config(&h, &plugins, &plugin_table("email"), "") + &http;
     let path = h.write_config("tenants.toml", &config)?;
     let mut child = h.spawn_binary(&path)?;
     wait_tenants_ready(&h, &["shop.good", "shop.bad"]).await?;
@@ -435,9 +490,20 @@ async fn plugins_swap_on_disk_and_on_sighup_without_loss() -> anyhow::Result<()>
         redacted[switch..].iter().all(|r| *r),
         "once swapped, always the new version"
     );
+    let metrics = scrape(&address).await?;
+    let reloads = |outcome| {
+        metric(
+            &metrics,
+            "tidegate_plugin_reloads_total",
+            "bad",
+            &[("outcome", outcome)],
+        )
+    };
+    assert_eq!(reloads("refused"), 4.0);
+    assert_eq!(reloads("applied"), 1.0);
 
     // SIGHUP: redact `name` instead of `email`.
-    let config = tenant_config(&h, &plugins, &plugin_table("name"), "");
+    let config = tenant_config(&h, &plugins, &plugin_table("name"), "") + &http;
     std::fs::write(&path, config)?;
     child.signal(1)?;
     child

@@ -112,7 +112,10 @@ impl CheckpointStore {
 
     /// Revokes the fence: another writer owns the record now.
     fn fenced(&self, detail: &str) -> Error {
-        let message = format!("another instance has taken this pipeline over ({detail})");
+        let message = format!(
+            "another instance has taken this pipeline over ({detail}); to run several \
+             instances of one config, enable [ha]"
+        );
         self.fence.revoke(&message);
         Error::Fenced {
             pipeline: self.key.clone(),

@@ -641,8 +641,9 @@ pub struct CheckpointConfig {
     /// A crash replays at most this much (JetStream drops the replayed duplicates).
     #[serde(default = "default_checkpoint_interval_ms")]
     pub interval_ms: u64,
-    /// How often the saved checkpoint is compared with the oplog's window, in milliseconds:
-    /// past half of it tidegate warns, past 80 % it logs an error. Default: 60000.
+    /// How often the acknowledged position is compared with the oplog's window, in
+    /// milliseconds (metrics, `/readyz`): past half of it tidegate warns, past 80 % it logs
+    /// an error. Default: 10000.
     #[serde(default = "default_oplog_check_interval_ms")]
     pub oplog_check_interval_ms: u64,
 }
@@ -715,7 +716,7 @@ fn default_snapshot_chunk() -> u32 {
     1000
 }
 fn default_oplog_check_interval_ms() -> u64 {
-    60_000
+    10_000
 }
 fn default_checkpoint_interval_ms() -> u64 {
     1000

@@ -1,7 +1,9 @@
 //! Whether this process may still write for a pipeline: publish its messages and save its
 //! checkpoint.
 //!
-//! Without high availability a pipeline is never fenced ([`Fence::none`]). With it, the
+//! Without high availability a pipeline's fence has no deadline ([`Fence::none`]); it is
+//! only revoked when a checkpoint write finds that another process has claimed the record
+//! (the same config started twice by mistake), and the pipeline then stops. With it, the
 //! [`lease`](crate::lease) keeper hands the pipeline a fence that holds until a deadline it
 //! pushes forward on every renewal of the pipeline's lease. The deadline is computed from
 //! when the renewal was *sent* and ends a margin before the lease can expire on the server,
@@ -23,56 +25,72 @@ use tokio::time::Instant;
 /// A pipeline's right to write; cheap to clone (all clones share the state).
 #[derive(Clone, Debug)]
 pub struct Fence {
-    state: Option<Arc<State>>,
+    state: Arc<State>,
 }
 
 #[derive(Debug)]
 struct State {
+    /// Whether the fence comes from a lease and ends at `deadline_ms`.
+    leased: bool,
     /// Reference point of `deadline_ms`.
     base: Instant,
     /// Milliseconds after `base` when the fence ends unless extended.
     deadline_ms: AtomicU64,
     revoked: AtomicBool,
+    /// Revoked because the stream's last message was not this pipeline's (see the sink).
+    foreign_tail: AtomicBool,
+    /// Whether the sink should rely on deduplication instead (see [`Fence::tolerating_foreign_tail`]).
+    tolerate_foreign_tail: bool,
     /// Why the fence was revoked, for the log.
     reason: Mutex<String>,
     changed: Notify,
 }
 
 impl Fence {
-    /// A fence that always holds: the pipeline runs without a lease.
+    /// A fence without a lease: it holds until revoked. The sink keeps the single-instance
+    /// behaviour on a foreign last message.
     pub fn none() -> Fence {
-        Fence { state: None }
+        Fence::new(false, Instant::now(), true)
     }
 
     /// A fence that holds until `until`.
     pub fn leased(until: Instant) -> Fence {
+        Fence::new(true, until, false)
+    }
+
+    /// A fence that holds until `until`, for a pipeline restarted by its lease keeper after
+    /// the stream was found to end with a message this pipeline did not publish although the
+    /// lease was never lost: an earlier owner stored it after the checkpoint, and the duplicate
+    /// window has passed. The sink then falls back to deduplication alone, as without high
+    /// availability (see the README's delivery guarantee).
+    pub fn tolerating_foreign_tail(until: Instant) -> Fence {
+        Fence::new(true, until, true)
+    }
+
+    fn new(leased: bool, until: Instant, tolerate_foreign_tail: bool) -> Fence {
         let fence = Fence {
-            state: Some(Arc::new(State {
+            state: Arc::new(State {
+                leased,
                 base: Instant::now(),
                 deadline_ms: AtomicU64::new(0),
                 revoked: AtomicBool::new(false),
+                foreign_tail: AtomicBool::new(false),
+                tolerate_foreign_tail,
                 reason: Mutex::new(String::new()),
                 changed: Notify::new(),
-            })),
+            }),
         };
         fence.extend_until(until);
         fence
     }
 
-    /// Whether this fence comes from a lease (high availability is on).
-    pub fn is_leased(&self) -> bool {
-        self.state.is_some()
-    }
-
     /// Whether the pipeline may still write. Once false, false for good.
     pub fn holds(&self) -> bool {
-        let Some(state) = &self.state else {
-            return true;
-        };
+        let state = &self.state;
         if state.revoked.load(Ordering::Acquire) {
             return false;
         }
-        if Instant::now() >= state.deadline() {
+        if state.leased && Instant::now() >= state.deadline() {
             self.revoke("the lease was not renewed in time (was this process suspended?)");
             return false;
         }
@@ -81,8 +99,8 @@ impl Fence {
 
     /// Pushes the deadline to `until` (never backwards; nothing once revoked).
     pub fn extend_until(&self, until: Instant) {
-        let Some(state) = &self.state else { return };
-        if state.revoked.load(Ordering::Acquire) {
+        let state = &self.state;
+        if !state.leased || state.revoked.load(Ordering::Acquire) {
             return;
         }
         let ms = until.saturating_duration_since(state.base).as_millis() as u64;
@@ -92,7 +110,7 @@ impl Fence {
 
     /// Ends the fence now; the first reason given is kept.
     pub fn revoke(&self, reason: &str) {
-        let Some(state) = &self.state else { return };
+        let state = &self.state;
         if !state.revoked.swap(true, Ordering::AcqRel) {
             if let Ok(mut kept) = state.reason.lock() {
                 *kept = reason.to_string();
@@ -101,27 +119,47 @@ impl Fence {
         state.changed.notify_waiters();
     }
 
-    /// Why the fence was revoked (empty while it holds).
-    pub fn reason(&self) -> String {
-        match &self.state {
-            Some(state) => state.reason.lock().map(|r| r.clone()).unwrap_or_default(),
-            None => String::new(),
-        }
+    /// Revokes the fence because the stream's last message is not this pipeline's: another
+    /// instance published, or an earlier owner did (the lease keeper finds out which).
+    pub fn revoke_foreign_tail(&self, reason: &str) {
+        self.state.foreign_tail.store(true, Ordering::Release);
+        self.revoke(reason);
     }
 
-    /// Resolves once the fence no longer holds; never for [`Fence::none`].
+    /// Whether [`Fence::revoke_foreign_tail`] was called.
+    pub fn saw_foreign_tail(&self) -> bool {
+        self.state.foreign_tail.load(Ordering::Acquire)
+    }
+
+    /// Whether the sink should stop on a foreign last message (leased, not tolerating).
+    pub fn stops_on_foreign_tail(&self) -> bool {
+        !self.state.tolerate_foreign_tail
+    }
+
+    /// Why the fence was revoked (empty while it holds).
+    pub fn reason(&self) -> String {
+        self.state
+            .reason
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
+    /// Resolves once the fence no longer holds.
     pub async fn lost(&self) {
-        let Some(state) = &self.state else {
-            return std::future::pending().await;
-        };
+        let state = &self.state;
         loop {
             let changed = state.changed.notified();
             if !self.holds() {
                 return;
             }
-            tokio::select! {
-                _ = changed => {}
-                _ = tokio::time::sleep_until(state.deadline()) => {}
+            if state.leased {
+                tokio::select! {
+                    _ = changed => {}
+                    _ = tokio::time::sleep_until(state.deadline()) => {}
+                }
+            } else {
+                changed.await;
             }
         }
     }
@@ -154,7 +192,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn revoke_wakes_waiters_and_none_always_holds() {
+    async fn revoke_wakes_waiters_and_none_has_no_deadline() {
         let fence = Fence::leased(Instant::now() + Duration::from_secs(60));
         let waiter = tokio::spawn({
             let fence = fence.clone();
@@ -167,7 +205,12 @@ mod tests {
             .expect("revocation wakes lost()")
             .expect("task");
         assert_eq!(fence.reason(), "taken over");
-        assert!(Fence::none().holds());
-        assert!(!Fence::none().is_leased());
+        let none = Fence::none();
+        assert!(none.holds());
+        assert!(!none.stops_on_foreign_tail());
+        none.extend_until(Instant::now());
+        assert!(none.holds(), "no deadline without a lease");
+        none.revoke("checkpoint claimed by another process");
+        assert!(!none.holds());
     }
 }

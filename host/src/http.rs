@@ -132,8 +132,9 @@ fn nats_connected(nats: &async_nats::Client) -> bool {
     nats.connection_state() == async_nats::connection::State::Connected
 }
 
-/// Why this instance is not ready; empty when it is: NATS connected, and every pipeline
-/// running (its change stream open) or deliberately on standby.
+/// Why this instance is not ready; empty when it is: NATS connected, every pipeline running
+/// (its change stream open) or deliberately on standby, and no running pipeline's position
+/// within the oldest tenth of the oplog.
 fn not_ready(nats: &async_nats::Client) -> Vec<String> {
     let mut reasons = Vec::new();
     if !nats_connected(nats) {
@@ -145,8 +146,16 @@ fn not_ready(nats: &async_nats::Client) -> Vec<String> {
     }
     for series in all {
         let state = series.state();
+        let name = series.unit_id();
         if !matches!(state, State::Running | State::Standby) {
-            reasons.push(format!("pipeline {}: {}", series.unit_id(), state.name()));
+            reasons.push(format!("pipeline {name}: {}", state.name()));
+        }
+        if state == State::Running && series.near_oplog_edge() {
+            reasons.push(format!(
+                "pipeline {name}: position within the oldest tenth of the oplog ({} s of {} s left)",
+                series.oplog_headroom_seconds().unwrap_or_default(),
+                series.oplog_window_seconds().unwrap_or_default()
+            ));
         }
     }
     reasons

@@ -25,13 +25,13 @@
 //! claims) the checkpoint and resumes the change stream after it. So a pipeline is
 //! unattended for at most `lease_ttl_ms` × 1.2 plus the server's expiry timer (about a
 //! second) plus the pipeline's start-up. On a clean shutdown the owner deletes its lease
-//! after draining, and a standby takes over within a fifth of the TTL.
+//! after draining, and standbys, which watch the key, take over at once.
 //!
 //! # Balancing
 //! Each instance keeps a presence key `instance.<id>` alive the same way. With `L` live
 //! instances and `P` pipelines, an instance takes a lease only while it owns fewer than
 //! ⌈P / L⌉, and one that owns more (because instances joined) hands one pipeline over per
-//! renewal: it drains it, checkpoints, deletes the lease, and waits a lease's time before
+//! renewal: it drains it, checkpoints, deletes the lease, and waits two leases' time before
 //! competing again.
 
 use std::path::PathBuf;
@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -349,6 +349,9 @@ impl Coordinator {
         loop {
             // Standby.
             metrics.set_state(State::Standby);
+            // A released lease is taken at once; an expired one is found by polling (expiry
+            // leaves no marker to watch).
+            let mut released = self.kv.watch(&key).await.ok();
             let (mut revision, sent) = loop {
                 if *shutdown.borrow() {
                     return Ok(());
@@ -368,101 +371,138 @@ impl Coordinator {
                 tokio::select! {
                     _ = shutdown.changed() => {}
                     _ = tokio::time::sleep(self.poll_every()) => {}
+                    Some(_) = next_change(&mut released) => {}
                 }
             };
-            let fence = Fence::leased(self.valid_until(sent));
+            drop(released);
             metrics.set_state(State::Starting);
             tracing::info!(pipeline = %id, instance = %self.instance, "lease taken: running the pipeline from its checkpoint");
-            // The chain of the previous term is gone with its run: load the files as they
-            // are now. A tenant whose plugins do not load holds (see `pipeline::run`).
-            let chain = match chain.take() {
-                Some(chain) => Some(chain),
-                None => match Chain::load(&sandbox, &pipeline, &plugin_dir) {
-                    Ok(chain) => Some(chain),
-                    Err(err) if pipeline.tenant.is_some() => {
-                        tracing::error!(pipeline = %id, "tenant held until its plugins load: {err}");
-                        None
-                    }
-                    Err(err) => {
-                        self.release(&key, revision).await;
-                        return Err(err);
-                    }
-                },
-            };
-            let (stop_tx, stop_rx) = watch::channel(false);
-            let mut task = tokio::spawn(crate::pipeline::run(
-                pipeline.clone(),
-                chain,
-                updates.clone(),
-                js.clone(),
-                stop_rx,
-                fence.clone(),
-            ));
-            let mut renew =
-                tokio::time::interval_at(Instant::now() + self.renew_every(), self.renew_every());
-            let mut draining = false;
-            let mut handing_over = false;
-            let result = loop {
-                tokio::select! {
-                    _ = shutdown.changed(), if !draining => {
-                        draining = true;
-                        let _ = stop_tx.send(true);
-                    }
-                    done = &mut task => break done.unwrap_or_else(|err| Err(Error::Startup {
-                        message: format!("pipeline task failed: {err}"),
-                    })),
-                    _ = renew.tick() => {
-                        if !fence.holds() {
-                            continue;
+            let mut sent = sent;
+            let mut tolerate_foreign_tail = false;
+            // Owner.
+            loop {
+                let fence = match tolerate_foreign_tail {
+                    false => Fence::leased(self.valid_until(sent)),
+                    true => Fence::tolerating_foreign_tail(self.valid_until(sent)),
+                };
+                // The chain of the previous term is gone with its run: load the files as
+                // they are now. A tenant whose plugins do not load holds (`pipeline::run`).
+                let chain = match chain.take() {
+                    Some(chain) => Some(chain),
+                    None => match Chain::load(&sandbox, &pipeline, &plugin_dir) {
+                        Ok(chain) => Some(chain),
+                        Err(err) if pipeline.tenant.is_some() => {
+                            tracing::error!(pipeline = %id, "tenant held until its plugins load: {err}");
+                            None
                         }
-                        let sent = Instant::now();
-                        match self.kv.update(&key, self.lease_value(), revision).await {
-                            Ok(next) => {
-                                revision = next;
-                                fence.extend_until(self.valid_until(sent));
-                            }
-                            Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                                fence.revoke("the lease was taken by another instance");
-                            }
-                            // The fence lapses on its own if this goes on too long.
-                            Err(err) => tracing::warn!(pipeline = %id, error = %err, "cannot renew lease; retrying"),
+                        Err(err) => {
+                            self.release(&key, revision).await;
+                            return Err(err);
                         }
-                        if !draining && fence.holds() && self.shed() {
-                            tracing::info!(pipeline = %id, fair_share = self.fair_share(), "handing the pipeline over to balance instances");
+                    },
+                };
+                let (stop_tx, stop_rx) = watch::channel(false);
+                let mut task = tokio::spawn(crate::pipeline::run(
+                    pipeline.clone(),
+                    chain,
+                    updates.clone(),
+                    js.clone(),
+                    stop_rx,
+                    fence.clone(),
+                ));
+                let mut renew = tokio::time::interval_at(
+                    Instant::now() + self.renew_every(),
+                    self.renew_every(),
+                );
+                let mut draining = false;
+                let mut handing_over = false;
+                let result = loop {
+                    tokio::select! {
+                        _ = shutdown.changed(), if !draining => {
                             draining = true;
-                            handing_over = true;
                             let _ = stop_tx.send(true);
                         }
-                    }
-                }
-            };
-            if !handing_over {
-                self.unreserve();
-            }
-            match result {
-                Err(Error::Fenced { message, .. }) => {
-                    metrics.lease_lost();
-                    tracing::warn!(pipeline = %id, reason = %message, "lost the lease: stopped writing, standing by");
-                }
-                Err(err) => {
-                    if fence.holds() {
-                        self.release(&key, revision).await;
-                    }
-                    return Err(err);
-                }
-                Ok(()) => {
-                    if fence.holds() {
-                        self.release(&key, revision).await;
-                    }
-                    if *shutdown.borrow() {
-                        return Ok(());
-                    }
-                    if handing_over {
-                        // Leave the pipeline to the others for a while.
-                        tokio::select! {
-                            _ = shutdown.changed() => return Ok(()),
-                            _ = tokio::time::sleep(self.ttl * 2) => {}
+                        done = &mut task => break done.unwrap_or_else(|err| Err(Error::Startup {
+                            message: format!("pipeline task failed: {err}"),
+                        })),
+                        _ = renew.tick() => {
+                            if !fence.holds() {
+                                continue;
+                            }
+                            let sent = Instant::now();
+                            match self.kv.update(&key, self.lease_value(), revision).await {
+                                Ok(next) => {
+                                    revision = next;
+                                    fence.extend_until(self.valid_until(sent));
+                                }
+                                Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                                    fence.revoke("the lease was taken by another instance");
+                                }
+                                // The fence lapses on its own if this goes on too long.
+                                Err(err) => tracing::warn!(pipeline = %id, error = %err, "cannot renew lease; retrying"),
+                            }
+                            if !draining && fence.holds() && self.shed() {
+                                tracing::info!(pipeline = %id, fair_share = self.fair_share(), "handing the pipeline over to balance instances");
+                                draining = true;
+                                handing_over = true;
+                                let _ = stop_tx.send(true);
+                            }
                         }
+                    }
+                };
+                match result {
+                    Err(Error::Fenced { message, .. }) => {
+                        // A foreign message at the stream's end, but is the lease really lost?
+                        // If it is still ours, no other instance can have published since we
+                        // took it: an earlier owner stored that message after the checkpoint,
+                        // and the duplicate window has passed. Run again, relying on
+                        // deduplication as a single instance does.
+                        if fence.saw_foreign_tail() && !tolerate_foreign_tail && !handing_over {
+                            let resent = Instant::now();
+                            if let Ok(next) =
+                                self.kv.update(&key, self.lease_value(), revision).await
+                            {
+                                tracing::warn!(pipeline = %id, "the stream ends with a message an earlier owner stored after the checkpoint, past the duplicate window; restarting the pipeline relying on deduplication alone");
+                                revision = next;
+                                sent = resent;
+                                tolerate_foreign_tail = true;
+                                continue;
+                            }
+                        }
+                        if !handing_over {
+                            self.unreserve();
+                        }
+                        metrics.lease_lost();
+                        tracing::warn!(pipeline = %id, reason = %message, "lost the lease: stopped writing, standing by");
+                        break;
+                    }
+                    Err(err) => {
+                        if !handing_over {
+                            self.unreserve();
+                        }
+                        if fence.holds() {
+                            self.release(&key, revision).await;
+                        }
+                        return Err(err);
+                    }
+                    Ok(()) => {
+                        if !handing_over {
+                            self.unreserve();
+                        }
+                        if fence.holds() {
+                            self.release(&key, revision).await;
+                        }
+                        if *shutdown.borrow() {
+                            return Ok(());
+                        }
+                        if handing_over {
+                            // Leave the pipeline to the others for a while.
+                            tokio::select! {
+                                _ = shutdown.changed() => return Ok(()),
+                                _ = tokio::time::sleep(self.ttl * 2) => {}
+                            }
+                        }
+                        break;
                     }
                 }
             }
@@ -476,6 +516,14 @@ impl Coordinator {
             Ok(()) => tracing::info!(lease = %key, "lease released"),
             Err(err) => tracing::debug!(lease = %key, error = %err, "lease not released"),
         }
+    }
+}
+
+/// The next change of a watched key; never, without a watch.
+async fn next_change(watch: &mut Option<kv::Watch>) -> Option<()> {
+    match watch {
+        Some(watch) => watch.next().await.map(|_| ()),
+        None => std::future::pending().await,
     }
 }
 

@@ -32,6 +32,7 @@
 //! - [`lease`] — high availability: pipelines shared between instances through NATS KV leases.
 //! - [`pipeline`] — wiring one pipeline's stages together, shutdown and draining.
 //! - [`telemetry`] — logs.
+//! - [`oplog`] — how close each position is to the oplog's oldest entry.
 //! - [`metrics`] — every counter, gauge and histogram, rendered for Prometheus and `/status`.
 //!
 //! The binary (`src/main.rs`) only parses the command line, installs signal handlers and
@@ -48,6 +49,7 @@ pub mod fence;
 pub mod http;
 pub mod lease;
 pub mod metrics;
+pub mod oplog;
 pub mod pipeline;
 pub mod plugin;
 pub mod reload;
@@ -139,6 +141,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         )))),
         None => None,
     };
+    // The oplog headroom: metrics, `/readyz`, and warnings before a position falls out.
+    let (_oplog_stop, oplog_stopped) = watch::channel(false);
+    for pipeline in &config.pipelines {
+        tokio::spawn(oplog::watch_headroom(
+            pipeline.clone(),
+            oplog_stopped.clone(),
+        ));
+    }
     let ack_timeout = std::time::Duration::from_millis(config.nats.ack_timeout_ms);
     let max_in_flight = config
         .pipelines

@@ -108,6 +108,10 @@ pub struct Histogram {
 const LATENCY_BOUNDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
+/// Plugin calls: microseconds to the default one-second deadline.
+const CALL_BOUNDS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1, 1.0,
+];
 /// End-to-end lag: the resume token's clock has one-second resolution.
 const LAG_BOUNDS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
 
@@ -169,8 +173,6 @@ pub struct PipelineMetrics {
     /// Dead letters by (plugin, reason): both from bounded sets (the config's plugins,
     /// tidegate's reasons).
     dead_letters: Mutex<std::collections::BTreeMap<(String, String), u64>>,
-    /// Per plugin: calls, fuel, time and peak memory since start.
-    plugin_usage: Mutex<std::collections::BTreeMap<String, crate::plugin::Usage>>,
     reloads_applied: AtomicU64,
     reloads_refused: AtomicU64,
     published: AtomicU64,
@@ -183,6 +185,9 @@ pub struct PipelineMetrics {
     /// Unix seconds of the change at the acknowledged position; 0 = unknown.
     position_secs: AtomicI64,
     state: AtomicU8,
+    /// Unix seconds of the oplog's oldest and newest entries; 0 = unknown.
+    oplog_oldest_secs: AtomicI64,
+    oplog_newest_secs: AtomicI64,
     last_msg_id: Mutex<Option<String>>,
     plugins: Mutex<Vec<PluginInfo>>,
     /// Time from handing a message to the client to its JetStream acknowledgement.
@@ -218,7 +223,6 @@ impl PipelineMetrics {
             skipped: AtomicU64::new(0),
             out_of_scope: AtomicU64::new(0),
             dead_letters: Mutex::new(Default::default()),
-            plugin_usage: Mutex::new(Default::default()),
             reloads_applied: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
             published: AtomicU64::new(0),
@@ -229,6 +233,8 @@ impl PipelineMetrics {
             checkpoint_at_ms: AtomicI64::new(0),
             position_secs: AtomicI64::new(0),
             state: AtomicU8::new(State::Starting as u8),
+            oplog_oldest_secs: AtomicI64::new(0),
+            oplog_newest_secs: AtomicI64::new(0),
             last_msg_id: Mutex::new(None),
             plugins: Mutex::new(Vec::new()),
             publish_latency: Histogram::new(LATENCY_BOUNDS),
@@ -267,17 +273,6 @@ impl PipelineMetrics {
         if let Ok(mut all) = self.dead_letters.lock() {
             *all.entry((plugin.to_string(), reason.to_string()))
                 .or_default() += 1;
-        }
-    }
-
-    /// Adds what `plugin` consumed since the last report.
-    pub fn add_plugin_usage(&self, plugin: &str, delta: crate::plugin::Usage) {
-        if let Ok(mut all) = self.plugin_usage.lock() {
-            let usage = all.entry(plugin.to_string()).or_default();
-            usage.calls += delta.calls;
-            usage.fuel += delta.fuel;
-            usage.nanos += delta.nanos;
-            usage.memory_peak = usage.memory_peak.max(delta.memory_peak);
         }
     }
 
@@ -389,6 +384,41 @@ impl PipelineMetrics {
         }
     }
 
+    /// Records the times of the oplog's oldest and newest entries.
+    pub fn set_oplog(&self, oldest_secs: i64, newest_secs: i64) {
+        self.oplog_oldest_secs.store(oldest_secs, Ordering::Relaxed);
+        self.oplog_newest_secs.store(newest_secs, Ordering::Relaxed);
+    }
+
+    /// Seconds of history the oplog holds, if known.
+    pub fn oplog_window_seconds(&self) -> Option<i64> {
+        match self.oplog_oldest_secs.load(Ordering::Relaxed) {
+            0 => None,
+            oldest => Some(self.oplog_newest_secs.load(Ordering::Relaxed) - oldest),
+        }
+    }
+
+    /// Seconds between the oplog's oldest entry and the acknowledged position, if both are
+    /// known: how long the pipeline could stall before its position falls out of the oplog
+    /// (at the current write rate).
+    pub fn oplog_headroom_seconds(&self) -> Option<i64> {
+        match (
+            self.oplog_oldest_secs.load(Ordering::Relaxed),
+            self.position_secs.load(Ordering::Relaxed),
+        ) {
+            (0, _) | (_, 0) => None,
+            (oldest, position) => Some(position - oldest),
+        }
+    }
+
+    /// Whether the position is within the oldest tenth of the oplog's window.
+    pub fn near_oplog_edge(&self) -> bool {
+        match (self.oplog_headroom_seconds(), self.oplog_window_seconds()) {
+            (Some(headroom), Some(window)) => headroom < window / 10,
+            _ => false,
+        }
+    }
+
     /// Writes the summary log line.
     pub fn log(&self) {
         let c = self.counts();
@@ -426,6 +456,8 @@ impl PipelineMetrics {
                 },
             },
             "lag_seconds": self.lag_seconds(),
+            "oplog_headroom_seconds": self.oplog_headroom_seconds(),
+            "oplog_window_seconds": self.oplog_window_seconds(),
             "checkpoint_age_seconds": self.checkpoint_age_seconds(),
             "counts": {
                 "read": c.read,
@@ -441,10 +473,59 @@ impl PipelineMetrics {
     }
 }
 
+/// The calls of one plugin of a chain (labels: `pipeline`, `plugin`, and later `tenant`).
+#[derive(Debug)]
+pub struct PluginMetrics {
+    labels: Labels,
+    calls: AtomicU64,
+    failures: AtomicU64,
+    fuel: AtomicU64,
+    /// Largest linear memory an instance reached, bytes.
+    memory_peak: AtomicU64,
+    /// Wall-clock time per call.
+    pub call_time: Histogram,
+}
+
+impl PluginMetrics {
+    /// Records one call: how long it took, the fuel it burnt, the plugin's peak memory so
+    /// far, and whether it failed (the event was dead-lettered).
+    pub fn call(&self, elapsed: Duration, fuel: u64, memory_peak: u64, failed: bool) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.memory_peak.fetch_max(memory_peak, Ordering::Relaxed);
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        self.fuel.fetch_add(fuel, Ordering::Relaxed);
+        self.call_time.observe(elapsed);
+    }
+}
+
+/// The series of plugin `name` in the chain with `labels`, created on first use.
+pub fn plugin(labels: &Labels, name: &str) -> Arc<PluginMetrics> {
+    let labels = labels.clone().with("plugin", name);
+    let mut all = registry()
+        .plugins
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    all.entry(labels.clone())
+        .or_insert_with(|| {
+            Arc::new(PluginMetrics {
+                labels,
+                calls: AtomicU64::new(0),
+                memory_peak: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                fuel: AtomicU64::new(0),
+                call_time: Histogram::new(CALL_BOUNDS),
+            })
+        })
+        .clone()
+}
+
 /// All series of this process.
 #[derive(Debug, Default)]
 pub struct Registry {
     series: Mutex<BTreeMap<Labels, Arc<PipelineMetrics>>>,
+    plugins: Mutex<BTreeMap<Labels, Arc<PluginMetrics>>>,
     /// This instance's name when high availability is on.
     instance: OnceLock<String>,
 }
@@ -468,10 +549,14 @@ pub fn series(labels: Labels) -> Arc<PipelineMetrics> {
 
 /// The series of a whole pipeline.
 pub fn pipeline(id: &str) -> Arc<PipelineMetrics> {
-    // A tenant unit `<pipeline>.<tenant>` is labelled with both.
+    series(unit_labels(id))
+}
+
+/// The labels of a unit: `pipeline`, and `tenant` for a tenant unit `<pipeline>.<tenant>`.
+pub fn unit_labels(id: &str) -> Labels {
     match id.split_once('.') {
-        Some((pipeline, tenant)) => series(Labels::pipeline(pipeline).with("tenant", tenant)),
-        None => series(Labels::pipeline(id)),
+        Some((pipeline, tenant)) => Labels::pipeline(pipeline).with("tenant", tenant),
+        None => Labels::pipeline(id),
     }
 }
 
@@ -578,6 +663,18 @@ impl Registry {
                 |m| m.lag_seconds().map(|s| s as f64),
             ),
             (
+                "tidegate_oplog_headroom_seconds",
+                "gauge",
+                "Seconds between the oplog's oldest entry and the acknowledged position.",
+                |m| m.oplog_headroom_seconds().map(|s| s as f64),
+            ),
+            (
+                "tidegate_oplog_window_seconds",
+                "gauge",
+                "Seconds of history the oplog holds.",
+                |m| m.oplog_window_seconds().map(|s| s as f64),
+            ),
+            (
                 "tidegate_pipeline_running",
                 "gauge",
                 "1 while the change stream is open here.",
@@ -622,6 +719,54 @@ impl Registry {
                 get(m).render(&mut out, name, &m.labels.render());
             }
         }
+        let plugins: Vec<Arc<PluginMetrics>> = self
+            .plugins
+            .lock()
+            .map(|all| all.values().cloned().collect())
+            .unwrap_or_default();
+        type Count = fn(&PluginMetrics) -> u64;
+        let counters: &[(&str, &str, Count)] = &[
+            ("tidegate_plugin_calls_total", "Plugin calls.", |m| {
+                m.calls.load(Ordering::Relaxed)
+            }),
+            (
+                "tidegate_plugin_failures_total",
+                "Plugin calls that returned an error or trapped (fuel, deadline, memory).",
+                |m| m.failures.load(Ordering::Relaxed),
+            ),
+            (
+                "tidegate_plugin_fuel_total",
+                "Fuel (about one unit per wasm instruction) plugin calls burnt.",
+                |m| m.fuel.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, read) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for m in &plugins {
+                let _ = writeln!(out, "{name}{{{}}} {}", m.labels.render(), read(m));
+            }
+        }
+        let name = "tidegate_plugin_memory_peak_bytes";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Largest linear memory an instance of the plugin reached.\n# TYPE {name} gauge"
+        );
+        for m in &plugins {
+            let _ = writeln!(
+                out,
+                "{name}{{{}}} {}",
+                m.labels.render(),
+                m.memory_peak.load(Ordering::Relaxed)
+            );
+        }
+        let name = "tidegate_plugin_call_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Wall-clock time of one plugin call.\n# TYPE {name} histogram"
+        );
+        for m in &plugins {
+            m.call_time.render(&mut out, name, &m.labels.render());
+        }
         out
     }
 }
@@ -650,50 +795,6 @@ impl Registry {
                     escape(plugin),
                     escape(reason)
                 );
-            }
-        }
-        type Read = fn(&crate::plugin::Usage) -> f64;
-        let usage: &[(&str, &str, &str, Read)] = &[
-            (
-                "tidegate_plugin_calls_total",
-                "counter",
-                "Plugin calls.",
-                |u| u.calls as f64,
-            ),
-            (
-                "tidegate_plugin_fuel_total",
-                "counter",
-                "Fuel plugin calls burnt.",
-                |u| u.fuel as f64,
-            ),
-            (
-                "tidegate_plugin_seconds_total",
-                "counter",
-                "Wall-clock time in plugin calls.",
-                |u| u.nanos as f64 / 1e9,
-            ),
-            (
-                "tidegate_plugin_memory_peak_bytes",
-                "gauge",
-                "Largest linear memory an instance of the plugin reached.",
-                |u| u.memory_peak as f64,
-            ),
-        ];
-        for (name, kind, help, read) in usage {
-            family(out, name, kind, help);
-            for m in all {
-                let Ok(plugins) = m.plugin_usage.lock() else {
-                    continue;
-                };
-                for (plugin, u) in plugins.iter() {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{{},plugin=\"{}\"}} {}",
-                        m.labels.render(),
-                        escape(plugin),
-                        read(u)
-                    );
-                }
             }
         }
         family(
@@ -770,6 +871,18 @@ mod tests {
         assert!(out.contains("x_bucket{p=\"a\",le=\"2\"} 2\n"));
         assert!(out.contains("x_bucket{p=\"a\",le=\"+Inf\"} 3\n"));
         assert!(out.contains("x_count{p=\"a\"} 3\n"));
+    }
+
+    #[test]
+    fn near_the_oplog_edge_within_its_oldest_tenth() {
+        let m = PipelineMetrics::new(Labels::pipeline("p"));
+        assert!(!m.near_oplog_edge(), "unknown is not near");
+        m.set_oplog(1000, 2000);
+        m.position_secs.store(1050, Ordering::Relaxed);
+        assert_eq!(m.oplog_headroom_seconds(), Some(50));
+        assert!(m.near_oplog_edge());
+        m.position_secs.store(1900, Ordering::Relaxed);
+        assert!(!m.near_oplog_edge());
     }
 
     #[test]

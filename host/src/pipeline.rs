@@ -27,7 +27,7 @@ use crate::encode::{self, SubjectTemplate};
 use crate::error::Error;
 use crate::event::SourceEvent;
 use crate::fence::Fence;
-use crate::plugin::{CallError, Chain, Usage, Verdict};
+use crate::plugin::{CallError, Chain, Verdict};
 use crate::reload::{ChainUpdate, Updates};
 use crate::sink::{self, Message, Position, Publisher, Unit};
 use crate::source::{self, SourceItem};
@@ -98,18 +98,6 @@ pub async fn run(
         None => tracing::info!(pipeline = %id, "no checkpoint: starting from now"),
     }
 
-    let (saved_time, saved_time_rx) = watch::channel(
-        start
-            .as_ref()
-            .and_then(|p| crate::event::token_time(&p.token)),
-    );
-    tokio::spawn(source::watch_oplog_window(
-        mongo.clone(),
-        id.clone(),
-        Duration::from_millis(pipeline.checkpoint.oplog_check_interval_ms),
-        saved_time_rx,
-    ));
-
     let stats = crate::metrics::pipeline(&id);
     let (event_tx, event_rx) = mpsc::channel::<Vec<SourceItem>>(SOURCE_QUEUE_BATCHES);
     let (unit_tx, mut unit_rx) = mpsc::channel::<Vec<Unit>>(UNIT_QUEUE_BATCHES);
@@ -143,13 +131,11 @@ pub async fn run(
     let chain_thread = std::thread::Builder::new()
         .name(format!("tidegate-chain-{id}"))
         .spawn(move || {
-            let reported = vec![Usage::default(); chain.plugins().len()];
             let stages = ChainStages {
                 chain,
                 scope,
                 framer,
                 reloads,
-                reported,
             };
             stages.run(event_rx, unit_tx, &chain_stats)
         })
@@ -202,8 +188,6 @@ pub async fn run(
             }
             _ = checkpoint_timer.tick() => {
                 save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
-                let time = saved.as_ref().and_then(|p| crate::event::token_time(&p.token));
-                saved_time.send_if_modified(|old| std::mem::replace(old, time) != time);
             }
             _ = summary_timer.tick() => stats.log(),
             _ = fence.lost() => {
@@ -278,8 +262,6 @@ struct ChainStages {
     scope: PipelineConfig,
     framer: Framer,
     reloads: std::sync::mpsc::Receiver<ChainUpdate>,
-    /// Each plugin's usage as last reported to the metrics.
-    reported: Vec<Usage>,
 }
 
 impl ChainStages {
@@ -325,7 +307,6 @@ impl ChainStages {
                 }
                 framed.push(self.framer.frame(&event, verdict, stats));
             }
-            self.report_usage(stats);
             if units.blocking_send(framed).is_err() {
                 return Ok(());
             }
@@ -344,23 +325,6 @@ impl ChainStages {
         Ok(())
     }
 
-    /// Adds what each plugin consumed since the last report to the metrics.
-    fn report_usage(&mut self, stats: &PipelineStats) {
-        for (plugin, seen) in self.chain.plugins().iter().zip(&mut self.reported) {
-            let now = plugin.usage();
-            stats.add_plugin_usage(
-                plugin.name(),
-                Usage {
-                    calls: now.calls - seen.calls,
-                    fuel: now.fuel - seen.fuel,
-                    nanos: now.nanos - seen.nanos,
-                    memory_peak: now.memory_peak,
-                },
-            );
-            *seen = now;
-        }
-    }
-
     /// Swaps in whatever the reloader has sent.
     fn apply_updates(&mut self, stats: &PipelineStats) {
         let mut swapped = false;
@@ -370,15 +334,11 @@ impl ChainStages {
                 ChainUpdate::Plugin { index, plugin } => {
                     let name = plugin.name().to_string();
                     let hash = plugin.hash().to_string();
-                    if let Some(seen) = self.reported.get_mut(index) {
-                        *seen = Usage::default();
-                    }
                     if self.chain.replace(index, *plugin).is_some() {
                         tracing::info!(pipeline = %self.scope.id, plugin = %name, %hash, "plugin reloaded");
                     }
                 }
                 ChainUpdate::Chain(chain) => {
-                    self.reported = vec![Usage::default(); chain.plugins().len()];
                     self.chain = chain;
                     tracing::info!(pipeline = %self.scope.id, "plugin chain reloaded");
                 }

@@ -292,8 +292,12 @@ impl Publisher {
 
     /// Waits for the oldest in-flight message's acknowledgement. Cancel-safe: dropping the
     /// returned future leaves the acknowledgement pending. Pass the result to
-    /// [`Publisher::handle_ack`].
+    /// [`Publisher::handle_ack`]. Never resolves once the fence is lost.
     pub async fn next_ack(&mut self) -> Result<jetstream::publish::PublishAck, PublishError> {
+        if !self.fence.holds() {
+            // Deposed: nothing more is sent or settled; the pipeline stops on its fence.
+            return std::future::pending().await;
+        }
         let Some(front) = self.slots.front_mut() else {
             return Err(PublishError::new(PublishErrorKind::Other));
         };
@@ -366,9 +370,10 @@ impl Publisher {
                 .and_then(|id| self.slots.iter().position(|s| s.message.msg_id == id))
             {
                 // Not ours, with high availability on: another instance has published past
-                // us, so it owns the pipeline now. Stop; never skip ahead.
-                None if self.fence.is_leased() => {
-                    self.fence.revoke(&format!(
+                // us, so it owns the pipeline now. Stop; never skip ahead. (The lease keeper
+                // checks whether the lease was in fact lost; see `Fence`.)
+                None if self.fence.stops_on_foreign_tail() => {
+                    self.fence.revoke_foreign_tail(&format!(
                         "the stream's last message ({}) was published by another instance",
                         stored.as_deref().unwrap_or("?")
                     ));

@@ -87,6 +87,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 fn error_code(err: &mongodb::error::Error) -> Option<i32> {
     match err.kind.as_ref() {
         ErrorKind::Command(command) => Some(command.code),
+        // A failed handshake (e.g. a wrong SCRAM password) carries the server's refusal as
+        // its source.
+        ErrorKind::Authentication { .. } => {
+            let source = std::error::Error::source(err)?;
+            let source = source
+                .downcast_ref::<Box<mongodb::error::Error>>()
+                .map(|boxed| &**boxed)
+                .or_else(|| source.downcast_ref::<mongodb::error::Error>())?;
+            error_code(source)
+        }
         _ => None,
     }
 }
@@ -445,7 +455,10 @@ async fn history_lost(
         OpenAt::AtTime(time) => Some(*time),
         OpenAt::Now => None,
     };
-    let oldest = oplog_window(client).await.map(|(first, _)| first);
+    let oldest = crate::oplog::ends(client)
+        .await
+        .ok()
+        .map(|(first, _)| first);
     let describe = |t: Option<bson::Timestamp>| match t {
         Some(t) => format!(
             "{} ({}.{})",
@@ -572,63 +585,6 @@ pub async fn check_images(
         }
     }
     Ok(())
-}
-
-/// Warns, well before it happens, that the checkpoint is about to fall out of the oplog:
-/// at half the oplog's window a warning, at 80 % an error, each naming the figures. Ends
-/// when `saved` (the time of the last saved checkpoint) is dropped.
-pub async fn watch_oplog_window(
-    client: mongodb::Client,
-    pipeline: String,
-    every: Duration,
-    mut saved: watch::Receiver<Option<bson::Timestamp>>,
-) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            changed = saved.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                continue;
-            }
-        }
-        let Some(at) = *saved.borrow() else { continue };
-        let Some((first, last)) = oplog_window(&client).await else {
-            continue;
-        };
-        let window = last.time.saturating_sub(first.time);
-        let age = last.time.saturating_sub(at.time);
-        if window == 0 {
-            continue;
-        }
-        let used = f64::from(age) / f64::from(window);
-        if used >= 0.8 {
-            tracing::error!(%pipeline, checkpoint_age_s = age, oplog_window_s = window, "the checkpoint is close to falling out of the oplog; catch up or enlarge the oplog");
-        } else if used >= 0.5 {
-            tracing::warn!(%pipeline, checkpoint_age_s = age, oplog_window_s = window, "the checkpoint is past half of the oplog's window");
-        }
-    }
-}
-
-/// The oplog's first and last entries' times, if this user may read `local.oplog.rs`.
-pub async fn oplog_window(client: &mongodb::Client) -> Option<(bson::Timestamp, bson::Timestamp)> {
-    let oplog = client.database("local").collection::<Document>("oplog.rs");
-    let first = oplog
-        .find_one(doc! {})
-        .sort(doc! { "$natural": 1 })
-        .await
-        .ok()??;
-    let last = oplog
-        .find_one(doc! {})
-        .sort(doc! { "$natural": -1 })
-        .await
-        .ok()??;
-    Some((
-        first.get_timestamp("ts").ok()?,
-        last.get_timestamp("ts").ok()?,
-    ))
 }
 
 fn start_label(start: &OpenAt) -> &'static str {

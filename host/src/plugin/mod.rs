@@ -101,21 +101,10 @@ pub struct Plugin {
     live: Option<(Store<PluginState>, Instance)>,
     failures_in_a_row: u32,
     quarantined: bool,
+    /// Fuel burnt by the last call (metrics, `tidegate plugin test`).
     last_fuel_used: u64,
-    usage: Usage,
-}
-
-/// What a plugin has consumed since it was loaded, for metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Calls made.
-    pub calls: u64,
-    /// Fuel burnt, all calls together.
-    pub fuel: u64,
-    /// Wall-clock time in calls, nanoseconds.
-    pub nanos: u64,
-    /// Largest linear memory an instance of it reached, bytes.
-    pub memory_peak: u64,
+    /// Largest linear memory an instance of this version reached, in bytes.
+    memory_peak: u64,
 }
 
 /// Why a plugin call produced no usable result.
@@ -211,7 +200,7 @@ impl Plugin {
             failures_in_a_row: 0,
             quarantined: false,
             last_fuel_used: 0,
-            usage: Usage::default(),
+            memory_peak: 0,
         };
         plugin.live = Some(plugin.instantiate().map_err(|err| fail(err.message))?);
         Ok(plugin)
@@ -261,9 +250,9 @@ impl Plugin {
         &self.path
     }
 
-    /// What the plugin has consumed since it was loaded.
-    pub fn usage(&self) -> Usage {
-        self.usage
+    /// Largest linear memory an instance of this version reached, in bytes.
+    pub fn memory_peak(&self) -> u64 {
+        self.memory_peak
     }
 
     /// Fuel the last [`Plugin::call`] burnt (for `tidegate plugin test`).
@@ -330,7 +319,6 @@ impl Plugin {
             None => self.instantiate()?,
         };
         sandbox::arm(&mut store, &self.settings.limits).map_err(|m| self.error("trap", m))?;
-        let started = std::time::Instant::now();
         let result = match &instance {
             Instance::Filter(f) => f
                 .call_filter(&mut store, event)
@@ -340,13 +328,7 @@ impl Plugin {
                 .map(|r| r.map(Decision::Replace)),
         };
         self.last_fuel_used = sandbox::fuel_used(&store, &self.settings.limits);
-        self.usage.calls += 1;
-        self.usage.fuel += self.last_fuel_used;
-        self.usage.nanos += started.elapsed().as_nanos() as u64;
-        self.usage.memory_peak = self
-            .usage
-            .memory_peak
-            .max(store.data().memory_peak() as u64);
+        self.memory_peak = self.memory_peak.max(store.data().memory_peak() as u64);
         let dropped = store.data_mut().take_dropped_log_lines();
         if dropped > 0 {
             tracing::warn!(plugin = %self.name, dropped, "plugin log lines over the per-call cap were dropped");
@@ -419,6 +401,8 @@ pub enum Verdict {
 /// A pipeline's plugins, in order.
 pub struct Chain {
     plugins: Vec<Plugin>,
+    /// One series per plugin, in chain order.
+    metrics: Vec<std::sync::Arc<crate::metrics::PluginMetrics>>,
     subject_prefix: String,
     quarantine: QuarantineConfig,
     unit: String,
@@ -439,7 +423,12 @@ impl Chain {
                 Plugin::load(sandbox, &p.name, &path, &Chain::settings(pipeline, p))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let labels = crate::metrics::unit_labels(&pipeline.id);
         Ok(Chain {
+            metrics: plugins
+                .iter()
+                .map(|p| crate::metrics::plugin(&labels, p.name()))
+                .collect(),
             plugins,
             subject_prefix: pipeline.sink.subject_prefix.clone(),
             quarantine: pipeline.quarantine,
@@ -535,10 +524,19 @@ impl Chain {
                     None => &*sent.get_or_insert_with(|| convert::to_wit(change)),
                 };
                 let plugin = &mut self.plugins[index];
+                let started = std::time::Instant::now();
                 let result = plugin.call(input).and_then(|decision| {
                     check_outputs(plugin, &decision, input, &self.subject_prefix)?;
                     Ok(decision)
                 });
+                if let Some(metrics) = self.metrics.get(index) {
+                    metrics.call(
+                        started.elapsed(),
+                        plugin.last_fuel_used,
+                        plugin.memory_peak,
+                        result.is_err(),
+                    );
+                }
                 self.record(index, result.as_ref().err());
                 let outputs = match result {
                     Ok(Decision::Keep) => {
