@@ -231,33 +231,13 @@ async fn nats_restart_with_short_duplicate_window_stays_exactly_once() -> anyhow
 /// publisher counts them as stored instead of storing them twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_skips_stored_messages_after_the_duplicate_window() -> anyhow::Result<()> {
-    use tidegate::sink::{Message, Position, Publisher, Unit};
+    use tidegate::sink::{Position, Publisher, Unit};
     let h = Harness::start().await?;
     h.create_stream(&["cdc.>"], Duration::from_secs(1)).await?;
     let js = async_nats::jetstream::new(h.nats_client().await?);
-    let token = |n: u32| -> anyhow::Result<mongodb::change_stream::event::ResumeToken> {
-        Ok(bson::deserialize_from_bson(bson::Bson::Document(
-            doc! { "_data": format!("{n:04}") },
-        ))?)
-    };
-    let message = |n: u32| Message {
-        subject: format!("cdc.test.{n}"),
-        msg_id: format!("p:{n:04}:0"),
-        headers: async_nats::HeaderMap::new(),
-        payload: format!("event {n}").into(),
-    };
+    let (token, message) = (support::numbered_token, support::numbered_message);
     // Before the "crash": 0 acknowledged and checkpointed, 1 and 2 stored but never acked.
-    for n in 0..3 {
-        let m = message(n);
-        js.send_publish(
-            m.subject.clone(),
-            async_nats::jetstream::message::PublishMessage::build()
-                .payload(m.payload.clone())
-                .message_id(&m.msg_id),
-        )
-        .await?
-        .await?;
-    }
+    support::store_numbered(&js, 0..3).await?;
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
     let config = tidegate::Config::parse(&h.config("", ""), std::path::Path::new("."), |_| None)

@@ -302,33 +302,13 @@ async fn sigterm_hands_over_without_waiting_for_the_lease() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deposed_publisher_stops_at_a_foreign_last_message() -> anyhow::Result<()> {
     use tidegate::fence::Fence;
-    use tidegate::sink::{Message, Position, Publisher, Unit};
+    use tidegate::sink::{Position, Publisher, Unit};
     let h = Harness::start().await?;
     h.create_stream(&["cdc.>"], Duration::from_secs(1)).await?;
     let js = async_nats::jetstream::new(h.nats_client().await?);
-    let token = |n: u32| -> anyhow::Result<mongodb::change_stream::event::ResumeToken> {
-        Ok(bson::deserialize_from_bson(bson::Bson::Document(
-            bson::doc! { "_data": format!("{n:04}") },
-        ))?)
-    };
-    let message = |n: u32| Message {
-        subject: format!("cdc.test.{n}"),
-        msg_id: format!("p:{n:04}:0"),
-        headers: async_nats::HeaderMap::new(),
-        payload: format!("event {n}").into(),
-    };
+    let (token, message) = (support::numbered_token, support::numbered_message);
     // The new owner stored 0..=5.
-    for n in 0..6 {
-        let m = message(n);
-        js.send_publish(
-            m.subject.clone(),
-            async_nats::jetstream::message::PublishMessage::build()
-                .payload(m.payload.clone())
-                .message_id(&m.msg_id),
-        )
-        .await?
-        .await?;
-    }
+    support::store_numbered(&js, 0..6).await?;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let stored = || async {
         anyhow::Ok(

@@ -176,11 +176,13 @@ async fn hostile_plugin_harms_only_its_own_tenant() -> anyhow::Result<()> {
         "limits = { memory_mib = 16, timeout_ms = 300, fuel_per_call = 1000000000000 }\n\
          quarantine = { after_failures = 0 }",
     );
+    // A pipeline id of its own: metrics are per process, and other tests run beside this one.
+    let config = config.replace("id = \"shop\"", "id = \"hostile\"");
     let address = format!("127.0.0.1:{}", free_port());
     let config = format!("{config}\n[http]\naddress = \"{address}\"\n");
     let path = h.write_config("tenants.toml", &config)?;
     let running = InProcess::start(&path)?;
-    wait_tenants_ready(&h, &["shop.good", "shop.bad"]).await?;
+    wait_tenants_ready(&h, &["hostile.good", "hostile.bad"]).await?;
 
     let client = h.mongo.client().await?;
     let orders = client.database(DB).collection::<bson::Document>("orders");
@@ -224,14 +226,18 @@ async fn hostile_plugin_harms_only_its_own_tenant() -> anyhow::Result<()> {
 
     // The counters say the same, per tenant, plugin and reason.
     for (_, reason) in hostile {
-        let labels = [("plugin", "faulty"), ("reason", reason)];
+        let labels = [
+            ("pipeline", "hostile"),
+            ("plugin", "faulty"),
+            ("reason", reason),
+        ];
         assert_eq!(
             metric(&metrics, "tidegate_dead_letters_total", "bad", &labels),
             1.0,
             "{reason}"
         );
     }
-    let faulty = [("plugin", "faulty")];
+    let faulty = [("pipeline", "hostile"), ("plugin", "faulty")];
     let calls = metric(&metrics, "tidegate_plugin_calls_total", "bad", &faulty);
     assert!(calls >= n as f64, "calls: {calls}");
     let peak = metric(
@@ -243,7 +249,12 @@ async fn hostile_plugin_harms_only_its_own_tenant() -> anyhow::Result<()> {
     assert!(peak > 0.0 && peak <= 16.0 * 1024.0 * 1024.0, "peak: {peak}");
     assert!(metric(&metrics, "tidegate_plugin_fuel_total", "bad", &faulty) > 0.0);
     assert_eq!(
-        metric(&metrics, "tidegate_events_read_total", "good", &[]),
+        metric(
+            &metrics,
+            "tidegate_events_read_total",
+            "good",
+            &[("pipeline", "hostile")]
+        ),
         n as f64
     );
 

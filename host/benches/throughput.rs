@@ -872,19 +872,26 @@ impl Running {
     }
 }
 
-/// Scenario 1: the driver alone reading a backlog of `n` inserts.
-async fn raw_read(env: &Env, n: usize) -> anyhow::Result<(f64, f64, String, String)> {
-    let coll = env.collection("raw_read");
+/// The change stream's position now, on a fresh collection: a backlog written after it is
+/// read back with `resume_after`.
+async fn position_now(
+    coll: &mongodb::Collection<Document>,
+) -> anyhow::Result<mongodb::change_stream::event::ResumeToken> {
     let mut stream = coll.watch().await.context("watch")?;
-    let token = loop {
+    loop {
         if let Some(token) = stream.resume_token() {
-            break token;
+            return Ok(token);
         }
         if stream.next_if_any().await?.is_some() {
             bail!("unexpected event on a fresh collection");
         }
-    };
-    drop(stream);
+    }
+}
+
+/// Scenario 1: the driver alone reading a backlog of `n` inserts.
+async fn raw_read(env: &Env, n: usize) -> anyhow::Result<(f64, f64, String, String)> {
+    let coll = env.collection("raw_read");
+    let token = position_now(&coll).await?;
     let t = Instant::now();
     insert_range(&coll, 0, n).await?;
     let insert_rate = rate(n, t.elapsed());
@@ -1460,16 +1467,7 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
 /// returns the events/s of the slowest.
 async fn raw_read_concurrent(env: &Env, n: usize, k: usize) -> anyhow::Result<f64> {
     let coll = env.collection(&format!("raw_tenants_{k}"));
-    let mut stream = coll.watch().await.context("watch")?;
-    let token = loop {
-        if let Some(token) = stream.resume_token() {
-            break token;
-        }
-        if stream.next_if_any().await?.is_some() {
-            bail!("unexpected event on a fresh collection");
-        }
-    };
-    drop(stream);
+    let token = position_now(&coll).await?;
     insert_range(&coll, 0, n).await?;
     let t = Instant::now();
     let mut readers = tokio::task::JoinSet::new();

@@ -282,6 +282,43 @@ pub fn component(
     out
 }
 
+/// A resume token numbered `n` (`_data` = `n` in four digits), for publisher-level tests.
+pub fn numbered_token(n: u32) -> anyhow::Result<mongodb::change_stream::event::ResumeToken> {
+    Ok(bson::deserialize_from_bson(bson::Bson::Document(
+        bson::doc! { "_data": format!("{n:04}") },
+    ))?)
+}
+
+/// The message a pipeline `p` would publish for event `n`.
+pub fn numbered_message(n: u32) -> tidegate::sink::Message {
+    tidegate::sink::Message {
+        subject: format!("cdc.test.{n}"),
+        msg_id: format!("p:{n:04}:0"),
+        headers: async_nats::HeaderMap::new(),
+        payload: format!("event {n}").into(),
+    }
+}
+
+/// Stores `numbered_message(n)` for every `n` in `range` directly (as an earlier writer
+/// would have), each acknowledged before the next.
+pub async fn store_numbered(
+    js: &async_nats::jetstream::Context,
+    range: std::ops::Range<u32>,
+) -> anyhow::Result<()> {
+    for n in range {
+        let m = numbered_message(n);
+        js.send_publish(
+            m.subject.clone(),
+            async_nats::jetstream::message::PublishMessage::build()
+                .payload(m.payload.clone())
+                .message_id(&m.msg_id),
+        )
+        .await?
+        .await?;
+    }
+    Ok(())
+}
+
 /// A header's value, if present.
 /// (Names are compared as text: async-nats keys well-known names such as `Nats-Msg-Id`
 /// differently from custom ones.)
