@@ -276,7 +276,9 @@ async fn initial_snapshot_then_stream_without_gap() -> anyhow::Result<()> {
     orders.insert_many(docs).await?;
     let config = h.config("", "").replace(
         "full_document = \"update-lookup\"",
-        "full_document = \"update-lookup\"\nsnapshot = \"initial\"\nsnapshot_chunk_size = 700",
+        // A user stage on documents must not keep the snapshot from finding its collections.
+        "full_document = \"update-lookup\"\nsnapshot = \"initial\"\nsnapshot_chunk_size = 700\n\
+         stages = [{ \"$match\" = { \"fullDocument.n\" = { \"$gte\" = -1 } } }]",
     );
     let path = h.write_config("snapshot.toml", &config)?;
     let running = InProcess::start(&path)?;

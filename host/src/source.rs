@@ -686,10 +686,8 @@ async fn open(
     }
 }
 
-/// The `$match` stages that narrow a database- or deployment-wide stream on the server:
-/// the listed collections only, a tenant's namespaces only, and never the pipeline's own
-/// checkpoint collection (whose writes would otherwise be published, checkpointed,
-/// published… forever).
+/// The stages appended to the change stream on the server: the namespace filters, skipped
+/// operations, then the user's own stages.
 fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
     let mut stages = namespace_filter(pipeline);
     if !pipeline.skip_operations.is_empty() {
@@ -697,11 +695,21 @@ fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
             doc! { "$match": { "operationType": { "$nin": pipeline.skip_operations.clone() } } },
         );
     }
+    // The user's own stages come last, checked with the config (they leave `_id` alone).
+    stages.extend(
+        pipeline
+            .stages
+            .iter()
+            .filter_map(|stage| check_stage(stage).ok()),
+    );
     stages
 }
 
-/// The stages that decide which namespaces a pipeline sees; they look at `ns` only, so a
-/// snapshot runs them on synthetic events to pick its collections.
+/// The stages that decide which namespaces a pipeline sees: the listed collections only, a
+/// tenant's namespaces only, include/exclude, and never the pipeline's own checkpoint
+/// collection (whose writes would otherwise be published, checkpointed, published…
+/// forever). They look at `ns` only, so a snapshot runs them on synthetic events to pick
+/// its collections.
 fn namespace_filter(pipeline: &PipelineConfig) -> Vec<Document> {
     let mut stages = Vec::new();
     if pipeline.collections.len() > 1 {
@@ -751,12 +759,5 @@ fn namespace_filter(pipeline: &PipelineConfig) -> Vec<Document> {
             { "ns.coll": { "$ne": &checkpoint.collection } },
         ] } });
     }
-    // The user's own stages come last, checked with the config (they leave `_id` alone).
-    stages.extend(
-        pipeline
-            .stages
-            .iter()
-            .filter_map(|stage| check_stage(stage).ok()),
-    );
     stages
 }
