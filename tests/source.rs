@@ -364,3 +364,189 @@ async fn snapshot_resumes_after_a_crash() -> anyhow::Result<()> {
     assert!(first_chunk_done > 1000, "restarted from scratch: {log}");
     Ok(())
 }
+
+/// An incremental snapshot started by one signal document while the pipeline streams:
+/// every existing document is published, documents changed meanwhile never appear stale
+/// after their newer change, the signal and watermark documents are never published, and the
+/// stream ends at the collection's current state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_snapshot_by_signal_is_never_stale() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let db = h.mongo.client().await?.database(DB);
+    let items = db.collection::<bson::Document>("items");
+    let total = 3000;
+    let docs: Vec<bson::Document> = (0..total).map(|n| doc! { "_id": n, "v": 0 }).collect();
+    items.insert_many(docs).await?;
+    let config = database_config(
+        &h,
+        "signal_collection = \"shop.signals\"\nsnapshot_chunk_size = 250\n\
+         include = [\"shop.items\"]",
+    );
+    let path = h.write_config("incremental.toml", &config)?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+
+    // Updates race the snapshot, as fast as they go, on the first chunk's documents and on
+    // a spread of others: some land between a chunk's read and its closing watermark.
+    let writer = {
+        let items = items.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut i = 0;
+            while started.elapsed() < Duration::from_secs(3) {
+                let id = if i % 2 == 0 {
+                    i % 250
+                } else {
+                    (i * 37) % total
+                };
+                items
+                    .update_one(doc! { "_id": id }, doc! { "$inc": { "v": 1 } })
+                    .await?;
+                i += 1;
+            }
+            anyhow::Ok(())
+        })
+    };
+    db.collection::<bson::Document>("signals")
+        .insert_one(doc! {
+            "type": "execute-snapshot",
+            "data": { "data-collections": ["shop.items"], "type": "incremental" },
+        })
+        .await?;
+    writer.await??;
+    // Every document read or changed: at least `total` reads minus the changed ones, plus
+    // 300 updates; wait until the stream is quiet.
+    let client = h.nats_client().await?;
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = tidegate_testkit::stream_len(&client, STREAM).await;
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    let messages = h.messages(STREAM).await?;
+    running.stop().await?;
+
+    let mut seen: std::collections::BTreeMap<i64, Vec<(String, i64)>> = Default::default();
+    for m in &messages {
+        let event = json(m);
+        assert_eq!(
+            event["ns"]["coll"], "items",
+            "only items are published: {event}"
+        );
+        let id = event["documentKey"]["_id"].as_i64().unwrap_or(-1);
+        let v = event["fullDocument"]["v"].as_i64().unwrap_or(-1);
+        let op = event["operationType"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        seen.entry(id).or_default().push((op, v));
+    }
+    assert_eq!(seen.len(), total as usize, "every document appears");
+    let mut cursor = items.find(doc! {}).await?;
+    while let Some(doc) = futures::TryStreamExt::try_next(&mut cursor).await? {
+        let id = i64::from(doc.get_i32("_id")?);
+        let current = i64::from(doc.get_i32("v")?);
+        let history = &seen[&id];
+        let versions: Vec<i64> = history.iter().map(|(_, v)| *v).collect();
+        assert!(
+            versions.windows(2).all(|w| w[0] <= w[1]),
+            "document {id} went back in time: {history:?}"
+        );
+        assert_eq!(
+            versions.last(),
+            Some(&current),
+            "document {id}: {history:?}"
+        );
+        let reads = history.iter().filter(|(op, _)| op == "read").count();
+        assert!(reads <= 1, "document {id} read twice: {history:?}");
+    }
+    Ok(())
+}
+
+/// A crash in the middle of an incremental snapshot: the restart continues from the
+/// checkpointed chunk (not from scratch), and each document is read once; a stop-snapshot
+/// signal ends a running one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_snapshot_resumes_after_a_crash_and_stops_on_signal() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let db = h.mongo.client().await?.database(DB);
+    let items = db.collection::<bson::Document>("items");
+    let total: i32 = 60_000;
+    for start in (0..total).step_by(10_000) {
+        let docs: Vec<bson::Document> = (start..start + 10_000)
+            .map(|n| doc! { "_id": n, "v": 0 })
+            .collect();
+        items.insert_many(docs).await?;
+    }
+    let config = database_config(
+        &h,
+        "signal_collection = \"shop.signals\"\nsnapshot_chunk_size = 200\n\
+         include = [\"shop.items\"]",
+    );
+    let path = h.write_config("incremental.toml", &config)?;
+    let mut first = h.spawn_binary(&path)?;
+    h.wait_ready().await?;
+    let signals = db.collection::<bson::Document>("signals");
+    signals
+        .insert_one(doc! {
+            "type": "execute-snapshot",
+            "data": { "data-collections": ["shop.items"], "type": "incremental" },
+        })
+        .await?;
+    h.wait_for_messages(STREAM, 5000, Duration::from_secs(60))
+        .await?;
+    first.kill9();
+    let at_crash = h.messages(STREAM).await?.len();
+    assert!(at_crash < total as usize, "the crash came too late");
+
+    let mut second = h.spawn_binary(&path)?;
+    let messages = h
+        .wait_settled(STREAM, total as u64, Duration::from_secs(120))
+        .await?;
+    let mut ids: Vec<i64> = messages
+        .iter()
+        .map(|m| json(m)["documentKey"]["_id"].as_i64().unwrap_or(-1))
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        (0..i64::from(total)).collect::<Vec<_>>(),
+        "each document once"
+    );
+    let log = second.log();
+    assert!(log.contains("incremental snapshot done"), "{log}");
+    assert!(
+        !log.contains("incremental snapshot started"),
+        "resumed, not restarted: {log}"
+    );
+
+    // A new snapshot, stopped by a signal soon after it starts.
+    signals
+        .insert_one(doc! {
+            "type": "execute-snapshot",
+            "data": { "data-collections": ["shop.items"], "type": "incremental" },
+        })
+        .await?;
+    second
+        .wait_for_log("incremental snapshot chunk", Duration::from_secs(30))
+        .await?;
+    signals.insert_one(doc! { "type": "stop-snapshot" }).await?;
+    second
+        .wait_for_log(
+            "incremental snapshot stopped by a signal",
+            Duration::from_secs(30),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = h.messages(STREAM).await?.len();
+    assert!(
+        after < 2 * total as usize,
+        "the stopped snapshot went on: {after} messages"
+    );
+    second.signal(support::SIGTERM)?;
+    second.wait_exit(Duration::from_secs(30)).await?;
+    Ok(())
+}

@@ -209,6 +209,12 @@ pub struct PipelineConfig {
     /// A snapshot interrupted by a crash or a stop resumes where it was.
     #[serde(default)]
     pub snapshot: SnapshotMode,
+    /// A collection (`db.coll`, inside the pipeline's scope) watched for signal documents:
+    /// `{type: "execute-snapshot", data: {"data-collections": ["db.coll"], type:
+    /// "incremental"}}` starts an incremental snapshot while streaming goes on, `{type:
+    /// "stop-snapshot"}` stops it. tidegate writes its watermarks there too, so it needs
+    /// write access. Its events are never published. Absent: no signals.
+    pub signal_collection: Option<String>,
     /// Documents per snapshot chunk (one query, one progress step). Default: 1000.
     #[serde(default = "default_snapshot_chunk")]
     pub snapshot_chunk_size: u32,
@@ -917,6 +923,29 @@ impl Config {
                      or start_after_token",
                     at("snapshot")
                 ));
+            }
+            if let Some(signals) = &pipeline.signal_collection {
+                let pattern = NamespacePattern::parse(signals)
+                    .ok()
+                    .filter(|p| p.coll.is_some())
+                    .ok_or_else(|| {
+                        format!(
+                            "{}: '{signals}' is not 'db.collection'",
+                            at("signal_collection")
+                        )
+                    })?;
+                let visible = pipeline
+                    .database
+                    .as_ref()
+                    .is_none_or(|db| *db == pattern.db)
+                    && pipeline.collections.len() != 1;
+                if !visible {
+                    return Err(format!(
+                        "{}: '{signals}' must be in the change stream's scope: watch its database \
+                         (no `collections`, or several)",
+                        at("signal_collection")
+                    ));
+                }
             }
             if pipeline.snapshot_chunk_size == 0 {
                 return Err(format!("{}: must be at least 1", at("snapshot_chunk_size")));

@@ -285,11 +285,11 @@ impl ChainStages {
             for item in batch {
                 self.apply_updates(stats);
                 let event = match item {
-                    SourceItem::Heartbeat(token) => {
+                    SourceItem::Heartbeat(token, snapshot) => {
                         framed.push(Unit {
                             messages: Vec::new(),
                             token,
-                            snapshot: None,
+                            snapshot,
                         });
                         continue;
                     }

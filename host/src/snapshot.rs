@@ -101,6 +101,15 @@ pub async fn namespaces(
     pipeline: &PipelineConfig,
     filters: Vec<Document>,
 ) -> Result<Vec<Namespace>, mongodb::error::Error> {
+    let candidates = in_scope(client, pipeline).await?;
+    filter_namespaces(client, candidates, filters).await
+}
+
+/// Every collection in the pipeline's database/collections scope, sorted.
+async fn in_scope(
+    client: &mongodb::Client,
+    pipeline: &PipelineConfig,
+) -> Result<Vec<(String, String)>, mongodb::error::Error> {
     let databases = match &pipeline.database {
         Some(db) => vec![db.clone()],
         None => client
@@ -120,6 +129,34 @@ pub async fn namespaces(
         names.sort();
         candidates.extend(names.into_iter().map(|coll| (db.clone(), coll)));
     }
+    Ok(candidates)
+}
+
+/// The `requested` collections (`db.coll`) that lie in the pipeline's scope and pass its
+/// namespace filters, for an incremental snapshot.
+pub async fn requested_namespaces(
+    client: &mongodb::Client,
+    pipeline: &PipelineConfig,
+    filters: Vec<Document>,
+    requested: &[String],
+) -> Result<Vec<Namespace>, mongodb::error::Error> {
+    let scope = in_scope(client, pipeline).await?;
+    let candidates = requested
+        .iter()
+        .filter_map(|name| name.split_once('.'))
+        .map(|(db, coll)| (db.to_string(), coll.to_string()))
+        .filter(|wanted| scope.contains(wanted))
+        .collect();
+    filter_namespaces(client, candidates, filters).await
+}
+
+/// Keeps the candidates the namespace `filters` let through, run by the server on synthetic
+/// events so that regexes behave as in the change stream.
+async fn filter_namespaces(
+    client: &mongodb::Client,
+    candidates: Vec<(String, String)>,
+    filters: Vec<Document>,
+) -> Result<Vec<Namespace>, mongodb::error::Error> {
     if candidates.is_empty() || filters.is_empty() {
         return Ok(candidates
             .into_iter()
@@ -209,6 +246,300 @@ pub async fn next_chunk(
         });
     }
     Ok(events)
+}
+
+/// An incremental snapshot, requested while streaming by a signal document (the
+/// Debezium `execute-snapshot` format) in the pipeline's `signal_collection`, and run chunk by
+/// chunk between watermarks so that a document changed meanwhile is never published stale
+/// after its newer change (the DBLog algorithm):
+///
+/// 1. write a *window-open* watermark into the signal collection, read the next chunk of up
+///    to `snapshot_chunk_size` documents by `_id`, write a *window-close* watermark;
+/// 2. while the stream is between the two watermarks, a change to a document of the chunk
+///    removes it from the chunk: the change event carries a state at least as new;
+/// 3. at the window-close watermark, the rest of the chunk is published as `snapshot-read`
+///    events, in the stream's order, and the next chunk starts.
+///
+/// The progress travels with every event and heartbeat into the checkpoint, so a restart
+/// continues with the chunk after the last acknowledged one. A `stop-snapshot` signal ends it.
+pub struct Incremental {
+    /// Names the snapshot in event ids and watermarks: the signal event's id.
+    id: String,
+    /// The unit whose watermarks these are (several units may share a signal collection).
+    unit: String,
+    signals: mongodb::Collection<Document>,
+    namespaces: Vec<Namespace>,
+    index: usize,
+    last_id: Option<Bson>,
+    done: u64,
+    chunks: u64,
+    window: Option<Window>,
+}
+
+/// The chunk read between two watermarks, waiting for the stream to reach them.
+struct Window {
+    /// Watermark id, `<snapshot id>:<chunk number>`.
+    id: String,
+    /// Whether the stream has passed the window-open watermark.
+    open: bool,
+    namespace: Namespace,
+    /// The chunk, in `_id` order; documents changed inside the window are removed.
+    documents: Vec<Document>,
+    /// `_id` of the chunk's last document, whether or not it is still in `documents`.
+    last_id: Bson,
+}
+
+/// What a signal-collection event means to the source.
+pub enum Signal {
+    /// Start an incremental snapshot of these collections (`db.coll`).
+    Execute(Vec<String>),
+    /// Stop the running one.
+    Stop,
+    /// A watermark (this unit's or another's).
+    Watermark {
+        /// `open` or `close`.
+        open: bool,
+        /// The watermark's window id.
+        window: String,
+        /// The unit that wrote it.
+        unit: String,
+    },
+    /// Anything else: ignored.
+    Other,
+}
+
+impl Signal {
+    /// Reads a signal document (the inserted document of a signal-collection event).
+    pub fn parse(document: Option<&Document>) -> Signal {
+        let Some(document) = document else {
+            return Signal::Other;
+        };
+        let kind = document.get_str("type").unwrap_or_default();
+        match kind {
+            "execute-snapshot" => Signal::Execute(
+                document
+                    .get_document("data")
+                    .ok()
+                    .and_then(|d| d.get_array("data-collections").ok())
+                    .map(|all| {
+                        all.iter()
+                            .filter_map(|c| c.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            ),
+            "stop-snapshot" => Signal::Stop,
+            "snapshot-window-open" | "snapshot-window-close" => Signal::Watermark {
+                open: kind == "snapshot-window-open",
+                window: document.get_str("window").unwrap_or_default().to_string(),
+                unit: document.get_str("unit").unwrap_or_default().to_string(),
+            },
+            _ => Signal::Other,
+        }
+    }
+}
+
+impl Incremental {
+    /// A new incremental snapshot of `namespaces`, named by the signal event's id.
+    pub fn new(
+        id: String,
+        unit: &str,
+        signals: mongodb::Collection<Document>,
+        namespaces: Vec<Namespace>,
+    ) -> Incremental {
+        Incremental {
+            id,
+            unit: unit.to_string(),
+            signals,
+            namespaces,
+            index: 0,
+            last_id: None,
+            done: 0,
+            chunks: 0,
+            window: None,
+        }
+    }
+
+    /// The one saved in a checkpoint, if `saved` is an incremental snapshot's progress.
+    pub fn restore(
+        saved: &Document,
+        unit: &str,
+        signals: mongodb::Collection<Document>,
+    ) -> Option<Incremental> {
+        if !saved.get_bool("incremental").unwrap_or(false) {
+            return None;
+        }
+        let namespaces = saved
+            .get_array("namespaces")
+            .ok()?
+            .iter()
+            .filter_map(|ns| ns.as_str())
+            .filter_map(|ns| ns.split_once('.'))
+            .map(|(db, coll)| Namespace {
+                db: db.to_string(),
+                coll: Some(coll.to_string()),
+            })
+            .collect();
+        Some(Incremental {
+            id: saved.get_str("id").ok()?.to_string(),
+            unit: unit.to_string(),
+            signals,
+            namespaces,
+            index: saved.get_i64("index").unwrap_or(0).max(0) as usize,
+            last_id: saved.get("lastId").cloned(),
+            done: saved.get_i64("done").unwrap_or(0).max(0) as u64,
+            chunks: saved.get_i64("chunks").unwrap_or(0).max(0) as u64,
+            window: None,
+        })
+    }
+
+    /// The progress saved with every position while the snapshot runs.
+    pub fn progress(&self) -> Document {
+        let namespaces: Vec<Bson> = self
+            .namespaces
+            .iter()
+            .map(|ns| Bson::String(ns.to_string()))
+            .collect();
+        let mut progress = doc! {
+            "incremental": true,
+            "id": &self.id,
+            "namespaces": namespaces,
+            "index": self.index as i64,
+            "done": self.done as i64,
+            "chunks": self.chunks as i64,
+        };
+        if let Some(id) = &self.last_id {
+            progress.insert("lastId", id.clone());
+        }
+        progress
+    }
+
+    /// Documents published so far.
+    pub fn done(&self) -> u64 {
+        self.done
+    }
+
+    /// Starts the next chunk: writes the opening watermark, reads the chunk, writes the
+    /// closing one. `Ok(false)` when every namespace has been read (the snapshot is over).
+    pub async fn next_chunk(
+        &mut self,
+        client: &mongodb::Client,
+        size: u32,
+    ) -> Result<bool, mongodb::error::Error> {
+        loop {
+            let Some(namespace) = self.namespaces.get(self.index).cloned() else {
+                return Ok(false);
+            };
+            let window = format!("{}:{}", self.id, self.chunks);
+            self.signals
+                .insert_one(
+                    doc! { "type": "snapshot-window-open", "window": &window, "unit": &self.unit },
+                )
+                .await?;
+            let filter = match &self.last_id {
+                Some(last) => doc! { "_id": { "$gt": last.clone() } },
+                None => doc! {},
+            };
+            let documents: Vec<Document> = client
+                .database(&namespace.db)
+                .collection::<Document>(namespace.coll.as_deref().unwrap_or_default())
+                .find(filter)
+                .sort(doc! { "_id": 1 })
+                .limit(i64::from(size))
+                .await?
+                .try_collect()
+                .await?;
+            self.signals
+                .insert_one(
+                    doc! { "type": "snapshot-window-close", "window": &window, "unit": &self.unit },
+                )
+                .await?;
+            self.chunks += 1;
+            let Some(last_id) = documents.last().and_then(|d| d.get("_id")).cloned() else {
+                // The namespace is done; the watermarks just written pass unused.
+                self.index += 1;
+                self.last_id = None;
+                continue;
+            };
+            self.window = Some(Window {
+                id: window,
+                open: false,
+                namespace,
+                documents,
+                last_id,
+            });
+            return Ok(true);
+        }
+    }
+
+    /// Sees a change event go by: inside the window, a change to a chunk document removes
+    /// it from the chunk.
+    pub fn saw_change(&mut self, change: &Change) {
+        let Some(window) = self.window.as_mut().filter(|w| w.open) else {
+            return;
+        };
+        if change.namespace != window.namespace {
+            return;
+        }
+        let Some(id) = change.document_key.as_ref().and_then(|k| k.get("_id")) else {
+            return;
+        };
+        window
+            .documents
+            .retain(|d| d.get("_id").is_none_or(|own| own != id));
+    }
+
+    /// Sees one of this unit's watermarks go by. At the window's close it returns the chunk's
+    /// remaining documents as events to publish at `token`'s position; the caller then starts
+    /// the next chunk.
+    pub fn saw_watermark(
+        &mut self,
+        open: bool,
+        window_id: &str,
+        token: &ResumeToken,
+    ) -> Option<Vec<SourceEvent>> {
+        let window = self.window.as_mut().filter(|w| w.id == window_id)?;
+        if open {
+            window.open = true;
+            return None;
+        }
+        let window = self.window.take()?;
+        let mut events = Vec::with_capacity(window.documents.len());
+        for document in window.documents {
+            let id = document.get("_id").cloned().unwrap_or(Bson::Null);
+            // Each event carries the progress up to itself: a crash half-way through the
+            // chunk re-reads only what was not acknowledged.
+            self.done += 1;
+            self.last_id = Some(id.clone());
+            let progress = self.progress();
+            let id_text = id.clone().into_relaxed_extjson().to_string();
+            events.push(SourceEvent {
+                token: token.clone(),
+                snapshot: Some(progress),
+                change: Change {
+                    id: format!("snapshot.{}.{}.{id_text}", self.id, window.namespace),
+                    operation: Operation::SnapshotRead,
+                    namespace: window.namespace.clone(),
+                    to: None,
+                    document_key: Some(doc! { "_id": id }),
+                    full_document: Some(document),
+                    full_document_before_change: None,
+                    update_description: None,
+                    cluster_time: None,
+                    wall_time: None,
+                    lsid: None,
+                    txn_number: None,
+                },
+            });
+        }
+        self.last_id = Some(window.last_id);
+        Some(events)
+    }
+
+    /// The unit these watermarks belong to.
+    pub fn unit(&self) -> &str {
+        &self.unit
+    }
 }
 
 #[cfg(test)]

@@ -24,17 +24,18 @@ use crate::config::{
     SnapshotMode, StartAt,
 };
 use crate::error::Error;
-use crate::event::{token_from_document, token_time, Namespace, Operation, SourceEvent};
+use crate::event::{token_from_document, token_id, token_time, Namespace, Operation, SourceEvent};
 use crate::sink::Position;
-use crate::snapshot::{self, Progress};
+use crate::snapshot::{self, Incremental, Progress, Signal};
 
 /// What the source hands downstream.
 #[derive(Debug)]
 pub enum SourceItem {
     /// A change.
     Event(Box<SourceEvent>),
-    /// No change arrived, but the stream's position moved on to this token.
-    Heartbeat(ResumeToken),
+    /// No change to publish, but the stream's position moved on to this token (with the
+    /// progress of a running incremental snapshot, if any).
+    Heartbeat(ResumeToken, Option<Document>),
 }
 
 /// Where to open the stream.
@@ -115,8 +116,21 @@ pub async fn run(
     events: mpsc::Sender<Vec<SourceItem>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
+    let signals = signal_collection(&client, &pipeline);
+    // An incremental snapshot the checkpoint says was running.
+    let mut incremental = match (&start, &signals) {
+        (
+            Some(Position {
+                snapshot: Some(progress),
+                ..
+            }),
+            Some((_, collection)),
+        ) => Incremental::restore(progress, &pipeline.id, collection.clone()),
+        _ => None,
+    };
     // A snapshot to take (or finish) before streaming.
     let (mut start, mut snapshot) = match start {
+        Some(Position { token, .. }) if incremental.is_some() => (OpenAt::ResumeAfter(token), None),
         Some(Position {
             token,
             snapshot: Some(progress),
@@ -174,6 +188,23 @@ pub async fn run(
             }
         };
         tracing::info!(pipeline = %pipeline.id, start = ?start_label(&start), "change stream open");
+        // A running incremental snapshot (re)starts its current chunk with fresh watermarks.
+        if let Some(running) = incremental.as_mut() {
+            match running
+                .next_chunk(&client, pipeline.snapshot_chunk_size)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => incremental = finished(&pipeline.id, incremental.take()),
+                Err(err) => {
+                    let what = "incremental snapshot read failed; retrying";
+                    if retry_later(&pipeline.id, what, err, &mut backoff, &mut shutdown).await? {
+                        return Ok(());
+                    }
+                    continue 'reopen;
+                }
+            }
+        }
         crate::metrics::pipeline(&pipeline.id).set_state(crate::metrics::State::Running);
         loop {
             if *shutdown.borrow() {
@@ -201,6 +232,49 @@ pub async fn run(
                 Ok(Some(event)) => {
                     backoff = MIN_BACKOFF;
                     let mut event = SourceEvent::from_driver(event);
+                    if let Some((namespace, collection)) = &signals {
+                        if event.change.namespace == *namespace {
+                            // A signal or a watermark: acted on, never published.
+                            let signal = match event.change.operation {
+                                Operation::Insert => {
+                                    Signal::parse(event.change.full_document.as_ref())
+                                }
+                                _ => Signal::Other,
+                            };
+                            let acted = on_signal(
+                                &client,
+                                &pipeline,
+                                collection,
+                                signal,
+                                &event,
+                                &mut incremental,
+                                &mut batch,
+                            )
+                            .await;
+                            if let Err(err) = acted {
+                                if !hand_off(&events, &mut batch).await {
+                                    return Ok(());
+                                }
+                                let what = "incremental snapshot read failed; retrying";
+                                if retry_later(&pipeline.id, what, err, &mut backoff, &mut shutdown)
+                                    .await?
+                                {
+                                    return Ok(());
+                                }
+                                continue 'reopen;
+                            }
+                            start = OpenAt::ResumeAfter(event.token.clone());
+                            batch.push(SourceItem::Heartbeat(
+                                event.token,
+                                incremental.as_ref().map(Incremental::progress),
+                            ));
+                            continue;
+                        }
+                    }
+                    if let Some(running) = incremental.as_mut() {
+                        running.saw_change(&event.change);
+                        event.snapshot = Some(running.progress());
+                    }
                     let invalidated = event.change.operation == Operation::Invalidate;
                     if invalidated && event.change.namespace.db.is_empty() {
                         // The server sends invalidate without `ns`; say what was invalidated.
@@ -245,7 +319,10 @@ pub async fn run(
                             if !matches!(start, OpenAt::StartAfter(_)) {
                                 start = OpenAt::ResumeAfter(token.clone());
                             }
-                            batch.push(SourceItem::Heartbeat(token));
+                            batch.push(SourceItem::Heartbeat(
+                                token,
+                                incremental.as_ref().map(Incremental::progress),
+                            ));
                             if !hand_off(&events, &mut batch).await {
                                 return Ok(());
                             }
@@ -304,6 +381,123 @@ fn first_start(pipeline: &PipelineConfig) -> Result<OpenAt, Error> {
             StartAt::ClusterTime(time) => OpenAt::AtTime(time),
         },
     })
+}
+
+/// The signal collection, if configured: its namespace and a handle to write watermarks.
+fn signal_collection(
+    client: &mongodb::Client,
+    pipeline: &PipelineConfig,
+) -> Option<(Namespace, mongodb::Collection<Document>)> {
+    let (db, coll) = pipeline.signal_collection.as_deref()?.split_once('.')?;
+    Some((
+        Namespace {
+            db: db.to_string(),
+            coll: Some(coll.to_string()),
+        },
+        client.database(db).collection(coll),
+    ))
+}
+
+/// Acts on one signal-collection event: starts or stops an incremental snapshot, or, at this
+/// unit's closing watermark, queues the chunk's remaining documents and starts the next.
+async fn on_signal(
+    client: &mongodb::Client,
+    pipeline: &PipelineConfig,
+    collection: &mongodb::Collection<Document>,
+    signal: Signal,
+    event: &SourceEvent,
+    incremental: &mut Option<Incremental>,
+    batch: &mut Vec<SourceItem>,
+) -> Result<(), mongodb::error::Error> {
+    let id = pipeline.id.as_str();
+    match signal {
+        Signal::Execute(_) if incremental.is_some() => {
+            tracing::warn!(
+                pipeline = id,
+                "execute-snapshot ignored: an incremental snapshot is already running"
+            );
+        }
+        Signal::Execute(requested) => {
+            let namespaces = snapshot::requested_namespaces(
+                client,
+                pipeline,
+                namespace_filter(pipeline),
+                &requested,
+            )
+            .await?;
+            let skipped: Vec<&String> = requested
+                .iter()
+                .filter(|r| !namespaces.iter().any(|ns| ns.to_string() == **r))
+                .collect();
+            if !skipped.is_empty() {
+                tracing::warn!(pipeline = id, ?skipped, "execute-snapshot: collections outside this pipeline's scope (or missing) are skipped");
+            }
+            if namespaces.is_empty() {
+                return Ok(());
+            }
+            tracing::info!(
+                pipeline = id,
+                collections = namespaces.len(),
+                "incremental snapshot started by a signal"
+            );
+            let mut running = Incremental::new(
+                format!("i{}", token_id(&event.token)),
+                id,
+                collection.clone(),
+                namespaces,
+            );
+            *incremental = match running
+                .next_chunk(client, pipeline.snapshot_chunk_size)
+                .await?
+            {
+                true => Some(running),
+                false => finished(id, Some(running)),
+            };
+        }
+        Signal::Stop => {
+            if let Some(stopped) = incremental.take() {
+                tracing::info!(
+                    pipeline = id,
+                    documents = stopped.done(),
+                    "incremental snapshot stopped by a signal"
+                );
+            }
+        }
+        Signal::Watermark { open, window, unit } if unit == id => {
+            let Some(running) = incremental.as_mut() else {
+                return Ok(());
+            };
+            if let Some(chunk) = running.saw_watermark(open, &window, &event.token) {
+                tracing::info!(
+                    pipeline = id,
+                    read = chunk.len(),
+                    done = running.done(),
+                    "incremental snapshot chunk"
+                );
+                batch.extend(chunk.into_iter().map(|e| SourceItem::Event(Box::new(e))));
+                if !running
+                    .next_chunk(client, pipeline.snapshot_chunk_size)
+                    .await?
+                {
+                    *incremental = finished(id, incremental.take());
+                }
+            }
+        }
+        Signal::Watermark { .. } | Signal::Other => {}
+    }
+    Ok(())
+}
+
+/// Logs the end of an incremental snapshot; returns `None` for the caller's state.
+fn finished(pipeline: &str, done: Option<Incremental>) -> Option<Incremental> {
+    if let Some(done) = done {
+        tracing::info!(
+            pipeline,
+            documents = done.done(),
+            "incremental snapshot done"
+        );
+    }
+    None
 }
 
 /// A snapshot to take before streaming.
@@ -397,7 +591,7 @@ async fn take_snapshot(
     );
     // A unit with no snapshot progress: the checkpoint becomes a plain position again.
     if events
-        .send(vec![SourceItem::Heartbeat(progress.start.clone())])
+        .send(vec![SourceItem::Heartbeat(progress.start.clone(), None)])
         .await
         .is_err()
     {
@@ -702,6 +896,19 @@ fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
             .iter()
             .filter_map(|stage| check_stage(stage).ok()),
     );
+    // Signal-collection events pass every filter: they steer snapshots.
+    if let Some((db, coll)) = pipeline
+        .signal_collection
+        .as_deref()
+        .and_then(|s| s.split_once('.'))
+    {
+        for stage in &mut stages {
+            if let Ok(condition) = stage.get_document("$match") {
+                let either = doc! { "$or": [{ "ns.db": db, "ns.coll": coll }, condition.clone()] };
+                *stage = doc! { "$match": either };
+            }
+        }
+    }
     stages
 }
 
