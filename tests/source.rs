@@ -550,3 +550,61 @@ async fn incremental_snapshot_resumes_after_a_crash_and_stops_on_signal() -> any
     second.wait_exit(Duration::from_secs(30)).await?;
     Ok(())
 }
+
+/// Heartbeats: tidegate writes its heartbeat document (whose events are never published),
+/// the filtered stream's position keeps moving while nothing in scope changes, and heartbeat
+/// messages are published at most every `heartbeat_publish_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_move_an_idle_filtered_pipeline() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let config = database_config(
+        &h,
+        "include = [\"shop.orders\"]\nheartbeat_collection = \"shop.heartbeats\"\n\
+         heartbeat_write_ms = 200\nheartbeat_publish_ms = 700",
+    );
+    let path = h.write_config("heartbeat.toml", &config)?;
+    let running = InProcess::start(&path)?;
+    h.wait_ready().await?;
+    let js = async_nats::jetstream::new(h.nats_client().await?);
+    let kv = js.get_key_value("tidegate-checkpoints").await?;
+    let checkpoint = || async { anyhow::Ok(kv.get(support::PIPELINE).await?.unwrap_or_default()) };
+    let first = checkpoint().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = checkpoint().await?;
+    assert_ne!(first, later, "the idle pipeline's checkpoint moved");
+
+    h.collection().await?.insert_one(doc! { "n": 1 }).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let messages = h.messages(STREAM).await?;
+    running.stop().await?;
+    let heartbeats: Vec<_> = messages
+        .iter()
+        .filter(|m| m.subject.as_str() == "cdc.heartbeat")
+        .collect();
+    assert!(
+        (2..=8).contains(&heartbeats.len()),
+        "about one per 700 ms over ~4 s: {}",
+        heartbeats.len()
+    );
+    assert_eq!(json(heartbeats[0])["pipeline"], support::PIPELINE);
+    let others: Vec<_> = messages
+        .iter()
+        .filter(|m| m.subject.as_str() != "cdc.heartbeat")
+        .map(|m| json(m)["ns"]["coll"].clone())
+        .collect();
+    assert_eq!(
+        others,
+        vec![serde_json::json!("orders")],
+        "heartbeat writes are never published"
+    );
+    let beat = h
+        .mongo
+        .client()
+        .await?
+        .database(DB)
+        .collection::<bson::Document>("heartbeats")
+        .find_one(doc! { "_id": support::PIPELINE })
+        .await?;
+    assert!(beat.is_some_and(|b| b.get_datetime("at").is_ok()));
+    Ok(())
+}

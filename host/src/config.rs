@@ -215,6 +215,19 @@ pub struct PipelineConfig {
     /// "stop-snapshot"}` stops it. tidegate writes its watermarks there too, so it needs
     /// write access. Its events are never published. Absent: no signals.
     pub signal_collection: Option<String>,
+    /// Publish a heartbeat message on `<subject_prefix>.heartbeat` at most this often while
+    /// the stream is idle (payload: the unit and the stream's cluster time), so consumers can
+    /// tell a quiet pipeline from a dead one. 0 (default): none.
+    #[serde(default)]
+    pub heartbeat_publish_ms: u64,
+    /// A collection (`db.coll`, inside the stream's scope) that tidegate updates every
+    /// `heartbeat_write_ms` (one document per unit). Its events are never published; they
+    /// keep the stream's position moving where filters leave a busy cluster's stream with
+    /// nothing to return for long. Absent: no writes.
+    pub heartbeat_collection: Option<String>,
+    /// How often the heartbeat document is written, in milliseconds. Default: 10000.
+    #[serde(default = "default_heartbeat_write_ms")]
+    pub heartbeat_write_ms: u64,
     /// Documents per snapshot chunk (one query, one progress step). Default: 1000.
     #[serde(default = "default_snapshot_chunk")]
     pub snapshot_chunk_size: u32,
@@ -718,6 +731,9 @@ fn default_checkpoint_database() -> String {
 fn default_checkpoint_collection() -> String {
     "checkpoints".to_string()
 }
+fn default_heartbeat_write_ms() -> u64 {
+    10_000
+}
 fn default_snapshot_chunk() -> u32 {
     1000
 }
@@ -924,16 +940,18 @@ impl Config {
                     at("snapshot")
                 ));
             }
-            if let Some(signals) = &pipeline.signal_collection {
+            let control = [
+                ("signal_collection", &pipeline.signal_collection),
+                ("heartbeat_collection", &pipeline.heartbeat_collection),
+            ];
+            for (key, signals) in control
+                .iter()
+                .filter_map(|(k, c)| c.as_ref().map(|c| (*k, c)))
+            {
                 let pattern = NamespacePattern::parse(signals)
                     .ok()
                     .filter(|p| p.coll.is_some())
-                    .ok_or_else(|| {
-                        format!(
-                            "{}: '{signals}' is not 'db.collection'",
-                            at("signal_collection")
-                        )
-                    })?;
+                    .ok_or_else(|| format!("{}: '{signals}' is not 'db.collection'", at(key)))?;
                 let visible = pipeline
                     .database
                     .as_ref()
@@ -943,9 +961,12 @@ impl Config {
                     return Err(format!(
                         "{}: '{signals}' must be in the change stream's scope: watch its database \
                          (no `collections`, or several)",
-                        at("signal_collection")
+                        at(key)
                     ));
                 }
+            }
+            if pipeline.heartbeat_write_ms == 0 {
+                return Err(format!("{}: must be at least 1", at("heartbeat_write_ms")));
             }
             if pipeline.snapshot_chunk_size == 0 {
                 return Err(format!("{}: must be at least 1", at("snapshot_chunk_size")));

@@ -19,6 +19,7 @@ use std::time::Duration;
 use async_nats::jetstream::Context;
 use async_nats::HeaderMap;
 use futures::FutureExt;
+use mongodb::change_stream::event::ResumeToken;
 use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::CheckpointStore;
@@ -125,6 +126,10 @@ pub async fn run(
         }
     }));
 
+    let _heartbeat_writer = AbortOnDrop(tokio::spawn(source::write_heartbeats(
+        mongo.clone(),
+        pipeline.clone(),
+    )));
     let framer = Framer::new(&pipeline, max_payload)?;
     let chain_stats = stats.clone();
     let scope = pipeline.clone();
@@ -287,7 +292,7 @@ impl ChainStages {
                 let event = match item {
                     SourceItem::Heartbeat(token, snapshot) => {
                         framed.push(Unit {
-                            messages: Vec::new(),
+                            messages: self.framer.heartbeat(&token),
                             token,
                             snapshot,
                         });
@@ -360,6 +365,10 @@ struct Framer {
     max_payload: usize,
     /// The headers every message starts with, built once.
     common_headers: HeaderMap,
+    /// `heartbeat_publish_ms`, and when the last heartbeat message was framed.
+    heartbeat_every: Option<std::time::Duration>,
+    last_heartbeat: Option<std::time::Instant>,
+    heartbeat_subject: String,
 }
 
 impl Framer {
@@ -385,11 +394,43 @@ impl Framer {
             encoding: pipeline.sink.encoding,
             max_payload,
             common_headers,
+            heartbeat_every: (pipeline.heartbeat_publish_ms > 0)
+                .then(|| Duration::from_millis(pipeline.heartbeat_publish_ms)),
+            last_heartbeat: None,
+            heartbeat_subject: format!("{}.heartbeat", pipeline.sink.subject_prefix),
         })
     }
 
     fn headers(&self) -> HeaderMap {
         self.common_headers.clone()
+    }
+
+    /// A heartbeat message for an idle stream at `token`, if heartbeats are published and
+    /// the last one is old enough.
+    fn heartbeat(&mut self, token: &ResumeToken) -> Vec<Message> {
+        let Some(every) = self.heartbeat_every else {
+            return Vec::new();
+        };
+        if self.last_heartbeat.is_some_and(|at| at.elapsed() < every) {
+            return Vec::new();
+        }
+        self.last_heartbeat = Some(std::time::Instant::now());
+        let time = crate::event::token_time(token);
+        let payload = serde_json::json!({
+            "pipeline": self.pipeline,
+            "clusterTime": time.map(|t| format!("{}.{}", t.time, t.increment)),
+            "at": bson::DateTime::now().try_to_rfc3339_string().ok(),
+        });
+        vec![Message {
+            subject: self.heartbeat_subject.clone(),
+            msg_id: format!(
+                "{}:{}:heartbeat",
+                self.pipeline,
+                crate::event::token_id(token)
+            ),
+            headers: self.headers(),
+            payload: payload.to_string().into(),
+        }]
     }
 
     fn frame(&self, event: &SourceEvent, verdict: Verdict, stats: &PipelineStats) -> Unit {

@@ -117,6 +117,14 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let signals = signal_collection(&client, &pipeline);
+    let heartbeats = pipeline
+        .heartbeat_collection
+        .as_deref()
+        .and_then(|ns| ns.split_once('.'))
+        .map(|(db, coll)| Namespace {
+            db: db.to_string(),
+            coll: Some(coll.to_string()),
+        });
     // An incremental snapshot the checkpoint says was running.
     let mut incremental = match (&start, &signals) {
         (
@@ -232,6 +240,15 @@ pub async fn run(
                 Ok(Some(event)) => {
                     backoff = MIN_BACKOFF;
                     let mut event = SourceEvent::from_driver(event);
+                    if heartbeats.as_ref() == Some(&event.change.namespace) {
+                        // tidegate's own heartbeat write: it only moves the position.
+                        start = OpenAt::ResumeAfter(event.token.clone());
+                        batch.push(SourceItem::Heartbeat(
+                            event.token,
+                            incremental.as_ref().map(Incremental::progress),
+                        ));
+                        continue;
+                    }
                     if let Some((namespace, collection)) = &signals {
                         if event.change.namespace == *namespace {
                             // A signal or a watermark: acted on, never published.
@@ -381,6 +398,40 @@ fn first_start(pipeline: &PipelineConfig) -> Result<OpenAt, Error> {
             StartAt::ClusterTime(time) => OpenAt::AtTime(time),
         },
     })
+}
+
+/// Updates this unit's document in `heartbeat_collection` every `heartbeat_write_ms`, so
+/// that the change stream always has an event to move its position with. Runs until
+/// aborted; a failed write is retried at the next tick.
+pub async fn write_heartbeats(client: mongodb::Client, pipeline: PipelineConfig) {
+    let Some((db, coll)) = pipeline
+        .heartbeat_collection
+        .as_deref()
+        .and_then(|c| c.split_once('.'))
+    else {
+        return;
+    };
+    let heartbeats = client.database(db).collection::<Document>(coll);
+    let mut tick = tokio::time::interval(Duration::from_millis(pipeline.heartbeat_write_ms));
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let written = heartbeats
+            .update_one(
+                doc! { "_id": &pipeline.id },
+                doc! { "$set": { "at": bson::DateTime::now() } },
+            )
+            .upsert(true)
+            .await;
+        match written {
+            Ok(_) => failing = false,
+            Err(err) if !failing => {
+                failing = true;
+                tracing::warn!(pipeline = %pipeline.id, error = %err, "cannot write the heartbeat document; retrying");
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// The signal collection, if configured: its namespace and a handle to write watermarks.
@@ -896,11 +947,11 @@ fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
             .iter()
             .filter_map(|stage| check_stage(stage).ok()),
     );
-    // Signal-collection events pass every filter: they steer snapshots.
-    if let Some((db, coll)) = pipeline
-        .signal_collection
-        .as_deref()
-        .and_then(|s| s.split_once('.'))
+    // Signal and heartbeat collections pass every filter: they steer the source.
+    let control = [&pipeline.signal_collection, &pipeline.heartbeat_collection];
+    for (db, coll) in control
+        .into_iter()
+        .filter_map(|c| c.as_deref().and_then(|c| c.split_once('.')))
     {
         for stage in &mut stages {
             if let Ok(condition) = stage.get_document("$match") {
