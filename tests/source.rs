@@ -280,10 +280,19 @@ async fn initial_snapshot_then_stream_without_gap() -> anyhow::Result<()> {
         "full_document = \"update-lookup\"\nsnapshot = \"initial\"\nsnapshot_chunk_size = 700\n\
          stages = [{ \"$match\" = { \"fullDocument.n\" = { \"$gte\" = -1 } } }]",
     );
+    // A pipeline id of its own (metrics are per process) and the endpoint, for progress.
+    let address = format!("127.0.0.1:{}", tidegate_testkit::free_port());
+    let config = config.replace("id = \"orders\"", "id = \"initial\"")
+        + &format!("\n[http]\naddress = \"{address}\"\n");
     let path = h.write_config("snapshot.toml", &config)?;
     let running = InProcess::start(&path)?;
     h.wait_for_messages(STREAM, 2500, Duration::from_secs(60))
         .await?;
+    let (_, metrics) = support::http_get(&address, "/metrics").await?;
+    assert!(
+        metrics.contains("tidegate_snapshot_documents_total{pipeline=\"initial\"} 2500"),
+        "{metrics}"
+    );
     orders.insert_one(doc! { "_id": 2500, "n": 2500 }).await?;
     orders
         .update_one(doc! { "_id": 0 }, doc! { "$set": { "n": -1 } })

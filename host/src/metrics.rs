@@ -175,6 +175,7 @@ pub struct PipelineMetrics {
     dead_letters: Mutex<std::collections::BTreeMap<(String, String), u64>>,
     reloads_applied: AtomicU64,
     reloads_refused: AtomicU64,
+    snapshot_documents: AtomicU64,
     published: AtomicU64,
     duplicates: AtomicU64,
     retries: AtomicU64,
@@ -225,6 +226,7 @@ impl PipelineMetrics {
             dead_letters: Mutex::new(Default::default()),
             reloads_applied: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
+            snapshot_documents: AtomicU64::new(0),
             published: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             retries: AtomicU64::new(0),
@@ -274,6 +276,12 @@ impl PipelineMetrics {
             *all.entry((plugin.to_string(), reason.to_string()))
                 .or_default() += 1;
         }
+    }
+
+    /// A snapshot (initial or incremental) read `count` more documents.
+    pub fn snapshot_read(&self, count: usize) {
+        self.snapshot_documents
+            .fetch_add(count as u64, Ordering::Relaxed);
     }
 
     /// A hot reload (or SIGHUP) put new plugins in place.
@@ -607,6 +615,12 @@ impl Registry {
                 "counter",
                 "Events sent to the dead-letter subject.",
                 |m| Some(m.dead_lettered.load(Ordering::Relaxed) as f64),
+            ),
+            (
+                "tidegate_snapshot_documents_total",
+                "counter",
+                "Documents read by snapshots (initial and incremental): their progress.",
+                |m| Some(m.snapshot_documents.load(Ordering::Relaxed) as f64),
             ),
             (
                 "tidegate_events_skipped_total",

@@ -525,6 +525,7 @@ async fn on_signal(
                     done = running.done(),
                     "incremental snapshot chunk"
                 );
+                crate::metrics::pipeline(id).snapshot_read(chunk.len());
                 batch.extend(chunk.into_iter().map(|e| SourceItem::Event(Box::new(e))));
                 if !running
                     .next_chunk(client, pipeline.snapshot_chunk_size)
@@ -618,6 +619,7 @@ async fn take_snapshot(
                     done = progress.done,
                     "snapshot chunk"
                 );
+                crate::metrics::pipeline(id).snapshot_read(chunk.len());
                 let items = chunk
                     .into_iter()
                     .map(|event| SourceItem::Event(Box::new(event)))
