@@ -345,6 +345,35 @@ async fn checkpoint_lost_from_the_oplog_is_a_clear_error() -> anyhow::Result<()>
     assert!(log.contains("ChangeStreamHistoryLost"), "{log}");
     assert!(log.contains("the oldest oplog entry is"), "{log}");
 
+    // snapshot = "when-needed": the same lost checkpoint (copied to a pipeline of its own)
+    // leads to a new snapshot of what the collection holds now, then streaming.
+    let js = async_nats::jetstream::new(h.nats_client().await?);
+    let kv = js.get_key_value("tidegate-checkpoints").await?;
+    let lost = kv.get(support::PIPELINE).await?.context("checkpoint")?;
+    kv.put("resnap", lost).await?;
+    let resnap = h
+        .config("", "")
+        .replace("id = \"orders\"", "id = \"resnap\"")
+        .replace("stream = \"ORDERS\"", "stream = \"RESNAP\"")
+        .replace("subject_prefix = \"cdc\"", "subject_prefix = \"resnap\"")
+        .replace(
+            "full_document = \"update-lookup\"",
+            "full_document = \"update-lookup\"\nsnapshot = \"when-needed\"",
+        );
+    let resnap_path = h.write_config("resnap.toml", &resnap)?;
+    let held = h.collection().await?.count_documents(doc! {}).await?;
+    let mut tidegate = h.spawn_binary(&resnap_path)?;
+    tidegate
+        .wait_for_log("taking a new snapshot", Duration::from_secs(60))
+        .await?;
+    let messages = h
+        .wait_settled("RESNAP", held, Duration::from_secs(60))
+        .await?;
+    assert_eq!(messages.len() as u64, held, "every document once");
+    assert!(messages.iter().all(|m| json(m)["operationType"] == "read"));
+    tidegate.signal(SIGTERM)?;
+    tidegate.wait_exit(Duration::from_secs(30)).await?;
+
     // on_history_lost = "latest": resumes from now, says so loudly, and publishes what
     // follows (the ~40 MB written while it was down are skipped, as the policy says).
     let latest = h.config("", "").replace(

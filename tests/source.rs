@@ -617,3 +617,47 @@ async fn heartbeats_move_an_idle_filtered_pipeline() -> anyhow::Result<()> {
     assert!(beat.is_some_and(|b| b.get_datetime("at").is_ok()));
     Ok(())
 }
+
+/// On an interactive terminal a snapshot draws a progress bar (here under `script`, which
+/// gives the binary a pseudo-terminal); without one it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_progress_bar_on_a_terminal_only() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let orders = h.collection().await?;
+    let docs: Vec<bson::Document> = (0..2500).map(|n| doc! { "_id": n, "n": n }).collect();
+    orders.insert_many(docs).await?;
+    let config = h.config("", "").replace(
+        "full_document = \"update-lookup\"",
+        "full_document = \"update-lookup\"\nsnapshot = \"always\"\nsnapshot_chunk_size = 500",
+    );
+    let path = h.write_config("bar.toml", &config)?;
+    let typescript = h.dir.path().join("terminal.txt");
+    let command = format!(
+        "timeout -s TERM 10 {} run --config {}",
+        env!("CARGO_BIN_EXE_tidegate"),
+        path.display()
+    );
+    let script_out = typescript.clone();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("script")
+            .args(["-qfec", &command])
+            .arg(&script_out)
+            .stdin(std::process::Stdio::null())
+            .status()
+    })
+    .await??;
+    let screen = String::from_utf8_lossy(&std::fs::read(&typescript)?).into_owned();
+    assert!(status.success() || screen.contains("100%"), "{screen}");
+    assert!(screen.contains("orders snapshot ["), "{screen}");
+    assert!(screen.contains("100% 2500/2500"), "{screen}");
+
+    // Without a terminal: the log lines only.
+    let mut plain = h.spawn_binary(&path)?;
+    plain
+        .wait_for_log("snapshot done", Duration::from_secs(30))
+        .await?;
+    plain.signal(support::SIGTERM)?;
+    plain.wait_exit(Duration::from_secs(30)).await?;
+    assert!(!plain.log().contains("snapshot ["), "{}", plain.log());
+    Ok(())
+}

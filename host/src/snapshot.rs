@@ -20,6 +20,18 @@ use mongodb::change_stream::event::ResumeToken;
 use crate::config::PipelineConfig;
 use crate::event::{token_id, Change, Namespace, Operation, SourceEvent};
 
+/// The server's estimate of how many documents `namespaces` hold, for the progress bar.
+pub async fn estimated_total(client: &mongodb::Client, namespaces: &[Namespace]) -> u64 {
+    let mut total = 0;
+    for ns in namespaces {
+        let collection = client
+            .database(&ns.db)
+            .collection::<Document>(ns.coll.as_deref().unwrap_or_default());
+        total += collection.estimated_document_count().await.unwrap_or(0);
+    }
+    total
+}
+
 /// How far a snapshot has come; saved in the checkpoint as a document.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Progress {
@@ -274,6 +286,8 @@ pub struct Incremental {
     done: u64,
     chunks: u64,
     window: Option<Window>,
+    /// The server's estimate of the documents to read (for the progress bar), once known.
+    estimate: Option<u64>,
 }
 
 /// The chunk read between two watermarks, waiting for the stream to reach them.
@@ -357,6 +371,7 @@ impl Incremental {
             done: 0,
             chunks: 0,
             window: None,
+            estimate: None,
         }
     }
 
@@ -390,6 +405,7 @@ impl Incremental {
             done: saved.get_i64("done").unwrap_or(0).max(0) as u64,
             chunks: saved.get_i64("chunks").unwrap_or(0).max(0) as u64,
             window: None,
+            estimate: None,
         })
     }
 
@@ -417,6 +433,14 @@ impl Incremental {
     /// Documents published so far.
     pub fn done(&self) -> u64 {
         self.done
+    }
+
+    /// The server's estimate of the documents to read, asked once.
+    pub async fn estimate(&mut self, client: &mongodb::Client) -> u64 {
+        if self.estimate.is_none() {
+            self.estimate = Some(estimated_total(client, &self.namespaces).await);
+        }
+        self.estimate.unwrap_or(0)
     }
 
     /// Starts the next chunk: writes the opening watermark, reads the chunk, writes the

@@ -526,6 +526,8 @@ async fn on_signal(
                     "incremental snapshot chunk"
                 );
                 crate::metrics::pipeline(id).snapshot_read(chunk.len());
+                let total = running.estimate(client).await;
+                crate::telemetry::snapshot_progress(id, running.done(), total);
                 batch.extend(chunk.into_iter().map(|e| SourceItem::Event(Box::new(e))));
                 if !running
                     .next_chunk(client, pipeline.snapshot_chunk_size)
@@ -597,6 +599,7 @@ async fn take_snapshot(
             }
         },
     };
+    let total = snapshot::estimated_total(client, &progress.namespaces).await;
     tracing::info!(
         pipeline = id,
         namespaces = progress.namespaces.len(),
@@ -620,6 +623,7 @@ async fn take_snapshot(
                     "snapshot chunk"
                 );
                 crate::metrics::pipeline(id).snapshot_read(chunk.len());
+                crate::telemetry::snapshot_progress(id, progress.done, total);
                 let items = chunk
                     .into_iter()
                     .map(|event| SourceItem::Event(Box::new(event)))

@@ -28,3 +28,45 @@ pub fn init(config: &LogConfig) {
 
 /// The counters of one pipeline's stages (kept in the [`metrics`](crate::metrics) registry).
 pub type PipelineStats = crate::metrics::PipelineMetrics;
+
+/// Draws a snapshot's progress bar on stderr when it is an interactive terminal (elsewhere
+/// the per-chunk log line and the `tidegate_snapshot_documents_total` metric carry it). The
+/// bar is redrawn in place; log lines may push it down, and the next chunk redraws it.
+pub fn snapshot_progress(pipeline: &str, done: u64, total: u64) {
+    if !std::io::stderr().is_terminal() {
+        return;
+    }
+    eprint!("\r\x1b[2K{}", progress_line(pipeline, done, total));
+    if done >= total {
+        eprintln!();
+    }
+}
+
+/// `<pipeline> snapshot [#####-----]  50% 500/1000`; `total` is the server's estimate, so
+/// `done` may pass it.
+fn progress_line(pipeline: &str, done: u64, total: u64) -> String {
+    const WIDTH: u64 = 30;
+    let total = total.max(done).max(1);
+    let filled = (done * WIDTH / total) as usize;
+    format!(
+        "{pipeline} snapshot [{}{}] {:>3}% {done}/{total}",
+        "#".repeat(filled),
+        "-".repeat(WIDTH as usize - filled),
+        done * 100 / total
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::progress_line;
+
+    #[test]
+    fn progress_bar_text() {
+        assert_eq!(
+            progress_line("shop", 500, 1000),
+            "shop snapshot [###############---------------]  50% 500/1000"
+        );
+        assert!(progress_line("shop", 1200, 1000).contains("100% 1200/1200"));
+        assert!(progress_line("shop", 0, 0).contains("  0% 0/1"));
+    }
+}
