@@ -16,7 +16,8 @@
 //!   units of their own here.
 //! - [`source`] — the change stream: open, resume, heartbeat, fatal vs. transient errors,
 //!   start positions, invalidate and lost-history policies.
-//! - [`snapshot`] — reading existing documents before streaming, in resumable chunks.
+//! - [`snapshot`] — reading existing documents in resumable chunks: before streaming
+//!   (initial), or on a signal while streaming (incremental, between watermarks).
 //! - [`event`] — the change as tidegate carries it (BSON documents, resume token).
 //! - [`plugin`] — loading components, the WIT bindings, running a chain over an event,
 //!   quarantine.
@@ -31,12 +32,13 @@
 //! - [`fence`] — whether this process may still write for a pipeline.
 //! - [`lease`] — high availability: pipelines shared between instances through NATS KV leases.
 //! - [`pipeline`] — wiring one pipeline's stages together, shutdown and draining.
-//! - [`telemetry`] — logs.
+//! - [`telemetry`] — logs, and the snapshot progress bar on a terminal.
 //! - [`oplog`] — how close each position is to the oplog's oldest entry.
 //! - [`metrics`] — every counter, gauge and histogram, rendered for Prometheus and `/status`.
 //!
-//! The binary (`src/main.rs`) only parses the command line, installs signal handlers and
-//! calls [`run`].
+//! The binary (`src/main.rs`) parses the command line, installs signal handlers and calls
+//! [`run`]; the plugin author's tools (`tidegate plugin new | inspect | test`) are its
+//! `plugin_cli` module.
 
 #![deny(missing_docs)]
 
