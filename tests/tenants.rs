@@ -80,6 +80,14 @@ subject_prefix = "bad"
     )
 }
 
+/// Runs tidegate in-process on `config` and waits until `units` have checkpointed.
+async fn start_tenants(h: &Harness, config: &str, units: &[&str]) -> anyhow::Result<InProcess> {
+    let path = h.write_config("tenants.toml", config)?;
+    let running = InProcess::start(&path)?;
+    wait_tenants_ready(h, units).await?;
+    Ok(running)
+}
+
 /// Waits until both tenant units have checkpointed (their change streams are open).
 async fn wait_tenants_ready(h: &Harness, units: &[&str]) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(h.nats_client().await?);
@@ -180,9 +188,7 @@ async fn hostile_plugin_harms_only_its_own_tenant() -> anyhow::Result<()> {
     let config = config.replace("id = \"shop\"", "id = \"hostile\"");
     let address = format!("127.0.0.1:{}", free_port());
     let config = format!("{config}\n[http]\naddress = \"{address}\"\n");
-    let path = h.write_config("tenants.toml", &config)?;
-    let running = InProcess::start(&path)?;
-    wait_tenants_ready(&h, &["hostile.good", "hostile.bad"]).await?;
+    let running = start_tenants(&h, &config, &["hostile.good", "hostile.bad"]).await?;
 
     let client = h.mongo.client().await?;
     let orders = client.database(DB).collection::<bson::Document>("orders");
@@ -316,9 +322,7 @@ async fn failing_plugin_is_quarantined_until_replaced() -> anyhow::Result<()> {
         "[[pipeline.tenant.plugins]]\nname = \"tenant\"",
         "quarantine = { after_failures = 3, action = \"dead-letter\" }",
     );
-    let path = h.write_config("tenants.toml", &config)?;
-    let running = InProcess::start(&path)?;
-    wait_tenants_ready(&h, &["shop.good", "shop.bad"]).await?;
+    let running = start_tenants(&h, &config, &["shop.good", "shop.bad"]).await?;
     let orders = h.collection().await?;
 
     for n in 0..3 {
@@ -393,9 +397,7 @@ async fn halt_stops_only_the_failing_tenant() -> anyhow::Result<()> {
         "[[pipeline.tenant.plugins]]\nname = \"faulty\"",
         "quarantine = { after_failures = 2, action = \"halt\" }",
     );
-    let path = h.write_config("tenants.toml", &config)?;
-    let running = InProcess::start(&path)?;
-    wait_tenants_ready(&h, &["shop.good", "shop.bad"]).await?;
+    let running = start_tenants(&h, &config, &["shop.good", "shop.bad"]).await?;
     let orders = h.collection().await?;
     for n in 0..2 {
         orders.insert_one(doc! { "n": n, "fail": true }).await?;

@@ -798,16 +798,8 @@ impl Env {
         prefix: &str,
         plugins: &str,
     ) -> anyhow::Result<Config> {
-        let text = format!(
+        self.parse_config(&format!(
             r#"
-plugin_dir = "{dir}"
-
-[log]
-level = "warn"
-
-[nats]
-url = "{nats}"
-
 [[pipeline]]
 id = "{id}"
 mongodb_uri = "{mongo}"
@@ -823,9 +815,17 @@ interval_ms = 200
 
 {plugins}
 "#,
-            dir = self.plugins.display(),
-            nats = self.nats.url(),
             mongo = self.mongo.uri(),
+        ))
+    }
+
+    /// A config of `pipelines` (TOML tables) on this environment's servers and plugins,
+    /// logging warnings only.
+    fn parse_config(&self, pipelines: &str) -> anyhow::Result<Config> {
+        let text = format!(
+            "plugin_dir = \"{}\"\n[log]\nlevel = \"warn\"\n[nats]\nurl = \"{}\"\n{pipelines}",
+            self.plugins.display(),
+            self.nats.url(),
         );
         Config::parse(&text, &self.plugins, |_| None).map_err(|e| anyhow!("bench config: {e}"))
     }
@@ -1504,13 +1504,8 @@ async fn tenants_backlog(env: &Env, n: usize, k: usize) -> anyhow::Result<(f64, 
             )
         })
         .collect();
-    let text = format!(
+    let config = env.parse_config(&format!(
         r#"
-plugin_dir = "{dir}"
-[log]
-level = "warn"
-[nats]
-url = "{nats}"
 [[pipeline]]
 id = "bench-tenants-{k}"
 mongodb_uri = "{mongo}"
@@ -1520,12 +1515,8 @@ collections = ["{coll}"]
 interval_ms = 200
 {tenants}
 "#,
-        dir = env.plugins.display(),
-        nats = env.nats.url(),
         mongo = env.mongo.uri(),
-    );
-    let config =
-        Config::parse(&text, &env.plugins, |_| None).map_err(|e| anyhow!("tenants config: {e}"))?;
+    ))?;
     let running = Running::start(config.clone());
     for i in 0..k {
         env.wait_checkpoint(&format!("bench-tenants-{k}.t{i}"))
