@@ -51,7 +51,10 @@ async fn write_around_oversize(h: &Harness) -> anyhow::Result<()> {
     let orders = h.collection().await?;
     orders.insert_one(doc! { "_id": 1, "n": 1 }).await?;
     orders
-        .update_one(doc! { "_id": "big" }, doc! { "$set": { "big": "b".repeat(BIG) } })
+        .update_one(
+            doc! { "_id": "big" },
+            doc! { "$set": { "big": "b".repeat(BIG) } },
+        )
         .await?;
     orders.insert_one(doc! { "_id": 2, "n": 2 }).await?;
     Ok(())
@@ -101,11 +104,33 @@ async fn fail_stops_with_an_error_naming_the_event() -> anyhow::Result<()> {
     let status = tidegate.wait_exit(Duration::from_secs(120)).await?;
     let log = tidegate.log();
     assert_eq!(status.code(), Some(1), "{log}");
-    assert!(log.contains("an event over 16 MiB stopped the stream"), "{log}");
+    assert!(
+        log.contains("an event over 16 MiB stopped the stream"),
+        "{log}"
+    );
     assert!(log.contains("update on shop.orders"), "{log}");
     assert!(log.contains("document key {\"_id\":\"big\"}"), "{log}");
-    assert!(log.contains("oversize = \\\"split\\\"") || log.contains("oversize = \"split\""), "{log}");
-    assert!(!log.contains("resuming after the last event read"), "no retry: {log}");
+    assert!(
+        log.contains("oversize = \\\"split\\\"") || log.contains("oversize = \"split\""),
+        "{log}"
+    );
+    assert!(
+        !log.contains("resuming after the last event read"),
+        "no retry: {log}"
+    );
+    // Read again once to name the event, then reported as the binary reports any fatal
+    // error: the pipeline's failure, the exit, and stderr.
+    assert_eq!(log.matches("reading up to it again").count(), 1, "{log}");
+    assert_eq!(log.matches("stopped the stream").count(), 3, "{log}");
+    let messages = h.wait_settled(STREAM, 1, Duration::from_secs(30)).await?;
+    assert_eq!(keys(&messages), [("insert".into(), "1".into())]);
+
+    // A restart stops at the same event, the one before it neither lost nor repeated.
+    let mut again = h.spawn_binary(&path)?;
+    let status = again.wait_exit(Duration::from_secs(120)).await?;
+    let log = again.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("document key {\"_id\":\"big\"}"), "{log}");
     let messages = h.wait_settled(STREAM, 1, Duration::from_secs(30)).await?;
     assert_eq!(keys(&messages), [("insert".into(), "1".into())]);
     Ok(())
@@ -140,8 +165,12 @@ async fn skip_dead_letters_a_stub_and_goes_on() -> anyhow::Result<()> {
     let event = json(stub);
     assert_eq!(event["ns"]["coll"], COLL);
     assert!(event["clusterTime"].is_object(), "{event}");
-    assert!(event["_id"]["_data"].is_string(), "{event}");
-    for stripped in ["fullDocument", "fullDocumentBeforeChange", "updateDescription"] {
+    assert!(event["id"].is_string(), "{event}");
+    for stripped in [
+        "fullDocument",
+        "fullDocumentBeforeChange",
+        "updateDescription",
+    ] {
         assert!(event.get(stripped).is_none(), "{stripped}: {event}");
     }
     Ok(())
@@ -224,7 +253,10 @@ async fn split_killed_mid_fragments_resumes_from_the_event_start() -> anyhow::Re
     first.wait_exit(Duration::from_secs(60)).await?;
 
     orders
-        .update_one(doc! { "_id": "big" }, doc! { "$set": { "big": "b".repeat(BIG) } })
+        .update_one(
+            doc! { "_id": "big" },
+            doc! { "$set": { "big": "b".repeat(BIG) } },
+        )
         .await?;
     orders.insert_one(doc! { "_id": 2, "n": 2 }).await?;
 
@@ -243,7 +275,7 @@ async fn split_killed_mid_fragments_resumes_from_the_event_start() -> anyhow::Re
         .await?;
     let mut second = h.spawn_binary(&path)?;
     second
-        .wait_for_log("arriving in 3 fragments", Duration::from_secs(120))
+        .wait_for_log("(split event); reassembling it", Duration::from_secs(120))
         .await?;
     // Still inside the event: its last fragment is held back.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -286,7 +318,9 @@ async fn split_on_an_old_server_is_refused_at_start() -> anyhow::Result<()> {
     )
     .await
     .map_err(|_| anyhow::anyhow!("split on 6.0.5 was not refused within 60 s"))?;
-    let err = result.expect_err("split on 6.0.5 must be refused").to_string();
+    let err = result
+        .expect_err("split on 6.0.5 must be refused")
+        .to_string();
     assert!(err.contains("this server is 6.0.5"), "{err}");
     assert!(err.contains("6.0.9"), "{err}");
     Ok(())

@@ -486,7 +486,7 @@ pub const OPERATION_TYPES: &[&str] = &[
 ];
 
 /// Top-level fields of a change event that tidegate reads: user stages may not touch them.
-const EVENT_FIELDS: &[&str] = &[
+pub(crate) const EVENT_FIELDS: &[&str] = &[
     "_id",
     "operationType",
     "ns",

@@ -22,7 +22,7 @@
 
 use bson::{doc, Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf};
 
-use crate::config::{OversizePolicy, PipelineConfig, SPLIT_STAGE};
+use crate::config::{OversizePolicy, PipelineConfig, EVENT_FIELDS, SPLIT_STAGE};
 use crate::event::Change;
 
 /// MongoDB's BSONObjectTooLarge: an event (or anything) over the 16 MiB document limit.
@@ -38,19 +38,6 @@ pub const MARKER: &str = "__tidegateOversize";
 /// The first MongoDB 6.0 release with `$changeStreamSplitLargeEvent` (and 7.0 has it).
 pub const SPLIT_MINIMUM: &str = "6.0.9";
 
-/// The top-level fields a stub keeps: every field tidegate reads except the documents.
-const STUB_FIELDS: &[&str] = &[
-    "_id",
-    "operationType",
-    "ns",
-    "to",
-    "documentKey",
-    "clusterTime",
-    "wallTime",
-    "lsid",
-    "txnNumber",
-];
-
 /// The stages this pipeline's oversize policy appends after every other stage (MongoDB wants
 /// `$changeStreamSplitLargeEvent` last, and the skip stage must see the final event).
 pub fn stages(pipeline: &PipelineConfig) -> Vec<Document> {
@@ -64,7 +51,7 @@ pub fn stages(pipeline: &PipelineConfig) -> Vec<Document> {
 }
 
 /// The `oversize = "skip"` stage: an event whose top-level documents sum to more than
-/// [`SKIP_LIMIT`] bytes becomes a stub of [`STUB_FIELDS`] and [`MARKER`]; any other event
+/// [`SKIP_LIMIT`] bytes becomes a stub of the fields tidegate reads and [`MARKER`]; any other event
 /// passes unchanged (`$$ROOT`). Each top-level document (`fullDocument`, the pre-image,
 /// `updateDescription`, …) is within 16 MiB by itself, so `$bsonSize` can measure them where
 /// it could not measure the whole event.
@@ -78,7 +65,8 @@ pub fn skip_stage() -> Document {
         ] },
     } } };
     let mut stub = Document::new();
-    for field in STUB_FIELDS {
+    // Every field tidegate reads; the documents are what the stub leaves out.
+    for field in EVENT_FIELDS {
         stub.insert(*field, format!("${field}"));
     }
     stub.insert(MARKER, "$$size");
@@ -178,7 +166,8 @@ impl Fragments {
     /// Joins the fragments: every field of each, in order, except `splitEvent`, and as `_id`
     /// the last fragment's resume token (resuming after it goes on after the whole event).
     fn assemble(&self) -> Result<RawDocumentBuf, String> {
-        let unreadable = |e: bson::error::Error| format!("unreadable fragment of a split event: {e}");
+        let unreadable =
+            |e: bson::error::Error| format!("unreadable fragment of a split event: {e}");
         let mut whole = RawDocumentBuf::new();
         let last = self.parts.last().ok_or("no fragments to reassemble")?;
         for element in last.iter() {
@@ -272,7 +261,9 @@ pub fn describe(change: &Change, size: Option<i64>) -> String {
 pub fn probe_config(pipeline: &PipelineConfig) -> PipelineConfig {
     let mut probe = pipeline.clone();
     probe.oversize = OversizePolicy::Skip;
-    probe.stages.retain(|stage| !stage.contains_key(SPLIT_STAGE));
+    probe
+        .stages
+        .retain(|stage| !stage.contains_key(SPLIT_STAGE));
     probe
 }
 
@@ -328,18 +319,10 @@ mod tests {
     }
 
     fn fragment(token: &str, n: i32, of: i32, field: &str) -> RawDocumentBuf {
-        let mut doc = rawdoc! { "_id": { "_data": token }, "splitEvent": { "fragment": n, "of": of } };
-        doc.append(bson::raw::cstr!("x"), 0);
-        let mut out = RawDocumentBuf::new();
-        for element in doc.iter() {
-            let (key, value) = element.unwrap();
-            if key.as_str() == "x" {
-                out.append(bson::raw::CString::try_from(field).unwrap(), n);
-            } else {
-                out.append(key, value);
-            }
-        }
-        out
+        let mut doc =
+            rawdoc! { "_id": { "_data": token }, "splitEvent": { "fragment": n, "of": of } };
+        doc.append(bson::raw::CString::try_from(field).unwrap(), n);
+        doc
     }
 
     #[test]
@@ -406,13 +389,13 @@ mod tests {
         assert!(stages(&fail.pipelines[0]).is_empty());
         let user = config("stages = [{ \"$changeStreamSplitLargeEvent\" = {} }]").unwrap();
         assert!(user.pipelines[0].splits_large_events());
-        let err = config(
-            "stages = [{ \"$changeStreamSplitLargeEvent\" = {} }, { \"$match\" = {} }]",
-        )
-        .unwrap_err();
+        let err =
+            config("stages = [{ \"$changeStreamSplitLargeEvent\" = {} }, { \"$match\" = {} }]")
+                .unwrap_err();
         assert!(err.contains("must be the last stage"), "{err}");
-        let err = config("oversize = \"skip\"\nstages = [{ \"$changeStreamSplitLargeEvent\" = {} }]")
-            .unwrap_err();
+        let err =
+            config("oversize = \"skip\"\nstages = [{ \"$changeStreamSplitLargeEvent\" = {} }]")
+                .unwrap_err();
         assert!(err.contains("contradicts"), "{err}");
     }
 }

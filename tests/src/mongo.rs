@@ -9,8 +9,8 @@ use mongodb::bson::{doc, Document};
 use mongodb::error::ErrorKind;
 use mongodb::options::ClientOptions;
 
-use crate::{mongod_path, old_mongod_path};
 use crate::server::{start_fresh, Server, ServerProcess};
+use crate::{mongod_path, old_mongod_path};
 
 /// Replica set name used by [`MongoReplicaSet`].
 const REPL_SET: &str = "rs0";
