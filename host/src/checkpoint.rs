@@ -189,7 +189,10 @@ impl CheckpointStore {
             last_msg_id,
             snapshot,
         };
-        let saved_at = saved.get_datetime("savedAt").ok().map(|t| t.timestamp_millis());
+        let saved_at = saved
+            .get_datetime("savedAt")
+            .ok()
+            .map(|t| t.timestamp_millis());
         crate::metrics::pipeline(key).checkpoint_loaded(&position, saved_at);
         Ok(Some(position))
     }

@@ -228,9 +228,17 @@ fn page(nats: &async_nats::Client) -> String {
             .instance()
             .map(|i| format!("instance {} · ", html(&i)))
             .unwrap_or_default(),
-        nats = if nats_connected(nats) { "connected" } else { "not connected" },
+        nats = if nats_connected(nats) {
+            "connected"
+        } else {
+            "not connected"
+        },
         ready_class = if ready.is_empty() { "good" } else { "bad" },
-        ready = if ready.is_empty() { "ready" } else { "not ready" },
+        ready = if ready.is_empty() {
+            "ready"
+        } else {
+            "not ready"
+        },
         uptime = human_duration(metrics::registry().uptime_seconds() as i64),
         reasons = match ready.is_empty() {
             true => String::new(),
@@ -263,7 +271,10 @@ figcaption{font-size:.8em;color:#666}svg{background:#f4f6f8;border:1px solid #e0
 /// One unit's card, from its `/status` JSON.
 fn unit_card(unit: &serde_json::Value) -> String {
     let number = |v: &serde_json::Value| v.as_f64();
-    let id = match (unit["labels"]["pipeline"].as_str(), unit["labels"]["tenant"].as_str()) {
+    let id = match (
+        unit["labels"]["pipeline"].as_str(),
+        unit["labels"]["tenant"].as_str(),
+    ) {
         (Some(p), Some(t)) => format!("{p}.{t}"),
         (Some(p), None) => p.to_string(),
         _ => String::new(),
@@ -287,8 +298,16 @@ fn unit_card(unit: &serde_json::Value) -> String {
                 "warn" => "warn",
                 _ => "bad",
             };
+            // A reading older than two default check intervals is marked as such (e.g.
+            // while MongoDB is unreachable).
+            let checked = oplog["checked_at_unix_ms"].as_i64().unwrap_or_default();
+            let age = (metrics::unix_now_ms() - checked) / 1000;
+            let stale = match age > 20 {
+                true => format!(", read {} ago", human_duration(age)),
+                false => String::new(),
+            };
             format!(
-                "<span class=\"{class}\">about {} ({level})</span>",
+                "<span class=\"{class}\">about {} ({level}{stale})</span>",
                 human_duration(h as i64)
             )
         }
@@ -297,7 +316,10 @@ fn unit_card(unit: &serde_json::Value) -> String {
     };
     let snapshot = &unit["snapshot"];
     let documents = snapshot["documents"].as_u64().unwrap_or_default();
-    let snapshot = match (snapshot["active"].as_bool(), snapshot["estimated_total"].as_u64()) {
+    let snapshot = match (
+        snapshot["active"].as_bool(),
+        snapshot["estimated_total"].as_u64(),
+    ) {
         (Some(true), Some(total)) => format!(
             "running: {documents} of about {total} documents ({} %)",
             documents * 100 / total.max(1)
@@ -314,23 +336,49 @@ fn unit_card(unit: &serde_json::Value) -> String {
                 .collect::<Vec<_>>()
                 .join(" → ")
         })
-        .unwrap_or_default();
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "none".to_string());
     let fields = [
-        ("events/s (last minute)", "events_per_second", number(&unit["events_per_second"]).map_or_else(dash, |r| format!("{r:.1}"))),
-        ("messages/s (last minute)", "messages_per_second", number(&unit["messages_per_second"]).map_or_else(dash, |r| format!("{r:.1}"))),
-        ("lag", "lag", unit["lag_seconds"].as_i64().map_or_else(dash, |s| format!("{s} s"))),
-        ("checkpoint age", "checkpoint_age", number(&unit["checkpoint_age_seconds"]).map_or_else(dash, |s| format!("{s:.1} s"))),
+        (
+            "events/s (last minute)",
+            "events_per_second",
+            number(&unit["events_per_second"]).map_or_else(dash, |r| format!("{r:.1}")),
+        ),
+        (
+            "messages/s (last minute)",
+            "messages_per_second",
+            number(&unit["messages_per_second"]).map_or_else(dash, |r| format!("{r:.1}")),
+        ),
+        (
+            "lag",
+            "lag",
+            unit["lag_seconds"]
+                .as_i64()
+                .map_or_else(dash, |s| format!("{s} s")),
+        ),
+        (
+            "checkpoint age",
+            "checkpoint_age",
+            number(&unit["checkpoint_age_seconds"]).map_or_else(dash, |s| format!("{s:.1} s")),
+        ),
         ("events read", "read", counts["read"].to_string()),
         ("published", "published", counts["published"].to_string()),
         ("filtered", "filtered", counts["filtered"].to_string()),
-        ("dead-lettered", "dead_lettered", counts["dead_lettered"].to_string()),
+        (
+            "dead-lettered",
+            "dead_lettered",
+            counts["dead_lettered"].to_string(),
+        ),
         ("publish retries", "retries", counts["retries"].to_string()),
         ("snapshot", "snapshot", snapshot),
     ];
     let mut rows: String = fields
         .iter()
         .map(|(label, field, value)| {
-            format!("<dt>{label}</dt><dd data-field=\"{field}\">{}</dd>", html(value))
+            format!(
+                "<dt>{label}</dt><dd data-field=\"{field}\">{}</dd>",
+                html(value)
+            )
         })
         .collect();
     rows.push_str(&format!(
@@ -352,7 +400,12 @@ fn unit_card(unit: &serde_json::Value) -> String {
          {events}{lag}</div></section>\n",
         id = html(&id),
         name = html(&id),
-        events = graph("events read per second", "/s", &series("events_per_second"), step),
+        events = graph(
+            "events read per second",
+            "/s",
+            &series("events_per_second"),
+            step
+        ),
         lag = graph("lag", " s", &series("lag_seconds"), step),
     )
 }
@@ -370,24 +423,25 @@ fn graph(title: &str, unit: &str, points: &[Option<f64>], step: u64) -> String {
     let slots = points.len().max(2) - 1;
     let x = |i: usize| WIDTH * i as f64 / slots as f64;
     let y = |v: f64| HEIGHT - 2.0 - (HEIGHT - 4.0) * v / most;
-    let mut lines = String::new();
-    let mut run: Vec<String> = Vec::new();
-    let mut flush = |run: &mut Vec<String>, lines: &mut String| {
-        if !run.is_empty() {
-            lines.push_str(&format!(
-                "<polyline fill=\"none\" stroke=\"#1565c0\" stroke-width=\"1.5\" points=\"{}\"/>",
-                run.join(" ")
-            ));
-            run.clear();
-        }
-    };
+    // One polyline per run of known values.
+    let mut runs: Vec<Vec<String>> = vec![Vec::new()];
     for (i, point) in points.iter().enumerate() {
-        match point {
-            Some(v) => run.push(format!("{:.1},{:.1}", x(i), y(*v))),
-            None => flush(&mut run, &mut lines),
+        match (point, runs.last_mut()) {
+            (Some(v), Some(run)) => run.push(format!("{:.1},{:.1}", x(i), y(*v))),
+            (None, Some(run)) if !run.is_empty() => runs.push(Vec::new()),
+            _ => {}
         }
     }
-    flush(&mut run, &mut lines);
+    let lines: String = runs
+        .iter()
+        .filter(|run| !run.is_empty())
+        .map(|run| {
+            format!(
+                "<polyline fill=\"none\" stroke=\"#1565c0\" stroke-width=\"1.5\" points=\"{}\"/>",
+                run.join(" ")
+            )
+        })
+        .collect();
     let minutes = (points.len() as u64 * step).div_ceil(60);
     format!(
         "<figure><svg width=\"{WIDTH}\" height=\"{HEIGHT}\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" \
