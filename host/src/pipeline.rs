@@ -257,7 +257,10 @@ async fn save_if_moved(
         Err(Error::Fenced { .. }) => {}
         // The position is kept and saved on the next tick; a crash meanwhile only replays
         // events JetStream deduplicates.
-        Err(err) => tracing::warn!(error = %err, "checkpoint not saved; will retry"),
+        Err(err) => {
+            crate::metrics::pipeline(checkpoints.pipeline()).set_error(&err.to_string());
+            tracing::warn!(error = %err, "checkpoint not saved; will retry")
+        }
     }
 }
 
@@ -296,6 +299,7 @@ impl ChainStages {
                             messages: self.framer.heartbeat(&token),
                             token,
                             snapshot,
+                            commit_unix_ms: None,
                         });
                         continue;
                     }
@@ -451,6 +455,7 @@ impl Framer {
                     messages: vec![self.dead_letter(event, &err, stats)],
                     token: event.token.clone(),
                     snapshot: event.snapshot.clone(),
+                    commit_unix_ms: event.change.commit_unix_ms(),
                 }
             }
             Verdict::Skip(_) | Verdict::Halt(_) => {
@@ -488,6 +493,7 @@ impl Framer {
                         messages: vec![self.dead_letter(event, &err, stats)],
                         token: event.token.clone(),
                         snapshot: event.snapshot.clone(),
+                        commit_unix_ms: event.change.commit_unix_ms(),
                     };
                 }
                 Err(message) => {
@@ -501,6 +507,7 @@ impl Framer {
                         messages: vec![self.dead_letter(event, &err, stats)],
                         token: event.token.clone(),
                         snapshot: event.snapshot.clone(),
+                        commit_unix_ms: event.change.commit_unix_ms(),
                     };
                 }
             };
@@ -523,6 +530,7 @@ impl Framer {
             messages,
             token: event.token.clone(),
             snapshot: event.snapshot.clone(),
+            commit_unix_ms: event.change.commit_unix_ms(),
         }
     }
 
