@@ -555,6 +555,7 @@ impl Framer {
             messages: vec![message],
             token: event.token.clone(),
             snapshot: event.snapshot.clone(),
+            commit_unix_ms: event.change.commit_unix_ms(),
         }
     }
 
