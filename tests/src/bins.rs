@@ -46,10 +46,18 @@ fn locate(env_var: &str, key: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Path of the `mongod` binary: `$TIDEGATE_MONGOD`, else what `scripts/install-deps.sh` installs
-/// (the script runs at most once per process).
+/// Path of the `mongod` binary every test starts (MongoDB 6.0.27, the current 6.0 patch
+/// release): `$TIDEGATE_MONGOD`, else what `scripts/install-deps.sh` installs (the script runs
+/// at most once per process).
 pub fn mongod_path() -> anyhow::Result<PathBuf> {
     locate("TIDEGATE_MONGOD", "MONGOD")
+}
+
+/// Path of the "old server" `mongod` (MongoDB 6.0.5, older than 6.0.9: no
+/// `$changeStreamSplitLargeEvent`), for tests of what tidegate refuses there:
+/// `$TIDEGATE_MONGOD_OLD`, else what `scripts/install-deps.sh` installs.
+pub fn old_mongod_path() -> anyhow::Result<PathBuf> {
+    locate("TIDEGATE_MONGOD_OLD", "MONGOD_OLD")
 }
 
 /// Path of the `nats-server` binary: `$TIDEGATE_NATS_SERVER`, else what

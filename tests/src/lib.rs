@@ -5,7 +5,8 @@
 //! directories that are removed on drop. Child processes ([`ChildProcess`], and the servers) are
 //! killed with `SIGKILL` and reaped on drop, so a failing test leaves no orphans behind.
 //!
-//! Binaries are located through the `TIDEGATE_MONGOD` / `TIDEGATE_NATS_SERVER` environment
+//! Binaries are located through the `TIDEGATE_MONGOD` (`TIDEGATE_MONGOD_OLD` for the 6.0.5 "old
+//! server" of [`MongoReplicaSet::start_old`]) / `TIDEGATE_NATS_SERVER` environment
 //! variables, or else by running `scripts/install-deps.sh` once per process. Guest plugins are
 //! built once per process by `scripts/build-plugins.sh` (see [`plugin_dir`]).
 //!
@@ -29,7 +30,7 @@ mod process;
 mod server;
 mod stream;
 
-pub use bins::{chromium_path, mongod_path, nats_server_path, wasm_tools_path};
+pub use bins::{chromium_path, mongod_path, nats_server_path, old_mongod_path, wasm_tools_path};
 pub use mongo::MongoReplicaSet;
 pub use nats::{ClientOptions, NatsServer};
 pub use plugins::{examples_dir, plugin_dir};

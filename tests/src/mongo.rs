@@ -9,8 +9,8 @@ use mongodb::bson::{doc, Document};
 use mongodb::error::ErrorKind;
 use mongodb::options::ClientOptions;
 
-use crate::mongod_path;
 use crate::server::{start_fresh, Server, ServerProcess};
+use crate::{mongod_path, old_mongod_path};
 
 /// Replica set name used by [`MongoReplicaSet`].
 const REPL_SET: &str = "rs0";
@@ -45,7 +45,16 @@ impl MongoReplicaSet {
     /// Below the default size, storage checkpoints every second (`--syncdelay 1`): the server
     /// truncates the oplog only up to its last checkpoint, which otherwise comes once a minute.
     pub async fn start_with_oplog_mb(oplog_mb: u32) -> anyhow::Result<Self> {
-        let mongod = mongod_path()?;
+        Self::start_binary(mongod_path()?, oplog_mb).await
+    }
+
+    /// Like [`MongoReplicaSet::start`], on the "old server" (MongoDB 6.0.5, see
+    /// [`crate::old_mongod_path`]), for tests of what needs a newer one.
+    pub async fn start_old() -> anyhow::Result<Self> {
+        Self::start_binary(old_mongod_path()?, DEFAULT_OPLOG_MB).await
+    }
+
+    async fn start_binary(mongod: PathBuf, oplog_mb: u32) -> anyhow::Result<Self> {
         start_fresh(|| {
             let rs = Self {
                 server: ServerProcess::new("mongod", mongod.clone(), "mongod")?,
@@ -128,7 +137,10 @@ impl MongoReplicaSet {
             // No /tmp/mongodb-P.sock left behind after SIGKILL; no FTDC files and threads.
             .arg("--nounixsocket")
             .arg("--setParameter")
-            .arg("diagnosticDataCollectionEnabled=false");
+            .arg("diagnosticDataCollectionEnabled=false")
+            // configureFailPoint, for tests that hold a command up at a chosen moment.
+            .arg("--setParameter")
+            .arg("enableTestCommands=1");
         if self.oplog_mb < DEFAULT_OPLOG_MB {
             cmd.arg("--syncdelay").arg("1");
         }

@@ -36,8 +36,14 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start() -> anyhow::Result<Harness> {
-        let plugins = tokio::task::spawn_blocking(plugin_dir).await??;
         let (mongo, nats) = tokio::try_join!(MongoReplicaSet::start(), NatsServer::start())?;
+        Harness::start_on(mongo, nats).await
+    }
+
+    /// A harness on servers the test started its own way (an older `mongod`, a NATS server
+    /// with a larger `max_payload`, …).
+    pub async fn start_on(mongo: MongoReplicaSet, nats: NatsServer) -> anyhow::Result<Harness> {
+        let plugins = tokio::task::spawn_blocking(plugin_dir).await??;
         Ok(Harness {
             mongo,
             nats,
