@@ -119,8 +119,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
 
-    let nats = security::nats_options(&config.nats.auth, config.nats.tls.as_ref())
-        .await?
+    // Credentials in the URL are passed as options: the client ignores them in URLs.
+    let urls = security::parse_nats_urls(&config.nats.url).map_err(|message| Error::Startup {
+        message,
+    })?;
+    let nats = security::nats_options(
+        &config.nats.auth,
+        urls.credentials.as_ref(),
+        config.nats.tls.as_ref(),
+    )
+    .await?
         .retry_on_initial_connect()
         .event_callback(|event| async move {
             match event {
@@ -131,10 +139,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 other => tracing::debug!("NATS event: {other}"),
             }
         })
-        .connect(config.nats.url.as_str())
+        .connect(urls.servers.join(",").as_str())
         .await
         .map_err(|err| Error::Startup {
-            message: format!("cannot connect to NATS: {err}"),
+            message: format!(
+                "cannot connect to NATS: {}",
+                security::scrub(&err.to_string())
+            ),
         })?;
     let _http = match &config.http {
         Some(http) => Some(AbortOnDrop(tokio::spawn(http::serve(
@@ -174,7 +185,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut waited = 0;
     while nats.connection_state() != async_nats::connection::State::Connected {
         if waited % 500 == 100 {
-            tracing::warn!(url = %redact_url(&config.nats.url), "waiting for NATS");
+            tracing::warn!(servers = %urls.servers.join(","), "waiting for NATS");
         }
         waited += 1;
         tokio::select! {
@@ -278,33 +289,5 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// A URL with any `user:password@` or `token@` part removed, for logs.
-fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|one| match (one.find("://"), one.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}***@{}", &one[..scheme + 3], &one[at + 1..])
-            }
-            _ => one.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    /// Credentials in NATS URLs never reach the log.
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(redact_url("nats://u:p@h:4222"), "nats://***@h:4222");
-        assert_eq!(
-            redact_url("nats://h:4222,tls://t@g"),
-            "nats://h:4222,tls://***@g"
-        );
     }
 }
