@@ -1472,7 +1472,8 @@ mod tests {
             (auth(&format!("password = \"{SECRET}\" x")), "key `password`"),
             (auth(&format!("password = \"{SECRET}")), "line 15"),
             (auth(&format!("password = '{SECRET}")), "line 15"),
-            (auth(&format!("password = \"\"\"{SECRET}")), "line 15"),
+            // Reported where the file ends, still naming the table.
+            (auth(&format!("password = \"\"\"{SECRET}")), "in [nats.auth]"),
             (auth(&format!("password = {SECRET}")), "key `password`"),
             (
                 auth(&format!("password = \"{SECRET}\"\npassword = \"{SECRET}\"")),
