@@ -139,7 +139,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 other => tracing::debug!("NATS event: {other}"),
             }
         })
-        .connect(urls.servers.join(",").as_str())
+        // One address per server: the client does not split a comma-separated string.
+        .connect(&urls.servers)
         .await
         .map_err(|err| Error::Startup {
             message: format!(
