@@ -371,14 +371,34 @@ config = {{ subject-prefix = "cdc.regions" }}
 /// For every first-party plugin: a config whose only mistake is a misspelt key, that key,
 /// and what the error must list as known.
 const TYPOS: &[(&str, &str, &str, &str)] = &[
-    ("op-filter", "operation = \"insert\"", "operation", "`operations`"),
-    ("redact", "fields = \"name\", feilds = \"email\"", "feilds", "`fields`"),
-    ("match", "operations = \"insert\", wher = \"{}\"", "wher", "`where`"),
+    (
+        "op-filter",
+        "operation = \"insert\"",
+        "operation",
+        "`operations`",
+    ),
+    (
+        "redact",
+        "fields = \"name\", feilds = \"email\"",
+        "feilds",
+        "`fields`",
+    ),
+    (
+        "match",
+        "operations = \"insert\", wher = \"{}\"",
+        "wher",
+        "`where`",
+    ),
     ("map", "feilds = \"_id\"", "feilds", "`fields`"),
     ("encode", "arays = \"string\"", "arays", "`arrays`"),
     ("fanout", "copys = \"2\"", "copys", "`copies`"),
     ("faulty", "fail-int = \"true\"", "fail-int", "`fail-init`"),
-    ("snoop", "verbose = \"true\"", "verbose", "takes no config keys"),
+    (
+        "snoop",
+        "verbose = \"true\"",
+        "verbose",
+        "takes no config keys",
+    ),
 ];
 
 /// Every first-party plugin refuses a config key it does not know, in `init`: `tidegate
@@ -417,7 +437,10 @@ config = {{ {config} }}
             .output()?;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{plugin}: {err}");
-        assert!(err.contains(&format!("plugin '{plugin}'")), "{plugin}: {err}");
+        assert!(
+            err.contains(&format!("plugin '{plugin}'")),
+            "{plugin}: {err}"
+        );
         assert!(
             err.contains(&format!("unknown config key `{unknown}`")),
             "{plugin}: {err}"

@@ -359,8 +359,14 @@ const SECRET_LINES: &[(&str, &str)] = &[
     ("[nats.auth]", "token = \"{S}\""),
     ("[nats.auth]", "nkey_seed = \"SU{S}\""),
     ("", "url = \"nats://u:{S}@127.0.0.1:4222\""),
-    ("", "url = \"nats://{S}@127.0.0.1:4222,nats://{S}@127.0.0.1:4223\""),
-    ("", "mongodb_uri = \"mongodb://u:{S}@127.0.0.1:1/?replicaSet=rs0\""),
+    (
+        "",
+        "url = \"nats://{S}@127.0.0.1:4222,nats://{S}@127.0.0.1:4223\"",
+    ),
+    (
+        "",
+        "mongodb_uri = \"mongodb://u:{S}@127.0.0.1:1/?replicaSet=rs0\"",
+    ),
     ("", "config = { fields = \"email\", hash-key = \"{S}\" }"),
 ];
 
@@ -396,14 +402,26 @@ fn with_mistake(line: &str, mistake: &str) -> String {
 /// A config file where each secret line can be placed: `[nats]` (for `url`), the pipeline
 /// (for `mongodb_uri`), a redact plugin (for `config`), or `[nats.auth]` at the end.
 fn config_with(table: &str, line: &str) -> String {
-    let nats_url = if line.starts_with("url") { line } else { "url = \"nats://127.0.0.1:4222\"" };
+    let nats_url = if line.starts_with("url") {
+        line
+    } else {
+        "url = \"nats://127.0.0.1:4222\""
+    };
     let mongodb_uri = if line.starts_with("mongodb_uri") {
         line
     } else {
         "mongodb_uri = \"mongodb://127.0.0.1:1/?replicaSet=rs0\""
     };
-    let plugin_config = if line.starts_with("config") { line } else { "config = { fields = \"email\" }" };
-    let auth = if table.is_empty() { String::new() } else { format!("{table}\n{line}\n") };
+    let plugin_config = if line.starts_with("config") {
+        line
+    } else {
+        "config = { fields = \"email\" }"
+    };
+    let auth = if table.is_empty() {
+        String::new()
+    } else {
+        format!("{table}\n{line}\n")
+    };
     format!(
         "[nats]\n{nats_url}\n\n[[pipeline]]\nid = \"p\"\n{mongodb_uri}\ndatabase = \"d\"\n\
          [pipeline.sink]\nstream = \"S\"\nsubject_prefix = \"cdc\"\n\
@@ -468,7 +486,10 @@ fn config_mistakes_never_print_a_secret() -> anyhow::Result<()> {
     let both = format!("{valid}\n[nats.auth]\ntoken = \"t\"\n");
     let (code, output) = check(
         &both,
-        &[("TIDEGATE_NATS_URL", &format!("nats://u:{SECRET}@127.0.0.1:4222"))],
+        &[(
+            "TIDEGATE_NATS_URL",
+            &format!("nats://u:{SECRET}@127.0.0.1:4222"),
+        )],
     )?;
     assert_eq!(code, Some(2), "{output}");
     assert!(output.contains("give them in one place only"), "{output}");
@@ -494,10 +515,14 @@ async fn never_leaks(
     let coll = h.collection().await?;
     for level in ["info", "debug", "trace"] {
         let address = format!("127.0.0.1:{}", free_port());
-        let text = format!("{config}\n[log]\nlevel = \"{level}\"\n\n[http]\naddress = \"{address}\"\n");
+        let text =
+            format!("{config}\n[log]\nlevel = \"{level}\"\n\n[http]\naddress = \"{address}\"\n");
         let path = h.write_config("tidegate.toml", &text)?;
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"));
-        cmd.arg("run").arg("--config").arg(&path).env_remove("RUST_LOG");
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env_remove("RUST_LOG");
         cmd.envs(env.iter().copied());
         let mut tidegate = ChildProcess::spawn(cmd)?;
         wait_until("/readyz says ready", Duration::from_secs(120), || {
@@ -530,7 +555,10 @@ async fn never_leaks(
         let log = tidegate.log();
         assert!(status.success(), "level {level}:\n{log}");
         let marker = format!(" {} ", level.to_uppercase());
-        assert!(log.contains(&marker), "level {level} took no effect:\n{log}");
+        assert!(
+            log.contains(&marker),
+            "level {level} took no effect:\n{log}"
+        );
         for secret in secrets {
             assert!(
                 !log.contains(secret),
@@ -564,9 +592,10 @@ async fn secured_harness(
         .await?;
     let uri = format!(
         "{}&authSource=admin&authMechanism=SCRAM-SHA-256",
-        h.mongo
-            .uri()
-            .replace("mongodb://", &format!("mongodb://tidegate:{mongo_password}@"))
+        h.mongo.uri().replace(
+            "mongodb://",
+            &format!("mongodb://tidegate:{mongo_password}@")
+        )
     );
     Ok((h, uri))
 }
@@ -578,7 +607,11 @@ fn matrix_config(h: &Harness, nats_url: &str, mongodb_uri: &str, hash_key: &str)
         "[[pipeline.plugins]]\nname = \"redact\"\nconfig = {{ hash = \"email\", hash-key = \"{hash_key}\" }}\n"
     );
     h.config(&plugins, "")
-        .replacen(&format!("url = \"{}\"", h.nats.url()), &format!("url = \"{nats_url}\""), 1)
+        .replacen(
+            &format!("url = \"{}\"", h.nats.url()),
+            &format!("url = \"{nats_url}\""),
+            1,
+        )
         .replacen(
             &format!("mongodb_uri = \"{}\"", h.mongo.uri()),
             &format!("mongodb_uri = \"{mongodb_uri}\""),
@@ -590,8 +623,11 @@ fn matrix_config(h: &Harness, nats_url: &str, mongodb_uri: &str, hash_key: &str)
 /// a plugin's `hash-key`, at info, debug and trace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_secrets_never_leak_at_any_level() -> anyhow::Result<()> {
-    let (nats_pw, mongo_pw, hash_key) =
-        ("File-Nats-Secret-1", "File-Mongo-Secret-2", "File-Hash-Key-Secret-3");
+    let (nats_pw, mongo_pw, hash_key) = (
+        "File-Nats-Secret-1",
+        "File-Mongo-Secret-2",
+        "File-Hash-Key-Secret-3",
+    );
     let (h, uri) = secured_harness(
         r#"authorization { user: "tidegate", password: "File-Nats-Secret-1" }"#,
         || ConnectOptions::new().user_and_password("tidegate".into(), "File-Nats-Secret-1".into()),
@@ -621,7 +657,9 @@ async fn url_credentials_authenticate_and_never_leak() -> anyhow::Result<()> {
     )
     .await?;
     let port = h.nats.port();
-    let url = format!("nats://tidegate:{nats_pw}@127.0.0.1:{port},nats://tidegate:{nats_pw}@localhost:{port}");
+    let url = format!(
+        "nats://tidegate:{nats_pw}@127.0.0.1:{port},nats://tidegate:{nats_pw}@localhost:{port}"
+    );
     let in_file = matrix_config(&h, &url, &h.mongo.uri(), "Url-Hash-Key-Secret-6");
     never_leaks(
         &h,
@@ -642,8 +680,14 @@ async fn url_credentials_authenticate_and_never_leak() -> anyhow::Result<()> {
     let path = h.write_config("tidegate.toml", &from_env)?;
     let bad = format!("mongodb://tidegate:{mongo_pw}@127.0.0.1:notaport/?replicaSet=rs0");
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"));
-    cmd.arg("run").arg("--config").arg(&path).env("RUST_LOG", "trace");
-    cmd.envs([("TIDEGATE_NATS_URL", url.as_str()), (MONGO_VAR, bad.as_str())]);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "trace");
+    cmd.envs([
+        ("TIDEGATE_NATS_URL", url.as_str()),
+        (MONGO_VAR, bad.as_str()),
+    ]);
     let mut tidegate = ChildProcess::spawn(cmd)?;
     let status = tidegate.wait_exit(Duration::from_secs(120)).await?;
     let log = tidegate.log();
@@ -665,7 +709,13 @@ async fn token_and_nkey_secrets_never_leak_at_any_level() -> anyhow::Result<()> 
     .await?;
     let base = matrix_config(&h, &h.nats.url(), &uri, "Tok-Hash-Key-Secret-9");
     let secrets = [token, "Tok-Mongo-Secret-8", "Tok-Hash-Key-Secret-9"];
-    never_leaks(&h, &format!("{base}\n[nats.auth]\ntoken = \"{token}\"\n"), &[], &secrets).await?;
+    never_leaks(
+        &h,
+        &format!("{base}\n[nats.auth]\ntoken = \"{token}\"\n"),
+        &[],
+        &secrets,
+    )
+    .await?;
     let url = format!("nats://{token}@127.0.0.1:{}", h.nats.port());
     let in_url = matrix_config(&h, &url, &uri, "Tok-Hash-Key-Secret-9");
     never_leaks(&h, &in_url, &[], &secrets).await?;
@@ -675,7 +725,10 @@ async fn token_and_nkey_secrets_never_leak_at_any_level() -> anyhow::Result<()> 
     let seed = user.seed()?;
     let client_seed = seed.clone();
     let (h, uri) = secured_harness(
-        &format!("authorization {{ users = [ {{ nkey: \"{}\" }} ] }}", user.public_key()),
+        &format!(
+            "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}",
+            user.public_key()
+        ),
         move || ConnectOptions::new().nkey(client_seed.clone()),
         "Nkey-Mongo-Secret-10",
     )

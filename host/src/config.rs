@@ -815,9 +815,11 @@ impl Config {
         self.nats.auth.validate()?;
         let urls = crate::security::parse_nats_urls(&self.nats.url)?;
         if urls.credentials.is_some() && self.nats.auth.is_configured() {
-            return Err("nats.url carries credentials (`user:password@` or `token@`) and \
+            return Err(
+                "nats.url carries credentials (`user:password@` or `token@`) and \
                         [nats.auth] is set too: give them in one place only"
-                .into());
+                    .into(),
+            );
         }
         if let Some(tls) = &self.nats.tls {
             tls.validate()?;
@@ -1468,18 +1470,30 @@ mod tests {
         let auth = |line: &str| with(&format!("[nats.auth]\nuser = \"u\"\n{line}"));
         let uri = format!("mongodb://u:{SECRET}@h/?replicaSet=rs0");
         let cases = [
-            (auth(&format!("pasword = \"{SECRET}\"")), "key `pasword` in [nats.auth]"),
-            (auth(&format!("password = \"{SECRET}\" x")), "key `password`"),
+            (
+                auth(&format!("pasword = \"{SECRET}\"")),
+                "key `pasword` in [nats.auth]",
+            ),
+            (
+                auth(&format!("password = \"{SECRET}\" x")),
+                "key `password`",
+            ),
             (auth(&format!("password = \"{SECRET}")), "line 15"),
             (auth(&format!("password = '{SECRET}")), "line 15"),
             // Reported where the file ends, still naming the table.
-            (auth(&format!("password = \"\"\"{SECRET}")), "in [nats.auth]"),
+            (
+                auth(&format!("password = \"\"\"{SECRET}")),
+                "in [nats.auth]",
+            ),
             (auth(&format!("password = {SECRET}")), "key `password`"),
             (
                 auth(&format!("password = \"{SECRET}\"\npassword = \"{SECRET}\"")),
                 "line 16",
             ),
-            (auth(&format!("token = {{ value = \"{SECRET}\" }}")), "key `token`"),
+            (
+                auth(&format!("token = {{ value = \"{SECRET}\" }}")),
+                "key `token`",
+            ),
             (
                 MINIMAL.replace(
                     "url = \"nats://127.0.0.1:4222\"",

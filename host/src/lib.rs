@@ -120,34 +120,33 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     // Credentials in the URL are passed as options: the client ignores them in URLs.
-    let urls = security::parse_nats_urls(&config.nats.url).map_err(|message| Error::Startup {
-        message,
-    })?;
+    let urls = security::parse_nats_urls(&config.nats.url)
+        .map_err(|message| Error::Startup { message })?;
     let nats = security::nats_options(
         &config.nats.auth,
         urls.credentials.as_ref(),
         config.nats.tls.as_ref(),
     )
     .await?
-        .retry_on_initial_connect()
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => {
-                    tracing::warn!("NATS disconnected; reconnecting")
-                }
-                async_nats::Event::Connected => tracing::info!("NATS connected"),
-                other => tracing::debug!("NATS event: {other}"),
+    .retry_on_initial_connect()
+    .event_callback(|event| async move {
+        match event {
+            async_nats::Event::Disconnected => {
+                tracing::warn!("NATS disconnected; reconnecting")
             }
-        })
-        // One address per server: the client does not split a comma-separated string.
-        .connect(&urls.servers)
-        .await
-        .map_err(|err| Error::Startup {
-            message: format!(
-                "cannot connect to NATS: {}",
-                security::scrub(&err.to_string())
-            ),
-        })?;
+            async_nats::Event::Connected => tracing::info!("NATS connected"),
+            other => tracing::debug!("NATS event: {other}"),
+        }
+    })
+    // One address per server: the client does not split a comma-separated string.
+    .connect(&urls.servers)
+    .await
+    .map_err(|err| Error::Startup {
+        message: format!(
+            "cannot connect to NATS: {}",
+            security::scrub(&err.to_string())
+        ),
+    })?;
     let _http = match &config.http {
         Some(http) => Some(AbortOnDrop(tokio::spawn(http::serve(
             http::bind(http).await?,

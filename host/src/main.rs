@@ -61,7 +61,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
-            eprintln!("tidegate: {}", tidegate::security::scrub(&format!("{err:#}")));
+            eprintln!(
+                "tidegate: {}",
+                tidegate::security::scrub(&format!("{err:#}"))
+            );
             ExitCode::from(1)
         }
     }

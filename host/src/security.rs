@@ -311,7 +311,9 @@ pub fn remember_secret(value: &str) {
     if value.is_empty() {
         return;
     }
-    let mut secrets = SECRETS.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut secrets = SECRETS
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if !secrets.iter().any(|known| known == value) {
         secrets.push(value.to_string());
         secrets.sort_by_key(|known| std::cmp::Reverse(known.len()));
@@ -320,7 +322,9 @@ pub fn remember_secret(value: &str) {
 
 /// `text` with every remembered secret replaced by `***`.
 pub fn scrub(text: &str) -> Cow<'_, str> {
-    let secrets = SECRETS.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let secrets = SECRETS
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut text = Cow::Borrowed(text);
     for secret in secrets.iter() {
         if text.contains(secret.as_str()) {
@@ -470,13 +474,19 @@ mod tests {
         assert_eq!(scrub("x p@ss-Url-1 y p%40ss-Url-1"), "x *** y ***");
         let urls = parse_nats_urls("tok-Url-2@h:4222,nats://h2").expect("valid");
         assert_eq!(urls.servers, ["h:4222", "nats://h2"]);
-        assert_eq!(urls.credentials, Some(UrlCredentials::Token("tok-Url-2".into())));
+        assert_eq!(
+            urls.credentials,
+            Some(UrlCredentials::Token("tok-Url-2".into()))
+        );
         assert_eq!(
             parse_nats_urls("nats://h").expect("valid").credentials,
             None
         );
         for (url, expected) in [
-            ("nats://a:b-Url-3@h,nats://a:c-Url-3@h", "server 2 of the list carries other"),
+            (
+                "nats://a:b-Url-3@h,nats://a:c-Url-3@h",
+                "server 2 of the list carries other",
+            ),
             ("nats://h,,nats://g", "server 2 of the list is empty"),
             ("nats://:b-Url-3@h", "no user name"),
             ("nats://a:b-Url-3@", "no host"),

@@ -185,7 +185,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("`operation`"), "{err}");
-        assert!(err.contains("known keys: `operations`, `namespaces`"), "{err}");
+        assert!(
+            err.contains("known keys: `operations`, `namespaces`"),
+            "{err}"
+        );
         let f = OpFilter::init_checked(&Config::from_pairs([("operations", "insert")])).unwrap();
         let insert = Event::insert("shop", "orders", serde_json::json!({"_id": 1}));
         assert!(f.filter(&insert).unwrap());

@@ -27,7 +27,9 @@
 
 mod logic;
 
-use tidegate_plugin::{Config as PluginConfig, ConfigKeys, Document, Error, Event, Output, Transform};
+use tidegate_plugin::{
+    Config as PluginConfig, ConfigKeys, Document, Error, Event, Output, Transform,
+};
 
 pub use logic::{redact_bytes, Action, Config, Kind, KNOWN_KEYS};
 
