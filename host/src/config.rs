@@ -2,7 +2,8 @@
 //!
 //! Every key is documented on its field below and in `examples/quickstart/tidegate.toml`.
 //! Unknown keys are errors (a typo must never silently fall back to a default), and every
-//! error names the file and the key at fault.
+//! error names the file and the key at fault, never showing the file's text (it may hold
+//! secrets).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};

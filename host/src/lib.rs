@@ -24,7 +24,8 @@
 //! - [`sandbox`] — the wasmtime engine, compiled-plugin cache, instance admission, and the
 //!   limits and capabilities of every plugin call.
 //! - [`reload`] — hot reload of changed plugin files, and SIGHUP.
-//! - [`security`] — NATS authentication and TLS, MongoDB defaults, secrets.
+//! - [`security`] — NATS authentication (including credentials in `nats.url`) and TLS,
+//!   MongoDB defaults, secrets and scrubbing them from every output.
 //! - [`encode`] — subjects and payload encodings.
 //! - [`sink`] — the JetStream stream check and the ordered, deduplicated publisher.
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
@@ -32,7 +33,8 @@
 //! - [`fence`] — whether this process may still write for a pipeline.
 //! - [`lease`] — high availability: pipelines shared between instances through NATS KV leases.
 //! - [`pipeline`] — wiring one pipeline's stages together, shutdown and draining.
-//! - [`telemetry`] — logs, and the snapshot progress bar on a terminal.
+//! - [`telemetry`] — logs (credential-printing client libraries held at `info`, every line
+//!   scrubbed of secrets), and the snapshot progress bar on a terminal.
 //! - [`oplog`] — how close each position is to the oplog's oldest entry.
 //! - [`metrics`] — every counter, gauge and histogram, rendered for Prometheus and `/status`.
 //!
