@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use bson::doc;
 use support::{assert_dead_letter, header, json, Harness};
 
@@ -362,6 +364,106 @@ config = {{ subject-prefix = "cdc.regions" }}
         json(&messages[1])["fullDocument"]["region"],
         "us.east",
         "payload untouched"
+    );
+    Ok(())
+}
+
+/// For every first-party plugin: a config whose only mistake is a misspelt key, that key,
+/// and what the error must list as known.
+const TYPOS: &[(&str, &str, &str, &str)] = &[
+    (
+        "op-filter",
+        "operation = \"insert\"",
+        "operation",
+        "`operations`",
+    ),
+    (
+        "redact",
+        "fields = \"name\", feilds = \"email\"",
+        "feilds",
+        "`fields`",
+    ),
+    (
+        "match",
+        "operations = \"insert\", wher = \"{}\"",
+        "wher",
+        "`where`",
+    ),
+    ("map", "feilds = \"_id\"", "feilds", "`fields`"),
+    ("encode", "arays = \"string\"", "arays", "`arrays`"),
+    ("fanout", "copys = \"2\"", "copys", "`copies`"),
+    ("faulty", "fail-int = \"true\"", "fail-int", "`fail-init`"),
+    (
+        "snoop",
+        "verbose = \"true\"",
+        "verbose",
+        "takes no config keys",
+    ),
+];
+
+/// Every first-party plugin refuses a config key it does not know, in `init`: `tidegate
+/// check` fails (exit 1) naming the plugin and the key, and listing the keys it knows. (A
+/// misspelt `redact` key would publish the field in clear; `op-filter`'s `operation=` would
+/// keep deletes.)
+#[test]
+fn misspelt_plugin_keys_fail_check() -> anyhow::Result<()> {
+    let plugins = tidegate_testkit::plugin_dir()?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("tidegate.toml");
+    for (plugin, config, unknown, listed) in TYPOS {
+        let text = format!(
+            r#"
+plugin_dir = "{}"
+[nats]
+url = "nats://127.0.0.1:1"
+[[pipeline]]
+id = "p"
+mongodb_uri = "mongodb://127.0.0.1:1/?replicaSet=rs0"
+database = "d"
+[pipeline.sink]
+stream = "S"
+subject_prefix = "cdc"
+[[pipeline.plugins]]
+name = "{plugin}"
+config = {{ {config} }}
+"#,
+            plugins.display()
+        );
+        std::fs::write(&path, text)?;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{plugin}: {err}");
+        assert!(
+            err.contains(&format!("plugin '{plugin}'")),
+            "{plugin}: {err}"
+        );
+        assert!(
+            err.contains(&format!("unknown config key `{unknown}`")),
+            "{plugin}: {err}"
+        );
+        assert!(err.contains(listed), "{plugin}: {err}");
+    }
+    Ok(())
+}
+
+/// `tidegate run` with a misspelt `redact` key stops at start (exit 1, naming the key)
+/// instead of running and publishing the field in clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misspelt_plugin_key_stops_run() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = "[[pipeline.plugins]]\nname = \"redact\"\nconfig = { fields = \"name\", feilds = \"email\" }\n";
+    let path = h.write_config("tidegate.toml", &h.config(plugins, ""))?;
+    let mut tidegate = h.spawn_binary(&path)?;
+    let status = tidegate.wait_exit(Duration::from_secs(120)).await?;
+    let log = tidegate.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("plugin 'redact'") && log.contains("unknown config key `feilds`"),
+        "{log}"
     );
     Ok(())
 }

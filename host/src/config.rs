@@ -2,7 +2,8 @@
 //!
 //! Every key is documented on its field below and in `examples/quickstart/tidegate.toml`.
 //! Unknown keys are errors (a typo must never silently fall back to a default), and every
-//! error names the file and the key at fault.
+//! error names the file and the key at fault, never showing the file's text (it may hold
+//! secrets).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -810,7 +811,8 @@ impl Config {
         base: &Path,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, String> {
-        let mut config: Config = toml::from_str(text).map_err(|err| err.to_string())?;
+        let mut config: Config =
+            toml::from_str(text).map_err(|err| describe_toml_error(text, &err))?;
         if let Some(url) = env("TIDEGATE_NATS_URL") {
             config.nats.url = url;
         }
@@ -818,6 +820,7 @@ impl Config {
             if let Some(uri) = env(&pipeline_env_var(&pipeline.id, "MONGODB_URI")) {
                 pipeline.mongodb_uri = uri;
             }
+            crate::security::remember_mongodb_uri_secret(&pipeline.mongodb_uri);
         }
         config.plugin_dir = base.join(&config.plugin_dir);
         config.pipelines = expand_tenants(std::mem::take(&mut config.pipelines))?;
@@ -851,6 +854,14 @@ impl Config {
     fn validate(&self) -> Result<(), String> {
         self.ha.validate()?;
         self.nats.auth.validate()?;
+        let urls = crate::security::parse_nats_urls(&self.nats.url)?;
+        if urls.credentials.is_some() && self.nats.auth.is_configured() {
+            return Err(
+                "nats.url carries credentials (`user:password@` or `token@`) and \
+                        [nats.auth] is set too: give them in one place only"
+                    .into(),
+            );
+        }
         if let Some(tls) = &self.nats.tls {
             tls.validate()?;
         }
@@ -1280,6 +1291,92 @@ pub fn parse_token(text: &str) -> Result<bson::Document, String> {
     Ok(document)
 }
 
+/// A TOML syntax or type error, described without showing any of the file's text: the
+/// line at fault may hold a password or a connection string with credentials. It names the
+/// line, the column, the key on that line (when it is a plain key) and its table, which is
+/// enough to find the mistake; string values quoted by the message are masked too.
+fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
+    let message = mask_quoted_strings(err.message().trim());
+    let Some(span) = err.span() else {
+        return format!("{message} (the file's text is not shown: it may hold secrets)");
+    };
+    let start = span.start.min(text.len());
+    let before = text.get(..start).unwrap_or("");
+    let line_number = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(key, _)| key.trim())
+        .filter(|key| {
+            !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '))
+        });
+    // The table header above the line, `[name]` or `[[name]]`.
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .and_then(|header| {
+            let name = header.trim_start_matches('[');
+            let depth = header.len() - name.len();
+            let name = name.split(']').next()?.trim();
+            let plain = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '));
+            plain.then(|| format!("{}{name}{}", "[".repeat(depth), "]".repeat(depth)))
+        });
+    let place = match (key, table) {
+        (Some(key), Some(table)) => format!(", key `{key}` in {table}"),
+        (Some(key), None) => format!(", key `{key}`"),
+        (None, Some(table)) => format!(", in {table}"),
+        (None, None) => String::new(),
+    };
+    format!(
+        "line {line_number}, column {column}{place}: {message} (the line is not shown: it may hold secrets)"
+    )
+}
+
+/// `message` with the contents of serde's quoted values (`string "…"`, `char '…'`)
+/// replaced by `…`: a value given to the wrong key may be a secret.
+fn mask_quoted_strings(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(found) = ["string \"", "char '"]
+        .iter()
+        .filter_map(|opener| rest.find(opener).map(|i| (i, *opener)))
+        .min()
+    {
+        let (at, opener) = found;
+        let quote = opener.chars().last().unwrap_or('"');
+        let value_start = at + opener.len();
+        out.push_str(&rest[..value_start]);
+        out.push('…');
+        // Debug formatting escapes quotes inside the value as `\"`.
+        let mut escaped = false;
+        let mut end = rest.len();
+        for (i, c) in rest[value_start..].char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                c if c == quote => {
+                    end = value_start + i;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Checks one user stage: an allowed operator that leaves `_id` and the fields tidegate
 /// reads alone.
 pub fn check_stage(stage: &toml::Table) -> Result<bson::Document, String> {
@@ -1449,6 +1546,87 @@ mod tests {
         let text = MINIMAL.replace("subject_prefix", "subject_prefx");
         let err = parse(&text).expect_err("typo must fail");
         assert!(err.contains("subject_prefx"), "{err}");
+    }
+
+    /// A mistake on a line that holds a secret is reported by line, column and key, never
+    /// by showing the line (or the value, when a message quotes it).
+    #[test]
+    fn config_errors_never_show_a_secret() {
+        const SECRET: &str = "Typo-Secret-9";
+        let with = |extra: &str| format!("{MINIMAL}\n{extra}\n");
+        let auth = |line: &str| with(&format!("[nats.auth]\nuser = \"u\"\n{line}"));
+        let uri = format!("mongodb://u:{SECRET}@h/?replicaSet=rs0");
+        let cases = [
+            (
+                auth(&format!("pasword = \"{SECRET}\"")),
+                "key `pasword` in [nats.auth]",
+            ),
+            (
+                auth(&format!("password = \"{SECRET}\" x")),
+                "key `password`",
+            ),
+            (auth(&format!("password = \"{SECRET}")), "line 15"),
+            (auth(&format!("password = '{SECRET}")), "line 15"),
+            // Reported where the file ends, still naming the table.
+            (
+                auth(&format!("password = \"\"\"{SECRET}")),
+                "in [nats.auth]",
+            ),
+            (auth(&format!("password = {SECRET}")), "key `password`"),
+            (
+                auth(&format!("password = \"{SECRET}\"\npassword = \"{SECRET}\"")),
+                "line 16",
+            ),
+            (
+                auth(&format!("token = {{ value = \"{SECRET}\" }}")),
+                "key `token`",
+            ),
+            (
+                MINIMAL.replace(
+                    "url = \"nats://127.0.0.1:4222\"",
+                    &format!("url = \"nats://127.0.0.1:4222\"\nack_timeout_ms = \"{SECRET}\""),
+                ),
+                "key `ack_timeout_ms` in [nats]",
+            ),
+            (
+                MINIMAL.replace(
+                    "mongodb_uri = \"mongodb://127.0.0.1:27017/?replicaSet=rs0\"",
+                    &format!("mongodb_uri = \"{uri}\" trailing"),
+                ),
+                "key `mongodb_uri` in [[pipeline]]",
+            ),
+            (
+                MINIMAL.replace(
+                    "mongodb_uri = \"mongodb://127.0.0.1:27017/?replicaSet=rs0\"",
+                    &format!("mongodb_uri \"{uri}\""),
+                ),
+                "line 6",
+            ),
+            (
+                with(&format!(
+                    "[[pipeline.plugins]]\nname = \"x\"\nconfig = {{ key = \"{SECRET}\" x }}"
+                )),
+                "key `config` in [[pipeline.plugins]]",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = parse(&text).expect_err(&text);
+            assert!(!err.contains(SECRET), "{err}");
+            assert!(err.contains(expected), "{expected}: {err}");
+            assert!(err.contains("line "), "{err}");
+        }
+    }
+
+    /// Credentials in `nats.url` and `[nats.auth]` at once are refused, without echoing them.
+    #[test]
+    fn url_credentials_conflict_with_nats_auth() {
+        let text = MINIMAL.replace("nats://127.0.0.1", "nats://u:Url-Secret-8@127.0.0.1")
+            + "\n[nats.auth]\ntoken = \"t\"\n";
+        let err = parse(&text).expect_err("conflict");
+        assert!(err.contains("give them in one place only"), "{err}");
+        assert!(!err.contains("Url-Secret-8"), "{err}");
+        let text = MINIMAL.replace("nats://127.0.0.1", "nats://u:Url-Secret-8@127.0.0.1");
+        assert!(parse(&text).is_ok());
     }
 
     /// Secrets such as URIs can come from the environment instead of the file.

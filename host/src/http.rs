@@ -99,6 +99,8 @@ async fn handle(mut stream: TcpStream, nats: &async_nats::Client) -> std::io::Re
         "GET" | "HEAD" => route(path, nats),
         _ => (405, "text/plain", "only GET and HEAD\n".to_string()),
     };
+    // Error texts shown here come from client libraries too: no secret may pass.
+    let body = crate::security::scrub(&body);
     let reason = match status {
         200 => "OK",
         404 => "Not Found",

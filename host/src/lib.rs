@@ -26,7 +26,8 @@
 //! - [`sandbox`] — the wasmtime engine, compiled-plugin cache, instance admission, and the
 //!   limits and capabilities of every plugin call.
 //! - [`reload`] — hot reload of changed plugin files, and SIGHUP.
-//! - [`security`] — NATS authentication and TLS, MongoDB defaults, secrets.
+//! - [`security`] — NATS authentication (including credentials in `nats.url`) and TLS,
+//!   MongoDB defaults, secrets and scrubbing them from every output.
 //! - [`encode`] — subjects and payload encodings.
 //! - [`sink`] — the JetStream stream check and the ordered, deduplicated publisher.
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
@@ -34,7 +35,8 @@
 //! - [`fence`] — whether this process may still write for a pipeline.
 //! - [`lease`] — high availability: pipelines shared between instances through NATS KV leases.
 //! - [`pipeline`] — wiring one pipeline's stages together, shutdown and draining.
-//! - [`telemetry`] — logs, and the snapshot progress bar on a terminal.
+//! - [`telemetry`] — logs (credential-printing client libraries held at `info`, every line
+//!   scrubbed of secrets), and the snapshot progress bar on a terminal.
 //! - [`oplog`] — how long each checkpoint would survive in the oplog: its capacity, write
 //!   rate and projected headroom, and the warnings about it.
 //! - [`metrics`] — every counter, gauge and histogram, rendered for Prometheus and `/status`.
@@ -123,23 +125,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
 
-    let nats = security::nats_options(&config.nats.auth, config.nats.tls.as_ref())
-        .await?
-        .retry_on_initial_connect()
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => {
-                    tracing::warn!("NATS disconnected; reconnecting")
-                }
-                async_nats::Event::Connected => tracing::info!("NATS connected"),
-                other => tracing::debug!("NATS event: {other}"),
+    // Credentials in the URL are passed as options: the client ignores them in URLs.
+    let urls = security::parse_nats_urls(&config.nats.url)
+        .map_err(|message| Error::Startup { message })?;
+    let nats = security::nats_options(
+        &config.nats.auth,
+        urls.credentials.as_ref(),
+        config.nats.tls.as_ref(),
+    )
+    .await?
+    .retry_on_initial_connect()
+    .event_callback(|event| async move {
+        match event {
+            async_nats::Event::Disconnected => {
+                tracing::warn!("NATS disconnected; reconnecting")
             }
-        })
-        .connect(config.nats.url.as_str())
-        .await
-        .map_err(|err| Error::Startup {
-            message: format!("cannot connect to NATS: {err}"),
-        })?;
+            async_nats::Event::Connected => tracing::info!("NATS connected"),
+            other => tracing::debug!("NATS event: {other}"),
+        }
+    })
+    // One address per server: the client does not split a comma-separated string.
+    .connect(&urls.servers)
+    .await
+    .map_err(|err| Error::Startup {
+        message: format!(
+            "cannot connect to NATS: {}",
+            security::scrub(&err.to_string())
+        ),
+    })?;
     let _http = match &config.http {
         Some(http) => Some(AbortOnDrop(tokio::spawn(http::serve(
             http::bind(http).await?,
@@ -178,7 +191,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut waited = 0;
     while nats.connection_state() != async_nats::connection::State::Connected {
         if waited % 500 == 100 {
-            tracing::warn!(url = %redact_url(&config.nats.url), "waiting for NATS");
+            tracing::warn!(servers = %urls.servers.join(","), "waiting for NATS");
         }
         waited += 1;
         tokio::select! {
@@ -294,33 +307,5 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// A URL with any `user:password@` or `token@` part removed, for logs.
-fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|one| match (one.find("://"), one.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}***@{}", &one[..scheme + 3], &one[at + 1..])
-            }
-            _ => one.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    /// Credentials in NATS URLs never reach the log.
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(redact_url("nats://u:p@h:4222"), "nats://***@h:4222");
-        assert_eq!(
-            redact_url("nats://h:4222,tls://t@g"),
-            "nats://h:4222,tls://***@g"
-        );
     }
 }

@@ -47,7 +47,7 @@ fn main() -> ExitCode {
     let config = match tidegate::Config::load(&config) {
         Ok(config) => config,
         Err(err) => {
-            eprintln!("tidegate: {err}");
+            eprintln!("tidegate: {}", tidegate::security::scrub(&err.to_string()));
             return ExitCode::from(2);
         }
     };
@@ -61,7 +61,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
-            eprintln!("tidegate: {err:#}");
+            eprintln!(
+                "tidegate: {}",
+                tidegate::security::scrub(&format!("{err:#}"))
+            );
             ExitCode::from(1)
         }
     }

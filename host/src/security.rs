@@ -2,10 +2,16 @@
 //! secrets read from the environment or files.
 //!
 //! Secrets never appear in logs or error messages: [`Secret`]'s `Debug` shows where the
-//! secret comes from, never its value, and errors name the variable or file only.
+//! secret comes from, never its value, and errors name the variable or file only. As a
+//! second line of defence every secret value tidegate learns (from [`Secret::read`], from
+//! credentials in `nats.url` and from `mongodb_uri`) is remembered with [`remember_secret`],
+//! and [`scrub`] replaces it with `***` in every log line, error message and HTTP response,
+//! whatever a client library chose to print.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use serde::Deserialize;
 
@@ -41,16 +47,20 @@ impl fmt::Debug for Secret {
 }
 
 impl Secret {
-    /// The secret's value; the error names where it was looked for, never a value.
+    /// The secret's value, remembered for [`scrub`]; the error names where it was looked
+    /// for, never a value.
     pub fn read(&self) -> Result<String, String> {
-        match self {
+        let value = match self {
             Secret::Env { env } => std::env::var(env)
                 .map_err(|_| format!("environment variable {env} is not set (or not UTF-8)")),
             Secret::File { file } => std::fs::read_to_string(file)
                 .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
                 .map_err(|err| format!("cannot read {}: {err}", file.display())),
             Secret::Literal(value) => Ok(value.clone()),
-        }
+        }?;
+        remember_secret(&value);
+        remember_secret(value.trim());
+        Ok(value)
     }
 
     fn resolve(&mut self, base: &Path) {
@@ -89,6 +99,15 @@ pub struct NatsTls {
 }
 
 impl NatsAuth {
+    /// Whether any method is configured.
+    pub fn is_configured(&self) -> bool {
+        self.user.is_some()
+            || self.password.is_some()
+            || self.token.is_some()
+            || self.nkey_seed.is_some()
+            || self.credentials_file.is_some()
+    }
+
     /// Checks that one method at most is configured, completely.
     pub fn validate(&self) -> Result<(), String> {
         let methods = [
@@ -142,15 +161,197 @@ impl NatsTls {
     }
 }
 
-/// Connection options carrying the configured authentication and TLS.
+/// Credentials given in `nats.url` (`nats://user:password@host`, `nats://token@host`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum UrlCredentials {
+    /// `user:password@`.
+    UserPassword {
+        /// The user name.
+        user: String,
+        /// Its password.
+        password: String,
+    },
+    /// `token@`.
+    Token(String),
+}
+
+impl fmt::Debug for UrlCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UrlCredentials::UserPassword { user, .. } => write!(f, "UserPassword({user}, ***)"),
+            UrlCredentials::Token(_) => write!(f, "Token(***)"),
+        }
+    }
+}
+
+/// `nats.url` taken apart: the server addresses without credentials, and the credentials
+/// they carried. The NATS client ignores credentials inside URLs, so tidegate takes them
+/// out and passes them as authentication options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsUrls {
+    /// Every server, as given but without `…@`.
+    pub servers: Vec<String>,
+    /// The credentials, if any URL carried some (all that do must carry the same).
+    pub credentials: Option<UrlCredentials>,
+}
+
+/// Splits comma-separated `url` into servers and credentials (percent-decoded). Errors
+/// name the server by position, never echo the URL: it may hold a password.
+pub fn parse_nats_urls(url: &str) -> Result<NatsUrls, String> {
+    let mut servers = Vec::new();
+    let mut credentials: Option<UrlCredentials> = None;
+    for (index, one) in url.split(',').map(str::trim).enumerate() {
+        let at = |problem: &str| format!("nats.url: server {} of the list {problem}", index + 1);
+        if one.is_empty() {
+            return Err(at("is empty (a stray comma?)"));
+        }
+        let authority_start = one.find("://").map_or(0, |i| i + 3);
+        let authority_end = one[authority_start..]
+            .find(['/', '?', '#'])
+            .map_or(one.len(), |i| authority_start + i);
+        let authority = &one[authority_start..authority_end];
+        let Some(split) = authority.rfind('@') else {
+            if authority.is_empty() {
+                return Err(at("has no host"));
+            }
+            servers.push(one.to_string());
+            continue;
+        };
+        let (userinfo, host) = (&authority[..split], &authority[split + 1..]);
+        if host.is_empty() {
+            return Err(at("has no host after its credentials"));
+        }
+        let these = match userinfo.split_once(':') {
+            Some((user, raw_password)) => {
+                let user = percent_decode(user).ok_or_else(|| at("has a badly %-encoded user"))?;
+                if user.is_empty() {
+                    return Err(at("has a password but no user name"));
+                }
+                let password = percent_decode(raw_password)
+                    .ok_or_else(|| at("has a badly %-encoded password"))?;
+                remember_secret(raw_password);
+                remember_secret(&password);
+                UrlCredentials::UserPassword { user, password }
+            }
+            None => {
+                let token =
+                    percent_decode(userinfo).ok_or_else(|| at("has a badly %-encoded token"))?;
+                if token.is_empty() {
+                    return Err(at("has an empty token before '@'"));
+                }
+                remember_secret(&token);
+                UrlCredentials::Token(token)
+            }
+        };
+        remember_secret(userinfo);
+        match &credentials {
+            Some(known) if *known != these => {
+                return Err(at(
+                    "carries other credentials than an earlier one; give them once, in [nats.auth]",
+                ))
+            }
+            _ => credentials = Some(these),
+        }
+        servers.push(format!(
+            "{}{host}{}",
+            &one[..authority_start],
+            &one[authority_end..]
+        ));
+    }
+    Ok(NatsUrls {
+        servers,
+        credentials,
+    })
+}
+
+/// `%XX` sequences decoded; `None` when one is malformed or the result is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Remembers the password of a MongoDB connection string for [`scrub`] (the driver parses
+/// the string itself; this only has to find what must never be printed).
+pub fn remember_mongodb_uri_secret(uri: &str) {
+    let Some(rest) = uri.split_once("://").map(|(_, rest)| rest) else {
+        return;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    // The driver takes the last '@' of the host part as the end of the credentials.
+    let Some((userinfo, _)) = authority.rsplit_once('@') else {
+        return;
+    };
+    remember_secret(userinfo);
+    if let Some((_, password)) = userinfo.split_once(':') {
+        remember_secret(password);
+        if let Some(decoded) = percent_decode(password) {
+            remember_secret(&decoded);
+        }
+    }
+}
+
+/// Every secret value tidegate has learnt, longest first (so that a secret containing
+/// another is replaced whole).
+static SECRETS: RwLock<Vec<String>> = RwLock::new(Vec::new());
+
+/// Adds `value` to the secrets [`scrub`] removes. Empty values are ignored.
+pub fn remember_secret(value: &str) {
+    if value.is_empty() {
+        return;
+    }
+    let mut secrets = SECRETS
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !secrets.iter().any(|known| known == value) {
+        secrets.push(value.to_string());
+        secrets.sort_by_key(|known| std::cmp::Reverse(known.len()));
+    }
+}
+
+/// `text` with every remembered secret replaced by `***`.
+pub fn scrub(text: &str) -> Cow<'_, str> {
+    let secrets = SECRETS
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut text = Cow::Borrowed(text);
+    for secret in secrets.iter() {
+        if text.contains(secret.as_str()) {
+            text = Cow::Owned(text.replace(secret.as_str(), "***"));
+        }
+    }
+    text
+}
+
+/// Connection options carrying the configured authentication (from `[nats.auth]` or the
+/// URL's credentials; the config refuses both at once) and TLS.
 pub async fn nats_options(
     auth: &NatsAuth,
+    url_credentials: Option<&UrlCredentials>,
     tls: Option<&NatsTls>,
 ) -> Result<async_nats::ConnectOptions, Error> {
     let fail = |what: &str, message: String| Error::Startup {
         message: format!("nats.auth.{what}: {message}"),
     };
     let mut options = async_nats::ConnectOptions::new();
+    match url_credentials {
+        Some(UrlCredentials::UserPassword { user, password }) => {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        Some(UrlCredentials::Token(token)) => options = options.token(token.clone()),
+        None => {}
+    }
     if let (Some(user), Some(password)) = (&auth.user, &auth.password) {
         let password = password.read().map_err(|m| fail("password", m))?;
         options = options.user_and_password(user.clone(), password);
@@ -189,6 +390,7 @@ pub async fn nats_options(
 /// TLS, …), and where it says nothing, writes wait for a majority (`w=majority`) and reads
 /// prefer the primary but survive its loss (`readPreference=primaryPreferred`).
 pub async fn mongo_client(uri: &str) -> Result<mongodb::Client, mongodb::error::Error> {
+    remember_mongodb_uri_secret(uri);
     let mut options = mongodb::options::ClientOptions::parse(uri).await?;
     apply_mongo_defaults(&mut options);
     mongodb::Client::with_options(options)
@@ -253,6 +455,53 @@ mod tests {
             ..Default::default()
         };
         assert!(half.validate().is_err());
+    }
+
+    /// Credentials come out of the URLs (percent-decoded) and are remembered for `scrub`;
+    /// mistakes are named without echoing the URL.
+    #[test]
+    fn url_credentials_are_taken_out() {
+        let urls = parse_nats_urls("nats://tide:p%40ss-Url-1@h1:4222, tls://tide:p%40ss-Url-1@h2")
+            .expect("valid");
+        assert_eq!(urls.servers, ["nats://h1:4222", "tls://h2"]);
+        assert_eq!(
+            urls.credentials,
+            Some(UrlCredentials::UserPassword {
+                user: "tide".into(),
+                password: "p@ss-Url-1".into()
+            })
+        );
+        assert_eq!(scrub("x p@ss-Url-1 y p%40ss-Url-1"), "x *** y ***");
+        let urls = parse_nats_urls("tok-Url-2@h:4222,nats://h2").expect("valid");
+        assert_eq!(urls.servers, ["h:4222", "nats://h2"]);
+        assert_eq!(
+            urls.credentials,
+            Some(UrlCredentials::Token("tok-Url-2".into()))
+        );
+        assert_eq!(
+            parse_nats_urls("nats://h").expect("valid").credentials,
+            None
+        );
+        for (url, expected) in [
+            (
+                "nats://a:b-Url-3@h,nats://a:c-Url-3@h",
+                "server 2 of the list carries other",
+            ),
+            ("nats://h,,nats://g", "server 2 of the list is empty"),
+            ("nats://:b-Url-3@h", "no user name"),
+            ("nats://a:b-Url-3@", "no host"),
+            ("nats://a:%zz-Url-3@h", "badly %-encoded password"),
+        ] {
+            let err = parse_nats_urls(url).expect_err(url);
+            assert!(err.contains(expected), "{url}: {err}");
+            assert!(!err.contains("-Url-3"), "{err}");
+        }
+    }
+
+    #[test]
+    fn mongodb_passwords_are_remembered() {
+        remember_mongodb_uri_secret("mongodb://u:pw%2FMongo-5@h1,h2/db?replicaSet=rs0");
+        assert_eq!(scrub("a pw/Mongo-5 b pw%2FMongo-5 c"), "a *** b *** c");
     }
 
     #[tokio::test]

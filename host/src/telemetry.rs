@@ -4,26 +4,68 @@
 //! Info-level logs stay quiet per event: one line when something notable happens
 //! (start, resume, retry, dead letter) and one summary per pipeline every 30 s and at stop.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{filter_fn, FilterExt};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Installs the global tracing subscriber. `RUST_LOG` overrides the configured level.
-/// Calling it twice is harmless (the second call keeps the first subscriber).
+/// Client libraries whose debug and trace output can carry credentials, whatever the
+/// configured level: async-nats prints the server URL at debug and the whole `CONNECT`
+/// (password, token, JWT) at trace; the MongoDB driver and rustls print connection and
+/// handshake details. Their events above `info` are dropped.
+const CAPPED_TARGETS: &[&str] = &["async_nats", "mongodb", "rustls", "tokio_rustls", "nkeys"];
+
+/// Whether an event or span of `target` at `level` may be logged despite [`CAPPED_TARGETS`].
+pub fn allowed_for_library(target: &str, level: &tracing::Level) -> bool {
+    let capped = CAPPED_TARGETS.iter().any(|lib| {
+        target == *lib
+            || target
+                .strip_prefix(lib)
+                .is_some_and(|rest| rest.starts_with("::"))
+    });
+    !capped || *level <= tracing::Level::INFO
+}
+
+/// Installs the global tracing subscriber. `RUST_LOG` overrides the configured level, but
+/// never lifts [`CAPPED_TARGETS`] above `info`; and every line passes through
+/// [`crate::security::scrub`] before it is written. Calling it twice is harmless (the
+/// second call keeps the first subscriber).
 pub fn init(config: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let filter = filter.and(filter_fn(|meta| {
+        allowed_for_library(meta.target(), meta.level())
+    }));
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(|| ScrubbingStderr)
         .with_ansi(std::io::stderr().is_terminal());
-    let _ = match config.format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let layer = match config.format {
+        LogFormat::Human => layer.with_filter(filter).boxed(),
+        LogFormat::Json => layer.json().with_filter(filter).boxed(),
     };
+    let _ = tracing_subscriber::registry().with(layer).try_init();
+}
+
+/// Standard error with every remembered secret replaced (see [`crate::security::scrub`]).
+/// The formatter writes each event with one `write_all`, so a secret is never split between
+/// two writes.
+struct ScrubbingStderr;
+
+impl Write for ScrubbingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr().write_all(crate::security::scrub(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// The counters of one pipeline's stages (kept in the [`metrics`](crate::metrics) registry).
@@ -70,7 +112,20 @@ fn progress_line(pipeline: &str, done: u64, total: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{human_duration, progress_line};
+    use super::{allowed_for_library, human_duration, progress_line};
+    use tracing::Level;
+
+    /// Libraries that print credentials at debug or trace are held at info.
+    #[test]
+    fn credential_printing_libraries_are_capped() {
+        assert!(!allowed_for_library("async_nats", &Level::DEBUG));
+        assert!(!allowed_for_library("async_nats::connector", &Level::TRACE));
+        assert!(!allowed_for_library("mongodb::connection", &Level::DEBUG));
+        assert!(!allowed_for_library("rustls::client::hs", &Level::TRACE));
+        assert!(allowed_for_library("async_nats::connector", &Level::INFO));
+        assert!(allowed_for_library("tidegate::pipeline", &Level::TRACE));
+        assert!(allowed_for_library("async_natsx", &Level::TRACE));
+    }
 
     #[test]
     fn durations_for_people() {

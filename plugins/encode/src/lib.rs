@@ -27,9 +27,9 @@
 
 use serde_json::{Map, Number, Value};
 use tidegate_plugin::document::{as_i64, date_millis};
-use tidegate_plugin::{Config, Document, Error, Event, Output, Transform};
+use tidegate_plugin::{Config, ConfigKeys, Document, Error, Event, Output, Transform};
 
-/// The keys this plugin reads; `init` warns about any other key (probably a typo).
+/// The keys this plugin reads; `init` refuses any other key (a typo must not be ignored).
 pub const KNOWN_KEYS: &[&str] = &["arrays", "documents", "special", "ejson"];
 
 /// The parsed configuration.
@@ -234,8 +234,9 @@ fn iso_from_millis(ms: i64) -> String {
 }
 
 impl Transform for Encode {
+    const CONFIG_KEYS: ConfigKeys = ConfigKeys::Only(KNOWN_KEYS);
+
     fn init(config: &Config) -> Result<Self, Error> {
-        config.warn_unknown_keys(KNOWN_KEYS);
         Ok(Encode {
             arrays_as_strings: choice(config, "arrays", "array", "string")?,
             documents_as_strings: choice(config, "documents", "document", "string")?,
@@ -273,7 +274,7 @@ mod tests {
     use serde_json::json;
 
     fn run(pairs: &[(&str, &str)], doc: Value) -> Value {
-        let e = Encode::init(&Config::from_pairs(pairs.iter().copied())).unwrap();
+        let e = Encode::init_checked(&Config::from_pairs(pairs.iter().copied())).unwrap();
         let out = e.transform(Event::insert("a", "b", doc)).unwrap();
         Value::Object(
             out[0]
@@ -299,10 +300,10 @@ mod tests {
 
     #[test]
     fn defaults_change_nothing_byte_for_byte() {
-        let e = Encode::init(&Config::default()).unwrap();
+        let e = Encode::init_checked(&Config::default()).unwrap();
         let bytes = br#"{"a": [1], "b": {"$oid": "x"}}"#;
         assert_eq!(e.document(bytes).unwrap(), None);
-        let e = Encode::init(&Config::from_pairs([("arrays", "string")])).unwrap();
+        let e = Encode::init_checked(&Config::from_pairs([("arrays", "string")])).unwrap();
         assert_eq!(
             e.document(br#"{"a": 1}"#).unwrap(),
             None,
@@ -373,7 +374,7 @@ mod tests {
 
     #[test]
     fn updated_fields_and_bad_config() {
-        let e = Encode::init(&Config::from_pairs([("arrays", "string")])).unwrap();
+        let e = Encode::init_checked(&Config::from_pairs([("arrays", "string")])).unwrap();
         let ev = Event::update("a", "b", json!(1), json!({"tags": [1, 2], "n": 1}), None);
         let out = e.transform(ev).unwrap();
         let f = &out[0]
@@ -390,7 +391,7 @@ mod tests {
             ("ejson", "strict"),
         ] {
             assert!(
-                Encode::init(&Config::from_pairs([(k, v)])).is_err(),
+                Encode::init_checked(&Config::from_pairs([(k, v)])).is_err(),
                 "{k}={v}"
             );
         }

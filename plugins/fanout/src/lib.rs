@@ -9,7 +9,7 @@
 //!
 //! Every copy is the unchanged event with a header `X-Copy` holding its 0-based index.
 
-use tidegate_plugin::{Config, Error, Event, Output, Transform};
+use tidegate_plugin::{Config, ConfigKeys, Error, Event, Output, Transform};
 
 /// Copies per event when `copies` is not set.
 pub const DEFAULT_COPIES: u32 = 2;
@@ -18,7 +18,7 @@ pub const DEFAULT_COPIES: u32 = 2;
 /// exhaust the instance's memory on the first event.
 pub const MAX_COPIES: u32 = 1000;
 
-/// The keys this plugin reads; `init` warns about any other key (probably a typo).
+/// The keys this plugin reads; `init` refuses any other key (a typo must not be ignored).
 pub const KNOWN_KEYS: &[&str] = &["copies", "subject-prefix"];
 
 /// The parsed configuration.
@@ -39,8 +39,9 @@ impl Fanout {
 }
 
 impl Transform for Fanout {
+    const CONFIG_KEYS: ConfigKeys = ConfigKeys::Only(KNOWN_KEYS);
+
     fn init(config: &Config) -> Result<Self, Error> {
-        config.warn_unknown_keys(KNOWN_KEYS);
         let copies = match config.get("copies").map(str::trim) {
             None => DEFAULT_COPIES,
             Some(v) => match v.parse::<u32>() {
@@ -112,7 +113,7 @@ mod tests {
         if let Some(p) = prefix {
             pairs.push(("subject-prefix", p));
         }
-        Fanout::init(&Config::from_pairs(pairs)).map_err(|e| e.message().to_owned())
+        Fanout::init_checked(&Config::from_pairs(pairs)).map_err(|e| e.message().to_owned())
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! Each of the first four writes one `debug` line to the log first. A full document that is not
 //! valid JSON is an `invalid-event`.
 //!
-//! Config keys (optional):
+//! Config keys (optional; any other key makes `init` fail):
 //! - `fail-init`: `true` makes `init` return `invalid-config`, to test that tidegate refuses to
 //!   start (default `false`).
 //!
@@ -24,7 +24,7 @@ mod logic;
 
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use crate::logic::{action, parse_fail_init, Action, ESCAPE_SUBJECT, HUGE_COPIES, KNOWN_KEYS};
+    use crate::logic::{action, check_keys, parse_fail_init, Action, ESCAPE_SUBJECT, HUGE_COPIES};
 
     wit_bindgen::generate!({
         world: "transform",
@@ -38,11 +38,9 @@ mod component {
 
     impl Guest for Faulty {
         fn init() -> Result<(), PluginError> {
-            for (key, _) in config::entries() {
-                if !KNOWN_KEYS.contains(&key.as_str()) {
-                    log::write(Level::Warn, &format!("ignoring unknown config key `{key}`"));
-                }
-            }
+            let entries = config::entries();
+            check_keys(entries.iter().map(|(key, _)| key.as_str()))
+                .map_err(PluginError::InvalidConfig)?;
             let fail = parse_fail_init(config::get("fail-init").as_deref())
                 .map_err(PluginError::InvalidConfig)?;
             if fail {

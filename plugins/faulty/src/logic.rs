@@ -2,8 +2,28 @@
 
 use serde_json::Value;
 
-/// The keys this plugin reads; `init` warns about any other key (probably a typo).
+/// The keys this plugin reads; `init` refuses any other key (a typo must not be ignored).
 pub const KNOWN_KEYS: &[&str] = &["fail-init"];
+
+/// Refuses configured keys this plugin does not read, in the SDK's words
+/// (`Config::check_keys`; `faulty` is written without the SDK).
+pub fn check_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<(), String> {
+    let unknown: Vec<String> = keys
+        .into_iter()
+        .filter(|key| !KNOWN_KEYS.contains(key))
+        .map(|key| format!("`{key}`"))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let known: Vec<String> = KNOWN_KEYS.iter().map(|key| format!("`{key}`")).collect();
+    Err(format!(
+        "unknown config key{} {} (known keys: {})",
+        if unknown.len() == 1 { "" } else { "s" },
+        unknown.join(", "),
+        known.join(", ")
+    ))
+}
 
 /// What the event's `full-document` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +91,15 @@ pub fn parse_fail_init(value: Option<&str>) -> Result<bool, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert_eq!(check_keys(["fail-init"]), Ok(()));
+        assert_eq!(
+            check_keys(["fail-init", "fail-int"]),
+            Err("unknown config key `fail-int` (known keys: `fail-init`)".to_owned())
+        );
+    }
 
     fn act(doc: &str) -> Result<Action, String> {
         action(Some(doc.as_bytes()))

@@ -30,9 +30,9 @@
 use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
-use tidegate_plugin::{subject, Config, Document, Error, Event, Output, Transform};
+use tidegate_plugin::{subject, Config, ConfigKeys, Document, Error, Event, Output, Transform};
 
-/// The keys this plugin reads; `init` warns about any other key (probably a typo).
+/// The keys this plugin reads; `init` refuses any other key (a typo must not be ignored).
 pub const KNOWN_KEYS: &[&str] = &[
     "fields",
     "subject",
@@ -229,8 +229,9 @@ fn get<'a>(value: &'a Value, path: &[String]) -> Option<&'a Value> {
 }
 
 impl Transform for MapPlugin {
+    const CONFIG_KEYS: ConfigKeys = ConfigKeys::Only(KNOWN_KEYS);
+
     fn init(config: &Config) -> Result<Self, Error> {
-        config.warn_unknown_keys(KNOWN_KEYS);
         let Some(discriminator) = config.get("discriminator") else {
             if config.get("variants").is_some() || config.get("unmatched").is_some() {
                 return Err(bad("`variants` and `unmatched` need a `discriminator`"));
@@ -388,7 +389,7 @@ mod tests {
     use serde_json::json;
 
     fn plugin(pairs: &[(&str, &str)]) -> Result<MapPlugin, Error> {
-        MapPlugin::init(&Config::from_pairs(pairs.iter().copied()))
+        MapPlugin::init_checked(&Config::from_pairs(pairs.iter().copied()))
     }
 
     fn doc(out: &Output) -> Value {

@@ -16,11 +16,11 @@ pub mod query;
 
 use std::collections::BTreeSet;
 
-use tidegate_plugin::{Config, Error, Event, Filter, NamespacePattern, Operation};
+use tidegate_plugin::{Config, ConfigKeys, Error, Event, Filter, NamespacePattern, Operation};
 
 use crate::query::Query;
 
-/// The keys this plugin reads; `init` warns about any other key (probably a typo).
+/// The keys this plugin reads; `init` refuses any other key (a typo must not be ignored).
 pub const KNOWN_KEYS: &[&str] = &["operations", "namespaces", "where"];
 
 /// The parsed configuration.
@@ -37,8 +37,9 @@ fn in_key(key: &str) -> impl Fn(Error) -> Error + '_ {
 }
 
 impl Filter for Match {
+    const CONFIG_KEYS: ConfigKeys = ConfigKeys::Only(KNOWN_KEYS);
+
     fn init(config: &Config) -> Result<Self, Error> {
-        config.warn_unknown_keys(KNOWN_KEYS);
         let operations = match config.list("operations")? {
             None => None,
             Some(names) => Some(
@@ -104,7 +105,7 @@ mod tests {
     use serde_json::json;
 
     fn plugin(pairs: &[(&str, &str)]) -> Result<Match, Error> {
-        Match::init(&Config::from_pairs(pairs.iter().copied()))
+        Match::init_checked(&Config::from_pairs(pairs.iter().copied()))
     }
 
     #[test]

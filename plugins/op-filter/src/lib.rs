@@ -14,9 +14,9 @@
 
 use std::collections::BTreeSet;
 
-use tidegate_plugin::{Config, Error, Event, Filter, NamespacePattern, Operation};
+use tidegate_plugin::{Config, ConfigKeys, Error, Event, Filter, NamespacePattern, Operation};
 
-/// The keys this plugin reads; `init` warns about any other key (probably a typo).
+/// The keys this plugin reads; `init` refuses any other key (a typo must not be ignored).
 pub const KNOWN_KEYS: &[&str] = &["operations", "namespaces"];
 
 /// The parsed configuration.
@@ -46,8 +46,9 @@ impl OpFilter {
 }
 
 impl Filter for OpFilter {
+    const CONFIG_KEYS: ConfigKeys = ConfigKeys::Only(KNOWN_KEYS);
+
     fn init(config: &Config) -> Result<Self, Error> {
-        config.warn_unknown_keys(KNOWN_KEYS);
         let operations = match config.list("operations")? {
             None => None,
             Some(names) => Some(
@@ -93,7 +94,7 @@ mod tests {
         if let Some(n) = nss {
             pairs.push(("namespaces", n));
         }
-        OpFilter::init(&Config::from_pairs(pairs)).map_err(|e| e.message().to_owned())
+        OpFilter::init_checked(&Config::from_pairs(pairs)).map_err(|e| e.message().to_owned())
     }
 
     #[test]
@@ -176,17 +177,19 @@ mod tests {
         assert!(!c.keeps(&Op::Insert, "other", Some("orders")));
     }
 
-    /// Through the trait, as the host would call it; unknown keys are warned about.
+    /// Through the trait, as the host would call it: an unknown key (`operation=` for
+    /// `operations=`, which would keep deletes) fails `init`, naming it and the known keys.
     #[test]
-    fn filter_events_and_warn_unknown_keys() {
-        let f = OpFilter::init(&Config::from_pairs([
-            ("operations", "insert"),
-            ("namepsaces", "x.y"),
-        ]))
-        .unwrap();
-        let logged = tidegate_plugin::log::captured();
-        assert_eq!(logged.len(), 1);
-        assert!(logged[0].1.contains("namepsaces"));
+    fn filter_events_and_refuse_unknown_keys() {
+        let err = OpFilter::init_checked(&Config::from_pairs([("operation", "insert")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`operation`"), "{err}");
+        assert!(
+            err.contains("known keys: `operations`, `namespaces`"),
+            "{err}"
+        );
+        let f = OpFilter::init_checked(&Config::from_pairs([("operations", "insert")])).unwrap();
         let insert = Event::insert("shop", "orders", serde_json::json!({"_id": 1}));
         assert!(f.filter(&insert).unwrap());
         assert!(!f

@@ -27,7 +27,9 @@
 
 mod logic;
 
-use tidegate_plugin::{Config as PluginConfig, Document, Error, Event, Output, Transform};
+use tidegate_plugin::{
+    Config as PluginConfig, ConfigKeys, Document, Error, Event, Output, Transform,
+};
 
 pub use logic::{redact_bytes, Action, Config, Kind, KNOWN_KEYS};
 
@@ -48,8 +50,9 @@ impl Redact {
 }
 
 impl Transform for Redact {
+    const CONFIG_KEYS: ConfigKeys = ConfigKeys::Only(KNOWN_KEYS);
+
     fn init(config: &PluginConfig) -> Result<Self, Error> {
-        config.warn_unknown_keys(KNOWN_KEYS);
         let c = Config::parse(config)?;
         tidegate_plugin::log::debug(&format!("redact configured with {} path(s)", c.rules.len()));
         Ok(Redact(c))
@@ -90,7 +93,7 @@ mod tests {
     /// count in the header; an untouched document keeps its exact bytes.
     #[test]
     fn transform_event() {
-        let r = Redact::init(&PluginConfig::from_pairs([("fields", "email")])).unwrap();
+        let r = Redact::init_checked(&PluginConfig::from_pairs([("fields", "email")])).unwrap();
         let event = Event::update(
             "shop",
             "users",
@@ -119,10 +122,19 @@ mod tests {
 
     #[test]
     fn not_an_object_is_invalid_event() {
-        let r = Redact::init(&PluginConfig::from_pairs([("fields", "email")])).unwrap();
+        let r = Redact::init_checked(&PluginConfig::from_pairs([("fields", "email")])).unwrap();
         let mut event = Event::insert("a", "b", json!({}));
         event.full_document = Some(Document::from_bytes(b"[1]".to_vec()));
         let err = r.transform(event).err().unwrap();
         assert!(matches!(err, Error::InvalidEvent(m) if m.starts_with("full-document")));
+    }
+
+    /// A misspelt key would leave its fields in clear: `init` refuses it by name.
+    #[test]
+    fn unknown_keys_are_refused() {
+        let config = PluginConfig::from_pairs([("fields", "name"), ("feilds", "email")]);
+        let err = Redact::init_checked(&config).err().unwrap().to_string();
+        assert!(err.contains("unknown config key `feilds`"), "{err}");
+        assert!(err.contains("`fields`, `drop`, `mask`"), "{err}");
     }
 }

@@ -8,7 +8,7 @@ use tidegate_plugin::Error;
 /// What `fields` values become.
 pub const REDACTED: &str = "[redacted]";
 
-/// The keys this plugin reads; `init` warns about any other key (probably a typo).
+/// The keys this plugin reads; `init` refuses any other key (a typo must not be ignored).
 pub const KNOWN_KEYS: &[&str] = &["fields", "drop", "mask", "mask-keep", "hash", "hash-key"];
 
 /// Characters `mask` leaves visible at the end of a value unless `mask-keep` says otherwise.

@@ -8,6 +8,17 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+/// The config keys a plugin accepts: its `CONFIG_KEYS` (see
+/// [`Filter::CONFIG_KEYS`](crate::Filter::CONFIG_KEYS)), checked by [`Config::check_keys`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigKeys {
+    /// These keys only; any other one makes `init` fail with an error naming it.
+    Only(&'static [&'static str]),
+    /// Any key: the opt-out for plugins whose keys are free-form (say, one header per key).
+    /// Such a plugin cannot tell a typo from a new key: use it only when keys are data.
+    Any,
+}
+
 /// A plugin's configuration: the string keys and values of its
 /// `[[pipeline.plugins]] config = { … }` table. Typed getters turn a bad value into an
 /// [`Error::InvalidConfig`] that names the key, which stops tidegate at start-up.
@@ -154,17 +165,46 @@ impl Config {
             .collect()
     }
 
-    /// Logs a warning for every key not in `known` (see [`Config::unknown_keys`]).
+    /// An [`Error::InvalidConfig`] naming every configured key that `allowed` does not
+    /// accept, and listing the ones it does. A misspelt key must never be ignored: for a
+    /// redaction plugin, `feilds = "email"` would publish the e-mail address in clear. The
+    /// [`filter!`](crate::filter) and [`transform!`](crate::transform) glue calls it with
+    /// the plugin's `CONFIG_KEYS` before `init` (see [`Filter::init_checked`](crate::Filter::init_checked)).
     ///
     /// ```
-    /// # use tidegate_plugin::{log, Config};
-    /// Config::from_pairs([("feilds", "b")]).warn_unknown_keys(&["fields"]);
-    /// assert_eq!(log::captured()[0].1, "ignoring unknown config key `feilds`");
+    /// # use tidegate_plugin::{Config, ConfigKeys};
+    /// let c = Config::from_pairs([("fields", "a"), ("feilds", "b")]);
+    /// let err = c.check_keys(ConfigKeys::Only(&["fields", "mode"])).unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "invalid-config: unknown config key `feilds` (known keys: `fields`, `mode`)"
+    /// );
+    /// assert!(c.check_keys(ConfigKeys::Only(&["fields", "feilds"])).is_ok());
+    /// assert!(c.check_keys(ConfigKeys::Any).is_ok());
     /// ```
-    pub fn warn_unknown_keys(&self, known: &[&str]) {
-        for key in self.unknown_keys(known) {
-            crate::log::warn(&format!("ignoring unknown config key `{key}`"));
+    pub fn check_keys(&self, allowed: ConfigKeys) -> Result<()> {
+        let ConfigKeys::Only(known) = allowed else {
+            return Ok(());
+        };
+        let unknown = self.unknown_keys(known);
+        if unknown.is_empty() {
+            return Ok(());
         }
+        let quote = |keys: &[&str]| {
+            keys.iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let plural = if unknown.len() == 1 { "" } else { "s" };
+        let known = match known {
+            [] => "this plugin takes no config keys".to_owned(),
+            known => format!("known keys: {}", quote(known)),
+        };
+        Err(Error::invalid_config(format!(
+            "unknown config key{plural} {} ({known})",
+            quote(&unknown)
+        )))
     }
 
     /// Every key and value, sorted by key.

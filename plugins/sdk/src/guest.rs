@@ -100,13 +100,13 @@ fn with_plugin<P: 'static, R>(
 /// `filter` export.
 pub fn call_filter<P: Filter>(event: WitEvent) -> Result<bool, WitError> {
     let event = from_wit(event);
-    with_plugin(P::init, |p| p.filter(&event)).map_err(to_wit_error)
+    with_plugin(P::init_checked, |p| p.filter(&event)).map_err(to_wit_error)
 }
 
 /// `transform` export.
 pub fn call_transform<P: Transform>(event: WitEvent) -> Result<Vec<WitOutput>, WitError> {
     let event = from_wit(event);
-    let outputs = with_plugin(P::init, |p| p.transform(event)).map_err(to_wit_error)?;
+    let outputs = with_plugin(P::init_checked, |p| p.transform(event)).map_err(to_wit_error)?;
     Ok(outputs.into_iter().map(output_to_wit).collect())
 }
 

@@ -7,7 +7,7 @@
 //! wasm. The same code unit-tests natively with plain `cargo test`.
 //!
 //! ```
-//! use tidegate_plugin::{Config, Error, Event, Filter, Operation};
+//! use tidegate_plugin::{Config, ConfigKeys, Error, Event, Filter, Operation};
 //!
 //! /// Keeps orders above a configured total.
 //! pub struct BigOrders {
@@ -15,8 +15,10 @@
 //! }
 //!
 //! impl Filter for BigOrders {
+//!     // Any other key (a typo) makes `init` fail, naming it.
+//!     const CONFIG_KEYS: ConfigKeys = ConfigKeys::Only(&["min-total"]);
+//!
 //!     fn init(config: &Config) -> Result<Self, Error> {
-//!         config.warn_unknown_keys(&["min-total"]);
 //!         Ok(BigOrders { min: config.parse("min-total")?.unwrap_or(100.0) })
 //!     }
 //!
@@ -28,8 +30,9 @@
 //!
 //! tidegate_plugin::filter!(BigOrders);
 //!
-//! // Natively, the plugin is plain Rust:
-//! let plugin = BigOrders::init(&Config::from_pairs([("min-total", "50")]))?;
+//! // Natively, the plugin is plain Rust; `init_checked` is what the host's `init` runs:
+//! let plugin = BigOrders::init_checked(&Config::from_pairs([("min-total", "50")]))?;
+//! assert!(BigOrders::init_checked(&Config::from_pairs([("min-totl", "50")])).is_err());
 //! assert!(plugin.filter(&Event::insert("shop", "orders", serde_json::json!({"total": 70})))?);
 //! assert!(!plugin.filter(&Event::insert("shop", "orders", serde_json::json!({"total": 7})))?);
 //! # Ok::<(), Error>(())
@@ -52,7 +55,8 @@
 //!   change as the plugin receives it.
 //! - [`Document`]: a document (relaxed Extended JSON) read by dotted path.
 //! - [`Output`], [`Header`], [`subject`]: what a transform returns.
-//! - [`Config`]: the plugin's settings, with typed getters.
+//! - [`Config`]: the plugin's settings, with typed getters; [`ConfigKeys`]: which keys it
+//!   accepts (by default none: declare them in `CONFIG_KEYS`).
 //! - [`Error`]: why an event could not be handled (it is then dead-lettered).
 //! - [`log`]: writing to tidegate's log.
 //!
@@ -75,7 +79,7 @@ pub mod output;
 #[doc(hidden)]
 pub mod guest;
 
-pub use config::Config;
+pub use config::{Config, ConfigKeys};
 pub use document::Document;
 pub use error::{Error, Result};
 pub use event::{
@@ -107,9 +111,23 @@ pub use serde_json::{json, Map, Value};
 /// # Ok::<(), Error>(())
 /// ```
 pub trait Filter: Sized + 'static {
+    /// The config keys [`Filter::init`] reads. Any other configured key makes the host's
+    /// `init` call fail with an error naming it (see [`Config::check_keys`]), so a typo never
+    /// silently falls back to a default. Default: no keys at all. Plugins whose keys are
+    /// free-form opt out with [`ConfigKeys::Any`].
+    const CONFIG_KEYS: ConfigKeys = ConfigKeys::Only(&[]);
+
     /// Reads and checks the configuration; called once per instance before the first event.
     /// An error stops tidegate from starting, naming the plugin.
     fn init(config: &Config) -> Result<Self>;
+
+    /// What the component's `init` export runs: the key check against
+    /// [`Filter::CONFIG_KEYS`], then [`Filter::init`]. Unit tests call it to see what the
+    /// host would.
+    fn init_checked(config: &Config) -> Result<Self> {
+        config.check_keys(Self::CONFIG_KEYS)?;
+        Self::init(config)
+    }
 
     /// `true` keeps the event, `false` drops it (it is still checkpointed). An error
     /// dead-letters the event.
@@ -139,9 +157,23 @@ pub trait Filter: Sized + 'static {
 /// # Ok::<(), Error>(())
 /// ```
 pub trait Transform: Sized + 'static {
+    /// The config keys [`Transform::init`] reads. Any other configured key makes the host's
+    /// `init` call fail with an error naming it (see [`Config::check_keys`]), so a typo never
+    /// silently falls back to a default. Default: no keys at all. Plugins whose keys are
+    /// free-form opt out with [`ConfigKeys::Any`].
+    const CONFIG_KEYS: ConfigKeys = ConfigKeys::Only(&[]);
+
     /// Reads and checks the configuration; called once per instance before the first event.
     /// An error stops tidegate from starting, naming the plugin.
     fn init(config: &Config) -> Result<Self>;
+
+    /// What the component's `init` export runs: the key check against
+    /// [`Transform::CONFIG_KEYS`], then [`Transform::init`]. Unit tests call it to see what the
+    /// host would.
+    fn init_checked(config: &Config) -> Result<Self> {
+        config.check_keys(Self::CONFIG_KEYS)?;
+        Self::init(config)
+    }
 
     /// The outputs replace the event, in order; an empty list drops it. An error
     /// dead-letters the event.
@@ -170,7 +202,7 @@ macro_rules! filter {
             struct __TidegateFilter;
             impl $crate::guest::filter::Guest for __TidegateFilter {
                 fn init() -> ::core::result::Result<(), $crate::guest::WitError> {
-                    $crate::guest::init::<$plugin, _>(<$plugin as $crate::Filter>::init)
+                    $crate::guest::init::<$plugin, _>(<$plugin as $crate::Filter>::init_checked)
                 }
                 fn filter(
                     event: $crate::guest::WitEvent,
@@ -204,7 +236,7 @@ macro_rules! transform {
             struct __TidegateTransform;
             impl $crate::guest::transform::Guest for __TidegateTransform {
                 fn init() -> ::core::result::Result<(), $crate::guest::WitError> {
-                    $crate::guest::init::<$plugin, _>(<$plugin as $crate::Transform>::init)
+                    $crate::guest::init::<$plugin, _>(<$plugin as $crate::Transform>::init_checked)
                 }
                 fn transform(
                     event: $crate::guest::WitEvent,

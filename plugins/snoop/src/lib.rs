@@ -45,8 +45,20 @@ mod component {
     }
 
     impl Guest for Snoop {
+        /// It reads no config key, so any key is a mistake.
         fn init() -> Result<(), PluginError> {
-            Ok(())
+            let keys: Vec<String> = tidegate::plugin::config::entries()
+                .into_iter()
+                .map(|(key, _)| format!("`{key}`"))
+                .collect();
+            if keys.is_empty() {
+                return Ok(());
+            }
+            Err(PluginError::InvalidConfig(format!(
+                "unknown config key{} {} (this plugin takes no config keys)",
+                if keys.len() == 1 { "" } else { "s" },
+                keys.join(", ")
+            )))
         }
 
         fn transform(event: ChangeEvent) -> Result<Vec<Output>, PluginError> {

@@ -9,15 +9,17 @@
 //! config = { status = "active" }
 //! ```
 
-use tidegate_plugin::{Config, Error, Event, Filter, Operation};
+use tidegate_plugin::{Config, ConfigKeys, Error, Event, Filter, Operation};
 
 pub struct Plugin {
     status: String,
 }
 
 impl Filter for Plugin {
+    /// Any other key (a typo) makes `init` fail, naming it.
+    const CONFIG_KEYS: ConfigKeys = ConfigKeys::Only(&["status"]);
+
     fn init(config: &Config) -> Result<Self, Error> {
-        config.warn_unknown_keys(&["status"]);
         let status = config.get("status").unwrap_or("active").to_owned();
         if status.is_empty() {
             return Err(Error::invalid_config("`status` must not be empty"));
@@ -44,7 +46,7 @@ mod tests {
     use serde_json::json;
 
     fn plugin(status: &str) -> Plugin {
-        Plugin::init(&Config::from_pairs([("status", status)])).expect("valid config")
+        Plugin::init_checked(&Config::from_pairs([("status", status)])).expect("valid config")
     }
 
     #[test]
@@ -64,7 +66,8 @@ mod tests {
     }
 
     #[test]
-    fn empty_status_is_refused() {
-        assert!(Plugin::init(&Config::from_pairs([("status", "")])).is_err());
+    fn empty_status_and_unknown_keys_are_refused() {
+        assert!(Plugin::init_checked(&Config::from_pairs([("status", "")])).is_err());
+        assert!(Plugin::init_checked(&Config::from_pairs([("stauts", "active")])).is_err());
     }
 }
