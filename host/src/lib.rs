@@ -18,7 +18,10 @@
 //!   start positions, invalidate and lost-history policies.
 //! - [`snapshot`] — reading existing documents in resumable chunks: before streaming
 //!   (initial), or on a signal while streaming (incremental, between watermarks).
-//! - [`event`] — the change as tidegate carries it (BSON documents, resume token).
+//! - [`event`] — the change as tidegate carries it (the server's raw BSON event, resume
+//!   token).
+//! - [`ejson`] — Extended JSON written straight from raw BSON (payloads, the plugin
+//!   boundary), and plugin output read back into raw BSON.
 //! - [`plugin`] — loading components, the WIT bindings, running a chain over an event,
 //!   quarantine.
 //! - [`sandbox`] — the wasmtime engine, compiled-plugin cache, instance admission, and the
@@ -44,6 +47,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod ejson;
 pub mod encode;
 pub mod error;
 pub mod event;

@@ -11,8 +11,8 @@
 use std::task::Poll;
 use std::time::Duration;
 
-use bson::{doc, Document};
-use mongodb::change_stream::event::{ChangeStreamEvent, ResumeToken};
+use bson::{doc, Document, RawDocumentBuf};
+use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
 use mongodb::error::ErrorKind;
 use mongodb::options::{ChangeStreamOptions, FullDocumentBeforeChangeType, FullDocumentType};
@@ -237,10 +237,21 @@ pub async fn run(
                 }
             };
             match next {
-                Ok(Some(event)) => {
+                Ok(Some(raw)) => {
                     backoff = MIN_BACKOFF;
-                    let mut event = SourceEvent::from_driver(event);
-                    if heartbeats.as_ref() == Some(&event.change.namespace) {
+                    let mut event = match SourceEvent::from_server_event(&raw) {
+                        Ok(event) => event,
+                        Err(message) => {
+                            // Nothing after it can be read either: stop before it, with
+                            // everything read so far handed over.
+                            hand_off(&events, &mut batch).await;
+                            return Err(Error::Source {
+                                pipeline: pipeline.id.clone(),
+                                message: format!("unreadable change event: {message}"),
+                            });
+                        }
+                    };
+                    if heartbeats.as_ref() == Some(event.change.namespace()) {
                         // tidegate's own heartbeat write: it only moves the position.
                         start = OpenAt::ResumeAfter(event.token.clone());
                         batch.push(SourceItem::Heartbeat(
@@ -250,12 +261,10 @@ pub async fn run(
                         continue;
                     }
                     if let Some((namespace, collection)) = &signals {
-                        if event.change.namespace == *namespace {
+                        if event.change.namespace() == namespace {
                             // A signal or a watermark: acted on, never published.
-                            let signal = match event.change.operation {
-                                Operation::Insert => {
-                                    Signal::parse(event.change.full_document.as_ref())
-                                }
+                            let signal = match event.change.operation() {
+                                Operation::Insert => Signal::parse(event.change.full_document()),
                                 _ => Signal::Other,
                             };
                             let acted = on_signal(
@@ -292,10 +301,13 @@ pub async fn run(
                         running.saw_change(&event.change);
                         event.snapshot = Some(running.progress());
                     }
-                    let invalidated = event.change.operation == Operation::Invalidate;
-                    if invalidated && event.change.namespace.db.is_empty() {
+                    let invalidated = *event.change.operation() == Operation::Invalidate;
+                    if invalidated && event.change.namespace().db.is_empty() {
                         // The server sends invalidate without `ns`; say what was invalidated.
-                        event.change.namespace = watched_namespace(&pipeline);
+                        match event.change.with_namespace(watched_namespace(&pipeline)) {
+                            Ok(named) => event.change = named,
+                            Err(message) => tracing::warn!(pipeline = %pipeline.id, %message, "invalidate event published without a namespace"),
+                        }
                     }
                     start = if invalidated {
                         OpenAt::StartAfter(event.token.clone())
@@ -312,7 +324,7 @@ pub async fn run(
                                 "the watched namespace {} was dropped or renamed (invalidate) and \
                                  on_invalidate = \"stop\"; set it to \"continue\" to go on after \
                                  it, or delete the checkpoint to start afresh",
-                                event.change.namespace
+                                event.change.namespace()
                             ),
                         });
                     }
@@ -518,7 +530,7 @@ async fn on_signal(
             let Some(running) = incremental.as_mut() else {
                 return Ok(());
             };
-            if let Some(chunk) = running.saw_watermark(open, &window, &event.token) {
+            if let Some(chunk) = running.saw_watermark(open, &window, &event.token)? {
                 tracing::info!(
                     pipeline = id,
                     read = chunk.len(),
@@ -884,7 +896,7 @@ async fn open(
     client: &mongodb::Client,
     pipeline: &PipelineConfig,
     start: &OpenAt,
-) -> Result<ChangeStream<ChangeStreamEvent<Document>>, mongodb::error::Error> {
+) -> Result<ChangeStream<RawDocumentBuf>, mongodb::error::Error> {
     let full_document = match pipeline.full_document {
         FullDocument::Off => None,
         FullDocument::UpdateLookup => Some(FullDocumentType::UpdateLookup),
@@ -915,7 +927,8 @@ async fn open(
         .batch_size(BATCH_SIZE)
         .build();
     let stages = server_side_filter(pipeline);
-    match (&pipeline.database, pipeline.collections.as_slice()) {
+    // Events are read as raw BSON (see `event::Change`), never through serde.
+    let stream = match (&pipeline.database, pipeline.collections.as_slice()) {
         (None, _) => client.watch().pipeline(stages).with_options(options).await,
         (Some(db), [coll]) => {
             client
@@ -934,7 +947,8 @@ async fn open(
                 .with_options(options)
                 .await
         }
-    }
+    };
+    stream.map(ChangeStream::with_type)
 }
 
 /// The stages appended to the change stream on the server: the namespace filters, skipped
