@@ -172,7 +172,7 @@ mod tests {
         let text = json(&change_with(full), Encoding::RelaxedJson);
         let expected = concat!(
             r#""fullDocument":{"s":"quote \" and \\ and \u0001","i32":1,"i64":1099511627776,"#,
-            r#""f":1.5,"whole":2.0,"negzero":-0.0,"big":1e300,"#,
+            r#""f":1.5,"whole":2.0,"negzero":-0.0,"big":1e+300,"#,
             r#""nan":{"$numberDouble":"NaN"},"inf":{"$numberDouble":"Infinity"},"#,
             r#""ninf":{"$numberDouble":"-Infinity"},"b":true,"null":null,"#,
             r#""oid":{"$oid":"5f0c9a0e8e1b2c3d4e5f6a7b"},"epoch":{"$date":"1970-01-01T00:00:00Z"},"#,

@@ -346,8 +346,8 @@ impl Signal {
                     .ok()
                     .and_then(|d| d.get_array("data-collections").ok())
                     .map(|all| {
-                        all.iter()
-                            .filter_map(|c| c.as_str().map(str::to_string))
+                        all.into_iter()
+                            .filter_map(|c| c.ok()?.as_str().map(str::to_string))
                             .collect()
                     })
                     .unwrap_or_default(),
@@ -512,7 +512,7 @@ impl Incremental {
         let Some(window) = self.window.as_mut().filter(|w| w.open) else {
             return;
         };
-        if change.namespace != window.namespace {
+        if *change.namespace() != window.namespace {
             return;
         }
         let Some(id) = change.document_key().and_then(|k| k.get("_id").ok().flatten()) else {

@@ -166,7 +166,16 @@ fn update_back<'a>(
     original: Option<&'a RawDocument>,
 ) -> Result<Cow<'a, RawDocument>, String> {
     if let (Some(sent), Some(original)) = (sent, original) {
-        if *sent == returned {
+        let same_truncated = sent.truncated_arrays.len() == returned.truncated_arrays.len()
+            && sent
+                .truncated_arrays
+                .iter()
+                .zip(&returned.truncated_arrays)
+                .all(|(a, b)| a.field == b.field && a.new_size == b.new_size);
+        if sent.updated_fields == returned.updated_fields
+            && sent.removed_fields == returned.removed_fields
+            && same_truncated
+        {
             return Ok(Cow::Borrowed(original));
         }
     }
@@ -198,7 +207,7 @@ fn update_back<'a>(
     }
     let mut out = RawDocumentBuf::new();
     let mut written = [false; 3];
-    let mut put = |out: &mut RawDocumentBuf, key: &str| match key {
+    let put = |out: &mut RawDocumentBuf, key: &str| match key {
         "updatedFields" => out.append(cstr!("updatedFields"), &updated),
         "removedFields" => out.append(cstr!("removedFields"), &removed),
         _ => out.append(cstr!("truncatedArrays"), &truncated),
