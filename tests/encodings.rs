@@ -86,7 +86,9 @@ where
     for lane in lanes {
         client
             .database(DB)
-            .run_command(doc! { "create": &lane.coll, "changeStreamPreAndPostImages": { "enabled": true } })
+            .run_command(
+                doc! { "create": &lane.coll, "changeStreamPreAndPostImages": { "enabled": true } },
+            )
             .await?;
         text.push_str(&lane.toml(&h.mongo.uri()));
     }
@@ -230,7 +232,12 @@ async fn dollar_prefixed_fields_are_published_exactly() -> anyhow::Result<()> {
             .iter()
             .map(|m| m.subject.rsplit('.').next().unwrap_or_default().to_string())
             .collect();
-        assert_eq!(ops, ["insert", "update", "replace", "delete", "insert"], "{}", lane.id);
+        assert_eq!(
+            ops,
+            ["insert", "update", "replace", "delete", "insert"],
+            "{}",
+            lane.id
+        );
         let fix = |doc: &RawDocument| -> anyhow::Result<RawDocumentBuf> {
             match lane.redact {
                 true => redacted(doc),
@@ -293,7 +300,11 @@ async fn dollar_prefixed_fields_are_published_exactly() -> anyhow::Result<()> {
                         r#""i64":7}"#
                     ),
                 };
-                let email = if lane.redact { "[redacted]" } else { "a@example.com" };
+                let email = if lane.redact {
+                    "[redacted]"
+                } else {
+                    "a@example.com"
+                };
                 let first = first.replace("EMAIL", email);
                 assert!(
                     text(0).contains(&format!(r#""fullDocument":{first}"#)),

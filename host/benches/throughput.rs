@@ -32,8 +32,8 @@ use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
 use bson::{doc, oid::ObjectId, DateTime, Document, RawDocumentBuf, Timestamp};
 use bytes::Bytes;
 use mongodb::change_stream::event::ChangeStreamEvent;
-use tidegate::config::{Encoding, LogConfig, LogFormat, PluginLimits, SandboxConfig};
 use std::borrow::Cow;
+use tidegate::config::{Encoding, LogConfig, LogFormat, PluginLimits, SandboxConfig};
 use tidegate::event::{Change, Fields, Namespace, Operation};
 use tidegate::plugin::bindings::wit;
 use tidegate::plugin::{convert, Chain, Decision, Plugin, PluginSettings, Verdict};
@@ -270,7 +270,8 @@ fn sample_change() -> anyhow::Result<Change> {
         coll: Some("orders".into()),
     };
     // A resume token's `_data` from MongoDB 6.0 is about this long.
-    let token = "8266F1A2B3000000012B022C0100296E5A10046A0C5F5B2C9D4E3FA1B2C3D4E5F60718463C5F6964003C\
+    let token =
+        "8266F1A2B3000000012B022C0100296E5A10046A0C5F5B2C9D4E3FA1B2C3D4E5F60718463C5F6964003C\
                  6566A1B2C3D4E5F6071829304004";
     let fields = Fields {
         document_key: Some(Cow::Owned(key)),

@@ -505,10 +505,14 @@ fn wrapper(entries: &[(String, Json)], path: &Path<'_>) -> Result<Option<RawBson
             .map(RawBson::ObjectId)
             .map_err(|_| bad("$oid"))?,
         ["$symbol"] => RawBson::Symbol(text("$symbol")?.to_string()),
-        ["$numberInt"] => RawBson::Int32(text("$numberInt")?.parse().map_err(|_| bad("$numberInt"))?),
-        ["$numberLong"] => {
-            RawBson::Int64(text("$numberLong")?.parse().map_err(|_| bad("$numberLong"))?)
+        ["$numberInt"] => {
+            RawBson::Int32(text("$numberInt")?.parse().map_err(|_| bad("$numberInt"))?)
         }
+        ["$numberLong"] => RawBson::Int64(
+            text("$numberLong")?
+                .parse()
+                .map_err(|_| bad("$numberLong"))?,
+        ),
         ["$numberDouble"] => RawBson::Double(match text("$numberDouble")? {
             "Infinity" => f64::INFINITY,
             "-Infinity" => f64::NEG_INFINITY,
@@ -552,8 +556,9 @@ fn wrapper(entries: &[(String, Json)], path: &Path<'_>) -> Result<Option<RawBson
                     _ => None,
                 };
                 match (part("pattern"), part("options")) {
-                    (Some(pattern), Some(options)) => regex(pattern, options)
-                        .ok_or_else(|| bad("$regularExpression"))?,
+                    (Some(pattern), Some(options)) => {
+                        regex(pattern, options).ok_or_else(|| bad("$regularExpression"))?
+                    }
                     _ => return Err(bad("$regularExpression")),
                 }
             }
@@ -567,9 +572,9 @@ fn wrapper(entries: &[(String, Json)], path: &Path<'_>) -> Result<Option<RawBson
             _ => return Ok(None),
         },
         ["$date"] => match get("$date") {
-            Some(Json::Str(iso)) => RawBson::DateTime(
-                bson::DateTime::parse_rfc3339_str(iso).map_err(|_| bad("$date"))?,
-            ),
+            Some(Json::Str(iso)) => {
+                RawBson::DateTime(bson::DateTime::parse_rfc3339_str(iso).map_err(|_| bad("$date"))?)
+            }
             Some(Json::Int(ms)) => RawBson::DateTime(bson::DateTime::from_millis(*ms)),
             Some(Json::Object(long)) => match long.as_slice() {
                 [(key, Json::Str(ms))] if key == "$numberLong" => RawBson::DateTime(
@@ -635,7 +640,13 @@ mod tests {
         assert_eq!(iso_date(0), "1970-01-01T00:00:00Z");
         assert_eq!(iso_date(951_782_400_001), "2000-02-29T00:00:00.001Z");
         assert_eq!(iso_date(LAST_ISO_MILLIS), "9999-12-31T23:59:59.999Z");
-        for millis in [0, 86_399_999, 951_782_400_001, 1_700_000_000_123, LAST_ISO_MILLIS] {
+        for millis in [
+            0,
+            86_399_999,
+            951_782_400_001,
+            1_700_000_000_123,
+            LAST_ISO_MILLIS,
+        ] {
             let back = bson::DateTime::parse_rfc3339_str(iso_date(millis)).unwrap();
             assert_eq!(back.timestamp_millis(), millis);
         }
@@ -678,7 +689,10 @@ mod tests {
                 assert_eq!(strip(&back).as_bytes(), strip(&doc).as_bytes(), "{mode:?}");
             }
             assert!(back.get_f64("nan").unwrap().is_nan());
-            assert_eq!(back.get_datetime("far").unwrap(), doc.get_datetime("far").unwrap());
+            assert_eq!(
+                back.get_datetime("far").unwrap(),
+                doc.get_datetime("far").unwrap()
+            );
         }
     }
 

@@ -187,7 +187,10 @@ mod tests {
             r#""min":{"$minKey":1},"max":{"$maxKey":1},"code":{"$code":"f()"}}"#,
         );
         assert!(text.contains(expected), "{text}");
-        assert!(text.starts_with(r#"{"id":"82abc","operationType":"insert","#), "{text}");
+        assert!(
+            text.starts_with(r#"{"id":"82abc","operationType":"insert","#),
+            "{text}"
+        );
     }
 
     /// Canonical JSON wraps every number and date and keeps the document's field order
@@ -225,7 +228,10 @@ mod tests {
         let raw = payload(&change, Encoding::Bson).unwrap();
         assert_eq!(raw, change.document().as_bytes());
         let back = bson::RawDocument::from_bytes(&raw).unwrap();
-        assert_eq!(back.get_document("fullDocument").unwrap().as_bytes(), full.as_bytes());
+        assert_eq!(
+            back.get_document("fullDocument").unwrap().as_bytes(),
+            full.as_bytes()
+        );
     }
 
     /// The direct writer agrees with the bson crate's `into_relaxed_extjson` wherever the

@@ -484,8 +484,7 @@ fn parse_namespace(field: &str, value: RawBsonRef<'_>) -> Result<Namespace, Stri
 /// The value `fields` gives the modeled field `key` (`None`: absent).
 fn modeled_value(fields: &Fields<'_>, key: &str) -> Result<Option<RawBson>, String> {
     let document = |d: &Option<Cow<'_, RawDocument>>| {
-        d.as_ref()
-            .map(|d| RawBson::Document(d.as_ref().to_owned()))
+        d.as_ref().map(|d| RawBson::Document(d.as_ref().to_owned()))
     };
     Ok(match key {
         "operationType" => Some(RawBson::String(fields.operation.as_str().to_string())),

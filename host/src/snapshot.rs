@@ -515,7 +515,10 @@ impl Incremental {
         if *change.namespace() != window.namespace {
             return;
         }
-        let Some(id) = change.document_key().and_then(|k| k.get("_id").ok().flatten()) else {
+        let Some(id) = change
+            .document_key()
+            .and_then(|k| k.get("_id").ok().flatten())
+        else {
             return;
         };
         window

@@ -306,7 +306,9 @@ pub async fn run(
                         // The server sends invalidate without `ns`; say what was invalidated.
                         match event.change.with_namespace(watched_namespace(&pipeline)) {
                             Ok(named) => event.change = named,
-                            Err(message) => tracing::warn!(pipeline = %pipeline.id, %message, "invalidate event published without a namespace"),
+                            Err(message) => {
+                                tracing::warn!(pipeline = %pipeline.id, %message, "invalidate event published without a namespace")
+                            }
                         }
                     }
                     start = if invalidated {

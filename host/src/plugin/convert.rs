@@ -181,9 +181,7 @@ fn update_back<'a>(
     }
     let old_fields = original.and_then(|o| o.get_document("updatedFields").ok());
     let updated = match (sent, old_fields) {
-        (Some(sent), Some(old)) if sent.updated_fields == returned.updated_fields => {
-            old.to_owned()
-        }
+        (Some(sent), Some(old)) if sent.updated_fields == returned.updated_fields => old.to_owned(),
         _ => ejson::parse_document(
             "updateDescription.updatedFields",
             &returned.updated_fields,
@@ -223,7 +221,9 @@ fn update_back<'a>(
                     put(&mut out, OWN[slot]);
                 }
                 None => {
-                    let value = element.value().map_err(|e| format!("malformed BSON: {e}"))?;
+                    let value = element
+                        .value()
+                        .map_err(|e| format!("malformed BSON: {e}"))?;
                     out.append(key, value);
                 }
             }
@@ -348,8 +348,11 @@ mod tests {
         );
         let mut event = sent.clone();
         event.full_document = Some(
-            text.replace(r#""name":"a""#, r#""name":"b","added":{"$numberLong":"9"},"big2":8"#)
-                .into_bytes(),
+            text.replace(
+                r#""name":"a""#,
+                r#""name":"b","added":{"$numberLong":"9"},"big2":8"#,
+            )
+            .into_bytes(),
         );
         let back = from_wit(event, &sent, &original).unwrap();
         let full = back.full_document().unwrap();
@@ -366,7 +369,17 @@ mod tests {
             .collect();
         assert_eq!(
             keys,
-            ["id", "operationType", "clusterTime", "wallTime", "collectionUUID", "ns", "documentKey", "updateDescription", "fullDocument"]
+            [
+                "id",
+                "operationType",
+                "clusterTime",
+                "wallTime",
+                "collectionUUID",
+                "ns",
+                "documentKey",
+                "updateDescription",
+                "fullDocument"
+            ]
         );
         assert_eq!(
             back.update_description().unwrap().as_bytes(),

@@ -46,12 +46,11 @@ mod tests {
         assert_eq!(*change.operation(), Operation::Update);
         assert_eq!(change.namespace().coll.as_deref(), Some("orders"));
         let u = change.update_description().unwrap();
-        assert_eq!(u.get_array("removedFields").unwrap().get_str(0).unwrap(), "c");
-        assert!(change
-            .full_document()
-            .unwrap()
-            .get_datetime("when")
-            .is_ok());
+        assert_eq!(
+            u.get_array("removedFields").unwrap().get_str(0).unwrap(),
+            "c"
+        );
+        assert!(change.full_document().unwrap().get_datetime("when").is_ok());
         assert_eq!(change.txn_number(), Some(3));
         // Field order is the line's, `id` first.
         let keys: Vec<&str> = change
@@ -61,7 +60,15 @@ mod tests {
             .collect();
         assert_eq!(
             keys,
-            ["id", "operationType", "ns", "documentKey", "updateDescription", "fullDocument", "txnNumber"]
+            [
+                "id",
+                "operationType",
+                "ns",
+                "documentKey",
+                "updateDescription",
+                "fullDocument",
+                "txnNumber"
+            ]
         );
     }
 
