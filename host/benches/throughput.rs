@@ -29,11 +29,12 @@ use anyhow::{anyhow, bail, Context as _};
 use async_nats::jetstream::context::ContextBuilder;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
-use bson::{doc, oid::ObjectId, DateTime, Document, Timestamp};
+use bson::{doc, oid::ObjectId, DateTime, Document, RawDocumentBuf, Timestamp};
 use bytes::Bytes;
 use mongodb::change_stream::event::ChangeStreamEvent;
+use std::borrow::Cow;
 use tidegate::config::{Encoding, LogConfig, LogFormat, PluginLimits, SandboxConfig};
-use tidegate::event::{Change, Namespace, Operation};
+use tidegate::event::{Change, Fields, Namespace, Operation};
 use tidegate::plugin::bindings::wit;
 use tidegate::plugin::{convert, Chain, Decision, Plugin, PluginSettings, Verdict};
 use tidegate::sandbox::Sandbox;
@@ -258,33 +259,31 @@ async fn insert_range(
 }
 
 /// An insert event as the source would build it, for the micro benchmarks.
-fn sample_change() -> Change {
+fn sample_change() -> anyhow::Result<Change> {
     let id = ObjectId::new();
     let mut full = doc! { "_id": id };
     full.extend(sample_doc(42, now_ns()));
-    Change {
-        // A resume token's `_data` from MongoDB 6.0 is about this long.
-        id: "8266F1A2B3000000012B022C0100296E5A10046A0C5F5B2C9D4E3FA1B2C3D4E5F60718463C5F6964003C\
-             6566A1B2C3D4E5F6071829304004"
-            .into(),
-        operation: Operation::Insert,
-        namespace: Namespace {
-            db: DB.into(),
-            coll: Some("orders".into()),
-        },
-        to: None,
-        document_key: Some(doc! { "_id": id }),
-        full_document: Some(full),
-        full_document_before_change: None,
-        update_description: None,
+    let key = RawDocumentBuf::try_from(&doc! { "_id": id })?;
+    let full = RawDocumentBuf::try_from(&full)?;
+    let namespace = Namespace {
+        db: DB.into(),
+        coll: Some("orders".into()),
+    };
+    // A resume token's `_data` from MongoDB 6.0 is about this long.
+    let token =
+        "8266F1A2B3000000012B022C0100296E5A10046A0C5F5B2C9D4E3FA1B2C3D4E5F60718463C5F6964003C\
+                 6566A1B2C3D4E5F6071829304004";
+    let fields = Fields {
+        document_key: Some(Cow::Owned(key)),
+        full_document: Some(Cow::Owned(full)),
         cluster_time: Some(Timestamp {
             time: 1_700_000_000,
             increment: 7,
         }),
         wall_time: Some(DateTime::now()),
-        lsid: None,
-        txn_number: None,
-    }
+        ..Fields::new(token, Operation::Insert, namespace)
+    };
+    Change::from_fields(fields, None).map_err(|e| anyhow!(e))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -348,8 +347,8 @@ subject_prefix = "micro"
 }
 
 fn micro(plugins: &Path, iters: usize) -> anyhow::Result<(Table, Table, usize)> {
-    let change = sample_change();
-    let event = convert::to_wit(&change);
+    let change = sample_change()?;
+    let event = convert::to_wit(&change).map_err(|e| anyhow!(e))?;
     let doc_json_len = event.full_document.as_ref().map_or(0, Vec::len);
 
     let sandbox = Sandbox::new(&SandboxConfig::default(), 64).map_err(|e| anyhow!(e))?;
@@ -454,10 +453,18 @@ fn micro(plugins: &Path, iters: usize) -> anyhow::Result<(Table, Table, usize)> 
         &format!("5b. Host-side conversion per event ({iters} iterations, same event)"),
         &["what", "ns/event", "bytes"],
     );
-    let key = change.document_key.clone().unwrap_or_default();
-    let full_bson = change.full_document.clone().unwrap_or_default();
+    let key = change
+        .document_key()
+        .map(Document::try_from)
+        .transpose()?
+        .unwrap_or_default();
+    let full_bson = change
+        .full_document()
+        .map(Document::try_from)
+        .transpose()?
+        .unwrap_or_default();
     let ns = ns_per_call(iters, || {
-        black_box(convert::to_wit(black_box(&change)));
+        black_box(convert::to_wit(black_box(&change)).ok());
     });
     let ejson_bytes = event.document_key.as_ref().map_or(0, Vec::len) + doc_json_len;
     conv.row(vec![
@@ -601,7 +608,7 @@ fn sandbox_costs(plugins: &Path, iters: usize) -> anyhow::Result<Table> {
             &config.plugin_dir,
         )?);
     }
-    let change = sample_change();
+    let change = sample_change()?;
     for chain in &mut chains {
         black_box(chain.run(&change));
     }

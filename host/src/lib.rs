@@ -20,7 +20,10 @@
 //!   them, reassembling split events, and the error that names one.
 //! - [`snapshot`] — reading existing documents in resumable chunks: before streaming
 //!   (initial), or on a signal while streaming (incremental, between watermarks).
-//! - [`event`] — the change as tidegate carries it (BSON documents, resume token).
+//! - [`event`] — the change as tidegate carries it (the server's raw BSON event, resume
+//!   token).
+//! - [`ejson`] — Extended JSON written straight from raw BSON (payloads, the plugin
+//!   boundary), and plugin output read back into raw BSON.
 //! - [`plugin`] — loading components, the WIT bindings, running a chain over an event,
 //!   quarantine.
 //! - [`sandbox`] — the wasmtime engine, compiled-plugin cache, instance admission, and the
@@ -49,6 +52,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod ejson;
 pub mod encode;
 pub mod error;
 pub mod event;

@@ -20,7 +20,7 @@
 //!   event is whole, may become a position; a restart in between re-reads the event from its
 //!   first fragment.
 
-use bson::{doc, Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf};
+use bson::{doc, Document, RawBsonRef, RawDocument, RawDocumentBuf};
 
 use crate::config::{OversizePolicy, PipelineConfig, EVENT_FIELDS, SPLIT_STAGE};
 use crate::event::Change;
@@ -236,19 +236,19 @@ pub fn fatal_message(pipeline: &PipelineConfig, described: &str) -> String {
 /// resume token and size.
 pub fn describe(change: &Change, size: Option<i64>) -> String {
     let key = change
-        .document_key
-        .clone()
-        .map(|key| Bson::Document(key).into_relaxed_extjson().to_string())
+        .document_key()
+        .and_then(|key| crate::ejson::relaxed(key).ok())
+        .map(|json| String::from_utf8_lossy(&json).into_owned())
         .unwrap_or_else(|| "unknown".into());
     let time = change
-        .cluster_time
+        .cluster_time()
         .map(|t| format!("{}.{}", t.time, t.increment))
         .unwrap_or_else(|| "unknown".into());
     let mut out = format!(
         "{} on {} of document key {key} at cluster time {time} (resume token {})",
-        change.operation.as_str(),
-        change.namespace,
-        change.id,
+        change.operation().as_str(),
+        change.namespace(),
+        change.id(),
     );
     if let Some(size) = size {
         out.push_str(&format!(", {size} bytes"));

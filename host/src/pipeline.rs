@@ -306,7 +306,7 @@ impl ChainStages {
                     SourceItem::Event(event) => event,
                     SourceItem::Oversize { event, size } => {
                         stats.read();
-                        framed.push(if self.scope.may_see(&event.change.namespace) {
+                        framed.push(if self.scope.may_see(event.change.namespace()) {
                             self.framer.oversize(&event, size, stats)
                         } else {
                             self.framer.frame(&event, Verdict::OutOfScope, stats)
@@ -315,7 +315,7 @@ impl ChainStages {
                     }
                 };
                 stats.read();
-                let verdict = if self.scope.may_see(&event.change.namespace) {
+                let verdict = if self.scope.may_see(event.change.namespace()) {
                     self.chain.run(&event.change)
                 } else {
                     Verdict::OutOfScope
@@ -521,7 +521,7 @@ impl Framer {
             }
             messages.push(Message {
                 subject,
-                msg_id: format!("{}:{}:{index}", self.pipeline, change.id),
+                msg_id: format!("{}:{}:{index}", self.pipeline, change.id()),
                 headers,
                 payload: payload.into(),
             });
@@ -568,16 +568,19 @@ impl Framer {
             plugin = %err.plugin,
             kind = %err.kind,
             error = %err.message,
-            event = %event.change.id,
+            event = %event.change.id(),
             "event dead-lettered"
         );
         let mut payload = encode::payload(&event.change, self.encoding).unwrap_or_default();
         if payload.is_empty() || payload.len() + 4096 > self.max_payload {
-            let mut slim = event.change.clone();
-            slim.full_document = None;
-            slim.full_document_before_change = None;
-            slim.update_description = None;
-            payload = encode::payload(&slim, self.encoding).unwrap_or_default();
+            let slim = event.change.without(&[
+                "fullDocument",
+                "fullDocumentBeforeChange",
+                "updateDescription",
+            ]);
+            payload = slim
+                .and_then(|slim| encode::payload(&slim, self.encoding))
+                .unwrap_or_default();
         }
         let mut headers = self.headers();
         let clean = |s: &str| -> String {
@@ -598,7 +601,7 @@ impl Framer {
         );
         Message {
             subject: self.dead_letter_subject.clone(),
-            msg_id: format!("{}:{}:dead-letter", self.pipeline, event.change.id),
+            msg_id: format!("{}:{}:dead-letter", self.pipeline, event.change.id()),
             headers,
             payload: payload.into(),
         }

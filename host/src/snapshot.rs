@@ -13,12 +13,12 @@
 //! The oplog must still hold the captured position when the snapshot ends (long snapshots
 //! need an oplog window to match; the checkpoint-age warnings watch it).
 
-use bson::{doc, Bson, Document};
+use bson::{doc, Bson, Document, RawDocument, RawDocumentBuf};
 use futures::TryStreamExt;
 use mongodb::change_stream::event::ResumeToken;
 
 use crate::config::PipelineConfig;
-use crate::event::{token_id, Change, Namespace, Operation, SourceEvent};
+use crate::event::{token_id, Change, Namespace, SourceEvent};
 
 /// The server's estimate of how many documents `namespaces` hold, for the progress bar.
 pub async fn estimated_total(client: &mongodb::Client, namespaces: &[Namespace]) -> u64 {
@@ -201,6 +201,22 @@ async fn filter_namespaces(
     Ok(out)
 }
 
+/// A stored document's `_id` (`null` if it has none), as the progress and event ids keep it.
+fn document_id(document: &RawDocument) -> Bson {
+    match document.get("_id") {
+        Ok(Some(id)) => Bson::try_from(id).unwrap_or(Bson::Null),
+        _ => Bson::Null,
+    }
+}
+
+/// A document the driver read but tidegate cannot frame (malformed BSON): an error that
+/// retries the chunk, naming the problem.
+fn unreadable(message: String) -> mongodb::error::Error {
+    mongodb::error::Error::from(std::io::Error::other(format!(
+        "unreadable snapshot document: {message}"
+    )))
+}
+
 /// Reads the next chunk of the namespace `progress` is at: up to `size` documents after
 /// `last_id`, in `_id` order, as events carrying the progress after each one. An empty
 /// chunk means the namespace is done (`progress` then moves to the next).
@@ -212,14 +228,15 @@ pub async fn next_chunk(
     let Some(ns) = progress.namespaces.get(progress.index).cloned() else {
         return Ok(Vec::new());
     };
+    // Read raw: documents are published as stored (see `event::Change`).
     let collection = client
         .database(&ns.db)
-        .collection::<Document>(ns.coll.as_deref().unwrap_or_default());
+        .collection::<RawDocumentBuf>(ns.coll.as_deref().unwrap_or_default());
     let filter = match &progress.last_id {
         Some(last) => doc! { "_id": { "$gt": last.clone() } },
         None => doc! {},
     };
-    let docs: Vec<Document> = collection
+    let docs: Vec<RawDocumentBuf> = collection
         .find(filter)
         .sort(doc! { "_id": 1 })
         .limit(i64::from(size))
@@ -234,27 +251,20 @@ pub async fn next_chunk(
     let snapshot_id = token_id(&progress.start);
     let mut events = Vec::with_capacity(docs.len());
     for document in docs {
-        let id = document.get("_id").cloned().unwrap_or(Bson::Null);
+        let id = document_id(&document);
         progress.last_id = Some(id.clone());
         progress.done += 1;
-        let id_text = id.clone().into_relaxed_extjson().to_string();
+        let id_text = id.into_relaxed_extjson().to_string();
+        let change = Change::snapshot_read(
+            format!("snapshot.{snapshot_id}.{ns}.{id_text}"),
+            ns.clone(),
+            &document,
+        )
+        .map_err(unreadable)?;
         events.push(SourceEvent {
             token: progress.start.clone(),
             snapshot: Some(progress.to_document()),
-            change: Change {
-                id: format!("snapshot.{snapshot_id}.{ns}.{id_text}"),
-                operation: Operation::SnapshotRead,
-                namespace: ns.clone(),
-                to: None,
-                document_key: Some(doc! { "_id": id }),
-                full_document: Some(document),
-                full_document_before_change: None,
-                update_description: None,
-                cluster_time: None,
-                wall_time: None,
-                lsid: None,
-                txn_number: None,
-            },
+            change,
         });
     }
     Ok(events)
@@ -298,7 +308,7 @@ struct Window {
     open: bool,
     namespace: Namespace,
     /// The chunk, in `_id` order; documents changed inside the window are removed.
-    documents: Vec<Document>,
+    documents: Vec<RawDocumentBuf>,
     /// `_id` of the chunk's last document, whether or not it is still in `documents`.
     last_id: Bson,
 }
@@ -324,7 +334,7 @@ pub enum Signal {
 
 impl Signal {
     /// Reads a signal document (the inserted document of a signal-collection event).
-    pub fn parse(document: Option<&Document>) -> Signal {
+    pub fn parse(document: Option<&RawDocument>) -> Signal {
         let Some(document) = document else {
             return Signal::Other;
         };
@@ -336,8 +346,8 @@ impl Signal {
                     .ok()
                     .and_then(|d| d.get_array("data-collections").ok())
                     .map(|all| {
-                        all.iter()
-                            .filter_map(|c| c.as_str().map(str::to_string))
+                        all.into_iter()
+                            .filter_map(|c| c.ok()?.as_str().map(str::to_string))
                             .collect()
                     })
                     .unwrap_or_default(),
@@ -464,9 +474,9 @@ impl Incremental {
                 Some(last) => doc! { "_id": { "$gt": last.clone() } },
                 None => doc! {},
             };
-            let documents: Vec<Document> = client
+            let documents: Vec<RawDocumentBuf> = client
                 .database(&namespace.db)
-                .collection::<Document>(namespace.coll.as_deref().unwrap_or_default())
+                .collection::<RawDocumentBuf>(namespace.coll.as_deref().unwrap_or_default())
                 .find(filter)
                 .sort(doc! { "_id": 1 })
                 .limit(i64::from(size))
@@ -479,7 +489,7 @@ impl Incremental {
                 )
                 .await?;
             self.chunks += 1;
-            let Some(last_id) = documents.last().and_then(|d| d.get("_id")).cloned() else {
+            let Some(last_id) = documents.last().map(|d| document_id(d)) else {
                 // The namespace is done; the watermarks just written pass unused.
                 self.index += 1;
                 self.last_id = None;
@@ -502,15 +512,18 @@ impl Incremental {
         let Some(window) = self.window.as_mut().filter(|w| w.open) else {
             return;
         };
-        if change.namespace != window.namespace {
+        if *change.namespace() != window.namespace {
             return;
         }
-        let Some(id) = change.document_key.as_ref().and_then(|k| k.get("_id")) else {
+        let Some(id) = change
+            .document_key()
+            .and_then(|k| k.get("_id").ok().flatten())
+        else {
             return;
         };
         window
             .documents
-            .retain(|d| d.get("_id").is_none_or(|own| own != id));
+            .retain(|d| d.get("_id").ok().flatten().is_none_or(|own| own != id));
     }
 
     /// Sees one of this unit's watermarks go by. At the window's close it returns the chunk's
@@ -521,43 +534,40 @@ impl Incremental {
         open: bool,
         window_id: &str,
         token: &ResumeToken,
-    ) -> Option<Vec<SourceEvent>> {
-        let window = self.window.as_mut().filter(|w| w.id == window_id)?;
+    ) -> Result<Option<Vec<SourceEvent>>, mongodb::error::Error> {
+        let Some(window) = self.window.as_mut().filter(|w| w.id == window_id) else {
+            return Ok(None);
+        };
         if open {
             window.open = true;
-            return None;
+            return Ok(None);
         }
-        let window = self.window.take()?;
+        let Some(window) = self.window.take() else {
+            return Ok(None);
+        };
         let mut events = Vec::with_capacity(window.documents.len());
         for document in window.documents {
-            let id = document.get("_id").cloned().unwrap_or(Bson::Null);
+            let id = document_id(&document);
             // Each event carries the progress up to itself: a crash half-way through the
             // chunk re-reads only what was not acknowledged.
             self.done += 1;
             self.last_id = Some(id.clone());
             let progress = self.progress();
-            let id_text = id.clone().into_relaxed_extjson().to_string();
+            let id_text = id.into_relaxed_extjson().to_string();
+            let change = Change::snapshot_read(
+                format!("snapshot.{}.{}.{id_text}", self.id, window.namespace),
+                window.namespace.clone(),
+                &document,
+            )
+            .map_err(unreadable)?;
             events.push(SourceEvent {
                 token: token.clone(),
                 snapshot: Some(progress),
-                change: Change {
-                    id: format!("snapshot.{}.{}.{id_text}", self.id, window.namespace),
-                    operation: Operation::SnapshotRead,
-                    namespace: window.namespace.clone(),
-                    to: None,
-                    document_key: Some(doc! { "_id": id }),
-                    full_document: Some(document),
-                    full_document_before_change: None,
-                    update_description: None,
-                    cluster_time: None,
-                    wall_time: None,
-                    lsid: None,
-                    txn_number: None,
-                },
+                change,
             });
         }
         self.last_id = Some(window.last_id);
-        Some(events)
+        Ok(Some(events))
     }
 
     /// The unit these watermarks belong to.

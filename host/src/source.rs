@@ -12,7 +12,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bson::{doc, Document, RawDocumentBuf};
-use mongodb::change_stream::event::{ChangeStreamEvent, ResumeToken};
+use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
 use mongodb::error::ErrorKind;
 use mongodb::options::{ChangeStreamOptions, FullDocumentBeforeChangeType, FullDocumentType};
@@ -288,7 +288,7 @@ pub async fn run(
                             });
                         }
                     };
-                    if heartbeats.as_ref() == Some(&event.change.namespace) {
+                    if heartbeats.as_ref() == Some(event.change.namespace()) {
                         // tidegate's own heartbeat write: it only moves the position.
                         start = OpenAt::ResumeAfter(event.token.clone());
                         batch.push(SourceItem::Heartbeat(
@@ -298,12 +298,10 @@ pub async fn run(
                         continue;
                     }
                     if let Some((namespace, collection)) = &signals {
-                        if event.change.namespace == *namespace {
+                        if event.change.namespace() == namespace {
                             // A signal or a watermark: acted on, never published.
-                            let signal = match event.change.operation {
-                                Operation::Insert => {
-                                    Signal::parse(event.change.full_document.as_ref())
-                                }
+                            let signal = match event.change.operation() {
+                                Operation::Insert => Signal::parse(event.change.full_document()),
                                 _ => Signal::Other,
                             };
                             let acted = on_signal(
@@ -340,10 +338,15 @@ pub async fn run(
                         running.saw_change(&event.change);
                         event.snapshot = Some(running.progress());
                     }
-                    let invalidated = event.change.operation == Operation::Invalidate;
-                    if invalidated && event.change.namespace.db.is_empty() {
+                    let invalidated = *event.change.operation() == Operation::Invalidate;
+                    if invalidated && event.change.namespace().db.is_empty() {
                         // The server sends invalidate without `ns`; say what was invalidated.
-                        event.change.namespace = watched_namespace(&pipeline);
+                        match event.change.with_namespace(watched_namespace(&pipeline)) {
+                            Ok(named) => event.change = named,
+                            Err(message) => {
+                                tracing::warn!(pipeline = %pipeline.id, %message, "invalidate event published without a namespace")
+                            }
+                        }
                     }
                     start = if invalidated {
                         OpenAt::StartAfter(event.token.clone())
@@ -360,7 +363,7 @@ pub async fn run(
                                 "the watched namespace {} was dropped or renamed (invalidate) and \
                                  on_invalidate = \"stop\"; set it to \"continue\" to go on after \
                                  it, or delete the checkpoint to start afresh",
-                                event.change.namespace
+                                event.change.namespace()
                             ),
                         });
                     }
@@ -580,7 +583,7 @@ async fn on_signal(
             let Some(running) = incremental.as_mut() else {
                 return Ok(());
             };
-            if let Some(chunk) = running.saw_watermark(open, &window, &event.token) {
+            if let Some(chunk) = running.saw_watermark(open, &window, &event.token)? {
                 tracing::info!(
                     pipeline = id,
                     read = chunk.len(),
@@ -922,8 +925,8 @@ fn read_document(fragments: &mut oversize::Fragments, document: RawDocumentBuf) 
         Err(message) => return Read::OutOfSequence(message),
     };
     let size = oversize::marked_size(&whole);
-    match bson::deserialize_from_slice::<ChangeStreamEvent<Document>>(whole.as_bytes()) {
-        Ok(event) => Read::Event(Box::new(SourceEvent::from_driver(event)), size),
+    match SourceEvent::from_server_event(&whole) {
+        Ok(event) => Read::Event(Box::new(event), size),
         Err(e) => Read::Unreadable(format!("unreadable change event: {e}")),
     }
 }
@@ -1053,6 +1056,7 @@ async fn open(
         .batch_size(BATCH_SIZE)
         .build();
     let stages = server_side_filter(pipeline);
+    // Events are read as raw BSON (see `event::Change`), never through serde.
     let stream = match (&pipeline.database, pipeline.collections.as_slice()) {
         (None, _) => client.watch().pipeline(stages).with_options(options).await,
         (Some(db), [coll]) => {

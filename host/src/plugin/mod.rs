@@ -220,7 +220,7 @@ impl Plugin {
     /// version that traps on contact is refused before it replaces a working one. A
     /// `plugin-error` verdict passes: plugins may rightly reject an event they do not know.
     pub fn smoke_test(&mut self) -> Result<(), CallError> {
-        let probe = convert::to_wit(&Change::probe());
+        let probe = convert::to_wit(&Change::probe()).map_err(|m| self.error("encoding", m))?;
         match self.call(&probe) {
             Err(err) if err.kind != "plugin-error" => return Err(err),
             _ => {}
@@ -509,8 +509,21 @@ impl Chain {
 
     /// Runs the chain over one change of a unit whose scope check `may_see` is already done.
     pub fn run(&mut self, change: &Change) -> Verdict {
-        // The contract's form of the original, converted only if some plugin needs it.
-        let mut sent: Option<wit::ChangeEvent> = None;
+        // The contract's form of the original (every chain's first plugin needs it).
+        let sent = match self.plugins.is_empty() {
+            true => None,
+            false => match convert::to_wit(change) {
+                Ok(event) => Some(event),
+                Err(message) => {
+                    return Verdict::DeadLetter(CallError {
+                        plugin: String::new(),
+                        plugin_hash: String::new(),
+                        kind: "encoding".into(),
+                        message,
+                    })
+                }
+            },
+        };
         // What flows down the chain; `None` is the original event, untouched so far.
         let mut current: Vec<Option<wit::Output>> = vec![None];
         for index in 0..self.plugins.len() {
@@ -519,9 +532,10 @@ impl Chain {
             }
             let mut next = Vec::with_capacity(current.len());
             for item in current {
-                let input = match &item {
-                    Some(output) => &output.event,
-                    None => &*sent.get_or_insert_with(|| convert::to_wit(change)),
+                let input = match (&item, &sent) {
+                    (Some(output), _) => &output.event,
+                    (None, Some(sent)) => sent,
+                    (None, None) => continue,
                 };
                 let plugin = &mut self.plugins[index];
                 let started = std::time::Instant::now();

@@ -301,7 +301,14 @@ fn test(file: &Path, events: &Path, settings: &PluginSettings) -> anyhow::Result
     );
     let mut all_ok = true;
     for (line, change) in &changes {
-        let sent = convert::to_wit(change);
+        let sent = match convert::to_wit(change) {
+            Ok(sent) => sent,
+            Err(message) => {
+                all_ok = false;
+                println!("line {line}: error encoding: {message}");
+                continue;
+            }
+        };
         let started = Instant::now();
         let result = plugin.call(&sent);
         let elapsed = started.elapsed();
@@ -312,11 +319,8 @@ fn test(file: &Path, events: &Path, settings: &PluginSettings) -> anyhow::Result
         );
         let what = format!(
             "line {line}: {} {}",
-            change.operation.as_str(),
-            match &change.namespace.coll {
-                Some(c) => format!("{}.{c}", change.namespace.db),
-                None => change.namespace.db.clone(),
-            }
+            change.operation().as_str(),
+            change.namespace()
         );
         match result {
             Ok(Decision::Keep) => println!("{what} -> keep {cost}"),
