@@ -103,6 +103,11 @@ impl CheckpointStore {
         })
     }
 
+    /// The pipeline (unit) whose position this store saves.
+    pub fn pipeline(&self) -> &str {
+        &self.key
+    }
+
     fn fail(&self, message: String) -> Error {
         Error::Checkpoint {
             pipeline: self.key.clone(),

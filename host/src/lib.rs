@@ -122,13 +122,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let nats = security::nats_options(&config.nats.auth, config.nats.tls.as_ref())
         .await?
         .retry_on_initial_connect()
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => {
-                    tracing::warn!("NATS disconnected; reconnecting")
+        .event_callback({
+            // When the connection was lost, while it is: a disconnect and the reconnect are
+            // logged once each, the reconnect with how long NATS was away.
+            let lost_at = std::sync::Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+            move |event| {
+                let lost_at = lost_at.clone();
+                async move {
+                    let Ok(mut lost_at) = lost_at.lock() else {
+                        return;
+                    };
+                    match event {
+                        async_nats::Event::Disconnected => {
+                            if lost_at.is_none() {
+                                *lost_at = Some(std::time::Instant::now());
+                                tracing::warn!("NATS disconnected; reconnecting (publishing and NATS checkpoints wait)");
+                            }
+                        }
+                        async_nats::Event::Connected => match lost_at.take() {
+                            Some(since) => tracing::info!(
+                                away_ms = since.elapsed().as_millis() as u64,
+                                "NATS reconnected after {:.1} s",
+                                since.elapsed().as_secs_f64()
+                            ),
+                            None => tracing::info!("NATS connected"),
+                        },
+                        async_nats::Event::ClientError(err) => {
+                            tracing::debug!(error = %err, "NATS client error")
+                        }
+                        other => tracing::info!("NATS event: {other}"),
+                    }
                 }
-                async_nats::Event::Connected => tracing::info!("NATS connected"),
-                other => tracing::debug!("NATS event: {other}"),
             }
         })
         .connect(config.nats.url.as_str())
@@ -239,11 +263,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let mut outcome = Ok(());
     let mut stopping = false;
+    // Each unit stops itself within its `shutdown_timeout_secs`; this backstop also bounds
+    // what comes after (releasing leases) should NATS not answer.
+    let backstop = std::time::Duration::from_secs(
+        config
+            .pipelines
+            .iter()
+            .map(|p| p.shutdown_timeout_secs)
+            .max()
+            .unwrap_or(30)
+            + 10,
+    );
+    let stop_by = tokio::time::sleep(std::time::Duration::MAX / 4);
+    tokio::pin!(stop_by);
     while !tasks.is_empty() {
         tokio::select! {
             _ = &mut shutdown, if !stopping => {
                 stopping = true;
+                stop_by.as_mut().reset(tokio::time::Instant::now() + backstop);
                 let _ = stop_tx.send(true);
+            }
+            () = &mut stop_by, if stopping => {
+                tracing::error!(units = tasks.len(), "units still stopping after {} s; exiting without them", backstop.as_secs());
+                if outcome.is_ok() {
+                    outcome = Err(Error::Startup {
+                        message: format!("{} units did not stop within {} s", tasks.len(), backstop.as_secs()),
+                    });
+                }
+                break;
             }
             Some(done) = tasks.join_next() => {
                 let (is_tenant, result) = done.unwrap_or_else(|err| (false, Err(Error::Startup {
@@ -252,9 +299,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 if let Err(err) = result {
                     if is_tenant && !stopping && !tasks.is_empty() {
                         tracing::error!(error = %err, "tenant unit stopped; the other units carry on");
+                    } else if stopping {
+                        tracing::error!(error = %err, "pipeline stopped with an error");
                     } else {
                         tracing::error!(error = %err, "pipeline failed; stopping the others");
                         stopping = true;
+                        stop_by.as_mut().reset(tokio::time::Instant::now() + backstop);
                         let _ = stop_tx.send(true);
                     }
                     if outcome.is_ok() {
@@ -265,9 +315,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     let _ = stop_tx.send(true);
+    tasks.abort_all();
     let _ = reloader.await;
-    if let Err(err) = nats.flush().await {
-        tracing::warn!(error = %err, "final NATS flush failed");
+    // Bounded: NATS may be away.
+    match tokio::time::timeout(std::time::Duration::from_secs(2), nats.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "final NATS flush failed"),
+        Err(_) => tracing::warn!("final NATS flush timed out (NATS away)"),
     }
     outcome
 }

@@ -15,7 +15,7 @@ use crate::server::{start_fresh, Server, ServerProcess};
 /// Replica set name used by [`MongoReplicaSet`].
 const REPL_SET: &str = "rs0";
 /// How long start-up may take before it is reported as failed.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// mongod's exit code when it cannot listen (EXIT_NET_ERROR).
 const EXIT_NET_ERROR: i32 = 48;
 /// `AlreadyInitialized`, returned by `replSetInitiate` on an initiated node.
@@ -35,7 +35,7 @@ pub struct MongoReplicaSet {
 
 impl MongoReplicaSet {
     /// Starts `mongod` as a fresh single-node replica set with a 128 MB oplog, initiates it and
-    /// waits (up to 30 s) until it is a writable primary.
+    /// waits (up to 120 s) until it is a writable primary.
     pub async fn start() -> anyhow::Result<Self> {
         Self::start_with_oplog_mb(DEFAULT_OPLOG_MB).await
     }
