@@ -113,6 +113,10 @@ pub async fn run(
     else {
         return Ok(());
     };
+    if *shutdown.borrow() {
+        // Asked to stop while the start was resolved: nothing was read or published.
+        return Ok(());
+    }
 
     let stats = crate::metrics::pipeline(&id);
     let (event_tx, event_rx) = mpsc::channel::<Vec<SourceItem>>(SOURCE_QUEUE_BATCHES);

@@ -703,6 +703,84 @@ mod tests {
         assert!(subject_covers("cdc.a", "cdc.a"));
     }
 
+    fn token(data: &str) -> ResumeToken {
+        crate::event::token_from_document(bson::doc! { "_data": data }).expect("token")
+    }
+
+    /// A unit for `data` with `outputs` numbered messages.
+    fn unit(data: &str, outputs: usize) -> Unit {
+        Unit {
+            messages: (0..outputs)
+                .map(|i| Message {
+                    subject: "cdc.x".into(),
+                    msg_id: format!("p:{data}:{i}"),
+                    headers: HeaderMap::new(),
+                    payload: Bytes::new(),
+                })
+                .collect(),
+            token: token(data),
+            snapshot: None,
+        }
+    }
+
+    const T1: &str = "8200000001000000012B0429296E1404";
+    const T2: &str = "8200000002000000012B0429296E1404";
+    const T3: &str = "8200000002000000022B0429296E1404";
+
+    /// Units before the tail are stored, the tail's own unit up to its output, later units
+    /// not at all; the floor is passed at the tail's unit.
+    #[test]
+    fn floor_skips_what_the_stream_holds() {
+        let floor = Floor::parse("p", &format!("p:{T2}:1")).expect("ours");
+        assert_eq!(floor.stored(&unit(T1, 2)), (2, false));
+        assert_eq!(floor.stored(&unit(T2, 3)), (2, true));
+        assert_eq!(floor.stored(&unit(T3, 1)), (0, true));
+        assert_eq!(
+            floor.time(),
+            Some(bson::Timestamp {
+                time: 2,
+                increment: 1
+            })
+        );
+        // Another unit's ids, or a tenant unit's, are not this unit's floor.
+        assert!(Floor::parse("q", &format!("p:{T2}:1")).is_none());
+        assert!(Floor::parse("p", &format!("p.t:{T2}:1")).is_none());
+    }
+
+    /// The checkpoint's own (complete) unit and anything before it need no floor.
+    #[test]
+    fn floor_only_past_the_checkpoint() {
+        let floor = Floor::parse("p", &format!("p:{T2}:0")).expect("ours");
+        assert!(floor.lies_after(&token(T1)));
+        assert!(!floor.lies_after(&token(T2)));
+        assert!(!floor.lies_after(&token(T3)));
+        let heartbeat = Floor::parse("p", &format!("p:{T2}:heartbeat")).expect("ours");
+        assert!(!heartbeat.lies_after(&token(T2)));
+        assert_eq!(heartbeat.stored(&unit(T1, 1)), (1, false));
+    }
+
+    /// Snapshot reads share the snapshot's token: only the tail's own read is skipped, and
+    /// the floor ends at it.
+    #[test]
+    fn snapshot_floor_matches_the_read_itself() {
+        let tail = format!("p:snapshot.{T1}.shop.orders.5:0");
+        let floor = Floor::parse("p", &tail).expect("ours");
+        assert!(floor.lies_after(&token(T1)));
+        assert_eq!(floor.time(), None);
+        let mut read = unit(T1, 1);
+        read.messages[0].msg_id = format!("p:snapshot.{T1}.shop.orders.4:0");
+        assert_eq!(floor.stored(&read), (0, false));
+        read.messages[0].msg_id = tail.clone();
+        assert_eq!(floor.stored(&read), (1, true));
+        assert_eq!(floor.stored(&unit(T2, 1)), (0, true));
+    }
+
+    #[test]
+    fn error_chains_have_no_empty_detail() {
+        let err = PublishError::new(PublishErrorKind::TimedOut);
+        assert!(!error_chain(&err).ends_with(": "), "{}", error_chain(&err));
+    }
+
     #[test]
     fn parses_wrong_last_msg_id() {
         assert_eq!(

@@ -91,6 +91,14 @@ impl NatsServer {
         }
     }
 
+    /// Kills the server with `SIGKILL` (no clean shutdown: JetStream recovers its store on the
+    /// next start) and reaps it. Keeps the store directory. Does nothing if it is not running.
+    pub fn kill9(&mut self) {
+        if let Some(mut proc) = self.server.take() {
+            proc.kill9();
+        }
+    }
+
     /// Starts the server again on the same port with the same store directory (stopping it first
     /// if it is still running) and waits until it is ready.
     pub async fn start_again(&mut self) -> anyhow::Result<()> {
