@@ -48,6 +48,15 @@ interval_ms = 200
     )
 }
 
+/// The `seq` of the last message in `stream`, if any.
+async fn last_seq(client: &async_nats::Client, stream: &str) -> Option<i64> {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut handle = js.get_stream(stream).await.ok()?;
+    let last = handle.info().await.ok()?.state.last_sequence;
+    let message = handle.get_raw_message(last).await.ok()?;
+    seqs(std::slice::from_ref(&message)).first().copied()
+}
+
 fn spawn(config: &Path) -> anyhow::Result<ChildProcess> {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"));
     cmd.arg("run").arg("--config").arg(config);
@@ -320,13 +329,7 @@ async fn sigkill_in_the_first_second_of_fresh_pipelines_loses_nothing() -> anyho
         wait_until(&format!("{stream} reaches seq {}", total - 1), PATIENCE, || {
             let client = client.clone();
             let stream = stream.clone();
-            async move {
-                stream_messages(&client, &stream)
-                    .await
-                    .ok()
-                    .and_then(|m| m.last().map(|m| seqs(std::slice::from_ref(m))[0]))
-                    == Some(total - 1)
-            }
+            async move { last_seq(&client, &stream).await == Some(total - 1) }
         })
         .await?;
         tokio::time::sleep(Duration::from_millis(750)).await;

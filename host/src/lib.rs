@@ -274,7 +274,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .unwrap_or(30)
             + 10,
     );
-    let stop_by = tokio::time::sleep(std::time::Duration::MAX / 4);
+    // Armed when stopping begins.
+    let stop_by = tokio::time::sleep(std::time::Duration::from_secs(365 * 24 * 3600));
     tokio::pin!(stop_by);
     while !tasks.is_empty() {
         tokio::select! {

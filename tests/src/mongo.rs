@@ -321,7 +321,8 @@ impl MongoReplicaSet3 {
             let Ok(client) = direct_client(member.port()) else {
                 continue;
             };
-            let hello = client.database("admin").run_command(doc! { "hello": 1 });
+            let admin = client.database("admin");
+            let hello = admin.run_command(doc! { "hello": 1 });
             if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(3), hello).await {
                 if is_writable_primary(&reply) {
                     return Some(i);
