@@ -127,7 +127,9 @@ async fn elections_by_step_down_and_sigkill_lose_nothing_and_are_logged() -> any
         config(&plugins, &nats.url(), &rs.uri(), "orders", STREAM, ""),
     )?;
     let mut tidegate = spawn(&path)?;
-    tidegate.wait_for_log("change stream open", PATIENCE).await?;
+    tidegate
+        .wait_for_log("change stream open", PATIENCE)
+        .await?;
 
     let coll = rs.client().await?.database("shop").collection("orders");
     let written = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
@@ -216,14 +218,15 @@ async fn nats_sigkill_mid_stream_loses_nothing_and_is_logged_once() -> anyhow::R
 /// the middle: it exits within `shutdown_timeout_secs` (plus a margin), non-zero, saying how
 /// much it left unpublished; after NATS is back, the restart publishes everything, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_during_long_nats_outage_exits_in_time_and_loses_nothing() -> anyhow::Result<()>
-{
+async fn sigterm_during_long_nats_outage_exits_in_time_and_loses_nothing() -> anyhow::Result<()> {
     const TOTAL: i64 = 600;
     const SHUTDOWN_TIMEOUT_SECS: u64 = 4;
     let mut h = Harness::start().await?;
     let text = h.config("", "").replace(
         "full_document = \"update-lookup\"",
-        &format!("full_document = \"update-lookup\"\nshutdown_timeout_secs = {SHUTDOWN_TIMEOUT_SECS}"),
+        &format!(
+            "full_document = \"update-lookup\"\nshutdown_timeout_secs = {SHUTDOWN_TIMEOUT_SECS}"
+        ),
     );
     let path = h.write_config("tidegate.toml", &text)?;
     let mut tidegate = h.spawn_binary(&path)?;
@@ -243,7 +246,10 @@ async fn sigterm_during_long_nats_outage_exits_in_time_and_loses_nothing() -> an
         .await?;
     let log = tidegate.log();
     assert!(!status.success(), "non-zero exit: {status:?}\n{log}");
-    assert!(log.contains("shutdown timeout"), "says what was left:\n{log}");
+    assert!(
+        log.contains("shutdown timeout"),
+        "says what was left:\n{log}"
+    );
     assert!(
         log.contains("unacknowledged_messages="),
         "counts what was left:\n{log}"
@@ -257,7 +263,11 @@ async fn sigterm_during_long_nats_outage_exits_in_time_and_loses_nothing() -> an
     let mut again = h.spawn_binary(&path)?;
     let messages = h.wait_settled(STREAM, TOTAL as u64, PATIENCE).await?;
     again.signal(SIGTERM)?;
-    assert!(again.wait_exit(PATIENCE).await?.success(), "{}", again.log());
+    assert!(
+        again.wait_exit(PATIENCE).await?.success(),
+        "{}",
+        again.log()
+    );
     assert_exactly_once_in_order(&messages, TOTAL);
     Ok(())
 }
@@ -307,7 +317,9 @@ async fn sigkill_in_the_first_second_of_fresh_pipelines_loses_nothing() -> anyho
     for (r, path) in configs.iter().enumerate() {
         for _ in 0..KILLS_PER_ROUND {
             let mut tidegate = h.spawn_binary(path)?;
-            tidegate.wait_for_log("change stream open", PATIENCE).await?;
+            tidegate
+                .wait_for_log("change stream open", PATIENCE)
+                .await?;
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
@@ -326,11 +338,15 @@ async fn sigkill_in_the_first_second_of_fresh_pipelines_loses_nothing() -> anyho
         let stream = format!("FRESH{r}");
         let mut tidegate = h.spawn_binary(path)?;
         // Caught up once the last document written is in.
-        wait_until(&format!("{stream} reaches seq {}", total - 1), PATIENCE, || {
-            let client = client.clone();
-            let stream = stream.clone();
-            async move { last_seq(&client, &stream).await == Some(total - 1) }
-        })
+        wait_until(
+            &format!("{stream} reaches seq {}", total - 1),
+            PATIENCE,
+            || {
+                let client = client.clone();
+                let stream = stream.clone();
+                async move { last_seq(&client, &stream).await == Some(total - 1) }
+            },
+        )
         .await?;
         tokio::time::sleep(Duration::from_millis(750)).await;
         let messages = stream_messages(&client, &stream).await?;

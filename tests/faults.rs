@@ -180,7 +180,9 @@ async fn sigterm_drains_checkpoints_in_mongodb_and_restart_continues() -> anyhow
 
     write_range(coll, 100, 200, 100, Duration::ZERO).await?;
     let mut tidegate = h.spawn_binary(&path)?;
-    let messages = h.wait_settled(STREAM, 200, Duration::from_secs(120)).await?;
+    let messages = h
+        .wait_settled(STREAM, 200, Duration::from_secs(120))
+        .await?;
     tidegate.signal(SIGTERM)?;
     tidegate.wait_exit(Duration::from_secs(120)).await?;
     assert!(

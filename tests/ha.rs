@@ -84,7 +84,8 @@ async fn owner_killed_then_owner_suspended_stream_stays_exactly_once() -> anyhow
     // 1. SIGKILL the owner mid-stream.
     let killed_at = Instant::now();
     instances.get_mut(&first).expect("owner").kill9();
-    let second = wait_owner_other_than(&h, "orders", Some(&first), Duration::from_secs(120)).await?;
+    let second =
+        wait_owner_other_than(&h, "orders", Some(&first), Duration::from_secs(120)).await?;
     let takeover = killed_at.elapsed();
     eprintln!("takeover after SIGKILL: {takeover:?} (lease TTL {TTL_MS} ms)");
     // Documented bound: TTL × 1.2 + the server's expiry timer (~1 s) + slack for a busy box.
@@ -96,7 +97,8 @@ async fn owner_killed_then_owner_suspended_stream_stays_exactly_once() -> anyhow
     // 2. Let the second owner publish for a while, then suspend it past its lease.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     instances[&second].signal(SIGSTOP)?;
-    let third = wait_owner_other_than(&h, "orders", Some(&second), Duration::from_secs(120)).await?;
+    let third =
+        wait_owner_other_than(&h, "orders", Some(&second), Duration::from_secs(120)).await?;
     assert_ne!(third, first, "the killed instance cannot take over");
     // The third owner publishes meanwhile; then the suspended one wakes up.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -270,7 +272,8 @@ async fn sigterm_hands_over_without_waiting_for_the_lease() -> anyhow::Result<()
         "{}",
         owner_process.log()
     );
-    let second = wait_owner_other_than(&h, "orders", Some(&first), Duration::from_secs(120)).await?;
+    let second =
+        wait_owner_other_than(&h, "orders", Some(&first), Duration::from_secs(120)).await?;
     let handover = stopped_at.elapsed();
     eprintln!("handover after SIGTERM: {handover:?} (lease TTL 20 s)");
     assert!(
@@ -400,7 +403,9 @@ async fn a_second_instance_without_ha_stops_the_first() -> anyhow::Result<()> {
         log.contains("another instance has taken this pipeline over"),
         "{log}"
     );
-    let messages = h.wait_settled(STREAM, 100, Duration::from_secs(120)).await?;
+    let messages = h
+        .wait_settled(STREAM, 100, Duration::from_secs(120))
+        .await?;
     second.signal(SIGTERM)?;
     assert!(second.wait_exit(Duration::from_secs(120)).await?.success());
     assert_exactly_once_in_order(&messages, 100);

@@ -47,7 +47,8 @@ config = { operations = "insert" }
     let coll = h.collection().await?;
     write_range(coll.clone(), 0, 100, 50, Duration::ZERO).await?;
     coll.delete_one(bson::doc! { "seq": 0 }).await?;
-    h.wait_settled(STREAM, 100, Duration::from_secs(120)).await?;
+    h.wait_settled(STREAM, 100, Duration::from_secs(120))
+        .await?;
     // The checkpoint interval is 200 ms; let one pass after the last ack.
     tokio::time::sleep(Duration::from_millis(500)).await;
 

@@ -330,7 +330,10 @@ async fn mongodb_scram_credentials_from_the_environment() -> anyhow::Result<()> 
         20
     );
     tidegate.signal(SIGTERM)?;
-    assert!(tidegate.wait_exit(Duration::from_secs(120)).await?.success());
+    assert!(tidegate
+        .wait_exit(Duration::from_secs(120))
+        .await?
+        .success());
     assert!(
         !tidegate.log().contains("mongo-Secret-3"),
         "{}",

@@ -632,7 +632,9 @@ interval_ms = 200
     for n in 0..2 {
         orders.insert_one(doc! { "n": n }).await?;
     }
-    let closed = h.wait_settled("CLOSED", 2, Duration::from_secs(120)).await?;
+    let closed = h
+        .wait_settled("CLOSED", 2, Duration::from_secs(120))
+        .await?;
     let open = h.wait_settled("OPEN", 2, Duration::from_secs(120)).await?;
     child.signal(SIGTERM)?;
     child.wait_exit(Duration::from_secs(120)).await?;

@@ -975,7 +975,10 @@ impl Config {
                 }
             }
             if pipeline.shutdown_timeout_secs == 0 {
-                return Err(format!("{}: must be at least 1", at("shutdown_timeout_secs")));
+                return Err(format!(
+                    "{}: must be at least 1",
+                    at("shutdown_timeout_secs")
+                ));
             }
             if pipeline.heartbeat_write_ms == 0 {
                 return Err(format!("{}: must be at least 1", at("heartbeat_write_ms")));

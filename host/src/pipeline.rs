@@ -109,7 +109,15 @@ pub async fn run(
         position: start,
         floor,
         at_time,
-    }) = resolve_start(&mongo, &pipeline, &checkpoints, checkpoint, &tail, &mut shutdown).await?
+    }) = resolve_start(
+        &mongo,
+        &pipeline,
+        &checkpoints,
+        checkpoint,
+        &tail,
+        &mut shutdown,
+    )
+    .await?
     else {
         return Ok(());
     };
@@ -328,10 +336,7 @@ impl CheckpointSaver {
     fn spawn(
         store: Arc<CheckpointStore>,
         saved: Option<Position>,
-    ) -> (
-        watch::Sender<Option<Position>>,
-        tokio::task::JoinHandle<()>,
-    ) {
+    ) -> (watch::Sender<Option<Position>>, tokio::task::JoinHandle<()>) {
         let (positions, mut wanted) = watch::channel(saved.clone());
         let task = tokio::spawn(async move {
             let mut saved = saved;
@@ -419,8 +424,12 @@ async fn resolve_start(
             ),
             None => tracing::info!(pipeline = id, "resuming after checkpoint"),
         }
-        if let Some(new) = source::first_position(mongo, pipeline, Some(&position), shutdown).await? {
-            return save_start(checkpoints, pipeline, new, floor).await.map(Some);
+        if let Some(new) =
+            source::first_position(mongo, pipeline, Some(&position), shutdown).await?
+        {
+            return save_start(checkpoints, pipeline, new, floor)
+                .await
+                .map(Some);
         }
         return Ok(Some(Start {
             position: Some(position),
@@ -446,12 +455,17 @@ async fn resolve_start(
         tracing::warn!(pipeline = id, tail = %floor.msg_id(), "no checkpoint; the stream's last message (a snapshot read) gives no position to continue from: starting afresh");
     }
     match source::first_position(mongo, pipeline, None, shutdown).await? {
-        Some(position) => save_start(checkpoints, pipeline, position, floor).await.map(Some),
+        Some(position) => save_start(checkpoints, pipeline, position, floor)
+            .await
+            .map(Some),
         None if *shutdown.borrow() => Ok(None),
         // An explicit start (`start_at` time, `start_after_token`) is the same on every
         // restart: nothing to save.
         None => {
-            tracing::info!(pipeline = id, "no checkpoint: starting at the configured position");
+            tracing::info!(
+                pipeline = id,
+                "no checkpoint: starting at the configured position"
+            );
             Ok(Some(Start {
                 position: None,
                 floor,

@@ -39,8 +39,8 @@ use bytes::Bytes;
 use mongodb::change_stream::event::ResumeToken;
 
 use crate::config::{PipelineConfig, SinkConfig};
-use crate::event::token_id;
 use crate::error::Error;
+use crate::event::token_id;
 use crate::fence::Fence;
 use crate::metrics::PipelineMetrics;
 
@@ -207,9 +207,7 @@ pub struct Floor {
 /// beginning with a timestamp (MongoDB 4.2+ tokens), the only shape whose order is known.
 pub fn stream_order(a: &str, b: &str) -> Option<std::cmp::Ordering> {
     let keystring = |data: &str| {
-        data.starts_with("82")
-            && data.len() >= 18
-            && data.bytes().all(|c| c.is_ascii_hexdigit())
+        data.starts_with("82") && data.len() >= 18 && data.bytes().all(|c| c.is_ascii_hexdigit())
     };
     (keystring(a) && keystring(b)).then(|| a.to_ascii_uppercase().cmp(&b.to_ascii_uppercase()))
 }

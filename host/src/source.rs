@@ -754,11 +754,13 @@ pub async fn first_position(
     let mut backoff = MIN_BACKOFF;
     loop {
         let resolved = match snapshot {
-            true => begin_snapshot(client, pipeline).await.map(|progress| Position {
-                token: progress.start.clone(),
-                last_msg_id: None,
-                snapshot: Some(progress.to_document()),
-            }),
+            true => begin_snapshot(client, pipeline)
+                .await
+                .map(|progress| Position {
+                    token: progress.start.clone(),
+                    last_msg_id: None,
+                    snapshot: Some(progress.to_document()),
+                }),
             false => open_position(client, pipeline, &OpenAt::Now)
                 .await
                 .map(|token| Position {

@@ -116,15 +116,19 @@ interval_ms = 200
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
         let client = self.nats_client().await?;
         let js = async_nats::jetstream::new(client);
-        wait_until("pipeline checkpoint in KV", Duration::from_secs(120), || {
-            let js = js.clone();
-            async move {
-                match js.get_key_value("tidegate-checkpoints").await {
-                    Ok(kv) => matches!(kv.get(PIPELINE).await, Ok(Some(_))),
-                    Err(_) => false,
+        wait_until(
+            "pipeline checkpoint in KV",
+            Duration::from_secs(120),
+            || {
+                let js = js.clone();
+                async move {
+                    match js.get_key_value("tidegate-checkpoints").await {
+                        Ok(kv) => matches!(kv.get(PIPELINE).await, Ok(Some(_))),
+                        Err(_) => false,
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
     }
 
