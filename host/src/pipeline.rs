@@ -358,6 +358,7 @@ impl CheckpointSaver {
                         // The position is kept and saved with the next one; a crash meanwhile
                         // only replays events already stored, which the stream's tail skips.
                         Err(err) => {
+                            crate::metrics::pipeline(store.pipeline()).set_error(&err.to_string());
                             if !failing {
                                 tracing::warn!(pipeline = %store.pipeline(), error = %err, "checkpoint not saved; will retry");
                             }
@@ -530,6 +531,7 @@ impl ChainStages {
                             messages: self.framer.heartbeat(&token),
                             token,
                             snapshot,
+                            commit_unix_ms: None,
                         });
                         continue;
                     }
@@ -676,6 +678,7 @@ impl Framer {
                     messages: vec![self.dead_letter(event, &err, stats)],
                     token: event.token.clone(),
                     snapshot: event.snapshot.clone(),
+                    commit_unix_ms: event.change.commit_unix_ms(),
                 }
             }
             Verdict::Skip(_) | Verdict::Halt(_) => {
@@ -713,6 +716,7 @@ impl Framer {
                         messages: vec![self.dead_letter(event, &err, stats)],
                         token: event.token.clone(),
                         snapshot: event.snapshot.clone(),
+                        commit_unix_ms: event.change.commit_unix_ms(),
                     };
                 }
                 Err(message) => {
@@ -726,6 +730,7 @@ impl Framer {
                         messages: vec![self.dead_letter(event, &err, stats)],
                         token: event.token.clone(),
                         snapshot: event.snapshot.clone(),
+                        commit_unix_ms: event.change.commit_unix_ms(),
                     };
                 }
             };
@@ -748,6 +753,7 @@ impl Framer {
             messages,
             token: event.token.clone(),
             snapshot: event.snapshot.clone(),
+            commit_unix_ms: event.change.commit_unix_ms(),
         }
     }
 

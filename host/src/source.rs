@@ -1018,7 +1018,7 @@ async fn retry_quietly(
         true => tracing::debug!(pipeline, error = %err, retry_in_ms, "{what}"),
         false => tracing::warn!(pipeline, error = %err, retry_in_ms, "{what}"),
     }
-    crate::metrics::pipeline(pipeline).set_state(crate::metrics::State::Retrying);
+    crate::metrics::pipeline(pipeline).retrying(&format!("{what}: {err}"));
     let delay = *backoff;
     *backoff = (*backoff * 2).min(MAX_BACKOFF);
     Ok(tokio::select! {
