@@ -726,6 +726,7 @@ mod tests {
                 .collect(),
             token: token(data),
             snapshot: None,
+            commit_unix_ms: None,
         }
     }
 
