@@ -144,7 +144,7 @@ async fn stream_with_short_duplicate_window_is_refused() -> anyhow::Result<()> {
     h.create_stream(&["cdc.>"], Duration::from_secs(10)).await?;
     let path = h.write_config("tidegate.toml", &h.config("", ""))?;
     let mut child = h.spawn_binary(&path)?;
-    let status = child.wait_exit(Duration::from_secs(30)).await?;
+    let status = child.wait_exit(Duration::from_secs(120)).await?;
     let log = child.log();
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("keeps message ids for 10s"), "{log}");
@@ -160,7 +160,7 @@ async fn stream_not_covering_subjects_is_refused() -> anyhow::Result<()> {
         .await?;
     let path = h.write_config("tidegate.toml", &h.config("", ""))?;
     let mut child = h.spawn_binary(&path)?;
-    let status = child.wait_exit(Duration::from_secs(30)).await?;
+    let status = child.wait_exit(Duration::from_secs(120)).await?;
     let log = child.log();
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("do not cover 'cdc.>'"), "{log}");

@@ -55,7 +55,7 @@ config = { fields = "email" }
         .wait_settled(STREAM, TOTAL as u64, Duration::from_secs(180))
         .await?;
     tidegate.signal(SIGTERM)?;
-    let status = tidegate.wait_exit(Duration::from_secs(30)).await?;
+    let status = tidegate.wait_exit(Duration::from_secs(120)).await?;
     assert!(
         status.success(),
         "clean exit after SIGTERM: {status:?}\n{}",
@@ -118,14 +118,14 @@ async fn mongodb_restart_resumes_from_last_token() -> anyhow::Result<()> {
     let running = InProcess::start(&path)?;
     h.wait_ready().await?;
     write_range(h.collection().await?, 0, 500, 50, Duration::ZERO).await?;
-    h.wait_for_messages(STREAM, 500, Duration::from_secs(30))
+    h.wait_for_messages(STREAM, 500, Duration::from_secs(120))
         .await?;
     h.mongo.kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
     h.mongo.restart().await?;
     write_range(h.collection().await?, 500, 1000, 50, Duration::ZERO).await?;
     let messages = h
-        .wait_settled(STREAM, 1000, Duration::from_secs(60))
+        .wait_settled(STREAM, 1000, Duration::from_secs(120))
         .await?;
     running.stop().await?;
     assert_exactly_once_in_order(&messages, 1000);
@@ -144,14 +144,14 @@ async fn sigterm_drains_checkpoints_in_mongodb_and_restart_continues() -> anyhow
     let path = h.write_config("tidegate.toml", &config)?;
     let mut tidegate = h.spawn_binary(&path)?;
     tidegate
-        .wait_for_log("change stream open", Duration::from_secs(30))
+        .wait_for_log("change stream open", Duration::from_secs(120))
         .await?;
     let coll = h.collection().await?;
     write_range(coll.clone(), 0, 100, 100, Duration::ZERO).await?;
-    h.wait_for_messages(STREAM, 100, Duration::from_secs(30))
+    h.wait_for_messages(STREAM, 100, Duration::from_secs(120))
         .await?;
     tidegate.signal(SIGTERM)?;
-    let status = tidegate.wait_exit(Duration::from_secs(30)).await?;
+    let status = tidegate.wait_exit(Duration::from_secs(120)).await?;
     assert!(
         status.success(),
         "exit 0 after SIGTERM: {status:?}\n{}",
@@ -180,9 +180,11 @@ async fn sigterm_drains_checkpoints_in_mongodb_and_restart_continues() -> anyhow
 
     write_range(coll, 100, 200, 100, Duration::ZERO).await?;
     let mut tidegate = h.spawn_binary(&path)?;
-    let messages = h.wait_settled(STREAM, 200, Duration::from_secs(30)).await?;
+    let messages = h
+        .wait_settled(STREAM, 200, Duration::from_secs(120))
+        .await?;
     tidegate.signal(SIGTERM)?;
-    tidegate.wait_exit(Duration::from_secs(30)).await?;
+    tidegate.wait_exit(Duration::from_secs(120)).await?;
     assert!(
         tidegate.log().contains("resuming after checkpoint"),
         "{}",
@@ -204,7 +206,7 @@ async fn nats_down_at_start_is_waited_for() -> anyhow::Result<()> {
     h.nats.start_again().await?;
     h.wait_ready().await?;
     write_range(h.collection().await?, 0, 50, 50, Duration::ZERO).await?;
-    let messages = h.wait_settled(STREAM, 50, Duration::from_secs(30)).await?;
+    let messages = h.wait_settled(STREAM, 50, Duration::from_secs(120)).await?;
     running.stop().await?;
     assert_exactly_once_in_order(&messages, 50);
     Ok(())
@@ -294,7 +296,7 @@ async fn checkpoint_lost_from_the_oplog_is_a_clear_error() -> anyhow::Result<()>
     let running = InProcess::start(&path)?;
     h.wait_ready().await?;
     write_range(h.collection().await?, 0, 10, 10, Duration::ZERO).await?;
-    h.wait_settled(STREAM, 10, Duration::from_secs(20)).await?;
+    h.wait_settled(STREAM, 10, Duration::from_secs(120)).await?;
     running.stop().await?;
 
     // The newest oplog entry now: everything up to it has been published and checkpointed.
@@ -321,7 +323,7 @@ async fn checkpoint_lost_from_the_oplog_is_a_clear_error() -> anyhow::Result<()>
     // truncated past the checkpoint (truncation is asynchronous).
     let coll = h.collection().await?;
     let blob = "y".repeat(100_000);
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let docs: Vec<bson::Document> = (0..20).map(|i| doc! { "i": i, "blob": &blob }).collect();
         coll.insert_many(docs).await?;
@@ -339,7 +341,7 @@ async fn checkpoint_lost_from_the_oplog_is_a_clear_error() -> anyhow::Result<()>
     }
 
     let mut tidegate = h.spawn_binary(&path)?;
-    let status = tidegate.wait_exit(Duration::from_secs(60)).await?;
+    let status = tidegate.wait_exit(Duration::from_secs(120)).await?;
     let log = tidegate.log();
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("no longer in the oplog"), "{log}");
@@ -365,15 +367,15 @@ async fn checkpoint_lost_from_the_oplog_is_a_clear_error() -> anyhow::Result<()>
     let held = h.collection().await?.count_documents(doc! {}).await?;
     let mut tidegate = h.spawn_binary(&resnap_path)?;
     tidegate
-        .wait_for_log("taking a new snapshot", Duration::from_secs(60))
+        .wait_for_log("taking a new snapshot", Duration::from_secs(120))
         .await?;
     let messages = h
-        .wait_settled("RESNAP", held, Duration::from_secs(60))
+        .wait_settled("RESNAP", held, Duration::from_secs(120))
         .await?;
     assert_eq!(messages.len() as u64, held, "every document once");
     assert!(messages.iter().all(|m| json(m)["operationType"] == "read"));
     tidegate.signal(SIGTERM)?;
-    tidegate.wait_exit(Duration::from_secs(30)).await?;
+    tidegate.wait_exit(Duration::from_secs(120)).await?;
 
     // on_history_lost = "latest": resumes from now, says so loudly, and publishes what
     // follows (the ~40 MB written while it was down are skipped, as the policy says).
@@ -385,14 +387,14 @@ async fn checkpoint_lost_from_the_oplog_is_a_clear_error() -> anyhow::Result<()>
     let before = h.messages(STREAM).await?.len() as u64;
     let mut tidegate = h.spawn_binary(&path)?;
     tidegate
-        .wait_for_log("capture resumes from now", Duration::from_secs(60))
+        .wait_for_log("capture resumes from now", Duration::from_secs(120))
         .await?;
     tidegate
-        .wait_for_log("change stream open", Duration::from_secs(30))
+        .wait_for_log("change stream open", Duration::from_secs(120))
         .await?;
     write_range(h.collection().await?, 1000, 1005, 5, Duration::ZERO).await?;
     let messages = h
-        .wait_settled(STREAM, before + 5, Duration::from_secs(30))
+        .wait_settled(STREAM, before + 5, Duration::from_secs(120))
         .await?;
     assert_eq!(
         messages.len() as u64,
@@ -400,6 +402,6 @@ async fn checkpoint_lost_from_the_oplog_is_a_clear_error() -> anyhow::Result<()>
         "only what came after the restart"
     );
     tidegate.signal(SIGTERM)?;
-    tidegate.wait_exit(Duration::from_secs(30)).await?;
+    tidegate.wait_exit(Duration::from_secs(120)).await?;
     Ok(())
 }

@@ -48,7 +48,8 @@ config = { operations = "insert" }
     let coll = h.collection().await?;
     write_range(coll.clone(), 0, 100, 50, Duration::ZERO).await?;
     coll.delete_one(bson::doc! { "seq": 0 }).await?;
-    h.wait_settled(STREAM, 100, Duration::from_secs(30)).await?;
+    h.wait_settled(STREAM, 100, Duration::from_secs(120))
+        .await?;
     // The checkpoint interval is 200 ms; let one pass after the last ack.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -129,7 +130,7 @@ config = { operations = "insert" }
     // (after two readings) far above the warning threshold on this fresh, barely used oplog.
     wait_until(
         "oplog headroom in /metrics",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || {
             let address = address.clone();
             async move {
@@ -187,7 +188,7 @@ config = { operations = "insert" }
 
     // NATS away: not ready, and says why; back: ready again.
     h.nats.stop();
-    wait_until("/readyz reports NATS down", Duration::from_secs(10), || {
+    wait_until("/readyz reports NATS down", Duration::from_secs(120), || {
         let address = address.clone();
         async move {
             matches!(http_get(&address, "/readyz").await, Ok((503, body)) if body.contains("NATS"))
@@ -200,14 +201,14 @@ config = { operations = "insert" }
         "alive while NATS is down"
     );
     h.nats.start_again().await?;
-    wait_until("/readyz ready again", Duration::from_secs(20), || {
+    wait_until("/readyz ready again", Duration::from_secs(120), || {
         let address = address.clone();
         async move { matches!(http_get(&address, "/readyz").await, Ok((200, _))) }
     })
     .await?;
 
     tidegate.signal(SIGTERM)?;
-    let status = tidegate.wait_exit(Duration::from_secs(30)).await?;
+    let status = tidegate.wait_exit(Duration::from_secs(120)).await?;
     assert!(status.success(), "{}", tidegate.log());
     Ok(())
 }

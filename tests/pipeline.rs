@@ -203,7 +203,7 @@ async fn encodings_preserve_types() -> anyhow::Result<()> {
         )
         .await?;
     let messages = h
-        .wait_for_messages(STREAM, 1, Duration::from_secs(20))
+        .wait_for_messages(STREAM, 1, Duration::from_secs(120))
         .await?;
     running.stop().await?;
     let body = json(&messages[0]);
@@ -238,7 +238,7 @@ async fn transaction_details_are_published() -> anyhow::Result<()> {
         .session(&mut session)
         .await?;
     session.commit_transaction().await?;
-    let messages = h.wait_settled(STREAM, 3, Duration::from_secs(20)).await?;
+    let messages = h.wait_settled(STREAM, 3, Duration::from_secs(120)).await?;
     running.stop().await?;
     assert_eq!(messages.len(), 3);
     assert!(json(&messages[0]).get("txnNumber").is_none());
@@ -261,10 +261,10 @@ async fn capture_continues_after_the_collection_is_dropped() -> anyhow::Result<(
     let coll = h.collection().await?;
     coll.insert_one(doc! { "_id": "before" }).await?;
     coll.drop().await?;
-    h.wait_for_messages(STREAM, 3, Duration::from_secs(20))
+    h.wait_for_messages(STREAM, 3, Duration::from_secs(120))
         .await?;
     coll.insert_one(doc! { "_id": "after" }).await?;
-    let messages = h.wait_settled(STREAM, 4, Duration::from_secs(20)).await?;
+    let messages = h.wait_settled(STREAM, 4, Duration::from_secs(120)).await?;
     running.stop().await?;
     let ops: Vec<String> = messages
         .iter()
@@ -304,7 +304,7 @@ async fn watch_scopes_collection_list_database_and_deployment() -> anyhow::Resul
     let path = h.write_config("tidegate.toml", &config)?;
     let running = InProcess::start(&path)?;
     let js = async_nats::jetstream::new(h.nats_client().await?);
-    tidegate_testkit::wait_until("three checkpoints", Duration::from_secs(30), || {
+    tidegate_testkit::wait_until("three checkpoints", Duration::from_secs(120), || {
         let js = js.clone();
         async move {
             let Ok(kv) = js.get_key_value("tidegate-checkpoints").await else {
@@ -327,7 +327,7 @@ async fn watch_scopes_collection_list_database_and_deployment() -> anyhow::Resul
             .insert_one(doc! { "from": format!("{db}.{coll}") })
             .await?;
     }
-    let all = h.wait_settled("ALL", 4, Duration::from_secs(20)).await?;
+    let all = h.wait_settled("ALL", 4, Duration::from_secs(120)).await?;
     let db = h.messages("DB").await?;
     let list = h.messages("LIST").await?;
     running.stop().await?;
@@ -463,20 +463,20 @@ async fn deployment_scope_ignores_its_own_mongodb_checkpoints() -> anyhow::Resul
     let path = h.write_config("tidegate.toml", &config)?;
     let mut tidegate = h.spawn_binary(&path)?;
     tidegate
-        .wait_for_log("change stream open", Duration::from_secs(30))
+        .wait_for_log("change stream open", Duration::from_secs(120))
         .await?;
     let coll = h.collection().await?;
     for i in 0..3 {
         coll.insert_one(doc! { "_id": i }).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    h.wait_for_messages("ALL", 3, Duration::from_secs(20))
+    h.wait_for_messages("ALL", 3, Duration::from_secs(120))
         .await?;
     // Several checkpoint intervals pass: a feedback loop would keep adding messages.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let messages = h.messages("ALL").await?;
     tidegate.signal(support::SIGTERM)?;
-    tidegate.wait_exit(Duration::from_secs(30)).await?;
+    tidegate.wait_exit(Duration::from_secs(120)).await?;
     let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
     assert_eq!(
         subjects,

@@ -255,7 +255,7 @@ config = {{ skip-prefix = "tmp_" }}
     scratch.delete_one(doc! { "_id": 2 }).await?;
     orders.delete_one(doc! { "_id": 1 }).await?;
     let messages = h
-        .wait_settled(support::STREAM, 3, std::time::Duration::from_secs(20))
+        .wait_settled(support::STREAM, 3, std::time::Duration::from_secs(120))
         .await?;
     running.stop().await?;
     let got: Vec<(String, i64)> = messages

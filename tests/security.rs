@@ -44,10 +44,10 @@ async fn relays_through(
         .await
         .with_context(|| format!("tidegate log:\n{}", tidegate.log()))?;
     write_range(h.collection().await?, 0, 20, 20, Duration::ZERO).await?;
-    let messages = h.wait_settled(STREAM, 20, Duration::from_secs(30)).await?;
+    let messages = h.wait_settled(STREAM, 20, Duration::from_secs(120)).await?;
     assert_eq!(messages.len(), 20);
     tidegate.signal(SIGTERM)?;
-    let status = tidegate.wait_exit(Duration::from_secs(30)).await?;
+    let status = tidegate.wait_exit(Duration::from_secs(120)).await?;
     let log = tidegate.log();
     assert!(status.success(), "{log}");
     assert!(
@@ -329,13 +329,16 @@ async fn mongodb_scram_credentials_from_the_environment() -> anyhow::Result<()> 
     h.wait_ready().await?;
     write_range(h.collection().await?, 0, 20, 20, Duration::ZERO).await?;
     assert_eq!(
-        h.wait_settled(STREAM, 20, Duration::from_secs(30))
+        h.wait_settled(STREAM, 20, Duration::from_secs(120))
             .await?
             .len(),
         20
     );
     tidegate.signal(SIGTERM)?;
-    assert!(tidegate.wait_exit(Duration::from_secs(30)).await?.success());
+    assert!(tidegate
+        .wait_exit(Duration::from_secs(120))
+        .await?
+        .success());
     assert!(
         !tidegate.log().contains("mongo-Secret-3"),
         "{}",
@@ -344,7 +347,7 @@ async fn mongodb_scram_credentials_from_the_environment() -> anyhow::Result<()> 
 
     let wrong = uri.replace("mongo-Secret-3", "wrong-Secret-4");
     let mut tidegate = h.spawn_binary_with_env(&path, &[(URI_VAR, &wrong)])?;
-    let status = tidegate.wait_exit(Duration::from_secs(60)).await?;
+    let status = tidegate.wait_exit(Duration::from_secs(120)).await?;
     let log = tidegate.log();
     assert_eq!(status.code(), Some(1), "a fatal error: {log}");
     assert!(log.contains("Authentication failed"), "{log}");

@@ -67,7 +67,7 @@ stages = [{ "$match" = { "fullDocument.hidden" = { "$ne" = true } } }]"#,
     coll("orders")
         .update_one(doc! { "_id": 2 }, doc! { "$set": { "hidden": false } })
         .await?;
-    let messages = h.wait_settled(STREAM, 3, Duration::from_secs(20)).await?;
+    let messages = h.wait_settled(STREAM, 3, Duration::from_secs(120)).await?;
     running.stop().await?;
     assert_eq!(
         seen(&messages),
@@ -113,7 +113,7 @@ async fn start_positions_reach_into_the_past() -> anyhow::Result<()> {
     );
     let path = h.write_config("start-at.toml", &config)?;
     let running = InProcess::start(&path)?;
-    let messages = h.wait_settled(STREAM, 5, Duration::from_secs(20)).await?;
+    let messages = h.wait_settled(STREAM, 5, Duration::from_secs(120)).await?;
     running.stop().await?;
     let numbers: Vec<i64> = seen(&messages).into_iter().map(|(_, n)| n).collect();
     assert_eq!(numbers, [0, 1, 2, 3, 4]);
@@ -131,7 +131,7 @@ async fn start_positions_reach_into_the_past() -> anyhow::Result<()> {
     let path = h.write_config("start-token.toml", &config)?;
     let running = InProcess::start(&path)?;
     let messages = h
-        .wait_settled("FROM_TOKEN", 2, Duration::from_secs(20))
+        .wait_settled("FROM_TOKEN", 2, Duration::from_secs(120))
         .await?;
     running.stop().await?;
     let numbers: Vec<i64> = seen(&messages).into_iter().map(|(_, n)| n).collect();
@@ -154,12 +154,12 @@ async fn invalidate_policy_stop_stops_clearly_every_time() -> anyhow::Result<()>
     let orders = h.collection().await?;
     orders.insert_one(doc! { "n": 1 }).await?;
     orders.drop().await?;
-    let status = tidegate.wait_exit(Duration::from_secs(30)).await?;
+    let status = tidegate.wait_exit(Duration::from_secs(120)).await?;
     let log = tidegate.log();
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("shop.orders was dropped or renamed"), "{log}");
     assert!(log.contains("on_invalidate = \"stop\""), "{log}");
-    let messages = h.wait_settled(STREAM, 2, Duration::from_secs(20)).await?;
+    let messages = h.wait_settled(STREAM, 2, Duration::from_secs(120)).await?;
     let operations: Vec<String> = messages
         .iter()
         .map(|m| {
@@ -176,7 +176,7 @@ async fn invalidate_policy_stop_stops_clearly_every_time() -> anyhow::Result<()>
     );
 
     let mut again = h.spawn_binary(&path)?;
-    let status = again.wait_exit(Duration::from_secs(30)).await?;
+    let status = again.wait_exit(Duration::from_secs(120)).await?;
     assert_eq!(status.code(), Some(1), "{}", again.log());
     assert!(again.log().contains("on_invalidate = \"stop\""));
     assert_eq!(
@@ -203,12 +203,12 @@ async fn checkpoint_near_the_oplog_edge_is_warned_about() -> anyhow::Result<()> 
     h.wait_ready().await?;
     let orders = h.collection().await?;
     orders.insert_one(doc! { "n": 0 }).await?;
-    h.wait_settled(STREAM, 1, Duration::from_secs(20)).await?;
+    h.wait_settled(STREAM, 1, Duration::from_secs(120)).await?;
     h.nats.stop();
     // ~100 KB every 250 ms: the 1 MB oplog's window shrinks to a few seconds while the
     // checkpoint stays where NATS left it.
     let blob = "z".repeat(100_000);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while !tidegate
         .log()
         .contains("the oplog overwrites the checkpointed position")
@@ -241,7 +241,7 @@ async fn required_images_are_checked_at_start() -> anyhow::Result<()> {
     );
     let path = h.write_config("images.toml", &config)?;
     let mut tidegate = h.spawn_binary(&path)?;
-    let status = tidegate.wait_exit(Duration::from_secs(30)).await?;
+    let status = tidegate.wait_exit(Duration::from_secs(120)).await?;
     let log = tidegate.log();
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(
@@ -261,7 +261,7 @@ async fn required_images_are_checked_at_start() -> anyhow::Result<()> {
     orders
         .update_one(doc! { "_id": 1 }, doc! { "$set": { "n": 2 } })
         .await?;
-    let messages = h.wait_settled(STREAM, 2, Duration::from_secs(20)).await?;
+    let messages = h.wait_settled(STREAM, 2, Duration::from_secs(120)).await?;
     running.stop().await?;
     assert_eq!(json(&messages[1])["fullDocumentBeforeChange"]["n"], 1);
     assert_eq!(json(&messages[1])["fullDocument"]["n"], 2);
@@ -289,7 +289,7 @@ async fn initial_snapshot_then_stream_without_gap() -> anyhow::Result<()> {
         + &format!("\n[http]\naddress = \"{address}\"\n");
     let path = h.write_config("snapshot.toml", &config)?;
     let running = InProcess::start(&path)?;
-    h.wait_for_messages(STREAM, 2500, Duration::from_secs(60))
+    h.wait_for_messages(STREAM, 2500, Duration::from_secs(120))
         .await?;
     let (_, metrics) = support::http_get(&address, "/metrics").await?;
     assert!(
@@ -301,7 +301,7 @@ async fn initial_snapshot_then_stream_without_gap() -> anyhow::Result<()> {
         .update_one(doc! { "_id": 0 }, doc! { "$set": { "n": -1 } })
         .await?;
     let messages = h
-        .wait_settled(STREAM, 2502, Duration::from_secs(30))
+        .wait_settled(STREAM, 2502, Duration::from_secs(120))
         .await?;
     running.stop().await?;
     assert_eq!(messages.len(), 2502);
@@ -334,7 +334,7 @@ async fn snapshot_resumes_after_a_crash() -> anyhow::Result<()> {
     );
     let path = h.write_config("snapshot.toml", &config)?;
     let mut first = h.spawn_binary(&path)?;
-    h.wait_for_messages(STREAM, 5000, Duration::from_secs(60))
+    h.wait_for_messages(STREAM, 5000, Duration::from_secs(120))
         .await?;
     first.kill9();
     let at_crash = h.messages(STREAM).await?.len();
@@ -347,14 +347,14 @@ async fn snapshot_resumes_after_a_crash() -> anyhow::Result<()> {
     second
         .wait_for_log(
             "resuming the snapshot where it stopped",
-            Duration::from_secs(30),
+            Duration::from_secs(120),
         )
         .await?;
     let messages = h
         .wait_settled(STREAM, total as u64, Duration::from_secs(120))
         .await?;
     second.signal(support::SIGTERM)?;
-    second.wait_exit(Duration::from_secs(30)).await?;
+    second.wait_exit(Duration::from_secs(120)).await?;
     let numbers: Vec<i64> = messages
         .iter()
         .map(|m| json(m)["fullDocument"]["n"].as_i64().unwrap_or(-1))
@@ -508,7 +508,7 @@ async fn incremental_snapshot_resumes_after_a_crash_and_stops_on_signal() -> any
             "data": { "data-collections": ["shop.items"], "type": "incremental" },
         })
         .await?;
-    h.wait_for_messages(STREAM, 5000, Duration::from_secs(60))
+    h.wait_for_messages(STREAM, 5000, Duration::from_secs(120))
         .await?;
     first.kill9();
     let at_crash = h.messages(STREAM).await?.len();
@@ -543,13 +543,13 @@ async fn incremental_snapshot_resumes_after_a_crash_and_stops_on_signal() -> any
         })
         .await?;
     second
-        .wait_for_log("incremental snapshot chunk", Duration::from_secs(30))
+        .wait_for_log("incremental snapshot chunk", Duration::from_secs(120))
         .await?;
     signals.insert_one(doc! { "type": "stop-snapshot" }).await?;
     second
         .wait_for_log(
             "incremental snapshot stopped by a signal",
-            Duration::from_secs(30),
+            Duration::from_secs(120),
         )
         .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -559,7 +559,7 @@ async fn incremental_snapshot_resumes_after_a_crash_and_stops_on_signal() -> any
         "the stopped snapshot went on: {after} messages"
     );
     second.signal(support::SIGTERM)?;
-    second.wait_exit(Duration::from_secs(30)).await?;
+    second.wait_exit(Duration::from_secs(120)).await?;
     Ok(())
 }
 
@@ -657,10 +657,10 @@ async fn snapshot_progress_bar_on_a_terminal_only() -> anyhow::Result<()> {
     // Without a terminal: the log lines only.
     let mut plain = h.spawn_binary(&path)?;
     plain
-        .wait_for_log("snapshot done", Duration::from_secs(30))
+        .wait_for_log("snapshot done", Duration::from_secs(120))
         .await?;
     plain.signal(support::SIGTERM)?;
-    plain.wait_exit(Duration::from_secs(30)).await?;
+    plain.wait_exit(Duration::from_secs(120)).await?;
     assert!(!plain.log().contains("snapshot ["), "{}", plain.log());
     Ok(())
 }

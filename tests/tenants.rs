@@ -95,7 +95,7 @@ async fn wait_tenants_ready(h: &Harness, units: &[&str]) -> anyhow::Result<()> {
         let key = unit.to_string();
         wait_until(
             &format!("checkpoint of {unit}"),
-            Duration::from_secs(30),
+            Duration::from_secs(120),
             || {
                 let (js, key) = (js.clone(), key.clone());
                 async move {
@@ -135,7 +135,7 @@ async fn wait_for_count(
 ) -> anyhow::Result<()> {
     wait_until(
         &format!("{count}× '{line}'"),
-        Duration::from_secs(20),
+        Duration::from_secs(120),
         || async { child.log().matches(line).count() >= count },
     )
     .await
@@ -222,10 +222,10 @@ async fn hostile_plugin_harms_only_its_own_tenant() -> anyhow::Result<()> {
         .await?;
 
     let good = h
-        .wait_settled("GOOD", n as u64, Duration::from_secs(60))
+        .wait_settled("GOOD", n as u64, Duration::from_secs(120))
         .await?;
     let bad = h
-        .wait_settled("BAD", n as u64 + 1, Duration::from_secs(60))
+        .wait_settled("BAD", n as u64 + 1, Duration::from_secs(120))
         .await?;
     let metrics = scrape(&address).await?;
     running.stop().await?;
@@ -331,7 +331,7 @@ async fn failing_plugin_is_quarantined_until_replaced() -> anyhow::Result<()> {
     for n in 3..6 {
         orders.insert_one(doc! { "n": n }).await?;
     }
-    let bad = h.wait_settled("BAD", 6, Duration::from_secs(30)).await?;
+    let bad = h.wait_settled("BAD", 6, Duration::from_secs(120)).await?;
     let kinds: Vec<_> = bad
         .iter()
         .map(|m| header(m, "Tidegate-Error-Kind").unwrap_or_default())
@@ -371,7 +371,7 @@ async fn failing_plugin_is_quarantined_until_replaced() -> anyhow::Result<()> {
         assert!(n < 200, "the replaced plugin never took over");
     };
     let good = h
-        .wait_settled("GOOD", n as u64, Duration::from_secs(30))
+        .wait_settled("GOOD", n as u64, Duration::from_secs(120))
         .await?;
     running.stop().await?;
     assert_eq!(numbers(&good), (0..n).collect::<Vec<_>>());
@@ -405,7 +405,7 @@ async fn halt_stops_only_the_failing_tenant() -> anyhow::Result<()> {
     for n in 2..20 {
         orders.insert_one(doc! { "n": n }).await?;
     }
-    let good = h.wait_settled("GOOD", 20, Duration::from_secs(30)).await?;
+    let good = h.wait_settled("GOOD", 20, Duration::from_secs(120)).await?;
     assert_eq!(numbers(&good), (0..20).collect::<Vec<_>>());
     let bad = h.messages("BAD").await?;
     assert_eq!(
@@ -480,12 +480,12 @@ async fn plugins_swap_on_disk_and_on_sighup_without_loss() -> anyhow::Result<()>
     // A real new version: redact.
     swap_plugin(&plugins, "tenant.wasm", &redact)?;
     child
-        .wait_for_log("plugin reloaded", Duration::from_secs(20))
+        .wait_for_log("plugin reloaded", Duration::from_secs(120))
         .await?;
     write(&orders, &mut n, 50).await?;
 
     let bad = h
-        .wait_settled("BAD", n as u64, Duration::from_secs(60))
+        .wait_settled("BAD", n as u64, Duration::from_secs(120))
         .await?;
     assert_eq!(
         numbers(&bad),
@@ -520,12 +520,12 @@ async fn plugins_swap_on_disk_and_on_sighup_without_loss() -> anyhow::Result<()>
     std::fs::write(&path, config)?;
     child.signal(1)?;
     child
-        .wait_for_log("plugin chain reloaded", Duration::from_secs(20))
+        .wait_for_log("plugin chain reloaded", Duration::from_secs(120))
         .await?;
     let before = n;
     write(&orders, &mut n, 20).await?;
     let bad = h
-        .wait_settled("BAD", n as u64, Duration::from_secs(30))
+        .wait_settled("BAD", n as u64, Duration::from_secs(120))
         .await?;
     assert_eq!(numbers(&bad), (0..n).collect::<Vec<_>>());
     let last = json(bad.last().expect("messages"));
@@ -535,18 +535,18 @@ async fn plugins_swap_on_disk_and_on_sighup_without_loss() -> anyhow::Result<()>
     // Stop, break the plugin on disk, start again: `bad` is held, `good` flows; fixing the
     // file lets `bad` catch up from its checkpoint.
     child.signal(SIGTERM)?;
-    child.wait_exit(Duration::from_secs(30)).await?;
+    child.wait_exit(Duration::from_secs(120)).await?;
     swap_plugin(&plugins, "tenant.wasm", b"not wasm at all")?;
     let mut child = h.spawn_binary(&path)?;
     child
         .wait_for_log(
             "tenant held until its plugins load",
-            Duration::from_secs(30),
+            Duration::from_secs(120),
         )
         .await?;
     write(&orders, &mut n, 30).await?;
     let good = h
-        .wait_settled("GOOD", n as u64, Duration::from_secs(30))
+        .wait_settled("GOOD", n as u64, Duration::from_secs(120))
         .await?;
     assert_eq!(numbers(&good), (0..n).collect::<Vec<_>>());
     assert_eq!(
@@ -555,7 +555,7 @@ async fn plugins_swap_on_disk_and_on_sighup_without_loss() -> anyhow::Result<()>
     );
     swap_plugin(&plugins, "tenant.wasm", &redact)?;
     let bad = h
-        .wait_settled("BAD", n as u64, Duration::from_secs(60))
+        .wait_settled("BAD", n as u64, Duration::from_secs(120))
         .await?;
     assert_eq!(
         numbers(&bad),
@@ -563,7 +563,7 @@ async fn plugins_swap_on_disk_and_on_sighup_without_loss() -> anyhow::Result<()>
         "held tenant caught up"
     );
     child.signal(SIGTERM)?;
-    child.wait_exit(Duration::from_secs(30)).await?;
+    child.wait_exit(Duration::from_secs(120)).await?;
     Ok(())
 }
 
@@ -632,10 +632,12 @@ interval_ms = 200
     for n in 0..2 {
         orders.insert_one(doc! { "n": n }).await?;
     }
-    let closed = h.wait_settled("CLOSED", 2, Duration::from_secs(30)).await?;
-    let open = h.wait_settled("OPEN", 2, Duration::from_secs(30)).await?;
+    let closed = h
+        .wait_settled("CLOSED", 2, Duration::from_secs(120))
+        .await?;
+    let open = h.wait_settled("OPEN", 2, Duration::from_secs(120)).await?;
     child.signal(SIGTERM)?;
-    child.wait_exit(Duration::from_secs(30)).await?;
+    child.wait_exit(Duration::from_secs(120)).await?;
 
     for m in &closed {
         assert_eq!(header(m, "X-Env").as_deref(), Some("0"));

@@ -240,6 +240,12 @@ pub struct PipelineConfig {
     /// Documents per snapshot chunk (one query, one progress step). Default: 1000.
     #[serde(default = "default_snapshot_chunk")]
     pub snapshot_chunk_size: u32,
+    /// On SIGTERM/SIGINT, how long (seconds) the unit may take to publish and settle what it
+    /// holds and checkpoint; past it, it stops with what is acknowledged checkpointed, logs
+    /// what was left unpublished (read again on restart) and the process exits non-zero.
+    /// Default: 30. Tenants inherit their pipeline's.
+    #[serde(default = "default_shutdown_timeout_secs")]
+    pub shutdown_timeout_secs: u64,
     /// Plugins every event goes through, in order. With tenants, each tenant has its own.
     #[serde(default)]
     pub plugins: Vec<PluginConfig>,
@@ -769,6 +775,9 @@ fn default_checkpoint_collection() -> String {
 fn default_heartbeat_write_ms() -> u64 {
     10_000
 }
+fn default_shutdown_timeout_secs() -> u64 {
+    30
+}
 fn default_snapshot_chunk() -> u32 {
     1000
 }
@@ -1026,6 +1035,12 @@ impl Config {
                         at(key)
                     ));
                 }
+            }
+            if pipeline.shutdown_timeout_secs == 0 {
+                return Err(format!(
+                    "{}: must be at least 1",
+                    at("shutdown_timeout_secs")
+                ));
             }
             if pipeline.heartbeat_write_ms == 0 {
                 return Err(format!("{}: must be at least 1", at("heartbeat_write_ms")));

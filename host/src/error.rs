@@ -59,6 +59,15 @@ pub enum Error {
         /// What happened.
         message: String,
     },
+    /// A stop (SIGTERM, SIGINT) did not drain within `shutdown_timeout_secs`; what was left
+    /// is read again on restart.
+    #[error("pipeline '{pipeline}': shutdown: {message}")]
+    Shutdown {
+        /// The pipeline.
+        pipeline: String,
+        /// What was left.
+        message: String,
+    },
     /// Another instance owns the pipeline now (high availability): this one must stop
     /// writing for it. Not a failure of the process; the pipeline goes back to standby.
     #[error("pipeline '{pipeline}': fenced: {message}")]

@@ -139,13 +139,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )
     .await?
     .retry_on_initial_connect()
-    .event_callback(|event| async move {
-        match event {
-            async_nats::Event::Disconnected => {
-                tracing::warn!("NATS disconnected; reconnecting")
+    .event_callback({
+        // When the connection was lost, while it is: a disconnect and the reconnect are
+        // logged once each, the reconnect with how long NATS was away.
+        let lost_at = std::sync::Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+        move |event| {
+            let lost_at = lost_at.clone();
+            async move {
+                let Ok(mut lost_at) = lost_at.lock() else {
+                    return;
+                };
+                match event {
+                    async_nats::Event::Disconnected => {
+                        if lost_at.is_none() {
+                            *lost_at = Some(std::time::Instant::now());
+                            tracing::warn!("NATS disconnected; reconnecting (publishing and NATS checkpoints wait)");
+                        }
+                    }
+                    async_nats::Event::Connected => match lost_at.take() {
+                        Some(since) => tracing::info!(
+                            away_ms = since.elapsed().as_millis() as u64,
+                            "NATS reconnected after {:.1} s",
+                            since.elapsed().as_secs_f64()
+                        ),
+                        None => tracing::info!("NATS connected"),
+                    },
+                    async_nats::Event::ClientError(err) => {
+                        tracing::debug!(error = %security::scrub(&err.to_string()), "NATS client error")
+                    }
+                    other => tracing::info!("NATS event: {}", security::scrub(&other.to_string())),
+                }
             }
-            async_nats::Event::Connected => tracing::info!("NATS connected"),
-            other => tracing::debug!("NATS event: {other}"),
         }
     })
     // One address per server: the client does not split a comma-separated string.
@@ -262,11 +286,35 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let mut outcome = Ok(());
     let mut stopping = false;
+    // Each unit stops itself within its `shutdown_timeout_secs`; this backstop also bounds
+    // what comes after (releasing leases) should NATS not answer.
+    let backstop = std::time::Duration::from_secs(
+        config
+            .pipelines
+            .iter()
+            .map(|p| p.shutdown_timeout_secs)
+            .max()
+            .unwrap_or(30)
+            + 10,
+    );
+    // Armed when stopping begins.
+    let stop_by = tokio::time::sleep(std::time::Duration::from_secs(365 * 24 * 3600));
+    tokio::pin!(stop_by);
     while !tasks.is_empty() {
         tokio::select! {
             _ = &mut shutdown, if !stopping => {
                 stopping = true;
+                stop_by.as_mut().reset(tokio::time::Instant::now() + backstop);
                 let _ = stop_tx.send(true);
+            }
+            () = &mut stop_by, if stopping => {
+                tracing::error!(units = tasks.len(), "units still stopping after {} s; exiting without them", backstop.as_secs());
+                if outcome.is_ok() {
+                    outcome = Err(Error::Startup {
+                        message: format!("{} units did not stop within {} s", tasks.len(), backstop.as_secs()),
+                    });
+                }
+                break;
             }
             Some(done) = tasks.join_next() => {
                 let (is_tenant, result) = done.unwrap_or_else(|err| (false, Err(Error::Startup {
@@ -275,9 +323,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 if let Err(err) = result {
                     if is_tenant && !stopping && !tasks.is_empty() {
                         tracing::error!(error = %err, "tenant unit stopped; the other units carry on");
+                    } else if stopping {
+                        tracing::error!(error = %err, "pipeline stopped with an error");
                     } else {
                         tracing::error!(error = %err, "pipeline failed; stopping the others");
                         stopping = true;
+                        stop_by.as_mut().reset(tokio::time::Instant::now() + backstop);
                         let _ = stop_tx.send(true);
                     }
                     if outcome.is_ok() {
@@ -288,9 +339,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     let _ = stop_tx.send(true);
+    tasks.abort_all();
     let _ = reloader.await;
-    if let Err(err) = nats.flush().await {
-        tracing::warn!(error = %err, "final NATS flush failed");
+    // Bounded: NATS may be away.
+    match tokio::time::timeout(std::time::Duration::from_secs(2), nats.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "final NATS flush failed"),
+        Err(_) => tracing::warn!("final NATS flush timed out (NATS away)"),
     }
     outcome
 }

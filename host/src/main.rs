@@ -88,12 +88,15 @@ fn run(config: tidegate::Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "tidegate starting");
         tidegate::run(config, shutdown_signal()).await?;
         tracing::info!("tidegate stopped cleanly");
         Ok(())
-    })
+    });
+    // Whatever still waits on a server (a driver's blocking lookup) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once.

@@ -10,10 +10,19 @@
 //! is away, the sink stops taking units, the chain stops taking events, and the source stops
 //! reading the change stream. Nothing is dropped; the position simply stops advancing.
 //!
+//! Start: the position is durable before anything is published. Without a checkpoint the
+//! start is resolved first (the stream's opening position, or a snapshot's captured start)
+//! and saved; and the JetStream stream's own last message of this unit is a floor below
+//! which nothing is published again (see `sink::Floor`).
+//!
 //! Shutdown: the source stops reading, the chain finishes what it has, the sink publishes
-//! and settles every unit it was given, and the final position is checkpointed.
+//! and settles every unit it was given, and the final position is checkpointed, all within
+//! `shutdown_timeout_secs`; past it the unit stops with what is acknowledged checkpointed
+//! and says how much was left (it is re-read on restart). Checkpoints are written by a task
+//! of their own, so a store that hangs never holds up publishing or the drain.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::Context;
@@ -30,7 +39,7 @@ use crate::event::SourceEvent;
 use crate::fence::Fence;
 use crate::plugin::{CallError, Chain, Verdict};
 use crate::reload::{ChainUpdate, Updates};
-use crate::sink::{self, Message, Position, Publisher, Unit};
+use crate::sink::{self, Floor, Message, Position, Publisher, Unit};
 use crate::source::{self, SourceItem};
 use crate::telemetry::PipelineStats;
 
@@ -78,7 +87,8 @@ pub async fn run(
             }
         }
     };
-    let mongo = crate::security::mongo_client(&pipeline.mongodb_uri)
+    let topology = source::log_elections(&id);
+    let mongo = crate::security::mongo_client_watched(&pipeline.mongodb_uri, Some(topology))
         .await
         .map_err(|err| Error::Source {
             pipeline: id.clone(),
@@ -94,10 +104,27 @@ pub async fn run(
     };
     let checkpoints =
         CheckpointStore::open(&pipeline.checkpoint, &id, &js, &mongo, fence.clone()).await?;
-    let start = checkpoints.load().await?;
-    match &start {
-        Some(_) => tracing::info!(pipeline = %id, "resuming after checkpoint"),
-        None => tracing::info!(pipeline = %id, "no checkpoint: starting from now"),
+    let checkpoint = checkpoints.load().await?;
+    let tail = sink::stream_tail(&js, &pipeline).await?;
+    let Some(Start {
+        position: start,
+        floor,
+        at_time,
+    }) = resolve_start(
+        &mongo,
+        &pipeline,
+        &checkpoints,
+        checkpoint,
+        &tail,
+        &mut shutdown,
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    if *shutdown.borrow() {
+        // Asked to stop while the start was resolved: nothing was read or published.
+        return Ok(());
     }
 
     let stats = crate::metrics::pipeline(&id);
@@ -110,6 +137,7 @@ pub async fn run(
         mongo.clone(),
         pipeline.clone(),
         start.clone(),
+        at_time,
         event_tx,
         source_stop_rx,
     ));
@@ -151,71 +179,128 @@ pub async fn run(
         })?;
 
     let mut publisher = Publisher::new(js, &id, &pipeline.sink, start.clone(), fence.clone());
-    let mut saved = start;
+    publisher.continue_after(tail, floor);
+    let (positions, saver) = CheckpointSaver::spawn(Arc::new(checkpoints), start);
     let mut checkpoint_timer =
         tokio::time::interval(Duration::from_millis(pipeline.checkpoint.interval_ms));
     let summary_every = Duration::from_secs(30);
     let mut summary_timer =
         tokio::time::interval_at(tokio::time::Instant::now() + summary_every, summary_every);
-    let mut outcome: Result<(), Error> = Ok(());
+    // After a stall (NATS away) missed ticks are skipped, not fired all at once.
+    checkpoint_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    summary_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut inputs_open = true;
     // Units received but not yet published, waiting for room in the window.
     let mut backlog: VecDeque<Unit> = VecDeque::new();
+    let shutdown_timeout = Duration::from_secs(pipeline.shutdown_timeout_secs);
+    let stop_by = Arc::new(std::sync::OnceLock::new());
+    let deadline = shutdown_deadline(shutdown.clone(), shutdown_timeout, stop_by.clone());
 
-    loop {
-        while publisher.has_room() {
-            let Some(unit) = backlog.pop_front() else {
-                break;
-            };
-            publisher.push(unit).await;
-        }
-        if !inputs_open && backlog.is_empty() && publisher.is_idle() {
-            break;
-        }
-        tokio::select! {
-            _ = shutdown.changed(), if !*source_stop_tx.borrow() => {
-                tracing::info!(pipeline = %id, "stopping: draining in-flight messages");
-                let _ = source_stop_tx.send(true);
+    // The drain loop. It is raced against the shutdown deadline: every await inside leaves the
+    // publisher and the backlog consistent if it is cancelled there.
+    let drain = async {
+        loop {
+            while publisher.has_room() {
+                let Some(unit) = backlog.pop_front() else {
+                    break;
+                };
+                publisher.push(unit).await;
             }
-            units = unit_rx.recv(), if inputs_open && backlog.is_empty() => match units {
-                Some(units) => backlog.extend(units),
-                None => inputs_open = false,
-            },
-            result = publisher.next_ack(), if !publisher.is_idle() => {
-                publisher.handle_ack(result).await;
-                // Settle acknowledgements that have already arrived without another turn of
-                // the loop.
-                while !publisher.is_idle() {
-                    match publisher.next_ack().now_or_never() {
-                        Some(result) => publisher.handle_ack(result).await,
-                        None => break,
+            if !inputs_open && backlog.is_empty() && publisher.is_idle() {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = shutdown.changed(), if !*source_stop_tx.borrow() => {
+                    tracing::info!(pipeline = %id, "stopping: draining in-flight messages");
+                    let _ = source_stop_tx.send(true);
+                }
+                units = unit_rx.recv(), if inputs_open && backlog.is_empty() => match units {
+                    Some(units) => backlog.extend(units),
+                    None => inputs_open = false,
+                },
+                result = publisher.next_ack(), if !publisher.is_idle() => {
+                    publisher.handle_ack(result).await;
+                    // Settle acknowledgements that have already arrived without another turn
+                    // of the loop.
+                    while !publisher.is_idle() {
+                        match publisher.next_ack().now_or_never() {
+                            Some(result) => publisher.handle_ack(result).await,
+                            None => break,
+                        }
                     }
                 }
-            }
-            _ = checkpoint_timer.tick() => {
-                save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
-            }
-            _ = summary_timer.tick() => stats.log(),
-            _ = fence.lost() => {
-                let _ = source_stop_tx.send(true);
-                outcome = Err(Error::Fenced { pipeline: id.clone(), message: fence.reason() });
-                break;
+                _ = checkpoint_timer.tick() => {
+                    positions.send_replace(publisher.position().cloned());
+                }
+                _ = summary_timer.tick() => stats.log(),
+                _ = fence.lost() => {
+                    let _ = source_stop_tx.send(true);
+                    return Err(Error::Fenced { pipeline: id.clone(), message: fence.reason() });
+                }
             }
         }
-    }
-    // Unblocks the chain thread if the loop ended early (fenced).
+    };
+    let mut outcome: Result<(), Error> = tokio::select! {
+        drained = drain => drained,
+        () = deadline => {
+            let _ = source_stop_tx.send(true);
+            let queued: usize = backlog.iter().map(|u| u.messages.len()).sum();
+            tracing::error!(
+                pipeline = %id,
+                timeout_s = shutdown_timeout.as_secs(),
+                unacknowledged_messages = publisher.in_flight(),
+                unacknowledged_units = publisher.units_in_flight(),
+                queued_units = backlog.len(),
+                queued_messages = queued,
+                "shutdown timeout: stopping with messages unpublished; what is acknowledged is \
+                 checkpointed, the rest is read again on restart"
+            );
+            Err(Error::Shutdown {
+                pipeline: id.clone(),
+                message: format!(
+                    "not drained within shutdown_timeout_secs = {}: {} messages in flight and {} \
+                     units queued were left unpublished (they are read again on restart)",
+                    shutdown_timeout.as_secs(),
+                    publisher.in_flight(),
+                    backlog.len()
+                ),
+            })
+        }
+    };
+    // Unblocks the chain thread if the loop ended early (fenced, timed out).
     drop(unit_rx);
-    save_if_moved(&checkpoints, publisher.position(), &mut saved).await;
+    positions.send_replace(publisher.position().cloned());
+    drop(positions);
+    // The final save gets what is left of the shutdown timeout (all of it when stopping for
+    // another reason); a store that does not answer by then is abandoned: the checkpoint
+    // stays where it was, and the rest is replayed.
+    let save_within = stop_by
+        .get()
+        .map_or(shutdown_timeout, |at: &tokio::time::Instant| {
+            at.saturating_duration_since(tokio::time::Instant::now())
+        });
+    if tokio::time::timeout(save_within.max(Duration::from_secs(1)), saver)
+        .await
+        .is_err()
+    {
+        tracing::error!(pipeline = %id, "final checkpoint not saved in time; the restart re-reads from the previous one");
+    }
     stats.log();
     // The loop ends once the chain's input closed, i.e. once the source task returned: by
     // shutdown, or with a fatal error that everything read before it was published ahead of.
     // (When fenced, the source is still stopping: await it before blocking on the thread.)
-    let source_result = source_task.await.unwrap_or_else(|err| {
-        Err(Error::Source {
+    if outcome.is_err() {
+        // Stopping early: the source may be waiting on a server; it holds nothing to save.
+        source_task.abort();
+    }
+    let source_result = match source_task.await {
+        Ok(result) => result,
+        Err(err) if err.is_cancelled() => Ok(()),
+        Err(err) => Err(Error::Source {
             pipeline: id.clone(),
             message: format!("source task failed: {err}"),
-        })
-    });
+        }),
+    };
     // Everything the plugin thread handed over was published and checkpointed above; what
     // it held is replayed on restart.
     let chain_result = match chain_thread.join() {
@@ -242,26 +327,174 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn save_if_moved(
-    checkpoints: &CheckpointStore,
-    position: Option<&Position>,
-    saved: &mut Option<Position>,
-) {
-    let Some(position) = position else { return };
-    if saved.as_ref() == Some(position) {
-        return;
+/// Writes checkpoints in a task of its own, off the publishing loop: a checkpoint store that
+/// hangs (NATS away) must not stop acknowledgements from being settled or the drain from
+/// ending. The loop posts the acknowledged position; the saver writes the newest one, retrying
+/// failures, and after the loop drops its sender makes one last attempt and ends.
+struct CheckpointSaver;
+
+impl CheckpointSaver {
+    fn spawn(
+        store: Arc<CheckpointStore>,
+        saved: Option<Position>,
+    ) -> (watch::Sender<Option<Position>>, tokio::task::JoinHandle<()>) {
+        let (positions, mut wanted) = watch::channel(saved.clone());
+        let task = tokio::spawn(async move {
+            let mut saved = saved;
+            let mut failing = false;
+            loop {
+                let closed = wanted.changed().await.is_err();
+                let position = wanted.borrow_and_update().clone();
+                if let Some(position) = position.filter(|p| saved.as_ref() != Some(p)) {
+                    match store.save(&position).await {
+                        Ok(()) => {
+                            if failing {
+                                tracing::info!(pipeline = %store.pipeline(), "checkpoint saved again");
+                            }
+                            failing = false;
+                            saved = Some(position);
+                        }
+                        // Deposed: the pipeline is stopping (the lease keeper logs why).
+                        Err(Error::Fenced { .. }) => return,
+                        // The position is kept and saved with the next one; a crash meanwhile
+                        // only replays events already stored, which the stream's tail skips.
+                        Err(err) => {
+                            crate::metrics::pipeline(store.pipeline()).set_error(&err.to_string());
+                            if !failing {
+                                tracing::warn!(pipeline = %store.pipeline(), error = %err, "checkpoint not saved; will retry");
+                            }
+                            failing = true;
+                        }
+                    }
+                }
+                if closed {
+                    return;
+                }
+            }
+        });
+        (positions, task)
     }
-    match checkpoints.save(position).await {
-        Ok(()) => *saved = Some(position.clone()),
-        // Deposed: the pipeline is stopping (the lease keeper logs why).
-        Err(Error::Fenced { .. }) => {}
-        // The position is kept and saved on the next tick; a crash meanwhile only replays
-        // events JetStream deduplicates.
-        Err(err) => {
-            crate::metrics::pipeline(checkpoints.pipeline()).set_error(&err.to_string());
-            tracing::warn!(error = %err, "checkpoint not saved; will retry")
+}
+
+/// Resolves `timeout` after `shutdown` turns true (never, if it never does), recording the
+/// deadline in `stop_by` as soon as it is known.
+async fn shutdown_deadline(
+    mut shutdown: watch::Receiver<bool>,
+    timeout: Duration,
+    stop_by: Arc<std::sync::OnceLock<tokio::time::Instant>>,
+) {
+    if shutdown.wait_for(|stop| *stop).await.is_err() {
+        return std::future::pending().await;
+    }
+    let at = *stop_by.get_or_init(|| tokio::time::Instant::now() + timeout);
+    tokio::time::sleep_until(at).await;
+}
+
+/// Where a run starts: the position to resume after (saved before anything is published),
+/// or without one, the cluster time to open at; and the stream's tail as a floor.
+struct Start {
+    position: Option<Position>,
+    floor: Option<Floor>,
+    at_time: Option<bson::Timestamp>,
+}
+
+/// Decides where the unit starts, from its checkpoint and the stream's last message `tail`:
+/// after the later of the two. Without either, the start is resolved now and saved before
+/// anything is published, so that a crash at any moment restarts from the same place.
+/// `None` when shut down meanwhile.
+async fn resolve_start(
+    mongo: &mongodb::Client,
+    pipeline: &PipelineConfig,
+    checkpoints: &CheckpointStore,
+    checkpoint: Option<Position>,
+    tail: &Option<String>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<Start>, Error> {
+    let id = pipeline.id.as_str();
+    let floor = tail.as_deref().and_then(|tail| Floor::parse(id, tail));
+    if tail.is_some() && floor.is_none() {
+        tracing::warn!(pipeline = id, tail = ?tail, "the stream's last message under this unit's subjects is not this unit's; ordering continues from it");
+    }
+    if let Some(position) = checkpoint {
+        let floor = floor.filter(|f| f.lies_after(&position.token));
+        match &floor {
+            Some(floor) => tracing::info!(
+                pipeline = id,
+                tail = %floor.msg_id(),
+                checkpoint = ?position.last_msg_id,
+                "resuming after checkpoint; the stream holds messages past it, which are not published again"
+            ),
+            None => tracing::info!(pipeline = id, "resuming after checkpoint"),
+        }
+        if let Some(new) =
+            source::first_position(mongo, pipeline, Some(&position), shutdown).await?
+        {
+            return save_start(checkpoints, pipeline, new, floor)
+                .await
+                .map(Some);
+        }
+        return Ok(Some(Start {
+            position: Some(position),
+            floor,
+            at_time: None,
+        }));
+    }
+    // No checkpoint, but the stream holds this unit's messages (the checkpoint was deleted,
+    // or written by a version that published first): the tail is the position.
+    if let Some((floor, time)) = floor.as_ref().and_then(|f| Some((f.clone(), f.time()?))) {
+        tracing::warn!(
+            pipeline = id,
+            tail = %floor.msg_id(),
+            "no checkpoint, but the stream holds this unit's messages: continuing from its last one"
+        );
+        return Ok(Some(Start {
+            position: None,
+            floor: Some(floor),
+            at_time: Some(time),
+        }));
+    }
+    if let Some(floor) = &floor {
+        tracing::warn!(pipeline = id, tail = %floor.msg_id(), "no checkpoint; the stream's last message (a snapshot read) gives no position to continue from: starting afresh");
+    }
+    match source::first_position(mongo, pipeline, None, shutdown).await? {
+        Some(position) => save_start(checkpoints, pipeline, position, floor)
+            .await
+            .map(Some),
+        None if *shutdown.borrow() => Ok(None),
+        // An explicit start (`start_at` time, `start_after_token`) is the same on every
+        // restart: nothing to save.
+        None => {
+            tracing::info!(
+                pipeline = id,
+                "no checkpoint: starting at the configured position"
+            );
+            Ok(Some(Start {
+                position: None,
+                floor,
+                at_time: None,
+            }))
         }
     }
+}
+
+/// Saves a newly resolved start before anything is published.
+async fn save_start(
+    checkpoints: &CheckpointStore,
+    pipeline: &PipelineConfig,
+    position: Position,
+    floor: Option<Floor>,
+) -> Result<Start, Error> {
+    checkpoints.save(&position).await?;
+    tracing::info!(
+        pipeline = %pipeline.id,
+        snapshot = position.snapshot.is_some(),
+        "start position saved before publishing"
+    );
+    Ok(Start {
+        position: Some(position),
+        floor,
+        at_time: None,
+    })
 }
 
 /// What the plugin thread owns.

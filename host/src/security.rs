@@ -390,9 +390,19 @@ pub async fn nats_options(
 /// TLS, …), and where it says nothing, writes wait for a majority (`w=majority`) and reads
 /// prefer the primary but survive its loss (`readPreference=primaryPreferred`).
 pub async fn mongo_client(uri: &str) -> Result<mongodb::Client, mongodb::error::Error> {
+    mongo_client_watched(uri, None).await
+}
+
+/// Like [`mongo_client`], with `topology` told of every change the driver sees in the
+/// deployment (servers up or down, elections), e.g. to log them.
+pub async fn mongo_client_watched(
+    uri: &str,
+    topology: Option<mongodb::event::EventHandler<mongodb::event::sdam::SdamEvent>>,
+) -> Result<mongodb::Client, mongodb::error::Error> {
     remember_mongodb_uri_secret(uri);
     let mut options = mongodb::options::ClientOptions::parse(uri).await?;
     apply_mongo_defaults(&mut options);
+    options.sdam_event_handler = topology;
     mongodb::Client::with_options(options)
 }
 

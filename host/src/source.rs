@@ -9,7 +9,7 @@
 //! server that is not a replica set, auth) stop the pipeline with the server's own words.
 
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bson::{doc, Document, RawDocumentBuf};
 use mongodb::change_stream::event::ResumeToken;
@@ -117,7 +117,9 @@ fn error_code(err: &mongodb::error::Error) -> Option<i32> {
 }
 
 /// Reads the pipeline's change stream until `shutdown` turns true or a fatal error occurs.
-/// `start` is the checkpointed token to resume after (none: start from now).
+/// `start` is the checkpointed token to resume after; without one the stream opens at
+/// `at_time` (the stream's last message, see `pipeline::resolve_start`), or else where the
+/// config says (`start_at`, `start_after_token`).
 ///
 /// Events go downstream in batches: everything the driver already holds (up to
 /// [`HANDOFF_BATCH`]) is handed over at once, and a batch is sent as soon as the next event
@@ -127,6 +129,7 @@ pub async fn run(
     client: mongodb::Client,
     pipeline: PipelineConfig,
     start: Option<Position>,
+    at_time: Option<bson::Timestamp>,
     events: mpsc::Sender<Vec<SourceItem>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
@@ -165,12 +168,18 @@ pub async fn run(
             OpenAt::ResumeAfter(token),
             (pipeline.snapshot == SnapshotMode::Always).then_some(SnapshotPlan::New),
         ),
-        None => (
-            first_start(&pipeline)?,
-            (pipeline.snapshot != SnapshotMode::Never).then_some(SnapshotPlan::New),
-        ),
+        None => match at_time {
+            Some(time) => (OpenAt::AtTime(time), None),
+            None => (
+                first_start(&pipeline)?,
+                (pipeline.snapshot != SnapshotMode::Never).then_some(SnapshotPlan::New),
+            ),
+        },
     };
     let mut backoff = MIN_BACKOFF;
+    // Since when the stream is lost (an election, a server away), while it is: the first
+    // failure is logged as a warning, the retries quietly, the resume with its duration.
+    let mut lost_since: Option<Instant> = None;
     let mut last_heartbeat: Option<ResumeToken> = None;
     let mut fragments = oversize::Fragments::default();
     // After BSONObjectTooLarge: the stream is read again up to the event with the `skip`
@@ -215,13 +224,31 @@ pub async fn run(
             }
             Err(err) => {
                 let what = "cannot open change stream; retrying";
-                if retry_later(&pipeline.id, what, err, &mut backoff, &mut shutdown).await? {
+                let first = lost_since.is_none();
+                lost_since.get_or_insert_with(Instant::now);
+                if retry_quietly(&pipeline.id, what, err, &mut backoff, &mut shutdown, !first)
+                    .await?
+                {
                     return Ok(());
                 }
                 continue 'reopen;
             }
         };
-        tracing::info!(pipeline = %pipeline.id, start = ?start_label(&start), "change stream open");
+        match lost_since.take() {
+            Some(since) => {
+                backoff = MIN_BACKOFF;
+                tracing::info!(
+                    pipeline = %pipeline.id,
+                    start = ?start_label(&start),
+                    lost_ms = since.elapsed().as_millis() as u64,
+                    "change stream open again, resumed after {:.1} s without it",
+                    since.elapsed().as_secs_f64()
+                );
+            }
+            None => {
+                tracing::info!(pipeline = %pipeline.id, start = ?start_label(&start), "change stream open")
+            }
+        }
         // A running incremental snapshot (re)starts its current chunk with fresh watermarks.
         if let Some(running) = incremental.as_mut() {
             match running
@@ -422,8 +449,13 @@ pub async fn run(
                         }
                         continue 'reopen;
                     }
-                    let what = "change stream failed; resuming after the last event read";
-                    if retry_later(&pipeline.id, what, err, &mut backoff, &mut shutdown).await? {
+                    let what = "change stream lost (primary stepped down or unreachable, \
+                                connection lost); resuming after the last event read";
+                    let first = lost_since.is_none();
+                    lost_since.get_or_insert_with(Instant::now);
+                    if retry_quietly(&pipeline.id, what, err, &mut backoff, &mut shutdown, !first)
+                        .await?
+                    {
                         return Ok(());
                     }
                     continue 'reopen;
@@ -431,6 +463,49 @@ pub async fn run(
             }
         }
     }
+}
+
+/// A driver topology listener that logs the deployment losing its primary (a warning: an
+/// election, a step-down, the primary unreachable) and getting one again (with how long it
+/// had none), once each. Writes and change streams wait for the primary meanwhile.
+pub fn log_elections(
+    pipeline: &str,
+) -> mongodb::event::EventHandler<mongodb::event::sdam::SdamEvent> {
+    use mongodb::event::sdam::SdamEvent;
+    let pipeline = pipeline.to_string();
+    let lost_at = std::sync::Mutex::new(None::<Instant>);
+    mongodb::event::EventHandler::callback(move |event: SdamEvent| {
+        let SdamEvent::TopologyDescriptionChanged(change) = event else {
+            return;
+        };
+        let before = change.previous_description.has_writable_server();
+        let after = change.new_description.has_writable_server();
+        let Ok(mut lost_at) = lost_at.lock() else {
+            return;
+        };
+        match (before, after) {
+            (true, false) if lost_at.is_none() => {
+                *lost_at = Some(Instant::now());
+                tracing::warn!(
+                    pipeline = %pipeline,
+                    topology = ?change.new_description.topology_type(),
+                    "MongoDB has no primary (election, step-down or primary unreachable); \
+                     reading and checkpointing wait for one"
+                );
+            }
+            (false, true) => {
+                if let Some(since) = lost_at.take() {
+                    tracing::info!(
+                        pipeline = %pipeline,
+                        without_primary_ms = since.elapsed().as_millis() as u64,
+                        "MongoDB has a primary again after {:.1} s",
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            _ => {}
+        }
+    })
 }
 
 /// The namespace a pipeline watches: a database, and a collection when it watches just one.
@@ -722,30 +797,85 @@ async fn take_snapshot(
     Ok(Some(progress.start))
 }
 
+/// A new start that must be saved before anything is published, so that a crash cannot
+/// restart somewhere else: for a pipeline without a `checkpoint`, the stream's position now
+/// (`start_at = "now"`) or the captured start and empty progress of its snapshot; with a
+/// plain checkpoint and `snapshot = "always"`, the new snapshot's. `None` when the start is
+/// already fixed (a checkpoint, an explicit `start_at` time or `start_after_token`), or when
+/// shut down while retrying.
+pub async fn first_position(
+    client: &mongodb::Client,
+    pipeline: &PipelineConfig,
+    checkpoint: Option<&Position>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<Position>, Error> {
+    let snapshot = match checkpoint {
+        None => pipeline.snapshot != SnapshotMode::Never,
+        Some(saved) => pipeline.snapshot == SnapshotMode::Always && saved.snapshot.is_none(),
+    };
+    if !snapshot && (checkpoint.is_some() || !matches!(first_start(pipeline)?, OpenAt::Now)) {
+        return Ok(None);
+    }
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let resolved = match snapshot {
+            true => begin_snapshot(client, pipeline)
+                .await
+                .map(|progress| Position {
+                    token: progress.start.clone(),
+                    last_msg_id: None,
+                    snapshot: Some(progress.to_document()),
+                }),
+            false => open_position(client, pipeline, &OpenAt::Now)
+                .await
+                .map(|token| Position {
+                    token,
+                    last_msg_id: None,
+                    snapshot: None,
+                }),
+        };
+        match resolved {
+            Ok(position) => return Ok(Some(position)),
+            Err(err) => {
+                let what = "cannot resolve the start position; retrying";
+                if retry_later(&pipeline.id, what, err, &mut backoff, shutdown).await? {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// The position a stream opened at `at` starts from: the token of its (empty) first batch.
+async fn open_position(
+    client: &mongodb::Client,
+    pipeline: &PipelineConfig,
+    at: &OpenAt,
+) -> Result<ResumeToken, mongodb::error::Error> {
+    let mut stream = open(client, pipeline, at).await?;
+    // The server returns the position with the (empty) first batch; an event arriving in
+    // between would carry its own token, which lies after it: refuse that and retry.
+    match stream.resume_token() {
+        Some(token) => Ok(token),
+        None => match stream.next_if_any().await? {
+            None => stream.resume_token().ok_or_else(|| {
+                mongodb::error::Error::from(std::io::Error::other(
+                    "the server gave no starting position",
+                ))
+            }),
+            Some(_) => Err(mongodb::error::Error::from(std::io::Error::other(
+                "a change arrived while the starting position was being captured",
+            ))),
+        },
+    }
+}
+
 /// Captures the stream's position now (before any document is read) and lists what to read.
 async fn begin_snapshot(
     client: &mongodb::Client,
     pipeline: &PipelineConfig,
 ) -> Result<Progress, mongodb::error::Error> {
-    let mut stream = open(client, pipeline, &OpenAt::Now).await?;
-    // The server returns the position with the (empty) first batch; an event arriving in
-    // between would carry its own token, which lies after it: refuse that and retry.
-    let start = match stream.resume_token() {
-        Some(token) => token,
-        None => match stream.next_if_any().await? {
-            None => stream.resume_token().ok_or_else(|| {
-                mongodb::error::Error::from(std::io::Error::other(
-                    "the server gave no starting position for the snapshot",
-                ))
-            })?,
-            Some(_) => {
-                return Err(mongodb::error::Error::from(std::io::Error::other(
-                    "a change arrived while the snapshot's position was being captured",
-                )))
-            }
-        },
-    };
-    drop(stream);
+    let start = open_position(client, pipeline, &OpenAt::Now).await?;
     let namespaces = snapshot::namespaces(client, pipeline, namespace_filter(pipeline)).await?;
     Ok(Progress {
         start,
@@ -1005,13 +1135,30 @@ async fn retry_later(
     backoff: &mut Duration,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<bool, Error> {
+    retry_quietly(pipeline, what, err, backoff, shutdown, false).await
+}
+
+/// [`retry_later`], logging the failure only at debug level when `quiet` (a retry within an
+/// outage already reported).
+async fn retry_quietly(
+    pipeline: &str,
+    what: &str,
+    err: mongodb::error::Error,
+    backoff: &mut Duration,
+    shutdown: &mut watch::Receiver<bool>,
+    quiet: bool,
+) -> Result<bool, Error> {
     if let Some(reason) = fatal_reason(&err) {
         return Err(Error::Source {
             pipeline: pipeline.to_string(),
             message: format!("{reason}: {err}"),
         });
     }
-    tracing::warn!(pipeline, error = %err, retry_in_ms = backoff.as_millis() as u64, "{what}");
+    let retry_in_ms = backoff.as_millis() as u64;
+    match quiet {
+        true => tracing::debug!(pipeline, error = %err, retry_in_ms, "{what}"),
+        false => tracing::warn!(pipeline, error = %err, retry_in_ms, "{what}"),
+    }
     crate::metrics::pipeline(pipeline).retrying(&format!("{what}: {err}"));
     let delay = *backoff;
     *backoff = (*backoff * 2).min(MAX_BACKOFF);

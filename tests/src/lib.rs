@@ -31,7 +31,7 @@ mod server;
 mod stream;
 
 pub use bins::{chromium_path, mongod_path, nats_server_path, old_mongod_path, wasm_tools_path};
-pub use mongo::MongoReplicaSet;
+pub use mongo::{MongoReplicaSet, MongoReplicaSet3};
 pub use nats::{ClientOptions, NatsServer};
 pub use plugins::{examples_dir, plugin_dir};
 pub use process::ChildProcess;

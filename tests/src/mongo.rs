@@ -15,7 +15,7 @@ use crate::{mongod_path, old_mongod_path};
 /// Replica set name used by [`MongoReplicaSet`].
 const REPL_SET: &str = "rs0";
 /// How long start-up may take before it is reported as failed.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// mongod's exit code when it cannot listen (EXIT_NET_ERROR).
 const EXIT_NET_ERROR: i32 = 48;
 /// `AlreadyInitialized`, returned by `replSetInitiate` on an initiated node.
@@ -35,7 +35,7 @@ pub struct MongoReplicaSet {
 
 impl MongoReplicaSet {
     /// Starts `mongod` as a fresh single-node replica set with a 128 MB oplog, initiates it and
-    /// waits (up to 30 s) until it is a writable primary.
+    /// waits (up to 120 s) until it is a writable primary.
     pub async fn start() -> anyhow::Result<Self> {
         Self::start_with_oplog_mb(DEFAULT_OPLOG_MB).await
     }
@@ -240,4 +240,199 @@ impl Server for MongoReplicaSet {
         let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
         exited_net || log.contains("Address already in use")
     }
+}
+
+/// Replica set name used by [`MongoReplicaSet3`].
+const REPL_SET_3: &str = "rs3";
+
+/// Three real `mongod` processes on free loopback ports forming the replica set `rs3`, each
+/// with its data in a temporary directory: for elections, step-downs and a killed primary.
+///
+/// Elections are quick (`electionTimeoutMillis` 2000, heartbeats every 500 ms). Dropping it
+/// kills every member with `SIGKILL` and removes the directories.
+pub struct MongoReplicaSet3 {
+    members: Vec<ServerProcess>,
+}
+
+impl MongoReplicaSet3 {
+    /// Starts three members, initiates the set and waits (up to 120 s) for a writable primary.
+    pub async fn start() -> anyhow::Result<Self> {
+        let mongod = mongod_path()?;
+        let mut members = Vec::new();
+        for _ in 0..3 {
+            let member = ServerProcess::new("mongod", mongod.clone(), "mongod")?;
+            std::fs::create_dir_all(member.dir().join("db"))?;
+            members.push(member);
+        }
+        let mut set = Self { members };
+        for i in 0..3 {
+            set.spawn(i)?;
+        }
+        let deadline = Instant::now() + READY_TIMEOUT;
+        for member in &set.members {
+            member
+                .wait_tcp(deadline, || member.start_error("no TCP connection"))
+                .await?;
+        }
+        let hosts: Vec<Document> = set
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| doc! { "_id": i as i32, "host": format!("127.0.0.1:{}", m.port()) })
+            .collect();
+        let config = doc! {
+            "replSetInitiate": {
+                "_id": REPL_SET_3,
+                "members": hosts,
+                "settings": { "electionTimeoutMillis": 2000, "heartbeatIntervalMillis": 500 },
+            }
+        };
+        let admin = direct_client(set.members[0].port())?.database("admin");
+        loop {
+            let last = match admin.run_command(config.clone()).await {
+                Ok(_) => break,
+                Err(e) => match *e.kind {
+                    ErrorKind::Command(ref c) if c.code == ALREADY_INITIALIZED => break,
+                    _ => e.to_string(),
+                },
+            };
+            set.members[0].check_running()?;
+            if Instant::now() >= deadline {
+                return Err(set.members[0].start_error(format!("replSetInitiate: {last}")));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        set.wait_primary(None).await?;
+        Ok(set)
+    }
+
+    /// Connection string naming all three members: `mongodb://h1,h2,h3/?replicaSet=rs3`.
+    pub fn uri(&self) -> String {
+        let hosts: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.port()))
+            .collect();
+        format!("mongodb://{}/?replicaSet={REPL_SET_3}", hosts.join(","))
+    }
+
+    /// A new driver client for [`MongoReplicaSet3::uri`] that writes with `w: "majority"`.
+    pub async fn client(&self) -> anyhow::Result<mongodb::Client> {
+        let uri = format!("{}&w=majority", self.uri());
+        mongodb::Client::with_uri_str(&uri)
+            .await
+            .with_context(|| format!("creating a MongoDB client for {uri}"))
+    }
+
+    /// The index of the member that is primary now, if one is.
+    pub async fn primary(&self) -> Option<usize> {
+        for (i, member) in self.members.iter().enumerate() {
+            if !member.is_spawned() {
+                continue;
+            }
+            let Ok(client) = direct_client(member.port()) else {
+                continue;
+            };
+            let admin = client.database("admin");
+            let hello = admin.run_command(doc! { "hello": 1 });
+            if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(3), hello).await {
+                if is_writable_primary(&reply) {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits (up to 120 s) until a member other than `not` is primary; returns its index.
+    pub async fn wait_primary(&self, not: Option<usize>) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match self.primary().await {
+                Some(i) if Some(i) != not => return Ok(i),
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!("no new primary within {READY_TIMEOUT:?} (old: {not:?})");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Asks the primary to step down (`replSetStepDown`, 30 s) and waits for another member
+    /// to be elected; returns the new primary's index.
+    pub async fn step_down(&self) -> anyhow::Result<usize> {
+        let old = self.wait_primary(None).await?;
+        let client = direct_client(self.members[old].port())?;
+        // The server closes connections as it steps down: the reply may be an error.
+        let _ = client
+            .database("admin")
+            .run_command(doc! { "replSetStepDown": 30, "secondaryCatchUpPeriodSecs": 10 })
+            .await;
+        self.wait_primary(Some(old)).await
+    }
+
+    /// Kills the primary with `SIGKILL`, waits for another member to be elected, and returns
+    /// `(killed, new primary)`. The killed member stays down until [`MongoReplicaSet3::revive`].
+    pub async fn kill_primary(&mut self) -> anyhow::Result<(usize, usize)> {
+        let old = self.wait_primary(None).await?;
+        if let Some(mut proc) = self.members[old].take() {
+            proc.kill9();
+        }
+        let new = self.wait_primary(Some(old)).await?;
+        Ok((old, new))
+    }
+
+    /// Starts member `i` again on its port and data directory (after [`kill_primary`]).
+    ///
+    /// [`kill_primary`]: MongoReplicaSet3::kill_primary
+    pub async fn revive(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(mut proc) = self.members[i].take() {
+            proc.kill9();
+        }
+        self.spawn(i)?;
+        let member = &self.members[i];
+        member
+            .wait_tcp(Instant::now() + READY_TIMEOUT, || {
+                member.start_error("no TCP connection after a restart")
+            })
+            .await
+    }
+
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let member = &mut self.members[i];
+        let mut cmd = Command::new(member.binary());
+        cmd.arg("--replSet")
+            .arg(REPL_SET_3)
+            .arg("--port")
+            .arg(member.port().to_string())
+            .arg("--bind_ip")
+            .arg("127.0.0.1")
+            .arg("--dbpath")
+            .arg(member.dir().join("db"))
+            .arg("--wiredTigerCacheSizeGB")
+            .arg("0.25")
+            .arg("--oplogSize")
+            .arg(DEFAULT_OPLOG_MB.to_string())
+            .arg("--logpath")
+            .arg(member.log_path())
+            .arg("--logappend")
+            .arg("--nounixsocket")
+            .arg("--setParameter")
+            .arg("diagnosticDataCollectionEnabled=false");
+        member.spawn(cmd)
+    }
+}
+
+/// A client talking to the one member on `port` only, failing fast.
+fn direct_client(port: u16) -> anyhow::Result<mongodb::Client> {
+    let mut opts = ClientOptions::default();
+    opts.hosts = vec![mongodb::options::ServerAddress::Tcp {
+        host: "127.0.0.1".into(),
+        port: Some(port),
+    }];
+    opts.direct_connection = Some(true);
+    opts.server_selection_timeout = Some(Duration::from_secs(2));
+    opts.connect_timeout = Some(Duration::from_secs(1));
+    Ok(mongodb::Client::with_options(opts)?)
 }

@@ -11,7 +11,7 @@ use crate::nats_server_path;
 use crate::server::{start_fresh, Server, ServerProcess};
 
 /// How long start-up may take before it is reported as failed.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long [`NatsServer::stop`] waits after `SIGTERM` before it sends `SIGKILL`.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -31,7 +31,7 @@ pub struct NatsServer {
 pub type ClientOptions = Arc<dyn Fn() -> async_nats::ConnectOptions + Send + Sync>;
 
 impl NatsServer {
-    /// Starts `nats-server -js` and waits (up to 20 s) until a client can connect and read its
+    /// Starts `nats-server -js` and waits (up to 120 s) until a client can connect and read its
     /// JetStream account info.
     pub async fn start() -> anyhow::Result<Self> {
         Self::start_with_config("", Arc::new(async_nats::ConnectOptions::new)).await
@@ -87,6 +87,14 @@ impl NatsServer {
             if proc.signal(libc::SIGTERM).is_ok() {
                 proc.wait_exit_blocking(STOP_GRACE);
             }
+            proc.kill9();
+        }
+    }
+
+    /// Kills the server with `SIGKILL` (no clean shutdown: JetStream recovers its store on the
+    /// next start) and reaps it. Keeps the store directory. Does nothing if it is not running.
+    pub fn kill9(&mut self) {
+        if let Some(mut proc) = self.server.take() {
             proc.kill9();
         }
     }

@@ -122,15 +122,19 @@ interval_ms = 200
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
         let client = self.nats_client().await?;
         let js = async_nats::jetstream::new(client);
-        wait_until("pipeline checkpoint in KV", Duration::from_secs(30), || {
-            let js = js.clone();
-            async move {
-                match js.get_key_value("tidegate-checkpoints").await {
-                    Ok(kv) => matches!(kv.get(PIPELINE).await, Ok(Some(_))),
-                    Err(_) => false,
+        wait_until(
+            "pipeline checkpoint in KV",
+            Duration::from_secs(120),
+            || {
+                let js = js.clone();
+                async move {
+                    match js.get_key_value("tidegate-checkpoints").await {
+                        Ok(kv) => matches!(kv.get(PIPELINE).await, Ok(Some(_))),
+                        Err(_) => false,
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -154,7 +158,7 @@ interval_ms = 200
         self.wait_ready().await?;
         write(self.collection().await?).await?;
         let messages = self
-            .wait_settled(STREAM, expected, Duration::from_secs(20))
+            .wait_settled(STREAM, expected, Duration::from_secs(120))
             .await?;
         running.stop().await?;
         Ok(messages)
@@ -241,9 +245,9 @@ impl InProcess {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        tokio::time::timeout(Duration::from_secs(30), &mut self.task)
+        tokio::time::timeout(Duration::from_secs(120), &mut self.task)
             .await
-            .context("tidegate did not stop within 30 s")??
+            .context("tidegate did not stop within 120 s")??
             .context("tidegate returned an error")
     }
 }
