@@ -709,7 +709,7 @@ pub fn fuel_used(store: &Store<PluginState>, limits: &PluginLimits) -> u64 {
 /// A short, stable reason for a failed call, used in dead-letter headers and counters:
 /// `out-of-fuel`, `deadline`, `memory: <which limit>`, or `trap: <message>`.
 pub fn trap_reason(err: &wasmtime::Error) -> String {
-    if let Some(limit) = err.chain().find_map(|e| e.downcast_ref::<LimitExceeded>()) {
+    if let Some(limit) = err.downcast_ref::<LimitExceeded>() {
         return format!("memory: {limit}");
     }
     match err.downcast_ref::<Trap>() {
