@@ -165,9 +165,7 @@ async fn memory_cap_counts_all_memories_and_tables_of_an_instance() -> anyhow::R
         }
         for (tenant, _, _) in &tenants {
             let stream = format!("{}_{}", id.to_uppercase(), tenant.to_uppercase());
-            let messages = h
-                .wait_settled(&stream, 4, Duration::from_secs(60))
-                .await?;
+            let messages = h.wait_settled(&stream, 4, Duration::from_secs(60)).await?;
             let kinds: Vec<Option<String>> = messages.iter().map(dead_letter_kind).collect();
             let memory = Some("memory".to_string());
             assert_eq!(
@@ -178,7 +176,10 @@ async fn memory_cap_counts_all_memories_and_tables_of_an_instance() -> anyhow::R
                 child.log()
             );
             let reason = header(&messages[1], "Tidegate-Error").unwrap_or_default();
-            assert!(reason.contains("limits.memory_mib"), "{id} {tenant}: {reason}");
+            assert!(
+                reason.contains("limits.memory_mib"),
+                "{id} {tenant}: {reason}"
+            );
         }
         // The peak is the instance's total: both memories after one call, not the larger.
         let (status, text) = http_get(&address, "/metrics").await?;
@@ -276,7 +277,8 @@ file = "{}"
 
 /// What the log-forging plugin writes: a line break followed by a line dressed as
 /// tidegate's own, a carriage return and a terminal escape.
-const FORGED: &str = "innocent\n1999-01-01T00:00:00.000000Z  INFO tidegate: lease taken: FORGED\r\x1b[31m";
+const FORGED: &str =
+    "innocent\n1999-01-01T00:00:00.000000Z  INFO tidegate: lease taken: FORGED\r\x1b[31m";
 
 /// A plugin that forges log lines and floods the log: its first call of an instance logs
 /// [`FORGED`] and then 32 lines of 1 MiB each, its second fails with [`FORGED`] as the error.
@@ -286,7 +288,8 @@ fn log_forger(dir: &Path) -> std::path::PathBuf {
         .bytes()
         .map(|b| format!("\\{b:02x}"))
         .collect::<String>();
-    let extra = format!("(data (i32.const 64) \"{data}\")\n(global $calls (mut i32) (i32.const 0))");
+    let extra =
+        format!("(data (i32.const 64) \"{data}\")\n(global $calls (mut i32) (i32.const 0))");
     let init = "(memory.fill (i32.const 65536) (i32.const 65) (i32.const 1048576))";
     let filter = format!(
         r#"(local $i i32)
@@ -323,8 +326,14 @@ async fn plugins_cannot_forge_or_flood_the_log() -> anyhow::Result<()> {
         let id = format!("log-{format}");
         let extra = format!("[log]\nformat = \"{format}\"");
         let text = config(&h, &id, &[("noisy", forger.as_path(), "")], &extra)
-            .replace("stream = \"NOISY\"", &format!("stream = \"NOISY_{}\"", format.to_uppercase()))
-            .replace("subject_prefix = \"noisy\"", &format!("subject_prefix = \"noisy-{format}\""));
+            .replace(
+                "stream = \"NOISY\"",
+                &format!("stream = \"NOISY_{}\"", format.to_uppercase()),
+            )
+            .replace(
+                "subject_prefix = \"noisy\"",
+                &format!("subject_prefix = \"noisy-{format}\""),
+            );
         let path = h.write_config(&format!("{id}.toml"), &text)?;
         let mut child = h.spawn_binary(&path)?;
         wait_units_ready(&h, &[format!("{id}.noisy")]).await?;
@@ -356,8 +365,14 @@ async fn plugins_cannot_forge_or_flood_the_log() -> anyhow::Result<()> {
             "{format}: a forged line starts a log line:\n{}",
             excerpt()
         );
-        assert!(!log.contains('\u{1b}'), "{format}: a raw escape reached the log");
-        assert!(!log.contains('\r'), "{format}: a raw carriage return reached the log");
+        assert!(
+            !log.contains('\u{1b}'),
+            "{format}: a raw escape reached the log"
+        );
+        assert!(
+            !log.contains('\r'),
+            "{format}: a raw carriage return reached the log"
+        );
         assert!(
             log.contains("suppressed_lines") && log.contains("suppressed_bytes"),
             "{format}: one note says what was suppressed:\n{}",
@@ -396,7 +411,11 @@ async fn plugins_cannot_forge_or_flood_the_log() -> anyhow::Result<()> {
             ),
             _ => {
                 let value: serde_json::Value = serde_json::from_str(plugin_line)?;
-                assert_eq!(value["fields"]["pipeline"], format!("{id}.noisy"), "{value}");
+                assert_eq!(
+                    value["fields"]["pipeline"],
+                    format!("{id}.noisy"),
+                    "{value}"
+                );
                 assert_eq!(value["fields"]["tenant"], "noisy", "{value}");
                 assert_eq!(value["fields"]["plugin"], "noisy", "{value}");
             }

@@ -10,9 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream::message::StreamMessage;
 use bson::doc;
 use prometheus_parse::{Scrape, Value};
-use support::{
-    component, header, http_get, json, wat_filter, Harness, InProcess, DB, SIGTERM,
-};
+use support::{component, header, http_get, json, wat_filter, Harness, InProcess, DB, SIGTERM};
 use tidegate_testkit::{free_port, stream_len, wait_until};
 
 /// Scrapes `/metrics` at `address` with a Prometheus text parser.
@@ -605,7 +603,11 @@ async fn a_tenant_spinning_in_init_does_not_delay_the_others() -> anyhow::Result
     );
     // The bad tenant was spinning all along: held once its deadline passed.
     child.wait_for_log(held, Duration::from_secs(120)).await?;
-    assert!(child.log().contains("init trapped: deadline"), "{}", child.log());
+    assert!(
+        child.log().contains("init trapped: deadline"),
+        "{}",
+        child.log()
+    );
     child.signal(SIGTERM)?;
     child.wait_exit(Duration::from_secs(30)).await?;
     Ok(())

@@ -226,8 +226,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     ha.run_pipeline(pipeline, plugins, js, stop_rx).await
                 }
                 None => {
-                    pipeline::run(pipeline, chain, updates, js, stop_rx, fence::Fence::none())
-                        .await
+                    pipeline::run(pipeline, chain, updates, js, stop_rx, fence::Fence::none()).await
                 }
             };
             (is_tenant, result)
@@ -286,11 +285,7 @@ enum UnitChain {
 impl UnitChain {
     /// The chain once loaded, or `None` (logged) for a tenant whose plugins do not load;
     /// clears `held` when it loaded.
-    async fn wait(
-        self,
-        unit: &str,
-        held: &std::sync::atomic::AtomicBool,
-    ) -> Option<plugin::Chain> {
+    async fn wait(self, unit: &str, held: &std::sync::atomic::AtomicBool) -> Option<plugin::Chain> {
         let load = match self {
             UnitChain::Loaded(chain) => return chain,
             UnitChain::Loading(load) => load,

@@ -94,7 +94,10 @@ mod tests {
             "ok\\n2026-01-01T00:00:00Z  INFO tidegate: lease taken\\r\\u{1b}[2J\\u{2028}"
         );
         assert_eq!(escape(&escaped), escaped, "escaping twice changes nothing");
-        assert!(matches!(escape("plain ünïcode"), std::borrow::Cow::Borrowed(_)));
+        assert!(matches!(
+            escape("plain ünïcode"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 
     #[test]
