@@ -28,12 +28,13 @@
 //! - [`encode`] — subjects and payload encodings.
 //! - [`sink`] — the JetStream stream check and the ordered, deduplicated publisher.
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
-//! - [`http`] — the operations endpoint: health, readiness, metrics, status.
+//! - [`http`] — the operations endpoint: health, readiness, metrics, status and its page.
 //! - [`fence`] — whether this process may still write for a pipeline.
 //! - [`lease`] — high availability: pipelines shared between instances through NATS KV leases.
 //! - [`pipeline`] — wiring one pipeline's stages together, shutdown and draining.
 //! - [`telemetry`] — logs, and the snapshot progress bar on a terminal.
-//! - [`oplog`] — how close each position is to the oplog's oldest entry.
+//! - [`oplog`] — how long each checkpoint would survive in the oplog: its capacity, write
+//!   rate and projected headroom, and the warnings about it.
 //! - [`metrics`] — every counter, gauge and histogram, rendered for Prometheus and `/status`.
 //!
 //! The binary (`src/main.rs`) parses the command line, installs signal handlers and calls
@@ -214,7 +215,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let (ha, js, stop_rx) = (ha.clone(), js.clone(), stop_rx.clone());
         let (sandbox, plugin_dir) = (sandbox.clone(), config.plugin_dir.clone());
         tasks.spawn(async move {
-            let chain = chain.wait(&pipeline.id, &held).await;
+            let id = pipeline.id.clone();
+            let chain = chain.wait(&id, &held).await;
             let result = match ha {
                 Some(ha) => {
                     let plugins = lease::UnitPlugins {
@@ -229,7 +231,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     pipeline::run(pipeline, chain, updates, js, stop_rx, fence::Fence::none()).await
                 }
             };
-            (is_tenant, result)
+            (is_tenant, recorded(&id, result))
         });
     }
     let reloader = tokio::spawn(reload::run(
@@ -321,6 +323,16 @@ async fn loaded_chain(
     tracing::info!(pipeline = %unit, plugins = %plugins.join(" → "), "plugins loaded");
     metrics::pipeline(unit).set_plugins(metrics::plugin_infos(&chain));
     Ok(chain)
+}
+
+/// Records a unit's failure as its last error (for `/status`) and marks it stopped.
+fn recorded(unit: &str, result: Result<(), Error>) -> Result<(), Error> {
+    if let Err(err) = &result {
+        let series = metrics::pipeline(unit);
+        series.set_error(&err.to_string());
+        series.set_state(metrics::State::Stopped);
+    }
+    result
 }
 
 /// Stops a background task when dropped (whichever way `run` returns).
