@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream::message::StreamMessage;
 use bson::doc;
 use prometheus_parse::{Scrape, Value};
-use support::{component, header, http_get, json, Harness, InProcess, DB, SIGTERM};
+use support::{component, header, http_get, json, wat_filter, Harness, InProcess, DB, SIGTERM};
 use tidegate_testkit::{free_port, stream_len, wait_until};
 
 /// Scrapes `/metrics` at `address` with a Prometheus text parser.
@@ -564,6 +564,52 @@ async fn plugins_swap_on_disk_and_on_sighup_without_loss() -> anyhow::Result<()>
     );
     child.signal(SIGTERM)?;
     child.wait_exit(Duration::from_secs(120)).await?;
+    Ok(())
+}
+
+/// Tenants load independently: while one tenant's `init` spins towards a long deadline, the
+/// other tenant starts and publishes; the spinning tenant is held only once its deadline
+/// passes. (Loaded one after the other, the good tenant would start only after the bad
+/// one's 'held' line.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_spinning_in_init_does_not_delay_the_others() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let spin = wat_filter(h.dir.path(), "spin", 1, "", "(loop $spin (br $spin))", "");
+    let config = tenant_config(
+        &h,
+        &h.plugins,
+        &format!(
+            "[[pipeline.tenant.plugins]]\nname = \"spin\"\nfile = \"{}\"",
+            spin.display()
+        ),
+        "limits = { timeout_ms = 45000, fuel_per_call = 1000000000000 }",
+    );
+    let path = h.write_config("tenants.toml", &config)?;
+    let mut child = h.spawn_binary(&path)?;
+    wait_tenants_ready(&h, &["shop.good"]).await?;
+    h.collection()
+        .await?
+        .insert_one(doc! { "n": 0, "email": "a@b.c" })
+        .await?;
+    let good = h
+        .wait_for_messages("GOOD", 1, Duration::from_secs(60))
+        .await?;
+    assert_eq!(numbers(&good), vec![0]);
+    let held = "tenant held until its plugins load";
+    assert!(
+        !child.log().contains(held),
+        "the good tenant waited for the bad one's init:\n{}",
+        child.log()
+    );
+    // The bad tenant was spinning all along: held once its deadline passed.
+    child.wait_for_log(held, Duration::from_secs(120)).await?;
+    assert!(
+        child.log().contains("init trapped: deadline"),
+        "{}",
+        child.log()
+    );
+    child.signal(SIGTERM)?;
+    child.wait_exit(Duration::from_secs(30)).await?;
     Ok(())
 }
 

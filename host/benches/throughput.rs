@@ -353,12 +353,14 @@ fn micro(plugins: &Path, iters: usize) -> anyhow::Result<(Table, Table, usize)> 
 
     let sandbox = Sandbox::new(&SandboxConfig::default(), 64).map_err(|e| anyhow!(e))?;
     let settings = |config: &[(&str, &str)]| PluginSettings {
+        pipeline: "bench".into(),
         config: config
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         limits: PluginLimits::default(),
         capabilities: Default::default(),
+        tenant: None,
     };
     let mut filter = Plugin::load(
         &sandbox,
@@ -563,9 +565,11 @@ fn sandbox_costs(plugins: &Path, iters: usize) -> anyhow::Result<Table> {
         ]);
     }
     let settings = PluginSettings {
+        pipeline: "bench".into(),
         config: [("fields".to_string(), "email".to_string())].into(),
         limits: PluginLimits::default(),
         capabilities: Default::default(),
+        tenant: None,
     };
     for pooling in [true, false] {
         let sandbox = sandbox_with(pooling)?;

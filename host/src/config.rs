@@ -553,7 +553,8 @@ pub struct PluginConfig {
 /// What one plugin call may consume before it is stopped and the event dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PluginLimits {
-    /// Most linear memory the plugin instance may grow to, in MiB.
+    /// Most memory the plugin instance may hold, in MiB: all its linear memories plus its
+    /// tables (see `sandbox::TABLE_ELEMENT_BYTES`) together.
     pub memory_mib: u32,
     /// Most fuel (roughly, wasm instructions) one call may burn.
     pub fuel_per_call: u64,
@@ -565,6 +566,8 @@ pub struct PluginLimits {
     pub max_output_bytes: u64,
     /// Most log lines one call may write; the rest are counted and dropped.
     pub log_lines_per_call: u32,
+    /// Most bytes of log messages one call may write; the rest are counted and dropped.
+    pub log_bytes_per_call: u32,
 }
 
 impl Default for PluginLimits {
@@ -578,7 +581,8 @@ impl Default for PluginLimits {
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct LimitOverrides {
-    /// Most linear memory a plugin instance may grow to, in MiB. Default: 64.
+    /// Most memory a plugin instance may hold, in MiB: all its linear memories and tables
+    /// together. Default: 64.
     pub memory_mib: Option<u32>,
     /// Most fuel (roughly, wasm instructions) one call may burn. Deterministic: the same
     /// event gets the same verdict on replay. Default: 100,000,000.
@@ -591,6 +595,8 @@ pub struct LimitOverrides {
     pub max_output_bytes: Option<u64>,
     /// Most log lines one call may write. Default: 32.
     pub log_lines_per_call: Option<u32>,
+    /// Most bytes of log messages one call may write. Default: 16 KiB.
+    pub log_bytes_per_call: Option<u32>,
 }
 
 impl LimitOverrides {
@@ -603,6 +609,7 @@ impl LimitOverrides {
             max_outputs: self.max_outputs.or(fallback.max_outputs),
             max_output_bytes: self.max_output_bytes.or(fallback.max_output_bytes),
             log_lines_per_call: self.log_lines_per_call.or(fallback.log_lines_per_call),
+            log_bytes_per_call: self.log_bytes_per_call.or(fallback.log_bytes_per_call),
         }
     }
 
@@ -615,6 +622,7 @@ impl LimitOverrides {
             max_outputs: self.max_outputs.unwrap_or(100),
             max_output_bytes: self.max_output_bytes.unwrap_or(4 * 1024 * 1024),
             log_lines_per_call: self.log_lines_per_call.unwrap_or(32),
+            log_bytes_per_call: self.log_bytes_per_call.unwrap_or(16 * 1024),
         }
     }
 }

@@ -103,30 +103,33 @@ pub fn new_sandbox(config: &Config) -> Result<sandbox::Sandbox, Error> {
 /// checkpoints and returns `Ok`) or a pipeline fails (then stops the others the same way and
 /// returns its error).
 ///
-/// Tenants are isolated from each other: a tenant whose plugins do not load is held (it
-/// reads nothing and keeps its checkpoint until a working plugin appears), and a tenant
-/// unit that fails stops alone, while the others carry on.
+/// Tenants are isolated from each other: every unit loads its plugins on a thread of its own,
+/// all at once, and a tenant starts as soon as its own chain is loaded, whatever the others'
+/// `init` is doing. A tenant whose plugins do not load is held (it reads nothing and keeps
+/// its checkpoint until a working plugin appears), and a tenant unit that fails stops alone,
+/// while the others carry on. A pipeline without tenants whose plugins do not load stops
+/// start-up.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let sandbox = std::sync::Arc::new(new_sandbox(&config)?);
+    let loads: Vec<_> = config
+        .pipelines
+        .iter()
+        .map(|pipeline| {
+            let (sandbox, pipeline, plugin_dir) =
+                (sandbox.clone(), pipeline.clone(), config.plugin_dir.clone());
+            tokio::task::spawn_blocking(move || {
+                plugin::Chain::load(&sandbox, &pipeline, &plugin_dir)
+            })
+        })
+        .collect();
+    // Pipelines without tenants must load before anything starts (their failure is fatal);
+    // tenants' loads carry on meanwhile, and each tenant's unit waits for its own.
     let mut chains = Vec::new();
-    for pipeline in &config.pipelines {
-        match plugin::Chain::load(&sandbox, pipeline, &config.plugin_dir) {
-            Ok(chain) => {
-                let plugins: Vec<String> = chain
-                    .plugins()
-                    .iter()
-                    .map(|p| format!("{}({:?})", p.name(), p.world()))
-                    .collect();
-                tracing::info!(pipeline = %pipeline.id, plugins = %plugins.join(" → "), "plugins loaded");
-                metrics::pipeline(&pipeline.id).set_plugins(metrics::plugin_infos(&chain));
-                chains.push(Some(chain));
-            }
-            Err(err) if pipeline.tenant.is_some() => {
-                tracing::error!(pipeline = %pipeline.id, "tenant held until its plugins load: {err}");
-                chains.push(None);
-            }
-            Err(err) => return Err(err),
-        }
+    for (pipeline, load) in config.pipelines.iter().zip(loads) {
+        chains.push(match pipeline.tenant {
+            Some(_) => UnitChain::Loading(load),
+            None => UnitChain::Loaded(Some(loaded_chain(&pipeline.id, load).await?)),
+        });
     }
 
     // Credentials in the URL are passed as options: the client ignores them in URLs.
@@ -242,40 +245,38 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     for (pipeline, chain) in config.pipelines.iter().cloned().zip(chains) {
         let (updates_tx, updates_rx) = tokio::sync::mpsc::unbounded_channel();
         let updates = std::sync::Arc::new(tokio::sync::Mutex::new(updates_rx));
+        let held = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(matches!(
+            chain,
+            UnitChain::Loading(_)
+        )));
         handles.push(reload::UnitHandle::new(
             pipeline.clone(),
             &config.plugin_dir,
             updates_tx,
-            chain.is_none(),
+            held.clone(),
         ));
         let is_tenant = pipeline.tenant.is_some();
-        match &ha {
-            Some(ha) => {
-                let plugins = lease::UnitPlugins {
-                    chain,
-                    updates,
-                    sandbox: sandbox.clone(),
-                    plugin_dir: config.plugin_dir.clone(),
-                };
-                let id = pipeline.id.clone();
-                let run = ha
-                    .clone()
-                    .run_pipeline(pipeline, plugins, js.clone(), stop_rx.clone());
-                tasks.spawn(async move { (is_tenant, recorded(&id, run.await)) });
-            }
-            None => {
-                let id = pipeline.id.clone();
-                let run = pipeline::run(
-                    pipeline,
-                    chain,
-                    updates,
-                    js.clone(),
-                    stop_rx.clone(),
-                    fence::Fence::none(),
-                );
-                tasks.spawn(async move { (is_tenant, recorded(&id, run.await)) });
-            }
-        };
+        let (ha, js, stop_rx) = (ha.clone(), js.clone(), stop_rx.clone());
+        let (sandbox, plugin_dir) = (sandbox.clone(), config.plugin_dir.clone());
+        tasks.spawn(async move {
+            let id = pipeline.id.clone();
+            let chain = chain.wait(&id, &held).await;
+            let result = match ha {
+                Some(ha) => {
+                    let plugins = lease::UnitPlugins {
+                        chain,
+                        updates,
+                        sandbox,
+                        plugin_dir,
+                    };
+                    ha.run_pipeline(pipeline, plugins, js, stop_rx).await
+                }
+                None => {
+                    pipeline::run(pipeline, chain, updates, js, stop_rx, fence::Fence::none()).await
+                }
+            };
+            (is_tenant, recorded(&id, result))
+        });
     }
     let reloader = tokio::spawn(reload::run(
         sandbox.clone(),
@@ -348,6 +349,55 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Err(_) => tracing::warn!("final NATS flush timed out (NATS away)"),
     }
     outcome
+}
+
+/// A unit's plugin chain at start-up.
+enum UnitChain {
+    /// Loaded (`None`: a tenant held).
+    Loaded(Option<plugin::Chain>),
+    /// A tenant's, still loading on its own thread.
+    Loading(tokio::task::JoinHandle<Result<plugin::Chain, Error>>),
+}
+
+impl UnitChain {
+    /// The chain once loaded, or `None` (logged) for a tenant whose plugins do not load;
+    /// clears `held` when it loaded.
+    async fn wait(self, unit: &str, held: &std::sync::atomic::AtomicBool) -> Option<plugin::Chain> {
+        let load = match self {
+            UnitChain::Loaded(chain) => return chain,
+            UnitChain::Loading(load) => load,
+        };
+        match loaded_chain(unit, load).await {
+            Ok(chain) => {
+                held.store(false, std::sync::atomic::Ordering::Release);
+                Some(chain)
+            }
+            Err(err) => {
+                tracing::error!(pipeline = %unit, "tenant held until its plugins load: {err}");
+                None
+            }
+        }
+    }
+}
+
+/// The outcome of a unit's start-up load, logged and recorded in its metrics when it loaded.
+async fn loaded_chain(
+    unit: &str,
+    load: tokio::task::JoinHandle<Result<plugin::Chain, Error>>,
+) -> Result<plugin::Chain, Error> {
+    let chain = load.await.unwrap_or_else(|err| {
+        Err(Error::Startup {
+            message: format!("{unit}: plugin loader failed: {err}"),
+        })
+    })?;
+    let plugins: Vec<String> = chain
+        .plugins()
+        .iter()
+        .map(|p| format!("{}({:?})", p.name(), p.world()))
+        .collect();
+    tracing::info!(pipeline = %unit, plugins = %plugins.join(" → "), "plugins loaded");
+    metrics::pipeline(unit).set_plugins(metrics::plugin_infos(&chain));
+    Ok(chain)
 }
 
 /// Records a unit's failure as its last error (for `/status`) and marks it stopped.

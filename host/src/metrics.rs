@@ -1024,7 +1024,7 @@ impl Registry {
         let name = "tidegate_plugin_memory_peak_bytes";
         let _ = writeln!(
             out,
-            "# HELP {name} Largest linear memory an instance of the plugin reached.\n# TYPE {name} gauge"
+            "# HELP {name} Most memory an instance of the plugin held: all its linear memories and tables together.\n# TYPE {name} gauge"
         );
         for m in &plugins {
             let _ = writeln!(

@@ -800,8 +800,9 @@ impl Framer {
             pipeline = %self.pipeline,
             plugin = %err.plugin,
             kind = %err.kind,
-            error = %err.message,
-            event = %event.change.id(),
+            // Plugin-supplied text, escaped (see `telemetry::escape`).
+            error = %crate::telemetry::escape(&err.message),
+            event = %crate::telemetry::escape(event.change.id()),
             "event dead-lettered"
         );
         let mut payload = encode::payload(&event.change, self.encoding).unwrap_or_default();

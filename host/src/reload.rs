@@ -13,6 +13,7 @@
 //! reported as needing a restart and not applied.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -44,7 +45,10 @@ pub type Updates = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ChainUpdate>>>
 pub struct UnitHandle {
     config: PipelineConfig,
     updates: mpsc::UnboundedSender<ChainUpdate>,
-    held: bool,
+    /// Whether the unit runs without a chain: its start-up load failed or has not finished
+    /// (then a changed file is sent as a whole chain, which either starts the held unit or
+    /// replaces the one loaded meanwhile). Cleared by the unit once its own load succeeds.
+    held: Arc<AtomicBool>,
     files: Vec<WatchedFile>,
 }
 
@@ -59,12 +63,12 @@ struct WatchedFile {
 }
 
 impl UnitHandle {
-    /// A handle for `config`'s unit; `held` when its chain did not load at start-up.
+    /// A handle for `config`'s unit; `held` is set while it has no chain (see the field).
     pub fn new(
         config: PipelineConfig,
         plugin_dir: &Path,
         updates: mpsc::UnboundedSender<ChainUpdate>,
-        held: bool,
+        held: Arc<AtomicBool>,
     ) -> UnitHandle {
         let files = watched_files(&config, plugin_dir);
         UnitHandle {
@@ -157,11 +161,11 @@ async fn check_files(sandbox: &Arc<Sandbox>, unit: &mut UnitHandle, plugin_dir: 
     if changed.is_empty() {
         return;
     }
-    if unit.held {
+    if unit.held.load(Ordering::Acquire) {
         match load_chain(sandbox, &unit.config, plugin_dir).await {
             Ok(chain) => {
                 tracing::info!(pipeline = %unit.config.id, "plugins now load; starting the held unit");
-                unit.held = false;
+                unit.held.store(false, Ordering::Release);
                 let _ = unit.updates.send(ChainUpdate::Chain(chain));
             }
             Err(message) => {
@@ -258,7 +262,7 @@ async fn reload_config(sandbox: &Arc<Sandbox>, running: &Config, units: &mut [Un
                 unit.config.capabilities = new.capabilities.clone();
                 unit.config.quarantine = new.quarantine;
                 unit.files = watched_files(&unit.config, &fresh.plugin_dir);
-                unit.held = false;
+                unit.held.store(false, Ordering::Release);
                 let _ = unit.updates.send(ChainUpdate::Chain(chain));
             }
             Err(message) => {

@@ -6,8 +6,14 @@
 //! - **Epochs** bound its wall-clock time as a backstop (a host call that blocks, a
 //!   pathological compile of a loop): a ticker thread advances the engine's epoch every
 //!   [`EPOCH_TICK`], and each call gets a deadline in ticks.
-//! - **Memory** is capped per instance by a [`StoreLimits`] that traps on failed growth, so a
-//!   memory bomb is a trap with a reason rather than an allocation failure the guest ignores.
+//! - **Memory** is capped per plugin instance by [`Footprint`], the store's resource limiter:
+//!   every linear memory's bytes plus [`TABLE_ELEMENT_BYTES`] per table element, of all the
+//!   core instances of the component together, count against `limits.memory_mib`. Growth
+//!   past it traps (a memory bomb is a trap with a reason rather than an allocation failure
+//!   the guest ignores), and a component whose declared minimums alone exceed it is refused
+//!   at load ([`check_declared`]). The counts per instance ([`MAX_MEMORIES`],
+//!   [`MAX_TABLES`], [`MAX_TABLE_ELEMENTS`]) are the same for pooled and on-demand
+//!   instances.
 //! - **Admission**: at most `sandbox.max_instances` instances live at once; past it loading
 //!   fails with a clear error instead of exhausting the pool or the machine.
 //! - **Capabilities**: the linker offers `tidegate:plugin/{log,config}` and WASI 0.2, the
@@ -27,16 +33,29 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, ResourceTable};
-use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
-    StoreLimitsBuilder, Trap,
-};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::config::{Capabilities, PluginLimits, SandboxConfig};
 
 /// How often the epoch advances; call deadlines are rounded up to it.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// What one table element costs against the memory cap: a pointer, which is what wasmtime
+/// stores per `funcref` element (pooled or not).
+pub const TABLE_ELEMENT_BYTES: usize = std::mem::size_of::<usize>();
+
+/// Most linear memories one plugin instance (all its core instances together) may have.
+pub const MAX_MEMORIES: usize = 16;
+
+/// Most tables one plugin instance may have.
+pub const MAX_TABLES: usize = 64;
+
+/// Most elements one table may have (also the pooled table slots' size).
+pub const MAX_TABLE_ELEMENTS: usize = 200_000;
+
+/// Most core instances one plugin instance may create.
+const MAX_CORE_INSTANCES: usize = 64;
 
 /// The engine shared by every plugin, and the thread that drives its epoch.
 pub struct Sandbox {
@@ -218,7 +237,9 @@ fn engine_config(pool: Option<(u32, u32)>) -> Config {
     config.epoch_interruption(true);
     if let Some((instances, memory_mib)) = pool {
         // Components built from Python or JavaScript hold several core modules, memories and
-        // large tables; the per-instance figures leave room for them.
+        // large tables; the per-instance figures leave room for them. The counts per instance
+        // are the ones `Footprint` enforces on demand, so both allocators refuse the same
+        // components; the bytes are capped by `Footprint` in both.
         let mut pooling = PoolingAllocationConfig::new();
         pooling
             .total_component_instances(instances)
@@ -226,14 +247,14 @@ fn engine_config(pool: Option<(u32, u32)>) -> Config {
             .total_memories(instances * 4)
             .total_tables(instances * 8)
             .max_memory_size(memory_mib as usize * 1024 * 1024)
-            .max_memories_per_module(2)
-            .max_tables_per_module(4)
-            .table_elements(200_000)
+            .max_memories_per_module(MAX_MEMORIES as u32)
+            .max_tables_per_module(MAX_TABLES as u32)
+            .table_elements(MAX_TABLE_ELEMENTS)
             .max_core_instance_size(16 * 1024 * 1024)
             .max_component_instance_size(16 * 1024 * 1024)
-            .max_core_instances_per_component(64)
-            .max_memories_per_component(16)
-            .max_tables_per_component(64);
+            .max_core_instances_per_component(MAX_CORE_INSTANCES as u32)
+            .max_memories_per_component(MAX_MEMORIES as u32)
+            .max_tables_per_component(MAX_TABLES as u32);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
     }
     config
@@ -350,87 +371,220 @@ impl ComponentCache {
 pub struct PluginState {
     /// Plugin name, for log lines.
     pub plugin: String,
+    /// The unit (pipeline, or `<pipeline>.<tenant>`) running it, for log lines.
+    pub pipeline: String,
+    /// The tenant running it, if any, for log lines.
+    pub tenant: Option<String>,
     /// The plugin's own config (what its `config` import returns).
     pub config: BTreeMap<String, String>,
-    limits: StoreLimits,
-    log_cap: u32,
-    log_lines: u32,
-    log_dropped: u32,
-    /// Largest linear memory this instance has grown to, in bytes.
-    memory_peak: usize,
+    footprint: Footprint,
+    log: LogBudget,
     wasi: WasiCtx,
     table: ResourceTable,
     _slot: Slot,
 }
 
 impl PluginState {
-    /// How many log lines the current call tried to write past its cap.
-    pub fn take_dropped_log_lines(&mut self) -> u32 {
-        self.log_lines = 0;
-        std::mem::take(&mut self.log_dropped)
-    }
-
-    /// Counts one log line; false when the per-call cap is reached.
-    pub fn admit_log_line(&mut self) -> bool {
-        if self.log_lines >= self.log_cap {
-            self.log_dropped += 1;
-            return false;
-        }
-        self.log_lines += 1;
-        true
-    }
-}
-
-impl PluginState {
-    /// Largest linear memory the instance has reached, in bytes.
+    /// Bytes of memories and tables the instance holds now (they never shrink, so this is
+    /// also its peak): what counts against `limits.memory_mib`.
     pub fn memory_peak(&self) -> usize {
-        self.memory_peak
+        self.footprint.used
+    }
+
+    /// The log budget of the current call.
+    pub fn log_budget(&mut self) -> &mut LogBudget {
+        &mut self.log
     }
 }
 
-/// The memory cap of [`StoreLimits`], recording how far memory grew on the way.
+/// What one call may write to the log: `limits.log_lines_per_call` lines and
+/// `limits.log_bytes_per_call` bytes of messages. Past either, the rest of the call's
+/// output is counted and suppressed (a line crossing the byte budget is cut at it).
+pub struct LogBudget {
+    max_lines: u32,
+    max_bytes: usize,
+    lines: u32,
+    bytes: usize,
+    suppressed_lines: u32,
+    suppressed_bytes: usize,
+}
+
+impl LogBudget {
+    /// The part of `message` that fits the budget (all of it, a prefix cut at a character
+    /// boundary, or `None`), counting what does not.
+    pub fn admit<'a>(&mut self, message: &'a str) -> Option<&'a str> {
+        let room = self.max_bytes.saturating_sub(self.bytes);
+        if self.lines >= self.max_lines || room == 0 {
+            self.suppressed_lines += 1;
+            self.suppressed_bytes += message.len();
+            return None;
+        }
+        let mut end = message.len().min(room);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.lines += 1;
+        self.bytes += end;
+        self.suppressed_bytes += message.len() - end;
+        Some(&message[..end])
+    }
+
+    /// Lines and bytes suppressed since the last call of this, and a fresh budget.
+    pub fn take_suppressed(&mut self) -> (u32, usize) {
+        self.lines = 0;
+        self.bytes = 0;
+        (
+            std::mem::take(&mut self.suppressed_lines),
+            std::mem::take(&mut self.suppressed_bytes),
+        )
+    }
+}
+
+/// The resource limiter of a plugin's store: counts the bytes of every linear memory and
+/// table of the instance (all its core instances together) against one cap, and turns any
+/// refused or failed growth into a trap.
+///
+/// wasmtime asks it before creating each memory or table (`current` 0, `desired` the
+/// declared minimum) and before each growth, so the sum of the approved sizes is what the
+/// instance holds: memories and tables never shrink. (A growth approved here that wasmtime
+/// then refuses, past a memory's own declared maximum, traps and ends the instance; its
+/// bytes stay in the instance's peak.)
+struct Footprint {
+    cap: usize,
+    used: usize,
+}
+
+/// A memory or table request past the plugin's limits: a trap of kind `memory`.
+#[derive(Debug)]
+pub struct LimitExceeded(String);
+
+impl std::fmt::Display for LimitExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LimitExceeded {}
+
+impl Footprint {
+    fn grow(&mut self, what: &str, bytes: usize) -> wasmtime::Result<bool> {
+        let total = self.used.saturating_add(bytes);
+        if total > self.cap {
+            return Err(LimitExceeded(format!(
+                "growing {what} would bring the instance's memories and tables to {total} \
+                 bytes, over its cap of {} MiB (limits.memory_mib)",
+                self.cap / (1024 * 1024)
+            ))
+            .into());
+        }
+        self.used = total;
+        Ok(true)
+    }
+}
+
+/// A growth that failed after the limiter approved it (past a memory's declared maximum):
+/// a trap too, like every refused growth.
+fn grow_failed(what: &str, error: wasmtime::Error) -> wasmtime::Result<()> {
+    Err(LimitExceeded(format!("growing {what} failed: {error}")).into())
+}
+
 impl wasmtime::ResourceLimiter for PluginState {
     fn memory_growing(
         &mut self,
         current: usize,
         desired: usize,
-        maximum: Option<usize>,
+        _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let allowed = self.limits.memory_growing(current, desired, maximum)?;
-        if allowed {
-            self.memory_peak = self.memory_peak.max(desired);
-        }
-        Ok(allowed)
+        self.footprint
+            .grow("memory", desired.saturating_sub(current))
     }
 
     fn table_growing(
         &mut self,
         current: usize,
         desired: usize,
-        maximum: Option<usize>,
+        _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        self.limits.table_growing(current, desired, maximum)
+        if desired > MAX_TABLE_ELEMENTS {
+            return Err(LimitExceeded(format!(
+                "a table of {desired} elements is over the limit of {MAX_TABLE_ELEMENTS} per table"
+            ))
+            .into());
+        }
+        let elements = desired.saturating_sub(current);
+        self.footprint
+            .grow("a table", elements.saturating_mul(TABLE_ELEMENT_BYTES))
     }
 
     fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
-        self.limits.memory_grow_failed(error)
+        grow_failed("memory", error)
     }
 
     fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
-        self.limits.table_grow_failed(error)
+        grow_failed("a table", error)
     }
 
     fn instances(&self) -> usize {
-        self.limits.instances()
+        MAX_CORE_INSTANCES
     }
 
     fn tables(&self) -> usize {
-        self.limits.tables()
+        MAX_TABLES
     }
 
     fn memories(&self) -> usize {
-        self.limits.memories()
+        MAX_MEMORIES
     }
+}
+
+/// What a component declares before it runs: the sum of its core modules' initial memory
+/// and table sizes (each module counted once), and how many memories and tables they
+/// define. A lower bound of what instantiating it takes, checked before compiling so that
+/// a component that can never fit is refused naming the cap, whichever allocator is used.
+pub fn check_declared(bytes: &[u8], limits: &PluginLimits) -> Result<(), String> {
+    let cap = limits.memory_mib as u64 * 1024 * 1024;
+    let (mut memories, mut tables, mut total) = (0usize, 0usize, 0u64);
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        // Malformed input is left to the compiler, which says what is wrong with it.
+        let Ok(payload) = payload else { return Ok(()) };
+        match payload {
+            wasmparser::Payload::MemorySection(section) => {
+                for memory in section.into_iter().flatten() {
+                    memories += 1;
+                    let page = 1u64 << memory.page_size_log2.unwrap_or(16);
+                    total = total.saturating_add(memory.initial.saturating_mul(page));
+                }
+            }
+            wasmparser::Payload::TableSection(section) => {
+                for table in section.into_iter().flatten() {
+                    tables += 1;
+                    let elements = table.ty.initial;
+                    if elements > MAX_TABLE_ELEMENTS as u64 {
+                        return Err(format!(
+                            "declares a table of {elements} elements; the limit is \
+                             {MAX_TABLE_ELEMENTS} per table"
+                        ));
+                    }
+                    total = total.saturating_add(elements * TABLE_ELEMENT_BYTES as u64);
+                }
+            }
+            _ => {}
+        }
+    }
+    if memories > MAX_MEMORIES || tables > MAX_TABLES {
+        return Err(format!(
+            "declares {memories} memories and {tables} tables; a plugin may have at most \
+             {MAX_MEMORIES} memories and {MAX_TABLES} tables"
+        ));
+    }
+    if total > cap {
+        return Err(format!(
+            "its memories and tables start at {total} bytes, over its cap of {} MiB \
+             (limits.memory_mib)",
+            limits.memory_mib
+        ));
+    }
+    Ok(())
 }
 
 impl WasiView for PluginState {
@@ -495,10 +649,12 @@ impl wasmtime_wasi::HostMonotonicClock for StoppedClock {
     }
 }
 
-/// A fresh store for one plugin instance, with its memory cap and capabilities installed.
+/// A fresh store for one plugin instance, with its memory cap and capabilities installed;
+/// `scope` is the (unit, tenant) running it, for its log lines.
 pub fn new_store(
     engine: &Engine,
     plugin: &str,
+    scope: (&str, Option<&str>),
     config: &BTreeMap<String, String>,
     limits: &PluginLimits,
     wasi: WasiCtx,
@@ -506,18 +662,21 @@ pub fn new_store(
 ) -> Store<PluginState> {
     let state = PluginState {
         plugin: plugin.to_string(),
+        pipeline: scope.0.to_string(),
+        tenant: scope.1.map(str::to_string),
         config: config.clone(),
-        limits: StoreLimitsBuilder::new()
-            .memory_size(limits.memory_mib as usize * 1024 * 1024)
-            .instances(64)
-            .tables(64)
-            .memories(16)
-            .trap_on_grow_failure(true)
-            .build(),
-        log_cap: limits.log_lines_per_call,
-        log_lines: 0,
-        log_dropped: 0,
-        memory_peak: 0,
+        footprint: Footprint {
+            cap: limits.memory_mib as usize * 1024 * 1024,
+            used: 0,
+        },
+        log: LogBudget {
+            max_lines: limits.log_lines_per_call,
+            max_bytes: limits.log_bytes_per_call as usize,
+            lines: 0,
+            bytes: 0,
+            suppressed_lines: 0,
+            suppressed_bytes: 0,
+        },
         wasi,
         table: ResourceTable::new(),
         _slot: slot,
@@ -548,8 +707,11 @@ pub fn fuel_used(store: &Store<PluginState>, limits: &PluginLimits) -> u64 {
 }
 
 /// A short, stable reason for a failed call, used in dead-letter headers and counters:
-/// `out-of-fuel`, `deadline`, `memory`, or `trap: <message>`.
+/// `out-of-fuel`, `deadline`, `memory: <which limit>`, or `trap: <message>`.
 pub fn trap_reason(err: &wasmtime::Error) -> String {
+    if let Some(limit) = err.downcast_ref::<LimitExceeded>() {
+        return format!("memory: {limit}");
+    }
     match err.downcast_ref::<Trap>() {
         Some(Trap::OutOfFuel) => "out-of-fuel".to_string(),
         Some(Trap::Interrupt) => "deadline".to_string(),

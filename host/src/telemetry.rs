@@ -4,6 +4,7 @@
 //! Info-level logs stay quiet per event: one line when something notable happens
 //! (start, resume, retry, dead letter) and one summary per pipeline every 30 s and at stop.
 
+use std::borrow::Cow;
 use std::io::{IsTerminal, Write};
 
 use tracing_subscriber::filter::{filter_fn, FilterExt};
@@ -68,6 +69,30 @@ impl Write for ScrubbingStderr {
     }
 }
 
+/// Text a plugin supplied (a log message, an error, an id it returned) made safe for a log
+/// line: control characters and Unicode line separators become visible escapes (`\n`,
+/// `\r`, `\u{1b}`…), so nothing a plugin writes can start a line that looks like
+/// tidegate's own or restyle a terminal. The human format prints text as it is (the JSON
+/// format escapes on its own, and then shows these escapes escaped once more). Escaping
+/// twice changes nothing.
+pub fn escape(text: &str) -> Cow<'_, str> {
+    fn unsafe_in_logs(c: char) -> bool {
+        c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
+    }
+    if !text.chars().any(unsafe_in_logs) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if unsafe_in_logs(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// The counters of one pipeline's stages (kept in the [`metrics`](crate::metrics) registry).
 pub type PipelineStats = crate::metrics::PipelineMetrics;
 
@@ -112,7 +137,7 @@ fn progress_line(pipeline: &str, done: u64, total: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{allowed_for_library, human_duration, progress_line};
+    use super::{allowed_for_library, escape, human_duration, progress_line};
     use tracing::Level;
 
     /// Libraries that print credentials at debug or trace are held at info.
@@ -125,6 +150,21 @@ mod tests {
         assert!(allowed_for_library("async_nats::connector", &Level::INFO));
         assert!(allowed_for_library("tidegate::pipeline", &Level::TRACE));
         assert!(allowed_for_library("async_natsx", &Level::TRACE));
+    }
+
+    #[test]
+    fn plugin_text_cannot_break_lines() {
+        let forged = "ok\n2026-01-01T00:00:00Z  INFO tidegate: lease taken\r\x1b[2J\u{2028}";
+        let escaped = escape(forged);
+        assert_eq!(
+            escaped,
+            "ok\\n2026-01-01T00:00:00Z  INFO tidegate: lease taken\\r\\u{1b}[2J\\u{2028}"
+        );
+        assert_eq!(escape(&escaped), escaped, "escaping twice changes nothing");
+        assert!(matches!(
+            escape("plain ünïcode"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 
     #[test]

@@ -434,3 +434,52 @@ pub async fn http_get(address: &str, path: &str) -> anyhow::Result<(u16, String)
         .context("HTTP status line")?;
     Ok((status, body.to_string()))
 }
+
+/// A `filter` plugin for the real contract (`wit/plugin-0.1`), written in WAT: the hostile
+/// fixtures of the sandbox tests. Its core module has memory 0 of `pages` pages (exported),
+/// `extra` module fields (more memories, tables, data at addresses 64..4096, globals), the
+/// log import as `$log` (level, address, length), a bump `cabi_realloc` from 4096 on, an
+/// `init` that runs `init_body` and succeeds, and a `filter` that runs `filter_body` and
+/// keeps the event (`filter_body` may `return` a result address of its own instead; 16 is
+/// the result area: a byte 0/1 for ok/err at 16, the payload from 20).
+pub fn wat_filter(
+    dir: &std::path::Path,
+    name: &str,
+    pages: u32,
+    extra: &str,
+    init_body: &str,
+    filter_body: &str,
+) -> std::path::PathBuf {
+    let wit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../wit/plugin-0.1/types.wit"
+    ))
+    .expect("read the contract's WIT");
+    let wat = format!(
+        r#"(module
+  (import "tidegate:plugin/log@0.1.0" "write" (func $log (param i32 i32 i32)))
+  (memory (export "memory") {pages})
+  {extra}
+  (global $heap (mut i32) (i32.const 4096))
+  (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32)
+    (local $p i32)
+    (local.set $p (i32.and (i32.add (global.get $heap) (i32.const 7)) (i32.const -8)))
+    (global.set $heap (i32.add (local.get $p) (local.get 3)))
+    (block $done
+      (loop $more
+        (br_if $done (i32.le_u (global.get $heap) (i32.shl (memory.size) (i32.const 16))))
+        (if (i32.eq (memory.grow (i32.const 1)) (i32.const -1)) (then unreachable))
+        (br $more)))
+    (local.get $p))
+  (func (export "init") (result i32)
+    {init_body}
+    (i32.const 0))
+  (func (export "filter") (param i32) (result i32)
+    {filter_body}
+    (i32.store8 (i32.const 16) (i32.const 0))
+    (i32.store8 (i32.const 20) (i32.const 1))
+    (i32.const 16))
+)"#
+    );
+    component(dir, name, &wit, "filter", &wat)
+}

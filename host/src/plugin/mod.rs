@@ -30,17 +30,21 @@ use crate::sandbox::{self, Admission, PluginState, Sandbox};
 impl wit::Host for PluginState {}
 
 impl bindings::filter::tidegate::plugin::log::Host for PluginState {
+    /// One line, escaped (see `telemetry::escape`), within the call's log budget, tagged
+    /// with the unit, tenant and plugin that wrote it.
     fn write(&mut self, level: bindings::filter::tidegate::plugin::log::Level, message: String) {
         use bindings::filter::tidegate::plugin::log::Level;
-        if !self.admit_log_line() {
+        let Some(admitted) = self.log_budget().admit(&message) else {
             return;
-        }
+        };
+        let message = crate::telemetry::escape(admitted);
+        let (pipeline, tenant) = (self.pipeline.as_str(), self.tenant.as_deref());
         let plugin = self.plugin.as_str();
         match level {
-            Level::Debug => tracing::debug!(plugin, "{message}"),
-            Level::Info => tracing::info!(plugin, "{message}"),
-            Level::Warn => tracing::warn!(plugin, "{message}"),
-            Level::Error => tracing::error!(plugin, "{message}"),
+            Level::Debug => tracing::debug!(pipeline, tenant, plugin, "{message}"),
+            Level::Info => tracing::info!(pipeline, tenant, plugin, "{message}"),
+            Level::Warn => tracing::warn!(pipeline, tenant, plugin, "{message}"),
+            Level::Error => tracing::error!(pipeline, tenant, plugin, "{message}"),
         }
     }
 }
@@ -78,8 +82,12 @@ enum Instance {
 }
 
 /// Everything a plugin is loaded with besides its file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PluginSettings {
+    /// The unit running it (pipeline id, or `<pipeline>.<tenant>`), for its log lines.
+    pub pipeline: String,
+    /// The tenant running it, if any, for its log lines.
+    pub tenant: Option<String>,
     /// Its own key/values (what its `config` import returns).
     pub config: BTreeMap<String, String>,
     /// Limits of each call.
@@ -103,7 +111,8 @@ pub struct Plugin {
     quarantined: bool,
     /// Fuel burnt by the last call (metrics, `tidegate plugin test`).
     last_fuel_used: u64,
-    /// Largest linear memory an instance of this version reached, in bytes.
+    /// Most memory (all memories and tables together) an instance of this version held, in
+    /// bytes.
     memory_peak: u64,
 }
 
@@ -121,6 +130,19 @@ pub struct CallError {
     pub message: String,
 }
 
+impl CallError {
+    /// An error of `plugin` (name and hash); the message is escaped (see
+    /// `telemetry::escape`) since it may carry text from the plugin into logs and headers.
+    pub fn new(plugin: &str, plugin_hash: &str, kind: &str, message: &str) -> CallError {
+        CallError {
+            plugin: plugin.to_string(),
+            plugin_hash: plugin_hash.to_string(),
+            kind: kind.to_string(),
+            message: crate::telemetry::escape(message).into_owned(),
+        }
+    }
+}
+
 impl Plugin {
     /// Loads, type-checks and initialises a plugin; any problem is an error naming the file.
     pub fn load(
@@ -129,16 +151,18 @@ impl Plugin {
         path: &Path,
         settings: &PluginSettings,
     ) -> Result<Plugin, Error> {
+        // Messages may quote the component (names, a plugin's `init` error): escaped.
         let fail = |message: String| Error::Plugin {
             name: name.to_string(),
             path: path.to_path_buf(),
-            message,
+            message: crate::telemetry::escape(&message).into_owned(),
         };
         let bytes =
             std::fs::read(path).map_err(|err| fail(format!("cannot read the file: {err}")))?;
         if bytes.get(0..4) != Some(b"\0asm") {
             return Err(fail("not a WebAssembly file (no \\0asm header)".into()));
         }
+        sandbox::check_declared(&bytes, &settings.limits).map_err(fail)?;
         let engine = sandbox.engine().clone();
         let compiled = sandbox.compile(&bytes).map_err(|err| {
             fail(format!(
@@ -250,7 +274,8 @@ impl Plugin {
         &self.path
     }
 
-    /// Largest linear memory an instance of this version reached, in bytes.
+    /// Most memory (all memories and tables together) an instance of this version held, in
+    /// bytes.
     pub fn memory_peak(&self) -> u64 {
         self.memory_peak
     }
@@ -260,12 +285,23 @@ impl Plugin {
         self.last_fuel_used
     }
 
-    fn error(&self, kind: &str, message: impl Into<String>) -> CallError {
-        CallError {
-            plugin: self.name.clone(),
-            plugin_hash: self.hash.clone(),
-            kind: kind.to_string(),
-            message: message.into(),
+    fn error(&self, kind: &str, message: impl AsRef<str>) -> CallError {
+        CallError::new(&self.name, &self.hash, kind, message.as_ref())
+    }
+
+    /// Says once, after a call (or `init`), how much log output went over its budget.
+    fn report_suppressed_logs(&self, store: &mut Store<PluginState>) {
+        let (lines, bytes) = store.data_mut().log_budget().take_suppressed();
+        if lines > 0 || bytes > 0 {
+            tracing::warn!(
+                pipeline = %self.settings.pipeline,
+                tenant = self.settings.tenant.as_deref(),
+                plugin = %self.name,
+                suppressed_lines = lines,
+                suppressed_bytes = bytes,
+                "plugin log output over the per-call caps (limits.log_lines_per_call, \
+                 limits.log_bytes_per_call) was suppressed"
+            );
         }
     }
 
@@ -281,6 +317,7 @@ impl Plugin {
         let mut store = sandbox::new_store(
             &self.engine,
             &self.name,
+            (&self.settings.pipeline, self.settings.tenant.as_deref()),
             &self.settings.config,
             limits,
             wasi,
@@ -301,6 +338,7 @@ impl Plugin {
             Instance::Filter(f) => f.call_init(&mut store),
             Instance::Transform(t) => t.call_init(&mut store),
         };
+        self.report_suppressed_logs(&mut store);
         match init {
             Ok(Ok(())) => Ok((store, instance)),
             Ok(Err(err)) => Err(self.error("plugin-error", plugin_error_text(&err))),
@@ -329,10 +367,7 @@ impl Plugin {
         };
         self.last_fuel_used = sandbox::fuel_used(&store, &self.settings.limits);
         self.memory_peak = self.memory_peak.max(store.data().memory_peak() as u64);
-        let dropped = store.data_mut().take_dropped_log_lines();
-        if dropped > 0 {
-            tracing::warn!(plugin = %self.name, dropped, "plugin log lines over the per-call cap were dropped");
-        }
+        self.report_suppressed_logs(&mut store);
         match result {
             Ok(Ok(decision)) => {
                 self.live = Some((store, instance));
@@ -439,6 +474,8 @@ impl Chain {
     /// What plugin `p` of `pipeline` is loaded with.
     pub fn settings(pipeline: &PipelineConfig, p: &crate::config::PluginConfig) -> PluginSettings {
         PluginSettings {
+            pipeline: pipeline.id.clone(),
+            tenant: pipeline.tenant.as_ref().map(|t| t.id.clone()),
             config: p.config.clone(),
             limits: pipeline.plugin_limits(p),
             capabilities: pipeline.capabilities.clone(),
@@ -597,12 +634,12 @@ impl Chain {
                         .last()
                         .map(|p| (p.name.clone(), p.hash.clone()))
                         .unwrap_or_default();
-                    return Verdict::DeadLetter(CallError {
-                        plugin: last.0,
-                        plugin_hash: last.1,
-                        kind: "invalid-output".into(),
-                        message,
-                    });
+                    return Verdict::DeadLetter(CallError::new(
+                        &last.0,
+                        &last.1,
+                        "invalid-output",
+                        &message,
+                    ));
                 }
             }
         }

@@ -98,9 +98,11 @@ pub fn run(command: Command) -> ExitCode {
     let result = match command {
         Command::Inspect { file, config } => parse_config(&config).and_then(|config| {
             let settings = PluginSettings {
+                pipeline: "plugin-test".into(),
                 config,
                 limits: PluginLimits::default(),
                 capabilities: Capabilities::default(),
+                tenant: None,
             };
             inspect(&file, &settings)
         }),
@@ -126,9 +128,11 @@ pub fn run(command: Command) -> ExitCode {
                 }
             }
             let settings = PluginSettings {
+                pipeline: "plugin-test".into(),
                 config,
                 limits,
                 capabilities,
+                tenant: None,
             };
             test(&file, &events, &settings)
         }),

@@ -1,0 +1,425 @@
+//! The sandbox's limits against hostile plugins written in WAT, with the real binary and real
+//! servers: a plugin's memory cap holds for all its memories and tables together (pooled or
+//! not), a component that declares more than its cap is refused at load naming it, and a
+//! plugin cannot forge or flood tidegate's log.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream::message::StreamMessage;
+use bson::doc;
+use prometheus_parse::{Scrape, Value};
+use support::{header, http_get, wat_filter, Harness, DB, SIGTERM};
+use tidegate_testkit::{free_port, wait_until};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// One pipeline `id` on `shop.orders` whose tenants each run one plugin: `(tenant, plugin
+/// file, extra tenant keys)`. Tenant `t` publishes to stream `T` (upper case) under
+/// prefix `t`.
+fn config(h: &Harness, id: &str, tenants: &[(&str, &Path, &str)], extra: &str) -> String {
+    let mut text = format!(
+        r#"
+{extra}
+
+[nats]
+url = "{nats}"
+ack_timeout_ms = 2000
+
+[[pipeline]]
+id = "{id}"
+mongodb_uri = "{mongo}"
+database = "{DB}"
+full_document = "update-lookup"
+
+[pipeline.checkpoint]
+interval_ms = 200
+"#,
+        nats = h.nats.url(),
+        mongo = h.mongo.uri(),
+    );
+    for (tenant, file, keys) in tenants {
+        text += &format!(
+            r#"
+[[pipeline.tenant]]
+id = "{tenant}"
+namespaces = ["shop.orders"]
+{keys}
+[pipeline.tenant.sink]
+stream = "{stream}"
+subject_prefix = "{tenant}"
+[[pipeline.tenant.plugins]]
+name = "{tenant}"
+file = "{file}"
+"#,
+            stream = tenant.to_uppercase(),
+            file = file.display(),
+        );
+    }
+    text
+}
+
+/// Waits until every unit of `units` has checkpointed (its change stream is open).
+async fn wait_units_ready(h: &Harness, units: &[String]) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(h.nats_client().await?);
+    for unit in units {
+        let key = unit.clone();
+        wait_until(
+            &format!("checkpoint of {unit}"),
+            Duration::from_secs(60),
+            || {
+                let (js, key) = (js.clone(), key.clone());
+                async move {
+                    match js.get_key_value("tidegate-checkpoints").await {
+                        Ok(kv) => matches!(kv.get(&key).await, Ok(Some(_))),
+                        Err(_) => false,
+                    }
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The dead-letter kind of a message (`None`: a normal message).
+fn dead_letter_kind(message: &StreamMessage) -> Option<String> {
+    message
+        .subject
+        .ends_with(".dead-letter")
+        .then(|| header(message, "Tidegate-Error-Kind").unwrap_or_default())
+}
+
+/// A sample of `name` whose labels include `labels`.
+fn sample(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .and_then(|s| match s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+}
+
+/// Each call grows every memory (or the table) by a fixed step: the first call of an
+/// instance stays under the 64 MiB cap only if the memories are counted together, the second
+/// goes over it. So every other event must be dead-lettered as `memory`, whether instances
+/// are pooled or not; and the peak metric must report the instance's total. Without the
+/// per-instance sum, each memory alone stays under the cap and nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_cap_counts_all_memories_and_tables_of_an_instance() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let dir = h.dir.path();
+    // Two memories, 20 MiB more each per call: 40 MiB after the first call, 80 after two.
+    let two = wat_filter(
+        dir,
+        "two",
+        1,
+        "(memory $m1 1)",
+        "",
+        "(drop (memory.grow (i32.const 320))) (drop (memory.grow $m1 (i32.const 320)))",
+    );
+    // Sixteen memories, 3 MiB more each per call: 48 MiB after one call, 96 after two.
+    let extra: String = (1..16).map(|i| format!("(memory $m{i} 1)\n")).collect();
+    let grow: String = (0..16)
+        .map(|i| format!("(drop (memory.grow {i} (i32.const 48)))\n"))
+        .collect();
+    let sixteen = wat_filter(dir, "sixteen", 1, &extra, "", &grow);
+    // Two tables, 90,000 elements (720 kB at 8 bytes each) more each per call, under a 2 MiB
+    // cap: 1.44 MB after one call, 2.16 MB partway through the second (each table stays
+    // under the 200,000 elements a table may have).
+    let table = wat_filter(
+        dir,
+        "table",
+        1,
+        "(table $t0 1 funcref) (table $t1 1 funcref)",
+        "",
+        "(drop (table.grow $t0 (ref.null func) (i32.const 90000)))\n\
+         (drop (table.grow $t1 (ref.null func) (i32.const 90000)))",
+    );
+    let tenants = [
+        ("two", two.as_path(), ""),
+        ("sixteen", sixteen.as_path(), ""),
+        ("table", table.as_path(), "limits = { memory_mib = 2 }"),
+    ];
+    let orders = h.collection().await?;
+    let mut written = 0u64;
+    for pooling in [true, false] {
+        let id = if pooling { "pooled" } else { "ondemand" };
+        let address = format!("127.0.0.1:{}", free_port());
+        let extra = format!("[sandbox]\npooling = {pooling}\n[http]\naddress = \"{address}\"");
+        let text = config(&h, id, &tenants, &extra)
+            .replace("subject_prefix = \"", &format!("subject_prefix = \"{id}-"))
+            .replace("stream = \"", &format!("stream = \"{}_", id.to_uppercase()));
+        let path = h.write_config(&format!("{id}.toml"), &text)?;
+        let mut child = h.spawn_binary(&path)?;
+        let units: Vec<String> = tenants.iter().map(|t| format!("{id}.{}", t.0)).collect();
+        wait_units_ready(&h, &units).await?;
+        let first = written;
+        for _ in 0..4 {
+            orders.insert_one(doc! { "n": written as i64 }).await?;
+            written += 1;
+        }
+        for (tenant, _, _) in &tenants {
+            let stream = format!("{}_{}", id.to_uppercase(), tenant.to_uppercase());
+            let messages = h.wait_settled(&stream, 4, Duration::from_secs(60)).await?;
+            let kinds: Vec<Option<String>> = messages.iter().map(dead_letter_kind).collect();
+            let memory = Some("memory".to_string());
+            assert_eq!(
+                kinds,
+                vec![None, memory.clone(), None, memory],
+                "{id} {tenant}: every second call of an instance goes over the cap \
+                 (events {first}..{written}); log:\n{}",
+                child.log()
+            );
+            let reason = header(&messages[1], "Tidegate-Error").unwrap_or_default();
+            assert!(
+                reason.contains("limits.memory_mib"),
+                "{id} {tenant}: {reason}"
+            );
+        }
+        // The peak is the instance's total: both memories after one call, not the larger.
+        let (status, text) = http_get(&address, "/metrics").await?;
+        anyhow::ensure!(status == 200, "/metrics answered {status}");
+        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?;
+        let peak = |tenant: &str| {
+            sample(
+                &scrape,
+                "tidegate_plugin_memory_peak_bytes",
+                &[("tenant", tenant)],
+            )
+            .unwrap_or(0.0)
+        };
+        assert!(
+            (40.0 * MIB..=64.0 * MIB).contains(&peak("two")),
+            "{id}: peak of two memories {}",
+            peak("two")
+        );
+        assert!(
+            (48.0 * MIB..=64.0 * MIB).contains(&peak("sixteen")),
+            "{id}: peak of sixteen memories {}",
+            peak("sixteen")
+        );
+        assert!(
+            (1_440_000.0..=2.0 * MIB).contains(&peak("table")),
+            "{id}: peak with a grown table {}",
+            peak("table")
+        );
+        child.signal(SIGTERM)?;
+        child.wait_exit(Duration::from_secs(30)).await?;
+    }
+    Ok(())
+}
+
+/// Components whose declared memories and tables alone exceed the cap (one huge memory, two
+/// memories that only together do, a table too large, too many memories) are refused at
+/// load by `tidegate check`, naming the limit, with either allocator.
+#[test]
+fn components_declaring_more_than_the_cap_are_refused_at_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let huge = wat_filter(dir.path(), "huge", 2000, "", "", "");
+    let pair = wat_filter(dir.path(), "pair", 640, "(memory $m1 640)", "", "");
+    let table = wat_filter(dir.path(), "table", 1, "(table 8000000 funcref)", "", "");
+    let many: String = (1..17).map(|i| format!("(memory $m{i} 1)\n")).collect();
+    let many = wat_filter(dir.path(), "many", 1, &many, "", "");
+    let cases = [
+        (&huge, "over its cap of 64 MiB (limits.memory_mib)"),
+        (&pair, "over its cap of 64 MiB (limits.memory_mib)"),
+        (&table, "the limit is 200000 per table"),
+        (&many, "at most 16 memories"),
+    ];
+    for pooling in [true, false] {
+        for (file, expected) in &cases {
+            let path = dir.path().join("tidegate.toml");
+            let text = format!(
+                r#"
+[sandbox]
+pooling = {pooling}
+cache = false
+
+[nats]
+url = "nats://127.0.0.1:1"
+
+[[pipeline]]
+id = "p"
+mongodb_uri = "mongodb://127.0.0.1:1/?replicaSet=rs0"
+database = "shop"
+
+[pipeline.sink]
+stream = "P"
+subject_prefix = "p"
+
+[[pipeline.plugins]]
+name = "hostile"
+file = "{}"
+"#,
+                file.display()
+            );
+            std::fs::write(&path, text).expect("write config");
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
+                .args(["check", "--config"])
+                .arg(&path)
+                .output()
+                .expect("run tidegate check");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "pooling {pooling}: {err}");
+            assert!(
+                err.contains("plugin 'hostile'") && err.contains(expected),
+                "pooling {pooling}, {}: {err}",
+                file.display()
+            );
+        }
+    }
+}
+
+/// What the log-forging plugin writes: a line break followed by a line dressed as
+/// tidegate's own, a carriage return and a terminal escape.
+const FORGED: &str =
+    "innocent\n1999-01-01T00:00:00.000000Z  INFO tidegate: lease taken: FORGED\r\x1b[31m";
+
+/// A plugin that forges log lines and floods the log: its first call of an instance logs
+/// [`FORGED`] and then 32 lines of 1 MiB each, its second fails with [`FORGED`] as the error.
+fn log_forger(dir: &Path) -> std::path::PathBuf {
+    let len = FORGED.len();
+    let data: String = FORGED
+        .bytes()
+        .map(|b| format!("\\{b:02x}"))
+        .collect::<String>();
+    let extra =
+        format!("(data (i32.const 64) \"{data}\")\n(global $calls (mut i32) (i32.const 0))");
+    let init = "(memory.fill (i32.const 65536) (i32.const 65) (i32.const 1048576))";
+    let filter = format!(
+        r#"(local $i i32)
+    (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+    (if (i32.eq (global.get $calls) (i32.const 2))
+      (then
+        ;; err(failed(FORGED)): failed is case 2; its string at 24 (address, length).
+        (i32.store8 (i32.const 16) (i32.const 1))
+        (i32.store8 (i32.const 20) (i32.const 2))
+        (i32.store (i32.const 24) (i32.const 64))
+        (i32.store (i32.const 28) (i32.const {len}))
+        (return (i32.const 16))))
+    (call $log (i32.const 1) (i32.const 64) (i32.const {len}))
+    (block $done
+      (loop $more
+        (br_if $done (i32.ge_u (local.get $i) (i32.const 32)))
+        (call $log (i32.const 2) (i32.const 65536) (i32.const 1048576))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br $more)))"#
+    );
+    wat_filter(dir, "forger", 32, &extra, init, &filter)
+}
+
+/// Neither a log message nor an error string of a plugin can start a log line of its own or
+/// reach the terminal raw, in either log format; a call's log output is capped in bytes
+/// with one note saying what was suppressed; plugin lines carry their pipeline and tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_cannot_forge_or_flood_the_log() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let forger = log_forger(h.dir.path());
+    let orders = h.collection().await?;
+    let mut written = 0i64;
+    for format in ["human", "json"] {
+        let id = format!("log-{format}");
+        let extra = format!("[log]\nformat = \"{format}\"");
+        let text = config(&h, &id, &[("noisy", forger.as_path(), "")], &extra)
+            .replace(
+                "stream = \"NOISY\"",
+                &format!("stream = \"NOISY_{}\"", format.to_uppercase()),
+            )
+            .replace(
+                "subject_prefix = \"noisy\"",
+                &format!("subject_prefix = \"noisy-{format}\""),
+            );
+        let path = h.write_config(&format!("{id}.toml"), &text)?;
+        let mut child = h.spawn_binary(&path)?;
+        wait_units_ready(&h, &[format!("{id}.noisy")]).await?;
+        for _ in 0..2 {
+            orders.insert_one(doc! { "n": written }).await?;
+            written += 1;
+        }
+        let stream = format!("NOISY_{}", format.to_uppercase());
+        let messages = h.wait_settled(&stream, 2, Duration::from_secs(60)).await?;
+        assert_eq!(
+            messages.iter().map(dead_letter_kind).collect::<Vec<_>>(),
+            vec![None, Some("plugin-error".to_string())]
+        );
+        child
+            .wait_for_log("event dead-lettered", Duration::from_secs(30))
+            .await?;
+        child.signal(SIGTERM)?;
+        child.wait_exit(Duration::from_secs(30)).await?;
+        let log = child.log();
+
+        let excerpt = || log.chars().take(4000).collect::<String>();
+        assert!(
+            log.len() < 512 * 1024,
+            "{format}: 32 MiB of plugin log per call must be capped; the log holds {} bytes",
+            log.len()
+        );
+        assert!(
+            !log.lines().any(|line| line.starts_with("1999-01-01")),
+            "{format}: a forged line starts a log line:\n{}",
+            excerpt()
+        );
+        assert!(
+            !log.contains('\u{1b}'),
+            "{format}: a raw escape reached the log"
+        );
+        assert!(
+            !log.contains('\r'),
+            "{format}: a raw carriage return reached the log"
+        );
+        assert!(
+            log.contains("suppressed_lines") && log.contains("suppressed_bytes"),
+            "{format}: one note says what was suppressed:\n{}",
+            excerpt()
+        );
+        let forged_lines: Vec<&str> = log.lines().filter(|l| l.contains("innocent")).collect();
+        assert_eq!(
+            forged_lines.len(),
+            2,
+            "{format}: the plugin's line and the dead-letter warning, one line each:\n{}",
+            excerpt()
+        );
+        for line in forged_lines {
+            assert!(line.contains("lease taken: FORGED"), "{format}: {line}");
+            match format {
+                "human" => assert!(
+                    line.contains(r"innocent\n1999-01-01") && line.contains(r"\u{1b}[31m"),
+                    "{format}: escaped in place: {line}"
+                ),
+                _ => {
+                    let value: serde_json::Value = serde_json::from_str(line)?;
+                    let text = value.to_string();
+                    assert!(text.contains(r"innocent\\n1999-01-01"), "{format}: {line}");
+                }
+            }
+        }
+        let plugin_line = log
+            .lines()
+            .find(|l| l.contains("innocent") && !l.contains("dead-lettered"))
+            .unwrap_or_default();
+        match format {
+            "human" => assert!(
+                plugin_line.contains(&format!("pipeline=\"{id}.noisy\""))
+                    && plugin_line.contains("tenant=\"noisy\""),
+                "{format}: the plugin's line names its pipeline and tenant: {plugin_line}"
+            ),
+            _ => {
+                let value: serde_json::Value = serde_json::from_str(plugin_line)?;
+                assert_eq!(
+                    value["fields"]["pipeline"],
+                    format!("{id}.noisy"),
+                    "{value}"
+                );
+                assert_eq!(value["fields"]["tenant"], "noisy", "{value}");
+                assert_eq!(value["fields"]["plugin"], "noisy", "{value}");
+            }
+        }
+    }
+    Ok(())
+}
