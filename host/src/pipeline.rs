@@ -814,3 +814,123 @@ fn header_text(text: &str, max_chars: usize) -> String {
         .take(max_chars)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::Output;
+
+    /// A unit `t` publishing under `cdc`.
+    fn pipeline() -> PipelineConfig {
+        let mut sink = toml::Table::new();
+        sink.insert("stream".into(), "T".into());
+        sink.insert("subject_prefix".into(), "cdc".into());
+        let mut table = toml::Table::new();
+        table.insert("id".into(), "t".into());
+        table.insert("mongodb_uri".into(), "mongodb://unused".into());
+        table.insert("sink".into(), sink.into());
+        table.try_into().expect("pipeline config")
+    }
+
+    fn event(change: crate::event::Change) -> SourceEvent {
+        SourceEvent {
+            token: crate::event::token_from_document(bson::doc! { "_data": "82AA" })
+                .expect("token"),
+            change,
+            snapshot: None,
+        }
+    }
+
+    fn output(subject: Option<String>, headers: Vec<(String, String)>) -> Verdict {
+        Verdict::Publish(vec![Output {
+            change: None,
+            subject,
+            headers,
+        }])
+    }
+
+    fn kind(message: &Message) -> Option<String> {
+        message
+            .headers
+            .get("Tidegate-Error-Kind")
+            .map(|v| v.as_str().to_owned())
+    }
+
+    /// The header block is counted exactly as async-nats writes it in an `HPUB`.
+    #[test]
+    fn header_block_counts_the_wire_form() {
+        let mut headers = HeaderMap::new();
+        headers.insert("A", "xy");
+        headers.append("B", "1");
+        headers.append("B", "22");
+        let wire = "NATS/1.0\r\nA: xy\r\nB: 1\r\nB: 22\r\n\r\n";
+        assert_eq!(header_block_bytes(&headers), wire.len());
+    }
+
+    /// Outputs whose headers, or subject, would make the server drop the connection are
+    /// dead-lettered with the sizes; everything framed fits.
+    #[test]
+    fn oversized_outputs_are_dead_lettered() {
+        let max = 64 * 1024;
+        let mut framer = Framer::new(&pipeline(), max, 0).expect("framer");
+        let stats = crate::metrics::pipeline("framer-test");
+        let event = event(crate::event::Change::probe());
+
+        let small = output(None, vec![("X-Ok".into(), "1".into())]);
+        let unit = framer.frame(&event, small, &stats);
+        assert_eq!(unit.messages.len(), 1);
+        assert_eq!(kind(&unit.messages[0]), None);
+
+        // Many headers, each small, together over max_payload on the wire only.
+        let flood = (0..200)
+            .map(|i| (format!("X-F{i:03}"), "f".repeat(320)))
+            .collect::<Vec<_>>();
+        let named: usize = flood.iter().map(|(n, v)| n.len() + v.len()).sum();
+        assert!(named < max, "names and values alone fit");
+        let unit = framer.frame(&event, output(None, flood), &stats);
+        assert_eq!(unit.messages.len(), 1);
+        let dead = &unit.messages[0];
+        assert_eq!(kind(dead).as_deref(), Some("too-large"));
+        assert_eq!(dead.subject, "cdc.dead-letter");
+        let error = dead.headers.get("Tidegate-Error").expect("error").as_str();
+        assert!(error.contains("accepts at most 65536 (max_payload)"), "{error}");
+
+        let long = format!("cdc.{}", "s".repeat(MAX_SUBJECT_BYTES));
+        let unit = framer.frame(&event, output(Some(long), Vec::new()), &stats);
+        assert_eq!(kind(&unit.messages[0]).as_deref(), Some("too-large"));
+        for message in &unit.messages {
+            assert!(framer.fits(message).is_ok());
+        }
+    }
+
+    /// A dead letter too large to send whole becomes a stub that fits, keeping the event's
+    /// id, namespace and key and saying what was left out.
+    #[test]
+    fn oversized_dead_letters_become_stubs() {
+        let max = MIN_MAX_PAYLOAD;
+        let mut framer = Framer::new(&pipeline(), max, 0).expect("framer");
+        let stats = crate::metrics::pipeline("framer-test");
+        let mut change = crate::event::Change::probe();
+        change.document_key = Some(bson::doc! { "_id": 7 });
+        change.full_document = Some(bson::doc! { "_id": 7, "blob": "b".repeat(2 * max) });
+        let err = CallError {
+            plugin: "p".into(),
+            plugin_hash: "sha256:00".into(),
+            kind: "plugin-error".into(),
+            message: "e".repeat(5000),
+        };
+        let unit = framer.frame(&event(change), Verdict::DeadLetter(err), &stats);
+        assert_eq!(unit.messages.len(), 1);
+        let stub = &unit.messages[0];
+        assert!(framer.fits(stub).is_ok());
+        assert_eq!(kind(stub).as_deref(), Some("plugin-error"));
+        let why = stub.headers.get("Tidegate-Stub").expect("stub").as_str();
+        assert!(why.starts_with("documents left out: message is "), "{why}");
+        let error = stub.headers.get("Tidegate-Error").expect("error").as_str();
+        assert_eq!(error.len(), STUB_ERROR_CHARS);
+        let body: serde_json::Value = serde_json::from_slice(&stub.payload).expect("json");
+        assert_eq!(body["documentKey"]["_id"], 7);
+        assert_eq!(body["ns"]["coll"], "coll");
+        assert!(body.get("fullDocument").is_none(), "{body}");
+    }
+}
