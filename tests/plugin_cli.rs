@@ -202,7 +202,7 @@ fn test_reports_what_production_would_dead_letter() {
         (5, "too-large: output 0: message is"),
         (6, "too-large: output 0: subject is 8196 bytes"),
     ];
-    let blocks: Vec<&str> = text.split("line ").skip(1).collect();
+    let blocks: Vec<&str> = text.split("\nline ").skip(1).collect();
     assert_eq!(blocks.len(), lines.len(), "{text}");
     for (index, reason) in expected {
         let block = blocks[index - 1];
