@@ -207,7 +207,9 @@ fn test_reports_what_production_would_dead_letter() {
     for (index, reason) in expected {
         let block = blocks[index - 1];
         assert!(
-            block.contains(&format!("production: dead-lettered to cdc.dead-letter ({reason}")),
+            block.contains(&format!(
+                "production: dead-lettered to cdc.dead-letter ({reason}"
+            )),
             "line {index}: {block}"
         );
     }

@@ -746,7 +746,9 @@ async fn header_bombs_never_drop_the_shared_connection() -> anyhow::Result<()> {
     assert!(!nats_log.contains("control line"), "nats-server log");
     assert!(!log.contains("NATS disconnected"), "{log}");
     assert!(
-        log.contains("limits.max_output_bytes is 8388608, above the NATS server's max_payload of 1048576"),
+        log.contains(
+            "limits.max_output_bytes is 8388608, above the NATS server's max_payload of 1048576"
+        ),
         "{log}"
     );
 

@@ -690,10 +690,19 @@ impl Framer {
         text_chars: usize,
     ) -> Message {
         let mut headers = self.headers();
-        headers.insert("Tidegate-Error-Kind", header_text(&err.kind, text_chars).as_str());
-        headers.insert("Tidegate-Error", header_text(&err.message, text_chars).as_str());
+        headers.insert(
+            "Tidegate-Error-Kind",
+            header_text(&err.kind, text_chars).as_str(),
+        );
+        headers.insert(
+            "Tidegate-Error",
+            header_text(&err.message, text_chars).as_str(),
+        );
         if !err.plugin.is_empty() {
-            headers.insert("Tidegate-Plugin", header_text(&err.plugin, text_chars).as_str());
+            headers.insert(
+                "Tidegate-Plugin",
+                header_text(&err.plugin, text_chars).as_str(),
+            );
             headers.insert(
                 "Tidegate-Plugin-Hash",
                 header_text(&err.plugin_hash, text_chars).as_str(),
@@ -893,7 +902,10 @@ mod tests {
         assert_eq!(kind(dead).as_deref(), Some("too-large"));
         assert_eq!(dead.subject, "cdc.dead-letter");
         let error = dead.headers.get("Tidegate-Error").expect("error").as_str();
-        assert!(error.contains("accepts at most 65536 (max_payload)"), "{error}");
+        assert!(
+            error.contains("accepts at most 65536 (max_payload)"),
+            "{error}"
+        );
 
         let long = format!("cdc.{}", "s".repeat(MAX_SUBJECT_BYTES));
         let unit = framer.frame(&event, output(Some(long), Vec::new()), &stats);

@@ -395,7 +395,9 @@ fn test(
                     }
                 }
             }
-            Verdict::DeadLetter(err) => println!("{what} -> error {}: {} {cost}", err.kind, err.message),
+            Verdict::DeadLetter(err) => {
+                println!("{what} -> error {}: {} {cost}", err.kind, err.message)
+            }
             other => println!("{what} -> {other:?} {cost}"),
         }
         // What production publishes for this verdict: the framer's own messages.
