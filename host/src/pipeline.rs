@@ -309,7 +309,10 @@ async fn save_if_moved(
         Err(Error::Fenced { .. }) => {}
         // The position is kept and saved on the next tick; a crash meanwhile only replays
         // events JetStream deduplicates.
-        Err(err) => tracing::warn!(error = %err, "checkpoint not saved; will retry"),
+        Err(err) => {
+            crate::metrics::pipeline(checkpoints.pipeline()).set_error(&err.to_string());
+            tracing::warn!(error = %err, "checkpoint not saved; will retry")
+        }
     }
 }
 
@@ -348,6 +351,7 @@ impl ChainStages {
                             messages: self.framer.heartbeat(&token),
                             token,
                             snapshot,
+                            commit_unix_ms: None,
                         });
                         continue;
                     }
@@ -526,6 +530,7 @@ impl Framer {
             messages,
             token: event.token.clone(),
             snapshot: event.snapshot.clone(),
+            commit_unix_ms: event.change.commit_unix_ms(),
         };
         let change = &event.change;
         let outputs = match verdict {

@@ -871,7 +871,7 @@ async fn retry_later(
         });
     }
     tracing::warn!(pipeline, error = %err, retry_in_ms = backoff.as_millis() as u64, "{what}");
-    crate::metrics::pipeline(pipeline).set_state(crate::metrics::State::Retrying);
+    crate::metrics::pipeline(pipeline).retrying(&format!("{what}: {err}"));
     let delay = *backoff;
     *backoff = (*backoff * 2).min(MAX_BACKOFF);
     Ok(tokio::select! {
