@@ -162,6 +162,87 @@ fn test_runs_events_and_reports_each() {
     assert!(text.contains("-> error out-of-fuel"), "{text}");
 }
 
+/// `test` checks outputs the way production does, through the same call-and-check path and
+/// framer: a reserved header, a changed id, a subject outside the prefix or too long, and
+/// outputs over the size limits (one 2 MiB header; many small headers that together exceed
+/// `max_payload` on the wire) each say that production would dead-letter the event and why,
+/// and make the exit code 1; a plain event is published as before.
+#[test]
+fn test_reports_what_production_would_dead_letter() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hostile.jsonl");
+    let line = |doc: &str| {
+        format!(
+            r#"{{"operationType": "insert", "ns": {{"db": "shop", "coll": "orders"}}, "documentKey": {{"_id": 1}}, "fullDocument": {doc}}}"#
+        )
+    };
+    let lines = [
+        line(r#"{"_id": 1, "reserved_header": true}"#),
+        line(r#"{"_id": 1, "change_id": true}"#),
+        line(r#"{"_id": 1, "escape": true}"#),
+        line(r#"{"_id": 1, "header_bomb": true}"#),
+        line(r#"{"_id": 1, "header_flood": true}"#),
+        line(r#"{"_id": 1, "long_subject": "cdc"}"#),
+        line(r#"{"_id": 1, "plain": true}"#),
+    ];
+    std::fs::write(&path, lines.join("\n")).expect("write");
+    let out = plugin(&[
+        "test",
+        &wasm("faulty"),
+        "--events",
+        &path.display().to_string(),
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let expected = [
+        (1, "invalid-output: header 'Nats-Msg-Id' is reserved"),
+        (2, "invalid-output: output changed the event id"),
+        (3, "invalid-output: output subject 'elsewhere.stolen'"),
+        (4, "output-too-large: outputs carry 2097"),
+        (5, "too-large: output 0: message is"),
+        (6, "too-large: output 0: subject is 8196 bytes"),
+    ];
+    let blocks: Vec<&str> = text.split("\nline ").skip(1).collect();
+    assert_eq!(blocks.len(), lines.len(), "{text}");
+    for (index, reason) in expected {
+        let block = blocks[index - 1];
+        assert!(
+            block.contains(&format!(
+                "production: dead-lettered to cdc.dead-letter ({reason}"
+            )),
+            "line {index}: {block}"
+        );
+    }
+    assert!(
+        blocks[4].contains("the NATS server accepts at most 1048576 (max_payload)"),
+        "{}",
+        blocks[4]
+    );
+    assert!(
+        blocks[3].contains("the NATS server's max_payload; limits.max_output_bytes is 4194304"),
+        "{}",
+        blocks[3]
+    );
+    let plain = blocks[6];
+    assert!(plain.contains("-> 1 output(s)"), "{plain}");
+    assert!(!plain.contains("production: dead-lettered"), "{plain}");
+
+    // A larger max_payload lets the flood through: the check is the server's limit.
+    let flood = dir.path().join("flood.jsonl");
+    std::fs::write(&flood, line(r#"{"_id": 1, "header_flood": true}"#)).expect("write");
+    let out = plugin(&[
+        "test",
+        &wasm("faulty"),
+        "--events",
+        &flood.display().to_string(),
+        "--max-payload",
+        "8388608",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(!text.contains("dead-lettered"), "{text}");
+}
+
 /// `new --lang rust` scaffolds a crate on the SDK whose own tests pass natively.
 #[test]
 fn new_rust_plugin_passes_its_tests() {

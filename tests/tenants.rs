@@ -711,3 +711,133 @@ interval_ms = 200
     assert_ne!(header(&open[0], "X-Random"), header(&open[1], "X-Random"));
     Ok(())
 }
+
+/// Header bombs from one tenant never reach the NATS server: one 2 MiB header (over the
+/// tenant's `max_output_bytes` of 8 MiB, which is capped at the server's 1 MiB
+/// `max_payload` with a log line), 2500 small headers that together exceed `max_payload` on
+/// the wire, and a subject of 8 KiB (over the server's `max_control_line`) are each
+/// dead-lettered with their reason, an event too large even to dead-letter whole is
+/// dead-lettered as a stub, the shared connection is never dropped, and the good tenant
+/// receives every one of its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_bombs_never_drop_the_shared_connection() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let config = tenant_config(
+        &h,
+        &h.plugins,
+        "[[pipeline.tenant.plugins]]\nname = \"faulty\"",
+        "limits = { max_output_bytes = 8388608 }\nquarantine = { after_failures = 0 }",
+    );
+    let path = h.write_config("tenants.toml", &config)?;
+    let mut child = h.spawn_binary(&path)?;
+    wait_tenants_ready(&h, &["shop.good", "shop.bad"]).await?;
+
+    let client = h.mongo.client().await?;
+    let orders = client.database(DB).collection::<bson::Document>("orders");
+    let bombs: [(bson::Document, &str, &str); 3] = [
+        (
+            doc! { "header_bomb": true },
+            "output-too-large",
+            "the limit is 1048576 (the NATS server's max_payload; limits.max_output_bytes is 8388608)",
+        ),
+        (
+            doc! { "header_flood": true },
+            "too-large",
+            "the NATS server accepts at most 1048576 (max_payload)",
+        ),
+        (
+            doc! { "long_subject": "bad" },
+            "too-large",
+            "output 0: subject is 8196 bytes",
+        ),
+    ];
+    // Plain orders between the bombs, each round twice: the good tenant keeps flowing.
+    let mut n = 0;
+    let mut expected_bad = Vec::new();
+    for _ in 0..2 {
+        for (bomb, kind, reason) in &bombs {
+            for _ in 0..3 {
+                orders.insert_one(doc! { "n": n, "plain": true }).await?;
+                expected_bad.push(None);
+                n += 1;
+            }
+            let mut bomb = bomb.clone();
+            bomb.insert("n", n);
+            orders.insert_one(bomb).await?;
+            expected_bad.push(Some((*kind, *reason)));
+            n += 1;
+        }
+    }
+    orders.insert_one(doc! { "n": n, "plain": true }).await?;
+    expected_bad.push(None);
+    n += 1;
+    // Only the bad tenant sees `returns`: 1.5 MiB, too large to publish or dead-letter whole.
+    client
+        .database(DB)
+        .collection::<bson::Document>("returns")
+        .insert_one(doc! { "n": 2000, "blob": "r".repeat(1536 * 1024) })
+        .await?;
+
+    let good = h
+        .wait_settled("GOOD", n as u64, Duration::from_secs(120))
+        .await?;
+    let bad = h
+        .wait_settled("BAD", n as u64 + 1, Duration::from_secs(120))
+        .await?;
+    child.signal(SIGTERM)?;
+    child.wait_exit(Duration::from_secs(30)).await?;
+    let log = child.log();
+    let nats_log = std::fs::read_to_string(h.nats.log_path())?.to_lowercase();
+
+    // The shared connection was never dropped for a message the server refused.
+    assert!(!nats_log.contains("maximum payload"), "nats-server log");
+    assert!(!nats_log.contains("control line"), "nats-server log");
+    assert!(!log.contains("NATS disconnected"), "{log}");
+    assert!(
+        log.contains(
+            "limits.max_output_bytes is 8388608, above the NATS server's max_payload of 1048576"
+        ),
+        "{log}"
+    );
+
+    // The good tenant: every order, in order, published.
+    assert_eq!(numbers(&good), (0..n).collect::<Vec<_>>());
+    for m in &good {
+        assert_eq!(header(m, "Tidegate-Error-Kind"), None);
+    }
+
+    // The bad tenant: one message per event, in order; every bomb dead-lettered with its
+    // reason, the original event intact.
+    assert_eq!(bad.len(), expected_bad.len() + 1, "one message per event");
+    for (i, (m, expected)) in bad.iter().zip(&expected_bad).enumerate() {
+        assert_eq!(json(m)["fullDocument"]["n"].as_i64(), Some(i as i64));
+        match expected {
+            None => assert_eq!(m.subject.as_str(), "bad.shop.orders.insert"),
+            Some((kind, reason)) => {
+                assert_eq!(m.subject.as_str(), "bad.dead-letter", "event {i}");
+                assert_eq!(header(m, "Tidegate-Error-Kind").as_deref(), Some(*kind));
+                let error = header(m, "Tidegate-Error").unwrap_or_default();
+                assert!(error.contains(reason), "event {i}: {error}");
+                assert_eq!(header(m, "Tidegate-Stub"), None);
+            }
+        }
+    }
+    // The 1.5 MiB event: a stub that fits, with its key, namespace, time and the sizes.
+    let stub = bad.last().expect("the returns event");
+    assert_eq!(stub.subject.as_str(), "bad.dead-letter");
+    assert_eq!(
+        header(stub, "Tidegate-Error-Kind").as_deref(),
+        Some("output-too-large")
+    );
+    let why = header(stub, "Tidegate-Stub").unwrap_or_default();
+    assert!(
+        why.starts_with("documents left out: message is ") && why.contains("1048576"),
+        "{why}"
+    );
+    let body = json(stub);
+    assert!(body["documentKey"]["_id"].is_object(), "{body}");
+    assert_eq!(body["ns"]["coll"], "returns", "{body}");
+    assert!(body["clusterTime"].is_object(), "{body}");
+    assert!(body.get("fullDocument").is_none(), "{body}");
+    Ok(())
+}

@@ -14,7 +14,11 @@
 //!    same chained with `Nats-Expected-Last-Msg-Id`, and synchronous (N/10 messages);
 //! 3. tidegate end to end draining a backlog of N events with 0, 1 and 3 plugins;
 //! 4. write → JetStream-store latency at a steady insert rate, with 0 and 3 plugins;
-//! 5. micro costs: a plugin call vs. native code doing the same, and the host-side conversions.
+//! 5. micro costs: a plugin call vs. native code doing the same, and the host-side conversions;
+//! 6. K tenants on one collection;
+//! 7. a good tenant's latency and backlog throughput beside a hostile neighbour tenant (idle,
+//!    header bombs, a CPU hog burning its whole fuel or deadline on every event);
+//!    `--neighbours-only` runs just this scenario.
 //!
 //! It prints the tables and writes them as markdown to `<target dir>/bench-results.md` (or
 //! `--out`). Nothing is asserted about timings.
@@ -55,6 +59,8 @@ struct Args {
     micro_iters: usize,
     /// Skip the server scenarios (CPU-only tables).
     micro_only: bool,
+    /// Run only scenario 7 (noisy neighbours).
+    neighbours_only: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -65,6 +71,7 @@ fn parse_args() -> anyhow::Result<Args> {
         latency_secs: 5,
         micro_iters: 20_000,
         micro_only: false,
+        neighbours_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -87,9 +94,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--latency-secs" => args.latency_secs = value()?.parse().context("--latency-secs")?,
             "--micro-iters" => args.micro_iters = value()?.parse().context("--micro-iters")?,
             "--micro-only" => args.micro_only = true,
+            "--neighbours-only" => args.neighbours_only = true,
             other => bail!(
                 "unknown argument {other:?}; expected --events N, --out PATH, --rate R, \
-                 --latency-secs S, --micro-iters I, --micro-only"
+                 --latency-secs S, --micro-iters I, --micro-only, --neighbours-only"
             ),
         }
     }
@@ -1195,8 +1203,18 @@ async fn e2e_latency(
     }
     running.stop().await?;
     check_no_dead_letters(&env.nats_client, &stream).await?;
+    store_latency(env, &stream, total, achieved_rate).await
+}
 
-    let messages = stream_messages(&env.nats_client, &stream).await?;
+/// Insert → store latency of the `total` messages of `stream`, each carrying
+/// `fullDocument.ts_ns` (stamped just before its insert).
+async fn store_latency(
+    env: &Env,
+    stream: &str,
+    total: usize,
+    achieved_rate: f64,
+) -> anyhow::Result<Latency> {
+    let messages = stream_messages(&env.nats_client, stream).await?;
     if messages.len() != total {
         bail!(
             "latency run: stream holds {} messages, expected {total}",
@@ -1239,22 +1257,31 @@ fn main() -> anyhow::Result<()> {
     let plugins = plugin_dir()?;
 
     // CPU-only measurements first, while no server is running.
-    eprintln!("micro benchmarks ({} iterations each)…", args.micro_iters);
-    let (calls, conv, payload_len) = micro(&plugins, args.micro_iters)?;
-    let sandbox = sandbox_costs(&plugins, args.micro_iters)?;
+    let iters = if args.neighbours_only {
+        1
+    } else {
+        args.micro_iters
+    };
+    eprintln!("micro benchmarks ({iters} iterations each)…");
+    let (calls, conv, payload_len) = micro(&plugins, iters)?;
+    let sandbox = sandbox_costs(&plugins, iters)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let mut all = if args.micro_only {
+    let mut all = if args.neighbours_only {
+        runtime.block_on(neighbours_only(&args, plugins))?
+    } else if args.micro_only {
         Vec::new()
     } else {
         runtime.block_on(servers(&args, plugins, payload_len))?
     };
-    all.push(calls);
-    all.push(conv);
-    all.push(sandbox);
+    if !args.neighbours_only {
+        all.push(calls);
+        all.push(conv);
+        all.push(sandbox);
+    }
     let elapsed = began.elapsed();
 
     let mut text = String::new();
@@ -1281,8 +1308,8 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::Result<Vec<Table>> {
-    let n = args.events;
+/// Starts the servers and measures what they are for.
+async fn start_env(plugins: PathBuf) -> anyhow::Result<Env> {
     eprintln!("starting mongod and nats-server…");
     let (mongo, nats) = tokio::try_join!(MongoReplicaSet::start(), NatsServer::start())?;
     let cpu = Cpu {
@@ -1292,14 +1319,25 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
             find_server_pid("nats-server", "-p", nats.port()),
         ],
     };
-    let env = Env {
+    Ok(Env {
         mongo_client: mongo.client().await?,
         nats_client: nats.client().await?,
         mongo,
         nats,
         plugins,
         cpu,
-    };
+    })
+}
+
+/// Scenario 7 alone.
+async fn neighbours_only(args: &Args, plugins: PathBuf) -> anyhow::Result<Vec<Table>> {
+    let env = start_env(plugins).await?;
+    Ok(vec![neighbours(&env, args).await?])
+}
+
+async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::Result<Vec<Table>> {
+    let n = args.events;
+    let env = start_env(plugins).await?;
 
     const CPU_HEADER: &str = "CPU cores: bench / mongod / nats = total";
     eprintln!("1. raw change-stream read ({n} events)…");
@@ -1471,7 +1509,8 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
             .into(),
     );
 
-    Ok(vec![raw, backlog, latency, tenants])
+    let neighbours = neighbours(&env, args).await?;
+    Ok(vec![raw, backlog, latency, tenants, neighbours])
 }
 
 /// The driver alone, `k` change streams reading the same backlog of `n` inserts at once;
@@ -1560,4 +1599,265 @@ interval_ms = 200
     let cpu = env.cpu.since(mark, env.cpu.mark());
     running.stop().await?;
     Ok((rate(n, elapsed), cpu))
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Noisy neighbours
+
+/// What the hostile tenant of scenario 7 does with every one of its events (the `faulty`
+/// plugin's flags).
+#[derive(Clone, Copy, PartialEq)]
+enum Neighbour {
+    /// No events at all: the baseline.
+    Idle,
+    /// One 2 MiB header per output: dead-lettered (`output-too-large`) before it reaches NATS.
+    HeaderBomb,
+    /// Spins until its fuel (default 100,000,000) or deadline (1000 ms) stops it.
+    CpuHog,
+}
+
+impl Neighbour {
+    fn tag(self) -> &'static str {
+        match self {
+            Neighbour::Idle => "idle",
+            Neighbour::HeaderBomb => "bomb",
+            Neighbour::CpuHog => "hog",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Neighbour::Idle => "none (neighbour idle)",
+            Neighbour::HeaderBomb => "header bomb (2 MiB header) on every event",
+            Neighbour::CpuHog => "CPU hog (spins to its fuel/deadline) on every event",
+        }
+    }
+
+    fn flag(self) -> Option<&'static str> {
+        match self {
+            Neighbour::Idle => None,
+            Neighbour::HeaderBomb => Some("header_bomb"),
+            Neighbour::CpuHog => Some("spin"),
+        }
+    }
+}
+
+/// Hostile events the feeder keeps outstanding (inserted, not yet dead-lettered): enough that
+/// the hostile unit never waits for work, few enough that stopping drains quickly.
+const HOSTILE_OUTSTANDING: u64 = 4;
+
+/// Keeps the hostile tenant busy until `stop`: inserts a flagged document whenever fewer than
+/// [`HOSTILE_OUTSTANDING`] are waiting for their dead letter. Returns how many it inserted.
+async fn feed_hostile(
+    coll: mongodb::Collection<Document>,
+    client: async_nats::Client,
+    stream: String,
+    flag: &'static str,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<u64> {
+    let mut inserted = 0u64;
+    while !*stop.borrow() {
+        let done = stream_len(&client, &stream).await;
+        if inserted < done + HOSTILE_OUTSTANDING {
+            coll.insert_one(doc! { "seq": inserted as i64, flag: true })
+                .await
+                .context("insert hostile")?;
+            inserted += 1;
+        } else {
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+            }
+        }
+    }
+    Ok(inserted)
+}
+
+/// Scenario 7: a good tenant (op-filter) and a hostile neighbour tenant (`faulty`,
+/// quarantine off so every event stays hostile) on one pipeline, for each [`Neighbour`]: the
+/// good tenant's insert → store latency at `--rate` for `--latency-secs`, then its backlog
+/// drain rate for N events, the neighbour hostile throughout.
+async fn neighbours(env: &Env, args: &Args) -> anyhow::Result<Table> {
+    let mut table = Table::new(
+        &format!(
+            "7. Noisy neighbours: a good tenant beside a hostile one (latency at {} events/s for \
+             {} s; backlog of N = {})",
+            args.rate, args.latency_secs, args.events
+        ),
+        &[
+            "hostile neighbour",
+            "good p50 ms",
+            "good p99 ms",
+            "p99 vs. idle",
+            "good max ms",
+            "good backlog events/s",
+            "vs. idle",
+            "hostile events handled",
+            "CPU cores: bench / mongod / nats = total",
+        ],
+    );
+    let mut baseline: Option<(f64, f64)> = None;
+    for neighbour in [Neighbour::Idle, Neighbour::HeaderBomb, Neighbour::CpuHog] {
+        eprintln!("7. noisy neighbour: {}…", neighbour.tag());
+        let r = neighbour_run(env, args, neighbour).await?;
+        let (p99_idle, rate_idle) = *baseline.get_or_insert((r.latency.p99_ms, r.backlog_rate));
+        table.row(vec![
+            neighbour.label().into(),
+            format!("{:.1}", r.latency.p50_ms),
+            format!("{:.1}", r.latency.p99_ms),
+            format!("{:.2}×", r.latency.p99_ms / p99_idle),
+            format!("{:.1}", r.latency.max_ms),
+            fmt_rate(r.backlog_rate),
+            format!("{:.2}×", r.backlog_rate / rate_idle),
+            r.hostile.to_string(),
+            r.cpu,
+        ]);
+    }
+    table.note(
+        "One pipeline, two tenant units, one NATS connection and one wasmtime engine: `good` \
+         runs op-filter on its own collection; `bad` runs the `faulty` test plugin on another, \
+         fed so that it always has hostile events waiting. Every hostile event is \
+         dead-lettered (never published, never reaching the server as an oversized message). \
+         Goal: good p99 ≤ 1.25× idle. CPU is over the latency run."
+            .into(),
+    );
+    Ok(table)
+}
+
+struct NeighbourRun {
+    latency: Latency,
+    backlog_rate: f64,
+    hostile: u64,
+    cpu: String,
+}
+
+async fn neighbour_run(
+    env: &Env,
+    args: &Args,
+    neighbour: Neighbour,
+) -> anyhow::Result<NeighbourRun> {
+    let tag = neighbour.tag();
+    let id = format!("bench-neighbour-{tag}");
+    let (good_coll, bad_coll) = (format!("nb_good_{tag}"), format!("nb_bad_{tag}"));
+    let upper = tag.to_uppercase();
+    let (good_stream, bad_stream) = (format!("NB_GOOD_{upper}"), format!("NB_BAD_{upper}"));
+    let config = env.parse_config(&format!(
+        r#"
+[[pipeline]]
+id = "{id}"
+mongodb_uri = "{mongo}"
+database = "{DB}"
+[pipeline.checkpoint]
+interval_ms = 200
+
+[[pipeline.tenant]]
+id = "good"
+namespaces = ["{DB}.{good_coll}"]
+[pipeline.tenant.sink]
+stream = "{good_stream}"
+subject_prefix = "nbgood{tag}"
+[[pipeline.tenant.plugins]]
+name = "op-filter"
+config = {{ operations = "insert,update,replace,delete" }}
+
+[[pipeline.tenant]]
+id = "bad"
+namespaces = ["{DB}.{bad_coll}"]
+quarantine = {{ after_failures = 0 }}
+[pipeline.tenant.sink]
+stream = "{bad_stream}"
+subject_prefix = "nbbad{tag}"
+[[pipeline.tenant.plugins]]
+name = "faulty"
+"#,
+        mongo = env.mongo.uri(),
+    ))?;
+    let start_hostile = |stop: tokio::sync::watch::Receiver<bool>| {
+        neighbour.flag().map(|flag| {
+            tokio::spawn(feed_hostile(
+                env.collection(&bad_coll),
+                env.nats_client.clone(),
+                bad_stream.clone(),
+                flag,
+                stop,
+            ))
+        })
+    };
+    let wait_units = || async {
+        env.wait_checkpoint(&format!("{id}.good")).await?;
+        env.wait_checkpoint(&format!("{id}.bad")).await
+    };
+
+    // Latency at a steady rate, the neighbour hostile throughout.
+    let running = Running::start(config.clone());
+    wait_units().await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let feeder = start_hostile(stop_rx.clone());
+    let mark = env.cpu.mark();
+    let good = env.collection(&good_coll);
+    let total = (args.rate * args.latency_secs) as usize;
+    const BATCH: usize = 10;
+    let period = Duration::from_secs_f64(BATCH as f64 / args.rate as f64);
+    let began = tokio::time::Instant::now();
+    let mut sent = 0;
+    let mut k = 0u32;
+    while sent < total {
+        tokio::time::sleep_until(began + period * k).await;
+        let end = (sent + BATCH).min(total);
+        let ts = now_ns();
+        let docs: Vec<Document> = (sent..end).map(|s| sample_doc(s as i64, ts)).collect();
+        good.insert_many(docs).await.context("insert_many")?;
+        sent = end;
+        k += 1;
+    }
+    let achieved_rate = rate(total, began.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while stream_len(&env.nats_client, &good_stream).await < total as u64 {
+        if Instant::now() > deadline {
+            bail!("neighbour {tag}: not all {total} good messages arrived within 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cpu = env.cpu.since(mark, env.cpu.mark());
+    let _ = stop_tx.send(true);
+    let mut fed = match feeder {
+        Some(task) => task.await.context("feeder panicked")??,
+        None => 0,
+    };
+    running.stop().await?;
+    check_no_dead_letters(&env.nats_client, &good_stream).await?;
+    let latency = store_latency(env, &good_stream, total, achieved_rate).await?;
+
+    // Backlog drain: N good events waiting, the neighbour hostile from the start.
+    let n = args.events;
+    insert_range(&good, total, total + n).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let t = Instant::now();
+    let running = Running::start(config);
+    let feeder = start_hostile(stop_rx);
+    let target = (total + n) as u64;
+    let deadline = t + Duration::from_secs(600);
+    while stream_len(&env.nats_client, &good_stream).await < target {
+        if Instant::now() > deadline {
+            bail!("neighbour {tag}: backlog of {n} not drained in 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let backlog_rate = rate(n, t.elapsed());
+    let _ = stop_tx.send(true);
+    if let Some(task) = feeder {
+        fed += task.await.context("feeder panicked")??;
+    }
+    running.stop().await?;
+    // Every hostile event read was dead-lettered; the last few fed may be unread at the stop.
+    let hostile = stream_len(&env.nats_client, &bad_stream).await;
+    if hostile > fed || (fed > 0 && hostile == 0) {
+        bail!("neighbour {tag}: {fed} hostile events fed but {hostile} dead letters");
+    }
+    Ok(NeighbourRun {
+        latency,
+        backlog_rate,
+        hostile,
+        cpu,
+    })
 }

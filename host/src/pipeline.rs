@@ -53,6 +53,24 @@ const UNIT_QUEUE_BATCHES: usize = 4;
 /// NATS's default `max_payload`, assumed if the server did not say.
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 
+/// The smallest `max_payload` a pipeline runs with: below it even a dead-letter stub (ids,
+/// namespace, reason) might not fit, and an event could be neither published nor
+/// dead-lettered.
+const MIN_MAX_PAYLOAD: usize = 16 * 1024;
+
+/// The longest subject tidegate publishes to. nats-server closes the connection of a client
+/// whose protocol line (`HPUB <subject> <reply inbox> <sizes>`) is longer than its
+/// `max_control_line` (default 4096 bytes, not announced to clients); half of it leaves room
+/// for the reply inbox and the sizes.
+pub const MAX_SUBJECT_BYTES: usize = 2048;
+
+/// Bytes reserved for the `Nats-Expected-Last-Msg-Id` value the publisher adds (the previous
+/// message's id, unknown while framing) when no longer id has been seen.
+const EXPECTED_ID_ALLOWANCE: usize = 512;
+
+/// The most bytes of an error text a dead-letter stub carries.
+const STUB_ERROR_CHARS: usize = 200;
+
 /// Runs one pipeline (or tenant unit) until `shutdown` turns true (then drains and
 /// checkpoints), a fatal error occurs, or `fence` is lost (then stops at once with
 /// [`Error::Fenced`], writing nothing more).
@@ -102,6 +120,15 @@ pub async fn run(
         0 => DEFAULT_MAX_PAYLOAD,
         n => n,
     };
+    if max_payload < MIN_MAX_PAYLOAD {
+        return Err(Error::Sink {
+            pipeline: id.clone(),
+            message: format!(
+                "the NATS server's max_payload is {max_payload} bytes; tidegate needs at \
+                 least {MIN_MAX_PAYLOAD} so that every dead letter fits"
+            ),
+        });
+    }
     let checkpoints =
         CheckpointStore::open(&pipeline.checkpoint, &id, &js, &mongo, fence.clone()).await?;
     let checkpoint = checkpoints.load().await?;
@@ -159,7 +186,13 @@ pub async fn run(
         mongo.clone(),
         pipeline.clone(),
     )));
-    let framer = Framer::new(&pipeline, max_payload)?;
+    let mut chain = chain;
+    cap_output_bytes(&mut chain, &id, max_payload, true);
+    let longest_id = start
+        .as_ref()
+        .and_then(|p| p.last_msg_id.as_ref())
+        .map_or(0, String::len);
+    let framer = Framer::new(&pipeline, max_payload, longest_id)?;
     let chain_stats = stats.clone();
     let scope = pipeline.clone();
     let chain_thread = std::thread::Builder::new()
@@ -316,6 +349,26 @@ pub async fn run(
     stats.set_state(crate::metrics::State::Stopped);
     tracing::info!(pipeline = %id, "stopped");
     outcome.and(source_result)
+}
+
+/// Caps every plugin's `max_output_bytes` at the NATS server's `max_payload` (a larger
+/// limit could only let through outputs the server refuses), saying so once per start when
+/// `log` is set.
+fn cap_output_bytes(chain: &mut Chain, unit: &str, max_payload: usize, log: bool) {
+    if log {
+        for plugin in chain.plugins() {
+            let configured = plugin.limits().max_output_bytes;
+            if configured > max_payload as u64 {
+                tracing::info!(
+                    pipeline = %unit,
+                    plugin = %plugin.name(),
+                    "limits.max_output_bytes is {configured}, above the NATS server's \
+                     max_payload of {max_payload}: outputs are capped at {max_payload} bytes"
+                );
+            }
+        }
+    }
+    chain.cap_output_bytes(max_payload as u64);
 }
 
 /// Aborts a task when dropped, on every way out of a function.
@@ -592,6 +645,12 @@ impl ChainStages {
                 }
                 ChainUpdate::Chain(chain) => {
                     self.chain = chain;
+                    cap_output_bytes(
+                        &mut self.chain,
+                        &self.scope.id,
+                        self.framer.max_payload,
+                        false,
+                    );
                     tracing::info!(pipeline = %self.scope.id, "plugin chain reloaded");
                 }
             }
@@ -604,12 +663,20 @@ impl ChainStages {
 }
 
 /// Turns chain verdicts into NATS messages: subjects, ids, headers, payloads.
-struct Framer {
+///
+/// Every message it makes fits the connected server's `max_payload` as the server counts it
+/// ([`Framer::fits`]): an output that does not is dead-lettered instead, and a dead letter
+/// that does not is cut down to a stub that does. So no event, and no plugin output, can make
+/// the server close the connection every unit shares.
+pub struct Framer {
     pipeline: String,
     subjects: SubjectTemplate,
     dead_letter_subject: String,
     encoding: Encoding,
     max_payload: usize,
+    /// The longest message id framed so far (at first, the checkpoint's): the publisher's
+    /// `Nats-Expected-Last-Msg-Id` header repeats the previous message's id.
+    longest_id: usize,
     /// The headers every message starts with, built once.
     common_headers: HeaderMap,
     /// `heartbeat_publish_ms`, and when the last heartbeat message was framed.
@@ -619,7 +686,13 @@ struct Framer {
 }
 
 impl Framer {
-    fn new(pipeline: &PipelineConfig, max_payload: usize) -> Result<Framer, Error> {
+    /// A framer for `pipeline` publishing to a server that accepts `max_payload` bytes;
+    /// `longest_id` is the length of the last published message's id, if known.
+    pub fn new(
+        pipeline: &PipelineConfig,
+        max_payload: usize,
+        longest_id: usize,
+    ) -> Result<Framer, Error> {
         let subjects = SubjectTemplate::parse(
             &pipeline.sink.subject_template,
             &pipeline.sink.subject_prefix,
@@ -640,6 +713,7 @@ impl Framer {
             dead_letter_subject: pipeline.dead_letter_subject(),
             encoding: pipeline.sink.encoding,
             max_payload,
+            longest_id,
             common_headers,
             heartbeat_every: (pipeline.heartbeat_publish_ms > 0)
                 .then(|| Duration::from_millis(pipeline.heartbeat_publish_ms)),
@@ -650,6 +724,11 @@ impl Framer {
 
     fn headers(&self) -> HeaderMap {
         self.common_headers.clone()
+    }
+
+    /// The subject dead letters go to.
+    pub fn dead_letter_subject(&self) -> &str {
+        &self.dead_letter_subject
     }
 
     /// A heartbeat message for an idle stream at `token`, if heartbeats are published and
@@ -668,7 +747,7 @@ impl Framer {
             "clusterTime": time.map(|t| format!("{}.{}", t.time, t.increment)),
             "at": bson::DateTime::now().try_to_rfc3339_string().ok(),
         });
-        vec![Message {
+        let message = Message {
             subject: self.heartbeat_subject.clone(),
             msg_id: format!(
                 "{}:{}:heartbeat",
@@ -677,20 +756,28 @@ impl Framer {
             ),
             headers: self.headers(),
             payload: payload.to_string().into(),
-        }]
+        };
+        match self.accept(message) {
+            Ok(message) => vec![message],
+            Err(reason) => {
+                // Nothing is lost: a heartbeat only says the stream is alive.
+                tracing::warn!(pipeline = %self.pipeline, "heartbeat not published: {reason}");
+                Vec::new()
+            }
+        }
     }
 
-    fn frame(&self, event: &SourceEvent, verdict: Verdict, stats: &PipelineStats) -> Unit {
+    /// The messages for one event's verdict, each one checked with [`Framer::fits`].
+    pub fn frame(&mut self, event: &SourceEvent, verdict: Verdict, stats: &PipelineStats) -> Unit {
+        let unit = |messages| Unit {
+            messages,
+            token: event.token.clone(),
+            snapshot: event.snapshot.clone(),
+            commit_unix_ms: event.change.commit_unix_ms(),
+        };
         let change = &event.change;
         let outputs = match verdict {
-            Verdict::DeadLetter(err) => {
-                return Unit {
-                    messages: vec![self.dead_letter(event, &err, stats)],
-                    token: event.token.clone(),
-                    snapshot: event.snapshot.clone(),
-                    commit_unix_ms: event.change.commit_unix_ms(),
-                }
-            }
+            Verdict::DeadLetter(err) => return unit(self.dead_letter(event, &err, stats)),
             Verdict::Skip(_) | Verdict::Halt(_) => {
                 stats.skipped();
                 Vec::new()
@@ -710,25 +797,7 @@ impl Framer {
         for (index, output) in outputs.into_iter().enumerate() {
             let change = output.change.as_ref().unwrap_or(change);
             let payload = match encode::payload(change, self.encoding) {
-                Ok(payload) if payload.len() + 1024 <= self.max_payload => payload,
-                Ok(payload) => {
-                    let err = CallError {
-                        plugin: String::new(),
-                        plugin_hash: String::new(),
-                        kind: "too-large".into(),
-                        message: format!(
-                            "encoded event is {} bytes; the NATS server accepts at most {}",
-                            payload.len(),
-                            self.max_payload
-                        ),
-                    };
-                    return Unit {
-                        messages: vec![self.dead_letter(event, &err, stats)],
-                        token: event.token.clone(),
-                        snapshot: event.snapshot.clone(),
-                        commit_unix_ms: event.change.commit_unix_ms(),
-                    };
-                }
+                Ok(payload) => payload,
                 Err(message) => {
                     let err = CallError {
                         plugin: String::new(),
@@ -736,12 +805,7 @@ impl Framer {
                         kind: "encoding".into(),
                         message,
                     };
-                    return Unit {
-                        messages: vec![self.dead_letter(event, &err, stats)],
-                        token: event.token.clone(),
-                        snapshot: event.snapshot.clone(),
-                        commit_unix_ms: event.change.commit_unix_ms(),
-                    };
+                    return unit(self.dead_letter(event, &err, stats));
                 }
             };
             let subject = match output.subject {
@@ -752,25 +816,32 @@ impl Framer {
             for (name, value) in output.headers {
                 headers.append(name.as_str(), value.as_str());
             }
-            messages.push(Message {
+            let message = Message {
                 subject,
                 msg_id: format!("{}:{}:{index}", self.pipeline, change.id()),
                 headers,
                 payload: payload.into(),
-            });
+            };
+            match self.accept(message) {
+                Ok(message) => messages.push(message),
+                Err(reason) => {
+                    let err = CallError {
+                        plugin: String::new(),
+                        plugin_hash: String::new(),
+                        kind: "too-large".into(),
+                        message: format!("output {index}: {reason}"),
+                    };
+                    return unit(self.dead_letter(event, &err, stats));
+                }
+            }
         }
-        Unit {
-            messages,
-            token: event.token.clone(),
-            snapshot: event.snapshot.clone(),
-            commit_unix_ms: event.change.commit_unix_ms(),
-        }
+        unit(messages)
     }
 
     /// An event `oversize = "skip"` stripped on the server: its stub (id, namespace, document
     /// key, times) goes to the dead-letter subject with reason `oversize` and the size in
     /// `Tidegate-Event-Size`; plugins never see it.
-    fn oversize(&self, event: &SourceEvent, size: i64, stats: &PipelineStats) -> Unit {
+    fn oversize(&mut self, event: &SourceEvent, size: i64, stats: &PipelineStats) -> Unit {
         let err = CallError {
             plugin: String::new(),
             plugin_hash: String::new(),
@@ -780,21 +851,28 @@ impl Framer {
                  dead-letters this stub of it (id, namespace, document key, cluster time)"
             ),
         };
-        let mut message = self.dead_letter(event, &err, stats);
-        message
-            .headers
-            .insert("Tidegate-Event-Size", size.to_string().as_str());
+        let mut messages = self.dead_letter(event, &err, stats);
+        for message in &mut messages {
+            message
+                .headers
+                .insert("Tidegate-Event-Size", size.to_string().as_str());
+        }
         Unit {
-            messages: vec![message],
+            messages,
             token: event.token.clone(),
             snapshot: event.snapshot.clone(),
             commit_unix_ms: event.change.commit_unix_ms(),
         }
     }
 
-    /// The original event, to the dead-letter subject, with the reason in headers. If even
-    /// the original is too large, its documents are left out (the key still identifies it).
-    fn dead_letter(&self, event: &SourceEvent, err: &CallError, stats: &PipelineStats) -> Message {
+    /// The original event, to the dead-letter subject, with the reason in headers; when that
+    /// does not fit, a stub that does ([`Framer::dead_letter_stub`]).
+    fn dead_letter(
+        &mut self,
+        event: &SourceEvent,
+        err: &CallError,
+        stats: &PipelineStats,
+    ) -> Vec<Message> {
         stats.dead_lettered(&err.plugin, &err.kind);
         tracing::warn!(
             pipeline = %self.pipeline,
@@ -805,33 +883,110 @@ impl Framer {
             event = %crate::telemetry::escape(event.change.id()),
             "event dead-lettered"
         );
-        let mut payload = encode::payload(&event.change, self.encoding).unwrap_or_default();
-        if payload.is_empty() || payload.len() + 4096 > self.max_payload {
-            let slim = event.change.without(&[
-                "fullDocument",
-                "fullDocumentBeforeChange",
-                "updateDescription",
-            ]);
-            payload = slim
-                .and_then(|slim| encode::payload(&slim, self.encoding))
-                .unwrap_or_default();
-        }
-        let mut headers = self.headers();
-        let clean = |s: &str| -> String {
-            s.chars()
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .take(1000)
-                .collect()
+        let full = encode::payload(&event.change, self.encoding)
+            .map(|payload| self.dead_letter_message(event, err, payload, HEADER_TEXT_CHARS));
+        let too_large = match full.map(|message| self.accept(message)) {
+            Ok(Ok(message)) => return vec![message],
+            Ok(Err(reason)) => reason,
+            Err(reason) => format!("the event cannot be encoded: {reason}"),
         };
-        headers.insert("Tidegate-Error-Kind", clean(&err.kind).as_str());
-        headers.insert("Tidegate-Error", clean(&err.message).as_str());
+        self.dead_letter_stub(event, err, &too_large)
+            .into_iter()
+            .collect()
+    }
+}
+
+/// The most characters of one header value taken from an error or other free text.
+const HEADER_TEXT_CHARS: usize = 1000;
+
+/// Size accounting: how the NATS server measures a message, and the stub a dead letter is
+/// cut down to. Kept apart from the framing above, which only asks [`Framer::fits`].
+impl Framer {
+    /// Why `message` cannot be published without the server refusing it (and closing the
+    /// connection every unit shares), if it cannot: its subject is longer than
+    /// [`MAX_SUBJECT_BYTES`], or subject, header block and payload together
+    /// ([`Framer::wire_size`]) exceed the server's `max_payload`. nats-server itself counts
+    /// only the header block and the payload; counting the subject too leaves JetStream's
+    /// stored copy (which holds the subject) room as well.
+    pub fn fits(&self, message: &Message) -> Result<(), String> {
+        if message.subject.len() > MAX_SUBJECT_BYTES {
+            return Err(format!(
+                "subject is {} bytes; at most {MAX_SUBJECT_BYTES} are published (the NATS \
+                 server closes connections whose protocol lines exceed its max_control_line)",
+                message.subject.len()
+            ));
+        }
+        let size = self.wire_size(message);
+        if size.total() > self.max_payload {
+            return Err(format!(
+                "message is {} bytes (subject {}, headers {}, payload {}); the NATS server \
+                 accepts at most {} (max_payload)",
+                size.total(),
+                size.subject,
+                size.headers,
+                size.payload,
+                self.max_payload
+            ));
+        }
+        Ok(())
+    }
+
+    /// `message` if it [`fits`](Framer::fits), remembering its id's length for the
+    /// `Nats-Expected-Last-Msg-Id` header of the next message.
+    fn accept(&mut self, message: Message) -> Result<Message, String> {
+        self.fits(&message)?;
+        self.longest_id = self.longest_id.max(message.msg_id.len());
+        Ok(message)
+    }
+
+    /// What `message` weighs on the wire once the publisher adds its `Nats-Msg-Id` and
+    /// `Nats-Expected-Last-Msg-Id` headers (the latter's value is the previous message's id,
+    /// at most the longest id framed so far or [`EXPECTED_ID_ALLOWANCE`]).
+    pub fn wire_size(&self, message: &Message) -> WireSize {
+        let expected_id = self
+            .longest_id
+            .max(message.msg_id.len())
+            .max(EXPECTED_ID_ALLOWANCE);
+        WireSize {
+            subject: message.subject.len(),
+            headers: header_block_bytes(&message.headers)
+                + header_line_bytes("Nats-Msg-Id", message.msg_id.len())
+                + header_line_bytes("Nats-Expected-Last-Msg-Id", expected_id),
+            payload: message.payload.len(),
+        }
+    }
+
+    /// A dead letter for `event` with `payload`, the reason in `Tidegate-*` headers whose
+    /// free text is cut at `text_chars` characters.
+    fn dead_letter_message(
+        &self,
+        event: &SourceEvent,
+        err: &CallError,
+        payload: Vec<u8>,
+        text_chars: usize,
+    ) -> Message {
+        let mut headers = self.headers();
+        headers.insert(
+            "Tidegate-Error-Kind",
+            header_text(&err.kind, text_chars).as_str(),
+        );
+        headers.insert(
+            "Tidegate-Error",
+            header_text(&err.message, text_chars).as_str(),
+        );
         if !err.plugin.is_empty() {
-            headers.insert("Tidegate-Plugin", clean(&err.plugin).as_str());
-            headers.insert("Tidegate-Plugin-Hash", clean(&err.plugin_hash).as_str());
+            headers.insert(
+                "Tidegate-Plugin",
+                header_text(&err.plugin, text_chars).as_str(),
+            );
+            headers.insert(
+                "Tidegate-Plugin-Hash",
+                header_text(&err.plugin_hash, text_chars).as_str(),
+            );
         }
         headers.insert(
             "Tidegate-Original-Subject",
-            self.subjects.render(&event.change).as_str(),
+            header_text(&self.subjects.render(&event.change), text_chars).as_str(),
         );
         Message {
             subject: self.dead_letter_subject.clone(),
@@ -839,5 +994,227 @@ impl Framer {
             headers,
             payload: payload.into(),
         }
+    }
+
+    /// A dead letter cut down to fit `max_payload`: the event without its documents (id,
+    /// operation, namespace, document key, cluster and wall time), the error texts cut to
+    /// [`STUB_ERROR_CHARS`], and a `Tidegate-Stub` header saying why the whole did not fit.
+    /// If the document key alone is too large, it goes too. `None` (logged as an error, the
+    /// event skipped) only if even that cannot fit, i.e. the event's id alone is larger than
+    /// the server accepts: such an event cannot be published in any form.
+    fn dead_letter_stub(
+        &mut self,
+        event: &SourceEvent,
+        err: &CallError,
+        too_large: &str,
+    ) -> Option<Message> {
+        let original = &event.change;
+        for keep_key in [true, false] {
+            let mut left_out = vec![
+                "fullDocument",
+                "fullDocumentBeforeChange",
+                "updateDescription",
+                "lsid",
+                "txnNumber",
+            ];
+            if !keep_key {
+                left_out.push("documentKey");
+            }
+            let payload = original
+                .without(&left_out)
+                .and_then(|stub| encode::payload(&stub, self.encoding))
+                .unwrap_or_default();
+            let mut message = self.dead_letter_message(event, err, payload, STUB_ERROR_CHARS);
+            let what = if keep_key {
+                "documents left out"
+            } else {
+                "documents and document key left out"
+            };
+            message.headers.insert(
+                "Tidegate-Stub",
+                header_text(&format!("{what}: {too_large}"), HEADER_TEXT_CHARS).as_str(),
+            );
+            if let Ok(message) = self.accept(message) {
+                return Some(message);
+            }
+        }
+        tracing::error!(
+            pipeline = %self.pipeline,
+            event = %header_text(original.id(), STUB_ERROR_CHARS),
+            "event skipped: not even a dead-letter stub of it fits the NATS server's \
+             max_payload of {} bytes",
+            self.max_payload
+        );
+        None
+    }
+}
+
+/// A message's size as the NATS server sees it, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireSize {
+    /// The subject.
+    pub subject: usize,
+    /// The header block, including the headers the publisher adds.
+    pub headers: usize,
+    /// The payload.
+    pub payload: usize,
+}
+
+impl WireSize {
+    /// Everything together.
+    pub fn total(&self) -> usize {
+        self.subject + self.headers + self.payload
+    }
+}
+
+/// Bytes of `headers` as async-nats writes them in an `HPUB` (and nats-server counts toward
+/// `max_payload`): `NATS/1.0\r\n`, one `Name: value\r\n` line per value, and `\r\n`.
+pub fn header_block_bytes(headers: &HeaderMap) -> usize {
+    let lines: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values
+                .iter()
+                .map(|value| header_line_bytes(name, value.as_str().len()))
+                .sum::<usize>()
+        })
+        .sum();
+    "NATS/1.0\r\n".len() + lines + "\r\n".len()
+}
+
+/// Bytes of one `Name: value\r\n` header line.
+fn header_line_bytes(name: &str, value_len: usize) -> usize {
+    name.len() + ": ".len() + value_len + "\r\n".len()
+}
+
+/// `text` as a header value: control characters (CR, LF…) as spaces, at most `max_chars`.
+fn header_text(text: &str, max_chars: usize) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max_chars)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::Output;
+
+    /// A unit `t` publishing under `cdc`.
+    fn pipeline() -> PipelineConfig {
+        let mut sink = toml::Table::new();
+        sink.insert("stream".into(), "T".into());
+        sink.insert("subject_prefix".into(), "cdc".into());
+        let mut table = toml::Table::new();
+        table.insert("id".into(), "t".into());
+        table.insert("mongodb_uri".into(), "mongodb://unused".into());
+        table.insert("sink".into(), sink.into());
+        table.try_into().expect("pipeline config")
+    }
+
+    fn event(change: crate::event::Change) -> SourceEvent {
+        SourceEvent {
+            token: crate::event::token_from_document(bson::doc! { "_data": "82AA" })
+                .expect("token"),
+            change,
+            snapshot: None,
+        }
+    }
+
+    fn output(subject: Option<String>, headers: Vec<(String, String)>) -> Verdict {
+        Verdict::Publish(vec![Output {
+            change: None,
+            subject,
+            headers,
+        }])
+    }
+
+    fn kind(message: &Message) -> Option<String> {
+        message
+            .headers
+            .get("Tidegate-Error-Kind")
+            .map(|v| v.as_str().to_owned())
+    }
+
+    /// The header block is counted exactly as async-nats writes it in an `HPUB`.
+    #[test]
+    fn header_block_counts_the_wire_form() {
+        let mut headers = HeaderMap::new();
+        headers.insert("A", "xy");
+        headers.append("B", "1");
+        headers.append("B", "22");
+        let wire = "NATS/1.0\r\nA: xy\r\nB: 1\r\nB: 22\r\n\r\n";
+        assert_eq!(header_block_bytes(&headers), wire.len());
+    }
+
+    /// Outputs whose headers, or subject, would make the server drop the connection are
+    /// dead-lettered with the sizes; everything framed fits.
+    #[test]
+    fn oversized_outputs_are_dead_lettered() {
+        let max = 64 * 1024;
+        let mut framer = Framer::new(&pipeline(), max, 0).expect("framer");
+        let stats = crate::metrics::pipeline("framer-test");
+        let event = event(crate::event::Change::probe());
+
+        let small = output(None, vec![("X-Ok".into(), "1".into())]);
+        let unit = framer.frame(&event, small, &stats);
+        assert_eq!(unit.messages.len(), 1);
+        assert_eq!(kind(&unit.messages[0]), None);
+
+        // Many headers, each small, together over max_payload on the wire only.
+        let flood = (0..200)
+            .map(|i| (format!("X-F{i:03}"), "f".repeat(320)))
+            .collect::<Vec<_>>();
+        let named: usize = flood.iter().map(|(n, v)| n.len() + v.len()).sum();
+        assert!(named < max, "names and values alone fit");
+        let unit = framer.frame(&event, output(None, flood), &stats);
+        assert_eq!(unit.messages.len(), 1);
+        let dead = &unit.messages[0];
+        assert_eq!(kind(dead).as_deref(), Some("too-large"));
+        assert_eq!(dead.subject, "cdc.dead-letter");
+        let error = dead.headers.get("Tidegate-Error").expect("error").as_str();
+        assert!(
+            error.contains("accepts at most 65536 (max_payload)"),
+            "{error}"
+        );
+
+        let long = format!("cdc.{}", "s".repeat(MAX_SUBJECT_BYTES));
+        let unit = framer.frame(&event, output(Some(long), Vec::new()), &stats);
+        assert_eq!(kind(&unit.messages[0]).as_deref(), Some("too-large"));
+        for message in &unit.messages {
+            assert!(framer.fits(message).is_ok());
+        }
+    }
+
+    /// A dead letter too large to send whole becomes a stub that fits, keeping the event's
+    /// id, namespace and key and saying what was left out.
+    #[test]
+    fn oversized_dead_letters_become_stubs() {
+        let max = MIN_MAX_PAYLOAD;
+        let mut framer = Framer::new(&pipeline(), max, 0).expect("framer");
+        let stats = crate::metrics::pipeline("framer-test");
+        let mut change = crate::event::Change::probe();
+        change.document_key = Some(bson::doc! { "_id": 7 });
+        change.full_document = Some(bson::doc! { "_id": 7, "blob": "b".repeat(2 * max) });
+        let err = CallError {
+            plugin: "p".into(),
+            plugin_hash: "sha256:00".into(),
+            kind: "plugin-error".into(),
+            message: "e".repeat(5000),
+        };
+        let unit = framer.frame(&event(change), Verdict::DeadLetter(err), &stats);
+        assert_eq!(unit.messages.len(), 1);
+        let stub = &unit.messages[0];
+        assert!(framer.fits(stub).is_ok());
+        assert_eq!(kind(stub).as_deref(), Some("plugin-error"));
+        let why = stub.headers.get("Tidegate-Stub").expect("stub").as_str();
+        assert!(why.starts_with("documents left out: message is "), "{why}");
+        let error = stub.headers.get("Tidegate-Error").expect("error").as_str();
+        assert_eq!(error.len(), STUB_ERROR_CHARS);
+        let body: serde_json::Value = serde_json::from_slice(&stub.payload).expect("json");
+        assert_eq!(body["documentKey"]["_id"], 7);
+        assert_eq!(body["ns"]["coll"], "coll");
+        assert!(body.get("fullDocument").is_none(), "{body}");
     }
 }

@@ -280,6 +280,11 @@ impl Plugin {
         self.memory_peak
     }
 
+    /// The limits of each call.
+    pub fn limits(&self) -> &PluginLimits {
+        &self.settings.limits
+    }
+
     /// Fuel the last [`Plugin::call`] burnt (for `tidegate plugin test`).
     pub fn last_fuel_used(&self) -> u64 {
         self.last_fuel_used
@@ -347,6 +352,19 @@ impl Plugin {
                 format!("init trapped: {}", sandbox::trap_reason(&err)),
             )),
         }
+    }
+
+    /// Runs the plugin on one event and checks what it returned the way production does
+    /// ([`check_outputs`]): the one call-and-check path of the pipeline and of
+    /// `tidegate plugin test`. `rules` are the unit's output rules.
+    pub fn call_checked(
+        &mut self,
+        event: &wit::ChangeEvent,
+        rules: &OutputRules,
+    ) -> Result<Decision, CallError> {
+        let decision = self.call(event)?;
+        check_outputs(self, &decision, event, rules)?;
+        Ok(decision)
     }
 
     /// Runs the plugin on one event. After a trap the instance is discarded (its memory may
@@ -433,12 +451,22 @@ pub enum Verdict {
     OutOfScope,
 }
 
+/// What every output of a unit's transforms must respect besides the plugin's own limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputRules {
+    /// Subjects chosen by plugins must lie under `<subject_prefix>.`.
+    pub subject_prefix: String,
+    /// A cap on every plugin's `max_output_bytes`: the NATS server's `max_payload` once
+    /// connected (`u64::MAX` until then).
+    pub max_output_bytes: u64,
+}
+
 /// A pipeline's plugins, in order.
 pub struct Chain {
     plugins: Vec<Plugin>,
     /// One series per plugin, in chain order.
     metrics: Vec<std::sync::Arc<crate::metrics::PluginMetrics>>,
-    subject_prefix: String,
+    rules: OutputRules,
     quarantine: QuarantineConfig,
     unit: String,
 }
@@ -458,17 +486,31 @@ impl Chain {
                 Plugin::load(sandbox, &p.name, &path, &Chain::settings(pipeline, p))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        Ok(Chain::of(plugins, pipeline))
+    }
+
+    /// A chain of already loaded `plugins` for `pipeline` (`tidegate plugin test` builds its
+    /// one-plugin chain this way).
+    pub fn of(plugins: Vec<Plugin>, pipeline: &PipelineConfig) -> Chain {
         let labels = crate::metrics::unit_labels(&pipeline.id);
-        Ok(Chain {
+        Chain {
             metrics: plugins
                 .iter()
                 .map(|p| crate::metrics::plugin(&labels, p.name()))
                 .collect(),
             plugins,
-            subject_prefix: pipeline.sink.subject_prefix.clone(),
+            rules: OutputRules {
+                subject_prefix: pipeline.sink.subject_prefix.clone(),
+                max_output_bytes: u64::MAX,
+            },
             quarantine: pipeline.quarantine,
             unit: pipeline.id.clone(),
-        })
+        }
+    }
+
+    /// Caps every plugin's `max_output_bytes` at `max` (the NATS server's `max_payload`).
+    pub fn cap_output_bytes(&mut self, max: u64) {
+        self.rules.max_output_bytes = max;
     }
 
     /// What plugin `p` of `pipeline` is loaded with.
@@ -576,10 +618,7 @@ impl Chain {
                 };
                 let plugin = &mut self.plugins[index];
                 let started = std::time::Instant::now();
-                let result = plugin.call(input).and_then(|decision| {
-                    check_outputs(plugin, &decision, input, &self.subject_prefix)?;
-                    Ok(decision)
-                });
+                let result = plugin.call_checked(input, &self.rules);
                 if let Some(metrics) = self.metrics.get(index) {
                     metrics.call(
                         started.elapsed(),
@@ -647,13 +686,14 @@ impl Chain {
     }
 }
 
-/// Checks a transform's outputs against its limits (count and bytes: `output-too-large`)
-/// and the contract (`invalid-output`, see [`check_output`]).
+/// Checks a transform's outputs against its limits (count and bytes: `output-too-large`;
+/// the byte limit capped by `rules`) and the contract (`invalid-output`, see
+/// [`check_output`]).
 fn check_outputs(
     plugin: &Plugin,
     decision: &Decision,
     input: &wit::ChangeEvent,
-    prefix: &str,
+    rules: &OutputRules,
 ) -> Result<(), CallError> {
     let Decision::Replace(outputs) = decision else {
         return Ok(());
@@ -670,17 +710,22 @@ fn check_outputs(
         ));
     }
     let bytes: u64 = outputs.iter().map(|o| output_bytes(o) as u64).sum();
-    if bytes > limits.max_output_bytes {
+    if bytes > limits.max_output_bytes.min(rules.max_output_bytes) {
+        let limit = if limits.max_output_bytes <= rules.max_output_bytes {
+            format!("{} (limits.max_output_bytes)", limits.max_output_bytes)
+        } else {
+            format!(
+                "{} (the NATS server's max_payload; limits.max_output_bytes is {})",
+                rules.max_output_bytes, limits.max_output_bytes
+            )
+        };
         return Err(plugin.error(
             "output-too-large",
-            format!(
-                "outputs carry {bytes} bytes for one event; the limit is {} (limits.max_output_bytes)",
-                limits.max_output_bytes
-            ),
+            format!("outputs carry {bytes} bytes for one event; the limit is {limit}"),
         ));
     }
     for out in outputs {
-        check_output(out, input, prefix)
+        check_output(out, input, &rules.subject_prefix)
             .map_err(|message| plugin.error("invalid-output", message))?;
     }
     Ok(())

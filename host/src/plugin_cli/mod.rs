@@ -3,13 +3,16 @@
 //! - `inspect` says what a component is (world, contract version, exports, imports, size) and
 //!   whether tidegate can run it, and why not;
 //! - `test` runs events from a JSON-lines file through a plugin under the same sandbox and
-//!   limits as production, printing each verdict or output, error, fuel and time — plugin
-//!   debugging without a database;
+//!   limits as production, printing each verdict or output, error, fuel and time, and what
+//!   production would do with it (publish, or dead-letter and why) — plugin debugging without
+//!   a database;
 //! - `new` scaffolds a plugin project with a test.
 //!
-//! Loading and calling go through the library's [`tidegate::plugin::Plugin`] and
-//! [`tidegate::sandbox::Sandbox`], in [`load`] only, so the CLI can never drift from how a
-//! pipeline runs a plugin.
+//! Loading goes through the library's [`tidegate::plugin::Plugin`] and
+//! [`tidegate::sandbox::Sandbox`], in [`load`] only; `test` calls and checks through the
+//! pipeline's own [`tidegate::plugin::Chain`] and frames the verdict with its
+//! [`tidegate::pipeline::Framer`], so the CLI can never drift from how a pipeline runs a
+//! plugin and what it publishes.
 
 mod events;
 mod scaffold;
@@ -21,9 +24,14 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Subcommand, ValueEnum};
-use tidegate::config::{Capabilities, Encoding, PluginLimits, SandboxConfig};
-use tidegate::plugin::{convert, Decision, Plugin, PluginSettings};
+use tidegate::config::{Capabilities, Encoding, PipelineConfig, PluginLimits, SandboxConfig};
+use tidegate::event::SourceEvent;
+use tidegate::pipeline::Framer;
+use tidegate::plugin::{Chain, Plugin, PluginSettings, Verdict, World};
 use tidegate::sandbox::Sandbox;
+
+/// NATS's default `max_payload`, what `plugin test` checks messages against by default.
+const NATS_DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 
 /// `tidegate plugin <command>`.
 #[derive(Subcommand)]
@@ -61,6 +69,13 @@ pub enum Command {
         /// `random` (repeatable; production default: none).
         #[arg(long = "allow", value_name = "CAPABILITY")]
         allow: Vec<String>,
+        /// The pipeline's `sink.subject_prefix`: subjects plugins choose must lie under it.
+        #[arg(long, default_value = "cdc")]
+        subject_prefix: String,
+        /// The NATS server's `max_payload`, in bytes, that every message must fit
+        /// (default: NATS's default, 1 MiB).
+        #[arg(long, default_value_t = NATS_DEFAULT_MAX_PAYLOAD)]
+        max_payload: usize,
     },
     /// Create a new plugin project in `<dir>/<name>` with a working example and a test.
     New {
@@ -114,6 +129,8 @@ pub fn run(command: Command) -> ExitCode {
             fuel,
             timeout_ms,
             allow,
+            subject_prefix,
+            max_payload,
         } => parse_config(&config).and_then(|config| {
             let mut limits = PluginLimits::default();
             limits.memory_mib = memory_mib.unwrap_or(limits.memory_mib);
@@ -134,7 +151,8 @@ pub fn run(command: Command) -> ExitCode {
                 capabilities,
                 tenant: None,
             };
-            test(&file, &events, &settings)
+            let pipeline = test_pipeline(&subject_prefix)?;
+            test(&file, &events, &settings, &pipeline, max_payload)
         }),
         Command::New {
             name,
@@ -276,9 +294,37 @@ fn inspect(file: &Path, settings: &PluginSettings) -> anyhow::Result<bool> {
     }
 }
 
-fn test(file: &Path, events: &Path, settings: &PluginSettings) -> anyhow::Result<bool> {
+/// The one-plugin unit `plugin test` runs events through: the default sink under
+/// `subject_prefix`, quarantine off (every event gets its own verdict).
+fn test_pipeline(subject_prefix: &str) -> anyhow::Result<PipelineConfig> {
+    if !tidegate::config::is_valid_subject(subject_prefix, false) {
+        bail!("--subject-prefix {subject_prefix:?}: not a valid NATS subject");
+    }
+    let mut sink = toml::Table::new();
+    sink.insert("stream".into(), "PLUGIN_TEST".into());
+    sink.insert("subject_prefix".into(), subject_prefix.into());
+    let mut table = toml::Table::new();
+    table.insert("id".into(), "plugin-test".into());
+    table.insert("mongodb_uri".into(), "mongodb://unused".into());
+    table.insert("sink".into(), sink.into());
+    let mut pipeline: PipelineConfig = table.try_into().context("test pipeline")?;
+    pipeline.quarantine.after_failures = 0;
+    Ok(pipeline)
+}
+
+/// Runs every event of `events` through the plugin as the unit `pipeline` would: the chain's
+/// call-and-check path, then the framer's size checks against `max_payload`. Prints each
+/// verdict and whether production would publish it or dead-letter it (and why); `false` if
+/// any event failed or would be dead-lettered.
+fn test(
+    file: &Path,
+    events: &Path,
+    settings: &PluginSettings,
+    pipeline: &PipelineConfig,
+    max_payload: usize,
+) -> anyhow::Result<bool> {
     let limits = settings.limits;
-    // Plugin log lines (and nothing else) on stderr.
+    // Plugin log lines and dead-letter warnings (and nothing else) on stderr.
     tidegate::telemetry::init(&tidegate::config::LogConfig {
         level: "warn,tidegate::plugin=debug".into(),
         ..Default::default()
@@ -287,55 +333,52 @@ fn test(file: &Path, events: &Path, settings: &PluginSettings) -> anyhow::Result
         .with_context(|| format!("cannot read {}", events.display()))?;
     let changes = events::parse_lines(&text).with_context(|| format!("in {}", events.display()))?;
     let (_sandbox, plugin) = load(file, settings)?;
-    let mut plugin = match plugin {
+    let plugin = match plugin {
         Ok(p) => p,
         Err(err) => {
             println!("cannot run: {err}");
             return Ok(false);
         }
     };
+    let world = plugin.world();
     println!(
-        "{} ({:?}), {} event(s), limits: {} MiB, {} fuel, {} ms per call",
+        "{} ({world:?}), {} event(s), limits: {} MiB, {} fuel, {} ms per call, {} output \
+         bytes, max_payload {max_payload}",
         file.display(),
-        plugin.world(),
         changes.len(),
         limits.memory_mib,
         limits.fuel_per_call,
-        limits.timeout_ms
+        limits.timeout_ms,
+        limits.max_output_bytes.min(max_payload as u64),
     );
+    let mut chain = Chain::of(vec![plugin], pipeline);
+    chain.cap_output_bytes(max_payload as u64);
+    let mut framer = Framer::new(pipeline, max_payload, 0)?;
+    let stats = tidegate::metrics::pipeline(&pipeline.id);
     let mut all_ok = true;
     for (line, change) in &changes {
-        let sent = match convert::to_wit(change) {
-            Ok(sent) => sent,
-            Err(message) => {
-                all_ok = false;
-                println!("line {line}: error encoding: {message}");
-                continue;
-            }
-        };
         let started = Instant::now();
-        let result = plugin.call(&sent);
+        let verdict = chain.run(change);
         let elapsed = started.elapsed();
-        let cost = format!(
-            "[fuel {}, {:.3} ms]",
-            plugin.last_fuel_used(),
-            elapsed.as_secs_f64() * 1000.0
-        );
+        let fuel = chain.plugins().first().map_or(0, Plugin::last_fuel_used);
+        let cost = format!("[fuel {fuel}, {:.3} ms]", elapsed.as_secs_f64() * 1000.0);
         let what = format!(
             "line {line}: {} {}",
             change.operation().as_str(),
             change.namespace()
         );
-        match result {
-            Ok(Decision::Keep) => println!("{what} -> keep {cost}"),
-            Ok(Decision::Drop) => println!("{what} -> drop {cost}"),
-            Ok(Decision::Replace(outputs)) => {
+        match &verdict {
+            Verdict::Publish(outputs) if world == World::Filter => {
+                let kept = if outputs.is_empty() { "drop" } else { "keep" };
+                println!("{what} -> {kept} {cost}");
+            }
+            Verdict::Publish(outputs) => {
                 println!("{what} -> {} output(s) {cost}", outputs.len());
-                for (i, out) in outputs.into_iter().enumerate() {
+                for (i, out) in outputs.iter().enumerate() {
                     let headers: Vec<String> = out
                         .headers
                         .iter()
-                        .map(|h| format!("{}: {}", h.name, h.value))
+                        .map(|(name, value)| format!("{name}: {value}"))
                         .collect();
                     println!(
                         "  [{i}] subject: {}{}",
@@ -346,21 +389,51 @@ fn test(file: &Path, events: &Path, settings: &PluginSettings) -> anyhow::Result
                             format!("; headers: {}", headers.join(", "))
                         }
                     );
-                    let payload = convert::from_wit(out.event, &sent, change)
-                        .and_then(|c| tidegate::encode::payload(&c, Encoding::RelaxedJson));
-                    match payload {
+                    let shown = out.change.as_ref().unwrap_or(change);
+                    match tidegate::encode::payload(shown, Encoding::RelaxedJson) {
                         Ok(bytes) => println!("      {}", String::from_utf8_lossy(&bytes)),
-                        Err(message) => {
-                            all_ok = false;
-                            println!("      error invalid-output: {message}");
-                        }
+                        Err(message) => println!("      (cannot show as JSON: {message})"),
                     }
                 }
             }
-            Err(err) => {
-                all_ok = false;
-                println!("{what} -> error {}: {} {cost}", err.kind, err.message);
+            Verdict::DeadLetter(err) => {
+                println!("{what} -> error {}: {} {cost}", err.kind, err.message)
             }
+            other => println!("{what} -> {other:?} {cost}"),
+        }
+        // What production publishes for this verdict: the framer's own messages.
+        let token = tidegate::event::token_from_document(bson::doc! { "_data": &change.id })
+            .map_err(anyhow::Error::msg)?;
+        let event = SourceEvent {
+            token,
+            change: change.clone(),
+            snapshot: None,
+        };
+        let unit = framer.frame(&event, verdict, &stats);
+        let dead_letter = unit
+            .messages
+            .iter()
+            .find(|m| m.headers.get("Tidegate-Error-Kind").is_some());
+        if let Some(message) = dead_letter {
+            all_ok = false;
+            let header = |name: &str| {
+                message
+                    .headers
+                    .get(name)
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default()
+            };
+            println!(
+                "  production: dead-lettered to {} ({}: {}){}",
+                message.subject,
+                header("Tidegate-Error-Kind"),
+                header("Tidegate-Error"),
+                if message.headers.get("Tidegate-Stub").is_some() {
+                    " as a stub"
+                } else {
+                    ""
+                }
+            );
         }
     }
     Ok(all_ok)

@@ -7,6 +7,11 @@
 //! - `"trap": true` → panics, which traps the instance (guests are built with `panic = "abort"`);
 //! - `"spin": true` → loops forever, until the host's deadline interrupts it;
 //! - `"bomb": true` → allocates memory until the host's memory cap traps it;
+//! - `"huge": true` → 1000 copies of the event; `"escape": true` → a subject outside the
+//!   tenant's prefix;
+//! - `"header_bomb": true` → one 2 MiB header; `"header_flood": true` → 2500 headers of
+//!   406 bytes; `"long_subject": "<prefix>"` → a subject of 8 KiB under `<prefix>`;
+//!   `"reserved_header": true` → a `Nats-Msg-Id` header; `"change_id": true` → a changed id;
 //! - otherwise → the unchanged event as the single output.
 //!
 //! Each of the first four writes one `debug` line to the log first. A full document that is not
@@ -24,7 +29,10 @@ mod logic;
 
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use crate::logic::{action, check_keys, parse_fail_init, Action, ESCAPE_SUBJECT, HUGE_COPIES};
+    use crate::logic::{
+        action, check_keys, parse_fail_init, Action, ESCAPE_SUBJECT, FLOOD_HEADERS,
+        FLOOD_VALUE_BYTES, HEADER_BOMB_BYTES, HUGE_COPIES, LONG_SUBJECT_BYTES,
+    };
 
     wit_bindgen::generate!({
         world: "transform",
@@ -33,6 +41,7 @@ mod component {
 
     use tidegate::plugin::config;
     use tidegate::plugin::log::{self, Level};
+    use tidegate::plugin::types::Header;
 
     struct Faulty;
 
@@ -96,6 +105,46 @@ mod component {
                     subject: Some(ESCAPE_SUBJECT.to_owned()),
                     headers: Vec::new(),
                 }]),
+                Action::HeaderBomb => Ok(vec![Output {
+                    event,
+                    subject: None,
+                    headers: vec![Header {
+                        name: "X-Bomb".to_owned(),
+                        value: "b".repeat(HEADER_BOMB_BYTES),
+                    }],
+                }]),
+                Action::HeaderFlood => Ok(vec![Output {
+                    event,
+                    subject: None,
+                    headers: (0..FLOOD_HEADERS)
+                        .map(|i| Header {
+                            name: format!("X-Flood-{i:04}"),
+                            value: "f".repeat(FLOOD_VALUE_BYTES),
+                        })
+                        .collect(),
+                }]),
+                Action::LongSubject(prefix) => Ok(vec![Output {
+                    event,
+                    subject: Some(format!("{prefix}.{}", "s".repeat(LONG_SUBJECT_BYTES))),
+                    headers: Vec::new(),
+                }]),
+                Action::ReservedHeader => Ok(vec![Output {
+                    event,
+                    subject: None,
+                    headers: vec![Header {
+                        name: "Nats-Msg-Id".to_owned(),
+                        value: "forged".to_owned(),
+                    }],
+                }]),
+                Action::ChangeId => {
+                    let mut event = event;
+                    event.id = format!("{}-forged", event.id);
+                    Ok(vec![Output {
+                        event,
+                        subject: None,
+                        headers: Vec::new(),
+                    }])
+                }
                 Action::Bomb => {
                     log::write(
                         Level::Debug,

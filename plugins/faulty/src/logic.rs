@@ -26,7 +26,7 @@ pub fn check_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<(), Str
 }
 
 /// What the event's `full-document` asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Hand the event on unchanged.
     Pass,
@@ -42,7 +42,31 @@ pub enum Action {
     Huge,
     /// `"escape": true`: publish to [`ESCAPE_SUBJECT`], outside every tenant's prefix.
     Escape,
+    /// `"header_bomb": true`: the event with one header of [`HEADER_BOMB_BYTES`].
+    HeaderBomb,
+    /// `"header_flood": true`: the event with [`FLOOD_HEADERS`] headers of
+    /// [`FLOOD_VALUE_BYTES`] each: under 1 MiB of names and values, over it on the wire.
+    HeaderFlood,
+    /// `"long_subject": "<prefix>"`: the event to `<prefix>.` followed by
+    /// [`LONG_SUBJECT_BYTES`] letters (a valid subject under the prefix, but too long).
+    LongSubject(String),
+    /// `"reserved_header": true`: the event with a `Nats-Msg-Id` header of its own.
+    ReservedHeader,
+    /// `"change_id": true`: the event with its id changed.
+    ChangeId,
 }
+
+/// The value size of a `header_bomb` event's one header.
+pub const HEADER_BOMB_BYTES: usize = 2 * 1024 * 1024;
+
+/// How many headers a `header_flood` event gets.
+pub const FLOOD_HEADERS: usize = 2500;
+
+/// The value size of each `header_flood` header (names are `X-Flood-0000`…).
+pub const FLOOD_VALUE_BYTES: usize = 406;
+
+/// The letters a `long_subject` event's subject has after its prefix.
+pub const LONG_SUBJECT_BYTES: usize = 8 * 1024;
 
 /// How many outputs a `huge` event becomes.
 pub const HUGE_COPIES: usize = 1_000;
@@ -73,6 +97,16 @@ pub fn action(full_document: Option<&[u8]>) -> Result<Action, String> {
         Action::Huge
     } else if flag("escape") {
         Action::Escape
+    } else if flag("header_bomb") {
+        Action::HeaderBomb
+    } else if flag("header_flood") {
+        Action::HeaderFlood
+    } else if let Some(Value::String(prefix)) = doc.get("long_subject") {
+        Action::LongSubject(prefix.clone())
+    } else if flag("reserved_header") {
+        Action::ReservedHeader
+    } else if flag("change_id") {
+        Action::ChangeId
     } else {
         Action::Pass
     })
@@ -122,6 +156,17 @@ mod tests {
         assert_eq!(act(r#"{"huge": true}"#), Ok(Action::Huge));
         assert_eq!(act(r#"{"escape": true}"#), Ok(Action::Escape));
         assert_eq!(act(r#"{"escape": true, "huge": true}"#), Ok(Action::Huge));
+        assert_eq!(act(r#"{"header_bomb": true}"#), Ok(Action::HeaderBomb));
+        assert_eq!(act(r#"{"header_flood": true}"#), Ok(Action::HeaderFlood));
+        assert_eq!(
+            act(r#"{"long_subject": "bad"}"#),
+            Ok(Action::LongSubject("bad".into()))
+        );
+        assert_eq!(
+            act(r#"{"reserved_header": true}"#),
+            Ok(Action::ReservedHeader)
+        );
+        assert_eq!(act(r#"{"change_id": true}"#), Ok(Action::ChangeId));
     }
 
     #[test]
