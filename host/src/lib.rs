@@ -18,6 +18,7 @@
 //!   start positions, invalidate and lost-history policies.
 //! - [`snapshot`] — reading existing documents in resumable chunks: before streaming
 //!   (initial), or on a signal while streaming (incremental, between watermarks).
+//! - [`signal`] — Debezium-style signal documents read into requests, or refused with a reason.
 //! - [`event`] — the change as tidegate carries it (BSON documents, resume token).
 //! - [`plugin`] — loading components, the WIT bindings, running a chain over an event,
 //!   quarantine.
@@ -57,6 +58,7 @@ pub mod plugin;
 pub mod reload;
 pub mod sandbox;
 pub mod security;
+pub mod signal;
 pub mod sink;
 pub mod snapshot;
 pub mod source;
@@ -119,16 +121,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
 
+    // The latest connection failure, for the "waiting for NATS" line.
+    let nats_failure = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let failure = nats_failure.clone();
     let nats = security::nats_options(&config.nats.auth, config.nats.tls.as_ref())
         .await?
         .retry_on_initial_connect()
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => {
-                    tracing::warn!("NATS disconnected; reconnecting")
+        .event_callback(move |event| {
+            let failure = failure.clone();
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("NATS disconnected; reconnecting")
+                    }
+                    async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    async_nats::Event::ClientError(err) => {
+                        tracing::debug!("NATS client error: {err}");
+                        *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(err.to_string());
+                    }
+                    async_nats::Event::ServerError(err) => {
+                        tracing::debug!("NATS server error: {err}");
+                        *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(err.to_string());
+                    }
+                    other => tracing::debug!("NATS event: {other}"),
                 }
-                async_nats::Event::Connected => tracing::info!("NATS connected"),
-                other => tracing::debug!("NATS event: {other}"),
             }
         })
         .connect(config.nats.url.as_str())
@@ -174,7 +190,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut waited = 0;
     while nats.connection_state() != async_nats::connection::State::Connected {
         if waited % 500 == 100 {
-            tracing::warn!(url = %redact_url(&config.nats.url), "waiting for NATS");
+            let failure = nats_failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            tracing::warn!(
+                "waiting for NATS at {}: {}",
+                redact_url(&config.nats.url),
+                nats_connect_hint(failure.as_deref())
+            );
         }
         waited += 1;
         tokio::select! {
@@ -253,7 +277,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     if is_tenant && !stopping && !tasks.is_empty() {
                         tracing::error!(error = %err, "tenant unit stopped; the other units carry on");
                     } else {
-                        tracing::error!(error = %err, "pipeline failed; stopping the others");
+                        // The first failure is returned (and printed once, by the caller);
+                        // a later one would not be, so it is logged here.
+                        if outcome.is_err() {
+                            tracing::error!(error = %err, "another pipeline failed too");
+                        } else if !tasks.is_empty() {
+                            tracing::info!("a pipeline failed; stopping the others");
+                        }
                         stopping = true;
                         let _ = stop_tx.send(true);
                     }
@@ -279,6 +309,29 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// What a NATS connection failure (the client's words) most likely means, and what to do.
+fn nats_connect_hint(failure: Option<&str>) -> String {
+    let Some(failure) = failure else {
+        return "no answer yet".into();
+    };
+    let lower = failure.to_ascii_lowercase();
+    let hint = if lower.contains("authorization") || lower.contains("authentication") {
+        "the server refused the credentials; check [nats.auth] (user/password, token, nkey or \
+         credentials file)"
+    } else if lower.contains("tls") {
+        "TLS failed: the server may require TLS (use a tls:// URL and [nats.tls]) or its \
+         certificate is not trusted (nats.tls.ca_file)"
+    } else if lower.contains("dns") {
+        "the host name does not resolve; check nats.url"
+    } else if lower.contains("io") || lower.contains("timed out") || lower.contains("parse") {
+        "nothing that speaks NATS answers there; check the host and port in nats.url (the \
+         client port, 4222 by default, not the monitoring port) and that nats-server runs"
+    } else {
+        "retrying"
+    };
+    format!("{failure}: {hint}")
 }
 
 /// A URL with any `user:password@` or `token@` part removed, for logs.
