@@ -137,7 +137,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     async_nats::Event::Connected => tracing::info!("NATS connected"),
                     async_nats::Event::ClientError(err) => {
                         tracing::debug!("NATS client error: {err}");
-                        *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(err.to_string());
+                        let text = err.to_string();
+                        let text = text.trim_start_matches("nats: ").to_string();
+                        *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
                     }
                     async_nats::Event::ServerError(err) => {
                         tracing::debug!("NATS server error: {err}");
@@ -325,7 +327,8 @@ fn nats_connect_hint(failure: Option<&str>) -> String {
          certificate is not trusted (nats.tls.ca_file)"
     } else if lower.contains("dns") {
         "the host name does not resolve; check nats.url"
-    } else if lower.contains("io") || lower.contains("timed out") || lower.contains("parse") {
+    } else if lower.contains("io error") || lower.contains("timed out") || lower.contains("parse")
+    {
         "nothing that speaks NATS answers there; check the host and port in nats.url (the \
          client port, 4222 by default, not the monitoring port) and that nats-server runs"
     } else {

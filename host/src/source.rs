@@ -1141,7 +1141,7 @@ fn server_words(err: &mongodb::error::Error) -> String {
 pub fn describe(pipeline: &PipelineConfig, err: &mongodb::error::Error) -> String {
     let hosts = uri_hosts(&pipeline.mongodb_uri);
     match err.kind.as_ref() {
-        ErrorKind::ServerSelection { message } => format!(
+        ErrorKind::ServerSelection { message, .. } => format!(
             "no usable MongoDB server at {hosts}: {}",
             selection_cause(message, &pipeline.mongodb_uri)
         ),
@@ -1149,7 +1149,7 @@ pub fn describe(pipeline: &PipelineConfig, err: &mongodb::error::Error) -> Strin
             "the server at {hosts} refused: {} ({} {})",
             command.message, command.code, command.code_name
         ),
-        ErrorKind::Authentication { message } => format!(
+        ErrorKind::Authentication { message, .. } => format!(
             "authentication at {hosts} failed: {message}; check the user, password and \
              authSource in mongodb_uri"
         ),
