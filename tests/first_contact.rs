@@ -57,8 +57,14 @@ async fn standalone_mongod() -> anyhow::Result<(ChildProcess, u16, tempfile::Tem
     let dir = tempfile::tempdir()?;
     let port = free_port();
     let mut cmd = Command::new(mongod_path()?);
-    cmd.args(["--bind_ip", "127.0.0.1", "--port", &port.to_string(), "--dbpath"])
-        .arg(dir.path());
+    cmd.args([
+        "--bind_ip",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--dbpath",
+    ])
+    .arg(dir.path());
     let child = ChildProcess::spawn(cmd)?;
     listening("standalone mongod", port).await?;
     Ok((child, port, dir))
@@ -121,7 +127,10 @@ async fn overlapping_stream_is_named() -> anyhow::Result<()> {
     .await?;
     let (mut child, _dir) = spawn(&config(&nats.url(), "mongodb://127.0.0.1:1/"))?;
     let log = failed(&mut child).await?;
-    assert_once(&log, "stream 'EVERYTHING' (subjects [cdc.>, audit.>]) already takes");
+    assert_once(
+        &log,
+        "stream 'EVERYTHING' (subjects [cdc.>, audit.>]) already takes",
+    );
     assert!(log.contains("Set sink.stream"), "{log}");
     Ok(())
 }
@@ -200,7 +209,9 @@ async fn wrong_nats_port_is_named() -> anyhow::Result<()> {
     ))?;
     child
         .wait_for_log(
-            &format!("waiting for NATS at nats://127.0.0.1:{port}: IO error: nothing that speaks NATS"),
+            &format!(
+                "waiting for NATS at nats://127.0.0.1:{port}: IO error: nothing that speaks NATS"
+            ),
             Duration::from_secs(60),
         )
         .await?;

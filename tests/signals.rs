@@ -26,7 +26,10 @@ fn signals_config(h: &Harness, extra: &str) -> (String, String) {
                  include = [\"shop.items\", \"shop.products\"]\n{extra}"
             ),
         );
-    (format!("{config}\n[http]\naddress = \"{address}\"\n"), address)
+    (
+        format!("{config}\n[http]\naddress = \"{address}\"\n"),
+        address,
+    )
 }
 
 /// 100 products, every tenth one blue.
@@ -121,23 +124,23 @@ async fn execute_snapshot_in_every_documented_form() -> anyhow::Result<()> {
     let accepted: Vec<Document> = vec![
         // MongoDB connector page (db.debeziumSignal.insert), data as a sub-document.
         doc! { "type": "execute-snapshot", "data": {
-            "data-collections": ["shop.products"], "type": "incremental" } },
+        "data-collections": ["shop.products"], "type": "incremental" } },
         // Signalling page's Kafka value, data as the JSON string a signal table holds.
         doc! { "type": "execute-snapshot",
-            "data": "{\"data-collections\": [\"shop.products\"], \"type\": \"INCREMENTAL\"}" },
+        "data": "{\"data-collections\": [\"shop.products\"], \"type\": \"INCREMENTAL\"}" },
         // With additional-conditions, the filter in the shell's relaxed syntax.
         doc! { "type": "execute-snapshot", "data": "{\"data-collections\": [\"shop.products\"], \
-            \"type\": \"INCREMENTAL\", \"additional-conditions\": [{\"data-collection\": \
-            \"shop.products\" ,\"filter\":\"{color: 'blue'}\"}]}" },
+        \"type\": \"INCREMENTAL\", \"additional-conditions\": [{\"data-collection\": \
+        \"shop.products\" ,\"filter\":\"{color: 'blue'}\"}]}" },
         // A regular expression.
         doc! { "type": "execute-snapshot", "data": {
-            "data-collections": ["shop\\.prod.*"], "type": "incremental" } },
+        "data-collections": ["shop\\.prod.*"], "type": "incremental" } },
         // A quoted name, a strict JSON filter, the MongoDB page's `data-collections` key
         // inside additional-conditions.
         doc! { "type": "execute-snapshot", "data": {
-            "data-collections": ["\"shop\".\"products\""], "type": "incremental",
-            "additional-conditions": [
-                { "data-collections": "shop.products", "filter": "{\"color\": \"blue\"}" }] } },
+        "data-collections": ["\"shop\".\"products\""], "type": "incremental",
+        "additional-conditions": [
+            { "data-collections": "shop.products", "filter": "{\"color\": \"blue\"}" }] } },
     ];
     for (n, signal) in accepted.into_iter().enumerate() {
         signals.insert_one(signal).await?;
@@ -151,11 +154,11 @@ async fn execute_snapshot_in_every_documented_form() -> anyhow::Result<()> {
     let refused = [
         doc! { "type": "execute-snapshots", "data": { "data-collections": ["shop.products"] } },
         doc! { "type": "execute-snapshot", "data": { "data-collections": ["shop.products"],
-            "additional-condition": "color='blue'" } },
+        "additional-condition": "color='blue'" } },
         doc! { "type": "execute-snapshot", "data": { "data-collections": ["shop.nothing"] } },
         doc! { "type": "execute-snapshot", "data": { "data-collections": ["shop.products"],
-            "additional-conditions": [{ "data-collection": "shop.products",
-                "filter": "color='blue' AND brand='MyBrand'" }] } },
+        "additional-conditions": [{ "data-collection": "shop.products",
+            "filter": "color='blue' AND brand='MyBrand'" }] } },
     ];
     for signal in refused {
         signals.insert_one(signal).await?;
@@ -208,7 +211,9 @@ async fn stop_pause_and_resume() -> anyhow::Result<()> {
     products(&h).await?;
     let db = h.mongo.client().await?.database(DB);
     let items: Vec<Document> = (0..20_000).map(|n| doc! { "_id": n }).collect();
-    db.collection::<Document>("items").insert_many(items).await?;
+    db.collection::<Document>("items")
+        .insert_many(items)
+        .await?;
     let (config, _) = signals_config(&h, "snapshot_chunk_size = 20");
     let path = h.write_config("signals.toml", &config)?;
     let child = h.spawn_binary(&path)?;
@@ -218,12 +223,12 @@ async fn stop_pause_and_resume() -> anyhow::Result<()> {
     // items (read first) is dropped by a stop naming it; products still is read whole.
     signals
         .insert_one(doc! { "type": "execute-snapshot", "data": {
-            "data-collections": ["shop.items", "shop.products"], "type": "incremental" } })
+        "data-collections": ["shop.items", "shop.products"], "type": "incremental" } })
         .await?;
     wait_for_count(&child, "incremental snapshot chunk", 3).await?;
     signals
         .insert_one(doc! { "type": "stop-snapshot",
-            "data": "{\"data-collections\": [\"shop.items\"], \"type\": \"INCREMENTAL\"}" })
+        "data": "{\"data-collections\": [\"shop.items\"], \"type\": \"INCREMENTAL\"}" })
         .await?;
     wait_for_count(&child, "incremental snapshot done", 1).await?;
     let reads = reads_by_snapshot(&h).await?;
@@ -235,9 +240,11 @@ async fn stop_pause_and_resume() -> anyhow::Result<()> {
     // Paused after a chunk, resumed, finished.
     signals
         .insert_one(doc! { "type": "execute-snapshot", "data": {
-            "data-collections": ["shop.items"], "type": "incremental" } })
+        "data-collections": ["shop.items"], "type": "incremental" } })
         .await?;
-    signals.insert_one(doc! { "type": "pause-snapshot" }).await?;
+    signals
+        .insert_one(doc! { "type": "pause-snapshot" })
+        .await?;
     wait_for_count(&child, "incremental snapshot paused by a signal", 1).await?;
     wait_for_count(&child, "incremental snapshot paused after its chunk", 1).await?;
     let paused_at = reads_by_snapshot(&h).await?.get(1).map_or(0, Vec::len);
@@ -248,14 +255,16 @@ async fn stop_pause_and_resume() -> anyhow::Result<()> {
         "a paused snapshot reads nothing"
     );
     assert!(paused_at < 20_000, "paused too late to tell: {paused_at}");
-    signals.insert_one(doc! { "type": "resume-snapshot" }).await?;
+    signals
+        .insert_one(doc! { "type": "resume-snapshot" })
+        .await?;
     wait_for_count(&child, "incremental snapshot done", 2).await?;
     assert_eq!(reads_by_snapshot(&h).await?[1].len(), 20_000);
 
     // Stopped whole.
     signals
         .insert_one(doc! { "type": "execute-snapshot", "data": {
-            "data-collections": ["shop.items"], "type": "incremental" } })
+        "data-collections": ["shop.items"], "type": "incremental" } })
         .await?;
     wait_for_count(&child, "incremental snapshot chunk", 12).await?;
     signals
@@ -292,7 +301,9 @@ async fn blocking_snapshot_pauses_the_stream() -> anyhow::Result<()> {
         tokio::spawn(async move {
             let mut n = 0i64;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                items.insert_one(doc! { "_id": 100_000 + n, "n": n }).await?;
+                items
+                    .insert_one(doc! { "_id": 100_000 + n, "n": n })
+                    .await?;
                 n += 1;
                 written.store(n, std::sync::atomic::Ordering::SeqCst);
             }
@@ -306,7 +317,7 @@ async fn blocking_snapshot_pauses_the_stream() -> anyhow::Result<()> {
     .await?;
     db.collection::<Document>("signals")
         .insert_one(doc! { "type": "execute-snapshot", "data": {
-            "data-collections": ["shop.items"], "type": "blocking" } })
+        "data-collections": ["shop.items"], "type": "blocking" } })
         .await?;
     // Everything numbered from here on was written after the signal.
     let after_signal = written.load(std::sync::atomic::Ordering::SeqCst);
@@ -320,14 +331,19 @@ async fn blocking_snapshot_pauses_the_stream() -> anyhow::Result<()> {
     let total = writer.await??;
     // The stream keeps order: once the last write is published, everything before it is.
     let h = &h;
-    wait_until("the last write published", Duration::from_secs(120), || async move {
-        h.messages(STREAM).await.is_ok_and(|all| {
-            all.iter().rev().any(|m| {
-                let event = json(m);
-                event["operationType"] == "insert" && event["fullDocument"]["n"].as_i64() == Some(total - 1)
+    wait_until(
+        "the last write published",
+        Duration::from_secs(120),
+        || async move {
+            h.messages(STREAM).await.is_ok_and(|all| {
+                all.iter().rev().any(|m| {
+                    let event = json(m);
+                    event["operationType"] == "insert"
+                        && event["fullDocument"]["n"].as_i64() == Some(total - 1)
+                })
             })
-        })
-    })
+        },
+    )
     .await?;
     let messages = h.wait_settled(STREAM, 1, Duration::from_secs(10)).await?;
 
@@ -349,16 +365,29 @@ async fn blocking_snapshot_pauses_the_stream() -> anyhow::Result<()> {
     }
     let last_read = last_read.expect("the snapshot published reads");
     let numbers: Vec<i64> = inserts.iter().map(|(_, n)| *n).collect();
-    assert_eq!(numbers, (0..total).collect::<Vec<_>>(), "every write once, in order");
+    assert_eq!(
+        numbers,
+        (0..total).collect::<Vec<_>>(),
+        "every write once, in order"
+    );
     for (at, n) in &inserts {
         if *n >= after_signal {
-            assert!(*at > last_read, "write {n} (after the signal) published mid-snapshot");
+            assert!(
+                *at > last_read,
+                "write {n} (after the signal) published mid-snapshot"
+            );
         }
     }
-    assert!((0..5000).all(|id| read_ids.get(&id) == Some(&1)), "each document read once");
+    assert!(
+        (0..5000).all(|id| read_ids.get(&id) == Some(&1)),
+        "each document read once"
+    );
     assert!(read_ids.values().all(|n| *n == 1), "no document read twice");
     let log = child.log();
-    assert!(log.contains("blocking snapshot of [shop.items] started by a signal"), "{log}");
+    assert!(
+        log.contains("blocking snapshot of [shop.items] started by a signal"),
+        "{log}"
+    );
     Ok(())
 }
 
@@ -383,7 +412,7 @@ async fn signal_collection_in_another_database() -> anyhow::Result<()> {
         .database("streamkap")
         .collection::<Document>("streamkap_signal")
         .insert_one(doc! { "type": "execute-snapshot", "data": {
-            "data-collections": ["shop.orders"], "type": "incremental" } })
+        "data-collections": ["shop.orders"], "type": "incremental" } })
         .await?;
     wait_for_count(&child, "incremental snapshot done", 1).await?;
     client
@@ -392,22 +421,25 @@ async fn signal_collection_in_another_database() -> anyhow::Result<()> {
         .insert_one(doc! { "_id": "not in scope" })
         .await?;
     orders.insert_one(doc! { "_id": 20 }).await?;
-    let messages = h
-        .wait_settled(STREAM, 21, Duration::from_secs(60))
-        .await?;
+    let messages = h.wait_settled(STREAM, 21, Duration::from_secs(60)).await?;
     let seen: Vec<(String, String)> = messages
         .iter()
         .map(|m| {
             let event = json(m);
             (
                 event["ns"]["coll"].as_str().unwrap_or_default().to_string(),
-                event["operationType"].as_str().unwrap_or_default().to_string(),
+                event["operationType"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
             )
         })
         .collect();
     assert_eq!(seen.len(), 21, "{seen:?}");
     assert!(
-        seen[..20].iter().all(|(c, op)| c == "orders" && op == "read"),
+        seen[..20]
+            .iter()
+            .all(|(c, op)| c == "orders" && op == "read"),
         "{seen:?}"
     );
     assert_eq!(seen[20], ("orders".to_string(), "insert".to_string()));

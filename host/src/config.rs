@@ -1372,11 +1372,20 @@ mod tests {
         };
         use FullDocument as F;
         use FullDocumentBeforeChange as B;
-        assert_eq!(with("updateLookup", "whenAvailable"), (F::UpdateLookup, B::WhenAvailable));
-        assert_eq!(with("whenAvailable", "required"), (F::WhenAvailable, B::Required));
+        assert_eq!(
+            with("updateLookup", "whenAvailable"),
+            (F::UpdateLookup, B::WhenAvailable)
+        );
+        assert_eq!(
+            with("whenAvailable", "required"),
+            (F::WhenAvailable, B::Required)
+        );
         assert_eq!(with("required", "off"), (F::Required, B::Off));
         assert_eq!(with("default", "off"), (F::Off, B::Off));
-        assert_eq!(with("update-lookup", "when-available"), (F::UpdateLookup, B::WhenAvailable));
+        assert_eq!(
+            with("update-lookup", "when-available"),
+            (F::UpdateLookup, B::WhenAvailable)
+        );
     }
 
     /// A signal collection in another database than a collection-scoped pipeline's (the

@@ -327,8 +327,7 @@ fn nats_connect_hint(failure: Option<&str>) -> String {
          certificate is not trusted (nats.tls.ca_file)"
     } else if lower.contains("dns") {
         "the host name does not resolve; check nats.url"
-    } else if lower.contains("io error") || lower.contains("timed out") || lower.contains("parse")
-    {
+    } else if lower.contains("io error") || lower.contains("timed out") || lower.contains("parse") {
         "nothing that speaks NATS answers there; check the host and port in nats.url (the \
          client port, 4222 by default, not the monitoring port) and that nats-server runs"
     } else {

@@ -201,7 +201,10 @@ fn collections(data: &Document, required: bool) -> Result<(Vec<String>, Vec<Stri
                 .into(),
         );
     }
-    Ok((written.iter().map(String::as_str).map(pattern).collect(), written))
+    Ok((
+        written.iter().map(String::as_str).map(pattern).collect(),
+        written,
+    ))
 }
 
 /// An anchored regular expression for one `data-collections` entry: `"db"."coll"` is a
@@ -389,12 +392,15 @@ mod tests {
             other => panic!("accepted {d}: {other:?}"),
         };
         assert!(reason(doc! { "type": "execute-snapshots" }).contains("unknown signal type"));
-        assert!(reason(doc! { "type": "execute-snapshot", "data": "{not json" })
-            .contains("not a JSON object"));
-        assert!(reason(doc! { "type": "execute-snapshot", "data": {} })
-            .contains("data-collections"));
+        assert!(
+            reason(doc! { "type": "execute-snapshot", "data": "{not json" })
+                .contains("not a JSON object")
+        );
+        assert!(
+            reason(doc! { "type": "execute-snapshot", "data": {} }).contains("data-collections")
+        );
         assert!(reason(doc! { "type": "execute-snapshot",
-            "data": { "data-collections": ["a.b"], "type": "parallel" } })
+        "data": { "data-collections": ["a.b"], "type": "parallel" } })
         .contains("unknown snapshot type"));
         assert!(reason(doc! { "type": "execute-snapshot", "data": {
             "data-collections": ["a.b"],
@@ -414,7 +420,7 @@ mod tests {
         );
         assert_eq!(
             Signal::parse(&doc! { "type": "stop-snapshot",
-                "data": "{\"data-collections\": [\"db1.table1\"], \"type\": \"INCREMENTAL\"}" }),
+            "data": "{\"data-collections\": [\"db1.table1\"], \"type\": \"INCREMENTAL\"}" }),
             Signal::Stop {
                 kind: SnapshotKind::Incremental,
                 patterns: vec!["^(?:db1.table1)$".into()]

@@ -247,8 +247,10 @@ pub async fn match_patterns(
                 }
             }
         }
-        if let (true, Some(ns)) = (any, usize::try_from(index).ok().and_then(|i| candidates.get(i)))
-        {
+        if let (true, Some(ns)) = (
+            any,
+            usize::try_from(index).ok().and_then(|i| candidates.get(i)),
+        ) {
             matched.namespaces.push(ns.clone());
         }
     }

@@ -25,8 +25,8 @@ use crate::config::{
 };
 use crate::error::Error;
 use crate::event::{token_from_document, token_id, token_time, Namespace, Operation, SourceEvent};
-use crate::sink::Position;
 use crate::signal::{Signal, SnapshotKind, SnapshotRequest};
+use crate::sink::Position;
 use crate::snapshot::{self, Incremental, Progress};
 
 /// What the source hands downstream.
@@ -605,18 +605,22 @@ async fn on_signal(
                 ));
                 return Ok(AfterSignal::Stream);
             }
-            let matched = match snapshot::match_patterns(client, running.remaining(), &patterns)
-                .await
-            {
-                Ok(matched) => matched,
-                Err(err) => return input_error(err).map(|reason| {
-                    refused("invalid", &format!("data-collections: {reason}"));
-                    AfterSignal::Stream
-                }),
-            };
+            let matched =
+                match snapshot::match_patterns(client, running.remaining(), &patterns).await {
+                    Ok(matched) => matched,
+                    Err(err) => {
+                        return input_error(err).map(|reason| {
+                            refused("invalid", &format!("data-collections: {reason}"));
+                            AfterSignal::Stream
+                        })
+                    }
+                };
             if matched.namespaces.is_empty() {
-                let remaining: Vec<String> =
-                    running.remaining().iter().map(ToString::to_string).collect();
+                let remaining: Vec<String> = running
+                    .remaining()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
                 refused(
                     "refused",
                     &format!(
@@ -718,7 +722,11 @@ async fn plan_snapshot(
     }
     let mut filters = vec![Document::new(); matched.namespaces.len()];
     for (name, filter) in &request.conditions {
-        let Some(at) = matched.namespaces.iter().position(|ns| ns.to_string() == *name) else {
+        let Some(at) = matched
+            .namespaces
+            .iter()
+            .position(|ns| ns.to_string() == *name)
+        else {
             let names: Vec<String> = matched.namespaces.iter().map(ToString::to_string).collect();
             return Ok(Err((
                 "refused",
