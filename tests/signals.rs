@@ -22,7 +22,7 @@ fn signals_config(h: &Harness, extra: &str) -> (String, String) {
         .replace(
             "full_document = \"update-lookup\"",
             &format!(
-                "full_document = \"updateLookup\"\nsignal_collection = \"shop.signals\"\n\
+                "full_document = \"update-lookup\"\nsignal_collection = \"shop.signals\"\n\
                  include = [\"shop.items\", \"shop.products\"]\n{extra}"
             ),
         );
@@ -385,7 +385,7 @@ async fn blocking_snapshot_pauses_the_stream() -> anyhow::Result<()> {
     assert!(read_ids.values().all(|n| *n == 1), "no document read twice");
     let log = child.log();
     assert!(
-        log.contains("blocking snapshot of [shop.items] started by a signal"),
+        log.contains("blocking snapshot started by a signal: [shop.items]"),
         "{log}"
     );
     Ok(())

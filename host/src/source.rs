@@ -553,7 +553,7 @@ async fn on_signal(
             let names: Vec<String> = namespaces.iter().map(ToString::to_string).collect();
             if request.kind == SnapshotKind::Blocking {
                 accepted(&format!(
-                    "blocking snapshot of [{}] started by a signal",
+                    "blocking snapshot started by a signal: [{}]",
                     names.join(", ")
                 ));
                 return Ok(AfterSignal::Block(Progress {
@@ -566,7 +566,7 @@ async fn on_signal(
                 }));
             }
             accepted(&format!(
-                "incremental snapshot of [{}] started by a signal",
+                "incremental snapshot started by a signal: [{}]",
                 names.join(", ")
             ));
             let mut running = Incremental::new(
