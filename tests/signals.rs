@@ -47,10 +47,13 @@ async fn products(h: &Harness) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One snapshot read: `(collection, _id, color)`.
+type Read = (String, i64, String);
+
 /// The snapshot reads published so far, grouped by snapshot (the id in `Nats-Msg-Id`, in
 /// order of first appearance): `(collection, _id, color)` each.
-async fn reads_by_snapshot(h: &Harness) -> anyhow::Result<Vec<Vec<(String, i64, String)>>> {
-    let mut groups: Vec<(String, Vec<(String, i64, String)>)> = Vec::new();
+async fn reads_by_snapshot(h: &Harness) -> anyhow::Result<Vec<Vec<Read>>> {
+    let mut groups: Vec<(String, Vec<Read>)> = Vec::new();
     for m in h.messages(STREAM).await? {
         let event = json(&m);
         if event["operationType"] != "read" {

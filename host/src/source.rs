@@ -282,7 +282,7 @@ pub async fn run(
                                     // The stream pauses here: the snapshot runs, then the
                                     // stream reopens after the signal. Its events carry their
                                     // progress, so a crash meanwhile resumes the snapshot.
-                                    snapshot = Some(SnapshotPlan::Signalled(progress));
+                                    snapshot = Some(SnapshotPlan::Signalled(*progress));
                                     continue 'reopen;
                                 }
                                 other => other,
@@ -473,7 +473,7 @@ enum AfterSignal {
     /// Goes on.
     Stream,
     /// Pauses for a blocking snapshot, then reopens after the signal.
-    Block(Progress),
+    Block(Box<Progress>),
 }
 
 /// Acts on one signal-collection event (see [`crate::signal`]): a Debezium signal, or one
@@ -556,14 +556,14 @@ async fn on_signal(
                     "blocking snapshot started by a signal: [{}]",
                     names.join(", ")
                 ));
-                return Ok(AfterSignal::Block(Progress {
+                return Ok(AfterSignal::Block(Box::new(Progress {
                     start: event.token.clone(),
                     namespaces,
                     index: 0,
                     last_id: None,
                     done: 0,
                     filters,
-                }));
+                })));
             }
             accepted(&format!(
                 "incremental snapshot started by a signal: [{}]",
