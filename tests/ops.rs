@@ -6,8 +6,9 @@ mod support;
 
 use std::time::Duration;
 
+use anyhow::Context;
 use prometheus_parse::{Scrape, Value};
-use support::{http_get, write_range, Harness, SIGTERM, STREAM};
+use support::{http_get, write_range, Harness, PIPELINE, SIGTERM, STREAM};
 use tidegate_testkit::{free_port, wait_until};
 
 /// The value of `name{pipeline="orders"}` in a scrape.
@@ -99,15 +100,36 @@ config = { operations = "insert" }
         }
         other => panic!("plugin call time is not a histogram: {other:?}"),
     }
-    assert!(matches!(
-        sample(&scrape, "tidegate_end_to_end_lag_seconds"),
-        Some(Value::Histogram(_))
-    ));
+    // One end-to-end lag observation per published change (not for the filtered delete),
+    // in buckets from a millisecond up.
+    match sample(&scrape, "tidegate_end_to_end_lag_seconds") {
+        Some(Value::Histogram(buckets)) => {
+            assert_eq!(buckets.first().map(|b| b.less_than), Some(0.001));
+            assert_eq!(buckets.last().map(|b| b.count), Some(100.0));
+        }
+        other => panic!("end-to-end lag is not a histogram: {other:?}"),
+    }
+    // Counters with labels exist at zero before anything happened to them.
+    let dead_letters = |plugin: &str, reason: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == "tidegate_dead_letters_total"
+                    && s.labels.get("plugin") == Some(plugin)
+                    && s.labels.get("reason") == Some(reason)
+            })
+            .map(|s| &s.value)
+    };
+    assert_eq!(number(dead_letters("op-filter", "out-of-fuel")), 0.0);
+    assert_eq!(number(dead_letters("op-filter", "plugin-error")), 0.0);
+    assert_eq!(number(dead_letters("", "too-large")), 0.0);
 
-    // The oplog's ends are read every few seconds: the position is well inside them.
+    // The oplog is read every 10 s: its configured size (128 MB), and a projected headroom
+    // (after two readings) far above the warning threshold on this fresh, barely used oplog.
     wait_until(
         "oplog headroom in /metrics",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         || {
             let address = address.clone();
             async move {
@@ -117,7 +139,7 @@ config = { operations = "insert" }
                 let Ok(scrape) = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))) else {
                     return false;
                 };
-                sample(&scrape, "tidegate_oplog_window_seconds").is_some()
+                sample(&scrape, "tidegate_oplog_max_size_bytes").is_some()
                     && sample(&scrape, "tidegate_oplog_headroom_seconds").is_some()
             }
         },
@@ -125,12 +147,12 @@ config = { operations = "insert" }
     .await?;
     let (_, text) = http_get(&address, "/metrics").await?;
     let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?;
-    let window = number(sample(&scrape, "tidegate_oplog_window_seconds"));
+    let max = number(sample(&scrape, "tidegate_oplog_max_size_bytes"));
+    assert_eq!(max, 128.0 * 1024.0 * 1024.0);
+    let size = number(sample(&scrape, "tidegate_oplog_size_bytes"));
+    assert!(size > 0.0 && size < max, "oplog size {size}");
     let headroom = number(sample(&scrape, "tidegate_oplog_headroom_seconds"));
-    assert!(
-        window >= 0.0 && headroom >= window * 0.5,
-        "headroom {headroom} of {window}"
-    );
+    assert!(headroom > 3600.0, "headroom {headroom}");
     assert_eq!(http_get(&address, "/readyz").await?.0, 200);
 
     let (status, json) = http_get(&address, "/status").await?;
@@ -152,7 +174,8 @@ config = { operations = "insert" }
 
     let (status, page) = http_get(&address, "/").await?;
     assert_eq!(status, 200);
-    assert!(page.contains("<td>orders</td><td>running</td>"), "{page}");
+    assert!(page.contains("id=\"unit-orders\""), "{page}");
+    assert!(page.contains("data-field=\"state\">running<"), "{page}");
     assert_eq!(http_get(&address, "/nope").await?.0, 404);
 
     // No endpoint reveals where the servers are or how to log in.
@@ -186,5 +209,476 @@ config = { operations = "insert" }
     tidegate.signal(SIGTERM)?;
     let status = tidegate.wait_exit(Duration::from_secs(30)).await?;
     assert!(status.success(), "{}", tidegate.log());
+    Ok(())
+}
+
+/// `/status` as JSON.
+async fn status(address: &str) -> anyhow::Result<serde_json::Value> {
+    let (code, body) = http_get(address, "/status").await?;
+    anyhow::ensure!(code == 200, "/status answered {code}");
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// The cluster time (Unix seconds) of the resume token the pipeline's checkpoint in NATS KV
+/// holds.
+async fn checkpointed_secs(js: &async_nats::jetstream::Context) -> anyhow::Result<i64> {
+    let kv = js.get_key_value("tidegate-checkpoints").await?;
+    let value = kv.get(PIPELINE).await?.context("no checkpoint")?;
+    let record: serde_json::Value = serde_json::from_slice(&value)?;
+    let data = record["token"]["_data"].as_str().context("token")?;
+    Ok(i64::from_str_radix(
+        data.get(2..10).context("short token")?,
+        16,
+    )?)
+}
+
+/// Lines of a tidegate log at WARN or ERROR level that mention the oplog.
+fn oplog_alarms(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && l.contains("oplog"))
+        .collect()
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+/// An idle pipeline on a fresh replica set (a 128 MB oplog holding a few KB) stays ready,
+/// quiet and caught up: lag, `/readyz` and the oplog headroom follow the checkpointed
+/// position, which keeps moving while idle (post-batch resume tokens), not the last
+/// acknowledged message.
+///
+/// Before the fix, a few writes followed by silence gave a WARN "past half of the oplog's
+/// window" once the silence outlasted the time from the oplog's start to the writes, an
+/// ERROR "close to falling out of the oplog" at four times that, a lag growing without bound,
+/// and `/readyz` 503 once the oplog's age passed ten times the position's distance from its
+/// start. The oplog is checked every 250 ms instead of every 10 s, and the silence lasts just
+/// until the checkpoint has moved past all three of those points (at least 30 s, at most
+/// 90 s): about a minute instead of the minutes it took in production.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pipeline_stays_ready_on_a_fresh_replica_set() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let address = format!("127.0.0.1:{}", free_port());
+    let config = h.config("", "").replace(
+        "interval_ms = 200",
+        "interval_ms = 200\noplog_check_interval_ms = 250",
+    );
+    let path = h.write_config(
+        "idle.toml",
+        &format!("{config}\n[http]\naddress = \"{address}\"\n"),
+    )?;
+    let mut tidegate = h.spawn_binary(&path)?;
+    h.wait_ready().await?;
+    write_range(h.collection().await?, 0, 10, 10, Duration::ZERO).await?;
+    h.wait_settled(STREAM, 10, Duration::from_secs(30)).await?;
+
+    let (oldest, written) = tidegate::oplog::ends(&h.mongo.client().await?)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let (oldest, written) = (i64::from(oldest.time), i64::from(written.time));
+    let idle = (10 * (written - oldest) + 5).clamp(30, 90);
+    let js = async_nats::jetstream::new(h.nats_client().await?);
+    let deadline = std::time::Instant::now() + Duration::from_secs(idle as u64 + 120);
+    let lag = loop {
+        let before = checkpointed_secs(&js).await?;
+        let (code, ready) = http_get(&address, "/readyz").await?;
+        assert_eq!(
+            code,
+            200,
+            "not ready while idle: {ready}\n{}",
+            tidegate.log()
+        );
+        let json = status(&address).await?;
+        let after = checkpointed_secs(&js).await?;
+        let unit = &json["pipelines"][0];
+        // `/status` shows the position the checkpoint holds, and its lag is measured from it.
+        let position = unit["position"]["change_time_unix"]
+            .as_i64()
+            .context("position")?;
+        assert!(
+            (before..=after).contains(&position),
+            "/status position {position}, KV checkpoint {before}..{after}"
+        );
+        let lag = unit["lag_seconds"].as_i64().context("lag")?;
+        assert!(lag <= unix_now() - before + 1, "lag {lag} s");
+        if after >= written + idle {
+            break lag;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the checkpoint did not move while idle (at {after}, last write {written})"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // The lag is small: well under the time since the last write.
+    assert!(lag < idle, "lag {lag} s after {idle} s idle");
+    let log = tidegate.log();
+    assert!(oplog_alarms(&log).is_empty(), "{log}");
+    assert_eq!(
+        status(&address).await?["pipelines"][0]["oplog"]["level"],
+        "ok"
+    );
+
+    tidegate.signal(SIGTERM)?;
+    assert!(tidegate.wait_exit(Duration::from_secs(30)).await?.success());
+    Ok(())
+}
+
+/// A 1 MB oplog being filled: tidegate warns when the projected headroom (the oplog's
+/// capacity at the current write rate) falls under the thresholds, not before, and logs each
+/// change of level once rather than on every check; back to normal once writes stop.
+/// (Before the fix it said nothing here at all: a caught-up position always sat at the new end
+/// of the "window", however fast the oplog was being overwritten.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oplog_warnings_follow_the_projected_headroom() -> anyhow::Result<()> {
+    let mongo = tidegate_testkit::MongoReplicaSet::start_with_oplog_mb(1).await?;
+    let mut h = Harness::start().await?;
+    h.mongo = mongo;
+    let address = format!("127.0.0.1:{}", free_port());
+    let config = h.config("", "").replace(
+        "interval_ms = 200",
+        "interval_ms = 200\noplog_check_interval_ms = 250\noplog_warn_headroom_secs = 60\n\
+         oplog_error_headroom_secs = 20",
+    );
+    let path = h.write_config(
+        "oplog.toml",
+        &format!("{config}\n[http]\naddress = \"{address}\"\n"),
+    )?;
+    let mut tidegate = h.spawn_binary(&path)?;
+    h.wait_ready().await?;
+    let orders = h.collection().await?;
+    let oplog_of = |json: &serde_json::Value| json["pipelines"][0]["oplog"].clone();
+
+    // Slow writes (~4 KB/s: a 1 MB oplog lasts minutes): a projection, and no warning.
+    let small = "s".repeat(1000);
+    let mut slow_checks = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while slow_checks < 12 {
+        orders.insert_one(bson::doc! { "pad": &small }).await?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let oplog = oplog_of(&status(&address).await?);
+        if let Some(headroom) = oplog["headroom_seconds"].as_f64() {
+            assert_eq!(oplog["max_bytes"], 1024 * 1024, "the configured maximum");
+            assert!(headroom > 60.0, "slow writes: headroom {headroom} s");
+            assert_eq!(oplog["level"], "ok");
+            slow_checks += 1;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no projection: {oplog}"
+        );
+    }
+    assert!(
+        oplog_alarms(&tidegate.log()).is_empty(),
+        "{}",
+        tidegate.log()
+    );
+
+    // Fast writes (~400 KB/s: the whole oplog in under 3 s): an error, logged once.
+    let blob = "z".repeat(100_000);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut error_checks = 0;
+    while error_checks < 12 {
+        orders.insert_one(bson::doc! { "blob": &blob }).await?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let oplog = oplog_of(&status(&address).await?);
+        if oplog["level"] == "error" {
+            let headroom = oplog["headroom_seconds"].as_f64().context("headroom")?;
+            assert!(headroom < 20.0 * 1.1, "error at headroom {headroom} s");
+            error_checks += 1;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no error level: {oplog}"
+        );
+    }
+    let log = tidegate.log();
+    let errors: Vec<&str> = oplog_alarms(&log)
+        .into_iter()
+        .filter(|l| l.contains(" ERROR "))
+        .collect();
+    assert_eq!(errors.len(), 1, "one line per change of level: {log}");
+    assert!(
+        errors[0].contains("overwrites the checkpointed position"),
+        "{log}"
+    );
+    assert!(errors[0].contains("headroom_s="), "{log}");
+    assert!(errors[0].contains("oplog_max_mb=1"), "{log}");
+
+    // Writes stop: the rate drops, the headroom recovers, and that is said once too.
+    wait_until("oplog level back to ok", Duration::from_secs(60), || {
+        let address = address.clone();
+        async move {
+            matches!(status(&address).await, Ok(json) if json["pipelines"][0]["oplog"]["level"] == "ok")
+        }
+    })
+    .await?;
+    let log = tidegate.log();
+    assert!(log.contains("oplog headroom back above"), "{log}");
+    assert!(oplog_alarms(&log).len() <= 3, "{log}");
+    tidegate.kill9();
+    Ok(())
+}
+
+/// Runs Debian's Chromium headless on `url` with `action` (`--dump-dom`, or
+/// `--screenshot=<file>`), in a throw-away profile, with nothing fetched from the network but
+/// the page itself; returns its stdout.
+async fn chromium(action: &str, url: &str) -> anyhow::Result<String> {
+    let profile = tempfile::tempdir()?;
+    let mut command = tokio::process::Command::new(tidegate_testkit::chromium_path()?);
+    command
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--window-size=1100,1000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(action)
+        .arg(url)
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null());
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .context("chromium did not finish within 120 s")??;
+    anyhow::ensure!(
+        output.status.success(),
+        "chromium {action} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// The text of the element marked `data-field="<name>"` inside the card of unit `unit` in a
+/// DOM serialised by Chromium, tags stripped and entities decoded.
+fn field(dom: &str, unit: &str, name: &str) -> Option<String> {
+    let card = &dom[dom.find(&format!("id=\"unit-{unit}\""))?..];
+    page_field(&card[..card.find("</section>")?], name)
+}
+
+/// The text of the first element marked `data-field="<name>"` in `dom`.
+fn page_field(dom: &str, name: &str) -> Option<String> {
+    let at = dom.find(&format!("data-field=\"{name}\""))?;
+    let open = dom[..at].rfind('<')?;
+    let tag: String = dom[open + 1..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let body = &dom[at..];
+    let body = &body[body.find('>')? + 1..];
+    let body = &body[..body.find(&format!("</{tag}>"))?];
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in body.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    Some(
+        text.replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&nbsp;", " ")
+            .replace("&amp;", "&"),
+    )
+}
+
+/// The page, rendered: `/status` before, the DOM, `/status` after, retried until the two
+/// `/status` agree on the figures that only move with events (counts, state, last error), so
+/// the page's figures can be compared with them exactly.
+async fn render(
+    address: &str,
+) -> anyhow::Result<(serde_json::Value, String, serde_json::Value, f64)> {
+    let steady = |j: &serde_json::Value| {
+        let u = &j["pipelines"][0];
+        (
+            u["counts"].clone(),
+            u["state"].clone(),
+            u["last_error"]["message"].clone(),
+        )
+    };
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let before = status(address).await?;
+        let dom = chromium("--dump-dom", &format!("http://{address}/")).await?;
+        let after = status(address).await?;
+        if steady(&before) == steady(&after) {
+            return Ok((before, dom, after, started.elapsed().as_secs_f64()));
+        }
+    }
+    anyhow::bail!("/status kept changing while the page rendered")
+}
+
+/// Where the screenshots of the page are kept after the test, to look at.
+fn screenshot_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
+}
+
+/// The status page in a real browser (Debian's Chromium, headless, offline): it renders, shows
+/// per unit its state, last error, snapshot progress, rates, lag, checkpoint age, oplog
+/// headroom and two inline SVG graphs, and its figures are those of `/status`. A unit that
+/// retries says why, on the page and in `/status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_renders_and_matches_status() -> anyhow::Result<()> {
+    let mut h = Harness::start().await?;
+    let address = format!("127.0.0.1:{}", free_port());
+    write_range(h.collection().await?, 1000, 1040, 40, Duration::ZERO).await?;
+    let config = h.config("", "").replace(
+        "full_document = \"update-lookup\"",
+        "full_document = \"update-lookup\"\nsnapshot = \"initial\"",
+    );
+    let path = h.write_config(
+        "page.toml",
+        &format!("{config}\n[http]\naddress = \"{address}\"\n"),
+    )?;
+    let mut tidegate = h.spawn_binary(&path)?;
+    h.wait_for_messages(STREAM, 40, Duration::from_secs(60))
+        .await?;
+    write_range(h.collection().await?, 0, 60, 20, Duration::ZERO).await?;
+    h.wait_settled(STREAM, 100, Duration::from_secs(60)).await?;
+    // Two history samples (5 s apart) give the graphs a line; the oplog's second reading
+    // (10 s) a projection.
+    wait_until(
+        "history and oplog headroom",
+        Duration::from_secs(60),
+        || {
+            let address = address.clone();
+            async move {
+                let Ok(json) = status(&address).await else {
+                    return false;
+                };
+                let unit = &json["pipelines"][0];
+                unit["history"]["events_per_second"]
+                    .as_array()
+                    .is_some_and(|h| h.len() >= 2)
+                    && unit["oplog"]["headroom_seconds"].is_number()
+                    && unit["checkpoint_age_seconds"].is_number()
+            }
+        },
+    )
+    .await?;
+
+    let (before, dom, after, took) = render(&address).await?;
+    let unit = &after["pipelines"][0];
+    let on_page =
+        |name: &str| field(&dom, PIPELINE, name).unwrap_or_else(|| panic!("{name} missing: {dom}"));
+    assert_eq!(on_page("state"), "running");
+    assert_eq!(on_page("read"), unit["counts"]["read"].to_string());
+    assert_eq!(unit["counts"]["read"], 100);
+    assert_eq!(on_page("published"), "100");
+    assert_eq!(on_page("dead_lettered"), "0");
+    // Rates move with each history sample (every 5 s): the page shows one of the two.
+    for name in ["events_per_second", "messages_per_second"] {
+        let rate = |j: &serde_json::Value| {
+            format!("{:.1}", j["pipelines"][0][name].as_f64().unwrap_or(-1.0))
+        };
+        let shown = on_page(name);
+        assert!(
+            shown == rate(&before) || shown == rate(&after),
+            "{name}: page {shown}, /status {} then {}",
+            rate(&before),
+            rate(&after)
+        );
+    }
+    assert!(unit["events_per_second"].as_f64().is_some_and(|r| r > 0.0));
+    // The snapshot: 40 documents read, finished.
+    assert_eq!(unit["snapshot"]["documents"], 40);
+    assert_eq!(unit["snapshot"]["active"], false);
+    assert_eq!(on_page("snapshot"), "done: 40 documents");
+    // Figures that move with the clock (and drop back when the position moves) lie within
+    // the two readings of `/status`, give or take the time the rendering took.
+    let within = |name: &str, shown: f64, f: &dyn Fn(&serde_json::Value) -> Option<f64>| {
+        let (a, b) = (f(&before), f(&after));
+        let (Some(a), Some(b)) = (a, b) else {
+            panic!("{name} missing from /status");
+        };
+        let (low, high) = (a.min(b) - took - 1.0, a.max(b) + took + 1.0);
+        assert!(
+            low <= shown && shown <= high,
+            "{name}: page {shown}, /status {a} then {b}"
+        );
+    };
+    let lag: f64 = on_page("lag").trim_end_matches(" s").parse()?;
+    within("lag", lag, &|j| j["pipelines"][0]["lag_seconds"].as_f64());
+    let age: f64 = on_page("checkpoint_age").trim_end_matches(" s").parse()?;
+    within("checkpoint age", age, &|j| {
+        j["pipelines"][0]["checkpoint_age_seconds"].as_f64()
+    });
+    let headroom = on_page("oplog_headroom");
+    assert!(
+        headroom.starts_with("about ") && headroom.ends_with(" (ok)"),
+        "{headroom}"
+    );
+    assert_eq!(on_page("plugins"), "none");
+    assert_eq!(page_field(&dom, "ready").as_deref(), Some("ready"));
+    // Two graphs per unit, drawn inline; nothing loaded from elsewhere.
+    let card = &dom[dom.find("id=\"unit-orders\"").context("card")?..];
+    assert!(card.matches("<svg").count() >= 2, "{dom}");
+    assert!(card.contains("<polyline"), "{dom}");
+    assert!(
+        !dom.contains("<script") && !dom.contains("src=\"http"),
+        "{dom}"
+    );
+    let shot = screenshot_path("status-page.png");
+    chromium(
+        &format!("--screenshot={}", shot.display()),
+        &format!("http://{address}/"),
+    )
+    .await?;
+    assert!(std::fs::read(&shot)?.starts_with(b"\x89PNG"));
+
+    // MongoDB away: the unit retries, and the page and `/status` say why.
+    h.mongo.kill();
+    wait_until(
+        "the unit retrying with a reason",
+        Duration::from_secs(90),
+        || {
+            let address = address.clone();
+            async move {
+                matches!(status(&address).await, Ok(json)
+                if json["pipelines"][0]["state"] == "retrying"
+                    && json["pipelines"][0]["last_error"]["message"].is_string())
+            }
+        },
+    )
+    .await?;
+    let (_, dom, after, _) = render(&address).await?;
+    let unit = &after["pipelines"][0];
+    assert_eq!(field(&dom, PIPELINE, "state").as_deref(), Some("retrying"));
+    let reason = unit["last_error"]["message"].as_str().context("message")?;
+    assert!(!reason.is_empty());
+    assert_eq!(field(&dom, PIPELINE, "last_error").as_deref(), Some(reason));
+    assert_eq!(page_field(&dom, "ready").as_deref(), Some("not ready"));
+    assert!(dom.contains("pipeline orders: retrying"), "{dom}");
+    assert!(!dom.contains("mongodb://") && !after.to_string().contains("mongodb://"));
+    let shot = screenshot_path("status-page-retrying.png");
+    chromium(
+        &format!("--screenshot={}", shot.display()),
+        &format!("http://{address}/"),
+    )
+    .await?;
+
+    h.mongo.restart().await?;
+    wait_until("running again", Duration::from_secs(90), || {
+        let address = address.clone();
+        async move {
+            matches!(status(&address).await, Ok(json) if json["pipelines"][0]["state"] == "running")
+        }
+    })
+    .await?;
+    tidegate.signal(SIGTERM)?;
+    assert!(tidegate.wait_exit(Duration::from_secs(30)).await?.success());
     Ok(())
 }

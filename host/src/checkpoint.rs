@@ -103,6 +103,11 @@ impl CheckpointStore {
         })
     }
 
+    /// The unit whose position this store keeps.
+    pub fn pipeline(&self) -> &str {
+        &self.key
+    }
+
     fn fail(&self, message: String) -> Error {
         Error::Checkpoint {
             pipeline: self.key.clone(),
@@ -179,11 +184,17 @@ impl CheckpointStore {
             .map_err(|err| self.fail(format!("checkpoint token is unreadable: {err}")))?;
         let last_msg_id = saved.get_str("lastMsgId").ok().map(str::to_string);
         let snapshot = saved.get_document("snapshot").ok().cloned();
-        Ok(Some(Position {
+        let position = Position {
             token,
             last_msg_id,
             snapshot,
-        }))
+        };
+        let saved_at = saved
+            .get_datetime("savedAt")
+            .ok()
+            .map(|t| t.timestamp_millis());
+        crate::metrics::pipeline(key).checkpoint_loaded(&position, saved_at);
+        Ok(Some(position))
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<Document, Error> {
@@ -247,7 +258,7 @@ impl CheckpointStore {
                     let err = match written {
                         Ok(revision) => {
                             self.revision.store(revision, Ordering::Release);
-                            crate::metrics::pipeline(key).checkpointed();
+                            crate::metrics::pipeline(key).checkpointed(position);
                             return Ok(());
                         }
                         Err(err) => err,
@@ -286,7 +297,7 @@ impl CheckpointStore {
                     .await
                 {
                     Ok(_) => {
-                        crate::metrics::pipeline(key).checkpointed();
+                        crate::metrics::pipeline(key).checkpointed(position);
                         Ok(())
                     }
                     // The upsert found no record of ours and could not insert one: the

@@ -668,11 +668,18 @@ pub struct CheckpointConfig {
     /// A crash replays at most this much (JetStream drops the replayed duplicates).
     #[serde(default = "default_checkpoint_interval_ms")]
     pub interval_ms: u64,
-    /// How often the acknowledged position is compared with the oplog's window, in
-    /// milliseconds (metrics, `/readyz`): past half of it tidegate warns, past 80 % it logs
-    /// an error. Default: 10000.
+    /// How often the oplog's size, fill and write rate are read to project the checkpoint's
+    /// headroom (see `oplog`), in milliseconds. Default: 10000.
     #[serde(default = "default_oplog_check_interval_ms")]
     pub oplog_check_interval_ms: u64,
+    /// Below this projected headroom (seconds until the oplog overwrites the checkpointed
+    /// position at the current write rate) tidegate warns. Default: 3600.
+    #[serde(default = "default_oplog_warn_headroom_secs")]
+    pub oplog_warn_headroom_secs: u64,
+    /// Below this projected headroom tidegate logs an error and `/readyz` reports the
+    /// pipeline. Default: 600.
+    #[serde(default = "default_oplog_error_headroom_secs")]
+    pub oplog_error_headroom_secs: u64,
 }
 
 impl Default for CheckpointConfig {
@@ -684,6 +691,8 @@ impl Default for CheckpointConfig {
             collection: default_checkpoint_collection(),
             interval_ms: default_checkpoint_interval_ms(),
             oplog_check_interval_ms: default_oplog_check_interval_ms(),
+            oplog_warn_headroom_secs: default_oplog_warn_headroom_secs(),
+            oplog_error_headroom_secs: default_oplog_error_headroom_secs(),
         }
     }
 }
@@ -747,6 +756,12 @@ fn default_snapshot_chunk() -> u32 {
 }
 fn default_oplog_check_interval_ms() -> u64 {
     10_000
+}
+fn default_oplog_warn_headroom_secs() -> u64 {
+    3600
+}
+fn default_oplog_error_headroom_secs() -> u64 {
+    600
 }
 fn default_checkpoint_interval_ms() -> u64 {
     1000
@@ -914,6 +929,16 @@ impl Config {
                 return Err(format!(
                     "{}: must be at least 1",
                     at("checkpoint.interval_ms / oplog_check_interval_ms")
+                ));
+            }
+            if pipeline.checkpoint.oplog_error_headroom_secs
+                > pipeline.checkpoint.oplog_warn_headroom_secs
+            {
+                return Err(format!(
+                    "{}: the error threshold ({} s) must not exceed the warning threshold ({} s)",
+                    at("checkpoint.oplog_error_headroom_secs"),
+                    pipeline.checkpoint.oplog_error_headroom_secs,
+                    pipeline.checkpoint.oplog_warn_headroom_secs
                 ));
             }
             for entry in pipeline.include.iter().chain(&pipeline.exclude) {

@@ -130,6 +130,18 @@ pub struct Change {
 }
 
 impl Change {
+    /// Unix milliseconds of the change's commit: its `wallTime` (MongoDB 6.0+), else its
+    /// cluster time (to the second). `None` for a snapshot read, which was not committed
+    /// then.
+    pub fn commit_unix_ms(&self) -> Option<i64> {
+        if self.operation == Operation::SnapshotRead {
+            return None;
+        }
+        self.wall_time
+            .map(|t| t.timestamp_millis())
+            .or_else(|| self.cluster_time.map(|t| i64::from(t.time) * 1000))
+    }
+
     /// A stand-in change, for checking what a subject template renders to.
     pub fn probe() -> Change {
         Change {

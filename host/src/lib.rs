@@ -29,12 +29,13 @@
 //! - [`encode`] — subjects and payload encodings.
 //! - [`sink`] — the JetStream stream check and the ordered, deduplicated publisher.
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
-//! - [`http`] — the operations endpoint: health, readiness, metrics, status.
+//! - [`http`] — the operations endpoint: health, readiness, metrics, status and its page.
 //! - [`fence`] — whether this process may still write for a pipeline.
 //! - [`lease`] — high availability: pipelines shared between instances through NATS KV leases.
 //! - [`pipeline`] — wiring one pipeline's stages together, shutdown and draining.
 //! - [`telemetry`] — logs, and the snapshot progress bar on a terminal.
-//! - [`oplog`] — how close each position is to the oplog's oldest entry.
+//! - [`oplog`] — how long each checkpoint would survive in the oplog: its capacity, write
+//!   rate and projected headroom, and the warnings about it.
 //! - [`metrics`] — every counter, gauge and histogram, rendered for Prometheus and `/status`.
 //!
 //! The binary (`src/main.rs`) parses the command line, installs signal handlers and calls
@@ -238,12 +239,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     sandbox: sandbox.clone(),
                     plugin_dir: config.plugin_dir.clone(),
                 };
+                let id = pipeline.id.clone();
                 let run = ha
                     .clone()
                     .run_pipeline(pipeline, plugins, js.clone(), stop_rx.clone());
-                tasks.spawn(async move { (is_tenant, run.await) });
+                tasks.spawn(async move { (is_tenant, recorded(&id, run.await)) });
             }
             None => {
+                let id = pipeline.id.clone();
                 let run = pipeline::run(
                     pipeline,
                     chain,
@@ -252,7 +255,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     stop_rx.clone(),
                     fence::Fence::none(),
                 );
-                tasks.spawn(async move { (is_tenant, run.await) });
+                tasks.spawn(async move { (is_tenant, recorded(&id, run.await)) });
             }
         };
     }
@@ -302,6 +305,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!(error = %err, "final NATS flush failed");
     }
     outcome
+}
+
+/// Records a unit's failure as its last error (for `/status`) and marks it stopped.
+fn recorded(unit: &str, result: Result<(), Error>) -> Result<(), Error> {
+    if let Err(err) = &result {
+        let series = metrics::pipeline(unit);
+        series.set_error(&err.to_string());
+        series.set_state(metrics::State::Stopped);
+    }
+    result
 }
 
 /// Stops a background task when dropped (whichever way `run` returns).

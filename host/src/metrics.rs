@@ -7,13 +7,41 @@
 //! series is bounded by the config. Stages find their series with [`series`] (or
 //! [`pipeline`]) and update plain atomics; nothing here blocks the event path.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mongodb::change_stream::event::ResumeToken;
+
+use crate::oplog;
+use crate::sink::Position;
+
+/// How often [`Registry::sample_history`] is called: the step of `/status`'s history and of
+/// the page's graphs.
+pub const HISTORY_STEP: Duration = Duration::from_secs(5);
+/// History samples kept per series: ten minutes.
+const HISTORY_LEN: usize = 121;
+/// The span of `events_per_second` and `messages_per_second`.
+const RATE_SPAN_MS: i64 = 60_000;
+/// Longest error message kept for `/status`.
+const MAX_ERROR_LEN: usize = 500;
+
+/// Why a plugin's call dead-letters an event (`plugin` and `sandbox::trap_reason`): the
+/// `reason` label values of `tidegate_dead_letters_total` with a plugin, declared at zero.
+pub const PLUGIN_FAILURE_REASONS: &[&str] = &[
+    "out-of-fuel",
+    "deadline",
+    "memory",
+    "trap",
+    "plugin-error",
+    "invalid-output",
+    "output-too-large",
+    "quarantined",
+];
+/// Why the host dead-letters an event itself (`pipeline::Framer`), with an empty `plugin`.
+pub const HOST_FAILURE_REASONS: &[&str] = &["too-large", "encoding"];
 
 /// The label set of a series, in a fixed order: `pipeline`, then e.g. `tenant`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -112,8 +140,12 @@ const LATENCY_BOUNDS: &[f64] = &[
 const CALL_BOUNDS: &[f64] = &[
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1, 1.0,
 ];
-/// End-to-end lag: the resume token's clock has one-second resolution.
-const LAG_BOUNDS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
+/// End-to-end lag, from a millisecond up to an hour (read from the change's `wallTime`,
+/// which has millisecond resolution; before MongoDB 6.0 from its cluster time, to the second).
+const LAG_BOUNDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 3600.0,
+];
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Histogram {
@@ -181,20 +213,51 @@ pub struct PipelineMetrics {
     retries: AtomicU64,
     checkpoints: AtomicU64,
     leases_lost: AtomicU64,
-    /// Unix ms of the last checkpoint write; 0 = none yet.
+    /// Unix ms when the checkpoint was last written (by any instance, as read back on
+    /// load); 0 = none yet.
     checkpoint_at_ms: AtomicI64,
-    /// Unix seconds of the change at the acknowledged position; 0 = unknown.
-    position_secs: AtomicI64,
+    /// Unix seconds (cluster time) of the checkpointed position; 0 = unknown.
+    checkpoint_position_secs: AtomicI64,
+    /// The last message id the checkpoint records.
+    checkpoint_msg_id: Mutex<Option<String>>,
+    /// Whether the checkpoint carries a running snapshot's progress.
+    checkpoint_in_snapshot: AtomicBool,
+    /// Unix ms of the last checkpoint that carried no snapshot progress.
+    plain_checkpoint_ms: AtomicI64,
+    /// The current (or last) snapshot: documents read, the server's estimate of the total,
+    /// and when it last moved (Unix ms; 0 = never).
+    snapshot_done: AtomicU64,
+    snapshot_total: AtomicU64,
+    snapshot_moved_ms: AtomicI64,
     state: AtomicU8,
-    /// Unix seconds of the oplog's oldest and newest entries; 0 = unknown.
-    oplog_oldest_secs: AtomicI64,
-    oplog_newest_secs: AtomicI64,
-    last_msg_id: Mutex<Option<String>>,
+    /// What the last oplog check found.
+    oplog: Mutex<Option<oplog::Status>>,
+    last_error: Mutex<Option<LastError>>,
+    /// Samples every [`HISTORY_STEP`], oldest first.
+    history: Mutex<VecDeque<Sample>>,
     plugins: Mutex<Vec<PluginInfo>>,
     /// Time from handing a message to the client to its JetStream acknowledgement.
     pub publish_latency: Histogram,
     /// Time from a change's commit in MongoDB to its acknowledgement by JetStream.
     pub lag: Histogram,
+}
+
+/// A unit's most recent error.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LastError {
+    /// What went wrong, without URLs.
+    pub message: String,
+    /// When, Unix milliseconds.
+    pub at_unix_ms: i64,
+}
+
+/// One point of a series' recent history.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at_ms: i64,
+    read: u64,
+    published: u64,
+    lag_seconds: Option<i64>,
 }
 
 /// The counters behind the pipeline summary line.
@@ -216,6 +279,11 @@ pub struct Counts {
 
 impl PipelineMetrics {
     fn new(labels: Labels) -> PipelineMetrics {
+        // Every known label set of a labelled counter exists from the start, at zero.
+        let dead_letters = HOST_FAILURE_REASONS
+            .iter()
+            .map(|reason| ((String::new(), reason.to_string()), 0))
+            .collect();
         PipelineMetrics {
             labels,
             read: AtomicU64::new(0),
@@ -223,7 +291,7 @@ impl PipelineMetrics {
             dead_lettered: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             out_of_scope: AtomicU64::new(0),
-            dead_letters: Mutex::new(Default::default()),
+            dead_letters: Mutex::new(dead_letters),
             reloads_applied: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
             snapshot_documents: AtomicU64::new(0),
@@ -233,11 +301,22 @@ impl PipelineMetrics {
             checkpoints: AtomicU64::new(0),
             leases_lost: AtomicU64::new(0),
             checkpoint_at_ms: AtomicI64::new(0),
-            position_secs: AtomicI64::new(0),
+            checkpoint_position_secs: AtomicI64::new(0),
+            checkpoint_msg_id: Mutex::new(None),
+            checkpoint_in_snapshot: AtomicBool::new(false),
+            plain_checkpoint_ms: AtomicI64::new(0),
+            snapshot_done: AtomicU64::new(0),
+            snapshot_total: AtomicU64::new(0),
+            snapshot_moved_ms: AtomicI64::new(0),
             state: AtomicU8::new(State::Starting as u8),
-            oplog_oldest_secs: AtomicI64::new(0),
-            oplog_newest_secs: AtomicI64::new(0),
-            last_msg_id: Mutex::new(None),
+            oplog: Mutex::new(None),
+            last_error: Mutex::new(None),
+            history: Mutex::new(VecDeque::from([Sample {
+                at_ms: unix_now_ms(),
+                read: 0,
+                published: 0,
+                lag_seconds: None,
+            }])),
             plugins: Mutex::new(Vec::new()),
             publish_latency: Histogram::new(LATENCY_BOUNDS),
             lag: Histogram::new(LAG_BOUNDS),
@@ -320,26 +399,98 @@ impl PipelineMetrics {
         self.retries.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The acknowledged position moved to `token`, after message `last_msg_id`.
-    pub fn position(&self, token: &ResumeToken, last_msg_id: Option<&str>) {
-        if let Some(secs) = token_seconds(token) {
-            self.position_secs.store(secs, Ordering::Relaxed);
-            let lag = unix_now().as_secs() as i64 - secs;
-            self.lag
-                .observe(Duration::from_secs(u64::try_from(lag).unwrap_or(0)));
+    /// A change committed at `commit_unix_ms` was acknowledged by JetStream: one
+    /// observation of the end-to-end lag.
+    pub fn change_acked(&self, commit_unix_ms: i64) {
+        let lag = u64::try_from(unix_now_ms() - commit_unix_ms).unwrap_or(0);
+        self.lag.observe(Duration::from_millis(lag));
+    }
+
+    /// A checkpoint was written with `position`.
+    pub fn checkpointed(&self, position: &Position) {
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.record_checkpoint(position, unix_now_ms());
+    }
+
+    /// The checkpoint `position`, written at `saved_unix_ms` (if the record says), was
+    /// loaded at start: it is the position until the first write.
+    pub fn checkpoint_loaded(&self, position: &Position, saved_unix_ms: Option<i64>) {
+        self.record_checkpoint(position, saved_unix_ms.unwrap_or_else(unix_now_ms));
+    }
+
+    fn record_checkpoint(&self, position: &Position, at_ms: i64) {
+        self.checkpoint_at_ms.store(at_ms, Ordering::Relaxed);
+        if let Some(secs) = token_seconds(&position.token) {
+            self.checkpoint_position_secs.store(secs, Ordering::Relaxed);
         }
-        if let (Some(id), Ok(mut kept)) = (last_msg_id, self.last_msg_id.lock()) {
-            if kept.as_deref() != Some(id) {
-                *kept = Some(id.to_string());
+        if let Ok(mut kept) = self.checkpoint_msg_id.lock() {
+            if kept.as_deref() != position.last_msg_id.as_deref() {
+                kept.clone_from(&position.last_msg_id);
             }
+        }
+        let in_snapshot = position.snapshot.is_some();
+        self.checkpoint_in_snapshot
+            .store(in_snapshot, Ordering::Relaxed);
+        if !in_snapshot {
+            self.plain_checkpoint_ms.store(at_ms, Ordering::Relaxed);
         }
     }
 
-    /// A checkpoint was written.
-    pub fn checkpointed(&self) {
-        self.checkpoints.fetch_add(1, Ordering::Relaxed);
-        self.checkpoint_at_ms
-            .store(unix_now().as_millis() as i64, Ordering::Relaxed);
+    /// Unix seconds (cluster time) of the checkpointed position, if known.
+    pub fn checkpoint_position_secs(&self) -> Option<i64> {
+        match self.checkpoint_position_secs.load(Ordering::Relaxed) {
+            0 => None,
+            secs => Some(secs),
+        }
+    }
+
+    /// A snapshot has read `done` documents of about `total`.
+    pub fn snapshot_progress(&self, done: u64, total: u64) {
+        self.snapshot_done.store(done, Ordering::Relaxed);
+        self.snapshot_total.store(total, Ordering::Relaxed);
+        self.snapshot_moved_ms
+            .store(unix_now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether a snapshot runs: its progress moved since the last checkpoint without
+    /// snapshot progress, or the checkpoint still carries its progress.
+    pub fn snapshot_active(&self) -> bool {
+        self.checkpoint_in_snapshot.load(Ordering::Relaxed)
+            || self.snapshot_moved_ms.load(Ordering::Relaxed)
+                > self.plain_checkpoint_ms.load(Ordering::Relaxed)
+    }
+
+    /// Records an error the unit met (and recovers from, or stops on); URLs are left out.
+    pub fn set_error(&self, message: &str) {
+        let message: String = message
+            .split(' ')
+            .map(|word| match word.contains("://") {
+                true => "<url>",
+                false => word,
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(MAX_ERROR_LEN)
+            .collect();
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(LastError {
+                message,
+                at_unix_ms: unix_now_ms(),
+            });
+        }
+    }
+
+    /// The unit waits to retry after `error`.
+    pub fn retrying(&self, error: &str) {
+        self.set_error(error);
+        self.set_state(State::Retrying);
+    }
+
+    /// The unit's most recent error, if any.
+    pub fn last_error(&self) -> Option<LastError> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
     }
 
     /// This instance lost the pipeline's lease.
@@ -357,8 +508,20 @@ impl PipelineMetrics {
         State::from_u8(self.state.load(Ordering::Relaxed))
     }
 
-    /// Records the chain's plugins.
+    /// Records the chain's plugins, and declares their counters at zero.
     pub fn set_plugins(&self, plugins: Vec<PluginInfo>) {
+        if let Ok(mut reasons) = self.dead_letters.lock() {
+            for p in &plugins {
+                for reason in PLUGIN_FAILURE_REASONS {
+                    reasons
+                        .entry((p.name.clone(), reason.to_string()))
+                        .or_default();
+                }
+            }
+        }
+        for p in &plugins {
+            plugin(&self.labels, &p.name);
+        }
         if let Ok(mut kept) = self.plugins.lock() {
             *kept = plugins;
         }
@@ -376,55 +539,85 @@ impl PipelineMetrics {
         }
     }
 
-    /// Seconds between the newest acknowledged change and now; `None` before the first.
+    /// The lag: seconds between the checkpointed position's cluster time and now; `None`
+    /// before the first checkpoint. (While the stream is idle the position still moves, with
+    /// post-batch resume tokens, so an idle pipeline's lag stays small.)
     pub fn lag_seconds(&self) -> Option<i64> {
-        match self.position_secs.load(Ordering::Relaxed) {
-            0 => None,
-            secs => Some((unix_now().as_secs() as i64 - secs).max(0)),
-        }
+        self.checkpoint_position_secs()
+            .map(|secs| (unix_now_ms() / 1000 - secs).max(0))
     }
 
-    /// Seconds since the last checkpoint write; `None` before the first.
+    /// The checkpoint age: seconds since the checkpoint was last written; `None` before the
+    /// first.
     pub fn checkpoint_age_seconds(&self) -> Option<f64> {
         match self.checkpoint_at_ms.load(Ordering::Relaxed) {
             0 => None,
-            ms => Some(((unix_now().as_millis() as i64 - ms).max(0)) as f64 / 1000.0),
+            ms => Some((unix_now_ms() - ms).max(0) as f64 / 1000.0),
         }
     }
 
-    /// Records the times of the oplog's oldest and newest entries.
-    pub fn set_oplog(&self, oldest_secs: i64, newest_secs: i64) {
-        self.oplog_oldest_secs.store(oldest_secs, Ordering::Relaxed);
-        self.oplog_newest_secs.store(newest_secs, Ordering::Relaxed);
-    }
-
-    /// Seconds of history the oplog holds, if known.
-    pub fn oplog_window_seconds(&self) -> Option<i64> {
-        match self.oplog_oldest_secs.load(Ordering::Relaxed) {
-            0 => None,
-            oldest => Some(self.oplog_newest_secs.load(Ordering::Relaxed) - oldest),
+    /// Records what an oplog check found.
+    pub fn set_oplog(&self, status: oplog::Status) {
+        if let Ok(mut kept) = self.oplog.lock() {
+            *kept = Some(status);
         }
     }
 
-    /// Seconds between the oplog's oldest entry and the acknowledged position, if both are
-    /// known: how long the pipeline could stall before its position falls out of the oplog
-    /// (at the current write rate).
-    pub fn oplog_headroom_seconds(&self) -> Option<i64> {
-        match (
-            self.oplog_oldest_secs.load(Ordering::Relaxed),
-            self.position_secs.load(Ordering::Relaxed),
-        ) {
-            (0, _) | (_, 0) => None,
-            (oldest, position) => Some(position - oldest),
+    /// What the last oplog check found, if the oplog could be read.
+    pub fn oplog(&self) -> Option<oplog::Status> {
+        self.oplog.lock().ok().and_then(|o| o.clone())
+    }
+
+    /// Appends a history sample (see [`HISTORY_STEP`]).
+    fn sample(&self) {
+        let c = self.counts();
+        let sample = Sample {
+            at_ms: unix_now_ms(),
+            read: c.read,
+            published: c.published,
+            lag_seconds: self.lag_seconds(),
+        };
+        if let Ok(mut history) = self.history.lock() {
+            history.push_back(sample);
+            while history.len() > HISTORY_LEN {
+                history.pop_front();
+            }
         }
     }
 
-    /// Whether the position is within the oldest tenth of the oplog's window.
-    pub fn near_oplog_edge(&self) -> bool {
-        match (self.oplog_headroom_seconds(), self.oplog_window_seconds()) {
-            (Some(headroom), Some(window)) => headroom < window / 10,
-            _ => false,
-        }
+    /// Events read and messages published per second over the last minute of history (or
+    /// since the series began, if younger); `None` before the second sample.
+    pub fn rates(&self) -> Option<(f64, f64)> {
+        let history = self.history.lock().ok()?;
+        let last = history.back()?;
+        let first = history
+            .iter()
+            .rev()
+            .find(|s| s.at_ms <= last.at_ms - RATE_SPAN_MS)
+            .or(history.front())?;
+        let seconds = (last.at_ms - first.at_ms) as f64 / 1000.0;
+        (seconds > 0.0).then(|| {
+            (
+                (last.read - first.read) as f64 / seconds,
+                (last.published - first.published) as f64 / seconds,
+            )
+        })
+    }
+
+    /// The history as `(events read per second since the previous sample, lag)` per sample,
+    /// oldest first.
+    pub fn history(&self) -> Vec<(f64, Option<i64>)> {
+        let Ok(history) = self.history.lock() else {
+            return Vec::new();
+        };
+        history
+            .iter()
+            .zip(history.iter().skip(1))
+            .map(|(a, b)| {
+                let seconds = ((b.at_ms - a.at_ms) as f64 / 1000.0).max(0.001);
+                ((b.read - a.read) as f64 / seconds, b.lag_seconds)
+            })
+            .collect()
     }
 
     /// Writes the summary log line.
@@ -444,7 +637,7 @@ impl PipelineMetrics {
         );
     }
 
-    /// This series as `/status` JSON.
+    /// This series as `/status` JSON (README's operations section describes every field).
     pub fn status(&self) -> serde_json::Value {
         let c = self.counts();
         let labels: serde_json::Map<String, serde_json::Value> = self
@@ -453,28 +646,48 @@ impl PipelineMetrics {
             .iter()
             .map(|(n, v)| (n.to_string(), v.clone().into()))
             .collect();
+        let rates = self.rates();
+        let history = self.history();
+        let snapshot_total = self.snapshot_total.load(Ordering::Relaxed);
         serde_json::json!({
             "labels": labels,
             "state": self.state().name(),
+            "last_error": self.last_error().map(|e| serde_json::json!({
+                "message": e.message,
+                "at_unix_ms": e.at_unix_ms,
+                "age_seconds": (unix_now_ms() - e.at_unix_ms).max(0) as f64 / 1000.0,
+            })),
             "position": {
-                "last_msg_id": self.last_msg_id.lock().ok().and_then(|id| id.clone()),
-                "change_time_unix": match self.position_secs.load(Ordering::Relaxed) {
-                    0 => None,
-                    secs => Some(secs),
-                },
+                "last_msg_id": self.checkpoint_msg_id.lock().ok().and_then(|id| id.clone()),
+                "change_time_unix": self.checkpoint_position_secs(),
             },
             "lag_seconds": self.lag_seconds(),
-            "oplog_headroom_seconds": self.oplog_headroom_seconds(),
-            "oplog_window_seconds": self.oplog_window_seconds(),
             "checkpoint_age_seconds": self.checkpoint_age_seconds(),
+            "events_per_second": rates.map(|r| r.0),
+            "messages_per_second": rates.map(|r| r.1),
+            "oplog": self.oplog(),
+            "snapshot": {
+                "active": self.snapshot_active(),
+                "documents": self.snapshot_done.load(Ordering::Relaxed),
+                "estimated_total": (snapshot_total > 0).then_some(snapshot_total),
+            },
             "counts": {
                 "read": c.read,
                 "filtered": c.filtered,
                 "dead_lettered": c.dead_lettered,
+                "skipped": self.skipped.load(Ordering::Relaxed),
+                "out_of_scope": self.out_of_scope.load(Ordering::Relaxed),
                 "published": c.published,
                 "duplicates": c.duplicates,
                 "retries": c.retries,
+                "checkpoints": self.checkpoints.load(Ordering::Relaxed),
+                "snapshot_documents": self.snapshot_documents.load(Ordering::Relaxed),
                 "leases_lost": self.leases_lost.load(Ordering::Relaxed),
+            },
+            "history": {
+                "step_seconds": HISTORY_STEP.as_secs(),
+                "events_per_second": history.iter().map(|h| h.0).collect::<Vec<_>>(),
+                "lag_seconds": history.iter().map(|h| h.1).collect::<Vec<_>>(),
             },
             "plugins": self.plugins.lock().map(|p| p.clone()).unwrap_or_default(),
         })
@@ -530,18 +743,25 @@ pub fn plugin(labels: &Labels, name: &str) -> Arc<PluginMetrics> {
 }
 
 /// All series of this process.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     series: Mutex<BTreeMap<Labels, Arc<PipelineMetrics>>>,
     plugins: Mutex<BTreeMap<Labels, Arc<PluginMetrics>>>,
     /// This instance's name when high availability is on.
     instance: OnceLock<String>,
+    /// When the registry (in effect, the process) started.
+    started: Instant,
 }
 
 /// The process-wide registry.
 pub fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(Registry::default)
+    REGISTRY.get_or_init(|| Registry {
+        series: Mutex::default(),
+        plugins: Mutex::default(),
+        instance: OnceLock::new(),
+        started: Instant::now(),
+    })
 }
 
 /// The series with `labels`, created on first use.
@@ -579,6 +799,18 @@ impl Registry {
         self.instance.get().cloned()
     }
 
+    /// Seconds since the process started.
+    pub fn uptime_seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Takes a history sample of every series; called every [`HISTORY_STEP`].
+    pub fn sample_history(&self) {
+        for series in self.all() {
+            series.sample();
+        }
+    }
+
     /// Every series, in label order.
     pub fn all(&self) -> Vec<Arc<PipelineMetrics>> {
         self.series
@@ -595,6 +827,11 @@ impl Registry {
             out,
             "# HELP tidegate_build_info The running version.\n# TYPE tidegate_build_info gauge\ntidegate_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tidegate_uptime_seconds Seconds since the process started.\n# TYPE tidegate_uptime_seconds gauge\ntidegate_uptime_seconds {}",
+            self.uptime_seconds()
         );
         type Read = fn(&PipelineMetrics) -> Option<f64>;
         let families: &[(&str, &str, &str, Read)] = &[
@@ -667,26 +904,50 @@ impl Registry {
             (
                 "tidegate_checkpoint_age_seconds",
                 "gauge",
-                "Seconds since the last checkpoint write.",
+                "Seconds since the checkpoint was last written.",
                 |m| m.checkpoint_age_seconds(),
             ),
             (
                 "tidegate_lag_seconds",
                 "gauge",
-                "Seconds between the newest acknowledged change's commit and now.",
+                "Seconds between the checkpointed position's cluster time and now.",
                 |m| m.lag_seconds().map(|s| s as f64),
             ),
             (
                 "tidegate_oplog_headroom_seconds",
                 "gauge",
-                "Seconds between the oplog's oldest entry and the acknowledged position.",
-                |m| m.oplog_headroom_seconds().map(|s| s as f64),
+                "Projected seconds until the oplog overwrites the checkpointed position, at the current write rate.",
+                |m| m.oplog().and_then(|o| o.headroom_seconds),
             ),
             (
                 "tidegate_oplog_window_seconds",
                 "gauge",
-                "Seconds of history the oplog holds.",
-                |m| m.oplog_window_seconds().map(|s| s as f64),
+                "Seconds between the oplog's oldest and newest entries (what it holds now, not its capacity).",
+                |m| m.oplog().map(|o| o.window_seconds as f64),
+            ),
+            (
+                "tidegate_oplog_size_bytes",
+                "gauge",
+                "Bytes the oplog holds.",
+                |m| m.oplog().map(|o| o.size_bytes as f64),
+            ),
+            (
+                "tidegate_oplog_max_size_bytes",
+                "gauge",
+                "The oplog's configured maximum size.",
+                |m| m.oplog().map(|o| o.max_bytes as f64),
+            ),
+            (
+                "tidegate_oplog_write_bytes_per_second",
+                "gauge",
+                "Bytes written to the oplog per second over its last readings.",
+                |m| m.oplog().and_then(|o| o.write_bytes_per_second),
+            ),
+            (
+                "tidegate_last_error_timestamp_seconds",
+                "gauge",
+                "Unix time of the unit's most recent error (its text is on /status).",
+                |m| m.last_error().map(|e| e.at_unix_ms as f64 / 1000.0),
             ),
             (
                 "tidegate_pipeline_running",
@@ -726,7 +987,7 @@ impl Registry {
         type Get = fn(&PipelineMetrics) -> &Histogram;
         let histograms: &[(&str, &str, Get)] = &[
             ("tidegate_publish_latency_seconds", "Time from publishing a message to its JetStream acknowledgement.", |m| &m.publish_latency),
-            ("tidegate_end_to_end_lag_seconds", "Time from a change's commit in MongoDB to its acknowledgement by JetStream (one-second resolution).", |m| &m.lag),
+            ("tidegate_end_to_end_lag_seconds", "Time from a change's commit in MongoDB (its wallTime) to its acknowledgement by JetStream.", |m| &m.lag),
         ];
         for (name, help, get) in histograms {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
@@ -855,9 +1116,11 @@ pub fn plugin_infos(chain: &crate::plugin::Chain) -> Vec<PluginInfo> {
         .collect()
 }
 
-fn unix_now() -> Duration {
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
 }
 
@@ -934,15 +1197,67 @@ mod tests {
     }
 
     #[test]
-    fn near_the_oplog_edge_within_its_oldest_tenth() {
+    fn lag_and_checkpoint_age_come_from_the_checkpoint() {
         let m = PipelineMetrics::new(Labels::pipeline("p"));
-        assert!(!m.near_oplog_edge(), "unknown is not near");
-        m.set_oplog(1000, 2000);
-        m.position_secs.store(1050, Ordering::Relaxed);
-        assert_eq!(m.oplog_headroom_seconds(), Some(50));
-        assert!(m.near_oplog_edge());
-        m.position_secs.store(1900, Ordering::Relaxed);
-        assert!(!m.near_oplog_edge());
+        assert_eq!((m.lag_seconds(), m.checkpoint_age_seconds()), (None, None));
+        let now = unix_now_ms() / 1000;
+        let token: ResumeToken = bson::deserialize_from_bson(bson::Bson::Document(
+            bson::doc! { "_data": format!("82{:08X}00000001", now - 30) },
+        ))
+        .expect("token");
+        let position = Position {
+            token,
+            last_msg_id: Some("p:1:0".into()),
+            snapshot: None,
+        };
+        // Written 2 s ago by an earlier run, holding a position 30 s old.
+        m.checkpoint_loaded(&position, Some(unix_now_ms() - 2000));
+        let lag = m.lag_seconds().expect("lag");
+        assert!((30..32).contains(&lag), "{lag}");
+        let age = m.checkpoint_age_seconds().expect("age");
+        assert!((2.0..3.0).contains(&age), "{age}");
+        m.checkpointed(&position);
+        assert!(m.checkpoint_age_seconds().expect("age") < 1.0);
+        assert_eq!(m.status()["position"]["last_msg_id"], "p:1:0");
+    }
+
+    #[test]
+    fn known_counters_exist_at_zero() {
+        let m = PipelineMetrics::new(Labels::pipeline("zero"));
+        m.set_plugins(vec![PluginInfo {
+            name: "f".into(),
+            world: "filter".into(),
+            sha256: String::new(),
+        }]);
+        let mut out = String::new();
+        registry().render_labelled(&mut out, &[Arc::new(m)]);
+        assert!(out.contains(
+            "tidegate_dead_letters_total{pipeline=\"zero\",plugin=\"f\",reason=\"out-of-fuel\"} 0\n"
+        ));
+        assert!(out.contains(
+            "tidegate_dead_letters_total{pipeline=\"zero\",plugin=\"\",reason=\"too-large\"} 0\n"
+        ));
+    }
+
+    #[test]
+    fn rates_over_the_history() {
+        let m = PipelineMetrics::new(Labels::pipeline("r"));
+        assert_eq!(m.rates(), None);
+        if let Ok(mut history) = m.history.lock() {
+            let t = history[0].at_ms;
+            for (i, read) in [(1, 100), (2, 200), (13, 1300)] {
+                history.push_back(Sample {
+                    at_ms: t + i * 5000,
+                    read,
+                    published: read / 2,
+                    lag_seconds: Some(1),
+                });
+            }
+        }
+        // The last minute: from the sample 60 s before the newest one.
+        assert_eq!(m.rates(), Some((20.0, 10.0)));
+        assert_eq!(m.history().len(), 3);
+        assert_eq!(m.history()[0], (20.0, Some(1)));
     }
 
     #[test]

@@ -1,22 +1,106 @@
-//! How close each pipeline's position is to the oldest entry MongoDB's oplog still holds.
+//! How long each pipeline's checkpoint would survive in MongoDB's oplog.
 //!
-//! If the position falls out of the oplog, the change stream cannot resume
-//! (`ChangeStreamHistoryLost`) and events are lost. This task reads the oplog's oldest and
-//! newest entries now and then and records the headroom (position − oldest) and the window
-//! (newest − oldest) in the pipeline's metrics; `/readyz` reports a pipeline whose headroom is
-//! under a tenth of the window. It also warns in the log well before the position falls
-//! out: past half of the window a warning, past 80 % an error. Where the oplog cannot be read
-//! (a sharded cluster through mongos, a user without read access to `local`), nothing is
-//! recorded.
+//! The oplog is a capped collection: once it holds its configured maximum size, every new
+//! entry pushes the oldest ones out. A checkpoint whose position has been pushed out cannot
+//! be resumed (`ChangeStreamHistoryLost`) and events are lost. So what matters is not how
+//! old the oplog's oldest entry is (on a young oplog that is merely its age) but how many
+//! more bytes can be written before the checkpointed position is overwritten, and how fast
+//! bytes are being written.
+//!
+//! Every `checkpoint.oplog_check_interval_ms` this task reads the oplog's storage stats
+//! (`$collStats` on `local.oplog.rs`: `maxSize`, `size`) and the times of its oldest and
+//! newest entries, measures the write rate over the last [`RATE_READINGS`] readings, and
+//! projects the **headroom**: the seconds until the oplog overwrites the checkpointed position
+//! if the pipeline stopped now and writes went on at that rate,
+//!
+//! ```text
+//! headroom = (maxSize − bytes written after the position) / write rate
+//! bytes written after the position ≈ size × (newest − position) / (newest − oldest)
+//! ```
+//!
+//! A healthy pipeline's position is close to the newest entry, so its headroom is the oplog's
+//! capacity at the current write rate; a stalled one's headroom counts down. The headroom
+//! sets a [`Level`]: `warn` below `checkpoint.oplog_warn_headroom_secs`, `error` below
+//! `checkpoint.oplog_error_headroom_secs` (and `/readyz` then reports the pipeline), `lost`
+//! once the position is older than the oldest entry. Each change of level is logged once,
+//! with a reminder every [`REMINDER`] while it lasts. Where the oplog cannot be read (a
+//! sharded cluster through mongos, a user without read access to `local`) nothing is
+//! recorded. MongoDB's `oplogMinRetentionHours`, which can keep entries longer than the
+//! size alone would, is not taken into account: the projection errs on the early side.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
-use bson::{doc, Document, Timestamp};
+use bson::{doc, Bson, Document, Timestamp};
+use futures::TryStreamExt;
 use tokio::sync::watch;
 
 use crate::config::PipelineConfig;
+use crate::telemetry::human_duration;
 
-/// Records the oplog headroom of `pipeline` until `shutdown`.
+/// Readings the write rate is measured over: one minute at the default check interval.
+pub const RATE_READINGS: usize = 6;
+/// How often a warning or error that still holds is logged again.
+pub const REMINDER: Duration = Duration::from_secs(30 * 60);
+/// A level is left for a better one only once the headroom clears its threshold by this
+/// factor, so a headroom hovering at a threshold does not log on every check.
+const HYSTERESIS: f64 = 1.1;
+
+/// How close a checkpoint is to being overwritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// Headroom above the warning threshold, or nothing is being written.
+    Ok,
+    /// Headroom below `oplog_warn_headroom_secs`.
+    Warn,
+    /// Headroom below `oplog_error_headroom_secs`: `/readyz` reports the pipeline.
+    Error,
+    /// The position is older than the oplog's oldest entry: it cannot be resumed.
+    Lost,
+}
+
+/// One reading of the oplog's size and ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reading {
+    /// The configured maximum size (`maxSize`), bytes.
+    pub max_bytes: f64,
+    /// The bytes it holds now (`size`).
+    pub size_bytes: f64,
+    /// Unix seconds of its oldest entry.
+    pub oldest_secs: i64,
+    /// Unix seconds of its newest entry.
+    pub newest_secs: i64,
+}
+
+/// What the last check found, as metrics, `/status` and `/readyz` show it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Status {
+    /// The configured maximum size, bytes.
+    pub max_bytes: u64,
+    /// The bytes it holds.
+    pub size_bytes: u64,
+    /// Seconds between its oldest and newest entries (what it holds now, not its capacity).
+    pub window_seconds: i64,
+    /// Bytes written per second over the last readings; `None` until two readings exist.
+    pub write_bytes_per_second: Option<f64>,
+    /// Projected seconds until the checkpointed position is overwritten; `None` while the
+    /// position or the write rate is unknown, or nothing is being written.
+    pub headroom_seconds: Option<f64>,
+    /// The level the headroom sets.
+    pub level: Level,
+    /// Unix milliseconds of the check.
+    pub checked_at_unix_ms: i64,
+}
+
+/// The warning thresholds, seconds.
+#[derive(Debug, Clone, Copy)]
+struct Thresholds {
+    warn: f64,
+    error: f64,
+}
+
+/// Records the oplog headroom of `pipeline` until `shutdown`, logging changes of level.
 pub async fn watch_headroom(pipeline: PipelineConfig, mut shutdown: watch::Receiver<bool>) {
     let metrics = crate::metrics::pipeline(&pipeline.id);
     let client = match crate::security::mongo_client(&pipeline.mongodb_uri).await {
@@ -24,6 +108,15 @@ pub async fn watch_headroom(pipeline: PipelineConfig, mut shutdown: watch::Recei
         Err(_) => return, // the pipeline itself reports a bad URI
     };
     let every = Duration::from_millis(pipeline.checkpoint.oplog_check_interval_ms);
+    let thresholds = Thresholds {
+        warn: pipeline.checkpoint.oplog_warn_headroom_secs as f64,
+        error: pipeline.checkpoint.oplog_error_headroom_secs as f64,
+    };
+    let mut rate = WriteRate::default();
+    let mut reported = Reported {
+        level: Level::Ok,
+        at: Instant::now(),
+    };
     let mut said = false;
     let mut tick =
         tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), every);
@@ -32,49 +125,60 @@ pub async fn watch_headroom(pipeline: PipelineConfig, mut shutdown: watch::Recei
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
         }
-        match ends(&client).await {
-            Ok((oldest, newest)) => {
-                metrics.set_oplog(i64::from(oldest.time), i64::from(newest.time));
-                warn_if_near_the_edge(&pipeline.id, &metrics);
+        match read(&client).await {
+            Ok(reading) => {
+                rate.push(Instant::now(), reading);
+                let position = metrics.checkpoint_position_secs();
+                let status = assess(
+                    &reading,
+                    rate.bytes_per_second(),
+                    position,
+                    thresholds,
+                    reported.level,
+                );
+                report(&pipeline.id, &status, position, thresholds, &mut reported);
+                metrics.set_oplog(status);
             }
             Err(err) if !said => {
                 said = true;
-                tracing::info!(pipeline = %pipeline.id, error = %err, "cannot read the oplog's ends; no oplog headroom metric");
+                tracing::info!(pipeline = %pipeline.id, error = %err, "cannot read the oplog's size and ends; no oplog headroom");
             }
             Err(_) => {}
         }
     }
 }
 
-/// Logs a warning when the acknowledged position has used half of the oplog's window, an
-/// error past 80 %, with both figures.
-fn warn_if_near_the_edge(pipeline: &str, metrics: &crate::metrics::PipelineMetrics) {
-    let (Some(headroom), Some(window)) = (
-        metrics.oplog_headroom_seconds(),
-        metrics.oplog_window_seconds(),
-    ) else {
-        return;
+/// Reads the oplog's configured maximum, its size, and the times of its ends.
+pub async fn read(client: &mongodb::Client) -> Result<Reading, String> {
+    let oplog = client.database("local").collection::<Document>("oplog.rs");
+    let stats = oplog
+        .aggregate([doc! { "$collStats": { "storageStats": {} } }])
+        .await
+        .map_err(|err| err.to_string())?
+        .try_next()
+        .await
+        .map_err(|err| err.to_string())?
+        .ok_or("$collStats returned nothing")?;
+    let storage = stats
+        .get_document("storageStats")
+        .map_err(|err| format!("$collStats: {err}"))?;
+    let number = |name: &str| match storage.get(name) {
+        Some(Bson::Int32(n)) => Some(f64::from(*n)),
+        Some(Bson::Int64(n)) => Some(*n as f64),
+        Some(Bson::Double(n)) => Some(*n),
+        _ => None,
     };
-    if window <= 0 {
-        return;
-    }
-    let age = window - headroom;
-    let used = age as f64 / window as f64;
-    if used >= 0.8 {
-        tracing::error!(
-            pipeline,
-            checkpoint_age_s = age,
-            oplog_window_s = window,
-            "the checkpoint is close to falling out of the oplog; catch up or enlarge the oplog"
-        );
-    } else if used >= 0.5 {
-        tracing::warn!(
-            pipeline,
-            checkpoint_age_s = age,
-            oplog_window_s = window,
-            "the checkpoint is past half of the oplog's window"
-        );
-    }
+    let max_bytes = number("maxSize")
+        .filter(|m| *m > 0.0)
+        .ok_or("the oplog reports no maximum size (maxSize)")?;
+    let size_bytes = number("size").ok_or("the oplog reports no size")?;
+    let (oldest, newest) = ends(client).await?;
+    Ok(Reading {
+        max_bytes,
+        size_bytes,
+        oldest_secs: i64::from(oldest.time),
+        newest_secs: i64::from(newest.time),
+    })
 }
 
 /// The times of the oplog's oldest and newest entries.
@@ -92,4 +196,273 @@ pub async fn ends(client: &mongodb::Client) -> Result<(Timestamp, Timestamp), St
         entry.get_timestamp("ts").map_err(|err| err.to_string())
     };
     Ok((at(1).await?, at(-1).await?))
+}
+
+/// The bytes written to the oplog over its last [`RATE_READINGS`] readings.
+#[derive(Debug, Default)]
+struct WriteRate {
+    readings: VecDeque<(Instant, Reading)>,
+}
+
+impl WriteRate {
+    fn push(&mut self, at: Instant, reading: Reading) {
+        self.readings.push_back((at, reading));
+        while self.readings.len() > RATE_READINGS + 1 {
+            self.readings.pop_front();
+        }
+    }
+
+    /// Bytes per second between the first and the last reading kept.
+    fn bytes_per_second(&self) -> Option<f64> {
+        let (first, _) = self.readings.front()?;
+        let (last, _) = self.readings.back()?;
+        let seconds = last.duration_since(*first).as_secs_f64();
+        if seconds <= 0.0 {
+            return None;
+        }
+        let written: f64 = self
+            .readings
+            .iter()
+            .zip(self.readings.iter().skip(1))
+            .map(|((_, a), (_, b))| written_between(a, b))
+            .sum();
+        Some(written / seconds)
+    }
+}
+
+/// Bytes written between two readings: the growth, plus what was truncated from the old end
+/// (estimated from how far the oldest entry moved, at the earlier reading's average density).
+fn written_between(a: &Reading, b: &Reading) -> f64 {
+    let grown = b.size_bytes - a.size_bytes;
+    let truncated = if b.oldest_secs > a.oldest_secs {
+        let span = (a.newest_secs - a.oldest_secs).max(1) as f64;
+        a.size_bytes * ((b.oldest_secs - a.oldest_secs) as f64 / span).min(1.0)
+    } else {
+        0.0
+    };
+    (grown + truncated).max(0.0)
+}
+
+/// Projected seconds until the oplog overwrites `position_secs` at `bytes_per_second`; 0 if
+/// it already has; `None` when nothing is being written.
+pub fn headroom_seconds(
+    reading: &Reading,
+    bytes_per_second: f64,
+    position_secs: i64,
+) -> Option<f64> {
+    if position_secs < reading.oldest_secs {
+        return Some(0.0);
+    }
+    if bytes_per_second <= 0.0 {
+        return None;
+    }
+    let span = (reading.newest_secs - reading.oldest_secs) as f64;
+    let behind = (reading.newest_secs - position_secs).max(0) as f64;
+    let after_position = match span > 0.0 {
+        true => reading.size_bytes * (behind / span).min(1.0),
+        false => 0.0,
+    };
+    Some((reading.max_bytes - after_position).max(0.0) / bytes_per_second)
+}
+
+/// The level `headroom` sets, coming from `current`: a level is left for a better one only
+/// once the headroom clears its threshold by [`HYSTERESIS`].
+fn level(headroom: Option<f64>, lost: bool, thresholds: Thresholds, current: Level) -> Level {
+    if lost {
+        return Level::Lost;
+    }
+    let Some(headroom) = headroom else {
+        return Level::Ok;
+    };
+    let threshold = |seconds: f64, level: Level| match current >= level {
+        true => seconds * HYSTERESIS,
+        false => seconds,
+    };
+    if headroom < threshold(thresholds.error, Level::Error) {
+        Level::Error
+    } else if headroom < threshold(thresholds.warn, Level::Warn) {
+        Level::Warn
+    } else {
+        Level::Ok
+    }
+}
+
+/// The status of one check.
+fn assess(
+    reading: &Reading,
+    bytes_per_second: Option<f64>,
+    position_secs: Option<i64>,
+    thresholds: Thresholds,
+    current: Level,
+) -> Status {
+    let headroom = match (position_secs, bytes_per_second) {
+        (Some(position), Some(rate)) => headroom_seconds(reading, rate, position),
+        _ => None,
+    };
+    let lost = position_secs.is_some_and(|p| p < reading.oldest_secs);
+    Status {
+        max_bytes: reading.max_bytes as u64,
+        size_bytes: reading.size_bytes as u64,
+        window_seconds: reading.newest_secs - reading.oldest_secs,
+        write_bytes_per_second: bytes_per_second,
+        headroom_seconds: headroom,
+        level: level(headroom, lost, thresholds, current),
+        checked_at_unix_ms: crate::metrics::unix_now_ms(),
+    }
+}
+
+/// The level last logged, and when.
+struct Reported {
+    level: Level,
+    at: Instant,
+}
+
+/// Logs a change of level, or a reminder of a warning or error that has lasted [`REMINDER`].
+fn report(
+    pipeline: &str,
+    status: &Status,
+    position_secs: Option<i64>,
+    thresholds: Thresholds,
+    reported: &mut Reported,
+) {
+    let changed = status.level != reported.level;
+    let remind = status.level != Level::Ok && reported.at.elapsed() >= REMINDER;
+    if !changed && !remind {
+        return;
+    }
+    let headroom_s = status.headroom_seconds.map(|h| h.round() as i64);
+    let lag_s = position_secs.map(|p| crate::metrics::unix_now_ms() / 1000 - p);
+    let oplog_max_mb = status.max_bytes / (1024 * 1024);
+    let oplog_used_mb = status.size_bytes / (1024 * 1024);
+    let write_kb_s = status
+        .write_bytes_per_second
+        .map(|r| (r / 1024.0 * 10.0).round() / 10.0);
+    let about = status
+        .headroom_seconds
+        .map(|h| human_duration(h as i64))
+        .unwrap_or_else(|| "?".into());
+    match status.level {
+        Level::Lost => tracing::error!(
+            pipeline,
+            lag_s,
+            oplog_max_mb,
+            oplog_used_mb,
+            write_kb_s,
+            "the checkpointed position is older than the oplog's oldest entry: it cannot be \
+             resumed (see on_history_lost); enlarge the oplog so this does not happen again"
+        ),
+        Level::Error => {
+            tracing::error!(
+            pipeline, headroom_s, lag_s, oplog_max_mb, oplog_used_mb, write_kb_s,
+            "at the current write rate the oplog overwrites the checkpointed position in about \
+             {about} (below oplog_error_headroom_secs = {}); catch up, enlarge the oplog or \
+             write less",
+            thresholds.error
+        )
+        }
+        Level::Warn => {
+            tracing::warn!(
+            pipeline, headroom_s, lag_s, oplog_max_mb, oplog_used_mb, write_kb_s,
+            "at the current write rate the oplog overwrites the checkpointed position in about \
+             {about} (below oplog_warn_headroom_secs = {}): an outage longer than that loses \
+             the position; enlarge the oplog or write less",
+            thresholds.warn
+        )
+        }
+        Level::Ok => tracing::info!(
+            pipeline,
+            headroom_s,
+            lag_s,
+            oplog_max_mb,
+            oplog_used_mb,
+            write_kb_s,
+            "oplog headroom back above oplog_warn_headroom_secs"
+        ),
+    }
+    reported.level = status.level;
+    reported.at = Instant::now();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: f64 = 1024.0 * 1024.0;
+    const THRESHOLDS: Thresholds = Thresholds {
+        warn: 3600.0,
+        error: 600.0,
+    };
+
+    fn reading(max_mb: f64, size_mb: f64, oldest: i64, newest: i64) -> Reading {
+        Reading {
+            max_bytes: max_mb * MB,
+            size_bytes: size_mb * MB,
+            oldest_secs: oldest,
+            newest_secs: newest,
+        }
+    }
+
+    /// A fresh 512 MB oplog holding 2 MB written over 2 seconds is not "past half of its
+    /// window": at 1 KB/s its capacity is days.
+    #[test]
+    fn a_young_oplog_is_measured_by_its_capacity_not_its_age() {
+        let young = reading(512.0, 2.0, 1000, 1002);
+        let headroom = headroom_seconds(&young, 1024.0, 1001).expect("writes");
+        assert!(headroom > 500_000.0, "{headroom}");
+        assert_eq!(
+            level(Some(headroom), false, THRESHOLDS, Level::Ok),
+            Level::Ok
+        );
+    }
+
+    #[test]
+    fn headroom_counts_the_bytes_after_the_position() {
+        // Full: 100 MB over 100 s; the position 50 s behind the newest entry has 50 MB after
+        // it, so 50 MB more at 1 MB/s overwrite it.
+        let full = reading(100.0, 100.0, 1000, 1100);
+        let headroom = headroom_seconds(&full, MB, 1050).expect("writes");
+        assert!((headroom - 50.0).abs() < 1e-6, "{headroom}");
+        // Caught up: the whole capacity.
+        assert_eq!(headroom_seconds(&full, MB, 1100), Some(100.0));
+        // Already overwritten.
+        assert_eq!(headroom_seconds(&full, MB, 999), Some(0.0));
+        // Nothing written: no projection.
+        assert_eq!(headroom_seconds(&full, 0.0, 1050), None);
+    }
+
+    #[test]
+    fn write_rate_includes_what_was_truncated() {
+        let mut rate = WriteRate::default();
+        let start = Instant::now();
+        // Not full yet: the growth is what was written.
+        rate.push(start, reading(10.0, 4.0, 1000, 1010));
+        rate.push(
+            start + Duration::from_secs(10),
+            reading(10.0, 6.0, 1000, 1020),
+        );
+        let first = rate.bytes_per_second().expect("rate");
+        assert!((first - 0.2 * MB).abs() < 1.0, "{first}");
+        // Full: the size stands still and the oldest entry moves 10 of 20 s: half of 6 MB.
+        rate.push(
+            start + Duration::from_secs(20),
+            reading(10.0, 6.0, 1010, 1030),
+        );
+        let rate = rate.bytes_per_second().expect("rate");
+        assert!((rate - (2.0 + 3.0) * MB / 20.0).abs() < 1.0, "{rate}");
+    }
+
+    #[test]
+    fn levels_have_hysteresis() {
+        let at = |h: f64, current| level(Some(h), false, THRESHOLDS, current);
+        assert_eq!(at(4000.0, Level::Ok), Level::Ok);
+        assert_eq!(at(3000.0, Level::Ok), Level::Warn);
+        assert_eq!(at(500.0, Level::Ok), Level::Error);
+        // Just above a threshold: stays at the worse level until clear of it.
+        assert_eq!(at(3700.0, Level::Warn), Level::Warn);
+        assert_eq!(at(4000.0, Level::Warn), Level::Ok);
+        assert_eq!(at(620.0, Level::Error), Level::Error);
+        assert_eq!(at(700.0, Level::Error), Level::Warn);
+        assert_eq!(level(None, false, THRESHOLDS, Level::Warn), Level::Ok);
+        assert_eq!(level(Some(1e9), true, THRESHOLDS, Level::Ok), Level::Lost);
+    }
 }

@@ -256,7 +256,10 @@ async fn save_if_moved(
         Err(Error::Fenced { .. }) => {}
         // The position is kept and saved on the next tick; a crash meanwhile only replays
         // events JetStream deduplicates.
-        Err(err) => tracing::warn!(error = %err, "checkpoint not saved; will retry"),
+        Err(err) => {
+            crate::metrics::pipeline(checkpoints.pipeline()).set_error(&err.to_string());
+            tracing::warn!(error = %err, "checkpoint not saved; will retry")
+        }
     }
 }
 
@@ -295,6 +298,7 @@ impl ChainStages {
                             messages: self.framer.heartbeat(&token),
                             token,
                             snapshot,
+                            commit_unix_ms: None,
                         });
                         continue;
                     }
@@ -441,6 +445,7 @@ impl Framer {
                     messages: vec![self.dead_letter(event, &err, stats)],
                     token: event.token.clone(),
                     snapshot: event.snapshot.clone(),
+                    commit_unix_ms: event.change.commit_unix_ms(),
                 }
             }
             Verdict::Skip(_) | Verdict::Halt(_) => {
@@ -478,6 +483,7 @@ impl Framer {
                         messages: vec![self.dead_letter(event, &err, stats)],
                         token: event.token.clone(),
                         snapshot: event.snapshot.clone(),
+                        commit_unix_ms: event.change.commit_unix_ms(),
                     };
                 }
                 Err(message) => {
@@ -491,6 +497,7 @@ impl Framer {
                         messages: vec![self.dead_letter(event, &err, stats)],
                         token: event.token.clone(),
                         snapshot: event.snapshot.clone(),
+                        commit_unix_ms: event.change.commit_unix_ms(),
                     };
                 }
             };
@@ -513,6 +520,7 @@ impl Framer {
             messages,
             token: event.token.clone(),
             snapshot: event.snapshot.clone(),
+            commit_unix_ms: event.change.commit_unix_ms(),
         }
     }
 

@@ -58,6 +58,9 @@ pub struct Unit {
     pub token: ResumeToken,
     /// Snapshot progress after this unit, while a snapshot runs.
     pub snapshot: Option<bson::Document>,
+    /// Unix milliseconds of the change's commit in MongoDB, for the end-to-end lag; `None`
+    /// for heartbeats and snapshot reads.
+    pub commit_unix_ms: Option<i64>,
 }
 
 /// How far the pipeline is durably published.
@@ -253,6 +256,8 @@ struct Slot {
     /// Set on the last message of a unit: the position (token and snapshot progress)
     /// reached once this is acknowledged.
     advance_to: Option<(ResumeToken, Option<bson::Document>)>,
+    /// Set on the last message of a unit: its change's commit time (see [`Unit`]).
+    commit_unix_ms: Option<i64>,
 }
 
 /// Publishes units in order and reports the acknowledged position.
@@ -331,13 +336,15 @@ impl Publisher {
         let count = unit.messages.len();
         let mut token = Some((unit.token, unit.snapshot));
         for (i, message) in unit.messages.into_iter().enumerate() {
-            let advance_to = if i + 1 == count { token.take() } else { None };
+            let last = i + 1 == count;
+            let advance_to = if last { token.take() } else { None };
             let ack = self.send(&message).await;
             self.slots.push_back(Slot {
                 message,
                 ack,
                 sent_at: Instant::now(),
                 advance_to,
+                commit_unix_ms: unit.commit_unix_ms.filter(|_| last),
             });
         }
     }
@@ -404,6 +411,9 @@ impl Publisher {
 
     fn pop_acked(&mut self) {
         if let Some(slot) = self.slots.pop_front() {
+            if let Some(commit) = slot.commit_unix_ms {
+                self.metrics.change_acked(commit);
+            }
             let reached = slot.advance_to.or_else(|| {
                 self.acked
                     .as_ref()
@@ -415,10 +425,6 @@ impl Publisher {
                     last_msg_id: Some(slot.message.msg_id),
                     snapshot,
                 });
-                if let Some(position) = &self.acked {
-                    self.metrics
-                        .position(&position.token, position.last_msg_id.as_deref());
-                }
             }
         }
     }
@@ -473,6 +479,8 @@ impl Publisher {
                 }
             }
         } else {
+            self.metrics
+                .set_error(&format!("publish failed; re-publishing: {text}"));
             tracing::warn!(
                 pipeline = %self.pipeline,
                 error = %text,

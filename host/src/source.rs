@@ -1109,13 +1109,13 @@ async fn retry_later(
             ),
         });
     }
+    let described = describe(pipeline, &err);
     tracing::warn!(
         pipeline = id,
         retry_in_ms = backoff.as_millis() as u64,
-        "{what}: {}",
-        describe(pipeline, &err)
+        "{what}: {described}"
     );
-    crate::metrics::pipeline(id).set_state(crate::metrics::State::Retrying);
+    crate::metrics::pipeline(id).retrying(&format!("{what}: {described}"));
     let delay = *backoff;
     *backoff = (*backoff * 2).min(MAX_BACKOFF);
     Ok(tokio::select! {

@@ -29,16 +29,28 @@ pub fn init(config: &LogConfig) {
 /// The counters of one pipeline's stages (kept in the [`metrics`](crate::metrics) registry).
 pub type PipelineStats = crate::metrics::PipelineMetrics;
 
-/// Draws a snapshot's progress bar on stderr when it is an interactive terminal (elsewhere
-/// the per-chunk log line and the `tidegate_snapshot_documents_total` metric carry it). The
+/// Records a snapshot's progress for `/status`, and draws its progress bar on stderr when
+/// that is an interactive terminal (elsewhere the per-chunk log line, `/status` and the
+/// `tidegate_snapshot_documents_total` metric carry it). The
 /// bar is redrawn in place; log lines may push it down, and the next chunk redraws it.
 pub fn snapshot_progress(pipeline: &str, done: u64, total: u64) {
+    crate::metrics::pipeline(pipeline).snapshot_progress(done, total);
     if !std::io::stderr().is_terminal() {
         return;
     }
     eprint!("\r\x1b[2K{}", progress_line(pipeline, done, total));
     if done >= total {
         eprintln!();
+    }
+}
+
+/// A duration for people: `45 s`, `12 min`, `5 h`, `3 days` (rounded down).
+pub fn human_duration(seconds: i64) -> String {
+    match seconds.max(0) {
+        s if s < 120 => format!("{s} s"),
+        s if s < 2 * 3600 => format!("{} min", s / 60),
+        s if s < 2 * 86_400 => format!("{} h", s / 3600),
+        s => format!("{} days", s / 86_400),
     }
 }
 
@@ -58,7 +70,16 @@ fn progress_line(pipeline: &str, done: u64, total: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::progress_line;
+    use super::{human_duration, progress_line};
+
+    #[test]
+    fn durations_for_people() {
+        assert_eq!(human_duration(-3), "0 s");
+        assert_eq!(human_duration(119), "119 s");
+        assert_eq!(human_duration(600), "10 min");
+        assert_eq!(human_duration(3 * 3600 + 5), "3 h");
+        assert_eq!(human_duration(3 * 86_400), "3 days");
+    }
 
     #[test]
     fn progress_bar_text() {

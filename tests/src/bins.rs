@@ -63,3 +63,9 @@ pub fn nats_server_path() -> anyhow::Result<PathBuf> {
 pub fn wasm_tools_path() -> anyhow::Result<PathBuf> {
     locate("TIDEGATE_WASM_TOOLS", "WASM_TOOLS")
 }
+
+/// Path of a `chromium` binary: `$TIDEGATE_CHROMIUM`, else what `scripts/install-deps.sh`
+/// installs (Debian's package). Tests render the status page in it, headless.
+pub fn chromium_path() -> anyhow::Result<PathBuf> {
+    locate("TIDEGATE_CHROMIUM", "CHROMIUM")
+}

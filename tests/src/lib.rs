@@ -29,7 +29,7 @@ mod process;
 mod server;
 mod stream;
 
-pub use bins::{mongod_path, nats_server_path, wasm_tools_path};
+pub use bins::{chromium_path, mongod_path, nats_server_path, wasm_tools_path};
 pub use mongo::MongoReplicaSet;
 pub use nats::{ClientOptions, NatsServer};
 pub use plugins::{examples_dir, plugin_dir};
