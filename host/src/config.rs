@@ -218,18 +218,20 @@ pub struct PipelineConfig {
     /// A snapshot interrupted by a crash or a stop resumes where it was.
     #[serde(default)]
     pub snapshot: SnapshotMode,
-    /// A collection (`db.coll`, inside the pipeline's scope) watched for signal documents:
-    /// `{type: "execute-snapshot", data: {"data-collections": ["db.coll"], type:
-    /// "incremental"}}` starts an incremental snapshot while streaming goes on, `{type:
-    /// "stop-snapshot"}` stops it. tidegate writes its watermarks there too, so it needs
-    /// write access. Its events are never published. Absent: no signals.
+    /// A collection (`db.coll`, in any database) watched for Debezium-style signal documents
+    /// (see [`crate::signal`]): `{type: "execute-snapshot", data: {"data-collections":
+    /// ["db.coll"], type: "incremental"}}` starts an incremental snapshot while streaming
+    /// goes on (`blocking`: streaming pauses while it runs), `{type: "stop-snapshot"}` stops
+    /// it. tidegate writes its watermarks there too, so it needs write access. Its events are
+    /// never published; outside the pipeline's database or collection, the change stream is
+    /// widened to see it. Absent: no signals.
     pub signal_collection: Option<String>,
     /// Publish a heartbeat message on `<subject_prefix>.heartbeat` at most this often while
     /// the stream is idle (payload: the unit and the stream's cluster time), so consumers can
     /// tell a quiet pipeline from a dead one. 0 (default): none.
     #[serde(default)]
     pub heartbeat_publish_ms: u64,
-    /// A collection (`db.coll`, inside the stream's scope) that tidegate updates every
+    /// A collection (`db.coll`, in any database) that tidegate updates every
     /// `heartbeat_write_ms` (one document per unit). Its events are never published; they
     /// keep the stream's position moving where filters leave a busy cluster's stream with
     /// nothing to return for long. Absent: no writes.
@@ -505,22 +507,27 @@ pub(crate) const EVENT_FIELDS: &[&str] = &[
     "txnNumber",
 ];
 
-/// `fullDocument` for update events.
+/// `fullDocument` for update events. MongoDB's own spellings (`updateLookup`,
+/// `whenAvailable`, `default`) are accepted as aliases.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum FullDocument {
     /// Updates carry only their update description.
     #[default]
+    #[serde(alias = "default")]
     Off,
     /// The server looks up the current document (it may be newer than the change).
+    #[serde(alias = "updateLookup")]
     UpdateLookup,
     /// The post-image, when the collection records images.
+    #[serde(alias = "whenAvailable")]
     WhenAvailable,
     /// The post-image; the stream fails if it is missing.
     Required,
 }
 
-/// `fullDocumentBeforeChange`.
+/// `fullDocumentBeforeChange`. MongoDB's own spelling `whenAvailable` is accepted as an
+/// alias.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum FullDocumentBeforeChange {
@@ -528,6 +535,7 @@ pub enum FullDocumentBeforeChange {
     #[default]
     Off,
     /// The pre-image when the collection records them.
+    #[serde(alias = "whenAvailable")]
     WhenAvailable,
     /// The pre-image; the stream fails if it is missing.
     Required,
@@ -1027,22 +1035,12 @@ impl Config {
                 .iter()
                 .filter_map(|(k, c)| c.as_ref().map(|c| (*k, c)))
             {
-                let pattern = NamespacePattern::parse(signals)
+                // Outside the pipeline's database or collection, the stream is widened to
+                // see it too (see `source::watch_level`).
+                NamespacePattern::parse(signals)
                     .ok()
                     .filter(|p| p.coll.is_some())
                     .ok_or_else(|| format!("{}: '{signals}' is not 'db.collection'", at(key)))?;
-                let visible = pipeline
-                    .database
-                    .as_ref()
-                    .is_none_or(|db| *db == pattern.db)
-                    && pipeline.collections.len() != 1;
-                if !visible {
-                    return Err(format!(
-                        "{}: '{signals}' must be in the change stream's scope: watch its database \
-                         (no `collections`, or several)",
-                        at(key)
-                    ));
-                }
             }
             if pipeline.shutdown_timeout_secs == 0 {
                 return Err(format!(
@@ -1561,6 +1559,54 @@ mod tests {
         assert_eq!(p.sink.max_in_flight, 256);
         assert_eq!(p.dead_letter_subject(), "cdc.dead-letter");
         assert_eq!(p.checkpoint.store, CheckpointStoreKind::NatsKv);
+    }
+
+    /// MongoDB's own camelCase spellings of the document-image options are aliases.
+    #[test]
+    fn mongodb_spellings_of_image_options_are_accepted() {
+        let with = |full: &str, before: &str| {
+            let text = MINIMAL.replace(
+                "collections = [\"orders\"]",
+                &format!(
+                    "collections = [\"orders\"]\nfull_document = \"{full}\"\n\
+                     full_document_before_change = \"{before}\""
+                ),
+            );
+            let config = parse(&text).expect("valid");
+            let p = &config.pipelines[0];
+            (p.full_document, p.full_document_before_change)
+        };
+        use FullDocument as F;
+        use FullDocumentBeforeChange as B;
+        assert_eq!(
+            with("updateLookup", "whenAvailable"),
+            (F::UpdateLookup, B::WhenAvailable)
+        );
+        assert_eq!(
+            with("whenAvailable", "required"),
+            (F::WhenAvailable, B::Required)
+        );
+        assert_eq!(with("required", "off"), (F::Required, B::Off));
+        assert_eq!(with("default", "off"), (F::Off, B::Off));
+        assert_eq!(
+            with("update-lookup", "when-available"),
+            (F::UpdateLookup, B::WhenAvailable)
+        );
+    }
+
+    /// A signal collection in another database than a collection-scoped pipeline's (the
+    /// stream is widened to see it).
+    #[test]
+    fn signal_collection_may_be_outside_the_scope() {
+        let text = MINIMAL.replace(
+            "collections = [\"orders\"]",
+            "collections = [\"orders\"]\nsignal_collection = \"streamkap.streamkap_signal\"",
+        );
+        let config = parse(&text).expect("valid");
+        assert_eq!(
+            config.pipelines[0].signal_collection.as_deref(),
+            Some("streamkap.streamkap_signal")
+        );
     }
 
     /// A misspelt key is an error that names it, not a silent default.

@@ -24,6 +24,7 @@
 //!   token).
 //! - [`ejson`] — Extended JSON written straight from raw BSON (payloads, the plugin
 //!   boundary), and plugin output read back into raw BSON.
+//! - [`signal`] — Debezium-style signal documents read into requests, or refused with a reason.
 //! - [`plugin`] — loading components, the WIT bindings, running a chain over an event,
 //!   quarantine.
 //! - [`sandbox`] — the wasmtime engine, compiled-plugin cache, instance admission, and the
@@ -67,6 +68,7 @@ pub mod plugin;
 pub mod reload;
 pub mod sandbox;
 pub mod security;
+pub mod signal;
 pub mod sink;
 pub mod snapshot;
 pub mod source;
@@ -132,6 +134,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         });
     }
 
+    // The latest connection failure, for the "waiting for NATS" line.
+    let nats_failure = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
     // Credentials in the URL are passed as options: the client ignores them in URLs.
     let urls = security::parse_nats_urls(&config.nats.url)
         .map_err(|message| Error::Startup { message })?;
@@ -146,8 +150,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         // When the connection was lost, while it is: a disconnect and the reconnect are
         // logged once each, the reconnect with how long NATS was away.
         let lost_at = std::sync::Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+        let failure = nats_failure.clone();
         move |event| {
             let lost_at = lost_at.clone();
+            let failure = failure.clone();
             async move {
                 let Ok(mut lost_at) = lost_at.lock() else {
                     return;
@@ -168,7 +174,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                         None => tracing::info!("NATS connected"),
                     },
                     async_nats::Event::ClientError(err) => {
-                        tracing::debug!(error = %security::scrub(&err.to_string()), "NATS client error")
+                        let text = security::scrub(&err.to_string()).into_owned();
+                        tracing::debug!(error = %text, "NATS client error");
+                        let text = text.trim_start_matches("nats: ").to_string();
+                        *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
+                    }
+                    async_nats::Event::ServerError(err) => {
+                        let text = security::scrub(&err.to_string()).into_owned();
+                        tracing::debug!(error = %text, "NATS server error");
+                        *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
                     }
                     other => tracing::info!("NATS event: {}", security::scrub(&other.to_string())),
                 }
@@ -222,7 +236,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut waited = 0;
     while nats.connection_state() != async_nats::connection::State::Connected {
         if waited % 500 == 100 {
-            tracing::warn!(servers = %urls.servers.join(","), "waiting for NATS");
+            let failure = nats_failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            tracing::warn!(
+                servers = %urls.servers.join(","),
+                "waiting for NATS: {}",
+                nats_connect_hint(failure.as_deref())
+            );
         }
         waited += 1;
         tokio::select! {
@@ -327,7 +349,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     } else if stopping {
                         tracing::error!(error = %err, "pipeline stopped with an error");
                     } else {
-                        tracing::error!(error = %err, "pipeline failed; stopping the others");
+                        // The first failure is returned (and printed once, by the caller);
+                        // a later one would not be, so it is logged here.
+                        if outcome.is_err() {
+                            tracing::error!(error = %err, "another pipeline failed too");
+                        } else if !tasks.is_empty() {
+                            tracing::info!("a pipeline failed; stopping the others");
+                        }
                         stopping = true;
                         stop_by.as_mut().reset(tokio::time::Instant::now() + backstop);
                         let _ = stop_tx.send(true);
@@ -417,4 +445,27 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// What a NATS connection failure (the client's words) most likely means, and what to do.
+fn nats_connect_hint(failure: Option<&str>) -> String {
+    let Some(failure) = failure else {
+        return "no answer yet".into();
+    };
+    let lower = failure.to_ascii_lowercase();
+    let hint = if lower.contains("authorization") || lower.contains("authentication") {
+        "the server refused the credentials; check [nats.auth] (user/password, token, nkey or \
+         credentials file)"
+    } else if lower.contains("tls") {
+        "TLS failed: the server may require TLS (use a tls:// URL and [nats.tls]) or its \
+         certificate is not trusted (nats.tls.ca_file)"
+    } else if lower.contains("dns") {
+        "the host name does not resolve; check nats.url"
+    } else if lower.contains("io error") || lower.contains("timed out") || lower.contains("parse") {
+        "nothing that speaks NATS answers there; check the host and port in nats.url (the \
+         client port, 4222 by default, not the monitoring port) and that nats-server runs"
+    } else {
+        "retrying"
+    };
+    format!("{failure}: {hint}")
 }

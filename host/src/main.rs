@@ -60,11 +60,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
+            // Once, in the log (which goes to stderr).
             tracing::error!("{err:#}");
-            eprintln!(
-                "tidegate: {}",
-                tidegate::security::scrub(&format!("{err:#}"))
-            );
             ExitCode::from(1)
         }
     }

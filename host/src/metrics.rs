@@ -983,6 +983,7 @@ impl Registry {
             }
         }
         self.render_labelled(&mut out, &all);
+        render_signals(&mut out, &all);
         type Get = fn(&PipelineMetrics) -> &Histogram;
         let histograms: &[(&str, &str, Get)] = &[
             ("tidegate_publish_latency_seconds", "Time from publishing a message to its JetStream acknowledgement.", |m| &m.publish_latency),
@@ -1121,6 +1122,51 @@ pub fn unix_now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
+}
+
+// Signals (`signal_collection`): kept in a block of their own.
+
+/// The outcomes of a signal document, each a series of `tidegate_signals_total` from zero:
+/// `accepted` (acted on), `refused` (understood, but nothing to act on now: say a snapshot
+/// already running, or no collection in scope), `invalid` (unreadable or unsupported).
+pub const SIGNAL_OUTCOMES: [&str; 3] = ["accepted", "refused", "invalid"];
+
+fn signal_counts() -> &'static Mutex<BTreeMap<(Labels, &'static str), u64>> {
+    static COUNTS: OnceLock<Mutex<BTreeMap<(Labels, &'static str), u64>>> = OnceLock::new();
+    COUNTS.get_or_init(Default::default)
+}
+
+/// Counts one signal document of unit `unit` with `outcome` (one of [`SIGNAL_OUTCOMES`]).
+pub fn count_signal(unit: &str, outcome: &'static str) {
+    let mut counts = signal_counts()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    *counts.entry((unit_labels(unit), outcome)).or_default() += 1;
+}
+
+/// `tidegate_signals_total{…,outcome}`, every outcome of every series (zero included).
+fn render_signals(out: &mut String, all: &[Arc<PipelineMetrics>]) {
+    let _ = writeln!(
+        out,
+        "# HELP tidegate_signals_total Signal documents read from signal_collection, by outcome.\n\
+         # TYPE tidegate_signals_total counter"
+    );
+    let counts = signal_counts()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for m in all {
+        for outcome in SIGNAL_OUTCOMES {
+            let n = counts
+                .get(&(m.labels.clone(), outcome))
+                .copied()
+                .unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "tidegate_signals_total{{{},outcome=\"{outcome}\"}} {n}",
+                m.labels.render()
+            );
+        }
+    }
 }
 
 #[cfg(test)]

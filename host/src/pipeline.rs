@@ -1194,9 +1194,17 @@ mod tests {
         let max = MIN_MAX_PAYLOAD;
         let mut framer = Framer::new(&pipeline(), max, 0).expect("framer");
         let stats = crate::metrics::pipeline("framer-test");
-        let mut change = crate::event::Change::probe();
-        change.document_key = Some(bson::doc! { "_id": 7 });
-        change.full_document = Some(bson::doc! { "_id": 7, "blob": "b".repeat(2 * max) });
+        let key = bson::rawdoc! { "_id": 7 };
+        let full = bson::rawdoc! { "_id": 7, "blob": "b".repeat(2 * max) };
+        let probe = crate::event::Change::probe();
+        let mut fields = crate::event::Fields::new(
+            probe.id(),
+            probe.operation().clone(),
+            probe.namespace().clone(),
+        );
+        fields.document_key = Some(std::borrow::Cow::Borrowed(&key));
+        fields.full_document = Some(std::borrow::Cow::Borrowed(&full));
+        let change = crate::event::Change::from_fields(fields, None).expect("change");
         let err = CallError {
             plugin: "p".into(),
             plugin_hash: "sha256:00".into(),

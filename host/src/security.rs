@@ -406,8 +406,17 @@ pub async fn mongo_client_watched(
     mongodb::Client::with_options(options)
 }
 
+/// How long an operation waits for a usable server unless the URI says
+/// (`serverSelectionTimeoutMS`): the driver's 30 s left a wrong host or replica-set name
+/// unreported for half a minute. Operations that time out are retried, so an election
+/// (about 10 s) costs retries, not failures.
+const SERVER_SELECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn apply_mongo_defaults(options: &mut mongodb::options::ClientOptions) {
     use mongodb::options::{ReadPreference, SelectionCriteria, WriteConcern};
+    if options.server_selection_timeout.is_none() {
+        options.server_selection_timeout = Some(SERVER_SELECTION_TIMEOUT);
+    }
     if options.write_concern.is_none() {
         options.write_concern = Some(WriteConcern::majority());
     }

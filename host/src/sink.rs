@@ -141,12 +141,26 @@ pub async fn prepare_stream(js: &Context, pipeline: &PipelineConfig) -> Result<(
                 storage: StorageType::File,
                 ..Default::default()
             };
-            js.create_stream(config)
-                .await
-                .map_err(|err| fail(format!("cannot create stream '{}': {err}", sink.stream)))?;
+            if let Err(err) = js.create_stream(config).await {
+                let overlapping = matches!(
+                    err.kind(),
+                    jetstream::context::CreateStreamErrorKind::JetStream(e)
+                        if e.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP
+                );
+                return Err(fail(match overlapping {
+                    true => overlap_message(js, &sink.stream, &wanted_subject).await,
+                    false => format!("cannot create stream '{}': {err}", sink.stream),
+                }));
+            }
             tracing::info!(pipeline = %pipeline.id, stream = %sink.stream, subjects = %wanted_subject, "created stream");
             Ok(())
         }
+        Err(err) if jetstream_off(&err) => Err(fail(format!(
+            "JetStream is not enabled on the NATS server at {} (its JetStream API does not \
+             answer); start nats-server with -js (or add `jetstream {{}}` to its config file), \
+             and make sure this account has JetStream",
+            server_address(js)
+        ))),
         Err(err) => Err(fail(format!(
             "cannot look up stream '{}': {err}",
             sink.stream
@@ -313,6 +327,67 @@ impl Floor {
 /// The output index at the end of a message id (`…:<index>`), if it is one.
 fn output_index(msg_id: &str) -> Option<usize> {
     msg_id.rsplit_once(':')?.1.parse().ok()
+}
+
+// First contact: JetStream refusals as messages naming the problem and what to do.
+
+/// Whether a stream lookup failed because JetStream is off: no one answers its API (a
+/// server started without `-js`) or the server says it is not enabled (for the account).
+fn jetstream_off(err: &jetstream::context::GetStreamError) -> bool {
+    use jetstream::context::{GetStreamErrorKind, RequestError, RequestErrorKind};
+    match err.kind() {
+        GetStreamErrorKind::JetStream(e) => {
+            e.error_code() == jetstream::ErrorCode::JETSTREAM_NOT_ENABLED
+                || e.error_code() == jetstream::ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+        }
+        GetStreamErrorKind::Request => std::error::Error::source(err)
+            .and_then(|source| source.downcast_ref::<RequestError>())
+            .is_some_and(|request| request.kind() == RequestErrorKind::NoResponders),
+        _ => false,
+    }
+}
+
+/// The server this client is connected to, `host:port`.
+fn server_address(js: &Context) -> String {
+    let info = js.client().server_info();
+    format!("{}:{}", info.host, info.port)
+}
+
+/// Why JetStream refused to create stream `stream` for `wanted`: the other streams whose
+/// subjects overlap it, named, and what to do.
+async fn overlap_message(js: &Context, stream: &str, wanted: &str) -> String {
+    let mut others = Vec::new();
+    let mut streams = js.streams();
+    while let Some(Ok(info)) = futures::StreamExt::next(&mut streams).await {
+        let overlapping: Vec<&String> = info
+            .config
+            .subjects
+            .iter()
+            .filter(|s| subject_covers(s, wanted) || subject_covers(wanted, s))
+            .collect();
+        if !overlapping.is_empty() {
+            others.push(format!(
+                "'{}' (subjects [{}])",
+                info.config.name,
+                info.config
+                    .subjects
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    let others = match others.is_empty() {
+        true => "another stream (could not list which)".to_string(),
+        false => format!("stream {}", others.join(" and ")),
+    };
+    format!(
+        "cannot create stream '{stream}' for '{wanted}': {others} already takes these \
+         subjects, and JetStream lets one stream own a subject. Set sink.stream to that \
+         stream to publish into it (it must cover '{wanted}'), or choose a sink.subject_prefix \
+         it does not cover"
+    )
 }
 
 fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {

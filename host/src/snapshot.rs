@@ -45,6 +45,9 @@ pub struct Progress {
     pub last_id: Option<Bson>,
     /// Documents handed on so far, for progress lines.
     pub done: u64,
+    /// A query per namespace (same order; empty: every document), from a signal's
+    /// `additional-conditions`.
+    pub filters: Vec<Document>,
 }
 
 impl Progress {
@@ -67,6 +70,7 @@ impl Progress {
         if let Some(id) = &self.last_id {
             progress.insert("lastId", id.clone());
         }
+        insert_filters(&mut progress, &self.filters);
         progress
     }
 
@@ -96,12 +100,47 @@ impl Progress {
             index: saved.get_i64("index").unwrap_or(0).max(0) as usize,
             last_id: saved.get("lastId").cloned(),
             done: saved.get_i64("done").unwrap_or(0).max(0) as u64,
+            filters: saved_filters(saved),
         })
     }
 
     /// Whether every namespace has been read.
     pub fn finished(&self) -> bool {
         self.index >= self.namespaces.len()
+    }
+}
+
+/// Saves per-namespace filters in a progress document (only when there are any, so that
+/// progress without filters keeps its earlier form).
+fn insert_filters(progress: &mut Document, filters: &[Document]) {
+    if filters.iter().any(|f| !f.is_empty()) {
+        let filters: Vec<Bson> = filters.iter().cloned().map(Bson::Document).collect();
+        progress.insert("filters", filters);
+    }
+}
+
+/// The per-namespace filters saved by [`insert_filters`].
+fn saved_filters(saved: &Document) -> Vec<Document> {
+    saved
+        .get_array("filters")
+        .map(|all| {
+            all.iter()
+                .map(|f| f.as_document().cloned().unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The query of one chunk: documents after `last_id` (in `_id` order) that match `filter`.
+fn chunk_query(last_id: &Option<Bson>, filter: Option<&Document>) -> Document {
+    let after = last_id
+        .as_ref()
+        .map(|last| doc! { "_id": { "$gt": last.clone() } });
+    match (after, filter.filter(|f| !f.is_empty())) {
+        (Some(after), Some(filter)) => doc! { "$and": [after, filter.clone()] },
+        (Some(after), None) => after,
+        (None, Some(filter)) => filter.clone(),
+        (None, None) => doc! {},
     }
 }
 
@@ -144,22 +183,94 @@ async fn in_scope(
     Ok(candidates)
 }
 
-/// The `requested` collections (`db.coll`) that lie in the pipeline's scope and pass its
-/// namespace filters, for an incremental snapshot.
+/// The namespaces of the pipeline's scope (after its namespace `filters`) that a signal's
+/// `data-collections` name; see [`match_patterns`].
 pub async fn requested_namespaces(
     client: &mongodb::Client,
     pipeline: &PipelineConfig,
     filters: Vec<Document>,
-    requested: &[String],
-) -> Result<Vec<Namespace>, mongodb::error::Error> {
+    patterns: &[String],
+) -> Result<Matched, mongodb::error::Error> {
     let scope = in_scope(client, pipeline).await?;
-    let candidates = requested
+    let candidates = filter_namespaces(client, scope, filters).await?;
+    match_patterns(client, candidates, patterns).await
+}
+
+/// The namespaces anchored regular `patterns` match, and the patterns that matched none.
+#[derive(Debug, Default)]
+pub struct Matched {
+    /// Every candidate some pattern matches, in the candidates' order.
+    pub namespaces: Vec<Namespace>,
+    /// Indexes of the patterns that matched no candidate.
+    pub unmatched: Vec<usize>,
+}
+
+/// Matches `db.coll` of every candidate against `patterns` (anchored regular expressions),
+/// evaluated by the server so that they behave as the stream's own regex filters. An
+/// invalid expression is the server's command error.
+pub async fn match_patterns(
+    client: &mongodb::Client,
+    candidates: Vec<Namespace>,
+    patterns: &[String],
+) -> Result<Matched, mongodb::error::Error> {
+    if candidates.is_empty() || patterns.is_empty() {
+        return Ok(Matched {
+            namespaces: Vec::new(),
+            unmatched: (0..patterns.len()).collect(),
+        });
+    }
+    let documents: Vec<Document> = candidates
         .iter()
-        .filter_map(|name| name.split_once('.'))
-        .map(|(db, coll)| (db.to_string(), coll.to_string()))
-        .filter(|wanted| scope.contains(wanted))
+        .enumerate()
+        .map(|(i, ns)| doc! { "i": i as i64, "ns": ns.to_string() })
         .collect();
-    filter_namespaces(client, candidates, filters).await
+    let hits: Vec<Document> = patterns
+        .iter()
+        .map(|p| doc! { "$regexMatch": { "input": "$ns", "regex": p } })
+        .collect();
+    let stages = vec![
+        doc! { "$documents": documents },
+        doc! { "$project": { "i": 1, "hits": hits } },
+    ];
+    let mut rows = client.database("admin").aggregate(stages).await?;
+    let mut matched = Matched::default();
+    let mut used = vec![false; patterns.len()];
+    while let Some(row) = rows.try_next().await? {
+        let index = row.get_i64("i").unwrap_or(-1);
+        let hits = row.get_array("hits").cloned().unwrap_or_default();
+        let mut any = false;
+        for (p, hit) in hits.iter().enumerate() {
+            if hit.as_bool() == Some(true) {
+                any = true;
+                if let Some(u) = used.get_mut(p) {
+                    *u = true;
+                }
+            }
+        }
+        if let (true, Some(ns)) = (
+            any,
+            usize::try_from(index).ok().and_then(|i| candidates.get(i)),
+        ) {
+            matched.namespaces.push(ns.clone());
+        }
+    }
+    matched.unmatched = (0..patterns.len()).filter(|p| !used[*p]).collect();
+    Ok(matched)
+}
+
+/// Checks that `filter` is a query the server accepts on `namespace` (one document read),
+/// so that a bad filter is refused with the signal instead of failing every chunk.
+pub async fn check_filter(
+    client: &mongodb::Client,
+    namespace: &Namespace,
+    filter: &Document,
+) -> Result<(), mongodb::error::Error> {
+    client
+        .database(&namespace.db)
+        .collection::<Document>(namespace.coll.as_deref().unwrap_or_default())
+        .find_one(filter.clone())
+        .await
+        .map(|_| ())
 }
 
 /// Keeps the candidates the namespace `filters` let through, run by the server on synthetic
@@ -232,10 +343,7 @@ pub async fn next_chunk(
     let collection = client
         .database(&ns.db)
         .collection::<RawDocumentBuf>(ns.coll.as_deref().unwrap_or_default());
-    let filter = match &progress.last_id {
-        Some(last) => doc! { "_id": { "$gt": last.clone() } },
-        None => doc! {},
-    };
+    let filter = chunk_query(&progress.last_id, progress.filters.get(progress.index));
     let docs: Vec<RawDocumentBuf> = collection
         .find(filter)
         .sort(doc! { "_id": 1 })
@@ -291,10 +399,14 @@ pub struct Incremental {
     unit: String,
     signals: mongodb::Collection<Document>,
     namespaces: Vec<Namespace>,
+    /// A query per namespace (empty: every document), from `additional-conditions`.
+    filters: Vec<Document>,
     index: usize,
     last_id: Option<Bson>,
     done: u64,
     chunks: u64,
+    /// Paused by a `pause-snapshot` signal: no new chunk starts until `resume-snapshot`.
+    paused: bool,
     window: Option<Window>,
     /// The server's estimate of the documents to read (for the progress bar), once known.
     estimate: Option<u64>,
@@ -313,73 +425,27 @@ struct Window {
     last_id: Bson,
 }
 
-/// What a signal-collection event means to the source.
-pub enum Signal {
-    /// Start an incremental snapshot of these collections (`db.coll`).
-    Execute(Vec<String>),
-    /// Stop the running one.
-    Stop,
-    /// A watermark (this unit's or another's).
-    Watermark {
-        /// `open` or `close`.
-        open: bool,
-        /// The watermark's window id.
-        window: String,
-        /// The unit that wrote it.
-        unit: String,
-    },
-    /// Anything else: ignored.
-    Other,
-}
-
-impl Signal {
-    /// Reads a signal document (the inserted document of a signal-collection event).
-    pub fn parse(document: Option<&RawDocument>) -> Signal {
-        let Some(document) = document else {
-            return Signal::Other;
-        };
-        let kind = document.get_str("type").unwrap_or_default();
-        match kind {
-            "execute-snapshot" => Signal::Execute(
-                document
-                    .get_document("data")
-                    .ok()
-                    .and_then(|d| d.get_array("data-collections").ok())
-                    .map(|all| {
-                        all.into_iter()
-                            .filter_map(|c| c.ok()?.as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            ),
-            "stop-snapshot" => Signal::Stop,
-            "snapshot-window-open" | "snapshot-window-close" => Signal::Watermark {
-                open: kind == "snapshot-window-open",
-                window: document.get_str("window").unwrap_or_default().to_string(),
-                unit: document.get_str("unit").unwrap_or_default().to_string(),
-            },
-            _ => Signal::Other,
-        }
-    }
-}
-
 impl Incremental {
-    /// A new incremental snapshot of `namespaces`, named by the signal event's id.
+    /// A new incremental snapshot of `namespaces` (each read with its filter; empty: all),
+    /// named by the signal event's id.
     pub fn new(
         id: String,
         unit: &str,
         signals: mongodb::Collection<Document>,
         namespaces: Vec<Namespace>,
+        filters: Vec<Document>,
     ) -> Incremental {
         Incremental {
             id,
             unit: unit.to_string(),
             signals,
             namespaces,
+            filters,
             index: 0,
             last_id: None,
             done: 0,
             chunks: 0,
+            paused: false,
             window: None,
             estimate: None,
         }
@@ -410,10 +476,12 @@ impl Incremental {
             unit: unit.to_string(),
             signals,
             namespaces,
+            filters: saved_filters(saved),
             index: saved.get_i64("index").unwrap_or(0).max(0) as usize,
             last_id: saved.get("lastId").cloned(),
             done: saved.get_i64("done").unwrap_or(0).max(0) as u64,
             chunks: saved.get_i64("chunks").unwrap_or(0).max(0) as u64,
+            paused: saved.get_bool("paused").unwrap_or(false),
             window: None,
             estimate: None,
         })
@@ -437,7 +505,59 @@ impl Incremental {
         if let Some(id) = &self.last_id {
             progress.insert("lastId", id.clone());
         }
+        if self.paused {
+            progress.insert("paused", true);
+        }
+        insert_filters(&mut progress, &self.filters);
         progress
+    }
+
+    /// The namespaces still to read (the current one first).
+    pub fn remaining(&self) -> Vec<Namespace> {
+        self.namespaces.iter().skip(self.index).cloned().collect()
+    }
+
+    /// Drops `removed` from the namespaces still to read (a `stop-snapshot` naming
+    /// collections). Returns whether the chunk in flight was dropped with them: the caller
+    /// then starts the next chunk (the dropped window's watermarks pass unused).
+    pub fn remove(&mut self, removed: &[Namespace]) -> bool {
+        // Namespaces before `index` are read already and stay (the progress counts them);
+        // so `index` keeps pointing at the first one still to read.
+        let dropped_current = self
+            .namespaces
+            .get(self.index)
+            .is_some_and(|current| removed.contains(current));
+        let mut kept = Vec::new();
+        let mut filters = Vec::new();
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            if i >= self.index && removed.contains(ns) {
+                continue;
+            }
+            kept.push(ns.clone());
+            filters.push(self.filters.get(i).cloned().unwrap_or_default());
+        }
+        self.namespaces = kept;
+        self.filters = filters;
+        if dropped_current {
+            self.last_id = None;
+            self.window = None;
+        }
+        dropped_current
+    }
+
+    /// Whether a `pause-snapshot` holds it.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Pauses or resumes; a paused snapshot starts no new chunk.
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+    }
+
+    /// Whether a chunk is waiting for its watermarks.
+    pub fn in_window(&self) -> bool {
+        self.window.is_some()
     }
 
     /// Documents published so far.
@@ -464,16 +584,13 @@ impl Incremental {
             let Some(namespace) = self.namespaces.get(self.index).cloned() else {
                 return Ok(false);
             };
+            let filter = chunk_query(&self.last_id, self.filters.get(self.index));
             let window = format!("{}:{}", self.id, self.chunks);
             self.signals
                 .insert_one(
                     doc! { "type": "snapshot-window-open", "window": &window, "unit": &self.unit },
                 )
                 .await?;
-            let filter = match &self.last_id {
-                Some(last) => doc! { "_id": { "$gt": last.clone() } },
-                None => doc! {},
-            };
             let documents: Vec<RawDocumentBuf> = client
                 .database(&namespace.db)
                 .collection::<RawDocumentBuf>(namespace.coll.as_deref().unwrap_or_default())
@@ -594,6 +711,7 @@ mod tests {
             index: 0,
             last_id: Some(Bson::Int32(42)),
             done: 7,
+            filters: vec![doc! { "color": "blue" }],
         };
         let saved = progress.to_document();
         assert_eq!(Progress::from_document(&saved).expect("decode"), progress);

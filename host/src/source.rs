@@ -26,8 +26,9 @@ use crate::config::{
 use crate::error::Error;
 use crate::event::{token_from_document, token_id, token_time, Namespace, Operation, SourceEvent};
 use crate::oversize;
+use crate::signal::{Signal, SnapshotKind, SnapshotRequest};
 use crate::sink::Position;
-use crate::snapshot::{self, Incremental, Progress, Signal};
+use crate::snapshot::{self, Incremental, Progress};
 
 /// What the source hands downstream.
 #[derive(Debug)]
@@ -77,15 +78,24 @@ const FATAL_CODES: &[(i32, &str)] = &[
     ),
     (
         40573,
-        "change streams need a replica set or sharded cluster, and this server is standalone",
+        "change streams need a replica set or sharded cluster, and this server is standalone; \
+         make it a one-member replica set (restart mongod with --replSet rs0, run \
+         rs.initiate() once) and add replicaSet=rs0 to mongodb_uri",
     ),
-    (13, "not authorized to watch this namespace"),
+    (
+        13,
+        "not authorized to watch this namespace; grant the user the changeStream and find \
+         actions on it (the read role has both)",
+    ),
+    (
+        18,
+        "authentication failed; check the user, password and authSource in mongodb_uri",
+    ),
     (
         40324,
         "the server does not know a stage of the change stream (Unrecognized pipeline stage \
          name); `oversize = \"split\"` needs MongoDB 6.0.9+ or 7.0+",
     ),
-    (18, "authentication failed"),
 ];
 
 /// Events per getMore. Well under the pipeline's source queue, so that the next batch is
@@ -208,7 +218,12 @@ pub async fn run(
         }
         // A split event half read when the stream broke is read again from its first fragment.
         fragments.clear();
-        let opened = open(&client, if probing { &probe } else { &pipeline }, &start).await;
+        // Opening waits for server selection: a shutdown must not wait for it.
+        let opened = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Ok(()),
+            opened = open(&client, if probing { &probe } else { &pipeline }, &start) => opened,
+        };
         let mut stream = match opened {
             Ok(stream) => stream,
             Err(err) if error_code(&err) == Some(oversize::BSON_OBJECT_TOO_LARGE) => {
@@ -226,9 +241,7 @@ pub async fn run(
                 let what = "cannot open change stream; retrying";
                 let first = lost_since.is_none();
                 lost_since.get_or_insert_with(Instant::now);
-                if retry_quietly(&pipeline.id, what, err, &mut backoff, &mut shutdown, !first)
-                    .await?
-                {
+                if retry_quietly(&pipeline, what, err, &mut backoff, &mut shutdown, !first).await? {
                     return Ok(());
                 }
                 continue 'reopen;
@@ -250,7 +263,7 @@ pub async fn run(
             }
         }
         // A running incremental snapshot (re)starts its current chunk with fresh watermarks.
-        if let Some(running) = incremental.as_mut() {
+        if let Some(running) = incremental.as_mut().filter(|r| !r.is_paused()) {
             match running
                 .next_chunk(&client, pipeline.snapshot_chunk_size)
                 .await
@@ -259,7 +272,7 @@ pub async fn run(
                 Ok(false) => incremental = finished(&pipeline.id, incremental.take()),
                 Err(err) => {
                     let what = "incremental snapshot read failed; retrying";
-                    if retry_later(&pipeline.id, what, err, &mut backoff, &mut shutdown).await? {
+                    if retry_later(&pipeline, what, err, &mut backoff, &mut shutdown).await? {
                         return Ok(());
                     }
                     continue 'reopen;
@@ -327,26 +340,31 @@ pub async fn run(
                     if let Some((namespace, collection)) = &signals {
                         if event.change.namespace() == namespace {
                             // A signal or a watermark: acted on, never published.
-                            let signal = match event.change.operation() {
-                                Operation::Insert => Signal::parse(event.change.full_document()),
-                                _ => Signal::Other,
-                            };
                             let acted = on_signal(
                                 &client,
                                 &pipeline,
                                 collection,
-                                signal,
                                 &event,
                                 &mut incremental,
                                 &mut batch,
                             )
                             .await;
+                            let acted = match acted {
+                                Ok(AfterSignal::Block(progress)) => {
+                                    // The stream pauses here: the snapshot runs, then the
+                                    // stream reopens after the signal. Its events carry their
+                                    // progress, so a crash meanwhile resumes the snapshot.
+                                    snapshot = Some(SnapshotPlan::Signalled(*progress));
+                                    continue 'reopen;
+                                }
+                                other => other,
+                            };
                             if let Err(err) = acted {
                                 if !hand_off(&events, &mut batch).await {
                                     return Ok(());
                                 }
                                 let what = "incremental snapshot read failed; retrying";
-                                if retry_later(&pipeline.id, what, err, &mut backoff, &mut shutdown)
+                                if retry_later(&pipeline, what, err, &mut backoff, &mut shutdown)
                                     .await?
                                 {
                                     return Ok(());
@@ -453,7 +471,7 @@ pub async fn run(
                                 connection lost); resuming after the last event read";
                     let first = lost_since.is_none();
                     lost_since.get_or_insert_with(Instant::now);
-                    if retry_quietly(&pipeline.id, what, err, &mut backoff, &mut shutdown, !first)
+                    if retry_quietly(&pipeline, what, err, &mut backoff, &mut shutdown, !first)
                         .await?
                     {
                         return Ok(());
@@ -589,74 +607,53 @@ fn signal_collection(
     ))
 }
 
-/// Acts on one signal-collection event: starts or stops an incremental snapshot, or, at this
-/// unit's closing watermark, queues the chunk's remaining documents and starts the next.
+/// What the stream does after a signal.
+enum AfterSignal {
+    /// Goes on.
+    Stream,
+    /// Pauses for a blocking snapshot, then reopens after the signal.
+    Block(Box<Progress>),
+}
+
+/// Acts on one signal-collection event (see [`crate::signal`]): a Debezium signal, or one
+/// of this unit's watermarks (at its closing watermark, the chunk's remaining documents are
+/// queued and the next chunk starts). Every signal is counted; one that cannot be acted on
+/// is logged at WARN with the reason. `Err` only for a failure worth retrying (the server).
 async fn on_signal(
     client: &mongodb::Client,
     pipeline: &PipelineConfig,
     collection: &mongodb::Collection<Document>,
-    signal: Signal,
     event: &SourceEvent,
     incremental: &mut Option<Incremental>,
     batch: &mut Vec<SourceItem>,
-) -> Result<(), mongodb::error::Error> {
+) -> Result<AfterSignal, mongodb::error::Error> {
     let id = pipeline.id.as_str();
-    match signal {
-        Signal::Execute(_) if incremental.is_some() => {
-            tracing::warn!(
-                pipeline = id,
-                "execute-snapshot ignored: an incremental snapshot is already running"
-            );
+    // Only inserted documents are signals (updates and deletes of them are not).
+    let (Operation::Insert, Some(raw)) = (event.change.operation(), event.change.full_document())
+    else {
+        return Ok(AfterSignal::Stream);
+    };
+    let document = match Document::try_from(raw) {
+        Ok(document) => document,
+        Err(err) => {
+            tracing::warn!(pipeline = id, "signal refused: unreadable document: {err}");
+            crate::metrics::count_signal(id, "invalid");
+            return Ok(AfterSignal::Stream);
         }
-        Signal::Execute(requested) => {
-            let namespaces = snapshot::requested_namespaces(
-                client,
-                pipeline,
-                namespace_filter(pipeline),
-                &requested,
-            )
-            .await?;
-            let skipped: Vec<&String> = requested
-                .iter()
-                .filter(|r| !namespaces.iter().any(|ns| ns.to_string() == **r))
-                .collect();
-            if !skipped.is_empty() {
-                tracing::warn!(pipeline = id, ?skipped, "execute-snapshot: collections outside this pipeline's scope (or missing) are skipped");
-            }
-            if namespaces.is_empty() {
-                return Ok(());
-            }
-            tracing::info!(
-                pipeline = id,
-                collections = namespaces.len(),
-                "incremental snapshot started by a signal"
-            );
-            let mut running = Incremental::new(
-                format!("i{}", token_id(&event.token)),
-                id,
-                collection.clone(),
-                namespaces,
-            );
-            *incremental = match running
-                .next_chunk(client, pipeline.snapshot_chunk_size)
-                .await?
-            {
-                true => Some(running),
-                false => finished(id, Some(running)),
-            };
-        }
-        Signal::Stop => {
-            if let Some(stopped) = incremental.take() {
-                tracing::info!(
-                    pipeline = id,
-                    documents = stopped.done(),
-                    "incremental snapshot stopped by a signal"
-                );
-            }
-        }
+    };
+    let document = &document;
+    let refused = |outcome: &'static str, reason: &str| {
+        tracing::warn!(pipeline = id, signal = %document, "signal refused: {reason}");
+        crate::metrics::count_signal(id, outcome);
+    };
+    let accepted = |what: &str| {
+        tracing::info!(pipeline = id, signal = %document, "{what}");
+        crate::metrics::count_signal(id, "accepted");
+    };
+    match Signal::parse(document) {
         Signal::Watermark { open, window, unit } if unit == id => {
             let Some(running) = incremental.as_mut() else {
-                return Ok(());
+                return Ok(AfterSignal::Stream);
             };
             if let Some(chunk) = running.saw_watermark(open, &window, &event.token)? {
                 tracing::info!(
@@ -669,7 +666,9 @@ async fn on_signal(
                 let total = running.estimate(client).await;
                 crate::telemetry::snapshot_progress(id, running.done(), total);
                 batch.extend(chunk.into_iter().map(|e| SourceItem::Event(Box::new(e))));
-                if !running
+                if running.is_paused() {
+                    tracing::info!(pipeline = id, "incremental snapshot paused after its chunk");
+                } else if !running
                     .next_chunk(client, pipeline.snapshot_chunk_size)
                     .await?
                 {
@@ -677,9 +676,239 @@ async fn on_signal(
                 }
             }
         }
-        Signal::Watermark { .. } | Signal::Other => {}
+        Signal::Watermark { .. } => {}
+        Signal::Invalid(reason) => refused("invalid", &reason),
+        Signal::Log(message) => {
+            let at = token_id(&event.token);
+            tracing::info!(pipeline = id, "signal log: {}", message.replace("{}", &at));
+            crate::metrics::count_signal(id, "accepted");
+        }
+        Signal::Execute(_) if incremental.is_some() => refused(
+            "refused",
+            "an incremental snapshot is already running; stop it first (stop-snapshot) or \
+             wait for it to finish",
+        ),
+        Signal::Execute(request) => {
+            let planned = match plan_snapshot(client, pipeline, &request).await? {
+                Ok(planned) => planned,
+                Err((outcome, reason)) => {
+                    refused(outcome, &reason);
+                    return Ok(AfterSignal::Stream);
+                }
+            };
+            let (namespaces, filters) = planned;
+            let names: Vec<String> = namespaces.iter().map(ToString::to_string).collect();
+            if request.kind == SnapshotKind::Blocking {
+                accepted(&format!(
+                    "blocking snapshot started by a signal: [{}]",
+                    names.join(", ")
+                ));
+                return Ok(AfterSignal::Block(Box::new(Progress {
+                    start: event.token.clone(),
+                    namespaces,
+                    index: 0,
+                    last_id: None,
+                    done: 0,
+                    filters,
+                })));
+            }
+            accepted(&format!(
+                "incremental snapshot started by a signal: [{}]",
+                names.join(", ")
+            ));
+            let mut running = Incremental::new(
+                format!("i{}", token_id(&event.token)),
+                id,
+                collection.clone(),
+                namespaces,
+                filters,
+            );
+            *incremental = match running
+                .next_chunk(client, pipeline.snapshot_chunk_size)
+                .await?
+            {
+                true => Some(running),
+                false => finished(id, Some(running)),
+            };
+        }
+        Signal::Stop {
+            kind: SnapshotKind::Blocking,
+            ..
+        } => refused(
+            "refused",
+            "a blocking snapshot holds the stream while it runs (no signal is read until it \
+             is done), so there is none to stop; stop-snapshot applies to incremental ones",
+        ),
+        Signal::Stop { patterns, .. } => {
+            let Some(running) = incremental.as_mut() else {
+                refused("refused", "no incremental snapshot is running");
+                return Ok(AfterSignal::Stream);
+            };
+            if patterns.is_empty() {
+                let done = running.done();
+                *incremental = None;
+                accepted(&format!(
+                    "incremental snapshot stopped by a signal after {done} documents"
+                ));
+                return Ok(AfterSignal::Stream);
+            }
+            let matched =
+                match snapshot::match_patterns(client, running.remaining(), &patterns).await {
+                    Ok(matched) => matched,
+                    Err(err) => {
+                        return input_error(err).map(|reason| {
+                            refused("invalid", &format!("data-collections: {reason}"));
+                            AfterSignal::Stream
+                        })
+                    }
+                };
+            if matched.namespaces.is_empty() {
+                let remaining: Vec<String> = running
+                    .remaining()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                refused(
+                    "refused",
+                    &format!(
+                        "none of its data-collections is still to be read by the running \
+                         snapshot (remaining: [{}])",
+                        remaining.join(", ")
+                    ),
+                );
+                return Ok(AfterSignal::Stream);
+            }
+            let names: Vec<String> = matched.namespaces.iter().map(ToString::to_string).collect();
+            accepted(&format!(
+                "incremental snapshot: [{}] removed by a stop-snapshot signal",
+                names.join(", ")
+            ));
+            if running.remove(&matched.namespaces)
+                && !running
+                    .next_chunk(client, pipeline.snapshot_chunk_size)
+                    .await?
+            {
+                *incremental = finished(id, incremental.take());
+            }
+        }
+        Signal::Pause => match incremental.as_mut() {
+            None => refused("refused", "no incremental snapshot is running"),
+            Some(running) if running.is_paused() => refused("refused", "already paused"),
+            Some(running) => {
+                running.set_paused(true);
+                accepted("incremental snapshot paused by a signal");
+            }
+        },
+        Signal::Resume => match incremental.as_mut() {
+            None => refused("refused", "no incremental snapshot is running"),
+            Some(running) if !running.is_paused() => refused("refused", "it is not paused"),
+            Some(running) => {
+                running.set_paused(false);
+                accepted("incremental snapshot resumed by a signal");
+                if !running.in_window()
+                    && !running
+                        .next_chunk(client, pipeline.snapshot_chunk_size)
+                        .await?
+                {
+                    *incremental = finished(id, incremental.take());
+                }
+            }
+        },
     }
-    Ok(())
+    Ok(AfterSignal::Stream)
+}
+
+/// A snapshot plan refused: the outcome to count (`refused`, `invalid`) and the reason.
+type Refusal = (&'static str, String);
+
+/// The namespaces an `execute-snapshot` request names (its `data-collections` matched
+/// against the pipeline's scope) and each one's filter (its `additional-conditions`,
+/// checked by the server). The inner `Err` refuses the signal; the outer is worth retrying.
+async fn plan_snapshot(
+    client: &mongodb::Client,
+    pipeline: &PipelineConfig,
+    request: &SnapshotRequest,
+) -> Result<Result<(Vec<Namespace>, Vec<Document>), Refusal>, mongodb::error::Error> {
+    let id = pipeline.id.as_str();
+    let matched = match snapshot::requested_namespaces(
+        client,
+        pipeline,
+        namespace_filter(pipeline),
+        &request.patterns,
+    )
+    .await
+    {
+        Ok(matched) => matched,
+        Err(err) => {
+            return input_error(err)
+                .map(|reason| Err(("invalid", format!("data-collections: {reason}"))))
+        }
+    };
+    let unmatched: Vec<&String> = matched
+        .unmatched
+        .iter()
+        .filter_map(|i| request.requested.get(*i))
+        .collect();
+    if matched.namespaces.is_empty() {
+        return Ok(Err((
+            "refused",
+            format!(
+                "no collection in this pipeline's scope matches data-collections {:?} \
+                 (names are matched whole, as `db.coll`, or as regular expressions)",
+                request.requested
+            ),
+        )));
+    }
+    if !unmatched.is_empty() {
+        tracing::warn!(
+            pipeline = id,
+            ?unmatched,
+            "execute-snapshot: these data-collections match no collection in this pipeline's \
+             scope and are skipped; the others are snapshotted"
+        );
+    }
+    let mut filters = vec![Document::new(); matched.namespaces.len()];
+    for (name, filter) in &request.conditions {
+        let Some(at) = matched
+            .namespaces
+            .iter()
+            .position(|ns| ns.to_string() == *name)
+        else {
+            let names: Vec<String> = matched.namespaces.iter().map(ToString::to_string).collect();
+            return Ok(Err((
+                "refused",
+                format!(
+                    "additional-conditions names {name}, which is not among the collections to \
+                     snapshot [{}]",
+                    names.join(", ")
+                ),
+            )));
+        };
+        if let Err(err) = snapshot::check_filter(client, &matched.namespaces[at], filter).await {
+            return input_error(err).map(|reason| {
+                Err((
+                    "invalid",
+                    format!("the filter {filter} for {name} is refused by the server: {reason}"),
+                ))
+            });
+        }
+        filters[at] = filter.clone();
+    }
+    Ok(Ok((matched.namespaces, filters)))
+}
+
+/// A server error caused by what a signal asked (a bad regular expression or query) as its
+/// readable reason; any other error is returned to be retried.
+fn input_error(err: mongodb::error::Error) -> Result<String, mongodb::error::Error> {
+    match err.kind.as_ref() {
+        ErrorKind::Command(command)
+            if matches!(command.code, 2 | 9 | 14 | 51091 | 51108 | 51109)
+                || command.message.contains("regular expression") =>
+        {
+            Ok(command.message.clone())
+        }
+        _ => Err(err),
+    }
 }
 
 /// Logs the end of an incremental snapshot; returns `None` for the caller's state.
@@ -700,6 +929,8 @@ enum SnapshotPlan {
     New,
     /// Continue the one whose progress the checkpoint holds.
     Resume(Document),
+    /// A blocking snapshot requested by a signal (the stream pauses while it runs).
+    Signalled(Progress),
 }
 
 /// Reads every document in scope as `snapshot-read` events (see [`snapshot`]) and returns the
@@ -727,12 +958,20 @@ async fn take_snapshot(
             );
             progress
         }
+        SnapshotPlan::Signalled(progress) => {
+            tracing::info!(
+                pipeline = id,
+                namespaces = progress.namespaces.len(),
+                "blocking snapshot: the stream pauses while it runs, then resumes after its signal"
+            );
+            progress
+        }
         SnapshotPlan::New => loop {
             match begin_snapshot(client, pipeline).await {
                 Ok(progress) => break progress,
                 Err(err) => {
                     let what = "cannot start the snapshot; retrying";
-                    if retry_later(id, what, err, &mut backoff, shutdown).await? {
+                    if retry_later(pipeline, what, err, &mut backoff, shutdown).await? {
                         return Ok(None);
                     }
                 }
@@ -775,7 +1014,7 @@ async fn take_snapshot(
             Err(err) => {
                 progress = before;
                 let what = "snapshot read failed; retrying the chunk";
-                if retry_later(id, what, err, &mut backoff, shutdown).await? {
+                if retry_later(pipeline, what, err, &mut backoff, shutdown).await? {
                     return Ok(None);
                 }
             }
@@ -838,7 +1077,7 @@ pub async fn first_position(
             Ok(position) => return Ok(Some(position)),
             Err(err) => {
                 let what = "cannot resolve the start position; retrying";
-                if retry_later(&pipeline.id, what, err, &mut backoff, shutdown).await? {
+                if retry_later(pipeline, what, err, &mut backoff, shutdown).await? {
                     return Ok(None);
                 }
             }
@@ -883,6 +1122,7 @@ async fn begin_snapshot(
         index: 0,
         last_id: None,
         done: 0,
+        filters: Vec::new(),
     })
 }
 
@@ -1126,10 +1366,11 @@ fn fatal_reason(err: &mongodb::error::Error) -> Option<&'static str> {
         .map(|(_, reason)| *reason)
 }
 
-/// Handles a failed open or read: a fatal error is returned; anything else is logged and
-/// waited out with exponential backoff. `Ok(true)` means shutdown was requested meanwhile.
+/// Handles a failed open or read: a fatal error is returned; anything else is logged (one
+/// readable line, see [`describe`]) and waited out with exponential backoff. `Ok(true)`
+/// means shutdown was requested meanwhile.
 async fn retry_later(
-    pipeline: &str,
+    pipeline: &PipelineConfig,
     what: &str,
     err: mongodb::error::Error,
     backoff: &mut Duration,
@@ -1141,31 +1382,112 @@ async fn retry_later(
 /// [`retry_later`], logging the failure only at debug level when `quiet` (a retry within an
 /// outage already reported).
 async fn retry_quietly(
-    pipeline: &str,
+    pipeline: &PipelineConfig,
     what: &str,
     err: mongodb::error::Error,
     backoff: &mut Duration,
     shutdown: &mut watch::Receiver<bool>,
     quiet: bool,
 ) -> Result<bool, Error> {
+    let id = pipeline.id.as_str();
     if let Some(reason) = fatal_reason(&err) {
         return Err(Error::Source {
-            pipeline: pipeline.to_string(),
-            message: format!("{reason}: {err}"),
+            pipeline: id.to_string(),
+            message: format!(
+                "{reason} (the server at {} said: {})",
+                uri_hosts(&pipeline.mongodb_uri),
+                server_words(&err)
+            ),
         });
     }
+    let described = describe(pipeline, &err);
     let retry_in_ms = backoff.as_millis() as u64;
     match quiet {
-        true => tracing::debug!(pipeline, error = %err, retry_in_ms, "{what}"),
-        false => tracing::warn!(pipeline, error = %err, retry_in_ms, "{what}"),
+        true => tracing::debug!(pipeline = id, retry_in_ms, "{what}: {described}"),
+        false => tracing::warn!(pipeline = id, retry_in_ms, "{what}: {described}"),
     }
-    crate::metrics::pipeline(pipeline).retrying(&format!("{what}: {err}"));
+    crate::metrics::pipeline(id).retrying(&format!("{what}: {described}"));
     let delay = *backoff;
     *backoff = (*backoff * 2).min(MAX_BACKOFF);
     Ok(tokio::select! {
         _ = tokio::time::sleep(delay) => *shutdown.borrow(),
         _ = shutdown.changed() => true,
     })
+}
+
+// First contact: driver errors as one readable line naming the server, the likely cause and
+// what to do (the driver's own text is a dump of its topology).
+
+/// The `host:port` list of a MongoDB URI, without credentials or options.
+pub fn uri_hosts(uri: &str) -> String {
+    let rest = uri.split_once("://").map_or(uri, |(_, rest)| rest);
+    let hosts = rest.split(['/', '?']).next().unwrap_or(rest);
+    hosts
+        .rsplit_once('@')
+        .map_or(hosts, |(_, hosts)| hosts)
+        .to_string()
+}
+
+/// The server's own message in a command error (or the error's text otherwise).
+fn server_words(err: &mongodb::error::Error) -> String {
+    match err.kind.as_ref() {
+        ErrorKind::Command(command) => command.message.clone(),
+        _ => err.to_string(),
+    }
+}
+
+/// A driver error as one line: what failed at which server, the likely cause, what to do.
+pub fn describe(pipeline: &PipelineConfig, err: &mongodb::error::Error) -> String {
+    let hosts = uri_hosts(&pipeline.mongodb_uri);
+    match err.kind.as_ref() {
+        ErrorKind::ServerSelection { message, .. } => format!(
+            "no usable MongoDB server at {hosts}: {}",
+            selection_cause(message, &pipeline.mongodb_uri)
+        ),
+        ErrorKind::Command(command) => format!(
+            "the server at {hosts} refused: {} ({} {})",
+            command.message, command.code, command.code_name
+        ),
+        ErrorKind::Authentication { message, .. } => format!(
+            "authentication at {hosts} failed: {message}; check the user, password and \
+             authSource in mongodb_uri"
+        ),
+        ErrorKind::Io(io) => format!("network error talking to {hosts}: {io}"),
+        _ => err.to_string(),
+    }
+}
+
+/// The likely cause of a server-selection timeout, from the driver's topology text.
+fn selection_cause(message: &str, uri: &str) -> String {
+    let has = |needle: &str| message.to_ascii_lowercase().contains(needle);
+    let replica_set = uri
+        .split(['?', '&'])
+        .find_map(|option| option.strip_prefix("replicaSet="));
+    if has("failed to lookup address") || has("name or service not known") || has("dns") {
+        return "the host name does not resolve; check the host in mongodb_uri".into();
+    }
+    if has("connection refused") {
+        return "connection refused: nothing listens at that host and port; check mongodb_uri \
+                and that mongod is running there"
+            .into();
+    }
+    if has("certificate") || has("tls") || has("ssl") || has("handshake") {
+        return "the TLS handshake failed: the server wants TLS (add tls=true to mongodb_uri) \
+                or its certificate is not trusted (tlsCAFile=…)"
+            .into();
+    }
+    if let (Some(name), true) = (replica_set, has("replicasetnoprimary")) {
+        return format!(
+            "mongodb_uri sets replicaSet={name}, but no server there is a primary of a replica \
+             set with that name: a standalone server, a set named differently, or a set with no \
+             primary (check rs.status() on the server; fix or remove replicaSet= — change \
+             streams need a replica set)"
+        );
+    }
+    if has("timed out") || has("timeout") {
+        return "the connection attempt timed out: a wrong host, or a firewall in between".into();
+    }
+    "no server answered in time".into()
 }
 
 async fn open(
@@ -1204,9 +1526,9 @@ async fn open(
         .build();
     let stages = server_side_filter(pipeline);
     // Events are read as raw BSON (see `event::Change`), never through serde.
-    let stream = match (&pipeline.database, pipeline.collections.as_slice()) {
-        (None, _) => client.watch().pipeline(stages).with_options(options).await,
-        (Some(db), [coll]) => {
+    let stream = match watch_level(pipeline) {
+        WatchLevel::Cluster => client.watch().pipeline(stages).with_options(options).await,
+        WatchLevel::Collection(db, coll) => {
             client
                 .database(db)
                 .collection::<Document>(coll)
@@ -1215,7 +1537,7 @@ async fn open(
                 .with_options(options)
                 .await
         }
-        (Some(db), _) => {
+        WatchLevel::Database(db) => {
             client
                 .database(db)
                 .watch()
@@ -1228,10 +1550,56 @@ async fn open(
     stream.map(ChangeStream::with_type::<RawDocumentBuf>)
 }
 
+/// Where a change stream is opened.
+#[derive(Debug, PartialEq)]
+enum WatchLevel<'a> {
+    Cluster,
+    Database(&'a str),
+    Collection(&'a str, &'a str),
+}
+
+/// The signal and heartbeat collections (`db`, `coll`), which steer the source.
+fn control_namespaces(pipeline: &PipelineConfig) -> Vec<(&str, &str)> {
+    [&pipeline.signal_collection, &pipeline.heartbeat_collection]
+        .into_iter()
+        .filter_map(|c| c.as_deref().and_then(|c| c.split_once('.')))
+        .collect()
+}
+
+/// The narrowest level whose stream sees both the pipeline's scope and its control
+/// collections: a control collection in another database (Streamkap's `streamkap_signal`
+/// setup, say) widens a database- or collection-scoped pipeline's stream, and
+/// [`scope_stage`] narrows it back on the server.
+fn watch_level(pipeline: &PipelineConfig) -> WatchLevel<'_> {
+    let control = control_namespaces(pipeline);
+    match (&pipeline.database, pipeline.collections.as_slice()) {
+        (None, _) => WatchLevel::Cluster,
+        (Some(db), _) if control.iter().any(|(c, _)| c != db) => WatchLevel::Cluster,
+        (Some(db), [coll]) if control.iter().all(|(_, c)| c == coll) => {
+            WatchLevel::Collection(db, coll)
+        }
+        (Some(db), _) => WatchLevel::Database(db),
+    }
+}
+
+/// The `$match` that keeps a widened stream (see [`watch_level`]) to the pipeline's
+/// `database` and single collection (several collections have their own stage).
+fn scope_stage(pipeline: &PipelineConfig) -> Option<Document> {
+    let db = pipeline.database.as_deref()?;
+    match (watch_level(pipeline), pipeline.collections.as_slice()) {
+        (WatchLevel::Cluster | WatchLevel::Database(_), [coll]) => {
+            Some(doc! { "$match": { "ns.db": db, "ns.coll": coll } })
+        }
+        (WatchLevel::Cluster, _) => Some(doc! { "$match": { "ns.db": db } }),
+        _ => None,
+    }
+}
+
 /// The stages appended to the change stream on the server: the namespace filters, skipped
 /// operations, then the user's own stages.
 fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
-    let mut stages = namespace_filter(pipeline);
+    let mut stages: Vec<Document> = scope_stage(pipeline).into_iter().collect();
+    stages.extend(namespace_filter(pipeline));
     if !pipeline.skip_operations.is_empty() {
         stages.push(
             doc! { "$match": { "operationType": { "$nin": pipeline.skip_operations.clone() } } },
@@ -1247,11 +1615,7 @@ fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
             .filter_map(|stage| check_stage(stage).ok()),
     );
     // Signal and heartbeat collections pass every filter: they steer the source.
-    let control = [&pipeline.signal_collection, &pipeline.heartbeat_collection];
-    for (db, coll) in control
-        .into_iter()
-        .filter_map(|c| c.as_deref().and_then(|c| c.split_once('.')))
-    {
+    for (db, coll) in control_namespaces(pipeline) {
         for stage in &mut stages {
             if let Ok(condition) = stage.get_document("$match") {
                 let either = doc! { "$or": [{ "ns.db": db, "ns.coll": coll }, condition.clone()] };

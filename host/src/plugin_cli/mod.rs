@@ -402,7 +402,7 @@ fn test(
             other => println!("{what} -> {other:?} {cost}"),
         }
         // What production publishes for this verdict: the framer's own messages.
-        let token = tidegate::event::token_from_document(bson::doc! { "_data": &change.id })
+        let token = tidegate::event::token_from_document(bson::doc! { "_data": change.id() })
             .map_err(anyhow::Error::msg)?;
         let event = SourceEvent {
             token,
