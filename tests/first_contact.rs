@@ -209,12 +209,19 @@ async fn wrong_nats_port_is_named() -> anyhow::Result<()> {
     ))?;
     child
         .wait_for_log(
-            &format!(
-                "waiting for NATS at nats://127.0.0.1:{port}: IO error: nothing that speaks NATS"
-            ),
+            "waiting for NATS: IO error: nothing that speaks NATS",
             Duration::from_secs(60),
         )
         .await?;
+    let named = format!("servers=nats://127.0.0.1:{port}");
+    assert!(
+        child
+            .log()
+            .lines()
+            .any(|line| line.contains("waiting for NATS") && line.contains(&named)),
+        "the waiting line names the server ({named}):\n{}",
+        child.log()
+    );
     stops_on_sigint(&mut child).await
 }
 
