@@ -501,8 +501,11 @@ pub fn log_elections(
         let Ok(mut lost_at) = lost_at.lock() else {
             return;
         };
+        // The client's own shutdown also ends in an `Unknown` topology: not an election.
+        let closing =
+            change.new_description.topology_type() == mongodb::event::sdam::TopologyType::Unknown;
         match (before, after) {
-            (true, false) if lost_at.is_none() => {
+            (true, false) if lost_at.is_none() && !closing => {
                 *lost_at = Some(Instant::now());
                 tracing::warn!(
                     pipeline = %pipeline,
