@@ -122,9 +122,11 @@ interval_ms = 200
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
         let client = self.nats_client().await?;
         let js = async_nats::jetstream::new(client);
+        // Generous: the first start of a 12–18 MB guest (JavaScript, Python) compiles it with
+        // cranelift, which on a loaded 2-core machine beside other tests takes minutes.
         wait_until(
             "pipeline checkpoint in KV",
-            Duration::from_secs(120),
+            Duration::from_secs(300),
             || {
                 let js = js.clone();
                 async move {
