@@ -278,21 +278,21 @@ async fn dollar_prefixed_fields_are_published_exactly() -> anyhow::Result<()> {
             }
             json_encoding => {
                 let mode = match json_encoding {
-                    "canonical-json" => tidegate::ejson::Mode::Canonical,
-                    _ => tidegate::ejson::Mode::Relaxed,
+                    "canonical-json" => tidegate::model::ejson::Mode::Canonical,
+                    _ => tidegate::model::ejson::Mode::Relaxed,
                 };
                 let text = |i: usize| String::from_utf8_lossy(&messages[i].payload).to_string();
                 // The JSON of each stored document, written by hand for the first one so the
                 // writer is not only checked against itself.
                 let first = match mode {
-                    tidegate::ejson::Mode::Canonical => concat!(
+                    tidegate::model::ejson::Mode::Canonical => concat!(
                         r#"{"_id":{"$numberInt":"1"},"email":"EMAIL","oid":{"$oid":"not-an-oid"},"#,
                         r#""long":{"$numberLong":"5"},"date":{"$date":{"$numberLong":"1000"}},"#,
                         r#""bin":{"$binary":{"base64":"AQID","subType":"00"}},"re":{"$regex":"a+","$options":"i"},"#,
                         r#""nested":{"deep":{"$date":"not-a-date"},"list":[{"$oid":"zz"},{"$numberDecimal":"x"}]},"#,
                         r#""i64":{"$numberLong":"7"}}"#
                     ),
-                    tidegate::ejson::Mode::Relaxed => concat!(
+                    tidegate::model::ejson::Mode::Relaxed => concat!(
                         r#"{"_id":1,"email":"EMAIL","oid":{"$oid":"not-an-oid"},"#,
                         r#""long":{"$numberLong":"5"},"date":{"$date":{"$numberLong":"1000"}},"#,
                         r#""bin":{"$binary":{"base64":"AQID","subType":"00"}},"re":{"$regex":"a+","$options":"i"},"#,
@@ -314,7 +314,7 @@ async fn dollar_prefixed_fields_are_published_exactly() -> anyhow::Result<()> {
                 );
                 for (index, field, expected) in &expectations {
                     let mut json = Vec::new();
-                    tidegate::ejson::write_document(expected, mode, &mut json)
+                    tidegate::model::ejson::write_document(expected, mode, &mut json)
                         .map_err(anyhow::Error::msg)?;
                     let json = String::from_utf8(json)?;
                     assert!(

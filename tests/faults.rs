@@ -233,7 +233,8 @@ async fn nats_restart_with_short_duplicate_window_stays_exactly_once() -> anyhow
 /// publisher counts them as stored instead of storing them twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_skips_stored_messages_after_the_duplicate_window() -> anyhow::Result<()> {
-    use tidegate::sink::{Position, Publisher, Unit};
+    use tidegate::model::Position;
+    use tidegate::sink::{Publisher, Unit};
     let h = Harness::start().await?;
     h.create_stream(&["cdc.>"], Duration::from_secs(1)).await?;
     let js = async_nats::jetstream::new(h.nats_client().await?);
@@ -254,7 +255,7 @@ async fn publisher_skips_stored_messages_after_the_duplicate_window() -> anyhow:
         "p",
         &config.pipelines[0].sink,
         Some(start),
-        tidegate::fence::Fence::none(),
+        tidegate::ha::fence::Fence::none(),
     );
     for n in 1..4 {
         publisher

@@ -304,8 +304,9 @@ async fn sigterm_hands_over_without_waiting_for_the_lease() -> anyhow::Result<()
 /// leftovers) it falls back to deduplication like a single instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deposed_publisher_stops_at_a_foreign_last_message() -> anyhow::Result<()> {
-    use tidegate::fence::Fence;
-    use tidegate::sink::{Position, Publisher, Unit};
+    use tidegate::ha::fence::Fence;
+    use tidegate::model::Position;
+    use tidegate::sink::{Publisher, Unit};
     let h = Harness::start().await?;
     h.create_stream(&["cdc.>"], Duration::from_secs(1)).await?;
     let js = async_nats::jetstream::new(h.nats_client().await?);
@@ -420,8 +421,8 @@ async fn a_second_instance_without_ha_stops_the_first() -> anyhow::Result<()> {
 async fn a_claimed_checkpoint_fences_the_previous_writer() -> anyhow::Result<()> {
     use tidegate::checkpoint::CheckpointStore;
     use tidegate::config::{CheckpointConfig, CheckpointStoreKind};
-    use tidegate::fence::Fence;
-    use tidegate::sink::Position;
+    use tidegate::ha::fence::Fence;
+    use tidegate::model::Position;
     let h = Harness::start().await?;
     let js = async_nats::jetstream::new(h.nats_client().await?);
     let mongo = h.mongo.client().await?;

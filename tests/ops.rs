@@ -276,7 +276,7 @@ async fn an_idle_pipeline_stays_ready_on_a_fresh_replica_set() -> anyhow::Result
     write_range(h.collection().await?, 0, 10, 10, Duration::ZERO).await?;
     h.wait_settled(STREAM, 10, Duration::from_secs(30)).await?;
 
-    let (oldest, written) = tidegate::oplog::ends(&h.mongo.client().await?)
+    let (oldest, written) = tidegate::ops::oplog::ends(&h.mongo.client().await?)
         .await
         .map_err(anyhow::Error::msg)?;
     let (oldest, written) = (i64::from(oldest.time), i64::from(written.time));

@@ -38,11 +38,12 @@ use bytes::Bytes;
 use mongodb::change_stream::event::ChangeStreamEvent;
 use std::borrow::Cow;
 use tidegate::config::{Encoding, LogConfig, LogFormat, PluginLimits, SandboxConfig};
-use tidegate::event::{Change, Fields, Namespace, Operation};
+use tidegate::model::{Change, Fields, Namespace, Operation};
 use tidegate::plugin::bindings::wit;
 use tidegate::plugin::{convert, Chain, Decision, Plugin, PluginSettings, Verdict};
 use tidegate::sandbox::Sandbox;
-use tidegate::{encode, Config};
+use tidegate::sink::encode;
+use tidegate::Config;
 use tidegate_testkit::{plugin_dir, stream_len, stream_messages, MongoReplicaSet, NatsServer};
 
 const DB: &str = "bench";
@@ -1248,7 +1249,7 @@ fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let out_path = args.out.clone().unwrap_or_else(default_out);
     let began = Instant::now();
-    tidegate::telemetry::init(&LogConfig {
+    tidegate::ops::telemetry::init(&LogConfig {
         format: LogFormat::Human,
         level: "warn".into(),
     });

@@ -51,7 +51,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tidegate::telemetry::init(&config.log);
+    tidegate::ops::telemetry::init(&config.log);
     let result = if check_only {
         check(&config)
     } else {

@@ -37,9 +37,16 @@ pub use plugins::{examples_dir, plugin_dir};
 pub use process::ChildProcess;
 pub use stream::{stream_len, stream_messages};
 
-/// Root of the tidegate repository (the parent of this crate's manifest directory).
+/// Root of the tidegate repository (the parent of the manifest directory).
+///
+/// Read at run time from cargo's `CARGO_MANIFEST_DIR` (the running test's or bench's crate,
+/// one level below the root like this one) before the compile-time value: a build cache shared
+/// between clones at different paths can hand this crate over compiled in another clone.
 pub fn repo_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|dir| dir.join("Cargo.toml").is_file())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     match manifest.parent() {
         Some(parent) => parent.to_path_buf(),
         None => manifest,

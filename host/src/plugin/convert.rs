@@ -14,8 +14,8 @@ use std::borrow::Cow;
 use bson::raw::{cstr, RawArrayBuf, RawBsonRef, RawDocument, RawDocumentBuf};
 
 use super::bindings::wit;
-use crate::ejson;
-use crate::event::{Change, Fields, Namespace, Operation};
+use crate::model::ejson;
+use crate::model::{Change, Fields, Namespace, Operation};
 
 fn operation_to_wit(op: &Operation) -> wit::Operation {
     match op {

@@ -8,6 +8,7 @@
 
 pub mod bindings;
 pub mod convert;
+pub mod reload;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,11 +21,11 @@ use self::bindings::filter::{Filter, FilterPre};
 use self::bindings::transform::{Transform, TransformPre};
 use self::bindings::wit;
 use crate::config::{
-    is_under_prefix, is_valid_subject, Capabilities, PipelineConfig, PluginLimits,
-    QuarantineAction, QuarantineConfig,
+    Capabilities, PipelineConfig, PluginLimits, QuarantineAction, QuarantineConfig,
 };
 use crate::error::Error;
-use crate::event::Change;
+use crate::model::subject::{is_under_prefix, is_valid_subject};
+use crate::model::Change;
 use crate::sandbox::{self, Admission, PluginState, Sandbox};
 
 impl wit::Host for PluginState {}
@@ -37,7 +38,7 @@ impl bindings::filter::tidegate::plugin::log::Host for PluginState {
         let Some(admitted) = self.log_budget().admit(&message) else {
             return;
         };
-        let message = crate::telemetry::escape(admitted);
+        let message = crate::ops::telemetry::escape(admitted);
         let (pipeline, tenant) = (self.pipeline.as_str(), self.tenant.as_deref());
         let plugin = self.plugin.as_str();
         match level {
@@ -138,7 +139,7 @@ impl CallError {
             plugin: plugin.to_string(),
             plugin_hash: plugin_hash.to_string(),
             kind: kind.to_string(),
-            message: crate::telemetry::escape(message).into_owned(),
+            message: crate::ops::telemetry::escape(message).into_owned(),
         }
     }
 }
@@ -155,7 +156,7 @@ impl Plugin {
         let fail = |message: String| Error::Plugin {
             name: name.to_string(),
             path: path.to_path_buf(),
-            message: crate::telemetry::escape(&message).into_owned(),
+            message: crate::ops::telemetry::escape(&message).into_owned(),
         };
         let bytes =
             std::fs::read(path).map_err(|err| fail(format!("cannot read the file: {err}")))?;
@@ -465,13 +466,25 @@ pub struct OutputRules {
 pub struct Chain {
     plugins: Vec<Plugin>,
     /// One series per plugin, in chain order.
-    metrics: Vec<std::sync::Arc<crate::metrics::PluginMetrics>>,
+    metrics: Vec<std::sync::Arc<crate::ops::metrics::PluginMetrics>>,
     rules: OutputRules,
     quarantine: QuarantineConfig,
     unit: String,
 }
 
 impl Chain {
+    /// What `/status` shows of the chain's plugins: the exact versions running.
+    pub fn infos(&self) -> Vec<crate::ops::metrics::PluginInfo> {
+        self.plugins()
+            .iter()
+            .map(|p| crate::ops::metrics::PluginInfo {
+                name: p.name().to_string(),
+                world: format!("{:?}", p.world()).to_lowercase(),
+                sha256: p.hash().trim_start_matches("sha256:").to_string(),
+            })
+            .collect()
+    }
+
     /// Loads every plugin of a pipeline. Fails on the first plugin that cannot run.
     pub fn load(
         sandbox: &Sandbox,
@@ -492,11 +505,11 @@ impl Chain {
     /// A chain of already loaded `plugins` for `pipeline` (`tidegate plugin test` builds its
     /// one-plugin chain this way).
     pub fn of(plugins: Vec<Plugin>, pipeline: &PipelineConfig) -> Chain {
-        let labels = crate::metrics::unit_labels(&pipeline.id);
+        let labels = crate::ops::metrics::unit_labels(&pipeline.id);
         Chain {
             metrics: plugins
                 .iter()
-                .map(|p| crate::metrics::plugin(&labels, p.name()))
+                .map(|p| crate::ops::metrics::plugin(&labels, p.name()))
                 .collect(),
             plugins,
             rules: OutputRules {

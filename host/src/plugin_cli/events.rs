@@ -2,7 +2,7 @@
 //! shape — so a message copied from the stream is a valid test event.
 
 use anyhow::{anyhow, bail, Context};
-use tidegate::event::Change;
+use tidegate::model::Change;
 
 /// Every non-blank, non-`//` line of `text` as `(line number, change)`.
 pub fn parse_lines(text: &str) -> anyhow::Result<Vec<(usize, Change)>> {
@@ -19,7 +19,7 @@ pub fn parse_lines(text: &str) -> anyhow::Result<Vec<(usize, Change)>> {
 }
 
 fn parse(line: usize, text: &str) -> anyhow::Result<Change> {
-    let doc = tidegate::ejson::parse_document("event", text.as_bytes(), None)
+    let doc = tidegate::model::ejson::parse_document("event", text.as_bytes(), None)
         .map_err(|e| anyhow!("{e}"))?;
     if doc.get_str("operationType").is_err() {
         bail!("`operationType` (a string) is required");
@@ -33,7 +33,7 @@ fn parse(line: usize, text: &str) -> anyhow::Result<Change> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidegate::event::Operation;
+    use tidegate::model::Operation;
 
     #[test]
     fn published_shape_round_trips() {

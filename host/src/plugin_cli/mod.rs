@@ -11,7 +11,7 @@
 //! Loading goes through the library's [`tidegate::plugin::Plugin`] and
 //! [`tidegate::sandbox::Sandbox`], in [`load`] only; `test` calls and checks through the
 //! pipeline's own [`tidegate::plugin::Chain`] and frames the verdict with its
-//! [`tidegate::pipeline::Framer`], so the CLI can never drift from how a pipeline runs a
+//! [`tidegate::sink::framer::Framer`], so the CLI can never drift from how a pipeline runs a
 //! plugin and what it publishes.
 
 mod events;
@@ -25,10 +25,10 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Subcommand, ValueEnum};
 use tidegate::config::{Capabilities, Encoding, PipelineConfig, PluginLimits, SandboxConfig};
-use tidegate::event::SourceEvent;
-use tidegate::pipeline::Framer;
+use tidegate::model::SourceEvent;
 use tidegate::plugin::{Chain, Plugin, PluginSettings, Verdict, World};
 use tidegate::sandbox::Sandbox;
+use tidegate::sink::framer::Framer;
 
 /// NATS's default `max_payload`, what `plugin test` checks messages against by default.
 const NATS_DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
@@ -297,7 +297,7 @@ fn inspect(file: &Path, settings: &PluginSettings) -> anyhow::Result<bool> {
 /// The one-plugin unit `plugin test` runs events through: the default sink under
 /// `subject_prefix`, quarantine off (every event gets its own verdict).
 fn test_pipeline(subject_prefix: &str) -> anyhow::Result<PipelineConfig> {
-    if !tidegate::config::is_valid_subject(subject_prefix, false) {
+    if !tidegate::model::subject::is_valid_subject(subject_prefix, false) {
         bail!("--subject-prefix {subject_prefix:?}: not a valid NATS subject");
     }
     let mut sink = toml::Table::new();
@@ -325,7 +325,7 @@ fn test(
 ) -> anyhow::Result<bool> {
     let limits = settings.limits;
     // Plugin log lines and dead-letter warnings (and nothing else) on stderr.
-    tidegate::telemetry::init(&tidegate::config::LogConfig {
+    tidegate::ops::telemetry::init(&tidegate::config::LogConfig {
         level: "warn,tidegate::plugin=debug".into(),
         ..Default::default()
     });
@@ -354,7 +354,7 @@ fn test(
     let mut chain = Chain::of(vec![plugin], pipeline);
     chain.cap_output_bytes(max_payload as u64);
     let mut framer = Framer::new(pipeline, max_payload, 0)?;
-    let stats = tidegate::metrics::pipeline(&pipeline.id);
+    let stats = tidegate::ops::metrics::pipeline(&pipeline.id);
     let mut all_ok = true;
     for (line, change) in &changes {
         let started = Instant::now();
@@ -390,7 +390,7 @@ fn test(
                         }
                     );
                     let shown = out.change.as_ref().unwrap_or(change);
-                    match tidegate::encode::payload(shown, Encoding::RelaxedJson) {
+                    match tidegate::sink::encode::payload(shown, Encoding::RelaxedJson) {
                         Ok(bytes) => println!("      {}", String::from_utf8_lossy(&bytes)),
                         Err(message) => println!("      (cannot show as JSON: {message})"),
                     }
@@ -402,8 +402,9 @@ fn test(
             other => println!("{what} -> {other:?} {cost}"),
         }
         // What production publishes for this verdict: the framer's own messages.
-        let token = tidegate::event::token_from_document(bson::doc! { "_data": change.id() })
-            .map_err(anyhow::Error::msg)?;
+        let token =
+            tidegate::model::token::token_from_document(bson::doc! { "_data": change.id() })
+                .map_err(anyhow::Error::msg)?;
         let event = SourceEvent {
             token,
             change: change.clone(),

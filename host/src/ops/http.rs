@@ -7,22 +7,14 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::config::HttpConfig;
 use crate::error::Error;
-use crate::metrics::{self, State};
-use crate::oplog::Level;
-use crate::telemetry::human_duration;
-
-/// The `[http]` section.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    /// Address to listen on, e.g. `127.0.0.1:9464` or `0.0.0.0:9464`.
-    pub address: String,
-}
+use crate::ops::metrics::{self, State};
+use crate::ops::oplog::Level;
+use crate::ops::telemetry::human_duration;
 
 /// Longest request head accepted.
 const MAX_HEAD: usize = 8 * 1024;
@@ -151,7 +143,7 @@ fn nats_connected(nats: &async_nats::Client) -> bool {
 /// Why this instance is not ready; empty when it is: NATS connected, every pipeline running
 /// (its change stream open) or deliberately on standby, and no running pipeline's checkpoint
 /// projected to be overwritten by the oplog within `oplog_error_headroom_secs` (see
-/// [`oplog`](crate::oplog)).
+/// [`oplog`](crate::ops::oplog)).
 fn not_ready(nats: &async_nats::Client) -> Vec<String> {
     let mut reasons = Vec::new();
     if !nats_connected(nats) {

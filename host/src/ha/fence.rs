@@ -4,7 +4,7 @@
 //! Without high availability a pipeline's fence has no deadline ([`Fence::none`]); it is
 //! only revoked when a checkpoint write finds that another process has claimed the record
 //! (the same config started twice by mistake), and the pipeline then stops. With it, the
-//! [`lease`](crate::lease) keeper hands the pipeline a fence that holds until a deadline it
+//! [`lease`](crate::ha::lease) keeper hands the pipeline a fence that holds until a deadline it
 //! pushes forward on every renewal of the pipeline's lease. The deadline is computed from
 //! when the renewal was *sent* and ends a margin before the lease can expire on the server,
 //! so by the time any standby can take the lease over, this process has stopped writing. The

@@ -11,6 +11,8 @@ use bson::raw::{cstr, CStr, RawBson, RawBsonRef, RawDocument, RawDocumentBuf, Ra
 use bson::{rawdoc, DateTime, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 
+use super::token::token_from_raw;
+
 /// What kind of change an event describes (the change stream's `operationType`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Operation {
@@ -187,7 +189,11 @@ impl Change {
             // Not a MongoDB 4.2+ token: its canonical JSON is unique all the same.
             Err(_) => {
                 let mut text = Vec::new();
-                crate::ejson::write_document(token, crate::ejson::Mode::Canonical, &mut text)?;
+                crate::model::ejson::write_document(
+                    token,
+                    crate::model::ejson::Mode::Canonical,
+                    &mut text,
+                )?;
                 String::from_utf8_lossy(&text).into_owned()
             }
         };
@@ -573,12 +579,6 @@ impl Builder {
     }
 }
 
-/// A resume token from its raw document (`{"_data": …}`).
-pub fn token_from_raw(token: &RawDocument) -> Result<ResumeToken, String> {
-    bson::deserialize_from_slice(token.as_bytes())
-        .map_err(|e| format!("unreadable resume token: {e}"))
-}
-
 /// A change as read from the stream, with the token to resume after it.
 #[derive(Debug, Clone)]
 pub struct SourceEvent {
@@ -589,37 +589,6 @@ pub struct SourceEvent {
     /// For a snapshot read, the snapshot's progress once this event is published (saved
     /// with the checkpoint; see `snapshot`). `None` for change events.
     pub snapshot: Option<bson::Document>,
-}
-
-/// The `_data` string of a resume token; tokens from MongoDB 4.2+ are `{_data: "<hex>"}`.
-/// Falls back to the token's canonical JSON for anything else, which is still unique.
-pub fn token_id(token: &ResumeToken) -> String {
-    match bson::serialize_to_bson(token) {
-        Ok(bson::Bson::Document(doc)) => match doc.get_str("_data") {
-            Ok(data) => data.to_string(),
-            Err(_) => bson::Bson::Document(doc)
-                .into_canonical_extjson()
-                .to_string(),
-        },
-        Ok(other) => other.into_canonical_extjson().to_string(),
-        Err(_) => String::new(),
-    }
-}
-
-/// The cluster time a resume token stands for, read from its `_data` (MongoDB's KeyString
-/// encoding starts with a timestamp: type byte 0x82, then seconds and increment, big-endian).
-/// `None` for tokens of another shape.
-pub fn token_time(token: &ResumeToken) -> Option<bson::Timestamp> {
-    let data = token_id(token);
-    let hex = data.strip_prefix("82")?;
-    let time = u32::from_str_radix(hex.get(0..8)?, 16).ok()?;
-    let increment = u32::from_str_radix(hex.get(8..16)?, 16).ok()?;
-    Some(bson::Timestamp { time, increment })
-}
-
-/// A resume token from its document form (`{"_data": …}`).
-pub fn token_from_document(document: bson::Document) -> Result<ResumeToken, String> {
-    bson::deserialize_from_bson(bson::Bson::Document(document)).map_err(|e| e.to_string())
 }
 
 impl SourceEvent {

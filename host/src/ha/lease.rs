@@ -34,7 +34,7 @@
 //! renewal: it drains it, checkpoints, deletes the lease, and waits two leases' time before
 //! competing again.
 
-use std::path::PathBuf;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,90 +45,10 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::PipelineConfig;
+use crate::config::ha::HaConfig;
 use crate::error::Error;
-use crate::fence::Fence;
-use crate::metrics::State;
-use crate::plugin::Chain;
-use crate::reload::Updates;
-use crate::sandbox::Sandbox;
-
-/// The `[ha]` section.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HaConfig {
-    /// Share pipelines between instances through leases. Default: false (every pipeline of
-    /// the config runs here).
-    #[serde(default)]
-    pub enabled: bool,
-    /// KV bucket of leases and presence keys; created (with `max_age` = the TTL) when
-    /// missing. Every instance sharing the work must use the same bucket and TTL. Default:
-    /// `tidegate-leases`.
-    #[serde(default = "default_bucket")]
-    pub bucket: String,
-    /// Lease time-to-live in milliseconds (at least 1000). A dead owner's pipelines are taken
-    /// over about this long after its last renewal. Default: 10000.
-    #[serde(default = "default_ttl_ms")]
-    pub lease_ttl_ms: u64,
-    /// This instance's name in leases and logs (letters, digits, `-`, `_`). Default:
-    /// `<hostname>-<pid>`.
-    pub instance: Option<String>,
-}
-
-impl Default for HaConfig {
-    fn default() -> Self {
-        HaConfig {
-            enabled: false,
-            bucket: default_bucket(),
-            lease_ttl_ms: default_ttl_ms(),
-            instance: None,
-        }
-    }
-}
-
-fn default_bucket() -> String {
-    "tidegate-leases".into()
-}
-
-fn default_ttl_ms() -> u64 {
-    10_000
-}
-
-impl HaConfig {
-    /// Checks the section; the message names the key at fault.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.lease_ttl_ms < 1000 {
-            return Err(format!(
-                "ha.lease_ttl_ms = {} is below the minimum of 1000",
-                self.lease_ttl_ms
-            ));
-        }
-        if let Some(name) = &self.instance {
-            if !is_key_token(name) {
-                return Err(format!(
-                    "ha.instance = '{name}': use letters, digits, '-' and '_' only"
-                ));
-            }
-        }
-        if !is_key_token(&self.bucket) {
-            return Err(format!(
-                "ha.bucket = '{}': use letters, digits, '-' and '_' only",
-                self.bucket
-            ));
-        }
-        Ok(())
-    }
-
-    fn ttl(&self) -> Duration {
-        Duration::from_millis(self.lease_ttl_ms)
-    }
-}
-
-fn is_key_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
+use crate::ha::fence::Fence;
+use crate::ops::metrics::State;
 
 /// What a lease key holds: who owns the pipeline (for operators and `/status`).
 #[derive(Debug, Clone, serde::Serialize, Deserialize)]
@@ -137,16 +57,12 @@ pub struct LeaseValue {
     pub instance: String,
 }
 
-/// What an owner needs to run a unit's plugins, term after term.
-pub struct UnitPlugins {
-    /// The chain loaded at start-up, for the first term (`None`: load, or hold).
-    pub chain: Option<Chain>,
-    /// Hot reloads for the unit (see `reload`).
-    pub updates: Updates,
-    /// The engine to load the chain with in later terms.
-    pub sandbox: Arc<Sandbox>,
-    /// Where plugin files are.
-    pub plugin_dir: PathBuf,
+/// How one term of ownership ended.
+struct Term {
+    /// What the unit returned.
+    result: Result<(), Error>,
+    /// Whether this instance stopped it to hand it over.
+    handing_over: bool,
 }
 
 /// This instance's side of the coordination, shared by its pipelines' lease keepers.
@@ -205,7 +121,7 @@ impl Coordinator {
             )));
         }
         let instance = config.instance.clone().unwrap_or_else(default_instance);
-        crate::metrics::registry().set_instance(&instance);
+        crate::ops::metrics::registry().set_instance(&instance);
         tracing::info!(instance = %instance, bucket = %config.bucket, lease_ttl_ms = config.lease_ttl_ms, "high availability on");
         Ok(Arc::new(Coordinator {
             kv,
@@ -323,61 +239,38 @@ impl Coordinator {
         Ok(keys.iter().filter(|k| k.starts_with("instance.")).count())
     }
 
-    /// Runs `pipeline` whenever this instance holds its lease, standing by otherwise, until
-    /// `shutdown` (drain, checkpoint, release) or a pipeline error (release, return it).
-    pub async fn run_pipeline(
+    /// Runs unit `id` whenever this instance holds its lease, standing by otherwise, until
+    /// `shutdown` (drain, checkpoint, release) or an error of the unit's (release, return it).
+    ///
+    /// Each term of ownership calls `term` with the term's [`Fence`] and a stop signal, and
+    /// runs the future it returns until it ends: a [`Error::Fenced`] ends the term (back to
+    /// standby), `Ok` after a stop hands the unit over or shuts down, any other error ends
+    /// the unit. The lease knows nothing of what the unit does.
+    pub async fn run_unit<F, Fut>(
         self: Arc<Self>,
-        pipeline: PipelineConfig,
-        plugins: UnitPlugins,
-        js: jetstream::Context,
+        id: String,
         mut shutdown: watch::Receiver<bool>,
-    ) -> Result<(), Error> {
-        let id = pipeline.id.clone();
+        mut term: F,
+    ) -> Result<(), Error>
+    where
+        F: FnMut(Fence, watch::Receiver<bool>) -> Fut,
+        Fut: Future<Output = Result<(), Error>> + Send + 'static,
+    {
         let key = format!("lease.{id}");
-        let UnitPlugins {
-            mut chain,
-            updates,
-            sandbox,
-            plugin_dir,
-        } = plugins;
-        let metrics = crate::metrics::pipeline(&id);
+        let metrics = crate::ops::metrics::pipeline(&id);
         // Let instances started together see each other before anyone takes leases.
         tokio::select! {
             _ = shutdown.changed() => return Ok(()),
             _ = tokio::time::sleep(self.renew_every()) => {}
         }
         loop {
-            // Standby.
             metrics.set_state(State::Standby);
-            // A released lease is taken at once; an expired one is found by polling (expiry
-            // leaves no marker to watch).
-            let mut released = self.kv.watch(&key).await.ok();
-            let (mut revision, sent) = loop {
-                if *shutdown.borrow() {
-                    return Ok(());
-                }
-                if self.reserve() {
-                    let sent = Instant::now();
-                    match self.kv.create(&key, self.lease_value()).await {
-                        Ok(revision) => break (revision, sent),
-                        Err(err) => {
-                            self.unreserve();
-                            if err.kind() != kv::CreateErrorKind::AlreadyExists {
-                                tracing::warn!(pipeline = %id, error = %err, "cannot take lease; retrying");
-                            }
-                        }
-                    }
-                }
-                tokio::select! {
-                    _ = shutdown.changed() => {}
-                    _ = tokio::time::sleep(self.poll_every()) => {}
-                    Some(_) = next_change(&mut released) => {}
-                }
+            let Some((mut revision, mut sent)) = self.acquire(&id, &key, &mut shutdown).await
+            else {
+                return Ok(());
             };
-            drop(released);
             metrics.set_state(State::Starting);
             tracing::info!(pipeline = %id, instance = %self.instance, "lease taken: running the pipeline from its checkpoint");
-            let mut sent = sent;
             let mut tolerate_foreign_tail = false;
             // Owner.
             loop {
@@ -385,71 +278,23 @@ impl Coordinator {
                     false => Fence::leased(self.valid_until(sent)),
                     true => Fence::tolerating_foreign_tail(self.valid_until(sent)),
                 };
-                // The chain of the previous term is gone with its run: load the files as
-                // they are now. A tenant whose plugins do not load holds (`pipeline::run`).
-                let chain = match chain.take() {
-                    Some(chain) => Some(chain),
-                    None => match Chain::load(&sandbox, &pipeline, &plugin_dir) {
-                        Ok(chain) => Some(chain),
-                        Err(err) if pipeline.tenant.is_some() => {
-                            tracing::error!(pipeline = %id, "tenant held until its plugins load: {err}");
-                            None
-                        }
-                        Err(err) => {
-                            self.release(&key, revision).await;
-                            return Err(err);
-                        }
-                    },
-                };
                 let (stop_tx, stop_rx) = watch::channel(false);
-                let mut task = tokio::spawn(crate::pipeline::run(
-                    pipeline.clone(),
-                    chain,
-                    updates.clone(),
-                    js.clone(),
-                    stop_rx,
-                    fence.clone(),
-                ));
-                let mut renew = tokio::time::interval_at(
-                    Instant::now() + self.renew_every(),
-                    self.renew_every(),
-                );
-                let mut draining = false;
-                let mut handing_over = false;
-                let result = loop {
-                    tokio::select! {
-                        _ = shutdown.changed(), if !draining => {
-                            draining = true;
-                            let _ = stop_tx.send(true);
-                        }
-                        done = &mut task => break done.unwrap_or_else(|err| Err(Error::Startup {
-                            message: format!("pipeline task failed: {err}"),
-                        })),
-                        _ = renew.tick() => {
-                            if !fence.holds() {
-                                continue;
-                            }
-                            let sent = Instant::now();
-                            match self.kv.update(&key, self.lease_value(), revision).await {
-                                Ok(next) => {
-                                    revision = next;
-                                    fence.extend_until(self.valid_until(sent));
-                                }
-                                Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                                    fence.revoke("the lease was taken by another instance");
-                                }
-                                // The fence lapses on its own if this goes on too long.
-                                Err(err) => tracing::warn!(pipeline = %id, error = %err, "cannot renew lease; retrying"),
-                            }
-                            if !draining && fence.holds() && self.shed() {
-                                tracing::info!(pipeline = %id, fair_share = self.fair_share(), "handing the pipeline over to balance instances");
-                                draining = true;
-                                handing_over = true;
-                                let _ = stop_tx.send(true);
-                            }
-                        }
-                    }
-                };
+                let task = tokio::spawn(term(fence.clone(), stop_rx));
+                let held = self
+                    .hold(
+                        &id,
+                        &key,
+                        &mut revision,
+                        &fence,
+                        task,
+                        stop_tx,
+                        &mut shutdown,
+                    )
+                    .await;
+                let Term {
+                    result,
+                    handing_over,
+                } = held;
                 match result {
                     Err(Error::Fenced { message, .. }) => {
                         // A foreign message at the stream's end, but is the lease really lost?
@@ -476,22 +321,14 @@ impl Coordinator {
                         tracing::warn!(pipeline = %id, reason = %message, "lost the lease: stopped writing, standing by");
                         break;
                     }
-                    Err(err) => {
+                    result => {
                         if !handing_over {
                             self.unreserve();
                         }
                         if fence.holds() {
                             self.release(&key, revision).await;
                         }
-                        return Err(err);
-                    }
-                    Ok(()) => {
-                        if !handing_over {
-                            self.unreserve();
-                        }
-                        if fence.holds() {
-                            self.release(&key, revision).await;
-                        }
+                        result?;
                         if *shutdown.borrow() {
                             return Ok(());
                         }
@@ -503,6 +340,97 @@ impl Coordinator {
                             }
                         }
                         break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stands by until this instance takes lease `key` (its revision, and when the taking
+    /// was sent), or `None` on shutdown. A released lease is taken at once; an expired one
+    /// is found by polling (expiry leaves no marker to watch).
+    async fn acquire(
+        &self,
+        id: &str,
+        key: &str,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<(u64, Instant)> {
+        let mut released = self.kv.watch(key).await.ok();
+        loop {
+            if *shutdown.borrow() {
+                return None;
+            }
+            if self.reserve() {
+                let sent = Instant::now();
+                match self.kv.create(key, self.lease_value()).await {
+                    Ok(revision) => return Some((revision, sent)),
+                    Err(err) => {
+                        self.unreserve();
+                        if err.kind() != kv::CreateErrorKind::AlreadyExists {
+                            tracing::warn!(pipeline = %id, error = %err, "cannot take lease; retrying");
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.changed() => {}
+                _ = tokio::time::sleep(self.poll_every()) => {}
+                Some(_) = next_change(&mut released) => {}
+            }
+        }
+    }
+
+    /// One term of ownership: renews the lease while `task` runs, stopping it on shutdown
+    /// or to hand the unit over to balance instances, and revoking `fence` if the lease was
+    /// taken.
+    #[allow(clippy::too_many_arguments)]
+    async fn hold(
+        &self,
+        id: &str,
+        key: &str,
+        revision: &mut u64,
+        fence: &Fence,
+        mut task: tokio::task::JoinHandle<Result<(), Error>>,
+        stop_tx: watch::Sender<bool>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Term {
+        let mut renew =
+            tokio::time::interval_at(Instant::now() + self.renew_every(), self.renew_every());
+        let mut draining = false;
+        let mut handing_over = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed(), if !draining => {
+                    draining = true;
+                    let _ = stop_tx.send(true);
+                }
+                done = &mut task => {
+                    let result = done.unwrap_or_else(|err| Err(Error::Startup {
+                        message: format!("pipeline task failed: {err}"),
+                    }));
+                    return Term { result, handing_over };
+                }
+                _ = renew.tick() => {
+                    if !fence.holds() {
+                        continue;
+                    }
+                    let sent = Instant::now();
+                    match self.kv.update(key, self.lease_value(), *revision).await {
+                        Ok(next) => {
+                            *revision = next;
+                            fence.extend_until(self.valid_until(sent));
+                        }
+                        Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                            fence.revoke("the lease was taken by another instance");
+                        }
+                        // The fence lapses on its own if this goes on too long.
+                        Err(err) => tracing::warn!(pipeline = %id, error = %err, "cannot renew lease; retrying"),
+                    }
+                    if !draining && fence.holds() && self.shed() {
+                        tracing::info!(pipeline = %id, fair_share = self.fair_share(), "handing the pipeline over to balance instances");
+                        draining = true;
+                        handing_over = true;
+                        let _ = stop_tx.send(true);
                     }
                 }
             }
@@ -564,6 +492,11 @@ mod tests {
 
     #[test]
     fn default_instance_is_a_key_token() {
-        assert!(is_key_token(&default_instance()));
+        assert!(crate::config::ha::HaConfig {
+            instance: Some(default_instance()),
+            ..Default::default()
+        }
+        .validate()
+        .is_ok());
     }
 }

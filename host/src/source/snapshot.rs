@@ -18,7 +18,8 @@ use futures::TryStreamExt;
 use mongodb::change_stream::event::ResumeToken;
 
 use crate::config::PipelineConfig;
-use crate::event::{token_id, Change, Namespace, SourceEvent};
+use crate::model::token::token_id;
+use crate::model::{Change, Namespace, SourceEvent};
 
 /// The server's estimate of how many documents `namespaces` hold, for the progress bar.
 pub async fn estimated_total(client: &mongodb::Client, namespaces: &[Namespace]) -> u64 {

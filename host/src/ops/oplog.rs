@@ -36,7 +36,7 @@ use futures::TryStreamExt;
 use tokio::sync::watch;
 
 use crate::config::PipelineConfig;
-use crate::telemetry::human_duration;
+use crate::ops::telemetry::human_duration;
 
 /// Readings the write rate is measured over: one minute at the default check interval.
 pub const RATE_READINGS: usize = 6;
@@ -102,7 +102,7 @@ struct Thresholds {
 
 /// Records the oplog headroom of `pipeline` until `shutdown`, logging changes of level.
 pub async fn watch_headroom(pipeline: PipelineConfig, mut shutdown: watch::Receiver<bool>) {
-    let metrics = crate::metrics::pipeline(&pipeline.id);
+    let metrics = crate::ops::metrics::pipeline(&pipeline.id);
     let client = match crate::security::mongo_client(&pipeline.mongodb_uri).await {
         Ok(client) => client,
         Err(_) => return, // the pipeline itself reports a bad URI
@@ -307,7 +307,7 @@ fn assess(
         write_bytes_per_second: bytes_per_second,
         headroom_seconds: headroom,
         level: level(headroom, lost, thresholds, current),
-        checked_at_unix_ms: crate::metrics::unix_now_ms(),
+        checked_at_unix_ms: crate::ops::metrics::unix_now_ms(),
     }
 }
 
@@ -331,7 +331,7 @@ fn report(
         return;
     }
     let headroom_s = status.headroom_seconds.map(|h| h.round() as i64);
-    let lag_s = position_secs.map(|p| crate::metrics::unix_now_ms() / 1000 - p);
+    let lag_s = position_secs.map(|p| crate::ops::metrics::unix_now_ms() / 1000 - p);
     let oplog_max_mb = status.max_bytes / (1024 * 1024);
     let oplog_used_mb = status.size_bytes / (1024 * 1024);
     let write_kb_s = status

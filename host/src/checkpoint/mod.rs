@@ -22,8 +22,8 @@ use mongodb::options::{DatabaseOptions, ReadConcern, WriteConcern};
 
 use crate::config::{CheckpointConfig, CheckpointStoreKind};
 use crate::error::Error;
-use crate::fence::Fence;
-use crate::sink::Position;
+use crate::ha::fence::Fence;
+use crate::model::Position;
 
 /// A checkpoint backend bound to one pipeline.
 pub struct CheckpointStore {
@@ -193,7 +193,7 @@ impl CheckpointStore {
             .get_datetime("savedAt")
             .ok()
             .map(|t| t.timestamp_millis());
-        crate::metrics::pipeline(key).checkpoint_loaded(&position, saved_at);
+        crate::ops::metrics::pipeline(key).checkpoint_loaded(&position, saved_at);
         Ok(Some(position))
     }
 
@@ -258,7 +258,7 @@ impl CheckpointStore {
                     let err = match written {
                         Ok(revision) => {
                             self.revision.store(revision, Ordering::Release);
-                            crate::metrics::pipeline(key).checkpointed(position);
+                            crate::ops::metrics::pipeline(key).checkpointed(position);
                             return Ok(());
                         }
                         Err(err) => err,
@@ -297,7 +297,7 @@ impl CheckpointStore {
                     .await
                 {
                     Ok(_) => {
-                        crate::metrics::pipeline(key).checkpointed(position);
+                        crate::ops::metrics::pipeline(key).checkpointed(position);
                         Ok(())
                     }
                     // The upsert found no record of ours and could not insert one: the

@@ -5,14 +5,16 @@
 //! error names the file and the key at fault, never showing the file's text (it may hold
 //! secrets).
 
+pub mod ha;
+
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::encode::SubjectTemplate;
 use crate::error::Error;
-use crate::event::Change;
+use crate::model::subject::{is_under_prefix, is_valid_subject, SubjectTemplate};
+use crate::model::Change;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -32,10 +34,10 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     /// The operations endpoint (health, metrics, status); absent: none.
     #[serde(default)]
-    pub http: Option<crate::http::HttpConfig>,
-    /// High availability: leases shared with other instances (see [`crate::lease`]).
+    pub http: Option<HttpConfig>,
+    /// High availability: leases shared with other instances (see [`crate::ha::lease`]).
     #[serde(default)]
-    pub ha: crate::lease::HaConfig,
+    pub ha: ha::HaConfig,
     /// One entry per change stream to relay. At least one is required. After loading,
     /// each tenant of a pipeline is an entry of its own (see [`TenantConfig`]).
     #[serde(rename = "pipeline")]
@@ -219,7 +221,7 @@ pub struct PipelineConfig {
     #[serde(default)]
     pub snapshot: SnapshotMode,
     /// A collection (`db.coll`, in any database) watched for Debezium-style signal documents
-    /// (see [`crate::signal`]): `{type: "execute-snapshot", data: {"data-collections":
+    /// (see [`crate::source::signal`]): `{type: "execute-snapshot", data: {"data-collections":
     /// ["db.coll"], type: "incremental"}}` starts an incremental snapshot while streaming
     /// goes on (`blocking`: streaming pauses while it runs), `{type: "stop-snapshot"}` stops
     /// it. tidegate writes its watermarks there too, so it needs write access. Its events are
@@ -1220,7 +1222,7 @@ impl PipelineConfig {
     /// Whether this unit may see an event on `namespace`: always without tenants; for a
     /// tenant, only its namespaces (and stream-level events such as invalidate, which have
     /// no namespace).
-    pub fn may_see(&self, namespace: &crate::event::Namespace) -> bool {
+    pub fn may_see(&self, namespace: &crate::model::Namespace) -> bool {
         let Some(tenant) = &self.tenant else {
             return true;
         };
@@ -1509,22 +1511,12 @@ pub fn pipeline_env_var(id: &str, key: &str) -> String {
     format!("TIDEGATE_PIPELINE_{id}_{key}")
 }
 
-/// Whether `subject` is a literal NATS subject (or, with `wildcards`, a pattern).
-pub fn is_valid_subject(subject: &str, wildcards: bool) -> bool {
-    !subject.is_empty()
-        && subject.split('.').all(|token| {
-            !token.is_empty()
-                && token.chars().all(|c| !c.is_whitespace() && !c.is_control())
-                && (wildcards || (token != "*" && token != ">"))
-                && (token.len() == 1 || !token.contains(['*', '>']))
-        })
-}
-
-/// Whether literal `subject` lies under `prefix.` (and is not the prefix itself).
-pub fn is_under_prefix(subject: &str, prefix: &str) -> bool {
-    subject.len() > prefix.len() + 1
-        && subject.starts_with(prefix)
-        && subject.as_bytes()[prefix.len()] == b'.'
+/// The `[http]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on, e.g. `127.0.0.1:9464` or `0.0.0.0:9464`.
+    pub address: String,
 }
 
 #[cfg(test)]
@@ -1789,7 +1781,7 @@ mod tests {
         );
         let scope = acme.tenant.as_ref().expect("tenant scope");
         assert_eq!(scope.id, "acme");
-        let ns = |db: &str, coll: Option<&str>| crate::event::Namespace {
+        let ns = |db: &str, coll: Option<&str>| crate::model::Namespace {
             db: db.into(),
             coll: coll.map(Into::into),
         };

@@ -8,6 +8,10 @@
 //! backoff. Failures no resume can fix (history lost from the oplog, an invalid token, a
 //! server that is not a replica set, auth) stop the pipeline with the server's own words.
 
+pub mod oversize;
+pub mod signal;
+pub mod snapshot;
+
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -18,17 +22,17 @@ use mongodb::error::ErrorKind;
 use mongodb::options::{ChangeStreamOptions, FullDocumentBeforeChangeType, FullDocumentType};
 use tokio::sync::{mpsc, watch};
 
+use self::snapshot::{Incremental, Progress};
 use crate::config::{
     check_stage, parse_start_at, parse_token, CheckpointStoreKind, FullDocument,
     FullDocumentBeforeChange, HistoryLostPolicy, InvalidatePolicy, NamespaceFilter, OversizePolicy,
     PipelineConfig, SnapshotMode, StartAt, SPLIT_STAGE,
 };
 use crate::error::Error;
-use crate::event::{token_from_document, token_id, token_time, Namespace, Operation, SourceEvent};
-use crate::oversize;
-use crate::signal::{Signal, SnapshotKind, SnapshotRequest};
-use crate::sink::Position;
-use crate::snapshot::{self, Incremental, Progress};
+use crate::model::token::{token_from_document, token_id, token_time};
+use crate::model::Position;
+use crate::model::{Namespace, Operation, SourceEvent};
+use crate::source::signal::{Signal, SnapshotKind, SnapshotRequest};
 
 /// What the source hands downstream.
 #[derive(Debug)]
@@ -279,7 +283,7 @@ pub async fn run(
                 }
             }
         }
-        crate::metrics::pipeline(&pipeline.id).set_state(crate::metrics::State::Running);
+        crate::ops::metrics::pipeline(&pipeline.id).set_state(crate::ops::metrics::State::Running);
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -618,7 +622,7 @@ enum AfterSignal {
     Block(Box<Progress>),
 }
 
-/// Acts on one signal-collection event (see [`crate::signal`]): a Debezium signal, or one
+/// Acts on one signal-collection event (see [`crate::source::signal`]): a Debezium signal, or one
 /// of this unit's watermarks (at its closing watermark, the chunk's remaining documents are
 /// queued and the next chunk starts). Every signal is counted; one that cannot be acted on
 /// is logged at WARN with the reason. `Err` only for a failure worth retrying (the server).
@@ -640,18 +644,18 @@ async fn on_signal(
         Ok(document) => document,
         Err(err) => {
             tracing::warn!(pipeline = id, "signal refused: unreadable document: {err}");
-            crate::metrics::count_signal(id, "invalid");
+            crate::ops::metrics::count_signal(id, "invalid");
             return Ok(AfterSignal::Stream);
         }
     };
     let document = &document;
     let refused = |outcome: &'static str, reason: &str| {
         tracing::warn!(pipeline = id, signal = %document, "signal refused: {reason}");
-        crate::metrics::count_signal(id, outcome);
+        crate::ops::metrics::count_signal(id, outcome);
     };
     let accepted = |what: &str| {
         tracing::info!(pipeline = id, signal = %document, "{what}");
-        crate::metrics::count_signal(id, "accepted");
+        crate::ops::metrics::count_signal(id, "accepted");
     };
     match Signal::parse(document) {
         Signal::Watermark { open, window, unit } if unit == id => {
@@ -665,9 +669,9 @@ async fn on_signal(
                     done = running.done(),
                     "incremental snapshot chunk"
                 );
-                crate::metrics::pipeline(id).snapshot_read(chunk.len());
+                crate::ops::metrics::pipeline(id).snapshot_read(chunk.len());
                 let total = running.estimate(client).await;
-                crate::telemetry::snapshot_progress(id, running.done(), total);
+                crate::ops::telemetry::snapshot_progress(id, running.done(), total);
                 batch.extend(chunk.into_iter().map(|e| SourceItem::Event(Box::new(e))));
                 if running.is_paused() {
                     tracing::info!(pipeline = id, "incremental snapshot paused after its chunk");
@@ -684,7 +688,7 @@ async fn on_signal(
         Signal::Log(message) => {
             let at = token_id(&event.token);
             tracing::info!(pipeline = id, "signal log: {}", message.replace("{}", &at));
-            crate::metrics::count_signal(id, "accepted");
+            crate::ops::metrics::count_signal(id, "accepted");
         }
         Signal::Execute(_) if incremental.is_some() => refused(
             "refused",
@@ -1004,8 +1008,8 @@ async fn take_snapshot(
                     done = progress.done,
                     "snapshot chunk"
                 );
-                crate::metrics::pipeline(id).snapshot_read(chunk.len());
-                crate::telemetry::snapshot_progress(id, progress.done, total);
+                crate::ops::metrics::pipeline(id).snapshot_read(chunk.len());
+                crate::ops::telemetry::snapshot_progress(id, progress.done, total);
                 let items = chunk
                     .into_iter()
                     .map(|event| SourceItem::Event(Box::new(event)))
@@ -1144,7 +1148,7 @@ async fn history_lost(
         OpenAt::AtTime(time) => Some(*time),
         OpenAt::Now => None,
     };
-    let oldest = crate::oplog::ends(client)
+    let oldest = crate::ops::oplog::ends(client)
         .await
         .ok()
         .map(|(first, _)| first);
@@ -1409,7 +1413,7 @@ async fn retry_quietly(
         true => tracing::debug!(pipeline = id, retry_in_ms, "{what}: {described}"),
         false => tracing::warn!(pipeline = id, retry_in_ms, "{what}: {described}"),
     }
-    crate::metrics::pipeline(id).retrying(&format!("{what}: {described}"));
+    crate::ops::metrics::pipeline(id).retrying(&format!("{what}: {described}"));
     let delay = *backoff;
     *backoff = (*backoff * 2).min(MAX_BACKOFF);
     Ok(tokio::select! {

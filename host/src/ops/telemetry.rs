@@ -1,5 +1,5 @@
 //! Logging setup. (The per-pipeline counters behind the periodic summary line live in
-//! [`metrics`](crate::metrics).)
+//! [`metrics`](crate::ops::metrics).)
 //!
 //! Info-level logs stay quiet per event: one line when something notable happens
 //! (start, resume, retry, dead letter) and one summary per pipeline every 30 s and at stop.
@@ -93,15 +93,15 @@ pub fn escape(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// The counters of one pipeline's stages (kept in the [`metrics`](crate::metrics) registry).
-pub type PipelineStats = crate::metrics::PipelineMetrics;
+/// The counters of one pipeline's stages (kept in the [`metrics`](crate::ops::metrics) registry).
+pub type PipelineStats = crate::ops::metrics::PipelineMetrics;
 
 /// Records a snapshot's progress for `/status`, and draws its progress bar on stderr when
 /// that is an interactive terminal (elsewhere the per-chunk log line, `/status` and the
 /// `tidegate_snapshot_documents_total` metric carry it). The
 /// bar is redrawn in place; log lines may push it down, and the next chunk redraws it.
 pub fn snapshot_progress(pipeline: &str, done: u64, total: u64) {
-    crate::metrics::pipeline(pipeline).snapshot_progress(done, total);
+    crate::ops::metrics::pipeline(pipeline).snapshot_progress(done, total);
     if !std::io::stderr().is_terminal() {
         return;
     }

@@ -5,94 +5,8 @@
 //! events can read it, with `id` (the resume token's `_data`) in place of `_id`.
 
 use crate::config::Encoding;
-use crate::ejson::{write_document, Mode};
-use crate::event::Change;
-
-/// A parsed subject template (`{prefix}.{db}.{coll}.{operation}`), rendered per event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubjectTemplate {
-    parts: Vec<Part>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Literal(String),
-    Db,
-    Coll,
-    Operation,
-}
-
-impl SubjectTemplate {
-    /// Parses `template`, substituting `prefix` for `{prefix}` once and for all. Placeholders:
-    /// `{prefix}`, `{db}`, `{coll}`, `{operation}`; anything else in braces is an error.
-    pub fn parse(template: &str, prefix: &str) -> Result<SubjectTemplate, String> {
-        let mut parts = Vec::new();
-        let mut literal = String::new();
-        let mut rest = template;
-        while let Some(open) = rest.find('{') {
-            literal.push_str(&rest[..open]);
-            let close = rest[open..]
-                .find('}')
-                .ok_or_else(|| format!("unclosed '{{' in '{template}'"))?;
-            let part = match &rest[open + 1..open + close] {
-                "prefix" => {
-                    literal.push_str(prefix);
-                    None
-                }
-                "db" => Some(Part::Db),
-                "coll" => Some(Part::Coll),
-                "operation" => Some(Part::Operation),
-                other => return Err(format!("unknown placeholder '{{{other}}}' in '{template}'")),
-            };
-            if let Some(part) = part {
-                if !literal.is_empty() {
-                    parts.push(Part::Literal(std::mem::take(&mut literal)));
-                }
-                parts.push(part);
-            }
-            rest = &rest[open + close + 1..];
-        }
-        if rest.contains('}') {
-            return Err(format!("unmatched '}}' in '{template}'"));
-        }
-        literal.push_str(rest);
-        if !literal.is_empty() {
-            parts.push(Part::Literal(literal));
-        }
-        Ok(SubjectTemplate { parts })
-    }
-
-    /// The subject of `change`. Characters that would split or wildcard a subject token (`.`,
-    /// `*`, `>`, whitespace) in database or collection names become `_`.
-    pub fn render(&self, change: &Change) -> String {
-        let mut out = String::with_capacity(64);
-        for part in &self.parts {
-            match part {
-                Part::Literal(text) => out.push_str(text),
-                Part::Db => push_token(&mut out, &change.namespace().db),
-                Part::Coll => {
-                    push_token(&mut out, change.namespace().coll.as_deref().unwrap_or(""))
-                }
-                Part::Operation => push_token(&mut out, change.operation().as_str()),
-            }
-        }
-        out
-    }
-}
-
-fn push_token(out: &mut String, name: &str) {
-    if name.is_empty() {
-        out.push('_');
-        return;
-    }
-    out.extend(name.chars().map(|c| {
-        if c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control() {
-            '_'
-        } else {
-            c
-        }
-    }));
-}
+use crate::model::ejson::{write_document, Mode};
+use crate::model::Change;
 
 /// Encodes a change as a message payload: its document (see [`Change`]: the server's event
 /// with `_id` replaced by `id`), as the server's BSON bytes, or written from them as relaxed or
@@ -113,7 +27,7 @@ pub fn payload(change: &Change, encoding: Encoding) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Fields, Namespace, Operation};
+    use crate::model::{Fields, Namespace, Operation};
     use bson::{doc, rawdoc, Bson, Document, RawDocumentBuf};
     use std::borrow::Cow;
 
@@ -250,42 +164,8 @@ mod tests {
         };
         let raw = RawDocumentBuf::try_from(&full).unwrap();
         let ours: serde_json::Value =
-            serde_json::from_slice(&crate::ejson::relaxed(&raw).unwrap()).unwrap();
+            serde_json::from_slice(&crate::model::ejson::relaxed(&raw).unwrap()).unwrap();
         assert_eq!(ours, Bson::Document(full).into_relaxed_extjson());
-    }
-
-    /// Dots in collection names must not create extra subject tokens.
-    #[test]
-    fn subject_escapes_dots() {
-        let template = SubjectTemplate::parse("{prefix}.{db}.{coll}.{operation}", "cdc").unwrap();
-        assert_eq!(template.render(&change()), "cdc.shop.orders_v2.insert");
-        let db_wide = Change::from_fields(
-            Fields::new(
-                "1",
-                Operation::Insert,
-                Namespace {
-                    db: "shop".into(),
-                    coll: None,
-                },
-            ),
-            None,
-        )
-        .unwrap();
-        assert_eq!(template.render(&db_wide), "cdc.shop._.insert");
-    }
-
-    /// Unknown or unbalanced placeholders are errors naming the template.
-    #[test]
-    fn bad_templates_are_refused() {
-        assert!(SubjectTemplate::parse("{prefix}.{nope}", "p")
-            .unwrap_err()
-            .contains("{nope}"));
-        assert!(SubjectTemplate::parse("{prefix}.{db", "p")
-            .unwrap_err()
-            .contains("unclosed"));
-        assert!(SubjectTemplate::parse("{prefix}.db}", "p")
-            .unwrap_err()
-            .contains("unmatched"));
     }
 
     /// Canonical JSON keeps int64 distinct from int32; relaxed JSON does not; BSON is exact.

@@ -23,7 +23,7 @@
 use bson::{doc, Document, RawBsonRef, RawDocument, RawDocumentBuf};
 
 use crate::config::{OversizePolicy, PipelineConfig, EVENT_FIELDS, SPLIT_STAGE};
-use crate::event::Change;
+use crate::model::Change;
 
 /// MongoDB's BSONObjectTooLarge: an event (or anything) over the 16 MiB document limit.
 pub const BSON_OBJECT_TOO_LARGE: i32 = 10334;
@@ -237,7 +237,7 @@ pub fn fatal_message(pipeline: &PipelineConfig, described: &str) -> String {
 pub fn describe(change: &Change, size: Option<i64>) -> String {
     let key = change
         .document_key()
-        .and_then(|key| crate::ejson::relaxed(key).ok())
+        .and_then(|key| crate::model::ejson::relaxed(key).ok())
         .map(|json| String::from_utf8_lossy(&json).into_owned())
         .unwrap_or_else(|| "unknown".into());
     let time = change

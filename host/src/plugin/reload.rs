@@ -169,7 +169,7 @@ async fn check_files(sandbox: &Arc<Sandbox>, unit: &mut UnitHandle, plugin_dir: 
                 let _ = unit.updates.send(ChainUpdate::Chain(chain));
             }
             Err(message) => {
-                crate::metrics::pipeline(&unit.config.id).reload_refused();
+                crate::ops::metrics::pipeline(&unit.config.id).reload_refused();
                 tracing::error!(pipeline = %unit.config.id, "plugin reload refused; the unit stays held: {message}")
             }
         }
@@ -200,7 +200,7 @@ async fn check_files(sandbox: &Arc<Sandbox>, unit: &mut UnitHandle, plugin_dir: 
                 });
             }
             Err(message) => {
-                crate::metrics::pipeline(&unit.config.id).reload_refused();
+                crate::ops::metrics::pipeline(&unit.config.id).reload_refused();
                 tracing::error!(
                     pipeline = %unit.config.id,
                     file = %unit.files[index].path.display(),
@@ -266,7 +266,7 @@ async fn reload_config(sandbox: &Arc<Sandbox>, running: &Config, units: &mut [Un
                 let _ = unit.updates.send(ChainUpdate::Chain(chain));
             }
             Err(message) => {
-                crate::metrics::pipeline(&unit.config.id).reload_refused();
+                crate::ops::metrics::pipeline(&unit.config.id).reload_refused();
                 tracing::error!(
                     pipeline = %unit.config.id,
                     "config reload refused for this unit; its running plugins stay: {message}"

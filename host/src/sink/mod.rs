@@ -24,6 +24,9 @@
 //! multi-output event, only the outputs already stored), and the ordering chain continues
 //! from it. Duplicates after a restart therefore do not depend on the duplicate window.
 
+pub mod encode;
+pub mod framer;
+
 use std::collections::VecDeque;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
@@ -40,9 +43,11 @@ use mongodb::change_stream::event::ResumeToken;
 
 use crate::config::{PipelineConfig, SinkConfig};
 use crate::error::Error;
-use crate::event::token_id;
-use crate::fence::Fence;
-use crate::metrics::PipelineMetrics;
+use crate::ha::fence::Fence;
+use crate::model::subject::subject_covers;
+use crate::model::token::token_id;
+use crate::model::Position;
+use crate::ops::metrics::PipelineMetrics;
 
 /// One message to publish.
 #[derive(Debug, Clone)]
@@ -70,18 +75,6 @@ pub struct Unit {
     /// Unix milliseconds of the change's commit in MongoDB, for the end-to-end lag; `None`
     /// for heartbeats and snapshot reads.
     pub commit_unix_ms: Option<i64>,
-}
-
-/// How far the pipeline is durably published.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Position {
-    /// Resume after this token.
-    pub token: ResumeToken,
-    /// The last message id the stream acknowledged, if any: the predecessor for the next
-    /// `Nats-Expected-Last-Msg-Id`.
-    pub last_msg_id: Option<String>,
-    /// While a snapshot runs, how far it has come (see `snapshot::Progress`).
-    pub snapshot: Option<bson::Document>,
 }
 
 /// Creates the pipeline's stream, or checks that an existing one can deduplicate and holds
@@ -398,23 +391,6 @@ fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
     )
 }
 
-/// Whether subject pattern `pattern` matches every subject `target` (itself possibly a
-/// pattern) matches.
-pub fn subject_covers(pattern: &str, target: &str) -> bool {
-    let mut p = pattern.split('.');
-    let mut t = target.split('.');
-    loop {
-        match (p.next(), t.next()) {
-            (Some(">"), Some(_)) => return true,
-            (Some(_), Some(">")) => return false,
-            (Some("*"), Some(tt)) if tt != ">" => continue,
-            (Some(pp), Some(tt)) if pp == tt => continue,
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
 type AckFuture =
     Pin<Box<dyn Future<Output = Result<jetstream::publish::PublishAck, PublishError>> + Send>>;
 
@@ -471,7 +447,7 @@ impl Publisher {
             slots: VecDeque::new(),
             last_sent_msg_id: start.as_ref().and_then(|p| p.last_msg_id.clone()),
             acked: start,
-            metrics: crate::metrics::pipeline(pipeline),
+            metrics: crate::ops::metrics::pipeline(pipeline),
             backoff: MIN_BACKOFF,
             fence,
             floor: None,
@@ -785,7 +761,7 @@ mod tests {
     }
 
     fn token(data: &str) -> ResumeToken {
-        crate::event::token_from_document(bson::doc! { "_data": data }).expect("token")
+        crate::model::token::token_from_document(bson::doc! { "_data": data }).expect("token")
     }
 
     /// A unit for `data` with `outputs` numbered messages.

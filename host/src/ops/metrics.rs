@@ -15,8 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mongodb::change_stream::event::ResumeToken;
 
-use crate::oplog;
-use crate::sink::Position;
+use crate::model::Position;
+use crate::ops::oplog;
 
 /// How often [`Registry::sample_history`] is called: the step of `/status`'s history and of
 /// the page's graphs.
@@ -1098,22 +1098,9 @@ impl Registry {
 /// The cluster time (Unix seconds) a resume token encodes: tokens of MongoDB 4.2+ are
 /// `{_data: "82<8-byte timestamp>…"}` in hex, the timestamp's high half being seconds.
 pub fn token_seconds(token: &ResumeToken) -> Option<i64> {
-    crate::event::token_time(token)
+    crate::model::token::token_time(token)
         .map(|t| i64::from(t.time))
         .filter(|s| *s > 0)
-}
-
-/// What `/status` shows of a chain's plugins: the exact versions running.
-pub fn plugin_infos(chain: &crate::plugin::Chain) -> Vec<PluginInfo> {
-    chain
-        .plugins()
-        .iter()
-        .map(|p| PluginInfo {
-            name: p.name().to_string(),
-            world: format!("{:?}", p.world()).to_lowercase(),
-            sha256: p.hash().trim_start_matches("sha256:").to_string(),
-        })
-        .collect()
 }
 
 /// Milliseconds since the Unix epoch.

@@ -1,0 +1,204 @@
+//! The running process: every unit of the config started at once over one shared sandbox
+//! and one NATS connection, with the operations endpoint, the oplog headroom watch and hot
+//! reload beside them; stopping them all on shutdown or when a pipeline fails.
+
+mod nats;
+mod units;
+
+use std::future::Future;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::ha::lease::Coordinator;
+use crate::ops::{http, oplog};
+use crate::pipeline::AbortOnDrop;
+use crate::plugin::{reload, Chain};
+use crate::sandbox::Sandbox;
+use units::{UnitChain, UnitContext};
+
+/// Loads every pipeline's plugins, checking each against the contract. Used by
+/// `tidegate check`.
+pub fn load_chains(config: &Config, sandbox: &Sandbox) -> Result<Vec<Chain>, Error> {
+    // `run` loads them itself, to hold tenants whose plugins fail instead of refusing all.
+    config
+        .pipelines
+        .iter()
+        .map(|p| Chain::load(sandbox, p, &config.plugin_dir))
+        .collect()
+}
+
+/// Creates the shared sandbox for `config`.
+pub fn new_sandbox(config: &Config) -> Result<Sandbox, Error> {
+    Sandbox::new(&config.sandbox, config.largest_memory_mib())
+        .map_err(|message| Error::Startup { message })
+}
+
+/// Runs every pipeline of `config` until `shutdown` resolves (then drains in-flight messages,
+/// checkpoints and returns `Ok`) or a pipeline fails (then stops the others the same way and
+/// returns its error).
+///
+/// Tenants are isolated from each other: every unit loads its plugins on a thread of its own,
+/// all at once, and a tenant starts as soon as its own chain is loaded, whatever the others'
+/// `init` is doing. A tenant whose plugins do not load is held (it reads nothing and keeps
+/// its checkpoint until a working plugin appears), and a tenant unit that fails stops alone,
+/// while the others carry on. A pipeline without tenants whose plugins do not load stops
+/// start-up.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let sandbox = Arc::new(new_sandbox(&config)?);
+    let loads: Vec<_> = config
+        .pipelines
+        .iter()
+        .map(|pipeline| UnitChain::load(&sandbox, pipeline, &config.plugin_dir))
+        .collect();
+    // Pipelines without tenants must load before anything starts (their failure is fatal);
+    // tenants' loads carry on meanwhile, and each tenant's unit waits for its own.
+    let mut chains = Vec::new();
+    for (pipeline, load) in config.pipelines.iter().zip(loads) {
+        chains.push(load.required(pipeline).await?);
+    }
+    let nats = nats::connect(&config).await?;
+    let _http = match &config.http {
+        Some(address) => Some(AbortOnDrop(tokio::spawn(http::serve(
+            http::bind(address).await?,
+            nats.client.clone(),
+        )))),
+        None => None,
+    };
+    // The oplog headroom: metrics, `/readyz`, and warnings before a position falls out.
+    let (_oplog_stop, oplog_stopped) = watch::channel(false);
+    for pipeline in &config.pipelines {
+        tokio::spawn(oplog::watch_headroom(
+            pipeline.clone(),
+            oplog_stopped.clone(),
+        ));
+    }
+    let js = nats.jetstream(&config);
+    tokio::pin!(shutdown);
+    tokio::select! {
+        _ = &mut shutdown => return Ok(()),
+        () = nats.connected() => {}
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let ha = match config.ha.enabled {
+        true => Some(Coordinator::open(&js, &config.ha, config.pipelines.len()).await?),
+        false => None,
+    };
+    if let Some(ha) = &ha {
+        let presence = ha.clone().run_presence(stop_rx.clone());
+        tasks.spawn(async move { (false, presence.await) });
+    }
+    let mut handles = Vec::new();
+    for (pipeline, chain) in config.pipelines.iter().cloned().zip(chains) {
+        let (updates_tx, updates_rx) = tokio::sync::mpsc::unbounded_channel();
+        let held = Arc::new(AtomicBool::new(chain.is_loading()));
+        handles.push(reload::UnitHandle::new(
+            pipeline.clone(),
+            &config.plugin_dir,
+            updates_tx,
+            held.clone(),
+        ));
+        let context = UnitContext {
+            chain,
+            held,
+            updates: Arc::new(tokio::sync::Mutex::new(updates_rx)),
+            sandbox: sandbox.clone(),
+            plugin_dir: config.plugin_dir.clone(),
+            js: js.clone(),
+            ha: ha.clone(),
+        };
+        let is_tenant = pipeline.tenant.is_some();
+        let stop = stop_rx.clone();
+        tasks.spawn(async move { (is_tenant, units::run_unit(pipeline, context, stop).await) });
+    }
+    let reloader = tokio::spawn(reload::run(
+        sandbox.clone(),
+        config.clone(),
+        handles,
+        stop_rx.clone(),
+    ));
+    let outcome = supervise(&config, tasks, &stop_tx, shutdown).await;
+    let _ = stop_tx.send(true);
+    let _ = reloader.await;
+    nats.flush().await;
+    outcome
+}
+
+/// Waits for every unit to end, stopping them all on `shutdown` or when a pipeline (not a
+/// tenant) fails, and returns the first failure.
+async fn supervise(
+    config: &Config,
+    mut tasks: JoinSet<(bool, Result<(), Error>)>,
+    stop_tx: &watch::Sender<bool>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    tokio::pin!(shutdown);
+    let mut outcome = Ok(());
+    let mut stopping = false;
+    // Each unit stops itself within its `shutdown_timeout_secs`; this backstop also bounds
+    // what comes after (releasing leases) should NATS not answer.
+    let backstop = Duration::from_secs(
+        config
+            .pipelines
+            .iter()
+            .map(|p| p.shutdown_timeout_secs)
+            .max()
+            .unwrap_or(30)
+            + 10,
+    );
+    // Armed when stopping begins.
+    let stop_by = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600));
+    tokio::pin!(stop_by);
+    while !tasks.is_empty() {
+        tokio::select! {
+            _ = &mut shutdown, if !stopping => {
+                stopping = true;
+                stop_by.as_mut().reset(tokio::time::Instant::now() + backstop);
+                let _ = stop_tx.send(true);
+            }
+            () = &mut stop_by, if stopping => {
+                tracing::error!(units = tasks.len(), "units still stopping after {} s; exiting without them", backstop.as_secs());
+                if outcome.is_ok() {
+                    outcome = Err(Error::Startup {
+                        message: format!("{} units did not stop within {} s", tasks.len(), backstop.as_secs()),
+                    });
+                }
+                break;
+            }
+            Some(done) = tasks.join_next() => {
+                let (is_tenant, result) = done.unwrap_or_else(|err| (false, Err(Error::Startup {
+                    message: format!("pipeline task failed: {err}"),
+                })));
+                let Err(err) = result else { continue };
+                if is_tenant && !stopping && !tasks.is_empty() {
+                    tracing::error!(error = %err, "tenant unit stopped; the other units carry on");
+                } else if stopping {
+                    tracing::error!(error = %err, "pipeline stopped with an error");
+                } else {
+                    // The first failure is returned (and printed once, by the caller);
+                    // a later one would not be, so it is logged here.
+                    if outcome.is_err() {
+                        tracing::error!(error = %err, "another pipeline failed too");
+                    } else if !tasks.is_empty() {
+                        tracing::info!("a pipeline failed; stopping the others");
+                    }
+                    stopping = true;
+                    stop_by.as_mut().reset(tokio::time::Instant::now() + backstop);
+                    let _ = stop_tx.send(true);
+                }
+                if outcome.is_ok() {
+                    outcome = Err(err);
+                }
+            }
+        }
+    }
+    tasks.abort_all();
+    outcome
+}

@@ -1,0 +1,176 @@
+//! Units at start-up and while they run: loading each unit's chain on a thread of its own,
+//! running a unit alone or under a high-availability lease, and recording how it ended.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::PipelineConfig;
+use crate::error::Error;
+use crate::ha::fence::Fence;
+use crate::ha::lease::Coordinator;
+use crate::ops::metrics;
+use crate::pipeline;
+use crate::plugin::reload::Updates;
+use crate::plugin::Chain;
+use crate::sandbox::Sandbox;
+
+/// A unit's plugin chain at start-up.
+pub(crate) enum UnitChain {
+    /// Loaded (`None`: a tenant held).
+    Loaded(Option<Chain>),
+    /// A tenant's, still loading on its own thread.
+    Loading(JoinHandle<Result<Chain, Error>>),
+}
+
+impl UnitChain {
+    /// Starts loading `pipeline`'s chain on a blocking thread.
+    pub(crate) fn load(
+        sandbox: &Arc<Sandbox>,
+        pipeline: &PipelineConfig,
+        plugin_dir: &PathBuf,
+    ) -> UnitChain {
+        let (sandbox, pipeline, plugin_dir) =
+            (sandbox.clone(), pipeline.clone(), plugin_dir.clone());
+        UnitChain::Loading(tokio::task::spawn_blocking(move || {
+            Chain::load(&sandbox, &pipeline, &plugin_dir)
+        }))
+    }
+
+    /// Waits for a pipeline's chain: its failure stops start-up. Tenants' chains are left
+    /// loading (each tenant's unit waits for its own, see [`UnitChain::wait`]).
+    pub(crate) async fn required(self, pipeline: &PipelineConfig) -> Result<UnitChain, Error> {
+        match (self, &pipeline.tenant) {
+            (UnitChain::Loading(load), None) => Ok(UnitChain::Loaded(Some(
+                loaded_chain(&pipeline.id, load).await?,
+            ))),
+            (chain, _) => Ok(chain),
+        }
+    }
+
+    /// The chain once loaded, or `None` (logged) for a tenant whose plugins do not load;
+    /// clears `held` when it loaded.
+    async fn wait(self, unit: &str, held: &AtomicBool) -> Option<Chain> {
+        let load = match self {
+            UnitChain::Loaded(chain) => return chain,
+            UnitChain::Loading(load) => load,
+        };
+        match loaded_chain(unit, load).await {
+            Ok(chain) => {
+                held.store(false, Ordering::Release);
+                Some(chain)
+            }
+            Err(err) => {
+                tracing::error!(pipeline = %unit, "tenant held until its plugins load: {err}");
+                None
+            }
+        }
+    }
+
+    /// Whether the unit starts held (its chain still loading).
+    pub(crate) fn is_loading(&self) -> bool {
+        matches!(self, UnitChain::Loading(_))
+    }
+}
+
+/// The outcome of a unit's start-up load, logged and recorded in its metrics when it loaded.
+async fn loaded_chain(unit: &str, load: JoinHandle<Result<Chain, Error>>) -> Result<Chain, Error> {
+    let chain = load.await.unwrap_or_else(|err| {
+        Err(Error::Startup {
+            message: format!("{unit}: plugin loader failed: {err}"),
+        })
+    })?;
+    let plugins: Vec<String> = chain
+        .plugins()
+        .iter()
+        .map(|p| format!("{}({:?})", p.name(), p.world()))
+        .collect();
+    tracing::info!(pipeline = %unit, plugins = %plugins.join(" → "), "plugins loaded");
+    metrics::pipeline(unit).set_plugins(chain.infos());
+    Ok(chain)
+}
+
+/// What a unit runs with besides its config.
+pub(crate) struct UnitContext {
+    pub(crate) chain: UnitChain,
+    /// Whether the unit is held (its plugins not loaded), for hot reload.
+    pub(crate) held: Arc<AtomicBool>,
+    pub(crate) updates: Updates,
+    pub(crate) sandbox: Arc<Sandbox>,
+    pub(crate) plugin_dir: PathBuf,
+    pub(crate) js: async_nats::jetstream::Context,
+    /// Leases, with high availability on.
+    pub(crate) ha: Option<Arc<Coordinator>>,
+}
+
+/// Runs one unit until `stop` (alone, or whenever this instance holds its lease), and
+/// records how it ended.
+pub(crate) async fn run_unit(
+    pipeline: PipelineConfig,
+    context: UnitContext,
+    stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let id = pipeline.id.clone();
+    let UnitContext {
+        chain,
+        held,
+        updates,
+        sandbox,
+        plugin_dir,
+        js,
+        ha,
+    } = context;
+    let chain = chain.wait(&id, &held).await;
+    let result = match ha {
+        None => pipeline::run(pipeline, chain, updates, js, stop.clone(), Fence::none()).await,
+        Some(ha) => {
+            // The chain of a previous term is gone with its run: later terms load the files
+            // as they are then. A tenant whose plugins do not load holds (`pipeline::run`).
+            let mut first = Some(chain);
+            let term = move |fence: Fence, stop: watch::Receiver<bool>| {
+                let chain = first.take();
+                let (pipeline, updates, js) = (pipeline.clone(), updates.clone(), js.clone());
+                let (sandbox, plugin_dir) = (sandbox.clone(), plugin_dir.clone());
+                async move {
+                    let chain = match chain {
+                        Some(chain) => chain,
+                        None => term_chain(&sandbox, &pipeline, &plugin_dir)?,
+                    };
+                    pipeline::run(pipeline, chain, updates, js, stop, fence).await
+                }
+            };
+            ha.run_unit(id.clone(), stop, term).await
+        }
+    };
+    recorded(&id, result)
+}
+
+/// The chain for a later term of ownership: `None` (logged) for a tenant whose plugins do not
+/// load, an error for a pipeline's.
+fn term_chain(
+    sandbox: &Sandbox,
+    pipeline: &PipelineConfig,
+    plugin_dir: &std::path::Path,
+) -> Result<Option<Chain>, Error> {
+    match Chain::load(sandbox, pipeline, plugin_dir) {
+        Ok(chain) => Ok(Some(chain)),
+        Err(err) if pipeline.tenant.is_some() => {
+            tracing::error!(pipeline = %pipeline.id, "tenant held until its plugins load: {err}");
+            Ok(None)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Records a unit's failure as its last error (for `/status`) and marks it stopped.
+fn recorded(unit: &str, result: Result<(), Error>) -> Result<(), Error> {
+    if let Err(err) = &result {
+        let series = metrics::pipeline(unit);
+        series.set_error(&err.to_string());
+        series.set_state(metrics::State::Stopped);
+    }
+    result
+}
