@@ -39,7 +39,7 @@ use mongodb::change_stream::event::ChangeStreamEvent;
 use std::borrow::Cow;
 use tidegate::config::{Encoding, LogConfig, LogFormat, PluginLimits, SandboxConfig};
 use tidegate::model::{Change, Fields, Namespace, Operation};
-use tidegate::plugin::bindings::wit;
+use tidegate::plugin::contract::v0_1::types as wit;
 use tidegate::plugin::{convert, Chain, Decision, Plugin, PluginSettings, Verdict};
 use tidegate::sandbox::Sandbox;
 use tidegate::sink::encode;

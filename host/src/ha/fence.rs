@@ -62,7 +62,7 @@ impl Fence {
     /// the stream was found to end with a message this pipeline did not publish although the
     /// lease was never lost: an earlier owner stored it after the checkpoint, and the duplicate
     /// window has passed. The sink then falls back to deduplication alone, as without high
-    /// availability (see the README's delivery guarantee).
+    /// availability (see README.md, "The delivery guarantee, precisely").
     pub fn tolerating_foreign_tail(until: Instant) -> Fence {
         Fence::new(true, until, true)
     }

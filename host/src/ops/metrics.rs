@@ -637,7 +637,7 @@ impl PipelineMetrics {
         );
     }
 
-    /// This series as `/status` JSON (README's operations section describes every field).
+    /// This series as `/status` JSON (docs/operations.md describes every field).
     pub fn status(&self) -> serde_json::Value {
         let c = self.counts();
         let labels: serde_json::Map<String, serde_json::Value> = self

@@ -13,7 +13,7 @@ use std::borrow::Cow;
 
 use bson::raw::{cstr, RawArrayBuf, RawBsonRef, RawDocument, RawDocumentBuf};
 
-use super::bindings::wit;
+use super::contract::v0_1::types as wit;
 use crate::model::ejson;
 use crate::model::{Change, Fields, Namespace, Operation};
 

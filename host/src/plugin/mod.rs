@@ -6,7 +6,7 @@
 //! must be dead-lettered. A plugin that fails many events in a row is quarantined (see
 //! `config::QuarantineConfig`) until it is reloaded.
 
-pub mod bindings;
+pub mod contract;
 pub mod convert;
 pub mod reload;
 
@@ -17,9 +17,9 @@ use std::sync::Arc;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, Store};
 
-use self::bindings::filter::{Filter, FilterPre};
-use self::bindings::transform::{Transform, TransformPre};
-use self::bindings::wit;
+use self::contract::v0_1::filter::{Filter, FilterPre};
+use self::contract::v0_1::transform::{Transform, TransformPre};
+use self::contract::v0_1::types as wit;
 use crate::config::{
     Capabilities, PipelineConfig, PluginLimits, QuarantineAction, QuarantineConfig,
 };
@@ -30,11 +30,11 @@ use crate::sandbox::{self, Admission, PluginState, Sandbox};
 
 impl wit::Host for PluginState {}
 
-impl bindings::filter::tidegate::plugin::log::Host for PluginState {
+impl contract::v0_1::filter::tidegate::plugin::log::Host for PluginState {
     /// One line, escaped (see `telemetry::escape`), within the call's log budget, tagged
     /// with the unit, tenant and plugin that wrote it.
-    fn write(&mut self, level: bindings::filter::tidegate::plugin::log::Level, message: String) {
-        use bindings::filter::tidegate::plugin::log::Level;
+    fn write(&mut self, level: contract::v0_1::filter::tidegate::plugin::log::Level, message: String) {
+        use contract::v0_1::filter::tidegate::plugin::log::Level;
         let Some(admitted) = self.log_budget().admit(&message) else {
             return;
         };
@@ -50,7 +50,7 @@ impl bindings::filter::tidegate::plugin::log::Host for PluginState {
     }
 }
 
-impl bindings::filter::tidegate::plugin::config::Host for PluginState {
+impl contract::v0_1::filter::tidegate::plugin::config::Host for PluginState {
     fn get(&mut self, key: String) -> Option<String> {
         self.config.get(&key).cloned()
     }

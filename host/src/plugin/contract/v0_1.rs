@@ -1,4 +1,4 @@
-//! Host bindings generated from the WIT contract (`wit/plugin-0.1`), one module per world.
+//! Host bindings for contract 0.1 (`wit/plugin-0.1`, frozen), one module per world.
 //!
 //! The transform world reuses the filter world's types and import traits (`with`), so that
 //! one `ChangeEvent` type and one `PluginState` implementation serve both.
@@ -26,4 +26,5 @@ pub mod transform {
     });
 }
 
-pub use filter::tidegate::plugin::types as wit;
+/// The contract's types (`interface types`), shared by both worlds.
+pub use filter::tidegate::plugin::types;
