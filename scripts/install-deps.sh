@@ -141,7 +141,7 @@ if ! c_toolchain_ok; then
   c_toolchain_ok || { log "clang installed but cannot build wasm32-wasi"; exit 1; }
 fi
 
-# The TLS tests (tests/security.rs) make their certificates with the openssl command.
+# The TLS tests (host/tests/security.rs) make their certificates with the openssl command.
 if ! command -v openssl >/dev/null 2>&1; then
   if [ "$(id -u)" != 0 ]; then
     log "need root to apt-get install openssl"
@@ -153,7 +153,7 @@ if ! command -v openssl >/dev/null 2>&1; then
   apt-get install -y -qq --no-install-recommends openssl >/dev/null
 fi
 
-# The status page test (tests/ops.rs) renders `/` in a real headless browser: Debian's Chromium.
+# The status page test (host/tests/ops.rs) renders `/` in a real headless browser: Debian's Chromium.
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" != 0 ]; then
     log "need root to apt-get install chromium"

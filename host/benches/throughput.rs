@@ -23,6 +23,9 @@
 //! It prints the tables and writes them as markdown to `<target dir>/bench-results.md` (or
 //! `--out`). Nothing is asserted about timings.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::hint::black_box;

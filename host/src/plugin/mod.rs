@@ -33,7 +33,11 @@ impl wit::Host for PluginState {}
 impl contract::v0_1::filter::tidegate::plugin::log::Host for PluginState {
     /// One line, escaped (see `telemetry::escape`), within the call's log budget, tagged
     /// with the unit, tenant and plugin that wrote it.
-    fn write(&mut self, level: contract::v0_1::filter::tidegate::plugin::log::Level, message: String) {
+    fn write(
+        &mut self,
+        level: contract::v0_1::filter::tidegate::plugin::log::Level,
+        message: String,
+    ) {
         use contract::v0_1::filter::tidegate::plugin::log::Level;
         let Some(admitted) = self.log_budget().admit(&message) else {
             return;

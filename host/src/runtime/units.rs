@@ -1,7 +1,7 @@
 //! Units at start-up and while they run: loading each unit's chain on a thread of its own,
 //! running a unit alone or under a high-availability lease, and recording how it ended.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -31,10 +31,10 @@ impl UnitChain {
     pub(crate) fn load(
         sandbox: &Arc<Sandbox>,
         pipeline: &PipelineConfig,
-        plugin_dir: &PathBuf,
+        plugin_dir: &Path,
     ) -> UnitChain {
         let (sandbox, pipeline, plugin_dir) =
-            (sandbox.clone(), pipeline.clone(), plugin_dir.clone());
+            (sandbox.clone(), pipeline.clone(), plugin_dir.to_path_buf());
         UnitChain::Loading(tokio::task::spawn_blocking(move || {
             Chain::load(&sandbox, &pipeline, &plugin_dir)
         }))
@@ -153,7 +153,7 @@ pub(crate) async fn run_unit(
 fn term_chain(
     sandbox: &Sandbox,
     pipeline: &PipelineConfig,
-    plugin_dir: &std::path::Path,
+    plugin_dir: &Path,
 ) -> Result<Option<Chain>, Error> {
     match Chain::load(sandbox, pipeline, plugin_dir) {
         Ok(chain) => Ok(Some(chain)),

@@ -2,6 +2,9 @@
 //! events go through filter and transform plugins and land with the right subjects, ids,
 //! headers and payloads.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::time::Duration;

@@ -3,6 +3,9 @@
 //! plugin, and are published with the values MongoDB stored; relaxed JSON follows the spec
 //! for dates outside 1970..9999, and canonical JSON keeps field order.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::time::Duration;

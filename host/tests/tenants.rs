@@ -2,6 +2,9 @@
 //! touch another tenant's events, every violation is dead-lettered with its reason, nothing
 //! is lost, and plugins are swapped on disk or by SIGHUP without a restart.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::path::{Path, PathBuf};

@@ -2,6 +2,9 @@
 //! MongoDB restarted, and a graceful SIGTERM. After each, the stream must hold every event
 //! exactly once and in change-stream order.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use anyhow::Context as _;

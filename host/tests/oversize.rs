@@ -2,6 +2,9 @@
 //! of a ~10 MiB document with pre- and post-images makes a ~30 MiB event, which MongoDB
 //! cannot return whole (BSONObjectTooLarge). Small events come before and after it.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::sync::Arc;

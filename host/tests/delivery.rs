@@ -4,6 +4,9 @@
 //! tidegate SIGKILLed in the first second of fresh pipelines. Every test checks the stream
 //! with its own client: every event exactly once, in order.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::collections::HashSet;

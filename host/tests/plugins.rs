@@ -2,6 +2,9 @@
 //! against a real MongoDB replica set and a real JetStream: configured as an operator would in
 //! TOML, built from source by `scripts/build-plugins.sh`.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::time::Duration;

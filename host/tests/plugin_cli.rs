@@ -1,6 +1,9 @@
 //! `tidegate plugin inspect | test | new`, run as the real binary on the plugins the project
 //! builds from source: what authors see, and the exit codes scripts rely on.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::process::{Command, Output};
 

@@ -3,6 +3,9 @@
 //! is suspended (SIGSTOP) past its lease and resumed (SIGCONT); the stream must still hold
 //! every event exactly once, in order. And with many pipelines, instances balance them.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::collections::BTreeMap;

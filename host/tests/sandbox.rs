@@ -3,6 +3,9 @@
 //! not), a component that declares more than its cap is refused at load naming it, and a
 //! plugin cannot forge or flood tidegate's log.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::path::Path;

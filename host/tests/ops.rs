@@ -2,6 +2,9 @@
 //! (including while NATS is down), Prometheus metrics parsed by a real text-format parser,
 //! the JSON status and the status page; none of them reveals a connection string.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::time::Duration;

@@ -4,6 +4,9 @@
 //! `"data-collections"` restored): each is acted on as documented, or refused with a WARN
 //! line and counted in `tidegate_signals_total`.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::time::Duration;

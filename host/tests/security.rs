@@ -8,6 +8,9 @@
 //! `TIDEGATE_PIPELINE_<ID>_MONGODB_URI`, a plugin's config value) × a mistake on its line ×
 //! log levels info, debug and trace × every HTTP endpoint: the secret is never printed.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::path::Path;

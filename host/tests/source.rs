@@ -2,6 +2,9 @@
 //! operations and user stages pushed to the server; start positions for a pipeline without a
 //! checkpoint; the `stop` invalidation policy.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::time::Duration;

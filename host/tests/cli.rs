@@ -1,6 +1,9 @@
 //! Refusals: bad configs, bad plugins and a stream that cannot deduplicate each stop tidegate
 //! before it reads anything, with a message that names the file and the problem.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::path::Path;

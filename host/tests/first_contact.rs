@@ -2,6 +2,9 @@
 //! problem and the server, says what to do, appears once, and a pipeline that keeps
 //! retrying stops promptly on SIGINT.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 use std::time::Duration;
 
