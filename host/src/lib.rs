@@ -3,51 +3,50 @@
 //!
 //! # Layout
 //!
-//! An event travels left to right; each box is one module with one job.
+//! The folders follow an event from left to right, with the parts that keep it safe beside
+//! them. Each top-level module is one component; they depend on each other only downwards in
+//! this list's order (no import cycle), so any one can be read with what it builds on.
 //!
 //! ```text
-//!  source ──▶ plugin::Chain ──▶ pipeline::Framer ──▶ sink::Publisher ──▶ JetStream
-//!  (MongoDB)  (wasm, sandbox)   (encode: subject,    (ordered, windowed,     │
-//!                                 ids, payload)        acked)               ▼
-//!                                                                      checkpoint
+//!            ┌────────────── runtime: one process, every unit, shutdown ───────────────┐
+//!            │  ha: leases and fences around each unit                                 │
+//!            │  ┌──────────── pipeline: one unit, stages wired ──────────────────────┐ │
+//!  MongoDB ──┼─▶│ source ──▶ plugin chain ──▶ sink (framer ▶ publisher) ──▶ JetStream │ │
+//!            │  │            (sandbox)                          └──▶ checkpoint       │ │
+//!            │  └────────────────────────────────────────────────────────────────────┘ │
+//!            └── ops: metrics, logs, oplog headroom, HTTP ─────────────────────────────┘
 //! ```
 //!
-//! - [`config`] — the TOML file: every key, its default, its validation; tenants become
-//!   units of their own here.
-//! - [`source`] — the change stream: open, resume, heartbeat, fatal vs. transient errors,
-//!   start positions, invalidate and lost-history policies.
-//! - [`oversize`] — events over MongoDB's 16 MiB limit: the stage that splits or strips
-//!   them, reassembling split events, and the error that names one.
-//! - [`snapshot`] — reading existing documents in resumable chunks: before streaming
-//!   (initial), or on a signal while streaming (incremental, between watermarks).
-//! - [`event`] — the change as tidegate carries it (the server's raw BSON event, resume
-//!   token).
-//! - [`ejson`] — Extended JSON written straight from raw BSON (payloads, the plugin
-//!   boundary), and plugin output read back into raw BSON.
-//! - [`signal`] — Debezium-style signal documents read into requests, or refused with a reason.
-//! - [`plugin`] — loading components, the WIT bindings, running a chain over an event,
-//!   quarantine.
+//! - [`model`] — what travels: the change event as the server's raw BSON, resume tokens,
+//!   the durable position, subjects, and Extended JSON written from raw BSON.
+//! - [`error`] — the errors that stop tidegate or a unit, each naming what is at fault.
+//! - [`config`] — the TOML file: every section's keys, defaults and validation (every
+//!   problem reported at once), environment overrides, tenants expanded into units.
+//! - [`security`] — NATS authentication and TLS, MongoDB client defaults, and secrets
+//!   scrubbed from every output.
+//! - [`ops`] — what an operator sees: metrics, logs, the oplog headroom watch and the HTTP
+//!   endpoint (health, readiness, Prometheus, `/status` and its page).
 //! - [`sandbox`] — the wasmtime engine, compiled-plugin cache, instance admission, and the
 //!   limits and capabilities of every plugin call.
-//! - [`reload`] — hot reload of changed plugin files, and SIGHUP.
-//! - [`security`] — NATS authentication (including credentials in `nats.url`) and TLS,
-//!   MongoDB defaults, secrets and scrubbing them from every output.
-//! - [`encode`] — subjects and payload encodings.
-//! - [`sink`] — the JetStream stream check and the ordered, deduplicated publisher.
+//! - [`plugin`] — the WIT contract's bindings (one module per version), loading components,
+//!   running a chain over an event, quarantine, hot reload.
+//! - [`source`] — the change stream: opening and resuming it, server-side filters, start
+//!   positions, heartbeats, fatal vs. transient errors, events over 16 MiB, snapshots and the
+//!   signals that start them.
+//! - [`sink`] — the JetStream side: framing verdicts into messages that fit the server,
+//!   payload encodings, stream preparation, the ordered and deduplicated publisher.
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
-//! - [`http`] — the operations endpoint: health, readiness, metrics, status and its page.
-//! - [`fence`] — whether this process may still write for a pipeline.
-//! - [`lease`] — high availability: pipelines shared between instances through NATS KV leases.
-//! - [`pipeline`] — wiring one pipeline's stages together, shutdown and draining.
-//! - [`telemetry`] — logs (credential-printing client libraries held at `info`, every line
-//!   scrubbed of secrets), and the snapshot progress bar on a terminal.
-//! - [`oplog`] — how long each checkpoint would survive in the oplog: its capacity, write
-//!   rate and projected headroom, and the warnings about it.
-//! - [`metrics`] — every counter, gauge and histogram, rendered for Prometheus and `/status`.
+//! - [`ha`] — high availability: leases in NATS KV that run a unit while held, and the fence
+//!   that stops a former owner writing.
+//! - [`pipeline`] — one unit (a pipeline, or one tenant's share of it): source, chain and
+//!   sink wired with bounded queues, its start position, draining and shutdown.
+//! - `runtime` — the process: one sandbox and one NATS connection for every unit, units run
+//!   alone or under leases, supervision and shutdown ([`run`]).
 //!
 //! The binary (`src/main.rs`) parses the command line, installs signal handlers and calls
 //! [`run`]; the plugin author's tools (`tidegate plugin new | inspect | test`) are its
-//! `plugin_cli` module.
+//! `plugin_cli` module. Integration tests are in `host/tests/` (real servers, started by the
+//! `tidegate-testkit` crate), the benchmark in `host/benches/`.
 
 #![deny(missing_docs)]
 
