@@ -33,7 +33,6 @@ pub use self::plugins::{
 };
 pub use self::sink::{CheckpointConfig, CheckpointStoreKind, Encoding, SinkConfig};
 pub use self::stage::check_stage;
-use self::tenants::expand_tenants;
 pub use self::tenants::{NamespacePattern, TenantConfig, TenantScope};
 use self::toml_errors::describe_toml_error;
 use crate::error::Error;
@@ -160,7 +159,9 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses config text. `base` resolves relative paths; `env` looks up overrides.
+    /// Parses config text. `base` resolves relative paths; `env` looks up overrides. Every
+    /// problem found is reported, one per line, except when the TOML itself does not parse
+    /// (nothing else can be checked then).
     pub fn parse(
         text: &str,
         base: &Path,
@@ -168,32 +169,39 @@ impl Config {
     ) -> Result<Config, String> {
         let mut config: Config =
             toml::from_str(text).map_err(|err| describe_toml_error(text, &err))?;
+        config.apply_env(env);
+        config.expand_and_validate()?;
+        config.resolve_paths(base);
+        Ok(config)
+    }
+
+    /// Environment overrides, so that credentials in URLs need not live in the file.
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
         if let Some(url) = env("TIDEGATE_NATS_URL") {
-            config.nats.url = url;
+            self.nats.url = url;
         }
-        for pipeline in &mut config.pipelines {
+        for pipeline in &mut self.pipelines {
             if let Some(uri) = env(&pipeline_env_var(&pipeline.id, "MONGODB_URI")) {
                 pipeline.mongodb_uri = uri;
             }
             crate::security::remember_mongodb_uri_secret(&pipeline.mongodb_uri);
         }
-        config.plugin_dir = base.join(&config.plugin_dir);
-        config.pipelines = expand_tenants(std::mem::take(&mut config.pipelines))?;
-        config.nats.auth.resolve(base);
-        if let Some(tls) = &mut config.nats.tls {
+    }
+
+    /// Makes relative paths absolute against the config file's folder, so that they do not
+    /// depend on where tidegate was started. Runs after tenant expansion, which moves each
+    /// tenant's plugins into its unit.
+    fn resolve_paths(&mut self, base: &Path) {
+        self.plugin_dir = base.join(&self.plugin_dir);
+        self.nats.auth.resolve(base);
+        if let Some(tls) = &mut self.nats.tls {
             tls.resolve(base);
         }
-        for plugin in config
-            .pipelines
-            .iter_mut()
-            .flat_map(|p| p.plugins.iter_mut())
-        {
+        for plugin in self.pipelines.iter_mut().flat_map(|p| p.plugins.iter_mut()) {
             if let Some(file) = &plugin.file {
                 plugin.file = Some(base.join(file));
             }
         }
-        config.validate()?;
-        Ok(config)
     }
 
     /// The largest memory cap of any plugin, which sizes the engine's instance slots.

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::pipeline::PipelineConfig;
 use super::plugins::{Capabilities, LimitOverrides, PluginConfig, QuarantineConfig};
 use super::sink::SinkConfig;
-use super::validate::is_valid_id;
+use super::validate::{is_valid_id, Problems};
 
 /// One tenant of a pipeline (`[[pipeline.tenant]]`). At load time each tenant becomes a
 /// unit of its own with id `<pipeline>.<tenant>`: its own change stream (narrowed on the
@@ -93,94 +93,108 @@ impl NamespacePattern {
     }
 }
 
-/// Turns every pipeline with `[[pipeline.tenant]]`s into one unit per tenant (see
-/// [`TenantConfig`]); pipelines without tenants are units as they are.
+/// Turns a pipeline with `[[pipeline.tenant]]`s into one unit per tenant (see
+/// [`TenantConfig`]); a pipeline without tenants is a unit as it is. A tenant whose id is
+/// wrong gets no unit (the unit's own checks would only repeat the problem); other tenant
+/// problems are recorded and the unit is still made, so that its remaining sections are
+/// checked in the same run.
 pub(super) fn expand_tenants(
-    pipelines: Vec<PipelineConfig>,
-) -> Result<Vec<PipelineConfig>, String> {
+    mut pipeline: PipelineConfig,
+    problems: &mut Problems,
+) -> Vec<PipelineConfig> {
+    let tenants = std::mem::take(&mut pipeline.tenants);
+    if tenants.is_empty() {
+        return vec![pipeline];
+    }
+    if !pipeline.plugins.is_empty()
+        || !pipeline.sink.stream.is_empty()
+        || pipeline.limits != LimitOverrides::default()
+        || pipeline.capabilities != Capabilities::default()
+        || pipeline.quarantine != QuarantineConfig::default()
+    {
+        problems.push(format!(
+            "pipeline '{}' has tenants: plugins, limits, capabilities, quarantine and sink \
+             belong in each [[pipeline.tenant]], not in the pipeline",
+            pipeline.id
+        ));
+    }
+    let mut ids = HashSet::new();
     let mut units = Vec::new();
-    for mut pipeline in pipelines {
-        let tenants = std::mem::take(&mut pipeline.tenants);
-        if tenants.is_empty() {
-            if pipeline.sink.stream.is_empty() || pipeline.sink.subject_prefix.is_empty() {
-                return Err(format!(
-                    "pipeline '{}': [pipeline.sink] with `stream` and `subject_prefix` is \
-                     required (or [[pipeline.tenant]]s, each with its own sink)",
-                    pipeline.id
-                ));
-            }
-            units.push(pipeline);
+    for tenant in tenants {
+        let at = |key: &str| format!("pipeline '{}', tenant '{}': {key}", pipeline.id, tenant.id);
+        if !is_valid_id(&tenant.id) {
+            problems.push(format!(
+                "{}: the id must be non-empty and use only letters, digits, '-' and '_'",
+                at("id")
+            ));
             continue;
         }
-        if !pipeline.plugins.is_empty()
-            || !pipeline.sink.stream.is_empty()
-            || pipeline.limits != LimitOverrides::default()
-            || pipeline.capabilities != Capabilities::default()
-            || pipeline.quarantine != QuarantineConfig::default()
-        {
-            return Err(format!(
-                "pipeline '{}' has tenants: plugins, limits, capabilities, quarantine and sink \
-                 belong in each [[pipeline.tenant]], not in the pipeline",
-                pipeline.id
+        if !ids.insert(tenant.id.clone()) {
+            problems.push(format!("{}: used twice", at("id")));
+            continue;
+        }
+        let namespaces = tenant_namespaces(&pipeline, &tenant, problems);
+        units.push(PipelineConfig {
+            id: format!("{}.{}", pipeline.id, tenant.id),
+            plugins: tenant.plugins,
+            limits: tenant.limits,
+            capabilities: tenant.capabilities,
+            quarantine: tenant.quarantine,
+            sink: tenant.sink,
+            tenants: Vec::new(),
+            tenant: Some(TenantScope {
+                id: tenant.id,
+                namespaces,
+            }),
+            ..pipeline.clone()
+        });
+    }
+    units
+}
+
+/// A tenant's namespaces, parsed; each must lie inside what the pipeline watches, or the
+/// server-side narrowing would widen the tenant's view instead.
+fn tenant_namespaces(
+    pipeline: &PipelineConfig,
+    tenant: &TenantConfig,
+    problems: &mut Problems,
+) -> Vec<NamespacePattern> {
+    let at = format!(
+        "pipeline '{}', tenant '{}': namespaces",
+        pipeline.id, tenant.id
+    );
+    if tenant.namespaces.is_empty() {
+        problems.push(format!(
+            "{at}: list what the tenant may see ('db.coll' or 'db.*')"
+        ));
+    }
+    let mut namespaces = Vec::new();
+    for text in &tenant.namespaces {
+        let pattern = match NamespacePattern::parse(text) {
+            Ok(pattern) => pattern,
+            Err(e) => {
+                problems.push(format!("{at}: {e}"));
+                continue;
+            }
+        };
+        let inside = pipeline
+            .database
+            .as_ref()
+            .is_none_or(|db| *db == pattern.db)
+            && (pipeline.collections.is_empty()
+                || pattern
+                    .coll
+                    .as_ref()
+                    .is_some_and(|c| pipeline.collections.contains(c)));
+        if inside {
+            namespaces.push(pattern);
+        } else {
+            problems.push(format!(
+                "{at}: '{text}' lies outside what the pipeline watches"
             ));
         }
-        let mut ids = HashSet::new();
-        for tenant in tenants {
-            let at =
-                |key: &str| format!("pipeline '{}', tenant '{}': {key}", pipeline.id, tenant.id);
-            if !is_valid_id(&tenant.id) {
-                return Err(format!(
-                    "{}: the id must be non-empty and use only letters, digits, '-' and '_'",
-                    at("id")
-                ));
-            }
-            if !ids.insert(tenant.id.clone()) {
-                return Err(format!("{}: used twice", at("id")));
-            }
-            if tenant.namespaces.is_empty() {
-                return Err(format!(
-                    "{}: list what the tenant may see ('db.coll' or 'db.*')",
-                    at("namespaces")
-                ));
-            }
-            let mut namespaces = Vec::new();
-            for text in &tenant.namespaces {
-                let pattern = NamespacePattern::parse(text)
-                    .map_err(|e| format!("{}: {e}", at("namespaces")))?;
-                let inside = pipeline
-                    .database
-                    .as_ref()
-                    .is_none_or(|db| *db == pattern.db)
-                    && (pipeline.collections.is_empty()
-                        || pattern
-                            .coll
-                            .as_ref()
-                            .is_some_and(|c| pipeline.collections.contains(c)));
-                if !inside {
-                    return Err(format!(
-                        "{}: '{text}' lies outside what the pipeline watches",
-                        at("namespaces")
-                    ));
-                }
-                namespaces.push(pattern);
-            }
-            units.push(PipelineConfig {
-                id: format!("{}.{}", pipeline.id, tenant.id),
-                plugins: tenant.plugins,
-                limits: tenant.limits,
-                capabilities: tenant.capabilities,
-                quarantine: tenant.quarantine,
-                sink: tenant.sink,
-                tenants: Vec::new(),
-                tenant: Some(TenantScope {
-                    id: tenant.id,
-                    namespaces,
-                }),
-                ..pipeline.clone()
-            });
-        }
     }
-    Ok(units)
+    namespaces
 }
 
 impl PipelineConfig {

@@ -401,3 +401,59 @@ fn subject_helpers() {
     assert!(!is_under_prefix("cdcx.y", "cdc"));
     assert!(!is_under_prefix("cdc", "cdc"));
 }
+
+/// Every mistake of a file is reported in one run: one per line, each naming its key, in
+/// the order of the file.
+#[test]
+fn several_problems_are_reported_together() {
+    let text = MINIMAL
+        .replace(
+            "url = \"nats://127.0.0.1:4222\"",
+            "url = \"nats://127.0.0.1:4222\"\n[sandbox]\nmax_instances = 0",
+        )
+        .replace(
+            "database = \"shop\"",
+            "database = \"shop\"\nskip_operations = [\"invalidate\"]\nstart_at = \"yesterday\"",
+        )
+        .replace(
+            "subject_prefix = \"cdc\"",
+            "subject_prefix = \"cdc\"\nmax_in_flight = 0",
+        )
+        + r#"
+        [[pipeline]]
+        id = "shop"
+        mongodb_uri = "mongodb://127.0.0.1:27017/?replicaSet=rs0"
+        database = "shop"
+        [[pipeline.tenant]]
+        id = "acme"
+        namespaces = ["other.orders"]
+        [pipeline.tenant.sink]
+        stream = "ACME"
+        subject_prefix = "tenants.acme"
+    "#;
+    let err = parse(&text).expect_err("several problems");
+    let lines: Vec<&str> = err.lines().collect();
+    let expected = [
+        "5 problems:",
+        "sandbox.max_instances: must be at least 1",
+        "pipeline 'orders': skip_operations: invalidate cannot be skipped",
+        "pipeline 'orders': start_at: 'yesterday' is not `now`",
+        "pipeline 'orders': sink.max_in_flight: must be at least 1",
+        "pipeline 'shop', tenant 'acme': namespaces: 'other.orders' lies outside",
+    ];
+    assert_eq!(lines.len(), expected.len(), "{err}");
+    for (line, expected) in lines.iter().zip(expected) {
+        assert!(line.contains(expected), "{expected}: {err}");
+    }
+}
+
+/// A problem that makes later checks meaningless stops them: an invalid subject prefix is
+/// reported alone, not with every subject built on it.
+#[test]
+fn problems_do_not_cascade() {
+    let text = MINIMAL.replace("subject_prefix = \"cdc\"", "subject_prefix = \"c d\"");
+    let err = parse(&text).expect_err("bad prefix");
+    assert!(err.contains("sink.subject_prefix"), "{err}");
+    assert!(!err.contains("dead_letter_subject"), "{err}");
+    assert!(!err.contains("problems:"), "{err}");
+}
