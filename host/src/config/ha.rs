@@ -47,14 +47,14 @@ fn default_ttl_ms() -> u64 {
 
 impl HaConfig {
     /// Checks the section; the message names the key at fault (the first of
-    /// [`HaConfig::problems`]).
+    /// `problems`).
     pub fn validate(&self) -> Result<(), String> {
         self.problems().into_iter().next().map_or(Ok(()), Err)
     }
 
     /// Every problem of the section, in key order, each naming its key: the whole file's
     /// problems are reported together.
-    pub fn problems(&self) -> Vec<String> {
+    pub(super) fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.lease_ttl_ms < 1000 {
             problems.push(format!(

@@ -1,9 +1,15 @@
 //! The configuration file: its TOML model, defaults, environment overrides and validation.
 //!
-//! Every key is documented on its field below and in `examples/quickstart/tidegate.toml`.
+//! Every key is documented on its field and in `examples/quickstart/tidegate.toml`.
 //! Unknown keys are errors (a typo must never silently fall back to a default), and every
 //! error names the file and the key at fault, never showing the file's text (it may hold
-//! secrets).
+//! secrets). A file with several mistakes gets them all reported in one run.
+//!
+//! This module holds the top level (the file, `[nats]`, `[log]`, `[http]`) and how a file
+//! becomes a [`Config`]; each section's model lives beside it (`pipeline`, `tenants`,
+//! `plugins`, `sink`, [`ha`]), as do its checks (`validate`, `stage`) and the secret-safe
+//! description of TOML errors (`toml_errors`). Everything is re-exported here, so users
+//! name `config::X` whatever file `X` lives in.
 
 pub mod ha;
 mod pipeline;
