@@ -46,28 +46,34 @@ fn default_ttl_ms() -> u64 {
 }
 
 impl HaConfig {
-    /// Checks the section; the message names the key at fault.
+    /// Checks the section; the message names the key at fault (the first of
+    /// `problems`).
     pub fn validate(&self) -> Result<(), String> {
+        self.problems().into_iter().next().map_or(Ok(()), Err)
+    }
+
+    /// Every problem of the section, in key order, each naming its key: the whole file's
+    /// problems are reported together.
+    pub(super) fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         if self.lease_ttl_ms < 1000 {
-            return Err(format!(
+            problems.push(format!(
                 "ha.lease_ttl_ms = {} is below the minimum of 1000",
                 self.lease_ttl_ms
             ));
         }
-        if let Some(name) = &self.instance {
-            if !is_key_token(name) {
-                return Err(format!(
-                    "ha.instance = '{name}': use letters, digits, '-' and '_' only"
-                ));
-            }
+        if let Some(name) = self.instance.as_ref().filter(|name| !is_key_token(name)) {
+            problems.push(format!(
+                "ha.instance = '{name}': use letters, digits, '-' and '_' only"
+            ));
         }
         if !is_key_token(&self.bucket) {
-            return Err(format!(
+            problems.push(format!(
                 "ha.bucket = '{}': use letters, digits, '-' and '_' only",
                 self.bucket
             ));
         }
-        Ok(())
+        problems
     }
 
     /// The lease time-to-live.

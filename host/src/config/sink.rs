@@ -1,0 +1,148 @@
+//! Where a pipeline's events go (its JetStream stream and subjects) and where its position
+//! is saved.
+
+use serde::Deserialize;
+
+/// The JetStream side of a pipeline.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// JetStream stream name. Created (subjects `<subject_prefix>.>`) when missing; when it
+    /// exists it must cover those subjects and keep a long enough duplicate window. Each
+    /// pipeline needs a stream of its own: ordering is enforced with
+    /// `Nats-Expected-Last-Msg-Id`, which assumes one writer.
+    pub stream: String,
+    /// First subject token(s) of everything this pipeline publishes, e.g. `cdc` or `cdc.shop`.
+    pub subject_prefix: String,
+    /// Subject of each event. Placeholders: `{prefix}`, `{db}`, `{coll}`, `{operation}`.
+    /// Must start with `{prefix}.`. Default: `{prefix}.{db}.{coll}.{operation}`.
+    #[serde(default = "default_subject_template")]
+    pub subject_template: String,
+    /// Subject for events a plugin failed on. Default: `<subject_prefix>.dead-letter`.
+    pub dead_letter_subject: Option<String>,
+    /// Payload encoding: `relaxed-json` (default), `canonical-json` or `bson`.
+    #[serde(default)]
+    pub encoding: Encoding,
+    /// Most messages published but not yet acknowledged. Default: 256.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Smallest JetStream duplicate window (seconds) tidegate accepts on the stream, and the
+    /// window it sets when it creates the stream. Default: 120.
+    #[serde(default = "default_duplicate_window_secs")]
+    pub duplicate_window_secs: u64,
+}
+
+/// How a published payload is encoded.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encoding {
+    /// MongoDB relaxed Extended JSON v2: readable, numbers as plain JSON numbers.
+    #[default]
+    RelaxedJson,
+    /// Canonical Extended JSON v2: lossless, every BSON type explicit.
+    CanonicalJson,
+    /// The event as one BSON document.
+    Bson,
+}
+
+impl Encoding {
+    /// The value of the `Content-Type` header published with each message.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Encoding::RelaxedJson => "application/json; ejson=relaxed",
+            Encoding::CanonicalJson => "application/json; ejson=canonical",
+            Encoding::Bson => "application/bson",
+        }
+    }
+}
+
+/// Where a pipeline's position is saved.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// `nats-kv` (default) or `mongodb`.
+    #[serde(default)]
+    pub store: CheckpointStoreKind,
+    /// KV bucket for `nats-kv`. Default: `tidegate-checkpoints`.
+    #[serde(default = "default_bucket")]
+    pub bucket: String,
+    /// Database for `mongodb` (on the pipeline's own deployment). Default: `tidegate`.
+    #[serde(default = "default_checkpoint_database")]
+    pub database: String,
+    /// Collection for `mongodb`. Default: `checkpoints`.
+    #[serde(default = "default_checkpoint_collection")]
+    pub collection: String,
+    /// How often the acknowledged position is saved, in milliseconds. Default: 1000.
+    /// A crash replays at most this much (JetStream drops the replayed duplicates).
+    #[serde(default = "default_checkpoint_interval_ms")]
+    pub interval_ms: u64,
+    /// How often the oplog's size, fill and write rate are read to project the checkpoint's
+    /// headroom (see `oplog`), in milliseconds. Default: 10000.
+    #[serde(default = "default_oplog_check_interval_ms")]
+    pub oplog_check_interval_ms: u64,
+    /// Below this projected headroom (seconds until the oplog overwrites the checkpointed
+    /// position at the current write rate) tidegate warns. Default: 3600.
+    #[serde(default = "default_oplog_warn_headroom_secs")]
+    pub oplog_warn_headroom_secs: u64,
+    /// Below this projected headroom tidegate logs an error and `/readyz` reports the
+    /// pipeline. Default: 600.
+    #[serde(default = "default_oplog_error_headroom_secs")]
+    pub oplog_error_headroom_secs: u64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            store: CheckpointStoreKind::default(),
+            bucket: default_bucket(),
+            database: default_checkpoint_database(),
+            collection: default_checkpoint_collection(),
+            interval_ms: default_checkpoint_interval_ms(),
+            oplog_check_interval_ms: default_oplog_check_interval_ms(),
+            oplog_warn_headroom_secs: default_oplog_warn_headroom_secs(),
+            oplog_error_headroom_secs: default_oplog_error_headroom_secs(),
+        }
+    }
+}
+
+/// Checkpoint backends.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckpointStoreKind {
+    /// A NATS key-value bucket.
+    #[default]
+    NatsKv,
+    /// A MongoDB collection, one document per pipeline.
+    Mongodb,
+}
+
+fn default_subject_template() -> String {
+    "{prefix}.{db}.{coll}.{operation}".to_string()
+}
+fn default_max_in_flight() -> usize {
+    256
+}
+fn default_duplicate_window_secs() -> u64 {
+    120
+}
+fn default_bucket() -> String {
+    "tidegate-checkpoints".to_string()
+}
+fn default_checkpoint_database() -> String {
+    "tidegate".to_string()
+}
+fn default_checkpoint_collection() -> String {
+    "checkpoints".to_string()
+}
+fn default_oplog_check_interval_ms() -> u64 {
+    10_000
+}
+fn default_oplog_warn_headroom_secs() -> u64 {
+    3600
+}
+fn default_oplog_error_headroom_secs() -> u64 {
+    600
+}
+fn default_checkpoint_interval_ms() -> u64 {
+    1000
+}

@@ -1,0 +1,384 @@
+//! Checks of a parsed config that serde cannot express, one function per section.
+//!
+//! Every check records its problem and carries on, so that one run of `tidegate check`
+//! lists everything wrong with a file instead of one mistake per attempt. A check is
+//! skipped only where an earlier problem makes it meaningless (a subject template cannot
+//! be tried against an invalid prefix, say).
+
+use std::collections::HashSet;
+
+use super::pipeline::{
+    parse_start_at, parse_token, NamespaceFilter, PipelineConfig, SnapshotMode, OPERATION_TYPES,
+};
+use super::plugins::QuarantineAction;
+use super::stage::{check_split_stage, check_stage};
+use super::tenants::{expand_tenants, NamespacePattern};
+use super::{Config, NatsConfig};
+use crate::model::subject::{is_under_prefix, is_valid_subject, SubjectTemplate};
+use crate::model::Change;
+
+/// The problems found so far, in the order they were found (which follows the file's).
+#[derive(Debug, Default)]
+pub(super) struct Problems(Vec<String>);
+
+impl Problems {
+    /// Records a problem; its text names the key at fault.
+    pub(super) fn push(&mut self, problem: String) {
+        self.0.push(problem);
+    }
+
+    /// Records `result`'s problem, if it has one.
+    fn check(&mut self, result: Result<(), String>) {
+        if let Err(problem) = result {
+            self.push(problem);
+        }
+    }
+
+    /// One problem is reported as it is; several as a count, then one per line, so each
+    /// can be found by its key.
+    pub(super) fn into_result(self) -> Result<(), String> {
+        match self.0.as_slice() {
+            [] => Ok(()),
+            [one] => Err(one.clone()),
+            many => Err(format!("{} problems:\n  {}", many.len(), many.join("\n  "))),
+        }
+    }
+}
+
+/// What must be unique across every unit of the file.
+#[derive(Default)]
+struct Seen {
+    /// Unit ids: they key checkpoints and message ids.
+    ids: HashSet<String>,
+    /// Stream names: ordering is enforced with `Nats-Expected-Last-Msg-Id`, one writer each.
+    streams: HashSet<String>,
+}
+
+impl Config {
+    /// Expands tenants into units (see [`expand_tenants`]) and checks the whole file,
+    /// reporting every problem found at once.
+    pub(super) fn expand_and_validate(&mut self) -> Result<(), String> {
+        let mut problems = Problems::default();
+        check_nats(&self.nats, &mut problems);
+        if self.sandbox.max_instances == 0 {
+            problems.push("sandbox.max_instances: must be at least 1".into());
+        }
+        for problem in self.ha.problems() {
+            problems.push(problem);
+        }
+        if self.pipelines.is_empty() {
+            problems.push("no [[pipeline]] is configured; at least one is needed".into());
+        }
+        let mut seen = Seen::default();
+        let mut units = Vec::new();
+        for pipeline in std::mem::take(&mut self.pipelines) {
+            for unit in expand_tenants(pipeline, &mut problems) {
+                check_unit(&unit, &mut seen, &mut problems);
+                units.push(unit);
+            }
+        }
+        self.pipelines = units;
+        problems.into_result()
+    }
+}
+
+/// `[nats]`: its auth and TLS sections, and credentials given in two places.
+fn check_nats(nats: &NatsConfig, problems: &mut Problems) {
+    problems.check(nats.auth.validate());
+    match crate::security::parse_nats_urls(&nats.url) {
+        Err(problem) => problems.push(problem),
+        Ok(urls) if urls.credentials.is_some() && nats.auth.is_configured() => problems.push(
+            "nats.url carries credentials (`user:password@` or `token@`) and \
+                        [nats.auth] is set too: give them in one place only"
+                .into(),
+        ),
+        Ok(_) => {}
+    }
+    if let Some(tls) = &nats.tls {
+        problems.check(tls.validate());
+    }
+}
+
+/// One unit (a pipeline, or one tenant of it), section by section in the order the keys
+/// usually appear in the file.
+fn check_unit(unit: &PipelineConfig, seen: &mut Seen, problems: &mut Problems) {
+    check_identity(unit, &mut seen.ids, problems);
+    check_capture(unit, problems);
+    check_start(unit, problems);
+    check_control(unit, problems);
+    check_sink(unit, &mut seen.streams, problems);
+    check_checkpoint(unit, problems);
+    check_plugins(unit, problems);
+}
+
+/// `pipeline '<id>': <key>`, the prefix of every problem of a unit.
+fn at(unit: &PipelineConfig, key: &str) -> String {
+    format!("pipeline '{}': {key}", unit.id)
+}
+
+/// The unit's id and scope.
+fn check_identity(unit: &PipelineConfig, ids: &mut HashSet<String>, problems: &mut Problems) {
+    // A tenant unit's id is `<pipeline>.<tenant>`, both parts checked alike.
+    if !unit.id.split('.').all(is_valid_id) || unit.id.contains('.') != unit.tenant.is_some() {
+        problems.push(format!(
+            "pipeline id '{}' must be non-empty and use only letters, digits, '-' and '_'",
+            unit.id
+        ));
+    }
+    if !ids.insert(unit.id.clone()) {
+        problems.push(format!("pipeline id '{}' is used twice", unit.id));
+    }
+    if unit.database.is_none() && !unit.collections.is_empty() {
+        problems.push(format!(
+            "{}: collections are listed but no database is set",
+            at(unit, "collections")
+        ));
+    }
+}
+
+/// What the change stream captures: namespace filters, skipped operations, user stages.
+fn check_capture(unit: &PipelineConfig, problems: &mut Problems) {
+    for entry in unit.include.iter().chain(&unit.exclude) {
+        if let Err(e) = NamespaceFilter::parse(entry) {
+            problems.push(format!("{}: {e}", at(unit, "include/exclude")));
+        }
+    }
+    for op in &unit.skip_operations {
+        if op == "invalidate" {
+            problems.push(format!(
+                "{}: invalidate cannot be skipped: it is how capture follows a dropped or renamed namespace",
+                at(unit, "skip_operations")
+            ));
+        } else if !OPERATION_TYPES.contains(&op.as_str()) {
+            problems.push(format!(
+                "{}: unknown operation '{op}' (known: {})",
+                at(unit, "skip_operations"),
+                OPERATION_TYPES.join(", ")
+            ));
+        }
+    }
+    for stage in &unit.stages {
+        if let Err(e) = check_stage(stage) {
+            problems.push(format!("{}: {e}", at(unit, "stages")));
+        }
+    }
+    if let Err(e) = check_split_stage(unit) {
+        problems.push(format!("{}: {e}", at(unit, "stages")));
+    }
+}
+
+/// Where a unit without a checkpoint starts.
+fn check_start(unit: &PipelineConfig, problems: &mut Problems) {
+    if unit.snapshot != SnapshotMode::Never
+        && (unit.start_at.as_deref().is_some_and(|s| s != "now")
+            || unit.start_after_token.is_some())
+    {
+        problems.push(format!(
+            "{}: a snapshot starts capture from now; it cannot be combined with start_at \
+             or start_after_token",
+            at(unit, "snapshot")
+        ));
+    }
+    if let Some(Err(e)) = unit.start_at.as_deref().map(parse_start_at) {
+        problems.push(format!("{}: {e}", at(unit, "start_at")));
+    }
+    if let Some(Err(e)) = unit.start_after_token.as_deref().map(parse_token) {
+        problems.push(format!("{}: {e}", at(unit, "start_after_token")));
+    }
+}
+
+/// Signal and heartbeat collections, and the intervals that must not be zero.
+fn check_control(unit: &PipelineConfig, problems: &mut Problems) {
+    let control = [
+        ("signal_collection", &unit.signal_collection),
+        ("heartbeat_collection", &unit.heartbeat_collection),
+    ];
+    for (key, collection) in control
+        .iter()
+        .filter_map(|(k, c)| c.as_ref().map(|c| (*k, c)))
+    {
+        // Outside the pipeline's database or collection, the stream is widened to see it
+        // too (see `source::watch_level`).
+        if !NamespacePattern::parse(collection).is_ok_and(|p| p.coll.is_some()) {
+            problems.push(format!(
+                "{}: '{collection}' is not 'db.collection'",
+                at(unit, key)
+            ));
+        }
+    }
+    let at_least_one = [
+        ("shutdown_timeout_secs", unit.shutdown_timeout_secs),
+        ("heartbeat_write_ms", unit.heartbeat_write_ms),
+        ("snapshot_chunk_size", u64::from(unit.snapshot_chunk_size)),
+    ];
+    for (key, value) in at_least_one {
+        if value == 0 {
+            problems.push(format!("{}: must be at least 1", at(unit, key)));
+        }
+    }
+}
+
+/// `[pipeline.sink]`: a stream of the unit's own and subjects that stay inside it.
+fn check_sink(unit: &PipelineConfig, streams: &mut HashSet<String>, problems: &mut Problems) {
+    let sink = &unit.sink;
+    // A tenant's sink is required by serde; a pipeline's is optional so that a pipeline
+    // with tenants can go without.
+    if unit.tenant.is_none() && (sink.stream.is_empty() || sink.subject_prefix.is_empty()) {
+        problems.push(format!(
+            "pipeline '{}': [pipeline.sink] with `stream` and `subject_prefix` is \
+             required (or [[pipeline.tenant]]s, each with its own sink)",
+            unit.id
+        ));
+        return;
+    }
+    if !streams.insert(sink.stream.clone()) {
+        problems.push(format!(
+            "{}: stream '{}' is already used by another pipeline; each pipeline needs its own \
+             stream because ordering is enforced with Nats-Expected-Last-Msg-Id",
+            at(unit, "sink.stream"),
+            sink.stream
+        ));
+    }
+    if is_valid_subject(&sink.subject_prefix, false) {
+        check_subject_template(unit, problems);
+        check_dead_letter_subject(unit, problems);
+    } else {
+        problems.push(format!(
+            "{}: '{}' is not a valid NATS subject prefix (dot-separated tokens, no spaces or wildcards)",
+            at(unit, "sink.subject_prefix"),
+            sink.subject_prefix
+        ));
+    }
+    if sink.max_in_flight == 0 {
+        problems.push(format!(
+            "{}: must be at least 1",
+            at(unit, "sink.max_in_flight")
+        ));
+    }
+    if sink.duplicate_window_secs == 0 {
+        problems.push(format!(
+            "{}: must be at least 1 second: deduplication is how restarts avoid duplicates",
+            at(unit, "sink.duplicate_window_secs")
+        ));
+    }
+}
+
+/// The template must render, under the prefix, to a valid subject; tried on a probe event.
+fn check_subject_template(unit: &PipelineConfig, problems: &mut Problems) {
+    let sink = &unit.sink;
+    let key = at(unit, "sink.subject_template");
+    if !sink.subject_template.starts_with("{prefix}.") {
+        problems.push(format!(
+            "{key}: '{}' must start with '{{prefix}}.' so every subject stays in the stream",
+            sink.subject_template
+        ));
+        return;
+    }
+    match SubjectTemplate::parse(&sink.subject_template, &sink.subject_prefix)
+        .map(|template| template.render(&Change::probe()))
+    {
+        Err(err) => problems.push(format!(
+            "{key}: {err} (placeholders: {{prefix}}, {{db}}, {{coll}}, {{operation}})"
+        )),
+        Ok(probe) if !is_valid_subject(&probe, false) => problems.push(format!(
+            "{key}: '{}' does not make a valid NATS subject",
+            sink.subject_template
+        )),
+        Ok(_) => {}
+    }
+}
+
+/// Dead letters must land in the unit's own stream.
+fn check_dead_letter_subject(unit: &PipelineConfig, problems: &mut Problems) {
+    let dead_letter = unit.dead_letter_subject();
+    if !is_valid_subject(&dead_letter, false)
+        || !is_under_prefix(&dead_letter, &unit.sink.subject_prefix)
+    {
+        problems.push(format!(
+            "{}: '{}' must be a valid subject under '{}.'",
+            at(unit, "sink.dead_letter_subject"),
+            dead_letter,
+            unit.sink.subject_prefix
+        ));
+    }
+}
+
+/// `[pipeline.checkpoint]`: intervals and oplog headroom thresholds.
+fn check_checkpoint(unit: &PipelineConfig, problems: &mut Problems) {
+    let checkpoint = &unit.checkpoint;
+    if checkpoint.interval_ms == 0 || checkpoint.oplog_check_interval_ms == 0 {
+        problems.push(format!(
+            "{}: must be at least 1",
+            at(unit, "checkpoint.interval_ms / oplog_check_interval_ms")
+        ));
+    }
+    if checkpoint.oplog_error_headroom_secs > checkpoint.oplog_warn_headroom_secs {
+        problems.push(format!(
+            "{}: the error threshold ({} s) must not exceed the warning threshold ({} s)",
+            at(unit, "checkpoint.oplog_error_headroom_secs"),
+            checkpoint.oplog_error_headroom_secs,
+            checkpoint.oplog_warn_headroom_secs
+        ));
+    }
+}
+
+/// Quarantine, capabilities and the plugin chain with each plugin's resolved limits.
+fn check_plugins(unit: &PipelineConfig, problems: &mut Problems) {
+    if unit.quarantine.after_failures == 0 && unit.quarantine.action != QuarantineAction::DeadLetter
+    {
+        problems.push(format!(
+            "{}: an action is set but after_failures = 0 turns quarantine off",
+            at(unit, "quarantine")
+        ));
+    }
+    for dir in unit
+        .capabilities
+        .read_dirs
+        .iter()
+        .filter(|d| !d.is_absolute())
+    {
+        problems.push(format!(
+            "{}: '{}' must be an absolute path",
+            at(unit, "capabilities.read_dirs"),
+            dir.display()
+        ));
+    }
+    let mut names = HashSet::new();
+    for plugin in &unit.plugins {
+        if !is_valid_id(&plugin.name) {
+            problems.push(format!(
+                "{}: plugin name '{}' must use only letters, digits, '-' and '_'",
+                at(unit, "plugins"),
+                plugin.name
+            ));
+        }
+        if !names.insert(plugin.name.as_str()) {
+            problems.push(format!(
+                "{}: plugin '{}' appears twice; give the second a different name and a `file`",
+                at(unit, "plugins"),
+                plugin.name
+            ));
+        }
+        let limits = unit.plugin_limits(plugin);
+        if limits.memory_mib == 0
+            || limits.fuel_per_call == 0
+            || limits.timeout_ms == 0
+            || limits.max_output_bytes == 0
+        {
+            problems.push(format!(
+                "{}: memory_mib, fuel_per_call, timeout_ms and max_output_bytes of \
+                 plugin '{}' must be greater than zero",
+                at(unit, "limits"),
+                plugin.name
+            ));
+        }
+    }
+}
+
+/// Whether `id` is a valid pipeline, tenant or plugin name: letters, digits, `-` and `_`.
+pub(super) fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
