@@ -51,8 +51,8 @@ pub use self::start::{check_images, first_position};
 use self::start::{history_lost, plan_start};
 use crate::config::PipelineConfig;
 use crate::error::Error;
-use crate::model::Position;
 use crate::model::{Namespace, SourceEvent};
+use crate::model::{Position, SnapshotProgress};
 
 /// What the source hands downstream.
 #[derive(Debug)]
@@ -69,7 +69,7 @@ pub enum SourceItem {
     },
     /// No change to publish, but the stream's position moved on to this token (with the
     /// progress of a running incremental snapshot, if any).
-    Heartbeat(ResumeToken, Option<bson::Document>),
+    Heartbeat(ResumeToken, Option<SnapshotProgress>),
 }
 
 /// Most events handed downstream at once (see [`run`]).

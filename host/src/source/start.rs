@@ -13,7 +13,7 @@ use crate::config::{
 };
 use crate::error::Error;
 use crate::model::token::{token_from_document, token_time};
-use crate::model::Position;
+use crate::model::{Position, SnapshotProgress};
 use crate::source::errors::{retry_later, FATAL_CODES, HISTORY_LOST, MIN_BACKOFF};
 use crate::source::open::{open, OpenAt};
 use crate::source::snapshot::{begin_snapshot, SnapshotPlan};
@@ -66,7 +66,7 @@ pub async fn first_position(
                 .map(|progress| Position {
                     token: progress.start.clone(),
                     last_msg_id: None,
-                    snapshot: Some(progress.to_document()),
+                    snapshot: Some(SnapshotProgress::Initial(Box::new(progress))),
                 }),
             false => open_position(client, pipeline, &OpenAt::Now)
                 .await
@@ -273,12 +273,24 @@ pub(crate) fn plan_start(
         Some(Position { token, .. }) if incremental => (OpenAt::ResumeAfter(token), None),
         Some(Position {
             token,
-            snapshot: Some(progress),
+            snapshot: Some(SnapshotProgress::Initial(progress)),
             ..
         }) => (
             OpenAt::ResumeAfter(token),
-            Some(SnapshotPlan::Resume(progress)),
+            Some(SnapshotPlan::Resume(*progress)),
         ),
+        Some(Position {
+            snapshot: Some(SnapshotProgress::Incremental(_)),
+            ..
+        }) => {
+            // Its watermarks are written to, and read back from, the signal collection.
+            return Err(Error::Source {
+                pipeline: pipeline.id.clone(),
+                message: "the checkpoint holds a running incremental snapshot, which needs \
+                          signal_collection; set it again, or delete the checkpoint"
+                    .into(),
+            });
+        }
         Some(Position { token, .. }) => (
             OpenAt::ResumeAfter(token),
             (pipeline.snapshot == SnapshotMode::Always).then_some(SnapshotPlan::New),

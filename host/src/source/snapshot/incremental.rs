@@ -4,8 +4,8 @@ use bson::{doc, Bson, Document, RawDocumentBuf};
 use futures::TryStreamExt;
 use mongodb::change_stream::event::ResumeToken;
 
-use super::{chunk_query, document_id, estimated_total, insert_filters, saved_filters, unreadable};
-use crate::model::{Change, Namespace, SourceEvent};
+use super::{chunk_query, document_id, estimated_total, unreadable};
+use crate::model::{Change, IncrementalProgress, Namespace, SnapshotProgress, SourceEvent};
 
 /// An incremental snapshot, requested while streaming by a signal document (the
 /// Debezium `execute-snapshot` format) in the pipeline's `signal_collection`, and run chunk by
@@ -22,20 +22,11 @@ use crate::model::{Change, Namespace, SourceEvent};
 /// The progress travels with every event and heartbeat into the checkpoint, so a restart
 /// continues with the chunk after the last acknowledged one. A `stop-snapshot` signal ends it.
 pub struct Incremental {
-    /// Names the snapshot in event ids and watermarks: the signal event's id.
-    id: String,
+    /// What the checkpoint saves: which documents are published, and the snapshot's name.
+    progress: IncrementalProgress,
     /// The unit whose watermarks these are (several units may share a signal collection).
     unit: String,
     signals: mongodb::Collection<Document>,
-    namespaces: Vec<Namespace>,
-    /// A query per namespace (empty: every document), from `additional-conditions`.
-    filters: Vec<Document>,
-    index: usize,
-    last_id: Option<Bson>,
-    done: u64,
-    chunks: u64,
-    /// Paused by a `pause-snapshot` signal: no new chunk starts until `resume-snapshot`.
-    paused: bool,
     window: Option<Window>,
     /// The server's estimate of the documents to read (for the progress bar), once known.
     estimate: Option<u64>,
@@ -65,16 +56,18 @@ impl Incremental {
         filters: Vec<Document>,
     ) -> Incremental {
         Incremental {
-            id,
+            progress: IncrementalProgress {
+                id,
+                namespaces,
+                index: 0,
+                last_id: None,
+                done: 0,
+                chunks: 0,
+                paused: false,
+                filters,
+            },
             unit: unit.to_string(),
             signals,
-            namespaces,
-            filters,
-            index: 0,
-            last_id: None,
-            done: 0,
-            chunks: 0,
-            paused: false,
             window: None,
             estimate: None,
         }
@@ -82,68 +75,35 @@ impl Incremental {
 
     /// The one saved in a checkpoint, if `saved` is an incremental snapshot's progress.
     pub fn restore(
-        saved: &Document,
+        saved: &SnapshotProgress,
         unit: &str,
         signals: mongodb::Collection<Document>,
     ) -> Option<Incremental> {
-        if !saved.get_bool("incremental").unwrap_or(false) {
+        let SnapshotProgress::Incremental(progress) = saved else {
             return None;
-        }
-        let namespaces = saved
-            .get_array("namespaces")
-            .ok()?
-            .iter()
-            .filter_map(|ns| ns.as_str())
-            .filter_map(|ns| ns.split_once('.'))
-            .map(|(db, coll)| Namespace {
-                db: db.to_string(),
-                coll: Some(coll.to_string()),
-            })
-            .collect();
+        };
         Some(Incremental {
-            id: saved.get_str("id").ok()?.to_string(),
+            progress: (**progress).clone(),
             unit: unit.to_string(),
             signals,
-            namespaces,
-            filters: saved_filters(saved),
-            index: saved.get_i64("index").unwrap_or(0).max(0) as usize,
-            last_id: saved.get("lastId").cloned(),
-            done: saved.get_i64("done").unwrap_or(0).max(0) as u64,
-            chunks: saved.get_i64("chunks").unwrap_or(0).max(0) as u64,
-            paused: saved.get_bool("paused").unwrap_or(false),
             window: None,
             estimate: None,
         })
     }
 
     /// The progress saved with every position while the snapshot runs.
-    pub fn progress(&self) -> Document {
-        let namespaces: Vec<Bson> = self
-            .namespaces
-            .iter()
-            .map(|ns| Bson::String(ns.to_string()))
-            .collect();
-        let mut progress = doc! {
-            "incremental": true,
-            "id": &self.id,
-            "namespaces": namespaces,
-            "index": self.index as i64,
-            "done": self.done as i64,
-            "chunks": self.chunks as i64,
-        };
-        if let Some(id) = &self.last_id {
-            progress.insert("lastId", id.clone());
-        }
-        if self.paused {
-            progress.insert("paused", true);
-        }
-        insert_filters(&mut progress, &self.filters);
-        progress
+    pub fn progress(&self) -> SnapshotProgress {
+        SnapshotProgress::Incremental(Box::new(self.progress.clone()))
     }
 
     /// The namespaces still to read (the current one first).
     pub fn remaining(&self) -> Vec<Namespace> {
-        self.namespaces.iter().skip(self.index).cloned().collect()
+        self.progress
+            .namespaces
+            .iter()
+            .skip(self.progress.index)
+            .cloned()
+            .collect()
     }
 
     /// Drops `removed` from the namespaces still to read (a `stop-snapshot` naming
@@ -153,22 +113,23 @@ impl Incremental {
         // Namespaces before `index` are read already and stay (the progress counts them);
         // so `index` keeps pointing at the first one still to read.
         let dropped_current = self
+            .progress
             .namespaces
-            .get(self.index)
+            .get(self.progress.index)
             .is_some_and(|current| removed.contains(current));
         let mut kept = Vec::new();
         let mut filters = Vec::new();
-        for (i, ns) in self.namespaces.iter().enumerate() {
-            if i >= self.index && removed.contains(ns) {
+        for (i, ns) in self.progress.namespaces.iter().enumerate() {
+            if i >= self.progress.index && removed.contains(ns) {
                 continue;
             }
             kept.push(ns.clone());
-            filters.push(self.filters.get(i).cloned().unwrap_or_default());
+            filters.push(self.progress.filters.get(i).cloned().unwrap_or_default());
         }
-        self.namespaces = kept;
-        self.filters = filters;
+        self.progress.namespaces = kept;
+        self.progress.filters = filters;
         if dropped_current {
-            self.last_id = None;
+            self.progress.last_id = None;
             self.window = None;
         }
         dropped_current
@@ -176,12 +137,12 @@ impl Incremental {
 
     /// Whether a `pause-snapshot` holds it.
     pub fn is_paused(&self) -> bool {
-        self.paused
+        self.progress.paused
     }
 
     /// Pauses or resumes; a paused snapshot starts no new chunk.
     pub fn set_paused(&mut self, paused: bool) {
-        self.paused = paused;
+        self.progress.paused = paused;
     }
 
     /// Whether a chunk is waiting for its watermarks.
@@ -191,13 +152,13 @@ impl Incremental {
 
     /// Documents published so far.
     pub fn done(&self) -> u64 {
-        self.done
+        self.progress.done
     }
 
     /// The server's estimate of the documents to read, asked once.
     pub async fn estimate(&mut self, client: &mongodb::Client) -> u64 {
         if self.estimate.is_none() {
-            self.estimate = Some(estimated_total(client, &self.namespaces).await);
+            self.estimate = Some(estimated_total(client, &self.progress.namespaces).await);
         }
         self.estimate.unwrap_or(0)
     }
@@ -210,11 +171,14 @@ impl Incremental {
         size: u32,
     ) -> Result<bool, mongodb::error::Error> {
         loop {
-            let Some(namespace) = self.namespaces.get(self.index).cloned() else {
+            let Some(namespace) = self.progress.namespaces.get(self.progress.index).cloned() else {
                 return Ok(false);
             };
-            let filter = chunk_query(&self.last_id, self.filters.get(self.index));
-            let window = format!("{}:{}", self.id, self.chunks);
+            let filter = chunk_query(
+                &self.progress.last_id,
+                self.progress.filters.get(self.progress.index),
+            );
+            let window = format!("{}:{}", self.progress.id, self.progress.chunks);
             self.signals
                 .insert_one(
                     doc! { "type": "snapshot-window-open", "window": &window, "unit": &self.unit },
@@ -234,11 +198,11 @@ impl Incremental {
                     doc! { "type": "snapshot-window-close", "window": &window, "unit": &self.unit },
                 )
                 .await?;
-            self.chunks += 1;
+            self.progress.chunks += 1;
             let Some(last_id) = documents.last().map(|d| document_id(d)) else {
                 // The namespace is done; the watermarks just written pass unused.
-                self.index += 1;
-                self.last_id = None;
+                self.progress.index += 1;
+                self.progress.last_id = None;
                 continue;
             };
             self.window = Some(Window {
@@ -296,12 +260,15 @@ impl Incremental {
             let id = document_id(&document);
             // Each event carries the progress up to itself: a crash half-way through the
             // chunk re-reads only what was not acknowledged.
-            self.done += 1;
-            self.last_id = Some(id.clone());
+            self.progress.done += 1;
+            self.progress.last_id = Some(id.clone());
             let progress = self.progress();
             let id_text = id.into_relaxed_extjson().to_string();
             let change = Change::snapshot_read(
-                format!("snapshot.{}.{}.{id_text}", self.id, window.namespace),
+                format!(
+                    "snapshot.{}.{}.{id_text}",
+                    self.progress.id, window.namespace
+                ),
                 window.namespace.clone(),
                 &document,
             )
@@ -312,7 +279,7 @@ impl Incremental {
                 change,
             });
         }
-        self.last_id = Some(window.last_id);
+        self.progress.last_id = Some(window.last_id);
         Ok(Some(events))
     }
 

@@ -1,106 +1,28 @@
 //! Initial (and blocking) snapshots: every document in scope, read while the stream waits,
 //! then streaming resumes from the position captured before the first read.
 
-use bson::{doc, Bson, Document, RawDocumentBuf};
+use bson::{doc, RawDocumentBuf};
 use futures::TryStreamExt;
 use mongodb::change_stream::event::ResumeToken;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
-use super::{chunk_query, document_id, estimated_total, insert_filters, saved_filters, unreadable};
+use super::{chunk_query, document_id, estimated_total, unreadable};
 use crate::config::PipelineConfig;
 use crate::error::Error;
 use crate::model::token::token_id;
-use crate::model::{Change, Namespace, SourceEvent};
+use crate::model::{Change, InitialProgress, SnapshotProgress, SourceEvent};
 use crate::source::errors::{retry_later, MIN_BACKOFF};
 use crate::source::open::{namespace_filter, OpenAt};
 use crate::source::start::open_position;
 use crate::source::SourceItem;
-
-/// How far a snapshot has come; saved in the checkpoint as a document.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Progress {
-    /// The stream position captured before reading: streaming resumes after it.
-    pub start: ResumeToken,
-    /// Every namespace to read, in order.
-    pub namespaces: Vec<Namespace>,
-    /// Index of the namespace being read.
-    pub index: usize,
-    /// `_id` of the last document handed on in that namespace (`None`: none yet).
-    pub last_id: Option<Bson>,
-    /// Documents handed on so far, for progress lines.
-    pub done: u64,
-    /// A query per namespace (same order; empty: every document), from a signal's
-    /// `additional-conditions`.
-    pub filters: Vec<Document>,
-}
-
-impl Progress {
-    /// The form saved in the checkpoint.
-    pub fn to_document(&self) -> Document {
-        // A token the server gave always serializes; were it not to, loading the checkpoint
-        // would fail with a clear error rather than resume from a wrong place.
-        let start = bson::serialize_to_bson(&self.start).unwrap_or(Bson::Null);
-        let namespaces: Vec<Bson> = self
-            .namespaces
-            .iter()
-            .map(|ns| Bson::String(ns.to_string()))
-            .collect();
-        let mut progress = doc! {
-            "start": start,
-            "namespaces": namespaces,
-            "index": self.index as i64,
-            "done": self.done as i64,
-        };
-        if let Some(id) = &self.last_id {
-            progress.insert("lastId", id.clone());
-        }
-        insert_filters(&mut progress, &self.filters);
-        progress
-    }
-
-    /// Reads the form saved in the checkpoint.
-    pub fn from_document(saved: &Document) -> Result<Progress, String> {
-        let start = saved
-            .get("start")
-            .cloned()
-            .ok_or("snapshot progress has no start")?;
-        let start: ResumeToken = bson::deserialize_from_bson(start).map_err(|e| e.to_string())?;
-        let namespaces = saved
-            .get_array("namespaces")
-            .map_err(|e| e.to_string())?
-            .iter()
-            .filter_map(|ns| ns.as_str())
-            .map(|ns| {
-                let (db, coll) = ns.split_once('.').unwrap_or((ns, ""));
-                Namespace {
-                    db: db.to_string(),
-                    coll: Some(coll.to_string()),
-                }
-            })
-            .collect();
-        Ok(Progress {
-            start,
-            namespaces,
-            index: saved.get_i64("index").unwrap_or(0).max(0) as usize,
-            last_id: saved.get("lastId").cloned(),
-            done: saved.get_i64("done").unwrap_or(0).max(0) as u64,
-            filters: saved_filters(saved),
-        })
-    }
-
-    /// Whether every namespace has been read.
-    pub fn finished(&self) -> bool {
-        self.index >= self.namespaces.len()
-    }
-}
 
 /// Reads the next chunk of the namespace `progress` is at: up to `size` documents after
 /// `last_id`, in `_id` order, as events carrying the progress after each one. An empty
 /// chunk means the namespace is done (`progress` then moves to the next).
 pub async fn next_chunk(
     client: &mongodb::Client,
-    progress: &mut Progress,
+    progress: &mut InitialProgress,
     size: u32,
 ) -> Result<Vec<SourceEvent>, mongodb::error::Error> {
     let Some(ns) = progress.namespaces.get(progress.index).cloned() else {
@@ -138,7 +60,7 @@ pub async fn next_chunk(
         .map_err(unreadable)?;
         events.push(SourceEvent {
             token: progress.start.clone(),
-            snapshot: Some(progress.to_document()),
+            snapshot: Some(SnapshotProgress::Initial(Box::new(progress.clone()))),
             change,
         });
     }
@@ -150,9 +72,9 @@ pub(crate) enum SnapshotPlan {
     /// From scratch.
     New,
     /// Continue the one whose progress the checkpoint holds.
-    Resume(Document),
+    Resume(InitialProgress),
     /// A blocking snapshot requested by a signal (the stream pauses while it runs).
-    Signalled(Progress),
+    Signalled(InitialProgress),
 }
 
 /// Reads every document in scope as `snapshot-read` events and returns the position to
@@ -213,14 +135,10 @@ async fn prepare(
     plan: SnapshotPlan,
     backoff: &mut Duration,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<Option<Progress>, Error> {
+) -> Result<Option<InitialProgress>, Error> {
     let id = pipeline.id.as_str();
     Ok(Some(match plan {
-        SnapshotPlan::Resume(saved) => {
-            let progress = Progress::from_document(&saved).map_err(|e| Error::Source {
-                pipeline: id.to_string(),
-                message: format!("the checkpoint's snapshot progress is unreadable: {e}"),
-            })?;
+        SnapshotPlan::Resume(progress) => {
             tracing::info!(
                 pipeline = id,
                 done = progress.done,
@@ -265,7 +183,7 @@ impl Chunks<'_> {
     /// read again after a backoff. `false` when shut down (or downstream gone) meanwhile.
     async fn read_all(
         &self,
-        progress: &mut Progress,
+        progress: &mut InitialProgress,
         backoff: &mut Duration,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<bool, Error> {
@@ -299,8 +217,8 @@ impl Chunks<'_> {
     /// downstream is gone.
     async fn hand_on(
         &self,
-        before: &Progress,
-        progress: &Progress,
+        before: &InitialProgress,
+        progress: &InitialProgress,
         chunk: Vec<SourceEvent>,
     ) -> bool {
         let id = self.pipeline.id.as_str();
@@ -326,10 +244,10 @@ impl Chunks<'_> {
 pub(crate) async fn begin_snapshot(
     client: &mongodb::Client,
     pipeline: &PipelineConfig,
-) -> Result<Progress, mongodb::error::Error> {
+) -> Result<InitialProgress, mongodb::error::Error> {
     let start = open_position(client, pipeline, &OpenAt::Now).await?;
     let namespaces = super::namespaces(client, pipeline, namespace_filter(pipeline)).await?;
-    Ok(Progress {
+    Ok(InitialProgress {
         start,
         namespaces,
         index: 0,
@@ -337,30 +255,4 @@ pub(crate) async fn begin_snapshot(
         done: 0,
         filters: Vec::new(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The checkpointed form reads back as it was written.
-    #[test]
-    fn progress_round_trips() {
-        let start: ResumeToken =
-            bson::deserialize_from_bson(Bson::Document(doc! { "_data": "8263A1" })).expect("token");
-        let progress = Progress {
-            start,
-            namespaces: vec![Namespace {
-                db: "shop".into(),
-                coll: Some("orders".into()),
-            }],
-            index: 0,
-            last_id: Some(Bson::Int32(42)),
-            done: 7,
-            filters: vec![doc! { "color": "blue" }],
-        };
-        let saved = progress.to_document();
-        assert_eq!(Progress::from_document(&saved).expect("decode"), progress);
-        assert!(!progress.finished());
-    }
 }

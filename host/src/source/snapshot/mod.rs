@@ -28,8 +28,8 @@ mod signals;
 use bson::{doc, Bson, Document, RawDocument};
 
 pub use self::incremental::Incremental;
+pub use self::initial::next_chunk;
 pub(crate) use self::initial::{begin_snapshot, take_snapshot, SnapshotPlan};
-pub use self::initial::{next_chunk, Progress};
 pub use self::scope::{check_filter, match_patterns, namespaces, requested_namespaces, Matched};
 pub(crate) use self::signals::{finished, on_signal, AfterSignal};
 use crate::model::Namespace;
@@ -44,27 +44,6 @@ pub async fn estimated_total(client: &mongodb::Client, namespaces: &[Namespace])
         total += collection.estimated_document_count().await.unwrap_or(0);
     }
     total
-}
-
-/// Saves per-namespace filters in a progress document (only when there are any, so that
-/// progress without filters keeps its earlier form).
-fn insert_filters(progress: &mut Document, filters: &[Document]) {
-    if filters.iter().any(|f| !f.is_empty()) {
-        let filters: Vec<Bson> = filters.iter().cloned().map(Bson::Document).collect();
-        progress.insert("filters", filters);
-    }
-}
-
-/// The per-namespace filters saved by [`insert_filters`].
-fn saved_filters(saved: &Document) -> Vec<Document> {
-    saved
-        .get_array("filters")
-        .map(|all| {
-            all.iter()
-                .map(|f| f.as_document().cloned().unwrap_or_default())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The query of one chunk: documents after `last_id` (in `_id` order) that match `filter`.

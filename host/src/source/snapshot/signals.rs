@@ -7,10 +7,10 @@
 use bson::Document;
 use mongodb::error::ErrorKind;
 
-use super::{check_filter, match_patterns, requested_namespaces, Incremental, Progress};
+use super::{check_filter, match_patterns, requested_namespaces, Incremental};
 use crate::config::PipelineConfig;
 use crate::model::token::token_id;
-use crate::model::{Namespace, Operation, SourceEvent};
+use crate::model::{InitialProgress, Namespace, Operation, SourceEvent};
 use crate::source::open::namespace_filter;
 use crate::source::signal::{Signal, SnapshotKind, SnapshotRequest};
 use crate::source::SourceItem;
@@ -20,7 +20,7 @@ pub(crate) enum AfterSignal {
     /// Goes on.
     Stream,
     /// Pauses for a blocking snapshot, then reopens after the signal.
-    Block(Box<Progress>),
+    Block(Box<InitialProgress>),
 }
 
 /// Acts on one signal-collection event: a Debezium signal, or one of this unit's watermarks
@@ -186,7 +186,7 @@ impl Acting<'_> {
                 "blocking snapshot started by a signal: [{}]",
                 names.join(", ")
             ));
-            return Ok(AfterSignal::Block(Box::new(Progress {
+            return Ok(AfterSignal::Block(Box::new(InitialProgress {
                 start: self.event.token.clone(),
                 namespaces,
                 index: 0,
