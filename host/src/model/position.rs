@@ -64,8 +64,8 @@ pub struct IncrementalProgress {
     pub last_id: Option<Bson>,
     /// Documents published so far.
     pub done: u64,
-    /// Chunks started so far: numbers the watermarks, so that a restart's windows never
-    /// match an earlier run's.
+    /// Chunks started so far: numbers the watermarks (`<id>:<chunk>`), which continue after
+    /// a restart instead of repeating.
     pub chunks: u64,
     /// Paused by a `pause-snapshot` signal: no new chunk starts until `resume-snapshot`.
     pub paused: bool,

@@ -1,15 +1,18 @@
 //! Snapshots: the documents that exist before (or apart from) the change stream, published as
 //! `snapshot-read` events through the same plugin chain, sink and deduplication as changes.
 //!
-//! Two kinds, because they trade differently between stalling the stream and staleness:
+//! Two kinds, because they trade stalling the stream against reading beside it:
 //!
-//! - [`initial`] snapshots (at first start, on `snapshot = "always"`, after lost history, or a
-//!   *blocking* signal) hold the stream while they read. The stream's position is captured
-//!   *before* the first document is read and streaming resumes from exactly there, so nothing
-//!   changed meanwhile is missed: a document changed during the snapshot is published as
-//!   read, then its changes follow, and consumers end at the current state.
-//! - [`incremental`] snapshots (an *incremental* signal) read chunk by chunk between
-//!   watermarks while the stream goes on, so a long snapshot does not stall capture.
+//! - *initial* snapshots (`initial.rs`: at first start, on `snapshot = "always"`, after lost
+//!   history, or from a *blocking* signal) hold the stream while they read. The stream's
+//!   position is captured *before* the first document is read and streaming resumes from
+//!   exactly there, so nothing changed meanwhile is missed: a document changed during the
+//!   snapshot is published as read, then its changes follow, and consumers end at the
+//!   current state.
+//! - *incremental* snapshots (`incremental.rs`, from an *incremental* signal) read chunk by
+//!   chunk between watermarks while the stream goes on, so a long snapshot does not stall
+//!   capture. `signals.rs` acts on the signals that start and steer them; `scope.rs` picks
+//!   the collections either kind reads.
 //!
 //! Collections are read in chunks ordered by `_id`; every event carries the snapshot's
 //! progress, which the checkpoint saves with the acknowledged position, so a crash resumes
