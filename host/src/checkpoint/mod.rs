@@ -183,7 +183,14 @@ impl CheckpointStore {
         let token: ResumeToken = bson::deserialize_from_bson(token)
             .map_err(|err| self.fail(format!("checkpoint token is unreadable: {err}")))?;
         let last_msg_id = saved.get_str("lastMsgId").ok().map(str::to_string);
-        let snapshot = saved.get_document("snapshot").ok().cloned();
+        let snapshot = saved
+            .get_document("snapshot")
+            .ok()
+            .map(crate::model::SnapshotProgress::from_document)
+            .transpose()
+            .map_err(|err| {
+                self.fail(format!("checkpoint snapshot progress is unreadable: {err}"))
+            })?;
         let position = Position {
             token,
             last_msg_id,
@@ -237,7 +244,7 @@ impl CheckpointStore {
             record.insert("lastMsgId", id.as_str());
         }
         if let Some(snapshot) = &position.snapshot {
-            record.insert("snapshot", snapshot.clone());
+            record.insert("snapshot", snapshot.to_document());
         }
         let key = self.key.as_str();
         match &self.backend {

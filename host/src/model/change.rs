@@ -586,9 +586,9 @@ pub struct SourceEvent {
     pub token: ResumeToken,
     /// The event itself.
     pub change: Change,
-    /// For a snapshot read, the snapshot's progress once this event is published (saved
-    /// with the checkpoint; see `snapshot`). `None` for change events.
-    pub snapshot: Option<bson::Document>,
+    /// While a snapshot runs (for its reads, and for changes beside an incremental one), its
+    /// progress once this event is published: saved with the checkpoint.
+    pub snapshot: Option<crate::model::SnapshotProgress>,
 }
 
 impl SourceEvent {

@@ -9,4 +9,4 @@ pub mod subject;
 pub mod token;
 
 pub use change::{Change, Fields, Namespace, Operation, SourceEvent};
-pub use position::Position;
+pub use position::{IncrementalProgress, InitialProgress, Position, SnapshotProgress};

@@ -71,7 +71,7 @@ pub struct Unit {
     /// Resume token after this unit.
     pub token: ResumeToken,
     /// Snapshot progress after this unit, while a snapshot runs.
-    pub snapshot: Option<bson::Document>,
+    pub snapshot: Option<crate::model::SnapshotProgress>,
     /// Unix milliseconds of the change's commit in MongoDB, for the end-to-end lag; `None`
     /// for heartbeats and snapshot reads.
     pub commit_unix_ms: Option<i64>,
@@ -401,7 +401,7 @@ struct Slot {
     sent_at: Instant,
     /// Set on the last message of a unit: the position (token and snapshot progress)
     /// reached once this is acknowledged.
-    advance_to: Option<(ResumeToken, Option<bson::Document>)>,
+    advance_to: Option<(ResumeToken, Option<crate::model::SnapshotProgress>)>,
     /// Set on the last message of a unit: its change's commit time (see [`Unit`]).
     commit_unix_ms: Option<i64>,
 }
