@@ -12,7 +12,7 @@ use crate::ops::telemetry::PipelineStats;
 use crate::plugin::reload::ChainUpdate;
 use crate::plugin::{CallError, Chain, Verdict};
 use crate::sink::framer::Framer;
-use crate::sink::Unit;
+use crate::sink::EventMessages;
 use crate::source::SourceItem;
 
 /// The run's hold on the unit's [`crate::plugin::reload::Updates`].
@@ -44,7 +44,10 @@ pub(super) fn spawn(
     pipeline: &PipelineConfig,
     max_payload: usize,
     start: &Option<Position>,
-    stages_io: (mpsc::Receiver<Vec<SourceItem>>, mpsc::Sender<Vec<Unit>>),
+    stages_io: (
+        mpsc::Receiver<Vec<SourceItem>>,
+        mpsc::Sender<Vec<EventMessages>>,
+    ),
     reloads: std::sync::mpsc::Receiver<ChainUpdate>,
     stats: std::sync::Arc<PipelineStats>,
 ) -> Result<std::thread::JoinHandle<Result<(), Error>>, Error> {
@@ -56,7 +59,7 @@ pub(super) fn spawn(
         .map_or(0, String::len);
     let framer = Framer::new(pipeline, max_payload, longest_id)?;
     let scope = pipeline.clone();
-    let (events, units) = stages_io;
+    let (events, to_sink) = stages_io;
     std::thread::Builder::new()
         .name(format!("tidegate-chain-{id}"))
         .spawn(move || {
@@ -66,7 +69,7 @@ pub(super) fn spawn(
                 framer,
                 reloads,
             };
-            stages.run(events, units, &stats)
+            stages.run(events, to_sink, &stats)
         })
         .map_err(|err| Error::Sink {
             pipeline: id.clone(),
@@ -111,7 +114,7 @@ impl ChainStages {
     fn run(
         mut self,
         mut events: mpsc::Receiver<Vec<SourceItem>>,
-        units: mpsc::Sender<Vec<Unit>>,
+        to_sink: mpsc::Sender<Vec<EventMessages>>,
         stats: &PipelineStats,
     ) -> Result<(), Error> {
         while let Some(batch) = events.blocking_recv() {
@@ -120,7 +123,7 @@ impl ChainStages {
                 continue;
             }
             let (framed, halted) = self.frame_batch(batch, stats);
-            if units.blocking_send(framed).is_err() {
+            if to_sink.blocking_send(framed).is_err() {
                 return Ok(());
             }
             if let Some(err) = halted {
@@ -144,13 +147,13 @@ impl ChainStages {
         &mut self,
         batch: Vec<SourceItem>,
         stats: &PipelineStats,
-    ) -> (Vec<Unit>, Option<CallError>) {
+    ) -> (Vec<EventMessages>, Option<CallError>) {
         let mut framed = Vec::with_capacity(batch.len());
         for item in batch {
             self.apply_updates(stats);
             let event = match item {
                 SourceItem::Heartbeat(token, snapshot) => {
-                    framed.push(Unit {
+                    framed.push(EventMessages {
                         messages: self.framer.heartbeat(&token),
                         token,
                         snapshot,

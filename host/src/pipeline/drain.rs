@@ -1,4 +1,4 @@
-//! The publishing loop: units from the plugin thread into the windowed publisher, its
+//! The publishing loop: framed events from the plugin thread into the windowed publisher, its
 //! acknowledgements settled, the acknowledged position posted to the checkpointer, and the
 //! drain once shutdown is asked for.
 
@@ -15,16 +15,16 @@ use crate::error::Error;
 use crate::ha::fence::Fence;
 use crate::model::Position;
 use crate::ops::telemetry::PipelineStats;
-use crate::sink::{Publisher, Unit};
+use crate::sink::{EventMessages, Publisher};
 
 /// What the loop owns; it stays with the run after the loop ends, so that what was left
 /// can be reported and the last position saved.
 pub(super) struct Drain {
     pub(super) id: String,
     pub(super) publisher: Publisher,
-    /// Units received but not yet published, waiting for room in the window.
-    pub(super) backlog: VecDeque<Unit>,
-    units: mpsc::Receiver<Vec<Unit>>,
+    /// Framed events received but not yet published, waiting for room in the window.
+    pub(super) backlog: VecDeque<EventMessages>,
+    framed: mpsc::Receiver<Vec<EventMessages>>,
     inputs_open: bool,
     shutdown: watch::Receiver<bool>,
     /// Tells the source to stop reading.
@@ -39,7 +39,7 @@ pub(super) struct Drain {
 
 /// The parts of the run that each stage hands the loop.
 pub(super) struct DrainIo {
-    pub(super) units: mpsc::Receiver<Vec<Unit>>,
+    pub(super) framed: mpsc::Receiver<Vec<EventMessages>>,
     pub(super) shutdown: watch::Receiver<bool>,
     pub(super) source_stop: watch::Sender<bool>,
     pub(super) positions: watch::Sender<Option<Position>>,
@@ -65,7 +65,7 @@ impl Drain {
             id: pipeline.id.clone(),
             publisher,
             backlog: VecDeque::new(),
-            units: io.units,
+            framed: io.framed,
             inputs_open: true,
             shutdown: io.shutdown,
             source_stop: io.source_stop,
@@ -77,16 +77,16 @@ impl Drain {
         }
     }
 
-    /// The loop, until every unit is published and acknowledged, or the fence is lost. It is
+    /// The loop, until everything framed is published and acknowledged, or the fence is lost. It is
     /// raced against the shutdown deadline: every await inside leaves the publisher and the
     /// backlog consistent if it is cancelled there.
     pub(super) async fn run(&mut self) -> Result<(), Error> {
         loop {
             while self.publisher.has_room() {
-                let Some(unit) = self.backlog.pop_front() else {
+                let Some(event) = self.backlog.pop_front() else {
                     break;
                 };
-                self.publisher.push(unit).await;
+                self.publisher.push(event).await;
             }
             if !self.inputs_open && self.backlog.is_empty() && self.publisher.is_idle() {
                 return Ok(());
@@ -96,9 +96,9 @@ impl Drain {
                     tracing::info!(pipeline = %self.id, "stopping: draining in-flight messages");
                     let _ = self.source_stop.send(true);
                 }
-                units = self.units.recv(), if self.inputs_open && self.backlog.is_empty() => {
-                    match units {
-                        Some(units) => self.backlog.extend(units),
+                framed = self.framed.recv(), if self.inputs_open && self.backlog.is_empty() => {
+                    match framed {
+                        Some(framed) => self.backlog.extend(framed),
                         None => self.inputs_open = false,
                     }
                 }
@@ -133,7 +133,7 @@ impl Drain {
             pipeline = %self.id,
             timeout_s = shutdown_timeout.as_secs(),
             unacknowledged_messages = self.publisher.in_flight(),
-            unacknowledged_units = self.publisher.units_in_flight(),
+            unacknowledged_units = self.publisher.events_in_flight(),
             queued_units = self.backlog.len(),
             queued_messages = queued,
             "shutdown timeout: stopping with messages unpublished; what is acknowledged is \
@@ -156,7 +156,7 @@ impl Drain {
     /// whose channel then closes. The source's stop signal is handed back: it must outlive
     /// the source task.
     pub(super) fn close(self) -> watch::Sender<bool> {
-        drop(self.units);
+        drop(self.framed);
         self.positions
             .send_replace(self.publisher.position().cloned());
         drop(self.positions);

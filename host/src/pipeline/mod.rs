@@ -1,13 +1,13 @@
 //! One pipeline, wired: source → plugin chain → sink, with the checkpoint beside the sink.
 //!
 //! ```text
-//!  source task ──(events)──▶ chain thread ──(units)──▶ sink task ──▶ JetStream
-//!  (async, driver)           (sync, wasmtime)          (async)    └─▶ checkpoint
+//!  source task ──(events)──▶ chain thread ──(framed)──▶ sink task ──▶ JetStream
+//!  (async, driver)           (sync, wasmtime)           (async)    └─▶ checkpoint
 //! ```
 //! The chain runs on its own OS thread because plugin calls are synchronous CPU work. Stages
 //! hand work over in batches (one wake-up per batch, not per event), and the bounded channels
 //! between them are the backpressure: when JetStream slows down or
-//! is away, the sink stops taking units, the chain stops taking events, and the source stops
+//! is away, the sink stops taking framed events, the chain stops taking events, and the source stops
 //! reading the change stream. Nothing is dropped; the position simply stops advancing.
 //!
 //! Start: the position is durable before anything is published. Without a checkpoint the
@@ -16,7 +16,7 @@
 //! which nothing is published again (see `sink::Floor`).
 //!
 //! Shutdown: the source stops reading, the chain finishes what it has, the sink publishes
-//! and settles every unit it was given, and the final position is checkpointed, all within
+//! and settles everything it was given, and the final position is checkpointed, all within
 //! `shutdown_timeout_secs`; past it the unit stops with what is acknowledged checkpointed
 //! and says how much was left (it is re-read on restart). Checkpoints are written by a task
 //! of their own, so a store that hangs never holds up publishing or the drain.
@@ -34,7 +34,7 @@ use crate::model::Position;
 use crate::plugin::reload::{ChainUpdate, Updates};
 use crate::plugin::Chain;
 use crate::sink::framer::{DEFAULT_MAX_PAYLOAD, MIN_MAX_PAYLOAD};
-use crate::sink::{self, Publisher, Unit};
+use crate::sink::{self, EventMessages, Publisher};
 use crate::source::{self, SourceItem};
 
 mod chain_thread;
@@ -53,8 +53,8 @@ use start::{resolve_start, Start};
 /// change-stream batches, so the next getMore overlaps plugin and publish work.
 const SOURCE_QUEUE_BATCHES: usize = 16;
 
-/// Batches of units framed ahead of the publisher.
-const UNIT_QUEUE_BATCHES: usize = 4;
+/// Batches of framed events ahead of the publisher.
+const FRAMED_QUEUE_BATCHES: usize = 4;
 
 /// The source task, ending with the source's own error, if any.
 type SourceTask = tokio::task::JoinHandle<Result<(), Error>>;
@@ -108,12 +108,12 @@ pub async fn run(
 
     let stats = crate::ops::metrics::pipeline(&id);
     let (event_tx, event_rx) = mpsc::channel::<Vec<SourceItem>>(SOURCE_QUEUE_BATCHES);
-    let (unit_tx, unit_rx) = mpsc::channel::<Vec<Unit>>(UNIT_QUEUE_BATCHES);
+    let (framed_tx, framed_rx) = mpsc::channel::<Vec<EventMessages>>(FRAMED_QUEUE_BATCHES);
     let wake = event_tx.downgrade();
     let (source_task, source_stop, _heartbeats) =
         start_source(&mongo, &pipeline, &start, at_time, event_tx);
     let (_forwarder, reloads) = chain_thread::forward_reloads(updates, wake);
-    let chain_io = (event_rx, unit_tx);
+    let chain_io = (event_rx, framed_tx);
     let chain_thread = chain_thread::spawn(
         chain,
         &pipeline,
@@ -130,7 +130,7 @@ pub async fn run(
     let deadline = Deadline::new(Duration::from_secs(pipeline.shutdown_timeout_secs));
     let passed = deadline.passed(shutdown.clone());
     let io = DrainIo {
-        units: unit_rx,
+        framed: framed_rx,
         shutdown,
         source_stop,
         positions,

@@ -13,7 +13,7 @@ use crate::model::subject::SubjectTemplate;
 use crate::model::SourceEvent;
 use crate::ops::metrics::PipelineMetrics as PipelineStats;
 use crate::plugin::{CallError, Verdict};
-use crate::sink::{encode, Message, Unit};
+use crate::sink::{encode, EventMessages, Message};
 
 /// NATS's default `max_payload`, assumed if the server did not say.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
@@ -142,8 +142,13 @@ impl Framer {
     }
 
     /// The messages for one event's verdict, each one checked with [`Framer::fits`].
-    pub fn frame(&mut self, event: &SourceEvent, verdict: Verdict, stats: &PipelineStats) -> Unit {
-        let unit = |messages| Unit {
+    pub fn frame(
+        &mut self,
+        event: &SourceEvent,
+        verdict: Verdict,
+        stats: &PipelineStats,
+    ) -> EventMessages {
+        let framed = |messages| EventMessages {
             messages,
             token: event.token.clone(),
             snapshot: event.snapshot.clone(),
@@ -151,7 +156,7 @@ impl Framer {
         };
         let change = &event.change;
         let outputs = match verdict {
-            Verdict::DeadLetter(err) => return unit(self.dead_letter(event, &err, stats)),
+            Verdict::DeadLetter(err) => return framed(self.dead_letter(event, &err, stats)),
             Verdict::Skip(_) | Verdict::Halt(_) => {
                 stats.skipped();
                 Vec::new()
@@ -179,7 +184,7 @@ impl Framer {
                         kind: "encoding".into(),
                         message,
                     };
-                    return unit(self.dead_letter(event, &err, stats));
+                    return framed(self.dead_letter(event, &err, stats));
                 }
             };
             let subject = match output.subject {
@@ -205,11 +210,11 @@ impl Framer {
                         kind: "too-large".into(),
                         message: format!("output {index}: {reason}"),
                     };
-                    return unit(self.dead_letter(event, &err, stats));
+                    return framed(self.dead_letter(event, &err, stats));
                 }
             }
         }
-        unit(messages)
+        framed(messages)
     }
 
     /// An event `oversize = "skip"` stripped on the server: its stub (id, namespace, document
@@ -220,7 +225,7 @@ impl Framer {
         event: &SourceEvent,
         size: i64,
         stats: &PipelineStats,
-    ) -> Unit {
+    ) -> EventMessages {
         let err = CallError {
             plugin: String::new(),
             plugin_hash: String::new(),
@@ -236,7 +241,7 @@ impl Framer {
                 .headers
                 .insert("Tidegate-Event-Size", size.to_string().as_str());
         }
-        Unit {
+        EventMessages {
             messages,
             token: event.token.clone(),
             snapshot: event.snapshot.clone(),
@@ -537,9 +542,9 @@ mod tests {
         let event = event(crate::model::Change::probe());
 
         let small = output(None, vec![("X-Ok".into(), "1".into())]);
-        let unit = framer.frame(&event, small, &stats);
-        assert_eq!(unit.messages.len(), 1);
-        assert_eq!(kind(&unit.messages[0]), None);
+        let framed = framer.frame(&event, small, &stats);
+        assert_eq!(framed.messages.len(), 1);
+        assert_eq!(kind(&framed.messages[0]), None);
 
         // Many headers, each small, together over max_payload on the wire only.
         let flood = (0..200)
@@ -547,9 +552,9 @@ mod tests {
             .collect::<Vec<_>>();
         let named: usize = flood.iter().map(|(n, v)| n.len() + v.len()).sum();
         assert!(named < max, "names and values alone fit");
-        let unit = framer.frame(&event, output(None, flood), &stats);
-        assert_eq!(unit.messages.len(), 1);
-        let dead = &unit.messages[0];
+        let framed = framer.frame(&event, output(None, flood), &stats);
+        assert_eq!(framed.messages.len(), 1);
+        let dead = &framed.messages[0];
         assert_eq!(kind(dead).as_deref(), Some("too-large"));
         assert_eq!(dead.subject, "cdc.dead-letter");
         let error = dead.headers.get("Tidegate-Error").expect("error").as_str();
@@ -559,9 +564,9 @@ mod tests {
         );
 
         let long = format!("cdc.{}", "s".repeat(MAX_SUBJECT_BYTES));
-        let unit = framer.frame(&event, output(Some(long), Vec::new()), &stats);
-        assert_eq!(kind(&unit.messages[0]).as_deref(), Some("too-large"));
-        for message in &unit.messages {
+        let framed = framer.frame(&event, output(Some(long), Vec::new()), &stats);
+        assert_eq!(kind(&framed.messages[0]).as_deref(), Some("too-large"));
+        for message in &framed.messages {
             assert!(framer.fits(message).is_ok());
         }
     }
@@ -590,9 +595,9 @@ mod tests {
             kind: "plugin-error".into(),
             message: "e".repeat(5000),
         };
-        let unit = framer.frame(&event(change), Verdict::DeadLetter(err), &stats);
-        assert_eq!(unit.messages.len(), 1);
-        let stub = &unit.messages[0];
+        let framed = framer.frame(&event(change), Verdict::DeadLetter(err), &stats);
+        assert_eq!(framed.messages.len(), 1);
+        let stub = &framed.messages[0];
         assert!(framer.fits(stub).is_ok());
         assert_eq!(kind(stub).as_deref(), Some("plugin-error"));
         let why = stub.headers.get("Tidegate-Stub").expect("stub").as_str();
