@@ -9,10 +9,11 @@ use mongodb::change_stream::event::ResumeToken;
 
 use crate::config::{Encoding, PipelineConfig};
 use crate::error::Error;
+use crate::model::failure::FailureKind;
 use crate::model::subject::SubjectTemplate;
 use crate::model::SourceEvent;
 use crate::ops::metrics::PipelineMetrics as PipelineStats;
-use crate::plugin::{CallError, Verdict};
+use crate::plugin::{DeadLetterCause, Verdict};
 use crate::sink::{encode, EventMessages, Message};
 
 /// NATS's default `max_payload`, assumed if the server did not say.
@@ -156,7 +157,7 @@ impl Framer {
         };
         let change = &event.change;
         let outputs = match verdict {
-            Verdict::DeadLetter(err) => return framed(self.dead_letter(event, &err, stats)),
+            Verdict::DeadLetter(cause) => return framed(self.dead_letter(event, &cause, stats)),
             Verdict::Skip(_) | Verdict::Halt(_) => {
                 stats.skipped();
                 Vec::new()
@@ -178,13 +179,11 @@ impl Framer {
             let payload = match encode::payload(change, self.encoding) {
                 Ok(payload) => payload,
                 Err(message) => {
-                    let err = CallError {
-                        plugin: String::new(),
-                        plugin_hash: String::new(),
-                        kind: "encoding".into(),
+                    let cause = DeadLetterCause::Host {
+                        kind: FailureKind::Encoding,
                         message,
                     };
-                    return framed(self.dead_letter(event, &err, stats));
+                    return framed(self.dead_letter(event, &cause, stats));
                 }
             };
             let subject = match output.subject {
@@ -204,13 +203,11 @@ impl Framer {
             match self.accept(message) {
                 Ok(message) => messages.push(message),
                 Err(reason) => {
-                    let err = CallError {
-                        plugin: String::new(),
-                        plugin_hash: String::new(),
-                        kind: "too-large".into(),
+                    let cause = DeadLetterCause::Host {
+                        kind: FailureKind::TooLarge,
                         message: format!("output {index}: {reason}"),
                     };
-                    return framed(self.dead_letter(event, &err, stats));
+                    return framed(self.dead_letter(event, &cause, stats));
                 }
             }
         }
@@ -226,16 +223,14 @@ impl Framer {
         size: i64,
         stats: &PipelineStats,
     ) -> EventMessages {
-        let err = CallError {
-            plugin: String::new(),
-            plugin_hash: String::new(),
-            kind: "oversize".into(),
+        let cause = DeadLetterCause::Host {
+            kind: FailureKind::Oversize,
             message: format!(
                 "the event is {size} bytes, over MongoDB's 16 MiB limit; oversize = \"skip\" \
                  dead-letters this stub of it (id, namespace, document key, cluster time)"
             ),
         };
-        let mut messages = self.dead_letter(event, &err, stats);
+        let mut messages = self.dead_letter(event, &cause, stats);
         for message in &mut messages {
             message
                 .headers
@@ -254,27 +249,29 @@ impl Framer {
     fn dead_letter(
         &mut self,
         event: &SourceEvent,
-        err: &CallError,
+        cause: &DeadLetterCause,
         stats: &PipelineStats,
     ) -> Vec<Message> {
-        stats.dead_lettered(&err.plugin, &err.kind);
+        // The host's own reasons are counted and logged with an empty plugin name.
+        let plugin = cause.plugin().map_or("", |err| err.plugin.as_str());
+        stats.dead_lettered(plugin, cause.kind().as_str());
         tracing::warn!(
             pipeline = %self.pipeline,
-            plugin = %err.plugin,
-            kind = %err.kind,
+            plugin = %plugin,
+            kind = %cause.kind(),
             // Plugin-supplied text, escaped (see `telemetry::escape`).
-            error = %crate::ops::telemetry::escape(&err.message),
+            error = %crate::ops::telemetry::escape(cause.message()),
             event = %crate::ops::telemetry::escape(event.change.id()),
             "event dead-lettered"
         );
         let full = encode::payload(&event.change, self.encoding)
-            .map(|payload| self.dead_letter_message(event, err, payload, HEADER_TEXT_CHARS));
+            .map(|payload| self.dead_letter_message(event, cause, payload, HEADER_TEXT_CHARS));
         let too_large = match full.map(|message| self.accept(message)) {
             Ok(Ok(message)) => return vec![message],
             Ok(Err(reason)) => reason,
             Err(reason) => format!("the event cannot be encoded: {reason}"),
         };
-        self.dead_letter_stub(event, err, &too_large)
+        self.dead_letter_stub(event, cause, &too_large)
             .into_iter()
             .collect()
     }
@@ -345,20 +342,20 @@ impl Framer {
     fn dead_letter_message(
         &self,
         event: &SourceEvent,
-        err: &CallError,
+        cause: &DeadLetterCause,
         payload: Vec<u8>,
         text_chars: usize,
     ) -> Message {
         let mut headers = self.headers();
         headers.insert(
             "Tidegate-Error-Kind",
-            header_text(&err.kind, text_chars).as_str(),
+            header_text(cause.kind().as_str(), text_chars).as_str(),
         );
         headers.insert(
             "Tidegate-Error",
-            header_text(&err.message, text_chars).as_str(),
+            header_text(cause.message(), text_chars).as_str(),
         );
-        if !err.plugin.is_empty() {
+        if let Some(err) = cause.plugin().filter(|err| !err.plugin.is_empty()) {
             headers.insert(
                 "Tidegate-Plugin",
                 header_text(&err.plugin, text_chars).as_str(),
@@ -389,7 +386,7 @@ impl Framer {
     fn dead_letter_stub(
         &mut self,
         event: &SourceEvent,
-        err: &CallError,
+        cause: &DeadLetterCause,
         too_large: &str,
     ) -> Option<Message> {
         let original = &event.change;
@@ -408,7 +405,7 @@ impl Framer {
                 .without(&left_out)
                 .and_then(|stub| encode::payload(&stub, self.encoding))
                 .unwrap_or_default();
-            let mut message = self.dead_letter_message(event, err, payload, STUB_ERROR_CHARS);
+            let mut message = self.dead_letter_message(event, cause, payload, STUB_ERROR_CHARS);
             let what = if keep_key {
                 "documents left out"
             } else {
@@ -483,7 +480,7 @@ fn header_text(text: &str, max_chars: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugin::Output;
+    use crate::plugin::{CallError, Output};
 
     /// A unit `t` publishing under `cdc`.
     fn pipeline() -> PipelineConfig {
@@ -592,10 +589,11 @@ mod tests {
         let err = CallError {
             plugin: "p".into(),
             plugin_hash: "sha256:00".into(),
-            kind: "plugin-error".into(),
+            kind: FailureKind::PluginError,
             message: "e".repeat(5000),
         };
-        let framed = framer.frame(&event(change), Verdict::DeadLetter(err), &stats);
+        let cause = DeadLetterCause::Plugin(err);
+        let framed = framer.frame(&event(change), Verdict::DeadLetter(cause), &stats);
         assert_eq!(framed.messages.len(), 1);
         let stub = &framed.messages[0];
         assert!(framer.fits(stub).is_ok());
