@@ -270,43 +270,8 @@ impl Publisher {
         self.metrics.retried();
         let text = error_chain(&err);
         if err.kind() == PublishErrorKind::WrongLastMessageId {
-            // The stream's last message is not the predecessor we named. If it is one of
-            // ours still in flight, everything up to it was stored: count those as done.
-            // (Ids are derived from the events, so a new owner of the pipeline publishes the
-            // same ids for the same events: if X is one of ours, the event is stored, whoever
-            // stored it.)
-            let stored = last_msg_id_in(&text);
-            match stored
-                .as_deref()
-                .and_then(|id| self.slots.iter().position(|s| s.message.msg_id == id))
-            {
-                // Not ours, with high availability on: another instance has published past
-                // us, so it owns the pipeline now. Stop; never skip ahead. (The lease keeper
-                // checks whether the lease was in fact lost; see `Fence`.)
-                None if self.fence.stops_on_foreign_tail() => {
-                    self.fence.revoke_foreign_tail(&format!(
-                        "the stream's last message ({}) was published by another instance",
-                        stored.as_deref().unwrap_or("?")
-                    ));
-                    return;
-                }
-                Some(i) => {
-                    for _ in 0..=i {
-                        self.metrics.acked(true, None);
-                        self.pop_acked();
-                    }
-                    self.last_sent_msg_id = stored;
-                }
-                None => {
-                    tracing::warn!(
-                        pipeline = %self.pipeline,
-                        stream_last = ?stored,
-                        "the stream's last message is not the one this pipeline expected (another \
-                         writer, or a purge?); continuing, relying on the duplicate window alone \
-                         for the next message"
-                    );
-                    self.last_sent_msg_id = None;
-                }
+            if !self.skip_stored(&text) {
+                return;
             }
         } else {
             self.metrics
@@ -345,6 +310,50 @@ impl Publisher {
             slot.ack = ack;
             slot.sent_at = Instant::now();
         }
+    }
+
+    /// Settles a refusal naming another last message than the predecessor we named, from its
+    /// `text`; `false` when the pipeline must stop (another instance owns it now).
+    fn skip_stored(&mut self, text: &str) -> bool {
+        // The stream's last message is not the predecessor we named. If it is one of
+        // ours still in flight, everything up to it was stored: count those as done.
+        // (Ids are derived from the events, so a new owner of the pipeline publishes the
+        // same ids for the same events: if X is one of ours, the event is stored, whoever
+        // stored it.)
+        let stored = last_msg_id_in(text);
+        match stored
+            .as_deref()
+            .and_then(|id| self.slots.iter().position(|s| s.message.msg_id == id))
+        {
+            // Not ours, with high availability on: another instance has published past
+            // us, so it owns the pipeline now. Stop; never skip ahead. (The lease keeper
+            // checks whether the lease was in fact lost; see `Fence`.)
+            None if self.fence.stops_on_foreign_tail() => {
+                self.fence.revoke_foreign_tail(&format!(
+                    "the stream's last message ({}) was published by another instance",
+                    stored.as_deref().unwrap_or("?")
+                ));
+                return false;
+            }
+            Some(i) => {
+                for _ in 0..=i {
+                    self.metrics.acked(true, None);
+                    self.pop_acked();
+                }
+                self.last_sent_msg_id = stored;
+            }
+            None => {
+                tracing::warn!(
+                    pipeline = %self.pipeline,
+                    stream_last = ?stored,
+                    "the stream's last message is not the one this pipeline expected (another \
+                     writer, or a purge?); continuing, relying on the duplicate window alone \
+                     for the next message"
+                );
+                self.last_sent_msg_id = None;
+            }
+        }
+        true
     }
 }
 

@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, Context};
 use mongodb::change_stream::event::ResumeToken;
 
 use super::EventMessages;
-use crate::config::PipelineConfig;
+use crate::config::{PipelineConfig, SinkConfig};
 use crate::error::Error;
 use crate::model::subject::subject_covers;
 use crate::model::token::token_id;
@@ -29,38 +29,7 @@ pub async fn prepare_stream(js: &Context, pipeline: &PipelineConfig) -> Result<(
                 .info()
                 .await
                 .map_err(|err| fail(format!("cannot read stream '{}': {err}", sink.stream)))?;
-            let config = &info.config;
-            if !config
-                .subjects
-                .iter()
-                .any(|s| subject_covers(s, &wanted_subject))
-            {
-                return Err(fail(format!(
-                    "stream '{}' has subjects [{}], which do not cover '{wanted_subject}'; add it to \
-                     the stream or change sink.subject_prefix",
-                    sink.stream,
-                    config.subjects.join(", ")
-                )));
-            }
-            if config.duplicate_window < window {
-                return Err(fail(format!(
-                    "stream '{}' keeps message ids for {}s, less than sink.duplicate_window_secs = {}; \
-                     restarts could then publish duplicates. Raise the stream's duplicate window \
-                     (nats stream edit {} --dupe-window {}s) or lower the setting",
-                    sink.stream,
-                    config.duplicate_window.as_secs(),
-                    sink.duplicate_window_secs,
-                    sink.stream,
-                    sink.duplicate_window_secs
-                )));
-            }
-            if config.no_ack {
-                return Err(fail(format!(
-                    "stream '{}' has no_ack set, so publishes cannot be confirmed",
-                    sink.stream
-                )));
-            }
-            Ok(())
+            check_existing(&info.config, sink, &wanted_subject, window).map_err(fail)
         }
         Err(err) if is_stream_not_found(&err) => {
             let config = StreamConfig {
@@ -95,6 +64,47 @@ pub async fn prepare_stream(js: &Context, pipeline: &PipelineConfig) -> Result<(
             sink.stream
         ))),
     }
+}
+
+/// Whether an existing stream can take the pipeline: it holds `wanted` subjects, remembers
+/// ids at least `window` long, and acknowledges publishes; the error says what to change.
+fn check_existing(
+    config: &StreamConfig,
+    sink: &SinkConfig,
+    wanted_subject: &str,
+    window: Duration,
+) -> Result<(), String> {
+    if !config
+        .subjects
+        .iter()
+        .any(|s| subject_covers(s, wanted_subject))
+    {
+        return Err(format!(
+            "stream '{}' has subjects [{}], which do not cover '{wanted_subject}'; add it to \
+             the stream or change sink.subject_prefix",
+            sink.stream,
+            config.subjects.join(", ")
+        ));
+    }
+    if config.duplicate_window < window {
+        return Err(format!(
+            "stream '{}' keeps message ids for {}s, less than sink.duplicate_window_secs = {}; \
+             restarts could then publish duplicates. Raise the stream's duplicate window \
+             (nats stream edit {} --dupe-window {}s) or lower the setting",
+            sink.stream,
+            config.duplicate_window.as_secs(),
+            sink.duplicate_window_secs,
+            sink.stream,
+            sink.duplicate_window_secs
+        ));
+    }
+    if config.no_ack {
+        return Err(format!(
+            "stream '{}' has no_ack set, so publishes cannot be confirmed",
+            sink.stream
+        ));
+    }
+    Ok(())
 }
 
 /// The id (`Nats-Msg-Id`) of the last message stored under the pipeline's subject prefix, if
