@@ -49,7 +49,8 @@ pub struct Message {
     pub payload: Bytes,
 }
 
-/// Everything one source event produced, and the token to resume after it.
+/// Everything one source event produced, and the token to resume after it: the position
+/// moves past an event only once all of its messages are stored.
 #[derive(Debug)]
 pub struct EventMessages {
     /// Messages to publish, in order; empty when the event was filtered out (or for an idle
