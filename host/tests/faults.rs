@@ -237,7 +237,7 @@ async fn nats_restart_with_short_duplicate_window_stays_exactly_once() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_skips_stored_messages_after_the_duplicate_window() -> anyhow::Result<()> {
     use tidegate::model::Position;
-    use tidegate::sink::{Publisher, Unit};
+    use tidegate::sink::{EventMessages, Publisher};
     let h = Harness::start().await?;
     h.create_stream(&["cdc.>"], Duration::from_secs(1)).await?;
     let js = async_nats::jetstream::new(h.nats_client().await?);
@@ -262,7 +262,7 @@ async fn publisher_skips_stored_messages_after_the_duplicate_window() -> anyhow:
     );
     for n in 1..4 {
         publisher
-            .push(Unit {
+            .push(EventMessages {
                 messages: vec![message(n)],
                 token: token(n)?,
                 snapshot: None,

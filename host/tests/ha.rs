@@ -309,7 +309,7 @@ async fn sigterm_hands_over_without_waiting_for_the_lease() -> anyhow::Result<()
 async fn deposed_publisher_stops_at_a_foreign_last_message() -> anyhow::Result<()> {
     use tidegate::ha::fence::Fence;
     use tidegate::model::Position;
-    use tidegate::sink::{Publisher, Unit};
+    use tidegate::sink::{EventMessages, Publisher};
     let h = Harness::start().await?;
     h.create_stream(&["cdc.>"], Duration::from_secs(1)).await?;
     let js = async_nats::jetstream::new(h.nats_client().await?);
@@ -342,7 +342,7 @@ async fn deposed_publisher_stops_at_a_foreign_last_message() -> anyhow::Result<(
             let mut publisher = Publisher::new(js, "p", &sink, Some(start), fence.clone());
             for n in 1..3 {
                 publisher
-                    .push(Unit {
+                    .push(EventMessages {
                         messages: vec![message(n)],
                         token: token(n)?,
                         snapshot: None,

@@ -13,12 +13,14 @@
 //! no longer move it; its write fails, its [`Fence`] is revoked and its pipeline stops. A
 //! write whose reply was lost is recognised by the writer id and not mistaken for a rival's.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+mod kv;
+mod mongo;
 
-use async_nats::jetstream::{self, kv};
-use bson::{doc, Bson, Document};
+use std::sync::atomic::AtomicU64;
+
+use async_nats::jetstream;
+use bson::{doc, Document};
 use mongodb::change_stream::event::ResumeToken;
-use mongodb::options::{DatabaseOptions, ReadConcern, WriteConcern};
 
 use crate::config::{CheckpointConfig, CheckpointStoreKind};
 use crate::error::Error;
@@ -39,7 +41,7 @@ pub struct CheckpointStore {
 
 enum Backend {
     /// One key per pipeline in a KV bucket.
-    NatsKv(Box<kv::Store>),
+    NatsKv(Box<async_nats::jetstream::kv::Store>),
     /// One document per pipeline, `_id` = pipeline id.
     Mongo(mongodb::Collection<Document>),
 }
@@ -60,39 +62,9 @@ impl CheckpointStore {
         };
         let backend = match config.store {
             CheckpointStoreKind::NatsKv => {
-                let store = match js.get_key_value(&config.bucket).await {
-                    Ok(store) => store,
-                    Err(_) => js
-                        .create_key_value(kv::Config {
-                            bucket: config.bucket.clone(),
-                            description: "tidegate pipeline positions".into(),
-                            history: 1,
-                            storage: jetstream::stream::StorageType::File,
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(|err| {
-                            fail(format!(
-                                "cannot open or create KV bucket '{}': {err}",
-                                config.bucket
-                            ))
-                        })?,
-                };
-                Backend::NatsKv(Box::new(store))
+                Backend::NatsKv(Box::new(kv::open(config, js, fail).await?))
             }
-            // Majority writes: a checkpoint that a failover could roll back would let the
-            // position go backwards (replaying is harmless; it is just wasted work).
-            CheckpointStoreKind::Mongodb => Backend::Mongo(
-                mongo
-                    .database_with_options(
-                        &config.database,
-                        DatabaseOptions::builder()
-                            .write_concern(WriteConcern::majority())
-                            .read_concern(ReadConcern::majority())
-                            .build(),
-                    )
-                    .collection(&config.collection),
-            ),
+            CheckpointStoreKind::Mongodb => Backend::Mongo(mongo::collection(config, mongo)),
         };
         Ok(CheckpointStore {
             backend,
@@ -132,46 +104,9 @@ impl CheckpointStore {
     /// module docs).
     pub async fn load(&self) -> Result<Option<Position>, Error> {
         let key = self.key.as_str();
-        let saved: Option<Document> = match &self.backend {
-            Backend::NatsKv(store) => {
-                // A rival may write between our read and our claim: read again then. Only a
-                // deposed owner can be writing, and its fence ends within a lease's time.
-                let mut attempts = 0;
-                loop {
-                    let entry = store
-                        .entry(key)
-                        .await
-                        .map_err(|err| self.fail(format!("cannot read key '{key}': {err}")))?
-                        .filter(|e| e.operation == kv::Operation::Put);
-                    let Some(entry) = entry else { break None };
-                    let mut saved = self.decode(&entry.value)?;
-                    saved.insert("writer", self.writer.as_str());
-                    match store
-                        .update(key, self.encode(&saved)?, entry.revision)
-                        .await
-                    {
-                        Ok(revision) => {
-                            self.revision.store(revision, Ordering::Release);
-                            break Some(saved);
-                        }
-                        Err(err) if attempts < 20 => {
-                            attempts += 1;
-                            tracing::debug!(pipeline = %key, error = %err, "checkpoint claim raced; retrying");
-                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        }
-                        Err(err) => {
-                            return Err(self.fail(format!("cannot claim key '{key}': {err}")))
-                        }
-                    }
-                }
-            }
-            Backend::Mongo(collection) => collection
-                .find_one_and_update(
-                    doc! { "_id": key },
-                    doc! { "$set": { "writer": self.writer.as_str() } },
-                )
-                .await
-                .map_err(|err| self.fail(format!("cannot read checkpoint '{key}': {err}")))?,
+        let saved = match &self.backend {
+            Backend::NatsKv(store) => self.claim_kv(store).await?,
+            Backend::Mongo(collection) => self.claim_mongo(collection).await?,
         };
         let Some(saved) = saved else {
             return Ok(None);
@@ -204,27 +139,6 @@ impl CheckpointStore {
         Ok(Some(position))
     }
 
-    fn decode(&self, bytes: &[u8]) -> Result<Document, Error> {
-        let key = &self.key;
-        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|err| {
-            self.fail(format!(
-                "key '{key}' does not hold a tidegate checkpoint: {err}"
-            ))
-        })?;
-        match Bson::try_from(value) {
-            Ok(Bson::Document(doc)) => Ok(doc),
-            _ => Err(self.fail(format!(
-                "key '{key}' does not hold a tidegate checkpoint document"
-            ))),
-        }
-    }
-
-    fn encode(&self, record: &Document) -> Result<bytes::Bytes, Error> {
-        serde_json::to_vec(&Bson::Document(record.clone()).into_canonical_extjson())
-            .map(Into::into)
-            .map_err(|err| self.fail(format!("cannot encode checkpoint: {err}")))
-    }
-
     /// Saves a position, if this store still owns the record and the fence holds.
     pub async fn save(&self, position: &Position) -> Result<(), Error> {
         if !self.fence.holds() {
@@ -246,90 +160,11 @@ impl CheckpointStore {
         if let Some(snapshot) = &position.snapshot {
             record.insert("snapshot", snapshot.to_document());
         }
-        let key = self.key.as_str();
         match &self.backend {
-            Backend::NatsKv(store) => {
-                let bytes = self.encode(&record)?;
-                for _ in 0..2 {
-                    let revision = self.revision.load(Ordering::Acquire);
-                    let written = match revision {
-                        0 => store
-                            .create(key, bytes.clone())
-                            .await
-                            .map_err(|e| e.to_string()),
-                        _ => store
-                            .update(key, bytes.clone(), revision)
-                            .await
-                            .map_err(|e| e.to_string()),
-                    };
-                    let err = match written {
-                        Ok(revision) => {
-                            self.revision.store(revision, Ordering::Release);
-                            crate::ops::metrics::pipeline(key).checkpointed(position);
-                            return Ok(());
-                        }
-                        Err(err) => err,
-                    };
-                    // Either someone else wrote, or our own earlier write landed but its
-                    // reply was lost: the record's writer tells which.
-                    let entry = store
-                        .entry(key)
-                        .await
-                        .map_err(|e| {
-                            self.fail(format!(
-                                "cannot write key '{key}': {err}; cannot read it back: {e}"
-                            ))
-                        })?
-                        .filter(|e| e.operation == kv::Operation::Put);
-                    match entry {
-                        Some(entry) if entry.revision == revision => {
-                            return Err(self.fail(format!("cannot write key '{key}': {err}")))
-                        }
-                        Some(entry) if self.is_ours(&entry.value) => {
-                            self.revision.store(entry.revision, Ordering::Release)
-                        }
-                        Some(_) => return Err(self.fenced("its checkpoint has another writer")),
-                        None if revision == 0 => {
-                            return Err(self.fail(format!("cannot write key '{key}': {err}")))
-                        }
-                        None => return Err(self.fenced("its checkpoint was deleted")),
-                    }
-                }
-                Err(self.fail(format!("cannot write key '{key}': it keeps changing")))
-            }
-            Backend::Mongo(collection) => {
-                match collection
-                    .replace_one(doc! { "_id": key, "writer": self.writer.as_str() }, record)
-                    .upsert(true)
-                    .await
-                {
-                    Ok(_) => {
-                        crate::ops::metrics::pipeline(key).checkpointed(position);
-                        Ok(())
-                    }
-                    // The upsert found no record of ours and could not insert one: the
-                    // record exists with another writer.
-                    Err(err) if is_duplicate_key(&err) => {
-                        Err(self.fenced("its checkpoint has another writer"))
-                    }
-                    Err(err) => Err(self.fail(format!("cannot write checkpoint '{key}': {err}"))),
-                }
-            }
+            Backend::NatsKv(store) => self.save_kv(store, position, &record).await,
+            Backend::Mongo(collection) => self.save_mongo(collection, position, record).await,
         }
     }
-
-    fn is_ours(&self, bytes: &[u8]) -> bool {
-        self.decode(bytes)
-            .is_ok_and(|doc| doc.get_str("writer").ok() == Some(self.writer.as_str()))
-    }
-}
-
-fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
-    use mongodb::error::{ErrorKind, WriteFailure};
-    matches!(
-        err.kind.as_ref(),
-        ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == 11000
-    )
 }
 
 /// A writer id unique to this store: process id, time and a hash seeded by the OS.

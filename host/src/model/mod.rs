@@ -4,6 +4,7 @@
 
 pub mod change;
 pub mod ejson;
+pub mod failure;
 pub mod position;
 pub mod subject;
 pub mod token;

@@ -28,20 +28,13 @@ const RATE_SPAN_MS: i64 = 60_000;
 /// Longest error message kept for `/status`.
 const MAX_ERROR_LEN: usize = 500;
 
-/// Why a plugin's call dead-letters an event (`plugin` and `sandbox::trap_reason`): the
-/// `reason` label values of `tidegate_dead_letters_total` with a plugin, declared at zero.
-pub const PLUGIN_FAILURE_REASONS: &[&str] = &[
-    "out-of-fuel",
-    "deadline",
-    "memory",
-    "trap",
-    "plugin-error",
-    "invalid-output",
-    "output-too-large",
-    "quarantined",
-];
-/// Why the host dead-letters an event itself (`pipeline::Framer`), with an empty `plugin`.
-pub const HOST_FAILURE_REASONS: &[&str] = &["too-large", "encoding"];
+/// Why a plugin's call dead-letters an event: the `reason` label values of
+/// `tidegate_dead_letters_total` with a plugin, declared at zero.
+pub const PLUGIN_FAILURE_REASONS: [crate::model::failure::FailureKind; 8] =
+    crate::model::failure::FailureKind::PLUGIN_DECLARED;
+/// Why the host dead-letters an event itself (`sink::framer`), with an empty `plugin`.
+pub const HOST_FAILURE_REASONS: [crate::model::failure::FailureKind; 2] =
+    crate::model::failure::FailureKind::HOST_DECLARED;
 
 /// The label set of a series, in a fixed order: `pipeline`, then e.g. `tenant`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

@@ -24,6 +24,7 @@ use crate::config::{
     Capabilities, PipelineConfig, PluginLimits, QuarantineAction, QuarantineConfig,
 };
 use crate::error::Error;
+use crate::model::failure::FailureKind;
 use crate::model::subject::{is_under_prefix, is_valid_subject};
 use crate::model::Change;
 use crate::sandbox::{self, Admission, PluginState, Sandbox};
@@ -128,9 +129,8 @@ pub struct CallError {
     pub plugin: String,
     /// The plugin file's `sha256:<hex>`, naming the exact version that failed.
     pub plugin_hash: String,
-    /// Short machine-friendly kind: `plugin-error`, `trap`, `out-of-fuel`, `deadline`,
-    /// `memory`, `output-too-large`, `invalid-output`, `quarantined` or `admission`.
-    pub kind: String,
+    /// What went wrong, in the terms dead-letter headers and counters use.
+    pub kind: FailureKind,
     /// Human-readable detail.
     pub message: String,
 }
@@ -138,11 +138,11 @@ pub struct CallError {
 impl CallError {
     /// An error of `plugin` (name and hash); the message is escaped (see
     /// `telemetry::escape`) since it may carry text from the plugin into logs and headers.
-    pub fn new(plugin: &str, plugin_hash: &str, kind: &str, message: &str) -> CallError {
+    pub fn new(plugin: &str, plugin_hash: &str, kind: FailureKind, message: &str) -> CallError {
         CallError {
             plugin: plugin.to_string(),
             plugin_hash: plugin_hash.to_string(),
-            kind: kind.to_string(),
+            kind,
             message: crate::ops::telemetry::escape(message).into_owned(),
         }
     }
@@ -249,9 +249,10 @@ impl Plugin {
     /// version that traps on contact is refused before it replaces a working one. A
     /// `plugin-error` verdict passes: plugins may rightly reject an event they do not know.
     pub fn smoke_test(&mut self) -> Result<(), CallError> {
-        let probe = convert::to_wit(&Change::probe()).map_err(|m| self.error("encoding", m))?;
+        let probe =
+            convert::to_wit(&Change::probe()).map_err(|m| self.error(FailureKind::Encoding, m))?;
         match self.call(&probe) {
-            Err(err) if err.kind != "plugin-error" => return Err(err),
+            Err(err) if err.kind != FailureKind::PluginError => return Err(err),
             _ => {}
         }
         self.fresh_instance()
@@ -295,7 +296,7 @@ impl Plugin {
         self.last_fuel_used
     }
 
-    fn error(&self, kind: &str, message: impl AsRef<str>) -> CallError {
+    fn error(&self, kind: FailureKind, message: impl AsRef<str>) -> CallError {
         CallError::new(&self.name, &self.hash, kind, message.as_ref())
     }
 
@@ -321,9 +322,9 @@ impl Plugin {
         let slot = self
             .admission
             .admit(limits)
-            .map_err(|m| self.error("admission", m))?;
+            .map_err(|m| self.error(FailureKind::Admission, m))?;
         let wasi = sandbox::wasi_context(&self.settings.capabilities)
-            .map_err(|m| self.error("admission", m))?;
+            .map_err(|m| self.error(FailureKind::Admission, m))?;
         let mut store = sandbox::new_store(
             &self.engine,
             &self.name,
@@ -333,14 +334,14 @@ impl Plugin {
             wasi,
             slot,
         );
-        sandbox::arm(&mut store, limits).map_err(|m| self.error("trap", m))?;
+        sandbox::arm(&mut store, limits).map_err(|m| self.error(FailureKind::Trap, m))?;
         let instance = match &self.pre {
             Pre::Filter(pre) => pre.instantiate(&mut store).map(Instance::Filter),
             Pre::Transform(pre) => pre.instantiate(&mut store).map(Instance::Transform),
         };
         let instance = instance.map_err(|err| {
             self.error(
-                "trap",
+                FailureKind::Trap,
                 format!("instantiation failed: {}", sandbox::trap_reason(&err)),
             )
         })?;
@@ -351,9 +352,9 @@ impl Plugin {
         self.report_suppressed_logs(&mut store);
         match init {
             Ok(Ok(())) => Ok((store, instance)),
-            Ok(Err(err)) => Err(self.error("plugin-error", plugin_error_text(&err))),
+            Ok(Err(err)) => Err(self.error(FailureKind::PluginError, plugin_error_text(&err))),
             Err(err) => Err(self.error(
-                "trap",
+                FailureKind::Trap,
                 format!("init trapped: {}", sandbox::trap_reason(&err)),
             )),
         }
@@ -379,7 +380,8 @@ impl Plugin {
             Some(live) => live,
             None => self.instantiate()?,
         };
-        sandbox::arm(&mut store, &self.settings.limits).map_err(|m| self.error("trap", m))?;
+        sandbox::arm(&mut store, &self.settings.limits)
+            .map_err(|m| self.error(FailureKind::Trap, m))?;
         let result = match &instance {
             Instance::Filter(f) => f
                 .call_filter(&mut store, event)
@@ -398,12 +400,11 @@ impl Plugin {
             }
             Ok(Err(err)) => {
                 self.live = Some((store, instance));
-                Err(self.error("plugin-error", plugin_error_text(&err)))
+                Err(self.error(FailureKind::PluginError, plugin_error_text(&err)))
             }
             Err(err) => {
                 let reason = sandbox::trap_reason(&err);
-                let kind = reason.split(':').next().unwrap_or("trap").to_string();
-                Err(self.error(&kind, reason))
+                Err(self.error(FailureKind::of_trap_reason(&reason), reason))
             }
         }
     }
@@ -440,13 +441,56 @@ pub struct Output {
     pub headers: Vec<(String, String)>,
 }
 
+/// Why an event goes to the dead-letter subject. A plugin's failure names the plugin (and
+/// its version) in the dead letter's headers; the host's own reasons name none, rather than
+/// a plugin with an empty name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterCause {
+    /// A plugin's call failed.
+    Plugin(CallError),
+    /// The host could not carry the event (or an output) as it is.
+    Host {
+        /// What went wrong.
+        kind: FailureKind,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+impl DeadLetterCause {
+    /// What went wrong.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            DeadLetterCause::Plugin(err) => err.kind,
+            DeadLetterCause::Host { kind, .. } => *kind,
+        }
+    }
+
+    /// Human-readable detail.
+    pub fn message(&self) -> &str {
+        match self {
+            DeadLetterCause::Plugin(err) => &err.message,
+            DeadLetterCause::Host { message, .. } => message,
+        }
+    }
+
+    /// The plugin that failed, if one did.
+    pub fn plugin(&self) -> Option<&CallError> {
+        match self {
+            DeadLetterCause::Plugin(err) => Some(err),
+            DeadLetterCause::Host { .. } => None,
+        }
+    }
+}
+
 /// What the chain decided for one event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// Publish these, in order (none: the event was filtered out).
     Publish(Vec<Output>),
-    /// A plugin failed: publish the original event to the dead-letter subject.
-    DeadLetter(CallError),
+    /// A plugin, or the host converting the event for plugins, failed: publish the original
+    /// event to the dead-letter subject.
+    DeadLetter(DeadLetterCause),
     /// A quarantined plugin's event, dropped by the `skip` policy.
     Skip(CallError),
     /// A quarantined plugin's event under the `halt` policy: the unit must stop before it.
@@ -590,14 +634,14 @@ impl Chain {
     fn quarantined(&self, index: usize) -> Option<Verdict> {
         let plugin = self.plugins.get(index).filter(|p| p.quarantined)?;
         let err = plugin.error(
-            "quarantined",
+            FailureKind::Quarantined,
             format!(
                 "plugin failed {} events in a row and is quarantined until reloaded",
                 plugin.failures_in_a_row
             ),
         );
         Some(match self.quarantine.action {
-            QuarantineAction::DeadLetter => Verdict::DeadLetter(err),
+            QuarantineAction::DeadLetter => Verdict::DeadLetter(DeadLetterCause::Plugin(err)),
             QuarantineAction::Skip => Verdict::Skip(err),
             QuarantineAction::Halt => Verdict::Halt(err),
         })
@@ -611,10 +655,8 @@ impl Chain {
             false => match convert::to_wit(change) {
                 Ok(event) => Some(event),
                 Err(message) => {
-                    return Verdict::DeadLetter(CallError {
-                        plugin: String::new(),
-                        plugin_hash: String::new(),
-                        kind: "encoding".into(),
+                    return Verdict::DeadLetter(DeadLetterCause::Host {
+                        kind: FailureKind::Encoding,
                         message,
                     })
                 }
@@ -652,7 +694,7 @@ impl Chain {
                     }
                     Ok(Decision::Drop) => continue,
                     Ok(Decision::Replace(outputs)) => outputs,
-                    Err(err) => return Verdict::DeadLetter(err),
+                    Err(err) => return Verdict::DeadLetter(DeadLetterCause::Plugin(err)),
                 };
                 for mut out in outputs {
                     if let Some(earlier) = &item {
@@ -690,12 +732,12 @@ impl Chain {
                         .last()
                         .map(|p| (p.name.clone(), p.hash.clone()))
                         .unwrap_or_default();
-                    return Verdict::DeadLetter(CallError::new(
+                    return Verdict::DeadLetter(DeadLetterCause::Plugin(CallError::new(
                         &last.0,
                         &last.1,
-                        "invalid-output",
+                        FailureKind::InvalidOutput,
                         &message,
-                    ));
+                    )));
                 }
             }
         }
@@ -718,7 +760,7 @@ fn check_outputs(
     let limits = &plugin.settings.limits;
     if outputs.len() > limits.max_outputs as usize {
         return Err(plugin.error(
-            "output-too-large",
+            FailureKind::OutputTooLarge,
             format!(
                 "{} outputs for one event; the limit is {} (limits.max_outputs)",
                 outputs.len(),
@@ -737,13 +779,13 @@ fn check_outputs(
             )
         };
         return Err(plugin.error(
-            "output-too-large",
+            FailureKind::OutputTooLarge,
             format!("outputs carry {bytes} bytes for one event; the limit is {limit}"),
         ));
     }
     for out in outputs {
         check_output(out, input, &rules.subject_prefix)
-            .map_err(|message| plugin.error("invalid-output", message))?;
+            .map_err(|message| plugin.error(FailureKind::InvalidOutput, message))?;
     }
     Ok(())
 }

@@ -397,7 +397,7 @@ fn test(
                 }
             }
             Verdict::DeadLetter(err) => {
-                println!("{what} -> error {}: {} {cost}", err.kind, err.message)
+                println!("{what} -> error {}: {} {cost}", err.kind(), err.message())
             }
             other => println!("{what} -> {other:?} {cost}"),
         }

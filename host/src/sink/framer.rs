@@ -9,11 +9,12 @@ use mongodb::change_stream::event::ResumeToken;
 
 use crate::config::{Encoding, PipelineConfig};
 use crate::error::Error;
+use crate::model::failure::FailureKind;
 use crate::model::subject::SubjectTemplate;
 use crate::model::SourceEvent;
 use crate::ops::metrics::PipelineMetrics as PipelineStats;
-use crate::plugin::{CallError, Verdict};
-use crate::sink::{encode, Message, Unit};
+use crate::plugin::{DeadLetterCause, Verdict};
+use crate::sink::{encode, EventMessages, Message};
 
 /// NATS's default `max_payload`, assumed if the server did not say.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
@@ -142,8 +143,13 @@ impl Framer {
     }
 
     /// The messages for one event's verdict, each one checked with [`Framer::fits`].
-    pub fn frame(&mut self, event: &SourceEvent, verdict: Verdict, stats: &PipelineStats) -> Unit {
-        let unit = |messages| Unit {
+    pub fn frame(
+        &mut self,
+        event: &SourceEvent,
+        verdict: Verdict,
+        stats: &PipelineStats,
+    ) -> EventMessages {
+        let framed = |messages| EventMessages {
             messages,
             token: event.token.clone(),
             snapshot: event.snapshot.clone(),
@@ -151,7 +157,7 @@ impl Framer {
         };
         let change = &event.change;
         let outputs = match verdict {
-            Verdict::DeadLetter(err) => return unit(self.dead_letter(event, &err, stats)),
+            Verdict::DeadLetter(cause) => return framed(self.dead_letter(event, &cause, stats)),
             Verdict::Skip(_) | Verdict::Halt(_) => {
                 stats.skipped();
                 Vec::new()
@@ -173,13 +179,11 @@ impl Framer {
             let payload = match encode::payload(change, self.encoding) {
                 Ok(payload) => payload,
                 Err(message) => {
-                    let err = CallError {
-                        plugin: String::new(),
-                        plugin_hash: String::new(),
-                        kind: "encoding".into(),
+                    let cause = DeadLetterCause::Host {
+                        kind: FailureKind::Encoding,
                         message,
                     };
-                    return unit(self.dead_letter(event, &err, stats));
+                    return framed(self.dead_letter(event, &cause, stats));
                 }
             };
             let subject = match output.subject {
@@ -199,17 +203,15 @@ impl Framer {
             match self.accept(message) {
                 Ok(message) => messages.push(message),
                 Err(reason) => {
-                    let err = CallError {
-                        plugin: String::new(),
-                        plugin_hash: String::new(),
-                        kind: "too-large".into(),
+                    let cause = DeadLetterCause::Host {
+                        kind: FailureKind::TooLarge,
                         message: format!("output {index}: {reason}"),
                     };
-                    return unit(self.dead_letter(event, &err, stats));
+                    return framed(self.dead_letter(event, &cause, stats));
                 }
             }
         }
-        unit(messages)
+        framed(messages)
     }
 
     /// An event `oversize = "skip"` stripped on the server: its stub (id, namespace, document
@@ -220,23 +222,21 @@ impl Framer {
         event: &SourceEvent,
         size: i64,
         stats: &PipelineStats,
-    ) -> Unit {
-        let err = CallError {
-            plugin: String::new(),
-            plugin_hash: String::new(),
-            kind: "oversize".into(),
+    ) -> EventMessages {
+        let cause = DeadLetterCause::Host {
+            kind: FailureKind::Oversize,
             message: format!(
                 "the event is {size} bytes, over MongoDB's 16 MiB limit; oversize = \"skip\" \
                  dead-letters this stub of it (id, namespace, document key, cluster time)"
             ),
         };
-        let mut messages = self.dead_letter(event, &err, stats);
+        let mut messages = self.dead_letter(event, &cause, stats);
         for message in &mut messages {
             message
                 .headers
                 .insert("Tidegate-Event-Size", size.to_string().as_str());
         }
-        Unit {
+        EventMessages {
             messages,
             token: event.token.clone(),
             snapshot: event.snapshot.clone(),
@@ -249,27 +249,29 @@ impl Framer {
     fn dead_letter(
         &mut self,
         event: &SourceEvent,
-        err: &CallError,
+        cause: &DeadLetterCause,
         stats: &PipelineStats,
     ) -> Vec<Message> {
-        stats.dead_lettered(&err.plugin, &err.kind);
+        // The host's own reasons are counted and logged with an empty plugin name.
+        let plugin = cause.plugin().map_or("", |err| err.plugin.as_str());
+        stats.dead_lettered(plugin, cause.kind().as_str());
         tracing::warn!(
             pipeline = %self.pipeline,
-            plugin = %err.plugin,
-            kind = %err.kind,
+            plugin = %plugin,
+            kind = %cause.kind(),
             // Plugin-supplied text, escaped (see `telemetry::escape`).
-            error = %crate::ops::telemetry::escape(&err.message),
+            error = %crate::ops::telemetry::escape(cause.message()),
             event = %crate::ops::telemetry::escape(event.change.id()),
             "event dead-lettered"
         );
         let full = encode::payload(&event.change, self.encoding)
-            .map(|payload| self.dead_letter_message(event, err, payload, HEADER_TEXT_CHARS));
+            .map(|payload| self.dead_letter_message(event, cause, payload, HEADER_TEXT_CHARS));
         let too_large = match full.map(|message| self.accept(message)) {
             Ok(Ok(message)) => return vec![message],
             Ok(Err(reason)) => reason,
             Err(reason) => format!("the event cannot be encoded: {reason}"),
         };
-        self.dead_letter_stub(event, err, &too_large)
+        self.dead_letter_stub(event, cause, &too_large)
             .into_iter()
             .collect()
     }
@@ -340,20 +342,20 @@ impl Framer {
     fn dead_letter_message(
         &self,
         event: &SourceEvent,
-        err: &CallError,
+        cause: &DeadLetterCause,
         payload: Vec<u8>,
         text_chars: usize,
     ) -> Message {
         let mut headers = self.headers();
         headers.insert(
             "Tidegate-Error-Kind",
-            header_text(&err.kind, text_chars).as_str(),
+            header_text(cause.kind().as_str(), text_chars).as_str(),
         );
         headers.insert(
             "Tidegate-Error",
-            header_text(&err.message, text_chars).as_str(),
+            header_text(cause.message(), text_chars).as_str(),
         );
-        if !err.plugin.is_empty() {
+        if let Some(err) = cause.plugin().filter(|err| !err.plugin.is_empty()) {
             headers.insert(
                 "Tidegate-Plugin",
                 header_text(&err.plugin, text_chars).as_str(),
@@ -384,7 +386,7 @@ impl Framer {
     fn dead_letter_stub(
         &mut self,
         event: &SourceEvent,
-        err: &CallError,
+        cause: &DeadLetterCause,
         too_large: &str,
     ) -> Option<Message> {
         let original = &event.change;
@@ -403,7 +405,7 @@ impl Framer {
                 .without(&left_out)
                 .and_then(|stub| encode::payload(&stub, self.encoding))
                 .unwrap_or_default();
-            let mut message = self.dead_letter_message(event, err, payload, STUB_ERROR_CHARS);
+            let mut message = self.dead_letter_message(event, cause, payload, STUB_ERROR_CHARS);
             let what = if keep_key {
                 "documents left out"
             } else {
@@ -478,7 +480,7 @@ fn header_text(text: &str, max_chars: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugin::Output;
+    use crate::plugin::{CallError, Output};
 
     /// A unit `t` publishing under `cdc`.
     fn pipeline() -> PipelineConfig {
@@ -537,9 +539,9 @@ mod tests {
         let event = event(crate::model::Change::probe());
 
         let small = output(None, vec![("X-Ok".into(), "1".into())]);
-        let unit = framer.frame(&event, small, &stats);
-        assert_eq!(unit.messages.len(), 1);
-        assert_eq!(kind(&unit.messages[0]), None);
+        let framed = framer.frame(&event, small, &stats);
+        assert_eq!(framed.messages.len(), 1);
+        assert_eq!(kind(&framed.messages[0]), None);
 
         // Many headers, each small, together over max_payload on the wire only.
         let flood = (0..200)
@@ -547,9 +549,9 @@ mod tests {
             .collect::<Vec<_>>();
         let named: usize = flood.iter().map(|(n, v)| n.len() + v.len()).sum();
         assert!(named < max, "names and values alone fit");
-        let unit = framer.frame(&event, output(None, flood), &stats);
-        assert_eq!(unit.messages.len(), 1);
-        let dead = &unit.messages[0];
+        let framed = framer.frame(&event, output(None, flood), &stats);
+        assert_eq!(framed.messages.len(), 1);
+        let dead = &framed.messages[0];
         assert_eq!(kind(dead).as_deref(), Some("too-large"));
         assert_eq!(dead.subject, "cdc.dead-letter");
         let error = dead.headers.get("Tidegate-Error").expect("error").as_str();
@@ -559,9 +561,9 @@ mod tests {
         );
 
         let long = format!("cdc.{}", "s".repeat(MAX_SUBJECT_BYTES));
-        let unit = framer.frame(&event, output(Some(long), Vec::new()), &stats);
-        assert_eq!(kind(&unit.messages[0]).as_deref(), Some("too-large"));
-        for message in &unit.messages {
+        let framed = framer.frame(&event, output(Some(long), Vec::new()), &stats);
+        assert_eq!(kind(&framed.messages[0]).as_deref(), Some("too-large"));
+        for message in &framed.messages {
             assert!(framer.fits(message).is_ok());
         }
     }
@@ -587,12 +589,13 @@ mod tests {
         let err = CallError {
             plugin: "p".into(),
             plugin_hash: "sha256:00".into(),
-            kind: "plugin-error".into(),
+            kind: FailureKind::PluginError,
             message: "e".repeat(5000),
         };
-        let unit = framer.frame(&event(change), Verdict::DeadLetter(err), &stats);
-        assert_eq!(unit.messages.len(), 1);
-        let stub = &unit.messages[0];
+        let cause = DeadLetterCause::Plugin(err);
+        let framed = framer.frame(&event(change), Verdict::DeadLetter(cause), &stats);
+        assert_eq!(framed.messages.len(), 1);
+        let stub = &framed.messages[0];
         assert!(framer.fits(stub).is_ok());
         assert_eq!(kind(stub).as_deref(), Some("plugin-error"));
         let why = stub.headers.get("Tidegate-Stub").expect("stub").as_str();

@@ -1,0 +1,403 @@
+//! The ordered, windowed publisher: messages sent asynchronously in change-stream order, each
+//! chained to its predecessor, acknowledgements settled oldest first, and on a failure a
+//! backoff and a re-publish of everything unacknowledged.
+
+use std::collections::VecDeque;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, Context};
+use mongodb::change_stream::event::ResumeToken;
+
+use super::{EventMessages, Floor, Message};
+use crate::config::SinkConfig;
+use crate::ha::fence::Fence;
+use crate::model::Position;
+use crate::ops::metrics::PipelineMetrics;
+
+type AckFuture =
+    Pin<Box<dyn Future<Output = Result<jetstream::publish::PublishAck, PublishError>> + Send>>;
+
+struct Slot {
+    message: Message,
+    ack: Option<AckFuture>,
+    /// When it was (last) handed to the client.
+    sent_at: Instant,
+    /// Set on an event's last message: the position (token and snapshot progress)
+    /// reached once this is acknowledged.
+    advance_to: Option<(ResumeToken, Option<crate::model::SnapshotProgress>)>,
+    /// Set on an event's last message: its change's commit time (see [`EventMessages`]).
+    commit_unix_ms: Option<i64>,
+}
+
+/// Publishes events' messages in order and reports the acknowledged position.
+pub struct Publisher {
+    js: Context,
+    pipeline: String,
+    max_in_flight: usize,
+    slots: VecDeque<Slot>,
+    /// Id of the newest message handed to the stream, the predecessor of the next one.
+    last_sent_msg_id: Option<String>,
+    acked: Option<Position>,
+    metrics: Arc<PipelineMetrics>,
+    backoff: Duration,
+    /// Nothing is sent once it no longer holds.
+    fence: Fence,
+    /// The stream's tail at start, while the re-read events have not passed it yet.
+    floor: Option<Floor>,
+    /// Messages the floor found already stored.
+    skipped: usize,
+    /// The stream's last message at start, when there is no checkpoint to name it.
+    tail_at_start: Option<String>,
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Publisher {
+    /// A publisher continuing after `start` (the checkpoint), if any, publishing only while
+    /// `fence` holds.
+    pub fn new(
+        js: Context,
+        pipeline: &str,
+        sink: &SinkConfig,
+        start: Option<Position>,
+        fence: Fence,
+    ) -> Publisher {
+        Publisher {
+            js,
+            pipeline: pipeline.to_string(),
+            max_in_flight: sink.max_in_flight,
+            slots: VecDeque::new(),
+            last_sent_msg_id: start.as_ref().and_then(|p| p.last_msg_id.clone()),
+            acked: start,
+            metrics: crate::ops::metrics::pipeline(pipeline),
+            backoff: MIN_BACKOFF,
+            fence,
+            floor: None,
+            skipped: 0,
+            tail_at_start: None,
+        }
+    }
+
+    /// Continues after the stream's real last message `tail` (see [`stream_tail`](super::stream_tail)) rather
+    /// than the one the checkpoint names: the ordering chain starts from it, and `floor`, if
+    /// any, drops what is re-read up to it.
+    pub fn continue_after(&mut self, tail: Option<String>, floor: Option<Floor>) {
+        if let Some(tail) = tail {
+            self.last_sent_msg_id = Some(tail.clone());
+            match &mut self.acked {
+                Some(position) => position.last_msg_id = Some(tail),
+                None => self.tail_at_start = Some(tail),
+            }
+        }
+        self.floor = floor;
+    }
+
+    /// The id of the newest message known to be stored: the predecessor of the oldest one
+    /// in flight.
+    fn stored_msg_id(&self) -> Option<String> {
+        self.acked
+            .as_ref()
+            .and_then(|p| p.last_msg_id.clone())
+            .or_else(|| self.tail_at_start.clone())
+    }
+
+    /// Messages handed to the client and not yet acknowledged.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Events with messages in flight (each event's last message carries its position).
+    pub fn events_in_flight(&self) -> usize {
+        self.slots.iter().filter(|s| s.advance_to.is_some()).count()
+    }
+
+    /// Whether another event's messages may be accepted now.
+    pub fn has_room(&self) -> bool {
+        self.slots.len() < self.max_in_flight
+    }
+
+    /// Whether nothing is waiting for an acknowledgement.
+    pub fn is_idle(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The acknowledged position.
+    pub fn position(&self) -> Option<&Position> {
+        self.acked.as_ref()
+    }
+
+    /// Queues and publishes an event's messages, except those the stream already holds (see
+    /// [`Floor`]).
+    pub async fn push(&mut self, mut event: EventMessages) {
+        if let Some(floor) = &self.floor {
+            let (stored, passed) = floor.stored(&event);
+            if stored > 0 {
+                self.skipped += stored;
+                event.messages.drain(..stored);
+            }
+            if passed {
+                tracing::info!(
+                    pipeline = %self.pipeline,
+                    tail = %floor.msg_id(),
+                    skipped = self.skipped,
+                    "caught up with the stream's last message; publishing from here"
+                );
+                self.floor = None;
+            }
+        }
+        if event.messages.is_empty() {
+            match self.slots.back_mut() {
+                // Earlier messages are still in flight: move the position once they land.
+                Some(last) => last.advance_to = Some((event.token, event.snapshot)),
+                None => {
+                    let last_msg_id = self.stored_msg_id();
+                    self.acked = Some(Position {
+                        token: event.token,
+                        last_msg_id,
+                        snapshot: event.snapshot,
+                    });
+                }
+            }
+            return;
+        }
+        let count = event.messages.len();
+        let mut token = Some((event.token, event.snapshot));
+        for (i, message) in event.messages.into_iter().enumerate() {
+            let last = i + 1 == count;
+            let advance_to = if last { token.take() } else { None };
+            let ack = self.send(&message).await;
+            self.slots.push_back(Slot {
+                message,
+                ack,
+                sent_at: Instant::now(),
+                advance_to,
+                commit_unix_ms: event.commit_unix_ms.filter(|_| last),
+            });
+        }
+    }
+
+    /// Sends one message; `None` when it could not even be handed to the client (the retry
+    /// path treats that like a failed acknowledgement).
+    async fn send(&mut self, message: &Message) -> Option<AckFuture> {
+        if !self.fence.holds() {
+            return None;
+        }
+        let mut publish = PublishMessage::build()
+            .payload(message.payload.clone())
+            .headers(message.headers.clone())
+            .message_id(&message.msg_id);
+        if let Some(previous) = &self.last_sent_msg_id {
+            publish = publish.expected_last_message_id(previous);
+        }
+        self.last_sent_msg_id = Some(message.msg_id.clone());
+        match self.js.send_publish(message.subject.clone(), publish).await {
+            Ok(ack) => Some(ack.into_future()),
+            Err(err) => {
+                tracing::debug!(pipeline = %self.pipeline, error = %err, "publish not sent");
+                None
+            }
+        }
+    }
+
+    /// Waits for the oldest in-flight message's acknowledgement. Cancel-safe: dropping the
+    /// returned future leaves the acknowledgement pending. Pass the result to
+    /// [`Publisher::handle_ack`]. Never resolves once the fence is lost.
+    pub async fn next_ack(&mut self) -> Result<jetstream::publish::PublishAck, PublishError> {
+        if !self.fence.holds() {
+            // Deposed: nothing more is sent or settled; the pipeline stops on its fence.
+            return std::future::pending().await;
+        }
+        let Some(front) = self.slots.front_mut() else {
+            return Err(PublishError::new(PublishErrorKind::Other));
+        };
+        let result = match front.ack.as_mut() {
+            Some(ack) => ack.await,
+            None => Err(PublishError::new(PublishErrorKind::Other)),
+        };
+        // A completed future must never be polled again.
+        front.ack = None;
+        result
+    }
+
+    /// Records the oldest message's acknowledgement; on failure, backs off and re-publishes
+    /// everything in flight, in order.
+    pub async fn handle_ack(
+        &mut self,
+        result: Result<jetstream::publish::PublishAck, PublishError>,
+    ) {
+        match result {
+            Ok(ack) => {
+                let latency = self.slots.front().map(|s| s.sent_at.elapsed());
+                self.metrics.acked(ack.duplicate, latency);
+                self.backoff = MIN_BACKOFF;
+                self.pop_acked();
+            }
+            Err(err) => self.recover(err).await,
+        }
+    }
+
+    fn pop_acked(&mut self) {
+        if let Some(slot) = self.slots.pop_front() {
+            if let Some(commit) = slot.commit_unix_ms {
+                self.metrics.change_acked(commit);
+            }
+            let reached = slot.advance_to.or_else(|| {
+                self.acked
+                    .as_ref()
+                    .map(|p| (p.token.clone(), p.snapshot.clone()))
+            });
+            if let Some((token, snapshot)) = reached {
+                self.acked = Some(Position {
+                    token,
+                    last_msg_id: Some(slot.message.msg_id),
+                    snapshot,
+                });
+            }
+        }
+    }
+
+    async fn recover(&mut self, err: PublishError) {
+        if !self.fence.holds() {
+            // Deposed: the pipeline is stopping; nothing more may be sent.
+            return;
+        }
+        self.metrics.retried();
+        let text = error_chain(&err);
+        if err.kind() == PublishErrorKind::WrongLastMessageId {
+            if !self.skip_stored(&text) {
+                return;
+            }
+        } else {
+            self.metrics
+                .set_error(&format!("publish failed; re-publishing: {text}"));
+            let client = self.js.client();
+            let oldest = self.slots.front();
+            tracing::warn!(
+                pipeline = %self.pipeline,
+                error = %text,
+                kind = ?err.kind(),
+                message_id = oldest.map(|s| s.message.msg_id.as_str()).unwrap_or_default(),
+                subject = oldest.map(|s| s.message.subject.as_str()).unwrap_or_default(),
+                waited_ms = oldest.map(|s| s.sent_at.elapsed().as_millis() as u64).unwrap_or_default(),
+                connection = ?client.connection_state(),
+                in_flight = self.slots.len(),
+                retry_in_ms = self.backoff.as_millis() as u64,
+                "publish failed; will re-publish everything unacknowledged, in order"
+            );
+            tokio::time::sleep(self.backoff).await;
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+            // While disconnected, re-publishing would only pile copies up in the client's
+            // buffer: wait for the connection first.
+            while client.connection_state() != async_nats::connection::State::Connected {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            self.last_sent_msg_id = self.stored_msg_id();
+        }
+        // Re-publish everything still unacknowledged, in order, chaining from
+        // `last_sent_msg_id`. Messages the stream already holds come back as duplicates.
+        // Slot by slot in place, so that a shutdown deadline cancelling this half-way loses
+        // track of nothing.
+        for i in 0..self.slots.len() {
+            let message = self.slots[i].message.clone();
+            let ack = self.send(&message).await;
+            let slot = &mut self.slots[i];
+            slot.ack = ack;
+            slot.sent_at = Instant::now();
+        }
+    }
+
+    /// Settles a refusal naming another last message than the predecessor we named, from its
+    /// `text`; `false` when the pipeline must stop (another instance owns it now).
+    fn skip_stored(&mut self, text: &str) -> bool {
+        // The stream's last message is not the predecessor we named. If it is one of
+        // ours still in flight, everything up to it was stored: count those as done.
+        // (Ids are derived from the events, so a new owner of the pipeline publishes the
+        // same ids for the same events: if X is one of ours, the event is stored, whoever
+        // stored it.)
+        let stored = last_msg_id_in(text);
+        match stored
+            .as_deref()
+            .and_then(|id| self.slots.iter().position(|s| s.message.msg_id == id))
+        {
+            // Not ours, with high availability on: another instance has published past
+            // us, so it owns the pipeline now. Stop; never skip ahead. (The lease keeper
+            // checks whether the lease was in fact lost; see `Fence`.)
+            None if self.fence.stops_on_foreign_tail() => {
+                self.fence.revoke_foreign_tail(&format!(
+                    "the stream's last message ({}) was published by another instance",
+                    stored.as_deref().unwrap_or("?")
+                ));
+                return false;
+            }
+            Some(i) => {
+                for _ in 0..=i {
+                    self.metrics.acked(true, None);
+                    self.pop_acked();
+                }
+                self.last_sent_msg_id = stored;
+            }
+            None => {
+                tracing::warn!(
+                    pipeline = %self.pipeline,
+                    stream_last = ?stored,
+                    "the stream's last message is not the one this pipeline expected (another \
+                     writer, or a purge?); continuing, relying on the duplicate window alone \
+                     for the next message"
+                );
+                self.last_sent_msg_id = None;
+            }
+        }
+        true
+    }
+}
+
+/// An error with every cause it carries, `a: b: c`; never a dangling `: ` when there is none.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !cause_text.is_empty() && !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Extracts `X` from a JetStream "wrong last msg ID: X" error text.
+fn last_msg_id_in(text: &str) -> Option<String> {
+    let start = text.find("wrong last msg ID: ")? + "wrong last msg ID: ".len();
+    let id: String = text[start..]
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"' && *c != ')' && *c != ',')
+        .collect();
+    (!id.is_empty()).then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chains_have_no_empty_detail() {
+        let err = PublishError::new(PublishErrorKind::TimedOut);
+        assert!(!error_chain(&err).ends_with(": "), "{}", error_chain(&err));
+    }
+
+    #[test]
+    fn parses_wrong_last_msg_id() {
+        assert_eq!(
+            last_msg_id_in("wrong last message id: wrong last msg ID: p:82ab:0 (10071)").as_deref(),
+            Some("p:82ab:0")
+        );
+        assert_eq!(last_msg_id_in("wrong last msg ID: "), None);
+    }
+}
