@@ -25,8 +25,9 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Subcommand, ValueEnum};
 use tidegate::config::{Capabilities, Encoding, PipelineConfig, PluginLimits, SandboxConfig};
-use tidegate::model::SourceEvent;
-use tidegate::plugin::{Chain, Plugin, PluginSettings, Verdict, World};
+use tidegate::model::{Change, SourceEvent};
+use tidegate::ops::metrics::PipelineMetrics;
+use tidegate::plugin::{Chain, Output, Plugin, PluginSettings, Verdict, World};
 use tidegate::sandbox::Sandbox;
 use tidegate::sink::framer::Framer;
 
@@ -323,7 +324,6 @@ fn test(
     pipeline: &PipelineConfig,
     max_payload: usize,
 ) -> anyhow::Result<bool> {
-    let limits = settings.limits;
     // Plugin log lines and dead-letter warnings (and nothing else) on stderr.
     tidegate::ops::telemetry::init(&tidegate::config::LogConfig {
         level: "warn,tidegate::plugin=debug".into(),
@@ -341,6 +341,7 @@ fn test(
         }
     };
     let world = plugin.world();
+    let limits = settings.limits;
     println!(
         "{} ({world:?}), {} event(s), limits: {} MiB, {} fuel, {} ms per call, {} output \
          bytes, max_payload {max_payload}",
@@ -367,75 +368,96 @@ fn test(
             change.operation().as_str(),
             change.namespace()
         );
-        match &verdict {
-            Verdict::Publish(outputs) if world == World::Filter => {
-                let kept = if outputs.is_empty() { "drop" } else { "keep" };
-                println!("{what} -> {kept} {cost}");
-            }
-            Verdict::Publish(outputs) => {
-                println!("{what} -> {} output(s) {cost}", outputs.len());
-                for (i, out) in outputs.iter().enumerate() {
-                    let headers: Vec<String> = out
-                        .headers
-                        .iter()
-                        .map(|(name, value)| format!("{name}: {value}"))
-                        .collect();
-                    println!(
-                        "  [{i}] subject: {}{}",
-                        out.subject.as_deref().unwrap_or("(pipeline template)"),
-                        if headers.is_empty() {
-                            String::new()
-                        } else {
-                            format!("; headers: {}", headers.join(", "))
-                        }
-                    );
-                    let shown = out.change.as_ref().unwrap_or(change);
-                    match tidegate::sink::encode::payload(shown, Encoding::RelaxedJson) {
-                        Ok(bytes) => println!("      {}", String::from_utf8_lossy(&bytes)),
-                        Err(message) => println!("      (cannot show as JSON: {message})"),
-                    }
-                }
-            }
-            Verdict::DeadLetter(err) => {
-                println!("{what} -> error {}: {} {cost}", err.kind(), err.message())
-            }
-            other => println!("{what} -> {other:?} {cost}"),
-        }
-        // What production publishes for this verdict: the framer's own messages.
-        let token =
-            tidegate::model::token::token_from_document(bson::doc! { "_data": change.id() })
-                .map_err(anyhow::Error::msg)?;
-        let event = SourceEvent {
-            token,
-            change: change.clone(),
-            snapshot: None,
-        };
-        let unit = framer.frame(&event, verdict, &stats);
-        let dead_letter = unit
-            .messages
-            .iter()
-            .find(|m| m.headers.get("Tidegate-Error-Kind").is_some());
-        if let Some(message) = dead_letter {
-            all_ok = false;
-            let header = |name: &str| {
-                message
-                    .headers
-                    .get(name)
-                    .map(|v| v.as_str().to_owned())
-                    .unwrap_or_default()
-            };
-            println!(
-                "  production: dead-lettered to {} ({}: {}){}",
-                message.subject,
-                header("Tidegate-Error-Kind"),
-                header("Tidegate-Error"),
-                if message.headers.get("Tidegate-Stub").is_some() {
-                    " as a stub"
-                } else {
-                    ""
-                }
-            );
-        }
+        print_verdict(&what, &cost, world, change, &verdict);
+        all_ok &= print_production(&mut framer, change, verdict, &stats)?;
     }
     Ok(all_ok)
+}
+
+/// Prints what the plugin decided for `change`: a filter's keep or drop, a transform's
+/// outputs (subject, headers, payload as relaxed JSON), or its error.
+fn print_verdict(what: &str, cost: &str, world: World, change: &Change, verdict: &Verdict) {
+    match verdict {
+        Verdict::Publish(outputs) if world == World::Filter => {
+            let kept = if outputs.is_empty() { "drop" } else { "keep" };
+            println!("{what} -> {kept} {cost}");
+        }
+        Verdict::Publish(outputs) => {
+            println!("{what} -> {} output(s) {cost}", outputs.len());
+            for (i, out) in outputs.iter().enumerate() {
+                print_output(i, out, change);
+            }
+        }
+        Verdict::DeadLetter(err) => {
+            println!("{what} -> error {}: {} {cost}", err.kind(), err.message())
+        }
+        other => println!("{what} -> {other:?} {cost}"),
+    }
+}
+
+/// Prints output `i` of a transform: its subject and headers, then its payload.
+fn print_output(i: usize, out: &Output, change: &Change) {
+    let headers: Vec<String> = out
+        .headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}"))
+        .collect();
+    println!(
+        "  [{i}] subject: {}{}",
+        out.subject.as_deref().unwrap_or("(pipeline template)"),
+        if headers.is_empty() {
+            String::new()
+        } else {
+            format!("; headers: {}", headers.join(", "))
+        }
+    );
+    let shown = out.change.as_ref().unwrap_or(change);
+    match tidegate::sink::encode::payload(shown, Encoding::RelaxedJson) {
+        Ok(bytes) => println!("      {}", String::from_utf8_lossy(&bytes)),
+        Err(message) => println!("      (cannot show as JSON: {message})"),
+    }
+}
+
+/// Frames `verdict` with the pipeline's own framer, so the answer is what production would
+/// publish, and prints the dead letter if that is what it comes to; `false` then.
+fn print_production(
+    framer: &mut Framer,
+    change: &Change,
+    verdict: Verdict,
+    stats: &PipelineMetrics,
+) -> anyhow::Result<bool> {
+    let token = tidegate::model::token::token_from_document(bson::doc! { "_data": change.id() })
+        .map_err(anyhow::Error::msg)?;
+    let event = SourceEvent {
+        token,
+        change: change.clone(),
+        snapshot: None,
+    };
+    let framed = framer.frame(&event, verdict, stats);
+    let Some(message) = framed
+        .messages
+        .iter()
+        .find(|m| m.headers.get("Tidegate-Error-Kind").is_some())
+    else {
+        return Ok(true);
+    };
+    let header = |name: &str| {
+        message
+            .headers
+            .get(name)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    println!(
+        "  production: dead-lettered to {} ({}: {}){}",
+        message.subject,
+        header("Tidegate-Error-Kind"),
+        header("Tidegate-Error"),
+        if message.headers.get("Tidegate-Stub").is_some() {
+            " as a stub"
+        } else {
+            ""
+        }
+    );
+    Ok(false)
 }

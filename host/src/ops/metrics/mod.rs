@@ -1,0 +1,203 @@
+//! Every number tidegate exposes, in one registry: counters, gauges and histograms per
+//! series, rendered as Prometheus text for `/metrics` and read by `/status` and the summary
+//! log line.
+//!
+//! A series is one pipeline (and, as pipelines gain tenants, one tenant of it): its
+//! [`Labels`] come from the configuration only, never from event data, so the number of
+//! series is bounded by the config. Stages find their series with [`series`] (or
+//! [`pipeline`]) and update plain atomics; nothing here blocks the event path.
+
+mod histogram;
+mod labels;
+mod prometheus;
+mod series;
+mod status;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mongodb::change_stream::event::ResumeToken;
+
+pub use histogram::Histogram;
+pub use labels::{Labels, State};
+pub use series::{Counts, LastError, PipelineMetrics, PluginInfo};
+
+use histogram::CALL_BOUNDS;
+
+/// How often [`Registry::sample_history`] is called: the step of `/status`'s history and of
+/// the page's graphs.
+pub const HISTORY_STEP: Duration = Duration::from_secs(5);
+
+/// Why a plugin's call dead-letters an event: the `reason` label values of
+/// `tidegate_dead_letters_total` with a plugin, declared at zero.
+pub const PLUGIN_FAILURE_REASONS: [crate::model::failure::FailureKind; 8] =
+    crate::model::failure::FailureKind::PLUGIN_DECLARED;
+/// Why the host dead-letters an event itself (`sink::framer`), with an empty `plugin`.
+pub const HOST_FAILURE_REASONS: [crate::model::failure::FailureKind; 2] =
+    crate::model::failure::FailureKind::HOST_DECLARED;
+
+/// The calls of one plugin of a chain (labels: `pipeline`, `plugin`, and later `tenant`).
+#[derive(Debug)]
+pub struct PluginMetrics {
+    labels: Labels,
+    calls: AtomicU64,
+    failures: AtomicU64,
+    fuel: AtomicU64,
+    /// Largest linear memory an instance reached, bytes.
+    memory_peak: AtomicU64,
+    /// Wall-clock time per call.
+    pub call_time: Histogram,
+}
+
+impl PluginMetrics {
+    /// Records one call: how long it took, the fuel it burnt, the plugin's peak memory so
+    /// far, and whether it failed (the event was dead-lettered).
+    pub fn call(&self, elapsed: Duration, fuel: u64, memory_peak: u64, failed: bool) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.memory_peak.fetch_max(memory_peak, Ordering::Relaxed);
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        self.fuel.fetch_add(fuel, Ordering::Relaxed);
+        self.call_time.observe(elapsed);
+    }
+}
+
+/// The series of plugin `name` in the chain with `labels`, created on first use.
+pub fn plugin(labels: &Labels, name: &str) -> Arc<PluginMetrics> {
+    let labels = labels.clone().with("plugin", name);
+    let mut all = registry()
+        .plugins
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    all.entry(labels.clone())
+        .or_insert_with(|| {
+            Arc::new(PluginMetrics {
+                labels,
+                calls: AtomicU64::new(0),
+                memory_peak: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                fuel: AtomicU64::new(0),
+                call_time: Histogram::new(CALL_BOUNDS),
+            })
+        })
+        .clone()
+}
+
+/// All series of this process.
+#[derive(Debug)]
+pub struct Registry {
+    series: Mutex<BTreeMap<Labels, Arc<PipelineMetrics>>>,
+    plugins: Mutex<BTreeMap<Labels, Arc<PluginMetrics>>>,
+    /// This instance's name when high availability is on.
+    instance: OnceLock<String>,
+    /// When the registry (in effect, the process) started.
+    started: Instant,
+}
+
+/// The process-wide registry.
+pub fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(|| Registry {
+        series: Mutex::default(),
+        plugins: Mutex::default(),
+        instance: OnceLock::new(),
+        started: Instant::now(),
+    })
+}
+
+/// The series with `labels`, created on first use.
+pub fn series(labels: Labels) -> Arc<PipelineMetrics> {
+    let mut all = registry()
+        .series
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    all.entry(labels.clone())
+        .or_insert_with(|| Arc::new(PipelineMetrics::new(labels)))
+        .clone()
+}
+
+/// The series of a whole pipeline.
+pub fn pipeline(id: &str) -> Arc<PipelineMetrics> {
+    series(unit_labels(id))
+}
+
+/// The labels of a unit: `pipeline`, and `tenant` for a tenant unit `<pipeline>.<tenant>`.
+pub fn unit_labels(id: &str) -> Labels {
+    match id.split_once('.') {
+        Some((pipeline, tenant)) => Labels::pipeline(pipeline).with("tenant", tenant),
+        None => Labels::pipeline(id),
+    }
+}
+
+impl Registry {
+    /// Records this instance's name (high availability).
+    pub fn set_instance(&self, name: &str) {
+        let _ = self.instance.set(name.to_string());
+    }
+
+    /// This instance's name, when high availability is on.
+    pub fn instance(&self) -> Option<String> {
+        self.instance.get().cloned()
+    }
+
+    /// Seconds since the process started.
+    pub fn uptime_seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Takes a history sample of every series; called every [`HISTORY_STEP`].
+    pub fn sample_history(&self) {
+        for series in self.all() {
+            series.sample();
+        }
+    }
+
+    /// Every series, in label order.
+    pub fn all(&self) -> Vec<Arc<PipelineMetrics>> {
+        self.series
+            .lock()
+            .map(|all| all.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The cluster time (Unix seconds) a resume token encodes: tokens of MongoDB 4.2+ are
+/// `{_data: "82<8-byte timestamp>…"}` in hex, the timestamp's high half being seconds.
+pub fn token_seconds(token: &ResumeToken) -> Option<i64> {
+    crate::model::token::token_time(token)
+        .map(|t| i64::from(t.time))
+        .filter(|s| *s > 0)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+// Signals (`signal_collection`): kept in a block of their own.
+
+/// The outcomes of a signal document, each a series of `tidegate_signals_total` from zero:
+/// `accepted` (acted on), `refused` (understood, but nothing to act on now: say a snapshot
+/// already running, or no collection in scope), `invalid` (unreadable or unsupported).
+pub const SIGNAL_OUTCOMES: [&str; 3] = ["accepted", "refused", "invalid"];
+
+fn signal_counts() -> &'static Mutex<BTreeMap<(Labels, &'static str), u64>> {
+    static COUNTS: OnceLock<Mutex<BTreeMap<(Labels, &'static str), u64>>> = OnceLock::new();
+    COUNTS.get_or_init(Default::default)
+}
+
+/// Counts one signal document of unit `unit` with `outcome` (one of [`SIGNAL_OUTCOMES`]).
+pub fn count_signal(unit: &str, outcome: &'static str) {
+    let mut counts = signal_counts()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    *counts.entry((unit_labels(unit), outcome)).or_default() += 1;
+}
