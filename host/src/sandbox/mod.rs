@@ -6,7 +6,7 @@
 //! - **Epochs** bound its wall-clock time as a backstop (a host call that blocks, a
 //!   pathological compile of a loop): a ticker thread advances the engine's epoch every
 //!   [`EPOCH_TICK`], and each call gets a deadline in ticks.
-//! - **Memory** is capped per plugin instance by [`Footprint`](limits::Footprint), the store's resource limiter:
+//! - **Memory** is capped per plugin instance by [`Footprint`], the store's resource limiter:
 //!   every linear memory's bytes plus [`TABLE_ELEMENT_BYTES`] per table element, of all the
 //!   core instances of the component together, count against `limits.memory_mib`. Growth
 //!   past it traps (a memory bomb is a trap with a reason rather than an allocation failure
