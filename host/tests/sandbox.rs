@@ -15,7 +15,7 @@ use async_nats::jetstream::message::StreamMessage;
 use bson::doc;
 use prometheus_parse::{Scrape, Value};
 use support::{header, http_get, wat_filter, Harness, DB, SIGTERM};
-use tidegate_testkit::{free_port, wait_until};
+use tidegate_testkit::{free_port, plugin_dir, wait_until};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -425,4 +425,95 @@ async fn plugins_cannot_forge_or_flood_the_log() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A call that breaks a limit costs its unit idle time before the next event
+/// (`quarantine.breach_pause` times the call), so a plugin that runs into its deadline on every
+/// event cannot keep a core busy. Only a lower bound is asserted (a pause is never shorter
+/// than asked), so a slow machine cannot fail this.
+#[test]
+fn a_limit_breach_pauses_only_the_offending_unit() {
+    use std::borrow::Cow;
+    use std::time::Instant;
+    use tidegate::model::{Change, Fields, Namespace, Operation};
+    use tidegate::plugin::{Chain, Plugin, Verdict};
+
+    let plugins = plugin_dir().expect("plugins");
+    let config_path = std::path::Path::new(".");
+    let sandbox = tidegate::new_sandbox(
+        &tidegate::Config::parse(&config_text(4), config_path, |_| None).expect("config"),
+    )
+    .expect("sandbox");
+    let spin = {
+        let full = bson::rawdoc! { "_id": 1, "spin": true };
+        let key = bson::rawdoc! { "_id": 1 };
+        let namespace = Namespace {
+            db: "shop".into(),
+            coll: Some("orders".into()),
+        };
+        let fields = Fields {
+            document_key: Some(Cow::Owned(key)),
+            full_document: Some(Cow::Owned(full)),
+            ..Fields::new("82AA", Operation::Insert, namespace)
+        };
+        Change::from_fields(fields, None).expect("change")
+    };
+    {
+        let config =
+            tidegate::Config::parse(&config_text(4), config_path, |_| None).expect("config");
+        let pipeline = &config.pipelines[0];
+        let plugin = Plugin::load(
+            &sandbox,
+            "faulty",
+            &plugins.join("faulty.wasm"),
+            &Chain::settings(pipeline, &pipeline.plugins[0]),
+        )
+        .expect("load faulty");
+        let mut chain = Chain::of(vec![plugin], pipeline);
+        let started = Instant::now();
+        let verdict = chain.run(&spin);
+        let took = started.elapsed();
+        match verdict {
+            Verdict::DeadLetter(cause) => assert_eq!(cause.kind().as_str(), "deadline"),
+            other => panic!("expected a deadline dead letter, got {other:?}"),
+        }
+        // The deadline is 100 ms: the call alone takes at least that, the pause four times
+        // more.
+        assert!(
+            took >= Duration::from_millis(500),
+            "breach_pause = 4: the chain returned after {took:?}"
+        );
+    }
+}
+
+/// A one-pipeline config with the `faulty` plugin under a 100 ms deadline.
+fn config_text(breach_pause: u32) -> String {
+    let plugins = plugin_dir().expect("plugins");
+    format!(
+        r#"
+[sandbox]
+cache = false
+
+[nats]
+url = "nats://127.0.0.1:1"
+
+[[pipeline]]
+id = "p"
+mongodb_uri = "mongodb://127.0.0.1:1/?replicaSet=rs0"
+database = "shop"
+
+[pipeline.sink]
+stream = "P"
+subject_prefix = "p"
+
+[pipeline.quarantine]
+breach_pause = {breach_pause}
+
+[[pipeline.plugins]]
+name = "faulty"
+file = "{}"
+limits = {{ timeout_ms = 100 }}
+"#,
+        plugins.join("faulty.wasm").display()
+    )
 }

@@ -35,7 +35,7 @@ pub use self::pipeline::{
 };
 pub use self::plugins::{
     Capabilities, LimitOverrides, PluginConfig, PluginLimits, QuarantineAction, QuarantineConfig,
-    SandboxConfig,
+    SandboxConfig, MAX_BREACH_PAUSE,
 };
 pub use self::sink::{CheckpointConfig, CheckpointStoreKind, Encoding, SinkConfig};
 pub use self::stage::check_stage;

@@ -86,15 +86,32 @@ pub struct QuarantineConfig {
     /// counted) or `halt` (the unit stops with an error; other units carry on).
     #[serde(default)]
     pub action: QuarantineAction,
+    /// After a call that breaks one of the plugin's limits (fuel, deadline, memory, output
+    /// size), the unit pauses for this many times the call's duration (at most
+    /// [`MAX_BREACH_PAUSE`]) before its next event. The limits bound one call, this bounds
+    /// the rate of such calls: a plugin that breaks its limits on every event gets at most
+    /// 1/(1 + N) of a core, so the other units keep the CPU they need until quarantine (or a
+    /// fix) takes it out. Only the offending unit waits. 0 turns it off. Default: 4.
+    #[serde(default = "default_breach_pause")]
+    pub breach_pause: u32,
 }
+
+/// The longest pause one limit breach costs (see [`QuarantineConfig::breach_pause`]): long
+/// enough to matter against a hog, short enough that a stop or a reload is not held up.
+pub const MAX_BREACH_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Default for QuarantineConfig {
     fn default() -> Self {
         QuarantineConfig {
             after_failures: default_quarantine_after(),
             action: QuarantineAction::default(),
+            breach_pause: default_breach_pause(),
         }
     }
+}
+
+fn default_breach_pause() -> u32 {
+    4
 }
 
 /// See [`QuarantineConfig::action`].

@@ -49,6 +49,19 @@ impl FailureKind {
     /// Kinds the host dead-letters with itself, declared at zero with no plugin.
     pub const HOST_DECLARED: [FailureKind; 2] = [FailureKind::TooLarge, FailureKind::Encoding];
 
+    /// Whether the plugin broke one of its sandbox limits (fuel, deadline, memory, output
+    /// size): the failures a hostile or runaway plugin repeats, and that cost CPU the other
+    /// units need (see `QuarantineConfig::breach_pause`).
+    pub const fn is_limit_breach(self) -> bool {
+        matches!(
+            self,
+            FailureKind::OutOfFuel
+                | FailureKind::Deadline
+                | FailureKind::Memory
+                | FailureKind::OutputTooLarge
+        )
+    }
+
     /// The kind's name in headers, metric labels and logs.
     pub const fn as_str(self) -> &'static str {
         match self {

@@ -569,6 +569,19 @@ impl Chain {
         }
     }
 
+    /// Makes the unit pay for a call that broke a limit with idle time on its own thread
+    /// (see `QuarantineConfig::breach_pause`), so that a hostile plugin's CPU goes back to
+    /// the other units instead of to its next event.
+    fn pause_after_breach(&self, err: &CallError, took: std::time::Duration) {
+        if !err.kind.is_limit_breach() || self.quarantine.breach_pause == 0 {
+            return;
+        }
+        let pause = took
+            .saturating_mul(self.quarantine.breach_pause)
+            .min(crate::config::MAX_BREACH_PAUSE);
+        std::thread::sleep(pause);
+    }
+
     /// Caps every plugin's `max_output_bytes` at `max` (the NATS server's `max_payload`).
     pub fn cap_output_bytes(&mut self, max: u64) {
         self.rules.max_output_bytes = max;
@@ -687,6 +700,9 @@ impl Chain {
                     );
                 }
                 self.record(index, result.as_ref().err());
+                if let Err(err) = &result {
+                    self.pause_after_breach(err, started.elapsed());
+                }
                 let outputs = match result {
                     Ok(Decision::Keep) => {
                         next.push(item);
