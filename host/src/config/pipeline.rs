@@ -53,7 +53,7 @@ pub struct PipelineConfig {
     /// error naming the event and these settings), `skip` (a server-side stage strips it to a
     /// stub that goes to the dead-letter subject with reason `oversize`) or `split` (MongoDB
     /// 6.0.9+ / 7.0+ sends it in fragments, reassembled into one event before the plugins).
-    /// See `oversize`.
+    /// See `source::oversize`.
     #[serde(default)]
     pub oversize: OversizePolicy,
     /// DDL events too (create, createIndexes, modify, …): MongoDB's `showExpandedEvents`

@@ -29,7 +29,7 @@ pub struct SandboxConfig {
     /// memory. Default: 256.
     #[serde(default = "default_max_instances")]
     pub max_instances: u32,
-    /// Watch plugin files and hot-reload a changed one (see `reload`). Default: true.
+    /// Watch plugin files and hot-reload a changed one (see `plugin::reload`). Default: true.
     #[serde(default = "default_true")]
     pub watch_plugins: bool,
     /// How often plugin files are checked, in milliseconds. Default: 1000.

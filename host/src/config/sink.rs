@@ -77,7 +77,7 @@ pub struct CheckpointConfig {
     #[serde(default = "default_checkpoint_interval_ms")]
     pub interval_ms: u64,
     /// How often the oplog's size, fill and write rate are read to project the checkpoint's
-    /// headroom (see `oplog`), in milliseconds. Default: 10000.
+    /// headroom (see `ops::oplog`), in milliseconds. Default: 10000.
     #[serde(default = "default_oplog_check_interval_ms")]
     pub oplog_check_interval_ms: u64,
     /// Below this projected headroom (seconds until the oplog overwrites the checkpointed

@@ -198,7 +198,7 @@ fn check_control(unit: &PipelineConfig, problems: &mut Problems) {
         .filter_map(|(k, c)| c.as_ref().map(|c| (*k, c)))
     {
         // Outside the pipeline's database or collection, the stream is widened to see it
-        // too (see `source::watch_level`).
+        // too (see `source::open::watch_level`).
         if !NamespacePattern::parse(collection).is_ok_and(|p| p.coll.is_some()) {
             problems.push(format!(
                 "{}: '{collection}' is not 'db.collection'",

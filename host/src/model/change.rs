@@ -3,7 +3,7 @@
 //! A change is raw BSON from the driver to the payload: the server's event bytes, never
 //! deserialised through serde (see [`Change`]), so that an event no plugin touched is
 //! published with every value exactly as stored. The plugin boundary converts documents to
-//! and from the contract's JSON form (see `plugin::convert` and `ejson`).
+//! and from the contract's JSON form (see `plugin::convert` and [`ejson`](super::ejson)).
 
 use std::borrow::Cow;
 

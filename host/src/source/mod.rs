@@ -77,7 +77,7 @@ pub const HANDOFF_BATCH: usize = 256;
 
 /// Reads the pipeline's change stream until `shutdown` turns true or a fatal error occurs.
 /// `start` is the checkpointed token to resume after; without one the stream opens at
-/// `at_time` (the stream's last message, see `pipeline::resolve_start`), or else where the
+/// `at_time` (the stream's last message, see `pipeline::start::resolve_start`), or else where the
 /// config says (`start_at`, `start_after_token`).
 ///
 /// Events go downstream in batches: everything the driver already holds (up to
