@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs the servers and toolchains it needs, then
-#   1. format and lint checks (cargo fmt, clippy -D warnings) for the host and the plugins;
-#   2. the guest plugins' own unit tests and the SDK's doc examples (native, no wasm needed),
-#      and the SDK's docs built with warnings denied;
+#   1. format and lint checks (cargo fmt, clippy -D warnings) for the host and the plugins,
+#      and the host's and the SDK's docs built with warnings denied;
+#   2. the guest plugins' own unit tests and the SDK's doc examples (native, no wasm needed);
 #   3. every host unit and integration test, against real mongod + nats-server;
 #   4. the quick-start demo, end to end, so the example never rots.
 set -euo pipefail
@@ -30,6 +30,9 @@ cargo fmt --all -- --check
 phase "cargo clippy -D warnings"
 cargo clippy --release --locked --workspace --all-targets -- -D warnings
 (cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" cargo clippy --locked --all-targets -- -D warnings)
+
+phase "host crate docs build without warnings (intra-doc links follow the layout)"
+RUSTDOCFLAGS="-D warnings" cargo doc --release --locked --no-deps -p tidegate --quiet
 
 phase "plugin SDK docs build without warnings"
 (cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" RUSTDOCFLAGS="-D warnings" \

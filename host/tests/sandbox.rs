@@ -237,30 +237,7 @@ fn components_declaring_more_than_the_cap_are_refused_at_load() {
     for pooling in [true, false] {
         for (file, expected) in &cases {
             let path = dir.path().join("tidegate.toml");
-            let text = format!(
-                r#"
-[sandbox]
-pooling = {pooling}
-cache = false
-
-[nats]
-url = "nats://127.0.0.1:1"
-
-[[pipeline]]
-id = "p"
-mongodb_uri = "mongodb://127.0.0.1:1/?replicaSet=rs0"
-database = "shop"
-
-[pipeline.sink]
-stream = "P"
-subject_prefix = "p"
-
-[[pipeline.plugins]]
-name = "hostile"
-file = "{}"
-"#,
-                file.display()
-            );
+            let text = offline_config(&format!("pooling = {pooling}"), "hostile", file, "", "");
             std::fs::write(&path, text).expect("write config");
             let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
                 .args(["check", "--config"])
@@ -487,14 +464,21 @@ fn a_limit_breach_pauses_only_the_offending_unit() {
     }
 }
 
-/// A one-pipeline config with the `faulty` plugin under a 100 ms deadline (and fuel for far
-/// longer, so that the deadline is what stops it).
-fn config_text(breach_pause: u32) -> String {
-    let plugins = plugin_dir().expect("plugins");
+/// A config of one pipeline `p` with one plugin, for tests that load plugins without servers
+/// (`tidegate check`, in-process chains): `sandbox`, `quarantine` and `limits` are TOML
+/// added to those sections.
+fn offline_config(
+    sandbox: &str,
+    name: &str,
+    file: &Path,
+    quarantine: &str,
+    limits: &str,
+) -> String {
     format!(
         r#"
 [sandbox]
 cache = false
+{sandbox}
 
 [nats]
 url = "nats://127.0.0.1:1"
@@ -509,13 +493,26 @@ stream = "P"
 subject_prefix = "p"
 
 [pipeline.quarantine]
-breach_pause = {breach_pause}
+{quarantine}
 
 [[pipeline.plugins]]
-name = "faulty"
+name = "{name}"
 file = "{}"
-limits = {{ timeout_ms = 100, fuel_per_call = 1000000000000 }}
+limits = {{ {limits} }}
 "#,
-        plugins.join("faulty.wasm").display()
+        file.display()
+    )
+}
+
+/// A one-pipeline config with the `faulty` plugin under a 100 ms deadline (and fuel for far
+/// longer, so that the deadline is what stops it).
+fn config_text(breach_pause: u32) -> String {
+    let plugins = plugin_dir().expect("plugins");
+    offline_config(
+        "",
+        "faulty",
+        &plugins.join("faulty.wasm"),
+        &format!("breach_pause = {breach_pause}"),
+        "timeout_ms = 100, fuel_per_call = 1000000000000",
     )
 }
