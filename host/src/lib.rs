@@ -20,12 +20,14 @@
 //! - [`model`] — what travels: the change event as the server's raw BSON, resume tokens,
 //!   the durable position, subjects, and Extended JSON written from raw BSON.
 //! - [`error`] — the errors that stop tidegate or a unit, each naming what is at fault.
-//! - [`config`] — the TOML file: every section's keys, defaults and validation (every
-//!   problem reported at once), environment overrides, tenants expanded into units.
 //! - [`security`] — NATS authentication and TLS, MongoDB client defaults, and secrets
 //!   scrubbed from every output.
+//! - [`config`] — the TOML file: every section's keys, defaults and validation (every
+//!   problem reported at once), environment overrides, tenants expanded into units.
 //! - [`ops`] — what an operator sees: metrics, logs, the oplog headroom watch and the HTTP
 //!   endpoint (health, readiness, Prometheus, `/status` and its page).
+//! - [`ha`] — high availability: leases in NATS KV that run a unit while held, and the fence
+//!   that stops a former owner writing.
 //! - [`sandbox`] — the wasmtime engine, compiled-plugin cache, instance admission, and the
 //!   limits and capabilities of every plugin call.
 //! - [`plugin`] — the WIT contract's bindings (one module per version), loading components,
@@ -36,8 +38,6 @@
 //! - [`sink`] — the JetStream side: framing verdicts into messages that fit the server,
 //!   payload encodings, stream preparation, the ordered and deduplicated publisher.
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
-//! - [`ha`] — high availability: leases in NATS KV that run a unit while held, and the fence
-//!   that stops a former owner writing.
 //! - [`pipeline`] — one unit (a pipeline, or one tenant's share of it): source, chain and
 //!   sink wired with bounded queues, its start position, draining and shutdown.
 //! - `runtime` — the process: one sandbox and one NATS connection for every unit, units run
