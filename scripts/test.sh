@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs the servers and toolchains it needs, then
 #   1. format and lint checks (cargo fmt, clippy -D warnings) for the host and the plugins,
-#      and the host's and the SDK's docs built with warnings denied;
+#      the layout check (scripts/check-layout.py), and the host's and the SDK's docs built
+#      with warnings denied;
 #   2. the guest plugins' own unit tests and the SDK's doc examples (native, no wasm needed);
 #   3. every host unit and integration test, against real mongod + nats-server;
 #   4. the quick-start demo, end to end, so the example never rots.
@@ -31,8 +32,12 @@ phase "cargo clippy -D warnings"
 cargo clippy --release --locked --workspace --all-targets -- -D warnings
 (cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" cargo clippy --locked --all-targets -- -D warnings)
 
-phase "host crate docs build without warnings (intra-doc links follow the layout)"
-RUSTDOCFLAGS="-D warnings" cargo doc --release --locked --no-deps -p tidegate --quiet
+phase "layout: no import cycle, files and functions within limits"
+python3 "$ROOT/scripts/check-layout.py"
+
+phase "host crate docs build without warnings (links to private items allowed: they guide readers of the source)"
+RUSTDOCFLAGS="-D warnings -A rustdoc::private_intra_doc_links" \
+  cargo doc --release --locked --no-deps -p tidegate --quiet
 
 phase "plugin SDK docs build without warnings"
 (cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" RUSTDOCFLAGS="-D warnings" \

@@ -322,7 +322,7 @@ impl Framer {
 
     /// What `message` weighs on the wire once the publisher adds its `Nats-Msg-Id` and
     /// `Nats-Expected-Last-Msg-Id` headers (the latter's value is the previous message's id,
-    /// at most the longest id framed so far or [`EXPECTED_ID_ALLOWANCE`]).
+    /// at most the longest id framed so far or `EXPECTED_ID_ALLOWANCE`).
     pub fn wire_size(&self, message: &Message) -> WireSize {
         let expected_id = self
             .longest_id

@@ -13,7 +13,7 @@
 //! Messages that had in fact been stored come back as duplicates and are skipped.
 //!
 //! An [`EventMessages`] is everything one source event produced (possibly nothing). The sink
-//! reports its resume token as the pipeline's [`Position`] only once all of its messages, and
+//! reports its resume token as the pipeline's [`Position`](crate::model::Position) only once all of its messages, and
 //! all earlier events' messages, are acknowledged; only then may it be checkpointed.
 //!
 //! # The stream as a floor

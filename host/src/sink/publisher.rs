@@ -84,7 +84,7 @@ impl Publisher {
         }
     }
 
-    /// Continues after the stream's real last message `tail` (see [`stream_tail`](super::stream_tail)) rather
+    /// Continues after the stream's real last message `tail` (see `sink::stream_tail`) rather
     /// than the one the checkpoint names: the ordering chain starts from it, and `floor`, if
     /// any, drops what is re-read up to it.
     pub fn continue_after(&mut self, tail: Option<String>, floor: Option<Floor>) {
@@ -133,7 +133,7 @@ impl Publisher {
     }
 
     /// Queues and publishes an event's messages, except those the stream already holds (see
-    /// [`Floor`]).
+    /// `sink::Floor`).
     pub async fn push(&mut self, mut event: EventMessages) {
         if let Some(floor) = &self.floor {
             let (stored, passed) = floor.stored(&event);
