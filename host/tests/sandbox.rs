@@ -15,7 +15,7 @@ use async_nats::jetstream::message::StreamMessage;
 use bson::doc;
 use prometheus_parse::{Scrape, Value};
 use support::{header, http_get, wat_filter, Harness, DB, SIGTERM};
-use tidegate_testkit::{free_port, plugin_dir, wait_until};
+use tidegate_testkit::{free_port, plugin_dir};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -62,29 +62,6 @@ file = "{file}"
         );
     }
     text
-}
-
-/// Waits until every unit of `units` has checkpointed (its change stream is open).
-async fn wait_units_ready(h: &Harness, units: &[String]) -> anyhow::Result<()> {
-    let js = async_nats::jetstream::new(h.nats_client().await?);
-    for unit in units {
-        let key = unit.clone();
-        wait_until(
-            &format!("checkpoint of {unit}"),
-            Duration::from_secs(60),
-            || {
-                let (js, key) = (js.clone(), key.clone());
-                async move {
-                    match js.get_key_value("tidegate-checkpoints").await {
-                        Ok(kv) => matches!(kv.get(&key).await, Ok(Some(_))),
-                        Err(_) => false,
-                    }
-                }
-            },
-        )
-        .await?;
-    }
-    Ok(())
 }
 
 /// The dead-letter kind of a message (`None`: a normal message).
@@ -160,7 +137,7 @@ async fn memory_cap_counts_all_memories_and_tables_of_an_instance() -> anyhow::R
         let path = h.write_config(&format!("{id}.toml"), &text)?;
         let mut child = h.spawn_binary(&path)?;
         let units: Vec<String> = tenants.iter().map(|t| format!("{id}.{}", t.0)).collect();
-        wait_units_ready(&h, &units).await?;
+        h.wait_checkpoints(&units).await?;
         let first = written;
         for _ in 0..4 {
             orders.insert_one(doc! { "n": written as i64 }).await?;
@@ -316,7 +293,7 @@ async fn plugins_cannot_forge_or_flood_the_log() -> anyhow::Result<()> {
             );
         let path = h.write_config(&format!("{id}.toml"), &text)?;
         let mut child = h.spawn_binary(&path)?;
-        wait_units_ready(&h, &[format!("{id}.noisy")]).await?;
+        h.wait_checkpoints(&[format!("{id}.noisy")]).await?;
         for _ in 0..2 {
             orders.insert_one(doc! { "n": written }).await?;
             written += 1;

@@ -87,31 +87,8 @@ subject_prefix = "bad"
 async fn start_tenants(h: &Harness, config: &str, units: &[&str]) -> anyhow::Result<InProcess> {
     let path = h.write_config("tenants.toml", config)?;
     let running = InProcess::start(&path)?;
-    wait_tenants_ready(h, units).await?;
+    h.wait_checkpoints(units).await?;
     Ok(running)
-}
-
-/// Waits until both tenant units have checkpointed (their change streams are open).
-async fn wait_tenants_ready(h: &Harness, units: &[&str]) -> anyhow::Result<()> {
-    let js = async_nats::jetstream::new(h.nats_client().await?);
-    for unit in units {
-        let key = unit.to_string();
-        wait_until(
-            &format!("checkpoint of {unit}"),
-            Duration::from_secs(120),
-            || {
-                let (js, key) = (js.clone(), key.clone());
-                async move {
-                    match js.get_key_value("tidegate-checkpoints").await {
-                        Ok(kv) => matches!(kv.get(&key).await, Ok(Some(_))),
-                        Err(_) => false,
-                    }
-                }
-            },
-        )
-        .await?;
-    }
-    Ok(())
 }
 
 /// Inserts `count` orders numbered from `n` on, a few milliseconds apart.
@@ -462,7 +439,7 @@ async fn plugins_swap_on_disk_and_on_sighup_without_loss() -> anyhow::Result<()>
     let config = tenant_config(&h, &plugins, &plugin_table(operations), "") + &http;
     let path = h.write_config("tenants.toml", &config)?;
     let mut child = h.spawn_binary(&path)?;
-    wait_tenants_ready(&h, &["shop.good", "shop.bad"]).await?;
+    h.wait_checkpoints(&["shop.good", "shop.bad"]).await?;
     let orders = h.collection().await?;
     let mut n = 0i64;
 
@@ -586,7 +563,7 @@ async fn a_tenant_spinning_in_init_does_not_delay_the_others() -> anyhow::Result
     );
     let path = h.write_config("tenants.toml", &config)?;
     let mut child = h.spawn_binary(&path)?;
-    wait_tenants_ready(&h, &["shop.good"]).await?;
+    h.wait_checkpoints(&["shop.good"]).await?;
     h.collection()
         .await?
         .insert_one(doc! { "n": 0, "email": "a@b.c" })
@@ -673,7 +650,7 @@ interval_ms = 200
         .env("SNOOP_VISIBLE", "yes")
         .env("SNOOP_HIDDEN", "no");
     let mut child = tidegate_testkit::ChildProcess::spawn(cmd)?;
-    wait_tenants_ready(&h, &["shop.closed", "shop.open"]).await?;
+    h.wait_checkpoints(&["shop.closed", "shop.open"]).await?;
     let orders = h.collection().await?;
     for n in 0..2 {
         orders.insert_one(doc! { "n": n }).await?;
@@ -730,7 +707,7 @@ async fn header_bombs_never_drop_the_shared_connection() -> anyhow::Result<()> {
     );
     let path = h.write_config("tenants.toml", &config)?;
     let mut child = h.spawn_binary(&path)?;
-    wait_tenants_ready(&h, &["shop.good", "shop.bad"]).await?;
+    h.wait_checkpoints(&["shop.good", "shop.bad"]).await?;
 
     let client = h.mongo.client().await?;
     let orders = client.database(DB).collection::<bson::Document>("orders");

@@ -35,6 +35,29 @@ pub struct Harness {
 }
 
 impl Harness {
+    /// Waits until every unit of `units` has checkpointed (its change stream is open).
+    pub async fn wait_checkpoints<S: AsRef<str>>(&self, units: &[S]) -> anyhow::Result<()> {
+        let js = async_nats::jetstream::new(self.nats_client().await?);
+        for unit in units {
+            let key = unit.as_ref().to_string();
+            wait_until(
+                &format!("checkpoint of {key}"),
+                Duration::from_secs(120),
+                || {
+                    let (js, key) = (js.clone(), key.clone());
+                    async move {
+                        match js.get_key_value("tidegate-checkpoints").await {
+                            Ok(kv) => matches!(kv.get(&key).await, Ok(Some(_))),
+                            Err(_) => false,
+                        }
+                    }
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     pub async fn start() -> anyhow::Result<Harness> {
         let (mongo, nats) = tokio::try_join!(MongoReplicaSet::start(), NatsServer::start())?;
         Harness::start_on(mongo, nats).await
