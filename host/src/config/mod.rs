@@ -37,7 +37,9 @@ pub use self::plugins::{
     Capabilities, LimitOverrides, PluginConfig, PluginLimits, QuarantineAction, QuarantineConfig,
     SandboxConfig, MAX_BREACH_PAUSE,
 };
-pub use self::sink::{CheckpointConfig, CheckpointStoreKind, Encoding, SinkConfig};
+pub use self::sink::{
+    CheckpointConfig, CheckpointStoreKind, Encoding, Format, SinkConfig, Storage,
+};
 pub use self::stage::check_stage;
 pub use self::tenants::{NamespacePattern, TenantConfig, TenantScope};
 use self::toml_errors::describe_toml_error;

@@ -14,8 +14,10 @@ pub struct SinkConfig {
     pub stream: String,
     /// First subject token(s) of everything this pipeline publishes, e.g. `cdc` or `cdc.shop`.
     pub subject_prefix: String,
-    /// Subject of each event. Placeholders: `{prefix}`, `{db}`, `{coll}`, `{operation}`.
-    /// Must start with `{prefix}.`. Default: `{prefix}.{db}.{coll}.{operation}`.
+    /// Subject of each event. Placeholders: `{prefix}`, `{db}`, `{coll}`, `{operation}`,
+    /// `{key}` (the document key's `_id`, escaped into one token: see
+    /// `model::key::subject_token`). Must start with `{prefix}.`.
+    /// Default: `{prefix}.{db}.{coll}.{operation}`.
     #[serde(default = "default_subject_template")]
     pub subject_template: String,
     /// Subject for events a plugin failed on. Default: `<subject_prefix>.dead-letter`.
@@ -23,6 +25,9 @@ pub struct SinkConfig {
     /// Payload encoding: `relaxed-json` (default), `canonical-json` or `bson`.
     #[serde(default)]
     pub encoding: Encoding,
+    /// Payload shape: `change-event` (default), `debezium` or `full-document`.
+    #[serde(default)]
+    pub format: Format,
     /// Most messages published but not yet acknowledged. Default: 256.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
@@ -30,6 +35,65 @@ pub struct SinkConfig {
     /// window it sets when it creates the stream. Default: 120.
     #[serde(default = "default_duplicate_window_secs")]
     pub duplicate_window_secs: u64,
+    /// Replicas of a stream tidegate creates (1 to 5). Default: 1.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// Storage of a stream tidegate creates: `file` (default) or `memory`.
+    #[serde(default)]
+    pub storage: Storage,
+    /// Age (seconds) past which a created stream discards messages. Default: none (kept).
+    pub max_age_secs: Option<u64>,
+    /// Bytes past which a created stream discards its oldest messages. Default: no limit.
+    pub max_bytes: Option<u64>,
+    /// Messages a created stream keeps per subject (with `{key}` in the template, `1`
+    /// keeps the latest event of each document). Default: no limit.
+    pub max_msgs_per_subject: Option<u64>,
+}
+
+/// The shape of a published payload (see `docs/formats.md`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// The server's change event, `id` in place of `_id`, plus `tsMs`.
+    #[default]
+    ChangeEvent,
+    /// The value Debezium's MongoDB connector emits (as Kafka Connect's JSON converter
+    /// writes it with `schemas.enable=false`).
+    Debezium,
+    /// The document alone; an empty payload for deletes.
+    FullDocument,
+}
+
+impl Format {
+    /// The name used in the config file and in `Content-Type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::ChangeEvent => "change-event",
+            Format::Debezium => "debezium",
+            Format::FullDocument => "full-document",
+        }
+    }
+
+    /// The `Content-Type` of a payload in this format and `encoding`: the change-event
+    /// form keeps the bare encoding's type it always had, the others add
+    /// `format=<format>`.
+    pub fn content_type(self, encoding: Encoding) -> String {
+        match self {
+            Format::ChangeEvent => encoding.content_type().to_string(),
+            other => format!("{}; format={}", encoding.content_type(), other.as_str()),
+        }
+    }
+}
+
+/// Where a created stream keeps its messages.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Storage {
+    /// On disk.
+    #[default]
+    File,
+    /// In memory (lost when the server restarts).
+    Memory,
 }
 
 /// How a published payload is encoded.
@@ -118,6 +182,9 @@ pub enum CheckpointStoreKind {
 
 fn default_subject_template() -> String {
     "{prefix}.{db}.{coll}.{operation}".to_string()
+}
+fn default_replicas() -> usize {
+    1
 }
 fn default_max_in_flight() -> usize {
     256

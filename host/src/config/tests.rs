@@ -457,3 +457,73 @@ fn problems_do_not_cascade() {
     assert!(!err.contains("dead_letter_subject"), "{err}");
     assert!(!err.contains("problems:"), "{err}");
 }
+
+/// Payload formats with the encodings and change stream options they need, and stream
+/// settings within JetStream's bounds: each mistake named by its key, all at once.
+#[test]
+fn formats_and_stream_settings_are_checked() {
+    let with_sink = |sink: &str, pipeline: &str| {
+        let text = MINIMAL
+            .replace(
+                "subject_prefix = \"cdc\"",
+                &format!("subject_prefix = \"cdc\"\n{sink}"),
+            )
+            .replace(
+                "collections = [\"orders\"]",
+                &format!("collections = [\"orders\"]\n{pipeline}"),
+            );
+        parse(&text)
+    };
+    let good = with_sink(
+        "format = \"debezium\"\nsubject_template = \"{prefix}.{coll}.{key}\"\nreplicas = 3\n\
+         storage = \"memory\"\nmax_age_secs = 86400\nmax_bytes = 1000000\nmax_msgs_per_subject = 1",
+        "",
+    )
+    .expect("valid");
+    let sink = &good.pipelines[0].sink;
+    assert_eq!(sink.format, Format::Debezium);
+    assert_eq!(sink.storage, Storage::Memory);
+    assert_eq!((sink.replicas, sink.max_msgs_per_subject), (3, Some(1)));
+    assert_eq!(
+        parse(MINIMAL).expect("valid").pipelines[0].sink.format,
+        Format::ChangeEvent
+    );
+    with_sink(
+        "format = \"full-document\"",
+        "full_document = \"update-lookup\"",
+    )
+    .expect("valid");
+
+    let err = with_sink("format = \"debezium\"\nencoding = \"bson\"", "").unwrap_err();
+    assert!(
+        err.contains("sink.format") && err.contains("cannot be encoded as bson"),
+        "{err}"
+    );
+    let err = with_sink("format = \"full-document\"", "").unwrap_err();
+    assert!(
+        err.contains("sink.format") && err.contains("full_document = \"off\""),
+        "{err}"
+    );
+    let err = with_sink("format = \"envelope\"", "").unwrap_err();
+    assert!(err.contains("envelope"), "{err}");
+
+    let err = with_sink(
+        "replicas = 7\nmax_bytes = 0\nmax_age_secs = 60\nstorage = \"tape\"",
+        "",
+    )
+    .unwrap_err();
+    assert!(err.contains("tape"), "{err}");
+    let err = with_sink("replicas = 7\nmax_bytes = 0\nmax_age_secs = 60", "").unwrap_err();
+    assert!(err.contains("3 problems"), "{err}");
+    assert!(
+        err.contains("sink.replicas: 7 is not a replica count"),
+        "{err}"
+    );
+    assert!(err.contains("sink.max_bytes: must be at least 1"), "{err}");
+    assert!(
+        err.contains("sink.max_age_secs: 60 s is shorter than sink.duplicate_window_secs"),
+        "{err}"
+    );
+    let err = with_sink("subject_template = \"{prefix}.{keys}\"", "").unwrap_err();
+    assert!(err.contains("{key}"), "{err}");
+}

@@ -7,10 +7,12 @@
 
 use std::collections::HashSet;
 
+use super::pipeline::FullDocument;
 use super::pipeline::{
     parse_start_at, parse_token, NamespaceFilter, PipelineConfig, SnapshotMode, OPERATION_TYPES,
 };
 use super::plugins::QuarantineAction;
+use super::sink::{Encoding, Format};
 use super::stage::{check_split_stage, check_stage};
 use super::tenants::{expand_tenants, NamespacePattern};
 use super::{Config, NatsConfig};
@@ -261,6 +263,72 @@ fn check_sink(unit: &PipelineConfig, streams: &mut HashSet<String>, problems: &m
             at(unit, "sink.duplicate_window_secs")
         ));
     }
+    check_format(unit, problems);
+    check_stream_settings(unit, problems);
+}
+
+/// The payload format with the encoding and the change stream options it needs.
+fn check_format(unit: &PipelineConfig, problems: &mut Problems) {
+    let sink = &unit.sink;
+    match sink.format {
+        Format::ChangeEvent => {}
+        Format::Debezium if sink.encoding == Encoding::Bson => problems.push(format!(
+            "{}: format = \"debezium\" is a JSON envelope whose `before`, `after` and \
+             `updatedFields` are Extended JSON strings; it cannot be encoded as bson. Use \
+             encoding = \"relaxed-json\" or \"canonical-json\"",
+            at(unit, "sink.format")
+        )),
+        Format::Debezium => {}
+        Format::FullDocument if unit.full_document == FullDocument::Off => problems.push(format!(
+            "{}: format = \"full-document\" publishes the document itself, and updates carry \
+             none with full_document = \"off\". Set pipeline.full_document = \"update-lookup\" \
+             (or \"required\" / \"when-available\" with changeStreamPreAndPostImages on the \
+             collections)",
+            at(unit, "sink.format")
+        )),
+        Format::FullDocument => {}
+    }
+}
+
+/// Settings of a stream tidegate creates: JetStream's own bounds, checked before it is asked.
+fn check_stream_settings(unit: &PipelineConfig, problems: &mut Problems) {
+    let sink = &unit.sink;
+    if !(1..=5).contains(&sink.replicas) {
+        problems.push(format!(
+            "{}: {} is not a replica count JetStream accepts (1 to 5)",
+            at(unit, "sink.replicas"),
+            sink.replicas
+        ));
+    }
+    let limits = [
+        ("sink.max_age_secs", sink.max_age_secs),
+        ("sink.max_bytes", sink.max_bytes),
+        ("sink.max_msgs_per_subject", sink.max_msgs_per_subject),
+    ];
+    for (key, value) in limits {
+        if value == Some(0) {
+            problems.push(format!(
+                "{}: must be at least 1 (leave it out for no limit)",
+                at(unit, key)
+            ));
+        }
+        if value.is_some_and(|v| i64::try_from(v).is_err()) {
+            problems.push(format!(
+                "{}: is larger than JetStream accepts",
+                at(unit, key)
+            ));
+        }
+    }
+    if let Some(max_age) = sink.max_age_secs.filter(|age| *age > 0) {
+        if max_age < sink.duplicate_window_secs {
+            problems.push(format!(
+                "{}: {max_age} s is shorter than sink.duplicate_window_secs = {} s; JetStream \
+                 refuses a duplicate window longer than the stream's max age",
+                at(unit, "sink.max_age_secs"),
+                sink.duplicate_window_secs
+            ));
+        }
+    }
 }
 
 /// The template must render, under the prefix, to a valid subject; tried on a probe event.
@@ -278,7 +346,7 @@ fn check_subject_template(unit: &PipelineConfig, problems: &mut Problems) {
         .map(|template| template.render(&Change::probe()))
     {
         Err(err) => problems.push(format!(
-            "{key}: {err} (placeholders: {{prefix}}, {{db}}, {{coll}}, {{operation}})"
+            "{key}: {err} (placeholders: {{prefix}}, {{db}}, {{coll}}, {{operation}}, {{key}})"
         )),
         Ok(probe) if !is_valid_subject(&probe, false) => problems.push(format!(
             "{key}: '{}' does not make a valid NATS subject",

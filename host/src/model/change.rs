@@ -212,7 +212,8 @@ impl Change {
     }
 
     /// A document read by a snapshot: `operationType: "read"`, its `_id` as the document key,
-    /// the document itself (as stored) as `fullDocument`.
+    /// the document itself (as stored) as `fullDocument`, and the time it was read (now) as
+    /// `wallTime`, so that reads carry a time like every change.
     pub fn snapshot_read(
         id: String,
         namespace: Namespace,
@@ -226,6 +227,7 @@ impl Change {
         let fields = Fields {
             document_key: Some(Cow::Owned(key)),
             full_document: Some(Cow::Borrowed(document)),
+            wall_time: Some(DateTime::now()),
             ..Fields::new(id, Operation::SnapshotRead, namespace)
         };
         Change::from_fields(fields, None)
@@ -315,11 +317,18 @@ impl Change {
 
     /// Unix milliseconds of the change's commit: its `wallTime` (MongoDB 6.0+), else its
     /// cluster time (to the second). `None` for a snapshot read, which was not committed
-    /// then.
+    /// then (see [`Change::time_ms`]).
     pub fn commit_unix_ms(&self) -> Option<i64> {
         if self.operation == Operation::SnapshotRead {
             return None;
         }
+        self.time_ms()
+    }
+
+    /// Unix milliseconds of the change: its `wallTime` (for a snapshot read, when it was
+    /// read), else its cluster time's seconds × 1000; `None` when it has neither. The
+    /// `tsMs` of published events.
+    pub fn time_ms(&self) -> Option<i64> {
         self.wall_time()
             .map(|t| t.timestamp_millis())
             .or_else(|| self.cluster_time().map(|t| i64::from(t.time) * 1000))
@@ -398,7 +407,7 @@ impl Change {
         self.document.get_timestamp("clusterTime").ok()
     }
 
-    /// Commit wall-clock time.
+    /// Commit wall-clock time (for a snapshot read, when the document was read).
     pub fn wall_time(&self) -> Option<DateTime> {
         self.document.get_datetime("wallTime").ok()
     }

@@ -94,7 +94,8 @@ fn finite_double_text(f: f64, out: &mut Vec<u8>) {
     write_serde(&f, out);
 }
 
-fn write_value(value: RawBsonRef<'_>, mode: Mode, out: &mut Vec<u8>) -> Result<(), String> {
+/// Writes one value in `mode` (a document key's `_id` in a header, a top-level field alone).
+pub fn write_value(value: RawBsonRef<'_>, mode: Mode, out: &mut Vec<u8>) -> Result<(), String> {
     let canonical = mode == Mode::Canonical;
     match value {
         RawBsonRef::String(s) => write_str(s, out),

@@ -30,6 +30,9 @@ pub enum FailureKind {
     TooLarge,
     /// The event exceeds MongoDB's document limit and was stripped (`oversize`).
     Oversize,
+    /// `format = "full-document"` and the event carries no document to publish
+    /// (`missing-document`).
+    MissingDocument,
 }
 
 impl FailureKind {
@@ -47,7 +50,11 @@ impl FailureKind {
     ];
 
     /// Kinds the host dead-letters with itself, declared at zero with no plugin.
-    pub const HOST_DECLARED: [FailureKind; 2] = [FailureKind::TooLarge, FailureKind::Encoding];
+    pub const HOST_DECLARED: [FailureKind; 3] = [
+        FailureKind::TooLarge,
+        FailureKind::Encoding,
+        FailureKind::MissingDocument,
+    ];
 
     /// Whether the plugin broke one of its sandbox limits (fuel, deadline, memory, output
     /// size): the failures a hostile or runaway plugin repeats, and that cost CPU the other
@@ -77,6 +84,7 @@ impl FailureKind {
             FailureKind::Encoding => "encoding",
             FailureKind::TooLarge => "too-large",
             FailureKind::Oversize => "oversize",
+            FailureKind::MissingDocument => "missing-document",
         }
     }
 
@@ -124,7 +132,7 @@ mod tests {
         );
         assert_eq!(
             FailureKind::HOST_DECLARED.map(FailureKind::as_str),
-            ["too-large", "encoding"]
+            ["too-large", "encoding", "missing-document"]
         );
         assert_eq!(FailureKind::Oversize.to_string(), "oversize");
         assert_eq!(FailureKind::Admission.as_str(), "admission");

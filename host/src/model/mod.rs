@@ -5,6 +5,7 @@
 pub mod change;
 pub mod ejson;
 pub mod failure;
+pub mod key;
 pub mod position;
 pub mod subject;
 pub mod token;

@@ -1,7 +1,7 @@
 //! NATS subjects: the template a pipeline renders per event, and the grammar every
 //! configured subject is checked against.
 
-use super::Change;
+use super::{key, Change};
 
 /// A parsed subject template (`{prefix}.{db}.{coll}.{operation}`), rendered per event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,11 +15,13 @@ enum Part {
     Db,
     Coll,
     Operation,
+    Key,
 }
 
 impl SubjectTemplate {
     /// Parses `template`, substituting `prefix` for `{prefix}` once and for all. Placeholders:
-    /// `{prefix}`, `{db}`, `{coll}`, `{operation}`; anything else in braces is an error.
+    /// `{prefix}`, `{db}`, `{coll}`, `{operation}`, `{key}`; anything else in braces is an
+    /// error.
     pub fn parse(template: &str, prefix: &str) -> Result<SubjectTemplate, String> {
         let mut parts = Vec::new();
         let mut literal = String::new();
@@ -37,6 +39,7 @@ impl SubjectTemplate {
                 "db" => Some(Part::Db),
                 "coll" => Some(Part::Coll),
                 "operation" => Some(Part::Operation),
+                "key" => Some(Part::Key),
                 other => return Err(format!("unknown placeholder '{{{other}}}' in '{template}'")),
             };
             if let Some(part) = part {
@@ -58,7 +61,9 @@ impl SubjectTemplate {
     }
 
     /// The subject of `change`. Characters that would split or wildcard a subject token (`.`,
-    /// `*`, `>`, whitespace) in database or collection names become `_`.
+    /// `*`, `>`, whitespace) in database or collection names become `_`; `{key}` is the
+    /// document key's injective token ([`key::subject_token`]), or
+    /// [`key::NO_KEY_TOKEN`] for an event without one (or one that cannot be read).
     pub fn render(&self, change: &Change) -> String {
         let mut out = String::with_capacity(64);
         for part in &self.parts {
@@ -69,6 +74,11 @@ impl SubjectTemplate {
                     push_token(&mut out, change.namespace().coll.as_deref().unwrap_or(""))
                 }
                 Part::Operation => push_token(&mut out, change.operation().as_str()),
+                Part::Key => out.push_str(
+                    &key::key_id(change)
+                        .and_then(|id| key::subject_token(id).ok())
+                        .unwrap_or_else(|| key::NO_KEY_TOKEN.to_string()),
+                ),
             }
         }
         out
@@ -146,6 +156,27 @@ mod tests {
             "cdc.shop.orders_v2.insert"
         );
         assert_eq!(template.render(&change_in(None)), "cdc.shop._.insert");
+    }
+
+    /// `{key}` is the key's token, and `_` without a key.
+    #[test]
+    fn key_placeholder() {
+        let template = SubjectTemplate::parse("{prefix}.{coll}.{key}", "cdc").unwrap();
+        let keyed = |key: bson::RawDocumentBuf| {
+            let namespace = Namespace {
+                db: "shop".into(),
+                coll: Some("orders".into()),
+            };
+            let fields = Fields {
+                document_key: Some(std::borrow::Cow::Owned(key)),
+                ..Fields::new("1", Operation::Update, namespace)
+            };
+            template.render(&Change::from_fields(fields, None).unwrap())
+        };
+        assert_eq!(keyed(bson::rawdoc! { "_id": "1" }), "cdc.orders.s:1");
+        assert_eq!(keyed(bson::rawdoc! { "_id": 1 }), "cdc.orders.i:1");
+        assert_eq!(keyed(bson::rawdoc! { "_id": "a.b" }), "cdc.orders.s:a%2Eb");
+        assert_eq!(template.render(&change_in(Some("orders"))), "cdc.orders._");
     }
 
     /// Unknown or unbalanced placeholders are errors naming the template.

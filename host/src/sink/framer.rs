@@ -10,10 +10,12 @@ use mongodb::change_stream::event::ResumeToken;
 use crate::config::{Encoding, PipelineConfig};
 use crate::error::Error;
 use crate::model::failure::FailureKind;
+use crate::model::key::{key_id, key_json};
 use crate::model::subject::SubjectTemplate;
-use crate::model::SourceEvent;
+use crate::model::{Change, SourceEvent};
 use crate::ops::metrics::PipelineMetrics as PipelineStats;
 use crate::plugin::{DeadLetterCause, Verdict};
+use crate::sink::format::Formatter;
 use crate::sink::{encode, EventMessages, Message};
 
 /// NATS's default `max_payload`, assumed if the server did not say.
@@ -47,7 +49,9 @@ pub struct Framer {
     pipeline: String,
     subjects: SubjectTemplate,
     dead_letter_subject: String,
+    /// Dead letters keep the change-event shape in this encoding, whatever the format.
     encoding: Encoding,
+    formatter: Formatter,
     pub(crate) max_payload: usize,
     /// The longest message id framed so far (at first, the checkpoint's): the publisher's
     /// `Nats-Expected-Last-Msg-Id` header repeats the previous message's id.
@@ -87,6 +91,7 @@ impl Framer {
             subjects,
             dead_letter_subject: pipeline.dead_letter_subject(),
             encoding: pipeline.sink.encoding,
+            formatter: Formatter::new(pipeline.sink.format, pipeline.sink.encoding, &pipeline.id),
             max_payload,
             longest_id,
             common_headers,
@@ -176,13 +181,11 @@ impl Framer {
         let mut messages = Vec::with_capacity(outputs.len());
         for (index, output) in outputs.into_iter().enumerate() {
             let change = output.change.as_ref().unwrap_or(change);
-            let payload = match encode::payload(change, self.encoding) {
+            let payload = match self.formatter.payload(change) {
                 Ok(payload) => payload,
-                Err(message) => {
-                    let cause = DeadLetterCause::Host {
-                        kind: FailureKind::Encoding,
-                        message,
-                    };
+                Err((kind, message)) => {
+                    let message = format!("output {index}: {message}");
+                    let cause = DeadLetterCause::Host { kind, message };
                     return framed(self.dead_letter(event, &cause, stats));
                 }
             };
@@ -191,6 +194,8 @@ impl Framer {
                 None => self.subjects.render(change),
             };
             let mut headers = self.headers();
+            headers.insert("Content-Type", payload.content_type.as_str());
+            routing_headers(&mut headers, change, true);
             for (name, value) in output.headers {
                 headers.append(name.as_str(), value.as_str());
             }
@@ -198,7 +203,7 @@ impl Framer {
                 subject,
                 msg_id: format!("{}:{}:{index}", self.pipeline, change.id()),
                 headers,
-                payload: payload.into(),
+                payload: payload.bytes.into(),
             };
             match self.accept(message) {
                 Ok(message) => messages.push(message),
@@ -264,8 +269,9 @@ impl Framer {
             event = %crate::ops::telemetry::escape(event.change.id()),
             "event dead-lettered"
         );
-        let full = encode::payload(&event.change, self.encoding)
-            .map(|payload| self.dead_letter_message(event, cause, payload, HEADER_TEXT_CHARS));
+        let full = encode::payload(&event.change, self.encoding).map(|payload| {
+            self.dead_letter_message(event, cause, payload, HEADER_TEXT_CHARS, true)
+        });
         let too_large = match full.map(|message| self.accept(message)) {
             Ok(Ok(message)) => return vec![message],
             Ok(Err(reason)) => reason,
@@ -337,16 +343,19 @@ impl Framer {
         }
     }
 
-    /// A dead letter for `event` with `payload`, the reason in `Tidegate-*` headers whose
-    /// free text is cut at `text_chars` characters.
+    /// A dead letter for `event` with `payload`, the routing headers (`Tidegate-Key` only
+    /// `with_key`) and the reason in `Tidegate-*` headers whose free text is cut at
+    /// `text_chars` characters.
     fn dead_letter_message(
         &self,
         event: &SourceEvent,
         cause: &DeadLetterCause,
         payload: Vec<u8>,
         text_chars: usize,
+        with_key: bool,
     ) -> Message {
         let mut headers = self.headers();
+        routing_headers(&mut headers, &event.change, with_key);
         headers.insert(
             "Tidegate-Error-Kind",
             header_text(cause.kind().as_str(), text_chars).as_str(),
@@ -405,7 +414,8 @@ impl Framer {
                 .without(&left_out)
                 .and_then(|stub| encode::payload(&stub, self.encoding))
                 .unwrap_or_default();
-            let mut message = self.dead_letter_message(event, cause, payload, STUB_ERROR_CHARS);
+            let mut message =
+                self.dead_letter_message(event, cause, payload, STUB_ERROR_CHARS, keep_key);
             let what = if keep_key {
                 "documents left out"
             } else {
@@ -467,6 +477,35 @@ pub fn header_block_bytes(headers: &HeaderMap) -> usize {
 /// Bytes of one `Name: value\r\n` header line.
 fn header_line_bytes(name: &str, value_len: usize) -> usize {
     name.len() + ": ".len() + value_len + "\r\n".len()
+}
+
+/// The longest `Tidegate-Key` value published: a larger key is left out of the headers (the
+/// payload still holds it), so a huge `_id` cannot crowd out the message.
+pub const MAX_KEY_HEADER_BYTES: usize = 1024;
+
+/// Headers that let consumers route without parsing the payload: `Tidegate-Operation`
+/// (MongoDB's `operationType` spelling), `Tidegate-Namespace` (`db.coll`, or `db`),
+/// `Tidegate-Key` (the document key's `_id` as relaxed Extended JSON, when the event has one,
+/// `with_key` asks for it and its text is at most [`MAX_KEY_HEADER_BYTES`]) and
+/// `Tidegate-Cluster-Time` (`<seconds>.<increment>`, when the event has one). Names and
+/// namespaces pass through [`header_text`]; the key's JSON escapes CR and LF itself.
+fn routing_headers(headers: &mut HeaderMap, change: &Change, with_key: bool) {
+    headers.insert(
+        "Tidegate-Operation",
+        header_text(change.operation().as_str(), HEADER_TEXT_CHARS).as_str(),
+    );
+    headers.insert(
+        "Tidegate-Namespace",
+        header_text(&change.namespace().to_string(), HEADER_TEXT_CHARS).as_str(),
+    );
+    let key = key_id(change).and_then(|id| key_json(id).ok());
+    if let Some(key) = key.filter(|k| with_key && k.len() <= MAX_KEY_HEADER_BYTES) {
+        headers.insert("Tidegate-Key", key.as_str());
+    }
+    if let Some(time) = change.cluster_time() {
+        let time = format!("{}.{}", time.time, time.increment);
+        headers.insert("Tidegate-Cluster-Time", time.as_str());
+    }
 }
 
 /// `text` as a header value: control characters (CR, LF…) as spaces, at most `max_chars`.

@@ -25,6 +25,7 @@
 //! from it. Duplicates after a restart therefore do not depend on the duplicate window.
 
 pub mod encode;
+pub mod format;
 pub mod framer;
 mod publisher;
 mod stream;

@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, Context};
 use mongodb::change_stream::event::ResumeToken;
 
 use super::EventMessages;
-use crate::config::{PipelineConfig, SinkConfig};
+use crate::config::{PipelineConfig, SinkConfig, Storage};
 use crate::error::Error;
 use crate::model::subject::subject_covers;
 use crate::model::token::token_id;
@@ -29,16 +29,20 @@ pub async fn prepare_stream(js: &Context, pipeline: &PipelineConfig) -> Result<(
                 .info()
                 .await
                 .map_err(|err| fail(format!("cannot read stream '{}': {err}", sink.stream)))?;
-            check_existing(&info.config, sink, &wanted_subject, window).map_err(fail)
+            check_existing(&info.config, sink, &wanted_subject, window).map_err(fail)?;
+            let wanted = stream_config(sink, &wanted_subject);
+            for difference in settings_differences(&info.config, &wanted) {
+                tracing::warn!(
+                    pipeline = %pipeline.id,
+                    stream = %sink.stream,
+                    "the stream exists and is used as it is, although its {difference}; \
+                     tidegate never edits an existing stream (nats stream edit changes it)"
+                );
+            }
+            Ok(())
         }
         Err(err) if is_stream_not_found(&err) => {
-            let config = StreamConfig {
-                name: sink.stream.clone(),
-                subjects: vec![wanted_subject.clone()],
-                duplicate_window: window,
-                storage: StorageType::File,
-                ..Default::default()
-            };
+            let config = stream_config(sink, &wanted_subject);
             if let Err(err) = js.create_stream(config).await {
                 let overlapping = matches!(
                     err.kind(),
@@ -50,7 +54,17 @@ pub async fn prepare_stream(js: &Context, pipeline: &PipelineConfig) -> Result<(
                     false => format!("cannot create stream '{}': {err}", sink.stream),
                 }));
             }
-            tracing::info!(pipeline = %pipeline.id, stream = %sink.stream, subjects = %wanted_subject, "created stream");
+            tracing::info!(
+                pipeline = %pipeline.id,
+                stream = %sink.stream,
+                subjects = %wanted_subject,
+                replicas = sink.replicas,
+                storage = ?sink.storage,
+                max_age_secs = ?sink.max_age_secs,
+                max_bytes = ?sink.max_bytes,
+                max_msgs_per_subject = ?sink.max_msgs_per_subject,
+                "created stream"
+            );
             Ok(())
         }
         Err(err) if jetstream_off(&err) => Err(fail(format!(
@@ -64,6 +78,68 @@ pub async fn prepare_stream(js: &Context, pipeline: &PipelineConfig) -> Result<(
             sink.stream
         ))),
     }
+}
+
+/// The stream tidegate creates for `sink`: its subjects, duplicate window, replicas, storage
+/// and limits (unset limits: none, JetStream's `-1`/zero).
+fn stream_config(sink: &SinkConfig, wanted_subject: &str) -> StreamConfig {
+    let limit = |value: Option<u64>| value.and_then(|v| i64::try_from(v).ok()).unwrap_or(-1);
+    StreamConfig {
+        name: sink.stream.clone(),
+        subjects: vec![wanted_subject.to_string()],
+        duplicate_window: Duration::from_secs(sink.duplicate_window_secs),
+        storage: match sink.storage {
+            Storage::File => StorageType::File,
+            Storage::Memory => StorageType::Memory,
+        },
+        num_replicas: sink.replicas,
+        max_age: Duration::from_secs(sink.max_age_secs.unwrap_or(0)),
+        max_bytes: limit(sink.max_bytes),
+        max_messages_per_subject: limit(sink.max_msgs_per_subject),
+        ..Default::default()
+    }
+}
+
+/// How an existing stream's settings differ from the ones tidegate would create it with
+/// (replicas, storage, limits), one phrase each, for a warning: the stream is the
+/// operator's, and changing it (least of all weakening its retention) is theirs to decide.
+fn settings_differences(existing: &StreamConfig, wanted: &StreamConfig) -> Vec<String> {
+    let limit = |value: i64| match value {
+        v if v <= 0 => "none".to_string(),
+        v => v.to_string(),
+    };
+    let age = |age: Duration| match age.as_secs() {
+        0 => "none".to_string(),
+        secs => format!("{secs}s"),
+    };
+    let pairs = [
+        (
+            "replicas",
+            existing.num_replicas.max(1).to_string(),
+            wanted.num_replicas.to_string(),
+        ),
+        (
+            "storage",
+            format!("{:?}", existing.storage).to_lowercase(),
+            format!("{:?}", wanted.storage).to_lowercase(),
+        ),
+        ("max age", age(existing.max_age), age(wanted.max_age)),
+        (
+            "max bytes",
+            limit(existing.max_bytes),
+            limit(wanted.max_bytes),
+        ),
+        (
+            "max messages per subject",
+            limit(existing.max_messages_per_subject),
+            limit(wanted.max_messages_per_subject),
+        ),
+    ];
+    pairs
+        .into_iter()
+        .filter(|(_, have, want)| have != want)
+        .map(|(what, have, want)| format!("{what} is {have}, not the configured {want}"))
+        .collect()
 }
 
 /// Whether an existing stream can take the pipeline: it holds `wanted` subjects, remembers
@@ -353,6 +429,30 @@ mod tests {
         assert!(!subject_covers("cdc.a.>", "cdc.>"));
         assert!(!subject_covers("other.>", "cdc.>"));
         assert!(subject_covers("cdc.a", "cdc.a"));
+    }
+
+    /// A stream made by hand is left alone; what differs from the settings is named.
+    #[test]
+    fn differing_settings_are_named() {
+        let mut table = toml::Table::new();
+        table.insert("stream".into(), "S".into());
+        table.insert("subject_prefix".into(), "cdc".into());
+        table.insert("replicas".into(), 3.into());
+        table.insert("max_msgs_per_subject".into(), 1.into());
+        let sink: SinkConfig = table.try_into().expect("sink");
+        let wanted = stream_config(&sink, "cdc.>");
+        assert_eq!(wanted.num_replicas, 3);
+        assert_eq!(wanted.max_messages_per_subject, 1);
+        assert_eq!(wanted.max_bytes, -1);
+        assert!(settings_differences(&wanted, &wanted).is_empty());
+        let existing = StreamConfig {
+            max_messages_per_subject: -1,
+            ..wanted.clone()
+        };
+        assert_eq!(
+            settings_differences(&existing, &wanted),
+            ["max messages per subject is none, not the configured 1"]
+        );
     }
 
     fn token(data: &str) -> ResumeToken {

@@ -37,7 +37,7 @@ pub const HISTORY_STEP: Duration = Duration::from_secs(5);
 pub const PLUGIN_FAILURE_REASONS: [crate::model::failure::FailureKind; 8] =
     crate::model::failure::FailureKind::PLUGIN_DECLARED;
 /// Why the host dead-letters an event itself (`sink::framer`), with an empty `plugin`.
-pub const HOST_FAILURE_REASONS: [crate::model::failure::FailureKind; 2] =
+pub const HOST_FAILURE_REASONS: [crate::model::failure::FailureKind; 3] =
     crate::model::failure::FailureKind::HOST_DECLARED;
 
 /// The calls of one plugin of a chain (labels: `pipeline`, `plugin`, and later `tenant`).
