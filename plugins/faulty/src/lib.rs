@@ -11,7 +11,8 @@
 //!   tenant's prefix;
 //! - `"header_bomb": true` → one 2 MiB header; `"header_flood": true` → 2500 headers of
 //!   406 bytes; `"long_subject": "<prefix>"` → a subject of 8 KiB under `<prefix>`;
-//!   `"reserved_header": true` → a `Nats-Msg-Id` header; `"change_id": true` → a changed id;
+//!   `"reserved_header": true` → a `Nats-Msg-Id` header (`"reserved_header": "<name>"` → a
+//!   header of that name); `"change_id": true` → a changed id;
 //! - otherwise → the unchanged event as the single output.
 //!
 //! Each of the first four writes one `debug` line to the log first. A full document that is not
@@ -128,11 +129,11 @@ mod component {
                     subject: Some(format!("{prefix}.{}", "s".repeat(LONG_SUBJECT_BYTES))),
                     headers: Vec::new(),
                 }]),
-                Action::ReservedHeader => Ok(vec![Output {
+                Action::ReservedHeader(name) => Ok(vec![Output {
                     event,
                     subject: None,
                     headers: vec![Header {
-                        name: "Nats-Msg-Id".to_owned(),
+                        name,
                         value: "forged".to_owned(),
                     }],
                 }]),

@@ -50,8 +50,9 @@ pub enum Action {
     /// `"long_subject": "<prefix>"`: the event to `<prefix>.` followed by
     /// [`LONG_SUBJECT_BYTES`] letters (a valid subject under the prefix, but too long).
     LongSubject(String),
-    /// `"reserved_header": true`: the event with a `Nats-Msg-Id` header of its own.
-    ReservedHeader,
+    /// `"reserved_header": true`: the event with a `Nats-Msg-Id` header of its own;
+    /// `"reserved_header": "<name>"`: with a header of that name (e.g. `Tidegate-Key`).
+    ReservedHeader(String),
     /// `"change_id": true`: the event with its id changed.
     ChangeId,
 }
@@ -103,8 +104,10 @@ pub fn action(full_document: Option<&[u8]>) -> Result<Action, String> {
         Action::HeaderFlood
     } else if let Some(Value::String(prefix)) = doc.get("long_subject") {
         Action::LongSubject(prefix.clone())
+    } else if let Some(Value::String(name)) = doc.get("reserved_header") {
+        Action::ReservedHeader(name.clone())
     } else if flag("reserved_header") {
-        Action::ReservedHeader
+        Action::ReservedHeader("Nats-Msg-Id".to_owned())
     } else if flag("change_id") {
         Action::ChangeId
     } else {
@@ -164,7 +167,11 @@ mod tests {
         );
         assert_eq!(
             act(r#"{"reserved_header": true}"#),
-            Ok(Action::ReservedHeader)
+            Ok(Action::ReservedHeader("Nats-Msg-Id".to_owned()))
+        );
+        assert_eq!(
+            act(r#"{"reserved_header": "Tidegate-Key"}"#),
+            Ok(Action::ReservedHeader("Tidegate-Key".to_owned()))
         );
         assert_eq!(act(r#"{"change_id": true}"#), Ok(Action::ChangeId));
     }
