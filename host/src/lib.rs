@@ -18,7 +18,8 @@
 //! ```
 //!
 //! - [`model`] — what travels: the change event as the server's raw BSON, resume tokens,
-//!   the durable position, subjects, and Extended JSON written from raw BSON.
+//!   the durable position, subjects and document-key tokens, and Extended JSON written from
+//!   raw BSON.
 //! - [`error`] — the errors that stop tidegate or a unit, each naming what is at fault.
 //! - [`security`] — NATS authentication and TLS, MongoDB client defaults, and secrets
 //!   scrubbed from every output.
@@ -35,8 +36,9 @@
 //! - [`source`] — the change stream: opening and resuming it, server-side filters, start
 //!   positions, heartbeats, fatal vs. transient errors, events over 16 MiB, snapshots and the
 //!   signals that start them.
-//! - [`sink`] — the JetStream side: framing verdicts into messages that fit the server,
-//!   payload encodings, stream preparation, the ordered and deduplicated publisher.
+//! - [`sink`] — the JetStream side: framing verdicts into messages that fit the server
+//!   (routing headers included), payload formats and encodings, stream preparation, the
+//!   ordered and deduplicated publisher.
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
 //! - [`pipeline`] — one unit (a pipeline, or one tenant's share of it): source, chain and
 //!   sink wired with bounded queues, its start position, draining and shutdown.

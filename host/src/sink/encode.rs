@@ -1,8 +1,8 @@
-//! How a change becomes a NATS message: its subject and its payload.
-//!
-//! The payload is the change stream's own event (`operationType`, `ns`, `documentKey`,
-//! `fullDocument`, …, in the server's field order) so that anyone who knows MongoDB change
-//! events can read it, with `id` (the resume token's `_data`) in place of `_id`.
+//! A change's own document as bytes: the change stream's event (`operationType`, `ns`,
+//! `documentKey`, `fullDocument`, …, in the server's field order) so that anyone who knows
+//! MongoDB change events can read it, with `id` (the resume token's `_data`) in place of
+//! `_id`. Dead letters carry exactly this; published events go through
+//! [`format`](super::format), whose `change-event` shape adds `tsMs`.
 
 use crate::config::Encoding;
 use crate::model::ejson::{write_document, Mode};
