@@ -557,6 +557,77 @@ mod tests {
             .map(|v| v.as_str().to_owned())
     }
 
+    /// A change with document key `key` in `shop.orders`, at cluster time 10.2.
+    fn keyed(key: bson::RawDocumentBuf) -> crate::model::Change {
+        let fields = crate::model::Fields {
+            document_key: Some(std::borrow::Cow::Owned(key)),
+            cluster_time: Some(bson::Timestamp {
+                time: 10,
+                increment: 2,
+            }),
+            ..crate::model::Fields::new(
+                "82AA",
+                crate::model::Operation::Delete,
+                crate::model::Namespace {
+                    db: "shop".into(),
+                    coll: Some("orders".into()),
+                },
+            )
+        };
+        crate::model::Change::from_fields(fields, None).expect("change")
+    }
+
+    fn header(message: &Message, name: &str) -> Option<String> {
+        message.headers.get(name).map(|v| v.as_str().to_owned())
+    }
+
+    /// Operation, namespace, key (JSON, CR/LF escaped) and cluster time on every event; a key
+    /// too long for a header is left out.
+    #[test]
+    fn routing_headers_name_the_change() {
+        let mut framer = Framer::new(&pipeline(), 64 * 1024, 0).expect("framer");
+        let stats = crate::ops::metrics::pipeline("framer-test");
+        let change = keyed(bson::rawdoc! { "_id": "a\r\nb" });
+        let framed = framer.frame(&event(change), output(None, Vec::new()), &stats);
+        let message = &framed.messages[0];
+        assert_eq!(
+            header(message, "Tidegate-Operation").as_deref(),
+            Some("delete")
+        );
+        assert_eq!(
+            header(message, "Tidegate-Namespace").as_deref(),
+            Some("shop.orders")
+        );
+        assert_eq!(
+            header(message, "Tidegate-Key").as_deref(),
+            Some(r#""a\r\nb""#)
+        );
+        assert_eq!(
+            header(message, "Tidegate-Cluster-Time").as_deref(),
+            Some("10.2")
+        );
+        assert_eq!(
+            header(message, "Content-Type").as_deref(),
+            Some("application/json; ejson=relaxed")
+        );
+        let long = keyed(bson::rawdoc! { "_id": "k".repeat(MAX_KEY_HEADER_BYTES) });
+        let framed = framer.frame(&event(long), output(None, Vec::new()), &stats);
+        assert_eq!(kind(&framed.messages[0]), None);
+        assert_eq!(header(&framed.messages[0], "Tidegate-Key"), None);
+        assert!(header(&framed.messages[0], "Tidegate-Operation").is_some());
+        let probe = framer.frame(
+            &event(crate::model::Change::probe()),
+            output(None, Vec::new()),
+            &stats,
+        );
+        assert_eq!(
+            header(&probe.messages[0], "Tidegate-Key"),
+            None,
+            "no key, no header"
+        );
+        assert_eq!(header(&probe.messages[0], "Tidegate-Cluster-Time"), None);
+    }
+
     /// The header block is counted exactly as async-nats writes it in an `HPUB`.
     #[test]
     fn header_block_counts_the_wire_form() {
