@@ -177,8 +177,9 @@ fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
     stages
 }
 
-/// The stages that decide which namespaces a pipeline sees: the listed collections only, a
-/// tenant's namespaces only, include/exclude, and never the pipeline's own checkpoint
+/// The stages that decide which namespaces a pipeline sees: the listed collections only
+/// (`collections`, or `collections_file`'s rows), a tenant's namespaces only,
+/// include/exclude, and never the pipeline's own checkpoint
 /// collection (whose writes would otherwise be published, checkpointed, published…
 /// forever). They look at `ns` only, so a snapshot runs them on synthetic events to pick
 /// its collections.
@@ -186,6 +187,16 @@ pub(crate) fn namespace_filter(pipeline: &PipelineConfig) -> Vec<Document> {
     let mut stages = Vec::new();
     if pipeline.collections.len() > 1 {
         stages.push(doc! { "$match": { "ns.coll": { "$in": pipeline.collections.clone() } } });
+    }
+    if !pipeline.collection_list.is_empty() {
+        // Mirrors `PipelineConfig::may_see`; one `$in` per database keeps a long list cheap.
+        let mut listed: Vec<Document> = pipeline
+            .collection_list
+            .by_database()
+            .map(|(db, colls)| doc! { "ns.db": db, "ns.coll": { "$in": colls.iter().collect::<Vec<_>>() } })
+            .collect();
+        listed.push(doc! { "operationType": "invalidate" });
+        stages.push(doc! { "$match": { "$or": listed } });
     }
     if let Some(tenant) = &pipeline.tenant {
         // Mirrors `PipelineConfig::may_see`, which checks every event again in the host.
