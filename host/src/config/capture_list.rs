@@ -46,11 +46,6 @@ impl CollectionList {
             .iter()
             .flat_map(|(db, colls)| colls.iter().map(move |coll| (db, coll)))
     }
-
-    /// The databases that have listed collections, sorted.
-    pub fn databases(&self) -> impl Iterator<Item = &String> {
-        self.0.keys()
-    }
 }
 
 /// Reads the pipeline's `collections_file` (relative to `base`, the config file's folder)
