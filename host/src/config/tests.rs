@@ -538,7 +538,11 @@ fn collections_file_mistakes_are_refused() {
 #[test]
 fn tenants_stay_inside_the_collections_file() {
     let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("capture.csv"), "shop,orders\n").expect("write");
+    std::fs::write(
+        dir.path().join("capture.csv"),
+        "shop,orders\nshop,returns\n",
+    )
+    .expect("write");
     let with_file = TENANTS.replacen(
         "database = \"shop\"",
         "collections_file = \"capture.csv\"",
