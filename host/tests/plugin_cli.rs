@@ -189,7 +189,7 @@ fn test_takes_config_from_a_file() {
     let out = plugin(&[&args[..], &["--config", "discriminator=_id"]].concat());
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
-    assert!(text.contains("[1] subject: cdc.mapped"), "{text}");
+    assert!(text.contains("[0] subject: cdc.mapped"), "{text}");
     assert!(text.contains(r#""fullDocument":{"id":1}"#), "{text}");
     let out = plugin(&[&args[..], &["--config", "variants={}"]].concat());
     let err = String::from_utf8_lossy(&out.stderr);
