@@ -235,3 +235,40 @@ fn tenants_example_checks() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `tidegate check` reads the files a config names: a capture list with a bad row and a
+/// plugin config file that is not JSON are refused (exit 2) in one run, each named with
+/// its file and line, without showing the plugin file's values.
+#[test]
+fn check_reports_problems_in_the_files_a_config_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("capture.csv"), "d,orders\nd,\n").expect("write");
+    std::fs::write(
+        dir.path().join("redact.json"),
+        "{\"fields\": \"email\",\n \"hash-key\" \"s3cret\"}",
+    )
+    .expect("write");
+    let plugins = "[[pipeline.plugins]]\nname = \"redact\"\nconfig_file = \"redact.json\"\n";
+    let text = offline_config(dir.path(), plugins).replace(
+        "database = \"d\"",
+        "database = \"d\"\ncollections_file = \"capture.csv\"",
+    );
+    let path = dir.path().join("tidegate.toml");
+    std::fs::write(&path, text).expect("write");
+    let out = tidegate(&["check"], &path);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let csv = dir.path().join("capture.csv");
+    assert!(
+        err.contains(&format!(
+            "collections_file: {}:2: the collection name is empty",
+            csv.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("plugin 'redact': config_file: ") && err.contains("line 2"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "{err}");
+}

@@ -165,6 +165,38 @@ fn test_runs_events_and_reports_each() {
     assert!(text.contains("-> error out-of-fuel"), "{text}");
 }
 
+/// `--config-file` gives `test` the entries of a file, as a pipeline's `config_file` does
+/// (TOML here, with a structured value); a key also given with `--config` is refused.
+#[test]
+fn test_takes_config_from_a_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = events(dir.path());
+    let file = dir.path().join("map.toml");
+    std::fs::write(
+        &file,
+        "[variants.\"*\"]\nfields = { \"_id\" = \"id\" }\nsubject = \"cdc.mapped\"\n",
+    )
+    .expect("write");
+    let file = file.display().to_string();
+    let args = [
+        "test",
+        &wasm("map"),
+        "--events",
+        &events,
+        "--config-file",
+        &file,
+    ];
+    let out = plugin(&[&args[..], &["--config", "discriminator=_id"]].concat());
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("[0] subject: cdc.mapped"), "{text}");
+    assert!(text.contains(r#""fullDocument":{"id":1}"#), "{text}");
+    let out = plugin(&[&args[..], &["--config", "variants={}"]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("key `variants` is given both"), "{err}");
+}
+
 /// `test` checks outputs the way production does, through the same call-and-check path and
 /// framer: a reserved header, a changed id, a subject outside the prefix or too long, and
 /// outputs over the size limits (one 2 MiB header; many small headers that together exceed

@@ -470,3 +470,89 @@ async fn misspelt_plugin_key_stops_run() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `map` takes its mapping from a `config_file` beside the config (JSON, with `variants` as
+/// plain JSON rather than JSON in a string) and `unmatched` from the inline `config`;
+/// SIGHUP re-reads the file and the new mapping applies from the next event. A key the
+/// plugin does not know, given in the file, fails `tidegate check` like one given inline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_takes_its_mapping_from_a_file() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let mapping = |fields: serde_json::Value, subject: &str| {
+        serde_json::json!({
+            "discriminator": "kind",
+            "variants": { "post": { "fields": fields, "subject": subject } },
+        })
+        .to_string()
+    };
+    let file = h.dir.path().join("map.json");
+    std::fs::write(
+        &file,
+        mapping(
+            serde_json::json!({"_id": "id", "author.id": "userId"}),
+            "cdc.posts.{operation}",
+        ),
+    )?;
+    let plugins = "[[pipeline.plugins]]\nname = \"map\"\nconfig_file = \"map.json\"\n\
+                   config = { unmatched = \"drop\" }\n";
+    let path = h.write_config("map.toml", &h.config(plugins, ""))?;
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()?;
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let mut child = h.spawn_binary(&path)?;
+    h.wait_ready().await?;
+    let coll = h.collection().await?;
+    coll.insert_one(doc! { "_id": 1, "kind": "post", "author": { "id": 7 }, "title": "Hi" })
+        .await?;
+    coll.insert_one(doc! { "_id": 2, "kind": "like" }).await?; // unmatched: dropped
+    let messages = h
+        .wait_settled(support::STREAM, 1, Duration::from_secs(120))
+        .await?;
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].subject.as_str(), "cdc.posts.insert");
+    assert_eq!(
+        json(&messages[0])["fullDocument"],
+        serde_json::json!({"id": 1, "userId": 7})
+    );
+
+    std::fs::write(
+        &file,
+        mapping(
+            serde_json::json!("_id -> id, title"),
+            "cdc.articles.{operation}",
+        ),
+    )?;
+    child.signal(1)?;
+    child
+        .wait_for_log("plugin chain reloaded", Duration::from_secs(120))
+        .await?;
+    coll.insert_one(doc! { "_id": 3, "kind": "post", "author": { "id": 8 }, "title": "Yo" })
+        .await?;
+    let messages = h
+        .wait_settled(support::STREAM, 2, Duration::from_secs(120))
+        .await?;
+    child.signal(support::SIGTERM)?;
+    child.wait_exit(Duration::from_secs(120)).await?;
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[1].subject.as_str(), "cdc.articles.insert");
+    assert_eq!(
+        json(&messages[1])["fullDocument"],
+        serde_json::json!({"id": 3, "title": "Yo"})
+    );
+
+    std::fs::write(&file, r#"{"feilds": "_id"}"#)?;
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()?;
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(1), "{err}");
+    assert!(err.contains("unknown config key `feilds`"), "{err}");
+    Ok(())
+}

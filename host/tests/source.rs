@@ -1,6 +1,6 @@
 //! The change-stream side against a real replica set: include/exclude lists, skipped
 //! operations and user stages pushed to the server; start positions for a pipeline without a
-//! checkpoint; the `stop` invalidation policy.
+//! checkpoint; the `stop` invalidation policy; a capture list from a CSV file.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -666,4 +666,111 @@ async fn snapshot_progress_bar_on_a_terminal_only() -> anyhow::Result<()> {
     plain.wait_exit(Duration::from_secs(120)).await?;
     assert!(!plain.log().contains("snapshot ["), "{}", plain.log());
     Ok(())
+}
+
+/// A pipeline configured only by a `collections_file` (rows in two databases, written as a
+/// spreadsheet exports them) snapshots and captures exactly the listed collections — not an
+/// unlisted collection of a listed database, nor a listed name in another database. SIGHUP
+/// re-reads the file: a broken one is refused naming its line, a changed one is reported as
+/// needing a restart (the running list stays), and the restart applies it from the
+/// checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collections_file_is_the_capture_list() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let client = h.mongo.client().await?;
+    let coll = |db: &str, name: &str| client.database(db).collection::<bson::Document>(name);
+    let insert = |db: &'static str, name: &'static str, n: i64| {
+        let target = coll(db, name);
+        async move { target.insert_one(doc! { "_id": n, "n": n }).await }
+    };
+    // Before the start: the snapshot reads the listed ones.
+    insert("shop", "orders", 1).await?;
+    insert("shop", "other", 2).await?;
+    insert("crm", "users", 3).await?;
+    insert("crm", "orders", 4).await?;
+    let list = h.dir.path().join("capture.csv");
+    std::fs::write(
+        &list,
+        "\u{feff}shop,orders\r\n# CRM\r\n \"crm\" , users \r\n\r\n",
+    )?;
+    let config = h
+        .config("", "")
+        .replace(
+            &format!("database = \"{DB}\"\ncollections = [\"orders\"]\n"),
+            "collections_file = \"capture.csv\"\nsnapshot = \"initial\"\n",
+        )
+        .replace("full_document = \"update-lookup\"\n", "");
+    assert!(config.contains("collections_file") && !config.contains("database ="));
+    let path = h.write_config("capture.toml", &config)?;
+    let mut child = h.spawn_binary(&path)?;
+    h.wait_ready().await?;
+    insert("shop", "orders", 5).await?;
+    insert("shop", "other", 6).await?;
+    insert("crm", "users", 7).await?;
+    insert("crm", "orders", 8).await?;
+    let messages = h.wait_settled(STREAM, 4, Duration::from_secs(120)).await?;
+    let listed = |ns: &str, n: i64| (ns.to_string(), n);
+    assert_eq!(
+        namespaces(&messages),
+        [
+            listed("crm.users", 3),
+            listed("shop.orders", 1),
+            listed("shop.orders", 5),
+            listed("crm.users", 7)
+        ],
+        "snapshot reads, then changes, of the listed collections only"
+    );
+
+    // A broken file is refused on SIGHUP, naming the file and the line.
+    std::fs::write(&list, "shop,orders\nshop,other,extra\n")?;
+    child.signal(1)?;
+    child
+        .wait_for_log("config reload refused", Duration::from_secs(120))
+        .await?;
+    assert!(
+        child.log().contains("capture.csv:2: 3 fields"),
+        "{}",
+        child.log()
+    );
+    // A changed list is reported; the running pipeline keeps its list until a restart.
+    std::fs::write(&list, "shop,orders\ncrm,users\nshop,other\n")?;
+    child.signal(1)?;
+    child
+        .wait_for_log("restart tidegate to apply them", Duration::from_secs(120))
+        .await?;
+    insert("shop", "other", 9).await?;
+    insert("shop", "orders", 10).await?;
+    let messages = h.wait_settled(STREAM, 5, Duration::from_secs(120)).await?;
+    assert_eq!(namespaces(&messages)[4..], [listed("shop.orders", 10)]);
+    child.signal(support::SIGTERM)?;
+    child.wait_exit(Duration::from_secs(120)).await?;
+
+    // The restart resumes from the checkpoint with the new list.
+    let mut child = h.spawn_binary(&path)?;
+    insert("shop", "other", 11).await?;
+    let messages = h.wait_settled(STREAM, 6, Duration::from_secs(120)).await?;
+    child.signal(support::SIGTERM)?;
+    child.wait_exit(Duration::from_secs(120)).await?;
+    assert_eq!(
+        namespaces(&messages)[4..],
+        [listed("shop.orders", 10), listed("shop.other", 11)],
+        "shop.other from the checkpoint on; its insert before the restart stays out"
+    );
+    Ok(())
+}
+
+/// `(db.coll, n)` of every message, in stream order.
+fn namespaces(messages: &[async_nats::jetstream::message::StreamMessage]) -> Vec<(String, i64)> {
+    messages
+        .iter()
+        .map(|m| {
+            let event = json(m);
+            let ns = format!(
+                "{}.{}",
+                event["ns"]["db"].as_str().unwrap_or_default(),
+                event["ns"]["coll"].as_str().unwrap_or_default()
+            );
+            (ns, event["fullDocument"]["n"].as_i64().unwrap_or(-1))
+        })
+        .collect()
 }

@@ -11,8 +11,10 @@
 //! description of TOML errors (`toml_errors`). Everything is re-exported here, so users
 //! name `config::X` whatever file `X` lives in.
 
+mod capture_list;
 pub mod ha;
 mod pipeline;
+mod plugin_config_file;
 mod plugins;
 mod sink;
 mod stage;
@@ -27,12 +29,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use self::capture_list::{CollectionList, MAX_CAPTURE_LIST_BYTES};
 pub(crate) use self::pipeline::EVENT_FIELDS;
 pub use self::pipeline::{
     parse_start_at, parse_token, FullDocument, FullDocumentBeforeChange, HistoryLostPolicy,
     InvalidatePolicy, NamespaceFilter, OversizePolicy, PipelineConfig, SnapshotMode, StartAt,
     OPERATION_TYPES, SPLIT_STAGE,
 };
+pub use self::plugin_config_file::{read as read_plugin_config_file, MAX_PLUGIN_CONFIG_BYTES};
 pub use self::plugins::{
     Capabilities, LimitOverrides, PluginConfig, PluginLimits, QuarantineAction, QuarantineConfig,
     SandboxConfig, MAX_BREACH_PAUSE,
@@ -167,7 +171,9 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses config text. `base` resolves relative paths; `env` looks up overrides. Every
+    /// Parses config text. `base` resolves relative paths (and the files named by
+    /// `collections_file` and plugins' `config_file` are read from it); `env` looks up
+    /// overrides. Every
     /// problem found is reported, one per line, except when the TOML itself does not parse
     /// (nothing else can be checked then).
     pub fn parse(
@@ -178,7 +184,7 @@ impl Config {
         let mut config: Config =
             toml::from_str(text).map_err(|err| describe_toml_error(text, &err))?;
         config.apply_env(env);
-        config.expand_and_validate()?;
+        config.expand_and_validate(base)?;
         config.resolve_paths(base);
         Ok(config)
     }

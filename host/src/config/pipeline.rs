@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::capture_list::CollectionList;
 use super::plugins::{Capabilities, LimitOverrides, PluginConfig, PluginLimits, QuarantineConfig};
 use super::sink::{CheckpointConfig, SinkConfig};
 use super::tenants::{NamespacePattern, TenantConfig, TenantScope};
@@ -24,6 +25,15 @@ pub struct PipelineConfig {
     /// Collections of `database` to watch. Absent or empty: the whole database.
     #[serde(default)]
     pub collections: Vec<String>,
+    /// The capture list as a CSV file of `database,collection` rows (Streamkap's bulk-upload
+    /// form), relative to the config file's folder; instead of `collections`, and with
+    /// `database` only when every row is in it. See `config::capture_list`. After loading,
+    /// the absolute path.
+    pub collections_file: Option<PathBuf>,
+    /// The collections `collections_file` lists, read at load time (and on SIGHUP). Empty
+    /// without a file. Not a config key.
+    #[serde(skip)]
+    pub collection_list: CollectionList,
     /// Whether update events carry the whole document after the change: `off` (default),
     /// `update-lookup`, `when-available` or `required` (MongoDB's `fullDocument`).
     #[serde(default)]

@@ -137,8 +137,13 @@ pub struct PluginConfig {
     /// Explicit path to the component; relative to the config file's folder.
     pub file: Option<PathBuf>,
     /// Key/values the plugin reads through its `config` import. Values must be strings.
+    /// After loading, the keys of `config_file` are here too.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// More config keys, read from a JSON (or, named `*.toml`, TOML) file relative to the
+    /// config file's folder, re-read on SIGHUP; see `config::plugin_config_file`. After
+    /// loading, the absolute path.
+    pub config_file: Option<PathBuf>,
     /// Sandbox limits for this plugin, overriding the pipeline's or tenant's key by key.
     #[serde(default)]
     pub limits: LimitOverrides,

@@ -185,7 +185,12 @@ fn tenant_namespaces(
                 || pattern
                     .coll
                     .as_ref()
-                    .is_some_and(|c| pipeline.collections.contains(c)));
+                    .is_some_and(|c| pipeline.collections.contains(c)))
+            && (pipeline.collection_list.is_empty()
+                || pattern
+                    .coll
+                    .as_ref()
+                    .is_some_and(|c| pipeline.collection_list.contains(&pattern.db, c)));
         if inside {
             namespaces.push(pattern);
         } else {
@@ -198,17 +203,25 @@ fn tenant_namespaces(
 }
 
 impl PipelineConfig {
-    /// Whether this unit may see an event on `namespace`: always without tenants; for a
-    /// tenant, only its namespaces (and stream-level events such as invalidate, which have
-    /// no namespace).
+    /// Whether this unit may see an event on `namespace`: stream-level events such as
+    /// invalidate (no namespace) always; with a `collections_file`, only the listed
+    /// collections; for a tenant, only its namespaces. The server filters alike (see
+    /// `source::open::namespace_filter`); this is the check that does not depend on it.
     pub fn may_see(&self, namespace: &crate::model::Namespace) -> bool {
-        let Some(tenant) = &self.tenant else {
+        if namespace.db.is_empty() {
             return true;
-        };
-        namespace.db.is_empty()
-            || tenant
-                .namespaces
-                .iter()
-                .any(|p| p.matches(&namespace.db, namespace.coll.as_deref()))
+        }
+        let listed = self.collection_list.is_empty()
+            || namespace
+                .coll
+                .as_deref()
+                .is_some_and(|coll| self.collection_list.contains(&namespace.db, coll));
+        listed
+            && self.tenant.as_ref().is_none_or(|tenant| {
+                tenant
+                    .namespaces
+                    .iter()
+                    .any(|p| p.matches(&namespace.db, namespace.coll.as_deref()))
+            })
     }
 }

@@ -526,4 +526,153 @@ fn formats_and_stream_settings_are_checked() {
     );
     let err = with_sink("subject_template = \"{prefix}.{keys}\"", "").unwrap_err();
     assert!(err.contains("{key}"), "{err}");
+
+/// A config in a temporary folder (so that the files it names can be written beside it),
+/// `MINIMAL` with `from` replaced by `to`.
+fn parse_in(dir: &tempfile::TempDir, from: &str, to: &str) -> Result<Config, String> {
+    let text = MINIMAL.replacen(from, to, 1);
+    assert_ne!(text, MINIMAL, "{from}");
+    Config::parse(&text, dir.path(), |_| None)
+}
+
+const SCOPE: &str = "database = \"shop\"\n    collections = [\"orders\"]";
+
+/// `collections_file` is read relative to the config file's folder, and its rows are the
+/// pipeline's scope, across databases.
+#[test]
+fn collections_file_sets_the_capture_list() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(dir.path().join("lists")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("lists/capture.csv"),
+        "shop,orders\r\ncrm,users\r\n",
+    )
+    .expect("write");
+    let config = parse_in(&dir, SCOPE, "collections_file = \"lists/capture.csv\"").expect("valid");
+    let p = &config.pipelines[0];
+    assert_eq!(
+        p.collections_file.as_deref(),
+        Some(dir.path().join("lists/capture.csv").as_path())
+    );
+    assert!(p.collection_list.contains("shop", "orders"));
+    assert!(p.collection_list.contains("crm", "users"));
+    let ns = |db: &str, coll: Option<&str>| crate::model::Namespace {
+        db: db.into(),
+        coll: coll.map(Into::into),
+    };
+    assert!(p.may_see(&ns("crm", Some("users"))));
+    assert!(
+        !p.may_see(&ns("crm", Some("orders"))),
+        "unlisted collection"
+    );
+    assert!(!p.may_see(&ns("crm", None)), "a database-level event");
+    assert!(p.may_see(&ns("", None)), "invalidate");
+}
+
+/// The file replaces `collections`; with `database`, every row must be in it; its problems
+/// name the pipeline, the key, the file and the line.
+#[test]
+fn collections_file_mistakes_are_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("capture.csv");
+    std::fs::write(&file, "shop,orders\ncrm,users,x\n").expect("write");
+    let err = parse_in(&dir, SCOPE, "collections_file = \"capture.csv\"").expect_err("3 fields");
+    assert!(
+        err.contains(&format!(
+            "pipeline 'orders': collections_file: {}:2: 3 fields",
+            file.display()
+        )),
+        "{err}"
+    );
+    std::fs::write(&file, "shop,orders\ncrm,users\n").expect("write");
+    let err = parse_in(
+        &dir,
+        "collections = [\"orders\"]",
+        "collections_file = \"capture.csv\"",
+    )
+    .expect_err("rows outside `database`");
+    assert!(err.contains(":2: database \"crm\" is not"), "{err}");
+    let err = parse_in(
+        &dir,
+        "collections = [\"orders\"]",
+        "collections = [\"orders\"]\n collections_file = \"capture.csv\"",
+    )
+    .expect_err("two lists");
+    assert!(err.contains("in one place"), "{err}");
+    let err = parse_in(&dir, SCOPE, "collections_file = \"missing.csv\"").expect_err("missing");
+    assert!(err.contains("missing.csv: cannot read it"), "{err}");
+}
+
+/// A tenant of a pipeline with a capture list may only see listed collections.
+#[test]
+fn tenants_stay_inside_the_collections_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("capture.csv"),
+        "shop,orders\nshop,returns\n",
+    )
+    .expect("write");
+    let with_file = TENANTS.replacen(
+        "database = \"shop\"",
+        "collections_file = \"capture.csv\"",
+        1,
+    );
+    assert_ne!(with_file, TENANTS);
+    let err = Config::parse(&with_file, dir.path(), |_| None).expect_err("shop.* is wider");
+    assert!(
+        err.contains("tenant 'globex': namespaces: 'shop.*' lies outside"),
+        "{err}"
+    );
+    let narrowed = with_file.replace("[\"shop.*\"]", "[\"shop.orders\"]");
+    let config = Config::parse(&narrowed, dir.path(), |_| None).expect("valid");
+    assert!(config
+        .pipelines
+        .iter()
+        .all(|unit| unit.collection_list.contains("shop", "orders")));
+}
+
+/// A plugin's `config_file` is read relative to the config file's folder and merged into
+/// its `config`; a key in both places is refused without showing either value.
+#[test]
+fn plugin_config_file_merges_into_config() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("map.json"),
+        r#"{"discriminator": "kind", "variants": {"*": {"fields": "_id"}}}"#,
+    )
+    .expect("write");
+    let plugin = |config: &str| {
+        format!(
+            "collections = [\"orders\"]\n    [[pipeline.plugins]]\n    name = \"map\"\n    \
+             config_file = \"map.json\"\n    config = {{ {config} }}"
+        )
+    };
+    let config = parse_in(
+        &dir,
+        "collections = [\"orders\"]",
+        &plugin("unmatched = \"drop\""),
+    )
+    .expect("valid");
+    let map = &config.pipelines[0].plugins[0];
+    assert_eq!(
+        map.config_file.as_deref(),
+        Some(dir.path().join("map.json").as_path())
+    );
+    assert_eq!(map.config["discriminator"], "kind");
+    assert_eq!(map.config["variants"], r#"{"*":{"fields":"_id"}}"#);
+    assert_eq!(map.config["unmatched"], "drop");
+    let err = parse_in(
+        &dir,
+        "collections = [\"orders\"]",
+        &plugin("discriminator = \"s3cret-kind\""),
+    )
+    .expect_err("a key in both");
+    assert!(
+        err.contains("plugin 'map': config_file: key `discriminator` is given both"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("s3cret") && !err.contains("\"kind\""),
+        "{err}"
+    );
 }

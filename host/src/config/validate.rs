@@ -6,6 +6,7 @@
 //! be tried against an invalid prefix, say).
 
 use std::collections::HashSet;
+use std::path::Path;
 
 use super::pipeline::FullDocument;
 use super::pipeline::{
@@ -15,6 +16,7 @@ use super::plugins::QuarantineAction;
 use super::sink::{Encoding, Format};
 use super::stage::{check_split_stage, check_stage};
 use super::tenants::{expand_tenants, NamespacePattern};
+use super::{capture_list, plugin_config_file};
 use super::{Config, NatsConfig};
 use crate::model::subject::{is_under_prefix, is_valid_subject, SubjectTemplate};
 use crate::model::Change;
@@ -57,9 +59,10 @@ struct Seen {
 }
 
 impl Config {
-    /// Expands tenants into units (see [`expand_tenants`]) and checks the whole file,
-    /// reporting every problem found at once.
-    pub(super) fn expand_and_validate(&mut self) -> Result<(), String> {
+    /// Reads the files the config names (capture lists, plugin config files; relative to
+    /// `base`), expands tenants into units (see [`expand_tenants`]) and checks the whole
+    /// file, reporting every problem found at once.
+    pub(super) fn expand_and_validate(&mut self, base: &Path) -> Result<(), String> {
         let mut problems = Problems::default();
         check_nats(&self.nats, &mut problems);
         if self.sandbox.max_instances == 0 {
@@ -73,8 +76,10 @@ impl Config {
         }
         let mut seen = Seen::default();
         let mut units = Vec::new();
-        for pipeline in std::mem::take(&mut self.pipelines) {
-            for unit in expand_tenants(pipeline, &mut problems) {
+        for mut pipeline in std::mem::take(&mut self.pipelines) {
+            capture_list::load(&mut pipeline, base, &mut problems);
+            for mut unit in expand_tenants(pipeline, &mut problems) {
+                plugin_config_file::load(&mut unit, base, &mut problems);
                 check_unit(&unit, &mut seen, &mut problems);
                 units.push(unit);
             }

@@ -45,6 +45,9 @@ pub enum Command {
         /// A config entry `key=value` for the plugin's `init` (repeatable).
         #[arg(long = "config", value_name = "KEY=VALUE")]
         config: Vec<String>,
+        /// Config entries from a JSON or TOML file, as a plugin's `config_file`.
+        #[arg(long, value_name = "FILE")]
+        config_file: Option<PathBuf>,
     },
     /// Run the events of a JSON-lines file through a plugin, under production limits.
     Test {
@@ -57,6 +60,9 @@ pub enum Command {
         /// A config entry `key=value` (repeatable), as in `[pipeline.plugins.config]`.
         #[arg(long = "config", value_name = "KEY=VALUE")]
         config: Vec<String>,
+        /// Config entries from a JSON or TOML file, as a plugin's `config_file`.
+        #[arg(long, value_name = "FILE")]
+        config_file: Option<PathBuf>,
         /// Memory cap per instance, MiB (production default 64).
         #[arg(long)]
         memory_mib: Option<u32>,
@@ -112,7 +118,11 @@ pub enum Lang {
 /// failed, 2 on bad arguments.
 pub fn run(command: Command) -> ExitCode {
     let result = match command {
-        Command::Inspect { file, config } => parse_config(&config).and_then(|config| {
+        Command::Inspect {
+            file,
+            config,
+            config_file,
+        } => parse_config(&config, config_file.as_deref()).and_then(|config| {
             let settings = PluginSettings {
                 pipeline: "plugin-test".into(),
                 config,
@@ -126,13 +136,14 @@ pub fn run(command: Command) -> ExitCode {
             file,
             events,
             config,
+            config_file,
             memory_mib,
             fuel,
             timeout_ms,
             allow,
             subject_prefix,
             max_payload,
-        } => parse_config(&config).and_then(|config| {
+        } => parse_config(&config, config_file.as_deref()).and_then(|config| {
             let mut limits = PluginLimits::default();
             limits.memory_mib = memory_mib.unwrap_or(limits.memory_mib);
             limits.fuel_per_call = fuel.unwrap_or(limits.fuel_per_call);
@@ -172,14 +183,33 @@ pub fn run(command: Command) -> ExitCode {
     }
 }
 
-fn parse_config(entries: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
-    entries
+/// The `--config` entries, and those of `--config-file` (a key in both is refused, as in a
+/// pipeline's config).
+fn parse_config(
+    entries: &[String],
+    file: Option<&Path>,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut config: BTreeMap<String, String> = entries
         .iter()
         .map(|e| match e.split_once('=') {
             Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
             _ => bail!("--config {e:?}: expected KEY=VALUE"),
         })
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    if let Some(file) = file {
+        let values =
+            tidegate::config::read_plugin_config_file(file).map_err(|e| anyhow::anyhow!(e))?;
+        for (key, value) in values {
+            if config.contains_key(&key) {
+                bail!(
+                    "key `{key}` is given both in --config and in {}",
+                    file.display()
+                );
+            }
+            config.insert(key, value);
+        }
+    }
+    Ok(config)
 }
 
 /// The plugin's name for logs: its file stem.

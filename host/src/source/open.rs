@@ -177,8 +177,9 @@ fn server_side_filter(pipeline: &PipelineConfig) -> Vec<Document> {
     stages
 }
 
-/// The stages that decide which namespaces a pipeline sees: the listed collections only, a
-/// tenant's namespaces only, include/exclude, and never the pipeline's own checkpoint
+/// The stages that decide which namespaces a pipeline sees: the listed collections only
+/// (`collections`, or `collections_file`'s rows), a tenant's namespaces only,
+/// include/exclude, and never the pipeline's own checkpoint
 /// collection (whose writes would otherwise be published, checkpointed, published…
 /// forever). They look at `ns` only, so a snapshot runs them on synthetic events to pick
 /// its collections.
@@ -186,6 +187,19 @@ pub(crate) fn namespace_filter(pipeline: &PipelineConfig) -> Vec<Document> {
     let mut stages = Vec::new();
     if pipeline.collections.len() > 1 {
         stages.push(doc! { "$match": { "ns.coll": { "$in": pipeline.collections.clone() } } });
+    }
+    if !pipeline.collection_list.is_empty() {
+        // Mirrors `PipelineConfig::may_see`; one `$in` per database keeps a long list cheap.
+        let mut listed: Vec<Document> = pipeline
+            .collection_list
+            .by_database()
+            .map(|(db, colls)| {
+                let colls: Vec<&String> = colls.iter().collect();
+                doc! { "ns.db": db, "ns.coll": { "$in": colls } }
+            })
+            .collect();
+        listed.push(doc! { "operationType": "invalidate" });
+        stages.push(doc! { "$match": { "$or": listed } });
     }
     if let Some(tenant) = &pipeline.tenant {
         // Mirrors `PipelineConfig::may_see`, which checks every event again in the host.
@@ -256,4 +270,44 @@ pub(crate) fn heartbeat_namespace(pipeline: &PipelineConfig) -> Option<Namespace
         db: db.to_string(),
         coll: Some(coll.to_string()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// A pipeline made from `scope` keys, with `capture.csv` holding `rows`.
+    fn pipeline(scope: &str, rows: &str) -> PipelineConfig {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("capture.csv"), rows).expect("write");
+        let text = format!(
+            "[nats]\nurl = \"nats://127.0.0.1:4222\"\n[[pipeline]]\nid = \"p\"\n\
+             mongodb_uri = \"mongodb://127.0.0.1:1/?replicaSet=rs0\"\n{scope}\n\
+             collections_file = \"capture.csv\"\n[pipeline.sink]\nstream = \"S\"\n\
+             subject_prefix = \"cdc\"\n"
+        );
+        let mut config = Config::parse(&text, dir.path(), |_| None).expect("valid");
+        config.pipelines.remove(0)
+    }
+
+    /// The listed collections become one `$in` per database, on a stream opened on the
+    /// deployment, or on `database` when it is set.
+    #[test]
+    fn a_collections_file_is_matched_on_the_server() {
+        let p = pipeline("", "shop,orders\nshop,users\ncrm,users\n");
+        assert_eq!(watch_level(&p), WatchLevel::Cluster);
+        assert_eq!(scope_stage(&p), None);
+        let stages = namespace_filter(&p);
+        assert_eq!(
+            stages.first(),
+            Some(&doc! { "$match": { "$or": [
+                { "ns.db": "crm", "ns.coll": { "$in": ["users"] } },
+                { "ns.db": "shop", "ns.coll": { "$in": ["orders", "users"] } },
+                { "operationType": "invalidate" },
+            ] } })
+        );
+        let p = pipeline("database = \"shop\"", "shop,orders\n");
+        assert_eq!(watch_level(&p), WatchLevel::Database("shop"));
+    }
 }

@@ -229,10 +229,14 @@ pub async fn check_images(
     if !(needs_after || needs_before) {
         return Ok(());
     }
-    let Some(db) = &pipeline.database else {
-        return Ok(());
+    let listed: Vec<(&String, &String)> = match &pipeline.database {
+        _ if !pipeline.collection_list.is_empty() => {
+            pipeline.collection_list.namespaces().collect()
+        }
+        Some(db) => pipeline.collections.iter().map(|coll| (db, coll)).collect(),
+        None => return Ok(()),
     };
-    for coll in &pipeline.collections {
+    for (db, coll) in listed {
         let mut found = client
             .database(db)
             .list_collections()

@@ -26,6 +26,10 @@
 //! unchanged on the mapping's subject when there is a single mapping, else on the pipeline's.
 //! `document-key` is never changed. Each output carries the header `X-Map-Variant` when a
 //! variant was chosen.
+//!
+//! A large mapping can live in a file: the plugin's `config_file` (JSON or TOML, read by the
+//! host — a plugin cannot read host files) supplies these keys, with `variants` written as a
+//! plain object; the host passes it as its JSON text, which is what this plugin parses.
 
 use std::collections::BTreeMap;
 

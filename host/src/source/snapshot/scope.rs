@@ -20,11 +20,20 @@ pub async fn namespaces(
     filter_namespaces(client, candidates, filters).await
 }
 
-/// Every collection in the pipeline's database/collections scope, sorted.
+/// Every collection in the pipeline's database/collections scope (or its
+/// `collections_file`'s rows, listed whether they exist yet or not, as `collections` are),
+/// sorted.
 async fn in_scope(
     client: &mongodb::Client,
     pipeline: &PipelineConfig,
 ) -> Result<Vec<(String, String)>, mongodb::error::Error> {
+    if !pipeline.collection_list.is_empty() {
+        return Ok(pipeline
+            .collection_list
+            .namespaces()
+            .map(|(db, coll)| (db.clone(), coll.clone()))
+            .collect());
+    }
     let databases = match &pipeline.database {
         Some(db) => vec![db.clone()],
         None => client
