@@ -3,7 +3,8 @@
 #   1. format and lint checks (cargo fmt, clippy -D warnings) for the host and the plugins,
 #      the layout check (scripts/check-layout.py), and the host's and the SDK's docs built
 #      with warnings denied;
-#   2. the guest plugins' own unit tests and the SDK's doc examples (native, no wasm needed);
+#   2. the guest plugins' own unit tests and the SDK's doc examples (native, no wasm needed),
+#      and `cargo package` for the SDK (the crate `tidegate plugin new --lang rust` depends on);
 #   3. every host unit and integration test, against real mongod + nats-server;
 #   4. the quick-start demo, end to end, so the example never rots.
 set -euo pipefail
@@ -42,6 +43,10 @@ RUSTDOCFLAGS="-D warnings -A rustdoc::private_intra_doc_links" \
 phase "plugin SDK docs build without warnings"
 (cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" RUSTDOCFLAGS="-D warnings" \
   cargo doc --locked --no-deps -p tidegate-plugin --quiet)
+
+phase "plugin SDK packages for crates.io (cargo package, verified by building the packaged crate)"
+(cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" \
+  cargo package --locked --allow-dirty --quiet -p tidegate-plugin)
 
 phase "plugin unit tests (native)"
 (cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" cargo test --locked) 2>&1 | tee -a "$results"
