@@ -127,8 +127,7 @@ else
       --change "CMD $FINAL_CMD" --change "WORKDIR /home/nonroot" "$work/rootfs.tar" "$image" \
       >"$work/import.log" 2>&1 || { cat "$work/import.log" >&2; exit 1; }
     what="the runtime stage assembled from this machine (in place of $FINAL_BASE)"
-    not_run+=("the build stage in a container, and the image on the real distroless base:"
-      "rust:1-bookworm and $FINAL_BASE cannot be pulled here")
+    not_run+=("the build stage in a container, and the image on the real distroless base ($FINAL_BASE and rust:1-bookworm cannot be pulled here)")
   fi
   if ! container_runs "$image" --help; then
     engine_opts=(--cgroup-manager=cgroupfs)
