@@ -194,6 +194,13 @@ pub fn new(name: &str, lang: Lang, dir: &Path, sdk_path: Option<&Path>) -> anyho
         Lang::C | Lang::Python => format!("./build.sh {name}.wasm"),
     };
     println!("  cd {} && {build}", root.display());
+    if matches!(lang, Lang::Rust) && sdk_path.is_none() {
+        println!(
+            "  (tidegate-plugin {SDK_VERSION} comes from crates.io; to use a local checkout of \
+             tidegate's plugins/sdk instead, see [patch.crates-io] in Cargo.toml or pass \
+             --sdk-path)"
+        );
+    }
     println!("  tidegate plugin test <the .wasm> --events events.jsonl");
     Ok(())
 }
