@@ -49,7 +49,7 @@ fi
 say "run: the Dockerfile's build command on this tree"
 cargo build --release --locked -p tidegate --bin tidegate
 BIN="$CARGO_TARGET_DIR/release/tidegate"
-ran+=("the build stage's cargo command on this tree ($(du -m "$BIN" | cut -f1) MB binary)")
+ran+=("the build stage's cargo command on this tree ($(stat -c %s "$BIN" | awk '{printf "%.1f", $1 / 1e6}') MB binary)")
 say "run: scripts/build-plugins.sh (the plugins compose mounts from target/plugins)"
 log=$(mktemp)
 "$ROOT/scripts/build-plugins.sh" >/dev/null 2>"$log" || { cat "$log" >&2; rm -f "$log"; exit 1; }
