@@ -3,9 +3,12 @@
 #   1. format and lint checks (cargo fmt, clippy -D warnings) for the host and the plugins,
 #      the layout check (scripts/check-layout.py), and the host's and the SDK's docs built
 #      with warnings denied;
-#   2. the guest plugins' own unit tests and the SDK's doc examples (native, no wasm needed);
+#   2. the guest plugins' own unit tests and the SDK's doc examples (native, no wasm needed),
+#      and `cargo package` for the SDK (the crate `tidegate plugin new --lang rust` depends on);
 #   3. every host unit and integration test, against real mongod + nats-server;
-#   4. the quick-start demo, end to end, so the example never rots.
+#   4. the quick-start demo, end to end, so the example never rots;
+#   5. the deployment files (scripts/check-deploy.sh: run as far as the machine allows, the rest
+#      checked, and it says which).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -43,6 +46,10 @@ phase "plugin SDK docs build without warnings"
 (cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" RUSTDOCFLAGS="-D warnings" \
   cargo doc --locked --no-deps -p tidegate-plugin --quiet)
 
+phase "plugin SDK packages for crates.io (cargo package, verified by building the packaged crate)"
+(cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" \
+  cargo package --locked --allow-dirty --quiet -p tidegate-plugin)
+
 phase "plugin unit tests (native)"
 (cd plugins && CARGO_TARGET_DIR="$CACHE/plugins-native-target" cargo test --locked) 2>&1 | tee -a "$results"
 
@@ -52,6 +59,9 @@ cargo test --release --locked --workspace 2>&1 | tee -a "$results"
 phase "quick-start demo"
 cargo build --release --locked -p tidegate -p tidegate-testkit --bins
 "$CARGO_TARGET_DIR/release/tidegate-demo"
+
+phase "deployment files: Dockerfile, compose, their config (what was run and what only checked)"
+CHECK_DEPLOY_INSTALL=1 "$ROOT/scripts/check-deploy.sh"
 
 phase "all passed"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }

@@ -6,7 +6,7 @@
 //   subject-prefix  required; must lie under the pipeline's subject prefix
 //   field           top-level document field to route on (default "region")
 //
-// Build: ./build.sh route-by-field.wasm   (componentize-js; see README.md)
+// Build: node build.mjs route-by-field.wasm   (componentize-js; see README.md)
 
 import { write } from 'tidegate:plugin/log@0.1.0';
 import { get } from 'tidegate:plugin/config@0.1.0';

@@ -278,35 +278,82 @@ fn test_reports_what_production_would_dead_letter() {
     assert!(!text.contains("dead-lettered"), "{text}");
 }
 
-/// `new --lang rust` scaffolds a crate on the SDK whose own tests pass natively.
+/// `new --lang rust` scaffolds a crate that depends on the SDK by version, never by a path
+/// the user did not give; `--sdk-path` points it at a local checkout through
+/// `[patch.crates-io]`, and with that its own tests pass natively, offline.
 #[test]
 fn new_rust_plugin_passes_its_tests() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = plugin(&[
-        "new",
-        "status-filter",
-        "--lang",
-        "rust",
-        "--dir",
-        &dir.path().display().to_string(),
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let d = dir.path().display().to_string();
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/sdk")
+        .canonicalize()
+        .expect("the SDK in this tree");
+
+    // By default: the published crate, and the override as a commented hint only.
+    let out = plugin(&["new", "by-version", "--lang", "rust", "--dir", &d]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let manifest = std::fs::read_to_string(dir.path().join("by-version/Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains("\ntidegate-plugin = \"0.1\"\n"),
+        "{manifest}"
     );
+    assert!(manifest.contains("# [patch.crates-io]"), "{manifest}");
+    let active: Vec<&str> = manifest
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    assert!(
+        !active.iter().any(|l| l.contains("path")),
+        "no path dependency: {manifest}"
+    );
+    assert!(
+        !manifest.contains(&sdk.display().to_string()),
+        "the SDK folder this binary was built from must not leak into the scaffold: {manifest}"
+    );
+
+    let sdk_arg = sdk.display().to_string();
+    let new = |name: &str| {
+        plugin(&[
+            "new",
+            name,
+            "--lang",
+            "rust",
+            "--dir",
+            &d,
+            "--sdk-path",
+            &sdk_arg,
+        ])
+    };
+    let out = new("status-filter");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let project = dir.path().join("status-filter");
     assert!(project.join("src/lib.rs").is_file());
-    let again = plugin(&[
-        "new",
-        "status-filter",
-        "--lang",
-        "rust",
-        "--dir",
-        &dir.path().display().to_string(),
-    ]);
-    assert_eq!(again.status.code(), Some(2), "never overwrites");
+    let manifest = std::fs::read_to_string(project.join("Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains("\ntidegate-plugin = \"0.1\"\n"),
+        "{manifest}"
+    );
+    assert!(
+        manifest.contains(&format!(
+            "[patch.crates-io]\ntidegate-plugin = {{ path = \"{}\" }}",
+            sdk.display()
+        )),
+        "{manifest}"
+    );
+    assert_eq!(
+        new("status-filter").status.code(),
+        Some(2),
+        "never overwrites"
+    );
+    let wrong = plugin(&["new", "x", "--lang", "rust", "--dir", &d, "--sdk-path", &d]);
+    assert_eq!(wrong.status.code(), Some(2));
+    assert!(
+        stderr(&wrong).contains("no Cargo.toml there; give tidegate's plugins/sdk folder"),
+        "{}",
+        stderr(&wrong)
+    );
+
     // Shared across runs so the SDK's dependencies compile once.
     let target = dirs_cache().join("scaffold-target");
     let test = Command::new("cargo")
@@ -323,6 +370,10 @@ fn new_rust_plugin_passes_its_tests() {
         String::from_utf8_lossy(&test.stderr)
     );
     assert!(text.contains("3 passed"), "{text}");
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// `new --lang c` scaffolds the C example; it builds with the project's C toolchain and
@@ -347,6 +398,9 @@ fn new_c_plugin_builds_and_runs() {
         String::from_utf8_lossy(&out.stderr)
     );
     let project = dir.path().join("skipper");
+    let readme = std::fs::read_to_string(project.join("README.md")).unwrap();
+    assert!(readme.starts_with("# skipper (C)"), "{readme}");
+    assert!(!readme.contains("skip-collections"), "{readme}");
     let build = Command::new(project.join("build.sh"))
         .arg("skipper.wasm")
         .current_dir(&project)
@@ -381,32 +435,102 @@ fn new_c_plugin_builds_and_runs() {
 }
 
 /// `new --lang python|js` writes the example project with the WIT contract next to it, so the
-/// build needs nothing from the tidegate tree. (The examples themselves are built and run
-/// through the host in tests/plugins.rs.)
+/// build needs nothing from the tidegate tree, under the new plugin's name: the README's
+/// title and commands and the source's header name it, not the example (`min-total`,
+/// `route-by-field`); a config key spelt like the example's name stays. (The examples
+/// themselves are built and run through the host in tests/plugins.rs.)
 #[test]
 fn new_python_and_js_plugins_are_self_contained() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().display().to_string();
-    for (lang, files) in [
-        ("python", ["app.py", "build.sh", "events.jsonl"]),
-        ("js", ["plugin.js", "build.mjs", "events.jsonl"]),
+    for (lang, name, files, example, title) in [
+        (
+            "python",
+            "big-orders",
+            ["app.py", "build.sh", "events.jsonl"],
+            "min-total",
+            "# big-orders (Python)",
+        ),
+        (
+            "js",
+            "router",
+            ["plugin.js", "build.mjs", "events.jsonl"],
+            "route-by-field",
+            "# router (JavaScript)",
+        ),
     ] {
-        let out = plugin(&["new", lang, "--lang", lang, "--dir", &d]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let root = dir.path().join(lang);
+        let out = plugin(&["new", name, "--lang", lang, "--dir", &d]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let root = dir.path().join(name);
         for f in files {
             assert!(root.join(f).is_file(), "{lang}: {f}");
         }
         let wit = std::fs::read_to_string(root.join("wit/types.wit")).expect("wit");
         assert!(wit.contains("package tidegate:plugin@0.1.0;"));
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        assert!(readme.starts_with(title), "{lang}: {readme}");
+        assert!(
+            readme.contains(&format!("tidegate plugin inspect {name}.wasm")),
+            "{lang}: {readme}"
+        );
+        let source = std::fs::read_to_string(root.join(files[0])).unwrap();
+        assert!(
+            source.contains(&format!("{name}: a tidegate")),
+            "{lang}: {source}"
+        );
+        for (file, text) in [("README.md", &readme), (files[0], &source)] {
+            assert!(
+                !text.contains(&format!("{example}.wasm"))
+                    && !text.contains(&format!("# {example} (")),
+                "{lang} {file} still names the example: {text}"
+            );
+        }
     }
+    let app = std::fs::read_to_string(dir.path().join("big-orders/app.py")).unwrap();
+    assert!(app.contains("config.get(\"min-total\")"), "{app}");
+    assert!(
+        !std::fs::read_to_string(dir.path().join("router/plugin.js"))
+            .unwrap()
+            .contains("route-by-field")
+    );
+
     let out = plugin(&["new", "9lives", "--lang", "c", "--dir", &d]);
     assert_eq!(out.status.code(), Some(2), "bad names are refused");
+}
+
+/// The first `inspect` of a large component (the 18 MB Python example, compiled from cold)
+/// says on stderr what it is compiling, with the size, and how long it took; stdout, which
+/// scripts parse, is the same as for the quick cached run that follows.
+#[test]
+fn inspect_announces_a_slow_compile_on_stderr_only() {
+    let component = examples_dir()
+        .expect("examples build")
+        .join("python-filter.wasm");
+    let cache = tempfile::tempdir().expect("tempdir");
+    let inspect = || {
+        Command::new(env!("CARGO_BIN_EXE_tidegate"))
+            .args(["plugin", "inspect", &component.display().to_string()])
+            .env("XDG_CACHE_HOME", cache.path())
+            .output()
+            .expect("run tidegate")
+    };
+    let cold = inspect();
+    assert_eq!(cold.status.code(), Some(0), "{}", stdout(&cold));
+    let err = stderr(&cold);
+    let megabytes = std::fs::metadata(&component).unwrap().len() as f64 / 1e6;
+    assert!(
+        err.contains(&format!(
+            "compiling {} ({megabytes:.1} MB)…",
+            component.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("  done in "), "{err}");
+    assert!(!stdout(&cold).contains("compiling"), "{}", stdout(&cold));
+
+    let warm = inspect();
+    assert_eq!(warm.status.code(), Some(0), "{}", stderr(&warm));
+    assert_eq!(stdout(&cold), stdout(&warm));
 }
 
 /// `~/.cache/tidegate` (or `$TIDEGATE_CACHE`).

@@ -8,6 +8,9 @@
 //!   a database;
 //! - `new` scaffolds a plugin project with a test.
 //!
+//! Results go to stdout, for people and scripts alike; a slow compile (a large Python or
+//! JavaScript component, the first time) is announced on stderr only ([`progress`]).
+//!
 //! Loading goes through the library's [`tidegate::plugin::Plugin`] and
 //! [`tidegate::sandbox::Sandbox`], in [`load`] only; `test` calls and checks through the
 //! pipeline's own [`tidegate::plugin::Chain`] and frames the verdict with its
@@ -15,6 +18,7 @@
 //! plugin and what it publishes.
 
 mod events;
+mod progress;
 mod scaffold;
 
 use std::collections::BTreeMap;
@@ -94,10 +98,11 @@ pub enum Command {
         /// Folder to create the project in (default: the current one).
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// Rust only: path of the `tidegate-plugin` SDK crate (default: the `plugins/sdk`
-        /// folder of the tidegate source tree this binary was built from, if it exists).
-        #[arg(long)]
-        sdk: Option<PathBuf>,
+        /// Rust only: build against a local checkout of the `tidegate-plugin` SDK (tidegate's
+        /// `plugins/sdk` folder) through a `[patch.crates-io]` section, instead of the
+        /// published crate (the default: `tidegate-plugin = "0.1"` from crates.io).
+        #[arg(long, value_name = "DIR")]
+        sdk_path: Option<PathBuf>,
     },
 }
 
@@ -170,8 +175,8 @@ pub fn run(command: Command) -> ExitCode {
             name,
             lang,
             dir,
-            sdk,
-        } => scaffold::new(&name, lang, &dir, sdk.as_deref()).map(|()| true),
+            sdk_path,
+        } => scaffold::new(&name, lang, &dir, sdk_path.as_deref()).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -227,8 +232,22 @@ fn load(
 ) -> anyhow::Result<(Sandbox, Result<Plugin, tidegate::Error>)> {
     let sandbox = Sandbox::new(&SandboxConfig::default(), settings.limits.memory_mib)
         .map_err(anyhow::Error::msg)?;
-    let plugin = Plugin::load(&sandbox, &name_of(file), file, settings);
+    let plugin = progress::report_if_slow(&compiling(file), || {
+        Plugin::load(&sandbox, &name_of(file), file, settings)
+    });
     Ok((sandbox, plugin))
+}
+
+/// What a slow load says on stderr: `compiling x.wasm (18.2 MB)`.
+fn compiling(file: &Path) -> String {
+    match std::fs::metadata(file) {
+        Ok(meta) => format!(
+            "compiling {} ({})",
+            file.display(),
+            progress::size(meta.len())
+        ),
+        Err(_) => format!("compiling {}", file.display()),
+    }
 }
 
 /// What a `.wasm` file is, read without instantiating it.
@@ -238,7 +257,7 @@ struct Shape {
     imports: Vec<String>,
 }
 
-fn shape(sandbox: &Sandbox, bytes: &[u8]) -> Result<Shape, String> {
+fn shape(sandbox: &Sandbox, file: &Path, bytes: &[u8]) -> Result<Shape, String> {
     match bytes.get(0..8) {
         Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => {
             return Err("a core WebAssembly module, not a component: wrap it with \
@@ -249,8 +268,9 @@ fn shape(sandbox: &Sandbox, bytes: &[u8]) -> Result<Shape, String> {
         _ => return Err("not a WebAssembly file (no \\0asm header)".into()),
     }
     let engine = sandbox.engine();
-    let compiled = sandbox
-        .compile(bytes)
+    // Loaded from the compiled-plugin cache when `load` compiled it; compiled again (as
+    // slowly) only when the cache is off or unusable.
+    let compiled = progress::report_if_slow(&compiling(file), || sandbox.compile(bytes))
         .map_err(|err| format!("not a valid component: {err}"))?;
     let ty = compiled.component.component_type();
     let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
@@ -273,7 +293,7 @@ fn inspect(file: &Path, settings: &PluginSettings) -> anyhow::Result<bool> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let (sandbox, plugin) = load(file, settings)?;
     println!("file:      {} ({} bytes)", file.display(), bytes.len());
-    let shape = match shape(&sandbox, &bytes) {
+    let shape = match shape(&sandbox, file, &bytes) {
         Ok(shape) => shape,
         Err(reason) => {
             println!("runs:      no — {reason}");

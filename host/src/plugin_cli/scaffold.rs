@@ -4,14 +4,14 @@
 //! copies of the examples in `examples/` (plus the WIT contract), so each scaffold is exactly
 //! what the test suite builds and runs through the host.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context};
 
 use super::Lang;
 
-/// `(relative path, contents)` of one project file; contents may hold `{{name}}`, `{{crate}}`
-/// and `{{sdk}}`.
+/// `(relative path, contents)` of one project file; the Rust template's contents may hold
+/// `{{name}}`, `{{crate}}`, `{{sdk_version}}` and `{{sdk_patch}}`.
 type File = (&'static str, &'static [u8]);
 
 const RUST: &[File] = &[
@@ -101,16 +101,40 @@ const C: &[File] = &[
     ),
 ];
 
-/// Where this binary's source tree keeps the SDK, if that tree is still there.
-fn default_sdk() -> Option<PathBuf> {
-    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/sdk");
-    sdk.join("Cargo.toml")
-        .is_file()
-        .then(|| sdk.canonicalize().unwrap_or(sdk))
+/// The SDK release a scaffolded Rust plugin depends on (a Cargo requirement, so any 0.1.x).
+/// A unit test keeps it in step with `plugins/Cargo.toml`.
+const SDK_VERSION: &str = "0.1";
+
+/// What a copied example calls itself, and the texts in its files where that name stands
+/// for the plugin — not a config key spelt the same, like Python's `min-total` — so that
+/// `plugin new` can write the new plugin's name there instead. (A unit test checks every
+/// text still occurs in its example.)
+struct ExampleName {
+    name: &'static str,
+    texts: &'static [&'static str],
 }
 
-/// Creates `<dir>/<name>` for `lang`. Refuses to overwrite an existing folder.
-pub fn new(name: &str, lang: Lang, dir: &Path, sdk: Option<&Path>) -> anyhow::Result<()> {
+const PYTHON_NAME: ExampleName = ExampleName {
+    name: "min-total",
+    texts: &[
+        "min-total.wasm",
+        "# min-total (Python)",
+        "\"\"\"min-total: ",
+    ],
+};
+const JS_NAME: ExampleName = ExampleName {
+    name: "route-by-field",
+    texts: &["route-by-field"],
+};
+const C_NAME: ExampleName = ExampleName {
+    name: "skip-collections",
+    texts: &["skip-collections"],
+};
+
+/// Creates `<dir>/<name>` for `lang`. Refuses to overwrite an existing folder. A Rust plugin
+/// depends on the SDK from crates.io by version; `sdk_path` (a local checkout of
+/// `plugins/sdk`) adds a `[patch.crates-io]` that builds against it instead.
+pub fn new(name: &str, lang: Lang, dir: &Path, sdk_path: Option<&Path>) -> anyhow::Result<()> {
     if name.is_empty()
         || !name
             .chars()
@@ -119,23 +143,16 @@ pub fn new(name: &str, lang: Lang, dir: &Path, sdk: Option<&Path>) -> anyhow::Re
     {
         bail!("plugin name {name:?}: use letters, digits, `-` and `_`, starting with a letter");
     }
-    let (files, sdk) = match lang {
-        Lang::Rust => {
-            let sdk = match sdk {
-                Some(p) => p
-                    .canonicalize()
-                    .with_context(|| format!("--sdk {}", p.display()))?,
-                None => default_sdk().context(
-                    "cannot find the tidegate-plugin SDK next to this binary's sources; pass \
-                     --sdk <path to tidegate's plugins/sdk>",
-                )?,
-            };
-            (RUST, sdk.display().to_string())
-        }
-        Lang::C => (C, String::new()),
-        Lang::Python => (PYTHON, String::new()),
-        Lang::Js => (JS, String::new()),
+    if sdk_path.is_some() && !matches!(lang, Lang::Rust) {
+        bail!("--sdk-path is for Rust plugins only");
+    }
+    let (files, example) = match lang {
+        Lang::Rust => (RUST, None),
+        Lang::C => (C, Some(&C_NAME)),
+        Lang::Python => (PYTHON, Some(&PYTHON_NAME)),
+        Lang::Js => (JS, Some(&JS_NAME)),
     };
+    let sdk_patch = sdk_patch(sdk_path)?;
     let root = dir.join(name);
     if root.exists() {
         bail!("{} already exists", root.display());
@@ -148,11 +165,17 @@ pub fn new(name: &str, lang: Lang, dir: &Path, sdk: Option<&Path>) -> anyhow::Re
                 .with_context(|| format!("cannot create {}", parent.display()))?;
         }
         let contents: Vec<u8> = match std::str::from_utf8(contents) {
-            Ok(text) if !path.ends_with(".o") => text
-                .replace("{{name}}", name)
-                .replace("{{crate}}", &crate_name)
-                .replace("{{sdk}}", &sdk)
-                .into_bytes(),
+            Ok(text) if !path.ends_with(".o") => {
+                let text = match example {
+                    Some(example) => rename(text, example, name),
+                    None => text
+                        .replace("{{name}}", name)
+                        .replace("{{crate}}", &crate_name)
+                        .replace("{{sdk_version}}", SDK_VERSION)
+                        .replace("{{sdk_patch}}", &sdk_patch),
+                };
+                text.into_bytes()
+            }
             _ => contents.to_vec(),
         };
         std::fs::write(&target, contents)
@@ -171,6 +194,99 @@ pub fn new(name: &str, lang: Lang, dir: &Path, sdk: Option<&Path>) -> anyhow::Re
         Lang::C | Lang::Python => format!("./build.sh {name}.wasm"),
     };
     println!("  cd {} && {build}", root.display());
+    if matches!(lang, Lang::Rust) && sdk_path.is_none() {
+        println!(
+            "  (tidegate-plugin {SDK_VERSION} comes from crates.io; to use a local checkout of \
+             tidegate's plugins/sdk instead, see [patch.crates-io] in Cargo.toml or pass \
+             --sdk-path)"
+        );
+    }
     println!("  tidegate plugin test <the .wasm> --events events.jsonl");
     Ok(())
+}
+
+/// Writes `name` where `example`'s files name the plugin.
+fn rename(text: &str, example: &ExampleName, name: &str) -> String {
+    example.texts.iter().fold(text.to_owned(), |text, from| {
+        text.replace(from, &from.replace(example.name, name))
+    })
+}
+
+/// The end of a Rust plugin's `Cargo.toml`: a `[patch.crates-io]` that takes the SDK from
+/// `sdk_path`, or the same section commented out, as a hint, when there is none. The SDK
+/// is found by version from crates.io otherwise, never by a path the user did not give.
+fn sdk_patch(sdk_path: Option<&Path>) -> anyhow::Result<String> {
+    const WHY: &str = "# The SDK from a local checkout of tidegate instead of crates.io";
+    let Some(path) = sdk_path else {
+        return Ok(format!(
+            "{WHY}\n# (`tidegate plugin new --sdk-path DIR` writes this):\n\
+             # [patch.crates-io]\n\
+             # tidegate-plugin = {{ path = \"/path/to/tidegate/plugins/sdk\" }}\n"
+        ));
+    };
+    let sdk = path
+        .canonicalize()
+        .with_context(|| format!("--sdk-path {}", path.display()))?;
+    let manifest = std::fs::read_to_string(sdk.join("Cargo.toml")).with_context(|| {
+        format!(
+            "--sdk-path {}: no Cargo.toml there; give tidegate's plugins/sdk folder",
+            path.display()
+        )
+    })?;
+    if !manifest.contains("name = \"tidegate-plugin\"") {
+        bail!(
+            "--sdk-path {}: its Cargo.toml is not the tidegate-plugin crate; give tidegate's \
+             plugins/sdk folder",
+            path.display()
+        );
+    }
+    let Some(sdk) = sdk.to_str() else {
+        bail!("--sdk-path {}: not a UTF-8 path", path.display());
+    };
+    Ok(format!(
+        "{WHY} (`--sdk-path`);\n# remove this section to build against the published crate.\n\
+         [patch.crates-io]\n\
+         tidegate-plugin = {{ path = {} }}\n",
+        toml::Value::String(sdk.to_owned())
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every text `plugin new` renames still occurs in its example, so an edit to an example
+    /// cannot silently leave the example's name in new plugins.
+    #[test]
+    fn renamed_texts_occur_in_their_examples() {
+        for (files, example) in [(PYTHON, PYTHON_NAME), (JS, JS_NAME), (C, C_NAME)] {
+            for text in example.texts {
+                assert!(text.contains(example.name), "{text}");
+                assert!(
+                    files
+                        .iter()
+                        .any(|(_, bytes)| String::from_utf8_lossy(bytes).contains(text)),
+                    "{text:?} is in none of the {} example's files",
+                    example.name
+                );
+            }
+        }
+    }
+
+    /// The scaffold's requirement matches the SDK's version in `plugins/Cargo.toml`.
+    #[test]
+    fn sdk_version_matches_the_sdk() {
+        let manifest = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/Cargo.toml"),
+        )
+        .unwrap();
+        let manifest: toml::Table = manifest.parse().unwrap();
+        let version = manifest["workspace"]["package"]["version"]
+            .as_str()
+            .unwrap();
+        assert!(
+            version.starts_with(&format!("{SDK_VERSION}.")),
+            "SDK {version}, scaffold requires {SDK_VERSION}"
+        );
+    }
 }
