@@ -108,13 +108,16 @@ fn rust(nats: &str, count: usize) -> tokio::process::Command {
 }
 
 /// The async-nats example's binary, `target/<profile>/examples/consume`: `cargo test` builds
-/// examples with the tests; when only this test file was built, it is built here.
+/// examples with the tests; when only this test file was built (or the binary is older than
+/// its source), it is built here.
 fn rust_example() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/consumers-… → target/<profile>
     let profile_dir = exe.parent().and_then(Path::parent).expect("target folder");
     let example = profile_dir.join("examples/consume");
-    if !example.is_file() {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let source = repo_root().join("examples/consumers/rust/consume.rs");
+    if modified(&example).is_none() || modified(&example) < modified(&source) {
         let release = profile_dir.ends_with("release");
         let mut cargo =
             std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()));

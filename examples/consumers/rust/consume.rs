@@ -88,12 +88,14 @@ async fn main() -> anyhow::Result<()> {
             .info()
             .map_err(|err| anyhow::anyhow!(err))?
             .stream_sequence;
+        // (Well-known names such as `Nats-Msg-Id` are looked up by their constant.)
         let header = |name: &str| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_string())
+            let headers = message.headers.as_ref()?;
+            let value = match name {
+                "Nats-Msg-Id" => headers.get(async_nats::header::NATS_MESSAGE_ID),
+                _ => headers.get(name),
+            };
+            value.map(|v| v.as_str().to_string())
         };
         if message.subject.ends_with(".heartbeat") {
             // The pipeline is alive; nothing to process.
