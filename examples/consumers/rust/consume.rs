@@ -118,7 +118,10 @@ async fn main() -> anyhow::Result<()> {
             println!("{line}");
             processed += 1;
         }
+        // (`double_ack` would also wait for the server to confirm each one.)
         message.ack().await.map_err(|err| anyhow::anyhow!(err))?;
     }
+    // Acks are plain publishes: send the last ones before exiting, or they are redelivered.
+    js.client().flush().await?;
     Ok(())
 }
