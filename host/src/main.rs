@@ -1,7 +1,8 @@
 //! The `tidegate` command: a thin shell around [`tidegate::run`], plus the plugin authoring
-//! tools in [`plugin_cli`].
+//! tools in [`plugin_cli`] and the live view of a pipeline's stream in [`tail`].
 
 mod plugin_cli;
+mod tail;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +31,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print a pipeline's messages as JetStream stores them (`tidegate tail orders --last 5`).
+    Tail(tail::Args),
     /// Tools for plugin authors: inspect, test and scaffold plugins.
     Plugin {
         #[command(subcommand)]
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (config, check_only) = match cli.command {
         Command::Plugin { command } => return plugin_cli::run(command),
+        Command::Tail(args) => return tail::run(args),
         Command::Run { config } => (config, false),
         Command::Check { config } => (config, true),
     };

@@ -22,6 +22,29 @@ fn run_install_deps() -> Result<HashMap<String, String>, String> {
 
 /// Resolves a binary: `$env_var` if set, else the `key` line printed by `install-deps.sh`.
 fn locate(env_var: &str, key: &str) -> anyhow::Result<PathBuf> {
+    let path = locate_path(env_var, key)?;
+    if !path.is_file() {
+        bail!(
+            "{key} binary {} does not exist (from {env_var} or scripts/install-deps.sh)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Resolves a folder the same way.
+fn locate_dir(env_var: &str, key: &str) -> anyhow::Result<PathBuf> {
+    let path = locate_path(env_var, key)?;
+    if !path.is_dir() {
+        bail!(
+            "{key} folder {} does not exist (from {env_var} or scripts/install-deps.sh)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn locate_path(env_var: &str, key: &str) -> anyhow::Result<PathBuf> {
     let path = match std::env::var_os(env_var) {
         Some(p) if !p.is_empty() => PathBuf::from(p),
         _ => {
@@ -37,12 +60,6 @@ fn locate(env_var: &str, key: &str) -> anyhow::Result<PathBuf> {
             }
         }
     };
-    if !path.is_file() {
-        bail!(
-            "{key} binary {} does not exist (from {env_var} or scripts/install-deps.sh)",
-            path.display()
-        );
-    }
     Ok(path)
 }
 
@@ -76,4 +93,16 @@ pub fn wasm_tools_path() -> anyhow::Result<PathBuf> {
 /// installs (Debian's package). Tests render the status page in it, headless.
 pub fn chromium_path() -> anyhow::Result<PathBuf> {
     locate("TIDEGATE_CHROMIUM", "CHROMIUM")
+}
+
+/// The folder holding nats-py, for `PYTHONPATH` (the Python consumer example):
+/// `$TIDEGATE_NATS_PY`, else what `scripts/install-deps.sh` installs.
+pub fn nats_py_path() -> anyhow::Result<PathBuf> {
+    locate_dir("TIDEGATE_NATS_PY", "NATS_PY_PATH")
+}
+
+/// `examples/consumers/node_modules`, with nats.js for the Node and browser consumer
+/// examples: `$TIDEGATE_CONSUMERS_NODE_MODULES`, else what `scripts/install-deps.sh` installs.
+pub fn consumers_node_modules() -> anyhow::Result<PathBuf> {
+    locate_dir("TIDEGATE_CONSUMERS_NODE_MODULES", "CONSUMERS_NODE_MODULES")
 }

@@ -30,7 +30,10 @@ mod process;
 mod server;
 mod stream;
 
-pub use bins::{chromium_path, mongod_path, nats_server_path, old_mongod_path, wasm_tools_path};
+pub use bins::{
+    chromium_path, consumers_node_modules, mongod_path, nats_py_path, nats_server_path,
+    old_mongod_path, wasm_tools_path,
+};
 pub use mongo::{MongoReplicaSet, MongoReplicaSet3};
 pub use nats::{ClientOptions, NatsServer};
 pub use plugins::{examples_dir, plugin_dir};

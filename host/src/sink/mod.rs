@@ -35,6 +35,7 @@ use bytes::Bytes;
 use mongodb::change_stream::event::ResumeToken;
 
 pub use publisher::Publisher;
+pub use stream::{is_stream_not_found, jetstream_off};
 pub(crate) use stream::{prepare_stream, stream_tail, Floor};
 
 /// One message to publish.

@@ -348,7 +348,7 @@ fn output_index(msg_id: &str) -> Option<usize> {
 
 /// Whether a stream lookup failed because JetStream is off: no one answers its API (a
 /// server started without `-js`) or the server says it is not enabled (for the account).
-fn jetstream_off(err: &jetstream::context::GetStreamError) -> bool {
+pub fn jetstream_off(err: &jetstream::context::GetStreamError) -> bool {
     use jetstream::context::{GetStreamErrorKind, RequestError, RequestErrorKind};
     match err.kind() {
         GetStreamErrorKind::JetStream(e) => {
@@ -405,7 +405,8 @@ async fn overlap_message(js: &Context, stream: &str, wanted: &str) -> String {
     )
 }
 
-fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
+/// Whether `err` says that the stream does not exist.
+pub fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
     matches!(
         err.kind(),
         jetstream::context::GetStreamErrorKind::JetStream(e)

@@ -4,8 +4,12 @@
 //! not arrive, so CI running it proves the quick start still works.
 //!
 //! Run it with `scripts/demo.sh` (which installs the servers and builds everything first).
+//! With `--keep-running` (`scripts/demo.sh --keep-running`) it then stays up, writing a
+//! customer every two seconds, for the consumer examples of docs/consumers.md to read (NATS
+//! also listens for WebSockets then, for the live page), until Ctrl-C.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -17,6 +21,7 @@ const SIGTERM: i32 = 15;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    let keep_running = std::env::args().any(|arg| arg == "--keep-running");
     let tidegate_bin = sibling_binary("tidegate")?;
     let config = repo_root().join("examples/quickstart/tidegate.toml");
 
@@ -25,7 +30,15 @@ async fn main() -> anyhow::Result<()> {
     println!("   components in {}", plugins.display());
 
     step("starting a MongoDB replica set and a NATS server with JetStream");
-    let (mongo, nats) = tokio::try_join!(MongoReplicaSet::start(), NatsServer::start())?;
+    let ws_port = tidegate_testkit::free_port();
+    let nats_config = match keep_running {
+        true => format!("websocket {{ port: {ws_port}, no_tls: true }}"),
+        false => String::new(),
+    };
+    let (mongo, nats) = tokio::try_join!(
+        MongoReplicaSet::start(),
+        NatsServer::start_with_config(&nats_config, Arc::new(async_nats::ConnectOptions::new))
+    )?;
     println!("   mongod      {}", mongo.uri());
     println!("   nats-server {}", nats.url());
 
@@ -100,6 +113,11 @@ async fn main() -> anyhow::Result<()> {
         bail!("unexpected extra message on {}", extra.subject);
     }
 
+    drop(live);
+    if keep_running {
+        keep_writing(&customers, &nats.url(), ws_port).await?;
+    }
+
     step("stopping tidegate with SIGTERM (drains and checkpoints)");
     tidegate.signal(SIGTERM)?;
     let status = tidegate.wait_exit(Duration::from_secs(30)).await?;
@@ -115,6 +133,36 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("\ndemo ok: {received} messages published, 1 delete filtered, e-mails redacted");
     Ok(())
+}
+
+/// `--keep-running`: says how to read the stream, then updates a customer every two seconds
+/// until Ctrl-C.
+async fn keep_writing(
+    customers: &mongodb::Collection<bson::Document>,
+    nats_url: &str,
+    ws_port: u16,
+) -> anyhow::Result<()> {
+    step(
+        "running until Ctrl-C, updating a customer every 2 s; read the stream (docs/consumers.md):",
+    );
+    println!("   export NATS_URL={nats_url} TIDEGATE_NATS_URL={nats_url}");
+    println!("   tidegate tail shop --config examples/quickstart/tidegate.toml --from-start");
+    println!("   PYTHONPATH=~/.cache/tidegate/nats-py-2.16.0 python3 examples/consumers/python/consume.py");
+    println!("   node examples/consumers/node/consume.mjs");
+    println!("   cargo run --release -p tidegate --example consume");
+    println!("   live page: python3 -m http.server -d examples/consumers/browser 8000, then open");
+    println!("   http://127.0.0.1:8000/?server=ws://127.0.0.1:{ws_port}&stream=SHOP&start=all");
+    let mut visits = 0_i64;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        visits += 1;
+        customers
+            .update_one(doc! { "_id": 2 }, doc! { "$set": { "visits": visits } })
+            .await?;
+    }
 }
 
 fn step(what: &str) {
