@@ -526,6 +526,7 @@ fn formats_and_stream_settings_are_checked() {
     );
     let err = with_sink("subject_template = \"{prefix}.{keys}\"", "").unwrap_err();
     assert!(err.contains("{key}"), "{err}");
+}
 
 /// A config in a temporary folder (so that the files it names can be written beside it),
 /// `MINIMAL` with `from` replaced by `to`.
