@@ -24,7 +24,8 @@
 //! - [`security`] — NATS authentication and TLS, MongoDB client defaults, and secrets
 //!   scrubbed from every output.
 //! - [`config`] — the TOML file: every section's keys, defaults and validation (every
-//!   problem reported at once), environment overrides, tenants expanded into units.
+//!   problem reported at once), environment overrides, tenants expanded into units, and the
+//!   files it names (a CSV capture list, plugins' config files).
 //! - [`ops`] — what an operator sees: metrics, logs, the oplog headroom watch and the HTTP
 //!   endpoint (health, readiness, Prometheus, `/status` and its page).
 //! - [`ha`] — high availability: leases in NATS KV that run a unit while held, and the fence
@@ -47,7 +48,8 @@
 //!
 //! The binary (`src/main.rs`) parses the command line, installs signal handlers and calls
 //! [`run`]; the plugin author's tools (`tidegate plugin new | inspect | test`) are its
-//! `plugin_cli` module. Integration tests are in `host/tests/` (real servers, started by the
+//! `plugin_cli` module, and `tidegate tail PIPELINE` (a pipeline's messages as they are
+//! stored) its `tail` module. Integration tests are in `host/tests/` (real servers, started by the
 //! `tidegate-testkit` crate), the benchmark in `host/benches/`.
 
 #![deny(missing_docs)]
