@@ -13,6 +13,7 @@ use crate::config::{Encoding, Format};
 use crate::model::ejson::{write_document, write_value, Mode};
 use crate::model::failure::FailureKind;
 use crate::model::{Change, Operation};
+use crate::sink::encode;
 
 /// A payload and its `Content-Type`.
 #[derive(Debug)]
@@ -128,33 +129,28 @@ impl Formatter {
 /// The change event (see [`Change`]) with `tsMs` ([`Change::time_ms`]) as its last field,
 /// unless it has no time or already holds a `tsMs` of its own.
 pub fn change_event(change: &Change, encoding: Encoding) -> Result<Vec<u8>, String> {
-    let document = change.document();
-    let ts_ms = change
+    let mut out = encode::payload(change, encoding)?;
+    let Some(ts_ms) = change
         .time_ms()
-        .filter(|_| matches!(document.get("tsMs"), Ok(None)));
+        .filter(|_| matches!(change.document().get("tsMs"), Ok(None)))
+    else {
+        return Ok(out);
+    };
     let mode = match encoding {
         Encoding::Bson => {
-            let mut bytes = document.as_bytes().to_vec();
-            if let Some(ts_ms) = ts_ms {
-                append_i64(&mut bytes, "tsMs", ts_ms)?;
-            }
-            return Ok(bytes);
+            append_i64(&mut out, "tsMs", ts_ms)?;
+            return Ok(out);
         }
         Encoding::RelaxedJson => Mode::Relaxed,
         Encoding::CanonicalJson => Mode::Canonical,
     };
-    let mut out = Vec::with_capacity(document.as_bytes().len() + document.as_bytes().len() / 4);
-    write_document(document, mode, &mut out)
-        .map_err(|err| format!("cannot encode the event as JSON: {err}"))?;
-    if let Some(ts_ms) = ts_ms {
-        out.pop(); // the closing brace
-        if out.len() > 1 {
-            out.push(b',');
-        }
-        out.extend_from_slice(b"\"tsMs\":");
-        write_value(RawBsonRef::Int64(ts_ms), mode, &mut out)?;
-        out.push(b'}');
+    out.pop(); // the closing brace
+    if out.len() > 1 {
+        out.push(b',');
     }
+    out.extend_from_slice(b"\"tsMs\":");
+    write_value(RawBsonRef::Int64(ts_ms), mode, &mut out)?;
+    out.push(b'}');
     Ok(out)
 }
 
