@@ -43,8 +43,12 @@
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
 //! - [`pipeline`] — one unit (a pipeline, or one tenant's share of it): source, chain and
 //!   sink wired with bounded queues, its start position, draining and shutdown.
+//! - [`admin`] — the admin API (tenants and plugins managed at run time, with operator and
+//!   tenant tokens), the tenant records and plugin components it keeps in NATS, and the
+//!   checks a pushed plugin passes before it is accepted.
 //! - `runtime` — the process: one sandbox and one NATS connection for every unit, units run
-//!   alone or under leases, supervision and shutdown ([`run`]).
+//!   alone or under leases, the tenants of the admin API's bucket started and stopped as it
+//!   changes, supervision and shutdown ([`run`]).
 //!
 //! The binary (`src/main.rs`) parses the command line, installs signal handlers and calls
 //! [`run`]; the plugin author's tools (`tidegate plugin new | inspect | test`) are its
@@ -54,6 +58,7 @@
 
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

@@ -126,6 +126,17 @@ pub fn pipeline(id: &str) -> Arc<PipelineMetrics> {
     series(unit_labels(id))
 }
 
+/// Drops a unit's series (a tenant the admin API suspended or removed), so that it leaves
+/// `/status`, `/readyz` and `/metrics`. Its plugins' series stay until the process ends.
+pub fn forget(id: &str) {
+    let labels = unit_labels(id);
+    registry()
+        .series
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .remove(&labels);
+}
+
 /// The labels of a unit: `pipeline`, and `tenant` for a tenant unit `<pipeline>.<tenant>`.
 pub fn unit_labels(id: &str) -> Labels {
     match id.split_once('.') {
