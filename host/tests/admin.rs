@@ -291,8 +291,7 @@ async fn tokens_tenants_and_uploads_are_checked() -> anyhow::Result<()> {
         "{answer}"
     );
 
-    // A good upload is accepted, and runs: acme's trapping filter dead-letters its events,
-    // which acme (not globex) can read.
+    // A filter that traps on contact is refused by the smoke call.
     let trap = wat_filter(dir, "trap", 1, "", "", "unreachable");
     let (status, answer) = call(
         &api,
@@ -300,6 +299,34 @@ async fn tokens_tenants_and_uploads_are_checked() -> anyhow::Result<()> {
         "/v1/tenants/shop.acme/plugins/trap",
         Some(&acme),
         &std::fs::read(trap)?,
+    )
+    .await;
+    assert_eq!(status, 422, "{answer}");
+    assert!(
+        error(&answer).contains("smoke call on a sample event failed"),
+        "{answer}"
+    );
+
+    // A good upload is accepted, and runs: acme's filter refuses every event with a
+    // plugin-error (which passes the smoke call), so its events become dead letters that
+    // acme (not globex) can read.
+    let refuse = "(i32.store8 (i32.const 16) (i32.const 1)) (i32.store8 (i32.const 20) (i32.const 2)) \
+                  (i32.store (i32.const 24) (i32.const 64)) (i32.store (i32.const 28) (i32.const 4)) \
+                  (return (i32.const 16))";
+    let refuser = wat_filter(
+        dir,
+        "refuser",
+        1,
+        "(data (i32.const 64) \"nope\")",
+        "",
+        refuse,
+    );
+    let (status, answer) = call(
+        &api,
+        "PUT",
+        "/v1/tenants/shop.acme/plugins/trap",
+        Some(&acme),
+        &std::fs::read(refuser)?,
     )
     .await;
     assert_eq!(status, 200, "{answer}");
