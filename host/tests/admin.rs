@@ -555,6 +555,7 @@ async fn two_instances_see_tenants_added_through_either() -> anyhow::Result<()> 
     let h = Harness::start().await?;
     let mut instances = Vec::new();
     let mut apis = Vec::new();
+    let mut pages = Vec::new();
     for name in ["a", "b"] {
         let (admin_port, http_port) = (free_port(), free_port());
         let ha = format!("[ha]\nenabled = true\nlease_ttl_ms = 2000\ninstance = \"{name}\"\n");
@@ -564,6 +565,7 @@ async fn two_instances_see_tenants_added_through_either() -> anyhow::Result<()> 
         )?;
         instances.push(h.spawn_binary(&path)?);
         apis.push(format!("127.0.0.1:{admin_port}"));
+        pages.push(format!("127.0.0.1:{http_port}"));
     }
     for api in &apis {
         wait_api(api).await;
@@ -590,6 +592,30 @@ async fn two_instances_see_tenants_added_through_either() -> anyhow::Result<()> 
             anyhow::ensure!(n < 6000, "{stream}: no event within two minutes");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+    // Each instance runs both tenant units: one holds each lease, the other stands by.
+    for page in &pages {
+        let page = page.clone();
+        wait_until(
+            "both tenants on both instances",
+            Duration::from_secs(120),
+            || {
+                let page = page.clone();
+                async move {
+                    http_get(&page, "/status").await.is_ok_and(|(_, body)| {
+                        serde_json::from_str::<Value>(&body).is_ok_and(|s| {
+                            ["north", "south"].iter().all(|t| {
+                                s["pipelines"].as_array().into_iter().flatten().any(|p| {
+                                    p["labels"]["tenant"] == *t
+                                        && (p["state"] == "running" || p["state"] == "standby")
+                                })
+                            })
+                        })
+                    })
+                }
+            },
+        )
+        .await?;
     }
     for mut instance in instances {
         instance.signal(support::SIGTERM)?;
