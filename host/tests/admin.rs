@@ -470,6 +470,7 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
     );
     let listed = cli(&api, OPERATOR, &["tenant", "list"]);
     assert_eq!(listed["tenants"][0]["id"], "shop.acme", "{listed}");
+    assert_eq!(listed["tenants"].as_array().unwrap().len(), 1, "{listed}");
     let shown = cli(&api, &token, &["tenant", "show", "shop.acme"]);
     assert_eq!(shown["pipeline"], "shop", "{shown}");
 
@@ -499,6 +500,39 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
         ],
     );
     assert_eq!(pushed["world"], "filter", "{pushed}");
+
+    // A second tenant whose spec names that component by digest: the time to its first
+    // event includes fetching and loading the plugin.
+    let digest = pushed["sha256"].as_str().unwrap();
+    let mut beta = tenant("beta", json!([{ "name": "inserts", "sha256": digest }]));
+    beta["plugins"][0]["config"] = json!({ "operations": "insert" });
+    std::fs::write(h.dir.path().join("beta.json"), beta.to_string())?;
+    let started = Instant::now();
+    cli(
+        &api,
+        OPERATOR,
+        &[
+            "tenant",
+            "add",
+            "--pipeline",
+            "shop",
+            h.dir.path().join("beta.json").to_str().unwrap(),
+        ],
+    );
+    let mut n = 0;
+    while stream_len(&client, "BETA").await == 0 {
+        insert(&h, "beta", n).await;
+        n += 1;
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "no event within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "FIGURE admin add (one plugin by digest) → first published event: {} ms",
+        started.elapsed().as_millis()
+    );
 
     // Suspended: what is written meanwhile waits in MongoDB and arrives after resume.
     cli(&api, OPERATOR, &["tenant", "suspend", "shop.acme"]);
