@@ -52,8 +52,9 @@
 //!
 //! The binary (`src/main.rs`) parses the command line, installs signal handlers and calls
 //! [`run`]; the plugin author's tools (`tidegate plugin new | inspect | test`) are its
-//! `plugin_cli` module, and `tidegate tail PIPELINE` (a pipeline's messages as they are
-//! stored) its `tail` module. Integration tests are in `host/tests/` (real servers, started by the
+//! `plugin_cli` module, `tidegate tail PIPELINE` (a pipeline's messages as they are
+//! stored) its `tail` module, and `tidegate tenant …` / `tidegate plugin push` (the admin
+//! API from the command line) its `admin_cli` module. Integration tests are in `host/tests/` (real servers, started by the
 //! `tidegate-testkit` crate), the benchmark in `host/benches/`.
 
 #![deny(missing_docs)]

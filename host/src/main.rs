@@ -1,5 +1,6 @@
 //! The `tidegate` command: a thin shell around [`tidegate::run`], plus the plugin authoring
-//! tools in [`plugin_cli`] and the live view of a pipeline's stream in [`tail`].
+//! tools in [`plugin_cli`], the live view of a pipeline's stream in [`tail`] and the admin
+//! API's client in [`admin_cli`].
 
 mod admin_cli;
 mod plugin_cli;

@@ -274,7 +274,9 @@ async fn tokens_tenants_and_uploads_are_checked() -> anyhow::Result<()> {
     .await;
     assert_eq!(status, 422, "{answer}");
     assert!(
-        error(&answer).contains("bogus"),
+        error(&answer).contains(
+            "its init refused the tenant's config: invalid-config: unknown config key `bogus`"
+        ),
         "init's reason is passed on: {answer}"
     );
     let (status, answer) = call(

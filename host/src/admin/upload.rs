@@ -53,8 +53,16 @@ pub fn validate(
         .map_err(|err| format!("cannot write a scratch copy to {}: {err}", path.display()))?;
     let loaded = Plugin::load(sandbox, name, &path, &Chain::settings(unit, plugin));
     let _ = std::fs::remove_file(&path);
-    // The loader's message names the scratch file; the caller knows it as its upload.
+    // The loader's message names the scratch file; the caller knows it as its upload. A
+    // plugin-error from `init` is passed on as it is, so it is named as such.
     let mut plugin = loaded.map_err(|err| match err {
+        crate::Error::Plugin { message, .. }
+            if ["invalid-config:", "invalid-event:", "failed:"]
+                .iter()
+                .any(|p| message.starts_with(p)) =>
+        {
+            format!("its init refused the tenant's config: {message}")
+        }
         crate::Error::Plugin { message, .. } => message,
         other => other.to_string(),
     })?;
