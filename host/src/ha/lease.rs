@@ -75,6 +75,8 @@ pub struct Coordinator {
     owned: AtomicUsize,
     /// Live instances, as last counted by the presence task (at least 1: this one).
     live: AtomicUsize,
+    /// The leases held for every tenant of a pipeline with a shared reader (`shared.rs`).
+    pub(super) shared: std::sync::Mutex<super::shared::SharedLeases>,
 }
 
 impl Coordinator {
@@ -130,6 +132,7 @@ impl Coordinator {
             pipelines,
             owned: AtomicUsize::new(0),
             live: AtomicUsize::new(1),
+            shared: Default::default(),
         }))
     }
 

@@ -88,7 +88,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let ha = match config.ha.enabled {
-        true => Some(Coordinator::open(&js, &config.ha, config.pipelines.len()).await?),
+        true => Some(Coordinator::open(&js, &config.ha, lease_count(&config)).await?),
         false => None,
     };
     if let Some(ha) = &ha {
@@ -129,6 +129,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = reloader.await;
     nats.flush().await;
     outcome
+}
+
+/// How many leases the config's units take with high availability: one per unit, but one
+/// for all the tenants of a pipeline with a shared reader.
+fn lease_count(config: &Config) -> usize {
+    let mut shared = std::collections::HashSet::new();
+    config
+        .pipelines
+        .iter()
+        .filter(|unit| match &unit.tenant {
+            Some(tenant) if unit.tenant_reader == crate::config::TenantReader::Shared => {
+                shared.insert(tenant.pipeline.clone())
+            }
+            _ => true,
+        })
+        .count()
 }
 
 /// Waits for every unit to end, stopping them all on `shutdown` or when a pipeline (not a
