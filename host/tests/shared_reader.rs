@@ -90,14 +90,29 @@ async fn change_streams(client: &mongodb::Client) -> anyhow::Result<usize> {
 }
 
 /// Waits until mongod has exactly one change stream open (every tenant joined the shared
-/// reader).
+/// reader); on timeout, the error lists what `$currentOp` showed.
 async fn wait_one_change_stream(h: &Harness) -> anyhow::Result<()> {
     let client = h.mongo.client().await?;
-    wait_until("one change stream on mongod", PATIENCE, || {
+    let waited = wait_until("one change stream on mongod", PATIENCE, || {
         let client = client.clone();
         async move { matches!(change_streams(&client).await, Ok(1)) }
     })
-    .await
+    .await;
+    if let Err(err) = waited {
+        let ops: Vec<Document> = client
+            .database("admin")
+            .aggregate(vec![
+                doc! { "$currentOp": { "allUsers": true, "idleCursors": true } },
+            ])
+            .await?
+            .try_collect()
+            .await?;
+        anyhow::bail!(
+            "{err}: {:?} counted; $currentOp: {ops:#?}",
+            change_streams(&client).await
+        );
+    }
+    Ok(())
 }
 
 /// Database-per-tenant: five tenants on one cluster-wide pipeline, each owning a database

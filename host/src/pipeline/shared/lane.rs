@@ -41,6 +41,9 @@ use crate::source::{self, SourceItem};
 /// Batches the router may queue for an attached tenant before detaching it.
 pub(super) const LANE_BATCHES: usize = 64;
 
+/// How long a starting tenant waits for the reader's first position before reading alone.
+const FIRST_POSITION: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Batches read ahead by a catching-up tenant's own stream.
 const CATCH_UP_BATCHES: usize = 4;
 
@@ -139,16 +142,29 @@ impl Lane {
         start: Option<Position>,
         at_time: Option<bson::Timestamp>,
     ) -> Result<Option<mpsc::Receiver<Vec<SourceItem>>>, Error> {
-        let (tx, mut own) = mpsc::channel(CATCH_UP_BATCHES);
-        let (stop, stop_rx) = watch::channel(false);
-        let client = self.reader.client.clone();
-        let config = self.pipeline.clone();
-        let source = tokio::spawn(source::run(client, config, start, at_time, tx, stop_rx));
         let mut position = self.reader.position.clone();
         // Once the reader is gone (its stream failed), the tenant reads on alone.
         let mut reader_gone = false;
         let mut joining: Option<Joining> = None;
         let mut reply: Option<oneshot::Receiver<ResumeToken>> = None;
+        // A tenant already at the reader's position joins without a stream of its own (and a
+        // stream is never stopped while it opens: the server would keep its cursor).
+        match self.join_at_once(&mut position).await {
+            Some(Joining {
+                channel,
+                boundary: Some(boundary),
+            }) if self.reached(&boundary) => return Ok(Some(channel)),
+            Some(early) => joining = Some(early),
+            None => {}
+        }
+        if *self.shutdown.borrow() {
+            return Ok(None);
+        }
+        let (tx, mut own) = mpsc::channel(CATCH_UP_BATCHES);
+        let (stop, stop_rx) = watch::channel(false);
+        let client = self.reader.client.clone();
+        let config = self.pipeline.clone();
+        let source = tokio::spawn(source::run(client, config, start, at_time, tx, stop_rx));
         loop {
             let boundary = joining.as_ref().and_then(|j| j.boundary.as_ref());
             if boundary.is_some_and(|b| self.reached(b)) {
@@ -203,6 +219,32 @@ impl Lane {
                 }
             }
         }
+    }
+
+    /// Before a stream of its own is opened: waits (a few seconds at most) for the reader's
+    /// first position and, if the tenant's own position is as recent, joins; the join and
+    /// the reader's answer, if it did.
+    async fn join_at_once(
+        &mut self,
+        position: &mut watch::Receiver<Option<ResumeToken>>,
+    ) -> Option<Joining> {
+        let first = tokio::time::timeout(FIRST_POSITION, position.wait_for(Option::is_some));
+        let ready = tokio::select! {
+            _ = self.shutdown.changed() => return None,
+            waited = first => matches!(waited, Ok(Ok(_))),
+        };
+        if !ready || !self.close_to(position) {
+            return None;
+        }
+        let (channel, reply) = self.join()?;
+        let boundary = tokio::select! {
+            _ = self.shutdown.changed() => return None,
+            boundary = reply => boundary.ok()?,
+        };
+        Some(Joining {
+            channel,
+            boundary: Some(boundary),
+        })
     }
 
     /// Whether the last item forwarded is at or past `boundary`.
