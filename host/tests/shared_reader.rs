@@ -243,7 +243,7 @@ async fn a_slow_tenant_detaches_and_rejoins_without_loss() -> anyhow::Result<()>
         "",
         "",
         "(local $i i32)\n(loop $spin\n(local.set $i (i32.add (local.get $i) (i32.const 1)))\n\
-         (br_if $spin (i32.lt_u (local.get $i) (i32.const 3000000))))",
+         (br_if $spin (i32.lt_u (local.get $i) (i32.const 20000000))))",
     );
     let slow_plugin = format!(
         "limits = {{ timeout_ms = 10000, fuel_per_call = 1000000000 }}\n\
@@ -261,7 +261,7 @@ async fn a_slow_tenant_detaches_and_rejoins_without_loss() -> anyhow::Result<()>
     h.wait_checkpoints(&["p.fast", "p.slow"]).await?;
     wait_one_change_stream(&h).await?;
 
-    let total = 1500i64;
+    let total = 600i64;
     let orders = h.collection().await?;
     for chunk in 0..(total / 50) {
         let docs: Vec<Document> = (chunk * 50..chunk * 50 + 50)
