@@ -427,7 +427,7 @@ mod tests {
             (
                 "full_document_before_change = \"required\"",
                 "",
-                "pre-image",
+                "deletes do not carry",
             ),
             (
                 "\"fullDocument.tenantId\"",
