@@ -348,3 +348,90 @@ async fn a_restart_resumes_each_tenant_from_its_own_position() -> anyhow::Result
     running.stop().await?;
     Ok(())
 }
+
+/// The instance holding lease `key` in the HA bucket now, if any.
+async fn lease_owner(h: &Harness, key: &str) -> anyhow::Result<Option<String>> {
+    let js = async_nats::jetstream::new(h.nats_client().await?);
+    let Ok(kv) = js.get_key_value("tidegate-leases").await else {
+        return Ok(None);
+    };
+    Ok(match kv.get(key).await? {
+        Some(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)?["instance"]
+            .as_str()
+            .map(str::to_string),
+        None => None,
+    })
+}
+
+/// Waits until lease `key` is held by an instance other than `not`; returns it.
+async fn wait_lease_owner(h: &Harness, key: &str, not: Option<&str>) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(now) = lease_owner(h, key).await? {
+            if Some(now.as_str()) != not {
+                return Ok(now);
+            }
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no owner of {key} other than {not:?} within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// High availability leases the shared reader, not each tenant: two instances, one lease
+/// `lease.p` for both tenants (no `lease.p.a`), the owner SIGKILLed mid-stream, the other
+/// taking over every tenant; each tenant's stream ends with its events exactly once, in
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_lease_per_pipeline_and_a_takeover_loses_nothing() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let tenants = [
+        tenant("a", "\"shop.orders\"", ""),
+        tenant("b", "\"shop.returns\"", ""),
+    ]
+    .concat();
+    let mut instances = std::collections::BTreeMap::new();
+    for name in ["x", "y"] {
+        let text = format!(
+            "{}\n[ha]\nenabled = true\nlease_ttl_ms = 2000\ninstance = \"{name}\"\n",
+            config(&h, "database = \"shop\"", &tenants)
+        );
+        let path = h.write_config(&format!("{name}.toml"), &text)?;
+        instances.insert(name.to_string(), h.spawn_binary(&path)?);
+    }
+    let first = wait_lease_owner(&h, "lease.p", None).await?;
+    h.wait_checkpoints(&["p.a", "p.b"]).await?;
+    for unit in ["lease.p.a", "lease.p.b"] {
+        assert_eq!(lease_owner(&h, unit).await?, None, "{unit}");
+    }
+    let db = h.mongo.client().await?.database("shop");
+    let write = |from: i64, to: i64| {
+        let db = db.clone();
+        async move {
+            for n in from..to {
+                for coll in ["orders", "returns"] {
+                    db.collection::<Document>(coll)
+                        .insert_one(doc! { "n": n })
+                        .await?;
+                }
+            }
+            anyhow::Ok(())
+        }
+    };
+    write(0, 100).await?;
+    h.wait_for_messages("A", 50, PATIENCE).await?;
+    instances.get_mut(&first).expect("owner").kill9();
+    let second = wait_lease_owner(&h, "lease.p", Some(&first)).await?;
+    write(100, 200).await?;
+    let a = h.wait_settled("A", 200, PATIENCE).await?;
+    let b = h.wait_settled("B", 200, PATIENCE).await?;
+    assert_eq!(numbers(&a), (0..200).collect::<Vec<_>>());
+    assert_eq!(numbers(&b), (0..200).collect::<Vec<_>>());
+    let child = instances.get_mut(&second).expect("new owner");
+    child.signal(SIGTERM)?;
+    let status = child.wait_exit(Duration::from_secs(120)).await?;
+    assert!(status.success(), "{status:?}\n{}", child.log());
+    Ok(())
+}
