@@ -1360,8 +1360,13 @@ async fn tenants_only(args: &Args, plugins: PathBuf) -> anyhow::Result<Vec<Table
             "threads",
         ],
     );
+    // `TIDEGATE_BENCH_TENANTS=1,10,100,1000` to try other sizes.
+    let sizes: Vec<usize> = std::env::var("TIDEGATE_BENCH_TENANTS")
+        .ok()
+        .and_then(|v| v.split(',').map(|k| k.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 10, 100]);
     for keyed in [false, true] {
-        for k in [1usize, 10, 100] {
+        for &k in &sizes {
             eprintln!(
                 "8. tenants: K = {k}, {}…",
                 if keyed {
@@ -1391,8 +1396,8 @@ async fn tenants_run(
         true => "database = \"app\"\ncollections = [\"orders\"]\ntenant_key = \"fullDocument.tenantId\"\nfull_document = \"update-lookup\"\nskip_operations = [\"delete\"]\n".into(),
     };
     let mut text = format!(
-        "plugin_dir = \"{}\"\n[log]\nlevel = \"warn\"\n[nats]\nurl = \"{}\"\n[[pipeline]]\nid = \"p\"\nmongodb_uri = \"{}\"\n{pipeline}",
-        plugins.display(), nats.url(), mongo.uri()
+        "plugin_dir = \"{}\"\n[log]\nlevel = \"warn\"\n[sandbox]\nmax_instances = {instances}\n[nats]\nurl = \"{}\"\n[[pipeline]]\nid = \"p\"\nmongodb_uri = \"{}\"\n{pipeline}",
+        plugins.display(), nats.url(), mongo.uri(), instances = (k + 16).max(256)
     );
     for i in 0..k {
         let ns = if keyed {
@@ -1412,8 +1417,12 @@ async fn tenants_run(
     let nats_client = nats.client().await?;
     let js = async_nats::jetstream::new(nats_client.clone());
     // Every tenant has saved its start (its lane then joins the reader).
+    let started = Instant::now();
     for i in 0..k {
         loop {
+            if started.elapsed() > Duration::from_secs(600) {
+                bail!("tenant t{i} saved no start within 600 s");
+            }
             if let Ok(kv) = js.get_key_value(KV_BUCKET).await {
                 if matches!(kv.get(format!("p.t{i}")).await, Ok(Some(_))) {
                     break;
