@@ -72,9 +72,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     // The oplog headroom: metrics, `/readyz`, and warnings before a position falls out.
     let (_oplog_stop, oplog_stopped) = watch::channel(false);
+    // One MongoDB client per deployment for every unit's watch (K tenants, one client).
+    let mut clients = std::collections::HashMap::new();
     for pipeline in &config.pipelines {
+        let uri = &pipeline.mongodb_uri;
+        let client = match clients.get(uri) {
+            Some(client) => client,
+            None => match crate::security::mongo_client(uri).await {
+                Ok(client) => clients.entry(uri.clone()).or_insert(client),
+                Err(_) => continue, // the pipeline itself reports a bad URI
+            },
+        };
         tokio::spawn(oplog::watch_headroom(
             pipeline.clone(),
+            client.clone(),
             oplog_stopped.clone(),
         ));
     }
