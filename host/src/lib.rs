@@ -28,8 +28,9 @@
 //!   files it names (a CSV capture list, plugins' config files).
 //! - [`ops`] — what an operator sees: metrics, logs, the oplog headroom watch and the HTTP
 //!   endpoint (health, readiness, Prometheus, `/status` and its page).
-//! - [`ha`] — high availability: leases in NATS KV that run a unit while held, and the fence
-//!   that stops a former owner writing.
+//! - [`ha`] — high availability: leases in NATS KV that run a unit while held (one lease
+//!   for all the tenants of a pipeline with a shared reader), and the fence that stops a
+//!   former owner writing.
 //! - [`sandbox`] — the wasmtime engine, compiled-plugin cache, instance admission, and the
 //!   limits and capabilities of every plugin call.
 //! - [`plugin`] — the WIT contract's bindings (one module per version), loading components,
@@ -42,7 +43,9 @@
 //!   ordered and deduplicated publisher.
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
 //! - [`pipeline`] — one unit (a pipeline, or one tenant's share of it): source, chain and
-//!   sink wired with bounded queues, its start position, draining and shutdown.
+//!   sink wired with bounded queues, its start position, draining and shutdown; and the
+//!   shared reader (`pipeline::shared`): one change stream per tenanted pipeline, routed to
+//!   its tenants, each detaching to a catch-up stream of its own and rejoining.
 //! - [`admin`] — the admin API (tenants and plugins managed at run time, with operator and
 //!   tenant tokens), the tenant records and plugin components it keeps in NATS, and the
 //!   checks a pushed plugin passes before it is accepted.

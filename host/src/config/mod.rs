@@ -35,7 +35,7 @@ pub(crate) use self::pipeline::EVENT_FIELDS;
 pub use self::pipeline::{
     parse_start_at, parse_token, FullDocument, FullDocumentBeforeChange, HistoryLostPolicy,
     InvalidatePolicy, NamespaceFilter, OversizePolicy, PipelineConfig, SnapshotMode, StartAt,
-    TenantsFrom, OPERATION_TYPES, SPLIT_STAGE,
+    TenantReader, TenantsFrom, OPERATION_TYPES, SPLIT_STAGE,
 };
 pub use self::plugin_config_file::{read as read_plugin_config_file, MAX_PLUGIN_CONFIG_BYTES};
 pub use self::plugins::{
@@ -46,7 +46,7 @@ pub use self::sink::{
     CheckpointConfig, CheckpointStoreKind, Encoding, Format, SinkConfig, Storage,
 };
 pub use self::stage::check_stage;
-pub use self::tenants::{NamespacePattern, TenantConfig, TenantScope};
+pub use self::tenants::{NamespacePattern, TenantConfig, TenantKey, TenantScope, KEYED_OPERATIONS};
 use self::toml_errors::describe_toml_error;
 use crate::error::Error;
 

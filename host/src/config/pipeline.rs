@@ -157,6 +157,17 @@ pub struct PipelineConfig {
     /// tenant inherits its source settings from, and is not a unit itself.
     #[serde(default)]
     pub tenants_from: TenantsFrom,
+    /// How a pipeline's tenants read MongoDB: `shared` (default: one change stream for the
+    /// whole pipeline, each event routed to its tenants; a tenant that falls behind reads
+    /// on alone and rejoins, see `pipeline::shared`) or `own` (a change stream per tenant).
+    #[serde(default)]
+    pub tenant_reader: TenantReader,
+    /// Route events to tenants by a value in the event instead of by namespace alone: a
+    /// dotted path such as `fullDocument.tenantId` (deletes read it from
+    /// `fullDocumentBeforeChange`) or `documentKey.tenantId` (a shard key). Each tenant owns
+    /// the string values in its `key_values` (default: its id). Absent: by namespace only.
+    #[serde(default)]
+    pub tenant_key: Option<String>,
     /// Set when this unit was made from a `[[pipeline.tenant]]`: which tenant it runs and
     /// what it may see. Not a config key.
     #[serde(skip)]
@@ -172,6 +183,17 @@ pub enum TenantsFrom {
     File,
     /// The admin API's tenant records in NATS KV.
     Nats,
+}
+
+/// See [`PipelineConfig::tenant_reader`].
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum TenantReader {
+    /// One change stream per pipeline, shared by its tenants.
+    #[default]
+    Shared,
+    /// One change stream per tenant.
+    Own,
 }
 
 /// See [`PipelineConfig::on_invalidate`].

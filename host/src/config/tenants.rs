@@ -1,20 +1,25 @@
 //! Tenancy: several isolated units sharing one pipeline's MongoDB source. Each tenant is
 //! expanded into a unit of its own at load time, so nothing downstream needs to know about
-//! tenants except the host-side namespace check ([`PipelineConfig::may_see`]).
+//! tenants except the host-side namespace check ([`PipelineConfig::may_see`]) and the
+//! shared reader that routes events to them (`pipeline::shared`).
 
 use std::collections::HashSet;
 
 use serde::Deserialize;
 
-use super::pipeline::PipelineConfig;
+use super::pipeline::{
+    FullDocument, FullDocumentBeforeChange, PipelineConfig, SnapshotMode, TenantReader,
+};
 use super::plugins::{Capabilities, LimitOverrides, PluginConfig, QuarantineConfig};
 use super::sink::SinkConfig;
 use super::validate::{is_valid_id, Problems};
 
 /// One tenant of a pipeline (`[[pipeline.tenant]]`). At load time each tenant becomes a
-/// unit of its own with id `<pipeline>.<tenant>`: its own change stream (narrowed on the
-/// server to its namespaces), plugin thread, publisher and checkpoint, so a slow or broken
-/// tenant can never hold another one back.
+/// unit of its own with id `<pipeline>.<tenant>`: its own plugin thread, publisher and
+/// checkpoint; its events come from the pipeline's shared change stream (or, with
+/// `tenant_reader = "own"` and while it catches up, from its own stream narrowed on the
+/// server to its namespaces and key values), so a slow or broken tenant never holds
+/// another one back.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
@@ -38,6 +43,10 @@ pub struct TenantConfig {
     pub quarantine: QuarantineConfig,
     /// The tenant's stream and subjects. Every output must stay under its `subject_prefix`.
     pub sink: SinkConfig,
+    /// With the pipeline's `tenant_key`: the key values (strings) whose events are this
+    /// tenant's. Default: the tenant's id. No two tenants may share a value.
+    #[serde(default)]
+    pub key_values: Vec<String>,
 }
 
 /// What a tenant unit may see, kept for the host-side check.
@@ -47,6 +56,62 @@ pub struct TenantScope {
     pub id: String,
     /// Its namespaces, parsed.
     pub namespaces: Vec<NamespacePattern>,
+    /// The pipeline it belongs to (the id of its shared reader).
+    pub pipeline: String,
+    /// With the pipeline's `tenant_key`, the values that are the tenant's; empty without.
+    pub key_values: Vec<String>,
+}
+
+/// The pipeline's `tenant_key`, split into where an event carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantKey {
+    /// The dotted path, as configured (`fullDocument.tenantId`).
+    pub path: String,
+    /// Where a delete carries it, for a key in `fullDocument`: the same path under
+    /// `fullDocumentBeforeChange` (the pre-image).
+    pub delete_path: Option<String>,
+}
+
+/// Operations that carry a document (and so a tenant key); other events (drop, rename,
+/// invalidate…) go to every tenant that may see their namespace.
+pub const KEYED_OPERATIONS: [&str; 4] = ["insert", "update", "replace", "delete"];
+
+impl TenantKey {
+    /// Parses `tenant_key`: a dotted path under `fullDocument` or `documentKey`.
+    pub fn parse(path: &str) -> Result<TenantKey, String> {
+        let (root, rest) = path.split_once('.').unwrap_or((path, ""));
+        if rest.is_empty()
+            || rest
+                .split('.')
+                .any(|part| part.is_empty() || part.starts_with('$'))
+        {
+            return Err(format!(
+                "'{path}' is not a dotted path into the event such as 'fullDocument.tenantId'"
+            ));
+        }
+        match root {
+            "fullDocument" => Ok(TenantKey {
+                path: path.to_string(),
+                delete_path: Some(format!("fullDocumentBeforeChange.{rest}")),
+            }),
+            "documentKey" => Ok(TenantKey {
+                path: path.to_string(),
+                delete_path: None,
+            }),
+            _ => Err(format!(
+                "'{path}' must lie in 'fullDocument' or 'documentKey' (the fields every \
+                 insert, update, replace and delete can carry)"
+            )),
+        }
+    }
+
+    /// Where an event of `operation` carries the key.
+    pub fn path_for(&self, operation: &str) -> &str {
+        match (&self.delete_path, operation) {
+            (Some(before), "delete") => before,
+            _ => &self.path,
+        }
+    }
 }
 
 /// `db.coll` or `db.*`.
@@ -118,7 +183,9 @@ pub(super) fn expand_tenants(
             pipeline.id
         ));
     }
+    check_tenant_reading(&pipeline, problems);
     let mut ids = HashSet::new();
+    let mut values = HashSet::new();
     let mut units = Vec::new();
     for tenant in tenants {
         let at = |key: &str| format!("pipeline '{}', tenant '{}': {key}", pipeline.id, tenant.id);
@@ -134,6 +201,7 @@ pub(super) fn expand_tenants(
             continue;
         }
         let namespaces = tenant_namespaces(&pipeline, &tenant, problems);
+        let key_values = tenant_key_values(&pipeline, &tenant, &mut values, problems);
         units.push(PipelineConfig {
             id: format!("{}.{}", pipeline.id, tenant.id),
             plugins: tenant.plugins,
@@ -145,11 +213,89 @@ pub(super) fn expand_tenants(
             tenant: Some(TenantScope {
                 id: tenant.id,
                 namespaces,
+                pipeline: pipeline.id.clone(),
+                key_values,
             }),
             ..pipeline.clone()
         });
     }
     units
+}
+
+/// The pipeline-wide keys of tenant reading: a `tenant_key` every routed event can carry,
+/// and no signal collection beside a shared reader. Each problem names the fix.
+fn check_tenant_reading(pipeline: &PipelineConfig, problems: &mut Problems) {
+    let at = format!("pipeline '{}'", pipeline.id);
+    if pipeline.tenant_reader == TenantReader::Shared && pipeline.signal_collection.is_some() {
+        problems.push(format!(
+            "{at}: signal_collection is not supported with a shared tenant reader (a signal \
+             would start a snapshot for every tenant); set tenant_reader = \"own\" or remove it"
+        ));
+    }
+    let Some(path) = &pipeline.tenant_key else {
+        return;
+    };
+    let key = match TenantKey::parse(path) {
+        Ok(key) => key,
+        Err(e) => return problems.push(format!("{at}: tenant_key {e}")),
+    };
+    if pipeline.snapshot != SnapshotMode::Never {
+        problems.push(format!(
+            "{at}: snapshot with tenant_key is not supported (a snapshot reads whole \
+             collections, not one tenant's documents); set snapshot = \"never\""
+        ));
+    }
+    let skipped = |op: &str| pipeline.skip_operations.iter().any(|s| s == op);
+    if key.delete_path.is_none() {
+        return;
+    }
+    if pipeline.full_document == FullDocument::Off && !skipped("update") {
+        problems.push(format!(
+            "{at}: tenant_key '{path}' is in fullDocument, which updates carry only with \
+             full_document = \"update-lookup\", \"when-available\" or \"required\"; set one, \
+             put \"update\" in skip_operations, or use a key in documentKey (a shard key)"
+        ));
+    }
+    if pipeline.full_document_before_change == FullDocumentBeforeChange::Off && !skipped("delete") {
+        problems.push(format!(
+            "{at}: tenant_key '{path}' is in fullDocument, which deletes do not carry: set \
+             full_document_before_change = \"required\" (with changeStreamPreAndPostImages on \
+             the collections), put \"delete\" in skip_operations, or use a key in documentKey"
+        ));
+    }
+}
+
+/// A tenant's key values (default: its id) with the pipeline's `tenant_key`; each value
+/// belongs to one tenant only.
+fn tenant_key_values(
+    pipeline: &PipelineConfig,
+    tenant: &TenantConfig,
+    taken: &mut HashSet<String>,
+    problems: &mut Problems,
+) -> Vec<String> {
+    let at = format!("pipeline '{}', tenant '{}'", pipeline.id, tenant.id);
+    if pipeline.tenant_key.is_none() {
+        if !tenant.key_values.is_empty() {
+            problems.push(format!(
+                "{at}: key_values need the pipeline's tenant_key (say where the key is, \
+                 e.g. tenant_key = \"fullDocument.tenantId\")"
+            ));
+        }
+        return Vec::new();
+    }
+    let values = match tenant.key_values.is_empty() {
+        true => vec![tenant.id.clone()],
+        false => tenant.key_values.clone(),
+    };
+    for value in &values {
+        if !taken.insert(value.clone()) {
+            problems.push(format!(
+                "{at}: key value '{value}' belongs to another tenant too; each value routes \
+                 to one tenant"
+            ));
+        }
+    }
+    values
 }
 
 /// A tenant's namespaces, parsed; each must lie inside what the pipeline watches, or the
@@ -223,5 +369,105 @@ impl PipelineConfig {
                     .iter()
                     .any(|p| p.matches(&namespace.db, namespace.coll.as_deref()))
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const KEYED: &str = r#"
+        [nats]
+        url = "nats://127.0.0.1:4222"
+        [[pipeline]]
+        id = "saas"
+        mongodb_uri = "mongodb://127.0.0.1:27017/?replicaSet=rs0"
+        database = "app"
+        tenant_key = "fullDocument.tenantId"
+        full_document = "update-lookup"
+        full_document_before_change = "required"
+        [[pipeline.tenant]]
+        id = "acme"
+        namespaces = ["app.*"]
+        [pipeline.tenant.sink]
+        stream = "ACME"
+        subject_prefix = "acme"
+        [[pipeline.tenant]]
+        id = "initech"
+        key_values = ["i1", "i2"]
+        namespaces = ["app.orders"]
+        [pipeline.tenant.sink]
+        stream = "INITECH"
+        subject_prefix = "initech"
+    "#;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, std::path::Path::new("."), |_| None)
+    }
+
+    /// Key values default to the tenant's id; every tenant knows its pipeline.
+    #[test]
+    fn tenant_keys_default_to_the_id() {
+        let config = parse(KEYED).expect("valid");
+        let scopes: Vec<_> = config
+            .pipelines
+            .iter()
+            .map(|p| p.tenant.clone().expect("tenant"))
+            .collect();
+        assert_eq!(scopes[0].key_values, ["acme"]);
+        assert_eq!(scopes[1].key_values, ["i1", "i2"]);
+        assert!(scopes.iter().all(|s| s.pipeline == "saas"));
+    }
+
+    /// Configs whose events could not be routed are refused, naming the fix.
+    #[test]
+    fn unroutable_key_configs_are_refused() {
+        let cases = [
+            ("full_document = \"update-lookup\"", "", "skip_operations"),
+            (
+                "full_document_before_change = \"required\"",
+                "",
+                "deletes do not carry",
+            ),
+            (
+                "\"fullDocument.tenantId\"",
+                "\"ns.db\"",
+                "'fullDocument' or 'documentKey'",
+            ),
+            (
+                "\"fullDocument.tenantId\"",
+                "\"fullDocument\"",
+                "dotted path",
+            ),
+            (
+                "[\"i1\", \"i2\"]",
+                "[\"acme\"]",
+                "belongs to another tenant",
+            ),
+            (
+                "database = \"app\"",
+                "database = \"app\"\nsnapshot = \"initial\"",
+                "snapshot",
+            ),
+            (
+                "database = \"app\"",
+                "database = \"app\"\nsignal_collection = \"app.signals\"",
+                "tenant_reader = \"own\"",
+            ),
+        ];
+        for (from, to, expected) in cases {
+            let text = KEYED.replacen(from, to, 1);
+            assert_ne!(text, KEYED, "{from}");
+            let err = parse(&text).expect_err(expected);
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+        let text = KEYED.replace("tenant_key = \"fullDocument.tenantId\"", "");
+        let err = parse(&text).expect_err("key values without a key");
+        assert!(err.contains("need the pipeline's tenant_key"), "{err}");
+        let own = KEYED.replace(
+            "database = \"app\"",
+            "database = \"app\"\ntenant_reader = \"own\"\nsignal_collection = \"app.signals\"",
+        );
+        parse(&own).expect("signals with own readers");
     }
 }

@@ -76,6 +76,8 @@ pub struct Coordinator {
     owned: AtomicUsize,
     /// Live instances, as last counted by the presence task (at least 1: this one).
     live: AtomicUsize,
+    /// The leases held for every tenant of a pipeline with a shared reader (`shared.rs`).
+    pub(super) shared: std::sync::Mutex<super::shared::SharedLeases>,
 }
 
 impl Coordinator {
@@ -131,6 +133,7 @@ impl Coordinator {
             pipelines: AtomicUsize::new(pipelines),
             owned: AtomicUsize::new(0),
             live: AtomicUsize::new(1),
+            shared: Default::default(),
         }))
     }
 

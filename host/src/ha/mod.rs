@@ -3,3 +3,4 @@
 
 pub mod fence;
 pub mod lease;
+pub mod shared;

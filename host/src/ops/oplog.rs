@@ -100,13 +100,14 @@ struct Thresholds {
     error: f64,
 }
 
-/// Records the oplog headroom of `pipeline` until `shutdown`, logging changes of level.
-pub async fn watch_headroom(pipeline: PipelineConfig, mut shutdown: watch::Receiver<bool>) {
+/// Records the oplog headroom of `pipeline` until `shutdown`, logging changes of level; `client`
+/// is shared by every unit on the same deployment.
+pub async fn watch_headroom(
+    pipeline: PipelineConfig,
+    client: mongodb::Client,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let metrics = crate::ops::metrics::pipeline(&pipeline.id);
-    let client = match crate::security::mongo_client(&pipeline.mongodb_uri).await {
-        Ok(client) => client,
-        Err(_) => return, // the pipeline itself reports a bad URI
-    };
     let every = Duration::from_millis(pipeline.checkpoint.oplog_check_interval_ms);
     let thresholds = Thresholds {
         warn: pipeline.checkpoint.oplog_warn_headroom_secs as f64,

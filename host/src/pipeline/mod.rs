@@ -40,6 +40,7 @@ use crate::source::{self, SourceItem};
 mod chain_thread;
 mod checkpointer;
 mod drain;
+pub(crate) mod shared;
 mod shutdown;
 mod start;
 
@@ -80,7 +81,8 @@ pub async fn run(
     let Some(chain) = hold_until_loaded(chain, &id, &mut updates, &mut shutdown).await else {
         return Ok(());
     };
-    let (mongo, max_payload) = connect(&pipeline, &js).await?;
+    let shared = shared::reader_for(&pipeline).await?;
+    let (mongo, max_payload) = connect(&pipeline, &js, shared.as_ref()).await?;
     let checkpoints =
         CheckpointStore::open(&pipeline.checkpoint, &id, &js, &mongo, fence.clone()).await?;
     let checkpoint = checkpoints.load().await?;
@@ -111,7 +113,7 @@ pub async fn run(
     let (framed_tx, framed_rx) = mpsc::channel::<Vec<EventMessages>>(FRAMED_QUEUE_BATCHES);
     let wake = event_tx.downgrade();
     let (source_task, source_stop, _heartbeats) =
-        start_source(&mongo, &pipeline, &start, at_time, event_tx);
+        start_source(&mongo, shared, &pipeline, (&start, at_time), event_tx);
     let (_forwarder, reloads) = chain_thread::forward_reloads(updates, wake);
     let chain_io = (event_rx, framed_tx);
     let chain_thread = chain_thread::spawn(
@@ -150,15 +152,21 @@ pub async fn run(
 }
 
 /// Starts reading the change stream after `start` (or at `at_time`), and the heartbeat writer
-/// beside it; returns the reading task and its stop signal.
+/// beside it; returns the reading task and its stop signal. A tenant under a `shared` reader
+/// reads through it (`shared::read_lane`); the reader writes the heartbeats.
 fn start_source(
     mongo: &mongodb::Client,
+    shared: Option<std::sync::Arc<shared::SharedReader>>,
     pipeline: &PipelineConfig,
-    start: &Option<Position>,
-    at_time: Option<bson::Timestamp>,
+    (start, at_time): (&Option<Position>, Option<bson::Timestamp>),
     events: mpsc::Sender<Vec<SourceItem>>,
-) -> (SourceTask, watch::Sender<bool>, AbortOnDrop) {
+) -> (SourceTask, watch::Sender<bool>, Option<AbortOnDrop>) {
     let (stop, stop_rx) = watch::channel(false);
+    if let Some(reader) = shared {
+        let (pipeline, start) = (pipeline.clone(), start.clone());
+        let lane = shared::read_lane(reader, pipeline, start, at_time, events, stop_rx);
+        return (tokio::spawn(lane), stop, None);
+    }
     let task = tokio::spawn(source::run(
         mongo.clone(),
         pipeline.clone(),
@@ -171,7 +179,7 @@ fn start_source(
         mongo.clone(),
         pipeline.clone(),
     )));
-    (task, stop, heartbeats)
+    (task, stop, Some(heartbeats))
 }
 
 /// Without a chain, waits for `updates` to bring one that loads; `None` when the run ends
@@ -198,21 +206,27 @@ async fn hold_until_loaded(
     }
 }
 
-/// Connects to MongoDB and checks both servers before anything is read: the source's
-/// prerequisites, the stream, and the NATS server's `max_payload` (returned: it bounds every
-/// message).
+/// Connects to MongoDB (or takes the `shared` reader's client) and checks both servers
+/// before anything is read: the source's prerequisites, the stream, and the NATS server's
+/// `max_payload` (returned: it bounds every message).
 async fn connect(
     pipeline: &PipelineConfig,
     js: &Context,
+    shared: Option<&std::sync::Arc<shared::SharedReader>>,
 ) -> Result<(mongodb::Client, usize), Error> {
     let id = &pipeline.id;
-    let topology = source::log_elections(id);
-    let mongo = crate::security::mongo_client_watched(&pipeline.mongodb_uri, Some(topology))
-        .await
-        .map_err(|err| Error::Source {
-            pipeline: id.clone(),
-            message: format!("invalid MongoDB URI: {err}"),
-        })?;
+    let mongo = match shared {
+        Some(reader) => reader.client().clone(),
+        None => {
+            let topology = source::log_elections(id);
+            crate::security::mongo_client_watched(&pipeline.mongodb_uri, Some(topology))
+                .await
+                .map_err(|err| Error::Source {
+                    pipeline: id.clone(),
+                    message: format!("invalid MongoDB URI: {err}"),
+                })?
+        }
+    };
     source::check_images(&mongo, pipeline).await?;
     crate::source::oversize::check_split_support(&mongo, pipeline).await?;
     sink::prepare_stream(js, pipeline).await?;

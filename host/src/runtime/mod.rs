@@ -77,9 +77,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     // The oplog headroom: metrics, `/readyz`, and warnings before a position falls out.
     let (_oplog_stop, oplog_stopped) = watch::channel(false);
+    // One MongoDB client per deployment for every unit's watch (K tenants, one client).
+    let mut clients = std::collections::HashMap::new();
     for pipeline in &config.pipelines {
+        let uri = &pipeline.mongodb_uri;
+        let client = match clients.get(uri) {
+            Some(client) => client,
+            None => match crate::security::mongo_client(uri).await {
+                Ok(client) => clients.entry(uri.clone()).or_insert(client),
+                Err(_) => continue, // the pipeline itself reports a bad URI
+            },
+        };
         tokio::spawn(oplog::watch_headroom(
             pipeline.clone(),
+            client.clone(),
             oplog_stopped.clone(),
         ));
     }
@@ -93,7 +104,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let ha = match config.ha.enabled {
-        true => Some(Coordinator::open(&js, &config.ha, config.pipelines.len()).await?),
+        true => Some(Coordinator::open(&js, &config.ha, lease_count(&config)).await?),
         false => None,
     };
     if let Some(ha) = &ha {
@@ -173,6 +184,22 @@ async fn managed_shared(
         js: js.clone(),
         ha: ha.clone(),
     })
+}
+
+/// How many leases the config's units take with high availability: one per unit, but one
+/// for all the tenants of a pipeline with a shared reader.
+fn lease_count(config: &Config) -> usize {
+    let mut shared = std::collections::HashSet::new();
+    config
+        .pipelines
+        .iter()
+        .filter(|unit| match &unit.tenant {
+            Some(tenant) if unit.tenant_reader == crate::config::TenantReader::Shared => {
+                shared.insert(tenant.pipeline.clone())
+            }
+            _ => true,
+        })
+        .count()
 }
 
 /// Waits for every unit to end, stopping them all on `shutdown` or when a pipeline (not a

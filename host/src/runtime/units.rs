@@ -8,10 +8,11 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::PipelineConfig;
+use crate::config::{PipelineConfig, TenantReader};
 use crate::error::Error;
 use crate::ha::fence::Fence;
 use crate::ha::lease::Coordinator;
+use crate::ha::shared::SharedTerm;
 use crate::ops::metrics;
 use crate::pipeline;
 use crate::plugin::reload::Updates;
@@ -124,9 +125,19 @@ pub(crate) async fn run_unit(
         ha,
     } = context;
     let chain = chain.wait(&id, &held).await;
-    let result = match ha {
-        None => pipeline::run(pipeline, chain, updates, js, stop.clone(), Fence::none()).await,
-        Some(ha) => {
+    let shared_lease = pipeline
+        .tenant
+        .as_ref()
+        .filter(|_| pipeline.tenant_reader == TenantReader::Shared)
+        .map(|tenant| tenant.pipeline.clone());
+    let result = match (ha, shared_lease) {
+        (None, _) => pipeline::run(pipeline, chain, updates, js, stop.clone(), Fence::none()).await,
+        (Some(ha), Some(lease)) => {
+            let terms = ha.shared_terms(&lease, stop.clone());
+            let context = (updates, js, sandbox, plugin_dir);
+            run_shared_terms(pipeline, chain, context, terms, stop).await
+        }
+        (Some(ha), None) => {
             // The chain of a previous term is gone with its run: later terms load the files
             // as they are then. A tenant whose plugins do not load holds (`pipeline::run`).
             let mut first = Some(chain);
@@ -146,6 +157,71 @@ pub(crate) async fn run_unit(
         }
     };
     recorded(&id, result)
+}
+
+/// Runs a tenant unit of a pipeline with a shared reader in every term of the pipeline's
+/// lease (see `ha::shared`), until `stop`.
+async fn run_shared_terms(
+    pipeline: PipelineConfig,
+    chain: Option<Chain>,
+    (updates, js, sandbox, plugin_dir): (
+        Updates,
+        async_nats::jetstream::Context,
+        Arc<Sandbox>,
+        PathBuf,
+    ),
+    mut terms: watch::Receiver<Option<SharedTerm>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let mut first = Some(chain);
+    loop {
+        let term = tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return Ok(()),
+            term = terms.wait_for(Option::is_some) => match term {
+                Ok(term) => term.clone(),
+                Err(_) => return Ok(()),
+            },
+        };
+        let Some(SharedTerm {
+            fence,
+            stop: term_stop,
+            running,
+        }) = term
+        else {
+            continue;
+        };
+        let chain = match first.take() {
+            Some(chain) => chain,
+            None => term_chain(&sandbox, &pipeline, &plugin_dir)?,
+        };
+        let (updates, js) = (updates.clone(), js.clone());
+        let unit_stop = either(stop.clone(), term_stop);
+        let result = pipeline::run(pipeline.clone(), chain, updates, js, unit_stop, fence).await;
+        drop(running);
+        match result {
+            Err(Error::Fenced { .. }) | Ok(()) => {}
+            Err(err) => return Err(err),
+        }
+        if *stop.borrow() {
+            return Ok(());
+        }
+        // The term ends (it stopped the unit): wait for the next one.
+        let _ = terms.wait_for(Option::is_none).await;
+    }
+}
+
+/// A stop signal that turns true when `a` or `b` does.
+fn either(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*a.borrow() || *b.borrow());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = a.wait_for(|s| *s) => {}
+            _ = b.wait_for(|s| *s) => {}
+            () = tx.closed() => return,
+        }
+        let _ = tx.send(true);
+    });
+    rx
 }
 
 /// The chain for a later term of ownership: `None` (logged) for a tenant whose plugins do not

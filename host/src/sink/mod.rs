@@ -36,7 +36,7 @@ use mongodb::change_stream::event::ResumeToken;
 
 pub use publisher::Publisher;
 pub use stream::{is_stream_not_found, jetstream_off};
-pub(crate) use stream::{prepare_stream, stream_tail, Floor};
+pub(crate) use stream::{prepare_stream, stream_order, stream_tail, Floor};
 
 /// One message to publish.
 #[derive(Debug, Clone)]

@@ -12,7 +12,7 @@ use mongodb::options::{ChangeStreamOptions, FullDocumentBeforeChangeType, FullDo
 
 use crate::config::{
     check_stage, CheckpointStoreKind, FullDocument, FullDocumentBeforeChange, NamespaceFilter,
-    PipelineConfig, SPLIT_STAGE,
+    PipelineConfig, TenantKey, KEYED_OPERATIONS, SPLIT_STAGE,
 };
 use crate::model::Namespace;
 use crate::source::oversize;
@@ -212,6 +212,7 @@ pub(crate) fn namespace_filter(pipeline: &PipelineConfig) -> Vec<Document> {
             allowed.push(doc! { "ns.db": &pattern.db, "ns.coll": { "$exists": false } });
         }
         stages.push(doc! { "$match": { "$or": allowed } });
+        stages.extend(tenant_key_stage(pipeline, &tenant.key_values));
     }
     let condition = |entry: &String| match NamespaceFilter::parse(entry) {
         Ok(NamespaceFilter::Pattern(p)) => match &p.coll {
@@ -246,6 +247,30 @@ pub(crate) fn namespace_filter(pipeline: &PipelineConfig) -> Vec<Document> {
         ] } });
     }
     stages
+}
+
+/// With the pipeline's `tenant_key`, the `$match` that keeps a tenant's own stream to its
+/// key values (mirrors the shared reader's routing, `pipeline::shared`): events that carry a
+/// document only with one of the values, every other event (drop, rename…) as it is. Looks
+/// only at fields synthetic snapshot events lack, so they pass (snapshots and tenant keys
+/// do not go together, see the config's validation).
+fn tenant_key_stage(pipeline: &PipelineConfig, values: &[String]) -> Option<Document> {
+    let key = TenantKey::parse(pipeline.tenant_key.as_deref()?).ok()?;
+    let values: Vec<&String> = values.iter().collect();
+    let mut either = vec![doc! { "operationType": { "$nin": KEYED_OPERATIONS.to_vec() } }];
+    match &key.delete_path {
+        None => either.push(doc! { key.path.as_str(): { "$in": values.clone() } }),
+        Some(before) => {
+            either.push(doc! {
+                "operationType": { "$ne": "delete" },
+                key.path.as_str(): { "$in": values.clone() },
+            });
+            either.push(
+                doc! { "operationType": "delete", before.as_str(): { "$in": values.clone() } },
+            );
+        }
+    }
+    Some(doc! { "$match": { "$or": either } })
 }
 
 /// The signal collection, if configured: its namespace and a handle to write watermarks.

@@ -1,0 +1,395 @@
+//! The shared reader's router: which tenants an event belongs to, in constant time per event
+//! (a hash map on the namespace, or on the tenant key's value), and each tenant's batch handed
+//! to its lane without ever waiting for it. A lane that is full is detached: the router drops
+//! it and the tenant reads on from its own position (`lane.rs`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bson::raw::{RawBsonRef, RawDocument};
+use mongodb::change_stream::event::ResumeToken;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{TenantKey, TenantScope, KEYED_OPERATIONS};
+use crate::model::{Change, Namespace};
+use crate::ops::metrics::PipelineMetrics;
+use crate::source::SourceItem;
+
+/// Broadcast the reader's position to idle lanes at most this often: it only moves their
+/// checkpoints, and with many tenants one send per lane per change-stream batch would cost
+/// more than the events.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(200);
+
+/// What a tenant's lane asks of the router.
+pub(super) enum Command {
+    /// A tenant unit started: its events are routed to it (while it has a lane) and no longer
+    /// counted as unroutable.
+    Register(TenantScope),
+    /// Install `lane` for `tenant`: every event of the tenant routed after the reader's
+    /// current position (sent on `reply`) goes to it.
+    Join {
+        tenant: String,
+        lane: mpsc::Sender<Vec<SourceItem>>,
+        reply: oneshot::Sender<ResumeToken>,
+    },
+    /// A tenant unit stopped.
+    Leave(String),
+}
+
+/// Why an event belongs to no running tenant (logged once per kind, counted as out of
+/// scope on the pipeline's own series).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Unroutable {
+    Namespace,
+    KeyMissing,
+    KeyNotString,
+    KeyUnknown,
+    KeyOutsideNamespaces,
+}
+
+impl Unroutable {
+    fn describe(self) -> &'static str {
+        match self {
+            Unroutable::Namespace => "no running tenant owns its namespace",
+            Unroutable::KeyMissing => "it does not carry the tenant key (an update whose document was deleted before the lookup, a delete without pre-image…)",
+            Unroutable::KeyNotString => "its tenant key is not a string",
+            Unroutable::KeyUnknown => "no running tenant owns its tenant key's value",
+            Unroutable::KeyOutsideNamespaces => "the tenant owning its key value may not see its namespace",
+        }
+    }
+}
+
+/// One registered tenant.
+struct Tenant {
+    scope: TenantScope,
+    /// Its lane while attached.
+    lane: Option<mpsc::Sender<Vec<SourceItem>>>,
+}
+
+/// The routing tables of one shared reader, rebuilt when a tenant registers or leaves
+/// (rare), read for every event.
+pub(super) struct Router {
+    pipeline: String,
+    key: Option<TenantKey>,
+    tenants: Vec<Tenant>,
+    /// Tenants with a `db.coll` pattern, by (db, coll).
+    exact: HashMap<(String, String), Vec<usize>>,
+    /// Tenants with a `db.*` pattern, by db.
+    whole: HashMap<String, Vec<usize>>,
+    /// Tenants with any pattern in a database (for database-wide events).
+    any_in: HashMap<String, Vec<usize>>,
+    /// By tenant key value.
+    by_key: HashMap<String, usize>,
+    /// The token of the last item routed: where a joining lane takes over.
+    position: Option<ResumeToken>,
+    /// Joins waiting for the first position.
+    pending: Vec<(
+        String,
+        mpsc::Sender<Vec<SourceItem>>,
+        oneshot::Sender<ResumeToken>,
+    )>,
+    logged: HashSet<Unroutable>,
+    last_heartbeat: Option<Instant>,
+    stats: Arc<PipelineMetrics>,
+}
+
+impl Router {
+    pub(super) fn new(pipeline: &str, key: Option<TenantKey>) -> Router {
+        Router {
+            pipeline: pipeline.to_string(),
+            key,
+            tenants: Vec::new(),
+            exact: HashMap::new(),
+            whole: HashMap::new(),
+            any_in: HashMap::new(),
+            by_key: HashMap::new(),
+            position: None,
+            pending: Vec::new(),
+            logged: HashSet::new(),
+            last_heartbeat: None,
+            stats: crate::ops::metrics::pipeline(pipeline),
+        }
+    }
+
+    /// Routes batches from the reader and answers the lanes until the reader ends; publishes
+    /// the reader's position on `position` for lanes deciding when to join.
+    pub(super) async fn run(
+        mut self,
+        mut batches: mpsc::Receiver<Vec<SourceItem>>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        position: watch::Sender<Option<ResumeToken>>,
+    ) {
+        loop {
+            tokio::select! {
+                biased;
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command),
+                    None => return,
+                },
+                batch = batches.recv() => match batch {
+                    Some(batch) => {
+                        self.route(batch);
+                        position.send_replace(self.position.clone());
+                        self.install_pending();
+                    }
+                    None => return,
+                },
+            }
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Register(scope) => {
+                self.tenants.retain(|t| t.scope.id != scope.id);
+                self.tenants.push(Tenant { scope, lane: None });
+                self.rebuild();
+            }
+            Command::Leave(id) => {
+                self.tenants.retain(|t| t.scope.id != id);
+                self.pending.retain(|(tenant, _, _)| *tenant != id);
+                self.rebuild();
+            }
+            Command::Join {
+                tenant,
+                lane,
+                reply,
+            } => {
+                self.pending.push((tenant, lane, reply));
+                self.install_pending();
+            }
+        }
+    }
+
+    /// Installs the waiting lanes once the reader has a position (its first batch).
+    fn install_pending(&mut self) {
+        let Some(position) = &self.position else {
+            return;
+        };
+        for (id, lane, reply) in std::mem::take(&mut self.pending) {
+            let Some(tenant) = self.tenants.iter_mut().find(|t| t.scope.id == id) else {
+                continue;
+            };
+            if reply.send(position.clone()).is_ok() {
+                tenant.lane = Some(lane);
+            }
+        }
+    }
+
+    fn rebuild(&mut self) {
+        self.exact.clear();
+        self.whole.clear();
+        self.any_in.clear();
+        self.by_key.clear();
+        for (i, tenant) in self.tenants.iter().enumerate() {
+            for pattern in &tenant.scope.namespaces {
+                let db = pattern.db.clone();
+                match &pattern.coll {
+                    Some(coll) => self.exact.entry((db.clone(), coll.clone())).or_default(),
+                    None => self.whole.entry(db.clone()).or_default(),
+                }
+                .push(i);
+                let any = self.any_in.entry(db).or_default();
+                if !any.contains(&i) {
+                    any.push(i);
+                }
+            }
+            for value in &tenant.scope.key_values {
+                self.by_key.insert(value.clone(), i);
+            }
+        }
+    }
+
+    /// Splits `batch` by tenant and hands each attached tenant its share; detaches a tenant
+    /// whose lane is full.
+    fn route(&mut self, batch: Vec<SourceItem>) {
+        let mut shares: HashMap<usize, Vec<SourceItem>> = HashMap::new();
+        let mut heartbeat = None;
+        for item in batch {
+            let event = match &item {
+                SourceItem::Event(event) | SourceItem::Oversize { event, .. } => event,
+                SourceItem::Heartbeat(token, _) => {
+                    self.position = Some(token.clone());
+                    heartbeat = Some(token.clone());
+                    continue;
+                }
+            };
+            heartbeat = None;
+            self.position = Some(event.token.clone());
+            self.stats.read();
+            let owners = match self.owners(&event.change) {
+                Ok(owners) => owners,
+                Err(why) => {
+                    self.unroutable(why, &event.change);
+                    continue;
+                }
+            };
+            let attached: Vec<usize> = owners
+                .into_iter()
+                .filter(|&i| self.tenants[i].lane.is_some())
+                .collect();
+            if let Some((&last, rest)) = attached.split_last() {
+                for &i in rest {
+                    shares.entry(i).or_default().push(copy(&item));
+                }
+                shares.entry(last).or_default().push(item);
+            }
+        }
+        // The reader's position after the batch moves every attached lane's checkpoint on.
+        let due = self
+            .last_heartbeat
+            .is_none_or(|at| at.elapsed() >= HEARTBEAT_EVERY);
+        if let (Some(token), true) = (heartbeat, due) {
+            self.last_heartbeat = Some(Instant::now());
+            for (i, tenant) in self.tenants.iter().enumerate() {
+                if tenant.lane.is_some() {
+                    let share = shares.entry(i).or_default();
+                    share.push(SourceItem::Heartbeat(token.clone(), None));
+                }
+            }
+        }
+        for (i, share) in shares {
+            let tenant = &mut self.tenants[i];
+            let Some(lane) = &tenant.lane else { continue };
+            match lane.try_send(share) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::info!(pipeline = %self.pipeline, tenant = %tenant.scope.id, "tenant detached from the shared change stream (it is behind: slow plugins, its stream unavailable, or held); it reads on alone and rejoins when caught up");
+                    tenant.lane = None;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => tenant.lane = None,
+            }
+        }
+    }
+
+    /// The tenants `change` belongs to.
+    fn owners(&self, change: &Change) -> Result<Vec<usize>, Unroutable> {
+        let by_namespace = self.by_namespace(change.namespace());
+        let Some(key) = &self.key else {
+            return non_empty(by_namespace, Unroutable::Namespace);
+        };
+        let operation = change.operation().as_str();
+        if !KEYED_OPERATIONS.contains(&operation) {
+            return non_empty(by_namespace, Unroutable::Namespace);
+        }
+        let value = key_value(change.document(), key.path_for(operation))?;
+        let owner = *self.by_key.get(value).ok_or(Unroutable::KeyUnknown)?;
+        match by_namespace.contains(&owner) {
+            true => Ok(vec![owner]),
+            false => Err(Unroutable::KeyOutsideNamespaces),
+        }
+    }
+
+    /// The tenants whose namespaces include `namespace` (every tenant for a stream-wide
+    /// event without one).
+    fn by_namespace(&self, namespace: &Namespace) -> Vec<usize> {
+        if namespace.db.is_empty() {
+            return (0..self.tenants.len()).collect();
+        }
+        let Some(coll) = &namespace.coll else {
+            return self.any_in.get(&namespace.db).cloned().unwrap_or_default();
+        };
+        let mut owners = self
+            .exact
+            .get(&(namespace.db.clone(), coll.clone()))
+            .cloned()
+            .unwrap_or_default();
+        for &i in self.whole.get(&namespace.db).into_iter().flatten() {
+            if !owners.contains(&i) {
+                owners.push(i);
+            }
+        }
+        owners
+    }
+
+    /// Counts an event no running tenant owns, and logs the first of each kind.
+    fn unroutable(&mut self, why: Unroutable, change: &Change) {
+        self.stats.out_of_scope();
+        if self.logged.insert(why) {
+            tracing::warn!(
+                pipeline = %self.pipeline,
+                namespace = %change.namespace(),
+                operation = change.operation().as_str(),
+                "an event no tenant receives: {}; such events are counted in \
+                 tidegate_events_out_of_scope_total{{pipeline=\"{}\"}} and logged once per kind",
+                why.describe(),
+                self.pipeline
+            );
+        }
+    }
+}
+
+/// `owners`, or `why` when there are none.
+fn non_empty(owners: Vec<usize>, why: Unroutable) -> Result<Vec<usize>, Unroutable> {
+    match owners.is_empty() {
+        true => Err(why),
+        false => Ok(owners),
+    }
+}
+
+/// An event for a second tenant (namespaces may overlap).
+fn copy(item: &SourceItem) -> SourceItem {
+    match item {
+        SourceItem::Event(event) => SourceItem::Event(event.clone()),
+        SourceItem::Oversize { event, size } => SourceItem::Oversize {
+            event: event.clone(),
+            size: *size,
+        },
+        SourceItem::Heartbeat(token, progress) => {
+            SourceItem::Heartbeat(token.clone(), progress.clone())
+        }
+    }
+}
+
+/// The string at dotted `path` in `event`.
+fn key_value<'a>(event: &'a RawDocument, path: &str) -> Result<&'a str, Unroutable> {
+    let mut document = event;
+    let mut parts = path.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let value = match document.get(part) {
+            Ok(Some(RawBsonRef::Null)) | Ok(None) | Err(_) => return Err(Unroutable::KeyMissing),
+            Ok(Some(value)) => value,
+        };
+        if parts.peek().is_none() {
+            return match value {
+                RawBsonRef::String(text) => Ok(text),
+                _ => Err(Unroutable::KeyNotString),
+            };
+        }
+        document = match value {
+            RawBsonRef::Document(inner) => inner,
+            _ => return Err(Unroutable::KeyMissing),
+        };
+    }
+    Err(Unroutable::KeyMissing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::rawdoc;
+
+    /// The key is read at its dotted path; absent, null or another type is named.
+    #[test]
+    fn key_values_are_read_at_their_path() {
+        let event = rawdoc! { "fullDocument": { "t": "a", "n": 1, "z": null } };
+        assert_eq!(key_value(&event, "fullDocument.t"), Ok("a"));
+        assert_eq!(
+            key_value(&event, "fullDocument.n"),
+            Err(Unroutable::KeyNotString)
+        );
+        assert_eq!(
+            key_value(&event, "fullDocument.z"),
+            Err(Unroutable::KeyMissing)
+        );
+        assert_eq!(
+            key_value(&event, "fullDocument.t.x"),
+            Err(Unroutable::KeyMissing)
+        );
+        assert_eq!(
+            key_value(&event, "documentKey.t"),
+            Err(Unroutable::KeyMissing)
+        );
+    }
+}

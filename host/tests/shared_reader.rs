@@ -1,0 +1,437 @@
+//! One change stream per tenanted pipeline, against real servers: events routed to tenants
+//! by namespace and by tenant key, one change stream on mongod whatever the number of
+//! tenants, a slow tenant detaching and rejoining with nothing lost or duplicated while the
+//! others flow, and a restart with tenants at different positions.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use async_nats::jetstream::message::StreamMessage;
+use bson::{doc, Document};
+use futures::TryStreamExt;
+use support::{json, wat_filter, Harness, InProcess, SIGTERM};
+use tidegate_testkit::wait_until;
+
+/// Generous ceiling for anything a busy machine may be slow at.
+const PATIENCE: Duration = Duration::from_secs(180);
+
+/// A config of pipeline `p` (the `[[pipeline]]` keys in `pipeline`) with `tenants`
+/// (`[[pipeline.tenant]]` tables).
+fn config(h: &Harness, pipeline: &str, tenants: &str) -> String {
+    format!(
+        r#"
+plugin_dir = "{plugin_dir}"
+
+[nats]
+url = "{nats}"
+ack_timeout_ms = 2000
+
+[[pipeline]]
+id = "p"
+mongodb_uri = "{mongo}"
+{pipeline}
+
+[pipeline.checkpoint]
+interval_ms = 200
+
+{tenants}
+"#,
+        plugin_dir = h.plugins.display(),
+        nats = h.nats.url(),
+        mongo = h.mongo.uri(),
+    )
+}
+
+/// A tenant table: `id` seeing `namespaces`, publishing to stream `id` in upper case.
+fn tenant(id: &str, namespaces: &str, extra: &str) -> String {
+    format!(
+        "[[pipeline.tenant]]\nid = \"{id}\"\nnamespaces = [{namespaces}]\n{extra}\n\
+         [pipeline.tenant.sink]\nstream = \"{stream}\"\nsubject_prefix = \"{id}\"\n",
+        stream = id.to_uppercase()
+    )
+}
+
+/// `n` of every message's `fullDocument`, in stream order.
+fn numbers(messages: &[StreamMessage]) -> Vec<i64> {
+    messages
+        .iter()
+        .filter_map(|m| json(m)["fullDocument"]["n"].as_i64())
+        .collect()
+}
+
+/// The change streams open on mongod: every operation or idle cursor whose command began
+/// with `$changeStream`.
+async fn change_streams(client: &mongodb::Client) -> anyhow::Result<usize> {
+    let ops: Vec<Document> = client
+        .database("admin")
+        .aggregate(vec![
+            doc! { "$currentOp": { "allUsers": true, "idleCursors": true } },
+        ])
+        .await?
+        .try_collect()
+        .await?;
+    let first_stage = |op: &Document| -> Option<bool> {
+        let command = op
+            .get_document("cursor")
+            .and_then(|c| c.get_document("originatingCommand"))
+            .or_else(|_| op.get_document("command"))
+            .ok()?;
+        let stage = command.get_array("pipeline").ok()?.first()?.as_document()?;
+        Some(stage.contains_key("$changeStream"))
+    };
+    Ok(ops
+        .iter()
+        .filter(|op| first_stage(op).unwrap_or(false))
+        .count())
+}
+
+/// Waits until mongod has exactly one change stream open (every tenant joined the shared
+/// reader); on timeout, the error lists what `$currentOp` showed.
+async fn wait_one_change_stream(h: &Harness) -> anyhow::Result<()> {
+    let client = h.mongo.client().await?;
+    let waited = wait_until("one change stream on mongod", PATIENCE, || {
+        let client = client.clone();
+        async move { matches!(change_streams(&client).await, Ok(1)) }
+    })
+    .await;
+    if let Err(err) = waited {
+        let ops: Vec<Document> = client
+            .database("admin")
+            .aggregate(vec![
+                doc! { "$currentOp": { "allUsers": true, "idleCursors": true } },
+            ])
+            .await?
+            .try_collect()
+            .await?;
+        anyhow::bail!(
+            "{err}: {:?} counted; $currentOp: {ops:#?}",
+            change_streams(&client).await
+        );
+    }
+    Ok(())
+}
+
+/// Database-per-tenant: five tenants on one cluster-wide pipeline, each owning a database
+/// (one owns two of another's collections' database too, via `db.coll`). Every tenant
+/// receives exactly its own events, in order, and mongod serves one change stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_namespace_over_one_change_stream() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let k = 5;
+    let mut tenants = String::new();
+    for i in 0..k {
+        tenants.push_str(&tenant(&format!("t{i}"), &format!("\"db{i}.*\""), ""));
+    }
+    // Overlap: `audit` sees db0.orders too (an event may belong to two tenants).
+    tenants.push_str(&tenant("audit", "\"db0.orders\"", ""));
+    let path = h.write_config("shared.toml", &config(&h, "", &tenants))?;
+    let units: Vec<String> = (0..k)
+        .map(|i| format!("p.t{i}"))
+        .chain(["p.audit".to_string()])
+        .collect();
+    let running = InProcess::start(&path)?;
+    h.wait_checkpoints(&units).await?;
+    wait_one_change_stream(&h).await?;
+
+    let client = h.mongo.client().await?;
+    for n in 0..20i64 {
+        for i in 0..k {
+            client
+                .database(&format!("db{i}"))
+                .collection::<Document>("orders")
+                .insert_one(doc! { "n": n, "tenant": i })
+                .await?;
+        }
+        // A database no tenant owns: routed nowhere.
+        client
+            .database("nobody")
+            .collection::<Document>("orders")
+            .insert_one(doc! { "n": n })
+            .await?;
+    }
+    for i in 0..k {
+        let stream = format!("T{i}");
+        let messages = h.wait_settled(&stream, 20, PATIENCE).await?;
+        assert_eq!(numbers(&messages), (0..20).collect::<Vec<_>>(), "{stream}");
+        for m in &messages {
+            assert_eq!(json(m)["ns"]["db"], format!("db{i}"), "{stream}");
+        }
+    }
+    let audit = h.wait_settled("AUDIT", 20, PATIENCE).await?;
+    assert_eq!(numbers(&audit), (0..20).collect::<Vec<_>>());
+    assert_eq!(
+        change_streams(&client).await?,
+        1,
+        "one change stream for {} tenants",
+        k + 1
+    );
+    running.stop().await?;
+    Ok(())
+}
+
+/// Tenant key: tenants share one collection and own the documents whose `tenantId` is one
+/// of their key values (the id by default). Inserts and updates (with the looked-up
+/// document) reach exactly their owner; documents of an unknown tenant, without the key or
+/// with a key that is not a string reach nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_tenant_key() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let pipeline = "database = \"shop\"\ncollections = [\"orders\"]\n\
+                    full_document = \"update-lookup\"\nskip_operations = [\"delete\"]\n\
+                    tenant_key = \"fullDocument.tenantId\"";
+    let tenants = [
+        tenant("a", "\"shop.orders\"", ""),
+        tenant("b", "\"shop.orders\"", ""),
+        tenant("c", "\"shop.orders\"", "key_values = [\"c1\", \"c2\"]"),
+    ]
+    .concat();
+    let path = h.write_config("key.toml", &config(&h, pipeline, &tenants))?;
+    let running = InProcess::start(&path)?;
+    h.wait_checkpoints(&["p.a", "p.b", "p.c"]).await?;
+    wait_one_change_stream(&h).await?;
+
+    let orders = h.collection().await?;
+    let owners = ["a", "b", "c1", "c2", "zzz"];
+    for n in 0..30i64 {
+        let owner = owners[n as usize % owners.len()];
+        orders
+            .insert_one(doc! { "_id": n, "n": n, "tenantId": owner })
+            .await?;
+    }
+    orders.insert_one(doc! { "_id": 100, "n": 100 }).await?;
+    orders
+        .insert_one(doc! { "_id": 101, "n": 101, "tenantId": 7 })
+        .await?;
+    // An update of a's first document: the looked-up document carries the key.
+    orders
+        .update_one(doc! { "_id": 0 }, doc! { "$set": { "updated": true } })
+        .await?;
+
+    let expect = |keys: &[&str]| -> Vec<i64> {
+        (0..30)
+            .filter(|n| keys.contains(&owners[*n as usize % owners.len()]))
+            .collect()
+    };
+    let a = h.wait_settled("A", 7, PATIENCE).await?;
+    let mut a_inserts = expect(&["a"]);
+    a_inserts.push(0); // the update
+    assert_eq!(numbers(&a), a_inserts);
+    assert_eq!(json(&a[6])["operationType"], "update");
+    let b = h.wait_settled("B", 6, PATIENCE).await?;
+    assert_eq!(numbers(&b), expect(&["b"]));
+    let c = h.wait_settled("C", 12, PATIENCE).await?;
+    assert_eq!(numbers(&c), expect(&["c1", "c2"]));
+    running.stop().await?;
+    Ok(())
+}
+
+/// A slow tenant (a plugin that spins on every event) falls behind: the shared reader
+/// detaches it and the fast tenant receives everything while the slow one is still far
+/// behind; the slow tenant catches up on its own stream and rejoins; both end with every
+/// event exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_tenant_detaches_and_rejoins_without_loss() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let spin = wat_filter(
+        h.dir.path(),
+        "spin",
+        1,
+        "",
+        "",
+        "(local $i i32)\n(loop $spin\n(local.set $i (i32.add (local.get $i) (i32.const 1)))\n\
+         (br_if $spin (i32.lt_u (local.get $i) (i32.const 20000000))))",
+    );
+    let slow_plugin = format!(
+        "limits = {{ timeout_ms = 10000, fuel_per_call = 1000000000 }}\n\
+         [[pipeline.tenant.plugins]]\nname = \"spin\"\nfile = \"{}\"",
+        spin.display()
+    );
+    let tenants = [
+        tenant("fast", "\"shop.orders\"", ""),
+        tenant("slow", "\"shop.orders\"", &slow_plugin),
+    ]
+    .concat();
+    let pipeline = "database = \"shop\"";
+    let path = h.write_config("slow.toml", &config(&h, pipeline, &tenants))?;
+    let mut child = h.spawn_binary(&path)?;
+    h.wait_checkpoints(&["p.fast", "p.slow"]).await?;
+    wait_one_change_stream(&h).await?;
+
+    let total = 600i64;
+    let orders = h.collection().await?;
+    for chunk in 0..(total / 50) {
+        let docs: Vec<Document> = (chunk * 50..chunk * 50 + 50)
+            .map(|n| doc! { "n": n })
+            .collect();
+        // One insert per document: many small change-stream batches fill the slow lane.
+        for d in docs {
+            orders.insert_one(d).await?;
+        }
+    }
+    let fast = h.wait_settled("FAST", total as u64, PATIENCE).await?;
+    assert_eq!(numbers(&fast), (0..total).collect::<Vec<_>>());
+    let slow_now = h.messages("SLOW").await?.len() as i64;
+    assert!(
+        slow_now < total,
+        "the fast tenant finished while the slow one was behind ({slow_now} of {total})"
+    );
+    child
+        .wait_for_log("tenant detached from the shared change stream", PATIENCE)
+        .await?;
+    let slow = h.wait_settled("SLOW", total as u64, PATIENCE).await?;
+    assert_eq!(numbers(&slow), (0..total).collect::<Vec<_>>());
+    // Rejoined: one change stream again, and the slow tenant read from it twice (at start,
+    // and after catching up).
+    wait_one_change_stream(&h).await?;
+    let joins = child
+        .log()
+        .lines()
+        .filter(|l| l.contains("p.slow") && l.contains("reading from the shared change stream"))
+        .count();
+    assert!(joins >= 2, "{}", child.log());
+    child.signal(SIGTERM)?;
+    child.wait_exit(Duration::from_secs(60)).await?;
+    Ok(())
+}
+
+/// A restart with tenants at different positions: tenant `b` is left out of the config for
+/// a while, so its checkpoint falls behind `a`'s. When both run again, `b` catches up from
+/// its own checkpoint and joins; each ends with its events exactly once, in order, and `a`
+/// republishes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_each_tenant_from_its_own_position() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let a = tenant("a", "\"shop.orders\"", "");
+    let b = tenant("b", "\"shop.returns\"", "");
+    let pipeline = "database = \"shop\"";
+    let both = h.write_config("both.toml", &config(&h, pipeline, &[a.clone(), b].concat()))?;
+    let only_a = h.write_config("a.toml", &config(&h, pipeline, &a))?;
+    let db = h.mongo.client().await?.database("shop");
+    let (orders, returns) = (
+        db.collection::<Document>("orders"),
+        db.collection::<Document>("returns"),
+    );
+    let mut n = 0i64;
+    let mut write = async |count: i64| -> anyhow::Result<()> {
+        for _ in 0..count {
+            orders.insert_one(doc! { "n": n }).await?;
+            returns.insert_one(doc! { "n": n }).await?;
+            n += 1;
+        }
+        Ok(())
+    };
+
+    let running = InProcess::start(&both)?;
+    h.wait_checkpoints(&["p.a", "p.b"]).await?;
+    write(10).await?;
+    h.wait_for_messages("A", 10, PATIENCE).await?;
+    h.wait_for_messages("B", 10, PATIENCE).await?;
+    running.stop().await?;
+
+    let running = InProcess::start(&only_a)?;
+    write(10).await?;
+    h.wait_for_messages("A", 20, PATIENCE).await?;
+    running.stop().await?;
+
+    write(10).await?;
+    let running = InProcess::start(&both)?;
+    write(10).await?;
+    let a = h.wait_settled("A", 40, PATIENCE).await?;
+    let b = h.wait_settled("B", 40, PATIENCE).await?;
+    assert_eq!(numbers(&a), (0..40).collect::<Vec<_>>());
+    assert_eq!(numbers(&b), (0..40).collect::<Vec<_>>());
+    wait_one_change_stream(&h).await?;
+    running.stop().await?;
+    Ok(())
+}
+
+/// The instance holding lease `key` in the HA bucket now, if any.
+async fn lease_owner(h: &Harness, key: &str) -> anyhow::Result<Option<String>> {
+    let js = async_nats::jetstream::new(h.nats_client().await?);
+    let Ok(kv) = js.get_key_value("tidegate-leases").await else {
+        return Ok(None);
+    };
+    Ok(match kv.get(key).await? {
+        Some(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)?["instance"]
+            .as_str()
+            .map(str::to_string),
+        None => None,
+    })
+}
+
+/// Waits until lease `key` is held by an instance other than `not`; returns it.
+async fn wait_lease_owner(h: &Harness, key: &str, not: Option<&str>) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(now) = lease_owner(h, key).await? {
+            if Some(now.as_str()) != not {
+                return Ok(now);
+            }
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no owner of {key} other than {not:?} within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// High availability leases the shared reader, not each tenant: two instances, one lease
+/// `lease.p` for both tenants (no `lease.p.a`), the owner SIGKILLed mid-stream, the other
+/// taking over every tenant; each tenant's stream ends with its events exactly once, in
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_lease_per_pipeline_and_a_takeover_loses_nothing() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let tenants = [
+        tenant("a", "\"shop.orders\"", ""),
+        tenant("b", "\"shop.returns\"", ""),
+    ]
+    .concat();
+    let mut instances = std::collections::BTreeMap::new();
+    for name in ["x", "y"] {
+        let text = format!(
+            "{}\n[ha]\nenabled = true\nlease_ttl_ms = 2000\ninstance = \"{name}\"\n",
+            config(&h, "database = \"shop\"", &tenants)
+        );
+        let path = h.write_config(&format!("{name}.toml"), &text)?;
+        instances.insert(name.to_string(), h.spawn_binary(&path)?);
+    }
+    let first = wait_lease_owner(&h, "lease.p", None).await?;
+    h.wait_checkpoints(&["p.a", "p.b"]).await?;
+    for unit in ["lease.p.a", "lease.p.b"] {
+        assert_eq!(lease_owner(&h, unit).await?, None, "{unit}");
+    }
+    let db = h.mongo.client().await?.database("shop");
+    let write = |from: i64, to: i64| {
+        let db = db.clone();
+        async move {
+            for n in from..to {
+                for coll in ["orders", "returns"] {
+                    db.collection::<Document>(coll)
+                        .insert_one(doc! { "n": n })
+                        .await?;
+                }
+            }
+            anyhow::Ok(())
+        }
+    };
+    write(0, 100).await?;
+    h.wait_for_messages("A", 50, PATIENCE).await?;
+    instances.get_mut(&first).expect("owner").kill9();
+    let second = wait_lease_owner(&h, "lease.p", Some(&first)).await?;
+    write(100, 200).await?;
+    let a = h.wait_settled("A", 200, PATIENCE).await?;
+    let b = h.wait_settled("B", 200, PATIENCE).await?;
+    assert_eq!(numbers(&a), (0..200).collect::<Vec<_>>());
+    assert_eq!(numbers(&b), (0..200).collect::<Vec<_>>());
+    let child = instances.get_mut(&second).expect("new owner");
+    child.signal(SIGTERM)?;
+    let status = child.wait_exit(Duration::from_secs(120)).await?;
+    assert!(status.success(), "{status:?}\n{}", child.log());
+    Ok(())
+}
