@@ -30,8 +30,9 @@
 //!   endpoint (health, readiness, Prometheus, `/status` and its page).
 //! - [`ha`] — high availability: leases in NATS KV that run a unit while held, and the fence
 //!   that stops a former owner writing.
-//! - [`sandbox`] — the wasmtime engine, compiled-plugin cache, instance admission, and the
-//!   limits and capabilities of every plugin call.
+//! - [`sandbox`] — the wasmtime engine, compiled-plugin cache, instance admission, the
+//!   limits and capabilities of every plugin call, and the worker pool every unit's plugin
+//!   calls run on (fair across units, heavy ones in the background).
 //! - [`plugin`] — the WIT contract's bindings (one module per version), loading components,
 //!   running a chain over an event, quarantine, hot reload.
 //! - [`source`] — the change stream: opening and resuming it, server-side filters, start
@@ -42,7 +43,8 @@
 //!   ordered and deduplicated publisher.
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
 //! - [`pipeline`] — one unit (a pipeline, or one tenant's share of it): source, chain and
-//!   sink wired with bounded queues, its start position, draining and shutdown.
+//!   sink wired with bounded queues, its quota's throttle, its start position, draining and
+//!   shutdown.
 //! - `runtime` — the process: one sandbox and one NATS connection for every unit, units run
 //!   alone or under leases, supervision and shutdown ([`run`]).
 //!

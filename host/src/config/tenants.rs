@@ -8,12 +8,13 @@ use serde::Deserialize;
 
 use super::pipeline::PipelineConfig;
 use super::plugins::{Capabilities, LimitOverrides, PluginConfig, QuarantineConfig};
+use super::quota::Quota;
 use super::sink::SinkConfig;
 use super::validate::{is_valid_id, Problems};
 
 /// One tenant of a pipeline (`[[pipeline.tenant]]`). At load time each tenant becomes a
 /// unit of its own with id `<pipeline>.<tenant>`: its own change stream (narrowed on the
-/// server to its namespaces), plugin thread, publisher and checkpoint, so a slow or broken
+/// server to its namespaces), pool account, publisher and checkpoint, so a slow or broken
 /// tenant can never hold another one back.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +37,9 @@ pub struct TenantConfig {
     /// How the tenant's failing plugins are handled.
     #[serde(default)]
     pub quarantine: QuarantineConfig,
+    /// What the tenant may consume in all: plugins, memory, CPU, events/s, bytes/s.
+    #[serde(default)]
+    pub quota: Quota,
     /// The tenant's stream and subjects. Every output must stay under its `subject_prefix`.
     pub sink: SinkConfig,
 }
@@ -111,10 +115,11 @@ pub(super) fn expand_tenants(
         || pipeline.limits != LimitOverrides::default()
         || pipeline.capabilities != Capabilities::default()
         || pipeline.quarantine != QuarantineConfig::default()
+        || pipeline.quota != Quota::default()
     {
         problems.push(format!(
-            "pipeline '{}' has tenants: plugins, limits, capabilities, quarantine and sink \
-             belong in each [[pipeline.tenant]], not in the pipeline",
+            "pipeline '{}' has tenants: plugins, limits, capabilities, quarantine, quota and \
+             sink belong in each [[pipeline.tenant]], not in the pipeline",
             pipeline.id
         ));
     }
@@ -140,6 +145,7 @@ pub(super) fn expand_tenants(
             limits: tenant.limits,
             capabilities: tenant.capabilities,
             quarantine: tenant.quarantine,
+            quota: tenant.quota,
             sink: tenant.sink,
             tenants: Vec::new(),
             tenant: Some(TenantScope {
