@@ -10,7 +10,8 @@
 //!   one worker, however much it has queued.
 //! - **Heavy accounts run in the background.** An account whose recent CPU use (cores,
 //!   decayed over [`RATE_WINDOW`]) is above its fair share, `workers / (active accounts + 1)`,
-//!   while another account is active, is *heavy*: its turns run only on the background
+//!   or whose last turn used more than [`LONG_TURN`] of CPU, while another account is
+//!   active, is *heavy*: its turns run only on the background
 //!   workers, which the OS runs at the lowest priority (nice 19). The `+ 1` keeps a share
 //!   for what is not plugin work (the async runtime, and MongoDB and NATS when they share
 //!   the machine). A heavy account still gets every core nobody else wants, but a light
@@ -22,6 +23,11 @@ use std::collections::{BTreeMap, VecDeque};
 /// The span over which an account's CPU use is averaged (the time constant of its decay),
 /// in nanoseconds.
 pub(super) const RATE_WINDOW: u64 = 1_000_000_000;
+
+/// A turn that used more CPU than this (ns) makes its account heavy until its next turn:
+/// one call that long holds a core however rarely it comes (a hog slowed by the breach pause
+/// uses little CPU on average, but each of its calls runs to its fuel).
+pub(super) const LONG_TURN: u64 = 10_000_000;
 
 /// An account's number.
 pub(super) type AccountId = u64;
@@ -47,6 +53,8 @@ struct Account<J> {
     active_at: Option<u64>,
     queue: VecDeque<J>,
     running: bool,
+    /// Whether its last turn used more than [`LONG_TURN`].
+    long_turn: bool,
 }
 
 impl<J> Account<J> {
@@ -93,6 +101,7 @@ impl<J> Fair<J> {
                 active_at: None,
                 queue: VecDeque::new(),
                 running: false,
+                long_turn: false,
             },
         );
     }
@@ -146,6 +155,7 @@ impl<J> Fair<J> {
             account.rate = account.rate_now(now) + cpu_ns as f64 / RATE_WINDOW as f64;
             account.rate_at = now;
             account.active_at = Some(now);
+            account.long_turn = cpu_ns > LONG_TURN;
         }
     }
 
@@ -174,7 +184,7 @@ impl<J> Fair<J> {
 
     fn lane_of(account: &Account<J>, share: Option<f64>, now: u64) -> Lane {
         match share {
-            Some(share) if account.rate_now(now) > share => Lane::Background,
+            Some(share) if account.long_turn || account.rate_now(now) > share => Lane::Background,
             _ => Lane::Normal,
         }
     }
@@ -204,6 +214,12 @@ mod tests {
             fair.push(id, (), now);
         }
         used
+    }
+
+    impl<J> Fair<J> {
+        fn rate_now_of(&self, id: AccountId, now: u64) -> f64 {
+            self.accounts[&id].rate_now(now)
+        }
     }
 
     fn accounts(n: u64, workers: usize) -> Fair<()> {
@@ -309,10 +325,43 @@ mod tests {
         assert_eq!(fair.pop(Lane::Background, now).map(|(id, _)| id), Some(0));
         fair.charge(1, MS / 10, now);
         fair.charge(0, 80 * MS, now + 80 * MS);
-        // Idle for 5 s: its use has decayed, it is light again.
+        // Idle for 5 s: its use has decayed, but its last turn was long: still heavy.
         now += 5_000 * MS;
         fair.push(1, (), now);
         fair.push(0, (), now);
-        assert!(!fair.is_heavy(0, now));
+        assert!(fair.is_heavy(0, now));
+        // A short turn, and it is light again.
+        assert_eq!(fair.pop(Lane::Background, now).map(|(id, _)| id), Some(0));
+        fair.charge(0, MS, now + MS);
+        assert!(!fair.is_heavy(0, now + MS));
+    }
+
+    /// A hog slowed down by the breach pause (one 80 ms call every 400 ms: a fifth of a
+    /// core on average, under its fair share) is still heavy: each of its calls would hold a
+    /// core for 80 ms.
+    #[test]
+    fn a_paced_hog_with_long_calls_is_heavy() {
+        let mut fair = accounts(2, 2);
+        let mut now = 0;
+        for _ in 0..10 {
+            fair.push(1, (), now);
+            let (good, ()) = fair.pop(Lane::Normal, now).expect("good turn");
+            fair.charge(good, MS / 10, now + MS / 10);
+            fair.push(0, (), now);
+            let lane = if fair.is_heavy(0, now) {
+                Lane::Background
+            } else {
+                Lane::Normal
+            };
+            let (hog, ()) = fair.pop(lane, now).expect("hog turn");
+            fair.charge(hog, 80 * MS, now + 80 * MS);
+            now += 400 * MS;
+        }
+        fair.push(0, (), now);
+        assert!(
+            fair.rate_now_of(0, now) < 0.67,
+            "under its fair share on average"
+        );
+        assert!(fair.is_heavy(0, now));
     }
 }
