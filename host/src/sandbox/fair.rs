@@ -197,8 +197,8 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     /// Runs `turns` turns on one worker, each account's turn costing its entry of `costs`
-    /// (ns) and every account always having work; returns the CPU each got. (Callers give
-    /// the pool so many workers that nobody is heavy: this is the order within a lane.)
+    /// (ns) and every account always having work; returns the CPU each got. (Callers leave
+    /// out the background lane: this is the order within a lane.)
     fn contend(fair: &mut Fair<()>, costs: &[u64], turns: usize) -> Vec<u64> {
         let mut used = vec![0u64; costs.len()];
         let mut now = 0u64;
@@ -222,8 +222,10 @@ mod tests {
         }
     }
 
+    /// `n` accounts on `workers` workers; `workers` 0: one worker and no background lane,
+    /// to test the order within a lane alone.
     fn accounts(n: u64, workers: usize) -> Fair<()> {
-        let mut fair = Fair::new(workers, true);
+        let mut fair = Fair::new(workers.max(1), workers > 0);
         for id in 0..n {
             fair.open(id, 0);
         }
@@ -234,7 +236,7 @@ mod tests {
     /// cost 1 ms get the same CPU time under contention, not 80 times more for the hog.
     #[test]
     fn cpu_time_is_shared_equally_whatever_a_turn_costs() {
-        let mut fair = accounts(2, 1000);
+        let mut fair = accounts(2, 0);
         let used = contend(&mut fair, &[80 * MS, MS], 2000);
         let (hog, good) = (used[0] as f64, used[1] as f64);
         assert!(
@@ -246,7 +248,7 @@ mod tests {
     /// Three equal tenants and one hog: each gets a quarter of the CPU.
     #[test]
     fn four_accounts_get_a_quarter_each() {
-        let mut fair = accounts(4, 1000);
+        let mut fair = accounts(4, 0);
         let used = contend(&mut fair, &[2 * MS, 2 * MS, 2 * MS, 50 * MS], 4000);
         let total: u64 = used.iter().sum();
         for (id, u) in used.iter().enumerate() {
@@ -259,7 +261,7 @@ mod tests {
     /// starts at the floor, so it cannot then hold the workers for as long as it was away.
     #[test]
     fn a_sleeper_starts_at_the_floor() {
-        let mut fair = accounts(2, 1000);
+        let mut fair = accounts(2, 0);
         contend(&mut fair, &[MS, MS], 1);
         // Account 1 leaves; account 0 runs alone for a long time.
         fair.close(1);
