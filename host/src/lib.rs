@@ -45,17 +45,23 @@
 //! - [`pipeline`] — one unit (a pipeline, or one tenant's share of it): source, chain and
 //!   sink wired with bounded queues, its quota's throttle, its start position, draining and
 //!   shutdown.
+//! - [`admin`] — the admin API (tenants and plugins managed at run time, with operator and
+//!   tenant tokens), the tenant records and plugin components it keeps in NATS, and the
+//!   checks a pushed plugin passes before it is accepted.
 //! - `runtime` — the process: one sandbox and one NATS connection for every unit, units run
-//!   alone or under leases, supervision and shutdown ([`run`]).
+//!   alone or under leases, the tenants of the admin API's bucket started and stopped as it
+//!   changes, supervision and shutdown ([`run`]).
 //!
 //! The binary (`src/main.rs`) parses the command line, installs signal handlers and calls
 //! [`run`]; the plugin author's tools (`tidegate plugin new | inspect | test`) are its
-//! `plugin_cli` module, and `tidegate tail PIPELINE` (a pipeline's messages as they are
-//! stored) its `tail` module. Integration tests are in `host/tests/` (real servers, started by the
+//! `plugin_cli` module, `tidegate tail PIPELINE` (a pipeline's messages as they are
+//! stored) its `tail` module, and `tidegate tenant …` / `tidegate plugin push` (the admin
+//! API from the command line) its `admin_cli` module. Integration tests are in `host/tests/` (real servers, started by the
 //! `tidegate-testkit` crate), the benchmark in `host/benches/`.
 
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

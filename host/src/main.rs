@@ -1,6 +1,8 @@
 //! The `tidegate` command: a thin shell around [`tidegate::run`], plus the plugin authoring
-//! tools in [`plugin_cli`] and the live view of a pipeline's stream in [`tail`].
+//! tools in [`plugin_cli`], the live view of a pipeline's stream in [`tail`] and the admin
+//! API's client in [`admin_cli`].
 
+mod admin_cli;
 mod plugin_cli;
 mod tail;
 
@@ -33,17 +35,40 @@ enum Command {
     },
     /// Print a pipeline's messages as JetStream stores them (`tidegate tail orders --last 5`).
     Tail(tail::Args),
-    /// Tools for plugin authors: inspect, test and scaffold plugins.
+    /// Tools for plugin authors: inspect, test and scaffold plugins, and push one to a
+    /// tenant through the admin API.
     Plugin {
         #[command(subcommand)]
-        command: plugin_cli::Command,
+        command: PluginCommand,
     },
+    /// Manage tenants through the admin API: add, list, show, update, suspend, resume, rm.
+    Tenant {
+        #[command(subcommand)]
+        command: admin_cli::TenantCommand,
+        #[command(flatten)]
+        api: admin_cli::Api,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    #[command(flatten)]
+    Tools(plugin_cli::Command),
+    /// Upload a plugin version for a tenant through the admin API; it is checked (world,
+    /// imports, `init` with the tenant's config, a smoke call) before it is accepted.
+    Push(admin_cli::PushArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (config, check_only) = match cli.command {
-        Command::Plugin { command } => return plugin_cli::run(command),
+        Command::Plugin {
+            command: PluginCommand::Tools(command),
+        } => return plugin_cli::run(command),
+        Command::Plugin {
+            command: PluginCommand::Push(args),
+        } => return admin_cli::push(args),
+        Command::Tenant { command, api } => return admin_cli::tenant(command, api),
         Command::Tail(args) => return tail::run(args),
         Command::Run { config } => (config, false),
         Command::Check { config } => (config, true),

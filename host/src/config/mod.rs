@@ -11,6 +11,7 @@
 //! description of TOML errors (`toml_errors`). Everything is re-exported here, so users
 //! name `config::X` whatever file `X` lives in.
 
+pub mod admin;
 mod capture_list;
 pub mod ha;
 mod pipeline;
@@ -35,7 +36,7 @@ pub(crate) use self::pipeline::EVENT_FIELDS;
 pub use self::pipeline::{
     parse_start_at, parse_token, FullDocument, FullDocumentBeforeChange, HistoryLostPolicy,
     InvalidatePolicy, NamespaceFilter, OversizePolicy, PipelineConfig, SnapshotMode, StartAt,
-    OPERATION_TYPES, SPLIT_STAGE,
+    TenantsFrom, OPERATION_TYPES, SPLIT_STAGE,
 };
 pub use self::plugin_config_file::{read as read_plugin_config_file, MAX_PLUGIN_CONFIG_BYTES};
 pub use self::plugins::{
@@ -73,10 +74,17 @@ pub struct Config {
     /// High availability: leases shared with other instances (see [`crate::ha::lease`]).
     #[serde(default)]
     pub ha: ha::HaConfig,
+    /// The admin API and the tenants it manages in NATS; absent: none.
+    #[serde(default)]
+    pub admin: Option<admin::AdminConfig>,
     /// One entry per change stream to relay. At least one is required. After loading,
     /// each tenant of a pipeline is an entry of its own (see [`TenantConfig`]).
     #[serde(rename = "pipeline")]
     pub pipelines: Vec<PipelineConfig>,
+    /// The pipelines with `tenants_from = "nats"`: templates for the tenants the admin API
+    /// adds, not units. Not a config key.
+    #[serde(skip)]
+    pub managed: Vec<PipelineConfig>,
     /// The file this config was read from, for SIGHUP. Not a config key.
     #[serde(skip)]
     pub path: Option<PathBuf>,
@@ -222,6 +230,9 @@ impl Config {
     fn resolve_paths(&mut self, base: &Path) {
         self.plugin_dir = base.join(&self.plugin_dir);
         self.nats.auth.resolve(base);
+        if let Some(admin) = &mut self.admin {
+            admin.resolve(base);
+        }
         if let Some(tls) = &mut self.nats.tls {
             tls.resolve(base);
         }
@@ -232,14 +243,22 @@ impl Config {
         }
     }
 
-    /// The largest memory cap of any plugin, which sizes the engine's instance slots.
+    /// The largest memory cap of any plugin, which sizes the engine's instance slots. With
+    /// tenants managed in NATS, whose limits are not known at start, at least the default
+    /// 64 MiB (a tenant asking for more is refused by the admin API, see
+    /// [`Config::tenant_unit`]).
     pub fn largest_memory_mib(&self) -> u32 {
+        let managed = match self.managed.is_empty() {
+            true => 0,
+            false => crate::config::PluginLimits::default().memory_mib,
+        };
         self.pipelines
             .iter()
             .flat_map(|p| p.plugins.iter().map(|plugin| p.plugin_limits(plugin)))
             .map(|limits| limits.memory_mib)
             .max()
             .unwrap_or(0)
+            .max(managed)
     }
 }
 

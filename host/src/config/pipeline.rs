@@ -156,10 +156,27 @@ pub struct PipelineConfig {
     /// Absent: the pipeline is one unit of its own.
     #[serde(default, rename = "tenant")]
     pub tenants: Vec<TenantConfig>,
+    /// Where the pipeline's tenants come from: `file` (default: its `[[pipeline.tenant]]`
+    /// tables) or `nats` (managed at run time through the admin API, kept in NATS; see
+    /// `[admin]` and docs/platform.md). With `nats` the pipeline is a template every
+    /// tenant inherits its source settings from, and is not a unit itself.
+    #[serde(default)]
+    pub tenants_from: TenantsFrom,
     /// Set when this unit was made from a `[[pipeline.tenant]]`: which tenant it runs and
     /// what it may see. Not a config key.
     #[serde(skip)]
     pub tenant: Option<TenantScope>,
+}
+
+/// See [`PipelineConfig::tenants_from`].
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum TenantsFrom {
+    /// `[[pipeline.tenant]]` tables in the file.
+    #[default]
+    File,
+    /// The admin API's tenant records in NATS KV.
+    Nats,
 }
 
 /// See [`PipelineConfig::on_invalidate`].

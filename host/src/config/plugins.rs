@@ -160,6 +160,10 @@ pub struct PluginConfig {
     /// Sandbox limits for this plugin, overriding the pipeline's or tenant's key by key.
     #[serde(default)]
     pub limits: LimitOverrides,
+    /// Only for tenants managed through the admin API (`tenants_from = "nats"`): the
+    /// SHA-256 (hex) of the component in the plugin object store. Set by a plugin push;
+    /// absent until the first one (the tenant is held until then).
+    pub sha256: Option<String>,
 }
 
 /// What one plugin call may consume before it is stopped and the event dead-lettered.

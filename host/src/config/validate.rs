@@ -10,11 +10,13 @@ use std::path::Path;
 
 use super::pipeline::FullDocument;
 use super::pipeline::{
-    parse_start_at, parse_token, NamespaceFilter, PipelineConfig, SnapshotMode, OPERATION_TYPES,
+    parse_start_at, parse_token, NamespaceFilter, PipelineConfig, SnapshotMode, TenantsFrom,
+    OPERATION_TYPES,
 };
 use super::plugins::QuarantineAction;
 use super::sink::{Encoding, Format};
 use super::stage::{check_split_stage, check_stage};
+use super::tenants::TenantConfig;
 use super::tenants::{expand_tenants, NamespacePattern};
 use super::{capture_list, plugin_config_file};
 use super::{Config, NatsConfig};
@@ -71,6 +73,9 @@ impl Config {
         for problem in self.ha.problems() {
             problems.push(problem);
         }
+        for problem in self.admin.iter().flat_map(|a| a.problems()) {
+            problems.push(problem);
+        }
         if self.pipelines.is_empty() {
             problems.push("no [[pipeline]] is configured; at least one is needed".into());
         }
@@ -78,6 +83,11 @@ impl Config {
         let mut units = Vec::new();
         for mut pipeline in std::mem::take(&mut self.pipelines) {
             capture_list::load(&mut pipeline, base, &mut problems);
+            if pipeline.tenants_from == TenantsFrom::Nats {
+                check_template(&pipeline, self.admin.is_some(), &mut seen, &mut problems);
+                self.managed.push(pipeline);
+                continue;
+            }
             for mut unit in expand_tenants(pipeline, &mut problems) {
                 plugin_config_file::load(&mut unit, base, &mut problems);
                 check_unit(&unit, &mut seen, &mut problems);
@@ -87,6 +97,111 @@ impl Config {
         self.pipelines = units;
         problems.into_result()
     }
+}
+
+impl Config {
+    /// The unit tenant `tenant` of the `tenants_from = "nats"` pipeline `pipeline` runs as,
+    /// checked like a `[[pipeline.tenant]]` of the file, plus what only the admin API's
+    /// tenants must obey: plugins come from the object store (`sha256`), never from files
+    /// on the host, and no plugin may ask for more memory than the engine's slots hold.
+    /// `streams` are the streams other units use. Every problem is reported at once.
+    pub fn tenant_unit(
+        &self,
+        pipeline: &str,
+        tenant: TenantConfig,
+        streams: &HashSet<String>,
+    ) -> Result<PipelineConfig, String> {
+        let Some(template) = self.managed.iter().find(|p| p.id == pipeline) else {
+            let known: Vec<&str> = self.managed.iter().map(|p| p.id.as_str()).collect();
+            return Err(format!(
+                "pipeline '{pipeline}' does not take tenants from the admin API (those that \
+                 do: [{}]; they have tenants_from = \"nats\")",
+                known.join(", ")
+            ));
+        };
+        let mut problems = Problems::default();
+        let mut template = template.clone();
+        // The unit keeps `tenants_from = "nats"`: its plugins may name digests.
+        template.tenants = vec![tenant];
+        let mut units = expand_tenants(template, &mut problems);
+        let Some(unit) = units.pop() else {
+            problems.into_result()?;
+            return Err(format!(
+                "pipeline '{pipeline}': the tenant was not accepted"
+            ));
+        };
+        let mut seen = Seen {
+            ids: self.pipelines.iter().map(|p| p.id.clone()).collect(),
+            streams: streams.clone(),
+        };
+        seen.streams
+            .extend(self.pipelines.iter().map(|p| p.sink.stream.clone()));
+        check_unit(&unit, &mut seen, &mut problems);
+        for plugin in &unit.plugins {
+            if plugin.file.is_some() || plugin.config_file.is_some() {
+                problems.push(format!(
+                    "{}: plugin '{}': `file` and `config_file` name files on the host; an admin \
+                     API tenant's plugins come from the object store (push them) and its \
+                     config is given inline",
+                    at(&unit, "plugins"),
+                    plugin.name
+                ));
+            }
+            if plugin.sha256.as_deref().is_some_and(|d| {
+                d.len() != 64
+                    || !d
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            }) {
+                problems.push(format!(
+                    "{}: plugin '{}': sha256 must be 64 lower-case hex digits",
+                    at(&unit, "plugins"),
+                    plugin.name
+                ));
+            }
+            let memory = unit.plugin_limits(plugin).memory_mib;
+            if memory > self.largest_memory_mib() {
+                problems.push(format!(
+                    "{}: plugin '{}': memory_mib = {memory} is more than this instance's \
+                     plugin slots hold ({} MiB, the largest limit in its config file)",
+                    at(&unit, "plugins"),
+                    plugin.name,
+                    self.largest_memory_mib()
+                ));
+            }
+        }
+        problems.into_result()?;
+        Ok(unit)
+    }
+}
+
+/// A `tenants_from = "nats"` pipeline: a template whose source settings its tenants inherit;
+/// what belongs to a tenant (plugins, sink…) comes with each tenant, as for file tenants.
+fn check_template(unit: &PipelineConfig, admin: bool, seen: &mut Seen, problems: &mut Problems) {
+    if !admin {
+        problems.push(format!(
+            "{}: tenants from NATS are managed through the admin API: add an [admin] section",
+            at(unit, "tenants_from")
+        ));
+    }
+    if !unit.tenants.is_empty() {
+        problems.push(format!(
+            "{}: with tenants_from = \"nats\" tenants are added through the admin API, not \
+             as [[pipeline.tenant]] tables",
+            at(unit, "tenant")
+        ));
+    }
+    if !unit.plugins.is_empty() || !unit.sink.stream.is_empty() {
+        problems.push(format!(
+            "pipeline '{}' has tenants: plugins and sink belong to each tenant, not the pipeline",
+            unit.id
+        ));
+    }
+    check_identity(unit, &mut seen.ids, problems);
+    check_capture(unit, problems);
+    check_start(unit, problems);
+    check_control(unit, problems);
+    check_checkpoint(unit, problems);
 }
 
 /// `[nats]`: its auth and TLS sections, and credentials given in two places.
@@ -419,6 +534,14 @@ fn check_plugins(unit: &PipelineConfig, problems: &mut Problems) {
     }
     let mut names = HashSet::new();
     for plugin in &unit.plugins {
+        if plugin.sha256.is_some() && unit.tenants_from == TenantsFrom::File {
+            problems.push(format!(
+                "{}: plugin '{}': sha256 is only for tenants managed through the admin API; \
+                 name a file here",
+                at(unit, "plugins"),
+                plugin.name
+            ));
+        }
         if !is_valid_id(&plugin.name) {
             problems.push(format!(
                 "{}: plugin name '{}' must use only letters, digits, '-' and '_'",

@@ -70,7 +70,8 @@ pub struct Coordinator {
     kv: kv::Store,
     instance: String,
     ttl: Duration,
-    pipelines: usize,
+    /// Units shared out (the file's, plus tenants the admin API added while running).
+    pipelines: AtomicUsize,
     /// Leases held (or being taken) by this instance.
     owned: AtomicUsize,
     /// Live instances, as last counted by the presence task (at least 1: this one).
@@ -127,10 +128,20 @@ impl Coordinator {
             kv,
             instance,
             ttl,
-            pipelines,
+            pipelines: AtomicUsize::new(pipelines),
             owned: AtomicUsize::new(0),
             live: AtomicUsize::new(1),
         }))
+    }
+
+    /// Counts a unit added (`true`) or removed (`false`) while running, for the fair share.
+    pub fn count_unit(&self, added: bool) {
+        let _ = self
+            .pipelines
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| match added {
+                true => Some(n + 1),
+                false => n.checked_sub(1),
+            });
     }
 
     /// This instance's name.
@@ -154,7 +165,7 @@ impl Coordinator {
 
     fn fair_share(&self) -> usize {
         let live = self.live.load(Ordering::Acquire).max(1);
-        self.pipelines.div_ceil(live).max(1)
+        self.pipelines.load(Ordering::Acquire).div_ceil(live).max(1)
     }
 
     /// Reserves room for one more lease if this instance is below its fair share.

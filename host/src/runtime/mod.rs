@@ -2,6 +2,7 @@
 //! and one NATS connection, with the operations endpoint, the oplog headroom watch and hot
 //! reload beside them; stopping them all on shutdown or when a pipeline fails.
 
+mod managed;
 mod nats;
 mod units;
 
@@ -66,6 +67,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         chains.push(load.required(pipeline).await?);
     }
     let nats = nats::connect(&config).await?;
+    let admin_listener = match &config.admin {
+        Some(admin) => Some(crate::admin::bind(admin).await?),
+        None => None,
+    };
     let _http = match &config.http {
         Some(address) => Some(AbortOnDrop(tokio::spawn(http::serve(
             http::bind(address).await?,
@@ -98,6 +103,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let presence = ha.clone().run_presence(stop_rx.clone());
         tasks.spawn(async move { (false, presence.await) });
     }
+    let _admin = match admin_listener {
+        Some(listener) => {
+            let shared = managed_shared(&config, &sandbox, &js, &ha).await?;
+            let admin = crate::admin::Admin::new(
+                shared.config.clone(),
+                shared.store.clone(),
+                sandbox.clone(),
+                js.clone(),
+            )?;
+            let serve = crate::admin::serve(listener, Arc::new(admin));
+            let stop = stop_rx.clone();
+            tasks.spawn(async move { (false, managed::run(shared, stop).await) });
+            Some(AbortOnDrop(tokio::spawn(serve)))
+        }
+        None => None,
+    };
     let mut handles = Vec::new();
     for (pipeline, chain) in config.pipelines.iter().cloned().zip(chains) {
         let (updates_tx, updates_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -132,6 +153,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = reloader.await;
     nats.flush().await;
     outcome
+}
+
+/// What the tenants managed through the admin API share: the tenant store (opened, or
+/// created, in NATS), the sandbox, the JetStream context and the leases.
+async fn managed_shared(
+    config: &Config,
+    sandbox: &Arc<Sandbox>,
+    js: &async_nats::jetstream::Context,
+    ha: &Option<Arc<Coordinator>>,
+) -> Result<managed::Shared, Error> {
+    let Some(admin) = &config.admin else {
+        return Err(Error::Startup {
+            message: "the admin API needs an [admin] section".into(),
+        });
+    };
+    let store = crate::admin::TenantStore::open(js, admin).await?;
+    Ok(managed::Shared {
+        config: Arc::new(config.clone()),
+        store: Arc::new(store),
+        sandbox: sandbox.clone(),
+        js: js.clone(),
+        ha: ha.clone(),
+    })
 }
 
 /// Waits for every unit to end, stopping them all on `shutdown` or when a pipeline (not a

@@ -106,7 +106,10 @@ impl Connection {
             .pipelines
             .iter()
             .map(|p| p.sink.max_in_flight)
-            .sum::<usize>();
+            .sum::<usize>()
+            // Tenants the admin API adds later: room for 16 windows per such pipeline
+            // (past it, publishes wait for acknowledgements rather than fail).
+            + config.managed.len() * 16 * 256;
         // Each pipeline bounds its own window; the client's limit only has to leave room for a
         // full re-publish while the abandoned acks of the previous attempt are still held
         // (for up to the ack timeout) by the client's acker.

@@ -160,6 +160,21 @@ pub fn pipeline(id: &str) -> Arc<PipelineMetrics> {
     series(unit_labels(id))
 }
 
+/// Drops a unit's series (a tenant the admin API suspended or removed), so that it leaves
+/// `/status`, `/readyz` and `/metrics`. Its plugins' series stay until the process ends.
+pub fn forget(id: &str) {
+    let labels = unit_labels(id);
+    if labels.get("tenant") == Some(OTHER_TENANT) {
+        // Shared by every tenant past the cardinality guard: the others still count there.
+        return;
+    }
+    registry()
+        .series
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .remove(&labels);
+}
+
 /// The labels of a unit: `pipeline`, and `tenant` for a tenant unit `<pipeline>.<tenant>`
 /// (under the cardinality guard: see [`set_max_tenant_series`]).
 pub fn unit_labels(id: &str) -> Labels {

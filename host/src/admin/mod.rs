@@ -1,0 +1,130 @@
+//! The admin API: tenants and plugins managed at run time (docs/platform.md).
+//!
+//! JSON over HTTP on its own listener (`[admin] address`), apart from the read-only ops
+//! endpoint: this one changes state and takes tokens, so it can be bound and firewalled
+//! differently. The operator token may do everything; a tenant's token (issued when the
+//! tenant is added) may push its own plugins and read its own status and dead letters.
+//!
+//! The API only writes records to NATS (`store`); every instance's runtime watches the
+//! tenant bucket and starts, restarts, suspends and removes tenant units to match, so a
+//! change made through any instance reaches all of them.
+//!
+//! - `http` — reading requests (bodies bounded per route) and writing JSON responses.
+//! - `tokens` — the operator's and tenants' tokens.
+//! - `routes` — one function per endpoint.
+//! - `store` — tenant records in NATS KV, components in the Object Store.
+//! - `upload` — checking a pushed plugin before it is accepted.
+
+mod http;
+mod routes;
+pub mod store;
+mod tokens;
+mod upload;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::admin::AdminConfig;
+use crate::config::Config;
+use crate::error::Error;
+use crate::sandbox::Sandbox;
+pub use store::{TenantRecord, TenantStore};
+
+/// What the API serves from.
+pub struct Admin {
+    store: Arc<TenantStore>,
+    config: Arc<Config>,
+    sandbox: Arc<Sandbox>,
+    js: async_nats::jetstream::Context,
+    /// SHA-256 of the operator token.
+    operator: String,
+    /// Largest plugin upload, in bytes.
+    max_upload: usize,
+}
+
+impl Admin {
+    /// The API over `store`, with the operator token from the environment or
+    /// `admin.token_file` (registered with the scrubber, never logged).
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<TenantStore>,
+        sandbox: Arc<Sandbox>,
+        js: async_nats::jetstream::Context,
+    ) -> Result<Admin, Error> {
+        let section = admin_section(&config)?;
+        let token = section
+            .operator_token(|name| std::env::var(name).ok())
+            .map_err(|message| Error::Startup { message })?;
+        crate::security::remember_secret(&token);
+        let max_upload = section.max_upload_mib as usize * 1024 * 1024;
+        Ok(Admin {
+            store,
+            sandbox,
+            js,
+            operator: tokens::digest(&token),
+            max_upload,
+            config,
+        })
+    }
+}
+
+fn admin_section(config: &Config) -> Result<&AdminConfig, Error> {
+    config.admin.as_ref().ok_or_else(|| Error::Startup {
+        message: "the admin API needs an [admin] section".into(),
+    })
+}
+
+/// Binds `admin.address` (a failure is a start-up error).
+pub async fn bind(config: &AdminConfig) -> Result<TcpListener, Error> {
+    let listener = TcpListener::bind(&config.address)
+        .await
+        .map_err(|err| Error::Startup {
+            message: format!("admin.address = '{}': cannot listen: {err}", config.address),
+        })?;
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, "admin API listening");
+    }
+    Ok(listener)
+}
+
+/// Serves requests until the task is dropped or aborted.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    loop {
+        let (mut stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                tracing::debug!(error = %err, "admin API accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let max_upload = admin.max_upload;
+            let limit =
+                |method: &str, path: &str| match method == "PUT" && path.contains("/plugins/") {
+                    true => max_upload,
+                    false => http::MAX_JSON_BODY,
+                };
+            let request = match http::read(&mut stream, limit).await {
+                Ok(Some(request)) => request,
+                Ok(None) => return,
+                Err(err) => {
+                    tracing::debug!(error = %err, "admin API request failed");
+                    return;
+                }
+            };
+            let response = routes::handle(&admin, &request).await;
+            tracing::info!(
+                method = %request.method,
+                path = %request.path,
+                status = response.status,
+                "admin API"
+            );
+            if let Err(err) = http::write(&mut stream, &response).await {
+                tracing::debug!(error = %err, "admin API response failed");
+            }
+        });
+    }
+}
