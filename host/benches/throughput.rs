@@ -18,7 +18,8 @@
 //! 6. K tenants on one collection;
 //! 7. a good tenant's latency and backlog throughput beside a hostile neighbour tenant (idle,
 //!    header bombs, a CPU hog burning its whole fuel or deadline on every event);
-//!    `--neighbours-only` runs just this scenario.
+//!    `--neighbours-only` runs just this scenario; `--no-background` runs every scenario on a
+//!    worker pool without its low-priority background lane (`sandbox.background = false`).
 //!
 //! It prints the tables and writes them as markdown to `<target dir>/bench-results.md` (or
 //! `--out`). Nothing is asserted about timings.
@@ -67,6 +68,8 @@ struct Args {
     neighbours_only: bool,
     /// Run only the shared-reader tenants scenario.
     tenants_only: bool,
+    /// The worker pool without its background lane (`sandbox.background = false`).
+    no_background: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -79,6 +82,7 @@ fn parse_args() -> anyhow::Result<Args> {
         micro_only: false,
         neighbours_only: false,
         tenants_only: false,
+        no_background: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -103,10 +107,11 @@ fn parse_args() -> anyhow::Result<Args> {
             "--micro-only" => args.micro_only = true,
             "--neighbours-only" => args.neighbours_only = true,
             "--tenants-only" => args.tenants_only = true,
+            "--no-background" => args.no_background = true,
             other => bail!(
                 "unknown argument {other:?}; expected --events N, --out PATH, --rate R, \
                  --latency-secs S, --micro-iters I, --micro-only, --neighbours-only, \
-                 --tenants-only"
+                 --tenants-only, --no-background"
             ),
         }
     }
@@ -1257,6 +1262,9 @@ fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let out_path = args.out.clone().unwrap_or_else(default_out);
     let began = Instant::now();
+    // The process's plugin worker pool: one worker per core, with or without its
+    // low-priority background lane for units over their fair share of CPU.
+    tidegate::sandbox::pool::configure(0, !args.no_background);
     tidegate::ops::telemetry::init(&LogConfig {
         format: LogFormat::Human,
         level: "warn".into(),

@@ -31,8 +31,9 @@
 //! - [`ha`] — high availability: leases in NATS KV that run a unit while held (one lease
 //!   for all the tenants of a pipeline with a shared reader), and the fence that stops a
 //!   former owner writing.
-//! - [`sandbox`] — the wasmtime engine, compiled-plugin cache, instance admission, and the
-//!   limits and capabilities of every plugin call.
+//! - [`sandbox`] — the wasmtime engine, compiled-plugin cache, instance admission, the
+//!   limits and capabilities of every plugin call, and the worker pool every unit's plugin
+//!   calls run on (fair across units, heavy ones in the background).
 //! - [`plugin`] — the WIT contract's bindings (one module per version), loading components,
 //!   running a chain over an event, quarantine, hot reload.
 //! - [`source`] — the change stream: opening and resuming it, server-side filters, start
@@ -43,9 +44,10 @@
 //!   ordered and deduplicated publisher.
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
 //! - [`pipeline`] — one unit (a pipeline, or one tenant's share of it): source, chain and
-//!   sink wired with bounded queues, its start position, draining and shutdown; and the
-//!   shared reader (`pipeline::shared`): one change stream per tenanted pipeline, routed to
-//!   its tenants, each detaching to a catch-up stream of its own and rejoining.
+//!   sink wired with bounded queues, its quota's throttle, its start position, draining and
+//!   shutdown; and the shared reader (`pipeline::shared`): one change stream per tenanted
+//!   pipeline, routed to its tenants, each detaching to a catch-up stream of its own and
+//!   rejoining.
 //! - [`admin`] — the admin API (tenants and plugins managed at run time, with operator and
 //!   tenant tokens), the tenant records and plugin components it keeps in NATS, and the
 //!   checks a pushed plugin passes before it is accepted.

@@ -7,7 +7,7 @@
 //!
 //! This module holds the top level (the file, `[nats]`, `[log]`, `[http]`) and how a file
 //! becomes a [`Config`]; each section's model lives beside it (`pipeline`, `tenants`,
-//! `plugins`, `sink`, [`ha`]), as do its checks (`validate`, `stage`) and the secret-safe
+//! `plugins`, `quota`, `sink`, [`ha`]), as do its checks (`validate`, `stage`) and the secret-safe
 //! description of TOML errors (`toml_errors`). Everything is re-exported here, so users
 //! name `config::X` whatever file `X` lives in.
 
@@ -17,6 +17,7 @@ pub mod ha;
 mod pipeline;
 mod plugin_config_file;
 mod plugins;
+mod quota;
 mod sink;
 mod stage;
 mod tenants;
@@ -42,6 +43,7 @@ pub use self::plugins::{
     Capabilities, LimitOverrides, PluginConfig, PluginLimits, QuarantineAction, QuarantineConfig,
     SandboxConfig, MAX_BREACH_PAUSE,
 };
+pub use self::quota::Quota;
 pub use self::sink::{
     CheckpointConfig, CheckpointStoreKind, Encoding, Format, SinkConfig, Storage,
 };
@@ -146,6 +148,18 @@ pub enum LogFormat {
 pub struct HttpConfig {
     /// Address to listen on, e.g. `127.0.0.1:9464` or `0.0.0.0:9464`.
     pub address: String,
+    /// Most distinct tenants whose metrics carry their own `tenant` label; further tenants
+    /// are counted together under `tenant="_other"` (a warning says so once), so a platform
+    /// with thousands of tenants cannot flood the scraper. Default: 100.
+    #[serde(default = "default_max_tenant_series")]
+    pub max_tenant_series: usize,
+}
+
+/// See [`HttpConfig::max_tenant_series`].
+pub const DEFAULT_MAX_TENANT_SERIES: usize = 100;
+
+fn default_max_tenant_series() -> usize {
+    DEFAULT_MAX_TENANT_SERIES
 }
 
 fn default_plugin_dir() -> PathBuf {

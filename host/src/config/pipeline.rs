@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use super::capture_list::CollectionList;
 use super::plugins::{Capabilities, LimitOverrides, PluginConfig, PluginLimits, QuarantineConfig};
+use super::quota::Quota;
 use super::sink::{CheckpointConfig, SinkConfig};
 use super::tenants::{NamespacePattern, TenantConfig, TenantScope};
 
@@ -140,6 +141,10 @@ pub struct PipelineConfig {
     /// How a plugin that keeps failing is handled.
     #[serde(default)]
     pub quarantine: QuarantineConfig,
+    /// What the unit may consume in all (see [`Quota`]). With tenants, each tenant has its
+    /// own.
+    #[serde(default)]
+    pub quota: Quota,
     /// Where messages go. Required without tenants; with tenants, each tenant has its own.
     #[serde(default)]
     pub sink: SinkConfig,

@@ -35,6 +35,17 @@ pub struct SandboxConfig {
     /// How often plugin files are checked, in milliseconds. Default: 1000.
     #[serde(default = "default_watch_interval_ms")]
     pub watch_interval_ms: u64,
+    /// Plugin worker threads shared by every unit (there are as many background workers
+    /// beside them, for units using more than their fair share of CPU; see
+    /// `sandbox::pool`). 0 means one per core. One value per process: the first config
+    /// loaded sets it. Default: 0.
+    #[serde(default)]
+    pub workers: u32,
+    /// Run units that use more than their fair share of CPU on low-priority background
+    /// workers (see `sandbox::pool`). `false`: every unit runs on the normal workers, in
+    /// fair order only. One value per process, like `workers`. Default: true.
+    #[serde(default = "default_true")]
+    pub background: bool,
 }
 
 impl Default for SandboxConfig {
@@ -46,6 +57,8 @@ impl Default for SandboxConfig {
             max_instances: default_max_instances(),
             watch_plugins: true,
             watch_interval_ms: default_watch_interval_ms(),
+            workers: 0,
+            background: true,
         }
     }
 }

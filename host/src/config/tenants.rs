@@ -11,11 +11,12 @@ use super::pipeline::{
     FullDocument, FullDocumentBeforeChange, PipelineConfig, SnapshotMode, TenantReader,
 };
 use super::plugins::{Capabilities, LimitOverrides, PluginConfig, QuarantineConfig};
+use super::quota::Quota;
 use super::sink::SinkConfig;
 use super::validate::{is_valid_id, Problems};
 
 /// One tenant of a pipeline (`[[pipeline.tenant]]`). At load time each tenant becomes a
-/// unit of its own with id `<pipeline>.<tenant>`: its own plugin thread, publisher and
+/// unit of its own with id `<pipeline>.<tenant>`: its own pool account, publisher and
 /// checkpoint; its events come from the pipeline's shared change stream (or, with
 /// `tenant_reader = "own"` and while it catches up, from its own stream narrowed on the
 /// server to its namespaces and key values), so a slow or broken tenant never holds
@@ -41,6 +42,9 @@ pub struct TenantConfig {
     /// How the tenant's failing plugins are handled.
     #[serde(default)]
     pub quarantine: QuarantineConfig,
+    /// What the tenant may consume in all: plugins, memory, CPU, events/s, bytes/s.
+    #[serde(default)]
+    pub quota: Quota,
     /// The tenant's stream and subjects. Every output must stay under its `subject_prefix`.
     pub sink: SinkConfig,
     /// With the pipeline's `tenant_key`: the key values (strings) whose events are this
@@ -176,10 +180,11 @@ pub(super) fn expand_tenants(
         || pipeline.limits != LimitOverrides::default()
         || pipeline.capabilities != Capabilities::default()
         || pipeline.quarantine != QuarantineConfig::default()
+        || pipeline.quota != Quota::default()
     {
         problems.push(format!(
-            "pipeline '{}' has tenants: plugins, limits, capabilities, quarantine and sink \
-             belong in each [[pipeline.tenant]], not in the pipeline",
+            "pipeline '{}' has tenants: plugins, limits, capabilities, quarantine, quota and \
+             sink belong in each [[pipeline.tenant]], not in the pipeline",
             pipeline.id
         ));
     }
@@ -208,6 +213,7 @@ pub(super) fn expand_tenants(
             limits: tenant.limits,
             capabilities: tenant.capabilities,
             quarantine: tenant.quarantine,
+            quota: tenant.quota,
             sink: tenant.sink,
             tenants: Vec::new(),
             tenant: Some(TenantScope {

@@ -231,6 +231,7 @@ fn check_unit(unit: &PipelineConfig, seen: &mut Seen, problems: &mut Problems) {
     check_sink(unit, &mut seen.streams, problems);
     check_checkpoint(unit, problems);
     check_plugins(unit, problems);
+    super::quota::check_quota(unit, problems);
 }
 
 /// `pipeline '<id>': <key>`, the prefix of every problem of a unit.

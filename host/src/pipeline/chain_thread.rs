@@ -1,9 +1,23 @@
-//! The plugin thread: events through the chain and framed as messages, with hot reloads
-//! swapped in between two events. Plugin calls are synchronous CPU work, so they run on an OS
-//! thread of their own rather than on the async runtime.
+//! The chain stage: events through the plugin chain and framed as messages, with hot
+//! reloads swapped in between two events.
+//!
+//! Plugin calls are synchronous CPU work, so they do not run on the async runtime: the
+//! unit's async task hands its batches to the process's worker pool (`sandbox::pool`) in
+//! short turns, scheduled fairly against every other unit, and passes what each turn framed
+//! on to the sink. Between turns it waits out the unit's quota rates and the breach pause it
+//! owes (see `throttle`), so a throttled unit reads its change stream more slowly (the
+//! bounded queues pass the wait back) and drops nothing. (The module keeps its name from
+//! the time each unit had a plugin thread of its own.)
+
+mod throttle;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use self::throttle::{Throttle, TurnUse};
 use super::AbortOnDrop;
 use crate::config::PipelineConfig;
 use crate::error::Error;
@@ -11,16 +25,22 @@ use crate::model::Position;
 use crate::ops::telemetry::PipelineStats;
 use crate::plugin::reload::ChainUpdate;
 use crate::plugin::{CallError, Chain, Verdict};
+use crate::sandbox::PoolAccount;
 use crate::sink::framer::Framer;
 use crate::sink::EventMessages;
 use crate::source::SourceItem;
 
+/// The longest a turn on the worker pool goes on before the unit gives way to the next one
+/// (one call is never cut: a turn ends after the event that crosses it).
+const TURN: Duration = Duration::from_millis(2);
+
 /// The run's hold on the unit's [`crate::plugin::reload::Updates`].
 pub(super) type UpdatesGuard = tokio::sync::OwnedMutexGuard<mpsc::UnboundedReceiver<ChainUpdate>>;
 
-/// Forwards hot reloads to the plugin thread. Reloads reach the thread between two events; an
-/// empty batch wakes it when the stream is idle. The weak sender never keeps the event channel
-/// open on its own, and the forwarder (holding the lock on `updates`) ends with this run.
+/// Forwards hot reloads to the chain stage. Reloads reach the chain between two events; an
+/// empty batch wakes the stage when the stream is idle. The weak sender never keeps the event
+/// channel open on its own, and the forwarder (holding the lock on `updates`) ends with this
+/// run.
 pub(super) fn forward_reloads(
     mut updates: UpdatesGuard,
     wake: mpsc::WeakSender<Vec<SourceItem>>,
@@ -37,8 +57,9 @@ pub(super) fn forward_reloads(
     (forwarder, reloads)
 }
 
-/// Starts the plugin thread for `chain`, framing for a server whose `max_payload` is given;
-/// message ids after `start` may be as long as the one it names.
+/// Starts the chain stage for `chain`, framing for a server whose `max_payload` is given;
+/// message ids after `start` may be as long as the one it names. Its turns run on the
+/// process's worker pool under an account of their own.
 pub(super) fn spawn(
     mut chain: Chain,
     pipeline: &PipelineConfig,
@@ -49,8 +70,8 @@ pub(super) fn spawn(
         mpsc::Sender<Vec<EventMessages>>,
     ),
     reloads: std::sync::mpsc::Receiver<ChainUpdate>,
-    stats: std::sync::Arc<PipelineStats>,
-) -> Result<std::thread::JoinHandle<Result<(), Error>>, Error> {
+    stats: Arc<PipelineStats>,
+) -> Result<tokio::task::JoinHandle<Result<(), Error>>, Error> {
     let id = &pipeline.id;
     cap_output_bytes(&mut chain, id, max_payload, true);
     let longest_id = start
@@ -58,23 +79,22 @@ pub(super) fn spawn(
         .and_then(|p| p.last_msg_id.as_ref())
         .map_or(0, String::len);
     let framer = Framer::new(pipeline, max_payload, longest_id)?;
-    let scope = pipeline.clone();
-    let (events, to_sink) = stages_io;
-    std::thread::Builder::new()
-        .name(format!("tidegate-chain-{id}"))
-        .spawn(move || {
-            let stages = ChainStages {
-                chain,
-                scope,
-                framer,
-                reloads,
-            };
-            stages.run(events, to_sink, &stats)
-        })
-        .map_err(|err| Error::Sink {
+    let account = crate::sandbox::pool::pool()
+        .map_err(|message| Error::Sink {
             pipeline: id.clone(),
-            message: format!("cannot start plugin thread: {err}"),
-        })
+            message,
+        })?
+        .account();
+    let stages = ChainStages {
+        chain,
+        scope: pipeline.clone(),
+        framer,
+        reloads,
+    };
+    let throttle = Throttle::new(&pipeline.quota, Instant::now());
+    Ok(tokio::spawn(
+        stages.run(stages_io, stats, account, throttle),
+    ))
 }
 
 /// Caps every plugin's `max_output_bytes` at the NATS server's `max_payload` (a larger
@@ -97,7 +117,7 @@ fn cap_output_bytes(chain: &mut Chain, unit: &str, max_payload: usize, log: bool
     chain.cap_output_bytes(max_payload as u64);
 }
 
-/// What the plugin thread owns.
+/// What the chain stage owns (moved to a worker for each turn, and back).
 struct ChainStages {
     chain: Chain,
     /// The unit's config, for the tenant scope check.
@@ -106,50 +126,93 @@ struct ChainStages {
     reloads: std::sync::mpsc::Receiver<ChainUpdate>,
 }
 
+/// What one turn on the pool did.
+struct Turn {
+    framed: Vec<EventMessages>,
+    /// Change events taken from the batch (heartbeats not counted).
+    events: usize,
+    /// The error of a quarantined plugin under `halt`: the unit stops before its event.
+    halted: Option<CallError>,
+}
+
 impl ChainStages {
-    /// The plugin thread: runs each event through the chain and frames the result as
-    /// messages, a batch at a time. Reloaded plugins are swapped in between two events. A
-    /// quarantined plugin under the `halt` policy ends the thread with an error before the
-    /// event it would have seen, so that event is neither published nor checkpointed.
-    fn run(
-        mut self,
-        mut events: mpsc::Receiver<Vec<SourceItem>>,
-        to_sink: mpsc::Sender<Vec<EventMessages>>,
-        stats: &PipelineStats,
+    /// The stage: hands each batch to the worker pool in turns of at most [`TURN`], passes
+    /// what each turn framed on to the sink, and waits out the unit's quota and breach pause
+    /// between turns. Reloaded plugins are swapped in between two events. A quarantined
+    /// plugin under the `halt` policy ends the stage with an error before the event it would
+    /// have seen, so that event is neither published nor checkpointed.
+    async fn run(
+        self,
+        (mut events, to_sink): (
+            mpsc::Receiver<Vec<SourceItem>>,
+            mpsc::Sender<Vec<EventMessages>>,
+        ),
+        stats: Arc<PipelineStats>,
+        account: PoolAccount,
+        mut throttle: Throttle,
     ) -> Result<(), Error> {
-        while let Some(batch) = events.blocking_recv() {
-            self.apply_updates(stats);
+        let unit = self.scope.id.clone();
+        let mut stages = self;
+        while let Some(batch) = events.recv().await {
             if batch.is_empty() {
+                stages.apply_updates(&stats);
                 continue;
             }
-            let (framed, halted) = self.frame_batch(batch, stats);
-            if to_sink.blocking_send(framed).is_err() {
-                return Ok(());
-            }
-            if let Some(err) = halted {
-                return Err(Error::Plugin {
-                    name: err.plugin,
-                    path: Default::default(),
-                    message: format!(
-                        "unit '{}' halted: {} (quarantine action `halt`; fix the plugin and \
-                         restart, or send SIGHUP once it is replaced)",
-                        self.scope.id, err.message
-                    ),
-                });
+            let mut items: VecDeque<SourceItem> = batch.into();
+            while !items.is_empty() {
+                let turn_stats = stats.clone();
+                let ran = account
+                    .run(move || {
+                        let turn = stages.turn(&mut items, &turn_stats);
+                        let pause = stages.chain.take_pause();
+                        (stages, items, turn, pause)
+                    })
+                    .await;
+                let ((back, rest, turn, breach_pause), cpu) =
+                    ran.map_err(|message| Error::Sink {
+                        pipeline: unit.clone(),
+                        message,
+                    })?;
+                (stages, items) = (back, rest);
+                stats.chain_turn(cpu, account.is_heavy());
+                let used = TurnUse {
+                    events: turn.events,
+                    bytes: turn.framed.iter().map(framed_bytes).sum(),
+                    cpu,
+                    breach_pause,
+                };
+                if to_sink.send(turn.framed).await.is_err() {
+                    return Ok(());
+                }
+                if let Some(err) = turn.halted {
+                    return Err(Error::Plugin {
+                        name: err.plugin,
+                        path: Default::default(),
+                        message: format!(
+                            "unit '{}' halted: {} (quarantine action `halt`; fix the plugin \
+                             and restart, or send SIGHUP once it is replaced)",
+                            unit, err.message
+                        ),
+                    });
+                }
+                if let Some((why, wait)) = throttle.after_turn(&used, Instant::now()) {
+                    stats.quota_wait(why, wait);
+                    tokio::time::sleep(wait).await;
+                }
             }
         }
         Ok(())
     }
 
-    /// Runs one batch through the chain; stops before the event a halting plugin refused,
-    /// returning its error beside what was framed before it.
-    fn frame_batch(
-        &mut self,
-        batch: Vec<SourceItem>,
-        stats: &PipelineStats,
-    ) -> (Vec<EventMessages>, Option<CallError>) {
-        let mut framed = Vec::with_capacity(batch.len());
-        for item in batch {
+    /// One turn: events from the front of `items` through the chain and framed, until the
+    /// batch is done, [`TURN`] has passed, a plugin broke a limit (its breach pause is owed
+    /// before anything else of this unit runs) or a halting plugin refused an event (the
+    /// turn stops before it; the rest of the batch is never handled).
+    fn turn(&mut self, items: &mut VecDeque<SourceItem>, stats: &PipelineStats) -> Turn {
+        let started = Instant::now();
+        let mut framed = Vec::with_capacity(items.len().min(64));
+        let mut events = 0;
+        while let Some(item) = items.pop_front() {
             self.apply_updates(stats);
             let event = match item {
                 SourceItem::Heartbeat(token, snapshot) => {
@@ -164,6 +227,7 @@ impl ChainStages {
                 SourceItem::Event(event) => event,
                 SourceItem::Oversize { event, size } => {
                     stats.read();
+                    events += 1;
                     framed.push(if self.scope.may_see(event.change.namespace()) {
                         self.framer.oversize(&event, size, stats)
                     } else {
@@ -173,17 +237,30 @@ impl ChainStages {
                 }
             };
             stats.read();
+            events += 1;
             let verdict = if self.scope.may_see(event.change.namespace()) {
                 self.chain.run(&event.change)
             } else {
                 Verdict::OutOfScope
             };
             if let Verdict::Halt(err) = verdict {
-                return (framed, Some(err));
+                items.clear();
+                return Turn {
+                    framed,
+                    events,
+                    halted: Some(err),
+                };
             }
             framed.push(self.framer.frame(&event, verdict, stats));
+            if started.elapsed() >= TURN || self.chain.owes_pause() {
+                break;
+            }
         }
-        (framed, None)
+        Turn {
+            framed,
+            events,
+            halted: None,
+        }
     }
 
     /// Swaps in whatever the reloader has sent.
@@ -216,4 +293,13 @@ impl ChainStages {
             stats.set_plugins(self.chain.infos());
         }
     }
+}
+
+/// Bytes of one event's messages: payloads and subjects (what `quota.bytes_per_sec` counts).
+fn framed_bytes(event: &EventMessages) -> usize {
+    event
+        .messages
+        .iter()
+        .map(|m| m.payload.len() + m.subject.len())
+        .sum()
 }

@@ -1,4 +1,4 @@
-//! The publishing loop: framed events from the plugin thread into the windowed publisher, its
+//! The publishing loop: framed events from the chain stage into the windowed publisher, its
 //! acknowledgements settled, the acknowledged position posted to the checkpointer, and the
 //! drain once shutdown is asked for.
 
@@ -151,7 +151,7 @@ impl Drain {
         }
     }
 
-    /// Ends the loop's hold on its inputs: unblocks the plugin thread if the loop ended early
+    /// Ends the loop's hold on its inputs: unblocks the chain stage if the loop ended early
     /// (fenced, timed out), and posts the last acknowledged position to the checkpointer,
     /// whose channel then closes. The source's stop signal is handed back: it must outlive
     /// the source task.

@@ -1,10 +1,12 @@
 //! One pipeline, wired: source → plugin chain → sink, with the checkpoint beside the sink.
 //!
 //! ```text
-//!  source task ──(events)──▶ chain thread ──(framed)──▶ sink task ──▶ JetStream
-//!  (async, driver)           (sync, wasmtime)           (async)    └─▶ checkpoint
+//!  source task ──(events)──▶ chain stage ──(framed)──▶ sink task ──▶ JetStream
+//!  (async, driver)           (turns on the             (async)    └─▶ checkpoint
+//!                             worker pool)
 //! ```
-//! The chain runs on its own OS thread because plugin calls are synchronous CPU work. Stages
+//! The chain's plugin calls are synchronous CPU work: they run in short turns on the
+//! process's worker pool, shared fairly by every unit (`sandbox::pool`). Stages
 //! hand work over in batches (one wake-up per batch, not per event), and the bounded channels
 //! between them are the backpressure: when JetStream slows down or
 //! is away, the sink stops taking framed events, the chain stops taking events, and the source stops
@@ -66,7 +68,7 @@ type SourceTask = tokio::task::JoinHandle<Result<(), Error>>;
 ///
 /// Without a `chain` (its plugins failed to load) the unit holds: it reads nothing and keeps
 /// its checkpoint until `updates` brings a chain that loads. `updates` also carries hot
-/// reloads to the plugin thread; it is shared (a high-availability owner runs the unit again
+/// reloads to the chain stage; it is shared (a high-availability owner runs the unit again
 /// after regaining its lease) and locked for the duration of one run.
 pub async fn run(
     pipeline: PipelineConfig,

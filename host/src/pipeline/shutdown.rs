@@ -61,17 +61,17 @@ impl Deadline {
     }
 }
 
-/// Waits for the source task and the plugin thread, and settles the run's outcome: the
+/// Waits for the source task and the chain stage, and settles the run's outcome: the
 /// drain's own error first, then the chain's, then the source's.
 pub(super) async fn join_stages(
     id: &str,
     mut outcome: Result<(), Error>,
     source_task: super::SourceTask,
-    chain_thread: std::thread::JoinHandle<Result<(), Error>>,
+    chain_stage: tokio::task::JoinHandle<Result<(), Error>>,
 ) -> Result<(), Error> {
     // The loop ends once the chain's input closed, i.e. once the source task returned: by
     // shutdown, or with a fatal error that everything read before it was published ahead of.
-    // (When fenced, the source is still stopping: await it before blocking on the thread.)
+    // (When fenced, the source is still stopping: await it before the chain stage.)
     if outcome.is_err() {
         // Stopping early: the source may be waiting on a server; it holds nothing to save.
         source_task.abort();
@@ -84,13 +84,13 @@ pub(super) async fn join_stages(
             message: format!("source task failed: {err}"),
         }),
     };
-    // Everything the plugin thread handed over was published and checkpointed above; what
+    // Everything the chain stage handed over was published and checkpointed above; what
     // it held is replayed on restart.
-    let chain_result = match chain_thread.join() {
+    let chain_result = match chain_stage.await {
         Ok(result) => result,
-        Err(panic) => Err(Error::Sink {
+        Err(err) => Err(Error::Sink {
             pipeline: id.to_string(),
-            message: format!("plugin thread panicked (a tidegate bug): {panic:?}"),
+            message: format!("chain stage failed (a tidegate bug): {err}"),
         }),
     };
     if outcome.is_ok() {

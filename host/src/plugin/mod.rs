@@ -8,6 +8,7 @@
 
 pub mod contract;
 pub mod convert;
+mod output;
 pub mod reload;
 
 use std::collections::BTreeMap;
@@ -20,12 +21,12 @@ use wasmtime::{Engine, Store};
 use self::contract::v0_1::filter::{Filter, FilterPre};
 use self::contract::v0_1::transform::{Transform, TransformPre};
 use self::contract::v0_1::types as wit;
+use self::output::check_outputs;
 use crate::config::{
     Capabilities, PipelineConfig, PluginLimits, QuarantineAction, QuarantineConfig,
 };
 use crate::error::Error;
 use crate::model::failure::FailureKind;
-use crate::model::subject::{is_under_prefix, is_valid_subject};
 use crate::model::Change;
 use crate::sandbox::{self, Admission, PluginState, Sandbox};
 
@@ -518,6 +519,8 @@ pub struct Chain {
     rules: OutputRules,
     quarantine: QuarantineConfig,
     unit: String,
+    /// Idle time owed for limit breaches (see [`Chain::take_pause`]).
+    pause_owed: std::time::Duration,
 }
 
 impl Chain {
@@ -566,20 +569,36 @@ impl Chain {
             },
             quarantine: pipeline.quarantine,
             unit: pipeline.id.clone(),
+            pause_owed: std::time::Duration::ZERO,
         }
     }
 
-    /// Makes the unit pay for a call that broke a limit with idle time on its own thread
-    /// (see `QuarantineConfig::breach_pause`), so that a hostile plugin's CPU goes back to
-    /// the other units instead of to its next event.
-    fn pause_after_breach(&self, err: &CallError, took: std::time::Duration) {
+    /// Makes the unit owe idle time for a call that broke a limit (see
+    /// `QuarantineConfig::breach_pause`), so that a hostile plugin's CPU goes back to the
+    /// other units instead of to its next event. The chain stage waits it out off the worker
+    /// pool ([`Chain::take_pause`]), so no worker sits idle for it.
+    fn pause_after_breach(&mut self, err: &CallError, took: std::time::Duration) {
         if !err.kind.is_limit_breach() || self.quarantine.breach_pause == 0 {
             return;
         }
         let pause = took
             .saturating_mul(self.quarantine.breach_pause)
             .min(crate::config::MAX_BREACH_PAUSE);
-        std::thread::sleep(pause);
+        self.pause_owed = self
+            .pause_owed
+            .saturating_add(pause)
+            .min(crate::config::MAX_BREACH_PAUSE);
+    }
+
+    /// The idle time the unit owes for limit breaches since the last call of this (see
+    /// `QuarantineConfig::breach_pause`), at most [`crate::config::MAX_BREACH_PAUSE`].
+    pub fn take_pause(&mut self) -> std::time::Duration {
+        std::mem::take(&mut self.pause_owed)
+    }
+
+    /// Whether a limit breach left idle time owed (see [`Chain::take_pause`]).
+    pub fn owes_pause(&self) -> bool {
+        !self.pause_owed.is_zero()
     }
 
     /// Caps every plugin's `max_output_bytes` at `max` (the NATS server's `max_payload`).
@@ -759,106 +778,4 @@ impl Chain {
         }
         Verdict::Publish(outputs)
     }
-}
-
-/// Checks a transform's outputs against its limits (count and bytes: `output-too-large`;
-/// the byte limit capped by `rules`) and the contract (`invalid-output`, see
-/// [`check_output`]).
-fn check_outputs(
-    plugin: &Plugin,
-    decision: &Decision,
-    input: &wit::ChangeEvent,
-    rules: &OutputRules,
-) -> Result<(), CallError> {
-    let Decision::Replace(outputs) = decision else {
-        return Ok(());
-    };
-    let limits = &plugin.settings.limits;
-    if outputs.len() > limits.max_outputs as usize {
-        return Err(plugin.error(
-            FailureKind::OutputTooLarge,
-            format!(
-                "{} outputs for one event; the limit is {} (limits.max_outputs)",
-                outputs.len(),
-                limits.max_outputs
-            ),
-        ));
-    }
-    let bytes: u64 = outputs.iter().map(|o| output_bytes(o) as u64).sum();
-    if bytes > limits.max_output_bytes.min(rules.max_output_bytes) {
-        let limit = if limits.max_output_bytes <= rules.max_output_bytes {
-            format!("{} (limits.max_output_bytes)", limits.max_output_bytes)
-        } else {
-            format!(
-                "{} (the NATS server's max_payload; limits.max_output_bytes is {})",
-                rules.max_output_bytes, limits.max_output_bytes
-            )
-        };
-        return Err(plugin.error(
-            FailureKind::OutputTooLarge,
-            format!("outputs carry {bytes} bytes for one event; the limit is {limit}"),
-        ));
-    }
-    for out in outputs {
-        check_output(out, input, &rules.subject_prefix)
-            .map_err(|message| plugin.error(FailureKind::InvalidOutput, message))?;
-    }
-    Ok(())
-}
-
-/// Bytes of documents and headers in one output: what it costs the host to carry.
-fn output_bytes(out: &wit::Output) -> usize {
-    let event = &out.event;
-    let docs = [
-        event.document_key.as_ref(),
-        event.full_document.as_ref(),
-        event.full_document_before_change.as_ref(),
-    ];
-    docs.iter().flatten().map(|d| d.len()).sum::<usize>()
-        + event
-            .update_description
-            .as_ref()
-            .map(|u| u.updated_fields.len())
-            .unwrap_or(0)
-        + out
-            .headers
-            .iter()
-            .map(|h| h.name.len() + h.value.len())
-            .sum::<usize>()
-}
-
-/// What a transform may not do to an output: change the event id, leave the pipeline's
-/// subjects, or set reserved or malformed headers.
-fn check_output(out: &wit::Output, input: &wit::ChangeEvent, prefix: &str) -> Result<(), String> {
-    if out.event.id != input.id {
-        return Err(format!(
-            "output changed the event id from '{}' to '{}'; ids are how duplicates are dropped",
-            input.id, out.event.id
-        ));
-    }
-    if let Some(subject) = &out.subject {
-        if !is_valid_subject(subject, false) || !is_under_prefix(subject, prefix) {
-            return Err(format!(
-                "output subject '{subject}' is not a valid subject under '{prefix}.'"
-            ));
-        }
-    }
-    for header in &out.headers {
-        let lower = header.name.to_ascii_lowercase();
-        if lower.starts_with("nats-") || lower.starts_with("tidegate-") {
-            return Err(format!("header '{}' is reserved", header.name));
-        }
-        let valid_name = !header.name.is_empty()
-            && header
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && b != b':');
-        if !valid_name || header.value.contains(['\r', '\n']) {
-            return Err(format!(
-                "header '{}' has an invalid name or value",
-                header.name
-            ));
-        }
-    }
-    Ok(())
 }

@@ -2,7 +2,7 @@
 //!
 //! A new version is compiled (or taken from the cache), checked against its world,
 //! initialised and given a smoke call on a synthetic event before it is sent to the unit's
-//! plugin thread, which swaps it in between two events: no event is lost, none is seen by
+//! chain stage, which swaps it in between two events: no event is lost, none is seen by
 //! both versions. If any step fails, the running version stays and the failure is logged
 //! once per file version. A unit held at start-up (its plugins did not load) starts as soon
 //! as its whole chain loads.
@@ -24,7 +24,7 @@ use crate::config::{Config, PipelineConfig};
 use crate::plugin::{Chain, Plugin};
 use crate::sandbox::Sandbox;
 
-/// What the reloader sends a unit's plugin thread.
+/// What the reloader sends a unit's chain stage.
 pub enum ChainUpdate {
     /// A new version of the plugin at `index`.
     Plugin {

@@ -51,6 +51,9 @@ pub fn new_sandbox(config: &Config) -> Result<Sandbox, Error> {
 /// while the others carry on. A pipeline without tenants whose plugins do not load stops
 /// start-up.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    if let Some(http) = &config.http {
+        crate::ops::metrics::set_max_tenant_series(http.max_tenant_series);
+    }
     let sandbox = Arc::new(new_sandbox(&config)?);
     let loads: Vec<_> = config
         .pipelines

@@ -16,6 +16,10 @@
 //!   instances.
 //! - **Admission**: at most `sandbox.max_instances` instances live at once; past it loading
 //!   fails with a clear error instead of exhausting the pool or the machine.
+//! - **Workers**: every unit's plugin chain runs in short turns on one process-wide pool of
+//!   worker threads (`sandbox.workers`, one per core by default), handed out fairly by CPU
+//!   time used, with units using more than their fair share moved to low-priority
+//!   background workers (see [`pool`] and `fair`).
 //! - **Capabilities**: the linker offers `tidegate:plugin/{log,config}` and WASI 0.2, the
 //!   latter deny-by-default (see [`wasi_context`]); any other import is refused at load.
 //!
@@ -24,7 +28,9 @@
 
 mod cache;
 mod engine;
+mod fair;
 mod limits;
+pub mod pool;
 #[cfg(test)]
 mod tests;
 mod wasi;
@@ -45,6 +51,7 @@ pub use limits::{
     arm, check_declared, fuel_used, trap_reason, LimitExceeded, LogBudget, EPOCH_TICK,
     MAX_MEMORIES, MAX_TABLES, MAX_TABLE_ELEMENTS, TABLE_ELEMENT_BYTES,
 };
+pub use pool::{PoolAccount, WorkerPool};
 pub use wasi::wasi_context;
 
 use cache::ComponentCache;
@@ -73,6 +80,7 @@ impl Sandbox {
     /// Creates the engine with fuel and epoch interruption on, the pooling allocator if
     /// configured and possible (its slots sized for `largest_memory_mib`), and the cache.
     pub fn new(config: &SandboxConfig, largest_memory_mib: u32) -> Result<Sandbox, String> {
+        pool::configure(config.workers, config.background);
         let pool_memory_mib = largest_memory_mib.max(64);
         let (engine, pooled) = if config.pooling {
             match Engine::new(&engine::engine_config(Some((

@@ -16,7 +16,7 @@ mod status;
 mod tests;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +39,40 @@ pub const PLUGIN_FAILURE_REASONS: [crate::model::failure::FailureKind; 8] =
 /// Why the host dead-letters an event itself (`sink::framer`), with an empty `plugin`.
 pub const HOST_FAILURE_REASONS: [crate::model::failure::FailureKind; 3] =
     crate::model::failure::FailureKind::HOST_DECLARED;
+
+/// Why a unit waited instead of running its next events: the `quota` label values of
+/// `tidegate_quota_wait_seconds_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaWait {
+    /// `quota.events_per_sec`.
+    EventsPerSec,
+    /// `quota.bytes_per_sec`.
+    BytesPerSec,
+    /// `quota.cpu_share`.
+    CpuShare,
+    /// `quarantine.breach_pause` (not a quota, but waited out the same way).
+    BreachPause,
+}
+
+impl QuotaWait {
+    /// Every reason, in label order.
+    pub const ALL: [QuotaWait; 4] = [
+        QuotaWait::EventsPerSec,
+        QuotaWait::BytesPerSec,
+        QuotaWait::CpuShare,
+        QuotaWait::BreachPause,
+    ];
+
+    /// The label value: the config key.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaWait::EventsPerSec => "events_per_sec",
+            QuotaWait::BytesPerSec => "bytes_per_sec",
+            QuotaWait::CpuShare => "cpu_share",
+            QuotaWait::BreachPause => "breach_pause",
+        }
+    }
+}
 
 /// The calls of one plugin of a chain (labels: `pipeline`, `plugin`, and later `tenant`).
 #[derive(Debug)]
@@ -130,6 +164,10 @@ pub fn pipeline(id: &str) -> Arc<PipelineMetrics> {
 /// `/status`, `/readyz` and `/metrics`. Its plugins' series stay until the process ends.
 pub fn forget(id: &str) {
     let labels = unit_labels(id);
+    if labels.get("tenant") == Some(OTHER_TENANT) {
+        // Shared by every tenant past the cardinality guard: the others still count there.
+        return;
+    }
     registry()
         .series
         .lock()
@@ -137,12 +175,56 @@ pub fn forget(id: &str) {
         .remove(&labels);
 }
 
-/// The labels of a unit: `pipeline`, and `tenant` for a tenant unit `<pipeline>.<tenant>`.
+/// The labels of a unit: `pipeline`, and `tenant` for a tenant unit `<pipeline>.<tenant>`
+/// (under the cardinality guard: see [`set_max_tenant_series`]).
 pub fn unit_labels(id: &str) -> Labels {
     match id.split_once('.') {
-        Some((pipeline, tenant)) => Labels::pipeline(pipeline).with("tenant", tenant),
+        Some((pipeline, tenant)) => {
+            Labels::pipeline(pipeline).with("tenant", guard_tenant(pipeline, tenant))
+        }
         None => Labels::pipeline(id),
     }
+}
+
+/// The `tenant` label value of the tenants past the cardinality guard.
+pub const OTHER_TENANT: &str = "_other";
+
+static MAX_TENANT_SERIES: AtomicUsize = AtomicUsize::new(crate::config::DEFAULT_MAX_TENANT_SERIES);
+
+/// Sets the cardinality guard: at most `max` distinct tenants (pipeline and tenant pairs)
+/// get series of their own; the series of any further tenant are shared under
+/// `tenant="_other"` (their counters add up there), and a warning says so once. Tenants
+/// already seen keep their series. Call before units start.
+pub fn set_max_tenant_series(max: usize) {
+    MAX_TENANT_SERIES.store(max, Ordering::Relaxed);
+}
+
+/// `tenant`, or [`OTHER_TENANT`] once the guard's cap of distinct tenants is reached.
+fn guard_tenant<'a>(pipeline: &str, tenant: &'a str) -> &'a str {
+    static SEEN: OnceLock<Mutex<std::collections::BTreeSet<(String, String)>>> = OnceLock::new();
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let mut seen = SEEN
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let key = (pipeline.to_string(), tenant.to_string());
+    let max = MAX_TENANT_SERIES.load(Ordering::Relaxed);
+    if seen.contains(&key) {
+        return tenant;
+    }
+    if seen.len() < max {
+        seen.insert(key);
+        return tenant;
+    }
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            max_tenant_series = max,
+            "more tenants than http.max_tenant_series: the metrics of tenant '{tenant}' of \
+             pipeline '{pipeline}' and of every further tenant are counted together under \
+             tenant=\"{OTHER_TENANT}\" (raise http.max_tenant_series to see them apart)"
+        );
+    }
+    OTHER_TENANT
 }
 
 impl Registry {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::labels::escape;
 use super::SIGNAL_OUTCOMES;
-use super::{signal_counts, Histogram, PipelineMetrics, PluginMetrics, Registry, State};
+use super::{signal_counts, Histogram, PipelineMetrics, PluginMetrics, QuotaWait, Registry, State};
 
 /// A family with one sample per series: its name, its help text, and how to read a series'
 /// value (`None`: no sample for that series, e.g. before the first oplog check).
@@ -69,6 +69,11 @@ const COUNTERS: &[Family] = &[
         Some(m.checkpoints.load(Ordering::Relaxed) as f64)
     }),
     (
+        "tidegate_chain_cpu_seconds_total",
+        "CPU time the unit's plugin chain (and framing) used on the worker pool.",
+        |m| Some(m.chain_cpu_ns.load(Ordering::Relaxed) as f64 / 1e9),
+    ),
+    (
         "tidegate_leases_lost_total",
         "Times this instance lost the pipeline's lease (high availability).",
         |m| Some(m.leases_lost.load(Ordering::Relaxed) as f64),
@@ -116,6 +121,11 @@ const GAUGES: &[Family] = &[
         "tidegate_last_error_timestamp_seconds",
         "Unix time of the unit's most recent error (its text is on /status).",
         |m| m.last_error().map(|e| e.at_unix_ms as f64 / 1000.0),
+    ),
+    (
+        "tidegate_chain_background",
+        "1 while the unit's chain runs on the worker pool's low-priority background workers (it used more than its fair share of CPU).",
+        |m| Some(if m.background.load(Ordering::Relaxed) { 1.0 } else { 0.0 }),
     ),
     (
         "tidegate_pipeline_running",
@@ -183,6 +193,23 @@ impl Registry {
                     m.labels.render(),
                     escape(plugin),
                     escape(reason)
+                );
+            }
+        }
+        family(
+            out,
+            "tidegate_quota_wait_seconds_total",
+            "counter",
+            "Seconds the unit waited before its next events, by quota (or breach_pause): throttled, nothing dropped.",
+        );
+        for m in all {
+            let labels = m.labels.render();
+            for why in QuotaWait::ALL {
+                let _ = writeln!(
+                    out,
+                    "tidegate_quota_wait_seconds_total{{{labels},quota=\"{}\"}} {}",
+                    why.as_str(),
+                    m.quota_wait_seconds(why)
                 );
             }
         }

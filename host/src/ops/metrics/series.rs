@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use super::histogram::{Histogram, LAG_BOUNDS, LATENCY_BOUNDS};
 use super::{
-    plugin, token_seconds, unix_now_ms, Labels, State, HOST_FAILURE_REASONS, PLUGIN_FAILURE_REASONS,
+    plugin, token_seconds, unix_now_ms, Labels, QuotaWait, State, HOST_FAILURE_REASONS,
+    PLUGIN_FAILURE_REASONS,
 };
 use crate::model::Position;
 use crate::ops::oplog;
@@ -51,6 +52,12 @@ pub struct PipelineMetrics {
     pub(super) retries: AtomicU64,
     pub(super) checkpoints: AtomicU64,
     pub(super) leases_lost: AtomicU64,
+    /// CPU nanoseconds the unit's chain used on the worker pool.
+    pub(super) chain_cpu_ns: AtomicU64,
+    /// Whether the unit's last turn ran in the pool's background lane.
+    pub(super) background: AtomicBool,
+    /// Nanoseconds waited for each [`QuotaWait`], in [`QuotaWait::ALL`] order.
+    pub(super) quota_wait_ns: [AtomicU64; 4],
     /// Unix ms when the checkpoint was last written (by any instance, as read back on
     /// load); 0 = none yet.
     pub(super) checkpoint_at_ms: AtomicI64,
@@ -138,6 +145,9 @@ impl PipelineMetrics {
             retries: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             leases_lost: AtomicU64::new(0),
+            chain_cpu_ns: AtomicU64::new(0),
+            background: AtomicBool::new(false),
+            quota_wait_ns: Default::default(),
             checkpoint_at_ms: AtomicI64::new(0),
             checkpoint_position_secs: AtomicI64::new(0),
             checkpoint_msg_id: Mutex::new(None),
@@ -173,6 +183,31 @@ impl PipelineMetrics {
             Some(tenant) => format!("{pipeline}.{tenant}"),
             None => pipeline.to_string(),
         }
+    }
+
+    /// One turn of the unit's chain on the worker pool: the CPU it used, and whether it ran
+    /// in the background lane.
+    pub fn chain_turn(&self, cpu: Duration, background: bool) {
+        self.chain_cpu_ns
+            .fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
+        self.background.store(background, Ordering::Relaxed);
+    }
+
+    /// The unit waited `wait` before its next events, for `why`.
+    pub fn quota_wait(&self, why: QuotaWait, wait: Duration) {
+        if let Some(i) = QuotaWait::ALL.iter().position(|w| *w == why) {
+            self.quota_wait_ns[i].fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Seconds the unit waited for `why` so far.
+    pub fn quota_wait_seconds(&self, why: QuotaWait) -> f64 {
+        QuotaWait::ALL
+            .iter()
+            .position(|w| *w == why)
+            .map_or(0.0, |i| {
+                self.quota_wait_ns[i].load(Ordering::Relaxed) as f64 / 1e9
+            })
     }
 
     /// One event read from the change stream.

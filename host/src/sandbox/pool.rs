@@ -1,0 +1,258 @@
+//! The worker pool every unit's plugin chain runs on: a fixed number of OS threads shared by
+//! all units, however many tenants there are, with turns handed out by [`Fair`].
+//!
+//! Each unit opens a [`PoolAccount`] and runs its chain in short turns (one slice of a
+//! batch, see `pipeline::chain_thread`). A turn is a closure; its thread CPU time is charged
+//! to the account. There are `workers` normal threads and as many background threads, which
+//! lower their own OS priority to nice 19 once at start (an unprivileged process cannot raise
+//! it again, so the lanes are separate threads): a heavy account's turns run only there.
+//!
+//! The pool is process-wide ([`pool`]) like the metrics registry: one per process, sized by
+//! the first [`configure`] (`sandbox.workers`, 0 meaning one per core; `sandbox.background =
+//! false` leaves out the background lane), started on first use.
+//! Its threads live as long as the process and wait on a condition variable when idle.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use super::fair::{AccountId, Fair, Lane};
+
+/// How long an idle worker sleeps before looking again even unwoken: accounts change lanes
+/// as their recent CPU use decays, without any event to wake a worker.
+const IDLE_RECHECK: Duration = Duration::from_millis(50);
+
+/// A queued turn: runs the unit's closure and returns the CPU time it used.
+type Turn = Box<dyn FnOnce() -> Duration + Send>;
+
+/// The process's pool of plugin workers.
+pub struct WorkerPool {
+    shared: Arc<Shared>,
+    workers: usize,
+}
+
+struct Shared {
+    fair: Mutex<Fair<Turn>>,
+    wake: Condvar,
+    epoch: Instant,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Fair<Turn>> {
+        self.fair
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+}
+
+/// The pool's size and whether it has a background lane, as configured.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    workers: usize,
+    background: bool,
+}
+
+static SETTINGS: OnceLock<Settings> = OnceLock::new();
+static POOL: OnceLock<Result<WorkerPool, String>> = OnceLock::new();
+
+fn one_per_core() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Sets the number of normal workers (0: one per core) of the process's pool, and whether
+/// heavy units run on background workers (`sandbox.workers`, `sandbox.background`). Only the
+/// first call before the pool starts counts; returns whether this one did.
+pub fn configure(workers: u32, background: bool) -> bool {
+    let workers = match workers {
+        0 => one_per_core(),
+        n => n as usize,
+    };
+    POOL.get().is_none()
+        && SETTINGS
+            .set(Settings {
+                workers,
+                background,
+            })
+            .is_ok()
+}
+
+/// The process's pool, started on first use.
+pub fn pool() -> Result<&'static WorkerPool, String> {
+    POOL.get_or_init(|| {
+        let settings = *SETTINGS.get_or_init(|| Settings {
+            workers: one_per_core(),
+            background: true,
+        });
+        WorkerPool::start(settings)
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+impl WorkerPool {
+    /// Starts the normal workers and, with a background lane, as many background ones.
+    fn start(settings: Settings) -> Result<WorkerPool, String> {
+        let workers = settings.workers.max(1);
+        let shared = Arc::new(Shared {
+            fair: Mutex::new(Fair::new(workers, settings.background)),
+            wake: Condvar::new(),
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(0),
+        });
+        let mut lanes = vec![(Lane::Normal, "plugins")];
+        if settings.background {
+            lanes.push((Lane::Background, "plugins-bg"));
+        }
+        for (lane, name) in lanes {
+            for n in 0..workers {
+                let shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("tidegate-{name}-{n}"))
+                    .spawn(move || work(&shared, lane))
+                    .map_err(|err| format!("cannot start a plugin worker thread: {err}"))?;
+            }
+        }
+        tracing::debug!(
+            workers,
+            background = settings.background,
+            "plugin worker pool started"
+        );
+        Ok(WorkerPool { shared, workers })
+    }
+
+    /// The number of normal workers (there are as many background ones, if any).
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// A new account: one unit's turns, scheduled fairly against every other account.
+    pub fn account(&self) -> PoolAccount {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let now = self.shared.now();
+        self.shared.lock().open(id, now);
+        PoolAccount {
+            id,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// One unit's place in the pool; closed when dropped.
+pub struct PoolAccount {
+    id: AccountId,
+    shared: Arc<Shared>,
+}
+
+impl PoolAccount {
+    /// Runs `turn` on a worker when the scheduler gives this account its turn; returns its
+    /// result and the CPU time it used. An error means the turn panicked (a tidegate bug).
+    pub async fn run<R: Send + 'static>(
+        &self,
+        turn: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<(R, Duration), String> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let turn: Turn = Box::new(move || {
+            let started = thread_cpu_time();
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(turn));
+            let cpu = thread_cpu_time().saturating_sub(started);
+            if let Ok(value) = outcome {
+                let _ = done.send((value, cpu));
+            }
+            cpu
+        });
+        let now = self.shared.now();
+        self.shared.lock().push(self.id, turn, now);
+        self.shared.wake.notify_all();
+        result
+            .await
+            .map_err(|_| "a plugin worker panicked running this unit (a tidegate bug)".to_string())
+    }
+
+    /// Whether the account runs in the background lane now (its recent CPU use is above its
+    /// fair share while others are active).
+    pub fn is_heavy(&self) -> bool {
+        let now = self.shared.now();
+        self.shared.lock().is_heavy(self.id, now)
+    }
+}
+
+impl Drop for PoolAccount {
+    fn drop(&mut self) {
+        self.shared.lock().close(self.id);
+    }
+}
+
+/// A worker: takes the next turn of its lane, runs it without the lock, charges it.
+fn work(shared: &Shared, lane: Lane) {
+    if lane == Lane::Background {
+        lower_priority();
+    }
+    let mut fair = shared.lock();
+    loop {
+        let Some((id, turn)) = fair.pop(lane, shared.now()) else {
+            fair = match shared.wake.wait_timeout(fair, IDLE_RECHECK) {
+                Ok((fair, _)) => fair,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+            continue;
+        };
+        drop(fair);
+        let cpu = turn();
+        fair = shared.lock();
+        fair.charge(id, cpu.as_nanos() as u64, shared.now());
+        if fair.has_waiting() {
+            // The charge may have moved the account to the other lane.
+            shared.wake.notify_all();
+        }
+    }
+}
+
+/// CPU time the calling thread has used.
+#[cfg(target_os = "linux")]
+fn thread_cpu_time() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec for the call to write; the clock id is a constant
+    // every Linux kernel since 2.6.12 supports.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+/// CPU time the calling thread has used (elsewhere: not measured, so every turn costs the
+/// same and the order is round-robin).
+#[cfg(not(target_os = "linux"))]
+fn thread_cpu_time() -> Duration {
+    Duration::ZERO
+}
+
+/// Puts the calling thread at nice 19, the lowest priority the OS scheduler gives a normal
+/// thread. A failure only makes the background lane as urgent as the normal one: logged.
+#[cfg(target_os = "linux")]
+fn lower_priority() {
+    // SAFETY: `gettid` takes no arguments; `setpriority` only reads its integer arguments,
+    // and on Linux a thread id names exactly that thread.
+    let rc = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19)
+    };
+    if rc != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot lower a background plugin worker's priority; heavy tenants then compete \
+             with the others at normal priority"
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority() {}

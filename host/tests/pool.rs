@@ -1,0 +1,273 @@
+//! The plugin worker pool, tenant quotas and the metrics' cardinality guard against real
+//! servers: many tenants run on a few threads, a CPU hog does not starve its neighbour, a
+//! rate quota throttles without losing anything, and tenant labels stop at their cap.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bson::doc;
+use prometheus_parse::{Scrape, Value};
+use support::{assert_exactly_once_in_order, http_get, Harness, DB};
+use tidegate_testkit::free_port;
+
+/// Scrapes `/metrics` at `address`.
+async fn scrape(address: &str) -> anyhow::Result<Scrape> {
+    let (status, text) = http_get(address, "/metrics").await?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    Ok(Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?)
+}
+
+/// The value of `name` for `tenant` whose other labels include `labels` (0 when absent).
+fn metric(scrape: &Scrape, name: &str, tenant: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == name
+                && s.labels.get("tenant") == Some(tenant)
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+        .map(|s| match s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .unwrap_or(0.0)
+}
+
+/// The head of a config: two pool workers, the HTTP endpoint at `address` with at most
+/// `max_tenant_series` tenant labels, and one pipeline `id` on the `shop` database whose
+/// tenants follow.
+fn head(h: &Harness, address: &str, max_tenant_series: usize, id: &str) -> String {
+    format!(
+        r#"
+plugin_dir = "{plugins}"
+
+[sandbox]
+workers = 2
+
+[http]
+address = "{address}"
+max_tenant_series = {max_tenant_series}
+
+[nats]
+url = "{nats}"
+ack_timeout_ms = 2000
+
+[[pipeline]]
+id = "{id}"
+mongodb_uri = "{mongo}"
+database = "{DB}"
+[pipeline.checkpoint]
+interval_ms = 200
+"#,
+        plugins = h.plugins.display(),
+        nats = h.nats.url(),
+        mongo = h.mongo.uri(),
+    )
+}
+
+/// One tenant `t` seeing `shop.<t>`, its stream `T`, one op-filter plugin, and `extra`
+/// lines in its table.
+fn tenant(t: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[pipeline.tenant]]
+id = "{t}"
+namespaces = ["{DB}.{t}"]
+{extra}
+[pipeline.tenant.sink]
+stream = "{upper}"
+subject_prefix = "{t}"
+[[pipeline.tenant.plugins]]
+name = "op-filter"
+config = {{ operations = "insert,update,replace,delete" }}
+"#,
+        upper = t.to_uppercase()
+    )
+}
+
+/// The names of the process's threads (Linux cuts them at 15 bytes).
+fn threads(pid: u32) -> anyhow::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let comm = std::fs::read_to_string(entry?.path().join("comm")).unwrap_or_default();
+        names.push(comm.trim().to_string());
+    }
+    Ok(names)
+}
+
+/// Fifty tenants, each with its own plugin chain, run on the pool's two workers (and two
+/// background workers): the process has no thread per tenant, and every tenant's events
+/// arrive. With `max_tenant_series = 10`, ten tenants keep their own metrics and the forty
+/// others are counted together under `tenant="_other"`, with one warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_tenants_share_a_bounded_pool_and_capped_labels() -> anyhow::Result<()> {
+    const TENANTS: usize = 50;
+    let h = Harness::start().await?;
+    let address = format!("127.0.0.1:{}", free_port());
+    let ids: Vec<String> = (0..TENANTS).map(|i| format!("t{i:02}")).collect();
+    let mut config = head(&h, &address, 10, "fifty");
+    for id in &ids {
+        config.push_str(&tenant(id, ""));
+    }
+    let path = h.write_config("fifty.toml", &config)?;
+    let mut child = h.spawn_binary(&path)?;
+    let units: Vec<String> = ids.iter().map(|t| format!("fifty.{t}")).collect();
+    h.wait_checkpoints(&units).await?;
+
+    let client = h.mongo.client().await?;
+    for id in &ids {
+        let coll = client.database(DB).collection::<bson::Document>(id);
+        coll.insert_many((0..2).map(|seq| doc! { "seq": seq as i64 }))
+            .await?;
+    }
+    for id in &ids {
+        let messages = h
+            .wait_settled(&id.to_uppercase(), 2, Duration::from_secs(180))
+            .await?;
+        assert_exactly_once_in_order(&messages, 2);
+    }
+
+    let names = threads(child.pid())?;
+    let pool = names
+        .iter()
+        .filter(|n| n.starts_with("tidegate-plugin"))
+        .count();
+    assert_eq!(pool, 4, "two workers and two background workers: {names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("tidegate-chain")),
+        "no thread per unit: {names:?}"
+    );
+    assert!(
+        names.len() < TENANTS,
+        "{} threads for {TENANTS} tenants: {names:?}",
+        names.len()
+    );
+
+    let metrics = scrape(&address).await?;
+    let tenants: BTreeSet<&str> = metrics
+        .samples
+        .iter()
+        .filter(|s| s.metric == "tidegate_events_read_total")
+        .filter_map(|s| s.labels.get("tenant"))
+        .collect();
+    assert_eq!(tenants.len(), 11, "ten tenants and _other: {tenants:?}");
+    assert!(tenants.contains("_other"));
+    let pipeline = [("pipeline", "fifty")];
+    let read_alone: f64 = tenants
+        .iter()
+        .filter(|t| **t != "_other")
+        .map(|t| metric(&metrics, "tidegate_events_read_total", t, &pipeline))
+        .sum();
+    let read_other = metric(&metrics, "tidegate_events_read_total", "_other", &pipeline);
+    assert_eq!(
+        (read_alone, read_other),
+        (20.0, 80.0),
+        "every event counted once"
+    );
+    child.signal(support::SIGTERM)?;
+    child.wait_exit(Duration::from_secs(120)).await?;
+    assert_eq!(
+        child
+            .log()
+            .matches("more tenants than http.max_tenant_series")
+            .count(),
+        1,
+        "one warning"
+    );
+    Ok(())
+}
+
+/// A tenant whose plugin spins to its limit on every event (quarantine off) beside a good
+/// tenant: all of the good tenant's events arrive, exactly once and in order. A third tenant
+/// under `quota.events_per_sec = 100` receives all of a burst of 300 events (none dropped),
+/// and its wait shows in `tidegate_quota_wait_seconds_total{quota="events_per_sec"}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hog_does_not_starve_others_and_a_rate_quota_throttles_without_loss() -> anyhow::Result<()>
+{
+    let h = Harness::start().await?;
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut config = head(&h, &address, 100, "quota");
+    config.push_str(&tenant("good", ""));
+    config.push_str(&tenant("slow", "quota = { events_per_sec = 100.0 }"));
+    config.push_str(
+        &tenant(
+            "hog",
+            "limits = { timeout_ms = 200, fuel_per_call = 1000000000000 }\n\
+             quarantine = { after_failures = 0 }",
+        )
+        .replace("name = \"op-filter\"", "name = \"faulty\"")
+        .replace(
+            "config = { operations = \"insert,update,replace,delete\" }",
+            "",
+        ),
+    );
+    let path = h.write_config("quota.toml", &config)?;
+    let mut child = h.spawn_binary(&path)?;
+    h.wait_checkpoints(&["quota.good", "quota.slow", "quota.hog"])
+        .await?;
+
+    let db = h.mongo.client().await?.database(DB);
+    let (good, slow, hog) = (
+        db.collection::<bson::Document>("good"),
+        db.collection::<bson::Document>("slow"),
+        db.collection::<bson::Document>("hog"),
+    );
+    hog.insert_many((0..20).map(|seq| doc! { "seq": seq as i64, "spin": true }))
+        .await?;
+    slow.insert_many((0..300).map(|seq| doc! { "seq": seq as i64 }))
+        .await?;
+    for batch in 0..20i64 {
+        good.insert_many((0..10).map(|i| doc! { "seq": batch * 10 + i }))
+            .await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let good_messages = h
+        .wait_settled("GOOD", 200, Duration::from_secs(180))
+        .await?;
+    assert_exactly_once_in_order(&good_messages, 200);
+    let slow_messages = h
+        .wait_settled("SLOW", 300, Duration::from_secs(180))
+        .await?;
+    assert_exactly_once_in_order(&slow_messages, 300);
+    // Every hog event was dead-lettered (its deadline), none lost.
+    h.wait_settled("HOG", 20, Duration::from_secs(180)).await?;
+
+    let metrics = scrape(&address).await?;
+    let pipeline = [("pipeline", "quota")];
+    let waited = metric(
+        &metrics,
+        "tidegate_quota_wait_seconds_total",
+        "slow",
+        &[("pipeline", "quota"), ("quota", "events_per_sec")],
+    );
+    assert!(
+        waited > 0.0,
+        "the events/s quota made the unit wait: {waited}"
+    );
+    for t in ["good", "slow", "hog"] {
+        assert!(
+            metric(&metrics, "tidegate_chain_cpu_seconds_total", t, &pipeline) > 0.0,
+            "{t}'s chain CPU is counted"
+        );
+    }
+    assert_eq!(
+        metric(
+            &metrics,
+            "tidegate_quota_wait_seconds_total",
+            "good",
+            &[("pipeline", "quota"), ("quota", "events_per_sec")],
+        ),
+        0.0,
+        "no quota, no wait"
+    );
+    child.signal(support::SIGTERM)?;
+    child.wait_exit(Duration::from_secs(120)).await?;
+    Ok(())
+}
