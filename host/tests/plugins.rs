@@ -563,7 +563,7 @@ async fn map_takes_its_mapping_from_a_file() -> anyhow::Result<()> {
 /// untouched int64 keeps its type through the 0.2 edits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contract_0_1_and_0_2_plugins_share_a_chain() -> anyhow::Result<()> {
-    let chain = |v: [&str; 4]| {
+    let chain = |v: [String; 4]| {
         format!(
             r#"
 [[pipeline.plugins]]

@@ -286,7 +286,7 @@ impl Chain {
                     );
                     next.push(Item {
                         form: Form::Wit {
-                            event: out.event,
+                            event: Box::new(out.event),
                             base: Rc::clone(&base),
                         },
                         subject,
@@ -354,7 +354,7 @@ enum Form {
     /// What a 0.1 transform returned, with the input it was given (to convert it back
     /// against: untouched values keep their BSON).
     Wit {
-        event: wit::ChangeEvent,
+        event: Box<wit::ChangeEvent>,
         base: Rc<Input>,
     },
 }
@@ -366,7 +366,7 @@ impl Form {
             Form::Host(input) => Ok(input),
             Form::Wit { event, base } => {
                 let sent = base.v0_1()?;
-                let changed = convert::from_wit(event, sent, base.change())?;
+                let changed = convert::from_wit(*event, sent, base.change())?;
                 Ok(Rc::new(Input::new(changed)))
             }
         }
