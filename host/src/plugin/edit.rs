@@ -90,21 +90,37 @@ fn truncated_arrays(update: Option<&RawDocument>) -> Vec<wit::TruncatedArray> {
 }
 
 /// What a 0.2 call carries of `change`: everything but the documents, which stay here.
+///
+/// One pass over the event's top-level fields: each accessor of [`Change`] would search the
+/// whole document again, and this runs once per event that meets a 0.2 plugin.
 pub fn metadata(change: &Change) -> wit::ChangeEvent {
-    let update = change.update_description();
     let mut parts = wit::Parts::empty();
-    for (present, flag) in [
-        (change.document_key().is_some(), wit::Parts::DOCUMENT_KEY),
-        (change.full_document().is_some(), wit::Parts::FULL_DOCUMENT),
-        (
-            change.full_document_before_change().is_some(),
-            wit::Parts::FULL_DOCUMENT_BEFORE_CHANGE,
-        ),
-        (update.is_some(), wit::Parts::UPDATED_FIELDS),
-        (change.lsid().is_some(), wit::Parts::LSID),
-    ] {
-        if present {
-            parts |= flag;
+    let mut update = None;
+    let (mut cluster_time, mut wall_time_ms, mut txn_number) = (None, None, None);
+    for element in change.document().iter() {
+        let Ok((key, value)) = element else { break };
+        let is_document = matches!(value, RawBsonRef::Document(_));
+        match (key.as_str(), value) {
+            ("documentKey", _) if is_document => parts |= wit::Parts::DOCUMENT_KEY,
+            ("fullDocument", _) if is_document => parts |= wit::Parts::FULL_DOCUMENT,
+            ("fullDocumentBeforeChange", _) if is_document => {
+                parts |= wit::Parts::FULL_DOCUMENT_BEFORE_CHANGE
+            }
+            ("lsid", _) if is_document => parts |= wit::Parts::LSID,
+            ("updateDescription", RawBsonRef::Document(u)) => {
+                parts |= wit::Parts::UPDATED_FIELDS;
+                update = Some(u);
+            }
+            ("clusterTime", RawBsonRef::Timestamp(ts)) => {
+                cluster_time = Some(wit::ClusterTime {
+                    seconds: ts.time,
+                    increment: ts.increment,
+                })
+            }
+            ("wallTime", RawBsonRef::DateTime(t)) => wall_time_ms = Some(t.timestamp_millis()),
+            ("txnNumber", RawBsonRef::Int64(n)) => txn_number = Some(n.max(0) as u64),
+            ("txnNumber", RawBsonRef::Int32(n)) => txn_number = Some(n.max(0) as u64),
+            _ => {}
         }
     }
     wit::ChangeEvent {
@@ -115,12 +131,9 @@ pub fn metadata(change: &Change) -> wit::ChangeEvent {
         parts,
         removed_fields: removed_fields(update),
         truncated_arrays: truncated_arrays(update),
-        cluster_time: change.cluster_time().map(|ts| wit::ClusterTime {
-            seconds: ts.time,
-            increment: ts.increment,
-        }),
-        wall_time_ms: change.wall_time().map(|t| t.timestamp_millis()),
-        txn_number: change.txn_number().map(|n| n.max(0) as u64),
+        cluster_time,
+        wall_time_ms,
+        txn_number,
     }
 }
 
@@ -136,15 +149,15 @@ fn part_name(part: wit::Part) -> &'static str {
 }
 
 /// One value given as relaxed Extended JSON text.
-fn parse_value(text: &str, what: &str) -> Result<RawBson, String> {
+fn parse_value(text: &str) -> Result<RawBson, String> {
     let mut wrapped = String::with_capacity(text.len() + 6);
     wrapped.push_str("{\"v\":");
     wrapped.push_str(text);
     wrapped.push('}');
-    let doc = ejson::parse_document(what, wrapped.as_bytes(), None)?;
+    let doc = ejson::parse_document("value", wrapped.as_bytes(), None)?;
     match doc.get("v") {
         Ok(Some(value)) => Ok(RawBson::from(value)),
-        _ => Err(format!("{what}: no value")),
+        _ => Err("no value".into()),
     }
 }
 
@@ -211,12 +224,9 @@ impl<'a> Parts<'a> {
     fn apply(&mut self, edit: &wit::Edit) -> Result<(), String> {
         let (part, path, change) = match edit {
             wit::Edit::Set(set) => {
-                let what = format!("value set at {}", describe(set.part, &set.path));
-                (
-                    set.part,
-                    &set.path,
-                    Edit::Set(parse_value(&set.value, &what)?),
-                )
+                let value = parse_value(&set.value)
+                    .map_err(|e| format!("value set at {}: {e}", describe(set.part, &set.path)))?;
+                (set.part, &set.path, Edit::Set(value))
             }
             wit::Edit::Unset(at) => (at.part, &at.path, Edit::Unset),
             wit::Edit::Rename(r) => (r.part, &r.path, Edit::Rename(r.to.clone())),
