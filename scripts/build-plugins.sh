@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds every plugin crate under plugins/ into a WebAssembly component, OUT_DIR/<crate>.wasm.
+# Builds every plugin crate under plugins/ into a WebAssembly component, OUT_DIR/<crate>.wasm,
+# and the crates built on the SDK once more for contract 0.1, OUT_DIR/v0.1/<crate>.wasm.
 #
 #   scripts/build-plugins.sh [OUT_DIR]        (default OUT_DIR: <repo>/target/plugins)
 #
@@ -137,12 +138,12 @@ for p in json.load(sys.stdin)["packages"]:
 [ -n "$members" ] || die "no cdylib crates in $PLUGINS"
 
 # --- componentize ---------------------------------------------------------------------------
-COMPONENTS="$GUEST_TARGET/components"
-mkdir -p "$COMPONENTS"
-while read -r pkg lib; do
-  core="$GUEST_TARGET/$TARGET/release/$lib.wasm"
-  comp="$COMPONENTS/$pkg.wasm"
+# componentize PKG CORE COMPONENTS_DIR OUT_DIR: wraps one core module into OUT_DIR/PKG.wasm.
+componentize() {
+  local pkg="$1" core="$2" components="$3" out_dir="$4"
+  local comp="$components/$pkg.wasm" tmp imports bad out state
   [ -f "$core" ] || die "cargo produced no $core"
+  mkdir -p "$components" "$out_dir"
   # Cached per guest target dir: redone only when the core module (or wasm-tools) changed.
   if [ ! -f "$comp" ] || [ "$core" -nt "$comp" ] || [ "$WASM_TOOLS" -nt "$comp" ]; then
     tmp="$comp.tmp.$$"
@@ -155,17 +156,46 @@ while read -r pkg lib; do
     [ -z "$bad" ] || die "$pkg imports interfaces tidegate does not offer: $(tr '\n' ' ' <<<"$bad")"
     mv -f "$tmp" "$comp"
   fi
-  out="$OUT_DIR/$pkg.wasm"
+  out="$out_dir/$pkg.wasm"
   if cmp -s "$comp" "$out"; then
     state=unchanged
   else
-    tmp="$OUT_DIR/.$pkg.wasm.tmp.$$"
+    tmp="$out_dir/.$pkg.wasm.tmp.$$"
     TMP_FILES+=("$tmp")
     cp "$comp" "$tmp"
     mv -f "$tmp" "$out"
     state=written
   fi
   log "$out ($(wc -c <"$out") bytes, $state)"
+}
+
+while read -r pkg lib; do
+  componentize "$pkg" "$GUEST_TARGET/$TARGET/release/$lib.wasm" "$GUEST_TARGET/components" "$OUT_DIR"
 done <<<"$members"
+
+# --- the SDK's plugins again, for contract 0.1 ------------------------------------------------
+# The SDK builds contract 0.2 components by default; with its `contract-0-1` feature the same
+# plugin code becomes a 0.1 component. OUT_DIR/v0.1/<crate>.wasm are these builds: the bench
+# compares each plugin's call under both contracts, and tests run 0.1 and 0.2 in one chain.
+# Their own target dir keeps the two builds' outputs apart (same names).
+sdk_members="$("$GUEST_CARGO" metadata --manifest-path "$PLUGINS/Cargo.toml" --no-deps --offline \
+  --format-version 1 | python3 -c '
+import json, sys
+for p in json.load(sys.stdin)["packages"]:
+    if any(d["name"] == "tidegate-plugin" for d in p["dependencies"]):
+        for t in p["targets"]:
+            if "cdylib" in t["kind"]:
+                print(p["name"], t["name"].replace("-", "_"))
+')" || die "cannot list the SDK plugin crates"
+V01_TARGET="$GUEST_TARGET/contract-0-1"
+packages=()
+while read -r pkg _; do packages+=(-p "$pkg"); done <<<"$sdk_members"
+CARGO_TARGET_DIR="$V01_TARGET" "$GUEST_CARGO" build --manifest-path "$PLUGINS/Cargo.toml" \
+  --release --locked -Zbuild-std=std,panic_abort --target "$TARGET" \
+  --features tidegate-plugin/contract-0-1 "${packages[@]}" >&2 \
+  || die "cargo build of the plugins for contract 0.1 failed (see above)"
+while read -r pkg lib; do
+  componentize "$pkg" "$V01_TARGET/$TARGET/release/$lib.wasm" "$V01_TARGET/components" "$OUT_DIR/v0.1"
+done <<<"$sdk_members"
 
 echo "$OUT_DIR"

@@ -34,8 +34,9 @@
 //! - [`sandbox`] — the wasmtime engine, compiled-plugin cache, instance admission, the
 //!   limits and capabilities of every plugin call, and the worker pool every unit's plugin
 //!   calls run on (fair across units, heavy ones in the background).
-//! - [`plugin`] — the WIT contract's bindings (one module per version), loading components,
-//!   running a chain over an event, quarantine, hot reload.
+//! - [`plugin`] — the WIT contract's bindings (one module per version, 0.1 and 0.2), loading
+//!   components, running a chain over an event (plugins of both versions in one chain), 0.2's
+//!   path reads and edits on the raw BSON, quarantine, hot reload.
 //! - [`source`] — the change stream: opening and resuming it, server-side filters, start
 //!   positions, heartbeats, fatal vs. transient errors, events over 16 MiB, snapshots and the
 //!   signals that start them.

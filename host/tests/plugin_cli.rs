@@ -31,9 +31,22 @@ fn wasm(name: &str) -> String {
 
 /// `inspect` names the world, contract version, exports and imports, and says plainly
 /// whether tidegate can run the file and why not (a config `init` refuses, not wasm at all).
+/// The SDK's plugins are 0.2 components; their 0.1 builds (`v0.1/`) say 0.1.
 #[test]
 fn inspect_reports_shape_and_whether_it_runs() {
     let out = plugin(&["inspect", &wasm("op-filter")]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("world:     filter"), "{text}");
+    assert!(text.contains("contract:  tidegate:plugin@0.2.0"), "{text}");
+    assert!(
+        text.contains("exports:   tidegate:plugin/filter-api@0.2.0"),
+        "{text}"
+    );
+    assert!(text.contains("tidegate:plugin/config@0.2.0"), "{text}");
+    assert!(text.contains("runs:      yes"), "{text}");
+
+    let out = plugin(&["inspect", &wasm("v0.1/op-filter")]);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("world:     filter"), "{text}");

@@ -556,3 +556,102 @@ async fn map_takes_its_mapping_from_a_file() -> anyhow::Result<()> {
     assert!(err.contains("unknown config key `feilds`"), "{err}");
     Ok(())
 }
+
+/// One workload through the same work done by contract 0.1 plugins only, and by a chain
+/// mixing 0.1 and 0.2 plugins (0.2 after a 0.1 transform, 0.1 after a 0.2 one, a 0.2 filter
+/// first): the published documents, subjects and plugin headers are identical, and the
+/// untouched int64 keeps its type through the 0.2 edits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_0_1_and_0_2_plugins_share_a_chain() -> anyhow::Result<()> {
+    let chain = |v: [String; 4]| {
+        format!(
+            r#"
+[[pipeline.plugins]]
+name = "op-filter"
+file = "{0}op-filter.wasm"
+config = {{ operations = "insert,update" }}
+
+[[pipeline.plugins]]
+name = "mask"
+file = "{1}redact.wasm"
+config = {{ mask = "phone", mask-keep = "2" }}
+
+[[pipeline.plugins]]
+name = "redact"
+file = "{2}redact.wasm"
+config = {{ fields = "email,lines.card", drop = "secret" }}
+
+[[pipeline.plugins]]
+name = "fanout"
+file = "{3}fanout.wasm"
+config = {{ copies = "1" }}
+"#,
+            v[0], v[1], v[2], v[3]
+        )
+    };
+    let mut runs = Vec::new();
+    for versions in [["0.1"; 4], ["0.2", "0.1", "0.2", "0.1"]] {
+        let h = Harness::start().await?;
+        let dir = |v: &str| match v {
+            "0.1" => format!("{}/v0.1/", h.plugins.display()),
+            _ => format!("{}/", h.plugins.display()),
+        };
+        let plugins = chain(versions.map(dir));
+        let plugins = plugins.as_str();
+        let messages = h
+            .relay(
+                plugins,
+                r#"encoding = "canonical-json""#,
+                3,
+                |coll| async move {
+                    coll.insert_one(doc! {
+                        "_id": 1, "email": "a@b.c", "phone": "0612345678", "secret": "s",
+                        "big": 7_i64, "lines": [{ "card": "4111", "n": 1 }, { "card": "5500" }],
+                    })
+                    .await?;
+                    coll.update_one(
+                        doc! { "_id": 1 },
+                        doc! { "$set": { "email": "x@y.z", "n": 2 } },
+                    )
+                    .await?;
+                    coll.delete_one(doc! { "_id": 1 }).await?; // filtered out
+                    coll.insert_one(doc! { "_id": 2, "name": "plain" }).await?;
+                    Ok(())
+                },
+            )
+            .await?;
+        runs.push(messages);
+    }
+    let shape = |m: &async_nats::jetstream::message::StreamMessage| {
+        let body = json(m);
+        (
+            m.subject.to_string(),
+            body["operationType"].clone(),
+            body["documentKey"].clone(),
+            body["fullDocument"].clone(),
+            body["updateDescription"].clone(),
+            header(m, "X-Redacted"),
+            header(m, "X-Copy"),
+        )
+    };
+    let (only_0_1, mixed) = (&runs[0], &runs[1]);
+    assert_eq!(only_0_1.len(), 3);
+    assert_eq!(
+        only_0_1.iter().map(shape).collect::<Vec<_>>(),
+        mixed.iter().map(shape).collect::<Vec<_>>()
+    );
+    // Canonical EJSON: every value's BSON type shows. The int64 the plugins left alone is
+    // still an int64 (a type-losing round trip would make it an int32).
+    let full = &json(&mixed[0])["fullDocument"];
+    assert_eq!(full["email"], "[redacted]");
+    assert_eq!(full["phone"], "********78");
+    assert_eq!(full["lines"][0]["card"], "[redacted]");
+    assert_eq!(full["lines"][1]["card"], "[redacted]");
+    assert_eq!(
+        full["lines"][0]["n"],
+        serde_json::json!({"$numberInt": "1"})
+    );
+    assert_eq!(full["big"], serde_json::json!({"$numberLong": "7"}));
+    assert!(full.get("secret").is_none(), "{full}");
+    Ok(())
+}

@@ -135,7 +135,10 @@ fn plugin_copy(h: &Harness) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     for entry in std::fs::read_dir(&h.plugins)? {
         let entry = entry?;
-        std::fs::copy(entry.path(), dir.join(entry.file_name()))?;
+        // Files only: `v0.1/` holds the contract 0.1 builds.
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), dir.join(entry.file_name()))?;
+        }
     }
     Ok(dir)
 }

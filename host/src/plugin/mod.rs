@@ -5,12 +5,23 @@
 //! a pipeline's plugins in order over one event and says what to publish, or why the event
 //! must be dead-lettered. A plugin that fails many events in a row is quarantined (see
 //! `config::QuarantineConfig`) until it is reloaded.
+//!
+//! Components of every released contract version load side by side ([`contract`]): a 0.1
+//! plugin is handed the event with its documents as Extended JSON ([`convert`]), a 0.2 plugin
+//! its metadata, reading documents in place through the `event` import ([`imports`], [`path`])
+//! and answering with edits the host applies to the raw BSON ([`edit`]). An [`Input`] makes
+//! each form once per event, however many plugins use it.
 
+mod chain;
+mod check;
 pub mod contract;
 pub mod convert;
-mod output;
+pub mod edit;
+mod imports;
+pub mod path;
 pub mod reload;
 
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,56 +29,17 @@ use std::sync::Arc;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, Store};
 
+pub use self::chain::{Chain, OutputRules};
 use self::contract::v0_1::filter::{Filter, FilterPre};
 use self::contract::v0_1::transform::{Transform, TransformPre};
 use self::contract::v0_1::types as wit;
-use self::output::check_outputs;
-use crate::config::{
-    Capabilities, PipelineConfig, PluginLimits, QuarantineAction, QuarantineConfig,
-};
+use self::contract::v0_2;
+pub use self::contract::Version;
+use crate::config::{Capabilities, PluginLimits};
 use crate::error::Error;
 use crate::model::failure::FailureKind;
 use crate::model::Change;
 use crate::sandbox::{self, Admission, PluginState, Sandbox};
-
-impl wit::Host for PluginState {}
-
-impl contract::v0_1::filter::tidegate::plugin::log::Host for PluginState {
-    /// One line, escaped (see `telemetry::escape`), within the call's log budget, tagged
-    /// with the unit, tenant and plugin that wrote it.
-    fn write(
-        &mut self,
-        level: contract::v0_1::filter::tidegate::plugin::log::Level,
-        message: String,
-    ) {
-        use contract::v0_1::filter::tidegate::plugin::log::Level;
-        let Some(admitted) = self.log_budget().admit(&message) else {
-            return;
-        };
-        let message = crate::ops::telemetry::escape(admitted);
-        let (pipeline, tenant) = (self.pipeline.as_str(), self.tenant.as_deref());
-        let plugin = self.plugin.as_str();
-        match level {
-            Level::Debug => tracing::debug!(pipeline, tenant, plugin, "{message}"),
-            Level::Info => tracing::info!(pipeline, tenant, plugin, "{message}"),
-            Level::Warn => tracing::warn!(pipeline, tenant, plugin, "{message}"),
-            Level::Error => tracing::error!(pipeline, tenant, plugin, "{message}"),
-        }
-    }
-}
-
-impl contract::v0_1::filter::tidegate::plugin::config::Host for PluginState {
-    fn get(&mut self, key: String) -> Option<String> {
-        self.config.get(&key).cloned()
-    }
-
-    fn entries(&mut self) -> Vec<(String, String)> {
-        self.config
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    }
-}
 
 /// Which contract world a component implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,11 +53,57 @@ pub enum World {
 enum Pre {
     Filter(FilterPre<PluginState>),
     Transform(TransformPre<PluginState>),
+    Filter02(v0_2::filter::FilterPre<PluginState>),
+    Transform02(v0_2::transform::TransformPre<PluginState>),
 }
 
 enum Instance {
     Filter(Filter),
     Transform(Transform),
+    Filter02(v0_2::filter::Filter),
+    Transform02(v0_2::transform::Transform),
+}
+
+/// One event as plugins are given it: the change, and its form for each contract version,
+/// each made once, on first use, however many plugins of that version see it.
+pub struct Input {
+    change: Arc<Change>,
+    v0_1: OnceCell<Result<wit::ChangeEvent, String>>,
+    v0_2: OnceCell<v0_2::types::ChangeEvent>,
+}
+
+impl Input {
+    /// An input for `change`.
+    pub fn new(change: Change) -> Input {
+        Input::shared(Arc::new(change))
+    }
+
+    fn shared(change: Arc<Change>) -> Input {
+        Input {
+            change,
+            v0_1: OnceCell::new(),
+            v0_2: OnceCell::new(),
+        }
+    }
+
+    /// The change.
+    pub fn change(&self) -> &Change {
+        &self.change
+    }
+
+    /// Contract 0.1's form (documents converted to relaxed Extended JSON). Fails only on
+    /// malformed BSON.
+    pub fn v0_1(&self) -> Result<&wit::ChangeEvent, String> {
+        self.v0_1
+            .get_or_init(|| convert::to_wit(&self.change))
+            .as_ref()
+            .map_err(String::clone)
+    }
+
+    /// Contract 0.2's form: the metadata only.
+    pub fn v0_2(&self) -> &v0_2::types::ChangeEvent {
+        self.v0_2.get_or_init(|| edit::metadata(&self.change))
+    }
 }
 
 /// Everything a plugin is loaded with besides its file.
@@ -109,6 +127,7 @@ pub struct Plugin {
     path: PathBuf,
     hash: String,
     world: World,
+    version: Version,
     settings: PluginSettings,
     engine: Engine,
     admission: Arc<Admission>,
@@ -182,46 +201,22 @@ impl Plugin {
             .exports(&engine)
             .map(|(export, _)| export.to_string())
             .collect();
-        let world = if exports.iter().any(|e| e == "filter") {
-            World::Filter
-        } else if exports.iter().any(|e| e == "transform") {
-            World::Transform
-        } else {
+        let Some((world, version)) = contract::identify(&exports) else {
             return Err(fail(format!(
-                "exports neither `filter` nor `transform`, so it was not built for a \
-                 tidegate:plugin@0.1.0 world (its exports: [{}])",
+                "exports neither `filter` nor `transform` (0.1) nor `{}` / `{}` (0.2), so it \
+                 was not built for a tidegate:plugin world (its exports: [{}])",
+                v0_2::FILTER_EXPORT,
+                v0_2::TRANSFORM_EXPORT,
                 exports.join(", ")
             )));
         };
-        let mut linker: Linker<PluginState> = Linker::new(&engine);
-        Filter::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |state| state)
-            .map_err(|err| fail(format!("cannot set up imports: {err:#}")))?;
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
-            .map_err(|err| fail(format!("cannot set up WASI imports: {err:#}")))?;
-        let instance_pre = linker.instantiate_pre(&component).map_err(|err| {
-            fail(format!(
-                "imports something tidegate does not grant (offered: tidegate:plugin/log, \
-                 tidegate:plugin/config, and WASI 0.2 with only the capabilities the config \
-                 grants): {err:#}"
-            ))
-        })?;
-        let pre = match world {
-            World::Filter => Pre::Filter(FilterPre::new(instance_pre).map_err(|err| {
-                fail(format!(
-                    "does not match the `filter` world of tidegate:plugin@0.1.0: {err:#}"
-                ))
-            })?),
-            World::Transform => Pre::Transform(TransformPre::new(instance_pre).map_err(|err| {
-                fail(format!(
-                    "does not match the `transform` world of tidegate:plugin@0.1.0: {err:#}"
-                ))
-            })?),
-        };
+        let pre = prepare(&engine, &component, world, version).map_err(fail)?;
         let mut plugin = Plugin {
             name: name.to_string(),
             path: path.to_path_buf(),
             hash: compiled.hash,
             world,
+            version,
             settings: settings.clone(),
             engine,
             admission: sandbox.admission(),
@@ -250,8 +245,7 @@ impl Plugin {
     /// version that traps on contact is refused before it replaces a working one. A
     /// `plugin-error` verdict passes: plugins may rightly reject an event they do not know.
     pub fn smoke_test(&mut self) -> Result<(), CallError> {
-        let probe =
-            convert::to_wit(&Change::probe()).map_err(|m| self.error(FailureKind::Encoding, m))?;
+        let probe = Input::new(Change::probe());
         match self.call(&probe) {
             Err(err) if err.kind != FailureKind::PluginError => return Err(err),
             _ => {}
@@ -339,6 +333,8 @@ impl Plugin {
         let instance = match &self.pre {
             Pre::Filter(pre) => pre.instantiate(&mut store).map(Instance::Filter),
             Pre::Transform(pre) => pre.instantiate(&mut store).map(Instance::Transform),
+            Pre::Filter02(pre) => pre.instantiate(&mut store).map(Instance::Filter02),
+            Pre::Transform02(pre) => pre.instantiate(&mut store).map(Instance::Transform02),
         };
         let instance = instance.map_err(|err| {
             self.error(
@@ -347,13 +343,21 @@ impl Plugin {
             )
         })?;
         let init = match &instance {
-            Instance::Filter(f) => f.call_init(&mut store),
-            Instance::Transform(t) => t.call_init(&mut store),
+            Instance::Filter(f) => f.call_init(&mut store).map(|r| r.map_err(|e| e.text())),
+            Instance::Transform(t) => t.call_init(&mut store).map(|r| r.map_err(|e| e.text())),
+            Instance::Filter02(f) => f
+                .tidegate_plugin_filter_api()
+                .call_init(&mut store)
+                .map(|r| r.map_err(|e| e.text())),
+            Instance::Transform02(t) => t
+                .tidegate_plugin_transform_api()
+                .call_init(&mut store)
+                .map(|r| r.map_err(|e| e.text())),
         };
         self.report_suppressed_logs(&mut store);
         match init {
             Ok(Ok(())) => Ok((store, instance)),
-            Ok(Err(err)) => Err(self.error(FailureKind::PluginError, plugin_error_text(&err))),
+            Ok(Err(err)) => Err(self.error(FailureKind::PluginError, err)),
             Err(err) => Err(self.error(
                 FailureKind::Trap,
                 format!("init trapped: {}", sandbox::trap_reason(&err)),
@@ -362,34 +366,86 @@ impl Plugin {
     }
 
     /// Runs the plugin on one event and checks what it returned the way production does
-    /// ([`check_outputs`]): the one call-and-check path of the pipeline and of
+    /// (`check::check_outputs`): the one call-and-check path of the pipeline and of
     /// `tidegate plugin test`. `rules` are the unit's output rules.
     pub fn call_checked(
+        &mut self,
+        input: &Input,
+        rules: &OutputRules,
+    ) -> Result<Decision, CallError> {
+        let decision = self.call(input)?;
+        check::check_outputs(self, &decision, input.change().id(), rules)?;
+        Ok(decision)
+    }
+
+    /// [`Plugin::call_checked`] for an event already in contract 0.1's form (what a 0.1
+    /// transform handed the chain). Only for 0.1 plugins.
+    fn call_checked_v0_1(
         &mut self,
         event: &wit::ChangeEvent,
         rules: &OutputRules,
     ) -> Result<Decision, CallError> {
-        let decision = self.call(event)?;
-        check_outputs(self, &decision, event, rules)?;
+        let decision = self.invoke(Arg::V0_1(event))?;
+        check::check_outputs(self, &decision, &event.id, rules)?;
         Ok(decision)
     }
 
-    /// Runs the plugin on one event. After a trap the instance is discarded (its memory may
-    /// be half-updated) and the next call gets a fresh one.
-    pub fn call(&mut self, event: &wit::ChangeEvent) -> Result<Decision, CallError> {
+    /// The contract version the component was built against.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// Runs the plugin on one event, in the form its contract version takes. After a trap
+    /// the instance is discarded (its memory may be half-updated) and the next call gets a
+    /// fresh one.
+    pub fn call(&mut self, input: &Input) -> Result<Decision, CallError> {
+        match self.version {
+            Version::V0_1 => {
+                let event = input
+                    .v0_1()
+                    .map_err(|m| self.error(FailureKind::Encoding, m))?;
+                self.invoke(Arg::V0_1(event))
+            }
+            Version::V0_2 => self.invoke(Arg::V0_2(&input.change, input.v0_2())),
+        }
+    }
+
+    fn invoke(&mut self, arg: Arg<'_>) -> Result<Decision, CallError> {
         let (mut store, instance) = match self.live.take() {
             Some(live) => live,
             None => self.instantiate()?,
         };
         sandbox::arm(&mut store, &self.settings.limits)
             .map_err(|m| self.error(FailureKind::Trap, m))?;
-        let result = match &instance {
-            Instance::Filter(f) => f
+        let keep = |keep: bool| if keep { Decision::Keep } else { Decision::Drop };
+        let result = match (&instance, arg) {
+            (Instance::Filter(f), Arg::V0_1(event)) => f
                 .call_filter(&mut store, event)
-                .map(|r| r.map(|keep| if keep { Decision::Keep } else { Decision::Drop })),
-            Instance::Transform(t) => t
+                .map(|r| r.map(keep).map_err(|e| e.text())),
+            (Instance::Transform(t), Arg::V0_1(event)) => t
                 .call_transform(&mut store, event)
-                .map(|r| r.map(Decision::Replace)),
+                .map(|r| r.map(Decision::Replace).map_err(|e| e.text())),
+            (Instance::Filter02(f), Arg::V0_2(change, meta)) => {
+                store.data_mut().event = Some(Arc::clone(change));
+                let result = f.tidegate_plugin_filter_api().call_filter(&mut store, meta);
+                store.data_mut().event = None;
+                result.map(|r| r.map(keep).map_err(|e| e.text()))
+            }
+            (Instance::Transform02(t), Arg::V0_2(change, meta)) => {
+                store.data_mut().event = Some(Arc::clone(change));
+                let result = t
+                    .tidegate_plugin_transform_api()
+                    .call_transform(&mut store, meta);
+                store.data_mut().event = None;
+                result.map(|r| r.map(Decision::Edit).map_err(|e| e.text()))
+            }
+            _ => {
+                self.live = Some((store, instance));
+                return Err(self.error(
+                    FailureKind::Encoding,
+                    "the host handed the plugin an event in another contract version's form",
+                ));
+            }
         };
         self.last_fuel_used = sandbox::fuel_used(&store, &self.settings.limits);
         self.memory_peak = self.memory_peak.max(store.data().memory_peak() as u64);
@@ -401,7 +457,7 @@ impl Plugin {
             }
             Ok(Err(err)) => {
                 self.live = Some((store, instance));
-                Err(self.error(FailureKind::PluginError, plugin_error_text(&err)))
+                Err(self.error(FailureKind::PluginError, err))
             }
             Err(err) => {
                 let reason = sandbox::trap_reason(&err);
@@ -411,6 +467,70 @@ impl Plugin {
     }
 }
 
+/// An event in the form a plugin's contract version takes.
+#[derive(Clone, Copy)]
+enum Arg<'a> {
+    V0_1(&'a wit::ChangeEvent),
+    V0_2(&'a Arc<Change>, &'a v0_2::types::ChangeEvent),
+}
+
+/// Links a component against the imports of its contract version (and WASI) and checks it
+/// against its world's exports, once, so that instantiating it later type-checks nothing.
+fn prepare(
+    engine: &Engine,
+    component: &Component,
+    world: World,
+    version: Version,
+) -> Result<Pre, String> {
+    let mut linker: Linker<PluginState> = Linker::new(engine);
+    let linked = match version {
+        Version::V0_1 => {
+            Filter::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)
+        }
+        Version::V0_2 => v0_2::filter::Filter::add_to_linker::<PluginState, HasSelf<PluginState>>(
+            &mut linker,
+            |s| s,
+        ),
+    };
+    linked.map_err(|err| format!("cannot set up imports: {err:#}"))?;
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        .map_err(|err| format!("cannot set up WASI imports: {err:#}"))?;
+    let instance_pre = linker.instantiate_pre(component).map_err(|err| {
+        format!(
+            "imports something tidegate does not grant (offered to a {} component: \
+             tidegate:plugin/log, tidegate:plugin/config{}, and WASI 0.2 with only the \
+             capabilities the config grants): {err:#}",
+            version.as_str(),
+            if version == Version::V0_2 {
+                ", tidegate:plugin/event"
+            } else {
+                ""
+            }
+        )
+    })?;
+    let mismatch = |err: wasmtime::Error| {
+        format!(
+            "does not match the `{}` world of tidegate:plugin@{}: {err:#}",
+            format!("{world:?}").to_lowercase(),
+            version.as_str()
+        )
+    };
+    Ok(match (world, version) {
+        (World::Filter, Version::V0_1) => {
+            Pre::Filter(FilterPre::new(instance_pre).map_err(mismatch)?)
+        }
+        (World::Transform, Version::V0_1) => {
+            Pre::Transform(TransformPre::new(instance_pre).map_err(mismatch)?)
+        }
+        (World::Filter, Version::V0_2) => {
+            Pre::Filter02(v0_2::filter::FilterPre::new(instance_pre).map_err(mismatch)?)
+        }
+        (World::Transform, Version::V0_2) => {
+            Pre::Transform02(v0_2::transform::TransformPre::new(instance_pre).map_err(mismatch)?)
+        }
+    })
+}
+
 /// What one plugin made of one event.
 #[derive(Debug)]
 pub enum Decision {
@@ -418,15 +538,35 @@ pub enum Decision {
     Keep,
     /// A filter dropped it.
     Drop,
-    /// A transform replaced it with these outputs (none: dropped).
+    /// A 0.1 transform replaced it with these outputs (none: dropped).
     Replace(Vec<wit::Output>),
+    /// A 0.2 transform replaced it with these outputs, each the event it was given plus
+    /// edits (none: dropped).
+    Edit(Vec<v0_2::types::Output>),
 }
 
-fn plugin_error_text(err: &wit::PluginError) -> String {
-    match err {
-        wit::PluginError::InvalidEvent(m) => format!("invalid-event: {m}"),
-        wit::PluginError::InvalidConfig(m) => format!("invalid-config: {m}"),
-        wit::PluginError::Failed(m) => format!("failed: {m}"),
+/// A plugin's error as dead-letter headers and logs show it (the same for every version).
+trait PluginErrorText {
+    fn text(&self) -> String;
+}
+
+impl PluginErrorText for wit::PluginError {
+    fn text(&self) -> String {
+        match self {
+            wit::PluginError::InvalidEvent(m) => format!("invalid-event: {m}"),
+            wit::PluginError::InvalidConfig(m) => format!("invalid-config: {m}"),
+            wit::PluginError::Failed(m) => format!("failed: {m}"),
+        }
+    }
+}
+
+impl PluginErrorText for v0_2::types::PluginError {
+    fn text(&self) -> String {
+        match self {
+            v0_2::types::PluginError::InvalidEvent(m) => format!("invalid-event: {m}"),
+            v0_2::types::PluginError::InvalidConfig(m) => format!("invalid-config: {m}"),
+            v0_2::types::PluginError::Failed(m) => format!("failed: {m}"),
+        }
     }
 }
 
@@ -499,283 +639,4 @@ pub enum Verdict {
     /// The event lies outside the tenant's namespaces (the server-side filter should have
     /// kept it away): no plugin saw it and nothing is published.
     OutOfScope,
-}
-
-/// What every output of a unit's transforms must respect besides the plugin's own limits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutputRules {
-    /// Subjects chosen by plugins must lie under `<subject_prefix>.`.
-    pub subject_prefix: String,
-    /// A cap on every plugin's `max_output_bytes`: the NATS server's `max_payload` once
-    /// connected (`u64::MAX` until then).
-    pub max_output_bytes: u64,
-}
-
-/// A pipeline's plugins, in order.
-pub struct Chain {
-    plugins: Vec<Plugin>,
-    /// One series per plugin, in chain order.
-    metrics: Vec<std::sync::Arc<crate::ops::metrics::PluginMetrics>>,
-    rules: OutputRules,
-    quarantine: QuarantineConfig,
-    unit: String,
-    /// Idle time owed for limit breaches (see [`Chain::take_pause`]).
-    pause_owed: std::time::Duration,
-}
-
-impl Chain {
-    /// What `/status` shows of the chain's plugins: the exact versions running.
-    pub fn infos(&self) -> Vec<crate::ops::metrics::PluginInfo> {
-        self.plugins()
-            .iter()
-            .map(|p| crate::ops::metrics::PluginInfo {
-                name: p.name().to_string(),
-                world: format!("{:?}", p.world()).to_lowercase(),
-                sha256: p.hash().trim_start_matches("sha256:").to_string(),
-            })
-            .collect()
-    }
-
-    /// Loads every plugin of a pipeline. Fails on the first plugin that cannot run.
-    pub fn load(
-        sandbox: &Sandbox,
-        pipeline: &PipelineConfig,
-        plugin_dir: &Path,
-    ) -> Result<Chain, Error> {
-        let plugins = pipeline
-            .plugins
-            .iter()
-            .map(|p| {
-                let path = PipelineConfig::plugin_path(p, plugin_dir);
-                Plugin::load(sandbox, &p.name, &path, &Chain::settings(pipeline, p))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Chain::of(plugins, pipeline))
-    }
-
-    /// A chain of already loaded `plugins` for `pipeline` (`tidegate plugin test` builds its
-    /// one-plugin chain this way).
-    pub fn of(plugins: Vec<Plugin>, pipeline: &PipelineConfig) -> Chain {
-        let labels = crate::ops::metrics::unit_labels(&pipeline.id);
-        Chain {
-            metrics: plugins
-                .iter()
-                .map(|p| crate::ops::metrics::plugin(&labels, p.name()))
-                .collect(),
-            plugins,
-            rules: OutputRules {
-                subject_prefix: pipeline.sink.subject_prefix.clone(),
-                max_output_bytes: u64::MAX,
-            },
-            quarantine: pipeline.quarantine,
-            unit: pipeline.id.clone(),
-            pause_owed: std::time::Duration::ZERO,
-        }
-    }
-
-    /// Makes the unit owe idle time for a call that broke a limit (see
-    /// `QuarantineConfig::breach_pause`), so that a hostile plugin's CPU goes back to the
-    /// other units instead of to its next event. The chain stage waits it out off the worker
-    /// pool ([`Chain::take_pause`]), so no worker sits idle for it.
-    fn pause_after_breach(&mut self, err: &CallError, took: std::time::Duration) {
-        if !err.kind.is_limit_breach() || self.quarantine.breach_pause == 0 {
-            return;
-        }
-        let pause = took
-            .saturating_mul(self.quarantine.breach_pause)
-            .min(crate::config::MAX_BREACH_PAUSE);
-        self.pause_owed = self
-            .pause_owed
-            .saturating_add(pause)
-            .min(crate::config::MAX_BREACH_PAUSE);
-    }
-
-    /// The idle time the unit owes for limit breaches since the last call of this (see
-    /// `QuarantineConfig::breach_pause`), at most [`crate::config::MAX_BREACH_PAUSE`].
-    pub fn take_pause(&mut self) -> std::time::Duration {
-        std::mem::take(&mut self.pause_owed)
-    }
-
-    /// Whether a limit breach left idle time owed (see [`Chain::take_pause`]).
-    pub fn owes_pause(&self) -> bool {
-        !self.pause_owed.is_zero()
-    }
-
-    /// Caps every plugin's `max_output_bytes` at `max` (the NATS server's `max_payload`).
-    pub fn cap_output_bytes(&mut self, max: u64) {
-        self.rules.max_output_bytes = max;
-    }
-
-    /// What plugin `p` of `pipeline` is loaded with.
-    pub fn settings(pipeline: &PipelineConfig, p: &crate::config::PluginConfig) -> PluginSettings {
-        PluginSettings {
-            pipeline: pipeline.id.clone(),
-            tenant: pipeline.tenant.as_ref().map(|t| t.id.clone()),
-            config: p.config.clone(),
-            limits: pipeline.plugin_limits(p),
-            capabilities: pipeline.capabilities.clone(),
-        }
-    }
-
-    /// The loaded plugins.
-    pub fn plugins(&self) -> &[Plugin] {
-        &self.plugins
-    }
-
-    /// Puts a new version of the plugin at `index` in place, between two events. Its
-    /// failure count and any quarantine start afresh.
-    pub fn replace(&mut self, index: usize, plugin: Plugin) -> Option<Plugin> {
-        let slot = self.plugins.get_mut(index)?;
-        Some(std::mem::replace(slot, plugin))
-    }
-
-    /// Runs every plugin once on a synthetic event (see [`Plugin::smoke_test`]).
-    pub fn smoke_test(&mut self) -> Result<(), CallError> {
-        self.plugins.iter_mut().try_for_each(Plugin::smoke_test)
-    }
-
-    /// Records the outcome of one call of plugin `index`, quarantining it when it has failed
-    /// too often in a row.
-    fn record(&mut self, index: usize, failed: Option<&CallError>) {
-        let after = self.quarantine.after_failures;
-        let Some(plugin) = self.plugins.get_mut(index) else {
-            return;
-        };
-        let Some(err) = failed else {
-            plugin.failures_in_a_row = 0;
-            return;
-        };
-        plugin.failures_in_a_row += 1;
-        if after > 0 && plugin.failures_in_a_row >= after && !plugin.quarantined {
-            plugin.quarantined = true;
-            tracing::error!(
-                pipeline = %self.unit,
-                plugin = %plugin.name,
-                hash = %plugin.hash,
-                failures = plugin.failures_in_a_row,
-                last_error = %err.message,
-                action = ?self.quarantine.action,
-                "plugin quarantined: it is no longer called. Release it by replacing {} (it is \
-                 reloaded automatically) or by sending SIGHUP",
-                plugin.path.display()
-            );
-        }
-    }
-
-    /// What a quarantined plugin's event becomes.
-    fn quarantined(&self, index: usize) -> Option<Verdict> {
-        let plugin = self.plugins.get(index).filter(|p| p.quarantined)?;
-        let err = plugin.error(
-            FailureKind::Quarantined,
-            format!(
-                "plugin failed {} events in a row and is quarantined until reloaded",
-                plugin.failures_in_a_row
-            ),
-        );
-        Some(match self.quarantine.action {
-            QuarantineAction::DeadLetter => Verdict::DeadLetter(DeadLetterCause::Plugin(err)),
-            QuarantineAction::Skip => Verdict::Skip(err),
-            QuarantineAction::Halt => Verdict::Halt(err),
-        })
-    }
-
-    /// Runs the chain over one change of a unit whose scope check `may_see` is already done.
-    pub fn run(&mut self, change: &Change) -> Verdict {
-        // The contract's form of the original (every chain's first plugin needs it).
-        let sent = match self.plugins.is_empty() {
-            true => None,
-            false => match convert::to_wit(change) {
-                Ok(event) => Some(event),
-                Err(message) => {
-                    return Verdict::DeadLetter(DeadLetterCause::Host {
-                        kind: FailureKind::Encoding,
-                        message,
-                    })
-                }
-            },
-        };
-        // What flows down the chain; `None` is the original event, untouched so far.
-        let mut current: Vec<Option<wit::Output>> = vec![None];
-        for index in 0..self.plugins.len() {
-            if let Some(verdict) = self.quarantined(index) {
-                return verdict;
-            }
-            let mut next = Vec::with_capacity(current.len());
-            for item in current {
-                let input = match (&item, &sent) {
-                    (Some(output), _) => &output.event,
-                    (None, Some(sent)) => sent,
-                    (None, None) => continue,
-                };
-                let plugin = &mut self.plugins[index];
-                let started = std::time::Instant::now();
-                let result = plugin.call_checked(input, &self.rules);
-                if let Some(metrics) = self.metrics.get(index) {
-                    metrics.call(
-                        started.elapsed(),
-                        plugin.last_fuel_used,
-                        plugin.memory_peak,
-                        result.is_err(),
-                    );
-                }
-                self.record(index, result.as_ref().err());
-                if let Err(err) = &result {
-                    self.pause_after_breach(err, started.elapsed());
-                }
-                let outputs = match result {
-                    Ok(Decision::Keep) => {
-                        next.push(item);
-                        continue;
-                    }
-                    Ok(Decision::Drop) => continue,
-                    Ok(Decision::Replace(outputs)) => outputs,
-                    Err(err) => return Verdict::DeadLetter(DeadLetterCause::Plugin(err)),
-                };
-                for mut out in outputs {
-                    if let Some(earlier) = &item {
-                        out.subject = out.subject.or_else(|| earlier.subject.clone());
-                        let mut headers = earlier.headers.clone();
-                        headers.append(&mut out.headers);
-                        out.headers = headers;
-                    }
-                    next.push(Some(out));
-                }
-            }
-            current = next;
-        }
-        let mut outputs = Vec::with_capacity(current.len());
-        for item in current {
-            let Some(out) = item else {
-                outputs.push(Output {
-                    change: None,
-                    subject: None,
-                    headers: Vec::new(),
-                });
-                continue;
-            };
-            // A transformed item exists only if the original was converted for a plugin.
-            let Some(sent) = &sent else { continue };
-            match convert::from_wit(out.event, sent, change) {
-                Ok(changed) => outputs.push(Output {
-                    change: Some(changed),
-                    subject: out.subject,
-                    headers: out.headers.into_iter().map(|h| (h.name, h.value)).collect(),
-                }),
-                Err(message) => {
-                    let last = self
-                        .plugins
-                        .last()
-                        .map(|p| (p.name.clone(), p.hash.clone()))
-                        .unwrap_or_default();
-                    return Verdict::DeadLetter(DeadLetterCause::Plugin(CallError::new(
-                        &last.0,
-                        &last.1,
-                        FailureKind::InvalidOutput,
-                        &message,
-                    )));
-                }
-            }
-        }
-        Verdict::Publish(outputs)
-    }
 }

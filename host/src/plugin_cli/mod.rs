@@ -253,6 +253,7 @@ fn compiling(file: &Path) -> String {
 /// What a `.wasm` file is, read without instantiating it.
 struct Shape {
     world: Option<&'static str>,
+    version: Option<tidegate::plugin::Version>,
     exports: Vec<String>,
     imports: Vec<String>,
 }
@@ -275,15 +276,14 @@ fn shape(sandbox: &Sandbox, file: &Path, bytes: &[u8]) -> Result<Shape, String> 
     let ty = compiled.component.component_type();
     let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
     let imports: Vec<String> = ty.imports(engine).map(|(n, _)| n.to_string()).collect();
-    let world = if exports.iter().any(|e| e == "filter") {
-        Some("filter")
-    } else if exports.iter().any(|e| e == "transform") {
-        Some("transform")
-    } else {
-        None
-    };
+    let identified = tidegate::plugin::contract::identify(&exports);
+    let world = identified.map(|(world, _)| match world {
+        World::Filter => "filter",
+        World::Transform => "transform",
+    });
     Ok(Shape {
         world,
+        version: identified.map(|(_, version)| version),
         exports,
         imports,
     })
@@ -306,6 +306,7 @@ fn inspect(file: &Path, settings: &PluginSettings) -> anyhow::Result<bool> {
             .world
             .unwrap_or("none (exports neither filter nor transform)")
     );
+    // The version its exports name (what the host goes by), else what its imports say.
     let mut versions: Vec<&str> = shape
         .imports
         .iter()
@@ -315,9 +316,10 @@ fn inspect(file: &Path, settings: &PluginSettings) -> anyhow::Result<bool> {
     versions.dedup();
     println!(
         "contract:  {}",
-        match versions.as_slice() {
-            [] => "unknown (imports no tidegate:plugin interface)".to_owned(),
-            vs => vs
+        match (shape.version, versions.as_slice()) {
+            (Some(v), _) => format!("tidegate:plugin@{}", v.as_str()),
+            (None, []) => "unknown (imports no tidegate:plugin interface)".to_owned(),
+            (None, vs) => vs
                 .iter()
                 .map(|v| format!("tidegate:plugin@{v}"))
                 .collect::<Vec<_>>()

@@ -176,6 +176,9 @@ pub struct PluginState {
     pub tenant: Option<String>,
     /// The plugin's own config (what its `config` import returns).
     pub config: BTreeMap<String, String>,
+    /// The event of the call in progress, for contract 0.2's `event` import (which reads its
+    /// documents in place); `None` between calls and for 0.1 plugins, whose calls carry it.
+    pub event: Option<std::sync::Arc<crate::model::Change>>,
     footprint: Footprint,
     log: LogBudget,
     wasi: WasiCtx,
@@ -212,6 +215,7 @@ pub fn new_store(
         pipeline: scope.0.to_string(),
         tenant: scope.1.map(str::to_string),
         config: config.clone(),
+        event: None,
         footprint: Footprint::new(limits),
         log: LogBudget::new(limits),
         wasi,

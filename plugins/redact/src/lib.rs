@@ -40,12 +40,57 @@ impl Redact {
     /// Redacts one optional document in place, naming it in any error.
     fn redact(&self, doc: &mut Option<Document>, kind: Kind, what: &str) -> Result<usize, Error> {
         let Some(current) = doc else { return Ok(0) };
+        if kind == Kind::Document {
+            let in_place = self
+                .redact_in_place(current)
+                .map_err(|e| Error::invalid_event(format!("{what}: {}", e.message())))?;
+            if let Some(count) = in_place {
+                return Ok(count);
+            }
+        }
         let (count, rewritten) = redact_bytes(current.as_bytes(), kind, &self.0)
             .map_err(|e| Error::invalid_event(format!("{what}: {e}")))?;
         if let Some(rewritten) = rewritten {
             *current = Document::from_bytes(rewritten);
         }
         Ok(count)
+    }
+
+    /// Redacts a document by edits: the values each rule reaches are located (by the host,
+    /// for a received document, without converting the document) and replaced or removed one
+    /// by one, so the host changes only those values of the original BSON. `None` when the
+    /// rules could interact — one reached value inside (or the same as) another, or an array element dropped
+    /// (which moves the later ones) — and the whole-document pass must decide instead.
+    fn redact_in_place(&self, doc: &mut Document) -> Result<Option<usize>, Error> {
+        let mut plan = Vec::new();
+        for rule in &self.0.rules {
+            for found in doc.find(&rule.path.join("."))? {
+                let numeric_last = found
+                    .path
+                    .last()
+                    .is_some_and(|s| s.bytes().all(|b| b.is_ascii_digit()));
+                if rule.action == Action::Drop && numeric_last && found.path.len() > 1 {
+                    return Ok(None);
+                }
+                plan.push((found, rule.action));
+            }
+        }
+        let nested = plan.iter().enumerate().any(|(i, (a, _))| {
+            plan.iter()
+                .enumerate()
+                .any(|(j, (b, _))| i != j && b.path.starts_with(&a.path))
+        });
+        if nested {
+            return Ok(None);
+        }
+        let count = plan.len();
+        for (found, action) in plan {
+            match action {
+                Action::Drop => doc.unset_at(found.path)?,
+                action => doc.set_at(found.path, self.0.replacement(action, &found.value))?,
+            }
+        }
+        Ok(Some(count))
     }
 }
 

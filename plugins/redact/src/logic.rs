@@ -108,7 +108,7 @@ impl Config {
     }
 
     /// The new value for `value` under a non-drop action.
-    fn replacement(&self, action: Action, value: &Value) -> Value {
+    pub fn replacement(&self, action: Action, value: &Value) -> Value {
         let text = || match value {
             Value::String(s) => s.clone(),
             other => other.to_string(),

@@ -5,6 +5,7 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
+use crate::edit::{self, Edit, Found, Part};
 use crate::error::{Error, Result};
 
 /// A BSON document as UTF-8 relaxed Extended JSON, parsed on first use.
@@ -28,9 +29,22 @@ use crate::error::{Error, Result};
 /// assert_eq!(doc.get("author.missing")?, None);
 /// # Ok::<(), tidegate_plugin::Error>(())
 /// ```
+///
+/// Under contract 0.2 (the default) a document the plugin received stays in the host until it
+/// is read: [`Document::value`] and [`Document::find`] ask the host for just the values they
+/// name, and [`Document::set`], [`Document::unset`] and [`Document::rename`] record edits the
+/// host applies to the original BSON. Only the readers that borrow from a parsed copy
+/// ([`Document::get`], [`Document::map`], [`Document::as_bytes`], …) fetch the whole document.
 pub struct Document {
-    bytes: Vec<u8>,
+    /// The host's part this document is (a received, never replaced document); `None` for a
+    /// document built by the plugin, and always natively.
+    origin: Option<Part>,
+    /// The relaxed EJSON text: set for built documents, fetched on first need for received
+    /// ones (with `edits` applied).
+    bytes: OnceCell<Vec<u8>>,
     parsed: OnceCell<std::result::Result<Map<String, Value>, String>>,
+    /// Edits made to a received document, for the host to apply.
+    edits: Vec<Edit>,
 }
 
 impl Document {
@@ -45,8 +59,203 @@ impl Document {
     /// ```
     pub fn from_bytes(bytes: Vec<u8>) -> Document {
         Document {
-            bytes,
+            origin: None,
+            bytes: OnceCell::from(bytes),
             parsed: OnceCell::new(),
+            edits: Vec::new(),
+        }
+    }
+
+    /// A received document that stays in the host until read (contract 0.2 guests).
+    #[doc(hidden)]
+    pub fn in_host(part: Part) -> Document {
+        Document {
+            origin: Some(part),
+            bytes: OnceCell::new(),
+            parsed: OnceCell::new(),
+            edits: Vec::new(),
+        }
+    }
+
+    /// The host part this document still is, if it is one (contract 0.2 guests).
+    #[doc(hidden)]
+    pub fn origin(&self) -> Option<Part> {
+        self.origin
+    }
+
+    /// The edits made to this document since it was received, in order (what the host will
+    /// apply to the original). Empty for documents the plugin built.
+    ///
+    /// ```
+    /// # use tidegate_plugin::Document;
+    /// let mut doc = Document::from_json(serde_json::json!({"a": 1}));
+    /// doc.set("a", 2)?;
+    /// assert!(doc.edits().is_empty()); // built by the plugin: nothing for the host to edit
+    /// assert_eq!(doc.get_i64("a")?, Some(2));
+    /// # Ok::<(), tidegate_plugin::Error>(())
+    /// ```
+    pub fn edits(&self) -> &[Edit] {
+        &self.edits
+    }
+
+    /// The text, fetched from the host (edits applied) on first need.
+    fn text(&self) -> &Vec<u8> {
+        self.bytes.get_or_init(|| {
+            let fetched = match self.origin {
+                Some(part) => edit::fetch(part),
+                None => b"{}".to_vec(),
+            };
+            if self.edits.is_empty() {
+                return fetched;
+            }
+            let mut value = serde_json::from_slice::<Value>(&fetched).unwrap_or(Value::Null);
+            if let Value::Object(map) = &mut value {
+                for e in &self.edits {
+                    // The host refuses an edit that cannot apply; the local copy skips it.
+                    let _ = edit::apply(map, e);
+                }
+            }
+            value.to_string().into_bytes()
+        })
+    }
+
+    /// Whether this is a received document still only in the host (never fetched nor
+    /// edited): reads that return owned values ([`Document::value`], [`Document::find`]) ask
+    /// the host for just those values.
+    #[doc(hidden)]
+    pub fn is_in_host(&self) -> bool {
+        !self.is_local() && self.edits.is_empty()
+    }
+
+    /// Whether reads are served from a local copy (built, fetched, or native).
+    fn is_local(&self) -> bool {
+        self.origin.is_none() || self.bytes.get().is_some()
+    }
+
+    /// Records `e`, and applies it to the local copy if there is one.
+    fn edit(&mut self, e: Edit) -> Result<()> {
+        if self.is_local() {
+            self.text();
+            let mut map = self.to_map()?;
+            edit::apply(&mut map, &e)?;
+            self.bytes = OnceCell::from(Value::Object(map).to_string().into_bytes());
+            self.parsed = OnceCell::new();
+        }
+        if self.origin.is_some() {
+            self.edits.push(e);
+        }
+        Ok(())
+    }
+
+    /// Sets the value at a dotted path, creating missing objects on the way (like MongoDB's
+    /// `$set`). On a received document this is an edit the host applies to the original BSON,
+    /// so every other value keeps its exact type and bytes; nothing is fetched.
+    ///
+    /// ```
+    /// # use tidegate_plugin::Document;
+    /// let mut doc = Document::from_json(serde_json::json!({"a": {"b": 1}, "c": [1, 2]}));
+    /// doc.set("a.b", "x")?;
+    /// doc.set("d.e", true)?;
+    /// doc.set("c.1", 5)?;
+    /// assert_eq!(doc.as_bytes(), br#"{"a":{"b":"x"},"c":[1,5],"d":{"e":true}}"#);
+    /// assert!(doc.set("c.9", 1).is_err());
+    /// # Ok::<(), tidegate_plugin::Error>(())
+    /// ```
+    pub fn set(&mut self, path: &str, value: impl Into<Value>) -> Result<()> {
+        self.set_at(edit::segments(path), value)
+    }
+
+    /// [`Document::set`] with the path as segments (for field names containing dots, such as
+    /// the keys of an update's `updated_fields`).
+    ///
+    /// ```
+    /// # use tidegate_plugin::Document;
+    /// let mut doc = Document::from_json(serde_json::json!({"a.b": 1}));
+    /// doc.set_at(vec!["a.b".into()], 2)?;
+    /// assert_eq!(doc.as_bytes(), br#"{"a.b":2}"#);
+    /// # Ok::<(), tidegate_plugin::Error>(())
+    /// ```
+    pub fn set_at(&mut self, path: Vec<String>, value: impl Into<Value>) -> Result<()> {
+        self.edit(Edit::Set(path, value.into()))
+    }
+
+    /// Removes the field (or, for a numeric last segment, the array element) at a dotted
+    /// path. A path that reaches nothing is no error.
+    ///
+    /// ```
+    /// # use tidegate_plugin::Document;
+    /// let mut doc = Document::from_json(serde_json::json!({"a": 1, "b": [1, 2, 3]}));
+    /// doc.unset("a")?;
+    /// doc.unset("b.0")?;
+    /// doc.unset("nope.x")?;
+    /// assert_eq!(doc.as_bytes(), br#"{"b":[2,3]}"#);
+    /// # Ok::<(), tidegate_plugin::Error>(())
+    /// ```
+    pub fn unset(&mut self, path: &str) -> Result<()> {
+        self.unset_at(edit::segments(path))
+    }
+
+    /// [`Document::unset`] with the path as segments.
+    pub fn unset_at(&mut self, path: Vec<String>) -> Result<()> {
+        self.edit(Edit::Unset(path))
+    }
+
+    /// Renames the field at a dotted path in place (position and value kept). A path that
+    /// reaches nothing is no error; a name the document already has is.
+    ///
+    /// ```
+    /// # use tidegate_plugin::Document;
+    /// let mut doc = Document::from_json(serde_json::json!({"a": {"b": 1}, "c": 2}));
+    /// doc.rename("a.b", "x")?;
+    /// assert_eq!(doc.as_bytes(), br#"{"a":{"x":1},"c":2}"#);
+    /// assert!(doc.rename("c", "a").is_err());
+    /// # Ok::<(), tidegate_plugin::Error>(())
+    /// ```
+    pub fn rename(&mut self, path: &str, to: &str) -> Result<()> {
+        self.rename_at(edit::segments(path), to)
+    }
+
+    /// [`Document::rename`] with the path as segments.
+    pub fn rename_at(&mut self, path: Vec<String>, to: &str) -> Result<()> {
+        self.edit(Edit::Rename(path, to.to_owned()))
+    }
+
+    /// The value at a dotted path, owned. On a received document that was not fetched, the
+    /// host looks up just this value: the cheap read for a plugin that needs a few fields.
+    ///
+    /// ```
+    /// # use tidegate_plugin::Document;
+    /// let doc = Document::from_json(serde_json::json!({"a": {"b": [10, 20]}}));
+    /// assert_eq!(doc.value("a.b.1")?, Some(serde_json::json!(20)));
+    /// assert_eq!(doc.value("a.c")?, None);
+    /// # Ok::<(), tidegate_plugin::Error>(())
+    /// ```
+    pub fn value(&self, path: &str) -> Result<Option<Value>> {
+        match self.origin {
+            Some(part) if self.is_in_host() => edit::host_get(part, &edit::segments(path)),
+            _ => Ok(self.get(path)?.cloned()),
+        }
+    }
+
+    /// Every value a dotted path reaches under MongoDB's array rule (see
+    /// [`Document::get_all`]), each with its exact location: the path with an index in place
+    /// of every array passed through, ready for [`Document::set_at`] or
+    /// [`Document::unset_at`]. On a received document that was not fetched, the host does
+    /// the search.
+    ///
+    /// ```
+    /// # use tidegate_plugin::Document;
+    /// let doc = Document::from_json(serde_json::json!({"a": [{"s": 1}, 2, {"s": 3}]}));
+    /// let found = doc.find("a.s")?;
+    /// assert_eq!(found[1].path, ["a", "2", "s"]);
+    /// assert_eq!(found[1].value, serde_json::json!(3));
+    /// # Ok::<(), tidegate_plugin::Error>(())
+    /// ```
+    pub fn find(&self, path: &str) -> Result<Vec<Found>> {
+        let segments = edit::segments(path);
+        match self.origin {
+            Some(part) if self.is_in_host() => edit::host_find(part, &segments),
+            _ => Ok(edit::find(self.map()?, &segments)),
         }
     }
 
@@ -82,7 +291,7 @@ impl Document {
     /// assert_eq!(Document::from_bytes(b"{}".to_vec()).as_bytes(), b"{}");
     /// ```
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+        self.text()
     }
 
     /// The document's bytes, consuming it.
@@ -92,7 +301,8 @@ impl Document {
     /// assert_eq!(Document::from_bytes(b"{}".to_vec()).into_bytes(), b"{}".to_vec());
     /// ```
     pub fn into_bytes(self) -> Vec<u8> {
-        self.bytes
+        self.text();
+        self.bytes.into_inner().unwrap_or_default()
     }
 
     /// The parsed top-level object. An error if the bytes are not a JSON object (the host never
@@ -106,7 +316,7 @@ impl Document {
     /// ```
     pub fn map(&self) -> Result<&Map<String, Value>> {
         self.parsed
-            .get_or_init(|| match serde_json::from_slice::<Value>(&self.bytes) {
+            .get_or_init(|| match serde_json::from_slice::<Value>(self.text()) {
                 Ok(Value::Object(map)) => Ok(map),
                 Ok(_) => Err("document is not a JSON object".to_owned()),
                 Err(err) => Err(format!("document is not valid JSON: {err}")),
@@ -425,15 +635,23 @@ fn wrong_type(path: &str, expected: &str, got: &Value) -> Error {
 impl Clone for Document {
     fn clone(&self) -> Document {
         Document {
+            origin: self.origin,
             bytes: self.bytes.clone(),
             parsed: self.parsed.clone(),
+            edits: self.edits.clone(),
         }
     }
 }
 
 impl PartialEq for Document {
     fn eq(&self, other: &Document) -> bool {
-        self.bytes == other.bytes
+        match (self.origin, other.origin) {
+            // The same part, untouched on both sides: equal without fetching it.
+            (Some(a), Some(b)) if a == b && !self.is_local() && !other.is_local() => {
+                self.edits == other.edits
+            }
+            _ => self.text() == other.text(),
+        }
     }
 }
 
@@ -441,7 +659,15 @@ impl Eq for Document {}
 
 impl fmt::Debug for Document {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Document({})", String::from_utf8_lossy(&self.bytes))
+        match (self.origin, self.bytes.get()) {
+            (_, Some(bytes)) => write!(f, "Document({})", String::from_utf8_lossy(bytes)),
+            (Some(part), None) => write!(
+                f,
+                "Document(<{part:?} in the host, {} edit(s)>)",
+                self.edits.len()
+            ),
+            (None, None) => write!(f, "Document(?)"),
+        }
     }
 }
 

@@ -523,6 +523,14 @@ fn doc_lookup<'a>(doc: Option<&'a Document>, rest: &[&str]) -> Result<Vec<Cow<'a
     if rest.is_empty() {
         return Ok(vec![Cow::Owned(Value::Object(doc.to_map()?))]);
     }
+    if doc.is_in_host() {
+        // The host searches its BSON: the document is not converted for one path.
+        return Ok(doc
+            .find(&rest.join("."))?
+            .into_iter()
+            .map(|f| Cow::Owned(f.value))
+            .collect());
+    }
     Ok(doc
         .get_all(&rest.join("."))?
         .into_iter()

@@ -53,12 +53,24 @@
 //!
 //! - [`Event`] and its parts ([`Operation`], [`Namespace`], [`UpdateDescription`], …): the
 //!   change as the plugin receives it.
-//! - [`Document`]: a document (relaxed Extended JSON) read by dotted path.
+//! - [`Document`]: a document (relaxed Extended JSON) read by dotted path, and edited in
+//!   place ([`Document::set`], [`Document::unset`], [`Document::rename`]: [`Edit`]s the host
+//!   applies to the original BSON).
 //! - [`Output`], [`Header`], [`subject`]: what a transform returns.
 //! - [`Config`]: the plugin's settings, with typed getters; [`ConfigKeys`]: which keys it
 //!   accepts (by default none: declare them in `CONFIG_KEYS`).
 //! - [`Error`]: why an event could not be handled (it is then dead-lettered).
 //! - [`log`]: writing to tidegate's log.
+//!
+//! # Contract versions
+//!
+//! The SDK builds components for tidegate's plugin contract 0.2 (`wit/plugin-0.2`): a call
+//! carries the event's metadata, its documents stay in the host until the plugin reads them,
+//! and a transform's changes travel back as edits. A filter that looks at `operation` and
+//! `namespace` never touches a document, and [`Document::value`], [`Document::find`] and
+//! the edit methods read or change single values without converting the whole document. The
+//! plugin code is the same as for 0.1; with the `contract-0-1` feature the SDK builds a 0.1
+//! component instead (for hosts older than 0.2 support).
 //!
 //! # State and instances
 //!
@@ -70,17 +82,25 @@
 
 pub mod config;
 pub mod document;
+pub mod edit;
 pub mod error;
 pub mod event;
 pub mod log;
 pub mod output;
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", not(feature = "contract-0-1")))]
 #[doc(hidden)]
+#[path = "guest_v0_2.rs"]
+pub mod guest;
+
+#[cfg(all(target_arch = "wasm32", feature = "contract-0-1"))]
+#[doc(hidden)]
+#[path = "guest_v0_1.rs"]
 pub mod guest;
 
 pub use config::{Config, ConfigKeys};
 pub use document::Document;
+pub use edit::{Edit, Found};
 pub use error::{Error, Result};
 pub use event::{
     ClusterTime, Event, Namespace, NamespacePattern, Operation, Transaction, TruncatedArray,
@@ -200,7 +220,7 @@ macro_rules! filter {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             struct __TidegateFilter;
-            impl $crate::guest::filter::Guest for __TidegateFilter {
+            impl $crate::guest::FilterGuest for __TidegateFilter {
                 fn init() -> ::core::result::Result<(), $crate::guest::WitError> {
                     $crate::guest::init::<$plugin, _>(<$plugin as $crate::Filter>::init_checked)
                 }
@@ -234,7 +254,7 @@ macro_rules! transform {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             struct __TidegateTransform;
-            impl $crate::guest::transform::Guest for __TidegateTransform {
+            impl $crate::guest::TransformGuest for __TidegateTransform {
                 fn init() -> ::core::result::Result<(), $crate::guest::WitError> {
                     $crate::guest::init::<$plugin, _>(<$plugin as $crate::Transform>::init_checked)
                 }

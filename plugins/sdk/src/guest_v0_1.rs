@@ -1,4 +1,4 @@
-//! The wasm side: component bindings, conversions between them and the SDK's types, and the
+//! The wasm side for contract 0.1 (the `contract-0-1` feature): component bindings, conversions between them and the SDK's types, and the
 //! per-instance plugin state. Used only by the [`filter!`](crate::filter) and
 //! [`transform!`](crate::transform) macros; compiled only for wasm32.
 
@@ -41,6 +41,11 @@ pub mod transform {
 }
 
 use filter::tidegate::plugin::{config as host_config, log as host_log, types as wit};
+
+/// What the `filter!` macro implements.
+pub use filter::Guest as FilterGuest;
+/// What the `transform!` macro implements.
+pub use transform::Guest as TransformGuest;
 
 /// The contract's change event.
 pub type WitEvent = wit::ChangeEvent;
