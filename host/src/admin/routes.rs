@@ -131,23 +131,67 @@ fn unit_of(
         .map_err(|problems| Response::error(422, problems))
 }
 
-/// The streams of every stored tenant but `except`.
-async fn other_streams(admin: &Admin, except: &str) -> Result<HashSet<String>, Response> {
-    let all = admin
+/// Every stored tenant but `except`, with the streams they publish to.
+struct Others {
+    records: Vec<(String, TenantRecord)>,
+    streams: HashSet<String>,
+}
+
+async fn others(admin: &Admin, except: &str) -> Result<Others, Response> {
+    let records: Vec<_> = admin
         .store
         .list()
         .await
-        .map_err(|err| Response::error(503, err))?;
-    Ok(all
-        .iter()
+        .map_err(|err| Response::error(503, err))?
+        .into_iter()
         .filter(|(id, _)| id != except)
+        .collect();
+    let streams = records
+        .iter()
         .filter_map(|(_, r)| {
             r.tenant
                 .pointer("/sink/stream")?
                 .as_str()
                 .map(str::to_string)
         })
-        .collect())
+        .collect();
+    Ok(Others { records, streams })
+}
+
+impl Others {
+    /// 409 when one of `unit`'s tenant-key values is already another tenant's in the same
+    /// pipeline: the shared reader routes each value to one tenant, so a second claim would
+    /// hand it another tenant's events.
+    fn check_key_values(&self, pipeline: &str, unit: &PipelineConfig) -> Result<(), Response> {
+        let Some(scope) = &unit.tenant else {
+            return Ok(());
+        };
+        for (id, record) in self.records.iter().filter(|(_, r)| r.pipeline == pipeline) {
+            let theirs: Vec<&str> = match record.tenant.get("key_values").and_then(|v| v.as_array())
+            {
+                Some(values) if !values.is_empty() => {
+                    values.iter().filter_map(|v| v.as_str()).collect()
+                }
+                _ => record
+                    .tenant
+                    .get("id")
+                    .and_then(|v| v.as_str())
+                    .into_iter()
+                    .collect(),
+            };
+            if let Some(taken) = scope
+                .key_values
+                .iter()
+                .find(|v| theirs.contains(&v.as_str()))
+            {
+                return Err(Response::error(
+                    409,
+                    format!("key value '{taken}' already belongs to tenant '{id}'; each value routes to one tenant"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Checks each plugin of `unit` that names a digest: the component exists and passes
@@ -256,12 +300,9 @@ async fn add(admin: &Admin, request: &Request, caller: &Caller) -> Outcome {
         .and_then(|v| v.as_str())
         .unwrap_or_default();
     let id = format!("{}.{tenant_id}", body.pipeline);
-    let unit = unit_of(
-        admin,
-        &body.pipeline,
-        &body.tenant,
-        &other_streams(admin, &id).await?,
-    )?;
+    let others = others(admin, &id).await?;
+    let unit = unit_of(admin, &body.pipeline, &body.tenant, &others.streams)?;
+    others.check_key_values(&body.pipeline, &unit)?;
     check_components(admin, &unit).await?;
     let token = tokens::issue(&id).map_err(|err| Response::error(500, err))?;
     let record = TenantRecord {
@@ -315,12 +356,9 @@ async fn update(admin: &Admin, id: &str, request: &Request, caller: &Caller) -> 
             }
         }
     }
-    let unit = unit_of(
-        admin,
-        &record.pipeline,
-        &tenant,
-        &other_streams(admin, id).await?,
-    )?;
+    let others = others(admin, id).await?;
+    let unit = unit_of(admin, &record.pipeline, &tenant, &others.streams)?;
+    others.check_key_values(&record.pipeline, &unit)?;
     check_components(admin, &unit).await?;
     record.tenant = tenant;
     admin

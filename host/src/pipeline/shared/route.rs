@@ -196,7 +196,18 @@ impl Router {
                 }
             }
             for value in &tenant.scope.key_values {
-                self.by_key.insert(value.clone(), i);
+                // Validation gives each value one tenant; should two claim one anyway (tenants
+                // added at run time), the first keeps it: a value never moves to a newcomer.
+                match self.by_key.entry(value.clone()) {
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(i);
+                    }
+                    std::collections::hash_map::Entry::Occupied(_) => tracing::error!(
+                        pipeline = %self.pipeline,
+                        tenant = %tenant.scope.id,
+                        "key value {value:?} belongs to another tenant already; its events are not routed to this one"
+                    ),
+                }
             }
         }
     }
@@ -391,5 +402,27 @@ mod tests {
             key_value(&event, "documentKey.t"),
             Err(Unroutable::KeyMissing)
         );
+    }
+
+    /// A key value claimed twice stays with the tenant that claimed it first, whatever the
+    /// order in which others register or leave.
+    #[test]
+    fn a_key_value_never_moves_to_a_second_claimant() {
+        let scope = |id: &str| crate::config::TenantScope {
+            id: id.to_string(),
+            namespaces: vec![crate::config::NamespacePattern::parse("db.*").expect("pattern")],
+            pipeline: "p".to_string(),
+            key_values: vec!["acme".to_string()],
+        };
+        let key = TenantKey::parse("fullDocument.t").expect("key");
+        let mut router = Router::new("p", Some(key));
+        router.command(Command::Register(scope("first")));
+        router.command(Command::Register(scope("second")));
+        let owner = |router: &Router| router.tenants[router.by_key["acme"]].scope.id.clone();
+        assert_eq!(owner(&router), "first");
+        router.command(Command::Register(scope("third")));
+        assert_eq!(owner(&router), "first");
+        router.command(Command::Leave("first".to_string()));
+        assert_eq!(owner(&router), "second");
     }
 }
