@@ -161,7 +161,16 @@ async fn wait_len(h: &Harness, stream: &str, n: u64) {
 async fn tokens_tenants_and_uploads_are_checked() -> anyhow::Result<()> {
     let h = Harness::start().await?;
     let (admin_port, http_port) = (free_port(), free_port());
-    let path = h.write_config("admin.toml", &admin_config(&h, admin_port, http_port, ""))?;
+    // A second pipeline routes by tenant key, to check that a key value has one owner.
+    let keyed = format!(
+        "[[pipeline]]\nid = \"keyed\"\nmongodb_uri = \"{}\"\ndatabase = \"{DB}\"\n\
+         collections = [\"orders\"]\nfull_document = \"update-lookup\"\n\
+         skip_operations = [\"delete\"]\ntenant_key = \"fullDocument.tenantId\"\n\
+         tenants_from = \"nats\"\n",
+        h.mongo.uri()
+    );
+    let config = admin_config(&h, admin_port, http_port, &keyed);
+    let path = h.write_config("admin.toml", &config)?;
     let tidegate = InProcess::start(&path)?;
     let api = format!("127.0.0.1:{admin_port}");
     wait_api(&api).await;
@@ -197,6 +206,36 @@ async fn tokens_tenants_and_uploads_are_checked() -> anyhow::Result<()> {
     )
     .await;
     assert_eq!(status, 409, "{answer}");
+    // A tenant-key value is one tenant's: a second claim would hand it the first's events.
+    let keyed_tenant = |id: &str| {
+        json!({"pipeline": "keyed", "tenant": {
+            "id": id, "namespaces": [format!("{DB}.orders")], "key_values": ["acme-co"],
+            "sink": {"stream": id.to_uppercase(), "subject_prefix": id},
+        }})
+        .to_string()
+    };
+    let (status, answer) = call(
+        &api,
+        "POST",
+        "/v1/tenants",
+        Some(OPERATOR),
+        keyed_tenant("k1").as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    let (status, answer) = call(
+        &api,
+        "POST",
+        "/v1/tenants",
+        Some(OPERATOR),
+        keyed_tenant("k2").as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        error(&answer).contains("'acme-co' already belongs to tenant 'keyed.k1'"),
+        "{answer}"
+    );
     let (status, answer) = call(&api, "POST", "/v1/tenants", Some(OPERATOR), json!({"pipeline": "shop", "tenant": {"id": "x", "namespaces": ["other.coll"], "sink": {"stream": "X", "subject_prefix": "x"}}}).to_string().as_bytes()).await;
     assert_eq!(status, 422, "{answer}");
     assert!(
