@@ -174,7 +174,10 @@ async fn run_shared_terms(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let mut first = Some(chain);
+    let stats = metrics::pipeline(&pipeline.id);
     loop {
+        // Like a unit under its own lease: standby until the pipeline's lease is ours.
+        stats.set_state(metrics::State::Standby);
         let term = tokio::select! {
             _ = stop.wait_for(|stop| *stop) => return Ok(()),
             term = terms.wait_for(Option::is_some) => match term {
@@ -190,6 +193,7 @@ async fn run_shared_terms(
         else {
             continue;
         };
+        stats.set_state(metrics::State::Starting);
         let chain = match first.take() {
             Some(chain) => chain,
             None => term_chain(&sandbox, &pipeline, &plugin_dir)?,
