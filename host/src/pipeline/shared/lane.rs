@@ -78,6 +78,10 @@ pub(crate) async fn run(
             return Ok(());
         };
         tracing::info!(pipeline = %lane.pipeline.id, "reading from the shared change stream");
+        // A tenant that joins at once never opens a stream of its own, whose opening would
+        // otherwise be what marks the unit running (for `/readyz` and `/status`).
+        crate::ops::metrics::pipeline(&lane.pipeline.id)
+            .set_state(crate::ops::metrics::State::Running);
         if !lane.attached(channel).await {
             return Ok(());
         }
