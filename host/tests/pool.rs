@@ -11,33 +11,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bson::doc;
-use prometheus_parse::{Scrape, Value};
-use support::{assert_exactly_once_in_order, http_get, Harness, DB};
+use support::{assert_exactly_once_in_order, metric, scrape, Harness, DB};
 use tidegate_testkit::free_port;
-
-/// Scrapes `/metrics` at `address`.
-async fn scrape(address: &str) -> anyhow::Result<Scrape> {
-    let (status, text) = http_get(address, "/metrics").await?;
-    anyhow::ensure!(status == 200, "/metrics answered {status}");
-    Ok(Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?)
-}
-
-/// The value of `name` for `tenant` whose other labels include `labels` (0 when absent).
-fn metric(scrape: &Scrape, name: &str, tenant: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .find(|s| {
-            s.metric == name
-                && s.labels.get("tenant") == Some(tenant)
-                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
-        })
-        .map(|s| match s.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
-            _ => f64::NAN,
-        })
-        .unwrap_or(0.0)
-}
 
 /// The head of a config: two pool workers, the HTTP endpoint at `address` with at most
 /// `max_tenant_series` tenant labels, and one pipeline `id` on the `shop` database whose

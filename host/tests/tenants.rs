@@ -12,33 +12,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::message::StreamMessage;
 use bson::doc;
-use prometheus_parse::{Scrape, Value};
-use support::{component, header, http_get, json, wat_filter, Harness, InProcess, DB, SIGTERM};
+use support::{
+    component, header, json, metric, scrape, wat_filter, Harness, InProcess, DB, SIGTERM,
+};
 use tidegate_testkit::{free_port, stream_len, wait_until};
-
-/// Scrapes `/metrics` at `address` with a Prometheus text parser.
-async fn scrape(address: &str) -> anyhow::Result<Scrape> {
-    let (status, text) = http_get(address, "/metrics").await?;
-    anyhow::ensure!(status == 200, "/metrics answered {status}");
-    Ok(Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?)
-}
-
-/// The value of metric `name` for tenant `tenant` whose other labels include `labels`.
-fn metric(scrape: &Scrape, name: &str, tenant: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .find(|s| {
-            s.metric == name
-                && s.labels.get("tenant") == Some(tenant)
-                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
-        })
-        .map(|s| match s.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
-            _ => f64::NAN,
-        })
-        .unwrap_or(0.0)
-}
 
 /// Two tenants on one `shop` pipeline: `good` (no plugins) sees `shop.orders`; `bad` runs
 /// `bad_plugins` on `shop.orders` and `shop.returns`. `bad_extra` adds keys to the bad

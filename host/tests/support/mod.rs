@@ -508,3 +508,37 @@ pub fn wat_filter(
     );
     component(dir, name, &wit, "filter", &wat)
 }
+
+/// prometheus_parse::Scrapes `/metrics` at `address` with a Prometheus text parser.
+pub async fn scrape(address: &str) -> anyhow::Result<prometheus_parse::Scrape> {
+    let (status, text) = http_get(address, "/metrics").await?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    Ok(prometheus_parse::Scrape::parse(
+        text.lines().map(|l| Ok(l.to_string())),
+    )?)
+}
+
+/// The value of metric `name` for tenant `tenant` whose other labels include `labels` (0 when
+/// absent).
+pub fn metric(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    tenant: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == name
+                && s.labels.get("tenant") == Some(tenant)
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .unwrap_or(0.0)
+}
