@@ -112,6 +112,13 @@ async fn wait_api(address: &str) {
     .unwrap();
 }
 
+/// Pushes `bytes` to `path` with `token`; the upload must be refused (422) for `reason`.
+async fn refused_upload(api: &str, path: &str, token: &str, bytes: &[u8], reason: &str) {
+    let (status, answer) = call(api, "PUT", path, Some(token), bytes).await;
+    assert_eq!(status, 422, "{answer}");
+    assert!(error(&answer).contains(reason), "{answer}");
+}
+
 /// Adds tenant `spec` to `shop` through `address`; returns its token.
 async fn add(address: &str, spec: Value) -> String {
     let body = json!({ "pipeline": "shop", "tenant": spec }).to_string();
@@ -269,19 +276,14 @@ async fn tokens_tenants_and_uploads_are_checked() -> anyhow::Result<()> {
     // Bad uploads, each refused with its reason.
     let dir = h.dir.path();
     let broken = b"\0asm\x01\0\0\0 not really".to_vec();
-    let (status, answer) = call(
+    refused_upload(
         &api,
-        "PUT",
         "/v1/tenants/shop.acme/plugins/trap",
-        Some(&acme),
+        &acme,
         &broken,
+        "not a valid WebAssembly component",
     )
     .await;
-    assert_eq!(status, 422, "{answer}");
-    assert!(
-        error(&answer).contains("not a valid WebAssembly component"),
-        "{answer}"
-    );
     let other_world = component(
         dir,
         "other",
@@ -289,64 +291,42 @@ async fn tokens_tenants_and_uploads_are_checked() -> anyhow::Result<()> {
         "other",
         "(module (func (export \"run\")))",
     );
-    let (status, answer) = call(
+    refused_upload(
         &api,
-        "PUT",
         "/v1/tenants/shop.acme/plugins/trap",
-        Some(&acme),
+        &acme,
         &std::fs::read(other_world)?,
+        "exports neither `filter` nor `transform`",
     )
     .await;
-    assert_eq!(status, 422, "{answer}");
-    assert!(
-        error(&answer).contains("exports neither `filter` nor `transform`"),
-        "{answer}"
-    );
     let op_filter = std::fs::read(h.plugins.join("op-filter.wasm"))?;
-    let (status, answer) = call(
+    refused_upload(
         &api,
-        "PUT",
         "/v1/tenants/shop.globex/plugins/op-filter",
-        Some(&globex),
+        &globex,
         &op_filter,
+        "its init refused the tenant's config: invalid-config: unknown config key `bogus`",
     )
     .await;
-    assert_eq!(status, 422, "{answer}");
-    assert!(
-        error(&answer).contains(
-            "its init refused the tenant's config: invalid-config: unknown config key `bogus`"
-        ),
-        "init's reason is passed on: {answer}"
-    );
-    let (status, answer) = call(
+    refused_upload(
         &api,
-        "PUT",
         "/v1/tenants/shop.acme/plugins/missing",
-        Some(&acme),
+        &acme,
         &op_filter,
+        "has no plugin 'missing'",
     )
     .await;
-    assert_eq!(status, 422, "{answer}");
-    assert!(
-        error(&answer).contains("has no plugin 'missing'"),
-        "{answer}"
-    );
 
     // A filter that traps on contact is refused by the smoke call.
     let trap = wat_filter(dir, "trap", 1, "", "", "unreachable");
-    let (status, answer) = call(
+    refused_upload(
         &api,
-        "PUT",
         "/v1/tenants/shop.acme/plugins/trap",
-        Some(&acme),
+        &acme,
         &std::fs::read(trap)?,
+        "smoke call on a sample event failed",
     )
     .await;
-    assert_eq!(status, 422, "{answer}");
-    assert!(
-        error(&answer).contains("smoke call on a sample event failed"),
-        "{answer}"
-    );
 
     // A good upload is accepted, and runs: acme's filter refuses every event with a
     // plugin-error (which passes the smoke call), so its events become dead letters that
