@@ -154,8 +154,11 @@ if [ -n "$engine" ]; then
   out=$("$engine" "${engine_opts[@]}" run --rm "${run_opts[@]}" "${FINAL_MOUNTS[@]}" \
     "$image" check --config "$FINAL_CONFIG" 2>&1) || { say "FAIL: check in the container: $out"; exit 1; }
   say "  $out"
-  "$engine" "${engine_opts[@]}" run --rm "${run_opts[@]}" "$image" --help | grep -q '^Usage: tidegate' ||
-    { say "FAIL: --help in the container"; exit 1; }
+  # Read the whole output before matching: `| grep -q` would close the pipe at the first match,
+  # and the engine then fails writing the rest (broken pipe), failing the check under pipefail.
+  help=$("$engine" "${engine_opts[@]}" run --rm "${run_opts[@]}" "$image" --help 2>&1) ||
+    { say "FAIL: --help in the container: $help"; exit 1; }
+  grep -q '^Usage: tidegate' <<<"$help" || { say "FAIL: --help in the container printed: $help"; exit 1; }
   ran+=("$what: --help, and check on compose's mounted config as user $user ($engine)")
   not_run+=("the compose quickstart itself (compose up with the mongo and nats images)")
   "$engine" "${engine_opts[@]}" rmi -f "$image" >/dev/null 2>&1 || true
