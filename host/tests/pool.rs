@@ -76,8 +76,29 @@ fn threads(pid: u32) -> anyhow::Result<Vec<String>> {
     Ok(names)
 }
 
+/// Linux's `SCHED_IDLE` scheduling policy number.
+const SCHED_IDLE: u32 = 5;
+
+/// Each thread's name and scheduling policy (field 41 of `/proc/<pid>/task/<tid>/stat`).
+fn policies(pid: u32) -> anyhow::Result<Vec<(String, u32)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = entry?.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name start at field 3 (the state).
+        let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let policy = rest
+            .split_whitespace()
+            .nth(41 - 3)
+            .and_then(|f| f.parse().ok());
+        out.push((comm.trim().to_string(), policy.unwrap_or(u32::MAX)));
+    }
+    Ok(out)
+}
+
 /// Fifty tenants, each with its own plugin chain, run on the pool's two workers (and two
-/// background workers): the process has no thread per tenant, and every tenant's events
+/// background workers, under `SCHED_IDLE`): the process has no thread per tenant, and every tenant's events
 /// arrive. With `max_tenant_series = 10`, ten tenants keep their own metrics and the forty
 /// others are counted together under `tenant="_other"`, with one warning.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,6 +135,11 @@ async fn fifty_tenants_share_a_bounded_pool_and_capped_labels() -> anyhow::Resul
         .filter(|n| n.starts_with("tidegate-plugin"))
         .count();
     assert_eq!(pool, 4, "two workers and two background workers: {names:?}");
+    let idle = policies(child.pid())?
+        .iter()
+        .filter(|(name, policy)| name.starts_with("tidegate-plugin") && *policy == SCHED_IDLE)
+        .count();
+    assert_eq!(idle, 2, "the two background workers run under SCHED_IDLE");
     assert!(
         !names.iter().any(|n| n.starts_with("tidegate-chain")),
         "no thread per unit: {names:?}"

@@ -165,15 +165,17 @@ impl ChainStages {
                     .run(move || {
                         let turn = stages.turn(&mut items, &turn_stats);
                         let pause = stages.chain.take_pause();
-                        (stages, items, turn, pause)
+                        let breached = stages.chain.take_breached();
+                        (stages, items, turn, (pause, breached))
                     })
                     .await;
-                let ((back, rest, turn, breach_pause), cpu) =
+                let ((back, rest, turn, (breach_pause, breached)), cpu) =
                     ran.map_err(|message| Error::Sink {
                         pipeline: unit.clone(),
                         message,
                     })?;
                 (stages, items) = (back, rest);
+                account.breached(breached);
                 stats.chain_turn(cpu, account.is_heavy());
                 let used = TurnUse {
                     events: turn.events,

@@ -36,6 +36,8 @@ pub struct Chain {
     unit: String,
     /// Idle time owed for limit breaches (see [`Chain::take_pause`]).
     pause_owed: std::time::Duration,
+    /// Whether a call broke a limit since the last [`Chain::take_breached`].
+    breached: bool,
 }
 
 impl Chain {
@@ -85,6 +87,7 @@ impl Chain {
             quarantine: pipeline.quarantine,
             unit: pipeline.id.clone(),
             pause_owed: std::time::Duration::ZERO,
+            breached: false,
         }
     }
 
@@ -93,7 +96,11 @@ impl Chain {
     /// other units instead of to its next event. The chain stage waits it out off the worker
     /// pool ([`Chain::take_pause`]), so no worker sits idle for it.
     fn pause_after_breach(&mut self, err: &CallError, took: std::time::Duration) {
-        if !err.kind.is_limit_breach() || self.quarantine.breach_pause == 0 {
+        if !err.kind.is_limit_breach() {
+            return;
+        }
+        self.breached = true;
+        if self.quarantine.breach_pause == 0 {
             return;
         }
         let pause = took
@@ -109,6 +116,12 @@ impl Chain {
     /// `QuarantineConfig::breach_pause`), at most [`crate::config::MAX_BREACH_PAUSE`].
     pub fn take_pause(&mut self) -> std::time::Duration {
         std::mem::take(&mut self.pause_owed)
+    }
+
+    /// Whether a call broke a plugin limit since the last call of this (the worker pool runs
+    /// such a unit at the lowest priority beside others: see `sandbox::fair`).
+    pub fn take_breached(&mut self) -> bool {
+        std::mem::take(&mut self.breached)
     }
 
     /// Whether a limit breach left idle time owed (see [`Chain::take_pause`]).

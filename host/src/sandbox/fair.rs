@@ -10,13 +10,14 @@
 //!   one worker, however much it has queued.
 //! - **Heavy accounts run in the background.** An account whose recent CPU use (cores,
 //!   decayed over [`RATE_WINDOW`]) is above its fair share, `workers / (active accounts + 1)`,
-//!   or whose last turn used more than [`LONG_TURN`] of CPU, while another account is
-//!   active, is *heavy*: its turns run only on the background
-//!   workers, which the OS runs at the lowest priority (nice 19). The `+ 1` keeps a share
-//!   for what is not plugin work (the async runtime, and MongoDB and NATS when they share
-//!   the machine). A heavy account still gets every core nobody else wants, but a light
-//!   account's turn never waits for a CPU a hog holds: the kernel preempts the hog. Alone, an
-//!   account is never heavy.
+//!   or whose last turn used more than [`LONG_TURN`] of CPU or broke a plugin limit (fuel,
+//!   deadline, memory, output size: a header bomb's calls are cheap, but each one is
+//!   hostile work), while another account is active, is *heavy*: its turns run only on the
+//!   background workers, which the OS runs only when no normal thread wants the CPU
+//!   (`SCHED_IDLE`, see `pool`). The `+ 1` keeps a share for what is not plugin work (the
+//!   async runtime, and MongoDB and NATS when they share the machine). A heavy account
+//!   still gets every core nobody else wants, but a light account's turn never waits for a
+//!   CPU a hog holds: the kernel preempts the hog. Alone, an account is never heavy.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -41,6 +42,16 @@ pub(super) enum Lane {
     Background,
 }
 
+impl Lane {
+    /// The lane's position in per-lane arrays.
+    pub(super) fn index(self) -> usize {
+        match self {
+            Lane::Normal => 0,
+            Lane::Background => 1,
+        }
+    }
+}
+
 /// One account's standing.
 #[derive(Debug)]
 struct Account<J> {
@@ -55,6 +66,8 @@ struct Account<J> {
     running: bool,
     /// Whether its last turn used more than [`LONG_TURN`].
     long_turn: bool,
+    /// Whether its last turn broke a plugin limit.
+    breached: bool,
 }
 
 impl<J> Account<J> {
@@ -102,6 +115,7 @@ impl<J> Fair<J> {
                 queue: VecDeque::new(),
                 running: false,
                 long_turn: false,
+                breached: false,
             },
         );
     }
@@ -123,9 +137,12 @@ impl<J> Fair<J> {
         }
     }
 
-    /// Whether any turn waits.
-    pub(super) fn has_waiting(&self) -> bool {
-        self.accounts.values().any(|a| !a.queue.is_empty())
+    /// Whether a worker of `lane` would find a turn to take now.
+    pub(super) fn has_ready(&self, lane: Lane, now: u64) -> bool {
+        let share = self.fair_share(now);
+        self.accounts
+            .values()
+            .any(|a| !a.running && !a.queue.is_empty() && Self::lane_of(a, share, now) == lane)
     }
 
     /// The next turn for a worker of `lane`: the waiting account with the least virtual time
@@ -159,6 +176,13 @@ impl<J> Fair<J> {
         }
     }
 
+    /// Records whether account `id`'s last turn broke a plugin limit.
+    pub(super) fn breached(&mut self, id: AccountId, breached: bool) {
+        if let Some(account) = self.accounts.get_mut(&id) {
+            account.breached = breached;
+        }
+    }
+
     /// Whether account `id` is heavy now (see the module docs).
     pub(super) fn is_heavy(&self, id: AccountId, now: u64) -> bool {
         let share = self.fair_share(now);
@@ -184,7 +208,11 @@ impl<J> Fair<J> {
 
     fn lane_of(account: &Account<J>, share: Option<f64>, now: u64) -> Lane {
         match share {
-            Some(share) if account.long_turn || account.rate_now(now) > share => Lane::Background,
+            Some(share)
+                if account.long_turn || account.breached || account.rate_now(now) > share =>
+            {
+                Lane::Background
+            }
             _ => Lane::Normal,
         }
     }
@@ -336,6 +364,50 @@ mod tests {
         assert_eq!(fair.pop(Lane::Background, now).map(|(id, _)| id), Some(0));
         fair.charge(0, MS, now + MS);
         assert!(!fair.is_heavy(0, now + MS));
+    }
+
+    /// A unit whose last turn broke a plugin limit (a header bomb: cheap calls, each over its
+    /// output cap) runs in the background beside another active unit, however little CPU it
+    /// uses; alone it is not heavy; after a turn without a breach it is light again.
+    #[test]
+    fn a_breaching_unit_runs_in_the_background() {
+        let mut fair = accounts(2, 2);
+        fair.push(0, (), 0);
+        let (id, ()) = fair.pop(Lane::Normal, 0).expect("bomb turn");
+        fair.charge(id, MS / 2, MS);
+        fair.breached(id, true);
+        assert!(!fair.is_heavy(0, MS), "alone: nobody to be fair to");
+        fair.push(1, (), MS);
+        fair.push(0, (), MS);
+        assert!(fair.is_heavy(0, MS));
+        assert!(!fair.is_heavy(1, MS));
+        assert_eq!(fair.pop(Lane::Normal, MS).map(|(id, _)| id), Some(1));
+        assert!(fair.pop(Lane::Normal, MS).is_none());
+        assert_eq!(fair.pop(Lane::Background, MS).map(|(id, _)| id), Some(0));
+        fair.charge(0, MS / 2, 2 * MS);
+        fair.breached(0, false);
+        assert!(!fair.is_heavy(0, 2 * MS), "a clean turn: light again");
+    }
+
+    /// A lane has a turn ready only when one of its accounts has a turn queued and none
+    /// running: what decides which lane's worker the pool wakes.
+    #[test]
+    fn ready_turns_are_found_in_their_own_lane() {
+        let mut fair = accounts(2, 2);
+        assert!(!fair.has_ready(Lane::Normal, 0));
+        fair.push(0, (), 0);
+        fair.push(1, (), 0);
+        fair.breached(1, true);
+        assert!(fair.has_ready(Lane::Normal, 0));
+        assert!(fair.has_ready(Lane::Background, 0));
+        assert_eq!(fair.pop(Lane::Background, 0).map(|(id, _)| id), Some(1));
+        fair.push(1, (), 0);
+        assert!(
+            !fair.has_ready(Lane::Background, 0),
+            "its turn runs: the second one waits"
+        );
+        assert_eq!(fair.pop(Lane::Normal, 0).map(|(id, _)| id), Some(0));
+        assert!(!fair.has_ready(Lane::Normal, 0));
     }
 
     /// A hog slowed down by the breach pause (one 80 ms call every 400 ms: a fifth of a

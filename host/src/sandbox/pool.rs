@@ -4,8 +4,9 @@
 //! Each unit opens a [`PoolAccount`] and runs its chain in short turns (one slice of a
 //! batch, see `pipeline::chain_thread`). A turn is a closure; its thread CPU time is charged
 //! to the account. There are `workers` normal threads and as many background threads, which
-//! lower their own OS priority to nice 19 once at start (an unprivileged process cannot raise
-//! it again, so the lanes are separate threads): a heavy account's turns run only there.
+//! move themselves to the `SCHED_IDLE` policy once at start (nice 19 where that is refused;
+//! an unprivileged process cannot undo either, so the lanes are separate threads): a heavy
+//! account's turns run only there.
 //!
 //! The pool is process-wide ([`pool`]) like the metrics registry: one per process, sized by
 //! the first [`configure`] (`sandbox.workers`, 0 meaning one per core; `sandbox.background =
@@ -33,7 +34,10 @@ pub struct WorkerPool {
 
 struct Shared {
     fair: Mutex<Fair<Turn>>,
-    wake: Condvar,
+    /// One per lane ([`Lane::index`]): a queued turn wakes a worker that may run it, and only
+    /// one. A background worker woken for nothing would take the lock at the lowest priority,
+    /// and a normal worker could then wait for it to be scheduled again.
+    wake: [Condvar; 2],
     epoch: Instant,
     next_id: AtomicU64,
 }
@@ -47,6 +51,15 @@ impl Shared {
 
     fn now(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Wakes one worker of each lane that has a turn ready to run.
+    fn wake_ready(&self, fair: &Fair<Turn>, now: u64) {
+        for lane in [Lane::Normal, Lane::Background] {
+            if fair.has_ready(lane, now) {
+                self.wake[lane.index()].notify_one();
+            }
+        }
     }
 }
 
@@ -100,7 +113,7 @@ impl WorkerPool {
         let workers = settings.workers.max(1);
         let shared = Arc::new(Shared {
             fair: Mutex::new(Fair::new(workers, settings.background)),
-            wake: Condvar::new(),
+            wake: [Condvar::new(), Condvar::new()],
             epoch: Instant::now(),
             next_id: AtomicU64::new(0),
         });
@@ -165,9 +178,12 @@ impl PoolAccount {
             }
             cpu
         });
-        let now = self.shared.now();
-        self.shared.lock().push(self.id, turn, now);
-        self.shared.wake.notify_all();
+        {
+            let now = self.shared.now();
+            let mut fair = self.shared.lock();
+            fair.push(self.id, turn, now);
+            self.shared.wake_ready(&fair, now);
+        }
         result
             .await
             .map_err(|_| "a plugin worker panicked running this unit (a tidegate bug)".to_string())
@@ -178,6 +194,13 @@ impl PoolAccount {
     pub fn is_heavy(&self) -> bool {
         let now = self.shared.now();
         self.shared.lock().is_heavy(self.id, now)
+    }
+
+    /// Records whether the account's last turn broke a plugin limit (a call out of fuel,
+    /// past its deadline, over its memory or output caps): until a turn that does not, it
+    /// is heavy beside other active accounts (see `fair`).
+    pub fn breached(&self, breached: bool) {
+        self.shared.lock().breached(self.id, breached);
     }
 }
 
@@ -195,7 +218,7 @@ fn work(shared: &Shared, lane: Lane) {
     let mut fair = shared.lock();
     loop {
         let Some((id, turn)) = fair.pop(lane, shared.now()) else {
-            fair = match shared.wake.wait_timeout(fair, IDLE_RECHECK) {
+            fair = match shared.wake[lane.index()].wait_timeout(fair, IDLE_RECHECK) {
                 Ok((fair, _)) => fair,
                 Err(poisoned) => poisoned.into_inner().0,
             };
@@ -204,11 +227,10 @@ fn work(shared: &Shared, lane: Lane) {
         drop(fair);
         let cpu = turn();
         fair = shared.lock();
-        fair.charge(id, cpu.as_nanos() as u64, shared.now());
-        if fair.has_waiting() {
-            // The charge may have moved the account to the other lane.
-            shared.wake.notify_all();
-        }
+        let now = shared.now();
+        fair.charge(id, cpu.as_nanos() as u64, now);
+        // The charge may have moved an account with a turn waiting to the other lane.
+        shared.wake_ready(&fair, now);
     }
 }
 
@@ -235,10 +257,22 @@ fn thread_cpu_time() -> Duration {
     Duration::ZERO
 }
 
-/// Puts the calling thread at nice 19, the lowest priority the OS scheduler gives a normal
-/// thread. A failure only makes the background lane as urgent as the normal one: logged.
+/// Moves the calling thread to the `SCHED_IDLE` policy: it runs only when no normal thread
+/// of the machine wants its CPU, and a normal thread that wakes takes the CPU from it at
+/// once. Nice 19 is not enough: the kernel's EEVDF scheduler lets a running thread finish its
+/// time slice (a few milliseconds) before a woken one runs, whatever their nice values, so a
+/// hog at nice 19 still delays every wake-up of the good tenant's pipeline, of mongod and of
+/// nats-server that lands on its core. Where `SCHED_IDLE` is refused, nice 19; a failure of
+/// both only makes the background lane as urgent as the normal one: logged.
 #[cfg(target_os = "linux")]
 fn lower_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 names the calling thread; `param` is a valid `sched_param` for the call
+    // to read. Lowering a thread's own policy needs no privilege.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0 {
+        return;
+    }
+    let refused = std::io::Error::last_os_error();
     // SAFETY: `gettid` takes no arguments; `setpriority` only reads its integer arguments,
     // and on Linux a thread id names exactly that thread.
     let rc = unsafe {
@@ -251,8 +285,33 @@ fn lower_priority() {
             "cannot lower a background plugin worker's priority; heavy tenants then compete \
              with the others at normal priority"
         );
+    } else {
+        tracing::info!(
+            error = %refused,
+            "background plugin workers run at nice 19: the SCHED_IDLE policy was refused"
+        );
     }
 }
 
 #[cfg(not(target_os = "linux"))]
 fn lower_priority() {}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    /// A background worker's thread leaves the normal policy for `SCHED_IDLE` (nice 19
+    /// alone would let a hog finish its time slice before a woken normal thread runs).
+    #[test]
+    fn background_workers_run_under_sched_idle() {
+        let policies = std::thread::spawn(|| {
+            // SAFETY: pid 0 names the calling thread; the call only reads its argument.
+            let before = unsafe { libc::sched_getscheduler(0) };
+            super::lower_priority();
+            // SAFETY: as above.
+            let after = unsafe { libc::sched_getscheduler(0) };
+            (before, after)
+        })
+        .join()
+        .expect("the thread ends");
+        assert_eq!(policies, (libc::SCHED_OTHER, libc::SCHED_IDLE));
+    }
+}
