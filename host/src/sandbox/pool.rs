@@ -19,9 +19,15 @@ use std::time::{Duration, Instant};
 
 use super::fair::{AccountId, Fair, Lane};
 
-/// How long an idle worker sleeps before looking again even unwoken: accounts change lanes
-/// as their recent CPU use decays, without any event to wake a worker.
+/// How long an idle normal worker sleeps before looking again even unwoken: accounts move
+/// to the normal lane as their recent CPU use decays, without any event to wake a worker.
 const IDLE_RECHECK: Duration = Duration::from_millis(50);
+
+/// The same for a background worker, a safety net only: an account becomes heavy only when a
+/// turn is queued or charged, or a breach recorded, and each of those wakes a worker of the
+/// lane that has a turn ready. Background workers rarely take the lock unwoken: one that
+/// does and is preempted there (it runs at the lowest priority) holds up every other worker.
+const BACKGROUND_RECHECK: Duration = Duration::from_secs(1);
 
 /// A queued turn: runs the unit's closure and returns the CPU time it used.
 type Turn = Box<dyn FnOnce() -> Duration + Send>;
@@ -200,7 +206,10 @@ impl PoolAccount {
     /// past its deadline, over its memory or output caps): until a turn that does not, it
     /// is heavy beside other active accounts (see `fair`).
     pub fn breached(&self, breached: bool) {
-        self.shared.lock().breached(self.id, breached);
+        let now = self.shared.now();
+        let mut fair = self.shared.lock();
+        fair.breached(self.id, breached);
+        self.shared.wake_ready(&fair, now);
     }
 }
 
@@ -212,13 +221,17 @@ impl Drop for PoolAccount {
 
 /// A worker: takes the next turn of its lane, runs it without the lock, charges it.
 fn work(shared: &Shared, lane: Lane) {
-    if lane == Lane::Background {
-        lower_priority();
-    }
+    let recheck = match lane {
+        Lane::Normal => IDLE_RECHECK,
+        Lane::Background => {
+            lower_priority();
+            BACKGROUND_RECHECK
+        }
+    };
     let mut fair = shared.lock();
     loop {
         let Some((id, turn)) = fair.pop(lane, shared.now()) else {
-            fair = match shared.wake[lane.index()].wait_timeout(fair, IDLE_RECHECK) {
+            fair = match shared.wake[lane.index()].wait_timeout(fair, recheck) {
                 Ok((fair, _)) => fair,
                 Err(poisoned) => poisoned.into_inner().0,
             };
