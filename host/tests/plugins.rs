@@ -141,6 +141,9 @@ async fn map_publishes_records_as_csv_payloads() -> anyhow::Result<()> {
     let plugins = r#"
 [[pipeline.plugins]]
 name = "map"
+# Room for the 1.2 MB record, so that the payload's size, not a limit of the call, is what
+# refuses it.
+limits = { fuel_per_call = 20000000000, memory_mib = 128, timeout_ms = 30000 }
 [pipeline.plugins.config]
 fields = "_id -> id, name, address.city -> city, at"
 payload = "csv"
