@@ -47,10 +47,14 @@ use tidegate::plugin::contract::v0_2;
 use tidegate::plugin::{
     convert, edit, path, Chain, Decision, Input, Plugin, PluginSettings, Verdict,
 };
+use tidegate::sandbox::pool::thread_cpu_time;
 use tidegate::sandbox::Sandbox;
 use tidegate::sink::encode;
 use tidegate::Config;
 use tidegate_testkit::{plugin_dir, stream_len, stream_messages, MongoReplicaSet, NatsServer};
+
+#[path = "throughput/native.rs"]
+mod baselines;
 
 const DB: &str = "bench";
 const INSERT_BATCH: usize = 1000;
@@ -313,16 +317,21 @@ fn sample_change() -> anyhow::Result<Change> {
 // ---------------------------------------------------------------------------------------------
 // Micro benchmarks (no servers)
 
-/// Mean ns per call of `f` over `iters` calls, after `iters / 10` warm-up calls.
+/// Mean ns per call of `f` over `iters` calls, after `iters / 10` warm-up calls: the
+/// thread's CPU time, so that time spent descheduled on a shared machine does not count
+/// (wall time where the OS gives no thread CPU time).
 fn ns_per_call(iters: usize, mut f: impl FnMut()) -> f64 {
     for _ in 0..(iters / 10).max(1) {
         f();
     }
     let start = Instant::now();
+    let cpu_start = thread_cpu_time();
     for _ in 0..iters {
         f();
     }
-    start.elapsed().as_nanos() as f64 / iters as f64
+    let cpu = thread_cpu_time().saturating_sub(cpu_start);
+    let took = if cpu.is_zero() { start.elapsed() } else { cpu };
+    took.as_nanos() as f64 / iters as f64
 }
 
 fn native_redact_json(bytes: &[u8]) -> Vec<u8> {
@@ -391,6 +400,7 @@ fn best_ns(iters: usize, mut f: impl FnMut()) -> f64 {
 /// A one-edit 0.2 output: `fullDocument.email` set to `"[redacted]"`.
 fn email_edit() -> v0_2::types::Output {
     v0_2::types::Output {
+        payload: None,
         edits: vec![v0_2::types::Edit::Set(v0_2::types::SetValue {
             part: v0_2::types::Part::FullDocument,
             path: segments("email"),
@@ -459,6 +469,12 @@ fn native(name: &str, change: &Change, iters: usize) -> Option<(f64, &'static st
             });
             (ns, "raw project 3 fields, rebuild the change")
         }
+        "encode" => {
+            let ns = best_ns(iters, || {
+                black_box(baselines::encode_arrays(black_box(change)));
+            });
+            (ns, "raw: each top-level array set to its EJSON text")
+        }
         _ => return None,
     })
 }
@@ -498,7 +514,9 @@ fn micro(plugins: &Path, iters: usize) -> anyhow::Result<(Table, Table, usize)> 
         ],
     );
     calls.note(
-        "A call is `Plugin::call` with the event's contract form already made (the chain makes \
+        "Figures are the bench thread's CPU time per call (not wall time: a shared machine's \
+         descheduling does not count). A call is `Plugin::call` with the event's contract form \
+         already made (the chain makes \
          it once per event: 5b). 0.1 hands the documents over as relaxed EJSON and takes whole \
          events back; 0.2 hands over the metadata, the plugin reads values in place through the \
          `event` import, and a transform returns edits that the host applies to the raw BSON \
@@ -550,6 +568,17 @@ fn micro(plugins: &Path, iters: usize) -> anyhow::Result<(Table, Table, usize)> 
             native.map_or("not measured".into(), |(_, what)| what.to_string()),
         ]);
     }
+    let csv = [
+        ("fields", "_id, email -> mail, address.city -> city"),
+        ("payload", "csv"),
+    ];
+    calls.row(baselines::map_csv_row(
+        &sandbox,
+        plugins,
+        settings(&csv),
+        &change,
+        iters,
+    )?);
     let full = event.full_document.clone().unwrap_or_default();
     let ns = best_ns(iters, || {
         black_box(native_redact_json(black_box(&full)));
@@ -581,7 +610,11 @@ fn micro(plugins: &Path, iters: usize) -> anyhow::Result<(Table, Table, usize)> 
             f("fanout", r#"{ copies = "1" }"#)
         )
     };
-    let variants: [(&str, String, String); 3] = [
+    // map and encode alone: their per-call rows leave out what 0.1 costs around the call
+    // (documents to JSON before it, the returned event back to BSON after it).
+    let map_cfg = r#"{ fields = "_id, email -> mail, address.city -> city" }"#;
+    let encode_cfg = r#"{ arrays = "string" }"#;
+    let variants: [(&str, String, String); 5] = [
         ("no plugins", String::new(), String::new()),
         (
             "op-filter",
@@ -589,6 +622,12 @@ fn micro(plugins: &Path, iters: usize) -> anyhow::Result<(Table, Table, usize)> 
             v02("op-filter", filter_cfg),
         ),
         ("op-filter + redact + fanout(1)", three(&v01), three(&v02)),
+        ("map", v01("map", map_cfg), v02("map", map_cfg)),
+        (
+            "encode",
+            v01("encode", encode_cfg),
+            v02("encode", encode_cfg),
+        ),
     ];
     for (name, toml01, toml02) in variants {
         let mut row = vec![name.to_string()];

@@ -130,6 +130,77 @@ variants = '''{
     Ok(())
 }
 
+/// Contract 0.2's payload replacement, end to end: `map` with `payload = "csv"` publishes
+/// each record as one CSV line with its own `Content-Type`, on the event's subject, with the
+/// event's id and routing headers; an event without a document (a delete without pre-image)
+/// is published as the event; and a payload over the server's `max_payload` is dead-lettered
+/// (`output-too-large`), never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_publishes_records_as_csv_payloads() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let plugins = r#"
+[[pipeline.plugins]]
+name = "map"
+# Room for the 1.2 MB record, so that the payload's size, not a limit of the call, is what
+# refuses it.
+limits = { fuel_per_call = 20000000000, memory_mib = 128, timeout_ms = 30000 }
+[pipeline.plugins.config]
+fields = "_id -> id, name, address.city -> city, at"
+payload = "csv"
+"#;
+    // Over NATS's default max_payload (1 MiB), well under MongoDB's 16 MiB.
+    let big = "x".repeat(1_200_000);
+    let messages = h
+        .relay(plugins, "", 4, |coll| async move {
+            coll.insert_one(doc! {
+                "_id": 1,
+                "name": "Doe, \"Jane\"",
+                "address": { "city": "Lyon", "zip": "69001" },
+                "at": bson::DateTime::from_millis(1_704_164_645_678),
+                "secret": "not in the record",
+            })
+            .await?;
+            coll.insert_one(doc! { "_id": 2, "name": "Ada" }).await?;
+            coll.delete_one(doc! { "_id": 2 }).await?;
+            coll.insert_one(doc! { "_id": 3, "name": big }).await?;
+            Ok(())
+        })
+        .await?;
+    assert_eq!(messages.len(), 4);
+    let first = &messages[0];
+    assert_eq!(first.subject.as_str(), "cdc.shop.orders.insert");
+    assert_eq!(
+        std::str::from_utf8(&first.payload)?,
+        "1,\"Doe, \"\"Jane\"\"\",Lyon,2024-01-02T03:04:05.678Z\n",
+        "the published bytes are the plugin's CSV line"
+    );
+    assert_eq!(
+        header(first, "Content-Type").as_deref(),
+        Some("text/csv; header=absent")
+    );
+    assert_eq!(
+        header(first, "Tidegate-Operation").as_deref(),
+        Some("insert")
+    );
+    assert_eq!(header(first, "Tidegate-Key").as_deref(), Some("1"));
+    assert!(header(first, "Nats-Msg-Id")
+        .unwrap_or_default()
+        .ends_with(":0"));
+    assert_eq!(std::str::from_utf8(&messages[1].payload)?, "2,Ada,,\n");
+    let delete = &messages[2];
+    assert_eq!(delete.subject.as_str(), "cdc.shop.orders.delete");
+    assert_eq!(
+        json(delete)["operationType"],
+        "delete",
+        "no document, no record: the event itself is published"
+    );
+    assert!(header(delete, "Content-Type")
+        .unwrap_or_default()
+        .starts_with("application/json"));
+    assert_dead_letter(&messages[3], "output-too-large");
+    Ok(())
+}
+
 /// `redact` replaces, drops, masks and hashes by path — in the document and in an update's
 /// fields — and the hash is stable, so equal values still join.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

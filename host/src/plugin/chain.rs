@@ -7,8 +7,8 @@ use std::rc::Rc;
 
 use super::contract::v0_1::types as wit;
 use super::{
-    convert, edit, CallError, DeadLetterCause, Decision, Input, Output, Plugin, PluginSettings,
-    Verdict, Version,
+    convert, edit, CallError, DeadLetterCause, Decision, Input, Output, Payload, Plugin,
+    PluginSettings, Verdict, Version,
 };
 use crate::config::{PipelineConfig, QuarantineAction, QuarantineConfig};
 use crate::error::Error;
@@ -214,6 +214,7 @@ impl Chain {
                 change: None,
                 subject: None,
                 headers: Vec::new(),
+                payload: None,
             }]);
         }
         let original = Rc::new(Input::new(change.clone()));
@@ -221,6 +222,7 @@ impl Chain {
             form: Form::Host(Rc::clone(&original)),
             subject: None,
             headers: Vec::new(),
+            payload: None,
         }];
         for index in 0..self.plugins.len() {
             if let Some(verdict) = self.quarantined(index) {
@@ -247,6 +249,7 @@ impl Chain {
                 change: changed,
                 subject: item.subject,
                 headers: item.headers,
+                payload: item.payload,
             });
         }
         Verdict::Publish(outputs)
@@ -322,6 +325,7 @@ impl Chain {
                         },
                         subject,
                         headers,
+                        payload: item.payload.clone(),
                     });
                 }
             }
@@ -343,10 +347,18 @@ impl Chain {
                         out.subject,
                         out.headers.into_iter().map(|h| (h.name, h.value)),
                     );
+                    let payload = match out.payload {
+                        Some(p) => Some(Payload {
+                            bytes: p.bytes,
+                            content_type: p.content_type,
+                        }),
+                        None => item.payload.clone(),
+                    };
                     next.push(Item {
                         form,
                         subject,
                         headers,
+                        payload,
                     });
                 }
             }
@@ -356,11 +368,14 @@ impl Chain {
     }
 }
 
-/// One event on its way down the chain, with the routing plugins gave it so far.
+/// One event on its way down the chain, with the routing (and any payload) plugins gave it
+/// so far.
 struct Item {
     form: Form,
     subject: Option<String>,
     headers: Vec<(String, String)>,
+    /// Like the subject, a later transform's payload replaces an earlier one's.
+    payload: Option<Payload>,
 }
 
 impl Item {

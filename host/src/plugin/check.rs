@@ -1,7 +1,7 @@
 //! What a transform's outputs must respect, for every contract version: the plugin's limits
 //! (count and bytes: `output-too-large`; the byte limit capped by the unit's rules) and the
 //! contract (`invalid-output`: the event id kept, subjects under the pipeline's prefix,
-//! headers neither reserved nor malformed).
+//! headers neither reserved nor malformed, a payload's content type a plain header value).
 
 use super::contract::v0_1;
 use super::{CallError, Decision, OutputRules, Plugin};
@@ -80,6 +80,9 @@ pub(super) fn check_outputs(
                     .map(|h| (h.name.as_str(), h.value.as_str()));
                 check_routing(out.subject.as_deref(), headers, &rules.subject_prefix)
                     .map_err(invalid)?;
+                if let Some(payload) = &out.payload {
+                    check_content_type(&payload.content_type).map_err(invalid)?;
+                }
             }
         }
         Decision::Keep | Decision::Drop => {}
@@ -106,6 +109,24 @@ fn output_bytes_v0_1(out: &v0_1::types::Output) -> usize {
             .iter()
             .map(|h| h.name.len() + h.value.len())
             .sum::<usize>()
+}
+
+/// The longest `Content-Type` a payload may carry (the WIT's `payload.content-type`).
+const MAX_CONTENT_TYPE_BYTES: usize = 256;
+
+/// A payload's content type becomes a header value as is: printable ASCII and spaces, not
+/// empty, not long.
+fn check_content_type(content_type: &str) -> Result<(), String> {
+    let printable = content_type
+        .bytes()
+        .all(|b| b == b' ' || b.is_ascii_graphic());
+    if content_type.is_empty() || content_type.len() > MAX_CONTENT_TYPE_BYTES || !printable {
+        return Err(format!(
+            "payload content type '{content_type}' must be 1 to {MAX_CONTENT_TYPE_BYTES} bytes \
+             of printable ASCII"
+        ));
+    }
+    Ok(())
 }
 
 fn check_id(id: &str, input_id: &str) -> Result<(), String> {
@@ -144,4 +165,27 @@ fn check_routing<'a>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_content_type;
+
+    /// A payload's content type becomes a header value as is, so only plain ones pass.
+    #[test]
+    fn content_types() {
+        for good in ["text/csv", "application/x-protobuf; messageType=shop.Order"] {
+            assert!(check_content_type(good).is_ok(), "{good}");
+        }
+        let long = "a".repeat(257);
+        for bad in [
+            "",
+            "text/csv\r\nX-Evil: 1",
+            "text/csv\u{7f}",
+            "té/x",
+            long.as_str(),
+        ] {
+            assert!(check_content_type(bad).is_err(), "{bad:?}");
+        }
+    }
 }

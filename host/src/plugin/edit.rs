@@ -129,8 +129,10 @@ pub fn metadata(change: &Change) -> wit::ChangeEvent {
         namespace: namespace_to_wit(change.namespace()),
         to: change.to().map(namespace_to_wit),
         parts,
-        removed_fields: removed_fields(update),
-        truncated_arrays: truncated_arrays(update),
+        update: update.map(|u| wit::UpdateDetails {
+            removed_fields: removed_fields(Some(u)),
+            truncated_arrays: truncated_arrays(Some(u)),
+        }),
         cluster_time,
         wall_time_ms,
         txn_number,
@@ -363,10 +365,14 @@ pub fn apply(change: &Change, output: &wit::Output) -> Result<Option<Change>, St
                 .map(|t| (t.field.clone(), t.new_size))
                 .collect()
         };
-        let lists_changed = removed_fields(update) != meta.removed_fields
-            || pairs(&truncated_arrays(update)) != pairs(&meta.truncated_arrays);
+        let (removed, truncated) = match &meta.update {
+            Some(u) => (u.removed_fields.as_slice(), u.truncated_arrays.as_slice()),
+            None => (&[][..], &[][..]),
+        };
+        let lists_changed = removed_fields(update) != removed
+            || pairs(&truncated_arrays(update)) != pairs(truncated);
         if lists_changed {
-            let rebuilt = update_with_lists(update, &meta.removed_fields, &meta.truncated_arrays)?;
+            let rebuilt = update_with_lists(update, removed, truncated)?;
             fields.update_description = Some(Cow::Owned(rebuilt));
         }
     }
@@ -392,6 +398,10 @@ pub fn output_bytes(output: &wit::Output) -> usize {
             .iter()
             .map(|h| h.name.len() + h.value.len())
             .sum::<usize>()
+        + output
+            .payload
+            .as_ref()
+            .map_or(0, |p| p.bytes.len() + p.content_type.len())
 }
 
 #[cfg(test)]
@@ -427,6 +437,7 @@ mod tests {
 
     fn output(edits: Vec<wit::Edit>) -> wit::Output {
         wit::Output {
+            payload: None,
             edits,
             metadata: None,
             subject: None,
@@ -449,7 +460,8 @@ mod tests {
         assert_eq!(m.id, "8200");
         assert!(matches!(m.operation, wit::Operation::Update));
         assert_eq!(m.namespace.coll.as_deref(), Some("c"));
-        assert_eq!(m.removed_fields, ["x"]);
+        let update = m.update.as_ref().expect("an update's details");
+        assert_eq!(update.removed_fields, ["x"]);
         assert!(m
             .parts
             .contains(wit::Parts::FULL_DOCUMENT | wit::Parts::UPDATED_FIELDS));
@@ -600,12 +612,15 @@ mod tests {
         })]);
         let mut meta = metadata(&original);
         meta.namespace.coll = Some("other".into());
-        meta.removed_fields = vec!["x".into(), "y".into()];
+        if let Some(u) = meta.update.as_mut() {
+            u.removed_fields = vec!["x".into(), "y".into()];
+        }
         out.metadata = Some(meta.clone());
         let edited = apply(&original, &out).unwrap().unwrap();
         assert_eq!(edited.full_document().unwrap().get_i64("big").unwrap(), 7);
         assert_eq!(edited.namespace().coll.as_deref(), Some("other"));
-        assert_eq!(metadata(&edited).removed_fields, ["x", "y"]);
+        let details = metadata(&edited).update.expect("still an update");
+        assert_eq!(details.removed_fields, ["x", "y"]);
         meta.id = "other".into();
         out.metadata = Some(meta);
         assert!(apply(&original, &out).unwrap_err().contains("event id"));

@@ -580,6 +580,19 @@ pub struct Output {
     pub subject: Option<String>,
     /// Extra headers chosen by plugins.
     pub headers: Vec<(String, String)>,
+    /// Bytes a transform chose to publish instead of the encoded change (contract 0.2's
+    /// `output.payload`; the last one set in the chain).
+    pub payload: Option<Payload>,
+}
+
+/// A message body a transform made itself (a protobuf, Avro or CSV record, say): the sink
+/// publishes it as is, with its own `Content-Type`, instead of encoding the change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload {
+    /// The body.
+    pub bytes: Vec<u8>,
+    /// The message's `Content-Type` (checked by the chain: a plain header value).
+    pub content_type: String,
 }
 
 /// Why an event goes to the dead-letter subject. A plugin's failure names the plugin (and

@@ -447,7 +447,8 @@ fn print_verdict(what: &str, cost: &str, world: World, change: &Change, verdict:
     }
 }
 
-/// Prints output `i` of a transform: its subject and headers, then its payload.
+/// Prints output `i` of a transform: its subject and headers, then its payload (the event as
+/// relaxed JSON, or the bytes the transform gave).
 fn print_output(i: usize, out: &Output, change: &Change) {
     let headers: Vec<String> = out
         .headers
@@ -463,6 +464,15 @@ fn print_output(i: usize, out: &Output, change: &Change) {
             format!("; headers: {}", headers.join(", "))
         }
     );
+    // Bytes a transform made itself are what gets published: shown as they are.
+    if let Some(payload) = &out.payload {
+        println!(
+            "      ({}) {}",
+            payload.content_type,
+            String::from_utf8_lossy(&payload.bytes)
+        );
+        return;
+    }
     let shown = out.change.as_ref().unwrap_or(change);
     match tidegate::sink::encode::payload(shown, Encoding::RelaxedJson) {
         Ok(bytes) => println!("      {}", String::from_utf8_lossy(&bytes)),

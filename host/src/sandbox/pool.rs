@@ -247,9 +247,10 @@ fn work(shared: &Shared, lane: Lane) {
     }
 }
 
-/// CPU time the calling thread has used.
+/// CPU time the calling thread has used (also what the benchmark's per-call figures count,
+/// so that time the thread spends descheduled on a shared machine is not counted).
 #[cfg(target_os = "linux")]
-fn thread_cpu_time() -> Duration {
+pub fn thread_cpu_time() -> Duration {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -266,7 +267,7 @@ fn thread_cpu_time() -> Duration {
 /// CPU time the calling thread has used (elsewhere: not measured, so every turn costs the
 /// same and the order is round-robin).
 #[cfg(not(target_os = "linux"))]
-fn thread_cpu_time() -> Duration {
+pub fn thread_cpu_time() -> Duration {
     Duration::ZERO
 }
 

@@ -181,20 +181,24 @@ impl Framer {
         let mut messages = Vec::with_capacity(outputs.len());
         for (index, output) in outputs.into_iter().enumerate() {
             let change = output.change.as_ref().unwrap_or(change);
-            let payload = match self.formatter.payload(change) {
-                Ok(payload) => payload,
-                Err((kind, message)) => {
-                    let message = format!("output {index}: {message}");
-                    let cause = DeadLetterCause::Host { kind, message };
-                    return framed(self.dead_letter(event, &cause, stats));
-                }
+            // A payload a transform made is published as is; otherwise the change is encoded.
+            let (bytes, content_type) = match output.payload {
+                Some(payload) => (payload.bytes, payload.content_type),
+                None => match self.formatter.payload(change) {
+                    Ok(payload) => (payload.bytes, payload.content_type),
+                    Err((kind, message)) => {
+                        let message = format!("output {index}: {message}");
+                        let cause = DeadLetterCause::Host { kind, message };
+                        return framed(self.dead_letter(event, &cause, stats));
+                    }
+                },
             };
             let subject = match output.subject {
                 Some(subject) => subject,
                 None => self.subjects.render(change),
             };
             let mut headers = self.headers();
-            headers.insert("Content-Type", payload.content_type.as_str());
+            headers.insert("Content-Type", content_type.as_str());
             routing_headers(&mut headers, change, true);
             for (name, value) in output.headers {
                 headers.append(name.as_str(), value.as_str());
@@ -203,7 +207,7 @@ impl Framer {
                 subject,
                 msg_id: format!("{}:{}:{index}", self.pipeline, change.id()),
                 headers,
-                payload: payload.bytes.into(),
+                payload: bytes.into(),
             };
             match self.accept(message) {
                 Ok(message) => messages.push(message),
@@ -547,6 +551,7 @@ mod tests {
             change: None,
             subject,
             headers,
+            payload: None,
         }])
     }
 

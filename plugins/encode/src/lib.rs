@@ -22,8 +22,9 @@
 //!   `relaxed-json` or `canonical-json`.)
 //!
 //! Applied to `full-document`, `full-document-before-change` and the values of an update's
-//! `updated-fields`. `document-key` is never changed. A document the settings leave unchanged
-//! is handed back byte for byte, so it keeps its exact BSON types.
+//! `updated-fields`. `document-key` is never changed. Each changed top-level field is handed
+//! back as one `set` edit, so the fields the settings leave alone keep their exact bytes and
+//! BSON types, and a document they leave unchanged is not touched at all.
 
 use serde_json::{Map, Number, Value};
 use tidegate_plugin::document::{as_i64, date_millis};
@@ -123,18 +124,30 @@ impl Encode {
         }
     }
 
-    /// Re-encodes one document's fields; `None` when nothing changed.
-    pub fn document(&self, bytes: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+    /// The top-level fields of `doc` the settings change, with their new values (empty when
+    /// nothing changes). They become one `set` edit each: the host rewrites only those
+    /// fields of the original BSON, so every other field keeps its bytes and exact type, and
+    /// neither side converts the whole document back.
+    pub fn changes(&self, doc: &Document) -> Result<Vec<(String, Value)>, Error> {
         if *self == Encode::default() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        let map = Document::from_bytes(bytes.to_vec()).to_map()?;
-        let before = map.clone();
-        let after: Map<String, Value> = map.into_iter().map(|(k, v)| (k, self.value(v))).collect();
-        if after == before {
-            return Ok(None);
+        Ok(doc
+            .map()?
+            .iter()
+            .filter_map(|(key, value)| {
+                let after = self.value(value.clone());
+                (after != *value).then(|| (key.clone(), after))
+            })
+            .collect())
+    }
+
+    /// Applies [`Encode::changes`] to `doc` as edits.
+    fn encode(&self, doc: &mut Document) -> Result<(), Error> {
+        for (key, value) in self.changes(doc)? {
+            doc.set_at(vec![key], value)?;
         }
-        Ok(Some(Value::Object(after).to_string().into_bytes()))
+        Ok(())
     }
 }
 
@@ -253,14 +266,10 @@ impl Transform for Encode {
         .into_iter()
         .flatten()
         {
-            if let Some(bytes) = self.document(doc.as_bytes())? {
-                *doc = Document::from_bytes(bytes);
-            }
+            self.encode(doc)?;
         }
         if let Some(u) = &mut event.update_description {
-            if let Some(bytes) = self.document(u.updated_fields.as_bytes())? {
-                u.updated_fields = Document::from_bytes(bytes);
-            }
+            self.encode(&mut u.updated_fields)?;
         }
         Ok(vec![Output::new(event)])
     }
@@ -301,13 +310,18 @@ mod tests {
     #[test]
     fn defaults_change_nothing_byte_for_byte() {
         let e = Encode::init_checked(&Config::default()).unwrap();
+        let doc = |text: &[u8]| Document::from_bytes(text.to_vec());
         let bytes = br#"{"a": [1], "b": {"$oid": "x"}}"#;
-        assert_eq!(e.document(bytes).unwrap(), None);
+        assert!(e.changes(&doc(bytes)).unwrap().is_empty());
         let e = Encode::init_checked(&Config::from_pairs([("arrays", "string")])).unwrap();
-        assert_eq!(
-            e.document(br#"{"a": 1}"#).unwrap(),
-            None,
+        assert!(
+            e.changes(&doc(br#"{"a": 1}"#)).unwrap().is_empty(),
             "nothing to change"
+        );
+        assert_eq!(
+            e.changes(&doc(bytes)).unwrap(),
+            vec![("a".to_string(), Value::String("[1]".into()))],
+            "only the array field changes"
         );
     }
 

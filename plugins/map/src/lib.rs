@@ -16,6 +16,19 @@
 //! - `unmatched`: what to do with a document whose discriminator has no variant (and no `"*"`):
 //!   `error` (default: dead-letter it, so a new variant is noticed), `drop`, or `pass`
 //!   (publish unchanged).
+//! - `payload`: `event` (default) publishes the mapped event, encoded as the pipeline's sink
+//!   says; `csv` publishes the record itself as one CSV line instead (contract 0.2's payload
+//!   replacement, `Content-Type: text/csv; header=absent`): the mapped fields in mapping order,
+//!   quoted as RFC 4180 says when needed, ending in `\n`. A missing field or `null` is empty,
+//!   an Extended JSON wrapper with a string inside (`{"$oid": …}`, `{"$date": …}`,
+//!   `{"$numberLong": …}`) is that string, other documents and arrays are their JSON text.
+//!   The record is the mapped `full-document`, else `full-document-before-change`, else the
+//!   mapped `updated-fields`; an event with none of these (a delete without pre-image, a drop)
+//!   is published as the event.
+//!
+//! Each mapped value is read by itself (`Document::value`: the host looks up just that path of
+//! a received document), so the rest of a document is never converted, and the record goes
+//! back as a `replace` of the part.
 //!
 //! The mapping applies to `full-document` and `full-document-before-change` (fields missing
 //! from the document are left out of the record), and to an update's `updated-fields`: a key
@@ -43,7 +56,11 @@ pub const KNOWN_KEYS: &[&str] = &[
     "discriminator",
     "variants",
     "unmatched",
+    "payload",
 ];
+
+/// The content type of `payload = "csv"` messages.
+pub const CSV_CONTENT_TYPE: &str = "text/csv; header=absent";
 
 /// One projection: `(path segments, output name)` in output order, and a subject template.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,9 +94,9 @@ pub enum Plan {
     },
 }
 
-/// The plugin.
+/// The plugin: its mapping(s), and whether it publishes records as CSV payloads.
 #[derive(Debug)]
-pub struct MapPlugin(Plan);
+pub struct MapPlugin(Plan, bool);
 
 fn bad(message: impl Into<String>) -> Error {
     Error::invalid_config(message.into())
@@ -178,16 +195,43 @@ impl Mapping {
         })
     }
 
-    /// The record for one document.
-    fn project(&self, doc: &Map<String, Value>) -> Map<String, Value> {
+    /// The record for one document, each value read by itself.
+    fn project(&self, doc: &Document) -> Result<Map<String, Value>, Error> {
         let mut out = Map::new();
-        let root = Value::Object(doc.clone());
         for (path, name) in &self.fields {
-            if let Some(v) = get(&root, path) {
-                out.insert(name.clone(), v.clone());
+            if let Some(v) = doc.value(&path.join("."))? {
+                out.insert(name.clone(), v);
             }
         }
-        out
+        Ok(out)
+    }
+
+    /// `record` as one CSV line, columns in mapping order (see the crate docs).
+    pub fn csv(&self, record: &Map<String, Value>) -> Vec<u8> {
+        let mut line = String::new();
+        for (i, (_, name)) in self.fields.iter().enumerate() {
+            if i > 0 {
+                line.push(',');
+            }
+            let text = match record.get(name) {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Object(m)) => match m.iter().next() {
+                    Some((k, Value::String(s))) if m.len() == 1 && k.starts_with('$') => s.clone(),
+                    _ => Value::Object(m.clone()).to_string(),
+                },
+                Some(other) => other.to_string(),
+            };
+            if text.contains([',', '"', '\r', '\n']) {
+                line.push('"');
+                line.push_str(&text.replace('"', "\"\""));
+                line.push('"');
+            } else {
+                line.push_str(&text);
+            }
+        }
+        line.push('\n');
+        line.into_bytes()
     }
 
     /// An update's `updated-fields` (keys are dotted paths) in record terms.
@@ -236,16 +280,28 @@ impl Transform for MapPlugin {
     const CONFIG_KEYS: ConfigKeys = ConfigKeys::Only(KNOWN_KEYS);
 
     fn init(config: &Config) -> Result<Self, Error> {
+        let csv = match config.get("payload").map(str::trim) {
+            None | Some("event") => false,
+            Some("csv") => true,
+            Some(other) => {
+                return Err(bad(format!(
+                    "`payload` must be event or csv, got {other:?}"
+                )))
+            }
+        };
         let Some(discriminator) = config.get("discriminator") else {
             if config.get("variants").is_some() || config.get("unmatched").is_some() {
                 return Err(bad("`variants` and `unmatched` need a `discriminator`"));
             }
             let fields = config.require("fields")?;
-            return Ok(MapPlugin(Plan::Single(Mapping::parse(
-                "fields",
-                &Value::String(fields.to_owned()),
-                config.get("subject"),
-            )?)));
+            return Ok(MapPlugin(
+                Plan::Single(Mapping::parse(
+                    "fields",
+                    &Value::String(fields.to_owned()),
+                    config.get("subject"),
+                )?),
+                csv,
+            ));
         };
         if config.get("fields").is_some() || config.get("subject").is_some() {
             return Err(bad(
@@ -296,12 +352,15 @@ impl Transform for MapPlugin {
                 )))
             }
         };
-        Ok(MapPlugin(Plan::Variants {
-            discriminator,
-            variants,
-            fallback,
-            unmatched,
-        }))
+        Ok(MapPlugin(
+            Plan::Variants {
+                discriminator,
+                variants,
+                fallback,
+                unmatched,
+            },
+            csv,
+        ))
     }
 
     fn transform(&self, mut event: Event) -> Result<Vec<Output>, Error> {
@@ -332,6 +391,7 @@ impl Transform for MapPlugin {
             }
         };
         let mut touched = false;
+        let mut record = None;
         for doc in [
             &mut event.full_document,
             &mut event.full_document_before_change,
@@ -339,16 +399,27 @@ impl Transform for MapPlugin {
         .into_iter()
         .flatten()
         {
-            *doc = Document::from_map(mapping.project(doc.map()?));
+            let projected = mapping.project(doc)?;
+            if self.1 && record.is_none() {
+                record = Some(projected.clone());
+            }
+            *doc = Document::from_map(projected);
             touched = true;
         }
         if let Some(u) = &mut event.update_description {
-            u.updated_fields = Document::from_map(mapping.project_updated(u.updated_fields.map()?));
+            let projected = mapping.project_updated(u.updated_fields.map()?);
+            if self.1 && record.is_none() {
+                record = Some(projected.clone());
+            }
+            u.updated_fields = Document::from_map(projected);
             u.removed_fields = mapping.project_removed(&u.removed_fields);
             u.truncated_arrays.clear();
             touched = true;
         }
         let mut out = Output::new(event);
+        if let Some(record) = record {
+            out = out.payload(mapping.csv(&record), CSV_CONTENT_TYPE);
+        }
         if let Some(template) = &mapping.subject {
             let e = &out.event;
             let s = render(
@@ -538,6 +609,38 @@ mod tests {
         let star = r#"{"post": {"fields": "title"}, "*": {"fields": "_id -> id"}}"#;
         let fallback = plugin(&[("discriminator", "kind"), ("variants", star)]).unwrap();
         assert_eq!(doc(&fallback.transform(e).unwrap()[0]), json!({"id": 3}));
+    }
+
+    #[test]
+    fn csv_payload_is_the_record_as_one_line() {
+        let m = plugin(&[
+            ("fields", "_id -> id, name, address.city -> city, note, n"),
+            ("payload", "csv"),
+        ])
+        .unwrap();
+        let record = json!({"_id": {"$oid": "65a1b2c3d4e5f60718293a4b"}, "name": "Doe, \"Jane\"",
+            "address": {"city": "Lyon"}, "note": null, "n": 2.5, "other": 1});
+        let out = m.transform(Event::insert("d", "c", record)).unwrap();
+        let payload = out[0].payload.as_ref().expect("a payload");
+        assert_eq!(payload.content_type, CSV_CONTENT_TYPE);
+        assert!(payload.check().is_ok());
+        assert_eq!(
+            String::from_utf8(payload.bytes.clone()).unwrap(),
+            "65a1b2c3d4e5f60718293a4b,\"Doe, \"\"Jane\"\"\",Lyon,,2.5\n"
+        );
+        // The event is still mapped (it goes on down the chain).
+        assert_eq!(doc(&out[0])["city"], "Lyon");
+        let del = m.transform(Event::delete("d", "c", json!(1))).unwrap();
+        assert!(
+            del[0].payload.is_none(),
+            "no document, no record: the event is published"
+        );
+        let event = plugin(&[("fields", "a")]).unwrap();
+        let out = event
+            .transform(Event::insert("d", "c", json!({"a": 1})))
+            .unwrap();
+        assert!(out[0].payload.is_none(), "payload = event by default");
+        assert!(plugin(&[("fields", "a"), ("payload", "xml")]).is_err());
     }
 
     #[test]

@@ -98,9 +98,14 @@ impl Document {
         &self.edits
     }
 
-    /// The text, fetched from the host (edits applied) on first need.
+    /// The text, fetched from the host (edits applied) on first need, or written from the
+    /// edited local copy.
     fn text(&self) -> &Vec<u8> {
         self.bytes.get_or_init(|| {
+            // Edited since it was parsed: the parsed copy is the current one.
+            if let Some(Ok(map)) = self.parsed.get() {
+                return serde_json::to_vec(map).unwrap_or_else(|_| b"{}".to_vec());
+            }
             let fetched = match self.origin {
                 Some(part) => edit::fetch(part),
                 None => b"{}".to_vec(),
@@ -129,17 +134,23 @@ impl Document {
 
     /// Whether reads are served from a local copy (built, fetched, or native).
     fn is_local(&self) -> bool {
-        self.origin.is_none() || self.bytes.get().is_some()
+        self.origin.is_none() || self.bytes.get().is_some() || self.parsed.get().is_some()
     }
 
-    /// Records `e`, and applies it to the local copy if there is one.
+    /// Records `e`, and applies it to the local copy if there is one. The copy is edited
+    /// parsed and written out again only when its bytes are read: a transform making many
+    /// edits (the `encode` plugin, one per changed field) pays for one text at most, and
+    /// none when nothing reads it back.
     fn edit(&mut self, e: Edit) -> Result<()> {
         if self.is_local() {
-            self.text();
-            let mut map = self.to_map()?;
-            edit::apply(&mut map, &e)?;
-            self.bytes = OnceCell::from(Value::Object(map).to_string().into_bytes());
-            self.parsed = OnceCell::new();
+            let mut map = match self.parsed.take() {
+                Some(Ok(map)) => map,
+                _ => self.to_map()?,
+            };
+            let applied = edit::apply(&mut map, &e);
+            self.bytes = OnceCell::new();
+            self.parsed = OnceCell::from(Ok(map));
+            applied?;
         }
         if self.origin.is_some() {
             self.edits.push(e);

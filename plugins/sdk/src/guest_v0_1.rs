@@ -112,6 +112,13 @@ pub fn call_filter<P: Filter>(event: WitEvent) -> Result<bool, WitError> {
 pub fn call_transform<P: Transform>(event: WitEvent) -> Result<Vec<WitOutput>, WitError> {
     let event = from_wit(event);
     let outputs = with_plugin(P::init_checked, |p| p.transform(event)).map_err(to_wit_error)?;
+    if outputs.iter().any(|o| o.payload.is_some()) {
+        return Err(WitError::Failed(
+            "an output replaces the payload, which contract 0.1 cannot carry: build the \
+             plugin for contract 0.2 (without the SDK's `contract-0-1` feature)"
+                .into(),
+        ));
+    }
     Ok(outputs.into_iter().map(output_to_wit).collect())
 }
 

@@ -222,6 +222,10 @@ fn from_wit(e: WitEvent) -> Event {
     );
     let updated_fields = has(wit::Parts::UPDATED_FIELDS, Part::UpdatedFields);
     let lsid = has(wit::Parts::LSID, Part::Lsid);
+    let details = e.update.unwrap_or(wit::UpdateDetails {
+        removed_fields: Vec::new(),
+        truncated_arrays: Vec::new(),
+    });
     Event {
         id: e.id,
         operation: op_from_wit(e.operation),
@@ -232,8 +236,8 @@ fn from_wit(e: WitEvent) -> Event {
         full_document_before_change,
         update_description: updated_fields.map(|updated_fields| UpdateDescription {
             updated_fields,
-            removed_fields: e.removed_fields,
-            truncated_arrays: e
+            removed_fields: details.removed_fields,
+            truncated_arrays: details
                 .truncated_arrays
                 .into_iter()
                 .map(|t| TruncatedArray {
@@ -315,9 +319,22 @@ fn output_to_wit(o: Output, received: &WitEvent) -> WitOutput {
         parts.contains(wit::Parts::FULL_DOCUMENT_BEFORE_CHANGE),
         &mut edits,
     );
-    let (updated_fields, removed_fields, truncated_arrays) = match e.update_description {
-        Some(u) => (Some(u.updated_fields), u.removed_fields, u.truncated_arrays),
-        None => (None, Vec::new(), Vec::new()),
+    let (updated_fields, details) = match e.update_description {
+        Some(u) => (
+            Some(u.updated_fields),
+            Some(wit::UpdateDetails {
+                removed_fields: u.removed_fields,
+                truncated_arrays: u
+                    .truncated_arrays
+                    .into_iter()
+                    .map(|t| wit::TruncatedArray {
+                        field: t.field,
+                        new_size: t.new_size,
+                    })
+                    .collect(),
+            }),
+        ),
+        None => (None, None),
     };
     part_edits(
         Part::UpdatedFields,
@@ -341,14 +358,7 @@ fn output_to_wit(o: Output, received: &WitEvent) -> WitOutput {
         namespace: ns_to_wit(e.namespace),
         to: e.to.map(ns_to_wit),
         parts,
-        removed_fields,
-        truncated_arrays: truncated_arrays
-            .into_iter()
-            .map(|t| wit::TruncatedArray {
-                field: t.field,
-                new_size: t.new_size,
-            })
-            .collect(),
+        update: details,
         cluster_time: e.cluster_time.map(|t| wit::ClusterTime {
             seconds: t.seconds,
             increment: t.increment,
@@ -368,5 +378,9 @@ fn output_to_wit(o: Output, received: &WitEvent) -> WitOutput {
                 value: h.value,
             })
             .collect(),
+        payload: o.payload.map(|p| wit::Payload {
+            bytes: p.bytes,
+            content_type: p.content_type,
+        }),
     }
 }

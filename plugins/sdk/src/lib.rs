@@ -106,7 +106,7 @@ pub use event::{
     ClusterTime, Event, Namespace, NamespacePattern, Operation, Transaction, TruncatedArray,
     UpdateDescription,
 };
-pub use output::{subject, Header, Output};
+pub use output::{subject, Header, Output, Payload};
 
 /// The JSON value type documents are read as (re-exported `serde_json::Value`).
 pub use serde_json::{json, Map, Value};

@@ -79,6 +79,65 @@ pub struct Output {
     pub subject: Option<String>,
     /// Extra headers.
     pub headers: Vec<Header>,
+    /// Bytes to publish instead of the event encoded by the pipeline (see [`Payload`]).
+    /// Contract 0.2 only: under `contract-0-1` an output with a payload fails the event.
+    pub payload: Option<Payload>,
+}
+
+/// A message body the plugin made itself (a protobuf, Avro or CSV record, say), published
+/// as is instead of the event encoded by the pipeline's `format` and `encoding`. The event
+/// still gives the message its id, subject and `Tidegate-*` headers, and still goes on down
+/// the chain; a later transform's payload replaces this one.
+///
+/// The host dead-letters the event when the content type is not 1 to 256 bytes of printable
+/// ASCII, or when the bytes do not fit the plugin's `max_output_bytes` or the NATS server's
+/// `max_payload`. [`Payload::check`] tests the content type in the plugin.
+///
+/// ```
+/// use tidegate_plugin::Payload;
+/// let p = Payload::new(b"1,ada\n".to_vec(), "text/csv");
+/// assert!(p.check().is_ok());
+/// assert!(Payload::new(Vec::new(), "").check().is_err());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Payload {
+    /// The message body.
+    pub bytes: Vec<u8>,
+    /// The message's `Content-Type` header.
+    pub content_type: String,
+}
+
+/// The longest content type the host accepts.
+const MAX_CONTENT_TYPE_BYTES: usize = 256;
+
+impl Payload {
+    /// A payload of `bytes` with `content_type`.
+    pub fn new(bytes: Vec<u8>, content_type: impl Into<String>) -> Payload {
+        Payload {
+            bytes,
+            content_type: content_type.into(),
+        }
+    }
+
+    /// The host's rule for the content type (1 to 256 bytes of printable ASCII and spaces),
+    /// checked here so a plugin can report a clear error.
+    ///
+    /// ```
+    /// # use tidegate_plugin::Payload;
+    /// assert!(Payload::new(vec![1], "application/x-protobuf").check().is_ok());
+    /// assert!(Payload::new(vec![1], "text/csv\r\nX-A: 1").check().is_err());
+    /// ```
+    pub fn check(&self) -> Result<(), String> {
+        let t = &self.content_type;
+        let printable = t.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
+        if t.is_empty() || t.len() > MAX_CONTENT_TYPE_BYTES || !printable {
+            return Err(format!(
+                "payload content type {t:?} must be 1 to {MAX_CONTENT_TYPE_BYTES} bytes of \
+                 printable ASCII"
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Output {
@@ -94,6 +153,7 @@ impl Output {
             event,
             subject: None,
             headers: Vec::new(),
+            payload: None,
         }
     }
 
@@ -118,6 +178,19 @@ impl Output {
     /// ```
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Output {
         self.headers.push(Header::new(name, value));
+        self
+    }
+
+    /// Publishes `bytes` with `content_type` instead of the encoded event (see [`Payload`]).
+    ///
+    /// ```
+    /// # use tidegate_plugin::{Event, Output};
+    /// let out = Output::new(Event::delete("a", "b", serde_json::json!(1)))
+    ///     .payload(b"1\n".to_vec(), "text/csv");
+    /// assert_eq!(out.payload.unwrap().content_type, "text/csv");
+    /// ```
+    pub fn payload(mut self, bytes: Vec<u8>, content_type: impl Into<String>) -> Output {
+        self.payload = Some(Payload::new(bytes, content_type));
         self
     }
 }
