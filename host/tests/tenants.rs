@@ -596,7 +596,7 @@ async fn many_tenants_start_while_one_spins_in_init() -> anyhow::Result<()> {
         config += &format!(
             "[[pipeline.tenant]]\nid = \"t{i}\"\nnamespaces = [\"db{i}.*\"]\n\
              [[pipeline.tenant.plugins]]\nname = \"op-filter\"\n\
-             [[pipeline.tenant.plugins]]\nname = \"redact\"\n\
+             [[pipeline.tenant.plugins]]\nname = \"redact\"\nconfig = {{ fields = \"email\" }}\n\
              [pipeline.tenant.sink]\nstream = \"T{i}\"\nsubject_prefix = \"t{i}\"\n"
         );
     }
