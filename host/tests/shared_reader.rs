@@ -191,7 +191,7 @@ async fn routes_by_tenant_key() -> anyhow::Result<()> {
     .concat();
     let path = h.write_config("key.toml", &config(&h, pipeline, &tenants))?;
     let running = InProcess::start(&path)?;
-    h.wait_checkpoints(&["p.a", "p.b", "p.c"]).await?;
+    h.wait_checkpoints(&["p.a", "p.b", "p.c", "p.d"]).await?;
     wait_one_change_stream(&h).await?;
 
     let orders = h.collection().await?;
@@ -300,8 +300,8 @@ async fn a_slow_tenant_detaches_and_rejoins_without_loss() -> anyhow::Result<()>
 
 /// Catching up is bounded: three slow tenants fall behind while tidegate is stopped; on the
 /// restart, with `tenant_catch_up_streams = 1`, one catches up on a stream of its own while
-/// the others wait detached ("waiting for a catch-up turn"), so mongod never serves more than
-/// the shared stream and one other. Each tenant ends with every event exactly once, in
+/// the others wait detached ("waiting for a catch-up turn"), so mongod serves the shared
+/// stream and one other (plus, briefly, the one being closed as the next turn opens). Each tenant ends with every event exactly once, in
 /// order, and all join the shared stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catching_up_is_bounded_and_the_others_wait_detached() -> anyhow::Result<()> {
@@ -320,7 +320,7 @@ async fn catching_up_is_bounded_and_the_others_wait_detached() -> anyhow::Result
          [[pipeline.tenant.plugins]]\nname = \"spin\"\nfile = \"{}\"",
         spin.display()
     );
-    let ids = ["a", "b", "c"];
+    let ids = ["a", "b", "c", "d"];
     let tenants: String = ids
         .iter()
         .map(|id| tenant(id, "\"shop.orders\"", &slow_plugin))
@@ -329,7 +329,7 @@ async fn catching_up_is_bounded_and_the_others_wait_detached() -> anyhow::Result
     let path = h.write_config("bounded.toml", &config(&h, pipeline, &tenants))?;
     let orders = h.collection().await?;
     let mut child = h.spawn_binary(&path)?;
-    h.wait_checkpoints(&["p.a", "p.b", "p.c"]).await?;
+    h.wait_checkpoints(&["p.a", "p.b", "p.c", "p.d"]).await?;
     for n in 0..5 {
         orders.insert_one(doc! { "n": n }).await?;
     }
@@ -338,6 +338,9 @@ async fn catching_up_is_bounded_and_the_others_wait_detached() -> anyhow::Result
     }
     child.signal(SIGTERM)?;
     child.wait_exit(Duration::from_secs(60)).await?;
+    let client = h.mongo.client().await?;
+    // Cursors of the stopped process mongod may still list until it reaps them.
+    let leftover = change_streams(&client).await?;
 
     // Written while stopped: every tenant restarts behind the reader.
     let total = 65i64;
@@ -345,7 +348,6 @@ async fn catching_up_is_bounded_and_the_others_wait_detached() -> anyhow::Result
         orders.insert_one(doc! { "n": n }).await?;
     }
     let mut child = h.spawn_binary(&path)?;
-    let client = h.mongo.client().await?;
     let nats = h.nats_client().await?;
     let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     wait_until("every tenant caught up", PATIENCE, || {
@@ -363,8 +365,13 @@ async fn catching_up_is_bounded_and_the_others_wait_detached() -> anyhow::Result
         }
     })
     .await?;
+    // The reader, one tenant's turn, and the turn before it while its cursor is being
+    // killed: at most 3 beside the leftovers (unbounded, the four tenants would make 5).
     let most = most.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(most <= 2, "{most} change streams open at once on mongod");
+    assert!(
+        most <= leftover + 3,
+        "{most} change streams open at once on mongod ({leftover} left from the first run)"
+    );
     assert!(
         child.log().contains("waiting for a catch-up turn"),
         "{}",
