@@ -110,7 +110,7 @@ pub(super) async fn tenants_only(args: &Args, plugins: &Path) -> anyhow::Result<
             }
         }
     }
-    table.note("In-process: RSS and threads are the bench process's (tidegate, its drivers, this harness), read after the row's events are stored; rows run in order in one process, so a row's RSS may include what earlier rows left allocated. Events are written live with insert_many (8 in flight; database per tenant: N/K events per tenant; tenant key: batches of 1000 spread over all tenants) while tidegate runs; the rate is events / (first write → last tenant's last message stored). \"× K = 1\" is against the first K of the same routing and chain in this run. Start-up: from tidegate::run until every tenant has saved its start. Change streams counted with $currentOp (allUsers, idleCursors) after the run.".into());
+    table.note("In-process: RSS and threads are the bench process's (tidegate, its drivers, this harness), read after the row's events are stored; rows run in order in one process, so a row's RSS may include what earlier rows left allocated. Collections are created before tidegate starts; events are written live with insert_many (8 in flight; database per tenant: N/K events per tenant; tenant key: batches of 1000 spread over all tenants) while tidegate runs; the rate is events / (first write → last tenant's last message stored). \"× K = 1\" is against the first K of the same routing and chain in this run. Start-up: from tidegate::run until every tenant has saved its start. Change streams counted with $currentOp (allUsers, idleCursors) after the run.".into());
     Ok(vec![table])
 }
 
@@ -177,12 +177,26 @@ async fn run(
     }
     let config =
         Config::parse(&text, plugin_dir, |_| None).map_err(|e| anyhow!("tenants config: {e}"))?;
+    let client = mongo.client().await?;
+    // Collections exist before the run: creating a thousand of them on the first insert is
+    // mongod's cost (tens of ms each), not the reader's.
+    let databases: Vec<String> = match routing {
+        Routing::Database => (0..k).map(|i| format!("db{i}")).collect(),
+        Routing::Key => vec!["app".into()],
+    };
+    let mut creating = futures::stream::iter(databases.into_iter().map(|db| {
+        let db = client.database(&db);
+        async move { db.create_collection("orders").await }
+    }))
+    .buffer_unordered(WRITERS);
+    while let Some(done) = creating.next().await {
+        done?;
+    }
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let began_run = Instant::now();
     let running = tokio::spawn(tidegate::run(config, async move {
         let _ = stopped.await;
     }));
-    let client = mongo.client().await?;
     let nats_client = nats.client().await?;
     let js = async_nats::jetstream::new(nats_client.clone());
     // Every tenant has saved its start (its lane then joins the reader).
