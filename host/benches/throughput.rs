@@ -29,6 +29,8 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+// Not `benches/tenants.rs`: Cargo would take that for a bench target of its own.
+#[path = "throughput/tenants.rs"]
 mod tenants;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
