@@ -19,13 +19,19 @@
 //! 7. a good tenant's latency and backlog throughput beside a hostile neighbour tenant (idle,
 //!    header bombs, a CPU hog burning its whole fuel or deadline on every event);
 //!    `--neighbours-only` runs just this scenario; `--no-background` runs every scenario on a
-//!    worker pool without its low-priority background lane (`sandbox.background = false`).
+//!    worker pool without its low-priority background lane (`sandbox.background = false`);
+//! 8. the shared reader at scale, K tenants with 1–3 plugins each (`--tenants-only`; module
+//!    `tenants`, sizes and chains from `TIDEGATE_BENCH_*`).
 //!
 //! It prints the tables and writes them as markdown to `<target dir>/bench-results.md` (or
 //! `--out`). Nothing is asserted about timings.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+// Not `benches/tenants.rs`: Cargo would take that for a bench target of its own.
+#[path = "throughput/tenants.rs"]
+mod tenants;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt::Write as _;
@@ -1488,7 +1494,7 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("tokio runtime")?;
     let mut all = if args.tenants_only {
-        runtime.block_on(tenants_only(&args, plugins))?
+        runtime.block_on(tenants::tenants_only(&args, &plugins))?
     } else if args.neighbours_only {
         runtime.block_on(neighbours_only(&args, plugins))?
     } else if args.micro_only {
@@ -1546,190 +1552,6 @@ async fn start_env(plugins: PathBuf) -> anyhow::Result<Env> {
         plugins,
         cpu,
     })
-}
-
-/// Scenario 7 alone.
-/// Shared reader: K tenants on one pipeline (database per tenant, or one collection routed
-/// by tenant key), each with one plugin (op-filter), N events written live in batches spread
-/// over the tenants; measured until every tenant's stream holds its share.
-async fn tenants_only(args: &Args, plugins: PathBuf) -> anyhow::Result<Vec<Table>> {
-    let mut table = Table::new(
-        &format!(
-            "8. Shared reader: K tenants, one change stream (N = {} live events, 1 plugin each)",
-            args.events
-        ),
-        &[
-            "routing",
-            "K",
-            "events/s total",
-            "change streams on mongod",
-            "mongod CPU cores",
-            "tidegate RSS MiB",
-            "threads",
-        ],
-    );
-    // `TIDEGATE_BENCH_TENANTS=1,10,100,1000` to try other sizes.
-    let sizes: Vec<usize> = std::env::var("TIDEGATE_BENCH_TENANTS")
-        .ok()
-        .and_then(|v| v.split(',').map(|k| k.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![1, 10, 100]);
-    for keyed in [false, true] {
-        for &k in &sizes {
-            eprintln!(
-                "8. tenants: K = {k}, {}…",
-                if keyed {
-                    "tenant key"
-                } else {
-                    "database per tenant"
-                }
-            );
-            table.row(tenants_run(args.events, &plugins, k, keyed).await?);
-        }
-    }
-    table.note("In-process: RSS and threads are the bench process's (tidegate, drivers, this harness). Events are written live (insert_many, 1000 per batch, rotating over the tenants) while tidegate runs; the rate is events / (first write → last tenant's last message stored). Change streams counted with $currentOp (allUsers, idleCursors) after the run.".into());
-    Ok(vec![table])
-}
-
-/// One tenants run on fresh servers: the table row.
-async fn tenants_run(
-    n: usize,
-    plugins: &Path,
-    k: usize,
-    keyed: bool,
-) -> anyhow::Result<Vec<String>> {
-    let (mongo, nats) = tokio::try_join!(MongoReplicaSet::start(), NatsServer::start())?;
-    let mongod = find_server_pid("mongod", "--port", mongo.port());
-    let pipeline = match keyed {
-        false => String::new(),
-        true => "database = \"app\"\ncollections = [\"orders\"]\ntenant_key = \"fullDocument.tenantId\"\nfull_document = \"update-lookup\"\nskip_operations = [\"delete\"]\n".into(),
-    };
-    let mut text = format!(
-        "plugin_dir = \"{}\"\n[log]\nlevel = \"warn\"\n[sandbox]\nmax_instances = {instances}\n[nats]\nurl = \"{}\"\n[[pipeline]]\nid = \"p\"\nmongodb_uri = \"{}\"\n{pipeline}",
-        plugins.display(), nats.url(), mongo.uri(), instances = (k + 16).max(256)
-    );
-    for i in 0..k {
-        let ns = if keyed {
-            "app.orders".to_string()
-        } else {
-            format!("db{i}.*")
-        };
-        text += &format!("[[pipeline.tenant]]\nid = \"t{i}\"\nnamespaces = [\"{ns}\"]\n[[pipeline.tenant.plugins]]\nname = \"op-filter\"\n[pipeline.tenant.sink]\nstream = \"T{i}\"\nsubject_prefix = \"t{i}\"\n");
-    }
-    let config =
-        Config::parse(&text, plugins, |_| None).map_err(|e| anyhow!("tenants config: {e}"))?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(tidegate::run(config, async move {
-        let _ = stopped.await;
-    }));
-    let client = mongo.client().await?;
-    let nats_client = nats.client().await?;
-    let js = async_nats::jetstream::new(nats_client.clone());
-    // Every tenant has saved its start (its lane then joins the reader).
-    let started = Instant::now();
-    for i in 0..k {
-        loop {
-            if started.elapsed() > Duration::from_secs(600) {
-                bail!("tenant t{i} saved no start within 600 s");
-            }
-            if let Ok(kv) = js.get_key_value(KV_BUCKET).await {
-                if matches!(kv.get(format!("p.t{i}")).await, Ok(Some(_))) {
-                    break;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let cpu_before = mongod.as_deref().map_or(0, cpu_ticks);
-    let began = Instant::now();
-    let per_batch = INSERT_BATCH;
-    let batches = n.div_ceil(per_batch);
-    for b in 0..batches {
-        let tenant = b % k;
-        let docs: Vec<Document> = (0..per_batch).map(|j| {
-            let owner = if keyed { (b * per_batch + j) % k } else { tenant };
-            doc! { "n": (b * per_batch + j) as i64, "tenantId": format!("t{owner}"), "pad": "x".repeat(200) }
-        }).collect();
-        let coll = match keyed {
-            true => client.database("app").collection::<Document>("orders"),
-            false => client
-                .database(&format!("db{tenant}"))
-                .collection::<Document>("orders"),
-        };
-        coll.insert_many(docs).await?;
-    }
-    let total = (batches * per_batch) as u64;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let mut stored = 0;
-        for i in 0..k {
-            stored += stream_len(&nats_client, &format!("T{i}")).await;
-        }
-        if stored >= total {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("tenants: {stored} of {total} stored after 600 s");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let wall = began.elapsed();
-    let cpu = mongod
-        .as_deref()
-        .map_or(0, cpu_ticks)
-        .saturating_sub(cpu_before);
-    let ops: Vec<Document> = futures::TryStreamExt::try_collect(
-        client
-            .database("admin")
-            .aggregate(vec![
-                doc! { "$currentOp": { "allUsers": true, "idleCursors": true } },
-            ])
-            .await?,
-    )
-    .await?;
-    let streams = ops
-        .iter()
-        .filter(|op| {
-            let command = op
-                .get_document("cursor")
-                .and_then(|c| c.get_document("originatingCommand"))
-                .or_else(|_| op.get_document("command"));
-            command
-                .ok()
-                .and_then(|c| c.get_array("pipeline").ok())
-                .and_then(|p| p.first())
-                .and_then(|s| s.as_document())
-                .is_some_and(|s| s.contains_key("$changeStream"))
-        })
-        .count();
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    let threads = std::fs::read_dir("/proc/self/task")
-        .map(|d| d.count())
-        .unwrap_or(0);
-    let _ = stop.send(());
-    let _ = run.await;
-    Ok(vec![
-        (if keyed {
-            "tenant key"
-        } else {
-            "database per tenant"
-        })
-        .into(),
-        k.to_string(),
-        fmt_rate(total as f64 / wall.as_secs_f64()),
-        streams.to_string(),
-        format!(
-            "{:.2}",
-            cpu as f64 / CLOCK_TICKS_PER_SEC / wall.as_secs_f64()
-        ),
-        format!("{}", rss_kib / 1024),
-        threads.to_string(),
-    ])
 }
 
 async fn neighbours_only(args: &Args, plugins: PathBuf) -> anyhow::Result<Vec<Table>> {

@@ -191,7 +191,7 @@ async fn routes_by_tenant_key() -> anyhow::Result<()> {
     .concat();
     let path = h.write_config("key.toml", &config(&h, pipeline, &tenants))?;
     let running = InProcess::start(&path)?;
-    h.wait_checkpoints(&["p.a", "p.b", "p.c"]).await?;
+    h.wait_checkpoints(&["p.a", "p.b", "p.c", "p.d"]).await?;
     wait_one_change_stream(&h).await?;
 
     let orders = h.collection().await?;
@@ -293,6 +293,97 @@ async fn a_slow_tenant_detaches_and_rejoins_without_loss() -> anyhow::Result<()>
         .filter(|l| l.contains("p.slow") && l.contains("reading from the shared change stream"))
         .count();
     assert!(joins >= 2, "{}", child.log());
+    child.signal(SIGTERM)?;
+    child.wait_exit(Duration::from_secs(60)).await?;
+    Ok(())
+}
+
+/// Catching up is bounded: three slow tenants fall behind while tidegate is stopped; on the
+/// restart, with `tenant_catch_up_streams = 1`, one catches up on a stream of its own while
+/// the others wait detached ("waiting for a catch-up turn"), so mongod serves the shared
+/// stream and one other (plus, briefly, the one being closed as the next turn opens). Each tenant ends with every event exactly once, in
+/// order, and all join the shared stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catching_up_is_bounded_and_the_others_wait_detached() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let spin = wat_filter(
+        h.dir.path(),
+        "spin",
+        1,
+        "",
+        "",
+        "(local $i i32)\n(loop $spin\n(local.set $i (i32.add (local.get $i) (i32.const 1)))\n\
+         (br_if $spin (i32.lt_u (local.get $i) (i32.const 20000000))))",
+    );
+    let slow_plugin = format!(
+        "limits = {{ timeout_ms = 10000, fuel_per_call = 1000000000 }}\n\
+         [[pipeline.tenant.plugins]]\nname = \"spin\"\nfile = \"{}\"",
+        spin.display()
+    );
+    let ids = ["a", "b", "c", "d"];
+    let tenants: String = ids
+        .iter()
+        .map(|id| tenant(id, "\"shop.orders\"", &slow_plugin))
+        .collect();
+    let pipeline = "database = \"shop\"\ntenant_catch_up_streams = 1";
+    let path = h.write_config("bounded.toml", &config(&h, pipeline, &tenants))?;
+    let orders = h.collection().await?;
+    let mut child = h.spawn_binary(&path)?;
+    h.wait_checkpoints(&["p.a", "p.b", "p.c", "p.d"]).await?;
+    for n in 0..5 {
+        orders.insert_one(doc! { "n": n }).await?;
+    }
+    for id in ids {
+        h.wait_for_messages(&id.to_uppercase(), 5, PATIENCE).await?;
+    }
+    child.signal(SIGTERM)?;
+    child.wait_exit(Duration::from_secs(60)).await?;
+    let client = h.mongo.client().await?;
+    // Cursors of the stopped process mongod may still list until it reaps them.
+    let leftover = change_streams(&client).await?;
+
+    // Written while stopped: every tenant restarts behind the reader.
+    let total = 65i64;
+    for n in 5..total {
+        orders.insert_one(doc! { "n": n }).await?;
+    }
+    let mut child = h.spawn_binary(&path)?;
+    let nats = h.nats_client().await?;
+    let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    wait_until("every tenant caught up", PATIENCE, || {
+        let (client, nats, most) = (client.clone(), nats.clone(), most.clone());
+        async move {
+            if let Ok(open) = change_streams(&client).await {
+                most.fetch_max(open, std::sync::atomic::Ordering::Relaxed);
+            }
+            let mut done = true;
+            for id in ids {
+                done &=
+                    tidegate_testkit::stream_len(&nats, &id.to_uppercase()).await >= total as u64;
+            }
+            done
+        }
+    })
+    .await?;
+    // The reader, one tenant's turn, and the turn before it while its cursor is being
+    // killed: at most 3 beside the leftovers (unbounded, the four tenants would make 5).
+    let most = most.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        most <= leftover + 3,
+        "{most} change streams open at once on mongod ({leftover} left from the first run)"
+    );
+    assert!(
+        child.log().contains("waiting for a catch-up turn"),
+        "{}",
+        child.log()
+    );
+    for id in ids {
+        let got = h
+            .wait_settled(&id.to_uppercase(), total as u64, PATIENCE)
+            .await?;
+        assert_eq!(numbers(&got), (0..total).collect::<Vec<_>>(), "tenant {id}");
+    }
+    wait_one_change_stream(&h).await?;
     child.signal(SIGTERM)?;
     child.wait_exit(Duration::from_secs(60)).await?;
     Ok(())

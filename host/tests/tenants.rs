@@ -570,6 +570,67 @@ async fn a_tenant_spinning_in_init_does_not_delay_the_others() -> anyhow::Result
     Ok(())
 }
 
+/// Tenants at scale load independently: 200 tenants (a database each, op-filter and redact)
+/// and one whose `init` spins, all on one shared reader. Every one of the 200 starts and
+/// publishes its event, none is held for a missed `init` deadline (loads run a few at a
+/// time, each deadline counted from its own start), and only the spinning tenant is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tenants_start_while_one_spins_in_init() -> anyhow::Result<()> {
+    const K: usize = 200;
+    let h = Harness::start().await?;
+    let spin = wat_filter(h.dir.path(), "spin", 1, "", "(loop $spin (br $spin))", "");
+    let mut config = format!(
+        "plugin_dir = \"{}\"\n[nats]\nurl = \"{}\"\n[sandbox]\nmax_instances = {}\n\
+         [[pipeline]]\nid = \"many\"\nmongodb_uri = \"{}\"\n[pipeline.checkpoint]\ninterval_ms = 200\n\
+         [[pipeline.tenant]]\nid = \"spinner\"\nnamespaces = [\"spinner.*\"]\n\
+         limits = {{ timeout_ms = 20000, fuel_per_call = 1000000000000 }}\n\
+         [[pipeline.tenant.plugins]]\nname = \"spin\"\nfile = \"{}\"\n\
+         [pipeline.tenant.sink]\nstream = \"SPINNER\"\nsubject_prefix = \"spinner\"\n",
+        h.plugins.display(),
+        h.nats.url(),
+        2 * K + 16,
+        h.mongo.uri(),
+        spin.display()
+    );
+    for i in 0..K {
+        config += &format!(
+            "[[pipeline.tenant]]\nid = \"t{i}\"\nnamespaces = [\"db{i}.*\"]\n\
+             [[pipeline.tenant.plugins]]\nname = \"op-filter\"\n\
+             [[pipeline.tenant.plugins]]\nname = \"redact\"\nconfig = {{ fields = \"email\" }}\n\
+             [pipeline.tenant.sink]\nstream = \"T{i}\"\nsubject_prefix = \"t{i}\"\n"
+        );
+    }
+    let path = h.write_config("many.toml", &config)?;
+    let mut child = h.spawn_binary(&path)?;
+    let units: Vec<String> = (0..K).map(|i| format!("many.t{i}")).collect();
+    h.wait_checkpoints(&units).await?;
+    let mongo = h.mongo.client().await?;
+    for i in 0..K {
+        mongo
+            .database(&format!("db{i}"))
+            .collection::<bson::Document>("orders")
+            .insert_one(doc! { "n": i as i64, "email": "a@b.c" })
+            .await?;
+    }
+    for i in 0..K {
+        let got = h
+            .wait_for_messages(&format!("T{i}"), 1, Duration::from_secs(120))
+            .await?;
+        assert_eq!(numbers(&got), vec![i as i64], "tenant t{i}");
+    }
+    // The spinning tenant is held once its own deadline passes; no other tenant is.
+    let held = "tenant held until its plugins load";
+    child.wait_for_log(held, Duration::from_secs(120)).await?;
+    let log = child.log();
+    assert_eq!(log.matches(held).count(), 1, "{log}");
+    assert!(log.contains("init trapped: deadline"), "{log}");
+    let held_line = log.lines().find(|l| l.contains(held)).unwrap_or_default();
+    assert!(held_line.contains("spinner"), "{held_line}");
+    child.signal(SIGTERM)?;
+    child.wait_exit(Duration::from_secs(120)).await?;
+    Ok(())
+}
+
 /// Capabilities: a plugin that reads the environment, the clock, random numbers, folders and
 /// the network sees nothing real without grants (an empty environment, a clock stopped at
 /// the epoch, the same random bytes every time, no folders, connections denied), and sees

@@ -214,16 +214,19 @@ async fn check_components(admin: &Admin, unit: &PipelineConfig) -> Result<(), Re
     Ok(())
 }
 
-/// [`upload::validate`] on a blocking thread; 422 with the reason.
+/// [`upload::validate`] on a blocking thread, under a plugin load permit like every other
+/// load (see `Sandbox::loading`); 422 with the reason.
 async fn validated(
     admin: &Admin,
     unit: &PipelineConfig,
     name: &str,
     bytes: Vec<u8>,
 ) -> Result<upload::Accepted, Response> {
-    let (sandbox, unit, name2) = (admin.sandbox.clone(), unit.clone(), name.to_string());
+    let (unit, name2) = (unit.clone(), name.to_string());
     let scratch = admin.store.cache().to_path_buf();
-    tokio::task::spawn_blocking(move || upload::validate(&sandbox, &unit, &name2, &bytes, &scratch))
+    admin
+        .sandbox
+        .loading(move |sandbox| upload::validate(sandbox, &unit, &name2, &bytes, &scratch))
         .await
         .map_err(|err| Response::error(500, format!("the validator failed: {err}")))?
         .map_err(|reason| Response::error(422, format!("plugin '{name}' refused: {reason}")))

@@ -173,6 +173,13 @@ pub struct PipelineConfig {
     /// the string values in its `key_values` (default: its id). Absent: by namespace only.
     #[serde(default)]
     pub tenant_key: Option<String>,
+    /// With a shared reader: how many of the pipeline's tenants may read a change stream of
+    /// their own at once, catching up (at start, after a detach) before they rejoin. The
+    /// others wait detached, their position kept, until one joins; the reader never waits
+    /// for them. Bounds the change streams (and mongod's work) a restart after a long stop
+    /// or a burst of detaches opens. Default: 8.
+    #[serde(default = "default_tenant_catch_up_streams")]
+    pub tenant_catch_up_streams: u32,
     /// Set when this unit was made from a `[[pipeline.tenant]]`: which tenant it runs and
     /// what it may see. Not a config key.
     #[serde(skip)]
@@ -425,6 +432,9 @@ fn default_heartbeat_write_ms() -> u64 {
 }
 fn default_shutdown_timeout_secs() -> u64 {
     30
+}
+fn default_tenant_catch_up_streams() -> u32 {
+    8
 }
 fn default_snapshot_chunk() -> u32 {
     1000

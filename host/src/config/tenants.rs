@@ -232,6 +232,12 @@ pub(super) fn expand_tenants(
 /// and no signal collection beside a shared reader. Each problem names the fix.
 fn check_tenant_reading(pipeline: &PipelineConfig, problems: &mut Problems) {
     let at = format!("pipeline '{}'", pipeline.id);
+    if pipeline.tenant_catch_up_streams == 0 {
+        problems.push(format!(
+            "{at}: tenant_catch_up_streams must be at least 1 (no tenant behind the shared \
+             reader could ever catch up)"
+        ));
+    }
     if pipeline.tenant_reader == TenantReader::Shared && pipeline.signal_collection.is_some() {
         problems.push(format!(
             "{at}: signal_collection is not supported with a shared tenant reader (a signal \

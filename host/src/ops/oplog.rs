@@ -7,7 +7,7 @@
 //! more bytes can be written before the checkpointed position is overwritten, and how fast
 //! bytes are being written.
 //!
-//! Every `checkpoint.oplog_check_interval_ms` this task reads the oplog's storage stats
+//! Every `checkpoint.oplog_check_interval_ms` this task (one per deployment) reads the oplog's storage stats
 //! (`$collStats` on `local.oplog.rs`: `maxSize`, `size`) and the times of its oldest and
 //! newest entries, measures the write rate over the last [`RATE_READINGS`] readings, and
 //! projects the **headroom**: the seconds until the oplog overwrites the checkpointed position
@@ -100,27 +100,43 @@ struct Thresholds {
     error: f64,
 }
 
-/// Records the oplog headroom of `pipeline` until `shutdown`, logging changes of level; `client`
-/// is shared by every unit on the same deployment.
+/// Records the oplog headroom of every unit of `units` (all on the deployment `client`
+/// reaches) until `shutdown`, logging changes of level. One reading of the oplog serves them
+/// all, every shortest `checkpoint.oplog_check_interval_ms` among them: a thousand tenants
+/// cost mongod one `$collStats` per interval, not a thousand.
 pub async fn watch_headroom(
-    pipeline: PipelineConfig,
+    units: Vec<PipelineConfig>,
     client: mongodb::Client,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let metrics = crate::ops::metrics::pipeline(&pipeline.id);
-    let every = Duration::from_millis(pipeline.checkpoint.oplog_check_interval_ms);
-    let thresholds = Thresholds {
-        warn: pipeline.checkpoint.oplog_warn_headroom_secs as f64,
-        error: pipeline.checkpoint.oplog_error_headroom_secs as f64,
+    let Some(every) = units
+        .iter()
+        .map(|unit| unit.checkpoint.oplog_check_interval_ms)
+        .min()
+    else {
+        return;
     };
+    let mut watched: Vec<Watched> = units
+        .into_iter()
+        .map(|unit| Watched {
+            metrics: crate::ops::metrics::pipeline(&unit.id),
+            thresholds: Thresholds {
+                warn: unit.checkpoint.oplog_warn_headroom_secs as f64,
+                error: unit.checkpoint.oplog_error_headroom_secs as f64,
+            },
+            reported: Reported {
+                level: Level::Ok,
+                at: Instant::now(),
+            },
+            id: unit.id,
+        })
+        .collect();
     let mut rate = WriteRate::default();
-    let mut reported = Reported {
-        level: Level::Ok,
-        at: Instant::now(),
-    };
     let mut said = false;
-    let mut tick =
-        tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), every);
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_millis(every),
+    );
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -129,24 +145,41 @@ pub async fn watch_headroom(
         match read(&client).await {
             Ok(reading) => {
                 rate.push(Instant::now(), reading);
-                let position = metrics.checkpoint_position_secs();
-                let status = assess(
-                    &reading,
-                    rate.bytes_per_second(),
-                    position,
-                    thresholds,
-                    reported.level,
-                );
-                report(&pipeline.id, &status, position, thresholds, &mut reported);
-                metrics.set_oplog(status);
+                for unit in &mut watched {
+                    let position = unit.metrics.checkpoint_position_secs();
+                    let status = assess(
+                        &reading,
+                        rate.bytes_per_second(),
+                        position,
+                        unit.thresholds,
+                        unit.reported.level,
+                    );
+                    report(
+                        &unit.id,
+                        &status,
+                        position,
+                        unit.thresholds,
+                        &mut unit.reported,
+                    );
+                    unit.metrics.set_oplog(status);
+                }
             }
             Err(err) if !said => {
                 said = true;
-                tracing::info!(pipeline = %pipeline.id, error = %err, "cannot read the oplog's size and ends; no oplog headroom");
+                let ids: Vec<&str> = watched.iter().map(|u| u.id.as_str()).collect();
+                tracing::info!(pipelines = %ids.join(", "), error = %err, "cannot read the oplog's size and ends; no oplog headroom");
             }
             Err(_) => {}
         }
     }
+}
+
+/// One unit under [`watch_headroom`]: where its status goes and what was last said of it.
+struct Watched {
+    id: String,
+    metrics: std::sync::Arc<crate::ops::metrics::PipelineMetrics>,
+    thresholds: Thresholds,
+    reported: Reported,
 }
 
 /// Reads the oplog's configured maximum, its size, and the times of its ends.

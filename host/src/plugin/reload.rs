@@ -181,17 +181,17 @@ async fn check_files(sandbox: &Arc<Sandbox>, unit: &mut UnitHandle, plugin_dir: 
         };
         let settings = Chain::settings(&unit.config, &plugin_config);
         let path = unit.files[index].path.clone();
-        let loader = sandbox.clone();
-        let loaded = tokio::task::spawn_blocking(move || {
-            let mut plugin = Plugin::load(&loader, &plugin_config.name, &path, &settings)
-                .map_err(|err| err.to_string())?;
-            plugin
-                .smoke_test()
-                .map_err(|err| format!("smoke call failed: {}: {}", err.kind, err.message))?;
-            Ok::<_, String>(plugin)
-        })
-        .await
-        .unwrap_or_else(|err| Err(format!("loader task failed: {err}")));
+        let loaded = sandbox
+            .loading(move |loader| {
+                let mut plugin = Plugin::load(loader, &plugin_config.name, &path, &settings)
+                    .map_err(|err| err.to_string())?;
+                plugin
+                    .smoke_test()
+                    .map_err(|err| format!("smoke call failed: {}: {}", err.kind, err.message))?;
+                Ok::<_, String>(plugin)
+            })
+            .await
+            .unwrap_or_else(Err);
         match loaded {
             Ok(plugin) => {
                 let _ = unit.updates.send(ChainUpdate::Plugin {
@@ -211,26 +211,27 @@ async fn check_files(sandbox: &Arc<Sandbox>, unit: &mut UnitHandle, plugin_dir: 
     }
 }
 
-/// Loads and smoke-tests a whole chain off the async threads.
+/// Loads and smoke-tests a whole chain off the async threads, under a load permit.
 async fn load_chain(
     sandbox: &Arc<Sandbox>,
     config: &PipelineConfig,
     plugin_dir: &Path,
 ) -> Result<Chain, String> {
-    let (sandbox, config, plugin_dir) = (sandbox.clone(), config.clone(), plugin_dir.to_path_buf());
-    tokio::task::spawn_blocking(move || {
-        let mut chain =
-            Chain::load(&sandbox, &config, &plugin_dir).map_err(|err| err.to_string())?;
-        chain.smoke_test().map_err(|err| {
-            format!(
-                "plugin '{}': smoke call failed: {}: {}",
-                err.plugin, err.kind, err.message
-            )
-        })?;
-        Ok(chain)
-    })
-    .await
-    .unwrap_or_else(|err| Err(format!("loader task failed: {err}")))
+    let (config, plugin_dir) = (config.clone(), plugin_dir.to_path_buf());
+    sandbox
+        .loading(move |sandbox| {
+            let mut chain =
+                Chain::load(sandbox, &config, &plugin_dir).map_err(|err| err.to_string())?;
+            chain.smoke_test().map_err(|err| {
+                format!(
+                    "plugin '{}': smoke call failed: {}: {}",
+                    err.plugin, err.kind, err.message
+                )
+            })?;
+            Ok(chain)
+        })
+        .await
+        .unwrap_or_else(Err)
 }
 
 /// SIGHUP: re-reads the config file and reloads every unit's chain from it.

@@ -44,9 +44,10 @@ pub fn new_sandbox(config: &Config) -> Result<Sandbox, Error> {
 /// checkpoints and returns `Ok`) or a pipeline fails (then stops the others the same way and
 /// returns its error).
 ///
-/// Tenants are isolated from each other: every unit loads its plugins on a thread of its own,
-/// all at once, and a tenant starts as soon as its own chain is loaded, whatever the others'
-/// `init` is doing. A tenant whose plugins do not load is held (it reads nothing and keeps
+/// Tenants are isolated from each other: every unit's plugin load is a task of its own,
+/// run as soon as one of the sandbox's load permits (one per core) is free, with its `init`
+/// deadline counted from its own start; a tenant starts as soon as its own chain is loaded,
+/// whatever the others' `init` is doing. A tenant whose plugins do not load is held (it reads nothing and keeps
 /// its checkpoint until a working plugin appears), and a tenant unit that fails stops alone,
 /// while the others carry on. A pipeline without tenants whose plugins do not load stops
 /// start-up.
@@ -80,22 +81,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     // The oplog headroom: metrics, `/readyz`, and warnings before a position falls out.
     let (_oplog_stop, oplog_stopped) = watch::channel(false);
-    // One MongoDB client per deployment for every unit's watch (K tenants, one client).
-    let mut clients = std::collections::HashMap::new();
+    // One MongoDB client and one watch per deployment for all its units (K tenants, one
+    // reading of the oplog per interval).
+    let mut deployments: std::collections::HashMap<&str, Vec<_>> = Default::default();
     for pipeline in &config.pipelines {
-        let uri = &pipeline.mongodb_uri;
-        let client = match clients.get(uri) {
-            Some(client) => client,
-            None => match crate::security::mongo_client(uri).await {
-                Ok(client) => clients.entry(uri.clone()).or_insert(client),
-                Err(_) => continue, // the pipeline itself reports a bad URI
-            },
+        deployments
+            .entry(pipeline.mongodb_uri.as_str())
+            .or_default()
+            .push(pipeline.clone());
+    }
+    for (uri, units) in deployments {
+        let Ok(client) = crate::security::mongo_client(uri).await else {
+            continue; // the pipelines themselves report a bad URI
         };
-        tokio::spawn(oplog::watch_headroom(
-            pipeline.clone(),
-            client.clone(),
-            oplog_stopped.clone(),
-        ));
+        tokio::spawn(oplog::watch_headroom(units, client, oplog_stopped.clone()));
     }
     let js = nats.jetstream(&config);
     tokio::pin!(shutdown);

@@ -1,5 +1,5 @@
-//! Units at start-up and while they run: loading each unit's chain on a thread of its own,
-//! running a unit alone or under a high-availability lease, and recording how it ended.
+//! Units at start-up and while they run: loading each unit's chain on its own (a few at
+//! once, see `Sandbox::loading`), running a unit alone or under a high-availability lease, and recording how it ended.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,12 +23,14 @@ use crate::sandbox::Sandbox;
 pub(crate) enum UnitChain {
     /// Loaded (`None`: a tenant held).
     Loaded(Option<Chain>),
-    /// A tenant's, still loading on its own thread.
+    /// A tenant's, still loading (or waiting for a load permit).
     Loading(JoinHandle<Result<Chain, Error>>),
 }
 
 impl UnitChain {
-    /// Starts loading `pipeline`'s chain on a blocking thread.
+    /// Starts loading `pipeline`'s chain, as soon as a load permit is free (see
+    /// `Sandbox::loading`): every unit's load is independent of the others', and a slow
+    /// `init` delays the queue by its own deadline at most.
     pub(crate) fn load(
         sandbox: &Arc<Sandbox>,
         pipeline: &PipelineConfig,
@@ -36,8 +38,8 @@ impl UnitChain {
     ) -> UnitChain {
         let (sandbox, pipeline, plugin_dir) =
             (sandbox.clone(), pipeline.clone(), plugin_dir.to_path_buf());
-        UnitChain::Loading(tokio::task::spawn_blocking(move || {
-            Chain::load(&sandbox, &pipeline, &plugin_dir)
+        UnitChain::Loading(tokio::spawn(async move {
+            load_chain(&sandbox, pipeline, plugin_dir).await
         }))
     }
 
@@ -94,6 +96,23 @@ async fn loaded_chain(unit: &str, load: JoinHandle<Result<Chain, Error>>) -> Res
     Ok(chain)
 }
 
+/// Loads `pipeline`'s chain under a load permit (see `Sandbox::loading`).
+async fn load_chain(
+    sandbox: &Arc<Sandbox>,
+    pipeline: PipelineConfig,
+    plugin_dir: PathBuf,
+) -> Result<Chain, Error> {
+    let id = pipeline.id.clone();
+    sandbox
+        .loading(move |sandbox| Chain::load(sandbox, &pipeline, &plugin_dir))
+        .await
+        .unwrap_or_else(|message| {
+            Err(Error::Startup {
+                message: format!("{id}: {message}"),
+            })
+        })
+}
+
 /// What a unit runs with besides its config.
 pub(crate) struct UnitContext {
     pub(crate) chain: UnitChain,
@@ -148,7 +167,7 @@ pub(crate) async fn run_unit(
                 async move {
                     let chain = match chain {
                         Some(chain) => chain,
-                        None => term_chain(&sandbox, &pipeline, &plugin_dir)?,
+                        None => term_chain(&sandbox, &pipeline, &plugin_dir).await?,
                     };
                     pipeline::run(pipeline, chain, updates, js, stop, fence).await
                 }
@@ -196,7 +215,7 @@ async fn run_shared_terms(
         stats.set_state(metrics::State::Starting);
         let chain = match first.take() {
             Some(chain) => chain,
-            None => term_chain(&sandbox, &pipeline, &plugin_dir)?,
+            None => term_chain(&sandbox, &pipeline, &plugin_dir).await?,
         };
         let (updates, js) = (updates.clone(), js.clone());
         let unit_stop = either(stop.clone(), term_stop);
@@ -230,12 +249,12 @@ fn either(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> watch::
 
 /// The chain for a later term of ownership: `None` (logged) for a tenant whose plugins do not
 /// load, an error for a pipeline's.
-fn term_chain(
-    sandbox: &Sandbox,
+async fn term_chain(
+    sandbox: &Arc<Sandbox>,
     pipeline: &PipelineConfig,
     plugin_dir: &Path,
 ) -> Result<Option<Chain>, Error> {
-    match Chain::load(sandbox, pipeline, plugin_dir) {
+    match load_chain(sandbox, pipeline.clone(), plugin_dir.to_path_buf()).await {
         Ok(chain) => Ok(Some(chain)),
         Err(err) if pipeline.tenant.is_some() => {
             tracing::error!(pipeline = %pipeline.id, "tenant held until its plugins load: {err}");

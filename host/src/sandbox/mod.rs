@@ -20,6 +20,11 @@
 //!   worker threads (`sandbox.workers`, one per core by default), handed out fairly by CPU
 //!   time used, with units using more than their fair share moved to low-priority
 //!   background workers (see [`pool`] and `fair`).
+//! - **Loading**: at most one plugin load (instantiate and `init`) per core runs at once
+//!   ([`Sandbox::loading`]), so that a thousand tenants starting together do not share two
+//!   cores a thousand ways and each `init` meets its deadline, counted from its own start.
+//!   A compiled component is kept in memory by hash, so K tenants with the same plugin
+//!   share one copy of its code.
 //! - **Capabilities**: the linker offers `tidegate:plugin/{log,config}` and WASI 0.2, the
 //!   latter deny-by-default (see [`wasi_context`]); any other import is refused at load.
 //!
@@ -35,9 +40,9 @@ pub mod pool;
 mod tests;
 mod wasi;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, ResourceTable};
@@ -57,12 +62,31 @@ pub use wasi::wasi_context;
 use cache::ComponentCache;
 use limits::Footprint;
 
+/// Compiled components kept in memory, by hash, before the oldest are forgotten (a
+/// forgotten one is reloaded from the on-disk cache when next needed).
+const MEMO_COMPONENTS: usize = 64;
+
+/// How long a plugin load holds its load permit (see [`Sandbox::loading`]).
+pub const SLOW_LOAD: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The engine shared by every plugin, and the thread that drives its epoch.
 pub struct Sandbox {
     engine: Engine,
     stop_ticker: Arc<AtomicBool>,
     cache: Option<ComponentCache>,
     admission: Arc<Admission>,
+    /// Compiled components by hash (see [`Sandbox::compile`]); the per-hash lock makes K
+    /// loads of one new plugin compile it once.
+    memo: Mutex<Memo>,
+    /// Plugin loads running at once (see [`Sandbox::loading`]).
+    loads: Arc<tokio::sync::Semaphore>,
+}
+
+/// The in-memory component memo: each hash's slot, and the hashes oldest first.
+#[derive(Default)]
+struct Memo {
+    slots: HashMap<String, Arc<Mutex<Option<Component>>>>,
+    order: VecDeque<String>,
 }
 
 /// A compiled component and where it came from.
@@ -72,7 +96,8 @@ pub struct Compiled {
     /// `sha256:<hex>` of the file's bytes: names the exact plugin version in dead-letter
     /// headers and logs.
     pub hash: String,
-    /// Whether it was loaded from the on-disk cache instead of compiled.
+    /// Whether it came from a cache (this process's memory, or the disk) instead of being
+    /// compiled.
     pub cached: bool,
 }
 
@@ -117,7 +142,39 @@ impl Sandbox {
                 pooled,
                 pool_memory_mib,
             )),
+            memo: Mutex::default(),
+            loads: Arc::new(tokio::sync::Semaphore::new(load_concurrency())),
         })
+    }
+
+    /// Runs `load` (a plugin or chain load: instantiation and `init`) on a blocking thread
+    /// once one of the load permits is free: one load per core at once, whoever asks
+    /// (start-up, tenants added at run time, hot reloads, uploads). Each load's `init`
+    /// deadline starts when it runs, so a queue of loads in front of it cannot make it
+    /// late. A load still running after [`SLOW_LOAD`] (a spinning or slow `init`, a large
+    /// compile) gives its permit back and finishes outside the bound, so it delays the
+    /// loads queued behind it by that much at most.
+    pub async fn loading<T, F>(self: &Arc<Self>, load: F) -> Result<T, String>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Sandbox) -> T + Send + 'static,
+    {
+        let permit = self
+            .loads
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|err| format!("plugin loading has stopped: {err}"))?;
+        let sandbox = self.clone();
+        let mut running = tokio::task::spawn_blocking(move || load(&sandbox));
+        let done = tokio::select! {
+            done = &mut running => done,
+            () = tokio::time::sleep(SLOW_LOAD) => {
+                drop(permit);
+                running.await
+            }
+        };
+        done.map_err(|err| format!("plugin loader task failed: {err}"))
     }
 
     /// The shared engine.
@@ -139,6 +196,41 @@ impl Sandbox {
     /// before by this exact engine.
     pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, String> {
         let hash = format!("sha256:{:x}", Sha256::digest(bytes));
+        let slot = self.memo_slot(&hash);
+        // Held while compiling: the other loads of this file wait for this one's result.
+        let mut memo = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(component) = memo.as_ref() {
+            return Ok(Compiled {
+                component: component.clone(),
+                hash,
+                cached: true,
+            });
+        }
+        let compiled = self.compile_unmemoized(bytes, hash)?;
+        *memo = Some(compiled.component.clone());
+        Ok(compiled)
+    }
+
+    /// The memo's slot for `hash`, made (and the oldest forgotten past
+    /// [`MEMO_COMPONENTS`]) if new.
+    fn memo_slot(&self, hash: &str) -> Arc<Mutex<Option<Component>>> {
+        let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = memo.slots.get(hash) {
+            return slot.clone();
+        }
+        while memo.order.len() >= MEMO_COMPONENTS {
+            if let Some(oldest) = memo.order.pop_front() {
+                memo.slots.remove(&oldest);
+            }
+        }
+        let slot = Arc::new(Mutex::new(None));
+        memo.slots.insert(hash.to_string(), slot.clone());
+        memo.order.push_back(hash.to_string());
+        slot
+    }
+
+    /// Compiles a component, or loads it from the on-disk cache.
+    fn compile_unmemoized(&self, bytes: &[u8], hash: String) -> Result<Compiled, String> {
         if let Some(cache) = &self.cache {
             if let Some(component) = cache.load(&self.engine, &hash) {
                 return Ok(Compiled {
@@ -158,6 +250,11 @@ impl Sandbox {
             cached: false,
         })
     }
+}
+
+/// Plugin loads that run at once: one per core (at least one).
+fn load_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl Drop for Sandbox {

@@ -72,6 +72,23 @@ fn cache_loads_only_its_own_files() {
     );
 }
 
+/// K loads of one file share one compiled component: the second is the memo's, even with
+/// the on-disk cache off.
+#[test]
+fn one_compile_per_file_in_a_process() {
+    let config = SandboxConfig {
+        cache: false,
+        pooling: false,
+        ..SandboxConfig::default()
+    };
+    let sandbox = Sandbox::new(&config, 64).expect("sandbox");
+    let first = sandbox.compile(EMPTY_COMPONENT).expect("compile");
+    assert!(!first.cached);
+    let again = sandbox.compile(EMPTY_COMPONENT).expect("compile");
+    assert!(again.cached, "the second load reuses the first's component");
+    assert_eq!(again.hash, first.hash);
+}
+
 /// Admission refuses instances past `max_instances` and frees slots on drop.
 #[test]
 fn admission_is_bounded() {

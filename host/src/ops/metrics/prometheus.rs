@@ -139,6 +139,16 @@ const GAUGES: &[Family] = &[
         },
     ),
     (
+        "tidegate_tenants_catching_up",
+        "A shared reader's tenants reading a change stream of their own (catching up), at most pipeline.tenant_catch_up_streams; on the pipeline's series.",
+        |m| Some(m.tenants_catching_up.load(Ordering::Relaxed) as f64),
+    ),
+    (
+        "tidegate_tenants_waiting_to_catch_up",
+        "A shared reader's tenants waiting, detached, for a change stream of their own (pipeline.tenant_catch_up_streams are in use); on the pipeline's series.",
+        |m| Some(m.tenants_waiting_to_catch_up.load(Ordering::Relaxed) as f64),
+    ),
+    (
         "tidegate_pipeline_standby",
         "1 while another instance holds the lease.",
         |m| {

@@ -41,6 +41,10 @@ pub struct PipelineMetrics {
     pub(super) dead_lettered: AtomicU64,
     pub(super) skipped: AtomicU64,
     pub(super) out_of_scope: AtomicU64,
+    /// A shared reader's tenants reading a change stream of their own now, and those
+    /// waiting for one (see `pipeline.tenant_catch_up_streams`); on the pipeline's series.
+    pub(super) tenants_catching_up: AtomicI64,
+    pub(super) tenants_waiting_to_catch_up: AtomicI64,
     /// Dead letters by (plugin, reason): both from bounded sets (the config's plugins,
     /// tidegate's reasons).
     pub(super) dead_letters: Mutex<std::collections::BTreeMap<(String, String), u64>>,
@@ -136,6 +140,8 @@ impl PipelineMetrics {
             dead_lettered: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             out_of_scope: AtomicU64::new(0),
+            tenants_catching_up: AtomicI64::new(0),
+            tenants_waiting_to_catch_up: AtomicI64::new(0),
             dead_letters: Mutex::new(dead_letters),
             reloads_applied: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
@@ -254,6 +260,19 @@ impl PipelineMetrics {
     /// One event outside a tenant's namespaces, stopped by the host-side check.
     pub fn out_of_scope(&self) {
         self.out_of_scope.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A tenant of this pipeline's shared reader starts (`1`) or stops (`-1`) waiting for a
+    /// change stream of its own.
+    pub fn tenant_waiting_to_catch_up(&self, delta: i64) {
+        self.tenants_waiting_to_catch_up
+            .fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// A tenant of this pipeline's shared reader opens (`1`) or closes (`-1`) a change
+    /// stream of its own to catch up.
+    pub fn tenant_catching_up(&self, delta: i64) {
+        self.tenants_catching_up.fetch_add(delta, Ordering::Relaxed);
     }
 
     /// One message acknowledged: stored, or a duplicate of one already stored.

@@ -59,6 +59,8 @@ impl PipelineMetrics {
                 "lag_seconds": history.iter().map(|h| h.1).collect::<Vec<_>>(),
             },
             "plugins": self.plugins.lock().map(|p| p.clone()).unwrap_or_default(),
+            "tenants_catching_up": self.tenants_catching_up.load(Ordering::Relaxed),
+            "tenants_waiting_to_catch_up": self.tenants_waiting_to_catch_up.load(Ordering::Relaxed),
         })
     }
 }

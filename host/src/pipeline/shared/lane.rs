@@ -132,6 +132,19 @@ struct Lane {
     last: Option<ResumeToken>,
 }
 
+/// A tenant's turn to read a change stream of its own; counted in its pipeline's
+/// `tidegate_tenants_catching_up` while held.
+struct CatchUpTurn {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    stats: Arc<crate::ops::metrics::PipelineMetrics>,
+}
+
+impl Drop for CatchUpTurn {
+    fn drop(&mut self) {
+        self.stats.tenant_catching_up(-1);
+    }
+}
+
 /// A join under way: the channel the router fills, and where it took over (once it said).
 struct Joining {
     channel: mpsc::Receiver<Vec<SourceItem>>,
@@ -164,6 +177,10 @@ impl Lane {
         if *self.shutdown.borrow() {
             return Ok(None);
         }
+        // Held while the tenant's own stream is open.
+        let Some(_turn) = self.catch_up_turn().await else {
+            return Ok(None);
+        };
         let (tx, mut own) = mpsc::channel(CATCH_UP_BATCHES);
         let (stop, stop_rx) = watch::channel(false);
         let client = self.reader.client.clone();
@@ -223,6 +240,33 @@ impl Lane {
                 }
             }
         }
+    }
+
+    /// A turn to read a change stream of its own: waits, detached, while
+    /// `pipeline.tenant_catch_up_streams` other tenants hold one (counted in the pipeline's
+    /// gauges). No wait once the reader is gone (every tenant then reads alone, for good).
+    /// `None` on shutdown.
+    async fn catch_up_turn(&mut self) -> Option<CatchUpTurn> {
+        let stats = crate::ops::metrics::pipeline(&self.reader.id);
+        let permit = if self.reader.position.has_changed().is_err() {
+            None
+        } else if let Ok(permit) = self.reader.catch_up.clone().try_acquire_owned() {
+            Some(permit)
+        } else {
+            tracing::info!(pipeline = %self.pipeline.id, "waiting for a catch-up turn (pipeline.tenant_catch_up_streams are in use)");
+            stats.tenant_waiting_to_catch_up(1);
+            let permit = tokio::select! {
+                _ = self.shutdown.wait_for(|stop| *stop) => None,
+                permit = self.reader.catch_up.clone().acquire_owned() => permit.ok(),
+            };
+            stats.tenant_waiting_to_catch_up(-1);
+            Some(permit?)
+        };
+        stats.tenant_catching_up(1);
+        Some(CatchUpTurn {
+            _permit: permit,
+            stats,
+        })
     }
 
     /// Before a stream of its own is opened: waits (a few seconds at most) for the reader's

@@ -18,7 +18,8 @@
 //! checkpoint, and joins the shared reader once it has caught up, with nothing lost or
 //! repeated at the hand-over. The router never waits for a tenant: when a tenant's lane is
 //! full (slow plugins, its stream unavailable, a halted or held chain), the tenant is
-//! detached and catches up alone again. So a restart replays only each tenant's own
+//! detached and catches up alone again; at most `pipeline.tenant_catch_up_streams` tenants
+//! at once, the others waiting detached for a turn. So a restart replays only each tenant's own
 //! backlog, and a slow tenant never stalls the others.
 //!
 //! Readers live in a registry keyed by pipeline id (and MongoDB URI): the first tenant unit
@@ -53,6 +54,11 @@ pub(crate) struct SharedReader {
     commands: mpsc::UnboundedSender<Command>,
     /// The token of the last item the router routed.
     position: watch::Receiver<Option<ResumeToken>>,
+    /// Permits to read a change stream of one's own, catching up
+    /// (`pipeline.tenant_catch_up_streams`); a tenant without one waits detached.
+    catch_up: Arc<tokio::sync::Semaphore>,
+    /// The pipeline's id: its series carries the catch-up gauges.
+    id: String,
     _tasks: [AbortOnDrop; 3],
 }
 
@@ -127,6 +133,10 @@ async fn start(unit: &PipelineConfig, id: &str) -> Result<SharedReader, Error> {
         client,
         commands,
         position,
+        catch_up: Arc::new(tokio::sync::Semaphore::new(
+            unit.tenant_catch_up_streams.max(1) as usize,
+        )),
+        id: id.to_string(),
         _tasks: [
             AbortOnDrop(reading),
             AbortOnDrop(routing),

@@ -1,0 +1,332 @@
+//! Scenario 8: the shared reader at scale. K tenants on one pipeline (a database each, or one
+//! collection routed by tenant key), each with a chain of 1–3 first-party plugins, N events
+//! written live; per row the total rate (and its ratio to K = 1 of the same routing and
+//! chain), the start-up time, the change streams open on mongod, mongod's CPU, and the bench
+//! process's RSS and threads.
+//!
+//! Sizes, chains and routings come from the environment, so that the whole matrix or one
+//! essential row can be run: `TIDEGATE_BENCH_TENANTS=1,10,100,1000` (default `1,10,100`),
+//! `TIDEGATE_BENCH_CHAINS=1,3` (plugins per tenant, default `1`),
+//! `TIDEGATE_BENCH_ROUTING=db,key` (default both).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use bson::{doc, Document};
+use futures::StreamExt;
+use tidegate::Config;
+use tidegate_testkit::{stream_len, MongoReplicaSet, NatsServer};
+
+use super::{
+    cpu_ticks, find_server_pid, fmt_rate, Args, Table, CLOCK_TICKS_PER_SEC, INSERT_BATCH, KV_BUCKET,
+};
+
+/// Inserts in flight at once while writing the events (one `insert_many` each).
+const WRITERS: usize = 8;
+
+/// The longest a run may take to start its tenants or to store every event.
+const CEILING: Duration = Duration::from_secs(900);
+
+/// How the tenants' events are told apart.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Routing {
+    /// Tenant `i` owns database `db<i>`.
+    Database,
+    /// One collection, `tenant_key = "fullDocument.tenantId"`.
+    Key,
+}
+
+impl Routing {
+    fn label(self) -> &'static str {
+        match self {
+            Routing::Database => "database per tenant",
+            Routing::Key => "tenant key",
+        }
+    }
+}
+
+/// A comma-separated list from the environment variable `name`, or `default`.
+fn list<T: std::str::FromStr>(name: &str, default: Vec<T>) -> Vec<T> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.split(',').map(|k| k.trim().parse().ok()).collect())
+        .unwrap_or(default)
+}
+
+/// Scenario 8 alone: every (routing, chain, K) row on fresh servers.
+pub(super) async fn tenants_only(args: &Args, plugins: &Path) -> anyhow::Result<Vec<Table>> {
+    let sizes: Vec<usize> = list("TIDEGATE_BENCH_TENANTS", vec![1, 10, 100]);
+    let chains: Vec<usize> = list("TIDEGATE_BENCH_CHAINS", vec![1]);
+    let routings: Vec<Routing> = match std::env::var("TIDEGATE_BENCH_ROUTING").ok().as_deref() {
+        Some("db") => vec![Routing::Database],
+        Some("key") => vec![Routing::Key],
+        _ => vec![Routing::Database, Routing::Key],
+    };
+    if chains.iter().any(|c| !(1..=3).contains(c)) {
+        bail!("TIDEGATE_BENCH_CHAINS: plugins per tenant are 1, 2 or 3");
+    }
+    let mut table = Table::new(
+        &format!(
+            "8. Shared reader: K tenants, one change stream (N = {} live events)",
+            args.events
+        ),
+        &[
+            "routing",
+            "plugins",
+            "K",
+            "start-up s",
+            "events/s total",
+            "× K = 1",
+            "change streams on mongod",
+            "mongod CPU cores",
+            "RSS MiB",
+            "threads",
+        ],
+    );
+    let mut first: HashMap<(Routing, usize), f64> = HashMap::new();
+    for &routing in &routings {
+        for &chain in &chains {
+            for &k in &sizes {
+                eprintln!(
+                    "8. tenants: {}, {chain} plugin(s), K = {k}…",
+                    routing.label()
+                );
+                let row = run(args.events, plugins, k, chain, routing).await?;
+                let baseline = *first.entry((routing, chain)).or_insert(row.rate);
+                table.row(vec![
+                    routing.label().into(),
+                    chain_label(chain).into(),
+                    k.to_string(),
+                    format!("{:.1}", row.startup.as_secs_f64()),
+                    fmt_rate(row.rate),
+                    format!("{:.2}", row.rate / baseline),
+                    row.streams.to_string(),
+                    format!("{:.2}", row.mongod_cores),
+                    (row.rss_kib / 1024).to_string(),
+                    row.threads.to_string(),
+                ]);
+            }
+        }
+    }
+    table.note("In-process: RSS and threads are the bench process's (tidegate, its drivers, this harness), read after the row's events are stored; rows run in order in one process, so a row's RSS may include what earlier rows left allocated. Collections are created before tidegate starts; events are written live with insert_many (8 in flight; database per tenant: N/K events per tenant; tenant key: batches of 1000 spread over all tenants) while tidegate runs; the rate is events / (first write → last tenant's last message stored). \"× K = 1\" is against the first K of the same routing and chain in this run. Start-up: from tidegate::run until every tenant has saved its start. Change streams counted with $currentOp (allUsers, idleCursors) after the run.".into());
+    Ok(vec![table])
+}
+
+fn chain_label(plugins: usize) -> &'static str {
+    match plugins {
+        1 => "op-filter",
+        2 => "op-filter, redact",
+        _ => "op-filter, redact, fanout×1",
+    }
+}
+
+/// One tenant's `[[pipeline.tenant.plugins]]` tables: the first `count` of op-filter, redact
+/// and fanout (one copy: one message per event).
+fn tenant_plugins(count: usize) -> String {
+    [
+        "[[pipeline.tenant.plugins]]\nname = \"op-filter\"\nconfig = { operations = \"insert,update,replace,delete\" }\n",
+        "[[pipeline.tenant.plugins]]\nname = \"redact\"\nconfig = { fields = \"email\" }\n",
+        "[[pipeline.tenant.plugins]]\nname = \"fanout\"\nconfig = { copies = \"1\" }\n",
+    ]
+    .iter()
+    .take(count)
+    .copied()
+    .collect()
+}
+
+/// What one row measured.
+struct Row {
+    startup: Duration,
+    rate: f64,
+    streams: usize,
+    mongod_cores: f64,
+    rss_kib: u64,
+    threads: usize,
+}
+
+/// One run on fresh servers: `k` tenants of `plugins` plugins each, `n` events.
+async fn run(
+    n: usize,
+    plugin_dir: &Path,
+    k: usize,
+    plugins: usize,
+    routing: Routing,
+) -> anyhow::Result<Row> {
+    let (mongo, nats) = tokio::try_join!(MongoReplicaSet::start(), NatsServer::start())?;
+    let mongod = find_server_pid("mongod", "--port", mongo.port());
+    let pipeline = match routing {
+        Routing::Database => String::new(),
+        Routing::Key => "database = \"app\"\ncollections = [\"orders\"]\ntenant_key = \"fullDocument.tenantId\"\nfull_document = \"update-lookup\"\nskip_operations = [\"delete\"]\n".into(),
+    };
+    let mut text = format!(
+        "plugin_dir = \"{}\"\n[log]\nlevel = \"warn\"\n[sandbox]\nmax_instances = {instances}\n[nats]\nurl = \"{}\"\n[[pipeline]]\nid = \"p\"\nmongodb_uri = \"{}\"\n{pipeline}",
+        plugin_dir.display(),
+        nats.url(),
+        mongo.uri(),
+        instances = (k * plugins + 16).max(256)
+    );
+    let chain = tenant_plugins(plugins);
+    for i in 0..k {
+        let ns = match routing {
+            Routing::Key => "app.orders".to_string(),
+            Routing::Database => format!("db{i}.*"),
+        };
+        text += &format!("[[pipeline.tenant]]\nid = \"t{i}\"\nnamespaces = [\"{ns}\"]\n{chain}[pipeline.tenant.sink]\nstream = \"T{i}\"\nsubject_prefix = \"t{i}\"\n");
+    }
+    let config =
+        Config::parse(&text, plugin_dir, |_| None).map_err(|e| anyhow!("tenants config: {e}"))?;
+    let client = mongo.client().await?;
+    // Collections exist before the run: creating a thousand of them on the first insert is
+    // mongod's cost (tens of ms each), not the reader's.
+    let databases: Vec<String> = match routing {
+        Routing::Database => (0..k).map(|i| format!("db{i}")).collect(),
+        Routing::Key => vec!["app".into()],
+    };
+    let mut creating = futures::stream::iter(databases.into_iter().map(|db| {
+        let db = client.database(&db);
+        async move { db.create_collection("orders").await }
+    }))
+    .buffer_unordered(WRITERS);
+    while let Some(done) = creating.next().await {
+        done?;
+    }
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let began_run = Instant::now();
+    let running = tokio::spawn(tidegate::run(config, async move {
+        let _ = stopped.await;
+    }));
+    let nats_client = nats.client().await?;
+    let js = async_nats::jetstream::new(nats_client.clone());
+    // Every tenant has saved its start (its lane then joins the reader).
+    for i in 0..k {
+        loop {
+            if began_run.elapsed() > CEILING {
+                bail!("tenant t{i} saved no start within {} s", CEILING.as_secs());
+            }
+            if running.is_finished() {
+                bail!("tidegate stopped during start-up");
+            }
+            if let Ok(kv) = js.get_key_value(KV_BUCKET).await {
+                if matches!(kv.get(format!("p.t{i}")).await, Ok(Some(_))) {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let startup = began_run.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let cpu_before = mongod.as_deref().map_or(0, cpu_ticks);
+    let began = Instant::now();
+    let writes = writes(n, k, routing);
+    let total: u64 = writes.iter().map(|(_, docs)| docs.len() as u64).sum();
+    let mut inserts = futures::stream::iter(writes.into_iter().map(|(db, docs)| {
+        let coll = client.database(&db).collection::<Document>("orders");
+        async move { coll.insert_many(docs).await }
+    }))
+    .buffer_unordered(WRITERS);
+    while let Some(done) = inserts.next().await {
+        done?;
+    }
+    let deadline = Instant::now() + CEILING;
+    loop {
+        let mut stored = 0;
+        for i in 0..k {
+            stored += stream_len(&nats_client, &format!("T{i}")).await;
+        }
+        if stored >= total {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "tenants: {stored} of {total} stored after {} s",
+                CEILING.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let wall = began.elapsed();
+    let cpu = mongod
+        .as_deref()
+        .map_or(0, cpu_ticks)
+        .saturating_sub(cpu_before);
+    let streams = change_streams(&client).await?;
+    let row = Row {
+        startup,
+        rate: total as f64 / wall.as_secs_f64(),
+        streams,
+        mongod_cores: cpu as f64 / CLOCK_TICKS_PER_SEC / wall.as_secs_f64(),
+        rss_kib: super::rss_kib(),
+        threads: std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count()),
+    };
+    let _ = stop.send(());
+    let _ = running.await;
+    Ok(row)
+}
+
+/// The inserts of one run, as (database, documents): database per tenant, N/K documents to
+/// each tenant's database in batches of at most [`INSERT_BATCH`]; tenant key, batches of
+/// [`INSERT_BATCH`] in `app.orders` whose owners rotate over every tenant.
+fn writes(n: usize, k: usize, routing: Routing) -> Vec<(String, Vec<Document>)> {
+    let doc = |n: usize, owner: usize| {
+        doc! { "n": n as i64, "tenantId": format!("t{owner}"), "email": "a@b.c", "pad": "x".repeat(200) }
+    };
+    match routing {
+        Routing::Database => {
+            let share = n.div_ceil(k).max(1);
+            let mut writes = Vec::new();
+            for tenant in 0..k {
+                let mut from = 0;
+                while from < share {
+                    let to = (from + INSERT_BATCH).min(share);
+                    let docs = (from..to)
+                        .map(|j| doc(tenant * share + j, tenant))
+                        .collect();
+                    writes.push((format!("db{tenant}"), docs));
+                    from = to;
+                }
+            }
+            writes
+        }
+        Routing::Key => (0..n.div_ceil(INSERT_BATCH))
+            .map(|b| {
+                let docs = (b * INSERT_BATCH..(b + 1) * INSERT_BATCH)
+                    .map(|j| doc(j, j % k))
+                    .collect();
+                ("app".to_string(), docs)
+            })
+            .collect(),
+    }
+}
+
+/// The change streams open on mongod: every operation or idle cursor whose command began
+/// with `$changeStream`.
+async fn change_streams(client: &mongodb::Client) -> anyhow::Result<usize> {
+    let ops: Vec<Document> = futures::TryStreamExt::try_collect(
+        client
+            .database("admin")
+            .aggregate(vec![
+                doc! { "$currentOp": { "allUsers": true, "idleCursors": true } },
+            ])
+            .await?,
+    )
+    .await?;
+    Ok(ops
+        .iter()
+        .filter(|op| {
+            let command = op
+                .get_document("cursor")
+                .and_then(|c| c.get_document("originatingCommand"))
+                .or_else(|_| op.get_document("command"));
+            command
+                .ok()
+                .and_then(|c| c.get_array("pipeline").ok())
+                .and_then(|p| p.first())
+                .and_then(|s| s.as_document())
+                .is_some_and(|s| s.contains_key("$changeStream"))
+        })
+        .count())
+}
