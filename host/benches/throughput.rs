@@ -12,8 +12,11 @@
 //! 1. the driver alone reading N backlogged change events (the source's ceiling);
 //! 2. JetStream alone storing N messages: async with a window of 256 (as tidegate does), the
 //!    same chained with `Nats-Expected-Last-Msg-Id`, and synchronous (N/10 messages);
-//! 3. tidegate end to end draining a backlog of N events with 0, 1 and 3 plugins;
-//! 4. write → JetStream-store latency at a steady insert rate, with 0 and 3 plugins;
+//! 3. tidegate end to end draining a backlog of N events with 0, 1 (op-filter) and 3 plugins
+//!    (op-filter, match, redact: issue 16's chain), with CPU per event;
+//! 4. write → JetStream-store latency at a steady insert rate, with 0 and 3 plugins, and with
+//!    3 plugins at half of their drain rate; then issue 16's goals against 1–2 (`goals.rs`);
+//!    `--e2e-only` runs just scenarios 1–4 and the goals;
 //! 5. micro costs: a plugin call vs. native code doing the same, and the host-side conversions;
 //! 6. K tenants on one collection;
 //! 7. a good tenant's latency and backlog throughput beside a hostile neighbour tenant (idle,
@@ -61,6 +64,9 @@ use tidegate_testkit::{plugin_dir, stream_len, stream_messages, MongoReplicaSet,
 
 #[path = "throughput/native.rs"]
 mod baselines;
+#[path = "throughput/goals.rs"]
+mod goals;
+use goals::CpuPerEvent;
 
 const DB: &str = "bench";
 const INSERT_BATCH: usize = 1000;
@@ -82,6 +88,8 @@ struct Args {
     tenants_only: bool,
     /// The worker pool without its background lane (`sandbox.background = false`).
     no_background: bool,
+    /// Run only scenarios 1–4 and the goals of issue 16 (no micro, tenants or neighbours).
+    e2e_only: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -95,6 +103,7 @@ fn parse_args() -> anyhow::Result<Args> {
         neighbours_only: false,
         tenants_only: false,
         no_background: false,
+        e2e_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -120,10 +129,11 @@ fn parse_args() -> anyhow::Result<Args> {
             "--neighbours-only" => args.neighbours_only = true,
             "--tenants-only" => args.tenants_only = true,
             "--no-background" => args.no_background = true,
+            "--e2e-only" => args.e2e_only = true,
             other => bail!(
                 "unknown argument {other:?}; expected --events N, --out PATH, --rate R, \
                  --latency-secs S, --micro-iters I, --micro-only, --neighbours-only, \
-                 --tenants-only, --no-background"
+                 --tenants-only, --no-background, --e2e-only"
             ),
         }
     }
@@ -832,7 +842,7 @@ fn sandbox_costs(plugins: &Path, iters: usize) -> anyhow::Result<Table> {
     .map_err(|e| anyhow!(e))?;
     let before = rss_kib();
     let mut chains = Vec::new();
-    let config = chain_config(plugins, &plugins_toml(2))?;
+    let config = chain_config(plugins, TENANT_CHAIN_TOML)?;
     for _ in 0..tenants as usize {
         chains.push(Chain::load(
             &sandbox,
@@ -971,6 +981,15 @@ impl Cpu {
         }
     }
 
+    /// CPU seconds each process (bench, mongod, nats) used between two marks.
+    fn seconds(&self, start: CpuMark, end: CpuMark) -> [f64; 3] {
+        let mut out = [0.0; 3];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = end.ticks[i].saturating_sub(start.ticks[i]) as f64 / CLOCK_TICKS_PER_SEC;
+        }
+        out
+    }
+
     /// Cores used between two marks, as `bench / mongod / nats = total`.
     fn since(&self, start: CpuMark, end: CpuMark) -> String {
         let wall = (end.at - start.at).as_secs_f64().max(1e-9);
@@ -993,13 +1012,13 @@ impl Cpu {
     }
 }
 
-fn plugins_toml(count: usize) -> String {
-    let filter = r#"
+/// The chain of table 5c's memory per tenant: op-filter, redact, fanout. (The end-to-end
+/// scenarios use `goals::chain_toml`.)
+const TENANT_CHAIN_TOML: &str = r#"
 [[pipeline.plugins]]
 name = "op-filter"
 config = { operations = "insert,update,replace,delete" }
-"#;
-    let rest = r#"
+
 [[pipeline.plugins]]
 name = "redact"
 config = { fields = "email" }
@@ -1008,12 +1027,6 @@ config = { fields = "email" }
 name = "fanout"
 config = { copies = "1" }
 "#;
-    match count {
-        0 => String::new(),
-        1 => filter.to_string(),
-        _ => format!("{filter}{rest}"),
-    }
-}
 
 struct Env {
     mongo: MongoReplicaSet,
@@ -1128,7 +1141,7 @@ async fn position_now(
 }
 
 /// Scenario 1: the driver alone reading a backlog of `n` inserts.
-async fn raw_read(env: &Env, n: usize) -> anyhow::Result<(f64, f64, String, String)> {
+async fn raw_read(env: &Env, n: usize) -> anyhow::Result<(f64, f64, String, String, CpuPerEvent)> {
     let coll = env.collection("raw_read");
     let token = position_now(&coll).await?;
     let t = Instant::now();
@@ -1162,7 +1175,9 @@ async fn raw_read(env: &Env, n: usize) -> anyhow::Result<(f64, f64, String, Stri
         }
     }
     let elapsed = t.elapsed();
-    let cpu = env.cpu.since(mark, env.cpu.mark());
+    let end = env.cpu.mark();
+    let cpu = env.cpu.since(mark, end);
+    let per_event = CpuPerEvent::of(env.cpu.seconds(mark, end), n);
     let gaps = format!(
         "The driver-alone read waited on the server {waits} times (gaps over 1 ms between \
          events: the initial aggregate and getMore batches), {:.0} ms in all of its {:.0} ms, \
@@ -1171,7 +1186,7 @@ async fn raw_read(env: &Env, n: usize) -> anyhow::Result<(f64, f64, String, Stri
         elapsed.as_secs_f64() * 1e3,
         longest.as_secs_f64() * 1e3
     );
-    Ok((rate(n, elapsed), insert_rate, cpu, gaps))
+    Ok((rate(n, elapsed), insert_rate, cpu, gaps, per_event))
 }
 
 fn js_context(client: &async_nats::Client) -> async_nats::jetstream::Context {
@@ -1214,7 +1229,7 @@ async fn raw_publish(
     payload: &Bytes,
     mode: PublishMode,
     tag: &str,
-) -> anyhow::Result<(f64, String)> {
+) -> anyhow::Result<(f64, String, CpuPerEvent)> {
     let js = js_context(&env.nats_client);
     let stream = format!("RAW_{}", tag.to_uppercase());
     let prefix = format!("raw{tag}");
@@ -1254,12 +1269,14 @@ async fn raw_publish(
         ack.await.map_err(|e| anyhow!("ack: {e}"))?;
     }
     let elapsed = t.elapsed();
-    let cpu = env.cpu.since(mark, env.cpu.mark());
+    let end = env.cpu.mark();
+    let cpu = env.cpu.since(mark, end);
+    let per_event = CpuPerEvent::of(env.cpu.seconds(mark, end), n);
     let stored = stream_len(&env.nats_client, &stream).await;
     if stored != n as u64 {
         bail!("stream {stream} holds {stored} messages, expected {n}");
     }
-    Ok((rate(n, elapsed), cpu))
+    Ok((rate(n, elapsed), cpu, per_event))
 }
 
 /// Fails if `stream` holds more than the one subject inserts are published on (a dead letter
@@ -1291,6 +1308,8 @@ struct Backlog {
     cpu: String,
     threads: String,
     longest_stall: Duration,
+    /// CPU per event published after the first message (tidegate's process, the servers).
+    per_event: CpuPerEvent,
 }
 
 /// Scenario 3: tidegate draining a backlog of `n` events.
@@ -1303,7 +1322,7 @@ async fn e2e_backlog(env: &Env, n: usize, plugins: usize) -> anyhow::Result<Back
         &coll_name,
         &stream,
         &format!("backlog{plugins}"),
-        &plugins_toml(plugins),
+        &goals::chain_toml(plugins),
     )?;
     let running = Running::start(config.clone());
     env.wait_checkpoint(&id).await?;
@@ -1311,6 +1330,7 @@ async fn e2e_backlog(env: &Env, n: usize, plugins: usize) -> anyhow::Result<Back
 
     insert_range(&env.collection(&coll_name), 0, n).await?;
 
+    let profiler = goals::Profiler::start(&format!("drain-{plugins}"));
     let t = Instant::now();
     let running = Running::start(config);
     let mut first: Option<(Instant, u64, CpuMark, BTreeMap<String, u64>)> = None;
@@ -1347,6 +1367,7 @@ async fn e2e_backlog(env: &Env, n: usize, plugins: usize) -> anyhow::Result<Back
     let total = t.elapsed();
     let end_mark = env.cpu.mark();
     let end_threads = thread_ticks();
+    profiler.stop();
     running.stop().await?;
     let stored = stream_len(&env.nats_client, &stream).await;
     if stored != n as u64 {
@@ -1362,6 +1383,10 @@ async fn e2e_backlog(env: &Env, n: usize, plugins: usize) -> anyhow::Result<Back
         steady_rate: (n as u64 - first_len) as f64 / steady.as_secs_f64().max(1e-9),
         total_rate: rate(n, total),
         cpu: env.cpu.since(first_mark, end_mark),
+        per_event: CpuPerEvent::of(
+            env.cpu.seconds(first_mark, end_mark),
+            n - first_len as usize,
+        ),
         threads: thread_cores(&first_threads, &end_threads, end_mark.at - first_mark.at),
         longest_stall,
     })
@@ -1376,36 +1401,36 @@ struct Latency {
     mean_ms: f64,
 }
 
-/// Scenario 4: write → JetStream store latency at a steady insert rate.
+/// Scenario 4: write → JetStream store latency at a steady insert rate, inserting `batch`
+/// documents at a time; `tag` names the run's pipeline, collection and stream.
 async fn e2e_latency(
     env: &Env,
     plugins: usize,
-    per_sec: u64,
-    secs: u64,
+    (per_sec, secs, batch): (u64, u64, usize),
+    tag: &str,
 ) -> anyhow::Result<Latency> {
-    const BATCH: usize = 10;
-    let id = format!("bench-latency-{plugins}");
-    let coll_name = format!("latency_{plugins}");
-    let stream = format!("LATENCY_{plugins}");
+    let id = format!("bench-latency-{tag}");
+    let coll_name = format!("latency_{tag}");
+    let stream = format!("LATENCY_{}", tag.to_uppercase());
     let config = env.config(
         &id,
         &coll_name,
         &stream,
-        &format!("latency{plugins}"),
-        &plugins_toml(plugins),
+        &format!("latency{tag}"),
+        &goals::chain_toml(plugins),
     )?;
     let coll = env.collection(&coll_name);
     let running = Running::start(config);
     env.wait_checkpoint(&id).await?;
 
     let total = (per_sec * secs) as usize;
-    let period = Duration::from_secs_f64(BATCH as f64 / per_sec as f64);
+    let period = Duration::from_secs_f64(batch as f64 / per_sec as f64);
     let start = tokio::time::Instant::now();
     let mut sent = 0;
     let mut k = 0u32;
     while sent < total {
         tokio::time::sleep_until(start + period * k).await;
-        let end = (sent + BATCH).min(total);
+        let end = (sent + batch).min(total);
         let ts = now_ns();
         let docs: Vec<Document> = (sent..end).map(|s| sample_doc(s as i64, ts)).collect();
         coll.insert_many(docs).await.context("insert_many")?;
@@ -1480,7 +1505,7 @@ fn main() -> anyhow::Result<()> {
     let plugins = plugin_dir()?;
 
     // CPU-only measurements first, while no server is running.
-    let iters = if args.neighbours_only || args.tenants_only {
+    let iters = if args.neighbours_only || args.tenants_only || args.e2e_only {
         1
     } else {
         args.micro_iters
@@ -1502,7 +1527,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         runtime.block_on(servers(&args, plugins, payload_len))?
     };
-    if !args.neighbours_only && !args.tenants_only {
+    if !args.neighbours_only && !args.tenants_only && !args.e2e_only {
         all.push(calls);
         all.push(conv);
         all.push(sandbox);
@@ -1565,7 +1590,7 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
 
     const CPU_HEADER: &str = "CPU cores: bench / mongod / nats = total";
     eprintln!("1. raw change-stream read ({n} events)…");
-    let (read_rate, insert_rate, read_cpu, read_gaps) = raw_read(&env, n).await?;
+    let (read_rate, insert_rate, read_cpu, read_gaps, read_per_event) = raw_read(&env, n).await?;
     let mut raw = Table::new(
         &format!("1–2. Raw rates, no tidegate (N = {n})"),
         &["what", "events/s", CPU_HEADER],
@@ -1581,11 +1606,11 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
     // Warm-up (not reported): first connection use, first stream files.
     let warmup = (n / 10).max(100);
     raw_publish(&env, warmup, &payload, PublishMode::Async, "warmup").await?;
-    let (async_rate, async_cpu) =
+    let (async_rate, async_cpu, async_per_event) =
         raw_publish(&env, n, &payload, PublishMode::Async, "async").await?;
-    let (chained_rate, chained_cpu) =
+    let (chained_rate, chained_cpu, _) =
         raw_publish(&env, n, &payload, PublishMode::AsyncChained, "chained").await?;
-    let (sync_rate, sync_cpu) =
+    let (sync_rate, sync_cpu, _) =
         raw_publish(&env, n / 10, &payload, PublishMode::Sync, "sync").await?;
     raw.row(vec![
         format!("JetStream publish, async window {PUBLISH_WINDOW}, Nats-Msg-Id"),
@@ -1617,88 +1642,17 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
         std::thread::available_parallelism().map_or(0, |n| n.get())
     ));
     raw.note(read_gaps);
-    let lower = read_rate.min(async_rate);
-
-    let mut backlog = Table::new(
-        &format!("3. tidegate end to end, backlog of N = {n} events (max_in_flight 256)"),
-        &[
-            "plugins",
-            "total s",
-            "startup s",
-            "events/s (after first msg)",
-            "events/s (incl. startup)",
-            "vs. min(raw read, raw publish)",
-            "longest stall ms",
-            CPU_HEADER,
-        ],
-    );
-    let mut thread_notes = Vec::new();
-    for (plugins, label) in [
-        (0, "0"),
-        (1, "1 (op-filter)"),
-        (3, "3 (op-filter, redact, fanout×1)"),
-    ] {
-        eprintln!("3. end to end backlog, {plugins} plugin(s)…");
-        let b = e2e_backlog(&env, n, plugins).await?;
-        thread_notes.push(format!("{label}: {}", b.threads));
-        backlog.row(vec![
-            label.into(),
-            fmt_secs(b.total),
-            fmt_secs(b.startup),
-            fmt_rate(b.steady_rate),
-            fmt_rate(b.total_rate),
-            format!("{:.0}%", 100.0 * b.steady_rate / lower),
-            format!("{:.0}", b.longest_stall.as_secs_f64() * 1e3),
-            b.cpu,
-        ]);
+    let e2e = goals::Raw {
+        read_rate,
+        publish_rate: async_rate,
+        read_cpu: read_per_event,
+        publish_cpu: async_per_event,
+    };
+    let mut tables = vec![raw];
+    tables.extend(goals::end_to_end(&env, args, &e2e).await?);
+    if args.e2e_only {
+        return Ok(tables);
     }
-    backlog.note(format!(
-        "min(raw read, raw async publish) = {} events/s. \"startup\" is from tidegate::run until the \
-         first message is seen in the stream (connect, compile plugins, open the change stream); \
-         the rate and the CPU figures after the first message exclude it. \"longest stall\" is the \
-         longest interval (10 ms polling) in which the stream did not grow after publishing began. \"bench\" is the process \
-         tidegate runs in (plus the bench's 10 ms stream-length polling).",
-        fmt_rate(lower)
-    ));
-    backlog.note(format!(
-        "Cores used per thread of the bench process over the same interval (thread names cut to \
-         15 characters by Linux): {}.",
-        thread_notes.join("; ")
-    ));
-
-    let mut latency = Table::new(
-        &format!(
-            "4. Latency insert → JetStream store, {} events/s for {} s (batches of 10)",
-            args.rate, args.latency_secs
-        ),
-        &[
-            "plugins",
-            "events",
-            "achieved/s",
-            "p50 ms",
-            "p99 ms",
-            "max ms",
-            "mean ms",
-        ],
-    );
-    for (plugins, label) in [(0, "0"), (3, "3 (op-filter, redact, fanout×1)")] {
-        eprintln!("4. latency, {plugins} plugin(s)…");
-        let l = e2e_latency(&env, plugins, args.rate, args.latency_secs).await?;
-        latency.row(vec![
-            label.into(),
-            l.sent.to_string(),
-            fmt_rate(l.achieved_rate),
-            format!("{:.1}", l.p50_ms),
-            format!("{:.1}", l.p99_ms),
-            format!("{:.1}", l.max_ms),
-            format!("{:.1}", l.mean_ms),
-        ]);
-    }
-    latency.note(
-        "latency = the message's JetStream store time (server clock) − `ts_ns` stamped just before \
-         insert_many (same machine, same clock)."
-            .into(),
-    );
 
     let mut tenants = Table::new(
         &format!(
@@ -1733,8 +1687,9 @@ async fn servers(args: &Args, plugins: PathBuf, payload_len: usize) -> anyhow::R
             .into(),
     );
 
-    let neighbours = neighbours(&env, args).await?;
-    Ok(vec![raw, backlog, latency, tenants, neighbours])
+    tables.push(tenants);
+    tables.push(neighbours(&env, args).await?);
+    Ok(tables)
 }
 
 /// The driver alone, `k` change streams reading the same backlog of `n` inserts at once;

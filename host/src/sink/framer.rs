@@ -198,10 +198,11 @@ impl Framer {
                 None => self.subjects.render(change),
             };
             let mut headers = self.headers();
-            headers.insert("Content-Type", content_type.as_str());
+            // Owned strings move into the map; `&str`s would be copied once more.
+            headers.insert("Content-Type", content_type);
             routing_headers(&mut headers, change, true);
             for (name, value) in output.headers {
-                headers.append(name.as_str(), value.as_str());
+                headers.append(name, value);
             }
             let message = Message {
                 subject,
@@ -496,19 +497,21 @@ pub const MAX_KEY_HEADER_BYTES: usize = 1024;
 fn routing_headers(headers: &mut HeaderMap, change: &Change, with_key: bool) {
     headers.insert(
         "Tidegate-Operation",
-        header_text(change.operation().as_str(), HEADER_TEXT_CHARS).as_str(),
+        header_text(change.operation().as_str(), HEADER_TEXT_CHARS),
     );
     headers.insert(
         "Tidegate-Namespace",
-        header_text(&change.namespace().to_string(), HEADER_TEXT_CHARS).as_str(),
+        header_text(&change.namespace().to_string(), HEADER_TEXT_CHARS),
     );
     let key = key_id(change).and_then(|id| key_json(id).ok());
     if let Some(key) = key.filter(|k| with_key && k.len() <= MAX_KEY_HEADER_BYTES) {
-        headers.insert("Tidegate-Key", key.as_str());
+        headers.insert("Tidegate-Key", key);
     }
     if let Some(time) = change.cluster_time() {
-        let time = format!("{}.{}", time.time, time.increment);
-        headers.insert("Tidegate-Cluster-Time", time.as_str());
+        headers.insert(
+            "Tidegate-Cluster-Time",
+            format!("{}.{}", time.time, time.increment),
+        );
     }
 }
 
