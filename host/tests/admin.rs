@@ -1,7 +1,7 @@
 //! The admin API and its CLI against real servers: tokens (none, wrong, another tenant's),
 //! refused uploads with their reasons, a tenant added at run time publishing (with the time
 //! from the call to its first event printed), suspend/resume/rm, and two high-availability
-//! instances seeing a tenant added through either one.
+//! instances seeing a tenant added through either one, and the API over TLS.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bson::doc;
 use serde_json::{json, Value};
-use support::{component, http_get, wat_filter, Harness, InProcess, DB};
+use support::{component, http_get, make_certificates, wat_filter, Harness, InProcess, DB};
 use tidegate_testkit::{free_port, stream_len, wait_until};
 
 const OPERATOR: &str = "operator-token-for-tests-0123456789";
@@ -427,14 +427,20 @@ async fn tokens_tenants_and_uploads_are_checked() -> anyhow::Result<()> {
     tidegate.stop().await
 }
 
+/// Runs `tidegate` (the CLI) against the admin API at `url` with `token`.
+fn run_cli(url: &str, token: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
+        .args(args)
+        .env("TIDEGATE_ADMIN_URL", url)
+        .env("TIDEGATE_ADMIN_TOKEN", token)
+        .env_remove("TIDEGATE_ADMIN_CA")
+        .output()
+        .unwrap()
+}
+
 /// Runs `tidegate` (the CLI) against the admin API at `api` with `token`; its stdout as JSON.
 fn cli(api: &str, token: &str, args: &[&str]) -> Value {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
-        .args(args)
-        .env("TIDEGATE_ADMIN_URL", format!("http://{api}"))
-        .env("TIDEGATE_ADMIN_TOKEN", token)
-        .output()
-        .unwrap();
+    let out = run_cli(&format!("http://{api}"), token, args);
     assert!(
         out.status.success(),
         "tidegate {args:?}: {}",
@@ -678,4 +684,89 @@ async fn two_instances_see_tenants_added_through_either() -> anyhow::Result<()> 
         assert!(status.success(), "{}", instance.log());
     }
     Ok(())
+}
+
+/// With `[admin.tls]` the API speaks only TLS: the CLI trusting the private CA
+/// (`--ca-file`, or `TIDEGATE_ADMIN_CA`) is answered; without it the CLI refuses the
+/// certificate and says how to trust it, sending no token; a plain-HTTP request gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_over_tls() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let certs = h.dir.path().join("certs");
+    std::fs::create_dir_all(&certs)?;
+    make_certificates(&certs)?;
+    let (admin_port, http_port) = (free_port(), free_port());
+    let tls = format!(
+        "[admin.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        certs.join("server.pem").display(),
+        certs.join("server.key").display()
+    );
+    let path = h.write_config("admin.toml", &admin_config(&h, admin_port, http_port, &tls))?;
+    let tidegate = InProcess::start(&path)?;
+    let api = format!("127.0.0.1:{admin_port}");
+    wait_api(&api).await;
+    let https = format!("https://{api}");
+    let ca = certs.join("ca.pem").display().to_string();
+
+    let out = run_cli(&https, OPERATOR, &["tenant", "list", "--ca-file", &ca]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&out.stdout)?;
+    assert!(listed.is_array() || listed.is_object(), "{listed}");
+    let added = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
+        .args(["tenant", "add", "--pipeline", "shop", "-"])
+        .env("TIDEGATE_ADMIN_URL", &https)
+        .env("TIDEGATE_ADMIN_TOKEN", OPERATOR)
+        .env("TIDEGATE_ADMIN_CA", &ca)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            let spec = tenant("acme", json!([])).to_string();
+            child.stdin.take().unwrap().write_all(spec.as_bytes())?;
+            child.wait_with_output()
+        })?;
+    assert!(added.status.success(), "tenant add over TLS failed");
+    let added: Value = serde_json::from_slice(&added.stdout)?;
+    assert!(
+        added["token"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("tgt:")),
+        "{added}"
+    );
+
+    // The system's roots do not know the private CA: refused, with the way out named.
+    let out = run_cli(&https, OPERATOR, &["tenant", "list"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--ca-file") && stderr.contains("TLS"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(OPERATOR), "{stderr}");
+
+    // Plain HTTP to the TLS listener: no HTTP answer, so no token accepted in clear.
+    let plain = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(&api).await?;
+        let head = format!(
+            "GET /v1/tenants HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {OPERATOR}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await?;
+        let mut answer = Vec::new();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    assert!(!plain.starts_with("HTTP/1.1 2"), "{plain}");
+    assert!(!plain.contains("acme"), "{plain}");
+
+    // An http:// URL against it fails too, rather than hanging.
+    let out = run_cli(&format!("http://{api}"), OPERATOR, &["tenant", "list"]);
+    assert!(!out.status.success());
+    tidegate.stop().await
 }
