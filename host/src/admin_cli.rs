@@ -67,10 +67,14 @@ pub enum TenantCommand {
         /// The tenant's id, `<pipeline>.<tenant>`.
         id: String,
     },
-    /// Remove a tenant (its stream and checkpoint stay).
+    /// Remove a tenant (its stream and checkpoint stay, unless `--purge`).
     Rm {
         /// The tenant's id, `<pipeline>.<tenant>`.
         id: String,
+        /// Delete its data too: its stream (messages and dead letters), its checkpoint and
+        /// the plugin components no other tenant uses.
+        #[arg(long)]
+        purge: bool,
     },
     /// Issue a new token for a tenant (the previous one stops working).
     Token {
@@ -119,7 +123,9 @@ pub fn tenant(command: TenantCommand, api: Api) -> ExitCode {
         }
         TenantCommand::Suspend { id } => Ok(("POST", format!("/v1/tenants/{id}/suspend"), Vec::new())),
         TenantCommand::Resume { id } => Ok(("POST", format!("/v1/tenants/{id}/resume"), Vec::new())),
-        TenantCommand::Rm { id } => Ok(("DELETE", format!("/v1/tenants/{id}"), Vec::new())),
+        TenantCommand::Rm { id, purge } => {
+            Ok(("DELETE", format!("/v1/tenants/{id}?purge={purge}"), Vec::new()))
+        }
         TenantCommand::Token { id } => Ok(("POST", format!("/v1/tenants/{id}/token"), Vec::new())),
         TenantCommand::DeadLetters { id, limit, from_seq } => Ok((
             "GET",

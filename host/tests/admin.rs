@@ -452,7 +452,8 @@ fn cli(api: &str, token: &str, args: &[&str]) -> Value {
 /// Through the CLI: a tenant added while tidegate runs publishes (the time from the call to
 /// its first event is printed: the "≤ 2 s" figure); a plugin pushed for it is
 /// swapped in; suspended, it keeps its checkpoint and, resumed, publishes what was written
-/// meanwhile, exactly once; removed, it stops.
+/// meanwhile, exactly once; removed, it stops and its data stays; removed with `--purge`,
+/// its stream, checkpoint and unused component go, and added again it starts afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
     let h = Harness::start().await?;
@@ -606,6 +607,44 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
     .await?;
     let (status, _) = call(&api, "GET", "/v1/tenants/shop.acme", Some(OPERATOR), b"").await;
     assert_eq!(status, 404);
+    // Removed without purge: its stream and checkpoint stay.
+    let js = async_nats::jetstream::new(client.clone());
+    let checkpoints = js.get_key_value("tidegate-checkpoints").await?;
+    assert!(js.get_stream("ACME").await.is_ok());
+    assert!(checkpoints.get("shop.acme").await?.is_some());
+
+    // Removed with purge: beta's stream, checkpoint and (acme gone too) the component go.
+    let purged = cli(&api, OPERATOR, &["tenant", "rm", "shop.beta", "--purge"]);
+    assert_eq!(purged["purged"]["stream"], "BETA", "{purged}");
+    assert_eq!(purged["purged"]["components"], json!([digest]), "{purged}");
+    assert!(js.get_stream("BETA").await.is_err(), "stream BETA kept");
+    assert!(
+        checkpoints.get("shop.beta").await?.is_none(),
+        "checkpoint kept"
+    );
+    let objects = js.get_object_store("tidegate-plugins").await?;
+    assert!(objects.info(digest).await.is_err(), "component kept");
+    let (status, _) = call(&api, "GET", "/v1/tenants/shop.beta", Some(OPERATOR), b"").await;
+    assert_eq!(status, 404);
+    // Added again under the same id, it starts afresh: a change made while it was gone
+    // is not replayed from an old position.
+    insert(&h, "beta", 1000).await;
+    add(&api, tenant("beta", json!([]))).await;
+    let (mut n, started) = (2000, Instant::now());
+    while stream_len(&client, "BETA").await == 0 {
+        insert(&h, "beta", n).await;
+        n += 1;
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "no event within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = support::json(&h.messages("BETA").await?[0])["fullDocument"]["n"].as_i64();
+    assert!(
+        first.is_some_and(|n| n >= 2000),
+        "replayed from before: {first:?}"
+    );
     tidegate.stop().await
 }
 

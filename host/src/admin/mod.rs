@@ -12,11 +12,13 @@
 //! - `http` — reading requests (bodies bounded per route) and writing JSON responses.
 //! - `tokens` — the operator's and tenants' tokens.
 //! - `routes` — one function per endpoint.
+//! - `purge` — a removed tenant's data deleted with it, on request.
 //! - `store` — tenant records in NATS KV, components in the Object Store.
 //! - `tls` — the listener's certificate (`[admin.tls]`) and the CLI's trust in it.
 //! - `upload` — checking a pushed plugin before it is accepted.
 
 mod http;
+mod purge;
 mod routes;
 pub mod store;
 pub mod tls;
