@@ -451,9 +451,10 @@ fn cli(api: &str, token: &str, args: &[&str]) -> Value {
 
 /// Through the CLI: a tenant added while tidegate runs publishes (the time from the call to
 /// its first event is printed: the "≤ 2 s" figure); a plugin pushed for it is
-/// swapped in; suspended, it keeps its checkpoint and, resumed, publishes what was written
-/// meanwhile, exactly once; removed, it stops and its data stays; removed with `--purge`,
-/// its stream, checkpoint and unused component go, and added again it starts afresh.
+/// loaded; a change to a running tenant's plugin config is swapped in without a restart;
+/// suspended, it keeps its checkpoint and, resumed, publishes what was written meanwhile,
+/// exactly once; removed, it stops and its data stays; removed with `--purge`, its stream,
+/// checkpoint and unused component go, and added again it starts afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
     let h = Harness::start().await?;
@@ -560,6 +561,53 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
     eprintln!(
         "FIGURE admin add (one plugin by digest) → first published event: {} ms",
         started.elapsed().as_millis()
+    );
+
+    // A change to its plugins alone is swapped into the running unit, not a restart: the
+    // filter now keeps deletes too, and the unit counts an applied reload.
+    beta["plugins"][0]["config"] = json!({ "operations": "insert,delete" });
+    let (status, answer) = call(
+        &api,
+        "PUT",
+        "/v1/tenants/shop.beta",
+        Some(OPERATOR),
+        beta.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let betas = h
+        .mongo
+        .client()
+        .await?
+        .database(DB)
+        .collection::<bson::Document>("beta");
+    let started = Instant::now();
+    loop {
+        let messages = h.messages("BETA").await?;
+        if messages
+            .iter()
+            .any(|m| support::json(m)["operationType"] == "delete")
+        {
+            break;
+        }
+        betas.insert_one(doc! { "n": -10 }).await?;
+        betas.delete_one(doc! { "n": -10 }).await?;
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the new filter config never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let scrape = support::scrape(&format!("127.0.0.1:{http_port}")).await?;
+    let applied = support::metric(
+        &scrape,
+        "tidegate_plugin_reloads_total",
+        "beta",
+        &[("outcome", "applied")],
+    );
+    assert!(
+        applied >= 1.0,
+        "the chain was not swapped in place: {applied}"
     );
 
     // Suspended: what is written meanwhile waits in MongoDB and arrives after resume.
