@@ -2,8 +2,8 @@
 //!
 //! The API's address and token come from `--url`/`--token` or `TIDEGATE_ADMIN_URL` /
 //! `TIDEGATE_ADMIN_TOKEN`. Answers are printed as the API's JSON (pretty), refusals as the
-//! API's error on stderr with exit status 1. Plain HTTP only: keep the API on a private
-//! address, or reach it through a TLS-terminating proxy with curl.
+//! API's error on stderr with exit status 1. An `https://` URL speaks TLS, trusting
+//! `--ca-file` / `TIDEGATE_ADMIN_CA` when given, else the system's certificate authorities.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -22,6 +22,10 @@ pub struct Api {
     /// variable: arguments show in `ps`.
     #[arg(long, global = true)]
     token: Option<String>,
+    /// For an `https://` URL: a PEM file of the CA (or the self-signed certificate) to trust
+    /// instead of the system's roots (default: `TIDEGATE_ADMIN_CA`).
+    #[arg(long, global = true)]
+    ca_file: Option<PathBuf>,
 }
 
 /// `tidegate tenant …`.
@@ -63,10 +67,14 @@ pub enum TenantCommand {
         /// The tenant's id, `<pipeline>.<tenant>`.
         id: String,
     },
-    /// Remove a tenant (its stream and checkpoint stay).
+    /// Remove a tenant (its stream and checkpoint stay, unless `--purge`).
     Rm {
         /// The tenant's id, `<pipeline>.<tenant>`.
         id: String,
+        /// Delete its data too: its stream (messages and dead letters), its checkpoint and
+        /// the plugin components no other tenant uses.
+        #[arg(long)]
+        purge: bool,
     },
     /// Issue a new token for a tenant (the previous one stops working).
     Token {
@@ -115,7 +123,9 @@ pub fn tenant(command: TenantCommand, api: Api) -> ExitCode {
         }
         TenantCommand::Suspend { id } => Ok(("POST", format!("/v1/tenants/{id}/suspend"), Vec::new())),
         TenantCommand::Resume { id } => Ok(("POST", format!("/v1/tenants/{id}/resume"), Vec::new())),
-        TenantCommand::Rm { id } => Ok(("DELETE", format!("/v1/tenants/{id}"), Vec::new())),
+        TenantCommand::Rm { id, purge } => {
+            Ok(("DELETE", format!("/v1/tenants/{id}?purge={purge}"), Vec::new()))
+        }
         TenantCommand::Token { id } => Ok(("POST", format!("/v1/tenants/{id}/token"), Vec::new())),
         TenantCommand::DeadLetters { id, limit, from_seq } => Ok((
             "GET",
@@ -188,8 +198,10 @@ fn request(
         .clone()
         .or_else(|| std::env::var("TIDEGATE_ADMIN_TOKEN").ok())
         .context("no token: set TIDEGATE_ADMIN_TOKEN (the operator's or a tenant's token) or pass --token")?;
-    let Some(rest) = url.strip_prefix("http://") else {
-        bail!("{url}: the CLI speaks plain http:// only (for https use curl through your proxy)");
+    let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (false, rest),
+        (_, Some(rest)) => (true, rest),
+        _ => bail!("{url}: the admin API's URL starts with http:// or https://"),
     };
     let (host, prefix) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
     let prefix = prefix.trim_end_matches('/');
@@ -197,7 +209,7 @@ fn request(
         true => path.to_string(),
         false => format!("/{prefix}{path}"),
     };
-    let mut stream = std::net::TcpStream::connect(host).with_context(|| {
+    let tcp = std::net::TcpStream::connect(host).with_context(|| {
         format!(
             "cannot reach the admin API at {host}: is tidegate running with an [admin] section?"
         )
@@ -206,12 +218,23 @@ fn request(
         "{method} {target} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    let mut answer = Vec::new();
-    stream
-        .read_to_end(&mut answer)
-        .context("the admin API closed the connection early")?;
+    let answer = match tls {
+        false => exchange(tcp, &head, body)?,
+        true => {
+            let ca_file = api
+                .ca_file
+                .clone()
+                .or_else(|| std::env::var_os("TIDEGATE_ADMIN_CA").map(PathBuf::from));
+            let config = tidegate::admin::tls::client_config(ca_file.as_deref())
+                .map_err(anyhow::Error::msg)?;
+            let name = server_name(host)?;
+            let connection = rustls::ClientConnection::new(config, name)
+                .context("cannot start a TLS connection")?;
+            exchange(rustls::StreamOwned::new(connection, tcp), &head, body).with_context(|| {
+                format!("TLS with the admin API at {host} failed (for a private or self-signed certificate, pass --ca-file or set TIDEGATE_ADMIN_CA)")
+            })?
+        }
+    };
     let answer = String::from_utf8_lossy(&answer);
     let (head, body) = answer
         .split_once("\r\n\r\n")
@@ -236,4 +259,30 @@ fn request(
         _ => "",
     };
     bail!("{method} {path}: {status}: {error}{hint}")
+}
+
+/// Sends one request on `stream` and reads the whole answer (the API closes after it).
+fn exchange(mut stream: impl Read + Write, head: &str, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    stream.flush()?;
+    let mut answer = Vec::new();
+    match stream.read_to_end(&mut answer) {
+        Ok(_) => Ok(answer),
+        // A peer closing TLS without its close_notify, after a whole answer, lost nothing.
+        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof && !answer.is_empty() => {
+            Ok(answer)
+        }
+        Err(err) => Err(err).context("the admin API closed the connection early"),
+    }
+}
+
+/// The name the server's certificate must carry: the URL's host without its port.
+fn server_name(host: &str) -> anyhow::Result<rustls::pki_types::ServerName<'static>> {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    rustls::pki_types::ServerName::try_from(name.to_string())
+        .with_context(|| format!("{name}: not a host name or IP address for TLS"))
 }

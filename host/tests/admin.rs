@@ -1,7 +1,7 @@
 //! The admin API and its CLI against real servers: tokens (none, wrong, another tenant's),
 //! refused uploads with their reasons, a tenant added at run time publishing (with the time
 //! from the call to its first event printed), suspend/resume/rm, and two high-availability
-//! instances seeing a tenant added through either one.
+//! instances seeing a tenant added through either one, and the API over TLS.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bson::doc;
 use serde_json::{json, Value};
-use support::{component, http_get, wat_filter, Harness, InProcess, DB};
+use support::{component, http_get, make_certificates, wat_filter, Harness, InProcess, DB};
 use tidegate_testkit::{free_port, stream_len, wait_until};
 
 const OPERATOR: &str = "operator-token-for-tests-0123456789";
@@ -427,14 +427,20 @@ async fn tokens_tenants_and_uploads_are_checked() -> anyhow::Result<()> {
     tidegate.stop().await
 }
 
+/// Runs `tidegate` (the CLI) against the admin API at `url` with `token`.
+fn run_cli(url: &str, token: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
+        .args(args)
+        .env("TIDEGATE_ADMIN_URL", url)
+        .env("TIDEGATE_ADMIN_TOKEN", token)
+        .env_remove("TIDEGATE_ADMIN_CA")
+        .output()
+        .unwrap()
+}
+
 /// Runs `tidegate` (the CLI) against the admin API at `api` with `token`; its stdout as JSON.
 fn cli(api: &str, token: &str, args: &[&str]) -> Value {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
-        .args(args)
-        .env("TIDEGATE_ADMIN_URL", format!("http://{api}"))
-        .env("TIDEGATE_ADMIN_TOKEN", token)
-        .output()
-        .unwrap();
+    let out = run_cli(&format!("http://{api}"), token, args);
     assert!(
         out.status.success(),
         "tidegate {args:?}: {}",
@@ -445,8 +451,10 @@ fn cli(api: &str, token: &str, args: &[&str]) -> Value {
 
 /// Through the CLI: a tenant added while tidegate runs publishes (the time from the call to
 /// its first event is printed: the "≤ 2 s" figure); a plugin pushed for it is
-/// swapped in; suspended, it keeps its checkpoint and, resumed, publishes what was written
-/// meanwhile, exactly once; removed, it stops.
+/// loaded; a change to a running tenant's plugin config is swapped in without a restart;
+/// suspended, it keeps its checkpoint and, resumed, publishes what was written meanwhile,
+/// exactly once; removed, it stops and its data stays; removed with `--purge`, its stream,
+/// checkpoint and unused component go, and added again it starts afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
     let h = Harness::start().await?;
@@ -555,6 +563,53 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
         started.elapsed().as_millis()
     );
 
+    // A change to its plugins alone is swapped into the running unit, not a restart: the
+    // filter now keeps deletes too, and the unit counts an applied reload.
+    beta["plugins"][0]["config"] = json!({ "operations": "insert,delete" });
+    let (status, answer) = call(
+        &api,
+        "PUT",
+        "/v1/tenants/shop.beta",
+        Some(OPERATOR),
+        beta.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let betas = h
+        .mongo
+        .client()
+        .await?
+        .database(DB)
+        .collection::<bson::Document>("beta");
+    let started = Instant::now();
+    loop {
+        let messages = h.messages("BETA").await?;
+        if messages
+            .iter()
+            .any(|m| support::json(m)["operationType"] == "delete")
+        {
+            break;
+        }
+        betas.insert_one(doc! { "n": -10 }).await?;
+        betas.delete_one(doc! { "n": -10 }).await?;
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the new filter config never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let scrape = support::scrape(&format!("127.0.0.1:{http_port}")).await?;
+    let applied = support::metric(
+        &scrape,
+        "tidegate_plugin_reloads_total",
+        "beta",
+        &[("outcome", "applied")],
+    );
+    assert!(
+        applied >= 1.0,
+        "the chain was not swapped in place: {applied}"
+    );
+
     // Suspended: what is written meanwhile waits in MongoDB and arrives after resume.
     cli(&api, OPERATOR, &["tenant", "suspend", "shop.acme"]);
     let http = format!("127.0.0.1:{http_port}");
@@ -600,6 +655,44 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
     .await?;
     let (status, _) = call(&api, "GET", "/v1/tenants/shop.acme", Some(OPERATOR), b"").await;
     assert_eq!(status, 404);
+    // Removed without purge: its stream and checkpoint stay.
+    let js = async_nats::jetstream::new(client.clone());
+    let checkpoints = js.get_key_value("tidegate-checkpoints").await?;
+    assert!(js.get_stream("ACME").await.is_ok());
+    assert!(checkpoints.get("shop.acme").await?.is_some());
+
+    // Removed with purge: beta's stream, checkpoint and (acme gone too) the component go.
+    let purged = cli(&api, OPERATOR, &["tenant", "rm", "shop.beta", "--purge"]);
+    assert_eq!(purged["purged"]["stream"], "BETA", "{purged}");
+    assert_eq!(purged["purged"]["components"], json!([digest]), "{purged}");
+    assert!(js.get_stream("BETA").await.is_err(), "stream BETA kept");
+    assert!(
+        checkpoints.get("shop.beta").await?.is_none(),
+        "checkpoint kept"
+    );
+    let objects = js.get_object_store("tidegate-plugins").await?;
+    assert!(objects.info(digest).await.is_err(), "component kept");
+    let (status, _) = call(&api, "GET", "/v1/tenants/shop.beta", Some(OPERATOR), b"").await;
+    assert_eq!(status, 404);
+    // Added again under the same id, it starts afresh: a change made while it was gone
+    // is not replayed from an old position.
+    insert(&h, "beta", 1000).await;
+    add(&api, tenant("beta", json!([]))).await;
+    let (mut n, started) = (2000, Instant::now());
+    while stream_len(&client, "BETA").await == 0 {
+        insert(&h, "beta", n).await;
+        n += 1;
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "no event within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = support::json(&h.messages("BETA").await?[0])["fullDocument"]["n"].as_i64();
+    assert!(
+        first.is_some_and(|n| n >= 2000),
+        "replayed from before: {first:?}"
+    );
     tidegate.stop().await
 }
 
@@ -678,4 +771,89 @@ async fn two_instances_see_tenants_added_through_either() -> anyhow::Result<()> 
         assert!(status.success(), "{}", instance.log());
     }
     Ok(())
+}
+
+/// With `[admin.tls]` the API speaks only TLS: the CLI trusting the private CA
+/// (`--ca-file`, or `TIDEGATE_ADMIN_CA`) is answered; without it the CLI refuses the
+/// certificate and says how to trust it, sending no token; a plain-HTTP request gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_over_tls() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let certs = h.dir.path().join("certs");
+    std::fs::create_dir_all(&certs)?;
+    make_certificates(&certs)?;
+    let (admin_port, http_port) = (free_port(), free_port());
+    let tls = format!(
+        "[admin.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        certs.join("server.pem").display(),
+        certs.join("server.key").display()
+    );
+    let path = h.write_config("admin.toml", &admin_config(&h, admin_port, http_port, &tls))?;
+    let tidegate = InProcess::start(&path)?;
+    let api = format!("127.0.0.1:{admin_port}");
+    wait_api(&api).await;
+    let https = format!("https://{api}");
+    let ca = certs.join("ca.pem").display().to_string();
+
+    let out = run_cli(&https, OPERATOR, &["tenant", "list", "--ca-file", &ca]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&out.stdout)?;
+    assert!(listed.is_array() || listed.is_object(), "{listed}");
+    let added = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
+        .args(["tenant", "add", "--pipeline", "shop", "-"])
+        .env("TIDEGATE_ADMIN_URL", &https)
+        .env("TIDEGATE_ADMIN_TOKEN", OPERATOR)
+        .env("TIDEGATE_ADMIN_CA", &ca)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            let spec = tenant("acme", json!([])).to_string();
+            child.stdin.take().unwrap().write_all(spec.as_bytes())?;
+            child.wait_with_output()
+        })?;
+    assert!(added.status.success(), "tenant add over TLS failed");
+    let added: Value = serde_json::from_slice(&added.stdout)?;
+    assert!(
+        added["token"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("tgt:")),
+        "{added}"
+    );
+
+    // The system's roots do not know the private CA: refused, with the way out named.
+    let out = run_cli(&https, OPERATOR, &["tenant", "list"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--ca-file") && stderr.contains("TLS"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(OPERATOR), "{stderr}");
+
+    // Plain HTTP to the TLS listener: no HTTP answer, so no token accepted in clear.
+    let plain = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(&api).await?;
+        let head = format!(
+            "GET /v1/tenants HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {OPERATOR}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await?;
+        let mut answer = Vec::new();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    assert!(!plain.starts_with("HTTP/1.1 2"), "{plain}");
+    assert!(!plain.contains("acme"), "{plain}");
+
+    // An http:// URL against it fails too, rather than hanging.
+    let out = run_cli(&format!("http://{api}"), OPERATOR, &["tenant", "list"]);
+    assert!(!out.status.success());
+    tidegate.stop().await
 }

@@ -13,13 +13,12 @@
 
 mod support;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::ConnectOptions;
-use support::{http_get, write_range, Harness, SIGTERM, STREAM};
+use support::{http_get, make_certificates, write_range, Harness, SIGTERM, STREAM};
 use tidegate_testkit::{free_port, stream_len, wait_until, ChildProcess, NatsServer};
 
 /// Starts the harness with a NATS server configured by `server_config`, reached by test
@@ -136,87 +135,6 @@ async fn mutual_tls_with_a_private_ca() -> anyhow::Result<()> {
         "PRIVATE KEY",
     )
     .await
-}
-
-/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files
-/// in `dir`.
-fn make_certificates(dir: &Path) -> anyhow::Result<()> {
-    let openssl = |args: &[&str]| -> anyhow::Result<()> {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .context("running openssl (scripts/install-deps.sh installs it)")?;
-        anyhow::ensure!(
-            out.status.success(),
-            "openssl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let ca = [
-        &["req", "-x509"][..],
-        &ec,
-        &[
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=tidegate test CA",
-        ],
-    ]
-    .concat();
-    openssl(&ca)?;
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )?;
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
-    for name in ["server", "client"] {
-        let (key, csr, pem, ext) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-            format!("{name}.ext"),
-        );
-        let subject = format!("/CN={name}");
-        let request = [
-            &["req"][..],
-            &ec,
-            &["-keyout", &key, "-out", &csr, "-subj", &subject],
-        ]
-        .concat();
-        openssl(&request)?;
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-        ])?;
-    }
-    Ok(())
 }
 
 /// Operator (JWT) mode: an operator, an account with JetStream enabled and a user, their

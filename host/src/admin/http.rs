@@ -5,13 +5,16 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// A connection: plain TCP, or TLS over it (`[admin.tls]`).
+pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
 
 /// Longest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
 /// How long a client may take to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send its body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest JSON body accepted.
@@ -70,7 +73,7 @@ impl Response {
 /// Reads one request; `max_body` says, from the method and path, how large a body may be.
 /// A request that cannot be served is answered here and `None` returned.
 pub async fn read(
-    stream: &mut TcpStream,
+    stream: &mut impl Connection,
     max_body: impl Fn(&str, &str) -> usize,
 ) -> std::io::Result<Option<Request>> {
     let mut data = Vec::with_capacity(1024);
@@ -173,7 +176,7 @@ pub async fn read(
 }
 
 /// Writes `response` and closes the connection.
-pub async fn write(stream: &mut TcpStream, response: &Response) -> std::io::Result<()> {
+pub async fn write(stream: &mut impl Connection, response: &Response) -> std::io::Result<()> {
     let mut body = response.body.to_string();
     body.push('\n');
     let reason = match response.status {

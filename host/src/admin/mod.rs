@@ -12,12 +12,16 @@
 //! - `http` — reading requests (bodies bounded per route) and writing JSON responses.
 //! - `tokens` — the operator's and tenants' tokens.
 //! - `routes` — one function per endpoint.
+//! - `purge` — a removed tenant's data deleted with it, on request.
 //! - `store` — tenant records in NATS KV, components in the Object Store.
+//! - `tls` — the listener's certificate (`[admin.tls]`) and the CLI's trust in it.
 //! - `upload` — checking a pushed plugin before it is accepted.
 
 mod http;
+mod purge;
 mod routes;
 pub mod store;
+pub mod tls;
 mod tokens;
 mod upload;
 
@@ -41,6 +45,8 @@ pub struct Admin {
     operator: String,
     /// Largest plugin upload, in bytes.
     max_upload: usize,
+    /// `[admin.tls]`: connections are TLS handshakes first.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Admin {
@@ -58,12 +64,17 @@ impl Admin {
             .map_err(|message| Error::Startup { message })?;
         crate::security::remember_secret(&token);
         let max_upload = section.max_upload_mib as usize * 1024 * 1024;
+        let tls = match &section.tls {
+            Some(tls) => Some(tls::acceptor(tls).map_err(|message| Error::Startup { message })?),
+            None => None,
+        };
         Ok(Admin {
             store,
             sandbox,
             js,
             operator: tokens::digest(&token),
             max_upload,
+            tls,
             config,
         })
     }
@@ -83,7 +94,19 @@ pub async fn bind(config: &AdminConfig) -> Result<TcpListener, Error> {
             message: format!("admin.address = '{}': cannot listen: {err}", config.address),
         })?;
     if let Ok(address) = listener.local_addr() {
-        tracing::info!(%address, "admin API listening");
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        tracing::info!(%address, scheme, "admin API listening");
+        if config.tls.is_none() && !address.ip().is_loopback() {
+            tracing::warn!(
+                %address,
+                "the admin API speaks plain HTTP on a non-loopback address: tokens cross the \
+                 network in clear; set [admin.tls] cert_file and key_file"
+            );
+        }
     }
     Ok(listener)
 }
@@ -91,7 +114,7 @@ pub async fn bind(config: &AdminConfig) -> Result<TcpListener, Error> {
 /// Serves requests until the task is dropped or aborted.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     loop {
-        let (mut stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(err) => {
                 tracing::debug!(error = %err, "admin API accept failed");
@@ -101,30 +124,48 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         };
         let admin = admin.clone();
         tokio::spawn(async move {
-            let max_upload = admin.max_upload;
-            let limit =
-                |method: &str, path: &str| match method == "PUT" && path.contains("/plugins/") {
-                    true => max_upload,
-                    false => http::MAX_JSON_BODY,
-                };
-            let request = match http::read(&mut stream, limit).await {
-                Ok(Some(request)) => request,
-                Ok(None) => return,
-                Err(err) => {
-                    tracing::debug!(error = %err, "admin API request failed");
-                    return;
+            match &admin.tls {
+                None => answer(&admin, stream).await,
+                Some(acceptor) => {
+                    // A client that never finishes its handshake must not hold a task forever.
+                    let handshake =
+                        tokio::time::timeout(http::HEAD_TIMEOUT, acceptor.accept(stream));
+                    match handshake.await {
+                        Ok(Ok(stream)) => answer(&admin, stream).await,
+                        Ok(Err(err)) => {
+                            tracing::info!(%peer, error = %err, "admin API TLS handshake refused")
+                        }
+                        Err(_) => tracing::info!(%peer, "admin API TLS handshake timed out"),
+                    }
                 }
-            };
-            let response = routes::handle(&admin, &request).await;
-            tracing::info!(
-                method = %request.method,
-                path = %request.path,
-                status = response.status,
-                "admin API"
-            );
-            if let Err(err) = http::write(&mut stream, &response).await {
-                tracing::debug!(error = %err, "admin API response failed");
             }
         });
+    }
+}
+
+/// Reads one request from `stream`, answers it and closes the connection.
+async fn answer(admin: &Admin, mut stream: impl http::Connection) {
+    let max_upload = admin.max_upload;
+    let limit = |method: &str, path: &str| match method == "PUT" && path.contains("/plugins/") {
+        true => max_upload,
+        false => http::MAX_JSON_BODY,
+    };
+    let request = match http::read(&mut stream, limit).await {
+        Ok(Some(request)) => request,
+        Ok(None) => return,
+        Err(err) => {
+            tracing::debug!(error = %err, "admin API request failed");
+            return;
+        }
+    };
+    let response = routes::handle(admin, &request).await;
+    tracing::info!(
+        method = %request.method,
+        path = %request.path,
+        status = response.status,
+        "admin API"
+    );
+    if let Err(err) = http::write(&mut stream, &response).await {
+        tracing::debug!(error = %err, "admin API response failed");
     }
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::http::{Request, Response};
 use super::store::{TenantRecord, WriteError};
 use super::tokens::{self, Caller};
-use super::{upload, Admin};
+use super::{purge, upload, Admin};
 use crate::config::{PipelineConfig, TenantConfig};
 use crate::ops::metrics;
 
@@ -33,7 +33,7 @@ async fn route(admin: &Admin, request: &Request, caller: &Caller) -> Outcome {
         ("POST", ["v1", "tenants"]) => add(admin, request, caller).await,
         ("GET", ["v1", "tenants", id]) => show(admin, id, caller).await,
         ("PUT", ["v1", "tenants", id]) => update(admin, id, request, caller).await,
-        ("DELETE", ["v1", "tenants", id]) => remove(admin, id, caller).await,
+        ("DELETE", ["v1", "tenants", id]) => remove(admin, id, request, caller).await,
         ("POST", ["v1", "tenants", id, "suspend"]) => suspend(admin, id, true, caller).await,
         ("POST", ["v1", "tenants", id, "resume"]) => suspend(admin, id, false, caller).await,
         ("POST", ["v1", "tenants", id, "token"]) => new_token(admin, id, caller).await,
@@ -372,15 +372,48 @@ async fn update(admin: &Admin, id: &str, request: &Request, caller: &Caller) -> 
     Ok(Response::ok(200, view(id, &record)))
 }
 
-async fn remove(admin: &Admin, id: &str, caller: &Caller) -> Outcome {
+async fn remove(admin: &Admin, id: &str, request: &Request, caller: &Caller) -> Outcome {
     operator_only(caller, "remove tenants")?;
-    record(admin, id).await?;
+    let purge = match request.param("purge") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(Response::error(
+                400,
+                format!("purge={other}: give purge=true (delete the tenant's data) or purge=false"),
+            ))
+        }
+    };
+    let (mut record, revision) = record(admin, id).await?;
+    let mut answer = json!({ "id": id, "removed": true });
+    if purge {
+        let others = others(admin, id).await?;
+        let unit = unit_of(admin, &record.pipeline, &record.tenant, &others.streams)?;
+        // Stopped everywhere before its data goes; the record goes last, so a purge that
+        // fails half-way can be asked for again.
+        if !record.suspended {
+            record.suspended = true;
+            admin
+                .store
+                .update(id, &record, revision)
+                .await
+                .map_err(|err| write_refusal(err, id))?;
+        }
+        let components = record
+            .plugins()
+            .into_iter()
+            .filter_map(|(_, d)| d)
+            .collect();
+        answer["purged"] = purge::tenant(admin, id, &unit, components)
+            .await
+            .map_err(|err| Response::error(503, err))?;
+    }
     admin
         .store
         .delete(id)
         .await
         .map_err(|err| Response::error(503, err))?;
-    Ok(Response::ok(200, json!({ "id": id, "removed": true })))
+    Ok(Response::ok(200, answer))
 }
 
 async fn suspend(admin: &Admin, id: &str, suspended: bool, caller: &Caller) -> Outcome {

@@ -214,12 +214,22 @@ impl TenantStore {
         }
     }
 
-    /// Deletes tenant `id` (its checkpoint and stream stay).
+    /// Deletes tenant `id`'s record (its data is purged apart: `admin::purge`).
     pub async fn delete(&self, id: &str) -> Result<(), String> {
         self.kv
             .delete(id)
             .await
             .map_err(|err| format!("cannot delete tenant '{id}': {err}"))
+    }
+
+    /// Deletes component `digest` from the object store and this instance's copy.
+    pub async fn delete_component(&self, digest: &str) -> Result<(), String> {
+        self.objects
+            .delete(digest)
+            .await
+            .map_err(|err| format!("cannot delete component sha256 {digest}: {err}"))?;
+        let _ = std::fs::remove_file(self.cache.join(format!("{digest}.wasm")));
+        Ok(())
     }
 
     /// Stores a component (once per content) and keeps a local copy; returns its SHA-256.

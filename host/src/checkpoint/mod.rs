@@ -167,6 +167,41 @@ impl CheckpointStore {
     }
 }
 
+/// Deletes `pipeline`'s saved position, for a tenant removed together with its data: a
+/// unit of that id started later begins where a new one would. A writer still running
+/// loses its compare-and-set on the KV key and is fenced; with the MongoDB store it could
+/// write the record again, so the caller stops the unit first.
+pub async fn forget(
+    config: &CheckpointConfig,
+    pipeline: &str,
+    js: &jetstream::Context,
+    mongodb_uri: &str,
+) -> Result<(), Error> {
+    let fail = |message: String| Error::Checkpoint {
+        pipeline: pipeline.to_string(),
+        message,
+    };
+    match config.store {
+        CheckpointStoreKind::NatsKv => {
+            let store = kv::open(config, js, fail).await?;
+            store
+                .purge(pipeline)
+                .await
+                .map_err(|err| fail(format!("cannot delete key '{pipeline}': {err}")))
+        }
+        CheckpointStoreKind::Mongodb => {
+            let client = crate::security::mongo_client(mongodb_uri)
+                .await
+                .map_err(|err| fail(format!("cannot reach MongoDB: {err}")))?;
+            mongo::collection(config, &client)
+                .delete_one(doc! { "_id": pipeline })
+                .await
+                .map(drop)
+                .map_err(|err| fail(format!("cannot delete the record: {err}")))
+        }
+    }
+}
+
 /// A writer id unique to this store: process id, time and a hash seeded by the OS.
 fn writer_id() -> String {
     use std::hash::{BuildHasher, Hasher};

@@ -37,6 +37,19 @@ pub struct AdminConfig {
     /// against their digest on every load). Default: `$XDG_CACHE_HOME/tidegate/objects`,
     /// else `$HOME/.cache/tidegate/objects`.
     pub object_cache_dir: Option<PathBuf>,
+    /// `[admin.tls]`: serve the API over TLS. Absent: plain HTTP, which puts tokens on the
+    /// wire in clear; tidegate warns when such a listener is not on a loopback address.
+    pub tls: Option<AdminTls>,
+}
+
+/// `[admin.tls]`: the admin API's certificate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTls {
+    /// PEM file of the server certificate, followed by any intermediates.
+    pub cert_file: PathBuf,
+    /// PEM file of its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 fn default_tenants_bucket() -> String {
@@ -83,6 +96,10 @@ impl AdminConfig {
         }
         if let Some(dir) = &self.object_cache_dir {
             self.object_cache_dir = Some(base.join(dir));
+        }
+        if let Some(tls) = &mut self.tls {
+            tls.cert_file = base.join(&tls.cert_file);
+            tls.key_file = base.join(&tls.key_file);
         }
     }
 

@@ -212,7 +212,7 @@ async fn check_files(sandbox: &Arc<Sandbox>, unit: &mut UnitHandle, plugin_dir: 
 }
 
 /// Loads and smoke-tests a whole chain off the async threads, under a load permit.
-async fn load_chain(
+pub(crate) async fn load_chain(
     sandbox: &Arc<Sandbox>,
     config: &PipelineConfig,
     plugin_dir: &Path,
@@ -253,7 +253,7 @@ async fn reload_config(sandbox: &Arc<Sandbox>, running: &Config, units: &mut [Un
             tracing::warn!(pipeline = %unit.config.id, "removed from the config; restart tidegate to stop it");
             continue;
         };
-        if without_chain(new) != without_chain(&unit.config) {
+        if !same_but_chain(new, &unit.config) {
             tracing::warn!(pipeline = %unit.config.id, "source, sink or checkpoint settings changed; restart tidegate to apply them (plugins are reloaded now)");
         }
         match load_chain(sandbox, new, &fresh.plugin_dir).await {
@@ -283,6 +283,12 @@ async fn reload_config(sandbox: &Arc<Sandbox>, running: &Config, units: &mut [Un
 }
 
 /// A unit's settings other than its plugin chain, for spotting changes SIGHUP cannot apply.
+/// Whether two settings of a unit differ only in what a new chain carries (plugins, their
+/// limits, capabilities and quarantine), so that swapping the chain applies the change.
+pub(crate) fn same_but_chain(a: &PipelineConfig, b: &PipelineConfig) -> bool {
+    without_chain(a) == without_chain(b)
+}
+
 fn without_chain(config: &PipelineConfig) -> String {
     let mut rest = config.clone();
     rest.plugins.clear();

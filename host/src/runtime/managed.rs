@@ -1,13 +1,15 @@
 //! Tenants managed at run time: this instance's runtime follows the tenant bucket the admin
-//! API writes (see `crate::admin`). A tenant added is started, one changed is restarted with
-//! its new spec (drained and checkpointed first, so nothing is lost or repeated), one
-//! suspended or removed is stopped, and nothing else is touched: every tenant is a unit of
+//! API writes (see `crate::admin`). A tenant added is started; one whose plugins alone
+//! changed (components, their config, limits, capabilities, quarantine) gets its new chain
+//! swapped in between batches, like a hot reload; one changed otherwise is restarted with
+//! its new spec (drained and checkpointed first, so nothing is lost or repeated); one
+//! suspended or removed is stopped; and nothing else is touched: every tenant is a unit of
 //! its own with its own stop signal ([`start`] and [`Running::stop`] are the two entry
 //! points). With high availability every instance follows the bucket and the units' leases
 //! decide which instance runs each tenant.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +24,7 @@ use crate::config::{Config, PipelineConfig};
 use crate::error::Error;
 use crate::ha::lease::Coordinator;
 use crate::ops::metrics;
-use crate::plugin::reload::ChainUpdate;
+use crate::plugin::reload::{self, ChainUpdate};
 use crate::sandbox::Sandbox;
 
 /// What every managed unit shares.
@@ -38,10 +40,14 @@ pub(crate) struct Shared {
 pub(crate) struct Running {
     /// The record it was started from, to tell a real change from a repeat.
     record: TenantRecord,
+    /// The unit as it runs (plugins resolved to local component copies).
+    unit: PipelineConfig,
+    /// Set while the unit waits for plugins that load.
+    held: Arc<AtomicBool>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
-    /// Kept so that a held unit waits (a closed channel would end it).
-    _updates: mpsc::UnboundedSender<ChainUpdate>,
+    /// New chains for the unit (and, kept open, what lets a held unit wait).
+    updates: mpsc::UnboundedSender<ChainUpdate>,
 }
 
 impl Running {
@@ -81,9 +87,10 @@ pub(crate) async fn start(
         }
     };
     let (updates_tx, updates_rx) = mpsc::unbounded_channel();
+    let held = Arc::new(AtomicBool::new(false));
     let context = UnitContext {
         chain,
-        held: Arc::new(AtomicBool::new(false)),
+        held: held.clone(),
         updates: Arc::new(tokio::sync::Mutex::new(updates_rx)),
         sandbox: shared.sandbox.clone(),
         plugin_dir: shared.config.plugin_dir.clone(),
@@ -95,6 +102,7 @@ pub(crate) async fn start(
     }
     let (stop, stopped) = watch::channel(false);
     let unit_id = id.to_string();
+    let running_unit = unit.clone();
     let task = tokio::spawn(async move {
         if let Err(err) = units::run_unit(unit, context, stopped).await {
             tracing::error!(pipeline = %unit_id, error = %err, "tenant unit stopped; the other units carry on");
@@ -103,9 +111,11 @@ pub(crate) async fn start(
     tracing::info!(pipeline = %id, "tenant started");
     Ok(Running {
         record,
+        unit: running_unit,
+        held,
         stop,
         task,
-        _updates: updates_tx,
+        updates: updates_tx,
     })
 }
 
@@ -211,6 +221,11 @@ async fn apply(entry: kv::Entry, running: &mut HashMap<String, Running>, shared:
             return;
         }
     }
+    if let (Some(now), Some(new)) = (running.get_mut(&id), &record) {
+        if swap_chain(&id, now, new, shared).await {
+            return;
+        }
+    }
     if let Some(unit) = running.remove(&id) {
         let why = match &record {
             None => "removed",
@@ -233,4 +248,42 @@ async fn apply(entry: kv::Entry, running: &mut HashMap<String, Running>, shared:
             metrics::pipeline(&id).set_error(&err);
         }
     }
+}
+
+/// Swaps a running tenant's chain for the one `new` describes when nothing but its plugins
+/// changed: the unit carries on between two batches, keeping its change stream (or its place
+/// on the shared one) and its position. `false` when a restart is needed: anything else
+/// changed, it is suspended, held, or a plugin is not pushed yet. A chain that fails to load
+/// leaves the running one in place, as a refused hot reload does.
+async fn swap_chain(id: &str, now: &mut Running, new: &TenantRecord, shared: &Shared) -> bool {
+    if new.suspended || now.record.suspended || now.held.load(Ordering::Acquire) {
+        return false;
+    }
+    let Ok(tenant) = new.tenant_config() else {
+        return false;
+    };
+    let Ok(mut unit) = shared
+        .config
+        .tenant_unit(&new.pipeline, tenant, &Default::default())
+    else {
+        return false;
+    };
+    if !reload::same_but_chain(&unit, &now.unit)
+        || resolve_components(&mut unit, &shared.store).await.is_err()
+    {
+        return false;
+    }
+    match reload::load_chain(&shared.sandbox, &unit, &shared.config.plugin_dir).await {
+        Ok(chain) => {
+            tracing::info!(pipeline = %id, "tenant's plugins changed: new chain swapped in");
+            let _ = now.updates.send(ChainUpdate::Chain(chain));
+            now.unit = unit;
+        }
+        Err(message) => {
+            metrics::pipeline(id).reload_refused();
+            tracing::error!(pipeline = %id, "tenant's new plugins refused; the running ones stay: {message}");
+        }
+    }
+    now.record = new.clone();
+    true
 }

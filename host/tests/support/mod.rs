@@ -542,3 +542,84 @@ pub fn metric(
         })
         .unwrap_or(0.0)
 }
+
+/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files
+/// in `dir`.
+pub fn make_certificates(dir: &std::path::Path) -> anyhow::Result<()> {
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("running openssl (scripts/install-deps.sh installs it)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca = [
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tidegate test CA",
+        ],
+    ]
+    .concat();
+    openssl(&ca)?;
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )?;
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+    for name in ["server", "client"] {
+        let (key, csr, pem, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        let subject = format!("/CN={name}");
+        let request = [
+            &["req"][..],
+            &ec,
+            &["-keyout", &key, "-out", &csr, "-subj", &subject],
+        ]
+        .concat();
+        openssl(&request)?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ])?;
+    }
+    Ok(())
+}
