@@ -145,6 +145,24 @@ async fn insert(h: &Harness, coll: &str, n: i64) {
         .unwrap();
 }
 
+/// Inserts `{n: from}`, `{n: from + 1}`, … into `shop.<coll>` every 20 ms until tenant
+/// `<coll>`'s stream (`<COLL>`) holds a message (for at most 120 s).
+async fn insert_until_published(h: &Harness, coll: &str, from: i64) -> anyhow::Result<()> {
+    let client = h.nats_client().await?;
+    let (stream, started) = (coll.to_uppercase(), Instant::now());
+    let mut n = from;
+    while stream_len(&client, &stream).await == 0 {
+        insert(h, coll, n).await;
+        n += 1;
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "no event in {stream} within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Waits until `stream` holds at least `n` messages.
 async fn wait_len(h: &Harness, stream: &str, n: u64) {
     let client = h.nats_client().await.unwrap();
@@ -482,16 +500,7 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
     );
     let called = started.elapsed();
     let token = added["token"].as_str().unwrap().to_string();
-    let mut n = 0;
-    while stream_len(&client, "ACME").await == 0 {
-        insert(&h, "acme", n).await;
-        n += 1;
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(120),
-            "no event within 120 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    insert_until_published(&h, "acme", 0).await?;
     eprintln!(
         "FIGURE admin add → first published event: {} ms (the add call itself: {} ms)",
         started.elapsed().as_millis(),
@@ -548,16 +557,7 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
             h.dir.path().join("beta.json").to_str().unwrap(),
         ],
     );
-    let mut n = 0;
-    while stream_len(&client, "BETA").await == 0 {
-        insert(&h, "beta", n).await;
-        n += 1;
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(120),
-            "no event within 120 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    insert_until_published(&h, "beta", 0).await?;
     eprintln!(
         "FIGURE admin add (one plugin by digest) → first published event: {} ms",
         started.elapsed().as_millis()
@@ -671,23 +671,35 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
         "checkpoint kept"
     );
     let objects = js.get_object_store("tidegate-plugins").await?;
-    assert!(objects.info(digest).await.is_err(), "component kept");
+    assert!(objects.get(digest).await.is_err(), "component kept");
     let (status, _) = call(&api, "GET", "/v1/tenants/shop.beta", Some(OPERATOR), b"").await;
     assert_eq!(status, 404);
+    // The same bytes pushed again after the purge are stored again (the deleted object's
+    // marker is not taken for the object).
+    let token = add(
+        &api,
+        tenant(
+            "beta",
+            json!([{ "name": "inserts", "config": { "operations": "insert" } }]),
+        ),
+    )
+    .await;
+    let wasm = std::fs::read(h.plugins.join("op-filter.wasm"))?;
+    let path = "/v1/tenants/shop.beta/plugins/inserts";
+    let (status, answer) = call(&api, "PUT", path, Some(&token), &wasm).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        objects.get(digest).await.is_ok(),
+        "the pushed component is not stored"
+    );
+    let path = "/v1/tenants/shop.beta?purge=true";
+    let (status, answer) = call(&api, "DELETE", path, Some(OPERATOR), b"").await;
+    assert_eq!(status, 200, "{answer}");
     // Added again under the same id, it starts afresh: a change made while it was gone
     // is not replayed from an old position.
     insert(&h, "beta", 1000).await;
     add(&api, tenant("beta", json!([]))).await;
-    let (mut n, started) = (2000, Instant::now());
-    while stream_len(&client, "BETA").await == 0 {
-        insert(&h, "beta", n).await;
-        n += 1;
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(120),
-            "no event within 120 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    insert_until_published(&h, "beta", 2000).await?;
     let first = support::json(&h.messages("BETA").await?[0])["fullDocument"]["n"].as_i64();
     assert!(
         first.is_some_and(|n| n >= 2000),

@@ -235,7 +235,13 @@ impl TenantStore {
     /// Stores a component (once per content) and keeps a local copy; returns its SHA-256.
     pub async fn put_component(&self, bytes: &[u8]) -> Result<String, String> {
         let digest = sha256_hex(bytes);
-        if self.objects.info(&digest).await.is_err() {
+        // A deleted object (a purge) keeps its info, marked deleted: upload it again then.
+        let stored = self
+            .objects
+            .info(&digest)
+            .await
+            .is_ok_and(|info| !info.deleted);
+        if !stored {
             let mut reader = bytes;
             self.objects
                 .put(digest.as_str(), &mut reader)
