@@ -232,6 +232,20 @@ async fn validated(
         .map_err(|reason| Response::error(422, format!("plugin '{name}' refused: {reason}")))
 }
 
+/// Stores `record` as tenant `id` if it is still at `revision`; 409 if it changed meanwhile.
+async fn save(
+    admin: &Admin,
+    id: &str,
+    record: &TenantRecord,
+    revision: u64,
+) -> Result<(), Response> {
+    admin
+        .store
+        .update(id, record, revision)
+        .await
+        .map_err(|err| write_refusal(err, id))
+}
+
 fn write_refusal(err: WriteError, id: &str) -> Response {
     match err {
         WriteError::Conflict => Response::error(
@@ -364,11 +378,7 @@ async fn update(admin: &Admin, id: &str, request: &Request, caller: &Caller) -> 
     others.check_key_values(&record.pipeline, &unit)?;
     check_components(admin, &unit).await?;
     record.tenant = tenant;
-    admin
-        .store
-        .update(id, &record, revision)
-        .await
-        .map_err(|err| write_refusal(err, id))?;
+    save(admin, id, &record, revision).await?;
     Ok(Response::ok(200, view(id, &record)))
 }
 
@@ -393,11 +403,7 @@ async fn remove(admin: &Admin, id: &str, request: &Request, caller: &Caller) -> 
         // fails half-way can be asked for again.
         if !record.suspended {
             record.suspended = true;
-            admin
-                .store
-                .update(id, &record, revision)
-                .await
-                .map_err(|err| write_refusal(err, id))?;
+            save(admin, id, &record, revision).await?;
         }
         let components = record
             .plugins()
@@ -420,11 +426,7 @@ async fn suspend(admin: &Admin, id: &str, suspended: bool, caller: &Caller) -> O
     operator_only(caller, "suspend or resume tenants")?;
     let (mut record, revision) = record(admin, id).await?;
     record.suspended = suspended;
-    admin
-        .store
-        .update(id, &record, revision)
-        .await
-        .map_err(|err| write_refusal(err, id))?;
+    save(admin, id, &record, revision).await?;
     Ok(Response::ok(
         200,
         json!({ "id": id, "suspended": suspended }),
@@ -436,11 +438,7 @@ async fn new_token(admin: &Admin, id: &str, caller: &Caller) -> Outcome {
     let (mut record, revision) = record(admin, id).await?;
     let token = tokens::issue(id).map_err(|err| Response::error(500, err))?;
     record.token_sha256 = tokens::digest(&token);
-    admin
-        .store
-        .update(id, &record, revision)
-        .await
-        .map_err(|err| write_refusal(err, id))?;
+    save(admin, id, &record, revision).await?;
     Ok(Response::ok(
         200,
         json!({ "id": id, "token": token, "note": "the previous token no longer works" }),
@@ -475,11 +473,7 @@ async fn push(admin: &Admin, id: &str, name: &str, request: &Request, caller: &C
         .await
         .map_err(|err| Response::error(503, err))?;
     record.set_plugin(name, &digest);
-    admin
-        .store
-        .update(id, &record, revision)
-        .await
-        .map_err(|err| write_refusal(err, id))?;
+    save(admin, id, &record, revision).await?;
     Ok(Response::ok(
         200,
         json!({ "id": id, "plugin": name, "sha256": digest, "world": accepted.world, "imports": accepted.imports, "notes": accepted.notes }),
