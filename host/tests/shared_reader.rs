@@ -229,13 +229,9 @@ async fn routes_by_tenant_key() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A slow tenant (a plugin that spins on every event) falls behind: the shared reader
-/// detaches it and the fast tenant receives everything while the slow one is still far
-/// behind; the slow tenant catches up on its own stream and rejoins; both end with every
-/// event exactly once, in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_tenant_detaches_and_rejoins_without_loss() -> anyhow::Result<()> {
-    let h = Harness::start().await?;
+/// A tenant's plugin table (and limits) for a filter that spins ~20 M loop turns on every
+/// event, which makes its tenant fall behind the shared reader.
+fn slow_tenant_plugin(h: &Harness) -> String {
     let spin = wat_filter(
         h.dir.path(),
         "spin",
@@ -245,11 +241,21 @@ async fn a_slow_tenant_detaches_and_rejoins_without_loss() -> anyhow::Result<()>
         "(local $i i32)\n(loop $spin\n(local.set $i (i32.add (local.get $i) (i32.const 1)))\n\
          (br_if $spin (i32.lt_u (local.get $i) (i32.const 20000000))))",
     );
-    let slow_plugin = format!(
+    format!(
         "limits = {{ timeout_ms = 10000, fuel_per_call = 1000000000 }}\n\
          [[pipeline.tenant.plugins]]\nname = \"spin\"\nfile = \"{}\"",
         spin.display()
-    );
+    )
+}
+
+/// A slow tenant (a plugin that spins on every event) falls behind: the shared reader
+/// detaches it and the fast tenant receives everything while the slow one is still far
+/// behind; the slow tenant catches up on its own stream and rejoins; both end with every
+/// event exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_tenant_detaches_and_rejoins_without_loss() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let slow_plugin = slow_tenant_plugin(&h);
     let tenants = [
         tenant("fast", "\"shop.orders\"", ""),
         tenant("slow", "\"shop.orders\"", &slow_plugin),
@@ -306,20 +312,7 @@ async fn a_slow_tenant_detaches_and_rejoins_without_loss() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catching_up_is_bounded_and_the_others_wait_detached() -> anyhow::Result<()> {
     let h = Harness::start().await?;
-    let spin = wat_filter(
-        h.dir.path(),
-        "spin",
-        1,
-        "",
-        "",
-        "(local $i i32)\n(loop $spin\n(local.set $i (i32.add (local.get $i) (i32.const 1)))\n\
-         (br_if $spin (i32.lt_u (local.get $i) (i32.const 20000000))))",
-    );
-    let slow_plugin = format!(
-        "limits = {{ timeout_ms = 10000, fuel_per_call = 1000000000 }}\n\
-         [[pipeline.tenant.plugins]]\nname = \"spin\"\nfile = \"{}\"",
-        spin.display()
-    );
+    let slow_plugin = slow_tenant_plugin(&h);
     let ids = ["a", "b", "c", "d"];
     let tenants: String = ids
         .iter()
