@@ -27,11 +27,17 @@ config = { operations = "insert,update,replace,delete" }
 name = "redact"
 config = { fields = "email" }
 "#;
+    let harness = &h;
     let messages = h
         .relay(plugins, "", 4, |coll| async move {
             coll.insert_one(doc! { "_id": 1, "email": "a@example.com", "total": 10_i64 })
                 .await?;
             coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "total": 11_i64 } })
+                .await?;
+            // The update's fullDocument is looked up when the stream reads it: wait until it
+            // is published, or the lookup may find the replacement or nothing at all.
+            harness
+                .wait_for_messages(STREAM, 2, Duration::from_secs(120))
                 .await?;
             coll.replace_one(
                 doc! { "_id": 1 },
