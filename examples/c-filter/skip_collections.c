@@ -1,7 +1,7 @@
 // skip-collections: a tidegate `filter` plugin in C.
 //
 // Drops every event on a collection whose name starts with the configured prefix (scratch and
-// temporary collections), keeps everything else. Config:
+// temporary collections), keeps everything else. Config (any other key is refused):
 //   skip-prefix   the prefix (default "tmp_"); must not be empty.
 //
 // Bindings in bindings/ are generated from the WIT contract by `wit-bindgen c --world filter
@@ -29,10 +29,43 @@ static void set_error(filter_plugin_error_t *err, uint8_t tag, const char *text)
   filter_string_dup(&err->val.failed, text);
 }
 
+// Refuses any configured key but `skip-prefix`: a misspelt key must never be ignored silently
+// (`skip-prefx = "scratch_"` would otherwise keep every scratch collection's events).
+static bool check_keys(filter_plugin_error_t *err) {
+  filter_list_tuple2_string_string_t entries;
+  tidegate_plugin_config_entries(&entries);
+  static const char known[] = "skip-prefix";
+  bool ok = true;
+  for (size_t i = 0; i < entries.len && ok; i++) {
+    filter_string_t *key = &entries.ptr[i].f0;
+    if (key->len == sizeof(known) - 1 && memcmp(key->ptr, known, key->len) == 0) {
+      continue;
+    }
+    // Built by hand: snprintf would pull in stdio, which needs WASI imports.
+    static const char before[] = "unknown config key `", after[] = "` (known keys: `skip-prefix`)";
+    size_t len = sizeof(before) - 1 + key->len + sizeof(after) - 1;
+    char *text = malloc(len + 1);
+    if (text == NULL) {
+      abort();
+    }
+    memcpy(text, before, sizeof(before) - 1);
+    memcpy(text + sizeof(before) - 1, key->ptr, key->len);
+    memcpy(text + sizeof(before) - 1 + key->len, after, sizeof(after));  // with its NUL
+    set_error(err, TIDEGATE_PLUGIN_TYPES_PLUGIN_ERROR_INVALID_CONFIG, text);
+    free(text);
+    ok = false;
+  }
+  filter_list_tuple2_string_string_free(&entries);
+  return ok;
+}
+
 // Reads the configuration once. Returns false (with `err` set) when it is invalid.
 static bool load_config(filter_plugin_error_t *err) {
   if (skip_prefix != NULL) {
     return true;
+  }
+  if (!check_keys(err)) {
+    return false;
   }
   filter_string_t key, value;
   filter_string_set(&key, "skip-prefix");

@@ -2,14 +2,14 @@
 //
 // Publishes each event on `<subject-prefix>.<value of field>` (e.g. cdc.regions.eu) with the
 // header `X-Route`; events without the field (or without a document, like deletes) keep the
-// pipeline's subject. Config:
+// pipeline's subject. Config (any other key is refused):
 //   subject-prefix  required; must lie under the pipeline's subject prefix
 //   field           top-level document field to route on (default "region")
 //
 // Build: node build.mjs route-by-field.wasm   (componentize-js; see README.md)
 
 import { write } from 'tidegate:plugin/log@0.1.0';
-import { get } from 'tidegate:plugin/config@0.1.0';
+import { entries, get } from 'tidegate:plugin/config@0.1.0';
 
 const decoder = new TextDecoder();
 let settings = null;
@@ -19,8 +19,20 @@ function pluginError(tag, message) {
   return { tag, val: message };
 }
 
+const KNOWN_KEYS = ['subject-prefix', 'field'];
+
 function load() {
   if (settings === null) {
+    // A misspelt key must never be ignored silently: refuse every key but ours.
+    const unknown = entries().map(([key]) => key).filter((key) => !KNOWN_KEYS.includes(key));
+    if (unknown.length > 0) {
+      const quote = (keys) => keys.map((key) => `\`${key}\``).join(', ');
+      const plural = unknown.length === 1 ? '' : 's';
+      throw pluginError(
+        'invalid-config',
+        `unknown config key${plural} ${quote(unknown)} (known keys: ${quote(KNOWN_KEYS)})`,
+      );
+    }
     const prefix = get('subject-prefix');
     if (!prefix) {
       throw pluginError('invalid-config', '`subject-prefix` is required, e.g. "cdc.regions"');

@@ -1,7 +1,8 @@
 """min-total: a tidegate `filter` plugin in Python.
 
 Keeps inserts, updates and replaces whose document's `total` is at least `min-total`
-(default 100), and every delete (a delete carries no document). Config:
+(default 100), and every delete (a delete carries no document). Config (any other key is
+refused):
     min-total   a number (default 100)
 
 Build: ./build.sh min-total.wasm   (componentize-py; see README.md)
@@ -13,12 +14,20 @@ import wit_world
 from componentize_py_types import Err
 from wit_world.imports import config, log, types
 
+_KNOWN_KEYS = ("min-total",)
 _min_total = None
 
 
 def _load() -> float:
     global _min_total
     if _min_total is None:
+        # A misspelt key must never be ignored silently: refuse every key but ours.
+        unknown = [key for key, _ in config.entries() if key not in _KNOWN_KEYS]
+        if unknown:
+            keys = ", ".join(f"`{key}`" for key in unknown)
+            known = ", ".join(f"`{key}`" for key in _KNOWN_KEYS)
+            plural = "" if len(unknown) == 1 else "s"
+            raise Err(types.PluginError_InvalidConfig(f"unknown config key{plural} {keys} (known keys: {known})"))
         raw = config.get("min-total")
         try:
             _min_total = float(raw) if raw is not None else 100.0

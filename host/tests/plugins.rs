@@ -482,11 +482,67 @@ const TYPOS: &[(&str, &str, &str, &str)] = &[
 #[test]
 fn misspelt_plugin_keys_fail_check() -> anyhow::Result<()> {
     let plugins = tidegate_testkit::plugin_dir()?;
+    for (plugin, config, unknown, listed) in TYPOS {
+        assert_check_refuses_key(
+            &plugins,
+            &format!("name = \"{plugin}\""),
+            plugin,
+            config,
+            unknown,
+            listed,
+        )?;
+    }
+    Ok(())
+}
+
+/// The C, Python and JavaScript examples (contract 0.1, no SDK) refuse a misspelt key too,
+/// with the SDK's wording: they are what `tidegate plugin new` scaffolds.
+#[test]
+fn example_guests_refuse_misspelt_keys() -> anyhow::Result<()> {
+    let plugins = tidegate_testkit::plugin_dir()?;
+    let examples = tidegate_testkit::examples_dir()?;
+    for (example, config, unknown, listed) in [
+        (
+            "c-filter",
+            "skip-prefx = \"scratch_\"",
+            "skip-prefx",
+            "`skip-prefix`",
+        ),
+        (
+            "python-filter",
+            "min-totl = \"5\"",
+            "min-totl",
+            "`min-total`",
+        ),
+        (
+            "js-transform",
+            "subject-prefix = \"cdc.regions\", feild = \"region\"",
+            "feild",
+            "`subject-prefix`, `field`",
+        ),
+    ] {
+        let file = examples.join(format!("{example}.wasm"));
+        let plugin = format!("name = \"{example}\"\nfile = \"{}\"", file.display());
+        assert_check_refuses_key(&plugins, &plugin, example, config, unknown, listed)?;
+    }
+    Ok(())
+}
+
+/// Runs `tidegate check` on one pipeline whose only plugin is `plugin` (its TOML `name` and
+/// maybe `file` lines) with `config`, and asserts that it fails naming the plugin `name`, the
+/// `unknown` key and the `listed` known ones.
+fn assert_check_refuses_key(
+    plugin_dir: &std::path::Path,
+    plugin: &str,
+    name: &str,
+    config: &str,
+    unknown: &str,
+    listed: &str,
+) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("tidegate.toml");
-    for (plugin, config, unknown, listed) in TYPOS {
-        let text = format!(
-            r#"
+    let text = format!(
+        r#"
 plugin_dir = "{}"
 [nats]
 url = "nats://127.0.0.1:1"
@@ -498,29 +554,25 @@ database = "d"
 stream = "S"
 subject_prefix = "cdc"
 [[pipeline.plugins]]
-name = "{plugin}"
+{plugin}
 config = {{ {config} }}
 "#,
-            plugins.display()
-        );
-        std::fs::write(&path, text)?;
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
-            .arg("check")
-            .arg("--config")
-            .arg(&path)
-            .output()?;
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{plugin}: {err}");
-        assert!(
-            err.contains(&format!("plugin '{plugin}'")),
-            "{plugin}: {err}"
-        );
-        assert!(
-            err.contains(&format!("unknown config key `{unknown}`")),
-            "{plugin}: {err}"
-        );
-        assert!(err.contains(listed), "{plugin}: {err}");
-    }
+        plugin_dir.display()
+    );
+    std::fs::write(&path, text)?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+    assert!(err.contains(&format!("plugin '{name}'")), "{name}: {err}");
+    assert!(
+        err.contains(&format!("unknown config key `{unknown}`")),
+        "{name}: {err}"
+    );
+    assert!(err.contains(listed), "{name}: {err}");
     Ok(())
 }
 
