@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_nats::jetstream::message::StreamMessage;
 use bson::doc;
 use support::{
-    component, header, json, metric, scrape, wat_filter, Harness, InProcess, DB, SIGTERM,
+    component, header, http_get, json, metric, scrape, wat_filter, Harness, InProcess, DB, SIGTERM,
 };
 use tidegate_testkit::{free_port, stream_len, wait_until};
 
@@ -510,6 +510,33 @@ async fn plugins_swap_on_disk_and_on_sighup_without_loss() -> anyhow::Result<()>
         stream_len(&h.nats_client().await?, "BAD").await,
         before as u64 + 20
     );
+    // Held is the tenant's own state: shown on `/status` with why and as a metric, while
+    // the instance stays ready (`good` is served).
+    wait_until("bad shown held", Duration::from_secs(60), || {
+        let address = address.clone();
+        async move {
+            let held = scrape(&address).await.ok().map(|m| {
+                metric(&m, "tidegate_pipeline_held", "bad", &[])
+                    + metric(&m, "tidegate_pipeline_held", "good", &[]) * 10.0
+            });
+            held == Some(1.0)
+        }
+    })
+    .await?;
+    let (ready, body) = http_get(&address, "/readyz").await?;
+    assert_eq!(
+        ready, 200,
+        "a held tenant leaves the instance ready: {body}"
+    );
+    let status: serde_json::Value = serde_json::from_str(&http_get(&address, "/status").await?.1)?;
+    let bad = status["pipelines"]
+        .as_array()
+        .and_then(|all| all.iter().find(|p| p["labels"]["tenant"] == "bad"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(bad["state"], "held", "{status}");
+    let reason = bad["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(reason.contains("held until its plugins load"), "{status}");
     swap_plugin(&plugins, "tenant.wasm", &redact)?;
     let bad = h
         .wait_settled("BAD", n as u64, Duration::from_secs(120))

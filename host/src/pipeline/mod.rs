@@ -196,16 +196,20 @@ async fn hold_until_loaded(
         return chain;
     }
     tracing::warn!(pipeline = %id, "holding: reading nothing until its plugins load");
-    loop {
+    let stats = crate::ops::metrics::pipeline(id);
+    stats.set_state(crate::ops::metrics::State::Held);
+    let chain = loop {
         tokio::select! {
-            _ = shutdown.changed() => return None,
+            _ = shutdown.changed() => break None,
             update = updates.recv() => match update {
-                Some(ChainUpdate::Chain(chain)) => return Some(chain),
+                Some(ChainUpdate::Chain(chain)) => break Some(chain),
                 Some(ChainUpdate::Plugin { .. }) => continue,
-                None => return None,
+                None => break None,
             },
         }
-    }
+    };
+    stats.set_state(crate::ops::metrics::State::Starting);
+    chain
 }
 
 /// Connects to MongoDB (or takes the `shared` reader's client) and checks both servers

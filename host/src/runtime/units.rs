@@ -67,7 +67,7 @@ impl UnitChain {
                 Some(chain)
             }
             Err(err) => {
-                tracing::error!(pipeline = %unit, "tenant held until its plugins load: {err}");
+                held_tenant(unit, &err);
                 None
             }
         }
@@ -257,11 +257,18 @@ async fn term_chain(
     match load_chain(sandbox, pipeline.clone(), plugin_dir.to_path_buf()).await {
         Ok(chain) => Ok(Some(chain)),
         Err(err) if pipeline.tenant.is_some() => {
-            tracing::error!(pipeline = %pipeline.id, "tenant held until its plugins load: {err}");
+            held_tenant(&pipeline.id, &err);
             Ok(None)
         }
         Err(err) => Err(err),
     }
+}
+
+/// Logs why a tenant's plugins did not load and keeps it as the tenant's last error (on
+/// `/status`, beside its `held` state).
+fn held_tenant(unit: &str, err: &Error) {
+    tracing::error!(pipeline = %unit, "tenant held until its plugins load: {err}");
+    metrics::pipeline(unit).set_error(&format!("held until its plugins load: {err}"));
 }
 
 /// Records a unit's failure as its last error (for `/status`) and marks it stopped.

@@ -149,7 +149,10 @@ fn nats_connected(nats: &async_nats::Client) -> bool {
 }
 
 /// Why this instance is not ready; empty when it is: NATS connected, every pipeline running
-/// (its change stream open) or deliberately on standby, and no running pipeline's checkpoint
+/// (its change stream open), deliberately on standby or a tenant held for plugins that do not
+/// load (the tenant's own problem, on `/status` and `tidegate_pipeline_held`; counting it
+/// would let one tenant's bad upload take the instance out of service for every other
+/// tenant), and no running pipeline's checkpoint
 /// projected to be overwritten by the oplog within `oplog_error_headroom_secs` (see
 /// [`oplog`](crate::ops::oplog)).
 fn not_ready(nats: &async_nats::Client) -> Vec<String> {
@@ -164,7 +167,7 @@ fn not_ready(nats: &async_nats::Client) -> Vec<String> {
     for series in all {
         let state = series.state();
         let name = series.unit_id();
-        if !matches!(state, State::Running | State::Standby) {
+        if !matches!(state, State::Running | State::Standby | State::Held) {
             reasons.push(format!("pipeline {name}: {}", state.name()));
         }
         let Some(oplog) = series.oplog().filter(|_| state == State::Running) else {

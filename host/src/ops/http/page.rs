@@ -66,7 +66,7 @@ h1{font-size:1.4em;margin:0 0 .3em}h2{font-size:1.15em;margin:0 0 .5em}\
 .good{color:#1a7f37}.bad{color:#c62828}.warn{color:#b26a00}\
 .unit{background:#fff;border:1px solid #ddd;border-radius:6px;padding:1em;margin:1em 0;max-width:60em}\
 .state{font-size:.8em;padding:.15em .5em;border-radius:3px;color:#fff;background:#777;margin-left:.5em}\
-.state.running{background:#1a7f37}.state.retrying,.state.stopped{background:#c62828}\
+.state.running{background:#1a7f37}.state.retrying,.state.stopped,.state.held{background:#c62828}\
 .state.standby,.state.starting{background:#b26a00}\
 .error{background:#fdecea;border-left:4px solid #c62828;padding:.4em .7em;margin:.5em 0;\
 font-family:monospace;font-size:.9em;white-space:pre-wrap;word-break:break-word}\

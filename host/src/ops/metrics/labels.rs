@@ -56,6 +56,10 @@ pub enum State {
     Standby = 3,
     /// Stopped (shutdown, or failed).
     Stopped = 4,
+    /// A tenant whose plugins do not load: it reads nothing and keeps its checkpoint until a
+    /// reload brings a chain that loads. Its own problem, not the instance's: `/readyz`
+    /// leaves it out, so one tenant's bad plugin never makes the others' instance unready.
+    Held = 5,
 }
 
 impl State {
@@ -67,6 +71,7 @@ impl State {
             State::Retrying => "retrying",
             State::Standby => "standby",
             State::Stopped => "stopped",
+            State::Held => "held",
         }
     }
 
@@ -76,6 +81,7 @@ impl State {
             2 => State::Retrying,
             3 => State::Standby,
             4 => State::Stopped,
+            5 => State::Held,
             _ => State::Starting,
         }
     }

@@ -149,6 +149,11 @@ const GAUGES: &[Family] = &[
         |m| Some(m.tenants_waiting_to_catch_up.load(Ordering::Relaxed) as f64),
     ),
     (
+        "tidegate_pipeline_held",
+        "1 while a tenant is held: its plugins do not load, it reads nothing and keeps its checkpoint (the error is on /status); /readyz leaves it out.",
+        |m| Some(if m.state() == State::Held { 1.0 } else { 0.0 }),
+    ),
+    (
         "tidegate_pipeline_standby",
         "1 while another instance holds the lease.",
         |m| {
