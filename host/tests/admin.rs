@@ -48,6 +48,7 @@ tenants_from = "nats"
 
 [pipeline.checkpoint]
 interval_ms = 200
+oplog_check_interval_ms = 500
 "#,
         plugins = h.plugins.display(),
         nats = h.nats.url(),
@@ -481,8 +482,8 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
     let tidegate = InProcess::start(&path)?;
     let api = format!("127.0.0.1:{admin_port}");
     wait_api(&api).await;
-    let spec = h.dir.path().join("acme.json");
-    std::fs::write(&spec, tenant("acme", json!([])).to_string())?;
+    let spec = h.dir.path().join("gamma.json");
+    std::fs::write(&spec, tenant("gamma", json!([])).to_string())?;
 
     // Add, then write one document every 20 ms until the first one is published.
     let client = h.nats_client().await?;
@@ -500,29 +501,42 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
     );
     let called = started.elapsed();
     let token = added["token"].as_str().unwrap().to_string();
-    insert_until_published(&h, "acme", 0).await?;
+    insert_until_published(&h, "gamma", 0).await?;
     eprintln!(
         "FIGURE admin add → first published event: {} ms (the add call itself: {} ms)",
         started.elapsed().as_millis(),
         called.as_millis()
     );
+    // A tenant added at run time is under the oplog headroom watch like the config's units
+    // (this pipeline has none in the file).
+    let http = format!("127.0.0.1:{http_port}");
+    wait_until("gamma's oplog headroom", Duration::from_secs(60), || {
+        let http = http.clone();
+        async move {
+            let scrape = support::scrape(&http).await.ok();
+            scrape.is_some_and(|s| {
+                support::metric(&s, "tidegate_oplog_size_bytes", "gamma", &[]) > 0.0
+            })
+        }
+    })
+    .await?;
     let listed = cli(&api, OPERATOR, &["tenant", "list"]);
-    assert_eq!(listed["tenants"][0]["id"], "shop.acme", "{listed}");
+    assert_eq!(listed["tenants"][0]["id"], "shop.gamma", "{listed}");
     assert_eq!(listed["tenants"].as_array().unwrap().len(), 1, "{listed}");
-    let shown = cli(&api, &token, &["tenant", "show", "shop.acme"]);
+    let shown = cli(&api, &token, &["tenant", "show", "shop.gamma"]);
     assert_eq!(shown["pipeline"], "shop", "{shown}");
 
     // A plugin: the spec gets an op-filter keeping inserts only, then the tenant pushes it.
     let mut with_filter = tenant(
-        "acme",
+        "gamma",
         json!([{ "name": "inserts", "config": { "operations": "insert" } }]),
     );
-    with_filter["id"] = json!("acme");
+    with_filter["id"] = json!("gamma");
     std::fs::write(&spec, with_filter.to_string())?;
     cli(
         &api,
         OPERATOR,
-        &["tenant", "update", "shop.acme", spec.to_str().unwrap()],
+        &["tenant", "update", "shop.gamma", spec.to_str().unwrap()],
     );
     let pushed = cli(
         &api,
@@ -531,7 +545,7 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
             "plugin",
             "push",
             "--tenant",
-            "shop.acme",
+            "shop.gamma",
             "--name",
             "inserts",
             h.plugins.join("op-filter.wasm").to_str().unwrap(),
@@ -611,33 +625,32 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
     );
 
     // Suspended: what is written meanwhile waits in MongoDB and arrives after resume.
-    cli(&api, OPERATOR, &["tenant", "suspend", "shop.acme"]);
-    let http = format!("127.0.0.1:{http_port}");
+    cli(&api, OPERATOR, &["tenant", "suspend", "shop.gamma"]);
     let gone = |http: String| async move {
         http_get(&http, "/status")
             .await
-            .is_ok_and(|(_, body)| !body.contains("\"acme\""))
+            .is_ok_and(|(_, body)| !body.contains("\"gamma\""))
     };
-    wait_until("acme stopped", Duration::from_secs(120), || {
+    wait_until("gamma stopped", Duration::from_secs(120), || {
         gone(http.clone())
     })
     .await?;
-    let before = stream_len(&client, "ACME").await;
+    let before = stream_len(&client, "GAMMA").await;
     let coll = h
         .mongo
         .client()
         .await?
         .database(DB)
-        .collection::<bson::Document>("acme");
+        .collection::<bson::Document>("gamma");
     coll.insert_one(doc! { "n": -1 }).await?;
     coll.delete_one(doc! { "n": -1 }).await?;
     coll.insert_one(doc! { "n": -2 }).await?;
-    cli(&api, OPERATOR, &["tenant", "resume", "shop.acme"]);
-    wait_len(&h, "ACME", before + 2).await;
+    cli(&api, OPERATOR, &["tenant", "resume", "shop.gamma"]);
+    wait_len(&h, "GAMMA", before + 2).await;
     // The filter dropped the delete; one more insert proves nothing else is on its way.
     coll.insert_one(doc! { "n": -3 }).await?;
-    wait_len(&h, "ACME", before + 3).await;
-    let messages = h.messages("ACME").await?;
+    wait_len(&h, "GAMMA", before + 3).await;
+    let messages = h.messages("GAMMA").await?;
     let tail: Vec<i64> = messages[before as usize..]
         .iter()
         .map(|m| support::json(m)["fullDocument"]["n"].as_i64().unwrap())
@@ -648,20 +661,20 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
         "resumed from the checkpoint, filtered, exactly once"
     );
 
-    cli(&api, OPERATOR, &["tenant", "rm", "shop.acme"]);
-    wait_until("acme removed", Duration::from_secs(120), || {
+    cli(&api, OPERATOR, &["tenant", "rm", "shop.gamma"]);
+    wait_until("gamma removed", Duration::from_secs(120), || {
         gone(http.clone())
     })
     .await?;
-    let (status, _) = call(&api, "GET", "/v1/tenants/shop.acme", Some(OPERATOR), b"").await;
+    let (status, _) = call(&api, "GET", "/v1/tenants/shop.gamma", Some(OPERATOR), b"").await;
     assert_eq!(status, 404);
     // Removed without purge: its stream and checkpoint stay.
     let js = async_nats::jetstream::new(client.clone());
     let checkpoints = js.get_key_value("tidegate-checkpoints").await?;
-    assert!(js.get_stream("ACME").await.is_ok());
-    assert!(checkpoints.get("shop.acme").await?.is_some());
+    assert!(js.get_stream("GAMMA").await.is_ok());
+    assert!(checkpoints.get("shop.gamma").await?.is_some());
 
-    // Removed with purge: beta's stream, checkpoint and (acme gone too) the component go.
+    // Removed with purge: beta's stream, checkpoint and (gamma gone too) the component go.
     let purged = cli(&api, OPERATOR, &["tenant", "rm", "shop.beta", "--purge"]);
     assert_eq!(purged["purged"]["stream"], "BETA", "{purged}");
     assert_eq!(purged["purged"]["components"], json!([digest]), "{purged}");

@@ -7,7 +7,8 @@
 //! more bytes can be written before the checkpointed position is overwritten, and how fast
 //! bytes are being written.
 //!
-//! Every `checkpoint.oplog_check_interval_ms` this task (one per deployment) reads the oplog's storage stats
+//! Every `checkpoint.oplog_check_interval_ms` a task per deployment ([`Watches`], which
+//! follows units added and removed at run time) reads the oplog's storage stats
 //! (`$collStats` on `local.oplog.rs`: `maxSize`, `size`) and the times of its oldest and
 //! newest entries, measures the write rate over the last [`RATE_READINGS`] readings, and
 //! projects the **headroom**: the seconds until the oplog overwrites the checkpointed position
@@ -28,7 +29,8 @@
 //! recorded. MongoDB's `oplogMinRetentionHours`, which can keep entries longer than the
 //! size alone would, is not taken into account: the projection errs on the early side.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bson::{doc, Bson, Document, Timestamp};
@@ -100,47 +102,104 @@ struct Thresholds {
     error: f64,
 }
 
-/// Records the oplog headroom of every unit of `units` (all on the deployment `client`
+/// The headroom watches of this process, one per deployment, covering units that come and
+/// go at run time (tenants added and removed through the admin API) as well as the config's.
+#[derive(Clone)]
+pub struct Watches {
+    /// Each deployment's units, by MongoDB URI; its watch follows the list.
+    deployments: Arc<Mutex<HashMap<String, watch::Sender<Vec<PipelineConfig>>>>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Watches {
+    /// No units yet; every watch ends when `shutdown` turns true.
+    pub fn new(shutdown: watch::Receiver<bool>) -> Watches {
+        Watches {
+            deployments: Default::default(),
+            shutdown,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, watch::Sender<Vec<PipelineConfig>>>> {
+        self.deployments
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Watches `unit` (in place of an earlier config of the same id). The first unit of a
+    /// deployment starts that deployment's watch (and its MongoDB client).
+    pub fn add(&self, unit: &PipelineConfig) {
+        let mut deployments = self.lock();
+        if let Some(units) = deployments.get(&unit.mongodb_uri) {
+            units.send_modify(|units| {
+                units.retain(|u| u.id != unit.id);
+                units.push(unit.clone());
+            });
+            return;
+        }
+        let (units, watched) = watch::channel(vec![unit.clone()]);
+        deployments.insert(unit.mongodb_uri.clone(), units);
+        let (uri, shutdown) = (unit.mongodb_uri.clone(), self.shutdown.clone());
+        tokio::spawn(async move {
+            let Ok(client) = crate::security::mongo_client(&uri).await else {
+                return; // the units themselves report a bad URI
+            };
+            watch_headroom(watched, client, shutdown).await;
+        });
+    }
+
+    /// Stops watching unit `id`.
+    pub fn remove(&self, id: &str) {
+        for units in self.lock().values() {
+            units.send_if_modified(|units| {
+                let before = units.len();
+                units.retain(|u| u.id != id);
+                units.len() != before
+            });
+        }
+    }
+}
+
+/// Records the oplog headroom of every unit `units` lists (all on the deployment `client`
 /// reaches) until `shutdown`, logging changes of level. One reading of the oplog serves them
 /// all, every shortest `checkpoint.oplog_check_interval_ms` among them: a thousand tenants
 /// cost mongod one `$collStats` per interval, not a thousand.
-pub async fn watch_headroom(
-    units: Vec<PipelineConfig>,
+async fn watch_headroom(
+    mut units: watch::Receiver<Vec<PipelineConfig>>,
     client: mongodb::Client,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let Some(every) = units
-        .iter()
-        .map(|unit| unit.checkpoint.oplog_check_interval_ms)
-        .min()
-    else {
-        return;
-    };
-    let mut watched: Vec<Watched> = units
-        .into_iter()
-        .map(|unit| Watched {
-            metrics: crate::ops::metrics::pipeline(&unit.id),
-            thresholds: Thresholds {
-                warn: unit.checkpoint.oplog_warn_headroom_secs as f64,
-                error: unit.checkpoint.oplog_error_headroom_secs as f64,
-            },
-            reported: Reported {
-                level: Level::Ok,
-                at: Instant::now(),
-            },
-            id: unit.id,
-        })
-        .collect();
+    let mut watched: Vec<Watched> = Vec::new();
+    let mut every = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
     let mut rate = WriteRate::default();
     let mut said = false;
-    let mut tick = tokio::time::interval_at(
-        tokio::time::Instant::now() + Duration::from_secs(1),
-        Duration::from_millis(every),
-    );
+    // Whether `units` changed since `watched` was made (`changed()` marks the change seen).
+    let mut stale = true;
     loop {
+        if stale {
+            stale = false;
+            watched = rewatch(&units.borrow_and_update(), watched);
+            let shortest = watched.iter().map(|unit| unit.interval_ms).min();
+            if shortest != every {
+                every = shortest;
+                let period = Duration::from_millis(shortest.unwrap_or(3_600_000).max(1));
+                tick = tokio::time::interval_at(
+                    tokio::time::Instant::now() + Duration::from_secs(1),
+                    period,
+                );
+            }
+        }
         tokio::select! {
             _ = shutdown.changed() => return,
-            _ = tick.tick() => {}
+            changed = units.changed() => match changed {
+                Ok(()) => {
+                    stale = true;
+                    continue;
+                }
+                Err(_) => return, // the process's watches are gone: it is ending
+            },
+            _ = tick.tick(), if every.is_some() => {}
         }
         match read(&client).await {
             Ok(reading) => {
@@ -174,11 +233,39 @@ pub async fn watch_headroom(
     }
 }
 
+/// The units of `units`, keeping what was last said of those already watched.
+fn rewatch(units: &[PipelineConfig], mut before: Vec<Watched>) -> Vec<Watched> {
+    units
+        .iter()
+        .map(|unit| {
+            let reported = match before.iter().position(|w| w.id == unit.id) {
+                Some(i) => before.swap_remove(i).reported,
+                None => Reported {
+                    level: Level::Ok,
+                    at: Instant::now(),
+                },
+            };
+            Watched {
+                metrics: crate::ops::metrics::pipeline(&unit.id),
+                thresholds: Thresholds {
+                    warn: unit.checkpoint.oplog_warn_headroom_secs as f64,
+                    error: unit.checkpoint.oplog_error_headroom_secs as f64,
+                },
+                interval_ms: unit.checkpoint.oplog_check_interval_ms,
+                reported,
+                id: unit.id.clone(),
+            }
+        })
+        .collect()
+}
+
 /// One unit under [`watch_headroom`]: where its status goes and what was last said of it.
 struct Watched {
     id: String,
-    metrics: std::sync::Arc<crate::ops::metrics::PipelineMetrics>,
+    metrics: Arc<crate::ops::metrics::PipelineMetrics>,
     thresholds: Thresholds,
+    /// Its `checkpoint.oplog_check_interval_ms`.
+    interval_ms: u64,
     reported: Reported,
 }
 

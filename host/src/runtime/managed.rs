@@ -34,6 +34,8 @@ pub(crate) struct Shared {
     pub(crate) sandbox: Arc<Sandbox>,
     pub(crate) js: async_nats::jetstream::Context,
     pub(crate) ha: Option<Arc<Coordinator>>,
+    /// The oplog headroom watches, which each unit joins while it runs.
+    pub(crate) oplog: crate::ops::oplog::Watches,
 }
 
 /// One tenant unit running (or held, waiting for a plugin push).
@@ -60,6 +62,7 @@ impl Running {
         if let Some(ha) = &shared.ha {
             ha.count_unit(false);
         }
+        shared.oplog.remove(id);
         metrics::forget(id);
     }
 }
@@ -100,6 +103,7 @@ pub(crate) async fn start(
     if let Some(ha) = &shared.ha {
         ha.count_unit(true);
     }
+    shared.oplog.add(&unit);
     let (stop, stopped) = watch::channel(false);
     let unit_id = id.to_string();
     let running_unit = unit.clone();

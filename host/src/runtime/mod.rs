@@ -79,22 +79,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         )))),
         None => None,
     };
-    // The oplog headroom: metrics, `/readyz`, and warnings before a position falls out.
+    // The oplog headroom: metrics, `/readyz`, and warnings before a position falls out. One
+    // MongoDB client and one watch per deployment for all its units (K tenants, one reading
+    // of the oplog per interval); managed tenants join and leave it as they start and stop.
     let (_oplog_stop, oplog_stopped) = watch::channel(false);
-    // One MongoDB client and one watch per deployment for all its units (K tenants, one
-    // reading of the oplog per interval).
-    let mut deployments: std::collections::HashMap<&str, Vec<_>> = Default::default();
-    for pipeline in &config.pipelines {
-        deployments
-            .entry(pipeline.mongodb_uri.as_str())
-            .or_default()
-            .push(pipeline.clone());
-    }
-    for (uri, units) in deployments {
-        let Ok(client) = crate::security::mongo_client(uri).await else {
-            continue; // the pipelines themselves report a bad URI
-        };
-        tokio::spawn(oplog::watch_headroom(units, client, oplog_stopped.clone()));
+    let oplog = oplog::Watches::new(oplog_stopped);
+    for unit in &config.pipelines {
+        oplog.add(unit);
     }
     let js = nats.jetstream(&config);
     tokio::pin!(shutdown);
@@ -115,7 +106,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let _admin = match admin_listener {
         Some(listener) => {
-            let shared = managed_shared(&config, &sandbox, &js, &ha).await?;
+            let shared = managed_shared(&config, &sandbox, &js, &ha, &oplog).await?;
             let admin = crate::admin::Admin::new(
                 shared.config.clone(),
                 shared.store.clone(),
@@ -172,6 +163,7 @@ async fn managed_shared(
     sandbox: &Arc<Sandbox>,
     js: &async_nats::jetstream::Context,
     ha: &Option<Arc<Coordinator>>,
+    oplog: &oplog::Watches,
 ) -> Result<managed::Shared, Error> {
     let Some(admin) = &config.admin else {
         return Err(Error::Startup {
@@ -185,6 +177,7 @@ async fn managed_shared(
         sandbox: sandbox.clone(),
         js: js.clone(),
         ha: ha.clone(),
+        oplog: oplog.clone(),
     })
 }
 
