@@ -245,14 +245,10 @@ async fn run(
     let mut waiting: Vec<(usize, u64)> = expected.into_iter().enumerate().collect();
     while !waiting.is_empty() {
         let group = waiting.len().min(POLL_GROUP);
-        let lens = futures::future::join_all(
-            waiting[..group]
-                .iter()
-                .map(|(i, _)| {
-                    let (client, stream) = (&nats_client, format!("T{i}"));
-                    async move { stream_len(client, &stream).await }
-                }),
-        )
+        let lens = futures::future::join_all(waiting[..group].iter().map(|(i, _)| {
+            let (client, stream) = (&nats_client, format!("T{i}"));
+            async move { stream_len(client, &stream).await }
+        }))
         .await;
         let done: Vec<bool> = waiting[..group]
             .iter()
