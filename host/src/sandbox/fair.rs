@@ -20,7 +20,7 @@
 //!   CPU a hog holds: the kernel preempts the hog. Alone, an account is never heavy.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 /// The span over which an account's CPU use is averaged (the time constant of its decay),
 /// in nanoseconds.
@@ -93,9 +93,6 @@ impl<J> Account<J> {
 #[derive(Debug)]
 pub(super) struct Fair<J> {
     accounts: BTreeMap<AccountId, Account<J>>,
-    /// The accounts with a turn queued and none running: the only ones a worker may take a
-    /// turn from, kept apart so that finding one is not a pass over every account.
-    ready: BTreeSet<AccountId>,
     /// The last fair share counted, and when (see [`SHARE_FRESH`]).
     share: Cell<Option<(u64, Option<f64>)>>,
     floor: u64,
@@ -110,7 +107,6 @@ impl<J> Fair<J> {
     pub(super) fn new(workers: usize, background: bool) -> Fair<J> {
         Fair {
             accounts: BTreeMap::new(),
-            ready: BTreeSet::new(),
             share: Cell::new(None),
             floor: 0,
             workers: workers.max(1),
@@ -139,7 +135,6 @@ impl<J> Fair<J> {
     /// Forgets account `id` and anything it had queued.
     pub(super) fn close(&mut self, id: AccountId) {
         self.share.set(None);
-        self.ready.remove(&id);
         self.accounts.remove(&id);
     }
 
@@ -155,9 +150,6 @@ impl<J> Fair<J> {
             }
             account.active_at = Some(now);
             account.queue.push_back(job);
-            if !account.running {
-                self.ready.insert(id);
-            }
         }
     }
 
@@ -168,11 +160,14 @@ impl<J> Fair<J> {
             .any(|(_, a)| Self::lane_of(a, share, now) == lane)
     }
 
-    /// The accounts in [`Fair::ready`].
+    /// The accounts with a turn queued and none running: the only ones a worker may take a
+    /// turn from. (A set of them kept apart was dearer: under load nearly every account is
+    /// in it, and each step of its walk is a lookup.)
     fn ready_accounts(&self) -> impl Iterator<Item = (AccountId, &Account<J>)> {
-        self.ready
+        self.accounts
             .iter()
-            .filter_map(|id| self.accounts.get(id).map(|a| (*id, a)))
+            .filter(|(_, a)| !a.running && !a.queue.is_empty())
+            .map(|(id, a)| (*id, a))
     }
 
     /// The next turn for a worker of `lane`: the waiting account with the least virtual time
@@ -186,7 +181,6 @@ impl<J> Fair<J> {
             .map(|(id, _)| id)?;
         let account = self.accounts.get_mut(&id)?;
         let job = account.queue.pop_front()?;
-        self.ready.remove(&id);
         account.running = true;
         account.active_at = Some(now);
         self.floor = self.floor.max(account.vtime);
@@ -202,16 +196,14 @@ impl<J> Fair<J> {
             account.rate_at = now;
             account.active_at = Some(now);
             account.long_turn = cpu_ns > LONG_TURN;
-            if !account.queue.is_empty() {
-                self.ready.insert(id);
-            }
         }
     }
 
-    /// Records whether account `id`'s last turn broke a plugin limit.
-    pub(super) fn breached(&mut self, id: AccountId, breached: bool) {
-        if let Some(account) = self.accounts.get_mut(&id) {
-            account.breached = breached;
+    /// Records whether account `id`'s last turn broke a plugin limit; whether that changed.
+    pub(super) fn breached(&mut self, id: AccountId, breached: bool) -> bool {
+        match self.accounts.get_mut(&id) {
+            Some(account) => std::mem::replace(&mut account.breached, breached) != breached,
+            None => false,
         }
     }
 
