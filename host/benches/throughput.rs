@@ -26,6 +26,9 @@
 //! 8. the shared reader at scale, K tenants with 1–3 plugins each (`--tenants-only`; module
 //!    `tenants`, sizes and chains from `TIDEGATE_BENCH_*`).
 //!
+//! The process allocates with mimalloc, as the `tidegate` binary, or with glibc's malloc under
+//! `TIDEGATE_BENCH_ALLOC=system` (module `alloc`).
+//!
 //! It prints the tables and writes them as markdown to `<target dir>/bench-results.md` (or
 //! `--out`). Nothing is asserted about timings.
 
@@ -62,8 +65,13 @@ use tidegate::sink::encode;
 use tidegate::Config;
 use tidegate_testkit::{plugin_dir, stream_len, stream_messages, MongoReplicaSet, NatsServer};
 
+#[path = "throughput/alloc.rs"]
+mod alloc;
 #[path = "throughput/native.rs"]
 mod baselines;
+
+#[global_allocator]
+static ALLOCATOR: alloc::BenchAlloc = alloc::BenchAlloc;
 #[path = "throughput/goals.rs"]
 mod goals;
 use goals::CpuPerEvent;
@@ -1538,10 +1546,11 @@ fn main() -> anyhow::Result<()> {
     let mut md = format!(
         "## tidegate throughput benchmark\n\n- events per scenario (N): {}\n- document: ~1.2 KB \
          (1000-char pad + typed fields); published relaxed-JSON payload: {payload_len} bytes\n\
-         - latency runs: {} events/s for {} s\n- whole run: {:.0} s\n\n",
+         - latency runs: {} events/s for {} s\n- allocator: {}\n- whole run: {:.0} s\n\n",
         args.events,
         args.rate,
         args.latency_secs,
+        alloc::name(),
         elapsed.as_secs_f64()
     );
     for table in &all {
@@ -1549,6 +1558,7 @@ fn main() -> anyhow::Result<()> {
         md.push_str(&table.markdown());
     }
     println!("{text}");
+    println!("allocator: {}", alloc::name());
     println!("whole run: {:.1} s", elapsed.as_secs_f64());
     if let Some(dir) = out_path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

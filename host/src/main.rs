@@ -11,6 +11,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc rather than glibc's malloc: every event allocates and frees dozens of small blocks
+/// (BSON, the JSON payload, headers, ids, subjects) across the source, chain and publisher
+/// tasks, and with glibc those calls (malloc, free, consolidation) were ~29 % of the no-plugin
+/// path's CPU (BENCHMARKS.md, issue 16). The throughput bench uses the same allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// MongoDB change streams → WebAssembly plugins → NATS JetStream.
 #[derive(Parser)]
 #[command(version, about)]

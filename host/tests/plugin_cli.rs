@@ -178,6 +178,43 @@ fn test_runs_events_and_reports_each() {
     assert!(text.contains("-> error out-of-fuel"), "{text}");
 }
 
+/// What contract 0.2's call record leaves out, and the SDK reads on demand through the
+/// `event` import (a rename's `to`, an update's removed fields and truncated arrays), goes on
+/// unchanged through a transform that changes no metadata.
+#[test]
+fn test_keeps_metadata_read_on_demand() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("events.jsonl");
+    std::fs::write(
+        &path,
+        r#"{"operationType": "rename", "ns": {"db": "shop", "coll": "orders"}, "to": {"db": "shop", "coll": "archive"}}
+{"operationType": "update", "ns": {"db": "shop", "coll": "orders"}, "documentKey": {"_id": 1}, "updateDescription": {"updatedFields": {"a": 1}, "removedFields": ["gone"], "truncatedArrays": [{"field": "list", "newSize": 2}]}}
+"#,
+    )
+    .expect("write events");
+    let events = path.display().to_string();
+    let out = plugin(&[
+        "test",
+        &wasm("fanout"),
+        "--events",
+        &events,
+        "--config",
+        "copies=1",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(r#""ns":{"db":"shop","coll":"orders"},"to":{"db":"shop","coll":"archive"}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#""removedFields":["gone"],"truncatedArrays":[{"field":"list","newSize":2}]"#
+        ),
+        "{text}"
+    );
+}
+
 /// `--config-file` gives `test` the entries of a file, as a pipeline's `config_file` does
 /// (TOML here, with a structured value); a key also given with `--config` is refused.
 #[test]

@@ -158,6 +158,26 @@ impl ChainStages {
                 stages.apply_updates(&stats);
                 continue;
             }
+            // A batch of heartbeats calls no plugin: framed here, without a turn on the pool
+            // (a shared reader hands every idle tenant one).
+            if batch
+                .iter()
+                .all(|item| matches!(item, SourceItem::Heartbeat(..)))
+            {
+                let framed = batch
+                    .into_iter()
+                    .filter_map(|item| match item {
+                        SourceItem::Heartbeat(token, snapshot) => {
+                            Some(stages.heartbeat(token, snapshot))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                if to_sink.send(framed).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
             let mut items: VecDeque<SourceItem> = batch.into();
             while !items.is_empty() {
                 let turn_stats = stats.clone();
@@ -218,12 +238,7 @@ impl ChainStages {
             self.apply_updates(stats);
             let event = match item {
                 SourceItem::Heartbeat(token, snapshot) => {
-                    framed.push(EventMessages {
-                        messages: self.framer.heartbeat(&token),
-                        token,
-                        snapshot,
-                        commit_unix_ms: None,
-                    });
+                    framed.push(self.heartbeat(token, snapshot));
                     continue;
                 }
                 SourceItem::Event(event) => event,
@@ -262,6 +277,20 @@ impl ChainStages {
             framed,
             events,
             halted: None,
+        }
+    }
+
+    /// A heartbeat's position, with the heartbeat message if one is due.
+    fn heartbeat(
+        &mut self,
+        token: mongodb::change_stream::event::ResumeToken,
+        snapshot: Option<crate::model::SnapshotProgress>,
+    ) -> EventMessages {
+        EventMessages {
+            messages: self.framer.heartbeat(&token),
+            token,
+            snapshot,
+            commit_unix_ms: None,
         }
     }
 

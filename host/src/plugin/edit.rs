@@ -89,13 +89,13 @@ fn truncated_arrays(update: Option<&RawDocument>) -> Vec<wit::TruncatedArray> {
         .collect()
 }
 
-/// What a 0.2 call carries of `change`: everything but the documents, which stay here.
+/// What a 0.2 call carries of `change`: everything but the documents, which stay here, and
+/// but `to` and an update's details, which the plugin reads on demand ([`update_details`]).
 ///
 /// One pass over the event's top-level fields: each accessor of [`Change`] would search the
 /// whole document again, and this runs once per event that meets a 0.2 plugin.
 pub fn metadata(change: &Change) -> wit::ChangeEvent {
     let mut parts = wit::Parts::empty();
-    let mut update = None;
     let (mut cluster_time, mut wall_time_ms, mut txn_number) = (None, None, None);
     for element in change.document().iter() {
         let Ok((key, value)) = element else { break };
@@ -107,10 +107,7 @@ pub fn metadata(change: &Change) -> wit::ChangeEvent {
                 parts |= wit::Parts::FULL_DOCUMENT_BEFORE_CHANGE
             }
             ("lsid", _) if is_document => parts |= wit::Parts::LSID,
-            ("updateDescription", RawBsonRef::Document(u)) => {
-                parts |= wit::Parts::UPDATED_FIELDS;
-                update = Some(u);
-            }
+            ("updateDescription", RawBsonRef::Document(_)) => parts |= wit::Parts::UPDATED_FIELDS,
             ("clusterTime", RawBsonRef::Timestamp(ts)) => {
                 cluster_time = Some(wit::ClusterTime {
                     seconds: ts.time,
@@ -126,17 +123,26 @@ pub fn metadata(change: &Change) -> wit::ChangeEvent {
     wit::ChangeEvent {
         id: change.id().to_string(),
         operation: operation_to_wit(change.operation()),
-        namespace: namespace_to_wit(change.namespace()),
-        to: change.to().map(namespace_to_wit),
+        namespace: change.namespace().to_string(),
         parts,
-        update: update.map(|u| wit::UpdateDetails {
-            removed_fields: removed_fields(Some(u)),
-            truncated_arrays: truncated_arrays(Some(u)),
-        }),
         cluster_time,
         wall_time_ms,
         txn_number,
     }
+}
+
+/// For a `rename`, the namespace `change` renamed its collection to (`event.to`).
+pub fn to(change: &Change) -> Option<wit::Namespace> {
+    change.to().map(namespace_to_wit)
+}
+
+/// The removed fields and truncated arrays of `change`'s update description, if it has one
+/// (`event.update`).
+pub fn update_details(change: &Change) -> Option<wit::UpdateDetails> {
+    change.update_description().map(|u| wit::UpdateDetails {
+        removed_fields: removed_fields(Some(u)),
+        truncated_arrays: truncated_arrays(Some(u)),
+    })
 }
 
 /// The contract's name of a part, for error messages.
@@ -453,14 +459,31 @@ mod tests {
         })
     }
 
-    /// The metadata carries what the change says, and which parts it has.
+    /// Everything but the documents of `change`, as a transform would hand it back.
+    fn full_metadata(change: &Change) -> wit::Metadata {
+        let m = metadata(change);
+        wit::Metadata {
+            id: m.id,
+            operation: m.operation,
+            namespace: namespace_to_wit(change.namespace()),
+            to: to(change),
+            parts: m.parts,
+            update: update_details(change),
+            cluster_time: m.cluster_time,
+            wall_time_ms: m.wall_time_ms,
+            txn_number: m.txn_number,
+        }
+    }
+
+    /// The metadata carries what the change says, and which parts it has; an update's
+    /// details are read on demand.
     #[test]
     fn metadata_of_an_update() {
         let m = metadata(&change());
         assert_eq!(m.id, "8200");
         assert!(matches!(m.operation, wit::Operation::Update));
-        assert_eq!(m.namespace.coll.as_deref(), Some("c"));
-        let update = m.update.as_ref().expect("an update's details");
+        assert_eq!(m.namespace, "d.c");
+        let update = update_details(&change()).expect("an update's details");
         assert_eq!(update.removed_fields, ["x"]);
         assert!(m
             .parts
@@ -610,7 +633,7 @@ mod tests {
             part: wit::Part::FullDocument,
             document: Some(r#"{"_id":1,"big":7}"#.into()),
         })]);
-        let mut meta = metadata(&original);
+        let mut meta = full_metadata(&original);
         meta.namespace.coll = Some("other".into());
         if let Some(u) = meta.update.as_mut() {
             u.removed_fields = vec!["x".into(), "y".into()];
@@ -619,7 +642,7 @@ mod tests {
         let edited = apply(&original, &out).unwrap().unwrap();
         assert_eq!(edited.full_document().unwrap().get_i64("big").unwrap(), 7);
         assert_eq!(edited.namespace().coll.as_deref(), Some("other"));
-        let details = metadata(&edited).update.expect("still an update");
+        let details = update_details(&edited).expect("still an update");
         assert_eq!(details.removed_fields, ["x", "y"]);
         meta.id = "other".into();
         out.metadata = Some(meta);

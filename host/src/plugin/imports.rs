@@ -1,5 +1,5 @@
 //! What the host offers plugins to call, for every contract version: `log`, `config`, and
-//! (0.2) `event`, which reads the current call's documents in place.
+//! (0.2) `event`, which reads the current call's documents (and its rarer metadata) in place.
 
 use bson::raw::{RawBsonRef, RawDocument};
 
@@ -135,5 +135,13 @@ impl v0_2::event::Host for PluginState {
                 value: value_text(value),
             })
             .collect()
+    }
+
+    fn to(&mut self) -> Option<v0_2::types::Namespace> {
+        super::edit::to(self.event.as_deref()?)
+    }
+
+    fn update(&mut self) -> Option<v0_2::types::UpdateDetails> {
+        super::edit::update_details(self.event.as_deref()?)
     }
 }

@@ -507,7 +507,7 @@ fn print_production(
         message
             .headers
             .get(name)
-            .map(|v| v.as_str().to_owned())
+            .map(str::to_owned)
             .unwrap_or_default()
     };
     println!(

@@ -19,6 +19,7 @@
 //!   still gets every core nobody else wants, but a light account's turn never waits for a
 //!   CPU a hog holds: the kernel preempts the hog. Alone, an account is never heavy.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, VecDeque};
 
 /// The span over which an account's CPU use is averaged (the time constant of its decay),
@@ -29,6 +30,13 @@ pub(super) const RATE_WINDOW: u64 = 1_000_000_000;
 /// one call that long holds a core however rarely it comes (a hog slowed by the breach pause
 /// uses little CPU on average, but each of its calls runs to its fuel).
 pub(super) const LONG_TURN: u64 = 10_000_000;
+
+/// How long a computed fair share is used before it is counted again (ns): counting is a pass
+/// over every account, and the share was counted several times per turn (a thousand tenants
+/// made it most of the pool's work). Accounts that start or stop being active through a
+/// turn queued or an account opened or closed count at once; only the slow drift of
+/// accounts going idle waits this long.
+const SHARE_FRESH: u64 = 1_000_000;
 
 /// An account's number.
 pub(super) type AccountId = u64;
@@ -85,6 +93,8 @@ impl<J> Account<J> {
 #[derive(Debug)]
 pub(super) struct Fair<J> {
     accounts: BTreeMap<AccountId, Account<J>>,
+    /// The last fair share counted, and when (see [`SHARE_FRESH`]).
+    share: Cell<Option<(u64, Option<f64>)>>,
     floor: u64,
     workers: usize,
     /// Whether heavy accounts are set apart at all (`sandbox.background`).
@@ -97,6 +107,7 @@ impl<J> Fair<J> {
     pub(super) fn new(workers: usize, background: bool) -> Fair<J> {
         Fair {
             accounts: BTreeMap::new(),
+            share: Cell::new(None),
             floor: 0,
             workers: workers.max(1),
             background,
@@ -105,6 +116,7 @@ impl<J> Fair<J> {
 
     /// Registers account `id`.
     pub(super) fn open(&mut self, id: AccountId, now: u64) {
+        self.share.set(None);
         self.accounts.insert(
             id,
             Account {
@@ -122,6 +134,7 @@ impl<J> Fair<J> {
 
     /// Forgets account `id` and anything it had queued.
     pub(super) fn close(&mut self, id: AccountId) {
+        self.share.set(None);
         self.accounts.remove(&id);
     }
 
@@ -129,6 +142,9 @@ impl<J> Fair<J> {
     pub(super) fn push(&mut self, id: AccountId, job: J, now: u64) {
         let floor = self.floor;
         if let Some(account) = self.accounts.get_mut(&id) {
+            if !Self::is_active(account, now) {
+                self.share.set(None);
+            }
             if account.is_idle() {
                 account.vtime = account.vtime.max(floor);
             }
@@ -140,9 +156,18 @@ impl<J> Fair<J> {
     /// Whether a worker of `lane` would find a turn to take now.
     pub(super) fn has_ready(&self, lane: Lane, now: u64) -> bool {
         let share = self.fair_share(now);
+        self.ready_accounts()
+            .any(|(_, a)| Self::lane_of(a, share, now) == lane)
+    }
+
+    /// The accounts with a turn queued and none running: the only ones a worker may take a
+    /// turn from. (A set of them kept apart was dearer: under load nearly every account is
+    /// in it, and each step of its walk is a lookup.)
+    fn ready_accounts(&self) -> impl Iterator<Item = (AccountId, &Account<J>)> {
         self.accounts
-            .values()
-            .any(|a| !a.running && !a.queue.is_empty() && Self::lane_of(a, share, now) == lane)
+            .iter()
+            .filter(|(_, a)| !a.running && !a.queue.is_empty())
+            .map(|(id, a)| (*id, a))
     }
 
     /// The next turn for a worker of `lane`: the waiting account with the least virtual time
@@ -150,12 +175,10 @@ impl<J> Fair<J> {
     pub(super) fn pop(&mut self, lane: Lane, now: u64) -> Option<(AccountId, J)> {
         let share = self.fair_share(now);
         let id = self
-            .accounts
-            .iter()
-            .filter(|(_, a)| !a.running && !a.queue.is_empty())
+            .ready_accounts()
             .filter(|(_, a)| Self::lane_of(a, share, now) == lane)
-            .min_by_key(|(id, a)| (a.vtime, **id))
-            .map(|(id, _)| *id)?;
+            .min_by_key(|(id, a)| (a.vtime, *id))
+            .map(|(id, _)| id)?;
         let account = self.accounts.get_mut(&id)?;
         let job = account.queue.pop_front()?;
         account.running = true;
@@ -176,10 +199,11 @@ impl<J> Fair<J> {
         }
     }
 
-    /// Records whether account `id`'s last turn broke a plugin limit.
-    pub(super) fn breached(&mut self, id: AccountId, breached: bool) {
-        if let Some(account) = self.accounts.get_mut(&id) {
-            account.breached = breached;
+    /// Records whether account `id`'s last turn broke a plugin limit; whether that changed.
+    pub(super) fn breached(&mut self, id: AccountId, breached: bool) -> bool {
+        match self.accounts.get_mut(&id) {
+            Some(account) => std::mem::replace(&mut account.breached, breached) != breached,
+            None => false,
         }
     }
 
@@ -194,22 +218,39 @@ impl<J> Fair<J> {
     /// A fair share of the workers, in cores, among the accounts active within the last
     /// [`RATE_WINDOW`]; `None` when at most one is (nobody to be fair to).
     fn fair_share(&self, now: u64) -> Option<f64> {
+        if let Some((at, share)) = self.share.get() {
+            if now >= at && now - at < SHARE_FRESH {
+                return share;
+            }
+        }
         let active = self
             .accounts
             .values()
-            .filter(|a| {
-                !a.is_idle()
-                    || a.active_at
-                        .is_some_and(|at| now.saturating_sub(at) < RATE_WINDOW)
-            })
+            .filter(|a| Self::is_active(a, now))
             .count();
-        (self.background && active > 1).then(|| self.workers as f64 / (active + 1) as f64)
+        let share =
+            (self.background && active > 1).then(|| self.workers as f64 / (active + 1) as f64);
+        self.share.set(Some((now, share)));
+        share
+    }
+
+    /// Whether `account` counts in the fair share: a turn queued or running, or one within
+    /// the last [`RATE_WINDOW`].
+    fn is_active(account: &Account<J>, now: u64) -> bool {
+        !account.is_idle()
+            || account
+                .active_at
+                .is_some_and(|at| now.saturating_sub(at) < RATE_WINDOW)
     }
 
     fn lane_of(account: &Account<J>, share: Option<f64>, now: u64) -> Lane {
         match share {
+            // The decay only lowers the rate: below the share, `exp` need not be called (it
+            // was a tenth of the pool's work with a thousand tenants queued).
             Some(share)
-                if account.long_turn || account.breached || account.rate_now(now) > share =>
+                if account.long_turn
+                    || account.breached
+                    || (account.rate > share && account.rate_now(now) > share) =>
             {
                 Lane::Background
             }

@@ -208,8 +208,10 @@ impl PoolAccount {
     pub fn breached(&self, breached: bool) {
         let now = self.shared.now();
         let mut fair = self.shared.lock();
-        fair.breached(self.id, breached);
-        self.shared.wake_ready(&fair, now);
+        // Called after every turn: unchanged, it moves no turn to another lane.
+        if fair.breached(self.id, breached) {
+            self.shared.wake_ready(&fair, now);
+        }
     }
 }
 

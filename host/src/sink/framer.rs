@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use mongodb::change_stream::event::ResumeToken;
 
 use crate::config::{Encoding, PipelineConfig};
@@ -16,6 +15,7 @@ use crate::model::{Change, SourceEvent};
 use crate::ops::metrics::PipelineMetrics as PipelineStats;
 use crate::plugin::{DeadLetterCause, Verdict};
 use crate::sink::format::Formatter;
+use crate::sink::headers::{line_bytes, Headers};
 use crate::sink::{encode, EventMessages, Message};
 
 /// NATS's default `max_payload`, assumed if the server did not say.
@@ -56,8 +56,10 @@ pub struct Framer {
     /// The longest message id framed so far (at first, the checkpoint's): the publisher's
     /// `Nats-Expected-Last-Msg-Id` header repeats the previous message's id.
     longest_id: usize,
-    /// The headers every message starts with, built once.
-    common_headers: HeaderMap,
+    /// The headers every message carries after its `Content-Type`, built once.
+    common_headers: Headers,
+    /// The encoding's content type: of every message but a transform's own payload.
+    content_type: String,
     /// `heartbeat_publish_ms`, and when the last heartbeat message was framed.
     heartbeat_every: Option<std::time::Duration>,
     last_heartbeat: Option<std::time::Instant>,
@@ -80,11 +82,10 @@ impl Framer {
             pipeline: pipeline.id.clone(),
             message,
         })?;
-        let mut common_headers = HeaderMap::new();
-        common_headers.insert("Content-Type", pipeline.sink.encoding.content_type());
-        common_headers.insert("Tidegate-Pipeline", pipeline.id.as_str());
+        let mut common_headers = Headers::default();
+        common_headers.append("Tidegate-Pipeline", &pipeline.id);
         if let Some(tenant) = &pipeline.tenant {
-            common_headers.insert("Tidegate-Tenant", tenant.id.as_str());
+            common_headers.append("Tidegate-Tenant", &tenant.id);
         }
         Ok(Framer {
             pipeline: pipeline.id.clone(),
@@ -95,6 +96,7 @@ impl Framer {
             max_payload,
             longest_id,
             common_headers,
+            content_type: pipeline.sink.encoding.content_type().to_string(),
             heartbeat_every: (pipeline.heartbeat_publish_ms > 0)
                 .then(|| Duration::from_millis(pipeline.heartbeat_publish_ms)),
             last_heartbeat: None,
@@ -102,8 +104,13 @@ impl Framer {
         })
     }
 
-    fn headers(&self) -> HeaderMap {
-        self.common_headers.clone()
+    /// A message's first headers: `Content-Type` (`content_type`, or the encoding's) and the
+    /// common ones, with room for the rest.
+    fn headers(&self, content_type: Option<&str>) -> Headers {
+        let mut headers = Headers::with_capacity(320);
+        headers.append("Content-Type", content_type.unwrap_or(&self.content_type));
+        headers.extend(&self.common_headers);
+        headers
     }
 
     /// The subject dead letters go to.
@@ -134,7 +141,7 @@ impl Framer {
                 self.pipeline,
                 crate::model::token::token_id(token)
             ),
-            headers: self.headers(),
+            headers: self.headers(None),
             payload: payload.to_string().into(),
         };
         match self.accept(message) {
@@ -197,11 +204,9 @@ impl Framer {
                 Some(subject) => subject,
                 None => self.subjects.render(change),
             };
-            let mut headers = self.headers();
-            // Owned strings move into the map; `&str`s would be copied once more.
-            headers.insert("Content-Type", content_type);
+            let mut headers = self.headers(Some(content_type.as_str()));
             routing_headers(&mut headers, change, true);
-            for (name, value) in output.headers {
+            for (name, value) in &output.headers {
                 headers.append(name, value);
             }
             let message = Message {
@@ -244,7 +249,7 @@ impl Framer {
         for message in &mut messages {
             message
                 .headers
-                .insert("Tidegate-Event-Size", size.to_string().as_str());
+                .insert("Tidegate-Event-Size", &size.to_string());
         }
         EventMessages {
             messages,
@@ -341,9 +346,9 @@ impl Framer {
             .max(EXPECTED_ID_ALLOWANCE);
         WireSize {
             subject: message.subject.len(),
-            headers: header_block_bytes(&message.headers)
-                + header_line_bytes("Nats-Msg-Id", message.msg_id.len())
-                + header_line_bytes("Nats-Expected-Last-Msg-Id", expected_id),
+            headers: message.headers.block_bytes()
+                + line_bytes("Nats-Msg-Id", message.msg_id.len())
+                + line_bytes("Nats-Expected-Last-Msg-Id", expected_id),
             payload: message.payload.len(),
         }
     }
@@ -359,29 +364,23 @@ impl Framer {
         text_chars: usize,
         with_key: bool,
     ) -> Message {
-        let mut headers = self.headers();
+        let mut headers = self.headers(None);
         routing_headers(&mut headers, &event.change, with_key);
-        headers.insert(
+        headers.append(
             "Tidegate-Error-Kind",
-            header_text(cause.kind().as_str(), text_chars).as_str(),
+            &header_text(cause.kind().as_str(), text_chars),
         );
-        headers.insert(
-            "Tidegate-Error",
-            header_text(cause.message(), text_chars).as_str(),
-        );
+        headers.append("Tidegate-Error", &header_text(cause.message(), text_chars));
         if let Some(err) = cause.plugin().filter(|err| !err.plugin.is_empty()) {
-            headers.insert(
-                "Tidegate-Plugin",
-                header_text(&err.plugin, text_chars).as_str(),
-            );
-            headers.insert(
+            headers.append("Tidegate-Plugin", &header_text(&err.plugin, text_chars));
+            headers.append(
                 "Tidegate-Plugin-Hash",
-                header_text(&err.plugin_hash, text_chars).as_str(),
+                &header_text(&err.plugin_hash, text_chars),
             );
         }
-        headers.insert(
+        headers.append(
             "Tidegate-Original-Subject",
-            header_text(&self.subjects.render(&event.change), text_chars).as_str(),
+            &header_text(&self.subjects.render(&event.change), text_chars),
         );
         Message {
             subject: self.dead_letter_subject.clone(),
@@ -428,7 +427,7 @@ impl Framer {
             };
             message.headers.insert(
                 "Tidegate-Stub",
-                header_text(&format!("{what}: {too_large}"), HEADER_TEXT_CHARS).as_str(),
+                &header_text(&format!("{what}: {too_large}"), HEADER_TEXT_CHARS),
             );
             if let Ok(message) = self.accept(message) {
                 return Some(message);
@@ -463,27 +462,6 @@ impl WireSize {
     }
 }
 
-/// Bytes of `headers` as async-nats writes them in an `HPUB` (and nats-server counts toward
-/// `max_payload`): `NATS/1.0\r\n`, one `Name: value\r\n` line per value, and `\r\n`.
-pub fn header_block_bytes(headers: &HeaderMap) -> usize {
-    let lines: usize = headers
-        .iter()
-        .map(|(name, values)| {
-            let name: &str = name.as_ref();
-            values
-                .iter()
-                .map(|value| header_line_bytes(name, value.as_str().len()))
-                .sum::<usize>()
-        })
-        .sum();
-    "NATS/1.0\r\n".len() + lines + "\r\n".len()
-}
-
-/// Bytes of one `Name: value\r\n` header line.
-fn header_line_bytes(name: &str, value_len: usize) -> usize {
-    name.len() + ": ".len() + value_len + "\r\n".len()
-}
-
 /// The longest `Tidegate-Key` value published: a larger key is left out of the headers (the
 /// payload still holds it), so a huge `_id` cannot crowd out the message.
 pub const MAX_KEY_HEADER_BYTES: usize = 1024;
@@ -494,23 +472,23 @@ pub const MAX_KEY_HEADER_BYTES: usize = 1024;
 /// `with_key` asks for it and its text is at most [`MAX_KEY_HEADER_BYTES`]) and
 /// `Tidegate-Cluster-Time` (`<seconds>.<increment>`, when the event has one). Names and
 /// namespaces pass through [`header_text`]; the key's JSON escapes CR and LF itself.
-fn routing_headers(headers: &mut HeaderMap, change: &Change, with_key: bool) {
-    headers.insert(
+fn routing_headers(headers: &mut Headers, change: &Change, with_key: bool) {
+    headers.append(
         "Tidegate-Operation",
-        header_text(change.operation().as_str(), HEADER_TEXT_CHARS),
+        &header_text(change.operation().as_str(), HEADER_TEXT_CHARS),
     );
-    headers.insert(
+    headers.append(
         "Tidegate-Namespace",
-        header_text(&change.namespace().to_string(), HEADER_TEXT_CHARS),
+        &header_text(&change.namespace().to_string(), HEADER_TEXT_CHARS),
     );
     let key = key_id(change).and_then(|id| key_json(id).ok());
     if let Some(key) = key.filter(|k| with_key && k.len() <= MAX_KEY_HEADER_BYTES) {
-        headers.insert("Tidegate-Key", key);
+        headers.append("Tidegate-Key", &key);
     }
     if let Some(time) = change.cluster_time() {
-        headers.insert(
+        headers.append(
             "Tidegate-Cluster-Time",
-            format!("{}.{}", time.time, time.increment),
+            &format!("{}.{}", time.time, time.increment),
         );
     }
 }
@@ -562,7 +540,7 @@ mod tests {
         message
             .headers
             .get("Tidegate-Error-Kind")
-            .map(|v| v.as_str().to_owned())
+            .map(str::to_owned)
     }
 
     /// A change with document key `key` in `shop.orders`, at cluster time 10.2.
@@ -586,7 +564,7 @@ mod tests {
     }
 
     fn header(message: &Message, name: &str) -> Option<String> {
-        message.headers.get(name).map(|v| v.as_str().to_owned())
+        message.headers.get(name).map(str::to_owned)
     }
 
     /// Operation, namespace, key (JSON, CR/LF escaped) and cluster time on every event; a key
@@ -636,17 +614,6 @@ mod tests {
         assert_eq!(header(&probe.messages[0], "Tidegate-Cluster-Time"), None);
     }
 
-    /// The header block is counted exactly as async-nats writes it in an `HPUB`.
-    #[test]
-    fn header_block_counts_the_wire_form() {
-        let mut headers = HeaderMap::new();
-        headers.insert("A", "xy");
-        headers.append("B", "1");
-        headers.append("B", "22");
-        let wire = "NATS/1.0\r\nA: xy\r\nB: 1\r\nB: 22\r\n\r\n";
-        assert_eq!(header_block_bytes(&headers), wire.len());
-    }
-
     /// Outputs whose headers, or subject, would make the server drop the connection are
     /// dead-lettered with the sizes; everything framed fits.
     #[test]
@@ -672,7 +639,7 @@ mod tests {
         let dead = &framed.messages[0];
         assert_eq!(kind(dead).as_deref(), Some("too-large"));
         assert_eq!(dead.subject, "cdc.dead-letter");
-        let error = dead.headers.get("Tidegate-Error").expect("error").as_str();
+        let error = dead.headers.get("Tidegate-Error").expect("error");
         assert!(
             error.contains("accepts at most 65536 (max_payload)"),
             "{error}"
@@ -716,9 +683,9 @@ mod tests {
         let stub = &framed.messages[0];
         assert!(framer.fits(stub).is_ok());
         assert_eq!(kind(stub).as_deref(), Some("plugin-error"));
-        let why = stub.headers.get("Tidegate-Stub").expect("stub").as_str();
+        let why = stub.headers.get("Tidegate-Stub").expect("stub");
         assert!(why.starts_with("documents left out: message is "), "{why}");
-        let error = stub.headers.get("Tidegate-Error").expect("error").as_str();
+        let error = stub.headers.get("Tidegate-Error").expect("error");
         assert_eq!(error.len(), STUB_ERROR_CHARS);
         let body: serde_json::Value = serde_json::from_slice(&stub.payload).expect("json");
         assert_eq!(body["documentKey"]["_id"], 7);

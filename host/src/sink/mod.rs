@@ -27,13 +27,14 @@
 pub mod encode;
 pub mod format;
 pub mod framer;
+mod headers;
 mod publisher;
 mod stream;
 
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use mongodb::change_stream::event::ResumeToken;
 
+pub use headers::Headers;
 pub use publisher::Publisher;
 pub use stream::{is_stream_not_found, jetstream_off};
 pub(crate) use stream::{prepare_stream, stream_order, stream_tail, Floor};
@@ -46,7 +47,7 @@ pub struct Message {
     /// Its `Nats-Msg-Id`.
     pub msg_id: String,
     /// Headers other than the ones the sink adds (`Nats-Msg-Id`, `Nats-Expected-Last-Msg-Id`).
-    pub headers: HeaderMap,
+    pub headers: Headers,
     /// The encoded event.
     pub payload: Bytes,
 }

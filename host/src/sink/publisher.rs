@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, Context};
-use async_nats::HeaderMap;
 use mongodb::change_stream::event::ResumeToken;
 
 use super::{EventMessages, Floor, Message};
@@ -24,11 +23,10 @@ type AckFuture =
     Pin<Box<dyn Future<Output = Result<jetstream::publish::PublishAck, PublishError>> + Send>>;
 
 struct Slot {
-    /// The message without its headers: those went to the client by value on the first send
-    /// (a clone per message, and its drop, cost more than a tenth of the no-plugin path's
-    /// CPU); `headers` keeps them packed for a re-publish.
+    /// The message, headers packed as the framer built them: each send makes the client's
+    /// `HeaderMap` from them (a kept map, cloned per send and dropped per ack, cost more than
+    /// a tenth of the no-plugin path's CPU).
     message: Message,
-    headers: PackedHeaders,
     ack: Option<AckFuture>,
     /// When it was (last) handed to the client.
     sent_at: Instant,
@@ -173,15 +171,12 @@ impl Publisher {
         }
         let count = event.messages.len();
         let mut token = Some((event.token, event.snapshot));
-        for (i, mut message) in event.messages.into_iter().enumerate() {
+        for (i, message) in event.messages.into_iter().enumerate() {
             let last = i + 1 == count;
             let advance_to = if last { token.take() } else { None };
-            let headers = std::mem::take(&mut message.headers);
-            let packed = PackedHeaders::of(&headers);
-            let ack = self.send(&message, headers).await;
+            let ack = self.send(&message).await;
             self.slots.push_back(Slot {
                 message,
-                headers: packed,
                 ack,
                 sent_at: Instant::now(),
                 advance_to,
@@ -190,16 +185,15 @@ impl Publisher {
         }
     }
 
-    /// Sends one message with `headers` (its own, handed over by value); `None` when it
-    /// could not even be handed to the client (the retry path treats that like a failed
-    /// acknowledgement).
-    async fn send(&mut self, message: &Message, headers: HeaderMap) -> Option<AckFuture> {
+    /// Sends one message; `None` when it could not even be handed to the client (the retry
+    /// path treats that like a failed acknowledgement).
+    async fn send(&mut self, message: &Message) -> Option<AckFuture> {
         if !self.fence.holds() {
             return None;
         }
         let mut publish = PublishMessage::build()
             .payload(message.payload.clone())
-            .headers(headers)
+            .headers(message.headers.to_map())
             .message_id(&message.msg_id);
         if let Some(previous) = &self.last_sent_msg_id {
             publish = publish.expected_last_message_id(previous);
@@ -314,8 +308,7 @@ impl Publisher {
         // track of nothing.
         for i in 0..self.slots.len() {
             let message = self.slots[i].message.clone();
-            let headers = self.slots[i].headers.unpack();
-            let ack = self.send(&message, headers).await;
+            let ack = self.send(&message).await;
             let slot = &mut self.slots[i];
             slot.ack = ack;
             slot.sent_at = Instant::now();
@@ -367,44 +360,6 @@ impl Publisher {
     }
 }
 
-/// A message's headers in one buffer (each name and value as a little-endian `u32` length
-/// and its bytes): what a re-publish rebuilds them from. One allocation per message, where
-/// a kept `HeaderMap` holds two or three per header.
-struct PackedHeaders(Vec<u8>);
-
-impl PackedHeaders {
-    fn of(headers: &HeaderMap) -> PackedHeaders {
-        let mut out = Vec::with_capacity(256);
-        for (name, values) in headers.iter() {
-            let name: &str = name.as_ref();
-            for value in values {
-                for part in [name, value.as_str()] {
-                    out.extend_from_slice(&(part.len() as u32).to_le_bytes());
-                    out.extend_from_slice(part.as_bytes());
-                }
-            }
-        }
-        PackedHeaders(out)
-    }
-
-    /// The headers again, each value under its name in its original order.
-    fn unpack(&self) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        let mut rest = self.0.as_slice();
-        let mut next = || -> Option<String> {
-            let (len, tail) = rest.split_first_chunk::<4>()?;
-            let len = u32::from_le_bytes(*len) as usize;
-            let (text, tail) = tail.split_at_checked(len)?;
-            rest = tail;
-            Some(String::from_utf8_lossy(text).into_owned())
-        };
-        while let (Some(name), Some(value)) = (next(), next()) {
-            headers.append(name, value);
-        }
-        headers
-    }
-}
-
 /// An error with every cause it carries, `a: b: c`; never a dangling `: ` when there is none.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
@@ -438,22 +393,6 @@ mod tests {
     fn error_chains_have_no_empty_detail() {
         let err = PublishError::new(PublishErrorKind::TimedOut);
         assert!(!error_chain(&err).ends_with(": "), "{}", error_chain(&err));
-    }
-
-    /// A re-publish carries exactly the headers of the first send.
-    #[test]
-    fn packed_headers_come_back_whole() {
-        let mut headers = HeaderMap::new();
-        headers.insert("Content-Type", "application/json");
-        headers.insert("Tidegate-Key", r#"{"$oid":"5f0c"}"#);
-        headers.append("X-Many", "1");
-        headers.append("X-Many", "");
-        headers.append("X-Many", "3 é");
-        assert_eq!(PackedHeaders::of(&headers).unpack(), headers);
-        assert_eq!(
-            PackedHeaders::of(&HeaderMap::new()).unpack(),
-            HeaderMap::new()
-        );
     }
 
     #[test]

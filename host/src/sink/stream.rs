@@ -417,8 +417,8 @@ pub fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::Headers;
     use crate::sink::Message;
-    use async_nats::HeaderMap;
     use bytes::Bytes;
 
     #[test]
@@ -467,7 +467,7 @@ mod tests {
                 .map(|i| Message {
                     subject: "cdc.x".into(),
                     msg_id: format!("p:{data}:{i}"),
-                    headers: HeaderMap::new(),
+                    headers: Headers::default(),
                     payload: Bytes::new(),
                 })
                 .collect(),

@@ -329,7 +329,7 @@ pub fn numbered_message(n: u32) -> tidegate::sink::Message {
     tidegate::sink::Message {
         subject: format!("cdc.test.{n}"),
         msg_id: format!("p:{n:04}:0"),
-        headers: async_nats::HeaderMap::new(),
+        headers: tidegate::sink::Headers::default(),
         payload: format!("event {n}").into(),
     }
 }

@@ -58,7 +58,7 @@ pub use filter::exports::tidegate::plugin::filter_api::Guest as FilterGuest;
 /// What the `transform!` macro implements.
 pub use transform::exports::tidegate::plugin::transform_api::Guest as TransformGuest;
 
-/// The contract's change event.
+/// The contract's change event (what a call carries).
 pub type WitEvent = wit::ChangeEvent;
 /// The contract's error.
 pub type WitError = wit::PluginError;
@@ -149,8 +149,9 @@ pub fn call_filter<P: Filter>(event: WitEvent) -> Result<bool, WitError> {
 
 /// `transform` export.
 pub fn call_transform<P: Transform>(event: WitEvent) -> Result<Vec<WitOutput>, WitError> {
-    let received = event.clone();
+    let parts = event.parts;
     let event = from_wit(event);
+    let received = metadata_to_wit(&event, parts);
     let outputs = with_plugin(P::init_checked, |p| p.transform(event)).map_err(to_wit_error)?;
     Ok(outputs
         .into_iter()
@@ -203,14 +204,34 @@ fn ns_from_wit(ns: wit::Namespace) -> Namespace {
     }
 }
 
-fn ns_to_wit(ns: Namespace) -> wit::Namespace {
+fn ns_to_wit(ns: &Namespace) -> wit::Namespace {
     wit::Namespace {
-        db: ns.db,
-        coll: ns.coll,
+        db: ns.db.clone(),
+        coll: ns.coll.clone(),
     }
 }
 
-/// The SDK's event for a received one: metadata as given, documents left in the host.
+/// A namespace from its one-string form (`db` or `db.coll`: database names have no dot), the
+/// database name keeping the received string's allocation.
+fn ns_from_text(mut text: String) -> Namespace {
+    match text.find('.') {
+        Some(dot) => {
+            let coll = text[dot + 1..].to_owned();
+            text.truncate(dot);
+            Namespace {
+                db: text,
+                coll: Some(coll),
+            }
+        }
+        None => Namespace {
+            db: text,
+            coll: None,
+        },
+    }
+}
+
+/// The SDK's event for a received one: metadata as given (`to` and an update's details
+/// asked of the host, for the events that have them), documents left in the host.
 fn from_wit(e: WitEvent) -> Event {
     let has =
         |flag: wit::Parts, part: Part| e.parts.contains(flag).then(|| Document::in_host(part));
@@ -222,15 +243,24 @@ fn from_wit(e: WitEvent) -> Event {
     );
     let updated_fields = has(wit::Parts::UPDATED_FIELDS, Part::UpdatedFields);
     let lsid = has(wit::Parts::LSID, Part::Lsid);
-    let details = e.update.unwrap_or(wit::UpdateDetails {
+    let details = match updated_fields {
+        Some(_) => host_event::update(),
+        None => None,
+    }
+    .unwrap_or(wit::UpdateDetails {
         removed_fields: Vec::new(),
         truncated_arrays: Vec::new(),
     });
+    let operation = op_from_wit(e.operation);
+    let to = match operation {
+        Operation::Rename => host_event::to().map(ns_from_wit),
+        _ => None,
+    };
     Event {
         id: e.id,
-        operation: op_from_wit(e.operation),
-        namespace: ns_from_wit(e.namespace),
-        to: e.to.map(ns_from_wit),
+        operation,
+        namespace: ns_from_text(e.namespace),
+        to,
         document_key,
         full_document,
         full_document_before_change,
@@ -297,10 +327,40 @@ fn edit_to_wit(part: wit::Part, edit: &Edit) -> wit::Edit {
     }
 }
 
-fn output_to_wit(o: Output, received: &WitEvent) -> WitOutput {
+/// The contract's metadata of `e` (everything but its documents), with the parts it was
+/// received with.
+fn metadata_to_wit(e: &Event, parts: wit::Parts) -> wit::Metadata {
+    wit::Metadata {
+        id: e.id.clone(),
+        operation: op_to_wit(e.operation.clone()),
+        namespace: ns_to_wit(&e.namespace),
+        to: e.to.as_ref().map(ns_to_wit),
+        parts,
+        update: e.update_description.as_ref().map(|u| wit::UpdateDetails {
+            removed_fields: u.removed_fields.clone(),
+            truncated_arrays: u
+                .truncated_arrays
+                .iter()
+                .map(|t| wit::TruncatedArray {
+                    field: t.field.clone(),
+                    new_size: t.new_size,
+                })
+                .collect(),
+        }),
+        cluster_time: e.cluster_time.map(|t| wit::ClusterTime {
+            seconds: t.seconds,
+            increment: t.increment,
+        }),
+        wall_time_ms: e.wall_time_ms,
+        txn_number: e.transaction.as_ref().map(|t| t.txn_number),
+    }
+}
+
+fn output_to_wit(o: Output, received: &wit::Metadata) -> WitOutput {
     let e = o.event;
-    let mut edits = Vec::new();
     let parts = received.parts;
+    let metadata = metadata_to_wit(&e, parts);
+    let mut edits = Vec::new();
     part_edits(
         Part::DocumentKey,
         e.document_key,
@@ -319,53 +379,18 @@ fn output_to_wit(o: Output, received: &WitEvent) -> WitOutput {
         parts.contains(wit::Parts::FULL_DOCUMENT_BEFORE_CHANGE),
         &mut edits,
     );
-    let (updated_fields, details) = match e.update_description {
-        Some(u) => (
-            Some(u.updated_fields),
-            Some(wit::UpdateDetails {
-                removed_fields: u.removed_fields,
-                truncated_arrays: u
-                    .truncated_arrays
-                    .into_iter()
-                    .map(|t| wit::TruncatedArray {
-                        field: t.field,
-                        new_size: t.new_size,
-                    })
-                    .collect(),
-            }),
-        ),
-        None => (None, None),
-    };
     part_edits(
         Part::UpdatedFields,
-        updated_fields,
+        e.update_description.map(|u| u.updated_fields),
         parts.contains(wit::Parts::UPDATED_FIELDS),
         &mut edits,
     );
-    let (lsid, txn_number) = match e.transaction {
-        Some(t) => (Some(t.lsid), Some(t.txn_number)),
-        None => (None, None),
-    };
     part_edits(
         Part::Lsid,
-        lsid,
+        e.transaction.map(|t| t.lsid),
         parts.contains(wit::Parts::LSID),
         &mut edits,
     );
-    let metadata = wit::ChangeEvent {
-        id: e.id,
-        operation: op_to_wit(e.operation),
-        namespace: ns_to_wit(e.namespace),
-        to: e.to.map(ns_to_wit),
-        parts,
-        update: details,
-        cluster_time: e.cluster_time.map(|t| wit::ClusterTime {
-            seconds: t.seconds,
-            increment: t.increment,
-        }),
-        wall_time_ms: e.wall_time_ms,
-        txn_number,
-    };
     WitOutput {
         edits,
         metadata: (&metadata != received).then_some(metadata),
