@@ -80,16 +80,21 @@ fn inspect_reports_shape_and_whether_it_runs() {
 }
 
 fn events(dir: &Path) -> String {
-    let path = dir.join("events.jsonl");
-    std::fs::write(
-        &path,
+    events_file(
+        dir,
+        "events.jsonl",
         r#"// a comment line
 {"operationType": "insert", "ns": {"db": "shop", "coll": "orders"}, "documentKey": {"_id": 1}, "fullDocument": {"_id": 1, "email": "a@b.c"}}
 {"operationType": "insert", "ns": {"db": "shop", "coll": "orders"}, "documentKey": {"_id": 2}, "fullDocument": {"_id": 2, "fail": true}}
 {"operationType": "delete", "ns": {"db": "shop", "coll": "orders"}, "documentKey": {"_id": 2}}
 "#,
     )
-    .expect("write events");
+}
+
+/// Writes `lines` (`plugin test`'s events file) to `dir/name`; returns its path.
+fn events_file(dir: &Path, name: &str, lines: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, lines).expect("write events");
     path.display().to_string()
 }
 
@@ -157,13 +162,11 @@ fn test_runs_events_and_reports_each() {
     );
 
     // The production limits apply, and can be tightened: a runaway call runs out of fuel.
-    let spin = dir.path().join("spin.jsonl");
-    std::fs::write(
-        &spin,
+    let spin = events_file(
+        dir.path(),
+        "spin.jsonl",
         r#"{"operationType": "insert", "ns": {"db": "d", "coll": "c"}, "fullDocument": {"spin": true}}"#,
-    )
-    .expect("write");
-    let spin = spin.display().to_string();
+    );
     let out = plugin(&[
         "test",
         &wasm("faulty"),
@@ -184,15 +187,13 @@ fn test_runs_events_and_reports_each() {
 #[test]
 fn test_keeps_metadata_read_on_demand() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("events.jsonl");
-    std::fs::write(
-        &path,
+    let events = events_file(
+        dir.path(),
+        "events.jsonl",
         r#"{"operationType": "rename", "ns": {"db": "shop", "coll": "orders"}, "to": {"db": "shop", "coll": "archive"}}
 {"operationType": "update", "ns": {"db": "shop", "coll": "orders"}, "documentKey": {"_id": 1}, "updateDescription": {"updatedFields": {"a": 1}, "removedFields": ["gone"], "truncatedArrays": [{"field": "list", "newSize": 2}]}}
 "#,
-    )
-    .expect("write events");
-    let events = path.display().to_string();
+    );
     let out = plugin(&[
         "test",
         &wasm("fanout"),
@@ -255,7 +256,6 @@ fn test_takes_config_from_a_file() {
 #[test]
 fn test_reports_what_production_would_dead_letter() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("hostile.jsonl");
     let line = |doc: &str| {
         format!(
             r#"{{"operationType": "insert", "ns": {{"db": "shop", "coll": "orders"}}, "documentKey": {{"_id": 1}}, "fullDocument": {doc}}}"#
@@ -270,13 +270,8 @@ fn test_reports_what_production_would_dead_letter() {
         line(r#"{"_id": 1, "long_subject": "cdc"}"#),
         line(r#"{"_id": 1, "plain": true}"#),
     ];
-    std::fs::write(&path, lines.join("\n")).expect("write");
-    let out = plugin(&[
-        "test",
-        &wasm("faulty"),
-        "--events",
-        &path.display().to_string(),
-    ]);
+    let hostile = events_file(dir.path(), "hostile.jsonl", &lines.join("\n"));
+    let out = plugin(&["test", &wasm("faulty"), "--events", &hostile]);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     let expected = [
@@ -313,13 +308,16 @@ fn test_reports_what_production_would_dead_letter() {
     assert!(!plain.contains("production: dead-lettered"), "{plain}");
 
     // A larger max_payload lets the flood through: the check is the server's limit.
-    let flood = dir.path().join("flood.jsonl");
-    std::fs::write(&flood, line(r#"{"_id": 1, "header_flood": true}"#)).expect("write");
+    let flood = events_file(
+        dir.path(),
+        "flood.jsonl",
+        &line(r#"{"_id": 1, "header_flood": true}"#),
+    );
     let out = plugin(&[
         "test",
         &wasm("faulty"),
         "--events",
-        &flood.display().to_string(),
+        &flood,
         "--max-payload",
         "8388608",
     ]);
