@@ -234,17 +234,16 @@ async fn watch_headroom(
 }
 
 /// The units of `units`, keeping what was last said of those already watched.
-fn rewatch(units: &[PipelineConfig], mut before: Vec<Watched>) -> Vec<Watched> {
+fn rewatch(units: &[PipelineConfig], before: Vec<Watched>) -> Vec<Watched> {
+    let mut before: HashMap<String, Reported> =
+        before.into_iter().map(|w| (w.id, w.reported)).collect();
     units
         .iter()
         .map(|unit| {
-            let reported = match before.iter().position(|w| w.id == unit.id) {
-                Some(i) => before.swap_remove(i).reported,
-                None => Reported {
-                    level: Level::Ok,
-                    at: Instant::now(),
-                },
-            };
+            let reported = before.remove(&unit.id).unwrap_or_else(|| Reported {
+                level: Level::Ok,
+                at: Instant::now(),
+            });
             Watched {
                 metrics: crate::ops::metrics::pipeline(&unit.id),
                 thresholds: Thresholds {
