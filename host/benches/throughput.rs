@@ -603,6 +603,9 @@ fn micro(plugins: &Path, iters: usize) -> anyhow::Result<(Table, Table, usize)> 
         &change,
         iters,
     )?);
+    for note in baselines::redact_split(&sandbox, plugins, &settings, &change, iters)? {
+        calls.note(note);
+    }
     let full = event.full_document.clone().unwrap_or_default();
     let ns = best_ns(iters, || {
         black_box(native_redact_json(black_box(&full)));
