@@ -25,7 +25,7 @@ use crate::model::Position;
 use crate::ops::telemetry::PipelineStats;
 use crate::plugin::reload::ChainUpdate;
 use crate::plugin::{CallError, Chain, Verdict};
-use crate::sandbox::PoolAccount;
+use crate::sandbox::{PoolAccount, Ran};
 use crate::sink::framer::Framer;
 use crate::sink::EventMessages;
 use crate::source::SourceItem;
@@ -186,17 +186,19 @@ impl ChainStages {
                         let turn = stages.turn(&mut items, &turn_stats);
                         let pause = stages.chain.take_pause();
                         let breached = stages.chain.take_breached();
-                        (stages, items, turn, (pause, breached))
+                        ((stages, items, turn, pause), breached)
                     })
                     .await;
-                let ((back, rest, turn, (breach_pause, breached)), cpu) =
-                    ran.map_err(|message| Error::Sink {
-                        pipeline: unit.clone(),
-                        message,
-                    })?;
+                let Ran {
+                    value: (back, rest, turn, breach_pause),
+                    cpu,
+                    heavy,
+                } = ran.map_err(|message| Error::Sink {
+                    pipeline: unit.clone(),
+                    message,
+                })?;
                 (stages, items) = (back, rest);
-                account.breached(breached);
-                stats.chain_turn(cpu, account.is_heavy());
+                stats.chain_turn(cpu, heavy);
                 let used = TurnUse {
                     events: turn.events,
                     bytes: turn.framed.iter().map(framed_bytes).sum(),
