@@ -34,6 +34,9 @@ use crate::source::SourceItem;
 /// (one call is never cut: a turn ends after the event that crosses it).
 const TURN: Duration = Duration::from_millis(2);
 
+/// The most items the stage gathers into one batch from what is queued (see [`gather`]).
+const GATHER: usize = crate::source::HANDOFF_BATCH;
+
 /// The run's hold on the unit's [`crate::plugin::reload::Updates`].
 pub(super) type UpdatesGuard = tokio::sync::OwnedMutexGuard<mpsc::UnboundedReceiver<ChainUpdate>>;
 
@@ -153,9 +156,12 @@ impl ChainStages {
     ) -> Result<(), Error> {
         let unit = self.scope.id.clone();
         let mut stages = self;
-        while let Some(batch) = events.recv().await {
+        while let Some(first) = events.recv().await {
+            let batch = gather(first, &mut events);
+            // An empty batch is a reload's wake-up; gathered, it may come with events or
+            // heartbeats: the reload is applied before them.
+            stages.apply_updates(&stats);
             if batch.is_empty() {
-                stages.apply_updates(&stats);
                 continue;
             }
             // A batch of heartbeats calls no plugin: framed here, without a turn on the pool
@@ -326,6 +332,24 @@ impl ChainStages {
             stats.set_plugins(self.chain.infos());
         }
     }
+}
+
+/// `batch` with the batches queued behind it, in order, up to [`GATHER`] items. A tenant of
+/// a shared reader is handed its events a few at a time (each reader batch is spread over
+/// every tenant: at K = 1000, a quarter of an event each), and every batch handed over alone
+/// is a turn on the pool, a hand-over to the sink and their wake-ups; what queued while the
+/// last turn waited for a worker goes in one.
+fn gather(
+    mut batch: Vec<SourceItem>,
+    events: &mut mpsc::Receiver<Vec<SourceItem>>,
+) -> Vec<SourceItem> {
+    while batch.len() < GATHER {
+        match events.try_recv() {
+            Ok(more) => batch.extend(more),
+            Err(_) => break,
+        }
+    }
+    batch
 }
 
 /// Bytes of one event's messages: payloads and subjects (what `quota.bytes_per_sec` counts).
