@@ -25,7 +25,7 @@ use crate::model::Position;
 use crate::ops::telemetry::PipelineStats;
 use crate::plugin::reload::ChainUpdate;
 use crate::plugin::{CallError, Chain, Verdict};
-use crate::sandbox::PoolAccount;
+use crate::sandbox::{PoolAccount, Ran};
 use crate::sink::framer::Framer;
 use crate::sink::EventMessages;
 use crate::source::SourceItem;
@@ -33,6 +33,9 @@ use crate::source::SourceItem;
 /// The longest a turn on the worker pool goes on before the unit gives way to the next one
 /// (one call is never cut: a turn ends after the event that crosses it).
 const TURN: Duration = Duration::from_millis(2);
+
+/// The most items the stage gathers into one batch from what is queued (see [`gather`]).
+const GATHER: usize = crate::source::HANDOFF_BATCH;
 
 /// The run's hold on the unit's [`crate::plugin::reload::Updates`].
 pub(super) type UpdatesGuard = tokio::sync::OwnedMutexGuard<mpsc::UnboundedReceiver<ChainUpdate>>;
@@ -153,9 +156,12 @@ impl ChainStages {
     ) -> Result<(), Error> {
         let unit = self.scope.id.clone();
         let mut stages = self;
-        while let Some(batch) = events.recv().await {
+        while let Some(first) = events.recv().await {
+            let batch = gather(first, &mut events);
+            // An empty batch is a reload's wake-up; gathered, it may come with events or
+            // heartbeats: the reload is applied before them.
+            stages.apply_updates(&stats);
             if batch.is_empty() {
-                stages.apply_updates(&stats);
                 continue;
             }
             // A batch of heartbeats calls no plugin: framed here, without a turn on the pool
@@ -186,17 +192,19 @@ impl ChainStages {
                         let turn = stages.turn(&mut items, &turn_stats);
                         let pause = stages.chain.take_pause();
                         let breached = stages.chain.take_breached();
-                        (stages, items, turn, (pause, breached))
+                        ((stages, items, turn, pause), breached)
                     })
                     .await;
-                let ((back, rest, turn, (breach_pause, breached)), cpu) =
-                    ran.map_err(|message| Error::Sink {
-                        pipeline: unit.clone(),
-                        message,
-                    })?;
+                let Ran {
+                    value: (back, rest, turn, breach_pause),
+                    cpu,
+                    heavy,
+                } = ran.map_err(|message| Error::Sink {
+                    pipeline: unit.clone(),
+                    message,
+                })?;
                 (stages, items) = (back, rest);
-                account.breached(breached);
-                stats.chain_turn(cpu, account.is_heavy());
+                stats.chain_turn(cpu, heavy);
                 let used = TurnUse {
                     events: turn.events,
                     bytes: turn.framed.iter().map(framed_bytes).sum(),
@@ -324,6 +332,24 @@ impl ChainStages {
             stats.set_plugins(self.chain.infos());
         }
     }
+}
+
+/// `batch` with the batches queued behind it, in order, up to [`GATHER`] items. A tenant of
+/// a shared reader is handed its events a few at a time (each reader batch is spread over
+/// every tenant: at K = 1000, a quarter of an event each), and every batch handed over alone
+/// is a turn on the pool, a hand-over to the sink and their wake-ups; what queued while the
+/// last turn waited for a worker goes in one.
+fn gather(
+    mut batch: Vec<SourceItem>,
+    events: &mut mpsc::Receiver<Vec<SourceItem>>,
+) -> Vec<SourceItem> {
+    while batch.len() < GATHER {
+        match events.try_recv() {
+            Ok(more) => batch.extend(more),
+            Err(_) => break,
+        }
+    }
+    batch
 }
 
 /// Bytes of one event's messages: payloads and subjects (what `quota.bytes_per_sec` counts).

@@ -20,7 +20,7 @@
 //!   CPU a hog holds: the kernel preempts the hog. Alone, an account is never heavy.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 /// The span over which an account's CPU use is averaged (the time constant of its decay),
 /// in nanoseconds.
@@ -63,7 +63,8 @@ impl Lane {
 /// One account's standing.
 #[derive(Debug)]
 struct Account<J> {
-    /// CPU nanoseconds used, offset by the floor when it last woke.
+    /// CPU nanoseconds used, offset by the floor when it last woke. Not changed while the
+    /// account is in [`Fair::ready`] (it is part of the key there).
     vtime: u64,
     /// Recent CPU use in cores, as of `rate_at`.
     rate: f64,
@@ -87,12 +88,43 @@ impl<J> Account<J> {
     fn is_idle(&self) -> bool {
         self.queue.is_empty() && !self.running
     }
+
+    /// Whether a worker may take its next turn: one queued and none running.
+    fn is_ready(&self) -> bool {
+        !self.running && !self.queue.is_empty()
+    }
+}
+
+/// What [`Fair::pop`] found.
+pub(super) struct Popped<J> {
+    /// The turn to run, and its account.
+    pub(super) turn: Option<(AccountId, J)>,
+    /// Whether a ready turn of the other lane was passed over on the way (its account
+    /// changed lane while it waited: a worker of that lane may be asleep).
+    pub(super) passed_other: bool,
+}
+
+/// What [`Fair::charge`] left.
+pub(super) struct Charged {
+    /// Whether the account is heavy now (where its next turn runs).
+    pub(super) heavy: bool,
+    /// The lane of its next turn, if one is queued.
+    pub(super) ready: Option<Lane>,
 }
 
 /// The scheduler's state, behind the pool's lock. `J` is a queued turn.
+///
+/// Every step of a turn (queue, take, charge) costs O(log K) for K accounts: the accounts
+/// with a turn ready are kept ordered by virtual time (`ready`), so the next turn is the
+/// first of them whose lane is the worker's; a pass over every account is made only to count
+/// the fair share, at most once per [`SHARE_FRESH`]. (A set of ready ids walked whole for
+/// the least virtual time was dearer than the plain pass it replaced: under load nearly every
+/// account is ready; kept in order, the walk stops at the first of the worker's lane.)
 #[derive(Debug)]
 pub(super) struct Fair<J> {
-    accounts: BTreeMap<AccountId, Account<J>>,
+    accounts: HashMap<AccountId, Account<J>>,
+    /// The accounts for which [`Account::is_ready`] holds, by (virtual time, id).
+    ready: BTreeSet<(u64, AccountId)>,
     /// The last fair share counted, and when (see [`SHARE_FRESH`]).
     share: Cell<Option<(u64, Option<f64>)>>,
     floor: u64,
@@ -106,7 +138,8 @@ impl<J> Fair<J> {
     /// `background` lane (without it, no account is ever heavy).
     pub(super) fn new(workers: usize, background: bool) -> Fair<J> {
         Fair {
-            accounts: BTreeMap::new(),
+            accounts: HashMap::new(),
+            ready: BTreeSet::new(),
             share: Cell::new(None),
             floor: 0,
             workers: workers.max(1),
@@ -117,7 +150,7 @@ impl<J> Fair<J> {
     /// Registers account `id`.
     pub(super) fn open(&mut self, id: AccountId, now: u64) {
         self.share.set(None);
-        self.accounts.insert(
+        let replaced = self.accounts.insert(
             id,
             Account {
                 vtime: self.floor,
@@ -130,84 +163,131 @@ impl<J> Fair<J> {
                 breached: false,
             },
         );
+        if let Some(old) = replaced {
+            self.ready.remove(&(old.vtime, id));
+        }
     }
 
     /// Forgets account `id` and anything it had queued.
     pub(super) fn close(&mut self, id: AccountId) {
         self.share.set(None);
-        self.accounts.remove(&id);
-    }
-
-    /// Queues a turn of account `id` (nothing happens for an unknown account).
-    pub(super) fn push(&mut self, id: AccountId, job: J, now: u64) {
-        let floor = self.floor;
-        if let Some(account) = self.accounts.get_mut(&id) {
-            if !Self::is_active(account, now) {
-                self.share.set(None);
-            }
-            if account.is_idle() {
-                account.vtime = account.vtime.max(floor);
-            }
-            account.active_at = Some(now);
-            account.queue.push_back(job);
+        if let Some(account) = self.accounts.remove(&id) {
+            self.ready.remove(&(account.vtime, id));
         }
     }
 
-    /// Whether a worker of `lane` would find a turn to take now.
-    pub(super) fn has_ready(&self, lane: Lane, now: u64) -> bool {
+    /// Queues a turn of account `id` (nothing happens for an unknown account); returns the
+    /// lane that now has a turn of it ready (`None` while one of its turns runs).
+    pub(super) fn push(&mut self, id: AccountId, job: J, now: u64) -> Option<Lane> {
+        let floor = self.floor;
+        let account = self.accounts.get_mut(&id)?;
+        if !Self::is_active(account, now) {
+            self.share.set(None);
+        }
+        if account.is_idle() {
+            account.vtime = account.vtime.max(floor);
+        }
+        account.active_at = Some(now);
+        let was_ready = account.is_ready();
+        account.queue.push_back(job);
+        if !account.is_ready() {
+            return None;
+        }
+        if !was_ready {
+            self.ready.insert((account.vtime, id));
+        }
         let share = self.fair_share(now);
-        self.ready_accounts()
-            .any(|(_, a)| Self::lane_of(a, share, now) == lane)
+        self.accounts
+            .get(&id)
+            .map(|account| Self::lane_of(account, share, now))
     }
 
-    /// The accounts with a turn queued and none running: the only ones a worker may take a
-    /// turn from. (A set of them kept apart was dearer: under load nearly every account is
-    /// in it, and each step of its walk is a lookup.)
-    fn ready_accounts(&self) -> impl Iterator<Item = (AccountId, &Account<J>)> {
-        self.accounts
-            .iter()
-            .filter(|(_, a)| !a.running && !a.queue.is_empty())
-            .map(|(id, a)| (*id, a))
+    /// Whether a worker of `lane` would find a turn to take now (a walk in virtual-time
+    /// order that stops at the first of the lane).
+    #[cfg(test)]
+    pub(super) fn has_ready(&self, lane: Lane, now: u64) -> bool {
+        let share = self.fair_share(now);
+        self.ready.iter().any(|(_, id)| {
+            self.accounts
+                .get(id)
+                .is_some_and(|a| Self::lane_of(a, share, now) == lane)
+        })
     }
 
     /// The next turn for a worker of `lane`: the waiting account with the least virtual time
     /// among those of that lane that have no turn running. Marks it running.
-    pub(super) fn pop(&mut self, lane: Lane, now: u64) -> Option<(AccountId, J)> {
+    pub(super) fn pop(&mut self, lane: Lane, now: u64) -> Popped<J> {
         let share = self.fair_share(now);
-        let id = self
-            .ready_accounts()
-            .filter(|(_, a)| Self::lane_of(a, share, now) == lane)
-            .min_by_key(|(id, a)| (a.vtime, *id))
-            .map(|(id, _)| id)?;
-        let account = self.accounts.get_mut(&id)?;
-        let job = account.queue.pop_front()?;
-        account.running = true;
-        account.active_at = Some(now);
-        self.floor = self.floor.max(account.vtime);
-        Some((id, job))
-    }
-
-    /// Records that a turn of account `id` ended after `cpu_ns` of CPU.
-    pub(super) fn charge(&mut self, id: AccountId, cpu_ns: u64, now: u64) {
-        if let Some(account) = self.accounts.get_mut(&id) {
-            account.running = false;
-            account.vtime = account.vtime.saturating_add(cpu_ns);
-            account.rate = account.rate_now(now) + cpu_ns as f64 / RATE_WINDOW as f64;
-            account.rate_at = now;
-            account.active_at = Some(now);
-            account.long_turn = cpu_ns > LONG_TURN;
+        let mut passed_other = false;
+        let mut chosen = None;
+        for &(vtime, id) in &self.ready {
+            let Some(account) = self.accounts.get(&id) else {
+                continue;
+            };
+            if Self::lane_of(account, share, now) == lane {
+                chosen = Some((vtime, id));
+                break;
+            }
+            passed_other = true;
         }
+        let turn = chosen.and_then(|(vtime, id)| {
+            self.ready.remove(&(vtime, id));
+            let account = self.accounts.get_mut(&id)?;
+            let job = account.queue.pop_front()?;
+            account.running = true;
+            account.active_at = Some(now);
+            self.floor = self.floor.max(account.vtime);
+            Some((id, job))
+        });
+        Popped { turn, passed_other }
     }
 
-    /// Records whether account `id`'s last turn broke a plugin limit; whether that changed.
-    pub(super) fn breached(&mut self, id: AccountId, breached: bool) -> bool {
-        match self.accounts.get_mut(&id) {
-            Some(account) => std::mem::replace(&mut account.breached, breached) != breached,
-            None => false,
+    /// Records that a turn of account `id` ended after `cpu_ns` of CPU, and whether it broke
+    /// a plugin limit.
+    pub(super) fn charge(
+        &mut self,
+        id: AccountId,
+        cpu_ns: u64,
+        breached: bool,
+        now: u64,
+    ) -> Charged {
+        let Some(account) = self.accounts.get_mut(&id) else {
+            return Charged {
+                heavy: false,
+                ready: None,
+            };
+        };
+        if account.is_ready() {
+            // Not reached while it ran; kept in step should a caller charge a turn it did
+            // not take.
+            self.ready.remove(&(account.vtime, id));
+        }
+        account.running = false;
+        account.vtime = account.vtime.saturating_add(cpu_ns);
+        account.rate = account.rate_now(now) + cpu_ns as f64 / RATE_WINDOW as f64;
+        account.rate_at = now;
+        account.active_at = Some(now);
+        account.long_turn = cpu_ns > LONG_TURN;
+        account.breached = breached;
+        if account.is_ready() {
+            self.ready.insert((account.vtime, id));
+        }
+        let share = self.fair_share(now);
+        let Some(account) = self.accounts.get(&id) else {
+            return Charged {
+                heavy: false,
+                ready: None,
+            };
+        };
+        let lane = Self::lane_of(account, share, now);
+        Charged {
+            heavy: lane == Lane::Background,
+            ready: account.is_ready().then_some(lane),
         }
     }
 
     /// Whether account `id` is heavy now (see the module docs).
+    #[cfg(test)]
     pub(super) fn is_heavy(&self, id: AccountId, now: u64) -> bool {
         let share = self.fair_share(now);
         self.accounts
@@ -275,11 +355,11 @@ mod tests {
             fair.push(id, (), now);
         }
         for _ in 0..turns {
-            let (id, ()) = fair.pop(Lane::Normal, now).expect("a waiting turn");
+            let (id, ()) = fair.pop(Lane::Normal, now).turn.expect("a waiting turn");
             let cost = costs[id as usize];
             now += cost;
             used[id as usize] += cost;
-            fair.charge(id, cost, now);
+            fair.charge(id, cost, false, now);
             fair.push(id, (), now);
         }
         used
@@ -337,19 +417,19 @@ mod tests {
         fair.open(1, 0);
         let mut now = 0;
         for _ in 0..1000 {
-            let (id, ()) = fair.pop(Lane::Normal, now).expect("turn");
+            let (id, ()) = fair.pop(Lane::Normal, now).turn.expect("turn");
             now += MS;
-            fair.charge(id, MS, now);
+            fair.charge(id, MS, false, now);
             fair.push(id, (), now);
         }
         fair.push(1, (), now);
         // From now on both alternate: account 1 is not given 1000 turns in a row.
         let mut first_ten = Vec::new();
         for _ in 0..10 {
-            let (id, ()) = fair.pop(Lane::Normal, now).expect("turn");
+            let (id, ()) = fair.pop(Lane::Normal, now).turn.expect("turn");
             first_ten.push(id);
             now += MS;
-            fair.charge(id, MS, now);
+            fair.charge(id, MS, false, now);
             fair.push(id, (), now);
         }
         let zeros = first_ten.iter().filter(|id| **id == 0).count();
@@ -363,12 +443,12 @@ mod tests {
         fair.push(0, (), 0);
         fair.push(0, (), 0);
         fair.push(1, (), 0);
-        let first = fair.pop(Lane::Normal, 0).map(|(id, _)| id);
-        let second = fair.pop(Lane::Normal, 0).map(|(id, _)| id);
+        let first = fair.pop(Lane::Normal, 0).turn.map(|(id, _)| id);
+        let second = fair.pop(Lane::Normal, 0).turn.map(|(id, _)| id);
         assert_eq!((first, second), (Some(0), Some(1)));
-        assert!(fair.pop(Lane::Normal, 0).is_none());
-        fair.charge(0, MS, MS);
-        assert_eq!(fair.pop(Lane::Normal, MS).map(|(id, _)| id), Some(0));
+        assert!(fair.pop(Lane::Normal, 0).turn.is_none());
+        fair.charge(0, MS, false, MS);
+        assert_eq!(fair.pop(Lane::Normal, MS).turn.map(|(id, _)| id), Some(0));
     }
 
     /// A hog that keeps a core busy beside a light tenant becomes heavy and is offered only
@@ -381,9 +461,9 @@ mod tests {
         // The hog alone, a whole core for 2 s: not heavy (nobody to be fair to).
         for _ in 0..25 {
             fair.push(0, (), now);
-            let (id, ()) = fair.pop(Lane::Normal, now).expect("hog turn");
+            let (id, ()) = fair.pop(Lane::Normal, now).turn.expect("hog turn");
             now += 80 * MS;
-            fair.charge(id, 80 * MS, now);
+            fair.charge(id, 80 * MS, false, now);
         }
         assert!(!fair.is_heavy(0, now));
         // The light tenant arrives: now the hog (about 1 core, over 2 / 3) is heavy.
@@ -391,19 +471,25 @@ mod tests {
         fair.push(0, (), now);
         assert!(fair.is_heavy(0, now));
         assert!(!fair.is_heavy(1, now));
-        assert_eq!(fair.pop(Lane::Normal, now).map(|(id, _)| id), Some(1));
-        assert!(fair.pop(Lane::Normal, now).is_none());
-        assert_eq!(fair.pop(Lane::Background, now).map(|(id, _)| id), Some(0));
-        fair.charge(1, MS / 10, now);
-        fair.charge(0, 80 * MS, now + 80 * MS);
+        assert_eq!(fair.pop(Lane::Normal, now).turn.map(|(id, _)| id), Some(1));
+        assert!(fair.pop(Lane::Normal, now).turn.is_none());
+        assert_eq!(
+            fair.pop(Lane::Background, now).turn.map(|(id, _)| id),
+            Some(0)
+        );
+        fair.charge(1, MS / 10, false, now);
+        fair.charge(0, 80 * MS, false, now + 80 * MS);
         // Idle for 5 s: its use has decayed, but its last turn was long: still heavy.
         now += 5_000 * MS;
         fair.push(1, (), now);
         fair.push(0, (), now);
         assert!(fair.is_heavy(0, now));
         // A short turn, and it is light again.
-        assert_eq!(fair.pop(Lane::Background, now).map(|(id, _)| id), Some(0));
-        fair.charge(0, MS, now + MS);
+        assert_eq!(
+            fair.pop(Lane::Background, now).turn.map(|(id, _)| id),
+            Some(0)
+        );
+        fair.charge(0, MS, false, now + MS);
         assert!(!fair.is_heavy(0, now + MS));
     }
 
@@ -414,41 +500,89 @@ mod tests {
     fn a_breaching_unit_runs_in_the_background() {
         let mut fair = accounts(2, 2);
         fair.push(0, (), 0);
-        let (id, ()) = fair.pop(Lane::Normal, 0).expect("bomb turn");
-        fair.charge(id, MS / 2, MS);
-        fair.breached(id, true);
+        let (id, ()) = fair.pop(Lane::Normal, 0).turn.expect("bomb turn");
+        fair.charge(id, MS / 2, true, MS);
         assert!(!fair.is_heavy(0, MS), "alone: nobody to be fair to");
         fair.push(1, (), MS);
         fair.push(0, (), MS);
         assert!(fair.is_heavy(0, MS));
         assert!(!fair.is_heavy(1, MS));
-        assert_eq!(fair.pop(Lane::Normal, MS).map(|(id, _)| id), Some(1));
-        assert!(fair.pop(Lane::Normal, MS).is_none());
-        assert_eq!(fair.pop(Lane::Background, MS).map(|(id, _)| id), Some(0));
-        fair.charge(0, MS / 2, 2 * MS);
-        fair.breached(0, false);
-        assert!(!fair.is_heavy(0, 2 * MS), "a clean turn: light again");
+        assert_eq!(fair.pop(Lane::Normal, MS).turn.map(|(id, _)| id), Some(1));
+        assert!(fair.pop(Lane::Normal, MS).turn.is_none());
+        assert_eq!(
+            fair.pop(Lane::Background, MS).turn.map(|(id, _)| id),
+            Some(0)
+        );
+        let charged = fair.charge(0, MS / 2, false, 2 * MS);
+        assert!(!charged.heavy, "a clean turn: light again");
+        assert!(!fair.is_heavy(0, 2 * MS));
     }
 
-    /// A lane has a turn ready only when one of its accounts has a turn queued and none
-    /// running: what decides which lane's worker the pool wakes.
+    /// A queued turn is ready in its account's lane, and only while none of its turns runs:
+    /// what decides which lane's worker the pool wakes. A worker that passes over the other
+    /// lane's ready turn says so.
     #[test]
     fn ready_turns_are_found_in_their_own_lane() {
         let mut fair = accounts(2, 2);
         assert!(!fair.has_ready(Lane::Normal, 0));
-        fair.push(0, (), 0);
-        fair.push(1, (), 0);
-        fair.breached(1, true);
-        assert!(fair.has_ready(Lane::Normal, 0));
-        assert!(fair.has_ready(Lane::Background, 0));
-        assert_eq!(fair.pop(Lane::Background, 0).map(|(id, _)| id), Some(1));
-        fair.push(1, (), 0);
+        assert_eq!(
+            fair.push(1, (), 0),
+            Some(Lane::Normal),
+            "alone: never heavy"
+        );
+        let (id, ()) = fair.pop(Lane::Normal, 0).turn.expect("turn");
+        // Its turn broke a plugin limit: heavy as soon as another account is active.
+        let charged = fair.charge(id, MS / 10, true, MS);
+        assert!(!charged.heavy && charged.ready.is_none());
+        assert_eq!(fair.push(0, (), MS), Some(Lane::Normal));
+        assert_eq!(fair.push(1, (), MS), Some(Lane::Background));
+        assert!(fair.has_ready(Lane::Normal, MS));
+        assert!(fair.has_ready(Lane::Background, MS));
+        let popped = fair.pop(Lane::Background, MS);
+        assert_eq!(popped.turn.map(|(id, _)| id), Some(1));
         assert!(
-            !fair.has_ready(Lane::Background, 0),
+            popped.passed_other,
+            "account 0 (less virtual time) was passed over"
+        );
+        assert_eq!(
+            fair.push(1, (), MS),
+            None,
             "its turn runs: the second one waits"
         );
-        assert_eq!(fair.pop(Lane::Normal, 0).map(|(id, _)| id), Some(0));
-        assert!(!fair.has_ready(Lane::Normal, 0));
+        assert!(!fair.has_ready(Lane::Background, MS));
+        let popped = fair.pop(Lane::Normal, MS);
+        assert_eq!(popped.turn.map(|(id, _)| id), Some(0));
+        assert!(!popped.passed_other);
+        assert!(!fair.has_ready(Lane::Normal, MS));
+        let charged = fair.charge(1, MS / 10, false, 2 * MS);
+        assert_eq!(
+            charged.ready,
+            Some(Lane::Normal),
+            "a clean turn: light again"
+        );
+    }
+
+    /// A closed account's queued turns are gone from the order, and a thousand accounts
+    /// with a turn each are served least virtual time first, each once.
+    #[test]
+    fn the_ready_order_follows_pushes_pops_and_closes() {
+        let mut fair = accounts(1000, 2);
+        for id in 0..1000 {
+            fair.push(id, (), 0);
+        }
+        fair.close(0);
+        let mut served = Vec::new();
+        while let Some((id, ())) = fair.pop(Lane::Normal, 0).turn {
+            served.push(id);
+        }
+        assert_eq!(served, (1..1000).collect::<Vec<_>>());
+        // Charged in reverse, so that their virtual times are in reverse order.
+        for (i, &id) in served.iter().rev().enumerate() {
+            fair.push(id, (), 0);
+            fair.charge(id, 1000 + i as u64, false, 0);
+        }
+        let first = fair.pop(Lane::Normal, 0).turn.map(|(id, _)| id);
+        assert_eq!(first, Some(999), "the least CPU used goes first");
     }
 
     /// A hog slowed down by the breach pause (one 80 ms call every 400 ms: a fifth of a
@@ -460,16 +594,16 @@ mod tests {
         let mut now = 0;
         for _ in 0..10 {
             fair.push(1, (), now);
-            let (good, ()) = fair.pop(Lane::Normal, now).expect("good turn");
-            fair.charge(good, MS / 10, now + MS / 10);
+            let (good, ()) = fair.pop(Lane::Normal, now).turn.expect("good turn");
+            fair.charge(good, MS / 10, false, now + MS / 10);
             fair.push(0, (), now);
             let lane = if fair.is_heavy(0, now) {
                 Lane::Background
             } else {
                 Lane::Normal
             };
-            let (hog, ()) = fair.pop(lane, now).expect("hog turn");
-            fair.charge(hog, 80 * MS, now + 80 * MS);
+            let (hog, ()) = fair.pop(lane, now).turn.expect("hog turn");
+            fair.charge(hog, 80 * MS, false, now + 80 * MS);
             now += 400 * MS;
         }
         fair.push(0, (), now);

@@ -56,7 +56,7 @@ pub use limits::{
     arm, check_declared, fuel_used, trap_reason, LimitExceeded, LogBudget, EPOCH_TICK,
     MAX_MEMORIES, MAX_TABLES, MAX_TABLE_ELEMENTS, TABLE_ELEMENT_BYTES,
 };
-pub use pool::{PoolAccount, WorkerPool};
+pub use pool::{PoolAccount, Ran, WorkerPool};
 pub use wasi::wasi_context;
 
 use cache::ComponentCache;

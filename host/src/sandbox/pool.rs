@@ -29,8 +29,66 @@ const IDLE_RECHECK: Duration = Duration::from_millis(50);
 /// does and is preempted there (it runs at the lowest priority) holds up every other worker.
 const BACKGROUND_RECHECK: Duration = Duration::from_secs(1);
 
-/// A queued turn: runs the unit's closure and returns the CPU time it used.
-type Turn = Box<dyn FnOnce() -> Duration + Send>;
+/// A queued turn: a unit's closure, run by a worker without the pool's lock, and answered
+/// once the worker has charged it.
+trait Job: Send {
+    /// Runs the unit's closure; returns the CPU time it used and whether it broke a plugin
+    /// limit.
+    fn run(&mut self) -> (Duration, bool);
+
+    /// Hands the result to the unit, with whether the account is heavy now.
+    fn answer(self: Box<Self>, heavy: bool);
+}
+
+/// A queued turn (one allocation: the closure, its result and the way back together).
+type Turn = Box<dyn Job>;
+
+/// A unit's turn before and after it runs.
+struct UnitTurn<F, R> {
+    turn: Option<F>,
+    ran: Option<(R, Duration)>,
+    done: tokio::sync::oneshot::Sender<Ran<R>>,
+}
+
+impl<F, R> Job for UnitTurn<F, R>
+where
+    F: FnOnce() -> (R, bool) + Send,
+    R: Send,
+{
+    fn run(&mut self) -> (Duration, bool) {
+        let Some(turn) = self.turn.take() else {
+            return (Duration::ZERO, false);
+        };
+        let started = thread_cpu_time();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(turn));
+        let cpu = thread_cpu_time().saturating_sub(started);
+        match outcome {
+            Ok((value, breached)) => {
+                self.ran = Some((value, cpu));
+                (cpu, breached)
+            }
+            Err(_) => (cpu, false),
+        }
+    }
+
+    fn answer(self: Box<Self>, heavy: bool) {
+        // A turn that panicked sends nothing: the unit sees its channel closed.
+        if let Some((value, cpu)) = self.ran {
+            let _ = self.done.send(Ran { value, cpu, heavy });
+        }
+    }
+}
+
+/// What a unit's turn returned, and what it cost.
+pub struct Ran<R> {
+    /// The closure's result.
+    pub value: R,
+    /// The CPU time the turn used.
+    pub cpu: Duration,
+    /// Whether the account is heavy after this turn (its next turn runs on the background
+    /// workers).
+    pub heavy: bool,
+}
 
 /// The process's pool of plugin workers.
 pub struct WorkerPool {
@@ -39,7 +97,7 @@ pub struct WorkerPool {
 }
 
 struct Shared {
-    fair: Mutex<Fair<Turn>>,
+    state: Mutex<State>,
     /// One per lane ([`Lane::index`]): a queued turn wakes a worker that may run it, and only
     /// one. A background worker woken for nothing would take the lock at the lowest priority,
     /// and a normal worker could then wait for it to be scheduled again.
@@ -48,9 +106,17 @@ struct Shared {
     next_id: AtomicU64,
 }
 
+/// What the pool's lock guards.
+struct State {
+    fair: Fair<Turn>,
+    /// Workers waiting for a turn, per lane: a wake-up is a system call, made only when one
+    /// may find someone (a turn queued or charged ends in one when a worker sleeps).
+    sleeping: [usize; 2],
+}
+
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Fair<Turn>> {
-        self.fair
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -59,10 +125,10 @@ impl Shared {
         self.epoch.elapsed().as_nanos() as u64
     }
 
-    /// Wakes one worker of each lane that has a turn ready to run.
-    fn wake_ready(&self, fair: &Fair<Turn>, now: u64) {
-        for lane in [Lane::Normal, Lane::Background] {
-            if fair.has_ready(lane, now) {
+    /// Wakes one worker of `lane` (a turn of it is ready), if one sleeps.
+    fn wake(&self, state: &State, lane: Option<Lane>) {
+        if let Some(lane) = lane {
+            if state.sleeping[lane.index()] > 0 {
                 self.wake[lane.index()].notify_one();
             }
         }
@@ -118,7 +184,10 @@ impl WorkerPool {
     fn start(settings: Settings) -> Result<WorkerPool, String> {
         let workers = settings.workers.max(1);
         let shared = Arc::new(Shared {
-            fair: Mutex::new(Fair::new(workers, settings.background)),
+            state: Mutex::new(State {
+                fair: Fair::new(workers, settings.background),
+                sleeping: [0; 2],
+            }),
             wake: [Condvar::new(), Condvar::new()],
             epoch: Instant::now(),
             next_id: AtomicU64::new(0),
@@ -153,7 +222,7 @@ impl WorkerPool {
     pub fn account(&self) -> PoolAccount {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let now = self.shared.now();
-        self.shared.lock().open(id, now);
+        self.shared.lock().fair.open(id, now);
         PoolAccount {
             id,
             shared: self.shared.clone(),
@@ -168,60 +237,41 @@ pub struct PoolAccount {
 }
 
 impl PoolAccount {
-    /// Runs `turn` on a worker when the scheduler gives this account its turn; returns its
-    /// result and the CPU time it used. An error means the turn panicked (a tidegate bug).
+    /// Runs `turn` on a worker when the scheduler gives this account its turn. The closure
+    /// returns its result and whether the turn broke a plugin limit (a call out of fuel,
+    /// past its deadline, over its memory or output caps: until a turn that does not, the
+    /// account is heavy beside other active accounts, see `fair`). An error means the turn
+    /// panicked (a tidegate bug).
     pub async fn run<R: Send + 'static>(
         &self,
-        turn: impl FnOnce() -> R + Send + 'static,
-    ) -> Result<(R, Duration), String> {
+        turn: impl FnOnce() -> (R, bool) + Send + 'static,
+    ) -> Result<Ran<R>, String> {
         let (done, result) = tokio::sync::oneshot::channel();
-        let turn: Turn = Box::new(move || {
-            let started = thread_cpu_time();
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(turn));
-            let cpu = thread_cpu_time().saturating_sub(started);
-            if let Ok(value) = outcome {
-                let _ = done.send((value, cpu));
-            }
-            cpu
+        let turn: Turn = Box::new(UnitTurn {
+            turn: Some(turn),
+            ran: None,
+            done,
         });
         {
             let now = self.shared.now();
-            let mut fair = self.shared.lock();
-            fair.push(self.id, turn, now);
-            self.shared.wake_ready(&fair, now);
+            let mut state = self.shared.lock();
+            let ready = state.fair.push(self.id, turn, now);
+            self.shared.wake(&state, ready);
         }
         result
             .await
             .map_err(|_| "a plugin worker panicked running this unit (a tidegate bug)".to_string())
     }
-
-    /// Whether the account runs in the background lane now (its recent CPU use is above its
-    /// fair share while others are active).
-    pub fn is_heavy(&self) -> bool {
-        let now = self.shared.now();
-        self.shared.lock().is_heavy(self.id, now)
-    }
-
-    /// Records whether the account's last turn broke a plugin limit (a call out of fuel,
-    /// past its deadline, over its memory or output caps): until a turn that does not, it
-    /// is heavy beside other active accounts (see `fair`).
-    pub fn breached(&self, breached: bool) {
-        let now = self.shared.now();
-        let mut fair = self.shared.lock();
-        // Called after every turn: unchanged, it moves no turn to another lane.
-        if fair.breached(self.id, breached) {
-            self.shared.wake_ready(&fair, now);
-        }
-    }
 }
 
 impl Drop for PoolAccount {
     fn drop(&mut self) {
-        self.shared.lock().close(self.id);
+        self.shared.lock().fair.close(self.id);
     }
 }
 
-/// A worker: takes the next turn of its lane, runs it without the lock, charges it.
+/// A worker: takes the next turn of its lane, runs it without the lock, and under one hold
+/// of the lock charges it and takes the next; answers the unit after letting the lock go.
 fn work(shared: &Shared, lane: Lane) {
     let recheck = match lane {
         Lane::Normal => IDLE_RECHECK,
@@ -230,22 +280,50 @@ fn work(shared: &Shared, lane: Lane) {
             BACKGROUND_RECHECK
         }
     };
-    let mut fair = shared.lock();
+    let other = match lane {
+        Lane::Normal => Lane::Background,
+        Lane::Background => Lane::Normal,
+    };
+    // The turn that ran last, with whether its account is heavy now: answered once the lock
+    // is let go (the answer wakes the unit's task).
+    let mut answered: Option<(Turn, bool)> = None;
+    let mut state = shared.lock();
     loop {
-        let Some((id, turn)) = fair.pop(lane, shared.now()) else {
-            fair = match shared.wake[lane.index()].wait_timeout(fair, recheck) {
-                Ok((fair, _)) => fair,
+        let popped = state.fair.pop(lane, shared.now());
+        if popped.passed_other {
+            shared.wake(&state, Some(other));
+        }
+        let Some((id, mut turn)) = popped.turn else {
+            if let Some((done, heavy)) = answered.take() {
+                // Answered before sleeping: the unit may queue its next turn at once.
+                drop(state);
+                done.answer(heavy);
+                state = shared.lock();
+                continue;
+            }
+            state.sleeping[lane.index()] += 1;
+            state = match shared.wake[lane.index()].wait_timeout(state, recheck) {
+                Ok((state, _)) => state,
                 Err(poisoned) => poisoned.into_inner().0,
             };
+            state.sleeping[lane.index()] -= 1;
             continue;
         };
-        drop(fair);
-        let cpu = turn();
-        fair = shared.lock();
-        let now = shared.now();
-        fair.charge(id, cpu.as_nanos() as u64, now);
-        // The charge may have moved an account with a turn waiting to the other lane.
-        shared.wake_ready(&fair, now);
+        drop(state);
+        if let Some((done, heavy)) = answered.take() {
+            done.answer(heavy);
+        }
+        let (cpu, breached) = turn.run();
+        state = shared.lock();
+        let charged = state
+            .fair
+            .charge(id, cpu.as_nanos() as u64, breached, shared.now());
+        // Its next turn, already queued, may have moved to the other lane (this lane's own
+        // turns are taken by this worker's next pop).
+        if charged.ready == Some(other) {
+            shared.wake(&state, charged.ready);
+        }
+        answered = Some((turn, charged.heavy));
     }
 }
 
