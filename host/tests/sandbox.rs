@@ -474,6 +474,7 @@ fn insert_flagged(flag: Option<&str>) -> tidegate::model::Change {
 
     let mut full = bson::rawdoc! { "_id": 1 };
     if let Some(flag) = flag {
+        let flag: &bson::raw::CStr = flag.try_into().expect("a flag name");
         full.append(flag, true);
     }
     let key = bson::rawdoc! { "_id": 1 };
