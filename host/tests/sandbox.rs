@@ -388,43 +388,12 @@ async fn plugins_cannot_forge_or_flood_the_log() -> anyhow::Result<()> {
 /// asked), so a slow machine cannot fail this.
 #[test]
 fn a_limit_breach_pauses_only_the_offending_unit() {
-    use std::borrow::Cow;
     use std::time::Instant;
-    use tidegate::model::{Change, Fields, Namespace, Operation};
-    use tidegate::plugin::{Chain, Plugin, Verdict};
+    use tidegate::plugin::Verdict;
 
-    let plugins = plugin_dir().expect("plugins");
-    let config_path = std::path::Path::new(".");
-    let sandbox = tidegate::new_sandbox(
-        &tidegate::Config::parse(&config_text(4), config_path, |_| None).expect("config"),
-    )
-    .expect("sandbox");
-    let spin = {
-        let full = bson::rawdoc! { "_id": 1, "spin": true };
-        let key = bson::rawdoc! { "_id": 1 };
-        let namespace = Namespace {
-            db: "shop".into(),
-            coll: Some("orders".into()),
-        };
-        let fields = Fields {
-            document_key: Some(Cow::Owned(key)),
-            full_document: Some(Cow::Owned(full)),
-            ..Fields::new("82AA", Operation::Insert, namespace)
-        };
-        Change::from_fields(fields, None).expect("change")
-    };
+    let spin = insert_flagged(Some("spin"));
     {
-        let config =
-            tidegate::Config::parse(&config_text(4), config_path, |_| None).expect("config");
-        let pipeline = &config.pipelines[0];
-        let plugin = Plugin::load(
-            &sandbox,
-            "faulty",
-            &plugins.join("faulty.wasm"),
-            &Chain::settings(pipeline, &pipeline.plugins[0]),
-        )
-        .expect("load faulty");
-        let mut chain = Chain::of(vec![plugin], pipeline);
+        let (_sandbox, mut chain) = faulty_chain(4);
         let started = Instant::now();
         let verdict = chain.run(&spin);
         let took = started.elapsed() + chain.take_pause();
@@ -440,6 +409,107 @@ fn a_limit_breach_pauses_only_the_offending_unit() {
             "breach_pause = 4: the chain returned after {took:?}"
         );
     }
+}
+
+/// Breaches in a row double the pause (`quarantine.breach_pause` times the call, times 2 per
+/// earlier failure in a row, at most 5 s), so that a plugin breaking its limits on every event
+/// soon handles one event per 5 s: what its failed events cost outside the call (read from
+/// the change stream, dead-lettered, stored) is bounded too, which a pause in proportion to a
+/// cheap call, such as a header bomb's, did not bound. One call that does not fail ends the
+/// run. Only bounds derived from the call's own duration are asserted, never a timing.
+#[test]
+fn breaches_in_a_row_double_the_pause() {
+    use std::time::Instant;
+    use tidegate::plugin::Verdict;
+
+    let (spin, pass) = (insert_flagged(Some("spin")), insert_flagged(None));
+    let (_sandbox, mut chain) = faulty_chain(4);
+    // The deadline is 100 ms, counted in epoch ticks: a call stopped by it takes at least
+    // 80 ms (the first test's bound, 400 ms for call and pause, allows as much).
+    let breach = |chain: &mut tidegate::plugin::Chain| {
+        let started = Instant::now();
+        let verdict = chain.run(&spin);
+        let took = started.elapsed();
+        match verdict {
+            Verdict::DeadLetter(cause) => assert_eq!(cause.kind().as_str(), "deadline"),
+            other => panic!("expected a deadline dead letter, got {other:?}"),
+        }
+        (took, chain.take_pause())
+    };
+    let (took, first) = breach(&mut chain);
+    assert!(
+        first <= took * 4,
+        "first breach: {first:?} for a call of {took:?}"
+    );
+    let (_, second) = breach(&mut chain);
+    assert!(
+        second >= Duration::from_millis(8 * 80),
+        "second breach in a row: 8 × the call, owed {second:?}"
+    );
+    let (_, third) = breach(&mut chain);
+    assert!(
+        third >= Duration::from_millis(16 * 80),
+        "third breach in a row: 16 × the call, owed {third:?}"
+    );
+    match chain.run(&pass) {
+        Verdict::Publish(outputs) => assert_eq!(outputs.len(), 1),
+        other => panic!("expected the unflagged event published, got {other:?}"),
+    }
+    assert!(
+        chain.take_pause().is_zero(),
+        "a call that passes owes nothing"
+    );
+    let (took, again) = breach(&mut chain);
+    assert!(
+        again <= took * 4,
+        "after a call that passed, a breach costs 4 × its call again: {again:?} for {took:?}"
+    );
+}
+
+/// An insert of `{_id: 1}` into `shop.orders`, with the `faulty` plugin's `flag` set to true
+/// (none: an event it passes unchanged).
+fn insert_flagged(flag: Option<&str>) -> tidegate::model::Change {
+    use std::borrow::Cow;
+    use tidegate::model::{Change, Fields, Namespace, Operation};
+
+    let mut full = bson::rawdoc! { "_id": 1 };
+    if let Some(flag) = flag {
+        let flag: &bson::raw::CStr = flag.try_into().expect("a flag name");
+        full.append(flag, true);
+    }
+    let key = bson::rawdoc! { "_id": 1 };
+    let namespace = Namespace {
+        db: "shop".into(),
+        coll: Some("orders".into()),
+    };
+    let fields = Fields {
+        document_key: Some(Cow::Owned(key)),
+        full_document: Some(Cow::Owned(full)),
+        ..Fields::new("82AA", Operation::Insert, namespace)
+    };
+    Change::from_fields(fields, None).expect("change")
+}
+
+/// A chain of the `faulty` plugin alone under [`config_text`], and its sandbox: keep the
+/// sandbox while the chain runs (dropping it stops the epoch ticker that fires deadlines).
+fn faulty_chain(breach_pause: u32) -> (tidegate::sandbox::Sandbox, tidegate::plugin::Chain) {
+    use tidegate::plugin::{Chain, Plugin};
+
+    let plugins = plugin_dir().expect("plugins");
+    let config_path = std::path::Path::new(".");
+    let config =
+        tidegate::Config::parse(&config_text(breach_pause), config_path, |_| None).expect("config");
+    let sandbox = tidegate::new_sandbox(&config).expect("sandbox");
+    let pipeline = &config.pipelines[0];
+    let plugin = Plugin::load(
+        &sandbox,
+        "faulty",
+        &plugins.join("faulty.wasm"),
+        &Chain::settings(pipeline, &pipeline.plugins[0]),
+    )
+    .expect("load faulty");
+    let chain = Chain::of(vec![plugin], pipeline);
+    (sandbox, chain)
 }
 
 /// A config of one pipeline `p` with one plugin, for tests that load plugins without servers

@@ -886,3 +886,53 @@ async fn header_bombs_never_drop_the_shared_connection() -> anyhow::Result<()> {
     assert!(body.get("fullDocument").is_none(), "{body}");
     Ok(())
 }
+
+/// A tenant whose plugin breaks its limits on every event is throttled, not stopped: each
+/// breach in a row doubles its pause (`quarantine.breach_pause`, up to 5 s), and a stop does
+/// not wait those pauses out: the events it has read are dead-lettered at once and the
+/// process exits cleanly within `shutdown_timeout_secs`, none lost. Sixteen header bombs in
+/// a row: after the eighth, the pauses still owed add up to about half a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_tenant_does_not_hold_up_a_stop() -> anyhow::Result<()> {
+    const BOMBS: u64 = 16;
+    let h = Harness::start().await?;
+    let config = tenant_config(
+        &h,
+        &h.plugins,
+        "[[pipeline.tenant.plugins]]\nname = \"faulty\"",
+        "quarantine = { after_failures = 0 }",
+    )
+    .replace(
+        "full_document = \"update-lookup\"",
+        "full_document = \"update-lookup\"\nshutdown_timeout_secs = 5",
+    );
+    let path = h.write_config("tenants.toml", &config)?;
+    let mut child = h.spawn_binary(&path)?;
+    h.wait_checkpoints(&["shop.good", "shop.bad"]).await?;
+
+    let orders = h.collection().await?;
+    orders
+        .insert_many((0..BOMBS).map(|n| doc! { "n": n as i64, "header_bomb": true }))
+        .await?;
+    // Half of them handled: the change stream has long read all sixteen (one insert).
+    h.wait_for_messages("BAD", BOMBS / 2, Duration::from_secs(120))
+        .await?;
+    child.signal(SIGTERM)?;
+    let status = child.wait_exit(Duration::from_secs(60)).await?;
+    let log = child.log();
+    assert!(status.success(), "exit {status}: {log}");
+    assert!(!log.contains("shutdown timeout"), "{log}");
+
+    // Every bomb dead-lettered, once, in order: the stop drained them without their pauses.
+    let bad = h.messages("BAD").await?;
+    assert_eq!(bad.len() as u64, BOMBS, "{log}");
+    for (i, m) in bad.iter().enumerate() {
+        assert_eq!(json(m)["fullDocument"]["n"].as_i64(), Some(i as i64));
+        assert_eq!(m.subject.as_str(), "bad.dead-letter", "event {i}");
+        assert_eq!(
+            header(m, "Tidegate-Error-Kind").as_deref(),
+            Some("output-too-large")
+        );
+    }
+    Ok(())
+}

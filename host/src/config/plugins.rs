@@ -100,11 +100,15 @@ pub struct QuarantineConfig {
     #[serde(default)]
     pub action: QuarantineAction,
     /// After a call that breaks one of the plugin's limits (fuel, deadline, memory, output
-    /// size), the unit pauses for this many times the call's duration (at most
-    /// [`MAX_BREACH_PAUSE`]) before its next event. The limits bound one call, this bounds
-    /// the rate of such calls: a plugin that breaks its limits on every event gets at most
-    /// 1/(1 + N) of a core, so the other units keep the CPU they need until quarantine (or a
-    /// fix) takes it out. Only the offending unit waits. 0 turns it off. Default: 4.
+    /// size), the unit pauses for this many times the call's duration, doubled for each
+    /// failure of the plugin in a row before it (at most [`MAX_BREACH_PAUSE`]), before its
+    /// next event. The limits bound one call, this bounds the rate of such calls: a plugin
+    /// that breaks its limits on every event gets at most 1/(1 + N) of a core at once and
+    /// soon handles one event per [`MAX_BREACH_PAUSE`], so the other units keep the CPU they
+    /// need (a cheap call's failed event still costs the change stream, the dead letter and
+    /// the servers their share) until quarantine (or a fix) takes it out. A call that does
+    /// not fail ends the run. Only the offending unit waits; nothing is dropped. 0 turns it
+    /// off. Default: 4.
     #[serde(default = "default_breach_pause")]
     pub breach_pause: u32,
 }

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use self::throttle::{Throttle, TurnUse};
 use super::AbortOnDrop;
@@ -71,6 +71,7 @@ pub(super) fn spawn(
     stages_io: (
         mpsc::Receiver<Vec<SourceItem>>,
         mpsc::Sender<Vec<EventMessages>>,
+        watch::Receiver<bool>,
     ),
     reloads: std::sync::mpsc::Receiver<ChainUpdate>,
     stats: Arc<PipelineStats>,
@@ -98,6 +99,23 @@ pub(super) fn spawn(
     Ok(tokio::spawn(
         stages.run(stages_io, stats, account, throttle),
     ))
+}
+
+/// Waits out a quota or breach-pause `wait`, unless the unit is stopping (`shutdown` true) or
+/// starts to: a stop drains what the unit has read at once. The waits bound the unit's rate
+/// while it runs; a breach pause doubled up to 5 s per event would otherwise hold a drain of
+/// a few queued hostile events past `shutdown_timeout_secs`. A closed `shutdown` channel
+/// (no one can ask for a stop) leaves the wait whole.
+async fn wait_unless_stopping(wait: Duration, shutdown: &mut watch::Receiver<bool>) {
+    let stopping = async {
+        if shutdown.wait_for(|stop| *stop).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        () = stopping => {}
+    }
 }
 
 /// Caps every plugin's `max_output_bytes` at the NATS server's `max_payload` (a larger
@@ -141,14 +159,15 @@ struct Turn {
 impl ChainStages {
     /// The stage: hands each batch to the worker pool in turns of at most [`TURN`], passes
     /// what each turn framed on to the sink, and waits out the unit's quota and breach pause
-    /// between turns. Reloaded plugins are swapped in between two events. A quarantined
+    /// between turns (until `shutdown`: a stop drains what was read without them). Reloaded plugins are swapped in between two events. A quarantined
     /// plugin under the `halt` policy ends the stage with an error before the event it would
     /// have seen, so that event is neither published nor checkpointed.
     async fn run(
         self,
-        (mut events, to_sink): (
+        (mut events, to_sink, mut shutdown): (
             mpsc::Receiver<Vec<SourceItem>>,
             mpsc::Sender<Vec<EventMessages>>,
+            watch::Receiver<bool>,
         ),
         stats: Arc<PipelineStats>,
         account: PoolAccount,
@@ -227,7 +246,7 @@ impl ChainStages {
                 }
                 if let Some((why, wait)) = throttle.after_turn(&used, Instant::now()) {
                     stats.quota_wait(why, wait);
-                    tokio::time::sleep(wait).await;
+                    wait_unless_stopping(wait, &mut shutdown).await;
                 }
             }
         }

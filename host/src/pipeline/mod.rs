@@ -117,7 +117,7 @@ pub async fn run(
     let (source_task, source_stop, _heartbeats) =
         start_source(&mongo, shared, &pipeline, (&start, at_time), event_tx);
     let (_forwarder, reloads) = chain_thread::forward_reloads(updates, wake);
-    let chain_io = (event_rx, framed_tx);
+    let chain_io = (event_rx, framed_tx, shutdown.clone());
     let chain_thread = chain_thread::spawn(
         chain,
         &pipeline,

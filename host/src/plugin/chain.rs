@@ -95,7 +95,15 @@ impl Chain {
     /// `QuarantineConfig::breach_pause`), so that a hostile plugin's CPU goes back to the
     /// other units instead of to its next event. The chain stage waits it out off the worker
     /// pool ([`Chain::take_pause`]), so no worker sits idle for it.
-    fn pause_after_breach(&mut self, err: &CallError, took: std::time::Duration) {
+    ///
+    /// The pause doubles with each failure in a row of the plugin (`in_a_row`, counted by
+    /// [`Chain::record`]): a pause in proportion to the call bounds the plugin's CPU, but not
+    /// what each of its failed events costs outside the call (the change stream reading it,
+    /// the dead letter framed, published and stored), which for a cheap call such as a header
+    /// bomb's is most of it. Doubling bounds the rate of such events too, whatever a call
+    /// costs: a plugin that breaks its limits on every event soon handles one event per
+    /// [`crate::config::MAX_BREACH_PAUSE`]. One call that does not fail ends the run.
+    fn pause_after_breach(&mut self, err: &CallError, took: std::time::Duration, in_a_row: u32) {
         if !err.kind.is_limit_breach() {
             return;
         }
@@ -103,8 +111,11 @@ impl Chain {
         if self.quarantine.breach_pause == 0 {
             return;
         }
+        // 2^16 times any call is past the cap; the shift stays in range.
+        let doublings = in_a_row.saturating_sub(1).min(16);
         let pause = took
             .saturating_mul(self.quarantine.breach_pause)
+            .saturating_mul(1 << doublings)
             .min(crate::config::MAX_BREACH_PAUSE);
         self.pause_owed = self
             .pause_owed
@@ -303,7 +314,8 @@ impl Chain {
         }
         self.record(index, result.as_ref().err());
         if let Err(err) = &result {
-            self.pause_after_breach(err, started.elapsed());
+            let in_a_row = self.plugins[index].failures_in_a_row;
+            self.pause_after_breach(err, started.elapsed(), in_a_row);
         }
         match result {
             Ok(Decision::Keep) => next.push(item),
