@@ -411,47 +411,61 @@ fn a_limit_breach_pauses_only_the_offending_unit() {
     }
 }
 
-/// Breaches in a row double the pause (`quarantine.breach_pause` times the call, times 2 per
-/// earlier failure in a row, at most 5 s), so that a plugin breaking its limits on every event
-/// soon handles one event per 5 s: what its failed events cost outside the call (read from
-/// the change stream, dead-lettered, stored) is bounded too, which a pause in proportion to a
-/// cheap call, such as a header bomb's, did not bound. One call that does not fail ends the
-/// run. Only bounds derived from the call's own duration are asserted, never a timing.
+/// In a run of limit breaches the pause doubles with each one, up to
+/// `FAILED_RUN_PAUSE` (a tenth of a second), so that cheap failed events (a header bomb's:
+/// each still read from the change stream, dead-lettered and stored) come at most ten a
+/// second; a costly call's pause is never lengthened (a hog's stays four times its call, so
+/// it reaches quarantine as soon as before). One call that does not fail ends the run. Only
+/// bounds derived from the calls' own durations are asserted, never a timing.
 #[test]
-fn breaches_in_a_row_double_the_pause() {
+fn a_run_of_breaches_is_slowed_to_ten_a_second() {
     use std::time::Instant;
+    use tidegate::config::FAILED_RUN_PAUSE;
     use tidegate::plugin::Verdict;
 
-    let (spin, pass) = (insert_flagged(Some("spin")), insert_flagged(None));
     let (_sandbox, mut chain) = faulty_chain(4);
-    // The deadline is 100 ms, counted in epoch ticks: a call stopped by it takes at least
-    // 80 ms (the first test's bound, 400 ms for call and pause, allows as much).
-    let breach = |chain: &mut tidegate::plugin::Chain| {
+    let breach = |chain: &mut tidegate::plugin::Chain, event: &tidegate::model::Change, kind| {
         let started = Instant::now();
-        let verdict = chain.run(&spin);
+        let verdict = chain.run(event);
         let took = started.elapsed();
         match verdict {
-            Verdict::DeadLetter(cause) => assert_eq!(cause.kind().as_str(), "deadline"),
-            other => panic!("expected a deadline dead letter, got {other:?}"),
+            Verdict::DeadLetter(cause) => assert_eq!(cause.kind().as_str(), kind),
+            // Not the verdict itself: a header bomb's output is 2 MiB of text.
+            Verdict::Publish(outputs) => panic!(
+                "expected a {kind} dead letter, got {} outputs",
+                outputs.len()
+            ),
+            _ => panic!("expected a {kind} dead letter"),
         }
         (took, chain.take_pause())
     };
-    let (took, first) = breach(&mut chain);
+
+    // Cheap breaches: the pause grows to the cap and stays there.
+    let bomb = insert_flagged(Some("header_bomb"));
+    let mut owed = Vec::new();
+    for _ in 0..16 {
+        owed.push(breach(&mut chain, &bomb, "output-too-large"));
+    }
+    let (took, first) = owed[0];
     assert!(
         first <= took * 4,
         "first breach: {first:?} for a call of {took:?}"
     );
-    let (_, second) = breach(&mut chain);
+    // 2^15 × 4 × any call of a microsecond or more is past the cap.
+    let (_, last) = owed[15];
     assert!(
-        second >= Duration::from_millis(8 * 80),
-        "second breach in a row: 8 × the call, owed {second:?}"
+        last >= FAILED_RUN_PAUSE,
+        "16th breach in a row: at least the run's cap, owed {last:?}"
     );
-    let (_, third) = breach(&mut chain);
-    assert!(
-        third >= Duration::from_millis(16 * 80),
-        "third breach in a row: 16 × the call, owed {third:?}"
-    );
-    match chain.run(&pass) {
+    for (i, (took, pause)) in owed.iter().enumerate() {
+        assert!(
+            *pause <= FAILED_RUN_PAUSE.max(*took * 4),
+            "breach {i} in a row owes {pause:?} for a call of {took:?}: past the run's cap"
+        );
+    }
+
+    // One call that passes ends the run.
+    match chain.run(&insert_flagged(None)) {
         Verdict::Publish(outputs) => assert_eq!(outputs.len(), 1),
         other => panic!("expected the unflagged event published, got {other:?}"),
     }
@@ -459,11 +473,21 @@ fn breaches_in_a_row_double_the_pause() {
         chain.take_pause().is_zero(),
         "a call that passes owes nothing"
     );
-    let (took, again) = breach(&mut chain);
+    let (took, again) = breach(&mut chain, &bomb, "output-too-large");
     assert!(
         again <= took * 4,
         "after a call that passed, a breach costs 4 × its call again: {again:?} for {took:?}"
     );
+
+    // Costly breaches (the 100 ms deadline): four times the call, however many in a row.
+    let spin = insert_flagged(Some("spin"));
+    for i in 0..3 {
+        let (took, pause) = breach(&mut chain, &spin, "deadline");
+        assert!(
+            pause <= took * 4,
+            "deadline breach {i} in a row owes {pause:?} for a call of {took:?}: lengthened"
+        );
+    }
 }
 
 /// An insert of `{_id: 1}` into `shop.orders`, with the `faulty` plugin's `flag` set to true
@@ -561,6 +585,7 @@ fn config_text(breach_pause: u32) -> String {
         "faulty",
         &plugins.join("faulty.wasm"),
         &format!("breach_pause = {breach_pause}"),
-        "timeout_ms = 100, fuel_per_call = 1000000000000",
+        // 1 MiB of output: a header bomb's 2 MiB header breaks it.
+        "timeout_ms = 100, fuel_per_call = 1000000000000, max_output_bytes = 1048576",
     )
 }

@@ -41,7 +41,7 @@ pub use self::pipeline::{
 pub use self::plugin_config_file::{read as read_plugin_config_file, MAX_PLUGIN_CONFIG_BYTES};
 pub use self::plugins::{
     Capabilities, LimitOverrides, PluginConfig, PluginLimits, QuarantineAction, QuarantineConfig,
-    SandboxConfig, MAX_BREACH_PAUSE,
+    SandboxConfig, FAILED_RUN_PAUSE, MAX_BREACH_PAUSE,
 };
 pub use self::quota::Quota;
 pub use self::sink::{

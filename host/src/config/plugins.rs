@@ -100,15 +100,14 @@ pub struct QuarantineConfig {
     #[serde(default)]
     pub action: QuarantineAction,
     /// After a call that breaks one of the plugin's limits (fuel, deadline, memory, output
-    /// size), the unit pauses for this many times the call's duration, doubled for each
-    /// failure of the plugin in a row before it (at most [`MAX_BREACH_PAUSE`]), before its
-    /// next event. The limits bound one call, this bounds the rate of such calls: a plugin
-    /// that breaks its limits on every event gets at most 1/(1 + N) of a core at once and
-    /// soon handles one event per [`MAX_BREACH_PAUSE`], so the other units keep the CPU they
-    /// need (a cheap call's failed event still costs the change stream, the dead letter and
-    /// the servers their share) until quarantine (or a fix) takes it out. A call that does
-    /// not fail ends the run. Only the offending unit waits; nothing is dropped. 0 turns it
-    /// off. Default: 4.
+    /// size), the unit pauses for this many times the call's duration (at most
+    /// [`MAX_BREACH_PAUSE`]) before its next event. The limits bound one call, this bounds
+    /// the rate of such calls: a plugin that breaks its limits on every event gets at most
+    /// 1/(1 + N) of a core, so the other units keep the CPU they need until quarantine (or a
+    /// fix) takes it out. A cheap call's failed event still costs the change stream, the dead
+    /// letter and the servers their share, so in a run of failures the pause also doubles
+    /// with each one, up to [`FAILED_RUN_PAUSE`]: at most ten such events a second. Only the
+    /// offending unit waits; nothing is dropped. 0 turns it off. Default: 4.
     #[serde(default = "default_breach_pause")]
     pub breach_pause: u32,
 }
@@ -116,6 +115,12 @@ pub struct QuarantineConfig {
 /// The longest pause one limit breach costs (see [`QuarantineConfig::breach_pause`]): long
 /// enough to matter against a hog, short enough that a stop or a reload is not held up.
 pub const MAX_BREACH_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How far the pause of a run of limit breaches doubles (see
+/// [`QuarantineConfig::breach_pause`]): a cap on the *rate* of failed events (ten a second),
+/// not on their CPU. It never lengthens the pause of a costly call (a hog's stays four times
+/// the call), so a plugin that fails on every event reaches quarantine as soon as before.
+pub const FAILED_RUN_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Default for QuarantineConfig {
     fn default() -> Self {

@@ -96,13 +96,15 @@ impl Chain {
     /// other units instead of to its next event. The chain stage waits it out off the worker
     /// pool ([`Chain::take_pause`]), so no worker sits idle for it.
     ///
-    /// The pause doubles with each failure in a row of the plugin (`in_a_row`, counted by
-    /// [`Chain::record`]): a pause in proportion to the call bounds the plugin's CPU, but not
-    /// what each of its failed events costs outside the call (the change stream reading it,
-    /// the dead letter framed, published and stored), which for a cheap call such as a header
-    /// bomb's is most of it. Doubling bounds the rate of such events too, whatever a call
-    /// costs: a plugin that breaks its limits on every event soon handles one event per
-    /// [`crate::config::MAX_BREACH_PAUSE`]. One call that does not fail ends the run.
+    /// In a run of failures of the plugin (`in_a_row`, counted by [`Chain::record`]) the
+    /// pause also doubles with each one, up to [`crate::config::FAILED_RUN_PAUSE`]: a pause in
+    /// proportion to the call bounds the plugin's CPU, but not what each of its failed events
+    /// costs outside the call (the change stream reading it, the dead letter framed,
+    /// published and stored), which for a cheap call such as a header bomb's is most of it
+    /// (measured: ~2 ms of the machine's CPU per event, at a few hundred events a second).
+    /// The doubling stops at a tenth of a second, so it bounds the rate of such events and
+    /// never lengthens the pause of a costly call: a hog reaches quarantine as soon as
+    /// before. One call that does not fail ends the run.
     fn pause_after_breach(&mut self, err: &CallError, took: std::time::Duration, in_a_row: u32) {
         if !err.kind.is_limit_breach() {
             return;
@@ -111,11 +113,14 @@ impl Chain {
         if self.quarantine.breach_pause == 0 {
             return;
         }
+        let proportional = took.saturating_mul(self.quarantine.breach_pause);
         // 2^16 times any call is past the cap; the shift stays in range.
         let doublings = in_a_row.saturating_sub(1).min(16);
-        let pause = took
-            .saturating_mul(self.quarantine.breach_pause)
+        let doubled = proportional
             .saturating_mul(1 << doublings)
+            .min(crate::config::FAILED_RUN_PAUSE);
+        let pause = proportional
+            .max(doubled)
             .min(crate::config::MAX_BREACH_PAUSE);
         self.pause_owed = self
             .pause_owed
