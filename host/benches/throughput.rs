@@ -1838,8 +1838,16 @@ impl Neighbour {
 /// the hostile unit never waits for work, few enough that stopping drains quickly.
 const HOSTILE_OUTSTANDING: u64 = 4;
 
+/// How often the feeder looks whether the hostile tenant needs events (see [`feed_hostile`]):
+/// four outstanding last a header bomb throttled to ten a second 400 ms.
+const HOSTILE_POLL: Duration = Duration::from_millis(20);
+
 /// Keeps the hostile tenant busy until `stop`: inserts a flagged document whenever fewer than
 /// [`HOSTILE_OUTSTANDING`] are waiting for their dead letter. Returns how many it inserted.
+///
+/// It looks at the dead-letter stream every [`HOSTILE_POLL`]: a throttled hostile unit takes
+/// its events slowly, and a poll every 2 ms (500 stream-info requests a second) was then most
+/// of what the neighbour cost NATS, the bench measuring itself.
 async fn feed_hostile(
     coll: mongodb::Collection<Document>,
     client: async_nats::Client,
@@ -1858,7 +1866,7 @@ async fn feed_hostile(
         } else {
             tokio::select! {
                 _ = stop.changed() => {}
-                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+                _ = tokio::time::sleep(HOSTILE_POLL) => {}
             }
         }
     }
