@@ -603,7 +603,7 @@ fn micro(plugins: &Path, iters: usize) -> anyhow::Result<(Table, Table, usize)> 
         &change,
         iters,
     )?);
-    for note in baselines::redact_split(&sandbox, plugins, &settings, &change, iters)? {
+    for note in baselines::redact_split(&sandbox, plugins, settings, &change, iters)? {
         calls.note(note);
     }
     let full = event.full_document.clone().unwrap_or_default();
