@@ -496,10 +496,14 @@ async fn incremental_snapshot_resumes_after_a_crash_and_stops_on_signal() -> any
             .collect();
         items.insert_many(docs).await?;
     }
+    // Throttled (never dropped) to 3000 events a second, so that the 60,000 documents take
+    // about 20 s whatever the machine's speed: the crash and the stop signal below must land
+    // while a snapshot runs, and unthrottled a fast machine published all of them between two
+    // looks at the stream.
     let config = database_config(
         &h,
         "signal_collection = \"shop.signals\"\nsnapshot_chunk_size = 200\n\
-         include = [\"shop.items\"]",
+         include = [\"shop.items\"]\nquota = { events_per_sec = 3000.0 }",
     );
     let path = h.write_config("incremental.toml", &config)?;
     let mut first = h.spawn_binary(&path)?;
