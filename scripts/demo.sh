@@ -11,4 +11,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${TIDEGATE_CACHE:-$HOME/.cache/tide
 "$ROOT/scripts/install-deps.sh" >/dev/null
 echo "== building tidegate (release; the first build takes several minutes)"
 cargo build --release --locked -p tidegate -p tidegate-testkit --bins
-exec "$CARGO_TARGET_DIR/release/tidegate-demo" "$@"
+# The demo finds the repository (its scripts, plugins, examples) through CARGO_MANIFEST_DIR
+# before the path compiled in: a build cache shared by clones at different paths may hand
+# over a binary compiled in another clone, whose compiled-in path is gone.
+CARGO_MANIFEST_DIR="$ROOT/testkit" exec "$CARGO_TARGET_DIR/release/tidegate-demo" "$@"

@@ -58,7 +58,8 @@ cargo test --release --locked --workspace 2>&1 | tee -a "$results"
 
 phase "quick-start demo"
 cargo build --release --locked -p tidegate -p tidegate-testkit --bins
-"$CARGO_TARGET_DIR/release/tidegate-demo"
+# This clone's repository, not the one the binary may have been compiled in (scripts/demo.sh).
+CARGO_MANIFEST_DIR="$ROOT/testkit" "$CARGO_TARGET_DIR/release/tidegate-demo"
 
 phase "deployment files: Dockerfile, compose, their config (what was run and what only checked)"
 CHECK_DEPLOY_INSTALL=1 "$ROOT/scripts/check-deploy.sh"
