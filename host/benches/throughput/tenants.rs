@@ -7,9 +7,9 @@
 //! Sizes, chains and routings come from the environment, so that the whole matrix or one
 //! essential row can be run: `TIDEGATE_BENCH_TENANTS=1,10,100,1000` (default `1,10,100`),
 //! `TIDEGATE_BENCH_CHAINS=1,3` (plugins per tenant, default `1`),
-//! `TIDEGATE_BENCH_ROUTING=db,key` (default both).
+//! `TIDEGATE_BENCH_ROUTING=db,key` (default both), `TIDEGATE_BENCH_ROUNDS=R` (default 1: each
+//! round runs every K in turn; ratios are per round, and the table shows their median).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -72,9 +72,17 @@ pub(super) async fn tenants_only(args: &Args, plugins: &Path) -> anyhow::Result<
     if chains.iter().any(|c| !(1..=3).contains(c)) {
         bail!("TIDEGATE_BENCH_CHAINS: plugins per tenant are 1, 2 or 3");
     }
+    let rounds: usize = list("TIDEGATE_BENCH_ROUNDS", vec![1])
+        .first()
+        .copied()
+        .unwrap_or(1);
+    if rounds == 0 {
+        bail!("TIDEGATE_BENCH_ROUNDS: at least one round");
+    }
     let mut table = Table::new(
         &format!(
-            "8. Shared reader: K tenants, one change stream (N = {} live events)",
+            "8. Shared reader: K tenants, one change stream (N = {} live events, {rounds} \
+             round(s))",
             args.events
         ),
         &[
@@ -84,38 +92,68 @@ pub(super) async fn tenants_only(args: &Args, plugins: &Path) -> anyhow::Result<
             "start-up s",
             "events/s total",
             "× K = 1",
+            "× K = 1 per round",
             "change streams on mongod",
             "mongod CPU cores",
             "RSS MiB",
             "threads",
         ],
     );
-    let mut first: HashMap<(Routing, usize), f64> = HashMap::new();
     for &routing in &routings {
         for &chain in &chains {
-            for &k in &sizes {
-                eprintln!(
-                    "8. tenants: {}, {chain} plugin(s), K = {k}…",
-                    routing.label()
-                );
-                let row = run(args.events, plugins, k, chain, routing).await?;
-                let baseline = *first.entry((routing, chain)).or_insert(row.rate);
+            // rows[i][r]: size i in round r. Rounds interleave the sizes, so that a slow
+            // minute on a shared machine lands on K = 1 and K = 1000 alike.
+            let mut rows: Vec<Vec<Row>> = sizes.iter().map(|_| Vec::new()).collect();
+            for round in 0..rounds {
+                for (i, &k) in sizes.iter().enumerate() {
+                    eprintln!(
+                        "8. tenants: {}, {chain} plugin(s), K = {k}, round {}/{rounds}…",
+                        routing.label(),
+                        round + 1
+                    );
+                    rows[i].push(run(args.events, plugins, k, chain, routing).await?);
+                }
+            }
+            for (i, &k) in sizes.iter().enumerate() {
+                let runs = &rows[i];
+                // Each round's ratio is against the first size of the same round.
+                let ratios: Vec<f64> = runs
+                    .iter()
+                    .zip(&rows[0])
+                    .map(|(row, first)| row.rate / first.rate)
+                    .collect();
                 table.row(vec![
                     routing.label().into(),
                     chain_label(chain).into(),
                     k.to_string(),
-                    format!("{:.1}", row.startup.as_secs_f64()),
-                    fmt_rate(row.rate),
-                    format!("{:.2}", row.rate / baseline),
-                    row.streams.to_string(),
-                    format!("{:.2}", row.mongod_cores),
-                    (row.rss_kib / 1024).to_string(),
-                    row.threads.to_string(),
+                    format!(
+                        "{:.1}",
+                        median(runs.iter().map(|r| r.startup.as_secs_f64()))
+                    ),
+                    fmt_rate(median(runs.iter().map(|r| r.rate))),
+                    format!("{:.2}", median(ratios.iter().copied())),
+                    ratios
+                        .iter()
+                        .map(|r| format!("{r:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    runs.iter()
+                        .map(|r| r.streams)
+                        .max()
+                        .unwrap_or(0)
+                        .to_string(),
+                    format!("{:.2}", median(runs.iter().map(|r| r.mongod_cores))),
+                    (runs.iter().map(|r| r.rss_kib).max().unwrap_or(0) / 1024).to_string(),
+                    runs.iter()
+                        .map(|r| r.threads)
+                        .max()
+                        .unwrap_or(0)
+                        .to_string(),
                 ]);
             }
         }
     }
-    table.note("In-process: RSS and threads are the bench process's (tidegate, its drivers, this harness), read after the row's events are stored; rows run in order in one process, so a row's RSS may include what earlier rows left allocated. Collections are created before tidegate starts; events are written live with insert_many (8 in flight; database per tenant: N/K events per tenant; tenant key: batches of 1000 spread over all tenants) while tidegate runs; the rate is events / (first write → last tenant's last message stored). \"× K = 1\" is against the first K of the same routing and chain in this run. Start-up: from tidegate::run until every tenant has saved its start. Change streams counted with $currentOp (allUsers, idleCursors) after the run.".into());
+    table.note("In-process: RSS and threads are the bench process's (tidegate, its drivers, this harness), read after the row's events are stored; rows run in order in one process, so a row's RSS may include what earlier rows left allocated. Collections are created before tidegate starts; events are written live with insert_many (8 in flight; database per tenant: N/K events per tenant; tenant key: batches of 1000 spread over all tenants) while tidegate runs; the rate is events / (first write → last tenant's last message stored). \"× K = 1\" is against the first K of the same routing and chain in the same round, the median over the rounds (each round runs every K in turn, so that a slow minute on a shared machine lands on every K alike); events/s, start-up and mongod CPU are medians over the rounds, RSS and threads the highest. Start-up: from tidegate::run until every tenant has saved its start. Change streams counted with $currentOp (allUsers, idleCursors) after the run.".into());
     Ok(vec![table])
 }
 
@@ -124,6 +162,17 @@ fn chain_label(plugins: usize) -> &'static str {
         1 => "op-filter",
         2 => "op-filter, redact",
         _ => "op-filter, redact, fanout×1",
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count; 0 for none).
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 
