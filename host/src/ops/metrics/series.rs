@@ -310,11 +310,28 @@ impl PipelineMetrics {
         self.record_checkpoint(position, saved_unix_ms.unwrap_or_else(unix_now_ms));
     }
 
+    /// The store holds no checkpoint for this unit. What an earlier run of the unit in this
+    /// process recorded (on another deployment, or in a record since deleted) is not its
+    /// position: lag, checkpoint age and oplog headroom are unknown again until the first
+    /// write, instead of alarms about a position the unit no longer has.
+    pub fn no_checkpoint_loaded(&self) {
+        self.checkpoint_at_ms.store(0, Ordering::Relaxed);
+        self.checkpoint_position_secs.store(0, Ordering::Relaxed);
+        if let Ok(mut kept) = self.checkpoint_msg_id.lock() {
+            *kept = None;
+        }
+        self.checkpoint_in_snapshot.store(false, Ordering::Relaxed);
+        self.plain_checkpoint_ms.store(0, Ordering::Relaxed);
+        if let Ok(mut kept) = self.oplog.lock() {
+            *kept = None;
+        }
+    }
+
     fn record_checkpoint(&self, position: &Position, at_ms: i64) {
         self.checkpoint_at_ms.store(at_ms, Ordering::Relaxed);
-        if let Some(secs) = token_seconds(&position.token) {
-            self.checkpoint_position_secs.store(secs, Ordering::Relaxed);
-        }
+        // A token without a readable time leaves the position unknown, not the last one.
+        let secs = token_seconds(&position.token).unwrap_or(0);
+        self.checkpoint_position_secs.store(secs, Ordering::Relaxed);
         if let Ok(mut kept) = self.checkpoint_msg_id.lock() {
             if kept.as_deref() != position.last_msg_id.as_deref() {
                 kept.clone_from(&position.last_msg_id);

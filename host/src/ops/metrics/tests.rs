@@ -53,6 +53,55 @@ fn lag_and_checkpoint_age_come_from_the_checkpoint() {
     assert_eq!(m.status()["position"]["last_msg_id"], "p:1:0");
 }
 
+/// A unit run again in the same process (an HA owner regaining its lease, a tenant removed
+/// and added again, a pipeline moved to another deployment by a reload) whose store has no
+/// checkpoint: the earlier run's position is not reported as its lag, age or oplog headroom
+/// (a false "position lost" alarm against a younger oplog).
+#[test]
+fn a_missing_checkpoint_forgets_an_earlier_runs_position() {
+    let m = PipelineMetrics::new(Labels::pipeline("again"));
+    let token: ResumeToken = bson::deserialize_from_bson(bson::Bson::Document(
+        bson::doc! { "_data": format!("82{:08X}00000001", unix_now_ms() / 1000 - 30) },
+    ))
+    .expect("token");
+    let position = Position {
+        token,
+        last_msg_id: Some("again:1:0".into()),
+        snapshot: None,
+    };
+    m.checkpointed(&position);
+    m.set_oplog(crate::ops::oplog::Status {
+        max_bytes: 1,
+        size_bytes: 1,
+        window_seconds: 1,
+        write_bytes_per_second: None,
+        headroom_seconds: Some(0.0),
+        level: crate::ops::oplog::Level::Lost,
+        checked_at_unix_ms: unix_now_ms(),
+    });
+    assert!(m.lag_seconds().is_some() && m.checkpoint_position_secs().is_some());
+    m.no_checkpoint_loaded();
+    assert_eq!(m.lag_seconds(), None);
+    assert_eq!(m.checkpoint_position_secs(), None);
+    assert_eq!(m.checkpoint_age_seconds(), None);
+    assert!(m.oplog().is_none());
+    assert!(
+        m.status()["position"]["last_msg_id"].is_null(),
+        "{}",
+        m.status()
+    );
+    // A position whose token carries no time is unknown, not the one before it.
+    m.checkpointed(&position);
+    let timeless = Position {
+        token: bson::deserialize_from_bson(bson::Bson::Document(bson::doc! { "_data": "zz" }))
+            .expect("token"),
+        last_msg_id: None,
+        snapshot: None,
+    };
+    m.checkpointed(&timeless);
+    assert_eq!(m.checkpoint_position_secs(), None);
+}
+
 #[test]
 fn known_counters_exist_at_zero() {
     let m = PipelineMetrics::new(Labels::pipeline("zero"));
