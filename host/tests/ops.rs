@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use prometheus_parse::{Scrape, Value};
-use support::{http_get, write_range, Harness, PIPELINE, SIGTERM, STREAM};
-use tidegate_testkit::{free_port, wait_until};
+use support::{http_get, wat_filter, write_range, Harness, InProcess, PIPELINE, SIGTERM, STREAM};
+use tidegate_testkit::{free_port, wait_until, MongoReplicaSet};
 
 /// The value of `name{pipeline="orders"}` in a scrape.
 fn sample<'a>(scrape: &'a Scrape, name: &str) -> Option<&'a Value> {
@@ -684,5 +684,99 @@ async fn the_status_page_renders_and_matches_status() -> anyhow::Result<()> {
     .await?;
     tidegate.signal(SIGTERM)?;
     assert!(tidegate.wait_exit(Duration::from_secs(30)).await?.success());
+    Ok(())
+}
+
+/// A unit run again in one process on another deployment (a reload moving a pipeline, a
+/// tenant added again, the bench's rows on fresh servers) has no position until it loads or
+/// writes its checkpoint: the oplog check does not call the earlier run's position lost
+/// against the new deployment's younger oplog. The second run holds its tenant (its plugin's
+/// `init` traps), so it never loads a checkpoint; before the fix its first oplog check said
+/// `lost`, from the first run's position, and logged "older than the oplog's oldest entry"
+/// (a thousand such errors at the start of the tenants bench's K = 1000 rows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_run_again_elsewhere_keeps_no_stale_position() -> anyhow::Result<()> {
+    const UNIT: &str = "moved.t";
+    let h = Harness::start().await?;
+    let trapping = wat_filter(h.dir.path(), "trap", 1, "", "unreachable", "");
+    let config = |mongo: &str, plugin: &str| {
+        format!(
+            r#"
+plugin_dir = "{plugin_dir}"
+[nats]
+url = "{nats}"
+[[pipeline]]
+id = "moved"
+mongodb_uri = "{mongo}"
+database = "shop"
+[pipeline.checkpoint]
+interval_ms = 200
+oplog_check_interval_ms = 250
+[[pipeline.tenant]]
+id = "t"
+namespaces = ["shop.orders"]
+[pipeline.tenant.sink]
+stream = "MOVED"
+subject_prefix = "moved"
+{plugin}
+"#,
+            plugin_dir = h.plugins.display(),
+            nats = h.nats.url(),
+        )
+    };
+    let metrics = tidegate::ops::metrics::pipeline(UNIT);
+
+    // Run 1, on the harness's replica set: a checkpoint, so a position in the metrics.
+    let path = h.write_config("first.toml", &config(&h.mongo.uri(), ""))?;
+    let first = InProcess::start(&path)?;
+    h.wait_checkpoints(&[UNIT]).await?;
+    wait_until("run 1's position", Duration::from_secs(60), || async {
+        metrics.checkpoint_position_secs().is_some()
+    })
+    .await?;
+    first.stop().await?;
+    let position = metrics
+        .checkpoint_position_secs()
+        .context("run 1's position")?;
+
+    // Another deployment, whose oplog begins after run 1's position.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let elsewhere = MongoReplicaSet::start().await?;
+    let (oldest, _) = tidegate::ops::oplog::ends(&elsewhere.client().await?)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        i64::from(oldest.time) > position,
+        "the new oplog ({}) does not begin after run 1's position ({position})",
+        oldest.time
+    );
+
+    // Run 2 there, the tenant held: it never loads its checkpoint.
+    let plugin = format!(
+        "[[pipeline.tenant.plugins]]\nname = \"trap\"\nfile = \"{}\"",
+        trapping.display()
+    );
+    let path = h.write_config("second.toml", &config(&elsewhere.uri(), &plugin))?;
+    let second = InProcess::start(&path)?;
+    // Two checks after the first one: the unit was watched before and after its start.
+    let mut checks = std::collections::BTreeSet::new();
+    wait_until(
+        "three oplog checks in run 2",
+        Duration::from_secs(120),
+        || {
+            if let Some(status) = metrics.oplog() {
+                checks.insert(status.checked_at_unix_ms);
+                assert_ne!(
+                    status.level,
+                    tidegate::ops::oplog::Level::Lost,
+                    "run 1's position reported lost against the new oplog: {status:?}"
+                );
+            }
+            std::future::ready(checks.len() >= 3)
+        },
+    )
+    .await?;
+    assert_eq!(metrics.checkpoint_position_secs(), None);
+    second.stop().await?;
     Ok(())
 }

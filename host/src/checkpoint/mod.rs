@@ -109,7 +109,6 @@ impl CheckpointStore {
             Backend::Mongo(collection) => self.claim_mongo(collection).await?,
         };
         let Some(saved) = saved else {
-            crate::ops::metrics::pipeline(key).no_checkpoint_loaded();
             return Ok(None);
         };
         let token = saved

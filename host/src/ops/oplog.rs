@@ -126,9 +126,15 @@ impl Watches {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Watches `unit` (in place of an earlier config of the same id). The first unit of a
-    /// deployment starts that deployment's watch (and its MongoDB client).
+    /// Watches `unit` (in place of an earlier config of the same id), a unit starting. The
+    /// first unit of a deployment starts that deployment's watch (and its MongoDB client).
+    ///
+    /// The unit's position is unknown until it loads or writes its checkpoint: what an
+    /// earlier run of the same id in this process recorded (on another deployment, or in a
+    /// record since deleted) is forgotten, or the first check, before a thousand tenants
+    /// have loaded, would call their positions lost against a younger oplog.
     pub fn add(&self, unit: &PipelineConfig) {
+        crate::ops::metrics::pipeline(&unit.id).forget_checkpoint();
         let mut deployments = self.lock();
         if let Some(units) = deployments.get(&unit.mongodb_uri) {
             units.send_modify(|units| {

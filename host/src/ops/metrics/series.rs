@@ -310,11 +310,11 @@ impl PipelineMetrics {
         self.record_checkpoint(position, saved_unix_ms.unwrap_or_else(unix_now_ms));
     }
 
-    /// The store holds no checkpoint for this unit. What an earlier run of the unit in this
-    /// process recorded (on another deployment, or in a record since deleted) is not its
-    /// position: lag, checkpoint age and oplog headroom are unknown again until the first
-    /// write, instead of alarms about a position the unit no longer has.
-    pub fn no_checkpoint_loaded(&self) {
+    /// A new run of the unit begins. What an earlier run of it in this process recorded (on
+    /// another deployment, or in a record since deleted) is not known to hold: lag,
+    /// checkpoint age and oplog headroom are unknown again until this run loads or writes its
+    /// checkpoint, instead of alarms about a position the unit may no longer have.
+    pub fn forget_checkpoint(&self) {
         self.checkpoint_at_ms.store(0, Ordering::Relaxed);
         self.checkpoint_position_secs.store(0, Ordering::Relaxed);
         if let Ok(mut kept) = self.checkpoint_msg_id.lock() {

@@ -54,11 +54,11 @@ fn lag_and_checkpoint_age_come_from_the_checkpoint() {
 }
 
 /// A unit run again in the same process (an HA owner regaining its lease, a tenant removed
-/// and added again, a pipeline moved to another deployment by a reload) whose store has no
-/// checkpoint: the earlier run's position is not reported as its lag, age or oplog headroom
-/// (a false "position lost" alarm against a younger oplog).
+/// and added again, a pipeline moved to another deployment by a reload): until the new run
+/// loads or writes its checkpoint, the earlier run's position is not reported as its lag, age
+/// or oplog headroom (a false "position lost" alarm against a younger oplog).
 #[test]
-fn a_missing_checkpoint_forgets_an_earlier_runs_position() {
+fn a_new_run_forgets_an_earlier_runs_position() {
     let m = PipelineMetrics::new(Labels::pipeline("again"));
     let token: ResumeToken = bson::deserialize_from_bson(bson::Bson::Document(
         bson::doc! { "_data": format!("82{:08X}00000001", unix_now_ms() / 1000 - 30) },
@@ -80,7 +80,7 @@ fn a_missing_checkpoint_forgets_an_earlier_runs_position() {
         checked_at_unix_ms: unix_now_ms(),
     });
     assert!(m.lag_seconds().is_some() && m.checkpoint_position_secs().is_some());
-    m.no_checkpoint_loaded();
+    m.forget_checkpoint();
     assert_eq!(m.lag_seconds(), None);
     assert_eq!(m.checkpoint_position_secs(), None);
     assert_eq!(m.checkpoint_age_seconds(), None);
