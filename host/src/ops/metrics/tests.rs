@@ -53,10 +53,10 @@ fn lag_and_checkpoint_age_come_from_the_checkpoint() {
     assert_eq!(m.status()["position"]["last_msg_id"], "p:1:0");
 }
 
-/// A unit run again in the same process (an HA owner regaining its lease, a tenant removed
-/// and added again, a pipeline moved to another deployment by a reload): until the new run
-/// loads or writes its checkpoint, the earlier run's position is not reported as its lag, age
-/// or oplog headroom (a false "position lost" alarm against a younger oplog).
+/// A unit started again in the same process (a tenant removed and added again, a pipeline
+/// moved to another deployment by a reload, the bench's rows): until the new run loads or
+/// writes its checkpoint, the earlier run's position is not reported as its lag, age or
+/// oplog headroom (a false "position lost" alarm against a younger oplog).
 #[test]
 fn a_new_run_forgets_an_earlier_runs_position() {
     let m = PipelineMetrics::new(Labels::pipeline("again"));
