@@ -1462,6 +1462,28 @@ async fn e2e_latency(
     env.wait_checkpoint(&id).await?;
 
     let total = (per_sec * secs) as usize;
+    let achieved_rate = insert_steadily(&coll, total, per_sec, batch).await?;
+
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while stream_len(&env.nats_client, &stream).await < total as u64 {
+        if Instant::now() > deadline {
+            bail!("latency run: not all {total} messages arrived within 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.stop().await?;
+    check_no_dead_letters(&env.nats_client, &stream).await?;
+    store_latency(env, &stream, total, achieved_rate).await
+}
+
+/// Inserts `total` documents (numbered from 0, each stamped with `ts_ns` just before its
+/// insert) at `per_sec`, `batch` at a time on a fixed schedule; returns the rate achieved.
+async fn insert_steadily(
+    coll: &mongodb::Collection<Document>,
+    total: usize,
+    per_sec: u64,
+    batch: usize,
+) -> anyhow::Result<f64> {
     let period = Duration::from_secs_f64(batch as f64 / per_sec as f64);
     let start = tokio::time::Instant::now();
     let mut sent = 0;
@@ -1475,18 +1497,7 @@ async fn e2e_latency(
         sent = end;
         k += 1;
     }
-    let achieved_rate = rate(total, start.elapsed());
-
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while stream_len(&env.nats_client, &stream).await < total as u64 {
-        if Instant::now() > deadline {
-            bail!("latency run: not all {total} messages arrived within 300 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    running.stop().await?;
-    check_no_dead_letters(&env.nats_client, &stream).await?;
-    store_latency(env, &stream, total, achieved_rate).await
+    Ok(rate(total, start.elapsed()))
 }
 
 /// Insert → store latency of the `total` messages of `stream`, each carrying
@@ -2158,20 +2169,7 @@ async fn neighbour_latency(
     let mark = env.cpu.mark();
     let good = env.collection(&setup.good_coll);
     let total = (args.rate * args.latency_secs) as usize;
-    const BATCH: usize = 10;
-    let period = Duration::from_secs_f64(BATCH as f64 / args.rate as f64);
-    let began = tokio::time::Instant::now();
-    let mut sent = 0;
-    let mut k = 0u32;
-    while sent < total {
-        tokio::time::sleep_until(began + period * k).await;
-        let end = (sent + BATCH).min(total);
-        let ts = now_ns();
-        let docs: Vec<Document> = (sent..end).map(|s| sample_doc(s as i64, ts)).collect();
-        good.insert_many(docs).await.context("insert_many")?;
-        sent = end;
-        k += 1;
-    }
+    insert_steadily(&good, total, args.rate, 10).await?;
     let deadline = Instant::now() + Duration::from_secs(300);
     while stream_len(&env.nats_client, &setup.good_stream).await < total as u64 {
         if Instant::now() > deadline {
