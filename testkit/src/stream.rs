@@ -32,14 +32,12 @@ pub async fn stream_messages(
     Ok(out)
 }
 
-/// How many messages `stream` holds (0 if it does not exist yet).
+/// How many messages `stream` holds (0 if it does not exist yet). One request to the server:
+/// the stream's info as `get_stream` fetched it (the benchmark polls this while it measures).
 pub async fn stream_len(client: &async_nats::Client, stream: &str) -> u64 {
     let js = jetstream::new(client.clone());
     match js.get_stream(stream).await {
-        Ok(mut handle) => match handle.info().await {
-            Ok(info) => info.state.messages,
-            Err(_) => 0,
-        },
+        Ok(handle) => handle.cached_info().state.messages,
         Err(_) => 0,
     }
 }
