@@ -50,16 +50,6 @@ pub(super) enum Lane {
     Background,
 }
 
-impl Lane {
-    /// The lane's position in per-lane arrays.
-    pub(super) fn index(self) -> usize {
-        match self {
-            Lane::Normal => 0,
-            Lane::Background => 1,
-        }
-    }
-}
-
 /// One account's standing.
 #[derive(Debug)]
 struct Account<J> {

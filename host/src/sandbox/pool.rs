@@ -8,26 +8,32 @@
 //! an unprivileged process cannot undo either, so the lanes are separate threads): a heavy
 //! account's turns run only there.
 //!
+//! **A background worker never takes the pool's lock.** Under `SCHED_IDLE` a thread may wait
+//! a long time for a CPU while every core is busy; had it been holding the lock, every normal
+//! worker and every unit queueing a turn (async runtime threads) would have waited with it: a
+//! heavy tenant would have stalled everyone, the priority inversion the lane exists to avoid.
+//! So turns reach a background worker through its own channel (filled by normal-priority
+//! threads holding the lock, read with `try_recv` and `park`, neither of which takes a lock),
+//! and it hands each finished turn to a normal-priority settler thread, which charges it
+//! under the lock and feeds the lane again.
+//!
 //! The pool is process-wide ([`pool`]) like the metrics registry: one per process, sized by
 //! the first [`configure`] (`sandbox.workers`, 0 meaning one per core; `sandbox.background =
 //! false` leaves out the background lane), started on first use.
 //! Its threads live as long as the process and wait on a condition variable when idle.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use super::fair::{AccountId, Fair, Lane};
 
 /// How long an idle normal worker sleeps before looking again even unwoken: accounts move
-/// to the normal lane as their recent CPU use decays, without any event to wake a worker.
+/// between lanes as their recent CPU use decays and as others become active, without any
+/// event to wake a worker (each look also feeds idle background workers).
 const IDLE_RECHECK: Duration = Duration::from_millis(50);
-
-/// The same for a background worker, a safety net only: an account becomes heavy only when a
-/// turn is queued or charged, or a breach recorded, and each of those wakes a worker of the
-/// lane that has a turn ready. Background workers rarely take the lock unwoken: one that
-/// does and is preempted there (it runs at the lowest priority) holds up every other worker.
-const BACKGROUND_RECHECK: Duration = Duration::from_secs(1);
 
 /// A queued turn: a unit's closure, run by a worker without the pool's lock, and answered
 /// once the worker has charged it.
@@ -98,10 +104,8 @@ pub struct WorkerPool {
 
 struct Shared {
     state: Mutex<State>,
-    /// One per lane ([`Lane::index`]): a queued turn wakes a worker that may run it, and only
-    /// one. A background worker woken for nothing would take the lock at the lowest priority,
-    /// and a normal worker could then wait for it to be scheduled again.
-    wake: [Condvar; 2],
+    /// Wakes one normal worker: a normal-lane turn is ready.
+    wake_normal: Condvar,
     epoch: Instant,
     next_id: AtomicU64,
 }
@@ -109,13 +113,35 @@ struct Shared {
 /// What the pool's lock guards.
 struct State {
     fair: Fair<Turn>,
-    /// Workers waiting for a turn, per lane: a wake-up is a system call, made only when one
-    /// may find someone (a turn queued or charged ends in one when a worker sleeps).
-    sleeping: [usize; 2],
+    /// Normal workers waiting for a turn: a wake-up is a system call, made only when one may
+    /// find someone (a turn queued or charged ends in one when a worker sleeps).
+    sleeping: usize,
+    /// Each background worker's way in (empty without a background lane).
+    background: Vec<BackgroundWorker>,
+    /// The background workers with no turn, by index into `background`.
+    idle_background: Vec<usize>,
+}
+
+/// A background worker as the normal-priority side sees it.
+struct BackgroundWorker {
+    turns: mpsc::Sender<(AccountId, Turn)>,
+    thread: Thread,
+}
+
+/// A turn a background worker has run, on its way to be charged.
+struct Finished {
+    id: AccountId,
+    turn: Turn,
+    cpu: Duration,
+    breached: bool,
+    /// The worker's index, idle again.
+    worker: usize,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
+        #[cfg(all(test, target_os = "linux"))]
+        tests::count_lock();
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -125,12 +151,41 @@ impl Shared {
         self.epoch.elapsed().as_nanos() as u64
     }
 
-    /// Wakes one worker of `lane` (a turn of it is ready), if one sleeps.
-    fn wake(&self, state: &State, lane: Option<Lane>) {
-        if let Some(lane) = lane {
-            if state.sleeping[lane.index()] > 0 {
-                self.wake[lane.index()].notify_one();
+    /// Makes a turn ready in `lane` runnable: wakes a sleeping normal worker, or hands
+    /// background turns to idle background workers.
+    fn wake(&self, state: &mut State, lane: Option<Lane>) {
+        match lane {
+            Some(Lane::Normal) if state.sleeping > 0 => self.wake_normal.notify_one(),
+            Some(Lane::Background) => self.feed_background(state),
+            _ => {}
+        }
+    }
+
+    /// Gives each idle background worker the next background-lane turn, while there are
+    /// both. Called with the lock held, on normal-priority threads only.
+    fn feed_background(&self, state: &mut State) {
+        while let Some(&worker) = state.idle_background.last() {
+            let now = self.now();
+            let popped = state.fair.pop(Lane::Background, now);
+            if popped.passed_other && state.sleeping > 0 {
+                self.wake_normal.notify_one();
             }
+            let Some((id, turn)) = popped.turn else {
+                return;
+            };
+            state.idle_background.pop();
+            let Some(to) = state.background.get(worker) else {
+                continue;
+            };
+            if to.turns.send((id, turn)).is_err() {
+                // The worker's thread is gone (it cannot panic outside a turn, which is
+                // caught): the turn is dropped, which its unit sees as a failed turn, and
+                // the account is released; the worker is not listed again.
+                tracing::error!(worker, "a background plugin worker is gone; a turn dropped");
+                state.fair.charge(id, 0, false, now);
+                continue;
+            }
+            to.thread.unpark();
         }
     }
 }
@@ -183,27 +238,51 @@ impl WorkerPool {
     /// Starts the normal workers and, with a background lane, as many background ones.
     fn start(settings: Settings) -> Result<WorkerPool, String> {
         let workers = settings.workers.max(1);
+        let mut background_settler = None;
+        let cannot = |err: std::io::Error| format!("cannot start a plugin worker thread: {err}");
+        let mut background = Vec::new();
+        if settings.background {
+            let (finished_tx, finished) = mpsc::channel();
+            for n in 0..workers {
+                let (turns_tx, turns) = mpsc::channel();
+                let finished_tx = finished_tx.clone();
+                let handle = std::thread::Builder::new()
+                    .name(format!("tidegate-plugins-bg-{n}"))
+                    .spawn(move || work_in_background(n, turns, finished_tx))
+                    .map_err(cannot)?;
+                background.push(BackgroundWorker {
+                    turns: turns_tx,
+                    thread: handle.thread().clone(),
+                });
+            }
+            // Started below, once `shared` exists.
+            background_settler = Some(finished);
+        }
+        let idle_background = (0..background.len()).collect();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 fair: Fair::new(workers, settings.background),
-                sleeping: [0; 2],
+                sleeping: 0,
+                background,
+                idle_background,
             }),
-            wake: [Condvar::new(), Condvar::new()],
+            wake_normal: Condvar::new(),
             epoch: Instant::now(),
             next_id: AtomicU64::new(0),
         });
-        let mut lanes = vec![(Lane::Normal, "plugins")];
-        if settings.background {
-            lanes.push((Lane::Background, "plugins-bg"));
+        if let Some(finished) = background_settler {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("tidegate-plugins-bg-settle".into())
+                .spawn(move || settle_background(&shared, finished))
+                .map_err(cannot)?;
         }
-        for (lane, name) in lanes {
-            for n in 0..workers {
-                let shared = shared.clone();
-                std::thread::Builder::new()
-                    .name(format!("tidegate-{name}-{n}"))
-                    .spawn(move || work(&shared, lane))
-                    .map_err(|err| format!("cannot start a plugin worker thread: {err}"))?;
-            }
+        for n in 0..workers {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("tidegate-plugins-{n}"))
+                .spawn(move || work(&shared))
+                .map_err(cannot)?;
         }
         tracing::debug!(
             workers,
@@ -256,7 +335,7 @@ impl PoolAccount {
             let now = self.shared.now();
             let mut state = self.shared.lock();
             let ready = state.fair.push(self.id, turn, now);
-            self.shared.wake(&state, ready);
+            self.shared.wake(&mut state, ready);
         }
         result
             .await
@@ -270,28 +349,18 @@ impl Drop for PoolAccount {
     }
 }
 
-/// A worker: takes the next turn of its lane, runs it without the lock, and under one hold
-/// of the lock charges it and takes the next; answers the unit after letting the lock go.
-fn work(shared: &Shared, lane: Lane) {
-    let recheck = match lane {
-        Lane::Normal => IDLE_RECHECK,
-        Lane::Background => {
-            lower_priority();
-            BACKGROUND_RECHECK
-        }
-    };
-    let other = match lane {
-        Lane::Normal => Lane::Background,
-        Lane::Background => Lane::Normal,
-    };
+/// A normal worker: takes the next normal-lane turn, runs it without the lock, and under one
+/// hold of the lock charges it and takes the next; answers the unit after letting the lock
+/// go. Each hold also feeds idle background workers whatever background turns are ready.
+fn work(shared: &Shared) {
     // The turn that ran last, with whether its account is heavy now: answered once the lock
     // is let go (the answer wakes the unit's task).
     let mut answered: Option<(Turn, bool)> = None;
     let mut state = shared.lock();
     loop {
-        let popped = state.fair.pop(lane, shared.now());
+        let popped = state.fair.pop(Lane::Normal, shared.now());
         if popped.passed_other {
-            shared.wake(&state, Some(other));
+            shared.feed_background(&mut state);
         }
         let Some((id, mut turn)) = popped.turn else {
             if let Some((done, heavy)) = answered.take() {
@@ -301,12 +370,14 @@ fn work(shared: &Shared, lane: Lane) {
                 state = shared.lock();
                 continue;
             }
-            state.sleeping[lane.index()] += 1;
-            state = match shared.wake[lane.index()].wait_timeout(state, recheck) {
+            // Accounts change lane without an event (see IDLE_RECHECK): look on each wake.
+            shared.feed_background(&mut state);
+            state.sleeping += 1;
+            state = match shared.wake_normal.wait_timeout(state, IDLE_RECHECK) {
                 Ok((state, _)) => state,
                 Err(poisoned) => poisoned.into_inner().0,
             };
-            state.sleeping[lane.index()] -= 1;
+            state.sleeping -= 1;
             continue;
         };
         drop(state);
@@ -318,12 +389,70 @@ fn work(shared: &Shared, lane: Lane) {
         let charged = state
             .fair
             .charge(id, cpu.as_nanos() as u64, breached, shared.now());
-        // Its next turn, already queued, may have moved to the other lane (this lane's own
-        // turns are taken by this worker's next pop).
-        if charged.ready == Some(other) {
-            shared.wake(&state, charged.ready);
+        // Its next turn, already queued, may have moved to the background lane (this lane's
+        // own turns are taken by this worker's next pop).
+        if charged.ready == Some(Lane::Background) {
+            shared.feed_background(&mut state);
         }
         answered = Some((turn, charged.heavy));
+    }
+}
+
+/// A background worker: runs the turns handed to it, at the lowest priority, without ever
+/// taking the pool's lock (see the module docs). `try_recv` and `park` take no lock either:
+/// a sender finds no receiver blocked in the channel, so it only pushes and unparks.
+fn work_in_background(
+    worker: usize,
+    turns: mpsc::Receiver<(AccountId, Turn)>,
+    finished: mpsc::Sender<Finished>,
+) {
+    lower_priority();
+    loop {
+        let (id, mut turn) = match turns.try_recv() {
+            Ok(next) => next,
+            Err(mpsc::TryRecvError::Empty) => {
+                std::thread::park();
+                continue;
+            }
+            Err(mpsc::TryRecvError::Disconnected) => return,
+        };
+        let (cpu, breached) = turn.run();
+        let done = Finished {
+            id,
+            turn,
+            cpu,
+            breached,
+            worker,
+        };
+        if finished.send(done).is_err() {
+            return;
+        }
+    }
+}
+
+/// The background lane's settler, at normal priority: charges the turns background workers
+/// have run (all that are waiting, under one hold of the lock), lists those workers idle
+/// again, feeds them, and answers the units once the lock is let go.
+fn settle_background(shared: &Shared, finished: mpsc::Receiver<Finished>) {
+    let mut answers = Vec::new();
+    while let Ok(first) = finished.recv() {
+        let mut state = shared.lock();
+        for done in std::iter::once(first).chain(finished.try_iter()) {
+            let charged = state.fair.charge(
+                done.id,
+                done.cpu.as_nanos() as u64,
+                done.breached,
+                shared.now(),
+            );
+            state.idle_background.push(done.worker);
+            shared.wake(&mut state, charged.ready);
+            answers.push((done.turn, charged.heavy));
+        }
+        shared.feed_background(&mut state);
+        drop(state);
+        for (turn, heavy) in answers.drain(..) {
+            turn.answer(heavy);
+        }
     }
 }
 
@@ -392,6 +521,81 @@ fn lower_priority() {}
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::{Settings, WorkerPool};
+
+    /// Times a background worker thread took the lock of any pool in this test process.
+    static LOCKED_IN_BACKGROUND: AtomicUsize = AtomicUsize::new(0);
+    /// Background workers' thread names start so (the settler's is `…-bg-settle`).
+    const BACKGROUND_WORKER: &str = "tidegate-plugins-bg-";
+
+    pub(super) fn count_lock() {
+        let me = std::thread::current();
+        let name = me.name().unwrap_or_default();
+        if name.starts_with(BACKGROUND_WORKER) && !name.ends_with("settle") {
+            LOCKED_IN_BACKGROUND.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A heavy account's turns run on background workers, and those workers never take the
+    /// pool's lock: at the lowest priority a worker may wait long for a CPU, and one holding
+    /// the lock meanwhile would stall every normal worker and every unit queueing a turn (a
+    /// breaching tenant stalling the others, on a busy machine). The turns still run, in
+    /// order, and the light account's turns stay on normal workers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn background_workers_never_take_the_pools_lock() {
+        let pool = WorkerPool::start(Settings {
+            workers: 1,
+            background: true,
+        })
+        .expect("pool starts");
+        let (light, hostile) = (pool.account(), pool.account());
+        let thread_name = || {
+            std::thread::current()
+                .name()
+                .unwrap_or_default()
+                .to_string()
+        };
+        // The light account is active (one turn) so that the hostile one is not alone.
+        let light_ran_on = light
+            .run(move || (thread_name(), false))
+            .await
+            .expect("turn runs")
+            .value;
+        let mut ran_on = Vec::new();
+        for i in 0..50 {
+            // Every hostile turn breaks a limit: heavy from its first turn on.
+            let ran = hostile
+                .run(move || ((i, thread_name()), true))
+                .await
+                .expect("turn runs");
+            ran_on.push(ran.value);
+            if i % 10 == 0 {
+                // Keeps the light account active beside it.
+                light.run(|| ((), false)).await.expect("turn runs");
+            }
+        }
+        assert!(
+            light_ran_on.starts_with("tidegate-plugins-") && !light_ran_on.contains("-bg-"),
+            "{light_ran_on}"
+        );
+        assert_eq!(
+            ran_on.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            (0..50).collect::<Vec<_>>()
+        );
+        let in_background = ran_on
+            .iter()
+            .filter(|(_, name)| name.starts_with(BACKGROUND_WORKER))
+            .count();
+        assert!(
+            in_background >= 45,
+            "the breaching account's turns ran on {:?}",
+            ran_on
+        );
+        assert_eq!(LOCKED_IN_BACKGROUND.load(Ordering::Relaxed), 0);
+    }
+
     /// A background worker's thread leaves the normal policy for `SCHED_IDLE` (nice 19
     /// alone would let a hog finish its time slice before a woken normal thread runs).
     #[test]
