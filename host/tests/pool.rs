@@ -98,7 +98,8 @@ fn policies(pid: u32) -> anyhow::Result<Vec<(String, u32)>> {
 }
 
 /// Fifty tenants, each with its own plugin chain, run on the pool's two workers (and two
-/// background workers, under `SCHED_IDLE`): the process has no thread per tenant, and every tenant's events
+/// background workers, under `SCHED_IDLE`, with their settler): the process has no thread per
+/// tenant, and every tenant's events
 /// arrive. With `max_tenant_series = 10`, ten tenants keep their own metrics and the forty
 /// others are counted together under `tenant="_other"`, with one warning.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,7 +135,12 @@ async fn fifty_tenants_share_a_bounded_pool_and_capped_labels() -> anyhow::Resul
         .iter()
         .filter(|n| n.starts_with("tidegate-plugin"))
         .count();
-    assert_eq!(pool, 4, "two workers and two background workers: {names:?}");
+    // Thread names are cut to 15 characters: `tidegate-plugin` covers the two workers, the
+    // two background workers and the background lane's settler.
+    assert_eq!(
+        pool, 5,
+        "two workers, two background workers and their settler: {names:?}"
+    );
     let idle = policies(child.pid())?
         .iter()
         .filter(|(name, policy)| name.starts_with("tidegate-plugin") && *policy == SCHED_IDLE)
