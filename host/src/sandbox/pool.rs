@@ -20,7 +20,8 @@
 //! The pool is process-wide ([`pool`]) like the metrics registry: one per process, sized by
 //! the first [`configure`] (`sandbox.workers`, 0 meaning one per core; `sandbox.background =
 //! false` leaves out the background lane), started on first use.
-//! Its threads live as long as the process and wait on a condition variable when idle.
+//! Its threads live as long as the process; idle, normal workers wait on a condition variable
+//! and background workers park.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
