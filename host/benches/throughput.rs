@@ -991,6 +991,17 @@ struct CpuMark {
 }
 
 impl Cpu {
+    /// This process, `mongo`'s mongod and `nats`'s nats-server.
+    fn of(mongo: &MongoReplicaSet, nats: &NatsServer) -> Cpu {
+        Cpu {
+            pids: [
+                Some("self".to_string()),
+                find_server_pid("mongod", "--port", mongo.port()),
+                find_server_pid("nats-server", "-p", nats.port()),
+            ],
+        }
+    }
+
     fn mark(&self) -> CpuMark {
         let mut ticks = [0; 3];
         for (t, pid) in ticks.iter_mut().zip(&self.pids) {
@@ -1610,13 +1621,7 @@ fn main() -> anyhow::Result<()> {
 async fn start_env(plugins: PathBuf) -> anyhow::Result<Env> {
     eprintln!("starting mongod and nats-server…");
     let (mongo, nats) = tokio::try_join!(MongoReplicaSet::start(), NatsServer::start())?;
-    let cpu = Cpu {
-        pids: [
-            Some("self".to_string()),
-            find_server_pid("mongod", "--port", mongo.port()),
-            find_server_pid("nats-server", "-p", nats.port()),
-        ],
-    };
+    let cpu = Cpu::of(&mongo, &nats);
     Ok(Env {
         mongo_client: mongo.client().await?,
         nats_client: nats.client().await?,

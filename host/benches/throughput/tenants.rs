@@ -1,9 +1,9 @@
 //! Scenario 8: the shared reader at scale. K tenants on one pipeline (a database each, or one
 //! collection routed by tenant key), each with a chain of 1–3 first-party plugins, N events
 //! written live; per row the total rate (and its ratio to K = 1 of the same routing and
-//! chain), the start-up time, the change streams open on mongod, mongod's CPU, the CPU per event of each process
-//! (the bench process, which hosts tidegate; mongod; nats-server), and the bench
-//! process's RSS and threads.
+//! chain), the start-up time, the change streams open on mongod, mongod's CPU, the CPU per
+//! event of each process (the bench process, which hosts tidegate; mongod; nats-server), and
+//! the bench process's RSS and threads.
 //!
 //! Sizes, chains and routings come from the environment, so that the whole matrix or one
 //! essential row can be run: `TIDEGATE_BENCH_TENANTS=1,10,100,1000` (default `1,10,100`),
@@ -20,7 +20,7 @@ use futures::StreamExt;
 use tidegate::Config;
 use tidegate_testkit::{stream_len, MongoReplicaSet, NatsServer};
 
-use super::{find_server_pid, fmt_rate, Args, Cpu, Table, INSERT_BATCH, KV_BUCKET};
+use super::{fmt_rate, Args, Cpu, Table, INSERT_BATCH, KV_BUCKET};
 
 /// Inserts in flight at once while writing the events (one `insert_many` each).
 const WRITERS: usize = 8;
@@ -120,7 +120,7 @@ pub(super) async fn tenants_only(args: &Args, plugins: &Path) -> anyhow::Result<
                 let ratios: Vec<f64> = runs
                     .iter()
                     .zip(&rows[0])
-                    .map(|(row, first)| row.rate / first.rate)
+                    .map(|(row, first)| row.rate() / first.rate())
                     .collect();
                 table.row(vec![
                     routing.label().into(),
@@ -130,7 +130,7 @@ pub(super) async fn tenants_only(args: &Args, plugins: &Path) -> anyhow::Result<
                         "{:.1}",
                         median(runs.iter().map(|r| r.startup.as_secs_f64()))
                     ),
-                    fmt_rate(median(runs.iter().map(|r| r.rate))),
+                    fmt_rate(median(runs.iter().map(Row::rate))),
                     format!("{:.2}", median(ratios.iter().copied())),
                     ratios
                         .iter()
@@ -164,7 +164,7 @@ pub(super) async fn tenants_only(args: &Args, plugins: &Path) -> anyhow::Result<
             }
         }
     }
-    table.note("In-process: RSS and threads are the bench process's (tidegate, its drivers, this harness), read after the row's events are stored; rows run in order in one process, so a row's RSS may include what earlier rows left allocated. Collections are created before tidegate starts; events are written live with insert_many (8 in flight; database per tenant: N/K events per tenant; tenant key: batches of 1000 spread over all tenants) while tidegate runs; the rate is events / (first write → last tenant's last message stored). \"× K = 1\" is against the first K of the same routing and chain in the same round, the median over the rounds (each round runs every K in turn, so that a slow minute on a shared machine lands on every K alike); events/s, start-up, mongod CPU and CPU per event are medians over the rounds; CPU per event is each process's CPU time from the first write to the last message stored, divided by the events written (the bench process includes the writer and the polling of stream lengths), RSS and threads the highest. Start-up: from tidegate::run until every tenant has saved its start. Change streams counted with $currentOp (allUsers, idleCursors) after the run.".into());
+    table.note("In-process: RSS and threads are the bench process's (tidegate, its drivers, this harness), read after the row's events are stored; rows run in order in one process, so a row's RSS may include what earlier rows left allocated. Collections are created before tidegate starts; events are written live with insert_many (8 in flight; database per tenant: N/K events per tenant; tenant key: batches of 1000 spread over all tenants) while tidegate runs; the rate is events / (first write → last tenant's last message stored). \"× K = 1\" is against the first K of the same routing and chain in the same round, the median over the rounds (each round runs every K in turn, so that a slow minute on a shared machine lands on every K alike); events/s, start-up, mongod CPU and CPU per event are medians over the rounds, RSS and threads the highest. CPU per event is each process's CPU time from the first write to the last message stored, divided by the events written (the bench process's includes the writer and the polling of stream lengths). Start-up: from tidegate::run until every tenant has saved its start. Change streams counted with $currentOp (allUsers, idleCursors) after the run.".into());
     Ok(vec![table])
 }
 
@@ -204,7 +204,6 @@ fn tenant_plugins(count: usize) -> String {
 /// What one row measured.
 struct Row {
     startup: Duration,
-    rate: f64,
     streams: usize,
     /// Events written, and seconds from the first write to the last message stored.
     events: f64,
@@ -216,6 +215,13 @@ struct Row {
     threads: usize,
 }
 
+impl Row {
+    /// Events per second, first write to last message stored.
+    fn rate(&self) -> f64 {
+        self.events / self.wall
+    }
+}
+
 /// One run on fresh servers: `k` tenants of `plugins` plugins each, `n` events.
 async fn run(
     n: usize,
@@ -225,13 +231,7 @@ async fn run(
     routing: Routing,
 ) -> anyhow::Result<Row> {
     let (mongo, nats) = tokio::try_join!(MongoReplicaSet::start(), NatsServer::start())?;
-    let cpu = Cpu {
-        pids: [
-            Some("self".to_string()),
-            find_server_pid("mongod", "--port", mongo.port()),
-            find_server_pid("nats-server", "-p", nats.port()),
-        ],
-    };
+    let cpu = Cpu::of(&mongo, &nats);
     let pipeline = match routing {
         Routing::Database => String::new(),
         Routing::Key => "database = \"app\"\ncollections = [\"orders\"]\ntenant_key = \"fullDocument.tenantId\"\nfull_document = \"update-lookup\"\nskip_operations = [\"delete\"]\n".into(),
@@ -350,7 +350,6 @@ async fn run(
     let streams = change_streams(&client).await?;
     let row = Row {
         startup,
-        rate: total as f64 / wall.as_secs_f64(),
         streams,
         events: total as f64,
         wall: wall.as_secs_f64(),
