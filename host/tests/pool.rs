@@ -99,9 +99,9 @@ fn policies(pid: u32) -> anyhow::Result<Vec<(String, u32)>> {
 
 /// Fifty tenants, each with its own plugin chain, run on the pool's two workers (and two
 /// background workers, under `SCHED_IDLE`, with their settler): the process has no thread per
-/// tenant, and every tenant's events
-/// arrive. With `max_tenant_series = 10`, ten tenants keep their own metrics and the forty
-/// others are counted together under `tenant="_other"`, with one warning.
+/// tenant, and every tenant's events arrive. With `max_tenant_series = 10`, ten tenants keep
+/// their own metrics and the forty others are counted together under `tenant="_other"`, with
+/// one warning.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_tenants_share_a_bounded_pool_and_capped_labels() -> anyhow::Result<()> {
     const TENANTS: usize = 50;
