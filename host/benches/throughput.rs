@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench -p tidegate --bench throughput [-- --events N] [--out PATH]
 //!             [--rate R] [--latency-secs S] [--micro-iters I] [--neighbour-rounds R]
+//!             [--breach-pause N]
 //! ```
 //!
 //! One run starts one MongoDB replica set and one NATS server (tidegate-testkit) and measures,
@@ -20,8 +21,10 @@
 //! 5. micro costs: a plugin call vs. native code doing the same, and the host-side conversions;
 //! 6. K tenants on one collection;
 //! 7. a good tenant's latency and backlog throughput beside a hostile neighbour tenant (idle,
-//!    header bombs, a CPU hog burning its whole fuel or deadline on every event), in
-//!    `--neighbour-rounds` interleaved rounds with the idle neighbour's noise floor;
+//!    header bombs, a CPU hog burning its whole fuel or deadline on every event, and the hog's
+//!    control: its CPU burnt outside tidegate), in `--neighbour-rounds` interleaved rounds
+//!    with the idle neighbour's noise floor, the hostile tenant's `quarantine.breach_pause`
+//!    set by `--breach-pause` (default 4, the product's);
 //!    `--neighbours-only` runs just this scenario; `--no-background` runs every scenario on a
 //!    worker pool without its low-priority background lane (`sandbox.background = false`);
 //! 8. the shared reader at scale, K tenants with 1–3 plugins each (`--tenants-only`; module
@@ -95,6 +98,9 @@ struct Args {
     neighbours_only: bool,
     /// Scenario 7's latency rounds (each neighbour once per round, samples pooled).
     neighbour_rounds: usize,
+    /// Scenario 7's hostile tenant's `quarantine.breach_pause` (its control spinner rests as
+    /// many times its spin).
+    breach_pause: u32,
     /// Run only the shared-reader tenants scenario.
     tenants_only: bool,
     /// The worker pool without its background lane (`sandbox.background = false`).
@@ -113,6 +119,7 @@ fn parse_args() -> anyhow::Result<Args> {
         micro_only: false,
         neighbours_only: false,
         neighbour_rounds: 4,
+        breach_pause: 4,
         tenants_only: false,
         no_background: false,
         e2e_only: false,
@@ -142,13 +149,14 @@ fn parse_args() -> anyhow::Result<Args> {
             "--neighbour-rounds" => {
                 args.neighbour_rounds = value()?.parse().context("--neighbour-rounds")?
             }
+            "--breach-pause" => args.breach_pause = value()?.parse().context("--breach-pause")?,
             "--tenants-only" => args.tenants_only = true,
             "--no-background" => args.no_background = true,
             "--e2e-only" => args.e2e_only = true,
             other => bail!(
                 "unknown argument {other:?}; expected --events N, --out PATH, --rate R, \
                  --latency-secs S, --micro-iters I, --micro-only, --neighbours-only, \
-                 --neighbour-rounds R, --tenants-only, --no-background, --e2e-only"
+                 --neighbour-rounds R, --breach-pause N, --tenants-only, --no-background, --e2e-only"
             ),
         }
     }
@@ -157,6 +165,9 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     if args.neighbour_rounds < 2 {
         bail!("--neighbour-rounds must be >= 2 (the noise floor compares rounds)");
+    }
+    if args.breach_pause == 0 {
+        bail!("--breach-pause must be >= 1 (0 turns the pause off: the control has no match)");
     }
     Ok(args)
 }
@@ -1846,6 +1857,11 @@ enum Neighbour {
     HeaderBomb,
     /// Spins until its fuel (default 100,000,000) or deadline (1000 ms) stops it.
     CpuHog,
+    /// The control for [`Neighbour::CpuHog`]: the neighbour idle, and a thread outside
+    /// tidegate burning about the hog's CPU at the same (`SCHED_IDLE`) priority (see
+    /// [`IdleSpinner`]). What this row costs the good tenant is what that much CPU costs on
+    /// the machine, whoever burns it; the hog's excess over it is what tidegate lets through.
+    Spinner,
 }
 
 impl Neighbour {
@@ -1854,6 +1870,7 @@ impl Neighbour {
             Neighbour::Idle => "idle",
             Neighbour::HeaderBomb => "bomb",
             Neighbour::CpuHog => "hog",
+            Neighbour::Spinner => "spinner",
         }
     }
 
@@ -1862,6 +1879,10 @@ impl Neighbour {
             Neighbour::Idle => "none (neighbour idle)",
             Neighbour::HeaderBomb => "header bomb (2 MiB header) on every event",
             Neighbour::CpuHog => "CPU hog (spins to its fuel/deadline) on every event",
+            Neighbour::Spinner => {
+                "control: neighbour idle, a SCHED_IDLE thread outside tidegate burning the \
+                 hog's share"
+            }
         }
     }
 
@@ -1870,6 +1891,65 @@ impl Neighbour {
             Neighbour::Idle => None,
             Neighbour::HeaderBomb => Some("header_bomb"),
             Neighbour::CpuHog => Some("spin"),
+            Neighbour::Spinner => None,
+        }
+    }
+
+    /// The control's spinner, for the phase's length (none for the other neighbours),
+    /// resting `breach_pause` times its spin.
+    fn spinner(self, breach_pause: u32) -> Option<IdleSpinner> {
+        matches!(self, Neighbour::Spinner).then(|| IdleSpinner::start(breach_pause))
+    }
+}
+
+/// A thread at the `SCHED_IDLE` policy, outside any pipeline, spinning [`IdleSpinner::SPIN`]
+/// then sleeping `breach_pause` times that until dropped: the CPU a hog gets under that
+/// `quarantine.breach_pause` (at most 1/(1 + N) of a core, one call then N times its length
+/// idle), burnt at the priority the worker pool gives a hog, without tidegate.
+struct IdleSpinner {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl IdleSpinner {
+    /// About the hog's call (its CPU column matches the hog's at the default pause).
+    const SPIN: Duration = Duration::from_millis(10);
+
+    fn start(breach_pause: u32) -> IdleSpinner {
+        let rest = Self::SPIN * breach_pause;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: pid 0 names the calling thread; `param` is a valid `sched_param`.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                eprintln!(
+                    "the control spinner cannot take SCHED_IDLE ({}): it spins at normal \
+                     priority",
+                    std::io::Error::last_os_error()
+                );
+            }
+            while !flag.load(Ordering::Relaxed) {
+                let on = Instant::now();
+                while on.elapsed() < Self::SPIN {
+                    std::hint::spin_loop();
+                }
+                std::thread::sleep(rest);
+            }
+        });
+        IdleSpinner {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for IdleSpinner {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
@@ -1925,7 +2005,12 @@ async fn feed_hostile(
 /// lands on every neighbour alike. The idle neighbour's even rounds against its odd ones is
 /// the measure's own noise floor, printed as a row beside the goal's.
 async fn neighbours(env: &Env, args: &Args) -> anyhow::Result<Table> {
-    const KINDS: [Neighbour; 3] = [Neighbour::Idle, Neighbour::HeaderBomb, Neighbour::CpuHog];
+    const KINDS: [Neighbour; 4] = [
+        Neighbour::Idle,
+        Neighbour::HeaderBomb,
+        Neighbour::CpuHog,
+        Neighbour::Spinner,
+    ];
     let rounds = args.neighbour_rounds;
     let mut table = Table::new(
         &format!(
@@ -1938,6 +2023,7 @@ async fn neighbours(env: &Env, args: &Args) -> anyhow::Result<Table> {
             "good p50 ms",
             "good p99 ms",
             "p99 vs. idle",
+            "median round p99 ms (vs. idle)",
             "p99 per round ms",
             "good max ms",
             "good backlog events/s",
@@ -1960,16 +2046,23 @@ async fn neighbours(env: &Env, args: &Args) -> anyhow::Result<Table> {
         }
     }
     let mut idle: Option<(f64, f64)> = None;
+    let mut idle_median: Option<f64> = None;
+    let (mut p99s, mut round_medians) = (Vec::new(), Vec::new());
     for (k, neighbour) in KINDS.into_iter().enumerate() {
         eprintln!("7. noisy neighbour, backlog: {}…", neighbour.tag());
         let (backlog_rate, backlog_hostile) = neighbour_backlog(env, args, neighbour).await?;
         let runs = &phases[k];
         let pooled = pooled_latency(runs.iter());
         let (p99_idle, rate_idle) = *idle.get_or_insert((pooled.p99_ms, backlog_rate));
-        let per_round: Vec<String> = runs
+        p99s.push(pooled.p99_ms);
+        let round_p99s: Vec<f64> = runs
             .iter()
-            .map(|r| format!("{:.1}", Latency::of(r.samples.clone(), 0.0).p99_ms))
+            .map(|r| Latency::of(r.samples.clone(), 0.0).p99_ms)
             .collect();
+        let per_round: Vec<String> = round_p99s.iter().map(|p| format!("{p:.1}")).collect();
+        let round_median = median(round_p99s.iter().copied());
+        let median_idle = *idle_median.get_or_insert(round_median);
+        round_medians.push(round_median);
         let hostile: u64 = runs.iter().map(|r| r.hostile).sum::<u64>() + backlog_hostile;
         let (mut cpu, mut wall) = ([0.0; 3], 0.0);
         for r in runs {
@@ -1984,6 +2077,10 @@ async fn neighbours(env: &Env, args: &Args) -> anyhow::Result<Table> {
             format!("{:.1}", pooled.p50_ms),
             format!("{:.1}", pooled.p99_ms),
             format!("{:.2}×", pooled.p99_ms / p99_idle),
+            format!(
+                "{round_median:.1} ({:.2}×)",
+                round_median / median_idle.max(1e-9)
+            ),
             per_round.join(", "),
             format!("{:.1}", pooled.max_ms),
             fmt_rate(backlog_rate),
@@ -2002,16 +2099,42 @@ async fn neighbours(env: &Env, args: &Args) -> anyhow::Result<Table> {
     let idle_runs = &phases[0];
     let odd = pooled_latency(idle_runs.iter().step_by(2));
     let even = pooled_latency(idle_runs.iter().skip(1).step_by(2));
+    let round_p99 = |r: &LatencyPhase| Latency::of(r.samples.clone(), 0.0).p99_ms;
+    let odd_median = median(idle_runs.iter().step_by(2).map(round_p99));
+    let even_median = median(idle_runs.iter().skip(1).step_by(2).map(round_p99));
     table.row(vec![
         "noise floor: idle's rounds 2, 4, … vs. its rounds 1, 3, …".into(),
         format!("{:.1}", even.p50_ms),
         format!("{:.1}", even.p99_ms),
         format!("{:.2}×", even.p99_ms / odd.p99_ms),
+        format!(
+            "{even_median:.1} ({:.2}×)",
+            even_median / odd_median.max(1e-9)
+        ),
         format!("vs. {:.1} (rounds 1, 3, …)", odd.p99_ms),
         format!("{:.1}", even.max_ms),
         "–".into(),
         "–".into(),
         "0".into(),
+        "–".into(),
+    ]);
+    // The hog against its control: the same CPU at the same priority, burnt outside tidegate.
+    let (hog, control) = (p99s[2], p99s[3]);
+    let (hog_median, control_median) = (round_medians[2], round_medians[3]);
+    table.row(vec![
+        "CPU hog vs. its control (what tidegate adds to that CPU's cost)".into(),
+        "–".into(),
+        format!("{hog:.1}"),
+        format!("{:.2}×", hog / control),
+        format!(
+            "{hog_median:.1} ({:.2}×)",
+            hog_median / control_median.max(1e-9)
+        ),
+        format!("vs. {control:.1} (control)"),
+        "–".into(),
+        "–".into(),
+        "–".into(),
+        "–".into(),
         "–".into(),
     ]);
     table.note(format!(
@@ -2021,12 +2144,18 @@ async fn neighbours(env: &Env, args: &Args) -> anyhow::Result<Table> {
          dead-lettered (never published, never reaching the server as an oversized message). \
          Latency: {rounds} rounds, each running every neighbour once for {secs} s (rotated \
          order, a fresh tidegate per phase); a neighbour's p50/p99/max are over its rounds' \
-         samples pooled, \"p99 per round\" shows each round alone, and the noise-floor row \
+         samples pooled, \"p99 per round\" shows each round alone and \"median round p99\" \
+         their median (one slow round moves it less than the pooled p99), and the noise-floor row \
          compares the idle neighbour with itself (half its rounds against the other half, \
          each half pooled): a ratio within that row's distance from 1.00× is the machine, not \
-         the neighbour. Goal: good p99 ≤ 1.25× idle. CPU is over the latency phases; the \
-         backlog drain runs once per neighbour, after the rounds.",
+         the neighbour. The hostile tenant's quarantine.breach_pause is {pause}; the control \
+         row burns about the hog's CPU (10 ms, then {pause} × 10 ms idle: the most a hog gets \
+         under that pause) in a SCHED_IDLE thread outside tidegate, the priority the worker \
+         pool gives a hog: its ratio is what that CPU costs the good tenant on this machine \
+         whoever burns it, and the last row divides the hog's p99 by it. Goal: good p99 ≤ 1.25× idle. CPU is over the latency phases; the backlog \
+         drain runs once per neighbour, after the rounds.",
         secs = args.latency_secs,
+        pause = args.breach_pause,
     ));
     Ok(table)
 }
@@ -2041,6 +2170,17 @@ struct LatencyPhase {
     cpu: [f64; 3],
     /// The phase's wall time, seconds.
     wall: f64,
+}
+
+/// The median of `values` (the mean of the middle two for an even count; 0 for none).
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// The percentiles of several phases' samples taken together.
@@ -2061,7 +2201,7 @@ struct NeighbourSetup {
 }
 
 impl NeighbourSetup {
-    fn new(env: &Env, name: &str) -> anyhow::Result<NeighbourSetup> {
+    fn new(env: &Env, name: &str, breach_pause: u32) -> anyhow::Result<NeighbourSetup> {
         let id = format!("bench-neighbour-{name}");
         let (good_coll, bad_coll) = (format!("nb_good_{name}"), format!("nb_bad_{name}"));
         let upper = name.to_uppercase();
@@ -2088,7 +2228,7 @@ config = {{ operations = "insert,update,replace,delete" }}
 [[pipeline.tenant]]
 id = "bad"
 namespaces = ["{DB}.{bad_coll}"]
-quarantine = {{ after_failures = 0 }}
+quarantine = {{ after_failures = 0, breach_pause = {breach_pause} }}
 [pipeline.tenant.sink]
 stream = "{bad_stream}"
 subject_prefix = "nbbad{name}"
@@ -2167,10 +2307,15 @@ async fn neighbour_latency(
     neighbour: Neighbour,
     round: usize,
 ) -> anyhow::Result<LatencyPhase> {
-    let setup = NeighbourSetup::new(env, &format!("{}{round}", neighbour.tag()))?;
+    let setup = NeighbourSetup::new(
+        env,
+        &format!("{}{round}", neighbour.tag()),
+        args.breach_pause,
+    )?;
     let running = setup.start(env).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let feeder = setup.feed(env, neighbour, stop_rx);
+    let spinner = neighbour.spinner(args.breach_pause);
     let mark = env.cpu.mark();
     let good = env.collection(&setup.good_coll);
     let total = (args.rate * args.latency_secs) as usize;
@@ -2186,6 +2331,7 @@ async fn neighbour_latency(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let end = env.cpu.mark();
+    drop(spinner);
     let hostile = setup.finish(env, running, stop_tx, feeder).await?;
     check_no_dead_letters(&env.nats_client, &setup.good_stream).await?;
     Ok(LatencyPhase {
@@ -2203,7 +2349,11 @@ async fn neighbour_backlog(
     args: &Args,
     neighbour: Neighbour,
 ) -> anyhow::Result<(f64, u64)> {
-    let setup = NeighbourSetup::new(env, &format!("{}backlog", neighbour.tag()))?;
+    let setup = NeighbourSetup::new(
+        env,
+        &format!("{}backlog", neighbour.tag()),
+        args.breach_pause,
+    )?;
     // Save the start first: events inserted before a pipeline's first start are not its.
     let running = setup.start(env).await?;
     running.stop().await?;
@@ -2213,6 +2363,7 @@ async fn neighbour_backlog(
     let t = Instant::now();
     let running = Running::start(setup.config.clone());
     let feeder = setup.feed(env, neighbour, stop_rx);
+    let spinner = neighbour.spinner(args.breach_pause);
     let deadline = t + Duration::from_secs(600);
     while stream_len(&env.nats_client, &setup.good_stream).await < n as u64 {
         if Instant::now() > deadline {
@@ -2224,6 +2375,7 @@ async fn neighbour_backlog(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let backlog_rate = rate(n, t.elapsed());
+    drop(spinner);
     let hostile = setup.finish(env, running, stop_tx, feeder).await?;
     check_no_dead_letters(&env.nats_client, &setup.good_stream).await?;
     Ok((backlog_rate, hostile))

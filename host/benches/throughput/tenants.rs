@@ -20,7 +20,7 @@ use futures::StreamExt;
 use tidegate::Config;
 use tidegate_testkit::{stream_len, MongoReplicaSet, NatsServer};
 
-use super::{fmt_rate, Args, Cpu, Table, INSERT_BATCH, KV_BUCKET};
+use super::{fmt_rate, median, Args, Cpu, Table, INSERT_BATCH, KV_BUCKET};
 
 /// Inserts in flight at once while writing the events (one `insert_many` each).
 const WRITERS: usize = 8;
@@ -173,17 +173,6 @@ fn chain_label(plugins: usize) -> &'static str {
         1 => "op-filter",
         2 => "op-filter, redact",
         _ => "op-filter, redact, fanout×1",
-    }
-}
-
-/// The median of `values` (the mean of the middle two for an even count; 0 for none).
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 
