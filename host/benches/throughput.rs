@@ -1902,10 +1902,10 @@ impl Neighbour {
     }
 }
 
-/// A thread at the `SCHED_IDLE` policy, outside any pipeline, spinning [`IdleSpinner::SPIN`]
-/// then sleeping `breach_pause` times that until dropped: the CPU a hog gets under that
-/// `quarantine.breach_pause` (at most 1/(1 + N) of a core, one call then N times its length
-/// idle), burnt at the priority the worker pool gives a hog, without tidegate.
+/// A thread outside any pipeline, spinning [`IdleSpinner::SPIN`] then sleeping `breach_pause`
+/// times that until dropped: the CPU a hog gets under that `quarantine.breach_pause` (at most
+/// 1/(1 + N) of a core, one call then N times its length idle), burnt at the priority the
+/// worker pool gives a hog (`SCHED_IDLE`, by the pool's own `lower_priority`), without tidegate.
 struct IdleSpinner {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -1916,20 +1916,12 @@ impl IdleSpinner {
     const SPIN: Duration = Duration::from_millis(10);
 
     fn start(breach_pause: u32) -> IdleSpinner {
-        let rest = Self::SPIN * breach_pause;
         use std::sync::atomic::{AtomicBool, Ordering};
+        let rest = Self::SPIN * breach_pause;
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: pid 0 names the calling thread; `param` is a valid `sched_param`.
-            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-                eprintln!(
-                    "the control spinner cannot take SCHED_IDLE ({}): it spins at normal \
-                     priority",
-                    std::io::Error::last_os_error()
-                );
-            }
+            tidegate::sandbox::pool::lower_priority();
             while !flag.load(Ordering::Relaxed) {
                 let on = Instant::now();
                 while on.elapsed() < Self::SPIN {

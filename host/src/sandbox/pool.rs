@@ -487,9 +487,10 @@ pub fn thread_cpu_time() -> Duration {
 /// time slice (a few milliseconds) before a woken one runs, whatever their nice values, so a
 /// hog at nice 19 still delays every wake-up of the good tenant's pipeline, of mongod and of
 /// nats-server that lands on its core. Where `SCHED_IDLE` is refused, nice 19; a failure of
-/// both only makes the background lane as urgent as the normal one: logged.
+/// both only makes the background lane as urgent as the normal one: logged. Public for the
+/// benchmark's control, which burns a hog's CPU at exactly this priority outside the pool.
 #[cfg(target_os = "linux")]
-fn lower_priority() {
+pub fn lower_priority() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: pid 0 names the calling thread; `param` is a valid `sched_param` for the call
     // to read. Lowering a thread's own policy needs no privilege.
@@ -517,8 +518,9 @@ fn lower_priority() {
     }
 }
 
+/// Elsewhere: no lower priority (see the Linux version).
 #[cfg(not(target_os = "linux"))]
-fn lower_priority() {}
+pub fn lower_priority() {}
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
