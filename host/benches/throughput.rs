@@ -2039,7 +2039,8 @@ async fn neighbours(env: &Env, args: &Args) -> anyhow::Result<Table> {
     }
     let mut idle: Option<(f64, f64)> = None;
     let mut idle_median: Option<f64> = None;
-    let (mut p99s, mut round_medians) = (Vec::new(), Vec::new());
+    // Per neighbour, in KINDS order: pooled p99, each round's p99, their median.
+    let (mut p99s, mut rounds_p99s, mut round_medians) = (Vec::new(), Vec::new(), Vec::new());
     for (k, neighbour) in KINDS.into_iter().enumerate() {
         eprintln!("7. noisy neighbour, backlog: {}…", neighbour.tag());
         let (backlog_rate, backlog_hostile) = neighbour_backlog(env, args, neighbour).await?;
@@ -2055,6 +2056,7 @@ async fn neighbours(env: &Env, args: &Args) -> anyhow::Result<Table> {
         let round_median = median(round_p99s.iter().copied());
         let median_idle = *idle_median.get_or_insert(round_median);
         round_medians.push(round_median);
+        rounds_p99s.push(round_p99s);
         let hostile: u64 = runs.iter().map(|r| r.hostile).sum::<u64>() + backlog_hostile;
         let (mut cpu, mut wall) = ([0.0; 3], 0.0);
         for r in runs {
@@ -2091,9 +2093,9 @@ async fn neighbours(env: &Env, args: &Args) -> anyhow::Result<Table> {
     let idle_runs = &phases[0];
     let odd = pooled_latency(idle_runs.iter().step_by(2));
     let even = pooled_latency(idle_runs.iter().skip(1).step_by(2));
-    let round_p99 = |r: &LatencyPhase| Latency::of(r.samples.clone(), 0.0).p99_ms;
-    let odd_median = median(idle_runs.iter().step_by(2).map(round_p99));
-    let even_median = median(idle_runs.iter().skip(1).step_by(2).map(round_p99));
+    let idle_rounds = &rounds_p99s[0];
+    let odd_median = median(idle_rounds.iter().step_by(2).copied());
+    let even_median = median(idle_rounds.iter().skip(1).step_by(2).copied());
     table.row(vec![
         "noise floor: idle's rounds 2, 4, … vs. its rounds 1, 3, …".into(),
         format!("{:.1}", even.p50_ms),
@@ -2136,16 +2138,18 @@ async fn neighbours(env: &Env, args: &Args) -> anyhow::Result<Table> {
          dead-lettered (never published, never reaching the server as an oversized message). \
          Latency: {rounds} rounds, each running every neighbour once for {secs} s (rotated \
          order, a fresh tidegate per phase); a neighbour's p50/p99/max are over its rounds' \
-         samples pooled, \"p99 per round\" shows each round alone and \"median round p99\" \
-         their median (one slow round moves it less than the pooled p99), and the noise-floor row \
+         samples pooled, \"p99 per round\" shows each round alone and \"median round \
+         p99\" their median (one slow round moves it less than the pooled p99), and the \
+         noise-floor row \
          compares the idle neighbour with itself (half its rounds against the other half, \
          each half pooled): a ratio within that row's distance from 1.00× is the machine, not \
          the neighbour. The hostile tenant's quarantine.breach_pause is {pause}; the control \
          row burns about the hog's CPU (10 ms, then {pause} × 10 ms idle: the most a hog gets \
          under that pause) in a SCHED_IDLE thread outside tidegate, the priority the worker \
          pool gives a hog: its ratio is what that CPU costs the good tenant on this machine \
-         whoever burns it, and the last row divides the hog's p99 by it. Goal: good p99 ≤ 1.25× idle. CPU is over the latency phases; the backlog \
-         drain runs once per neighbour, after the rounds.",
+         whoever burns it, and the last row divides the hog's p99 by it. Goal: good p99 ≤ \
+         1.25× idle. CPU is over the latency phases; the backlog drain runs once per \
+         neighbour, after the rounds.",
         secs = args.latency_secs,
         pause = args.breach_pause,
     ));
