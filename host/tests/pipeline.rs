@@ -337,8 +337,8 @@ async fn watch_scopes_collection_list_database_and_deployment() -> anyhow::Resul
             .await?;
     }
     let all = h.wait_settled("ALL", 4, Duration::from_secs(120)).await?;
-    let db = h.messages("DB").await?;
-    let list = h.messages("LIST").await?;
+    let db = h.wait_settled("DB", 3, Duration::from_secs(120)).await?;
+    let list = h.wait_settled("LIST", 2, Duration::from_secs(120)).await?;
     running.stop().await?;
     let subjects = |ms: &[async_nats::jetstream::message::StreamMessage]| -> Vec<String> {
         ms.iter().map(|m| m.subject.to_string()).collect()

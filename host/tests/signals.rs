@@ -80,6 +80,43 @@ async fn reads_by_snapshot(h: &Harness) -> anyhow::Result<Vec<Vec<Read>>> {
     Ok(groups.into_iter().map(|(_, reads)| reads).collect())
 }
 
+/// The snapshot reads once the stream holds every one the source has queued so far.
+///
+/// The source logs a chunk (`done=N`: the snapshot's documents queued, this chunk
+/// included) and a snapshot's end (`documents=N`) when it hands the reads to the plugin
+/// chain, before they are published; on a busy machine the stream can be several chunks
+/// behind that line. This waits until snapshot number `snapshot` (0 for the first) holds
+/// the count on the log's last line containing `needle`.
+async fn published_reads(
+    h: &Harness,
+    child: &ChildProcess,
+    snapshot: usize,
+    needle: &str,
+) -> anyhow::Result<Vec<Vec<Read>>> {
+    let log = child.log();
+    let line = log
+        .lines()
+        .rfind(|l| l.contains(needle))
+        .ok_or_else(|| anyhow::anyhow!("no {needle:?} in the log:\n{log}"))?;
+    let queued: usize = ["done=", "documents="]
+        .iter()
+        .find_map(|field| line.split(field).nth(1))
+        .and_then(|n| n.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no count on {line:?}"))?;
+    wait_until(
+        &format!("{queued} reads of snapshot {snapshot} in the stream"),
+        Duration::from_secs(120),
+        || async {
+            reads_by_snapshot(h)
+                .await
+                .is_ok_and(|reads| reads.get(snapshot).map_or(0, Vec::len) >= queued)
+        },
+    )
+    .await?;
+    reads_by_snapshot(h).await
+}
+
 /// `tidegate_signals_total{…,outcome="<outcome>"}`.
 async fn signals_counted(address: &str, outcome: &str) -> anyhow::Result<Option<u64>> {
     let (_, text) = http_get(address, "/metrics").await?;
@@ -186,7 +223,7 @@ async fn execute_snapshot_in_every_documented_form() -> anyhow::Result<()> {
         "refusals are warnings:\n{log}"
     );
 
-    let reads = reads_by_snapshot(&h).await?;
+    let reads = published_reads(&h, &child, 4, "incremental snapshot done").await?;
     let sizes: Vec<usize> = reads.iter().map(Vec::len).collect();
     assert_eq!(sizes, [100, 100, 10, 100, 10], "reads per snapshot");
     for filtered in [&reads[2], &reads[4]] {
@@ -237,7 +274,7 @@ async fn stop_pause_and_resume() -> anyhow::Result<()> {
         "data": "{\"data-collections\": [\"shop.items\"], \"type\": \"INCREMENTAL\"}" })
         .await?;
     wait_for_count(&child, "incremental snapshot done", 1).await?;
-    let reads = reads_by_snapshot(&h).await?;
+    let reads = published_reads(&h, &child, 0, "incremental snapshot done").await?;
     let items_read = reads[0].iter().filter(|(c, ..)| c == "items").count();
     let products_read = reads[0].iter().filter(|(c, ..)| c == "products").count();
     assert!(items_read < 20_000, "items went on: {items_read}");
@@ -253,7 +290,7 @@ async fn stop_pause_and_resume() -> anyhow::Result<()> {
         .await?;
     wait_for_count(&child, "incremental snapshot paused by a signal", 1).await?;
     wait_for_count(&child, "incremental snapshot paused after its chunk", 1).await?;
-    let paused_at = reads_by_snapshot(&h).await?.get(1).map_or(0, Vec::len);
+    let paused_at = published_reads(&h, &child, 1, "incremental snapshot chunk").await?[1].len();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         reads_by_snapshot(&h).await?.get(1).map_or(0, Vec::len),
@@ -265,7 +302,8 @@ async fn stop_pause_and_resume() -> anyhow::Result<()> {
         .insert_one(doc! { "type": "resume-snapshot" })
         .await?;
     wait_for_count(&child, "incremental snapshot done", 2).await?;
-    assert_eq!(reads_by_snapshot(&h).await?[1].len(), 20_000);
+    let reads = published_reads(&h, &child, 1, "incremental snapshot done").await?;
+    assert_eq!(reads[1].len(), 20_000);
 
     // Stopped whole.
     signals

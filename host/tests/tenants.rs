@@ -139,9 +139,10 @@ async fn hostile_plugin_harms_only_its_own_tenant() -> anyhow::Result<()> {
         &h,
         &h.plugins,
         "[[pipeline.tenant.plugins]]\nname = \"faulty\"",
-        // Fuel high enough that the spinning call meets its wall-clock deadline first;
+        // Fuel high enough that the spinning call meets its wall-clock deadline first, and
+        // that deadline long enough that no other hostile call reaches it on a busy machine;
         // quarantine off so every event gets its own verdict.
-        "limits = { memory_mib = 16, timeout_ms = 300, fuel_per_call = 1000000000000 }\n\
+        "limits = { memory_mib = 16, timeout_ms = 2000, fuel_per_call = 1000000000000 }\n\
          quarantine = { after_failures = 0 }",
     );
     // A pipeline id of its own: metrics are per process, and other tests run beside this one.
@@ -367,7 +368,7 @@ async fn halt_stops_only_the_failing_tenant() -> anyhow::Result<()> {
     }
     let good = h.wait_settled("GOOD", 20, Duration::from_secs(120)).await?;
     assert_eq!(numbers(&good), (0..20).collect::<Vec<_>>());
-    let bad = h.messages("BAD").await?;
+    let bad = h.wait_settled("BAD", 2, Duration::from_secs(120)).await?;
     assert_eq!(
         numbers(&bad),
         vec![0, 1],
@@ -763,7 +764,9 @@ interval_ms = 200
 /// the wire, and a subject of 8 KiB (over the server's `max_control_line`) are each
 /// dead-lettered with their reason, an event too large even to dead-letter whole is
 /// dead-lettered as a stub, the shared connection is never dropped, and the good tenant
-/// receives every one of its events.
+/// receives every one of its events. (The bad tenant's deadline is a minute: its breaching
+/// calls run at the lowest CPU priority, which on a busy machine can outlast the default
+/// second, and this test is about sizes.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_bombs_never_drop_the_shared_connection() -> anyhow::Result<()> {
     let h = Harness::start().await?;
@@ -771,7 +774,8 @@ async fn header_bombs_never_drop_the_shared_connection() -> anyhow::Result<()> {
         &h,
         &h.plugins,
         "[[pipeline.tenant.plugins]]\nname = \"faulty\"",
-        "limits = { max_output_bytes = 8388608 }\nquarantine = { after_failures = 0 }",
+        "limits = { max_output_bytes = 8388608, timeout_ms = 60000 }\n\
+         quarantine = { after_failures = 0 }",
     );
     let path = h.write_config("tenants.toml", &config)?;
     let mut child = h.spawn_binary(&path)?;
@@ -891,7 +895,8 @@ async fn header_bombs_never_drop_the_shared_connection() -> anyhow::Result<()> {
 /// breach in a row doubles its pause (`quarantine.breach_pause`, up to 5 s), and a stop does
 /// not wait those pauses out: the events it has read are dead-lettered at once and the
 /// process exits cleanly within `shutdown_timeout_secs`, none lost. Sixteen header bombs in
-/// a row: after the eighth, the pauses still owed add up to about half a minute.
+/// a row: after the eighth, the pauses still owed add up to about half a minute. (The
+/// deadline is a minute, as in `header_bombs_never_drop_the_shared_connection`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_tenant_does_not_hold_up_a_stop() -> anyhow::Result<()> {
     const BOMBS: u64 = 16;
@@ -900,7 +905,7 @@ async fn a_throttled_tenant_does_not_hold_up_a_stop() -> anyhow::Result<()> {
         &h,
         &h.plugins,
         "[[pipeline.tenant.plugins]]\nname = \"faulty\"",
-        "quarantine = { after_failures = 0 }",
+        "limits = { timeout_ms = 60000 }\nquarantine = { after_failures = 0 }",
     )
     .replace(
         "full_document = \"update-lookup\"",
