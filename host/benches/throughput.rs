@@ -28,7 +28,10 @@
 //!    `--neighbours-only` runs just this scenario; `--no-background` runs every scenario on a
 //!    worker pool without its low-priority background lane (`sandbox.background = false`);
 //! 8. the shared reader at scale, K tenants with 1–3 plugins each (`--tenants-only`; module
-//!    `tenants`, sizes and chains from `TIDEGATE_BENCH_*`).
+//!    `tenants`, sizes and chains from `TIDEGATE_BENCH_*`);
+//! 9. JetStream alone, K tenants' messages in a stream each or in one shared stream
+//!    (`--streams-only`; module `streams`): what sharing a stream could save, before tidegate
+//!    does it.
 //!
 //! The process allocates with mimalloc, as the `tidegate` binary, or with glibc's malloc under
 //! `TIDEGATE_BENCH_ALLOC=system` (module `alloc`).
@@ -40,6 +43,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 // Not `benches/tenants.rs`: Cargo would take that for a bench target of its own.
+#[path = "throughput/streams.rs"]
+mod streams;
 #[path = "throughput/tenants.rs"]
 mod tenants;
 
@@ -103,6 +108,8 @@ struct Args {
     breach_pause: u32,
     /// Run only the shared-reader tenants scenario.
     tenants_only: bool,
+    /// Run only scenario 9 (JetStream alone: a stream per tenant or one shared).
+    streams_only: bool,
     /// The worker pool without its background lane (`sandbox.background = false`).
     no_background: bool,
     /// Run only scenarios 1–4 and the goals of issue 16 (no micro, tenants or neighbours).
@@ -121,6 +128,7 @@ fn parse_args() -> anyhow::Result<Args> {
         neighbour_rounds: 4,
         breach_pause: 4,
         tenants_only: false,
+        streams_only: false,
         no_background: false,
         e2e_only: false,
     };
@@ -151,12 +159,14 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "--breach-pause" => args.breach_pause = value()?.parse().context("--breach-pause")?,
             "--tenants-only" => args.tenants_only = true,
+            "--streams-only" => args.streams_only = true,
             "--no-background" => args.no_background = true,
             "--e2e-only" => args.e2e_only = true,
             other => bail!(
                 "unknown argument {other:?}; expected --events N, --out PATH, --rate R, \
                  --latency-secs S, --micro-iters I, --micro-only, --neighbours-only, \
-                 --neighbour-rounds R, --breach-pause N, --tenants-only, --no-background, --e2e-only"
+                 --neighbour-rounds R, --breach-pause N, --tenants-only, --streams-only, --no-background, \
+                 --e2e-only"
             ),
         }
     }
@@ -777,11 +787,17 @@ fn micro(plugins: &Path, iters: usize) -> anyhow::Result<(Table, Table, usize)> 
 
 /// Resident memory of this process, in KiB.
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    proc_status_kib("self", "VmRSS:")
+}
+
+/// A KiB figure of `/proc/<pid>/status` (`field` as written there, e.g. `VmHWM:`), 0 if
+/// unreadable.
+fn proc_status_kib(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
@@ -1573,11 +1589,9 @@ fn main() -> anyhow::Result<()> {
     let plugins = plugin_dir()?;
 
     // CPU-only measurements first, while no server is running.
-    let iters = if args.neighbours_only || args.tenants_only || args.e2e_only {
-        1
-    } else {
-        args.micro_iters
-    };
+    let only_servers =
+        args.neighbours_only || args.tenants_only || args.streams_only || args.e2e_only;
+    let iters = if only_servers { 1 } else { args.micro_iters };
     eprintln!("micro benchmarks ({iters} iterations each)…");
     let (calls, conv, payload_len) = micro(&plugins, iters)?;
     let sandbox = sandbox_costs(&plugins, iters)?;
@@ -1588,6 +1602,8 @@ fn main() -> anyhow::Result<()> {
         .context("tokio runtime")?;
     let mut all = if args.tenants_only {
         runtime.block_on(tenants::tenants_only(&args, &plugins))?
+    } else if args.streams_only {
+        runtime.block_on(streams::streams_only(&args))?
     } else if args.neighbours_only {
         runtime.block_on(neighbours_only(&args, plugins))?
     } else if args.micro_only {
@@ -1595,7 +1611,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         runtime.block_on(servers(&args, plugins, payload_len))?
     };
-    if !args.neighbours_only && !args.tenants_only && !args.e2e_only {
+    if !only_servers {
         all.push(calls);
         all.push(conv);
         all.push(sandbox);

@@ -52,7 +52,7 @@ impl Routing {
 }
 
 /// A comma-separated list from the environment variable `name`, or `default`.
-fn list<T: std::str::FromStr>(name: &str, default: Vec<T>) -> Vec<T> {
+pub(super) fn list<T: std::str::FromStr>(name: &str, default: Vec<T>) -> Vec<T> {
     std::env::var(name)
         .ok()
         .and_then(|v| v.split(',').map(|k| k.trim().parse().ok()).collect())
@@ -122,6 +122,7 @@ pub(super) async fn tenants_only(args: &Args, plugins: &Path) -> anyhow::Result<
                     .zip(&rows[0])
                     .map(|(row, first)| row.rate() / first.rate())
                     .collect();
+                let [ratio, per_round] = ratio_cells(&ratios);
                 table.row(vec![
                     routing.label().into(),
                     chain_label(chain).into(),
@@ -131,12 +132,8 @@ pub(super) async fn tenants_only(args: &Args, plugins: &Path) -> anyhow::Result<
                         median(runs.iter().map(|r| r.startup.as_secs_f64()))
                     ),
                     fmt_rate(median(runs.iter().map(Row::rate))),
-                    format!("{:.2}", median(ratios.iter().copied())),
-                    ratios
-                        .iter()
-                        .map(|r| format!("{r:.2}"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    ratio,
+                    per_round,
                     runs.iter()
                         .map(|r| r.streams)
                         .max()
@@ -166,6 +163,18 @@ pub(super) async fn tenants_only(args: &Args, plugins: &Path) -> anyhow::Result<
     }
     table.note("In-process: RSS and threads are the bench process's (tidegate, its drivers, this harness), read after the row's events are stored; rows run in order in one process, so a row's RSS may include what earlier rows left allocated. Collections are created before tidegate starts; events are written live with insert_many (8 in flight; database per tenant: N/K events per tenant; tenant key: batches of 1000 spread over all tenants) while tidegate runs; the rate is events / (first write → last tenant's last message stored). \"× K = 1\" is against the first K of the same routing and chain in the same round, the median over the rounds (each round runs every K in turn, so that a slow minute on a shared machine lands on every K alike); events/s, start-up, mongod CPU and CPU per event are medians over the rounds, RSS and threads the highest. CPU per event is each process's CPU time from the first write to the last message stored, divided by the events written (the bench process's includes the writer and the polling of stream lengths). Start-up: from tidegate::run until every tenant has saved its start. Change streams counted with $currentOp (allUsers, idleCursors) after the run.".into());
     Ok(vec![table])
+}
+
+/// The "× K = 1" and "× K = 1 per round" cells: the median of the rounds' ratios, and each.
+pub(super) fn ratio_cells(ratios: &[f64]) -> [String; 2] {
+    [
+        format!("{:.2}", median(ratios.iter().copied())),
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    ]
 }
 
 fn chain_label(plugins: usize) -> &'static str {
