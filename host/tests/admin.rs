@@ -721,6 +721,67 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
     tidegate.stop().await
 }
 
+/// A pipeline of the admin API with a `[pipeline.sink]`: tenants added without a sink share
+/// its stream, each under `<prefix>.<tenant id>`; a tenant naming that stream as its own is
+/// refused; purging a tenant removes its subjects only, and the stream and the other
+/// tenant's messages stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_tenants_share_the_pipelines_stream() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let (admin_port, http_port) = (free_port(), free_port());
+    let config = format!(
+        "{}\n[pipeline.sink]\nstream = \"SHOP\"\nsubject_prefix = \"shop\"\n",
+        admin_config(&h, admin_port, http_port, "")
+    );
+    let path = h.write_config("shared.toml", &config)?;
+    let tidegate = InProcess::start(&path)?;
+    let api = format!("127.0.0.1:{admin_port}");
+    wait_api(&api).await;
+
+    for id in ["a", "b"] {
+        add(
+            &api,
+            json!({ "id": id, "namespaces": [format!("{DB}.{id}")], "plugins": [] }),
+        )
+        .await;
+    }
+    let body = json!({ "pipeline": "shop", "tenant": tenant("c", json!([])) })
+        .to_string()
+        .replace("\"C\"", "\"SHOP\"");
+    let (status, answer) = call(&api, "POST", "/v1/tenants", Some(OPERATOR), body.as_bytes()).await;
+    assert_eq!(status, 422, "{answer}");
+    assert!(error(&answer).contains("already used"), "{answer}");
+
+    h.wait_checkpoints(&["shop.a", "shop.b"]).await?;
+    for n in 0..5 {
+        insert(&h, "a", n).await;
+        insert(&h, "b", n).await;
+    }
+    let all = h.wait_settled("SHOP", 10, Duration::from_secs(120)).await?;
+    for id in ["a", "b"] {
+        let own: Vec<i64> = all
+            .iter()
+            .filter(|m| m.subject.starts_with(&format!("shop.{id}.")))
+            .filter_map(|m| support::json(m)["fullDocument"]["n"].as_i64())
+            .collect();
+        assert_eq!(own, (0..5).collect::<Vec<_>>(), "tenant {id}");
+    }
+
+    let (status, answer) = call(
+        &api,
+        "DELETE",
+        "/v1/tenants/shop.a?purge=true",
+        Some(OPERATOR),
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let left = h.messages("SHOP").await?;
+    assert_eq!(left.len(), 5, "b's messages stay");
+    assert!(left.iter().all(|m| m.subject.starts_with("shop.b.")));
+    tidegate.stop().await
+}
+
 /// Two instances with high availability share the tenant bucket: a tenant added through
 /// either one is listed by both and publishes (whichever instance holds its lease).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -531,3 +531,94 @@ async fn one_lease_per_pipeline_and_a_takeover_loses_nothing() -> anyhow::Result
     assert!(status.success(), "{status:?}\n{}", child.log());
     Ok(())
 }
+
+/// Tenants without a sink of their own share the pipeline's stream, each under its own
+/// subjects, through one publisher (one ordering chain for the stream): tidegate is
+/// SIGKILLed again and again and NATS is restarted while three tenants' events are written.
+/// Each tenant's subjects end with its events exactly once, in order, every message names
+/// its tenant, and no stream of a tenant's own is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_share_one_stream_through_kills_and_a_nats_restart() -> anyhow::Result<()> {
+    const EACH: i64 = 1_500;
+    let ids = ["a", "b", "c"];
+    let mut h = Harness::start().await?;
+    let tenants: String = ids
+        .iter()
+        .map(|id| format!("[[pipeline.tenant]]\nid = \"{id}\"\nnamespaces = [\"shop.{id}\"]\n"))
+        .collect();
+    let pipeline =
+        "database = \"shop\"\n\n[pipeline.sink]\nstream = \"ALL\"\nsubject_prefix = \"all\"";
+    let path = h.write_config("shared.toml", &config(&h, pipeline, &tenants))?;
+    let mut child = h.spawn_binary(&path)?;
+    h.wait_checkpoints(&["p.a", "p.b", "p.c"]).await?;
+
+    let db = h.mongo.client().await?.database("shop");
+    let writers: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            tokio::spawn(support::write_range(
+                db.collection(id),
+                0,
+                EACH,
+                25,
+                Duration::from_millis(20),
+            ))
+        })
+        .collect();
+    let mut rng: u64 = 0x2545_F491_4F6C_DD1D;
+    for _ in 0..4 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        tokio::time::sleep(Duration::from_millis(300 + rng % 600)).await;
+        child.kill9();
+        child = h.spawn_binary(&path)?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.nats.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    h.nats.start_again().await?;
+    for writer in writers {
+        writer.await??;
+    }
+
+    let all = h
+        .wait_settled("ALL", 3 * EACH as u64, PATIENCE)
+        .await
+        .map_err(|err| anyhow::anyhow!("{err}\n{}", child.log()))?;
+    for id in ids {
+        let prefix = format!("all.{id}.");
+        let own: Vec<StreamMessage> = all
+            .iter()
+            .filter(|m| m.subject.starts_with(prefix.as_str()))
+            .cloned()
+            .collect();
+        assert!(
+            own.iter()
+                .all(|m| support::header(m, "Tidegate-Tenant").as_deref() == Some(id)),
+            "tenant {id}'s messages name it"
+        );
+        support::assert_exactly_once_in_order(&own, EACH);
+    }
+    // One writer: the tenants never broke each other's ordering chain.
+    let log = child.log();
+    assert!(
+        log.contains("one publisher for the tenants' shared stream"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("is not the one this pipeline expected"),
+        "{log}"
+    );
+    let nats = h.nats_client().await?;
+    for id in ids {
+        assert_eq!(
+            tidegate_testkit::stream_len(&nats, &id.to_uppercase()).await,
+            0,
+            "no stream of tenant {id}'s own"
+        );
+    }
+    child.signal(SIGTERM)?;
+    child.wait_exit(Duration::from_secs(60)).await?;
+    Ok(())
+}

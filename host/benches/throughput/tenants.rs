@@ -8,8 +8,10 @@
 //! Sizes, chains and routings come from the environment, so that the whole matrix or one
 //! essential row can be run: `TIDEGATE_BENCH_TENANTS=1,10,100,1000` (default `1,10,100`),
 //! `TIDEGATE_BENCH_CHAINS=1,3` (plugins per tenant, default `1`),
-//! `TIDEGATE_BENCH_ROUTING=db,key` (default both), `TIDEGATE_BENCH_ROUNDS=R` (default 1: each
-//! round runs every K in turn; ratios are per round, and the table shows their median).
+//! `TIDEGATE_BENCH_ROUTING=db,key` (default both), `TIDEGATE_BENCH_LAYOUT=own,shared` (a
+//! stream per tenant, or one stream the tenants share with a subject space each; default
+//! both), `TIDEGATE_BENCH_ROUNDS=R` (default 1: each round runs every K in turn; ratios are
+//! per round, and the table shows their median).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -51,6 +53,24 @@ impl Routing {
     }
 }
 
+/// Where the tenants publish.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Tenant `i` has its own sink, stream `T<i>`.
+    OwnStreams,
+    /// The pipeline's sink, stream `ALL`, shared: tenant `i` publishes under `t.t<i>`.
+    SharedStream,
+}
+
+impl Layout {
+    fn label(self) -> &'static str {
+        match self {
+            Layout::OwnStreams => "a stream per tenant",
+            Layout::SharedStream => "one shared stream",
+        }
+    }
+}
+
 /// A comma-separated list from the environment variable `name`, or `default`.
 pub(super) fn list<T: std::str::FromStr>(name: &str, default: Vec<T>) -> Vec<T> {
     std::env::var(name)
@@ -67,6 +87,11 @@ pub(super) async fn tenants_only(args: &Args, plugins: &Path) -> anyhow::Result<
         Some("db") => vec![Routing::Database],
         Some("key") => vec![Routing::Key],
         _ => vec![Routing::Database, Routing::Key],
+    };
+    let layouts: Vec<Layout> = match std::env::var("TIDEGATE_BENCH_LAYOUT").ok().as_deref() {
+        Some("own") => vec![Layout::OwnStreams],
+        Some("shared") => vec![Layout::SharedStream],
+        _ => vec![Layout::OwnStreams, Layout::SharedStream],
     };
     if chains.iter().any(|c| !(1..=3).contains(c)) {
         bail!("TIDEGATE_BENCH_CHAINS: plugins per tenant are 1, 2 or 3");
@@ -86,6 +111,7 @@ pub(super) async fn tenants_only(args: &Args, plugins: &Path) -> anyhow::Result<
         ),
         &[
             "routing",
+            "streams",
             "plugins",
             "K",
             "start-up s",
@@ -99,66 +125,72 @@ pub(super) async fn tenants_only(args: &Args, plugins: &Path) -> anyhow::Result<
             "threads",
         ],
     );
+    let mut cases = Vec::new();
     for &routing in &routings {
-        for &chain in &chains {
-            // rows[i][r]: size i in round r. Rounds interleave the sizes, so that a slow
-            // minute on a shared machine lands on K = 1 and K = 1000 alike.
-            let mut rows: Vec<Vec<Row>> = sizes.iter().map(|_| Vec::new()).collect();
-            for round in 0..rounds {
-                for (i, &k) in sizes.iter().enumerate() {
-                    eprintln!(
-                        "8. tenants: {}, {chain} plugin(s), K = {k}, round {}/{rounds}…",
-                        routing.label(),
-                        round + 1
-                    );
-                    rows[i].push(run(args.events, plugins, k, chain, routing).await?);
-                }
-            }
+        for &layout in &layouts {
+            cases.extend(chains.iter().map(|&chain| (routing, layout, chain)));
+        }
+    }
+    for (routing, layout, chain) in cases {
+        // rows[i][r]: size i in round r. Rounds interleave the sizes, so that a slow
+        // minute on a shared machine lands on K = 1 and K = 1000 alike.
+        let mut rows: Vec<Vec<Row>> = sizes.iter().map(|_| Vec::new()).collect();
+        for round in 0..rounds {
             for (i, &k) in sizes.iter().enumerate() {
-                let runs = &rows[i];
-                // Each round's ratio is against the first size of the same round.
-                let ratios: Vec<f64> = runs
-                    .iter()
-                    .zip(&rows[0])
-                    .map(|(row, first)| row.rate() / first.rate())
-                    .collect();
-                let [ratio, per_round] = ratio_cells(&ratios);
-                table.row(vec![
-                    routing.label().into(),
-                    chain_label(chain).into(),
-                    k.to_string(),
-                    format!(
-                        "{:.1}",
-                        median(runs.iter().map(|r| r.startup.as_secs_f64()))
-                    ),
-                    fmt_rate(median(runs.iter().map(Row::rate))),
-                    ratio,
-                    per_round,
-                    runs.iter()
-                        .map(|r| r.streams)
-                        .max()
-                        .unwrap_or(0)
-                        .to_string(),
-                    format!(
-                        "{:.2}",
-                        median(runs.iter().map(|r| r.cpu_seconds[1] / r.wall))
-                    ),
-                    (0..3)
-                        .map(|p| {
-                            let per_event =
-                                median(runs.iter().map(|r| r.cpu_seconds[p] / r.events));
-                            format!("{:.0}", per_event * 1e6)
-                        })
-                        .collect::<Vec<_>>()
-                        .join(" / "),
-                    (runs.iter().map(|r| r.rss_kib).max().unwrap_or(0) / 1024).to_string(),
-                    runs.iter()
-                        .map(|r| r.threads)
-                        .max()
-                        .unwrap_or(0)
-                        .to_string(),
-                ]);
+                eprintln!(
+                    "8. tenants: {}, {}, {chain} plugin(s), K = {k}, round {}/{rounds}…",
+                    routing.label(),
+                    layout.label(),
+                    round + 1
+                );
+                let case = (k, chain, routing, layout);
+                rows[i].push(run(args.events, plugins, case).await?);
             }
+        }
+        for (i, &k) in sizes.iter().enumerate() {
+            let runs = &rows[i];
+            // Each round's ratio is against the first size of the same round.
+            let ratios: Vec<f64> = runs
+                .iter()
+                .zip(&rows[0])
+                .map(|(row, first)| row.rate() / first.rate())
+                .collect();
+            let [ratio, per_round] = ratio_cells(&ratios);
+            table.row(vec![
+                routing.label().into(),
+                layout.label().into(),
+                chain_label(chain).into(),
+                k.to_string(),
+                format!(
+                    "{:.1}",
+                    median(runs.iter().map(|r| r.startup.as_secs_f64()))
+                ),
+                fmt_rate(median(runs.iter().map(Row::rate))),
+                ratio,
+                per_round,
+                runs.iter()
+                    .map(|r| r.streams)
+                    .max()
+                    .unwrap_or(0)
+                    .to_string(),
+                format!(
+                    "{:.2}",
+                    median(runs.iter().map(|r| r.cpu_seconds[1] / r.wall))
+                ),
+                (0..3)
+                    .map(|p| {
+                        let per_event = median(runs.iter().map(|r| r.cpu_seconds[p] / r.events));
+                        format!("{:.0}", per_event * 1e6)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                (runs.iter().map(|r| r.rss_kib).max().unwrap_or(0) / 1024).to_string(),
+                runs.iter()
+                    .map(|r| r.threads)
+                    .max()
+                    .unwrap_or(0)
+                    .to_string(),
+            ]);
         }
     }
     table.note("In-process: RSS and threads are the bench process's (tidegate, its drivers, this harness), read after the row's events are stored; rows run in order in one process, so a row's RSS may include what earlier rows left allocated. Collections are created before tidegate starts; events are written live with insert_many (8 in flight; database per tenant: N/K events per tenant; tenant key: batches of 1000 spread over all tenants) while tidegate runs; the rate is events / (first write → last tenant's last message stored). \"× K = 1\" is against the first K of the same routing and chain in the same round, the median over the rounds (each round runs every K in turn, so that a slow minute on a shared machine lands on every K alike); events/s, start-up, mongod CPU and CPU per event are medians over the rounds, RSS and threads the highest. CPU per event is each process's CPU time from the first write to the last message stored, divided by the events written (the bench process's includes the writer and the polling of stream lengths). Start-up: from tidegate::run until every tenant has saved its start. Change streams counted with $currentOp (allUsers, idleCursors) after the run.".into());
@@ -224,9 +256,7 @@ impl Row {
 async fn run(
     n: usize,
     plugin_dir: &Path,
-    k: usize,
-    plugins: usize,
-    routing: Routing,
+    (k, plugins, routing, layout): (usize, usize, Routing, Layout),
 ) -> anyhow::Result<Row> {
     let (mongo, nats) = tokio::try_join!(MongoReplicaSet::start(), NatsServer::start())?;
     let cpu = Cpu::of(&mongo, &nats);
@@ -241,13 +271,20 @@ async fn run(
         mongo.uri(),
         instances = (k * plugins + 16).max(256)
     );
+    if layout == Layout::SharedStream {
+        text += "[pipeline.sink]\nstream = \"ALL\"\nsubject_prefix = \"t\"\n";
+    }
     let chain = tenant_plugins(plugins);
     for i in 0..k {
         let ns = match routing {
             Routing::Key => "app.orders".to_string(),
             Routing::Database => format!("db{i}.*"),
         };
-        text += &format!("[[pipeline.tenant]]\nid = \"t{i}\"\nnamespaces = [\"{ns}\"]\n{chain}[pipeline.tenant.sink]\nstream = \"T{i}\"\nsubject_prefix = \"t{i}\"\n");
+        text += &format!("[[pipeline.tenant]]\nid = \"t{i}\"\nnamespaces = [\"{ns}\"]\n{chain}");
+        if layout == Layout::OwnStreams {
+            text +=
+                &format!("[pipeline.tenant.sink]\nstream = \"T{i}\"\nsubject_prefix = \"t{i}\"\n");
+        }
     }
     let config =
         Config::parse(&text, plugin_dir, |_| None).map_err(|e| anyhow!("tenants config: {e}"))?;
@@ -312,13 +349,20 @@ async fn run(
     // until one is not. Measuring so costs NATS about fifty requests a second whatever K:
     // a group of 32 every poll was ~1600 stream-info requests a second at K = 1000, load on
     // the same two cores that was counted against tidegate.
-    let mut waiting: Vec<(usize, u64)> = expected.into_iter().enumerate().collect();
+    let mut waiting: Vec<(String, u64)> = match layout {
+        Layout::OwnStreams => expected
+            .into_iter()
+            .enumerate()
+            .map(|(i, want)| (format!("T{i}"), want))
+            .collect(),
+        Layout::SharedStream => vec![("ALL".to_string(), total)],
+    };
     let mut group = 1;
     while !waiting.is_empty() {
         group = group.min(waiting.len());
-        let lens = futures::future::join_all(waiting[..group].iter().map(|(i, _)| {
-            let (client, stream) = (&nats_client, format!("T{i}"));
-            async move { stream_len(client, &stream).await }
+        let lens = futures::future::join_all(waiting[..group].iter().map(|(stream, _)| {
+            let client = &nats_client;
+            async move { stream_len(client, stream).await }
         }))
         .await;
         let done: Vec<bool> = waiting[..group]

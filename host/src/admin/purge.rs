@@ -26,15 +26,19 @@ pub(super) async fn tenant(
 ) -> Result<serde_json::Value, String> {
     stopped_here(id, unit).await?;
     let stream = &unit.sink.stream;
-    let stream_deleted = match admin.js.delete_stream(stream).await {
-        Ok(_) => true,
-        Err(err)
-            if matches!(err.kind(), DeleteStreamErrorKind::JetStream(e)
-                if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-        {
-            false
-        }
-        Err(err) => return Err(format!("cannot delete stream '{stream}': {err}")),
+    let stream_deleted = match unit.sink.shared_prefix {
+        // A stream the pipeline's tenants share stays: only the tenant's subjects go.
+        Some(_) => purge_subjects(admin, stream, &unit.sink.subject_prefix).await?,
+        None => match admin.js.delete_stream(stream).await {
+            Ok(_) => true,
+            Err(err)
+                if matches!(err.kind(), DeleteStreamErrorKind::JetStream(e)
+                    if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                false
+            }
+            Err(err) => return Err(format!("cannot delete stream '{stream}': {err}")),
+        },
     };
     crate::checkpoint::forget(&unit.checkpoint, id, &admin.js, &unit.mongodb_uri)
         .await
@@ -60,6 +64,21 @@ pub(super) async fn tenant(
         "checkpoint": true,
         "components": deleted,
     }))
+}
+
+/// Purges the messages under `<prefix>.>` from the shared `stream`; whether it exists.
+async fn purge_subjects(admin: &Admin, stream: &str, prefix: &str) -> Result<bool, String> {
+    let handle = match admin.js.get_stream_no_info(stream).await {
+        Ok(handle) => handle,
+        Err(err) if crate::sink::is_stream_not_found(&err) => return Ok(false),
+        Err(err) => return Err(format!("cannot open stream '{stream}': {err}")),
+    };
+    handle
+        .purge()
+        .filter(format!("{prefix}.>"))
+        .await
+        .map_err(|err| format!("cannot purge '{prefix}.>' from stream '{stream}': {err}"))?;
+    Ok(true)
 }
 
 /// Waits until this instance no longer runs unit `id` (its metrics series is forgotten

@@ -10,7 +10,8 @@ pub struct SinkConfig {
     /// JetStream stream name. Created (subjects `<subject_prefix>.>`) when missing; when it
     /// exists it must cover those subjects and keep a long enough duplicate window. Each
     /// pipeline needs a stream of its own: ordering is enforced with
-    /// `Nats-Expected-Last-Msg-Id`, which assumes one writer.
+    /// `Nats-Expected-Last-Msg-Id`, which assumes one writer. (A pipeline's tenants may
+    /// share its stream: one publisher then writes it for all of them.)
     pub stream: String,
     /// First subject token(s) of everything this pipeline publishes, e.g. `cdc` or `cdc.shop`.
     pub subject_prefix: String,
@@ -48,6 +49,13 @@ pub struct SinkConfig {
     /// Messages a created stream keeps per subject (with `{key}` in the template, `1`
     /// keeps the latest event of each document). Default: no limit.
     pub max_msgs_per_subject: Option<u64>,
+    /// Set at load, never configured: for a tenant publishing into its pipeline's stream
+    /// (a `[pipeline.sink]` beside tenants without a sink of their own), the pipeline's
+    /// subject prefix, which the stream covers; the tenant's `subject_prefix` is then
+    /// `<it>.<tenant id>`, and one publisher writes the stream for every tenant
+    /// (`sink::shared`).
+    #[serde(skip)]
+    pub shared_prefix: Option<String>,
 }
 
 /// The shape of a published payload (see `docs/formats.md`).

@@ -45,8 +45,10 @@ pub struct TenantConfig {
     /// What the tenant may consume in all: plugins, memory, CPU, events/s, bytes/s.
     #[serde(default)]
     pub quota: Quota,
-    /// The tenant's stream and subjects. Every output must stay under its `subject_prefix`.
-    pub sink: SinkConfig,
+    /// The tenant's own stream and subjects. Every output must stay under its
+    /// `subject_prefix`. Without it, the tenant publishes into the pipeline's
+    /// `[pipeline.sink]` stream, under `<the pipeline's subject_prefix>.<tenant id>`.
+    pub sink: Option<SinkConfig>,
     /// With the pipeline's `tenant_key`: the key values (strings) whose events are this
     /// tenant's. Default: the tenant's id. No two tenants may share a value.
     #[serde(default)]
@@ -176,18 +178,18 @@ pub(super) fn expand_tenants(
         return vec![pipeline];
     }
     if !pipeline.plugins.is_empty()
-        || !pipeline.sink.stream.is_empty()
         || pipeline.limits != LimitOverrides::default()
         || pipeline.capabilities != Capabilities::default()
         || pipeline.quarantine != QuarantineConfig::default()
         || pipeline.quota != Quota::default()
     {
         problems.push(format!(
-            "pipeline '{}' has tenants: plugins, limits, capabilities, quarantine, quota and \
-             sink belong in each [[pipeline.tenant]], not in the pipeline",
+            "pipeline '{}' has tenants: plugins, limits, capabilities, quarantine and quota \
+             belong in each [[pipeline.tenant]], not in the pipeline",
             pipeline.id
         ));
     }
+    let shared = shared_sink(&pipeline, problems);
     check_tenant_reading(&pipeline, problems);
     let mut ids = HashSet::new();
     let mut values = HashSet::new();
@@ -207,6 +209,22 @@ pub(super) fn expand_tenants(
         }
         let namespaces = tenant_namespaces(&pipeline, &tenant, problems);
         let key_values = tenant_key_values(&pipeline, &tenant, &mut values, problems);
+        let sink = match (tenant.sink, &shared) {
+            (Some(own), _) => own,
+            (None, Some(shared)) => SinkConfig {
+                subject_prefix: format!("{}.{}", shared.subject_prefix, tenant.id),
+                shared_prefix: Some(shared.subject_prefix.clone()),
+                ..shared.clone()
+            },
+            (None, None) => {
+                problems.push(format!(
+                    "{}: a tenant needs a [pipeline.tenant.sink] of its own, or the pipeline a \
+                     [pipeline.sink] its tenants share",
+                    at("sink")
+                ));
+                SinkConfig::default()
+            }
+        };
         units.push(PipelineConfig {
             id: format!("{}.{}", pipeline.id, tenant.id),
             plugins: tenant.plugins,
@@ -214,7 +232,7 @@ pub(super) fn expand_tenants(
             capabilities: tenant.capabilities,
             quarantine: tenant.quarantine,
             quota: tenant.quota,
-            sink: tenant.sink,
+            sink,
             tenants: Vec::new(),
             tenant: Some(TenantScope {
                 id: tenant.id,
@@ -226,6 +244,30 @@ pub(super) fn expand_tenants(
         });
     }
     units
+}
+
+/// The pipeline's `[pipeline.sink]`, if it has one: the stream its tenants without a sink of
+/// their own share, each under a subject space of its own.
+fn shared_sink(pipeline: &PipelineConfig, problems: &mut Problems) -> Option<SinkConfig> {
+    let sink = &pipeline.sink;
+    if sink.stream.is_empty() && sink.subject_prefix.is_empty() {
+        return None;
+    }
+    let at = format!("pipeline '{}', sink", pipeline.id);
+    if sink.stream.is_empty() || sink.subject_prefix.is_empty() {
+        problems.push(format!(
+            "{at}: a stream shared by the tenants needs both `stream` and `subject_prefix`"
+        ));
+        return None;
+    }
+    if sink.dead_letter_subject.is_some() {
+        problems.push(format!(
+            "{at}: dead_letter_subject cannot be set on a stream the tenants share: each \
+             tenant's dead letters go to <subject_prefix>.<tenant id>.dead-letter, in its own \
+             subject space"
+        ));
+    }
+    Some(sink.clone())
 }
 
 /// The pipeline-wide keys of tenant reading: a `tenant_key` every routed event can carry,

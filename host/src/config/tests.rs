@@ -320,6 +320,72 @@ fn tenant_mistakes_are_refused() {
         .contains("[pipeline.sink]"));
 }
 
+/// Tenants without a sink of their own share the pipeline's stream, each under
+/// `<prefix>.<tenant id>`; a tenant with its own keeps it. The shared stream is still the
+/// pipeline's alone, and its tenants' dead letters stay in their own subject spaces.
+#[test]
+fn tenants_may_share_the_pipelines_stream() {
+    let shared = TENANTS
+        .replacen(
+            "database = \"shop\"",
+            "database = \"shop\"\n[pipeline.sink]\nstream = \"ALL\"\nsubject_prefix = \"t\"",
+            1,
+        )
+        .replacen(
+            "[pipeline.tenant.sink]\n    stream = \"ACME\"\n    subject_prefix = \"tenants.acme\"\n",
+            "",
+            1,
+        );
+    assert_ne!(shared, TENANTS);
+    let config = parse(&shared).expect("valid");
+    let (acme, globex) = (&config.pipelines[0], &config.pipelines[1]);
+    assert_eq!(acme.sink.stream, "ALL");
+    assert_eq!(acme.sink.subject_prefix, "t.acme");
+    assert_eq!(acme.sink.shared_prefix.as_deref(), Some("t"));
+    assert_eq!(acme.dead_letter_subject(), "t.acme.dead-letter");
+    assert_eq!(globex.sink.stream, "GLOBEX");
+    assert_eq!(globex.sink.shared_prefix, None);
+
+    let cases = [
+        (
+            "stream = \"GLOBEX\"",
+            "stream = \"ALL\"",
+            "already used by another pipeline",
+        ),
+        (
+            "subject_prefix = \"t\"",
+            "subject_prefix = \"t\"\ndead_letter_subject = \"dl\"",
+            "dead_letter_subject cannot be set on a stream the tenants share",
+        ),
+        (
+            "stream = \"ALL\"\n",
+            "stream = \"\"\n",
+            "needs both `stream` and `subject_prefix`",
+        ),
+    ];
+    for (from, to, expected) in cases {
+        let text = shared.replacen(from, to, 1);
+        assert_ne!(text, shared, "{from}");
+        let err = parse(&text).expect_err(expected);
+        assert!(err.contains(expected), "{expected}: {err}");
+    }
+    let second = format!(
+        "{shared}\n[[pipeline]]\nid = \"other\"\nmongodb_uri = \"mongodb://h/?replicaSet=rs0\"\n\
+         [pipeline.sink]\nstream = \"ALL\"\nsubject_prefix = \"o\"\n"
+    );
+    assert!(parse(&second)
+        .expect_err("a second pipeline on the shared stream")
+        .contains("already used by another pipeline"));
+    let no_sink = TENANTS.replacen(
+        "[pipeline.tenant.sink]\n    stream = \"ACME\"\n    subject_prefix = \"tenants.acme\"\n",
+        "",
+        1,
+    );
+    assert!(parse(&no_sink)
+        .expect_err("a tenant without a sink")
+        .contains("a tenant needs a [pipeline.tenant.sink] of its own"));
+}
+
 /// User stages may filter and add fields but never touch the resume token or what
 /// tidegate reads.
 #[test]

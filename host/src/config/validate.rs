@@ -5,7 +5,7 @@
 //! skipped only where an earlier problem makes it meaningless (a subject template cannot
 //! be tried against an invalid prefix, say).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use super::pipeline::FullDocument;
@@ -58,6 +58,8 @@ struct Seen {
     ids: HashSet<String>,
     /// Stream names: ordering is enforced with `Nats-Expected-Last-Msg-Id`, one writer each.
     streams: HashSet<String>,
+    /// Streams shared by a pipeline's tenants (one publisher writes each), by pipeline.
+    shared_streams: HashMap<String, String>,
 }
 
 impl Config {
@@ -130,12 +132,21 @@ impl Config {
                 "pipeline '{pipeline}': the tenant was not accepted"
             ));
         };
+        // The streams the admin API's pipelines share among their tenants are theirs alone.
+        let shared_streams: HashMap<String, String> = self
+            .managed
+            .iter()
+            .filter(|p| !p.sink.stream.is_empty())
+            .map(|p| (p.sink.stream.clone(), p.id.clone()))
+            .collect();
         let mut seen = Seen {
             ids: self.pipelines.iter().map(|p| p.id.clone()).collect(),
             streams: streams.clone(),
+            shared_streams,
         };
         seen.streams
             .extend(self.pipelines.iter().map(|p| p.sink.stream.clone()));
+        seen.streams.extend(seen.shared_streams.keys().cloned());
         check_unit(&unit, &mut seen, &mut problems);
         for plugin in &unit.plugins {
             if plugin.file.is_some() || plugin.config_file.is_some() {
@@ -191,10 +202,19 @@ fn check_template(unit: &PipelineConfig, admin: bool, seen: &mut Seen, problems:
             at(unit, "tenant")
         ));
     }
-    if !unit.plugins.is_empty() || !unit.sink.stream.is_empty() {
+    if !unit.plugins.is_empty() {
         problems.push(format!(
-            "pipeline '{}' has tenants: plugins and sink belong to each tenant, not the pipeline",
+            "pipeline '{}' has tenants: plugins belong to each tenant, not the pipeline",
             unit.id
+        ));
+    }
+    // A `[pipeline.sink]` is the stream the tenants share (each tenant's unit is checked
+    // when the admin API adds it); no other pipeline may write it.
+    if !unit.sink.stream.is_empty() && !seen.streams.insert(unit.sink.stream.clone()) {
+        problems.push(format!(
+            "{}: stream '{}' is already used by another pipeline",
+            at(unit, "sink.stream"),
+            unit.sink.stream
         ));
     }
     check_identity(unit, &mut seen.ids, problems);
@@ -228,7 +248,7 @@ fn check_unit(unit: &PipelineConfig, seen: &mut Seen, problems: &mut Problems) {
     check_capture(unit, problems);
     check_start(unit, problems);
     check_control(unit, problems);
-    check_sink(unit, &mut seen.streams, problems);
+    check_sink(unit, seen, problems);
     check_checkpoint(unit, problems);
     check_plugins(unit, problems);
     super::quota::check_quota(unit, problems);
@@ -342,7 +362,7 @@ fn check_control(unit: &PipelineConfig, problems: &mut Problems) {
 }
 
 /// `[pipeline.sink]`: a stream of the unit's own and subjects that stay inside it.
-fn check_sink(unit: &PipelineConfig, streams: &mut HashSet<String>, problems: &mut Problems) {
+fn check_sink(unit: &PipelineConfig, seen: &mut Seen, problems: &mut Problems) {
     let sink = &unit.sink;
     // A tenant's sink is required by serde; a pipeline's is optional so that a pipeline
     // with tenants can go without.
@@ -354,7 +374,16 @@ fn check_sink(unit: &PipelineConfig, streams: &mut HashSet<String>, problems: &m
         ));
         return;
     }
-    if !streams.insert(sink.stream.clone()) {
+    let pipeline = unit.tenant.as_ref().map(|t| t.pipeline.as_str());
+    let shared_by_its_pipeline = sink.shared_prefix.is_some()
+        && seen.shared_streams.get(&sink.stream).map(String::as_str) == pipeline;
+    if sink.shared_prefix.is_some() && !shared_by_its_pipeline {
+        if let Some(pipeline) = pipeline {
+            seen.shared_streams
+                .insert(sink.stream.clone(), pipeline.to_string());
+        }
+    }
+    if !shared_by_its_pipeline && !seen.streams.insert(sink.stream.clone()) {
         problems.push(format!(
             "{}: stream '{}' is already used by another pipeline; each pipeline needs its own \
              stream because ordering is enforced with Nats-Expected-Last-Msg-Id",

@@ -61,13 +61,17 @@ pub(super) fn forward_reloads(
 }
 
 /// Starts the chain stage for `chain`, framing for a server whose `max_payload` is given;
-/// message ids after `start` may be as long as the one it names. Its turns run on the
+/// message ids after `start` may be as long as the one it names, and on a stream shared by
+/// the pipeline's tenants as long as any of theirs (`shared_ids`). Its turns run on the
 /// process's worker pool under an account of their own.
 pub(super) fn spawn(
     mut chain: Chain,
     pipeline: &PipelineConfig,
     max_payload: usize,
-    start: &Option<Position>,
+    (start, shared_ids): (
+        &Option<Position>,
+        Option<Arc<std::sync::atomic::AtomicUsize>>,
+    ),
     stages_io: (
         mpsc::Receiver<Vec<SourceItem>>,
         mpsc::Sender<Vec<EventMessages>>,
@@ -82,7 +86,10 @@ pub(super) fn spawn(
         .as_ref()
         .and_then(|p| p.last_msg_id.as_ref())
         .map_or(0, String::len);
-    let framer = Framer::new(pipeline, max_payload, longest_id)?;
+    let mut framer = Framer::new(pipeline, max_payload, longest_id)?;
+    if let Some(shared_ids) = shared_ids {
+        framer.share_longest_id(shared_ids);
+    }
     let account = crate::sandbox::pool::pool()
         .map_err(|message| Error::Sink {
             pipeline: id.clone(),

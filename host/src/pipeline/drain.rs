@@ -6,7 +6,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Interval, MissedTickBehavior};
 
@@ -15,13 +14,13 @@ use crate::error::Error;
 use crate::ha::fence::Fence;
 use crate::model::Position;
 use crate::ops::telemetry::PipelineStats;
-use crate::sink::{EventMessages, Publisher};
+use crate::sink::{EventMessages, Outlet};
 
 /// What the loop owns; it stays with the run after the loop ends, so that what was left
 /// can be reported and the last position saved.
 pub(super) struct Drain {
     pub(super) id: String,
-    pub(super) publisher: Publisher,
+    pub(super) publisher: Outlet,
     /// Framed events received but not yet published, waiting for room in the window.
     pub(super) backlog: VecDeque<EventMessages>,
     framed: mpsc::Receiver<Vec<EventMessages>>,
@@ -48,7 +47,7 @@ pub(super) struct DrainIo {
 impl Drain {
     pub(super) fn new(
         pipeline: &PipelineConfig,
-        publisher: Publisher,
+        publisher: Outlet,
         io: DrainIo,
         stats: Arc<PipelineStats>,
         fence: Fence,
@@ -102,19 +101,19 @@ impl Drain {
                         None => self.inputs_open = false,
                     }
                 }
-                result = self.publisher.next_ack(), if !self.publisher.is_idle() => {
-                    self.publisher.handle_ack(result).await;
+                settled = self.publisher.next_settled(), if !self.publisher.is_idle() => {
+                    self.publisher.settle(settled).await;
                     // Settle acknowledgements that have already arrived without another turn
                     // of the loop.
                     while !self.publisher.is_idle() {
-                        match self.publisher.next_ack().now_or_never() {
-                            Some(result) => self.publisher.handle_ack(result).await,
+                        match self.publisher.settled_now() {
+                            Some(settled) => self.publisher.settle(settled).await,
                             None => break,
                         }
                     }
                 }
                 _ = self.checkpoint_timer.tick() => {
-                    self.positions.send_replace(self.publisher.position().cloned());
+                    self.positions.send_replace(self.publisher.position());
                 }
                 _ = self.summary_timer.tick() => self.stats.log(),
                 _ = self.fence.lost() => {
@@ -157,8 +156,7 @@ impl Drain {
     /// the source task.
     pub(super) fn close(self) -> watch::Sender<bool> {
         drop(self.framed);
-        self.positions
-            .send_replace(self.publisher.position().cloned());
+        self.positions.send_replace(self.publisher.position());
         drop(self.positions);
         self.source_stop
     }

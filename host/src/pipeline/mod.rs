@@ -36,7 +36,7 @@ use crate::model::Position;
 use crate::plugin::reload::{ChainUpdate, Updates};
 use crate::plugin::Chain;
 use crate::sink::framer::{DEFAULT_MAX_PAYLOAD, MIN_MAX_PAYLOAD};
-use crate::sink::{self, EventMessages, Publisher};
+use crate::sink::{self, EventMessages, Outlet, Publisher};
 use crate::source::{self, SourceItem};
 
 mod chain_thread;
@@ -110,6 +110,12 @@ pub async fn run(
         return Ok(());
     }
 
+    // A tenant publishing into its pipeline's stream shares the stream's one publisher.
+    let shared_stream = match pipeline.sink.shared_prefix {
+        Some(_) => Some(sink::shared_stream(&js, &pipeline, fence.clone()).await?),
+        None => None,
+    };
+
     let stats = crate::ops::metrics::pipeline(&id);
     let (event_tx, event_rx) = mpsc::channel::<Vec<SourceItem>>(SOURCE_QUEUE_BATCHES);
     let (framed_tx, framed_rx) = mpsc::channel::<Vec<EventMessages>>(FRAMED_QUEUE_BATCHES);
@@ -122,14 +128,21 @@ pub async fn run(
         chain,
         &pipeline,
         max_payload,
-        &start,
+        (&start, shared_stream.as_ref().map(|s| s.longest_id())),
         chain_io,
         reloads,
         stats.clone(),
     )?;
 
-    let mut publisher = Publisher::new(js, &id, &pipeline.sink, start.clone(), fence.clone());
-    publisher.continue_after(tail, floor);
+    let outlet = match shared_stream {
+        Some(stream) => Outlet::Shared(stream.open(&pipeline, start.clone(), floor)),
+        None => {
+            let mut publisher =
+                Publisher::new(js, &id, &pipeline.sink, start.clone(), fence.clone());
+            publisher.continue_after(tail, floor);
+            Outlet::Own(Box::new(publisher))
+        }
+    };
     let (positions, saver) = CheckpointSaver::spawn(std::sync::Arc::new(checkpoints), start);
     let deadline = Deadline::new(Duration::from_secs(pipeline.shutdown_timeout_secs));
     let passed = deadline.passed(shutdown.clone());
@@ -139,7 +152,7 @@ pub async fn run(
         source_stop,
         positions,
     };
-    let mut drain = Drain::new(&pipeline, publisher, io, stats.clone(), fence);
+    let mut drain = Drain::new(&pipeline, outlet, io, stats.clone(), fence);
     let outcome = tokio::select! {
         drained = drain.run() => drained,
         () = passed => Err(drain.timed_out(deadline.timeout())),

@@ -2,6 +2,8 @@
 //! (subjects, message ids, headers, payloads), dead letters included, each checked against
 //! what the server accepts before it is sent.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mongodb::change_stream::event::ResumeToken;
@@ -56,6 +58,9 @@ pub struct Framer {
     /// The longest message id framed so far (at first, the checkpoint's): the publisher's
     /// `Nats-Expected-Last-Msg-Id` header repeats the previous message's id.
     longest_id: usize,
+    /// On a stream shared by a pipeline's tenants, the longest id any of them has framed:
+    /// the predecessor a message names may be another tenant's.
+    longest_shared_id: Option<Arc<AtomicUsize>>,
     /// The headers every message carries after its `Content-Type`, built once.
     common_headers: Headers,
     /// The encoding's content type: of every message but a transform's own payload.
@@ -95,6 +100,7 @@ impl Framer {
             formatter: Formatter::new(pipeline.sink.format, pipeline.sink.encoding, &pipeline.id),
             max_payload,
             longest_id,
+            longest_shared_id: None,
             common_headers,
             content_type: pipeline.sink.encoding.content_type().to_string(),
             heartbeat_every: (pipeline.heartbeat_publish_ms > 0)
@@ -328,11 +334,21 @@ impl Framer {
         Ok(())
     }
 
+    /// Frames for a stream shared with other tenants, whose longest message id is
+    /// `longest` (see `sink::shared`).
+    pub fn share_longest_id(&mut self, longest: Arc<AtomicUsize>) {
+        longest.fetch_max(self.longest_id, Ordering::Relaxed);
+        self.longest_shared_id = Some(longest);
+    }
+
     /// `message` if it [`fits`](Framer::fits), remembering its id's length for the
     /// `Nats-Expected-Last-Msg-Id` header of the next message.
     fn accept(&mut self, message: Message) -> Result<Message, String> {
         self.fits(&message)?;
         self.longest_id = self.longest_id.max(message.msg_id.len());
+        if let Some(shared) = &self.longest_shared_id {
+            shared.fetch_max(self.longest_id, Ordering::Relaxed);
+        }
         Ok(message)
     }
 
@@ -340,8 +356,13 @@ impl Framer {
     /// `Nats-Expected-Last-Msg-Id` headers (the latter's value is the previous message's id,
     /// at most the longest id framed so far or `EXPECTED_ID_ALLOWANCE`).
     pub fn wire_size(&self, message: &Message) -> WireSize {
+        let shared = self
+            .longest_shared_id
+            .as_ref()
+            .map_or(0, |shared| shared.load(Ordering::Relaxed));
         let expected_id = self
             .longest_id
+            .max(shared)
             .max(message.msg_id.len())
             .max(EXPECTED_ID_ALLOWANCE);
         WireSize {

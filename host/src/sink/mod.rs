@@ -29,6 +29,7 @@ pub mod format;
 pub mod framer;
 mod headers;
 mod publisher;
+mod shared;
 mod stream;
 
 use bytes::Bytes;
@@ -36,6 +37,8 @@ use mongodb::change_stream::event::ResumeToken;
 
 pub use headers::Headers;
 pub use publisher::Publisher;
+pub(crate) use shared::shared_stream;
+pub use shared::{Handle, Outlet, Settled, SharedStream};
 pub use stream::{is_stream_not_found, jetstream_off};
 pub(crate) use stream::{prepare_stream, stream_order, stream_tail, Floor};
 

@@ -1,8 +1,14 @@
 //! The ordered, windowed publisher: messages sent asynchronously in change-stream order, each
 //! chained to its predecessor, acknowledgements settled oldest first, and on a failure a
 //! backoff and a re-publish of everything unacknowledged.
+//!
+//! One publisher writes one stream, and the ordering chain is the stream's. A pipeline's own
+//! stream has one unit ([`Publisher::new`]); a stream shared by a pipeline's tenants has one
+//! publisher for all of them ([`Publisher::for_stream`], driven by `sink::shared`), each
+//! tenant run a unit of it with its own floor and acknowledged position: a tenant's position
+//! moves once its messages, and every message before them in the stream, are stored.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,6 +18,7 @@ use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, Context};
 use mongodb::change_stream::event::ResumeToken;
+use tokio::sync::watch;
 
 use super::{EventMessages, Floor, Message};
 use crate::config::SinkConfig;
@@ -22,7 +29,19 @@ use crate::ops::metrics::PipelineMetrics;
 type AckFuture =
     Pin<Box<dyn Future<Output = Result<jetstream::publish::PublishAck, PublishError>> + Send>>;
 
+/// A unit of a publisher: the pipeline itself for its own stream ([`OWN`]), or one run of a
+/// tenant unit on a shared stream (a new key per run, so a run that ended with messages in
+/// flight never moves the next run's position).
+pub type UnitKey = u64;
+
+/// The one unit of a pipeline's own publisher.
+const OWN: UnitKey = 0;
+
 struct Slot {
+    /// Whose message it is.
+    unit: UnitKey,
+    /// Its place in the publisher's sequence of slots (see [`UnitState::last_slot`]).
+    seq: u64,
     /// The message, headers packed as the framer built them: each send makes the client's
     /// `HeaderMap` from them (a kept map, cloned per send and dropped per ack, cost more than
     /// a tenth of the no-plugin path's CPU).
@@ -33,37 +52,79 @@ struct Slot {
     /// Set on an event's last message: the position (token and snapshot progress)
     /// reached once this is acknowledged.
     advance_to: Option<(ResumeToken, Option<crate::model::SnapshotProgress>)>,
+    /// The unit's events settled once this is acknowledged: its own event (on its last
+    /// message) and the events without messages pushed after it.
+    settles: u64,
     /// Set on an event's last message: its change's commit time (see [`EventMessages`]).
     commit_unix_ms: Option<i64>,
+}
+
+/// What a unit of a shared stream learns of its messages (see `sink::shared`).
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// The acknowledged position.
+    pub acked: Option<Position>,
+    /// Events pushed whose position has been reached (stored, or found stored, or without
+    /// messages and after stored ones).
+    pub settled: u64,
+    /// Messages handed to the client and not yet acknowledged.
+    pub in_flight: usize,
+    /// Events with messages in flight.
+    pub events_in_flight: usize,
+}
+
+/// One unit's share of the publisher.
+struct UnitState {
+    /// The unit's id, for logs.
+    id: String,
+    metrics: Arc<PipelineMetrics>,
+    /// The stream's tail at start, while the re-read events have not passed it yet.
+    floor: Option<Floor>,
+    /// Messages the floor found already stored.
+    skipped: usize,
+    /// The sequence number of its newest slot, while that is in flight.
+    last_slot: Option<u64>,
+    progress: Progress,
+    /// Where the progress is posted, for a unit of a shared stream.
+    posted: Option<watch::Sender<Progress>>,
+    /// The run is over: forgotten once its last message in flight settles.
+    closed: bool,
+}
+
+impl UnitState {
+    fn post(&self) {
+        if let Some(posted) = &self.posted {
+            posted.send_replace(self.progress.clone());
+        }
+    }
 }
 
 /// Publishes events' messages in order and reports the acknowledged position.
 pub struct Publisher {
     js: Context,
+    /// The pipeline whose stream this is, for logs.
     pipeline: String,
     max_in_flight: usize,
     slots: VecDeque<Slot>,
+    /// The sequence number the next slot gets.
+    next_seq: u64,
     /// Id of the newest message handed to the stream, the predecessor of the next one.
     last_sent_msg_id: Option<String>,
-    acked: Option<Position>,
-    metrics: Arc<PipelineMetrics>,
+    /// Id of the newest message known to be stored: the predecessor of the oldest one in
+    /// flight.
+    stored_msg_id: Option<String>,
+    units: HashMap<UnitKey, UnitState>,
     backoff: Duration,
     /// Nothing is sent once it no longer holds.
     fence: Fence,
-    /// The stream's tail at start, while the re-read events have not passed it yet.
-    floor: Option<Floor>,
-    /// Messages the floor found already stored.
-    skipped: usize,
-    /// The stream's last message at start, when there is no checkpoint to name it.
-    tail_at_start: Option<String>,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl Publisher {
-    /// A publisher continuing after `start` (the checkpoint), if any, publishing only while
-    /// `fence` holds.
+    /// A publisher of pipeline `pipeline`'s own stream, continuing after `start` (the
+    /// checkpoint), if any, publishing only while `fence` holds.
     pub fn new(
         js: Context,
         pipeline: &str,
@@ -71,19 +132,71 @@ impl Publisher {
         start: Option<Position>,
         fence: Fence,
     ) -> Publisher {
+        let stored = start.as_ref().and_then(|p| p.last_msg_id.clone());
+        let mut publisher = Publisher::for_stream(js, pipeline, sink.max_in_flight, stored, fence);
+        publisher.open_unit(OWN, pipeline, start, None, None);
+        publisher
+    }
+
+    /// A publisher of a stream whose last stored message is `tail`, shared by pipeline
+    /// `pipeline`'s units (none yet: see [`Publisher::open_unit`]).
+    pub(crate) fn for_stream(
+        js: Context,
+        pipeline: &str,
+        max_in_flight: usize,
+        tail: Option<String>,
+        fence: Fence,
+    ) -> Publisher {
         Publisher {
             js,
             pipeline: pipeline.to_string(),
-            max_in_flight: sink.max_in_flight,
+            max_in_flight,
             slots: VecDeque::new(),
-            last_sent_msg_id: start.as_ref().and_then(|p| p.last_msg_id.clone()),
-            acked: start,
-            metrics: crate::ops::metrics::pipeline(pipeline),
+            next_seq: 0,
+            last_sent_msg_id: tail.clone(),
+            stored_msg_id: tail,
+            units: HashMap::new(),
             backoff: MIN_BACKOFF,
             fence,
-            floor: None,
+        }
+    }
+
+    /// Adds unit `key` (unit `id`), continuing after `start`, dropping what it re-reads up
+    /// to `floor`, and posting its progress to `posted`, if given.
+    pub(crate) fn open_unit(
+        &mut self,
+        key: UnitKey,
+        id: &str,
+        start: Option<Position>,
+        floor: Option<Floor>,
+        posted: Option<watch::Sender<Progress>>,
+    ) {
+        let unit = UnitState {
+            id: id.to_string(),
+            metrics: crate::ops::metrics::pipeline(id),
+            floor,
             skipped: 0,
-            tail_at_start: None,
+            last_slot: None,
+            progress: Progress {
+                acked: start,
+                ..Progress::default()
+            },
+            posted,
+            closed: false,
+        };
+        unit.post();
+        self.units.insert(key, unit);
+    }
+
+    /// Ends unit `key`'s run: it is forgotten once none of its messages is in flight (those
+    /// still are go on, in their place in the stream's order).
+    pub(crate) fn close_unit(&mut self, key: UnitKey) {
+        if let Some(unit) = self.units.get_mut(&key) {
+            unit.closed = true;
+            unit.posted = None;
+            if unit.progress.in_flight == 0 {
+                self.units.remove(&key);
+            }
         }
     }
 
@@ -91,23 +204,17 @@ impl Publisher {
     /// than the one the checkpoint names: the ordering chain starts from it, and `floor`, if
     /// any, drops what is re-read up to it.
     pub fn continue_after(&mut self, tail: Option<String>, floor: Option<Floor>) {
+        let Some(unit) = self.units.get_mut(&OWN) else {
+            return;
+        };
         if let Some(tail) = tail {
             self.last_sent_msg_id = Some(tail.clone());
-            match &mut self.acked {
-                Some(position) => position.last_msg_id = Some(tail),
-                None => self.tail_at_start = Some(tail),
+            self.stored_msg_id = Some(tail.clone());
+            if let Some(position) = &mut unit.progress.acked {
+                position.last_msg_id = Some(tail);
             }
         }
-        self.floor = floor;
-    }
-
-    /// The id of the newest message known to be stored: the predecessor of the oldest one
-    /// in flight.
-    fn stored_msg_id(&self) -> Option<String> {
-        self.acked
-            .as_ref()
-            .and_then(|p| p.last_msg_id.clone())
-            .or_else(|| self.tail_at_start.clone())
+        unit.floor = floor;
     }
 
     /// Messages handed to the client and not yet acknowledged.
@@ -130,56 +237,83 @@ impl Publisher {
         self.slots.is_empty()
     }
 
-    /// The acknowledged position.
+    /// The acknowledged position (of the pipeline's own stream).
     pub fn position(&self) -> Option<&Position> {
-        self.acked.as_ref()
+        self.units.get(&OWN)?.progress.acked.as_ref()
     }
 
     /// Queues and publishes an event's messages, except those the stream already holds (see
     /// `sink::Floor`).
-    pub async fn push(&mut self, mut event: EventMessages) {
-        if let Some(floor) = &self.floor {
+    pub async fn push(&mut self, event: EventMessages) {
+        self.push_for(OWN, event).await
+    }
+
+    /// [`Publisher::push`] for unit `key` (nothing happens for a unit not open).
+    pub(crate) async fn push_for(&mut self, key: UnitKey, mut event: EventMessages) {
+        let Some(unit) = self.units.get_mut(&key) else {
+            return;
+        };
+        if let Some(floor) = &unit.floor {
             let (stored, passed) = floor.stored(&event);
             if stored > 0 {
-                self.skipped += stored;
+                unit.skipped += stored;
                 event.messages.drain(..stored);
             }
             if passed {
                 tracing::info!(
-                    pipeline = %self.pipeline,
+                    pipeline = %unit.id,
                     tail = %floor.msg_id(),
-                    skipped = self.skipped,
+                    skipped = unit.skipped,
                     "caught up with the stream's last message; publishing from here"
                 );
-                self.floor = None;
+                unit.floor = None;
             }
         }
         if event.messages.is_empty() {
-            match self.slots.back_mut() {
+            let front = self.slots.front().map(|s| s.seq);
+            let last = unit
+                .last_slot
+                .zip(front)
+                .and_then(|(seq, front)| usize::try_from(seq.checked_sub(front)?).ok())
+                .and_then(|index| self.slots.get_mut(index));
+            match last {
                 // Earlier messages are still in flight: move the position once they land.
-                Some(last) => last.advance_to = Some((event.token, event.snapshot)),
+                Some(last) => {
+                    last.advance_to = Some((event.token, event.snapshot));
+                    last.settles += 1;
+                }
                 None => {
-                    let last_msg_id = self.stored_msg_id();
-                    self.acked = Some(Position {
+                    unit.progress.acked = Some(Position {
                         token: event.token,
-                        last_msg_id,
+                        last_msg_id: self.stored_msg_id.clone(),
                         snapshot: event.snapshot,
                     });
+                    unit.progress.settled += 1;
+                    unit.post();
                 }
             }
             return;
         }
         let count = event.messages.len();
+        unit.progress.in_flight += count;
+        unit.progress.events_in_flight += 1;
+        unit.last_slot = Some(self.next_seq + count as u64 - 1);
+        unit.post();
         let mut token = Some((event.token, event.snapshot));
         for (i, message) in event.messages.into_iter().enumerate() {
             let last = i + 1 == count;
             let advance_to = if last { token.take() } else { None };
             let ack = self.send(&message).await;
+            let seq = self.next_seq;
+            self.next_seq += 1;
             self.slots.push_back(Slot {
+                unit: key,
+                seq,
                 message,
                 ack,
                 sent_at: Instant::now(),
                 advance_to,
+                settles: u64::from(last),
                 commit_unix_ms: event.commit_unix_ms.filter(|_| last),
             });
         }
@@ -236,8 +370,12 @@ impl Publisher {
     ) {
         match result {
             Ok(ack) => {
-                let latency = self.slots.front().map(|s| s.sent_at.elapsed());
-                self.metrics.acked(ack.duplicate, latency);
+                if let Some(front) = self.slots.front() {
+                    if let Some(unit) = self.units.get(&front.unit) {
+                        unit.metrics
+                            .acked(ack.duplicate, Some(front.sent_at.elapsed()));
+                    }
+                }
                 self.backoff = MIN_BACKOFF;
                 self.pop_acked();
             }
@@ -245,24 +383,50 @@ impl Publisher {
         }
     }
 
+    /// Settles the oldest message: it is stored.
     fn pop_acked(&mut self) {
-        if let Some(slot) = self.slots.pop_front() {
-            if let Some(commit) = slot.commit_unix_ms {
-                self.metrics.change_acked(commit);
-            }
-            let reached = slot.advance_to.or_else(|| {
-                self.acked
-                    .as_ref()
-                    .map(|p| (p.token.clone(), p.snapshot.clone()))
-            });
-            if let Some((token, snapshot)) = reached {
-                self.acked = Some(Position {
-                    token,
-                    last_msg_id: Some(slot.message.msg_id),
-                    snapshot,
-                });
-            }
+        let Some(slot) = self.slots.pop_front() else {
+            return;
+        };
+        self.stored_msg_id = Some(slot.message.msg_id.clone());
+        let Some(unit) = self.units.get_mut(&slot.unit) else {
+            return;
+        };
+        if let Some(commit) = slot.commit_unix_ms {
+            unit.metrics.change_acked(commit);
         }
+        let progress = &mut unit.progress;
+        let reached = slot.advance_to.or_else(|| {
+            progress
+                .acked
+                .as_ref()
+                .map(|p| (p.token.clone(), p.snapshot.clone()))
+        });
+        if let Some((token, snapshot)) = reached {
+            progress.acked = Some(Position {
+                token,
+                last_msg_id: Some(slot.message.msg_id),
+                snapshot,
+            });
+        }
+        progress.settled += slot.settles;
+        progress.in_flight = progress.in_flight.saturating_sub(1);
+        if slot.settles > 0 {
+            progress.events_in_flight = progress.events_in_flight.saturating_sub(1);
+        }
+        if unit.last_slot == Some(slot.seq) {
+            unit.last_slot = None;
+        }
+        if unit.closed && progress.in_flight == 0 {
+            self.units.remove(&slot.unit);
+        } else {
+            unit.post();
+        }
+    }
+
+    /// The units with messages in flight.
+    fn units_in_flight(&self) -> impl Iterator<Item = &UnitState> {
+        self.units.values().filter(|u| u.progress.in_flight > 0)
     }
 
     async fn recover(&mut self, err: PublishError) {
@@ -270,19 +434,24 @@ impl Publisher {
             // Deposed: the pipeline is stopping; nothing more may be sent.
             return;
         }
-        self.metrics.retried();
+        for unit in self.units_in_flight() {
+            unit.metrics.retried();
+        }
         let text = error_chain(&err);
         if err.kind() == PublishErrorKind::WrongLastMessageId {
             if !self.skip_stored(&text) {
                 return;
             }
         } else {
-            self.metrics
-                .set_error(&format!("publish failed; re-publishing: {text}"));
+            for unit in self.units_in_flight() {
+                unit.metrics
+                    .set_error(&format!("publish failed; re-publishing: {text}"));
+            }
             let client = self.js.client();
             let oldest = self.slots.front();
             tracing::warn!(
                 pipeline = %self.pipeline,
+                unit = oldest.and_then(|s| self.units.get(&s.unit)).map(|u| u.id.as_str()).unwrap_or_default(),
                 error = %text,
                 kind = ?err.kind(),
                 message_id = oldest.map(|s| s.message.msg_id.as_str()).unwrap_or_default(),
@@ -300,7 +469,7 @@ impl Publisher {
             while client.connection_state() != async_nats::connection::State::Connected {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            self.last_sent_msg_id = self.stored_msg_id();
+            self.last_sent_msg_id = self.stored_msg_id.clone();
         }
         // Re-publish everything still unacknowledged, in order, chaining from
         // `last_sent_msg_id`. Messages the stream already holds come back as duplicates.
@@ -340,7 +509,9 @@ impl Publisher {
             }
             Some(i) => {
                 for _ in 0..=i {
-                    self.metrics.acked(true, None);
+                    if let Some(unit) = self.slots.front().and_then(|s| self.units.get(&s.unit)) {
+                        unit.metrics.acked(true, None);
+                    }
                     self.pop_acked();
                 }
                 self.last_sent_msg_id = stored;

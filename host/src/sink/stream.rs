@@ -21,7 +21,12 @@ pub async fn prepare_stream(js: &Context, pipeline: &PipelineConfig) -> Result<(
         pipeline: pipeline.id.clone(),
         message,
     };
-    let wanted_subject = format!("{}.>", sink.subject_prefix);
+    // A stream shared by the pipeline's tenants holds the pipeline's prefix.
+    let stream_prefix = sink
+        .shared_prefix
+        .as_deref()
+        .unwrap_or(&sink.subject_prefix);
+    let wanted_subject = format!("{stream_prefix}.>");
     let window = Duration::from_secs(sink.duplicate_window_secs);
     match js.get_stream(&sink.stream).await {
         Ok(mut stream) => {
@@ -187,16 +192,26 @@ fn check_existing(
 /// any: the stream's real tail, whatever the checkpoint says.
 pub async fn stream_tail(js: &Context, pipeline: &PipelineConfig) -> Result<Option<String>, Error> {
     let sink = &pipeline.sink;
-    let fail = |message: String| Error::Sink {
-        pipeline: pipeline.id.clone(),
-        message,
-    };
-    let stream = js
-        .get_stream_no_info(&sink.stream)
+    last_message_under(js, &sink.stream, &sink.subject_prefix)
         .await
-        .map_err(|err| fail(format!("cannot open stream '{}': {err}", sink.stream)))?;
-    let subjects = format!("{}.>", sink.subject_prefix);
-    match stream.get_last_raw_message_by_subject(&subjects).await {
+        .map_err(|message| Error::Sink {
+            pipeline: pipeline.id.clone(),
+            message,
+        })
+}
+
+/// The id of the last message stored in `stream` under subjects `<prefix>.>`, if any.
+pub(super) async fn last_message_under(
+    js: &Context,
+    stream: &str,
+    prefix: &str,
+) -> Result<Option<String>, String> {
+    let handle = js
+        .get_stream_no_info(stream)
+        .await
+        .map_err(|err| format!("cannot open stream '{stream}': {err}"))?;
+    let subjects = format!("{prefix}.>");
+    match handle.get_last_raw_message_by_subject(&subjects).await {
         Ok(message) => Ok(message
             .headers
             .get(async_nats::header::NATS_MESSAGE_ID)
@@ -204,10 +219,9 @@ pub async fn stream_tail(js: &Context, pipeline: &PipelineConfig) -> Result<Opti
         Err(err) if err.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
             Ok(None)
         }
-        Err(err) => Err(fail(format!(
-            "cannot read the last message on '{subjects}' in stream '{}': {err}",
-            sink.stream
-        ))),
+        Err(err) => Err(format!(
+            "cannot read the last message on '{subjects}' in stream '{stream}': {err}"
+        )),
     }
 }
 

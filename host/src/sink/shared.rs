@@ -1,0 +1,372 @@
+//! A stream shared by a pipeline's tenants: one publisher, and so one ordering chain, for
+//! all of them.
+//!
+//! ```text
+//!  tenant a: drain ─┐  (events, by tenant)            ┌─▶ a's progress (position, settled)
+//!  tenant b: drain ─┼──────────────▶ publisher task ──┼─▶ b's progress
+//!  tenant c: drain ─┘                 (one chain)     └─▶ …           └─▶ JetStream stream
+//! ```
+//!
+//! A thousand streams cost nats-server about three times the CPU per message of one stream
+//! holding a subject space per tenant (BENCHMARKS.md, "A stream per tenant or one shared"),
+//! so tenants without a sink of their own publish into their pipeline's stream, each under
+//! `<pipeline prefix>.<tenant id>`. `Nats-Expected-Last-Msg-Id` guards a whole stream, not a
+//! subject space: two writers would break each other's chain. So the stream has one
+//! [`Publisher`], run by a task of its own; each tenant run is a unit of it ([`Handle`]),
+//! with its own floor (its last message under its own subjects) and its own acknowledged
+//! position, posted back as [`Progress`]. A failure re-publishes everything in flight, every
+//! tenant's, in order.
+//!
+//! The publisher lives while any tenant run holds a handle, and one stream has at most one
+//! at a time: a new one (the next high-availability term) starts only once the last one has
+//! stopped sending.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use async_nats::jetstream::{self, Context};
+use futures::FutureExt;
+use tokio::sync::{mpsc, watch};
+
+use super::publisher::{Progress, UnitKey};
+use super::{EventMessages, Floor, Publisher};
+use crate::config::PipelineConfig;
+use crate::error::Error;
+use crate::ha::fence::Fence;
+use crate::model::Position;
+
+/// What a tenant run asks of its stream's publisher task.
+enum Request {
+    Open {
+        key: UnitKey,
+        id: String,
+        start: Option<Position>,
+        floor: Option<Floor>,
+        progress: watch::Sender<Progress>,
+    },
+    Push {
+        key: UnitKey,
+        event: EventMessages,
+    },
+    Close {
+        key: UnitKey,
+    },
+}
+
+/// One shared stream's publisher task.
+pub struct SharedStream {
+    requests: mpsc::UnboundedSender<Request>,
+    next_key: AtomicU64,
+    max_in_flight: usize,
+    /// The longest message id any unit has framed for this stream: a message's
+    /// `Nats-Expected-Last-Msg-Id` names its predecessor, which may be another tenant's.
+    longest_id: Arc<AtomicUsize>,
+    /// Dropped with the last handle: the task stops sending at once.
+    _gone: watch::Sender<()>,
+}
+
+/// The running shared streams, by (pipeline id, stream name): the publisher, and a lock the
+/// task holds while it runs.
+type Registry = tokio::sync::Mutex<
+    HashMap<(String, String), (Weak<SharedStream>, Arc<tokio::sync::Mutex<()>>)>,
+>;
+
+fn registry() -> &'static Registry {
+    static STREAMS: OnceLock<Registry> = OnceLock::new();
+    STREAMS.get_or_init(Registry::default)
+}
+
+/// The publisher of tenant unit `unit`'s shared stream (`sink.shared_prefix` is set),
+/// started on first use, publishing while `fence` holds.
+pub(crate) async fn shared_stream(
+    js: &Context,
+    unit: &PipelineConfig,
+    fence: Fence,
+) -> Result<Arc<SharedStream>, Error> {
+    let pipeline = unit
+        .tenant
+        .as_ref()
+        .map_or(unit.id.as_str(), |t| t.pipeline.as_str());
+    let key = (pipeline.to_string(), unit.sink.stream.clone());
+    let mut streams = registry().lock().await;
+    if let Some(running) = streams.get(&key).and_then(|(running, _)| running.upgrade()) {
+        return Ok(running);
+    }
+    let life = streams
+        .get(&key)
+        .map(|(_, life)| life.clone())
+        .unwrap_or_default();
+    // The previous task (of an earlier term) stops sending as soon as its last handle is
+    // gone; wait for it, so that the stream never has two writers.
+    let running = life.clone().lock_owned().await;
+    let prefix = unit
+        .sink
+        .shared_prefix
+        .as_deref()
+        .unwrap_or(&unit.sink.subject_prefix);
+    let tail = super::stream::last_message_under(js, &unit.sink.stream, prefix)
+        .await
+        .map_err(|message| Error::Sink {
+            pipeline: unit.id.clone(),
+            message,
+        })?;
+    let publisher =
+        Publisher::for_stream(js.clone(), pipeline, unit.sink.max_in_flight, tail, fence);
+    let (requests, requests_rx) = mpsc::unbounded_channel();
+    let (gone, gone_rx) = watch::channel(());
+    tokio::spawn(async move {
+        let _running = running;
+        // Stops sending at once when the last handle is gone, wherever the task is.
+        let mut gone = gone_rx;
+        tokio::select! {
+            _ = gone.changed() => {}
+            () = drive(publisher, requests_rx) => {}
+        }
+    });
+    let stream = Arc::new(SharedStream {
+        requests,
+        next_key: AtomicU64::new(1),
+        max_in_flight: unit.sink.max_in_flight,
+        longest_id: Arc::default(),
+        _gone: gone,
+    });
+    // Forgotten once stopped: neither a handle nor a task is left.
+    streams.retain(|_, (running, life)| running.strong_count() > 0 || life.try_lock().is_err());
+    streams.insert(key, (Arc::downgrade(&stream), life));
+    tracing::info!(pipeline, stream = %unit.sink.stream, "one publisher for the tenants' shared stream");
+    Ok(stream)
+}
+
+/// The publisher task: takes each unit's events, in order, as the window has room, and
+/// settles acknowledgements (a failure backs off and re-publishes).
+async fn drive(mut publisher: Publisher, mut requests: mpsc::UnboundedReceiver<Request>) {
+    let mut waiting = std::collections::VecDeque::new();
+    loop {
+        while publisher.has_room() {
+            let Some((key, event)) = waiting.pop_front() else {
+                break;
+            };
+            publisher.push_for(key, event).await;
+        }
+        tokio::select! {
+            request = requests.recv(), if waiting.is_empty() || publisher.has_room() => {
+                match request {
+                    Some(Request::Open { key, id, start, floor, progress }) => {
+                        publisher.open_unit(key, &id, start, floor, Some(progress));
+                    }
+                    Some(Request::Push { key, event }) => waiting.push_back((key, event)),
+                    Some(Request::Close { key }) => {
+                        // Its events not yet sent are not sent: the run is over, and its
+                        // position never reaches them.
+                        waiting.retain(|(k, _)| *k != key);
+                        publisher.close_unit(key);
+                    }
+                    None => return,
+                }
+            }
+            result = publisher.next_ack(), if !publisher.is_idle() => {
+                publisher.handle_ack(result).await;
+                while !publisher.is_idle() {
+                    match publisher.next_ack().now_or_never() {
+                        Some(result) => publisher.handle_ack(result).await,
+                        None => break,
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl SharedStream {
+    /// A unit of the stream for tenant unit `unit`'s run, continuing after `start` and
+    /// dropping what it re-reads up to `floor`.
+    pub(crate) fn open(
+        self: &Arc<Self>,
+        unit: &PipelineConfig,
+        start: Option<Position>,
+        floor: Option<Floor>,
+    ) -> Handle {
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let (progress_tx, progress) = watch::channel(Progress {
+            acked: start.clone(),
+            ..Progress::default()
+        });
+        let _ = self.requests.send(Request::Open {
+            key,
+            id: unit.id.clone(),
+            start,
+            floor,
+            progress: progress_tx,
+        });
+        Handle {
+            stream: self.clone(),
+            key,
+            progress,
+            submitted: 0,
+        }
+    }
+
+    /// The longest message id framed for the stream so far, shared by its units' framers.
+    pub(crate) fn longest_id(&self) -> Arc<AtomicUsize> {
+        self.longest_id.clone()
+    }
+}
+
+/// One tenant run's share of a shared stream: what [`Publisher`] is to a pipeline's own
+/// stream.
+pub struct Handle {
+    stream: Arc<SharedStream>,
+    key: UnitKey,
+    progress: watch::Receiver<Progress>,
+    /// Events pushed.
+    submitted: u64,
+}
+
+impl Handle {
+    fn unsettled(&self) -> u64 {
+        self.submitted
+            .saturating_sub(self.progress.borrow().settled)
+    }
+
+    /// Whether another event may be pushed: at most `max_in_flight` of the unit's events
+    /// are waiting for the publisher at once.
+    pub fn has_room(&self) -> bool {
+        self.unsettled() < self.stream.max_in_flight as u64
+    }
+
+    /// Hands an event's messages to the stream's publisher.
+    pub fn push(&mut self, event: EventMessages) {
+        self.submitted += 1;
+        let _ = self.stream.requests.send(Request::Push {
+            key: self.key,
+            event,
+        });
+    }
+
+    /// Whether every event pushed is settled.
+    pub fn is_idle(&self) -> bool {
+        self.unsettled() == 0
+    }
+
+    /// Waits until the publisher posts new progress. Cancel-safe. Never resolves if the
+    /// publisher is gone.
+    pub async fn changed(&mut self) {
+        if self.progress.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// The acknowledged position.
+    pub fn position(&self) -> Option<Position> {
+        self.progress.borrow().acked.clone()
+    }
+
+    /// Messages in flight.
+    pub fn in_flight(&self) -> usize {
+        self.progress.borrow().in_flight
+    }
+
+    /// Events with messages in flight.
+    pub fn events_in_flight(&self) -> usize {
+        self.progress.borrow().events_in_flight
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let _ = self.stream.requests.send(Request::Close { key: self.key });
+    }
+}
+
+/// Where a unit's events are published: its own stream's publisher, or its share of its
+/// pipeline's stream.
+pub enum Outlet {
+    /// The unit's own stream.
+    Own(Box<Publisher>),
+    /// A stream shared by the pipeline's tenants.
+    Shared(Handle),
+}
+
+/// What [`Outlet::next_settled`] saw.
+pub enum Settled {
+    /// The own publisher's oldest acknowledgement, for [`Outlet::settle`].
+    Own(Result<jetstream::publish::PublishAck, jetstream::context::PublishError>),
+    /// The shared publisher posted progress.
+    Shared,
+}
+
+impl Outlet {
+    /// Whether another event may be pushed now.
+    pub fn has_room(&self) -> bool {
+        match self {
+            Outlet::Own(publisher) => publisher.has_room(),
+            Outlet::Shared(handle) => handle.has_room(),
+        }
+    }
+
+    /// Publishes an event's messages (see [`Publisher::push`]).
+    pub async fn push(&mut self, event: EventMessages) {
+        match self {
+            Outlet::Own(publisher) => publisher.push(event).await,
+            Outlet::Shared(handle) => handle.push(event),
+        }
+    }
+
+    /// Whether nothing pushed is waiting to be settled.
+    pub fn is_idle(&self) -> bool {
+        match self {
+            Outlet::Own(publisher) => publisher.is_idle(),
+            Outlet::Shared(handle) => handle.is_idle(),
+        }
+    }
+
+    /// Waits for the next acknowledgement (own) or progress (shared). Cancel-safe; pass the
+    /// result to [`Outlet::settle`].
+    pub async fn next_settled(&mut self) -> Settled {
+        match self {
+            Outlet::Own(publisher) => Settled::Own(publisher.next_ack().await),
+            Outlet::Shared(handle) => {
+                handle.changed().await;
+                Settled::Shared
+            }
+        }
+    }
+
+    /// The next acknowledgement or progress if it is already there.
+    pub fn settled_now(&mut self) -> Option<Settled> {
+        self.next_settled().now_or_never()
+    }
+
+    /// Records what [`Outlet::next_settled`] saw (own: on failure, backs off and
+    /// re-publishes).
+    pub async fn settle(&mut self, settled: Settled) {
+        if let (Outlet::Own(publisher), Settled::Own(result)) = (self, settled) {
+            publisher.handle_ack(result).await;
+        }
+    }
+
+    /// The acknowledged position.
+    pub fn position(&self) -> Option<Position> {
+        match self {
+            Outlet::Own(publisher) => publisher.position().cloned(),
+            Outlet::Shared(handle) => handle.position(),
+        }
+    }
+
+    /// Messages in flight.
+    pub fn in_flight(&self) -> usize {
+        match self {
+            Outlet::Own(publisher) => publisher.in_flight(),
+            Outlet::Shared(handle) => handle.in_flight(),
+        }
+    }
+
+    /// Events with messages in flight.
+    pub fn events_in_flight(&self) -> usize {
+        match self {
+            Outlet::Own(publisher) => publisher.events_in_flight(),
+            Outlet::Shared(handle) => handle.events_in_flight(),
+        }
+    }
+}
