@@ -260,6 +260,13 @@ fn shared_sink(pipeline: &PipelineConfig, problems: &mut Problems) -> Option<Sin
         ));
         return None;
     }
+    if pipeline.tenant_reader != TenantReader::Shared {
+        problems.push(format!(
+            "{at}: a stream the tenants share needs tenant_reader = \"shared\": one lease for \
+             the pipeline, so that one instance writes the stream (with a reader each, tenants \
+             are leased one by one, and two instances would break each other's ordering chain)"
+        ));
+    }
     if sink.dead_letter_subject.is_some() {
         problems.push(format!(
             "{at}: dead_letter_subject cannot be set on a stream the tenants share: each \

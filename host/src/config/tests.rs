@@ -362,6 +362,11 @@ fn tenants_may_share_the_pipelines_stream() {
             "stream = \"\"\n",
             "needs both `stream` and `subject_prefix`",
         ),
+        (
+            "database = \"shop\"",
+            "database = \"shop\"\ntenant_reader = \"own\"",
+            "needs tenant_reader = \"shared\"",
+        ),
     ];
     for (from, to, expected) in cases {
         let text = shared.replacen(from, to, 1);

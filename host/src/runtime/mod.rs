@@ -52,6 +52,7 @@ pub fn new_sandbox(config: &Config) -> Result<Sandbox, Error> {
 /// while the others carry on. A pipeline without tenants whose plugins do not load stops
 /// start-up.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    no_transparent_huge_pages();
     if let Some(http) = &config.http {
         crate::ops::metrics::set_max_tenant_series(http.max_tenant_series);
     }
@@ -267,4 +268,44 @@ async fn supervise(
     }
     tasks.abort_all();
     outcome
+}
+
+/// Turns transparent huge pages off for this process. The allocator (mimalloc) asks the
+/// kernel for huge pages on its memory (`MADV_HUGEPAGE`), so where the machine's THP setting
+/// is `madvise` or `always` each fresh 2 MiB region is zeroed whole on its first touch, and
+/// again after the allocator hands it back: with a thousand tenants (their buffers spread
+/// over many regions) that zeroing was a fifth of tidegate's CPU, and it cost nothing at one
+/// tenant (BENCHMARKS.md, "Huge pages"). Turning it off for the process (`PR_SET_THP_DISABLE`,
+/// what mimalloc's own `MIMALLOC_ALLOW_THP=0` does) leaves the machine's setting alone.
+/// `TIDEGATE_KEEP_THP=1` in the environment keeps them (to measure the difference). A
+/// refusal only keeps the cost: logged.
+#[cfg(target_os = "linux")]
+fn no_transparent_huge_pages() {
+    if std::env::var_os("TIDEGATE_KEEP_THP").is_some_and(|v| v == "1") {
+        return;
+    }
+    // SAFETY: `prctl` with PR_SET_THP_DISABLE reads only its integer arguments and changes
+    // only this process's memory policy.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        tracing::info!(
+            error = %std::io::Error::last_os_error(),
+            "cannot turn transparent huge pages off for this process"
+        );
+    }
+}
+
+/// Elsewhere: nothing to turn off (see the Linux version).
+#[cfg(not(target_os = "linux"))]
+fn no_transparent_huge_pages() {}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    /// Once tidegate runs, the process has transparent huge pages off.
+    #[test]
+    fn transparent_huge_pages_are_off() {
+        super::no_transparent_huge_pages();
+        // SAFETY: PR_GET_THP_DISABLE only reads this process's flag.
+        let disabled = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+        assert_eq!(disabled, 1);
+    }
 }

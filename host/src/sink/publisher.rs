@@ -89,14 +89,8 @@ struct UnitState {
     posted: Option<watch::Sender<Progress>>,
     /// The run is over: forgotten once its last message in flight settles.
     closed: bool,
-}
-
-impl UnitState {
-    fn post(&self) {
-        if let Some(posted) = &self.posted {
-            posted.send_replace(self.progress.clone());
-        }
-    }
+    /// Its progress changed since it was last posted.
+    changed: bool,
 }
 
 /// Publishes events' messages in order and reports the acknowledged position.
@@ -114,6 +108,8 @@ pub struct Publisher {
     /// flight.
     stored_msg_id: Option<String>,
     units: HashMap<UnitKey, UnitState>,
+    /// Units of a shared stream whose progress changed since [`Publisher::post_progress`].
+    changed: Vec<UnitKey>,
     backoff: Duration,
     /// Nothing is sent once it no longer holds.
     fence: Fence,
@@ -156,6 +152,7 @@ impl Publisher {
             last_sent_msg_id: tail.clone(),
             stored_msg_id: tail,
             units: HashMap::new(),
+            changed: Vec::new(),
             backoff: MIN_BACKOFF,
             fence,
         }
@@ -183,9 +180,22 @@ impl Publisher {
             },
             posted,
             closed: false,
+            changed: false,
         };
-        unit.post();
         self.units.insert(key, unit);
+    }
+
+    /// Posts the progress of every unit whose progress changed (once per batch of
+    /// acknowledgements, not per message: each post wakes the unit's drain).
+    pub(crate) fn post_progress(&mut self) {
+        for key in self.changed.drain(..) {
+            if let Some(unit) = self.units.get_mut(&key) {
+                unit.changed = false;
+                if let Some(posted) = &unit.posted {
+                    posted.send_replace(unit.progress.clone());
+                }
+            }
+        }
     }
 
     /// Ends unit `key`'s run: it is forgotten once none of its messages is in flight (those
@@ -289,7 +299,10 @@ impl Publisher {
                         snapshot: event.snapshot,
                     });
                     unit.progress.settled += 1;
-                    unit.post();
+                    if unit.posted.is_some() && !unit.changed {
+                        unit.changed = true;
+                        self.changed.push(key);
+                    }
                 }
             }
             return;
@@ -298,7 +311,6 @@ impl Publisher {
         unit.progress.in_flight += count;
         unit.progress.events_in_flight += 1;
         unit.last_slot = Some(self.next_seq + count as u64 - 1);
-        unit.post();
         let mut token = Some((event.token, event.snapshot));
         for (i, message) in event.messages.into_iter().enumerate() {
             let last = i + 1 == count;
@@ -419,8 +431,9 @@ impl Publisher {
         }
         if unit.closed && progress.in_flight == 0 {
             self.units.remove(&slot.unit);
-        } else {
-            unit.post();
+        } else if unit.posted.is_some() && !unit.changed {
+            unit.changed = true;
+            self.changed.push(slot.unit);
         }
     }
 

@@ -149,6 +149,8 @@ async fn drive(mut publisher: Publisher, mut requests: mpsc::UnboundedReceiver<R
             };
             publisher.push_for(key, event).await;
         }
+        // What the pushes and the acknowledgements settled, posted once per turn.
+        publisher.post_progress();
         tokio::select! {
             request = requests.recv(), if waiting.is_empty() || publisher.has_room() => {
                 match request {
