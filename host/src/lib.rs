@@ -42,7 +42,8 @@
 //!   signals that start them.
 //! - [`sink`] — the JetStream side: framing verdicts into messages that fit the server
 //!   (routing headers included), payload formats and encodings, stream preparation, the
-//!   ordered and deduplicated publisher.
+//!   ordered and deduplicated publisher, and (`sink::shared`) one publisher for a stream a
+//!   pipeline's tenants share.
 //! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
 //! - [`pipeline`] — one unit (a pipeline, or one tenant's share of it): source, chain and
 //!   sink wired with bounded queues, its quota's throttle, its start position, draining and

@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::ha::fence::Fence;
 use crate::model::Position;
 use crate::ops::telemetry::PipelineStats;
-use crate::sink::{EventMessages, Outlet};
+use crate::sink::{EventMessages, Outlet, Settled};
 
 /// What the loop owns; it stays with the run after the loop ends, so that what was left
 /// can be reported and the last position saved.
@@ -102,13 +102,24 @@ impl Drain {
                     }
                 }
                 settled = self.publisher.next_settled(), if !self.publisher.is_idle() => {
+                    if matches!(settled, Settled::Gone) {
+                        let _ = self.source_stop.send(true);
+                        return Err(Error::Sink {
+                            pipeline: self.id.clone(),
+                            message: "the publisher of the stream this tenant shares stopped; \
+                                      what is acknowledged is checkpointed, the rest is read \
+                                      again on restart"
+                                .into(),
+                        });
+                    }
                     self.publisher.settle(settled).await;
                     // Settle acknowledgements that have already arrived without another turn
                     // of the loop.
                     while !self.publisher.is_idle() {
                         match self.publisher.settled_now() {
+                            // A publisher gone is reported by the next turn of the loop.
+                            Some(Settled::Gone) | None => break,
                             Some(settled) => self.publisher.settle(settled).await,
-                            None => break,
                         }
                     }
                 }

@@ -16,6 +16,11 @@
 //! reports its resume token as the pipeline's [`Position`](crate::model::Position) only once all of its messages, and
 //! all earlier events' messages, are acknowledged; only then may it be checkpointed.
 //!
+//! # A stream shared by tenants
+//! The chain is the stream's, so a stream has one publisher: a pipeline's own, or, for the
+//! stream its tenants share, one publisher task with a unit per tenant run (`shared`), each
+//! unit with its own floor and acknowledged position.
+//!
 //! # The stream as a floor
 //! The checkpoint trails the stream by up to one checkpoint interval (and a crash can come
 //! before it is written). So at every start the publisher also learns the stream's own last

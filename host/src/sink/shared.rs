@@ -251,12 +251,11 @@ impl Handle {
         self.unsettled() == 0
     }
 
-    /// Waits until the publisher posts new progress. Cancel-safe. Never resolves if the
-    /// publisher is gone.
-    pub async fn changed(&mut self) {
-        if self.progress.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
+    /// Waits until the publisher posts new progress; `false` once the publisher is gone
+    /// (its task ended while this run still holds a handle: a bug, reported rather than
+    /// waited on). Cancel-safe.
+    pub async fn changed(&mut self) -> bool {
+        self.progress.changed().await.is_ok()
     }
 
     /// The acknowledged position.
@@ -296,6 +295,8 @@ pub enum Settled {
     Own(Result<jetstream::publish::PublishAck, jetstream::context::PublishError>),
     /// The shared publisher posted progress.
     Shared,
+    /// The shared publisher is gone: the unit must stop.
+    Gone,
 }
 
 impl Outlet {
@@ -328,10 +329,10 @@ impl Outlet {
     pub async fn next_settled(&mut self) -> Settled {
         match self {
             Outlet::Own(publisher) => Settled::Own(publisher.next_ack().await),
-            Outlet::Shared(handle) => {
-                handle.changed().await;
-                Settled::Shared
-            }
+            Outlet::Shared(handle) => match handle.changed().await {
+                true => Settled::Shared,
+                false => Settled::Gone,
+            },
         }
     }
 
