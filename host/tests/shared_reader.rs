@@ -482,17 +482,43 @@ async fn wait_lease_owner(h: &Harness, key: &str, not: Option<&str>) -> anyhow::
 /// order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_lease_per_pipeline_and_a_takeover_loses_nothing() -> anyhow::Result<()> {
+    takeover_loses_nothing(false).await
+}
+
+/// The same with the tenants sharing one stream: the new owner's one publisher continues the
+/// stream's chain after the old owner's last message, and each tenant's subjects end with its
+/// events exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_of_a_shared_stream_loses_nothing() -> anyhow::Result<()> {
+    takeover_loses_nothing(true).await
+}
+
+/// Two HA instances, tenants `a` and `b` each with a stream of its own or (`shared`) sharing
+/// stream `ALL`; the owner SIGKILLed after 100 events each, 100 more written after.
+async fn takeover_loses_nothing(shared: bool) -> anyhow::Result<()> {
     let h = Harness::start().await?;
-    let tenants = [
-        tenant("a", "\"shop.orders\"", ""),
-        tenant("b", "\"shop.returns\"", ""),
-    ]
-    .concat();
+    let (pipeline, tenants) = match shared {
+        false => (
+            "database = \"shop\"".to_string(),
+            [
+                tenant("a", "\"shop.orders\"", ""),
+                tenant("b", "\"shop.returns\"", ""),
+            ]
+            .concat(),
+        ),
+        true => (
+            "database = \"shop\"\n\n[pipeline.sink]\nstream = \"ALL\"\nsubject_prefix = \"all\""
+                .to_string(),
+            "[[pipeline.tenant]]\nid = \"a\"\nnamespaces = [\"shop.orders\"]\n\
+             [[pipeline.tenant]]\nid = \"b\"\nnamespaces = [\"shop.returns\"]\n"
+                .to_string(),
+        ),
+    };
     let mut instances = std::collections::BTreeMap::new();
     for name in ["x", "y"] {
         let text = format!(
             "{}\n[ha]\nenabled = true\nlease_ttl_ms = 2000\ninstance = \"{name}\"\n",
-            config(&h, "database = \"shop\"", &tenants)
+            config(&h, &pipeline, &tenants)
         );
         let path = h.write_config(&format!("{name}.toml"), &text)?;
         instances.insert(name.to_string(), h.spawn_binary(&path)?);
@@ -517,12 +543,29 @@ async fn one_lease_per_pipeline_and_a_takeover_loses_nothing() -> anyhow::Result
         }
     };
     write(0, 100).await?;
-    h.wait_for_messages("A", 50, PATIENCE).await?;
+    match shared {
+        false => h.wait_for_messages("A", 50, PATIENCE).await?,
+        true => h.wait_for_messages("ALL", 100, PATIENCE).await?,
+    };
     instances.get_mut(&first).expect("owner").kill9();
     let second = wait_lease_owner(&h, "lease.p", Some(&first)).await?;
     write(100, 200).await?;
-    let a = h.wait_settled("A", 200, PATIENCE).await?;
-    let b = h.wait_settled("B", 200, PATIENCE).await?;
+    let (a, b) = match shared {
+        false => (
+            h.wait_settled("A", 200, PATIENCE).await?,
+            h.wait_settled("B", 200, PATIENCE).await?,
+        ),
+        true => {
+            let all = h.wait_settled("ALL", 400, PATIENCE).await?;
+            let under = |prefix: &str| -> Vec<StreamMessage> {
+                all.iter()
+                    .filter(|m| m.subject.starts_with(prefix))
+                    .cloned()
+                    .collect()
+            };
+            (under("all.a."), under("all.b."))
+        }
+    };
     assert_eq!(numbers(&a), (0..200).collect::<Vec<_>>());
     assert_eq!(numbers(&b), (0..200).collect::<Vec<_>>());
     let child = instances.get_mut(&second).expect("new owner");
