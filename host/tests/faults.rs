@@ -288,6 +288,64 @@ async fn publisher_skips_stored_messages_after_the_duplicate_window() -> anyhow:
     Ok(())
 }
 
+/// A message framed to fit `max_payload` with the usual allowance for its predecessor's id
+/// follows one whose id is far longer (on a stream shared by tenants, another tenant's): named
+/// in `Nats-Expected-Last-Msg-Id`, that id would push it past `max_payload` and make the
+/// server close the connection, on every retry. The publisher sends it without the header
+/// instead: both are stored, promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_predecessor_id_never_pushes_a_message_past_max_payload() -> anyhow::Result<()> {
+    use tidegate::sink::{EventMessages, Publisher};
+    let h = Harness::start().await?;
+    h.create_stream(&["cdc.>"], Duration::from_secs(120))
+        .await?;
+    let client = h.nats_client().await?;
+    let max_payload = client.server_info().max_payload;
+    let js = async_nats::jetstream::new(client);
+    let config = tidegate::Config::parse(&h.config("", ""), std::path::Path::new("."), |_| None)
+        .map_err(anyhow::Error::msg)?;
+    let mut publisher = Publisher::new(
+        js,
+        "p",
+        &config.pipelines[0].sink,
+        None,
+        tidegate::ha::fence::Fence::none(),
+    );
+    let mut long = support::numbered_message(1);
+    long.msg_id = format!("p:{}:0", "7".repeat(1500));
+    let mut full = support::numbered_message(2);
+    // Exactly max_payload as the framer counts it, with 512 bytes for the predecessor's id.
+    let line = |name: &str, len: usize| name.len() + 2 + len + 2;
+    let headers =
+        12 + line("Nats-Msg-Id", full.msg_id.len()) + line("Nats-Expected-Last-Msg-Id", 512);
+    full.payload = vec![b'x'; max_payload - full.subject.len() - headers].into();
+    for (n, message) in [(1, long), (2, full)] {
+        publisher
+            .push(EventMessages {
+                messages: vec![message],
+                token: support::numbered_token(n)?,
+                snapshot: None,
+                commit_unix_ms: None,
+            })
+            .await;
+    }
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !publisher.is_idle() {
+            let result = publisher.next_ack().await;
+            publisher.handle_ack(result).await;
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("the near-limit message was never stored"))?;
+    let stored = h.messages(STREAM).await?;
+    assert_eq!(stored.len(), 2);
+    assert_eq!(
+        stored[1].payload.len() + headers,
+        max_payload - stored[1].subject.len()
+    );
+    Ok(())
+}
+
 /// The checkpoint has fallen out of a tiny oplog while tidegate was stopped: it refuses to
 /// start with an error that says so (ChangeStreamHistoryLost), instead of silently skipping
 /// the lost events or stalling.

@@ -36,7 +36,7 @@ pub const MAX_SUBJECT_BYTES: usize = 2048;
 
 /// Bytes reserved for the `Nats-Expected-Last-Msg-Id` value the publisher adds (the previous
 /// message's id, unknown while framing) when no longer id has been seen.
-const EXPECTED_ID_ALLOWANCE: usize = 512;
+pub(crate) const EXPECTED_ID_ALLOWANCE: usize = 512;
 
 /// The most bytes of an error text a dead-letter stub carries.
 const STUB_ERROR_CHARS: usize = 200;
@@ -365,13 +365,7 @@ impl Framer {
             .max(shared)
             .max(message.msg_id.len())
             .max(EXPECTED_ID_ALLOWANCE);
-        WireSize {
-            subject: message.subject.len(),
-            headers: message.headers.block_bytes()
-                + line_bytes("Nats-Msg-Id", message.msg_id.len())
-                + line_bytes("Nats-Expected-Last-Msg-Id", expected_id),
-            payload: message.payload.len(),
-        }
+        wire_size(message, expected_id)
     }
 
     /// A dead letter for `event` with `payload`, the routing headers (`Tidegate-Key` only
@@ -474,6 +468,18 @@ pub struct WireSize {
     pub headers: usize,
     /// The payload.
     pub payload: usize,
+}
+
+/// What `message` weighs on the wire with its `Nats-Msg-Id` and a
+/// `Nats-Expected-Last-Msg-Id` of `expected_id` bytes.
+pub(crate) fn wire_size(message: &Message, expected_id: usize) -> WireSize {
+    WireSize {
+        subject: message.subject.len(),
+        headers: message.headers.block_bytes()
+            + line_bytes("Nats-Msg-Id", message.msg_id.len())
+            + line_bytes("Nats-Expected-Last-Msg-Id", expected_id),
+        payload: message.payload.len(),
+    }
 }
 
 impl WireSize {

@@ -113,6 +113,8 @@ pub struct Publisher {
     backoff: Duration,
     /// Nothing is sent once it no longer holds.
     fence: Fence,
+    /// The NATS server's `max_payload`, which every message was framed to fit.
+    max_payload: usize,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -143,8 +145,13 @@ impl Publisher {
         tail: Option<String>,
         fence: Fence,
     ) -> Publisher {
+        let max_payload = match js.client().server_info().max_payload {
+            0 => super::framer::DEFAULT_MAX_PAYLOAD,
+            n => n,
+        };
         Publisher {
             js,
+            max_payload,
             pipeline: pipeline.to_string(),
             max_in_flight,
             slots: VecDeque::new(),
@@ -342,7 +349,9 @@ impl Publisher {
             .headers(message.headers.to_map())
             .message_id(&message.msg_id);
         if let Some(previous) = &self.last_sent_msg_id {
-            publish = publish.expected_last_message_id(previous);
+            if self.predecessor_fits(message, previous) {
+                publish = publish.expected_last_message_id(previous);
+            }
         }
         self.last_sent_msg_id = Some(message.msg_id.clone());
         match self.js.send_publish(message.subject.clone(), publish).await {
@@ -352,6 +361,28 @@ impl Publisher {
                 None
             }
         }
+    }
+
+    /// Whether `message` still fits the server's `max_payload` once it names `previous` as
+    /// its predecessor. The framer sized it for the longest id it knew (at least
+    /// `EXPECTED_ID_ALLOWANCE`); on a stream shared by tenants, another tenant may have framed
+    /// a longer one since. Such a message is sent without the header, rather than make the
+    /// server close the connection every unit shares: only it goes unguarded by the chain.
+    fn predecessor_fits(&self, message: &Message, previous: &str) -> bool {
+        let budgeted = super::framer::EXPECTED_ID_ALLOWANCE.max(message.msg_id.len());
+        if previous.len() <= budgeted
+            || super::framer::wire_size(message, previous.len()).total() <= self.max_payload
+        {
+            return true;
+        }
+        tracing::warn!(
+            pipeline = %self.pipeline,
+            message_id = %message.msg_id,
+            predecessor_bytes = previous.len(),
+            "a message would outgrow max_payload naming its predecessor's long id: sent \
+             without Nats-Expected-Last-Msg-Id (the duplicate window still applies)"
+        );
+        false
     }
 
     /// Waits for the oldest in-flight message's acknowledgement. Cancel-safe: dropping the
