@@ -516,12 +516,7 @@ mod tests {
                 "tenant_reader = \"own\"",
             ),
         ];
-        for (from, to, expected) in cases {
-            let text = KEYED.replacen(from, to, 1);
-            assert_ne!(text, KEYED, "{from}");
-            let err = parse(&text).expect_err(expected);
-            assert!(err.contains(expected), "{expected}: {err}");
-        }
+        crate::config::tests::assert_refused(KEYED, &cases);
         let text = KEYED.replace("tenant_key = \"fullDocument.tenantId\"", "");
         let err = parse(&text).expect_err("key values without a key");
         assert!(err.contains("need the pipeline's tenant_key"), "{err}");

@@ -22,6 +22,17 @@ fn parse(text: &str) -> Result<Config, String> {
     Config::parse(text, Path::new("/etc/tidegate"), |_| None)
 }
 
+/// Each case edits `base` (its first `from` becomes `to`, which must change it) into a
+/// config that is refused with an error containing `expected`.
+pub(super) fn assert_refused(base: &str, cases: &[(&str, &str, &str)]) {
+    for &(from, to, expected) in cases {
+        let text = base.replacen(from, to, 1);
+        assert_ne!(text, base, "{from}");
+        let err = parse(&text).expect_err(expected);
+        assert!(err.contains(expected), "{expected}: {err}");
+    }
+}
+
 /// Defaults are applied and relative paths resolved against the file's folder.
 #[test]
 fn minimal_config_gets_documented_defaults() {
@@ -305,12 +316,7 @@ fn tenant_mistakes_are_refused() {
             "belong in each",
         ),
     ];
-    for (from, to, expected) in cases {
-        let text = TENANTS.replacen(from, to, 1);
-        assert_ne!(text, TENANTS, "{from}");
-        let err = parse(&text).expect_err(expected);
-        assert!(err.contains(expected), "{expected}: {err}");
-    }
+    assert_refused(TENANTS, &cases);
     let no_sink = MINIMAL
         .replace("[pipeline.sink]", "[pipeline.checkpoint]")
         .replace("stream = \"ORDERS\"\n", "")
@@ -368,12 +374,7 @@ fn tenants_may_share_the_pipelines_stream() {
             "needs tenant_reader = \"shared\"",
         ),
     ];
-    for (from, to, expected) in cases {
-        let text = shared.replacen(from, to, 1);
-        assert_ne!(text, shared, "{from}");
-        let err = parse(&text).expect_err(expected);
-        assert!(err.contains(expected), "{expected}: {err}");
-    }
+    assert_refused(&shared, &cases);
     let second = format!(
         "{shared}\n[[pipeline]]\nid = \"other\"\nmongodb_uri = \"mongodb://h/?replicaSet=rs0\"\n\
          [pipeline.sink]\nstream = \"ALL\"\nsubject_prefix = \"o\"\n"
