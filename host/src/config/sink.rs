@@ -58,6 +58,16 @@ pub struct SinkConfig {
     pub shared_prefix: Option<String>,
 }
 
+impl SinkConfig {
+    /// The prefix the stream's subjects (`<it>.>`) cover: the unit's own, or for a stream
+    /// the pipeline's tenants share, the pipeline's.
+    pub fn stream_prefix(&self) -> &str {
+        self.shared_prefix
+            .as_deref()
+            .unwrap_or(&self.subject_prefix)
+    }
+}
+
 /// The shape of a published payload (see `docs/formats.md`).
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]

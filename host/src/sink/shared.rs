@@ -100,12 +100,7 @@ pub(crate) async fn shared_stream(
     // The previous task (of an earlier term) stops sending as soon as its last handle is
     // gone; wait for it, so that the stream never has two writers.
     let running = life.clone().lock_owned().await;
-    let prefix = unit
-        .sink
-        .shared_prefix
-        .as_deref()
-        .unwrap_or(&unit.sink.subject_prefix);
-    let tail = super::stream::last_message_under(js, &unit.sink.stream, prefix)
+    let tail = super::stream::last_message_under(js, &unit.sink.stream, unit.sink.stream_prefix())
         .await
         .map_err(|message| Error::Sink {
             pipeline: unit.id.clone(),

@@ -21,12 +21,7 @@ pub async fn prepare_stream(js: &Context, pipeline: &PipelineConfig) -> Result<(
         pipeline: pipeline.id.clone(),
         message,
     };
-    // A stream shared by the pipeline's tenants holds the pipeline's prefix.
-    let stream_prefix = sink
-        .shared_prefix
-        .as_deref()
-        .unwrap_or(&sink.subject_prefix);
-    let wanted_subject = format!("{stream_prefix}.>");
+    let wanted_subject = format!("{}.>", sink.stream_prefix());
     let window = Duration::from_secs(sink.duplicate_window_secs);
     match js.get_stream(&sink.stream).await {
         Ok(mut stream) => {
