@@ -210,6 +210,7 @@ async fn watch_headroom(
         match read(&client).await {
             Ok(reading) => {
                 rate.push(Instant::now(), reading);
+                let mut lines = Lines::default();
                 for unit in &mut watched {
                     let position = unit.metrics.checkpoint_position_secs();
                     let status = assess(
@@ -219,15 +220,18 @@ async fn watch_headroom(
                         unit.thresholds,
                         unit.reported.level,
                     );
-                    report(
+                    if let Some(line) = to_say(
                         &unit.id,
                         &status,
                         position,
                         unit.thresholds,
                         &mut unit.reported,
-                    );
+                    ) {
+                        lines.add(line);
+                    }
                     unit.metrics.set_oplog(status);
                 }
+                lines.log();
             }
             Err(err) if !said => {
                 said = true;
@@ -443,31 +447,120 @@ struct Reported {
     at: Instant,
 }
 
-/// Logs a change of level, or a reminder of a warning or error that has lasted [`REMINDER`].
-fn report(
+/// What one check has to say of one unit: a change of level, or a reminder of a warning or
+/// error that has lasted [`REMINDER`].
+#[derive(Debug, Clone, PartialEq)]
+struct Line {
+    pipeline: String,
+    level: Level,
+    threshold: f64,
+    headroom_s: Option<i64>,
+    lag_s: Option<i64>,
+    oplog_max_mb: u64,
+    oplog_used_mb: u64,
+    write_kb_s: Option<f64>,
+}
+
+/// The line to log for a unit after a check, if any; records it as said.
+fn to_say(
     pipeline: &str,
     status: &Status,
     position_secs: Option<i64>,
     thresholds: Thresholds,
     reported: &mut Reported,
-) {
+) -> Option<Line> {
     let changed = status.level != reported.level;
     let remind = status.level != Level::Ok && reported.at.elapsed() >= REMINDER;
     if !changed && !remind {
-        return;
+        return None;
     }
-    let headroom_s = status.headroom_seconds.map(|h| h.round() as i64);
-    let lag_s = position_secs.map(|p| crate::ops::metrics::unix_now_ms() / 1000 - p);
-    let oplog_max_mb = status.max_bytes / (1024 * 1024);
-    let oplog_used_mb = status.size_bytes / (1024 * 1024);
-    let write_kb_s = status
-        .write_bytes_per_second
-        .map(|r| (r / 1024.0 * 10.0).round() / 10.0);
-    let about = status
-        .headroom_seconds
-        .map(|h| human_duration(h as i64))
-        .unwrap_or_else(|| "?".into());
-    match status.level {
+    reported.level = status.level;
+    reported.at = Instant::now();
+    Some(Line {
+        pipeline: pipeline.to_string(),
+        level: status.level,
+        threshold: match status.level {
+            Level::Error => thresholds.error,
+            _ => thresholds.warn,
+        },
+        headroom_s: status.headroom_seconds.map(|h| h.round() as i64),
+        lag_s: position_secs.map(|p| crate::ops::metrics::unix_now_ms() / 1000 - p),
+        oplog_max_mb: status.max_bytes / (1024 * 1024),
+        oplog_used_mb: status.size_bytes / (1024 * 1024),
+        write_kb_s: status
+            .write_bytes_per_second
+            .map(|r| (r / 1024.0 * 10.0).round() / 10.0),
+    })
+}
+
+/// Units named in full in a line that speaks for several; the rest are counted.
+const NAMED_UNITS: usize = 8;
+
+/// One check's lines, merged by level and threshold: the units of one deployment share one
+/// oplog, so a thousand tenants falling behind together is one line naming a few of them and
+/// counting the rest, not a thousand lines.
+#[derive(Default)]
+struct Lines {
+    groups: Vec<Vec<Line>>,
+}
+
+impl Lines {
+    fn add(&mut self, line: Line) {
+        match self
+            .groups
+            .iter_mut()
+            .find(|group| group[0].level == line.level && group[0].threshold == line.threshold)
+        {
+            Some(group) => group.push(line),
+            None => self.groups.push(vec![line]),
+        }
+    }
+
+    fn log(self) {
+        for group in self.groups {
+            log_line(&merge(group));
+        }
+    }
+}
+
+/// One line for `group` (lines of one level, not empty): the pipelines it names, the
+/// smallest headroom and the largest lag among them.
+fn merge(group: Vec<Line>) -> Line {
+    let units = group.len();
+    let mut names: Vec<&str> = group
+        .iter()
+        .map(|l| l.pipeline.as_str())
+        .take(NAMED_UNITS)
+        .collect();
+    let more = units.saturating_sub(names.len());
+    let and_more = format!("and {more} more");
+    if more > 0 {
+        names.push(&and_more);
+    }
+    let pipeline = names.join(", ");
+    let headroom_s = group.iter().filter_map(|l| l.headroom_s).min();
+    let lag_s = group.iter().filter_map(|l| l.lag_s).max();
+    Line {
+        pipeline,
+        headroom_s,
+        lag_s,
+        ..group[0].clone()
+    }
+}
+
+fn log_line(line: &Line) {
+    let Line {
+        pipeline,
+        level,
+        threshold,
+        headroom_s,
+        lag_s,
+        oplog_max_mb,
+        oplog_used_mb,
+        write_kb_s,
+    } = line;
+    let about = headroom_s.map(human_duration).unwrap_or_else(|| "?".into());
+    match level {
         Level::Lost => tracing::error!(
             pipeline,
             lag_s,
@@ -481,18 +574,16 @@ fn report(
             tracing::error!(
             pipeline, headroom_s, lag_s, oplog_max_mb, oplog_used_mb, write_kb_s,
             "at the current write rate the oplog overwrites the checkpointed position in about \
-             {about} (below oplog_error_headroom_secs = {}); catch up, enlarge the oplog or \
-             write less",
-            thresholds.error
+             {about} (below oplog_error_headroom_secs = {threshold}); catch up, enlarge the \
+             oplog or write less"
         )
         }
         Level::Warn => {
             tracing::warn!(
             pipeline, headroom_s, lag_s, oplog_max_mb, oplog_used_mb, write_kb_s,
             "at the current write rate the oplog overwrites the checkpointed position in about \
-             {about} (below oplog_warn_headroom_secs = {}): an outage longer than that loses \
-             the position; enlarge the oplog or write less",
-            thresholds.warn
+             {about} (below oplog_warn_headroom_secs = {threshold}): an outage longer than \
+             that loses the position; enlarge the oplog or write less"
         )
         }
         Level::Ok => tracing::info!(
@@ -505,8 +596,6 @@ fn report(
             "oplog headroom back above oplog_warn_headroom_secs"
         ),
     }
-    reported.level = status.level;
-    reported.at = Instant::now();
 }
 
 #[cfg(test)]
@@ -590,5 +679,43 @@ mod tests {
         assert_eq!(at(700.0, Level::Error), Level::Warn);
         assert_eq!(level(None, false, THRESHOLDS, Level::Warn), Level::Ok);
         assert_eq!(level(Some(1e9), true, THRESHOLDS, Level::Ok), Level::Lost);
+    }
+
+    fn line(pipeline: &str, level: Level, headroom_s: i64, lag_s: i64) -> Line {
+        Line {
+            pipeline: pipeline.into(),
+            level,
+            threshold: if level == Level::Error { 600.0 } else { 3600.0 },
+            headroom_s: Some(headroom_s),
+            lag_s: Some(lag_s),
+            oplog_max_mb: 128,
+            oplog_used_mb: 53,
+            write_kb_s: Some(5521.2),
+        }
+    }
+
+    /// A thousand tenants crossing a threshold in one check are one line per level, naming a
+    /// few, counting the rest, with the worst headroom and lag among them.
+    #[test]
+    fn a_thousand_units_alike_are_one_line() {
+        let mut lines = Lines::default();
+        for i in 0..1000 {
+            lines.add(line(&format!("p.t{i}"), Level::Error, 30 + i, 5 + i % 7));
+        }
+        lines.add(line("q", Level::Warn, 3000, 1));
+        assert_eq!(lines.groups.len(), 2);
+        let mut groups = lines.groups.into_iter();
+        let errors = merge(groups.next().expect("errors"));
+        assert_eq!(
+            errors.pipeline,
+            "p.t0, p.t1, p.t2, p.t3, p.t4, p.t5, p.t6, p.t7, and 992 more"
+        );
+        assert_eq!((errors.headroom_s, errors.lag_s), (Some(30), Some(11)));
+        assert_eq!(errors.level, Level::Error);
+        // One unit alone keeps its own line.
+        assert_eq!(
+            merge(groups.next().expect("warn")),
+            line("q", Level::Warn, 3000, 1)
+        );
     }
 }
