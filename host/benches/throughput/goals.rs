@@ -12,8 +12,9 @@ use std::process::{Child, Command, Stdio};
 
 use crate::{e2e_backlog, e2e_latency, fmt_rate, fmt_secs, Args, Env, Latency, Table};
 
-/// `TIDEGATE_BENCH_PERF=DIR`: each backlog drain of scenario 3 is recorded by
-/// `perf record -F 999 --call-graph dwarf` on this process into `DIR/drain-<plugins>.data`
+/// `TIDEGATE_BENCH_PERF=DIR`: each backlog drain of scenario 3 (and each row of scenario 8) is
+/// recorded by `perf record -F 999 --call-graph dwarf` on this process into
+/// `DIR/drain-<plugins>.data` (`DIR/tenants-<layout>-<routing>-<K>x<plugins>.data`)
 /// (the release profile has no frame pointers, so call graphs unwind with DWARF).
 pub(crate) struct Profiler {
     child: Option<Child>,

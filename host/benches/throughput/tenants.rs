@@ -330,6 +330,15 @@ async fn run(
     let startup = began_run.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    let profiler = super::goals::Profiler::start(&format!(
+        "tenants-{}-{}-{k}x{plugins}",
+        if layout == Layout::SharedStream {
+            "shared"
+        } else {
+            "own"
+        },
+        if routing == Routing::Key { "key" } else { "db" },
+    ));
     let cpu_before = cpu.mark();
     let began = Instant::now();
     let writes = writes(n, k, routing);
@@ -389,6 +398,7 @@ async fn run(
     }
     let wall = began.elapsed();
     let cpu_seconds = cpu.seconds(cpu_before, cpu.mark());
+    profiler.stop();
     let streams = change_streams(&client).await?;
     let row = Row {
         startup,

@@ -181,7 +181,9 @@ impl ChainStages {
         mut throttle: Throttle,
     ) -> Result<(), Error> {
         let unit = self.scope.id.clone();
-        let mut stages = self;
+        // Boxed: it moves to a worker and back on every turn, which at a thousand tenants is
+        // every event or two, and is 1.5 KB unboxed.
+        let mut stages = Box::new(self);
         while let Some(first) = events.recv().await {
             let batch = gather(first, &mut events);
             // An empty batch is a reload's wake-up; gathered, it may come with events or

@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Interval, MissedTickBehavior};
 
@@ -80,6 +81,16 @@ impl Drain {
     /// raced against the shutdown deadline: every await inside leaves the publisher and the
     /// backlog consistent if it is cancelled there.
     pub(super) async fn run(&mut self) -> Result<(), Error> {
+        // Made once, not on every turn of the loop: a wait on a watch or a notification
+        // registers with it when first polled and unregisters when dropped, and at a thousand
+        // tenants the loop turns for nearly every event.
+        let mut shutdown = self.shutdown.clone();
+        let mut stop_asked = std::pin::pin!(async move {
+            let _ = shutdown.changed().await;
+        }
+        .fuse());
+        let fence = self.fence.clone();
+        let mut fence_lost = std::pin::pin!(fence.lost().fuse());
         loop {
             while self.publisher.has_room() {
                 let Some(event) = self.backlog.pop_front() else {
@@ -91,7 +102,7 @@ impl Drain {
                 return Ok(());
             }
             tokio::select! {
-                _ = self.shutdown.changed(), if !*self.source_stop.borrow() => {
+                () = &mut stop_asked, if !*self.source_stop.borrow() => {
                     tracing::info!(pipeline = %self.id, "stopping: draining in-flight messages");
                     let _ = self.source_stop.send(true);
                 }
@@ -127,7 +138,7 @@ impl Drain {
                     self.positions.send_replace(self.publisher.position());
                 }
                 _ = self.summary_timer.tick() => self.stats.log(),
-                _ = self.fence.lost() => {
+                () = &mut fence_lost => {
                     let _ = self.source_stop.send(true);
                     return Err(Error::Fenced { pipeline: self.id.clone(), message: self.fence.reason() });
                 }
