@@ -253,6 +253,21 @@ impl Handle {
         self.progress.changed().await.is_ok()
     }
 
+    /// [`Handle::changed`] if it would not wait: `Some(true)` for new progress (now seen),
+    /// `Some(false)` for a publisher gone, `None` for nothing new. Without a wait made and
+    /// dropped, which a drain asking after every settlement would otherwise pay per event.
+    pub fn changed_now(&mut self) -> Option<bool> {
+        match self.progress.has_changed() {
+            Ok(true) => {
+                self.progress.borrow_and_update();
+                Some(true)
+            }
+            Ok(false) => None,
+            // Closed: what was posted last, if not seen yet, before the end.
+            Err(_) => self.changed().now_or_never(),
+        }
+    }
+
     /// The acknowledged position.
     pub fn position(&self) -> Option<Position> {
         self.progress.borrow().acked.clone()
@@ -333,7 +348,13 @@ impl Outlet {
 
     /// The next acknowledgement or progress if it is already there.
     pub fn settled_now(&mut self) -> Option<Settled> {
-        self.next_settled().now_or_never()
+        match self {
+            Outlet::Own(_) => self.next_settled().now_or_never(),
+            Outlet::Shared(handle) => handle.changed_now().map(|alive| match alive {
+                true => Settled::Shared,
+                false => Settled::Gone,
+            }),
+        }
     }
 
     /// Records what [`Outlet::next_settled`] saw (own: on failure, backs off and
