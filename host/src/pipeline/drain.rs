@@ -81,14 +81,8 @@ impl Drain {
     /// raced against the shutdown deadline: every await inside leaves the publisher and the
     /// backlog consistent if it is cancelled there.
     pub(super) async fn run(&mut self) -> Result<(), Error> {
-        // Made once, not on every turn of the loop: a wait on a watch or a notification
-        // registers with it when first polled and unregisters when dropped, and at a thousand
-        // tenants the loop turns for nearly every event.
-        let mut shutdown = self.shutdown.clone();
-        let mut stop_asked = std::pin::pin!(async move {
-            let _ = shutdown.changed().await;
-        }
-        .fuse());
+        // Made once, not on every turn of the loop (see `signalled`).
+        let mut stop_asked = std::pin::pin!(super::signalled(&self.shutdown));
         let fence = self.fence.clone();
         let mut fence_lost = std::pin::pin!(fence.lost().fuse());
         loop {

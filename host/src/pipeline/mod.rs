@@ -266,6 +266,19 @@ async fn connect(
     Ok((mongo, max_payload))
 }
 
+/// Completes once `signal` changes (or its sender is gone); fused, so a loop can keep one and
+/// poll it on every turn. Made once per run rather than per turn: a wait on a watch registers
+/// with it when first polled and unregisters when dropped, and at a thousand tenants the
+/// drain's and a lane's loops turn for nearly every event.
+pub(crate) fn signalled(
+    signal: &watch::Receiver<bool>,
+) -> futures::future::Fuse<impl std::future::Future<Output = ()>> {
+    let mut signal = signal.clone();
+    futures::FutureExt::fuse(async move {
+        let _ = signal.changed().await;
+    })
+}
+
 /// Aborts a task when dropped, on every way out of a function.
 pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 

@@ -26,7 +26,6 @@
 
 use std::sync::Arc;
 
-use futures::FutureExt;
 use mongodb::change_stream::event::ResumeToken;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -343,13 +342,7 @@ impl Lane {
     async fn attached(&mut self, mut channel: mpsc::Receiver<Vec<SourceItem>>) -> bool {
         // Until the first item past the hand-over, compare tokens; after it, every item is new.
         let mut overlap = true;
-        // Made once: a wait on the watch made per batch registers and unregisters with it for
-        // every event of a tenant among a thousand.
-        let mut shutdown = self.shutdown.clone();
-        let mut stopping = std::pin::pin!(async move {
-            let _ = shutdown.changed().await;
-        }
-        .fuse());
+        let mut stopping = std::pin::pin!(crate::pipeline::signalled(&self.shutdown));
         loop {
             if *self.shutdown.borrow() {
                 return false;
