@@ -322,32 +322,46 @@ async fn initial_snapshot_then_stream_without_gap() -> anyhow::Result<()> {
 
 /// A crash in the middle of a snapshot: the restart resumes after the last checkpointed
 /// chunk instead of starting over, and the stream holds every document exactly once.
+///
+/// The first run is held to 2000 events a second by a quota, so the kill lands mid-snapshot
+/// however fast the machine runs the snapshot and however slowly it runs this test; the
+/// second run, without the quota, finishes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_resumes_after_a_crash() -> anyhow::Result<()> {
     let h = Harness::start().await?;
     let orders = h.collection().await?;
-    let total = 200_000;
+    let total = 60_000;
     for start in (0..total).step_by(5000) {
         let docs: Vec<bson::Document> = (start..start + 5000)
             .map(|n| doc! { "_id": n, "n": n, "pad": "x".repeat(100) })
             .collect();
         orders.insert_many(docs).await?;
     }
-    let config = h.config("", "").replace(
-        "full_document = \"update-lookup\"",
-        "full_document = \"update-lookup\"\nsnapshot = \"initial\"\nsnapshot_chunk_size = 500",
+    let snapshot =
+        "full_document = \"update-lookup\"\nsnapshot = \"initial\"\nsnapshot_chunk_size = 500";
+    let config = h
+        .config("", "")
+        .replace("full_document = \"update-lookup\"", snapshot);
+    let throttled = config.replace(
+        snapshot,
+        &format!("{snapshot}\nquota = {{ events_per_sec = 2000.0 }}"),
     );
-    let path = h.write_config("snapshot.toml", &config)?;
-    let mut first = h.spawn_binary(&path)?;
-    h.wait_for_messages(STREAM, 5000, Duration::from_secs(120))
-        .await?;
+    assert_ne!(throttled, config, "the quota must reach the config");
+    let mut first = h.spawn_binary(&h.write_config("throttled.toml", &throttled)?)?;
+    let client = h.nats_client().await?;
+    wait_until("5000 messages", Duration::from_secs(120), || {
+        let client = client.clone();
+        async move { tidegate_testkit::stream_len(&client, STREAM).await >= 5000 }
+    })
+    .await?;
     first.kill9();
-    let at_crash = h.messages(STREAM).await?.len();
+    let at_crash = tidegate_testkit::stream_len(&client, STREAM).await;
     assert!(
-        at_crash < total as usize,
+        at_crash < total as u64,
         "the crash came too late: {at_crash}"
     );
 
+    let path = h.write_config("snapshot.toml", &config)?;
     let mut second = h.spawn_binary(&path)?;
     second
         .wait_for_log(
