@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use self::throttle::{Throttle, TurnUse};
+use super::inlet::Inlet;
 use super::AbortOnDrop;
 use crate::config::PipelineConfig;
 use crate::error::Error;
@@ -33,9 +34,6 @@ use crate::source::SourceItem;
 /// The longest a turn on the worker pool goes on before the unit gives way to the next one
 /// (one call is never cut: a turn ends after the event that crosses it).
 const TURN: Duration = Duration::from_millis(2);
-
-/// The most items the stage gathers into one batch from what is queued (see [`gather`]).
-const GATHER: usize = crate::source::HANDOFF_BATCH;
 
 /// The run's hold on the unit's [`crate::plugin::reload::Updates`].
 pub(super) type UpdatesGuard = tokio::sync::OwnedMutexGuard<mpsc::UnboundedReceiver<ChainUpdate>>;
@@ -73,7 +71,7 @@ pub(super) fn spawn(
         Option<Arc<std::sync::atomic::AtomicUsize>>,
     ),
     stages_io: (
-        mpsc::Receiver<Vec<SourceItem>>,
+        Inlet,
         mpsc::Sender<Vec<EventMessages>>,
         watch::Receiver<bool>,
     ),
@@ -171,8 +169,8 @@ impl ChainStages {
     /// have seen, so that event is neither published nor checkpointed.
     async fn run(
         self,
-        (mut events, to_sink, mut shutdown): (
-            mpsc::Receiver<Vec<SourceItem>>,
+        (mut inlet, to_sink, mut shutdown): (
+            Inlet,
             mpsc::Sender<Vec<EventMessages>>,
             watch::Receiver<bool>,
         ),
@@ -184,8 +182,7 @@ impl ChainStages {
         // Boxed: it moves to a worker and back on every turn, which at a thousand tenants is
         // every event or two, and is 1.5 KB unboxed.
         let mut stages = Box::new(self);
-        while let Some(first) = events.recv().await {
-            let batch = gather(first, &mut events);
+        while let Some(batch) = inlet.next().await {
             // An empty batch is a reload's wake-up; gathered, it may come with events or
             // heartbeats: the reload is applied before them.
             stages.apply_updates(&stats);
@@ -360,24 +357,6 @@ impl ChainStages {
             stats.set_plugins(self.chain.infos());
         }
     }
-}
-
-/// `batch` with the batches queued behind it, in order, up to [`GATHER`] items. A tenant of
-/// a shared reader is handed its events a few at a time (each reader batch is spread over
-/// every tenant: at K = 1000, a quarter of an event each), and every batch handed over alone
-/// is a turn on the pool, a hand-over to the sink and their wake-ups; what queued while the
-/// last turn waited for a worker goes in one.
-fn gather(
-    mut batch: Vec<SourceItem>,
-    events: &mut mpsc::Receiver<Vec<SourceItem>>,
-) -> Vec<SourceItem> {
-    while batch.len() < GATHER {
-        match events.try_recv() {
-            Ok(more) => batch.extend(more),
-            Err(_) => break,
-        }
-    }
-    batch
 }
 
 /// Bytes of one event's messages: payloads and subjects (what `quota.bytes_per_sec` counts).

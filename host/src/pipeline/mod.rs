@@ -42,6 +42,7 @@ use crate::source::{self, SourceItem};
 mod chain_thread;
 mod checkpointer;
 mod drain;
+pub(crate) mod inlet;
 pub(crate) mod shared;
 mod shutdown;
 mod start;
@@ -120,10 +121,16 @@ pub async fn run(
     let (event_tx, event_rx) = mpsc::channel::<Vec<SourceItem>>(SOURCE_QUEUE_BATCHES);
     let (framed_tx, framed_rx) = mpsc::channel::<Vec<EventMessages>>(FRAMED_QUEUE_BATCHES);
     let wake = event_tx.downgrade();
-    let (source_task, source_stop, _heartbeats) =
-        start_source(&mongo, shared, &pipeline, (&start, at_time), event_tx);
+    let (inlet, bypass) = inlet::Inlet::new(event_rx);
+    let (source_task, source_stop, _heartbeats) = start_source(
+        &mongo,
+        shared,
+        &pipeline,
+        (&start, at_time),
+        (event_tx, bypass),
+    );
     let (_forwarder, reloads) = chain_thread::forward_reloads(updates, wake);
-    let chain_io = (event_rx, framed_tx, shutdown.clone());
+    let chain_io = (inlet, framed_tx, shutdown.clone());
     let chain_thread = chain_thread::spawn(
         chain,
         &pipeline,
@@ -168,18 +175,25 @@ pub async fn run(
 
 /// Starts reading the change stream after `start` (or at `at_time`), and the heartbeat writer
 /// beside it; returns the reading task and its stop signal. A tenant under a `shared` reader
-/// reads through it (`shared::read_lane`); the reader writes the heartbeats.
+/// reads through it (`shared::read_lane`, which may hand its lane channel to the chain stage
+/// by `bypass`); the reader writes the heartbeats.
 fn start_source(
     mongo: &mongodb::Client,
     shared: Option<std::sync::Arc<shared::SharedReader>>,
     pipeline: &PipelineConfig,
     (start, at_time): (&Option<Position>, Option<bson::Timestamp>),
-    events: mpsc::Sender<Vec<SourceItem>>,
+    (events, bypass): (mpsc::Sender<Vec<SourceItem>>, inlet::Bypass),
 ) -> (SourceTask, watch::Sender<bool>, Option<AbortOnDrop>) {
     let (stop, stop_rx) = watch::channel(false);
     if let Some(reader) = shared {
         let (pipeline, start) = (pipeline.clone(), start.clone());
-        let lane = shared::read_lane(reader, pipeline, start, at_time, events, stop_rx);
+        let lane = shared::read_lane(
+            reader,
+            pipeline,
+            (start, at_time),
+            (events, bypass),
+            stop_rx,
+        );
         return (tokio::spawn(lane), stop, None);
     }
     let task = tokio::spawn(source::run(

@@ -72,6 +72,16 @@ pub enum SourceItem {
     Heartbeat(ResumeToken, Option<SnapshotProgress>),
 }
 
+impl SourceItem {
+    /// The item's resume token: the stream's position once it is handled.
+    pub fn token(&self) -> &ResumeToken {
+        match self {
+            SourceItem::Event(event) | SourceItem::Oversize { event, .. } => &event.token,
+            SourceItem::Heartbeat(token, _) => token,
+        }
+    }
+}
+
 /// Most events handed downstream at once (see [`run`]).
 pub const HANDOFF_BATCH: usize = 256;
 

@@ -21,8 +21,13 @@
 //! 4. It forwards the channel's items, dropping those at or before `last` (the ones its own
 //!    stream already delivered): nothing lost, nothing twice.
 //!
-//! When the router finds the channel full it drops it; the lane forwards what the channel
-//! still holds and goes back to 1 from `last`.
+//! 5. Once an item past `last` has gone downstream, everything the channel brings is new:
+//!    the lane hands the channel itself to the chain stage (`pipeline::inlet`) and waits,
+//!    out of the events' path.
+//!
+//! When the router finds the channel full it drops it; the chain stage reads what the
+//! channel still holds and tells the lane the last token it read (before step 5, the lane
+//! forwards the rest itself), and the lane goes back to 1 from there.
 
 use std::sync::Arc;
 
@@ -35,6 +40,7 @@ use crate::config::PipelineConfig;
 use crate::error::Error;
 use crate::model::token::{token_id, token_time};
 use crate::model::Position;
+use crate::pipeline::inlet::{self, Bypass};
 use crate::sink::stream_order;
 use crate::source::{self, SourceItem};
 
@@ -49,13 +55,13 @@ const CATCH_UP_BATCHES: usize = 4;
 
 /// Reads tenant unit `pipeline`'s events after `start` (or at `at_time`) into `events`
 /// through `reader`, until `shutdown` turns true, `events` closes, or the tenant's own
-/// stream fails (its error is returned, as from `source::run`).
+/// stream fails (its error is returned, as from `source::run`). Attached to the reader, it
+/// hands its lane channel to the chain stage by `bypass`.
 pub(crate) async fn run(
     reader: Arc<SharedReader>,
     pipeline: PipelineConfig,
-    start: Option<Position>,
-    at_time: Option<bson::Timestamp>,
-    events: mpsc::Sender<Vec<SourceItem>>,
+    (start, at_time): (Option<Position>, Option<bson::Timestamp>),
+    (events, bypass): (mpsc::Sender<Vec<SourceItem>>, Bypass),
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let Some(scope) = pipeline.tenant.clone() else {
@@ -70,6 +76,7 @@ pub(crate) async fn run(
         reader,
         pipeline,
         events,
+        bypass,
         shutdown,
     };
     let (mut start, mut at_time) = (start, at_time);
@@ -127,6 +134,7 @@ struct Lane {
     reader: Arc<SharedReader>,
     pipeline: PipelineConfig,
     events: mpsc::Sender<Vec<SourceItem>>,
+    bypass: Bypass,
     shutdown: watch::Receiver<bool>,
     /// The token of the last item forwarded downstream.
     last: Option<ResumeToken>,
@@ -337,13 +345,13 @@ impl Lane {
         asked.ok().map(|()| (channel, reply))
     }
 
-    /// Forwards the shared reader's items until the router detaches the tenant (`true`)
-    /// or the unit stops (`false`).
+    /// Delivers the shared reader's items until the router detaches the tenant (`true`)
+    /// or the unit stops (`false`): forwards them through the hand-over's overlap, then
+    /// hands the channel to the chain stage and waits for it to end there.
     async fn attached(&mut self, mut channel: mpsc::Receiver<Vec<SourceItem>>) -> bool {
-        // Until the first item past the hand-over, compare tokens; after it, every item is new.
-        let mut overlap = true;
         let mut stopping = std::pin::pin!(crate::pipeline::signalled(&self.shutdown));
-        loop {
+        // Until the first item past the hand-over, compare tokens; after it, every item is new.
+        while let Some(last) = self.last.clone() {
             if *self.shutdown.borrow() {
                 return false;
             }
@@ -355,19 +363,33 @@ impl Lane {
                 return true;
             };
             // What the own stream delivered before the hand-over is not delivered twice.
-            if let (true, Some(last)) = (overlap, self.last.clone()) {
-                batch.retain(|item| !at_or_after(&last, token(item)));
-                overlap = batch.is_empty();
+            batch.retain(|item| !at_or_after(&last, item.token()));
+            if !batch.is_empty() {
+                if !self.forward(batch).await {
+                    return false;
+                }
+                break;
             }
-            if !self.forward(batch).await {
-                return false;
-            }
+        }
+        let Some(ended) = inlet::hand_over(&self.bypass, &self.events, channel).await else {
+            return false;
+        };
+        tokio::select! {
+            () = &mut stopping => false,
+            ended = ended => match ended {
+                Ok(last) => {
+                    self.last = last.or(self.last.take());
+                    true
+                }
+                // The chain stage ended first: the unit is stopping.
+                Err(_) => false,
+            },
         }
     }
 
     /// Sends `batch` downstream, remembering its last token; false when downstream is gone.
     async fn forward(&mut self, batch: Vec<SourceItem>) -> bool {
-        let Some(last) = batch.last().map(token) else {
+        let Some(last) = batch.last().map(SourceItem::token) else {
             return true;
         };
         self.last = Some(last.clone());
@@ -410,7 +432,7 @@ fn up_to(mut batch: Vec<SourceItem>, boundary: Option<&ResumeToken>) -> (Vec<Sou
     };
     match batch
         .iter()
-        .position(|item| !is_snapshot_read(item) && !at_or_after(boundary, token(item)))
+        .position(|item| !is_snapshot_read(item) && !at_or_after(boundary, item.token()))
     {
         Some(after) => {
             batch.truncate(after);
@@ -424,14 +446,6 @@ fn is_snapshot_read(item: &SourceItem) -> bool {
     match item {
         SourceItem::Event(event) | SourceItem::Oversize { event, .. } => event.snapshot.is_some(),
         SourceItem::Heartbeat(_, progress) => progress.is_some(),
-    }
-}
-
-/// The resume token of an item.
-fn token(item: &SourceItem) -> &ResumeToken {
-    match item {
-        SourceItem::Event(event) | SourceItem::Oversize { event, .. } => &event.token,
-        SourceItem::Heartbeat(token, _) => token,
     }
 }
 

@@ -16,7 +16,8 @@
 //! Each tenant unit's source is a lane (`lane.rs`): it starts *detached*, reading its own
 //! change stream (narrowed on the server to its namespaces and key values) from its own
 //! checkpoint, and joins the shared reader once it has caught up, with nothing lost or
-//! repeated at the hand-over. The router never waits for a tenant: when a tenant's lane is
+//! repeated at the hand-over. Attached, the lane steps aside: the tenant's chain stage reads
+//! the router's channel itself (`pipeline::inlet`) until the router detaches the tenant. The router never waits for a tenant: when a tenant's lane is
 //! full (slow plugins, its stream unavailable, a halted or held chain), the tenant is
 //! detached and catches up alone again; at most `pipeline.tenant_catch_up_streams` tenants
 //! at once, the others waiting detached for a turn. So a restart replays only each tenant's own

@@ -226,17 +226,18 @@ impl Router {
     fn route(&mut self, batch: Vec<SourceItem>) {
         let mut shares: HashMap<usize, Vec<SourceItem>> = HashMap::new();
         let mut heartbeat = None;
+        if let Some(item) = batch.last() {
+            self.position = Some(item.token().clone());
+        }
         for item in batch {
             let event = match &item {
                 SourceItem::Event(event) | SourceItem::Oversize { event, .. } => event,
                 SourceItem::Heartbeat(token, _) => {
-                    self.position = Some(token.clone());
                     heartbeat = Some(token.clone());
                     continue;
                 }
             };
             heartbeat = None;
-            self.position = Some(event.token.clone());
             self.stats.read();
             let owners = match self.owners(&event.change) {
                 Ok(owners) => owners,
