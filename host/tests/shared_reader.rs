@@ -665,3 +665,86 @@ async fn tenants_share_one_stream_through_kills_and_a_nats_restart() -> anyhow::
     child.wait_exit(Duration::from_secs(60)).await?;
     Ok(())
 }
+
+/// A pipeline's tenants share one pace of checkpoint writes (`checkpoint.max_writes_per_sec`):
+/// twelve tenants whose positions move every 50 ms make at most about four writes a second
+/// between them while events flow (unpaced they would make 240), the writes still come, and
+/// when the pipeline stops each tenant's checkpoint names its last message at once, whatever
+/// its turn in the pace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_share_one_pace_of_checkpoint_writes() -> anyhow::Result<()> {
+    const TENANTS: usize = 12;
+    const ROUNDS: i64 = 30;
+    const PER_SEC: f64 = 4.0;
+    let h = Harness::start().await?;
+    let pipeline = "database = \"shop\"\ncollections = [\"orders\"]\n\
+                    skip_operations = [\"update\", \"delete\"]\n\
+                    tenant_key = \"fullDocument.tenantId\"";
+    let ids: Vec<String> = (0..TENANTS).map(|i| format!("t{i}")).collect();
+    let tenants: String = ids
+        .iter()
+        .map(|id| tenant(id, "\"shop.orders\"", ""))
+        .collect();
+    let text = config(&h, pipeline, &tenants).replace(
+        "interval_ms = 200",
+        "interval_ms = 50\nmax_writes_per_sec = 4",
+    );
+    let path = h.write_config("paced.toml", &text)?;
+    let running = InProcess::start(&path)?;
+    let units: Vec<String> = ids.iter().map(|id| format!("p.{id}")).collect();
+    h.wait_checkpoints(&units).await?;
+    wait_one_change_stream(&h).await?;
+
+    // Every write to the bucket, any key, is one more message in its stream.
+    let js = async_nats::jetstream::new(h.nats_client().await?);
+    let writes = || {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream("KV_tidegate-checkpoints").await?;
+            anyhow::Ok(stream.info().await?.state.last_sequence)
+        }
+    };
+    let (before, started) = (writes().await?, std::time::Instant::now());
+    let orders = h.collection().await?;
+    for round in 0..ROUNDS {
+        let docs: Vec<Document> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let n = round * TENANTS as i64 + i as i64;
+                doc! { "_id": n, "n": n, "tenantId": id }
+            })
+            .collect();
+        orders.insert_many(docs).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (after, elapsed) = (writes().await?, started.elapsed());
+    let written = after - before;
+    // The pace's slots, one a quarter second apart, and the writes in flight at either end.
+    let most = (PER_SEC * elapsed.as_secs_f64()).ceil() as u64 + 3;
+    assert!(
+        (1..=most).contains(&written),
+        "{written} checkpoint writes in {elapsed:?}: expected 1 to {most}"
+    );
+
+    let mut last_ids = Vec::new();
+    for id in &ids {
+        let messages = h
+            .wait_settled(&id.to_uppercase(), ROUNDS as u64, PATIENCE)
+            .await?;
+        assert_eq!(messages.len(), ROUNDS as usize, "{id}");
+        last_ids.push(support::header(messages.last().unwrap(), "Nats-Msg-Id"));
+    }
+    running.stop().await?;
+    let kv = js.get_key_value("tidegate-checkpoints").await?;
+    for (unit, last_id) in units.iter().zip(last_ids) {
+        let record = kv.get(unit).await?.expect("a checkpoint");
+        let record: serde_json::Value = serde_json::from_slice(&record)?;
+        assert_eq!(
+            record["lastMsgId"].as_str(),
+            last_id.as_deref(),
+            "{unit}'s checkpoint after the stop: {record}"
+        );
+    }
+    Ok(())
+}

@@ -11,7 +11,8 @@
 //! `TIDEGATE_BENCH_ROUTING=db,key` (default both), `TIDEGATE_BENCH_LAYOUT=own,shared` (a
 //! stream per tenant, or one stream the tenants share with a subject space each; default
 //! both), `TIDEGATE_BENCH_ROUNDS=R` (default 1: each round runs every K in turn; ratios are
-//! per round, and the table shows their median).
+//! per round, and the table shows their median), `TIDEGATE_BENCH_CHECKPOINT_MS=M` (the
+//! pipeline's `checkpoint.interval_ms`, default tidegate's).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -271,6 +272,9 @@ async fn run(
         mongo.uri(),
         instances = (k * plugins + 16).max(256)
     );
+    if let Ok(interval) = std::env::var("TIDEGATE_BENCH_CHECKPOINT_MS") {
+        text += &format!("[pipeline.checkpoint]\ninterval_ms = {interval}\n");
+    }
     if layout == Layout::SharedStream {
         text += "[pipeline.sink]\nstream = \"ALL\"\nsubject_prefix = \"t\"\n";
     }

@@ -12,9 +12,14 @@
 //! writer), so once a new owner has loaded the checkpoint, a previous owner that wakes up can
 //! no longer move it; its write fails, its [`Fence`] is revoked and its pipeline stops. A
 //! write whose reply was lost is recognised by the writer id and not mistaken for a rival's.
+//!
+//! # Pace
+//! A pipeline's units (its tenants) share one pace of writes ([`pace`]), so that a thousand
+//! tenants do not make a thousand writes a second.
 
 mod kv;
 mod mongo;
+pub mod pace;
 
 use std::sync::atomic::AtomicU64;
 

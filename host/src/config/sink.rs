@@ -158,6 +158,12 @@ pub struct CheckpointConfig {
     /// A crash replays at most this much (JetStream drops the replayed duplicates).
     #[serde(default = "default_checkpoint_interval_ms")]
     pub interval_ms: u64,
+    /// The most checkpoint writes a second the pipeline makes, all its tenants together.
+    /// Default: 100. With more tenants than this × `interval_ms` ÷ 1000, each tenant saves
+    /// less often than `interval_ms` (at a thousand tenants, about every 10 s): a crash then
+    /// replays more, and JetStream drops the replayed duplicates (see `checkpoint::pace`).
+    #[serde(default = "default_checkpoint_max_writes_per_sec")]
+    pub max_writes_per_sec: u32,
     /// How often the oplog's size, fill and write rate are read to project the checkpoint's
     /// headroom (see `ops::oplog`), in milliseconds. Default: 10000.
     #[serde(default = "default_oplog_check_interval_ms")]
@@ -180,6 +186,7 @@ impl Default for CheckpointConfig {
             database: default_checkpoint_database(),
             collection: default_checkpoint_collection(),
             interval_ms: default_checkpoint_interval_ms(),
+            max_writes_per_sec: default_checkpoint_max_writes_per_sec(),
             oplog_check_interval_ms: default_oplog_check_interval_ms(),
             oplog_warn_headroom_secs: default_oplog_warn_headroom_secs(),
             oplog_error_headroom_secs: default_oplog_error_headroom_secs(),
@@ -230,4 +237,7 @@ fn default_oplog_error_headroom_secs() -> u64 {
 }
 fn default_checkpoint_interval_ms() -> u64 {
     1000
+}
+fn default_checkpoint_max_writes_per_sec() -> u32 {
+    100
 }

@@ -749,3 +749,19 @@ fn plugin_config_file_merges_into_config() {
         "{err}"
     );
 }
+
+/// A pipeline's checkpoint writes are paced at 100 a second unless configured, and a pace of
+/// zero is refused by name (it would stop every tenant's checkpoint).
+#[test]
+fn checkpoint_write_pace_defaults_and_is_checked() {
+    let config = parse(MINIMAL).expect("minimal config");
+    assert_eq!(config.pipelines[0].checkpoint.max_writes_per_sec, 100);
+    let paced = format!("{MINIMAL}    [pipeline.checkpoint]\n    max_writes_per_sec = 20\n");
+    let config = parse(&paced).expect("paced config");
+    assert_eq!(config.pipelines[0].checkpoint.max_writes_per_sec, 20);
+    let err = parse(&paced.replace("= 20", "= 0")).expect_err("zero pace");
+    assert!(
+        err.contains("pipeline 'orders': checkpoint.max_writes_per_sec: must be at least 1"),
+        "{err}"
+    );
+}

@@ -530,6 +530,13 @@ fn check_checkpoint(unit: &PipelineConfig, problems: &mut Problems) {
             at(unit, "checkpoint.interval_ms / oplog_check_interval_ms")
         ));
     }
+    if checkpoint.max_writes_per_sec == 0 {
+        problems.push(format!(
+            "{}: must be at least 1 (the pipeline's checkpoints, all its tenants together, \
+             are written at most this many times a second)",
+            at(unit, "checkpoint.max_writes_per_sec")
+        ));
+    }
     if checkpoint.oplog_error_headroom_secs > checkpoint.oplog_warn_headroom_secs {
         problems.push(format!(
             "{}: the error threshold ({} s) must not exceed the warning threshold ({} s)",

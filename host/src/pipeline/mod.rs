@@ -28,6 +28,7 @@ use std::time::Duration;
 use async_nats::jetstream::Context;
 use tokio::sync::{mpsc, watch};
 
+use crate::checkpoint::pace::WritePace;
 use crate::checkpoint::CheckpointStore;
 use crate::config::PipelineConfig;
 use crate::error::Error;
@@ -150,7 +151,14 @@ pub async fn run(
             Outlet::Own(Box::new(publisher))
         }
     };
-    let (positions, saver) = CheckpointSaver::spawn(std::sync::Arc::new(checkpoints), start);
+    let pace = WritePace::for_pipeline(
+        pipeline
+            .tenant
+            .as_ref()
+            .map_or(id.as_str(), |t| t.pipeline.as_str()),
+        pipeline.checkpoint.max_writes_per_sec,
+    );
+    let (positions, saver) = CheckpointSaver::spawn(std::sync::Arc::new(checkpoints), start, pace);
     let deadline = Deadline::new(Duration::from_secs(pipeline.shutdown_timeout_secs));
     let passed = deadline.passed(shutdown.clone());
     let io = DrainIo {
