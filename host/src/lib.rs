@@ -44,7 +44,8 @@
 //!   (routing headers included), payload formats and encodings, stream preparation, the
 //!   ordered and deduplicated publisher, and (`sink::shared`) one publisher for a stream a
 //!   pipeline's tenants share.
-//! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB).
+//! - [`checkpoint`] — saving the acknowledged position (NATS KV or MongoDB), at a pace
+//!   of writes a pipeline's tenants share.
 //! - [`pipeline`] — one unit (a pipeline, or one tenant's share of it): source, chain and
 //!   sink wired with bounded queues, its quota's throttle, its start position, draining and
 //!   shutdown; and the shared reader (`pipeline::shared`): one change stream per tenanted

@@ -3,8 +3,9 @@
 //! Every unit saves its acknowledged position every `checkpoint.interval_ms`. A pipeline with a
 //! thousand tenants is a thousand units: at the default interval that was a thousand writes a
 //! second to the checkpoint store (a compare-and-set on a NATS KV record, or a MongoDB update)
-//! while events flow, whatever the event rate, and it cost about a tenth of the machine's CPU
-//! per event, tidegate's and nats-server's (BENCHMARKS.md, "A thousand tenants' checkpoints").
+//! while events flow, whatever each tenant's own traffic, and it cost about 8 % of the CPU per
+//! event of tidegate, mongod and nats-server together (BENCHMARKS.md, "A thousand tenants'
+//! checkpoints").
 //! So a pipeline's units draw their writes from one [`WritePace`] of
 //! `checkpoint.max_writes_per_sec`: writes are spaced evenly in the order units ask, and a
 //! unit waiting for its turn saves its newest position when the turn comes (the positions it
