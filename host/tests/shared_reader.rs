@@ -718,13 +718,18 @@ async fn tenants_share_one_pace_of_checkpoint_writes() -> anyhow::Result<()> {
         orders.insert_many(docs).await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Paced writes still come while the pipeline runs (however slow the machine).
+    wait_until("a paced checkpoint write", PATIENCE, || async {
+        writes().await.is_ok_and(|now| now > before)
+    })
+    .await?;
     let (after, elapsed) = (writes().await?, started.elapsed());
     let written = after - before;
     // The pace's slots, one a quarter second apart, and the writes in flight at either end.
     let most = (PER_SEC * elapsed.as_secs_f64()).ceil() as u64 + 3;
     assert!(
-        (1..=most).contains(&written),
-        "{written} checkpoint writes in {elapsed:?}: expected 1 to {most}"
+        written <= most,
+        "{written} checkpoint writes in {elapsed:?}: expected at most {most}"
     );
 
     let mut last_ids = Vec::new();
