@@ -330,6 +330,14 @@ pub enum FullDocumentBeforeChange {
 }
 
 impl PipelineConfig {
+    /// The id of the `[[pipeline]]` this unit comes from: its own, or its tenant's pipeline's
+    /// (what a pipeline's tenants share: its stream's publisher, its checkpoint pace).
+    pub fn pipeline_id(&self) -> &str {
+        self.tenant
+            .as_ref()
+            .map_or(self.id.as_str(), |tenant| tenant.pipeline.as_str())
+    }
+
     /// Whether the stream carries events over 16 MiB in fragments to reassemble:
     /// `oversize = "split"`, or `$changeStreamSplitLargeEvent` as the last user stage.
     pub fn splits_large_events(&self) -> bool {

@@ -152,10 +152,7 @@ pub async fn run(
         }
     };
     let pace = WritePace::for_pipeline(
-        pipeline
-            .tenant
-            .as_ref()
-            .map_or(id.as_str(), |t| t.pipeline.as_str()),
+        pipeline.pipeline_id(),
         pipeline.checkpoint.max_writes_per_sec,
     );
     let (positions, saver) = CheckpointSaver::spawn(std::sync::Arc::new(checkpoints), start, pace);

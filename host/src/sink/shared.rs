@@ -84,10 +84,7 @@ pub(crate) async fn shared_stream(
     unit: &PipelineConfig,
     fence: Fence,
 ) -> Result<Arc<SharedStream>, Error> {
-    let pipeline = unit
-        .tenant
-        .as_ref()
-        .map_or(unit.id.as_str(), |t| t.pipeline.as_str());
+    let pipeline = unit.pipeline_id();
     let key = (pipeline.to_string(), unit.sink.stream.clone());
     let mut streams = registry().lock().await;
     if let Some(running) = streams.get(&key).and_then(|(running, _)| running.upgrade()) {
