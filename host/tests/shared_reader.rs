@@ -753,3 +753,106 @@ async fn tenants_share_one_pace_of_checkpoint_writes() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The checkpoint of tenant unit `unit`: the message id it names (`None` without one).
+async fn checkpointed_id(
+    kv: &async_nats::jetstream::kv::Store,
+    unit: &str,
+) -> anyhow::Result<Option<String>> {
+    let Some(record) = kv.get(unit).await? else {
+        return Ok(None);
+    };
+    let record: serde_json::Value = serde_json::from_slice(&record)?;
+    Ok(record["lastMsgId"].as_str().map(str::to_string))
+}
+
+/// Tenants publishing into one shared stream: once their events are acknowledged, each
+/// tenant's checkpoint comes to name its last message while the pipeline runs and nothing
+/// more arrives (the acknowledged position reaches the checkpoint without more traffic or a
+/// stop); and a graceful stop in the middle of a burst leaves each tenant's checkpoint naming
+/// exactly its last message in the stream: everything it read was published and
+/// acknowledged, and nothing published lies beyond its checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_stream_checkpoints_follow_acknowledgements_and_the_stop() -> anyhow::Result<()> {
+    const EACH: i64 = 40;
+    let ids = ["a", "b", "c"];
+    let h = Harness::start().await?;
+    let tenants: String = ids
+        .iter()
+        .map(|id| format!("[[pipeline.tenant]]\nid = \"{id}\"\nnamespaces = [\"shop.{id}\"]\n"))
+        .collect();
+    let pipeline =
+        "database = \"shop\"\n\n[pipeline.sink]\nstream = \"ALL\"\nsubject_prefix = \"all\"";
+    let path = h.write_config("shared-checkpoints.toml", &config(&h, pipeline, &tenants))?;
+    let running = InProcess::start(&path)?;
+    let units: Vec<String> = ids.iter().map(|id| format!("p.{id}")).collect();
+    h.wait_checkpoints(&units).await?;
+    wait_one_change_stream(&h).await?;
+
+    let db = h.mongo.client().await?.database("shop");
+    let insert = |first: i64| {
+        let db = db.clone();
+        async move {
+            for id in ids {
+                let docs: Vec<Document> = (first..first + EACH).map(|n| doc! { "n": n }).collect();
+                db.collection::<Document>(id).insert_many(docs).await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    // The last message id of each tenant in the shared stream.
+    let last_ids = |messages: &[StreamMessage]| -> Vec<Option<String>> {
+        ids.iter()
+            .map(|id| {
+                let prefix = format!("all.{id}.");
+                messages
+                    .iter()
+                    .rev()
+                    .find(|m| m.subject.starts_with(prefix.as_str()))
+                    .and_then(|m| support::header(m, "Nats-Msg-Id"))
+            })
+            .collect()
+    };
+    let js = async_nats::jetstream::new(h.nats_client().await?);
+    let kv = js.get_key_value("tidegate-checkpoints").await?;
+
+    insert(0).await?;
+    let all = h.wait_settled("ALL", 3 * EACH as u64, PATIENCE).await?;
+    for (unit, last) in units.iter().zip(last_ids(&all)) {
+        let last = last.expect("every tenant published");
+        wait_until(&format!("{unit}'s checkpoint at {last}"), PATIENCE, || {
+            let (kv, last) = (&kv, &last);
+            async move { checkpointed_id(kv, unit).await.ok().flatten().as_ref() == Some(last) }
+        })
+        .await?;
+    }
+
+    // A stop while a burst is read and published: each checkpoint is the tenant's last
+    // message, wherever the stop fell.
+    insert(EACH).await?;
+    running.stop().await?;
+    let all = h.messages("ALL").await?;
+    for (unit, last) in units.iter().zip(last_ids(&all)) {
+        assert_eq!(
+            checkpointed_id(&kv, unit).await?,
+            last,
+            "{unit}'s checkpoint after the stop against its last message"
+        );
+    }
+    for id in ids {
+        let prefix = format!("all.{id}.");
+        let own: Vec<StreamMessage> = all
+            .iter()
+            .filter(|m| m.subject.starts_with(prefix.as_str()))
+            .cloned()
+            .collect();
+        let numbers = numbers(&own);
+        assert_eq!(
+            numbers,
+            (0..numbers.len() as i64).collect::<Vec<_>>(),
+            "tenant {id}: in order, none twice, none skipped"
+        );
+        assert!(numbers.len() as i64 >= EACH, "tenant {id}");
+    }
+    Ok(())
+}

@@ -95,6 +95,7 @@ impl Drain {
             if !self.inputs_open && self.backlog.is_empty() && self.publisher.is_idle() {
                 return Ok(());
             }
+            let listen = self.awaits_settling();
             tokio::select! {
                 () = &mut stop_asked, if !*self.source_stop.borrow() => {
                     tracing::info!(pipeline = %self.id, "stopping: draining in-flight messages");
@@ -106,16 +107,9 @@ impl Drain {
                         None => self.inputs_open = false,
                     }
                 }
-                settled = self.publisher.next_settled(), if !self.publisher.is_idle() => {
+                settled = self.publisher.next_settled(), if listen => {
                     if matches!(settled, Settled::Gone) {
-                        let _ = self.source_stop.send(true);
-                        return Err(Error::Sink {
-                            pipeline: self.id.clone(),
-                            message: "the publisher of the stream this tenant shares stopped; \
-                                      what is acknowledged is checkpointed, the rest is read \
-                                      again on restart"
-                                .into(),
-                        });
+                        return Err(self.publisher_gone());
                     }
                     self.publisher.settle(settled).await;
                     // Settle acknowledgements that have already arrived without another turn
@@ -129,6 +123,10 @@ impl Drain {
                     }
                 }
                 _ = self.checkpoint_timer.tick() => {
+                    // Noticed here too: the loop may not be waiting for the publisher's posts.
+                    if self.publisher.is_gone() {
+                        return Err(self.publisher_gone());
+                    }
                     self.positions.send_replace(self.publisher.position());
                 }
                 _ = self.summary_timer.tick() => self.stats.log(),
@@ -137,6 +135,35 @@ impl Drain {
                     return Err(Error::Fenced { pipeline: self.id.clone(), message: self.fence.reason() });
                 }
             }
+        }
+    }
+
+    /// Whether the loop waits for acknowledgements on this turn. Its own stream's are settled
+    /// by the loop itself, so it always does while any are outstanding. A shared stream's
+    /// publisher settles them and posts the unit's progress, which the loop reads when it
+    /// needs it (room in the window, the position, idleness); it waits for a post only when
+    /// it cannot go on without one: events held back for room, or its inputs ended and the
+    /// drain waiting for the last acknowledgements. At a thousand tenants every event was
+    /// otherwise a second wake-up of its unit's loop, for a post nothing needed yet.
+    fn awaits_settling(&self) -> bool {
+        if self.publisher.is_idle() {
+            return false;
+        }
+        match self.publisher {
+            Outlet::Own(_) => true,
+            Outlet::Shared(_) => !self.inputs_open || !self.backlog.is_empty(),
+        }
+    }
+
+    /// Stops the source: the publisher of the stream the unit shares has stopped (a bug:
+    /// it lives while any unit holds a handle).
+    fn publisher_gone(&self) -> Error {
+        let _ = self.source_stop.send(true);
+        Error::Sink {
+            pipeline: self.id.clone(),
+            message: "the publisher of the stream this tenant shares stopped; what is \
+                      acknowledged is checkpointed, the rest is read again on restart"
+                .into(),
         }
     }
 

@@ -270,6 +270,11 @@ impl Handle {
         self.progress.borrow().acked.clone()
     }
 
+    /// Whether the publisher is gone (its task ended while this run holds a handle).
+    pub fn is_gone(&self) -> bool {
+        self.progress.has_changed().is_err()
+    }
+
     /// Messages in flight.
     pub fn in_flight(&self) -> usize {
         self.progress.borrow().in_flight
@@ -367,6 +372,15 @@ impl Outlet {
         match self {
             Outlet::Own(publisher) => publisher.position().cloned(),
             Outlet::Shared(handle) => handle.position(),
+        }
+    }
+
+    /// Whether the shared publisher is gone: the unit must stop (an own publisher is the
+    /// unit's, never gone).
+    pub fn is_gone(&self) -> bool {
+        match self {
+            Outlet::Own(_) => false,
+            Outlet::Shared(handle) => handle.is_gone(),
         }
     }
 
