@@ -15,7 +15,8 @@ use crate::{e2e_backlog, e2e_latency, fmt_rate, fmt_secs, Args, Env, Latency, Ta
 /// `TIDEGATE_BENCH_PERF=DIR`: each backlog drain of scenario 3 (and each row of scenario 8) is
 /// recorded by `perf record -F 999 --call-graph dwarf` on this process into
 /// `DIR/drain-<plugins>.data` (`DIR/tenants-<layout>-<routing>-<K>x<plugins>.data`)
-/// (the release profile has no frame pointers, so call graphs unwind with DWARF).
+/// (the release profile has no frame pointers, so call graphs unwind with DWARF), or with
+/// `TIDEGATE_BENCH_PERF_FLAT` set by `perf record -F 1999` without call graphs.
 pub(crate) struct Profiler {
     child: Option<Child>,
 }
@@ -27,8 +28,14 @@ impl Profiler {
             return Profiler { child: None };
         };
         let out = dir.join(format!("{name}.data"));
+        // Flat (`TIDEGATE_BENCH_PERF_FLAT`): where the samples land, without call graphs, at a
+        // higher rate; quick to record and to report.
+        let args: &[&str] = match std::env::var_os("TIDEGATE_BENCH_PERF_FLAT") {
+            Some(_) => &["record", "-F", "1999", "-p"],
+            None => &["record", "-F", "999", "--call-graph", "dwarf,16384", "-p"],
+        };
         let child = Command::new("perf")
-            .args(["record", "-F", "999", "--call-graph", "dwarf,16384", "-p"])
+            .args(args)
             .arg(std::process::id().to_string())
             .arg("-o")
             .arg(&out)
