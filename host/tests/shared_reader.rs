@@ -63,6 +63,28 @@ fn numbers(messages: &[StreamMessage]) -> Vec<i64> {
         .collect()
 }
 
+/// Tenant `id`'s messages in the stream `ALL` its pipeline's tenants share (its subjects,
+/// `all.<id>.…`), in stream order.
+fn tenant_messages(all: &[StreamMessage], id: &str) -> Vec<StreamMessage> {
+    let prefix = format!("all.{id}.");
+    all.iter()
+        .filter(|m| m.subject.starts_with(prefix.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// A config of pipeline `p` over database `shop` whose tenants `ids` (each seeing
+/// `shop.<id>`) share the stream `ALL` under `all.<id>`.
+fn shared_stream_config(h: &Harness, ids: &[&str]) -> String {
+    let tenants: String = ids
+        .iter()
+        .map(|id| format!("[[pipeline.tenant]]\nid = \"{id}\"\nnamespaces = [\"shop.{id}\"]\n"))
+        .collect();
+    let pipeline =
+        "database = \"shop\"\n\n[pipeline.sink]\nstream = \"ALL\"\nsubject_prefix = \"all\"";
+    config(h, pipeline, &tenants)
+}
+
 /// The change streams open on mongod: every operation or idle cursor whose command began
 /// with `$changeStream`.
 async fn change_streams(client: &mongodb::Client) -> anyhow::Result<usize> {
@@ -557,13 +579,7 @@ async fn takeover_loses_nothing(shared: bool) -> anyhow::Result<()> {
         ),
         true => {
             let all = h.wait_settled("ALL", 400, PATIENCE).await?;
-            let under = |prefix: &str| -> Vec<StreamMessage> {
-                all.iter()
-                    .filter(|m| m.subject.starts_with(prefix))
-                    .cloned()
-                    .collect()
-            };
-            (under("all.a."), under("all.b."))
+            (tenant_messages(&all, "a"), tenant_messages(&all, "b"))
         }
     };
     assert_eq!(numbers(&a), (0..200).collect::<Vec<_>>());
@@ -585,13 +601,7 @@ async fn tenants_share_one_stream_through_kills_and_a_nats_restart() -> anyhow::
     const EACH: i64 = 1_500;
     let ids = ["a", "b", "c"];
     let mut h = Harness::start().await?;
-    let tenants: String = ids
-        .iter()
-        .map(|id| format!("[[pipeline.tenant]]\nid = \"{id}\"\nnamespaces = [\"shop.{id}\"]\n"))
-        .collect();
-    let pipeline =
-        "database = \"shop\"\n\n[pipeline.sink]\nstream = \"ALL\"\nsubject_prefix = \"all\"";
-    let path = h.write_config("shared.toml", &config(&h, pipeline, &tenants))?;
+    let path = h.write_config("shared.toml", &shared_stream_config(&h, &ids))?;
     let mut child = h.spawn_binary(&path)?;
     h.wait_checkpoints(&["p.a", "p.b", "p.c"]).await?;
 
@@ -630,12 +640,7 @@ async fn tenants_share_one_stream_through_kills_and_a_nats_restart() -> anyhow::
         .await
         .map_err(|err| anyhow::anyhow!("{err}\n{}", child.log()))?;
     for id in ids {
-        let prefix = format!("all.{id}.");
-        let own: Vec<StreamMessage> = all
-            .iter()
-            .filter(|m| m.subject.starts_with(prefix.as_str()))
-            .cloned()
-            .collect();
+        let own = tenant_messages(&all, id);
         assert!(
             own.iter()
                 .all(|m| support::header(m, "Tidegate-Tenant").as_deref() == Some(id)),
@@ -777,13 +782,7 @@ async fn shared_stream_checkpoints_follow_acknowledgements_and_the_stop() -> any
     const EACH: i64 = 40;
     let ids = ["a", "b", "c"];
     let h = Harness::start().await?;
-    let tenants: String = ids
-        .iter()
-        .map(|id| format!("[[pipeline.tenant]]\nid = \"{id}\"\nnamespaces = [\"shop.{id}\"]\n"))
-        .collect();
-    let pipeline =
-        "database = \"shop\"\n\n[pipeline.sink]\nstream = \"ALL\"\nsubject_prefix = \"all\"";
-    let path = h.write_config("shared-checkpoints.toml", &config(&h, pipeline, &tenants))?;
+    let path = h.write_config("shared-checkpoints.toml", &shared_stream_config(&h, &ids))?;
     let running = InProcess::start(&path)?;
     let units: Vec<String> = ids.iter().map(|id| format!("p.{id}")).collect();
     h.wait_checkpoints(&units).await?;
@@ -804,11 +803,8 @@ async fn shared_stream_checkpoints_follow_acknowledgements_and_the_stop() -> any
     let last_ids = |messages: &[StreamMessage]| -> Vec<Option<String>> {
         ids.iter()
             .map(|id| {
-                let prefix = format!("all.{id}.");
-                messages
-                    .iter()
-                    .rev()
-                    .find(|m| m.subject.starts_with(prefix.as_str()))
+                tenant_messages(messages, id)
+                    .last()
                     .and_then(|m| support::header(m, "Nats-Msg-Id"))
             })
             .collect()
@@ -840,13 +836,7 @@ async fn shared_stream_checkpoints_follow_acknowledgements_and_the_stop() -> any
         );
     }
     for id in ids {
-        let prefix = format!("all.{id}.");
-        let own: Vec<StreamMessage> = all
-            .iter()
-            .filter(|m| m.subject.starts_with(prefix.as_str()))
-            .cloned()
-            .collect();
-        let numbers = numbers(&own);
+        let numbers = numbers(&tenant_messages(&all, id));
         assert_eq!(
             numbers,
             (0..numbers.len() as i64).collect::<Vec<_>>(),
