@@ -1,7 +1,8 @@
 //! One change stream per tenanted pipeline, against real servers: events routed to tenants
 //! by namespace and by tenant key, one change stream on mongod whatever the number of
 //! tenants, a slow tenant detaching and rejoining with nothing lost or duplicated while the
-//! others flow, and a restart with tenants at different positions.
+//! others flow (and, alone, holding the stream back instead), and a restart with tenants at
+//! different positions.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -333,6 +334,56 @@ async fn a_slow_tenant_detaches_and_rejoins_without_loss() -> anyhow::Result<()>
         .filter(|l| l.contains("p.slow") && l.contains("reading from the shared change stream"))
         .count();
     assert!(joins >= 2, "{}", child.log());
+    child.signal(SIGTERM)?;
+    child.wait_exit(Duration::from_secs(60)).await?;
+    Ok(())
+}
+
+/// The only tenant attached is never detached for being behind: a slow tenant alone on the
+/// shared reader holds the shared change stream back, as a unit's own stream waits for its
+/// chain, instead of opening a second change stream to read the same events again. Mongod
+/// serves one change stream throughout, and the tenant gets every event once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_only_attached_tenant_holds_the_stream_back_instead_of_detaching() -> anyhow::Result<()>
+{
+    let h = Harness::start().await?;
+    let slow_plugin = slow_tenant_plugin(&h);
+    let tenants = tenant("slow", "\"shop.orders\"", &slow_plugin);
+    let pipeline = "database = \"shop\"";
+    let path = h.write_config("alone.toml", &slow_config(&h, pipeline, &tenants))?;
+    let mut child = h.spawn_binary(&path)?;
+    h.wait_checkpoints(&["p.slow"]).await?;
+    wait_one_change_stream(&h).await?;
+
+    // One insert per document: many small change-stream batches, far more than the lane
+    // holds (a tenant beside another is detached by them, see above).
+    let total = 400i64;
+    let orders = h.collection().await?;
+    for n in 0..total {
+        orders.insert_one(doc! { "n": n }).await?;
+    }
+    let client = h.mongo.client().await?;
+    let nats = h.nats_client().await?;
+    let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    wait_until("the slow tenant has every event", PATIENCE, || {
+        let (client, nats, most) = (client.clone(), nats.clone(), most.clone());
+        async move {
+            if let Ok(open) = change_streams(&client).await {
+                most.fetch_max(open, std::sync::atomic::Ordering::Relaxed);
+            }
+            tidegate_testkit::stream_len(&nats, "SLOW").await >= total as u64
+        }
+    })
+    .await?;
+    let slow = h.wait_settled("SLOW", total as u64, PATIENCE).await?;
+    assert_eq!(numbers(&slow), (0..total).collect::<Vec<_>>());
+    assert!(
+        !child.log().contains("tenant detached"),
+        "the only tenant was detached: {}",
+        child.log()
+    );
+    let most = most.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(most, 1, "{most} change streams open at once on mongod");
     child.signal(SIGTERM)?;
     child.wait_exit(Duration::from_secs(60)).await?;
     Ok(())

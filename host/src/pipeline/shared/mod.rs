@@ -17,9 +17,11 @@
 //! change stream (narrowed on the server to its namespaces and key values) from its own
 //! checkpoint, and joins the shared reader once it has caught up, with nothing lost or
 //! repeated at the hand-over. Attached, the lane steps aside: the tenant's chain stage reads
-//! the router's channel itself (`pipeline::inlet`) until the router detaches the tenant. The router never waits for a tenant: when a tenant's lane is
-//! full (slow plugins, its stream unavailable, a halted or held chain), the tenant is
-//! detached and catches up alone again; at most `pipeline.tenant_catch_up_streams` tenants
+//! the router's channel itself (`pipeline::inlet`) until the router detaches the tenant. The
+//! router never waits for a tenant while another could be kept waiting: when a tenant's lane
+//! is full (slow plugins, its stream unavailable, a halted or held chain), the tenant is
+//! detached and catches up alone again (the only attached tenant is waited for instead, until
+//! another joins: see `route.rs`); at most `pipeline.tenant_catch_up_streams` tenants
 //! at once, the others waiting detached for a turn. So a restart replays only each tenant's own
 //! backlog, and a slow tenant never stalls the others.
 //!

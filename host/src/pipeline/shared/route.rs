@@ -1,7 +1,15 @@
 //! The shared reader's router: which tenants an event belongs to, in constant time per event
 //! (a hash map on the namespace, or on the tenant key's value), and each tenant's batch handed
-//! to its lane without ever waiting for it. A lane that is full is detached: the router drops
-//! it and the tenant reads on from its own position (`lane.rs`).
+//! to its lane without waiting for it while another tenant could be kept waiting. A lane that
+//! is full is detached: the router drops it and the tenant reads on from its own position
+//! (`lane.rs`).
+//!
+//! The one exception is a full lane whose tenant is the only one attached: there is nobody
+//! for it to hold up, so the router waits for room, and the change stream waits with it, as
+//! a unit's own stream waits for its chain. Detaching it would only open a second change
+//! stream on mongod to read the same events again. The wait ends as soon as a second tenant
+//! joins (the full one is detached then, so the newcomer is never held up) or the tenant
+//! leaves.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -72,6 +80,12 @@ struct Tenant {
     fed: bool,
 }
 
+/// The share of the only attached tenant, routed while its lane was full.
+struct Held {
+    tenant: String,
+    share: Vec<SourceItem>,
+}
+
 /// The routing tables of one shared reader, rebuilt when a tenant registers or leaves
 /// (rare), read for every event.
 pub(super) struct Router {
@@ -134,13 +148,66 @@ impl Router {
                 },
                 batch = batches.recv() => match batch {
                     Some(batch) => {
-                        self.route(batch);
+                        if let Some(held) = self.route(batch) {
+                            if !self.wait_for_room(held, &mut commands).await {
+                                return;
+                            }
+                        }
                         position.send_replace(self.position.clone());
                         self.install_pending();
                     }
                     None => return,
                 },
             }
+        }
+    }
+
+    /// Hands the sole attached tenant's `held` share to its lane once it has room, serving
+    /// commands meanwhile; detaches the tenant instead as soon as another one is attached
+    /// (a join), so that no one waits for it. False when the commands' channel has closed
+    /// (the reader is gone).
+    async fn wait_for_room(
+        &mut self,
+        held: Held,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+    ) -> bool {
+        tracing::debug!(pipeline = %self.pipeline, tenant = %held.tenant, "the only attached tenant is behind: the shared change stream waits for it");
+        loop {
+            let Some(tenant) = self.tenants.iter_mut().find(|t| t.scope.id == held.tenant) else {
+                // It left.
+                return true;
+            };
+            let Some(lane) = tenant.lane.clone() else {
+                return true;
+            };
+            if self.tenants.iter().filter(|t| t.lane.is_some()).count() > 1 {
+                self.detach(&held.tenant);
+                return true;
+            }
+            tokio::select! {
+                biased;
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command),
+                    None => return false,
+                },
+                room = lane.reserve() => {
+                    match room {
+                        Ok(room) => room.send(held.share),
+                        Err(_) => self.detach(&held.tenant),
+                    }
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Drops `tenant`'s lane: it reads on from its own position.
+    fn detach(&mut self, tenant: &str) {
+        let Some(tenant) = self.tenants.iter_mut().find(|t| t.scope.id == tenant) else {
+            return;
+        };
+        if tenant.lane.take().is_some_and(|lane| !lane.is_closed()) {
+            tracing::info!(pipeline = %self.pipeline, tenant = %tenant.scope.id, "tenant detached from the shared change stream (it is behind: slow plugins, its stream unavailable, or held); it reads on alone and rejoins when caught up");
         }
     }
 
@@ -222,8 +289,9 @@ impl Router {
     }
 
     /// Splits `batch` by tenant and hands each attached tenant its share; detaches a tenant
-    /// whose lane is full.
-    fn route(&mut self, batch: Vec<SourceItem>) {
+    /// whose lane is full, unless it is the only one attached: its share is returned, to be
+    /// handed over when there is room ([`Router::wait_for_room`]).
+    fn route(&mut self, batch: Vec<SourceItem>) -> Option<Held> {
         let mut shares: HashMap<usize, Vec<SourceItem>> = HashMap::new();
         let mut heartbeat = None;
         if let Some(item) = batch.last() {
@@ -275,18 +343,24 @@ impl Router {
                 }
             }
         }
+        let attached = self.tenants.iter().filter(|t| t.lane.is_some()).count();
+        let mut held = None;
         for (i, share) in shares {
-            let tenant = &mut self.tenants[i];
-            let Some(lane) = &tenant.lane else { continue };
+            let Some(lane) = &self.tenants[i].lane else {
+                continue;
+            };
             match lane.try_send(share) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    tracing::info!(pipeline = %self.pipeline, tenant = %tenant.scope.id, "tenant detached from the shared change stream (it is behind: slow plugins, its stream unavailable, or held); it reads on alone and rejoins when caught up");
-                    tenant.lane = None;
+                Err(mpsc::error::TrySendError::Full(share)) if attached == 1 => {
+                    held = Some(Held {
+                        tenant: self.tenants[i].scope.id.clone(),
+                        share,
+                    });
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => tenant.lane = None,
+                Err(_) => self.detach(&self.tenants[i].scope.id.clone()),
             }
         }
+        held
     }
 
     /// The tenants `change` belongs to.
@@ -417,6 +491,122 @@ mod tests {
             key_value(&event, "documentKey.t"),
             Err(Unroutable::KeyMissing)
         );
+    }
+
+    /// An item of collection `db.<coll>` with token `n`.
+    fn item(coll: &str, n: u32) -> SourceItem {
+        let token =
+            crate::model::token::token_from_document(bson::doc! { "_data": format!("{n:08}") })
+                .expect("token");
+        let namespace = Namespace {
+            db: "db".to_string(),
+            coll: Some(coll.to_string()),
+        };
+        let change = Change::from_fields(
+            crate::model::Fields::new(
+                format!("{coll}{n}"),
+                crate::model::Operation::Insert,
+                namespace,
+            ),
+            None,
+        )
+        .expect("change");
+        SourceItem::Event(Box::new(crate::model::SourceEvent {
+            token,
+            change,
+            snapshot: None,
+        }))
+    }
+
+    /// The change ids of a share.
+    fn ids(share: &[SourceItem]) -> Vec<String> {
+        share
+            .iter()
+            .filter_map(|item| match item {
+                SourceItem::Event(event) => Some(event.change.id().to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Waits (event by event, without a deadline of its own) until the router has taken
+    /// every batch sent to it.
+    async fn taken(batches: &mpsc::Sender<Vec<SourceItem>>) {
+        while batches.capacity() < batches.max_capacity() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The only attached tenant is never detached for being behind: the router waits for
+    /// room in its lane (the reader's batches wait meanwhile) and it gets every event, in
+    /// order. Once a second tenant joins, the one behind is detached rather than waited
+    /// for, and the newcomer's events flow.
+    #[tokio::test]
+    async fn the_only_attached_tenant_is_waited_for_until_another_joins() {
+        // A router that waits wrongly would hang the test: a generous ceiling ends it.
+        tokio::time::timeout(Duration::from_secs(120), only_attached_tenant_scenario())
+            .await
+            .expect("the router stopped routing");
+    }
+
+    async fn only_attached_tenant_scenario() {
+        let scope = |id: &str| crate::config::TenantScope {
+            id: id.to_string(),
+            namespaces: vec![
+                crate::config::NamespacePattern::parse(&format!("db.{id}")).expect("pattern")
+            ],
+            pipeline: "p".to_string(),
+            key_values: Vec::new(),
+        };
+        let (batches, batches_rx) = mpsc::channel(4);
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (position, _positions) = watch::channel(None);
+        let router = tokio::spawn(Router::new("p", None).run(batches_rx, commands_rx, position));
+        for id in ["a", "b"] {
+            commands.send(Command::Register(scope(id))).expect("router");
+        }
+        let (lane, mut lane_a) = mpsc::channel(1);
+        let (reply, joined) = oneshot::channel();
+        let join = Command::Join {
+            tenant: "a".to_string(),
+            lane,
+            reply,
+        };
+        commands.send(join).expect("router");
+        batches.send(vec![item("c", 0)]).await.expect("router");
+        joined.await.expect("a joined");
+
+        // `a` alone: its lane holds one batch, and a second and third wait for it.
+        for n in 1..=3 {
+            batches.send(vec![item("a", n)]).await.expect("router");
+        }
+        for n in 1..=3 {
+            let share = lane_a.recv().await.expect("a is still attached");
+            assert_eq!(ids(&share), [format!("a{n}")]);
+        }
+
+        // Behind again, then `b` joins while the router waits for `a`.
+        batches.send(vec![item("a", 4)]).await.expect("router");
+        batches.send(vec![item("a", 5)]).await.expect("router");
+        taken(&batches).await;
+        let (lane, mut lane_b) = mpsc::channel(4);
+        let (reply, joined) = oneshot::channel();
+        let join = Command::Join {
+            tenant: "b".to_string(),
+            lane,
+            reply,
+        };
+        commands.send(join).expect("router");
+        let at = joined.await.expect("b joined");
+        let token_id = crate::model::token::token_id;
+        assert_eq!(token_id(&at), token_id(item("a", 5).token()));
+        let share = lane_a.recv().await.expect("a's queued batch");
+        assert_eq!(ids(&share), ["a4"]);
+        assert!(lane_a.recv().await.is_none(), "a was detached");
+        batches.send(vec![item("b", 6)]).await.expect("router");
+        let share = lane_b.recv().await.expect("b attached");
+        assert_eq!(ids(&share), ["b6"]);
+        router.abort();
     }
 
     /// A key value claimed twice stays with the tenant that claimed it first, whatever the
