@@ -28,7 +28,7 @@ use crate::plugin::reload::ChainUpdate;
 use crate::plugin::{CallError, Chain, Verdict};
 use crate::sandbox::{PoolAccount, Ran};
 use crate::sink::framer::Framer;
-use crate::sink::EventMessages;
+use crate::sink::{Direct, EventMessages};
 use crate::source::SourceItem;
 
 /// The longest a turn on the worker pool goes on before the unit gives way to the next one
@@ -70,11 +70,7 @@ pub(super) fn spawn(
         &Option<Position>,
         Option<Arc<std::sync::atomic::AtomicUsize>>,
     ),
-    stages_io: (
-        Inlet,
-        mpsc::Sender<Vec<EventMessages>>,
-        watch::Receiver<bool>,
-    ),
+    stages_io: (Inlet, Output, watch::Receiver<bool>),
     reloads: std::sync::mpsc::Receiver<ChainUpdate>,
     stats: Arc<PipelineStats>,
 ) -> Result<tokio::task::JoinHandle<Result<(), Error>>, Error> {
@@ -104,6 +100,41 @@ pub(super) fn spawn(
     Ok(tokio::spawn(
         stages.run(stages_io, stats, account, throttle),
     ))
+}
+
+/// Where the chain stage's framed events go: to the drain (`pipeline::drain`), or, for a
+/// tenant on a stream its pipeline's tenants share, straight to the stream's publisher
+/// while the drain holds none of the unit's events and the window has room (see
+/// [`Direct`]): at a thousand tenants, each with about one event per change-stream batch,
+/// that is one wake-up of the unit's drain task fewer per event.
+pub(super) struct Output {
+    drain: mpsc::Sender<Vec<EventMessages>>,
+    direct: Option<Direct>,
+}
+
+impl Output {
+    pub(super) fn new(drain: mpsc::Sender<Vec<EventMessages>>, direct: Option<Direct>) -> Output {
+        Output { drain, direct }
+    }
+
+    /// Sends `framed` on; false once the drain is gone (the run is ending: fenced, timed
+    /// out, or failed), when nothing more is sent either way.
+    async fn send(&self, framed: Vec<EventMessages>) -> bool {
+        if self.drain.is_closed() {
+            return false;
+        }
+        let framed = match &self.direct {
+            Some(direct) => match direct.try_push(framed) {
+                Ok(()) => return true,
+                Err(framed) => {
+                    direct.queue(framed.len());
+                    framed
+                }
+            },
+            None => framed,
+        };
+        self.drain.send(framed).await.is_ok()
+    }
 }
 
 /// Waits out a quota or breach-pause `wait`, unless the unit is stopping (`shutdown` true) or
@@ -169,11 +200,7 @@ impl ChainStages {
     /// have seen, so that event is neither published nor checkpointed.
     async fn run(
         self,
-        (mut inlet, to_sink, mut shutdown): (
-            Inlet,
-            mpsc::Sender<Vec<EventMessages>>,
-            watch::Receiver<bool>,
-        ),
+        (mut inlet, to_sink, mut shutdown): (Inlet, Output, watch::Receiver<bool>),
         stats: Arc<PipelineStats>,
         account: PoolAccount,
         mut throttle: Throttle,
@@ -204,7 +231,7 @@ impl ChainStages {
                         _ => None,
                     })
                     .collect();
-                if to_sink.send(framed).await.is_err() {
+                if !to_sink.send(framed).await {
                     return Ok(());
                 }
                 continue;
@@ -236,7 +263,7 @@ impl ChainStages {
                     cpu,
                     breach_pause,
                 };
-                if to_sink.send(turn.framed).await.is_err() {
+                if !to_sink.send(turn.framed).await {
                     return Ok(());
                 }
                 if let Some(err) = turn.halted {

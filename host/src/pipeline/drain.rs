@@ -1,6 +1,11 @@
 //! The publishing loop: framed events from the chain stage into the windowed publisher, its
 //! acknowledgements settled, the acknowledged position posted to the checkpointer, and the
 //! drain once shutdown is asked for.
+//!
+//! A tenant on a stream its pipeline's tenants share is the exception on the way in: its
+//! chain stage pushes to the stream's publisher itself while this loop holds none of its
+//! events and the window has room (`sink::Direct`), and the loop takes events only when the
+//! window is full. The rest (the position, the stop, the fence) stays here.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

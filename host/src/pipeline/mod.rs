@@ -131,17 +131,7 @@ pub async fn run(
         (event_tx, bypass),
     );
     let (_forwarder, reloads) = chain_thread::forward_reloads(updates, wake);
-    let chain_io = (inlet, framed_tx, shutdown.clone());
-    let chain_thread = chain_thread::spawn(
-        chain,
-        &pipeline,
-        max_payload,
-        (&start, shared_stream.as_ref().map(|s| s.longest_id())),
-        chain_io,
-        reloads,
-        stats.clone(),
-    )?;
-
+    let longest_id = shared_stream.as_ref().map(|s| s.longest_id());
     let outlet = match shared_stream {
         Some(stream) => Outlet::Shared(stream.open(&pipeline, start.clone(), floor)),
         None => {
@@ -151,6 +141,24 @@ pub async fn run(
             Outlet::Own(Box::new(publisher))
         }
     };
+    let direct = match &outlet {
+        Outlet::Shared(handle) => Some(handle.direct()),
+        Outlet::Own(_) => None,
+    };
+    let chain_io = (
+        inlet,
+        chain_thread::Output::new(framed_tx, direct),
+        shutdown.clone(),
+    );
+    let chain_thread = chain_thread::spawn(
+        chain,
+        &pipeline,
+        max_payload,
+        (&start, longest_id),
+        chain_io,
+        reloads,
+        stats.clone(),
+    )?;
     let pace = WritePace::for_pipeline(
         pipeline.pipeline_id(),
         pipeline.checkpoint.max_writes_per_sec,

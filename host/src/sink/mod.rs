@@ -43,7 +43,7 @@ use mongodb::change_stream::event::ResumeToken;
 pub use headers::Headers;
 pub use publisher::Publisher;
 pub(crate) use shared::shared_stream;
-pub use shared::{Handle, Outlet, Settled, SharedStream};
+pub use shared::{Direct, Handle, Outlet, Settled, SharedStream};
 pub use stream::{is_stream_not_found, jetstream_off};
 pub(crate) use stream::{prepare_stream, stream_order, stream_tail, Floor};
 

@@ -267,7 +267,9 @@ impl Publisher {
 
     /// [`Publisher::push`] for unit `key` (nothing happens for a unit not open).
     pub(crate) async fn push_for(&mut self, key: UnitKey, mut event: EventMessages) {
-        let Some(unit) = self.units.get_mut(&key) else {
+        // A closed unit's run is over (a chain stage pushing past its drain may still be
+        // finishing): nothing more of it is sent.
+        let Some(unit) = self.units.get_mut(&key).filter(|unit| !unit.closed) else {
             return;
         };
         if let Some(floor) = &unit.floor {

@@ -197,7 +197,7 @@ impl SharedStream {
             stream: self.clone(),
             key,
             progress,
-            submitted: 0,
+            counts: Arc::default(),
         }
     }
 
@@ -213,14 +213,29 @@ pub struct Handle {
     stream: Arc<SharedStream>,
     key: UnitKey,
     progress: watch::Receiver<Progress>,
-    /// Events pushed.
-    submitted: u64,
+    /// Shared with the run's [`Direct`], if any.
+    counts: Arc<Counts>,
+}
+
+/// What a run's drain and its chain stage's [`Direct`] both push, counted.
+#[derive(Default)]
+struct Counts {
+    /// Events pushed, by either.
+    submitted: AtomicU64,
+    /// Events the chain stage handed to the drain that the drain has not pushed yet.
+    queued: AtomicUsize,
+}
+
+/// Unsettled events of a unit that has pushed `submitted` and is at `progress`.
+fn unsettled(counts: &Counts, progress: &watch::Receiver<Progress>) -> u64 {
+    // `settled` first: the publisher never settles more than was pushed before it read them.
+    let settled = progress.borrow().settled;
+    counts.submitted.load(Ordering::Acquire).saturating_sub(settled)
 }
 
 impl Handle {
     fn unsettled(&self) -> u64 {
-        self.submitted
-            .saturating_sub(self.progress.borrow().settled)
+        unsettled(&self.counts, &self.progress)
     }
 
     /// Whether another event may be pushed: at most `max_in_flight` of the unit's events
@@ -229,13 +244,31 @@ impl Handle {
         self.unsettled() < self.stream.max_in_flight as u64
     }
 
-    /// Hands an event's messages to the stream's publisher.
+    /// Hands an event's messages to the stream's publisher: one the chain stage handed to
+    /// the drain (see [`Direct`]).
     pub fn push(&mut self, event: EventMessages) {
-        self.submitted += 1;
+        self.counts.submitted.fetch_add(1, Ordering::AcqRel);
         let _ = self.stream.requests.send(Request::Push {
             key: self.key,
             event,
         });
+        // After the send: a chain stage that sees nothing queued pushes behind it.
+        let _ = self
+            .counts
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                Some(queued.saturating_sub(1))
+            });
+    }
+
+    /// The way for the run's chain stage to push past the drain.
+    pub fn direct(&self) -> Direct {
+        Direct {
+            stream: Arc::downgrade(&self.stream),
+            key: self.key,
+            progress: self.progress.clone(),
+            counts: self.counts.clone(),
+        }
     }
 
     /// Whether every event pushed is settled.
@@ -283,6 +316,58 @@ impl Handle {
     /// Events with messages in flight.
     pub fn events_in_flight(&self) -> usize {
         self.progress.borrow().events_in_flight
+    }
+}
+
+/// A tenant run's chain stage pushing its framed events straight to the shared stream's
+/// publisher, past the run's drain, while the drain holds none of its events and the unit's
+/// window has room for them: the drain then steps aside, as the lane does for the chain
+/// stage (`pipeline::inlet`), and an event costs its tenant one task's wake-up fewer. The
+/// publisher settles and posts the progress either way; the drain still reads it for the
+/// checkpoint, and waits for it to drain on a stop.
+///
+/// Order is kept by counting: the chain stage counts what it hands to the drain
+/// ([`Direct::queue`]), the drain counts down as it pushes ([`Handle::push`]), and the chain
+/// stage pushes directly only when the count is zero, so behind everything the drain pushed.
+pub struct Direct {
+    /// Weak: the publisher lives while a run holds its [`Handle`], not while a chain stage
+    /// finishes a turn after its run has ended.
+    stream: Weak<SharedStream>,
+    key: UnitKey,
+    progress: watch::Receiver<Progress>,
+    counts: Arc<Counts>,
+}
+
+impl Direct {
+    /// Pushes `events` to the publisher if the drain holds none of the unit's events and
+    /// the window has room for all of them; otherwise hands them back, for the drain
+    /// (after [`Direct::queue`]).
+    pub fn try_push(&self, events: Vec<EventMessages>) -> Result<(), Vec<EventMessages>> {
+        if self.counts.queued.load(Ordering::Acquire) != 0 {
+            return Err(events);
+        }
+        let Some(stream) = self.stream.upgrade() else {
+            // The run's handle is gone: the drain decides what that means.
+            return Err(events);
+        };
+        let unsettled = unsettled(&self.counts, &self.progress);
+        if unsettled + events.len() as u64 > stream.max_in_flight as u64 {
+            return Err(events);
+        }
+        for event in events {
+            self.counts.submitted.fetch_add(1, Ordering::AcqRel);
+            let _ = stream.requests.send(Request::Push {
+                key: self.key,
+                event,
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts `events` handed to the drain instead: until it has pushed them, nothing is
+    /// pushed directly.
+    pub fn queue(&self, events: usize) {
+        self.counts.queued.fetch_add(events, Ordering::AcqRel);
     }
 }
 
