@@ -230,7 +230,10 @@ struct Counts {
 fn unsettled(counts: &Counts, progress: &watch::Receiver<Progress>) -> u64 {
     // `settled` first: the publisher never settles more than was pushed before it read them.
     let settled = progress.borrow().settled;
-    counts.submitted.load(Ordering::Acquire).saturating_sub(settled)
+    counts
+        .submitted
+        .load(Ordering::Acquire)
+        .saturating_sub(settled)
 }
 
 impl Handle {
