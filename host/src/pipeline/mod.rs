@@ -133,7 +133,7 @@ pub async fn run(
     let (_forwarder, reloads) = chain_thread::forward_reloads(updates, wake);
     let longest_id = shared_stream.as_ref().map(|s| s.longest_id());
     let outlet = match shared_stream {
-        Some(stream) => Outlet::Shared(stream.open(&pipeline, start.clone(), floor)),
+        Some(stream) => Outlet::Shared(stream.open(&id, start.clone(), floor)),
         None => {
             let mut publisher =
                 Publisher::new(js, &id, &pipeline.sink, start.clone(), fence.clone());

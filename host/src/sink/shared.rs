@@ -173,11 +173,11 @@ async fn drive(mut publisher: Publisher, mut requests: mpsc::UnboundedReceiver<R
 }
 
 impl SharedStream {
-    /// A unit of the stream for tenant unit `unit`'s run, continuing after `start` and
-    /// dropping what it re-reads up to `floor`.
+    /// A unit of the stream for the run of tenant unit `unit` (its id), continuing after
+    /// `start` and dropping what it re-reads up to `floor`.
     pub(crate) fn open(
         self: &Arc<Self>,
-        unit: &PipelineConfig,
+        unit: &str,
         start: Option<Position>,
         floor: Option<Floor>,
     ) -> Handle {
@@ -188,7 +188,7 @@ impl SharedStream {
         });
         let _ = self.requests.send(Request::Open {
             key,
-            id: unit.id.clone(),
+            id: unit.to_string(),
             start,
             floor,
             progress: progress_tx,
@@ -486,5 +486,86 @@ impl Outlet {
             Outlet::Own(publisher) => publisher.events_in_flight(),
             Outlet::Shared(handle) => handle.events_in_flight(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An event without messages whose token is `n`.
+    fn event(n: u32) -> EventMessages {
+        EventMessages {
+            messages: Vec::new(),
+            token: crate::model::token::token_from_document(
+                bson::doc! { "_data": format!("{n:08}") },
+            )
+            .expect("token"),
+            snapshot: None,
+            commit_unix_ms: None,
+        }
+    }
+
+    /// The tokens of the events pushed so far, in the order the publisher task would take
+    /// them.
+    fn pushed(requests: &mut mpsc::UnboundedReceiver<Request>) -> Vec<String> {
+        let mut tokens = Vec::new();
+        while let Ok(request) = requests.try_recv() {
+            if let Request::Push { event, .. } = request {
+                tokens.push(crate::model::token::token_id(&event.token));
+            }
+        }
+        tokens
+    }
+
+    /// The chain stage pushes past the drain only while the drain holds none of the unit's
+    /// events and the window has room: an event framed after events handed to the drain
+    /// waits behind them even when the window has room again, so the publisher takes the
+    /// unit's events in the order they were framed.
+    #[test]
+    fn the_chain_stage_pushes_directly_only_behind_everything_the_drain_holds() {
+        let (requests, mut requests_rx) = mpsc::unbounded_channel();
+        let (gone, _gone_rx) = watch::channel(());
+        let stream = Arc::new(SharedStream {
+            requests,
+            next_key: AtomicU64::new(1),
+            max_in_flight: 2,
+            longest_id: Arc::default(),
+            _gone: gone,
+        });
+        let mut handle = stream.open("p.t", None, None);
+        let Ok(Request::Open { progress, .. }) = requests_rx.try_recv() else {
+            panic!("the unit is opened first");
+        };
+        let direct = handle.direct();
+        let settle = |settled: u64| progress.send_modify(|p| p.settled = settled);
+
+        assert!(direct.try_push(vec![event(1)]).is_ok());
+        // One in flight: two more do not fit, and go to the drain.
+        let held = direct
+            .try_push(vec![event(2), event(3)])
+            .expect_err("no room");
+        direct.queue(held.len());
+        let mut held = held.into_iter();
+        handle.push(held.next().expect("2"));
+        // The window has room again, but 3 is still with the drain: 4 waits behind it.
+        settle(2);
+        let later = direct
+            .try_push(vec![event(4)])
+            .expect_err("behind the drain");
+        direct.queue(later.len());
+        handle.push(held.next().expect("3"));
+        handle.push(later.into_iter().next().expect("4"));
+        // The drain holds nothing: the next one goes directly again.
+        settle(4);
+        assert!(direct.try_push(vec![event(5)]).is_ok());
+        assert!(!handle.is_idle());
+        settle(5);
+        assert!(handle.is_idle());
+
+        let order: Vec<String> = (1..=5)
+            .map(|n| crate::model::token::token_id(&event(n).token))
+            .collect();
+        assert_eq!(pushed(&mut requests_rx), order);
     }
 }
