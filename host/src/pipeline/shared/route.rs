@@ -9,7 +9,10 @@
 //! a unit's own stream waits for its chain. Detaching it would only open a second change
 //! stream on mongod to read the same events again. The wait ends as soon as a second tenant
 //! joins (the full one is detached then, so the newcomer is never held up) or the tenant
-//! leaves.
+//! leaves, and after [`SOLE_TENANT_WAIT`] without room: a tenant that stuck (its stream away,
+//! a halted chain) is detached after all, so that the shared change stream reads on and
+//! never idles long enough for mongod to reap its cursor or for its position to leave the
+//! oplog.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -29,6 +32,11 @@ use crate::source::SourceItem;
 /// through that tenant's stages; with many tenants one send per lane per change-stream batch
 /// would cost more than the events.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// The longest the router waits for room in the lane of the only attached tenant before
+/// detaching it. A tenant that is merely slow makes room far sooner (each batch it takes);
+/// mongod reaps a cursor left idle for ten minutes.
+const SOLE_TENANT_WAIT: Duration = Duration::from_secs(30);
 
 /// What a tenant's lane asks of the router.
 pub(super) enum Command {
@@ -111,6 +119,8 @@ pub(super) struct Router {
     logged: HashSet<Unroutable>,
     last_heartbeat: Option<Instant>,
     stats: Arc<PipelineMetrics>,
+    /// [`SOLE_TENANT_WAIT`], shorter in tests.
+    sole_tenant_wait: Duration,
 }
 
 impl Router {
@@ -128,6 +138,7 @@ impl Router {
             logged: HashSet::new(),
             last_heartbeat: None,
             stats: crate::ops::metrics::pipeline(pipeline),
+            sole_tenant_wait: SOLE_TENANT_WAIT,
         }
     }
 
@@ -164,14 +175,17 @@ impl Router {
 
     /// Hands the sole attached tenant's `held` share to its lane once it has room, serving
     /// commands meanwhile; detaches the tenant instead as soon as another one is attached
-    /// (a join), so that no one waits for it. False when the commands' channel has closed
-    /// (the reader is gone).
+    /// (a join), so that no one waits for it, or once it has had no room for
+    /// [`SOLE_TENANT_WAIT`]. False when the commands' channel has closed (the reader is
+    /// gone).
     async fn wait_for_room(
         &mut self,
         held: Held,
         commands: &mut mpsc::UnboundedReceiver<Command>,
     ) -> bool {
         tracing::debug!(pipeline = %self.pipeline, tenant = %held.tenant, "the only attached tenant is behind: the shared change stream waits for it");
+        let limit = tokio::time::sleep(self.sole_tenant_wait);
+        tokio::pin!(limit);
         loop {
             let Some(tenant) = self.tenants.iter_mut().find(|t| t.scope.id == held.tenant) else {
                 // It left.
@@ -195,6 +209,10 @@ impl Router {
                         Ok(room) => room.send(held.share),
                         Err(_) => self.detach(&held.tenant),
                     }
+                    return true;
+                }
+                () = &mut limit => {
+                    self.detach(&held.tenant);
                     return true;
                 }
             }
@@ -606,6 +624,50 @@ mod tests {
         batches.send(vec![item("b", 6)]).await.expect("router");
         let share = lane_b.recv().await.expect("b attached");
         assert_eq!(ids(&share), ["b6"]);
+        router.abort();
+    }
+
+    /// The only attached tenant that makes no room for the router's wait limit is detached
+    /// after all, and the router reads on.
+    #[tokio::test]
+    async fn the_only_attached_tenant_is_detached_when_stuck() {
+        tokio::time::timeout(Duration::from_secs(120), stuck_tenant_scenario())
+            .await
+            .expect("the router stopped routing");
+    }
+
+    async fn stuck_tenant_scenario() {
+        let scope = crate::config::TenantScope {
+            id: "a".to_string(),
+            namespaces: vec![crate::config::NamespacePattern::parse("db.a").expect("pattern")],
+            pipeline: "p".to_string(),
+            key_values: Vec::new(),
+        };
+        let (batches, batches_rx) = mpsc::channel(4);
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (position, _positions) = watch::channel(None);
+        let mut router = Router::new("p", None);
+        router.sole_tenant_wait = Duration::from_millis(200);
+        let router = tokio::spawn(router.run(batches_rx, commands_rx, position));
+        commands.send(Command::Register(scope)).expect("router");
+        let (lane, mut lane_a) = mpsc::channel(1);
+        let (reply, joined) = oneshot::channel();
+        let join = Command::Join {
+            tenant: "a".to_string(),
+            lane,
+            reply,
+        };
+        commands.send(join).expect("router");
+        batches.send(vec![item("c", 0)]).await.expect("router");
+        joined.await.expect("a joined");
+        // `a` takes nothing: its lane holds 1, the router waits with 2, then gives up.
+        for n in 1..=3 {
+            batches.send(vec![item("a", n)]).await.expect("router");
+        }
+        taken(&batches).await;
+        let share = lane_a.recv().await.expect("a's queued batch");
+        assert_eq!(ids(&share), ["a1"]);
+        assert!(lane_a.recv().await.is_none(), "a was detached");
         router.abort();
     }
 
