@@ -19,9 +19,10 @@
 //! repeated at the hand-over. Attached, the lane steps aside: the tenant's chain stage reads
 //! the router's channel itself (`pipeline::inlet`) until the router detaches the tenant. The
 //! router never waits for a tenant while another could be kept waiting: when a tenant's lane
-//! is full (slow plugins, its stream unavailable, a halted or held chain), the tenant is
-//! detached and catches up alone again (the only attached tenant is waited for instead, until
-//! another joins: see `route.rs`); at most `pipeline.tenant_catch_up_streams` tenants
+//! is full (slow plugins, its stream unavailable, a halted or held chain) while another
+//! attached tenant keeps up, the tenant is detached and catches up alone again (when nobody
+//! keeps up, the only tenant attached or every tenant behind, it is waited for instead: see
+//! `route.rs`); at most `pipeline.tenant_catch_up_streams` tenants
 //! at once, the others waiting detached for a turn. So a restart replays only each tenant's own
 //! backlog, and a slow tenant never stalls the others.
 //!

@@ -1,18 +1,20 @@
 //! The shared reader's router: which tenants an event belongs to, in constant time per event
 //! (a hash map on the namespace, or on the tenant key's value), and each tenant's batch handed
-//! to its lane without waiting for it while another tenant could be kept waiting. A lane that
-//! is full is detached: the router drops it and the tenant reads on from its own position
-//! (`lane.rs`).
+//! to its lane without waiting for it while another tenant could be kept waiting. A tenant
+//! whose lane is full while another attached tenant keeps up (its lane less than half full)
+//! is detached: the router drops its lane and the tenant reads on from its own position
+//! (`lane.rs`), so the one keeping up is never held up.
 //!
-//! The one exception is a full lane whose tenant is the only one attached: there is nobody
-//! for it to hold up, so the router waits for room, and the change stream waits with it, as
-//! a unit's own stream waits for its chain. Detaching it would only open a second change
-//! stream on mongod to read the same events again. The wait ends as soon as a second tenant
-//! joins (the full one is detached then, so the newcomer is never held up) or the tenant
-//! leaves, and after [`SOLE_TENANT_WAIT`] without room: a tenant that stuck (its stream away,
-//! a halted chain) is detached after all, so that the shared change stream reads on and
-//! never idles long enough for mongod to reap its cursor or for its position to leave the
-//! oplog.
+//! When no other attached tenant keeps up (the tenant is the only one attached, or every
+//! tenant is behind because the whole process is: a burst on a busy machine), there is
+//! nobody to protect: the router waits for room, and the change stream waits with it, as a
+//! unit's own stream waits for its chain. Detaching would only open more change streams on
+//! mongod to read the same events again, with less CPU for everyone. The wait ends when
+//! there is room; when another tenant keeps up again (one that drained its lane, or joined
+//! with an empty one: the full ones are detached then); when the tenant leaves; or after
+//! [`BEHIND_WAIT`] without room: a tenant that is stuck rather than slow (its stream away, a
+//! halted chain) is detached after all, so that the shared change stream reads on and never
+//! idles long enough for mongod to reap its cursor.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -33,10 +35,14 @@ use crate::source::SourceItem;
 /// would cost more than the events.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
-/// The longest the router waits for room in the lane of the only attached tenant before
-/// detaching it. A tenant that is merely slow makes room far sooner (each batch it takes);
-/// mongod reaps a cursor left idle for ten minutes.
-const SOLE_TENANT_WAIT: Duration = Duration::from_secs(30);
+/// The longest the router waits for room in the lanes of tenants that are behind (while no
+/// other keeps up) before detaching them. A tenant that is merely slow makes room far sooner
+/// (each batch it takes); mongod reaps a cursor left idle for ten minutes.
+const BEHIND_WAIT: Duration = Duration::from_secs(30);
+
+/// How often a wait for room looks again whether another tenant keeps up (and would now be
+/// held up by the wait).
+const BEHIND_RECHECK: Duration = Duration::from_millis(20);
 
 /// What a tenant's lane asks of the router.
 pub(super) enum Command {
@@ -88,7 +94,8 @@ struct Tenant {
     fed: bool,
 }
 
-/// The share of the only attached tenant, routed while its lane was full.
+/// The share of a tenant that is behind, routed while its lane was full and no other tenant
+/// kept up.
 struct Held {
     tenant: String,
     share: Vec<SourceItem>,
@@ -119,8 +126,8 @@ pub(super) struct Router {
     logged: HashSet<Unroutable>,
     last_heartbeat: Option<Instant>,
     stats: Arc<PipelineMetrics>,
-    /// [`SOLE_TENANT_WAIT`], shorter in tests.
-    sole_tenant_wait: Duration,
+    /// [`BEHIND_WAIT`], shorter in tests.
+    behind_wait: Duration,
 }
 
 impl Router {
@@ -138,7 +145,7 @@ impl Router {
             logged: HashSet::new(),
             last_heartbeat: None,
             stats: crate::ops::metrics::pipeline(pipeline),
-            sole_tenant_wait: SOLE_TENANT_WAIT,
+            behind_wait: BEHIND_WAIT,
         }
     }
 
@@ -159,10 +166,9 @@ impl Router {
                 },
                 batch = batches.recv() => match batch {
                     Some(batch) => {
-                        if let Some(held) = self.route(batch) {
-                            if !self.wait_for_room(held, &mut commands).await {
-                                return;
-                            }
+                        let held = self.route(batch);
+                        if !held.is_empty() && !self.wait_for_room(held, &mut commands).await {
+                            return;
                         }
                         position.send_replace(self.position.clone());
                         self.install_pending();
@@ -173,50 +179,74 @@ impl Router {
         }
     }
 
-    /// Hands the sole attached tenant's `held` share to its lane once it has room, serving
-    /// commands meanwhile; detaches the tenant instead as soon as another one is attached
-    /// (a join), so that no one waits for it, or once it has had no room for
-    /// [`SOLE_TENANT_WAIT`]. False when the commands' channel has closed (the reader is
-    /// gone).
+    /// Hands each `held` share to its tenant's lane once it has room, serving commands
+    /// meanwhile; detaches the tenant instead as soon as another attached tenant keeps up
+    /// (so that no one waits for it), or once the wait has lasted [`BEHIND_WAIT`]. False
+    /// when the commands' channel has closed (the reader is gone).
     async fn wait_for_room(
         &mut self,
-        held: Held,
+        held: Vec<Held>,
         commands: &mut mpsc::UnboundedReceiver<Command>,
     ) -> bool {
-        tracing::debug!(pipeline = %self.pipeline, tenant = %held.tenant, "the only attached tenant is behind: the shared change stream waits for it");
-        let limit = tokio::time::sleep(self.sole_tenant_wait);
+        tracing::debug!(pipeline = %self.pipeline, behind = held.len(), "every attached tenant is behind: the shared change stream waits for them");
+        let limit = tokio::time::sleep(self.behind_wait);
         tokio::pin!(limit);
-        loop {
-            let Some(tenant) = self.tenants.iter_mut().find(|t| t.scope.id == held.tenant) else {
-                // It left.
-                return true;
-            };
-            let Some(lane) = tenant.lane.clone() else {
-                return true;
-            };
-            if self.tenants.iter().filter(|t| t.lane.is_some()).count() > 1 {
-                self.detach(&held.tenant);
-                return true;
-            }
-            tokio::select! {
-                biased;
-                command = commands.recv() => match command {
-                    Some(command) => self.command(command),
-                    None => return false,
-                },
-                room = lane.reserve() => {
-                    match room {
-                        Ok(room) => room.send(held.share),
-                        Err(_) => self.detach(&held.tenant),
+        for Held { tenant, share } in held {
+            let mut share = Some(share);
+            while let Some(lane) = self.lane_of(&tenant) {
+                let Some(items) = share.take() else { break };
+                let items = match lane.try_reserve() {
+                    Ok(room) => {
+                        room.send(items);
+                        break;
                     }
-                    return true;
+                    Err(mpsc::error::TrySendError::Closed(())) => {
+                        self.detach(&tenant);
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Full(())) => items,
+                };
+                if self.someone_keeps_up(&tenant) {
+                    self.detach(&tenant);
+                    break;
                 }
-                () = &mut limit => {
-                    self.detach(&held.tenant);
-                    return true;
+                share = Some(items);
+                tokio::select! {
+                    biased;
+                    command = commands.recv() => match command {
+                        Some(command) => self.command(command),
+                        None => return false,
+                    },
+                    () = &mut limit => {
+                        self.detach(&tenant);
+                        break;
+                    }
+                    // Room, or time to look at the others again.
+                    _ = lane.reserve() => {}
+                    () = tokio::time::sleep(BEHIND_RECHECK) => {}
                 }
             }
         }
+        true
+    }
+
+    /// `tenant`'s lane, while it is attached.
+    fn lane_of(&self, tenant: &str) -> Option<mpsc::Sender<Vec<SourceItem>>> {
+        self.tenants
+            .iter()
+            .find(|t| t.scope.id == tenant)
+            .and_then(|t| t.lane.clone())
+    }
+
+    /// Whether an attached tenant other than `behind` keeps up: its lane is less than half
+    /// full, so a wait for `behind` would hold it up.
+    fn someone_keeps_up(&self, behind: &str) -> bool {
+        self.tenants.iter().any(|t| {
+            t.scope.id != behind
+                && t.lane
+                    .as_ref()
+                    .is_some_and(|lane| lane.capacity() * 2 > lane.max_capacity())
+        })
     }
 
     /// Drops `tenant`'s lane: it reads on from its own position.
@@ -306,10 +336,11 @@ impl Router {
         }
     }
 
-    /// Splits `batch` by tenant and hands each attached tenant its share; detaches a tenant
-    /// whose lane is full, unless it is the only one attached: its share is returned, to be
-    /// handed over when there is room ([`Router::wait_for_room`]).
-    fn route(&mut self, batch: Vec<SourceItem>) -> Option<Held> {
+    /// Splits `batch` by tenant and hands each attached tenant its share. The shares of
+    /// tenants whose lanes are full are returned, to be handed over when there is room
+    /// ([`Router::wait_for_room`]), when no other attached tenant keeps up; otherwise those
+    /// tenants are detached.
+    fn route(&mut self, batch: Vec<SourceItem>) -> Vec<Held> {
         let mut shares: HashMap<usize, Vec<SourceItem>> = HashMap::new();
         let mut heartbeat = None;
         if let Some(item) = batch.last() {
@@ -361,22 +392,24 @@ impl Router {
                 }
             }
         }
-        let attached = self.tenants.iter().filter(|t| t.lane.is_some()).count();
-        let mut held = None;
+        let mut full = Vec::new();
         for (i, share) in shares {
             let Some(lane) = &self.tenants[i].lane else {
                 continue;
             };
+            let tenant = self.tenants[i].scope.id.clone();
             match lane.try_send(share) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(share)) if attached == 1 => {
-                    held = Some(Held {
-                        tenant: self.tenants[i].scope.id.clone(),
-                        share,
-                    });
-                }
-                Err(_) => self.detach(&self.tenants[i].scope.id.clone()),
+                Err(mpsc::error::TrySendError::Full(share)) => full.push(Held { tenant, share }),
+                Err(mpsc::error::TrySendError::Closed(_)) => self.detach(&tenant),
             }
+        }
+        // Behind while another keeps up: detached, so that the other never waits.
+        let (detached, held): (Vec<Held>, Vec<Held>) = full
+            .into_iter()
+            .partition(|held| self.someone_keeps_up(&held.tenant));
+        for held in detached {
+            self.detach(&held.tenant);
         }
         held
     }
@@ -627,6 +660,83 @@ mod tests {
         router.abort();
     }
 
+    /// Two tenants both behind (neither takes from its lane) are waited for, not detached:
+    /// nobody keeps up, so detaching would only add change streams. Once one catches up
+    /// (drains its lane), the one still behind is detached and the other's events flow.
+    #[tokio::test]
+    async fn tenants_all_behind_are_waited_for_until_one_keeps_up() {
+        tokio::time::timeout(Duration::from_secs(120), all_behind_scenario())
+            .await
+            .expect("the router stopped routing");
+    }
+
+    async fn all_behind_scenario() {
+        let scope = |id: &str| crate::config::TenantScope {
+            id: id.to_string(),
+            namespaces: vec![
+                crate::config::NamespacePattern::parse(&format!("db.{id}")).expect("pattern")
+            ],
+            pipeline: "p".to_string(),
+            key_values: Vec::new(),
+        };
+        let (batches, batches_rx) = mpsc::channel(4);
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (position, _positions) = watch::channel(None);
+        let router = tokio::spawn(Router::new("p", None).run(batches_rx, commands_rx, position));
+        let mut lanes = Vec::new();
+        for id in ["a", "b"] {
+            commands.send(Command::Register(scope(id))).expect("router");
+            let (lane, lane_rx) = mpsc::channel(4);
+            let (reply, joined) = oneshot::channel();
+            let join = Command::Join {
+                tenant: id.to_string(),
+                lane,
+                reply,
+            };
+            commands.send(join).expect("router");
+            lanes.push((lane_rx, joined));
+        }
+        batches.send(vec![item("c", 0)]).await.expect("router");
+        let mut lanes = lanes.into_iter();
+        let (mut lane_a, joined_a) = lanes.next().expect("a's lane");
+        let (mut lane_b, joined_b) = lanes.next().expect("b's lane");
+        joined_a.await.expect("a joined");
+        joined_b.await.expect("b joined");
+
+        // Four batches fill both lanes; the fifth finds both full.
+        for n in 1..=5 {
+            batches
+                .send(vec![item("a", n), item("b", n)])
+                .await
+                .expect("router");
+        }
+        taken(&batches).await;
+        // Several rechecks' worth: still both attached.
+        tokio::time::sleep(BEHIND_RECHECK * 5).await;
+        assert!(
+            !lane_a.is_closed() && !lane_b.is_closed(),
+            "a tenant was detached"
+        );
+
+        // `b` catches up: `a`, still behind, is detached, and `b` gets its fifth.
+        for n in 1..=5 {
+            let share = lane_b.recv().await.expect("b attached");
+            assert_eq!(ids(&share), [format!("b{n}")]);
+        }
+        for n in 1..=4 {
+            let share = lane_a.recv().await.expect("a's queued batches");
+            assert_eq!(ids(&share), [format!("a{n}")]);
+        }
+        assert!(lane_a.recv().await.is_none(), "a was detached");
+        batches
+            .send(vec![item("a", 6), item("b", 6)])
+            .await
+            .expect("router");
+        let share = lane_b.recv().await.expect("b attached");
+        assert_eq!(ids(&share), ["b6"]);
+        router.abort();
+    }
+
     /// The only attached tenant that makes no room for the router's wait limit is detached
     /// after all, and the router reads on.
     #[tokio::test]
@@ -647,7 +757,7 @@ mod tests {
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (position, _positions) = watch::channel(None);
         let mut router = Router::new("p", None);
-        router.sole_tenant_wait = Duration::from_millis(200);
+        router.behind_wait = Duration::from_millis(200);
         let router = tokio::spawn(router.run(batches_rx, commands_rx, position));
         commands.send(Command::Register(scope)).expect("router");
         let (lane, mut lane_a) = mpsc::channel(1);
