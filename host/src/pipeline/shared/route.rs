@@ -192,25 +192,22 @@ impl Router {
         let limit = tokio::time::sleep(self.behind_wait);
         tokio::pin!(limit);
         for Held { tenant, share } in held {
-            let mut share = Some(share);
             while let Some(lane) = self.lane_of(&tenant) {
-                let Some(items) = share.take() else { break };
-                let items = match lane.try_reserve() {
+                match lane.try_reserve() {
                     Ok(room) => {
-                        room.send(items);
+                        room.send(share);
                         break;
                     }
                     Err(mpsc::error::TrySendError::Closed(())) => {
                         self.detach(&tenant);
                         break;
                     }
-                    Err(mpsc::error::TrySendError::Full(())) => items,
-                };
+                    Err(mpsc::error::TrySendError::Full(())) => {}
+                }
                 if self.someone_keeps_up(&tenant) {
                     self.detach(&tenant);
                     break;
                 }
-                share = Some(items);
                 tokio::select! {
                     biased;
                     command = commands.recv() => match command {
@@ -397,11 +394,15 @@ impl Router {
             let Some(lane) = &self.tenants[i].lane else {
                 continue;
             };
-            let tenant = self.tenants[i].scope.id.clone();
             match lane.try_send(share) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(share)) => full.push(Held { tenant, share }),
-                Err(mpsc::error::TrySendError::Closed(_)) => self.detach(&tenant),
+                Err(mpsc::error::TrySendError::Full(share)) => full.push(Held {
+                    tenant: self.tenants[i].scope.id.clone(),
+                    share,
+                }),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.detach(&self.tenants[i].scope.id.clone())
+                }
             }
         }
         // Behind while another keeps up: detached, so that the other never waits.
