@@ -589,6 +589,79 @@ mod tests {
         }
     }
 
+    /// Tenant `id`, seeing `db.<id>`.
+    fn scope(id: &str) -> crate::config::TenantScope {
+        crate::config::TenantScope {
+            id: id.to_string(),
+            namespaces: vec![
+                crate::config::NamespacePattern::parse(&format!("db.{id}")).expect("pattern")
+            ],
+            pipeline: "p".to_string(),
+            key_values: Vec::new(),
+        }
+    }
+
+    /// A router running as the shared reader runs it, fed batches by the test.
+    struct Running {
+        batches: mpsc::Sender<Vec<SourceItem>>,
+        commands: mpsc::UnboundedSender<Command>,
+        _position: watch::Receiver<Option<ResumeToken>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Running {
+        /// Starts a router that waits for tenants behind at most `behind_wait`, with tenants
+        /// `ids` registered.
+        fn start(behind_wait: Duration, ids: &[&str]) -> Running {
+            let (batches, batches_rx) = mpsc::channel(4);
+            let (commands, commands_rx) = mpsc::unbounded_channel();
+            let (position, _position) = watch::channel(None);
+            let mut router = Router::new("p", None);
+            router.behind_wait = behind_wait;
+            let task = tokio::spawn(router.run(batches_rx, commands_rx, position));
+            for id in ids {
+                commands.send(Command::Register(scope(id))).expect("router");
+            }
+            Running {
+                batches,
+                commands,
+                _position,
+                task,
+            }
+        }
+
+        /// Asks for tenant `id` to join with a lane of `capacity` batches; the answer is the
+        /// router's position.
+        fn join(
+            &self,
+            id: &str,
+            capacity: usize,
+        ) -> (
+            mpsc::Receiver<Vec<SourceItem>>,
+            oneshot::Receiver<ResumeToken>,
+        ) {
+            let (lane, lane_rx) = mpsc::channel(capacity);
+            let (reply, joined) = oneshot::channel();
+            let join = Command::Join {
+                tenant: id.to_string(),
+                lane,
+                reply,
+            };
+            self.commands.send(join).expect("router");
+            (lane_rx, joined)
+        }
+
+        async fn send(&self, batch: Vec<SourceItem>) {
+            self.batches.send(batch).await.expect("router");
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
     /// The only attached tenant is never detached for being behind: the router waits for
     /// room in its lane (the reader's batches wait meanwhile) and it gets every event, in
     /// order. Once a second tenant joins, the one behind is detached rather than waited
@@ -602,35 +675,14 @@ mod tests {
     }
 
     async fn only_attached_tenant_scenario() {
-        let scope = |id: &str| crate::config::TenantScope {
-            id: id.to_string(),
-            namespaces: vec![
-                crate::config::NamespacePattern::parse(&format!("db.{id}")).expect("pattern")
-            ],
-            pipeline: "p".to_string(),
-            key_values: Vec::new(),
-        };
-        let (batches, batches_rx) = mpsc::channel(4);
-        let (commands, commands_rx) = mpsc::unbounded_channel();
-        let (position, _positions) = watch::channel(None);
-        let router = tokio::spawn(Router::new("p", None).run(batches_rx, commands_rx, position));
-        for id in ["a", "b"] {
-            commands.send(Command::Register(scope(id))).expect("router");
-        }
-        let (lane, mut lane_a) = mpsc::channel(1);
-        let (reply, joined) = oneshot::channel();
-        let join = Command::Join {
-            tenant: "a".to_string(),
-            lane,
-            reply,
-        };
-        commands.send(join).expect("router");
-        batches.send(vec![item("c", 0)]).await.expect("router");
+        let router = Running::start(BEHIND_WAIT, &["a", "b"]);
+        let (mut lane_a, joined) = router.join("a", 1);
+        router.send(vec![item("c", 0)]).await;
         joined.await.expect("a joined");
 
         // `a` alone: its lane holds one batch, and a second and third wait for it.
         for n in 1..=3 {
-            batches.send(vec![item("a", n)]).await.expect("router");
+            router.send(vec![item("a", n)]).await;
         }
         for n in 1..=3 {
             let share = lane_a.recv().await.expect("a is still attached");
@@ -638,27 +690,19 @@ mod tests {
         }
 
         // Behind again, then `b` joins while the router waits for `a`.
-        batches.send(vec![item("a", 4)]).await.expect("router");
-        batches.send(vec![item("a", 5)]).await.expect("router");
-        taken(&batches).await;
-        let (lane, mut lane_b) = mpsc::channel(4);
-        let (reply, joined) = oneshot::channel();
-        let join = Command::Join {
-            tenant: "b".to_string(),
-            lane,
-            reply,
-        };
-        commands.send(join).expect("router");
+        router.send(vec![item("a", 4)]).await;
+        router.send(vec![item("a", 5)]).await;
+        taken(&router.batches).await;
+        let (mut lane_b, joined) = router.join("b", 4);
         let at = joined.await.expect("b joined");
         let token_id = crate::model::token::token_id;
         assert_eq!(token_id(&at), token_id(item("a", 5).token()));
         let share = lane_a.recv().await.expect("a's queued batch");
         assert_eq!(ids(&share), ["a4"]);
         assert!(lane_a.recv().await.is_none(), "a was detached");
-        batches.send(vec![item("b", 6)]).await.expect("router");
+        router.send(vec![item("b", 6)]).await;
         let share = lane_b.recv().await.expect("b attached");
         assert_eq!(ids(&share), ["b6"]);
-        router.abort();
     }
 
     /// Two tenants both behind (neither takes from its lane) are waited for, not detached:
@@ -672,46 +716,18 @@ mod tests {
     }
 
     async fn all_behind_scenario() {
-        let scope = |id: &str| crate::config::TenantScope {
-            id: id.to_string(),
-            namespaces: vec![
-                crate::config::NamespacePattern::parse(&format!("db.{id}")).expect("pattern")
-            ],
-            pipeline: "p".to_string(),
-            key_values: Vec::new(),
-        };
-        let (batches, batches_rx) = mpsc::channel(4);
-        let (commands, commands_rx) = mpsc::unbounded_channel();
-        let (position, _positions) = watch::channel(None);
-        let router = tokio::spawn(Router::new("p", None).run(batches_rx, commands_rx, position));
-        let mut lanes = Vec::new();
-        for id in ["a", "b"] {
-            commands.send(Command::Register(scope(id))).expect("router");
-            let (lane, lane_rx) = mpsc::channel(4);
-            let (reply, joined) = oneshot::channel();
-            let join = Command::Join {
-                tenant: id.to_string(),
-                lane,
-                reply,
-            };
-            commands.send(join).expect("router");
-            lanes.push((lane_rx, joined));
-        }
-        batches.send(vec![item("c", 0)]).await.expect("router");
-        let mut lanes = lanes.into_iter();
-        let (mut lane_a, joined_a) = lanes.next().expect("a's lane");
-        let (mut lane_b, joined_b) = lanes.next().expect("b's lane");
+        let router = Running::start(BEHIND_WAIT, &["a", "b"]);
+        let (mut lane_a, joined_a) = router.join("a", 4);
+        let (mut lane_b, joined_b) = router.join("b", 4);
+        router.send(vec![item("c", 0)]).await;
         joined_a.await.expect("a joined");
         joined_b.await.expect("b joined");
 
         // Four batches fill both lanes; the fifth finds both full.
         for n in 1..=5 {
-            batches
-                .send(vec![item("a", n), item("b", n)])
-                .await
-                .expect("router");
+            router.send(vec![item("a", n), item("b", n)]).await;
         }
-        taken(&batches).await;
+        taken(&router.batches).await;
         // Several rechecks' worth: still both attached.
         tokio::time::sleep(BEHIND_RECHECK * 5).await;
         assert!(
@@ -729,13 +745,9 @@ mod tests {
             assert_eq!(ids(&share), [format!("a{n}")]);
         }
         assert!(lane_a.recv().await.is_none(), "a was detached");
-        batches
-            .send(vec![item("a", 6), item("b", 6)])
-            .await
-            .expect("router");
+        router.send(vec![item("a", 6), item("b", 6)]).await;
         let share = lane_b.recv().await.expect("b attached");
         assert_eq!(ids(&share), ["b6"]);
-        router.abort();
     }
 
     /// The only attached tenant that makes no room for the router's wait limit is detached
@@ -748,38 +760,18 @@ mod tests {
     }
 
     async fn stuck_tenant_scenario() {
-        let scope = crate::config::TenantScope {
-            id: "a".to_string(),
-            namespaces: vec![crate::config::NamespacePattern::parse("db.a").expect("pattern")],
-            pipeline: "p".to_string(),
-            key_values: Vec::new(),
-        };
-        let (batches, batches_rx) = mpsc::channel(4);
-        let (commands, commands_rx) = mpsc::unbounded_channel();
-        let (position, _positions) = watch::channel(None);
-        let mut router = Router::new("p", None);
-        router.behind_wait = Duration::from_millis(200);
-        let router = tokio::spawn(router.run(batches_rx, commands_rx, position));
-        commands.send(Command::Register(scope)).expect("router");
-        let (lane, mut lane_a) = mpsc::channel(1);
-        let (reply, joined) = oneshot::channel();
-        let join = Command::Join {
-            tenant: "a".to_string(),
-            lane,
-            reply,
-        };
-        commands.send(join).expect("router");
-        batches.send(vec![item("c", 0)]).await.expect("router");
+        let router = Running::start(Duration::from_millis(200), &["a"]);
+        let (mut lane_a, joined) = router.join("a", 1);
+        router.send(vec![item("c", 0)]).await;
         joined.await.expect("a joined");
         // `a` takes nothing: its lane holds 1, the router waits with 2, then gives up.
         for n in 1..=3 {
-            batches.send(vec![item("a", n)]).await.expect("router");
+            router.send(vec![item("a", n)]).await;
         }
-        taken(&batches).await;
+        taken(&router.batches).await;
         let share = lane_a.recv().await.expect("a's queued batch");
         assert_eq!(ids(&share), ["a1"]);
         assert!(lane_a.recv().await.is_none(), "a was detached");
-        router.abort();
     }
 
     /// A key value claimed twice stays with the tenant that claimed it first, whatever the
