@@ -589,6 +589,14 @@ mod tests {
         }
     }
 
+    /// Runs a router scenario under a generous ceiling: a router that waits wrongly would
+    /// otherwise hang the test.
+    async fn within_ceiling(scenario: impl std::future::Future<Output = ()>) {
+        tokio::time::timeout(Duration::from_secs(120), scenario)
+            .await
+            .expect("the router stopped routing");
+    }
+
     /// Tenant `id`, seeing `db.<id>`.
     fn scope(id: &str) -> crate::config::TenantScope {
         crate::config::TenantScope {
@@ -668,10 +676,7 @@ mod tests {
     /// for, and the newcomer's events flow.
     #[tokio::test]
     async fn the_only_attached_tenant_is_waited_for_until_another_joins() {
-        // A router that waits wrongly would hang the test: a generous ceiling ends it.
-        tokio::time::timeout(Duration::from_secs(120), only_attached_tenant_scenario())
-            .await
-            .expect("the router stopped routing");
+        within_ceiling(only_attached_tenant_scenario()).await;
     }
 
     async fn only_attached_tenant_scenario() {
@@ -710,9 +715,7 @@ mod tests {
     /// (drains its lane), the one still behind is detached and the other's events flow.
     #[tokio::test]
     async fn tenants_all_behind_are_waited_for_until_one_keeps_up() {
-        tokio::time::timeout(Duration::from_secs(120), all_behind_scenario())
-            .await
-            .expect("the router stopped routing");
+        within_ceiling(all_behind_scenario()).await;
     }
 
     async fn all_behind_scenario() {
@@ -754,9 +757,7 @@ mod tests {
     /// after all, and the router reads on.
     #[tokio::test]
     async fn the_only_attached_tenant_is_detached_when_stuck() {
-        tokio::time::timeout(Duration::from_secs(120), stuck_tenant_scenario())
-            .await
-            .expect("the router stopped routing");
+        within_ceiling(stuck_tenant_scenario()).await;
     }
 
     async fn stuck_tenant_scenario() {
