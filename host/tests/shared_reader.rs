@@ -196,26 +196,53 @@ async fn routes_by_namespace_over_one_change_stream() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An ObjectId a tenant of `routes_by_tenant_key` is keyed by.
+const TENANT_OID: &str = "65a1f0c2e4b0a1b2c3d4e5f6";
+
 /// Tenant key: tenants share one collection and own the documents whose `tenantId` is one
-/// of their key values (the id by default). Inserts and updates (with the looked-up
-/// document) reach exactly their owner; documents of an unknown tenant, without the key or
-/// with a key that is not a string reach nobody.
+/// of their key values (the id by default), whether a string, an integer (int, long, or an
+/// integral double) or an ObjectId, named by its text. Inserts and updates (with the
+/// looked-up document) reach exactly their owner; documents of an unknown tenant, without
+/// the key or with a key of another type (a fraction, a boolean, an array) reach nobody.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_by_tenant_key() -> anyhow::Result<()> {
+    routes_by_tenant_key_with("shared").await
+}
+
+/// The same with a change stream per tenant (`tenant_reader = "own"`), where the server
+/// narrows each tenant's stream to its key values: the query a tenant catching up on its
+/// own reads with, which must pick exactly the events the router gives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_tenant_key_on_streams_of_their_own() -> anyhow::Result<()> {
+    routes_by_tenant_key_with("own").await
+}
+
+async fn routes_by_tenant_key_with(reader: &str) -> anyhow::Result<()> {
     let h = Harness::start().await?;
-    let pipeline = "database = \"shop\"\ncollections = [\"orders\"]\n\
-                    full_document = \"update-lookup\"\nskip_operations = [\"delete\"]\n\
-                    tenant_key = \"fullDocument.tenantId\"";
+    let pipeline = format!(
+        "database = \"shop\"\ncollections = [\"orders\"]\n\
+         full_document = \"update-lookup\"\nskip_operations = [\"delete\"]\n\
+         tenant_key = \"fullDocument.tenantId\"\ntenant_reader = \"{reader}\""
+    );
     let tenants = [
         tenant("a", "\"shop.orders\"", ""),
         tenant("b", "\"shop.orders\"", ""),
         tenant("c", "\"shop.orders\"", "key_values = [\"c1\", \"c2\"]"),
+        tenant("n", "\"shop.orders\"", "key_values = [\"42\"]"),
+        tenant(
+            "o",
+            "\"shop.orders\"",
+            &format!("key_values = [\"{TENANT_OID}\"]"),
+        ),
     ]
     .concat();
-    let path = h.write_config("key.toml", &config(&h, pipeline, &tenants))?;
+    let path = h.write_config("key.toml", &config(&h, &pipeline, &tenants))?;
     let running = InProcess::start(&path)?;
-    h.wait_checkpoints(&["p.a", "p.b", "p.c"]).await?;
-    wait_one_change_stream(&h).await?;
+    h.wait_checkpoints(&["p.a", "p.b", "p.c", "p.n", "p.o"])
+        .await?;
+    if reader == "shared" {
+        wait_one_change_stream(&h).await?;
+    }
 
     let orders = h.collection().await?;
     let owners = ["a", "b", "c1", "c2", "zzz"];
@@ -225,10 +252,26 @@ async fn routes_by_tenant_key() -> anyhow::Result<()> {
             .insert_one(doc! { "_id": n, "n": n, "tenantId": owner })
             .await?;
     }
+    let oid = bson::oid::ObjectId::parse_str(TENANT_OID)?;
+    let typed: [(i64, bson::Bson); 11] = [
+        (200, 42i32.into()),
+        (201, 42i64.into()),
+        (202, 42.0f64.into()),
+        (203, "42".into()),
+        (204, 42.5f64.into()),
+        (205, oid.into()),
+        (206, TENANT_OID.into()),
+        (207, true.into()),
+        (208, bson::bson!(["a"])),
+        (209, 7i32.into()),
+        (210, "042".into()),
+    ];
+    for (n, key) in typed {
+        orders
+            .insert_one(doc! { "_id": n, "n": n, "tenantId": key })
+            .await?;
+    }
     orders.insert_one(doc! { "_id": 100, "n": 100 }).await?;
-    orders
-        .insert_one(doc! { "_id": 101, "n": 101, "tenantId": 7 })
-        .await?;
     // An update of a's first document: the looked-up document carries the key.
     orders
         .update_one(doc! { "_id": 0 }, doc! { "$set": { "updated": true } })
@@ -248,7 +291,119 @@ async fn routes_by_tenant_key() -> anyhow::Result<()> {
     assert_eq!(numbers(&b), expect(&["b"]));
     let c = h.wait_settled("C", 12, PATIENCE).await?;
     assert_eq!(numbers(&c), expect(&["c1", "c2"]));
+    let n = h.wait_settled("N", 4, PATIENCE).await?;
+    assert_eq!(numbers(&n), [200, 201, 202, 203]);
+    let o = h.wait_settled("O", 2, PATIENCE).await?;
+    assert_eq!(numbers(&o), [205, 206]);
     running.stop().await?;
+    Ok(())
+}
+
+/// The server and the router read a key value alike: over documents keyed by every BSON
+/// type (and by arrays, and through them), the query a tenant's own stream is narrowed with
+/// (`TenantKey::server_match`) picks exactly the documents whose key text
+/// (`TenantKey::value_text`, what the router reads) is one of the tenant's values. Were they
+/// to differ, a tenant catching up on its own would get events the shared reader keeps from
+/// it, or lose events it would give it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_and_the_router_read_a_key_value_alike() -> anyhow::Result<()> {
+    use bson::{Bson, RawBsonRef, RawDocumentBuf};
+    use tidegate::config::TenantKey;
+
+    let h = Harness::start().await?;
+    let client = h.mongo.client().await?;
+    let keyed = client.database("keys").collection::<Document>("k");
+    let oid = bson::oid::ObjectId::parse_str(TENANT_OID)?;
+    let two_to_63 = 9_223_372_036_854_775_808.0f64;
+    let keys: Vec<Bson> = vec![
+        "acme".into(),
+        "ACME".into(),
+        "42".into(),
+        "042".into(),
+        "-7".into(),
+        TENANT_OID.into(),
+        TENANT_OID.to_uppercase().into(),
+        42i32.into(),
+        42i64.into(),
+        42.0f64.into(),
+        42.5f64.into(),
+        (-7i64).into(),
+        (-7.0f64).into(),
+        1e17f64.into(),
+        i64::MAX.into(),
+        two_to_63.into(),
+        oid.into(),
+        bson::oid::ObjectId::new().into(),
+        true.into(),
+        Bson::Null,
+        bson::bson!(["acme"]),
+        bson::bson!([42]),
+        bson::bson!({ "x": "acme" }),
+    ];
+    for (n, key) in keys.iter().enumerate() {
+        keyed
+            .insert_one(doc! { "_id": n as i64, "doc": { "org": { "k": key.clone() } } })
+            .await?;
+    }
+    // A decimal 42 (which compares equal to 42 on the server), an array on the way, a key
+    // missing, and something other than a document on the way.
+    keyed
+        .insert_one(doc! { "_id": 100i64, "doc": { "org": { "k": 0 } } })
+        .await?;
+    keyed
+        .update_one(
+            doc! { "_id": 100i64 },
+            vec![doc! { "$set": { "doc.org.k": { "$toDecimal": "42" } } }],
+        )
+        .await?;
+    keyed
+        .insert_one(doc! { "_id": 101i64, "doc": { "org": [{ "k": "acme" }] } })
+        .await?;
+    keyed.insert_one(doc! { "_id": 102i64, "doc": {} }).await?;
+    keyed
+        .insert_one(doc! { "_id": 103i64, "doc": { "org": "acme" } })
+        .await?;
+
+    let values: Vec<String> = [
+        "acme",
+        "42",
+        "042",
+        "-7",
+        TENANT_OID,
+        &TENANT_OID.to_uppercase(),
+        "100000000000000000",
+        "9223372036854775807",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut by_server: Vec<i64> = keyed
+        .find(TenantKey::server_match("doc.org.k", &values))
+        .await?
+        .map_ok(|d| d.get_i64("_id").unwrap_or(-1))
+        .try_collect()
+        .await?;
+    by_server.sort_unstable();
+    let mut by_router = Vec::new();
+    let mut all = keyed
+        .clone_with_type::<RawDocumentBuf>()
+        .find(doc! {})
+        .await?;
+    while let Some(raw) = all.try_next().await? {
+        // Under the root (`doc` here, `fullDocument` in an event), as the router walks.
+        let key = match raw.get_document("doc")?.get("org")? {
+            Some(RawBsonRef::Document(org)) => org.get("k")?,
+            _ => None,
+        };
+        let text = key.and_then(TenantKey::value_text);
+        if text.is_some_and(|text| values.iter().any(|v| *v == text)) {
+            by_router.push(raw.get_i64("_id")?);
+        }
+    }
+    by_router.sort_unstable();
+    // The strings as written, the integers however stored, the ObjectId; not "ACME", the
+    // fraction, 2^63, the other ObjectId, the decimal, arrays, a document, null, missing.
+    assert_eq!(by_router, [0, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 16]);
+    assert_eq!(by_server, by_router);
     Ok(())
 }
 

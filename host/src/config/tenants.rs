@@ -3,8 +3,11 @@
 //! tenants except the host-side namespace check ([`PipelineConfig::may_see`]) and the
 //! shared reader that routes events to them (`pipeline::shared`).
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
+use bson::oid::ObjectId;
+use bson::{doc, Bson, Document, RawBsonRef};
 use serde::Deserialize;
 
 use super::pipeline::{
@@ -49,8 +52,10 @@ pub struct TenantConfig {
     /// `subject_prefix`. Without it, the tenant publishes into the pipeline's
     /// `[pipeline.sink]` stream, under `<the pipeline's subject_prefix>.<tenant id>`.
     pub sink: Option<SinkConfig>,
-    /// With the pipeline's `tenant_key`: the key values (strings) whose events are this
-    /// tenant's. Default: the tenant's id. No two tenants may share a value.
+    /// With the pipeline's `tenant_key`: the key values whose events are this tenant's,
+    /// written as text: a string as it is, an ObjectId in lowercase hex, an integer in
+    /// decimal ([`TenantKey::value_text`]). Default: the tenant's id. No two tenants may share
+    /// a value.
     #[serde(default)]
     pub key_values: Vec<String>,
 }
@@ -77,6 +82,9 @@ pub struct TenantKey {
     /// `fullDocumentBeforeChange` (the pre-image).
     pub delete_path: Option<String>,
 }
+
+/// 2^63: a long is at least its negative and less than it.
+const LONG_RANGE: f64 = 9_223_372_036_854_775_808.0;
 
 /// Operations that carry a document (and so a tenant key); other events (drop, rename,
 /// invalidate…) go to every tenant that may see their namespace.
@@ -117,6 +125,72 @@ impl TenantKey {
             (Some(before), "delete") => before,
             _ => &self.path,
         }
+    }
+
+    /// A document's key value as the text `key_values` name it by: a string as it is, an
+    /// ObjectId as its 24 lowercase hex digits (as `ObjectId.toString()` prints it), an
+    /// integer (int, long, or a double with an integral value) in plain decimal. Applications
+    /// key their tenants by ObjectIds and numbers as often as by strings, and the config (a
+    /// TOML file, the admin API's JSON) names them all as strings. `None` for any other type.
+    pub fn value_text(value: RawBsonRef<'_>) -> Option<Cow<'_, str>> {
+        match value {
+            RawBsonRef::String(text) => Some(Cow::Borrowed(text)),
+            RawBsonRef::ObjectId(id) => Some(Cow::Owned(id.to_hex())),
+            RawBsonRef::Int32(n) => Some(Cow::Owned(n.to_string())),
+            RawBsonRef::Int64(n) => Some(Cow::Owned(n.to_string())),
+            // An integral double in a long's range is that integer exactly, as the server's
+            // numeric comparison (`server_match`) takes it.
+            RawBsonRef::Double(x) if x.fract() == 0.0 && (-LONG_RANGE..LONG_RANGE).contains(&x) => {
+                Some(Cow::Owned((x as i64).to_string()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The query (for a change stream's `$match`) on the key at `path` that holds exactly
+    /// when [`TenantKey::value_text`] of the value there is one of `values`: each value as a
+    /// string, and, where its text is an ObjectId's or an integer's, as that too (integers
+    /// compared as numbers, of the numeric types `value_text` reads only). A query reaches
+    /// into arrays, which the router does not: no field on the way may be one.
+    pub fn server_match(path: &str, values: &[String]) -> Document {
+        let mut numbers = Vec::new();
+        let mut ids = Vec::new();
+        for value in values {
+            if let Some(n) = value
+                .parse::<i64>()
+                .ok()
+                .filter(|n| n.to_string() == *value)
+            {
+                numbers.push(Bson::Int64(n));
+            }
+            if let Some(id) = ObjectId::parse_str(value)
+                .ok()
+                .filter(|id| id.to_hex() == *value)
+            {
+                ids.push(Bson::ObjectId(id));
+            }
+        }
+        let mut either = vec![doc! { path: { "$in": values } }];
+        if !numbers.is_empty() {
+            either.push(doc! { path: { "$in": numbers, "$type": ["int", "long", "double"] } });
+        }
+        if !ids.is_empty() {
+            either.push(doc! { path: { "$in": ids } });
+        }
+        // Under the root (`fullDocument`…, never an array): each field on the way.
+        let arrays: Vec<Document> = path
+            .match_indices('.')
+            .skip(1)
+            .map(|(end, _)| &path[..end])
+            .chain([path])
+            .map(|field| doc! { field: { "$type": "array" } })
+            .collect();
+        let mut query = match either.len() {
+            1 => either.remove(0),
+            _ => doc! { "$or": either },
+        };
+        query.insert("$nor", arrays);
+        query
     }
 }
 
@@ -464,6 +538,47 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, String> {
         Config::parse(text, std::path::Path::new("."), |_| None)
+    }
+
+    /// A tenant's own stream asks the server for its key values as strings, and as numbers
+    /// and ObjectIds where their text is one, canonically written (no `042`, no uppercase
+    /// hex: the router would never read a value so); no field on the way may be an array.
+    #[test]
+    fn the_server_is_asked_for_every_type_a_key_value_names() {
+        use bson::{doc, oid::ObjectId, Bson};
+
+        use crate::config::TenantKey;
+        let id = "65a1f0c2e4b0a1b2c3d4e5f6";
+        let values: Vec<String> = ["acme", "42", "042", "-7", id, &id.to_uppercase()]
+            .map(String::from)
+            .to_vec();
+        let query = TenantKey::server_match("fullDocument.org.id", &values);
+        let oid = ObjectId::parse_str(id).expect("oid");
+        assert_eq!(
+            query,
+            doc! {
+                "$or": [
+                    { "fullDocument.org.id": { "$in": values.clone() } },
+                    { "fullDocument.org.id": {
+                        "$in": [Bson::Int64(42), Bson::Int64(-7)],
+                        "$type": ["int", "long", "double"],
+                    } },
+                    { "fullDocument.org.id": { "$in": [oid] } },
+                ],
+                "$nor": [
+                    { "fullDocument.org": { "$type": "array" } },
+                    { "fullDocument.org.id": { "$type": "array" } },
+                ],
+            }
+        );
+        let strings = vec!["acme".to_string()];
+        assert_eq!(
+            TenantKey::server_match("documentKey.t", &strings),
+            doc! {
+                "documentKey.t": { "$in": strings.clone() },
+                "$nor": [{ "documentKey.t": { "$type": "array" } }],
+            }
+        );
     }
 
     /// Key values default to the tenant's id; every tenant knows its pipeline.

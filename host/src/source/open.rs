@@ -256,18 +256,16 @@ pub(crate) fn namespace_filter(pipeline: &PipelineConfig) -> Vec<Document> {
 /// do not go together, see the config's validation).
 fn tenant_key_stage(pipeline: &PipelineConfig, values: &[String]) -> Option<Document> {
     let key = TenantKey::parse(pipeline.tenant_key.as_deref()?).ok()?;
-    let values: Vec<&String> = values.iter().collect();
     let mut either = vec![doc! { "operationType": { "$nin": KEYED_OPERATIONS.to_vec() } }];
     match &key.delete_path {
-        None => either.push(doc! { key.path.as_str(): { "$in": values.clone() } }),
+        None => either.push(TenantKey::server_match(&key.path, values)),
         Some(before) => {
-            either.push(doc! {
-                "operationType": { "$ne": "delete" },
-                key.path.as_str(): { "$in": values.clone() },
-            });
-            either.push(
-                doc! { "operationType": "delete", before.as_str(): { "$in": values.clone() } },
-            );
+            // Beside the key's own fields (under fullDocument…, or a `$or` of them).
+            let mut not_deletes = TenantKey::server_match(&key.path, values);
+            not_deletes.insert("operationType", doc! { "$ne": "delete" });
+            let mut deletes = TenantKey::server_match(before, values);
+            deletes.insert("operationType", "delete");
+            either.extend([not_deletes, deletes]);
         }
     }
     Some(doc! { "$match": { "$or": either } })

@@ -16,6 +16,7 @@
 //! halted chain) is detached after all, so that the shared change stream reads on and never
 //! idles long enough for mongod to reap its cursor.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,7 +67,7 @@ pub(super) enum Command {
 enum Unroutable {
     Namespace,
     KeyMissing,
-    KeyNotString,
+    KeyType,
     KeyUnknown,
     KeyOutsideNamespaces,
 }
@@ -76,7 +77,9 @@ impl Unroutable {
         match self {
             Unroutable::Namespace => "no running tenant owns its namespace",
             Unroutable::KeyMissing => "it does not carry the tenant key (an update whose document was deleted before the lookup, a delete without pre-image…)",
-            Unroutable::KeyNotString => "its tenant key is not a string",
+            Unroutable::KeyType => {
+                "its tenant key is not a string, an integer or an ObjectId"
+            }
             Unroutable::KeyUnknown => "no running tenant owns its tenant key's value",
             Unroutable::KeyOutsideNamespaces => "the tenant owning its key value may not see its namespace",
         }
@@ -426,7 +429,10 @@ impl Router {
             return non_empty(by_namespace, Unroutable::Namespace);
         }
         let value = key_value(change.document(), key.path_for(operation))?;
-        let owner = *self.by_key.get(value).ok_or(Unroutable::KeyUnknown)?;
+        let owner = *self
+            .by_key
+            .get(value.as_ref())
+            .ok_or(Unroutable::KeyUnknown)?;
         match by_namespace.contains(&owner) {
             true => Ok(vec![owner]),
             false => Err(Unroutable::KeyOutsideNamespaces),
@@ -494,8 +500,9 @@ fn copy(item: &SourceItem) -> SourceItem {
     }
 }
 
-/// The string at dotted `path` in `event`.
-fn key_value<'a>(event: &'a RawDocument, path: &str) -> Result<&'a str, Unroutable> {
+/// The key value at dotted `path` in `event`, as the text tenants' `key_values` name it by
+/// ([`TenantKey::value_text`]).
+fn key_value<'a>(event: &'a RawDocument, path: &str) -> Result<Cow<'a, str>, Unroutable> {
     let mut document = event;
     let mut parts = path.split('.').peekable();
     while let Some(part) = parts.next() {
@@ -504,10 +511,7 @@ fn key_value<'a>(event: &'a RawDocument, path: &str) -> Result<&'a str, Unroutab
             Ok(Some(value)) => value,
         };
         if parts.peek().is_none() {
-            return match value {
-                RawBsonRef::String(text) => Ok(text),
-                _ => Err(Unroutable::KeyNotString),
-            };
+            return TenantKey::value_text(value).ok_or(Unroutable::KeyType);
         }
         document = match value {
             RawBsonRef::Document(inner) => inner,
@@ -522,27 +526,28 @@ mod tests {
     use super::*;
     use bson::rawdoc;
 
-    /// The key is read at its dotted path; absent, null or another type is named.
+    /// The key is read at its dotted path, as the text key values name it by; absent, null
+    /// or of another type is named.
     #[test]
     fn key_values_are_read_at_their_path() {
-        let event = rawdoc! { "fullDocument": { "t": "a", "n": 1, "z": null } };
-        assert_eq!(key_value(&event, "fullDocument.t"), Ok("a"));
+        let id = bson::oid::ObjectId::parse_str("65a1f0c2e4b0a1b2c3d4e5f6").expect("oid");
+        let event = rawdoc! { "fullDocument": {
+            "t": "a", "n": 1, "l": -7i64, "d": 42.0, "f": 42.5, "o": id, "b": true, "z": null,
+        } };
+        let read = |path| key_value(&event, path).map(Cow::into_owned);
+        assert_eq!(read("fullDocument.t"), Ok("a".to_string()));
+        assert_eq!(read("fullDocument.n"), Ok("1".to_string()));
+        assert_eq!(read("fullDocument.l"), Ok("-7".to_string()));
+        assert_eq!(read("fullDocument.d"), Ok("42".to_string()));
         assert_eq!(
-            key_value(&event, "fullDocument.n"),
-            Err(Unroutable::KeyNotString)
+            read("fullDocument.o"),
+            Ok("65a1f0c2e4b0a1b2c3d4e5f6".to_string())
         );
-        assert_eq!(
-            key_value(&event, "fullDocument.z"),
-            Err(Unroutable::KeyMissing)
-        );
-        assert_eq!(
-            key_value(&event, "fullDocument.t.x"),
-            Err(Unroutable::KeyMissing)
-        );
-        assert_eq!(
-            key_value(&event, "documentKey.t"),
-            Err(Unroutable::KeyMissing)
-        );
+        assert_eq!(read("fullDocument.f"), Err(Unroutable::KeyType));
+        assert_eq!(read("fullDocument.b"), Err(Unroutable::KeyType));
+        assert_eq!(read("fullDocument.z"), Err(Unroutable::KeyMissing));
+        assert_eq!(read("fullDocument.t.x"), Err(Unroutable::KeyMissing));
+        assert_eq!(read("documentKey.t"), Err(Unroutable::KeyMissing));
     }
 
     /// An item of collection `db.<coll>` with token `n`.
