@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_nats::jetstream::message::StreamMessage;
 use bson::{doc, Document};
 use futures::TryStreamExt;
-use support::{json, wat_filter, Harness, InProcess, SIGTERM};
+use support::{json, wat_filter, Harness, InProcess, SIGCONT, SIGSTOP, SIGTERM};
 use tidegate_testkit::wait_until;
 
 /// Generous ceiling for anything a busy machine may be slow at.
@@ -704,26 +704,31 @@ async fn wait_lease_owner(h: &Harness, key: &str, not: Option<&str>) -> anyhow::
     }
 }
 
-/// High availability leases the shared reader, not each tenant: two instances, one lease
-/// `lease.p` for both tenants (no `lease.p.a`), the owner SIGKILLed mid-stream, the other
-/// taking over every tenant; each tenant's stream ends with its events exactly once, in
-/// order.
+/// High availability leases the shared reader, not each tenant: three instances, one lease
+/// `lease.p` for both tenants (no `lease.p.a`); the owner SIGKILLed mid-stream, the next owner
+/// suspended (SIGSTOP) past its lease while events are written and resumed once a third has
+/// taken every tenant over, then taking the pipeline back when the third is killed; each
+/// tenant's stream ends with its events exactly once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_lease_per_pipeline_and_a_takeover_loses_nothing() -> anyhow::Result<()> {
     takeover_loses_nothing(false).await
 }
 
-/// The same with the tenants sharing one stream: the new owner's one publisher continues the
-/// stream's chain after the old owner's last message, and each tenant's subjects end with its
-/// events exactly once, in order.
+/// The same with the tenants sharing one stream: each new owner's one publisher continues
+/// the stream's chain after the old owner's last message, the woken one writes nothing more,
+/// and each tenant's subjects end with its events exactly once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_of_a_shared_stream_loses_nothing() -> anyhow::Result<()> {
     takeover_loses_nothing(true).await
 }
 
-/// Two HA instances, tenants `a` and `b` each with a stream of its own or (`shared`) sharing
-/// stream `ALL`; the owner SIGKILLed after 100 events each, 100 more written after.
+/// Three HA instances, tenants `a` and `b` each with a stream of its own or (`shared`)
+/// sharing stream `ALL`: the owner SIGKILLed after 100 events each, 100 more written, then
+/// the new owner suspended while 200 more are written and resumed after a third instance
+/// has taken over. It must say it stopped writing and stand by: when the third is killed in
+/// turn, it takes the pipeline back, and both tenants end with all 500.
 async fn takeover_loses_nothing(shared: bool) -> anyhow::Result<()> {
+    const TOTAL: i64 = 400;
     let h = Harness::start().await?;
     let (pipeline, tenants) = match shared {
         false => (
@@ -743,7 +748,7 @@ async fn takeover_loses_nothing(shared: bool) -> anyhow::Result<()> {
         ),
     };
     let mut instances = std::collections::BTreeMap::new();
-    for name in ["x", "y"] {
+    for name in ["x", "y", "z"] {
         let text = format!(
             "{}\n[ha]\nenabled = true\nlease_ttl_ms = 2000\ninstance = \"{name}\"\n",
             config(&h, &pipeline, &tenants)
@@ -757,7 +762,8 @@ async fn takeover_loses_nothing(shared: bool) -> anyhow::Result<()> {
         assert_eq!(lease_owner(&h, unit).await?, None, "{unit}");
     }
     let db = h.mongo.client().await?.database("shop");
-    let write = |from: i64, to: i64| {
+    // Writes `from..to` to both tenants' collections, `pause` after each pair.
+    let write = |from: i64, to: i64, pause: Duration| {
         let db = db.clone();
         async move {
             for n in from..to {
@@ -766,31 +772,59 @@ async fn takeover_loses_nothing(shared: bool) -> anyhow::Result<()> {
                         .insert_one(doc! { "n": n })
                         .await?;
                 }
+                tokio::time::sleep(pause).await;
             }
             anyhow::Ok(())
         }
     };
-    write(0, 100).await?;
+    write(0, 100, Duration::ZERO).await?;
     match shared {
         false => h.wait_for_messages("A", 50, PATIENCE).await?,
         true => h.wait_for_messages("ALL", 100, PATIENCE).await?,
     };
     instances.get_mut(&first).expect("owner").kill9();
     let second = wait_lease_owner(&h, "lease.p", Some(&first)).await?;
-    write(100, 200).await?;
+    write(100, 200, Duration::ZERO).await?;
+
+    // Suspended past its lease while events keep coming, resumed after the takeover.
+    let writer = tokio::spawn(write(200, TOTAL, Duration::from_millis(15)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    instances[&second].signal(SIGSTOP)?;
+    let third = wait_lease_owner(&h, "lease.p", Some(&second)).await?;
+    assert_ne!(third, first, "the killed instance cannot take over");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    instances[&second].signal(SIGCONT)?;
+    instances[&second]
+        .wait_for_log("stopped writing, standing by", PATIENCE)
+        .await?;
+    writer.await??;
+    assert_eq!(
+        lease_owner(&h, "lease.p").await?.as_deref(),
+        Some(third.as_str())
+    );
+
+    // Standing by, the woken instance takes the pipeline back when the owner dies.
+    instances.get_mut(&third).expect("owner").kill9();
+    assert_eq!(
+        wait_lease_owner(&h, "lease.p", Some(&third)).await?,
+        second,
+        "the only live instance takes over"
+    );
+    write(TOTAL, TOTAL + 100, Duration::ZERO).await?;
+    let total = TOTAL + 100;
     let (a, b) = match shared {
         false => (
-            h.wait_settled("A", 200, PATIENCE).await?,
-            h.wait_settled("B", 200, PATIENCE).await?,
+            h.wait_settled("A", total as u64, PATIENCE).await?,
+            h.wait_settled("B", total as u64, PATIENCE).await?,
         ),
         true => {
-            let all = h.wait_settled("ALL", 400, PATIENCE).await?;
+            let all = h.wait_settled("ALL", 2 * total as u64, PATIENCE).await?;
             (tenant_messages(&all, "a"), tenant_messages(&all, "b"))
         }
     };
-    assert_eq!(numbers(&a), (0..200).collect::<Vec<_>>());
-    assert_eq!(numbers(&b), (0..200).collect::<Vec<_>>());
-    let child = instances.get_mut(&second).expect("new owner");
+    assert_eq!(numbers(&a), (0..total).collect::<Vec<_>>());
+    assert_eq!(numbers(&b), (0..total).collect::<Vec<_>>());
+    let child = instances.get_mut(&second).expect("instance");
     child.signal(SIGTERM)?;
     let status = child.wait_exit(Duration::from_secs(120)).await?;
     assert!(status.success(), "{status:?}\n{}", child.log());
