@@ -831,6 +831,65 @@ async fn takeover_loses_nothing(shared: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Under high availability, a NATS outage longer than the lease: the owner cannot renew, its
+/// fence lapses and the pipeline's term must end (every tenant stopped, the loss logged), so
+/// that the instance stands by, takes the lease again once NATS is back, and every tenant
+/// goes on from its checkpoint. Until the term ended on a lost fence, the instance stayed in
+/// the lapsed term for good and the pipeline never ran again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_pipeline_under_ha_outlives_a_nats_outage_longer_than_its_lease(
+) -> anyhow::Result<()> {
+    let mut h = Harness::start().await?;
+    let text = format!(
+        "{}\n[ha]\nenabled = true\nlease_ttl_ms = 2000\ninstance = \"x\"\n",
+        shared_stream_config(&h, &["a", "b"])
+    );
+    let path = h.write_config("ha.toml", &text)?;
+    let mut child = h.spawn_binary(&path)?;
+    wait_lease_owner(&h, "lease.p", None).await?;
+    h.wait_checkpoints(&["p.a", "p.b"]).await?;
+    let db = h.mongo.client().await?.database("shop");
+    let write = |from: i64, to: i64| {
+        let db = db.clone();
+        async move {
+            for n in from..to {
+                for coll in ["a", "b"] {
+                    db.collection::<Document>(coll)
+                        .insert_one(doc! { "n": n })
+                        .await?;
+                }
+            }
+            anyhow::Ok(())
+        }
+    };
+    write(0, 50).await?;
+    h.wait_for_messages("ALL", 100, PATIENCE).await?;
+
+    h.nats.stop();
+    write(50, 100).await?;
+    child
+        .wait_for_log("lost the lease: stopped writing, standing by", PATIENCE)
+        .await?;
+    h.nats.start_again().await?;
+    write(100, 150).await?;
+
+    let all = h.wait_settled("ALL", 300, PATIENCE).await?;
+    for id in ["a", "b"] {
+        let got = tenant_messages(&all, id);
+        assert_eq!(numbers(&got), (0..150).collect::<Vec<_>>(), "tenant {id}");
+    }
+    assert_eq!(
+        child.log().matches("lease taken").count(),
+        2,
+        "{}",
+        child.log()
+    );
+    child.signal(SIGTERM)?;
+    let status = child.wait_exit(Duration::from_secs(120)).await?;
+    assert!(status.success(), "{status:?}\n{}", child.log());
+    Ok(())
+}
+
 /// Tenants without a sink of their own share the pipeline's stream, each under its own
 /// subjects, through one publisher (one ordering chain for the stream): tidegate is
 /// SIGKILLed again and again and NATS is restarted while three tenants' events are written.
