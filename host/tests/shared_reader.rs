@@ -704,6 +704,25 @@ async fn wait_lease_owner(h: &Harness, key: &str, not: Option<&str>) -> anyhow::
     }
 }
 
+/// Writes `{ n }` for each `n` of `range` to both collections `colls` of `db`, sleeping `pause`
+/// after each pair.
+async fn write_pairs(
+    db: mongodb::Database,
+    colls: [&'static str; 2],
+    range: std::ops::Range<i64>,
+    pause: Duration,
+) -> anyhow::Result<()> {
+    for n in range {
+        for coll in colls {
+            db.collection::<Document>(coll)
+                .insert_one(doc! { "n": n })
+                .await?;
+        }
+        tokio::time::sleep(pause).await;
+    }
+    Ok(())
+}
+
 /// High availability leases the shared reader, not each tenant: three instances, one lease
 /// `lease.p` for both tenants (no `lease.p.a`); the owner SIGKILLed mid-stream, the next owner
 /// suspended (SIGSTOP) past its lease while events are written and resumed once a third has
@@ -762,20 +781,8 @@ async fn takeover_loses_nothing(shared: bool) -> anyhow::Result<()> {
         assert_eq!(lease_owner(&h, unit).await?, None, "{unit}");
     }
     let db = h.mongo.client().await?.database("shop");
-    // Writes `from..to` to both tenants' collections, `pause` after each pair.
     let write = |from: i64, to: i64, pause: Duration| {
-        let db = db.clone();
-        async move {
-            for n in from..to {
-                for coll in ["orders", "returns"] {
-                    db.collection::<Document>(coll)
-                        .insert_one(doc! { "n": n })
-                        .await?;
-                }
-                tokio::time::sleep(pause).await;
-            }
-            anyhow::Ok(())
-        }
+        write_pairs(db.clone(), ["orders", "returns"], from..to, pause)
     };
     write(0, 100, Duration::ZERO).await?;
     match shared {
@@ -849,19 +856,7 @@ async fn a_shared_pipeline_under_ha_outlives_a_nats_outage_longer_than_its_lease
     wait_lease_owner(&h, "lease.p", None).await?;
     h.wait_checkpoints(&["p.a", "p.b"]).await?;
     let db = h.mongo.client().await?.database("shop");
-    let write = |from: i64, to: i64| {
-        let db = db.clone();
-        async move {
-            for n in from..to {
-                for coll in ["a", "b"] {
-                    db.collection::<Document>(coll)
-                        .insert_one(doc! { "n": n })
-                        .await?;
-                }
-            }
-            anyhow::Ok(())
-        }
-    };
+    let write = |from: i64, to: i64| write_pairs(db.clone(), ["a", "b"], from..to, Duration::ZERO);
     write(0, 50).await?;
     h.wait_for_messages("ALL", 100, PATIENCE).await?;
 
