@@ -885,6 +885,48 @@ async fn a_shared_pipeline_under_ha_outlives_a_nats_outage_longer_than_its_lease
     Ok(())
 }
 
+/// A unit that writes nothing when its lease is lost must still give the term up: a tenant
+/// with a lease of its own (`tenant_reader = "own"`) holding because its plugin does not
+/// load, its instance suspended (SIGSTOP) past the lease and resumed. It finds out about the
+/// lost fence from the lease keeper, not from a write: it says it lost the lease, stands by,
+/// and takes the lease again (it is the only instance).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_tenant_that_loses_its_lease_stands_by_and_takes_it_back() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let broken = h.dir.path().join("broken.wasm");
+    std::fs::write(&broken, b"not a component")?;
+    let plugin = format!(
+        "[[pipeline.tenant.plugins]]\nname = \"broken\"\nfile = \"{}\"",
+        broken.display()
+    );
+    let pipeline = "database = \"shop\"\ntenant_reader = \"own\"";
+    let text = format!(
+        "{}\n[ha]\nenabled = true\nlease_ttl_ms = 2000\ninstance = \"x\"\n",
+        config(&h, pipeline, &tenant("a", "\"shop.orders\"", &plugin))
+    );
+    let path = h.write_config("held.toml", &text)?;
+    let mut child = h.spawn_binary(&path)?;
+    wait_lease_owner(&h, "lease.p.a", None).await?;
+    child
+        .wait_for_log("holding: reading nothing until its plugins load", PATIENCE)
+        .await?;
+    child.signal(SIGSTOP)?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    child.signal(SIGCONT)?;
+    child
+        .wait_for_log("lost the lease: stopped writing, standing by", PATIENCE)
+        .await?;
+    wait_until("the lease taken again", PATIENCE, || {
+        let taken = child.log().matches("lease taken").count();
+        async move { taken >= 2 }
+    })
+    .await?;
+    child.signal(SIGTERM)?;
+    let status = child.wait_exit(Duration::from_secs(120)).await?;
+    assert!(status.success(), "{status:?}\n{}", child.log());
+    Ok(())
+}
+
 /// Tenants without a sink of their own share the pipeline's stream, each under its own
 /// subjects, through one publisher (one ordering chain for the stream): tidegate is
 /// SIGKILLed again and again and NATS is restarted while three tenants' events are written.

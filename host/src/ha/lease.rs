@@ -397,6 +397,13 @@ impl Coordinator {
     /// One term of ownership: renews the lease while `task` runs, stopping it on shutdown
     /// or to hand the unit over to balance instances, and revoking `fence` if the lease was
     /// taken.
+    ///
+    /// A fence lost (revoked, or lapsed while renewals failed or the process was suspended)
+    /// stops the task as well, and a task that then ends without an error ends the term as
+    /// [`Error::Fenced`]. A unit finds out about a lost fence only when it writes; one that is
+    /// not writing (holding until its plugins load, still starting, a pipeline's tenants
+    /// sharing a term) would otherwise keep the term, and the instance would never stand by
+    /// again, never take the unit back, and never say it lost the lease.
     #[allow(clippy::too_many_arguments)]
     async fn hold(
         &self,
@@ -412,16 +419,29 @@ impl Coordinator {
             tokio::time::interval_at(Instant::now() + self.renew_every(), self.renew_every());
         let mut draining = false;
         let mut handing_over = false;
+        let mut fence_lost = std::pin::pin!(fence.lost());
+        let mut lost = false;
         loop {
             tokio::select! {
                 _ = shutdown.changed(), if !draining => {
                     draining = true;
                     let _ = stop_tx.send(true);
                 }
+                () = &mut fence_lost, if !lost => {
+                    lost = true;
+                    let _ = stop_tx.send(true);
+                }
                 done = &mut task => {
-                    let result = done.unwrap_or_else(|err| Err(Error::Startup {
-                        message: format!("pipeline task failed: {err}"),
-                    }));
+                    let result = match done {
+                        Ok(Ok(())) if lost => Err(Error::Fenced {
+                            pipeline: id.to_string(),
+                            message: fence.reason(),
+                        }),
+                        Ok(result) => result,
+                        Err(err) => Err(Error::Startup {
+                            message: format!("pipeline task failed: {err}"),
+                        }),
+                    };
                     return Term { result, handing_over };
                 }
                 _ = renew.tick() => {
