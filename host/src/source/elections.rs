@@ -55,7 +55,7 @@ pub fn log_elections(pipeline: &str) -> mongodb::event::EventHandler<SdamEvent> 
                      gap the driver saw); reading and checkpointing follow it"
                 );
             }
-            Change::None => {}
+            Change::Nothing => {}
         }
     })
 }
@@ -68,11 +68,9 @@ enum Change {
     /// Writes have somewhere to go again, after a loss that was logged.
     Regained(Writer),
     /// The primary is another member, with no gap between.
-    Moved {
-        before: Writer,
-        after: Writer,
-    },
-    None,
+    Moved { before: Writer, after: Writer },
+    /// Nothing to tell: the same writer, the first discovery, a shutdown.
+    Nothing,
 }
 
 /// The change from writer `before` to `after`; `lost` is whether a loss was logged and not
@@ -87,7 +85,7 @@ fn what_changed(
         (Some(_), None) if !lost && !closing => Change::Lost,
         (None, Some(now)) if lost => Change::Regained(now),
         (Some(before), Some(after)) if before != after => Change::Moved { before, after },
-        _ => Change::None,
+        _ => Change::Nothing,
     }
 }
 
@@ -148,7 +146,7 @@ mod tests {
     fn every_election_is_told_once_whichever_way_the_driver_sees_it() {
         // A step-down: the primary gone, then another one.
         assert_eq!(what_changed(primary(1), None, false, false), Change::Lost);
-        assert_eq!(what_changed(None, None, true, false), Change::None);
+        assert_eq!(what_changed(None, None, true, false), Change::Nothing);
         assert_eq!(
             what_changed(None, primary(2), true, false),
             Change::Regained(Writer::Primary(ServerAddress::Tcp {
@@ -165,13 +163,16 @@ mod tests {
         // a sharded cluster's routers.
         assert_eq!(
             what_changed(primary(3), primary(3), false, false),
-            Change::None
+            Change::Nothing
         );
-        assert_eq!(what_changed(None, primary(1), false, false), Change::None);
-        assert_eq!(what_changed(primary(1), None, false, true), Change::None);
+        assert_eq!(
+            what_changed(None, primary(1), false, false),
+            Change::Nothing
+        );
+        assert_eq!(what_changed(primary(1), None, false, true), Change::Nothing);
         assert_eq!(
             what_changed(Some(Writer::Other), Some(Writer::Other), false, false),
-            Change::None
+            Change::Nothing
         );
     }
 }
