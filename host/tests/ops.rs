@@ -427,6 +427,66 @@ async fn oplog_warnings_follow_the_projected_headroom() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The same 1 MB oplog written as fast, but with a minimum retention of an hour set at run
+/// time (`replSetResizeOplog`): MongoDB keeps every entry that long, so the checkpoint is safe
+/// for the hour whatever the size says. No alarm, and `/status` shows the retention and an
+/// hour's headroom. (Before the retention was read, this raised the error level within
+/// seconds: a false alarm on every deployment that sets one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minimum_retention_keeps_the_oplog_alarm_quiet() -> anyhow::Result<()> {
+    let mongo = tidegate_testkit::MongoReplicaSet::start_with_oplog_mb(1).await?;
+    mongo
+        .client()
+        .await?
+        .database("admin")
+        .run_command(bson::doc! { "replSetResizeOplog": 1, "minRetentionHours": 1.0 })
+        .await?;
+    let mut h = Harness::start().await?;
+    h.mongo = mongo;
+    let address = format!("127.0.0.1:{}", free_port());
+    let config = h.config("", "").replace(
+        "interval_ms = 200",
+        "interval_ms = 200\noplog_check_interval_ms = 250\noplog_warn_headroom_secs = 60\n\
+         oplog_error_headroom_secs = 20",
+    );
+    let path = h.write_config(
+        "oplog.toml",
+        &format!("{config}\n[http]\naddress = \"{address}\"\n"),
+    )?;
+    let mut tidegate = h.spawn_binary(&path)?;
+    h.wait_ready().await?;
+    let orders = h.collection().await?;
+
+    // ~400 KB/s, past the oplog's whole size within seconds, for a dozen projections.
+    let blob = "z".repeat(100_000);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut checks = 0;
+    let mut written = 0;
+    while checks < 12 || written < 40 {
+        orders.insert_one(bson::doc! { "blob": &blob }).await?;
+        written += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let oplog = status(&address).await?["pipelines"][0]["oplog"].clone();
+        if let Some(headroom) = oplog["headroom_seconds"].as_f64() {
+            assert_eq!(oplog["min_retention_hours"], 1.0, "{oplog}");
+            assert!(
+                headroom > 3000.0,
+                "headroom {headroom} s under a 1 h retention"
+            );
+            assert_eq!(oplog["level"], "ok", "{oplog}");
+            checks += 1;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no projection: {oplog}"
+        );
+    }
+    let log = tidegate.log();
+    assert!(oplog_alarms(&log).is_empty(), "{log}");
+    tidegate.kill9();
+    Ok(())
+}
+
 /// Runs Debian's Chromium headless on `url` with `action` (`--dump-dom`, or
 /// `--screenshot=<file>`), in a throw-away profile, with nothing fetched from the network but
 /// the page itself; returns its stdout.

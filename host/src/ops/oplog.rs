@@ -26,8 +26,14 @@
 //! once the position is older than the oldest entry. Each change of level is logged once,
 //! with a reminder every [`REMINDER`] while it lasts. Where the oplog cannot be read (a
 //! sharded cluster through mongos, a user without read access to `local`) nothing is
-//! recorded. MongoDB's `oplogMinRetentionHours`, which can keep entries longer than the
-//! size alone would, is not taken into account: the projection errs on the early side.
+//! recorded.
+//!
+//! MongoDB's minimum retention (`oplogMinRetentionHours`, or `replSetResizeOplog`'s
+//! `minRetentionHours`) keeps every entry at least that long, however large the oplog grows:
+//! where it is set, a position is safe until it is that old, whatever the size says, and the
+//! headroom is the larger of the two. It is read from `serverStatus` (`oplogTruncation`) on
+//! every check, so a change at run time counts; where `serverStatus` is not allowed, the
+//! size alone is used and the projection errs on the early side.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -73,6 +79,8 @@ pub struct Reading {
     pub oldest_secs: i64,
     /// Unix seconds of its newest entry.
     pub newest_secs: i64,
+    /// The minimum retention, seconds (0: none, or not readable).
+    pub min_retention_secs: f64,
 }
 
 /// What the last check found, as metrics, `/status` and `/readyz` show it.
@@ -84,6 +92,9 @@ pub struct Status {
     pub size_bytes: u64,
     /// Seconds between its oldest and newest entries (what it holds now, not its capacity).
     pub window_seconds: i64,
+    /// The minimum retention MongoDB keeps every entry for, hours (0: none, or not
+    /// readable).
+    pub min_retention_hours: f64,
     /// Bytes written per second over the last readings; `None` until two readings exist.
     pub write_bytes_per_second: Option<f64>,
     /// Projected seconds until the checkpointed position is overwritten; `None` while the
@@ -308,7 +319,30 @@ pub async fn read(client: &mongodb::Client) -> Result<Reading, String> {
         size_bytes,
         oldest_secs: i64::from(oldest.time),
         newest_secs: i64::from(newest.time),
+        min_retention_secs: min_retention_hours(client).await * 3600.0,
     })
+}
+
+/// The oplog's minimum retention in hours (`serverStatus.oplogTruncation`), 0 where none is
+/// set or `serverStatus` is not allowed (the size alone then counts).
+async fn min_retention_hours(client: &mongodb::Client) -> f64 {
+    let command = doc! {
+        "serverStatus": 1, "oplogTruncation": 1, "repl": 0, "metrics": 0, "locks": 0,
+        "wiredTiger": 0, "tcmalloc": 0, "transactions": 0, "network": 0, "opcounters": 0,
+    };
+    let Ok(status) = client.database("admin").run_command(command).await else {
+        return 0.0;
+    };
+    match status
+        .get_document("oplogTruncation")
+        .ok()
+        .and_then(|t| t.get("oplogMinRetentionHours"))
+    {
+        Some(Bson::Double(hours)) => hours.max(0.0),
+        Some(Bson::Int32(hours)) => f64::from(*hours).max(0.0),
+        Some(Bson::Int64(hours)) => (*hours as f64).max(0.0),
+        _ => 0.0,
+    }
 }
 
 /// The times of the oplog's oldest and newest entries.
@@ -373,8 +407,9 @@ fn written_between(a: &Reading, b: &Reading) -> f64 {
     (grown + truncated).max(0.0)
 }
 
-/// Projected seconds until the oplog overwrites `position_secs` at `bytes_per_second`; 0 if
-/// it already has; `None` when nothing is being written.
+/// Projected seconds until the oplog overwrites `position_secs` at `bytes_per_second`, or
+/// until the position is older than the minimum retention if that is later; 0 if it already
+/// has been overwritten; `None` when nothing is being written.
 pub fn headroom_seconds(
     reading: &Reading,
     bytes_per_second: f64,
@@ -392,7 +427,11 @@ pub fn headroom_seconds(
         true => reading.size_bytes * (behind / span).min(1.0),
         false => 0.0,
     };
-    Some((reading.max_bytes - after_position).max(0.0) / bytes_per_second)
+    let by_size = (reading.max_bytes - after_position).max(0.0) / bytes_per_second;
+    // The newest entry stands for now: a replica set writes one every 10 s even when idle.
+    let by_retention =
+        position_secs as f64 + reading.min_retention_secs - reading.newest_secs as f64;
+    Some(by_size.max(by_retention))
 }
 
 /// The level `headroom` sets, coming from `current`: a level is left for a better one only
@@ -434,6 +473,7 @@ fn assess(
         max_bytes: reading.max_bytes as u64,
         size_bytes: reading.size_bytes as u64,
         window_seconds: reading.newest_secs - reading.oldest_secs,
+        min_retention_hours: reading.min_retention_secs / 3600.0,
         write_bytes_per_second: bytes_per_second,
         headroom_seconds: headroom,
         level: level(headroom, lost, thresholds, current),
@@ -614,6 +654,7 @@ mod tests {
             size_bytes: size_mb * MB,
             oldest_secs: oldest,
             newest_secs: newest,
+            min_retention_secs: 0.0,
         }
     }
 
@@ -643,6 +684,32 @@ mod tests {
         assert_eq!(headroom_seconds(&full, MB, 999), Some(0.0));
         // Nothing written: no projection.
         assert_eq!(headroom_seconds(&full, 0.0, 1050), None);
+    }
+
+    #[test]
+    fn a_minimum_retention_keeps_a_position_until_it_is_that_old() {
+        // Full and written fast (100 s of capacity), but every entry is kept an hour: a
+        // caught-up position is safe for the hour, one 50 s behind for 50 s less.
+        let kept = Reading {
+            min_retention_secs: 3600.0,
+            ..reading(100.0, 100.0, 1000, 1100)
+        };
+        assert_eq!(headroom_seconds(&kept, MB, 1100), Some(3600.0));
+        assert_eq!(headroom_seconds(&kept, MB, 1050), Some(3550.0));
+        // Kept past its size (the oplog over its maximum): the retention alone counts.
+        let over = Reading {
+            min_retention_secs: 3600.0,
+            ..reading(100.0, 300.0, 1000, 1100)
+        };
+        assert_eq!(headroom_seconds(&over, MB, 1100), Some(3600.0));
+        // A retention shorter than what the size gives changes nothing.
+        let short = Reading {
+            min_retention_secs: 10.0,
+            ..reading(100.0, 100.0, 1000, 1100)
+        };
+        assert_eq!(headroom_seconds(&short, MB, 1100), Some(100.0));
+        // Overwritten is overwritten.
+        assert_eq!(headroom_seconds(&kept, MB, 999), Some(0.0));
     }
 
     #[test]

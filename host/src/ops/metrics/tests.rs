@@ -74,6 +74,7 @@ fn a_new_run_forgets_an_earlier_runs_position() {
         max_bytes: 1,
         size_bytes: 1,
         window_seconds: 1,
+        min_retention_hours: 0.0,
         write_bytes_per_second: None,
         headroom_seconds: Some(0.0),
         level: crate::ops::oplog::Level::Lost,
