@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use prometheus_parse::{Scrape, Value};
 use support::{http_get, wat_filter, write_range, Harness, InProcess, PIPELINE, SIGTERM, STREAM};
-use tidegate_testkit::{free_port, wait_until, MongoReplicaSet};
+use tidegate_testkit::{free_port, wait_until, ChildProcess, MongoReplicaSet};
 
 /// The value of `name{pipeline="orders"}` in a scrape.
 fn sample<'a>(scrape: &'a Scrape, name: &str) -> Option<&'a Value> {
@@ -339,20 +339,7 @@ async fn an_idle_pipeline_stays_ready_on_a_fresh_replica_set() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oplog_warnings_follow_the_projected_headroom() -> anyhow::Result<()> {
     let mongo = tidegate_testkit::MongoReplicaSet::start_with_oplog_mb(1).await?;
-    let mut h = Harness::start().await?;
-    h.mongo = mongo;
-    let address = format!("127.0.0.1:{}", free_port());
-    let config = h.config("", "").replace(
-        "interval_ms = 200",
-        "interval_ms = 200\noplog_check_interval_ms = 250\noplog_warn_headroom_secs = 60\n\
-         oplog_error_headroom_secs = 20",
-    );
-    let path = h.write_config(
-        "oplog.toml",
-        &format!("{config}\n[http]\naddress = \"{address}\"\n"),
-    )?;
-    let mut tidegate = h.spawn_binary(&path)?;
-    h.wait_ready().await?;
+    let (h, mut tidegate, address) = watch_small_oplog(mongo).await?;
     let orders = h.collection().await?;
     let oplog_of = |json: &serde_json::Value| json["pipelines"][0]["oplog"].clone();
 
@@ -441,20 +428,7 @@ async fn a_minimum_retention_keeps_the_oplog_alarm_quiet() -> anyhow::Result<()>
         .database("admin")
         .run_command(bson::doc! { "replSetResizeOplog": 1, "minRetentionHours": 1.0 })
         .await?;
-    let mut h = Harness::start().await?;
-    h.mongo = mongo;
-    let address = format!("127.0.0.1:{}", free_port());
-    let config = h.config("", "").replace(
-        "interval_ms = 200",
-        "interval_ms = 200\noplog_check_interval_ms = 250\noplog_warn_headroom_secs = 60\n\
-         oplog_error_headroom_secs = 20",
-    );
-    let path = h.write_config(
-        "oplog.toml",
-        &format!("{config}\n[http]\naddress = \"{address}\"\n"),
-    )?;
-    let mut tidegate = h.spawn_binary(&path)?;
-    h.wait_ready().await?;
+    let (h, mut tidegate, address) = watch_small_oplog(mongo).await?;
     let orders = h.collection().await?;
 
     // ~400 KB/s, past the oplog's whole size within seconds, for a dozen projections.
@@ -485,6 +459,28 @@ async fn a_minimum_retention_keeps_the_oplog_alarm_quiet() -> anyhow::Result<()>
     assert!(oplog_alarms(&log).is_empty(), "{log}");
     tidegate.kill9();
     Ok(())
+}
+
+/// tidegate on `mongo` (a small oplog) checking the oplog every 250 ms, warning under 60 s
+/// of headroom and erring under 20 s, ready; with the address of its HTTP endpoint.
+async fn watch_small_oplog(
+    mongo: MongoReplicaSet,
+) -> anyhow::Result<(Harness, ChildProcess, String)> {
+    let mut h = Harness::start().await?;
+    h.mongo = mongo;
+    let address = format!("127.0.0.1:{}", free_port());
+    let config = h.config("", "").replace(
+        "interval_ms = 200",
+        "interval_ms = 200\noplog_check_interval_ms = 250\noplog_warn_headroom_secs = 60\n\
+         oplog_error_headroom_secs = 20",
+    );
+    let path = h.write_config(
+        "oplog.toml",
+        &format!("{config}\n[http]\naddress = \"{address}\"\n"),
+    )?;
+    let tidegate = h.spawn_binary(&path)?;
+    h.wait_ready().await?;
+    Ok((h, tidegate, address))
 }
 
 /// Runs Debian's Chromium headless on `url` with `action` (`--dump-dom`, or
