@@ -135,11 +135,15 @@ fn writer(topology: &TopologyDescription) -> Option<Writer> {
 mod tests {
     use super::*;
 
-    fn primary(port: u16) -> Option<Writer> {
-        Some(Writer::Primary(ServerAddress::Tcp {
+    fn primary_at(port: u16) -> Writer {
+        Writer::Primary(ServerAddress::Tcp {
             host: "127.0.0.1".into(),
             port: Some(port),
-        }))
+        })
+    }
+
+    fn primary(port: u16) -> Option<Writer> {
+        Some(primary_at(port))
     }
 
     #[test]
@@ -149,10 +153,7 @@ mod tests {
         assert_eq!(what_changed(None, None, true, false), Change::Nothing);
         assert_eq!(
             what_changed(None, primary(2), true, false),
-            Change::Regained(Writer::Primary(ServerAddress::Tcp {
-                host: "127.0.0.1".into(),
-                port: Some(2)
-            }))
+            Change::Regained(primary_at(2))
         );
         // A killed primary whose successor the driver heard of first.
         assert!(matches!(
