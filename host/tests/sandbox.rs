@@ -493,14 +493,19 @@ fn a_run_of_breaches_is_slowed_to_ten_a_second() {
 /// An insert of `{_id: 1}` into `shop.orders`, with the `faulty` plugin's `flag` set to true
 /// (none: an event it passes unchanged).
 fn insert_flagged(flag: Option<&str>) -> tidegate::model::Change {
-    use std::borrow::Cow;
-    use tidegate::model::{Change, Fields, Namespace, Operation};
-
     let mut full = bson::rawdoc! { "_id": 1 };
     if let Some(flag) = flag {
         let flag: &bson::raw::CStr = flag.try_into().expect("a flag name");
         full.append(flag, true);
     }
+    insert_of(full)
+}
+
+/// An insert of `full` (with `_id: 1`) into `shop.orders`.
+fn insert_of(full: bson::RawDocumentBuf) -> tidegate::model::Change {
+    use std::borrow::Cow;
+    use tidegate::model::{Change, Fields, Namespace, Operation};
+
     let key = bson::rawdoc! { "_id": 1 };
     let namespace = Namespace {
         db: "shop".into(),
@@ -512,6 +517,96 @@ fn insert_flagged(flag: Option<&str>) -> tidegate::model::Change {
         ..Fields::new("82AA", Operation::Insert, namespace)
     };
     Change::from_fields(fields, None).expect("change")
+}
+
+/// A plugin's wait (a guest's `sleep`: a monotonic-clock pollable it blocks on) is a host
+/// call, which the epoch deadline cannot cut: had tidegate let it block, one event could have
+/// held a worker of the pool for as long as the plugin asked (an hour, or for ever), with no
+/// CPU charged to its tenant, and two such tenants would have stalled every other. Without
+/// the `clock` capability a plugin's clock is stopped, so its waits end at once (a verdict
+/// still cannot depend on time); with it, a wait is real but one reaching past the call's
+/// deadline fails the call as a deadline, at once, and a wait within it is charged to the
+/// tenant on the worker pool as CPU time (see the pool's own test). Each case is checked by the plugin's own
+/// monotonic clock and by the call's duration; the only timings asserted are ceilings far
+/// above the deadline (a wait that blocked would take a minute) and a floor the wait must
+/// have lasted.
+#[test]
+fn a_plugin_cannot_wait_past_its_deadline() {
+    use std::time::Instant;
+    use tidegate::plugin::{Chain, Plugin, Verdict};
+
+    const MINUTE_MS: i64 = 60_000;
+    let snoop = plugin_dir().expect("plugins").join("snoop.wasm");
+    let waiting = |ms: i64| insert_of(bson::rawdoc! { "_id": 1, "wait_ms": ms });
+    let chain_of = |grants: &str| {
+        let text = format!(
+            "{}\n[pipeline.capabilities]\n{grants}\n",
+            offline_config("", "snoop", &snoop, "", "timeout_ms = 200")
+        );
+        let config = tidegate::Config::parse(&text, Path::new("."), |_| None).expect("config");
+        let sandbox = tidegate::new_sandbox(&config).expect("sandbox");
+        let pipeline = &config.pipelines[0];
+        let settings = Chain::settings(pipeline, &pipeline.plugins[0]);
+        let plugin = Plugin::load(&sandbox, "snoop", &snoop, &settings).expect("load snoop");
+        (sandbox, Chain::of(vec![plugin], pipeline))
+    };
+    let waited_ms = |verdict: &Verdict| match verdict {
+        Verdict::Publish(outputs) => outputs[0]
+            .headers
+            .iter()
+            .find(|(name, _)| name == "X-Waited-Ms")
+            .map(|(_, ms)| ms.parse::<u64>().expect("a number")),
+        other => panic!("expected the event published, got {other:?}"),
+    };
+
+    // No clock: a minute's wait ends at once, and the clock did not move.
+    let (_sandbox, mut stopped) = chain_of("clock = false");
+    let started = Instant::now();
+    let verdict = stopped.run(&waiting(MINUTE_MS));
+    let took = started.elapsed();
+    assert_eq!(waited_ms(&verdict), Some(0));
+    assert!(
+        took < Duration::from_secs(30),
+        "a stopped clock's wait took {took:?}"
+    );
+
+    // The clock granted: a wait within the deadline is real.
+    let (_sandbox, mut real) = chain_of("clock = true");
+    let verdict = real.run(&waiting(50));
+    let waited = waited_ms(&verdict).expect("the wait's header");
+    assert!(
+        waited >= 50,
+        "asked 50 ms, waited {waited} ms by the plugin's clock"
+    );
+    // The wait held the worker: the worker pool charges it as CPU time.
+    let strain = real.take_strain();
+    assert!(
+        strain.waited >= Duration::from_millis(50),
+        "the chain reports {:?} waited",
+        strain.waited
+    );
+
+    // ... and one past the deadline fails the call, without waiting for it.
+    let started = Instant::now();
+    let verdict = real.run(&waiting(MINUTE_MS));
+    let took = started.elapsed();
+    match verdict {
+        Verdict::DeadLetter(cause) => {
+            assert_eq!(cause.kind().as_str(), "deadline");
+            assert!(
+                cause.message().contains("wait"),
+                "the reason names the wait: {}",
+                cause.message()
+            );
+        }
+        other => panic!("expected a deadline dead letter, got {other:?}"),
+    }
+    assert!(
+        took < Duration::from_secs(30),
+        "a wait past the deadline took {took:?}"
+    );
+    // The plugin is called again (on a fresh instance) and publishes.
+    assert!(waited_ms(&real.run(&waiting(0))).is_some());
 }
 
 /// A chain of the `faulty` plugin alone under [`config_text`], and its sandbox: keep the

@@ -243,8 +243,8 @@ impl ChainStages {
                     .run(move || {
                         let turn = stages.turn(&mut items, &turn_stats);
                         let pause = stages.chain.take_pause();
-                        let breached = stages.chain.take_breached();
-                        ((stages, items, turn, pause), breached)
+                        let strain = stages.chain.take_strain();
+                        ((stages, items, turn, pause), strain)
                     })
                     .await;
                 let Ran {

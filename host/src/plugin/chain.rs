@@ -14,7 +14,7 @@ use crate::config::{PipelineConfig, QuarantineAction, QuarantineConfig};
 use crate::error::Error;
 use crate::model::failure::FailureKind;
 use crate::model::Change;
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Sandbox, Strain};
 
 /// What every output of a unit's transforms must respect besides the plugin's own limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,8 +36,8 @@ pub struct Chain {
     unit: String,
     /// Idle time owed for limit breaches (see [`Chain::take_pause`]).
     pause_owed: std::time::Duration,
-    /// Whether a call broke a limit since the last [`Chain::take_breached`].
-    breached: bool,
+    /// What the calls since the last [`Chain::take_strain`] cost beyond their CPU time.
+    strain: Strain,
 }
 
 impl Chain {
@@ -87,7 +87,7 @@ impl Chain {
             quarantine: pipeline.quarantine,
             unit: pipeline.id.clone(),
             pause_owed: std::time::Duration::ZERO,
-            breached: false,
+            strain: Strain::default(),
         }
     }
 
@@ -109,7 +109,7 @@ impl Chain {
         if !err.kind.is_limit_breach() {
             return;
         }
-        self.breached = true;
+        self.strain.breached = true;
         if self.quarantine.breach_pause == 0 {
             return;
         }
@@ -135,9 +135,10 @@ impl Chain {
     }
 
     /// Whether a call broke a plugin limit since the last call of this (the worker pool runs
-    /// such a unit at the lowest priority beside others: see `sandbox::fair`).
-    pub fn take_breached(&mut self) -> bool {
-        std::mem::take(&mut self.breached)
+    /// such a unit at the lowest priority beside others: see `sandbox::fair`), and how long
+    /// the calls' waits blocked (charged as CPU time).
+    pub fn take_strain(&mut self) -> Strain {
+        std::mem::take(&mut self.strain)
     }
 
     /// Whether a limit breach left idle time owed (see [`Chain::take_pause`]).
@@ -317,6 +318,7 @@ impl Chain {
                 result.is_err(),
             );
         }
+        self.strain.waited += self.plugins[index].last_waited;
         self.record(index, result.as_ref().err());
         if let Err(err) = &result {
             let in_a_row = self.plugins[index].failures_in_a_row;

@@ -137,6 +137,8 @@ pub struct Plugin {
     quarantined: bool,
     /// Fuel burnt by the last call (metrics, `tidegate plugin test`).
     last_fuel_used: u64,
+    /// How long the last call's waits blocked (charged on the worker pool as CPU time).
+    last_waited: std::time::Duration,
     /// Most memory (all memories and tables together) an instance of this version held, in
     /// bytes.
     memory_peak: u64,
@@ -225,6 +227,7 @@ impl Plugin {
             failures_in_a_row: 0,
             quarantined: false,
             last_fuel_used: 0,
+            last_waited: std::time::Duration::ZERO,
             memory_peak: 0,
         };
         plugin.live = Some(plugin.instantiate().map_err(|err| fail(err.message))?);
@@ -411,6 +414,7 @@ impl Plugin {
     }
 
     fn invoke(&mut self, arg: Arg<'_>) -> Result<Decision, CallError> {
+        self.last_waited = std::time::Duration::ZERO;
         let (mut store, instance) = match self.live.take() {
             Some(live) => live,
             None => self.instantiate()?,
@@ -448,6 +452,7 @@ impl Plugin {
             }
         };
         self.last_fuel_used = sandbox::fuel_used(&store, &self.settings.limits);
+        self.last_waited = store.data_mut().take_waited();
         self.memory_peak = self.memory_peak.max(store.data().memory_peak() as u64);
         self.report_suppressed_logs(&mut store);
         match result {
@@ -494,6 +499,7 @@ fn prepare(
     };
     linked.map_err(|err| format!("cannot set up imports: {err:#}"))?;
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        .and_then(|()| sandbox::link_waits(&mut linker))
         .map_err(|err| format!("cannot set up WASI imports: {err:#}"))?;
     let instance_pre = linker.instantiate_pre(component).map_err(|err| {
         format!(

@@ -253,6 +253,8 @@ pub fn arm(store: &mut Store<PluginState>, limits: &PluginLimits) -> Result<(), 
         .div_ceil(EPOCH_TICK.as_millis() as u64)
         .max(1);
     store.set_epoch_deadline(ticks);
+    store.data_mut().call_ends =
+        std::time::Instant::now().checked_add(Duration::from_millis(limits.timeout_ms));
     Ok(())
 }
 
@@ -268,6 +270,9 @@ pub fn fuel_used(store: &Store<PluginState>, limits: &PluginLimits) -> u64 {
 pub fn trap_reason(err: &wasmtime::Error) -> String {
     if let Some(limit) = err.downcast_ref::<LimitExceeded>() {
         return format!("memory: {limit}");
+    }
+    if let Some(wait) = err.downcast_ref::<super::WaitPastDeadline>() {
+        return format!("deadline: {wait}");
     }
     match err.downcast_ref::<Trap>() {
         Some(Trap::OutOfFuel) => "out-of-fuel".to_string(),

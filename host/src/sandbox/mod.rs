@@ -26,7 +26,8 @@
 //!   A compiled component is kept in memory by hash, so K tenants with the same plugin
 //!   share one copy of its code.
 //! - **Capabilities**: the linker offers `tidegate:plugin/{log,config}` and WASI 0.2, the
-//!   latter deny-by-default (see [`wasi_context`]); any other import is refused at load.
+//!   latter deny-by-default (see [`wasi_context`]), its clock waits bounded by the call's
+//!   deadline ([`link_waits`]); any other import is refused at load.
 //!
 //! A store whose call trapped is never reused: the plugin gets a fresh instance for the next
 //! event (see `plugin::Plugin`).
@@ -56,8 +57,8 @@ pub use limits::{
     arm, check_declared, fuel_used, trap_reason, LimitExceeded, LogBudget, EPOCH_TICK,
     MAX_MEMORIES, MAX_TABLES, MAX_TABLE_ELEMENTS, TABLE_ELEMENT_BYTES,
 };
-pub use pool::{PoolAccount, Ran, WorkerPool};
-pub use wasi::wasi_context;
+pub use pool::{PoolAccount, Ran, Strain, WorkerPool};
+pub use wasi::{link_waits, wasi_context, WaitPastDeadline, Wasi};
 
 use cache::ComponentCache;
 use limits::Footprint;
@@ -279,6 +280,12 @@ pub struct PluginState {
     footprint: Footprint,
     log: LogBudget,
     wasi: WasiCtx,
+    /// Where the plugin's monotonic clock starts (`None`: stopped), for its waits.
+    clock: Option<std::time::Instant>,
+    /// When the call in progress reaches its deadline (set by [`arm`]), for its waits.
+    call_ends: Option<std::time::Instant>,
+    /// Nanoseconds the plugin's waits have blocked since [`PluginState::take_waited`].
+    waited: Arc<std::sync::atomic::AtomicU64>,
     table: ResourceTable,
     _slot: Slot,
 }
@@ -288,6 +295,11 @@ impl PluginState {
     /// also its peak): what counts against `limits.memory_mib`.
     pub fn memory_peak(&self) -> usize {
         self.footprint.used()
+    }
+
+    /// How long the plugin's waits have blocked since the last call of this (see `wasi`).
+    pub fn take_waited(&mut self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.waited.swap(0, Ordering::Relaxed))
     }
 
     /// The log budget of the current call.
@@ -304,7 +316,7 @@ pub fn new_store(
     scope: (&str, Option<&str>),
     config: &BTreeMap<String, String>,
     limits: &PluginLimits,
-    wasi: WasiCtx,
+    wasi: Wasi,
     slot: Slot,
 ) -> Store<PluginState> {
     let state = PluginState {
@@ -315,7 +327,10 @@ pub fn new_store(
         event: None,
         footprint: Footprint::new(limits),
         log: LogBudget::new(limits),
-        wasi,
+        wasi: wasi.ctx,
+        clock: wasi.clock,
+        call_ends: None,
+        waited: Arc::default(),
         table: ResourceTable::new(),
         _slot: slot,
     };

@@ -59,7 +59,7 @@ struct UnitTurn<F, R> {
 
 impl<F, R> Job for UnitTurn<F, R>
 where
-    F: FnOnce() -> (R, bool) + Send,
+    F: FnOnce() -> (R, Strain) + Send,
     R: Send,
 {
     fn run(&mut self) -> (Duration, bool) {
@@ -70,9 +70,10 @@ where
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(turn));
         let cpu = thread_cpu_time().saturating_sub(started);
         match outcome {
-            Ok((value, breached)) => {
-                self.ran = Some((value, cpu));
-                (cpu, breached)
+            Ok((value, strain)) => {
+                let held = cpu.saturating_add(strain.waited);
+                self.ran = Some((value, held));
+                (held, strain.breached)
             }
             Err(_) => (cpu, false),
         }
@@ -86,11 +87,24 @@ where
     }
 }
 
+/// What a turn tells the pool of itself beyond the CPU time its thread used.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Strain {
+    /// Whether it broke a plugin limit (a call out of fuel, past its deadline, over its
+    /// memory or output caps: until a turn that does not, the account is heavy beside other
+    /// active accounts, see `fair`).
+    pub breached: bool,
+    /// How long its plugins' waits blocked the worker (a plugin granted the clock may sleep
+    /// up to its deadline): charged as CPU time, since a wait holds the worker as computing
+    /// does, so a tenant that sleeps on every event is heavy as one that spins is.
+    pub waited: Duration,
+}
+
 /// What a unit's turn returned, and what it cost.
 pub struct Ran<R> {
     /// The closure's result.
     pub value: R,
-    /// The CPU time the turn used.
+    /// The CPU time the turn used, with the time its plugins' waits blocked.
     pub cpu: Duration,
     /// Whether the account is heavy after this turn (its next turn runs on the background
     /// workers).
@@ -318,13 +332,11 @@ pub struct PoolAccount {
 
 impl PoolAccount {
     /// Runs `turn` on a worker when the scheduler gives this account its turn. The closure
-    /// returns its result and whether the turn broke a plugin limit (a call out of fuel,
-    /// past its deadline, over its memory or output caps: until a turn that does not, the
-    /// account is heavy beside other active accounts, see `fair`). An error means the turn
-    /// panicked (a tidegate bug).
+    /// returns its result and its [`Strain`]. An error means the turn panicked (a tidegate
+    /// bug).
     pub async fn run<R: Send + 'static>(
         &self,
-        turn: impl FnOnce() -> (R, bool) + Send + 'static,
+        turn: impl FnOnce() -> (R, Strain) + Send + 'static,
     ) -> Result<Ran<R>, String> {
         let (done, result) = tokio::sync::oneshot::channel();
         let turn: Turn = Box::new(UnitTurn {
@@ -526,7 +538,14 @@ pub fn lower_priority() {}
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use super::{Settings, WorkerPool};
+    use std::time::Duration;
+
+    use super::{Settings, Strain, WorkerPool};
+
+    const BREACHED: Strain = Strain {
+        breached: true,
+        waited: Duration::ZERO,
+    };
 
     /// Times a background worker thread took the lock of any pool in this test process.
     static LOCKED_IN_BACKGROUND: AtomicUsize = AtomicUsize::new(0);
@@ -562,7 +581,7 @@ mod tests {
         };
         // The light account is active (one turn) so that the hostile one is not alone.
         let light_ran_on = light
-            .run(move || (thread_name(), false))
+            .run(move || (thread_name(), Strain::default()))
             .await
             .expect("turn runs")
             .value;
@@ -570,13 +589,16 @@ mod tests {
         for i in 0..50 {
             // Every hostile turn breaks a limit: heavy from its first turn on.
             let ran = hostile
-                .run(move || ((i, thread_name()), true))
+                .run(move || ((i, thread_name()), BREACHED))
                 .await
                 .expect("turn runs");
             ran_on.push(ran.value);
             if i % 10 == 0 {
                 // Keeps the light account active beside it.
-                light.run(|| ((), false)).await.expect("turn runs");
+                light
+                    .run(|| ((), Strain::default()))
+                    .await
+                    .expect("turn runs");
             }
         }
         assert!(
@@ -597,6 +619,33 @@ mod tests {
             ran_on
         );
         assert_eq!(LOCKED_IN_BACKGROUND.load(Ordering::Relaxed), 0);
+    }
+
+    /// A turn whose plugin waited (a plugin granted the clock sleeping on every event) is
+    /// charged the wait as CPU time: beside another active account it is heavy, as a turn
+    /// that computed as long would be, though its thread used almost no CPU; and what it
+    /// reports counts the wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_turn_that_waited_is_charged_the_wait() {
+        let pool = WorkerPool::start(Settings {
+            workers: 1,
+            background: true,
+        })
+        .expect("pool starts");
+        let (light, sleeper) = (pool.account(), pool.account());
+        let quiet = light.run(|| ((), Strain::default())).await.expect("runs");
+        assert!(!quiet.heavy);
+        let waited = Strain {
+            breached: false,
+            waited: Duration::from_millis(50),
+        };
+        let slept = sleeper.run(move || ((), waited)).await.expect("runs");
+        assert!(
+            slept.cpu >= Duration::from_millis(50),
+            "charged {:?}",
+            slept.cpu
+        );
+        assert!(slept.heavy, "a 50 ms wait beside an active account");
     }
 
     /// A background worker's thread leaves the normal policy for `SCHED_IDLE` (nice 19

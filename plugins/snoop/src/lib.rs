@@ -5,7 +5,10 @@
 //! - `X-Clock`: the wall clock's seconds since the Unix epoch;
 //! - `X-Random`: eight random bytes, in hex;
 //! - `X-Dirs`: the folders it was given, comma-separated;
-//! - `X-Connect`: what connecting a TCP socket to 127.0.0.1:9 gave (`ok` or the WASI error name).
+//! - `X-Connect`: what connecting a TCP socket to 127.0.0.1:9 gave (`ok` or the WASI error name);
+//! - `X-Waited-Ms`: when the event's full document has `"wait_ms": N`, it first waits N ms on
+//!   a monotonic-clock pollable (what a guest's `sleep` does), and this says how long the wait
+//!   took by that clock (a wait is a host call, which the host's epoch deadline cannot cut).
 //!
 //! It has no logic worth testing natively: everything it does is a WASI call.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
@@ -20,13 +23,29 @@ mod component {
 
     use tidegate::plugin::types::Header;
     use wasi::cli::environment;
-    use wasi::clocks::wall_clock;
+    use wasi::clocks::{monotonic_clock, wall_clock};
     use wasi::filesystem::preopens;
     use wasi::random::random;
     use wasi::sockets::network::{IpAddressFamily, IpSocketAddress, Ipv4SocketAddress};
     use wasi::sockets::{instance_network, tcp_create_socket};
 
     struct Snoop;
+
+    /// The `N` of `"wait_ms": N` in a relaxed-EJSON document, if there.
+    fn wait_ms(document: Option<&[u8]>) -> Option<u64> {
+        let document = std::str::from_utf8(document?).ok()?;
+        let rest = document.split_once("\"wait_ms\":")?.1.trim_start();
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    }
+
+    /// Waits `ms` on a pollable (`subscribe-duration`, then `block`); the milliseconds that
+    /// passed by the monotonic clock.
+    fn wait(ms: u64) -> u64 {
+        let started = monotonic_clock::now();
+        monotonic_clock::subscribe_duration(ms * 1_000_000).block();
+        monotonic_clock::now().saturating_sub(started) / 1_000_000
+    }
 
     fn connect() -> String {
         let socket = match tcp_create_socket::create_tcp_socket(IpAddressFamily::Ipv4) {
@@ -62,6 +81,7 @@ mod component {
         }
 
         fn transform(event: ChangeEvent) -> Result<Vec<Output>, PluginError> {
+            let waited = wait_ms(event.full_document.as_deref()).map(wait);
             let random: String = random::get_random_bytes(8)
                 .iter()
                 .map(|b| format!("{b:02x}"))
@@ -83,7 +103,10 @@ mod component {
                     header("X-Random", random),
                     header("X-Dirs", dirs.join(",")),
                     header("X-Connect", connect()),
-                ],
+                ]
+                .into_iter()
+                .chain(waited.map(|ms| header("X-Waited-Ms", ms.to_string())))
+                .collect(),
             }])
         }
     }
