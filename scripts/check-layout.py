@@ -96,6 +96,9 @@ def sizes():
                 m = re.match(r"^(\s*)(pub(\([a-z]+\))? )?(async )?(const )?(unsafe )?fn (\w+)", line)
                 if not m or line.rstrip().endswith(";"):
                     continue
+                # A whole function on one line (`fn f() {}`): nothing to measure.
+                if line.rstrip().endswith("}") and line.count("{") == line.count("}"):
+                    continue
                 indent = m.group(1)
                 for j in range(i + 1, len(lines)):
                     if lines[j].startswith(indent + "}") and len(lines[j].strip()) <= 2:
