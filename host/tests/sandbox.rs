@@ -551,11 +551,8 @@ fn a_plugin_cannot_wait_past_its_deadline() {
         (sandbox, Chain::of(vec![plugin], pipeline))
     };
     let waited_ms = |verdict: &Verdict| match verdict {
-        Verdict::Publish(outputs) => outputs[0]
-            .headers
-            .iter()
-            .find(|(name, _)| name == "X-Waited-Ms")
-            .map(|(_, ms)| ms.parse::<u64>().expect("a number")),
+        Verdict::Publish(outputs) => header_of(&outputs[0].headers, "X-Waited-Ms")
+            .map(|ms| ms.parse::<u64>().expect("a number")),
         other => panic!("expected the event published, got {other:?}"),
     };
 
@@ -607,6 +604,65 @@ fn a_plugin_cannot_wait_past_its_deadline() {
     );
     // The plugin is called again (on a fresh instance) and publishes.
     assert!(waited_ms(&real.run(&waiting(0))).is_some());
+}
+
+/// The WASI resources a plugin holds (pollables, streams…) live in host memory, outside
+/// `memory_mib`: an instance may hold at most `MAX_RESOURCES` at once, and one that creates
+/// more fails its call as a `memory` breach naming the cap (wasmtime's own cap, a million,
+/// let one call keep that many in the host's memory for the instance's life). Under the cap,
+/// resources are created and kept as the plugin asks.
+#[test]
+fn a_plugin_cannot_hold_resources_without_bound() {
+    use tidegate::plugin::{Chain, Plugin, Verdict};
+    use tidegate::sandbox::MAX_RESOURCES;
+
+    let snoop = plugin_dir().expect("plugins").join("snoop.wasm");
+    let text = offline_config("", "snoop", &snoop, "", "");
+    let config = tidegate::Config::parse(&text, Path::new("."), |_| None).expect("config");
+    let sandbox = tidegate::new_sandbox(&config).expect("sandbox");
+    let pipeline = &config.pipelines[0];
+    let settings = Chain::settings(pipeline, &pipeline.plugins[0]);
+    let plugin = Plugin::load(&sandbox, "snoop", &snoop, &settings).expect("load snoop");
+    let mut chain = Chain::of(vec![plugin], pipeline);
+    let holding = |n: usize| insert_of(bson::rawdoc! { "_id": 1, "hold": n as i64 });
+
+    // Two events of 100 each: the instance keeps them (the second sees 200).
+    for held in [100, 200] {
+        match chain.run(&holding(100)) {
+            Verdict::Publish(outputs) => assert_eq!(
+                header_of(&outputs[0].headers, "X-Held"),
+                Some(held.to_string())
+            ),
+            other => panic!("expected the event published, got {other:?}"),
+        }
+    }
+    match chain.run(&holding(MAX_RESOURCES * 2)) {
+        Verdict::DeadLetter(cause) => {
+            assert_eq!(cause.kind().as_str(), "memory");
+            assert!(
+                cause.message().contains(&MAX_RESOURCES.to_string()),
+                "the reason names the cap: {}",
+                cause.message()
+            );
+        }
+        other => panic!("expected a memory dead letter, got {other:?}"),
+    }
+    // A fresh instance holds nothing: the next call starts again from none.
+    match chain.run(&holding(1)) {
+        Verdict::Publish(outputs) => assert_eq!(
+            header_of(&outputs[0].headers, "X-Held").as_deref(),
+            Some("1")
+        ),
+        other => panic!("expected the event published, got {other:?}"),
+    }
+}
+
+/// The value of header `name` among `headers`.
+fn header_of(headers: &[(String, String)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, value)| value.clone())
 }
 
 /// A chain of the `faulty` plugin alone under [`config_text`], and its sandbox: keep the

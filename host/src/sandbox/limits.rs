@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use wasmtime::component::ResourceTableError;
 use wasmtime::{Store, Trap};
 
 use super::PluginState;
@@ -24,6 +25,13 @@ pub const MAX_TABLES: usize = 64;
 
 /// Most elements one table may have (also the pooled table slots' size).
 pub const MAX_TABLE_ELEMENTS: usize = 200_000;
+
+/// Most WASI resources (pollables, streams, sockets, directory handles…) one plugin instance
+/// may hold at once. They live in host memory, outside `limits.memory_mib`; wasmtime's own
+/// cap is a million per store, which a plugin could fill in one call and keep for its
+/// instance's life (tens of bytes each, host-side, times every tenant doing it). Ten
+/// thousand is far more than any plugin needs: the language runtimes hold a handful.
+pub const MAX_RESOURCES: usize = 10_000;
 
 /// Most core instances one plugin instance may create.
 pub(super) const MAX_CORE_INSTANCES: usize = 64;
@@ -273,6 +281,12 @@ pub fn trap_reason(err: &wasmtime::Error) -> String {
     }
     if let Some(wait) = err.downcast_ref::<super::WaitPastDeadline>() {
         return format!("deadline: {wait}");
+    }
+    if let Some(ResourceTableError::Full) = err.downcast_ref::<ResourceTableError>() {
+        return format!(
+            "memory: the instance holds {MAX_RESOURCES} WASI resources (pollables, streams, \
+             sockets…), the most one may hold at once"
+        );
     }
     match err.downcast_ref::<Trap>() {
         Some(Trap::OutOfFuel) => "out-of-fuel".to_string(),

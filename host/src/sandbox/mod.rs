@@ -13,7 +13,8 @@
 //!   the guest ignores), and a component whose declared minimums alone exceed it is refused
 //!   at load ([`check_declared`]). The counts per instance ([`MAX_MEMORIES`],
 //!   [`MAX_TABLES`], [`MAX_TABLE_ELEMENTS`]) are the same for pooled and on-demand
-//!   instances.
+//!   instances. The WASI resources an instance holds in host memory are capped too
+//!   ([`MAX_RESOURCES`]).
 //! - **Admission**: at most `sandbox.max_instances` instances live at once; past it loading
 //!   fails with a clear error instead of exhausting the pool or the machine.
 //! - **Workers**: every unit's plugin chain runs in short turns on one process-wide pool of
@@ -55,7 +56,7 @@ use crate::config::{PluginLimits, SandboxConfig};
 pub use engine::{Admission, Slot};
 pub use limits::{
     arm, check_declared, fuel_used, trap_reason, LimitExceeded, LogBudget, EPOCH_TICK,
-    MAX_MEMORIES, MAX_TABLES, MAX_TABLE_ELEMENTS, TABLE_ELEMENT_BYTES,
+    MAX_MEMORIES, MAX_RESOURCES, MAX_TABLES, MAX_TABLE_ELEMENTS, TABLE_ELEMENT_BYTES,
 };
 pub use pool::{PoolAccount, Ran, Strain, WorkerPool};
 pub use wasi::{link_waits, wasi_context, WaitPastDeadline, Wasi};
@@ -308,6 +309,13 @@ impl PluginState {
     }
 }
 
+/// An empty table for an instance's WASI resources, holding at most [`MAX_RESOURCES`].
+fn resource_table() -> ResourceTable {
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(MAX_RESOURCES);
+    table
+}
+
 /// A fresh store for one plugin instance, with its memory cap and capabilities installed;
 /// `scope` is the (unit, tenant) running it, for its log lines.
 pub fn new_store(
@@ -331,7 +339,7 @@ pub fn new_store(
         clock: wasi.clock,
         call_ends: None,
         waited: Arc::default(),
-        table: ResourceTable::new(),
+        table: resource_table(),
         _slot: slot,
     };
     let mut store = Store::new(engine, state);

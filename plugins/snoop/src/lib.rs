@@ -8,7 +8,10 @@
 //! - `X-Connect`: what connecting a TCP socket to 127.0.0.1:9 gave (`ok` or the WASI error name);
 //! - `X-Waited-Ms`: when the event's full document has `"wait_ms": N`, it first waits N ms on
 //!   a monotonic-clock pollable (what a guest's `sleep` does), and this says how long the wait
-//!   took by that clock (a wait is a host call, which the host's epoch deadline cannot cut).
+//!   took by that clock (a wait is a host call, which the host's epoch deadline cannot cut);
+//! - `X-Held`: when the event's full document has `"hold": N`, it first creates N pollables
+//!   (resources in the host's table) and keeps them for the rest of the instance's life; this
+//!   says how many it holds in all.
 //!
 //! It has no logic worth testing natively: everything it does is a WASI call.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
@@ -31,12 +34,28 @@ mod component {
 
     struct Snoop;
 
-    /// The `N` of `"wait_ms": N` in a relaxed-EJSON document, if there.
-    fn wait_ms(document: Option<&[u8]>) -> Option<u64> {
+    /// The `N` of `"<key>": N` in a relaxed-EJSON document, if there.
+    fn number(document: Option<&[u8]>, key: &str) -> Option<u64> {
         let document = std::str::from_utf8(document?).ok()?;
-        let rest = document.split_once("\"wait_ms\":")?.1.trim_start();
+        let rest = document.split_once(&format!("\"{key}\":"))?.1.trim_start();
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
         digits.parse().ok()
+    }
+
+    thread_local! {
+        /// Pollables created by `hold` events, kept for the instance's life.
+        static HELD: std::cell::RefCell<Vec<wasi::io::poll::Pollable>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// Creates `n` more pollables and keeps them; how many are held in all.
+    fn hold(n: u64) -> usize {
+        HELD.with_borrow_mut(|held| {
+            for _ in 0..n {
+                held.push(monotonic_clock::subscribe_duration(0));
+            }
+            held.len()
+        })
     }
 
     /// Waits `ms` on a pollable (`subscribe-duration`, then `block`); the milliseconds that
@@ -81,7 +100,9 @@ mod component {
         }
 
         fn transform(event: ChangeEvent) -> Result<Vec<Output>, PluginError> {
-            let waited = wait_ms(event.full_document.as_deref()).map(wait);
+            let document = event.full_document.as_deref();
+            let held = number(document, "hold").map(hold);
+            let waited = number(document, "wait_ms").map(wait);
             let random: String = random::get_random_bytes(8)
                 .iter()
                 .map(|b| format!("{b:02x}"))
@@ -106,6 +127,7 @@ mod component {
                 ]
                 .into_iter()
                 .chain(waited.map(|ms| header("X-Waited-Ms", ms.to_string())))
+                .chain(held.map(|n| header("X-Held", n.to_string())))
                 .collect(),
             }])
         }
