@@ -110,7 +110,7 @@ fn inert(imports: &[String], capabilities: &Capabilities) -> Vec<String> {
         (
             "wasi:clocks/",
             capabilities.clock,
-            "clocks stand still at the epoch (capability `clock` not granted)",
+            "clocks stand still at the epoch and waits end at once (capability `clock` not granted)",
         ),
         (
             "wasi:random/",
