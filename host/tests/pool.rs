@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bson::doc;
-use support::{assert_exactly_once_in_order, metric, scrape, Harness, DB};
+use support::{assert_exactly_once_in_order, header, metric, scrape, Harness, DB};
 use tidegate_testkit::free_port;
 
 /// The head of a config: two pool workers, the HTTP endpoint at `address` with at most
@@ -278,6 +278,96 @@ async fn a_hog_does_not_starve_others_and_a_rate_quota_throttles_without_loss() 
         0.0,
         "no quota, no wait"
     );
+    child.signal(support::SIGTERM)?;
+    child.wait_exit(Duration::from_secs(120)).await?;
+    Ok(())
+}
+
+/// Tenants whose plugin asks to sleep an hour on every event (a wait on a monotonic-clock
+/// pollable: a host call, which the epoch deadline cannot cut), beside a good tenant, on a
+/// pool of two workers. Three of them have no `clock` grant: their waits end at once and their
+/// events are published (the plugin's clock unmoved). One has the grant and a 200 ms
+/// deadline: each wait fails its call at once as a `deadline`, a dead letter. The good
+/// tenant's events all arrive, once and in order. Had a wait blocked, the first two sleeping
+/// events would have held both workers for an hour and nothing below would have arrived
+/// within the two-minute ceilings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_that_sleep_cannot_hold_the_pool() -> anyhow::Result<()> {
+    const HOUR_MS: i64 = 3_600_000;
+    const SLEEPY_EVENTS: u64 = 3;
+    let h = Harness::start().await?;
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut config = head(&h, &address, 100, "sleepy");
+    config.push_str(&tenant("good", ""));
+    let snoop = |t: &str, extra: &str| {
+        tenant(t, extra)
+            .replace("name = \"op-filter\"", "name = \"snoop\"")
+            .replace(
+                "config = { operations = \"insert,update,replace,delete\" }",
+                "",
+            )
+    };
+    let sleepers = ["nap1", "nap2", "nap3"];
+    for t in sleepers {
+        config.push_str(&snoop(t, ""));
+    }
+    config.push_str(&snoop(
+        "waiter",
+        "capabilities = { clock = true }\n\
+         limits = { timeout_ms = 200 }\n\
+         quarantine = { after_failures = 0 }",
+    ));
+    let path = h.write_config("sleepy.toml", &config)?;
+    let mut child = h.spawn_binary(&path)?;
+    let units: Vec<String> = ["good", "nap1", "nap2", "nap3", "waiter"]
+        .iter()
+        .map(|t| format!("sleepy.{t}"))
+        .collect();
+    let units: Vec<&str> = units.iter().map(String::as_str).collect();
+    h.wait_checkpoints(&units).await?;
+
+    let db = h.mongo.client().await?.database(DB);
+    for t in sleepers.iter().chain(&["waiter"]) {
+        db.collection::<bson::Document>(t)
+            .insert_many(
+                (0..SLEEPY_EVENTS).map(|seq| doc! { "seq": seq as i64, "wait_ms": HOUR_MS }),
+            )
+            .await?;
+    }
+    let good = db.collection::<bson::Document>("good");
+    for batch in 0..5i64 {
+        good.insert_many((0..10).map(|i| doc! { "seq": batch * 10 + i }))
+            .await?;
+    }
+
+    let ceiling = Duration::from_secs(120);
+    let good_messages = h.wait_settled("GOOD", 50, ceiling).await?;
+    assert_exactly_once_in_order(&good_messages, 50);
+    for t in sleepers {
+        let messages = h
+            .wait_settled(&t.to_uppercase(), SLEEPY_EVENTS, ceiling)
+            .await?;
+        for m in &messages {
+            assert_eq!(
+                header(m, "X-Waited-Ms").as_deref(),
+                Some("0"),
+                "{t}: without the clock grant a wait ends at once"
+            );
+        }
+    }
+    let waited = h.wait_settled("WAITER", SLEEPY_EVENTS, ceiling).await?;
+    for m in &waited {
+        assert_eq!(
+            header(m, "Tidegate-Error-Kind").as_deref(),
+            Some("deadline"),
+            "a wait past the deadline is a deadline dead letter"
+        );
+        let reason = header(m, "Tidegate-Error").unwrap_or_default();
+        assert!(
+            reason.contains("asked to wait"),
+            "the reason names the wait: {reason}"
+        );
+    }
     child.signal(support::SIGTERM)?;
     child.wait_exit(Duration::from_secs(120)).await?;
     Ok(())
