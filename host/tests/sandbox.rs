@@ -533,22 +533,16 @@ fn insert_of(full: bson::RawDocumentBuf) -> tidegate::model::Change {
 #[test]
 fn a_plugin_cannot_wait_past_its_deadline() {
     use std::time::Instant;
-    use tidegate::plugin::{Chain, Plugin, Verdict};
+    use tidegate::plugin::Verdict;
 
     const MINUTE_MS: i64 = 60_000;
     let snoop = plugin_dir().expect("plugins").join("snoop.wasm");
     let waiting = |ms: i64| insert_of(bson::rawdoc! { "_id": 1, "wait_ms": ms });
     let chain_of = |grants: &str| {
-        let text = format!(
+        offline_chain(&format!(
             "{}\n[pipeline.capabilities]\n{grants}\n",
             offline_config("", "snoop", &snoop, "", "timeout_ms = 200")
-        );
-        let config = tidegate::Config::parse(&text, Path::new("."), |_| None).expect("config");
-        let sandbox = tidegate::new_sandbox(&config).expect("sandbox");
-        let pipeline = &config.pipelines[0];
-        let settings = Chain::settings(pipeline, &pipeline.plugins[0]);
-        let plugin = Plugin::load(&sandbox, "snoop", &snoop, &settings).expect("load snoop");
-        (sandbox, Chain::of(vec![plugin], pipeline))
+        ))
     };
     let waited_ms = |verdict: &Verdict| match verdict {
         Verdict::Publish(outputs) => header_of(&outputs[0].headers, "X-Waited-Ms")
@@ -613,17 +607,11 @@ fn a_plugin_cannot_wait_past_its_deadline() {
 /// resources are created and kept as the plugin asks.
 #[test]
 fn a_plugin_cannot_hold_resources_without_bound() {
-    use tidegate::plugin::{Chain, Plugin, Verdict};
+    use tidegate::plugin::Verdict;
     use tidegate::sandbox::MAX_RESOURCES;
 
     let snoop = plugin_dir().expect("plugins").join("snoop.wasm");
-    let text = offline_config("", "snoop", &snoop, "", "");
-    let config = tidegate::Config::parse(&text, Path::new("."), |_| None).expect("config");
-    let sandbox = tidegate::new_sandbox(&config).expect("sandbox");
-    let pipeline = &config.pipelines[0];
-    let settings = Chain::settings(pipeline, &pipeline.plugins[0]);
-    let plugin = Plugin::load(&sandbox, "snoop", &snoop, &settings).expect("load snoop");
-    let mut chain = Chain::of(vec![plugin], pipeline);
+    let (_sandbox, mut chain) = offline_chain(&offline_config("", "snoop", &snoop, "", ""));
     let holding = |n: usize| insert_of(bson::rawdoc! { "_id": 1, "hold": n as i64 });
 
     // Two events of 100 each: the instance keeps them (the second sees 200).
@@ -665,24 +653,25 @@ fn header_of(headers: &[(String, String)], name: &str) -> Option<String> {
         .map(|(_, value)| value.clone())
 }
 
-/// A chain of the `faulty` plugin alone under [`config_text`], and its sandbox: keep the
-/// sandbox while the chain runs (dropping it stops the epoch ticker that fires deadlines).
+/// A chain of the `faulty` plugin alone under [`config_text`], and its sandbox (see
+/// [`offline_chain`]).
 fn faulty_chain(breach_pause: u32) -> (tidegate::sandbox::Sandbox, tidegate::plugin::Chain) {
+    offline_chain(&config_text(breach_pause))
+}
+
+/// The chain of the one plugin of `text`'s one pipeline (an [`offline_config`]), loaded in
+/// process, and its sandbox: keep the sandbox while the chain runs (dropping it stops the
+/// epoch ticker that fires deadlines).
+fn offline_chain(text: &str) -> (tidegate::sandbox::Sandbox, tidegate::plugin::Chain) {
     use tidegate::plugin::{Chain, Plugin};
 
-    let plugins = plugin_dir().expect("plugins");
-    let config_path = std::path::Path::new(".");
-    let config =
-        tidegate::Config::parse(&config_text(breach_pause), config_path, |_| None).expect("config");
+    let config = tidegate::Config::parse(text, Path::new("."), |_| None).expect("config");
     let sandbox = tidegate::new_sandbox(&config).expect("sandbox");
     let pipeline = &config.pipelines[0];
-    let plugin = Plugin::load(
-        &sandbox,
-        "faulty",
-        &plugins.join("faulty.wasm"),
-        &Chain::settings(pipeline, &pipeline.plugins[0]),
-    )
-    .expect("load faulty");
+    let plugin_config = &pipeline.plugins[0];
+    let file = tidegate::config::PipelineConfig::plugin_path(plugin_config, Path::new("."));
+    let settings = Chain::settings(pipeline, plugin_config);
+    let plugin = Plugin::load(&sandbox, &plugin_config.name, &file, &settings).expect("load");
     let chain = Chain::of(vec![plugin], pipeline);
     (sandbox, chain)
 }
