@@ -86,7 +86,8 @@ pub fn wasi_context(capabilities: &Capabilities) -> Result<Wasi, String> {
     })
 }
 
-/// The clock a plugin without the `clock` capability sees.
+/// The wall clock a plugin without the `clock` capability sees (its monotonic clock is a
+/// stopped [`MonotonicClock`]).
 struct StoppedClock;
 
 impl wasmtime_wasi::HostWallClock for StoppedClock {
