@@ -560,6 +560,16 @@ mod tests {
         }
     }
 
+    /// A pool of its own for a test: one normal worker and one background worker.
+    #[allow(clippy::expect_used)] // Test code: a pool that cannot start is a failed test.
+    fn one_worker_and_background() -> WorkerPool {
+        WorkerPool::start(Settings {
+            workers: 1,
+            background: true,
+        })
+        .expect("pool starts")
+    }
+
     /// A heavy account's turns run on background workers, and those workers never take the
     /// pool's lock: at the lowest priority a worker may wait long for a CPU, and one holding
     /// the lock meanwhile would stall every normal worker and every unit queueing a turn (a
@@ -567,11 +577,7 @@ mod tests {
     /// order, and the light account's turns stay on normal workers.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn background_workers_never_take_the_pools_lock() {
-        let pool = WorkerPool::start(Settings {
-            workers: 1,
-            background: true,
-        })
-        .expect("pool starts");
+        let pool = one_worker_and_background();
         let (light, hostile) = (pool.account(), pool.account());
         let thread_name = || {
             std::thread::current()
@@ -627,11 +633,7 @@ mod tests {
     /// reports counts the wait.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_turn_that_waited_is_charged_the_wait() {
-        let pool = WorkerPool::start(Settings {
-            workers: 1,
-            background: true,
-        })
-        .expect("pool starts");
+        let pool = one_worker_and_background();
         let (light, sleeper) = (pool.account(), pool.account());
         let quiet = light.run(|| ((), Strain::default())).await.expect("runs");
         assert!(!quiet.heavy);
