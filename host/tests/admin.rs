@@ -336,6 +336,18 @@ async fn tokens_tenants_and_uploads_are_checked() -> anyhow::Result<()> {
     )
     .await;
 
+    // A function too large to compile safely is refused before it is compiled.
+    let body = "i32.const 1 drop\n".repeat(tidegate::sandbox::MAX_FUNCTION_BYTES / 3 + 1);
+    let giant = wat_filter(dir, "giant", 1, &format!("(func $giant {body})"), "", "");
+    refused_upload(
+        &api,
+        "/v1/tenants/shop.acme/plugins/trap",
+        &acme,
+        &std::fs::read(giant)?,
+        "tidegate compiles functions of at most 1 MiB",
+    )
+    .await;
+
     // A filter that traps on contact is refused by the smoke call.
     let trap = wat_filter(dir, "trap", 1, "", "", "unreachable");
     refused_upload(

@@ -195,8 +195,9 @@ async fn memory_cap_counts_all_memories_and_tables_of_an_instance() -> anyhow::R
 }
 
 /// Components whose declared memories and tables alone exceed the cap (one huge memory, two
-/// memories that only together do, a table too large, too many memories) are refused at
-/// load by `tidegate check`, naming the limit, with either allocator.
+/// memories that only together do, a table too large, too many memories), or with a function
+/// too large to compile safely, are refused at load by `tidegate check`, naming the limit,
+/// with either allocator.
 #[test]
 fn components_declaring_more_than_the_cap_are_refused_at_load() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -205,11 +206,26 @@ fn components_declaring_more_than_the_cap_are_refused_at_load() {
     let table = wat_filter(dir.path(), "table", 1, "(table 8000000 funcref)", "", "");
     let many: String = (1..17).map(|i| format!("(memory $m{i} 1)\n")).collect();
     let many = wat_filter(dir.path(), "many", 1, &many, "", "");
+    // A body just over the limit: 349,526 `i32.const 1; drop` pairs of 3 bytes, its locals'
+    // count and its `end`: 1,048,580 bytes.
+    let body = "i32.const 1 drop\n".repeat(tidegate::sandbox::MAX_FUNCTION_BYTES / 3 + 1);
+    let giant = wat_filter(
+        dir.path(),
+        "giant",
+        1,
+        &format!("(func $giant {body})"),
+        "",
+        "",
+    );
     let cases = [
         (&huge, "over its cap of 64 MiB (limits.memory_mib)"),
         (&pair, "over its cap of 64 MiB (limits.memory_mib)"),
         (&table, "the limit is 200000 per table"),
         (&many, "at most 16 memories"),
+        (
+            &giant,
+            "has a function of 1048580 bytes of code; tidegate compiles functions of at most 1 MiB",
+        ),
     ];
     for pooling in [true, false] {
         for (file, expected) in &cases {

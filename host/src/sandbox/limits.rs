@@ -36,6 +36,14 @@ pub const MAX_RESOURCES: usize = 10_000;
 /// Most core instances one plugin instance may create.
 pub(super) const MAX_CORE_INSTANCES: usize = 64;
 
+/// Largest function body tidegate compiles, in bytes. The compiler runs in tidegate's own
+/// process, beside every tenant, and the memory and time it takes grow with a function's
+/// size: one body of 6.6 MB (within WebAssembly's own limit, in a 6.7 MB upload) took 22 s
+/// and 2 GB to compile, and two loads compile at once. The largest body in the language
+/// runtimes tidegate's examples are built with (CPython's interpreter loop, in
+/// componentize-py) is 0.43 MB.
+pub const MAX_FUNCTION_BYTES: usize = 1024 * 1024;
+
 /// What one call may write to the log: `limits.log_lines_per_call` lines and
 /// `limits.log_bytes_per_call` bytes of messages. Past either, the rest of the call's
 /// output is counted and suppressed (a line crossing the byte budget is cut at it).
@@ -205,6 +213,8 @@ impl wasmtime::ResourceLimiter for PluginState {
 /// and table sizes (each module counted once), and how many memories and tables they
 /// define. A lower bound of what instantiating it takes, checked before compiling so that
 /// a component that can never fit is refused naming the cap, whichever allocator is used.
+/// Its functions' sizes are checked too, against [`MAX_FUNCTION_BYTES`]: what compiling it
+/// would take.
 pub fn check_declared(bytes: &[u8], limits: &PluginLimits) -> Result<(), String> {
     let cap = limits.memory_mib as u64 * 1024 * 1024;
     let (mut memories, mut tables, mut total) = (0usize, 0usize, 0u64);
@@ -217,6 +227,17 @@ pub fn check_declared(bytes: &[u8], limits: &PluginLimits) -> Result<(), String>
                     memories += 1;
                     let page = 1u64 << memory.page_size_log2.unwrap_or(16);
                     total = total.saturating_add(memory.initial.saturating_mul(page));
+                }
+            }
+            wasmparser::Payload::CodeSectionEntry(body) => {
+                let size = body.range().len();
+                if size > MAX_FUNCTION_BYTES {
+                    return Err(format!(
+                        "has a function of {size} bytes of code; tidegate compiles functions \
+                         of at most {} MiB (compiling one takes memory and time in proportion \
+                         to its size, in tidegate's own process): split it into smaller ones",
+                        MAX_FUNCTION_BYTES / (1024 * 1024)
+                    ));
                 }
             }
             wasmparser::Payload::TableSection(section) => {

@@ -15,6 +15,9 @@
 //!   [`MAX_TABLES`], [`MAX_TABLE_ELEMENTS`]) are the same for pooled and on-demand
 //!   instances. The WASI resources an instance holds in host memory are capped too
 //!   ([`MAX_RESOURCES`]).
+//! - **Compiling** runs in tidegate's own process, its memory and time growing with a
+//!   function's size: a function body over [`MAX_FUNCTION_BYTES`] is refused before it is
+//!   compiled ([`check_declared`]).
 //! - **Admission**: at most `sandbox.max_instances` instances live at once; past it loading
 //!   fails with a clear error instead of exhausting the pool or the machine.
 //! - **Workers**: every unit's plugin chain runs in short turns on one process-wide pool of
@@ -56,7 +59,8 @@ use crate::config::{PluginLimits, SandboxConfig};
 pub use engine::{Admission, Slot};
 pub use limits::{
     arm, check_declared, fuel_used, trap_reason, LimitExceeded, LogBudget, EPOCH_TICK,
-    MAX_MEMORIES, MAX_RESOURCES, MAX_TABLES, MAX_TABLE_ELEMENTS, TABLE_ELEMENT_BYTES,
+    MAX_FUNCTION_BYTES, MAX_MEMORIES, MAX_RESOURCES, MAX_TABLES, MAX_TABLE_ELEMENTS,
+    TABLE_ELEMENT_BYTES,
 };
 pub use pool::{PoolAccount, Ran, Strain, WorkerPool};
 pub use wasi::{link_waits, wasi_context, WaitPastDeadline, Wasi};
