@@ -66,26 +66,105 @@ async fn call(
     token: Option<&str>,
     body: &[u8],
 ) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
+    let mut stream = send_head(address, method, path, token, body.len()).await;
+    stream.write_all(body).await.unwrap();
+    answer_of(stream).await
+}
+
+/// Opens a connection to `address` and sends a request's head, announcing a body of
+/// `length` bytes (not sent).
+async fn send_head(
+    address: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    length: usize,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{auth}Content-Length: {}\r\n\r\n",
-        body.len()
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{auth}Content-Length: {length}\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(body).await.unwrap();
+    stream
+}
+
+/// The status and JSON body of the answer on `stream`, read to its end.
+async fn answer_of(mut stream: tokio::net::TcpStream) -> (u16, Value) {
+    use tokio::io::AsyncReadExt;
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await.unwrap();
     let answer = String::from_utf8_lossy(&answer).into_owned();
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (
         status,
         serde_json::from_str(body.trim()).unwrap_or(Value::Null),
     )
+}
+
+/// Sends an upload's head with `Expect: 100-continue` and waits for the `100 Continue`: the
+/// API has given the tenant its turn and waits for the body (not sent).
+async fn upload_in_turn(
+    address: &str,
+    path: &str,
+    token: &str,
+    length: usize,
+) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "PUT {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\n\
+         Expect: 100-continue\r\nContent-Length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = Vec::new();
+    let mut byte = [0u8; 1];
+    while !interim.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).await.unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed before 100 Continue: {:?}",
+            String::from_utf8_lossy(&interim)
+        );
+        interim.push(byte[0]);
+    }
+    assert!(interim.starts_with(b"HTTP/1.1 100 Continue"), "{interim:?}");
+    stream
+}
+
+/// Calls until the answer's status is not `passing` (a bound the API lifts by itself once
+/// a connection it still serves has ended); that answer.
+async fn wait_for_answer(
+    address: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &[u8],
+    passing: u16,
+) -> (u16, Value) {
+    let answer = std::sync::Arc::new(std::sync::Mutex::new((0, Value::Null)));
+    let what = format!("an answer other than {passing} to {method} {path}");
+    wait_until(&what, Duration::from_secs(60), || {
+        let answer = answer.clone();
+        async move {
+            let got = call(address, method, path, Some(token), body).await;
+            let done = got.0 != passing;
+            *answer.lock().unwrap() = got;
+            done
+        }
+    })
+    .await
+    .unwrap();
+    let answer = answer.lock().unwrap().clone();
+    answer
 }
 
 /// The error text of a refusal.
@@ -347,6 +426,56 @@ async fn tokens_tenants_and_uploads_are_checked() -> anyhow::Result<()> {
         "tidegate compiles functions of at most 1 MiB",
     )
     .await;
+
+    // The caller is known before a body is read: without a token, or with another tenant's,
+    // an upload is refused from its head alone (the 32 MiB it announces are never awaited).
+    let path = "/v1/tenants/shop.acme/plugins/trap";
+    let announced = 32 * 1024 * 1024;
+    let (status, answer) = answer_of(send_head(&api, "PUT", path, None, announced).await).await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) =
+        answer_of(send_head(&api, "PUT", path, Some(&globex), announced).await).await;
+    assert_eq!(status, 403, "{answer}");
+    // One upload per tenant at a time: while acme's first is read, a second is refused;
+    // globex's goes on beside it; once the first ends (its client gone), acme's next is taken.
+    let first = upload_in_turn(&api, path, &acme, broken.len()).await;
+    let (status, answer) = call(&api, "PUT", path, Some(&acme), &broken).await;
+    assert_eq!(status, 429, "{answer}");
+    assert!(
+        error(&answer).contains("has an upload being checked already"),
+        "{answer}"
+    );
+    refused_upload(
+        &api,
+        "/v1/tenants/shop.globex/plugins/op-filter",
+        &globex,
+        &broken,
+        "not a valid WebAssembly component",
+    )
+    .await;
+    drop(first);
+    let next = wait_for_answer(&api, "PUT", path, &acme, &broken, 429).await;
+    assert_eq!(next.0, 422, "{}", next.1);
+    assert!(
+        error(&next.1).contains("not a valid WebAssembly component"),
+        "{}",
+        next.1
+    );
+    // At most 64 connections at once: the next is answered 503 at once; once they close,
+    // calls are served again.
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::TcpStream::connect(&api).await?);
+    }
+    let (status, answer) = answer_of(tokio::net::TcpStream::connect(&api).await?).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        error(&answer).contains("64 connections at once"),
+        "{answer}"
+    );
+    drop(idle);
+    let shown = wait_for_answer(&api, "GET", "/v1/tenants/shop.acme", &acme, b"", 503).await;
+    assert_eq!(shown.0, 200, "{}", shown.1);
 
     // A filter that traps on contact is refused by the smoke call.
     let trap = wat_filter(dir, "trap", 1, "", "", "unreachable");

@@ -189,6 +189,29 @@ config = { operations = "insert" }
         assert!(!body.contains(&format!(":{}", h.nats.port())));
     }
 
+    // A flood of connections: 64 are served at once, the next is answered 503 at once (not
+    // left to wait for a place); once they close, the endpoint answers again.
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::TcpStream::connect(&address).await?);
+    }
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(
+        &mut tokio::net::TcpStream::connect(&address).await?,
+        &mut answer,
+    )
+    .await?;
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.contains("64 connections are served at once"),
+        "{answer}"
+    );
+    drop(idle);
+    wait_until("/healthz answered again", Duration::from_secs(60), || {
+        let address = address.clone();
+        async move { matches!(http_get(&address, "/healthz").await, Ok((200, _))) }
+    })
+    .await?;
+
     // NATS away: not ready, and says why; back: ready again.
     h.nats.stop();
     wait_until("/readyz reports NATS down", Duration::from_secs(120), || {

@@ -1,6 +1,7 @@
-//! The admin API's HTTP/1.1: one request per connection, a `Content-Length` body up to a
-//! limit that depends on the route (plugin uploads are larger than JSON), `Expect:
-//! 100-continue` answered, and JSON responses. Hand-written like the ops endpoint's: a
+//! The admin API's HTTP/1.1: one request per connection, its head read first (the caller is
+//! known before any body is read), a `Content-Length` body up to a limit that depends on the
+//! route (plugin uploads are larger than JSON), `Expect: 100-continue` answered, and JSON
+//! responses. Hand-written like the ops endpoint's: a
 //! handful of routes do not justify a web framework's compile time.
 
 use std::time::Duration;
@@ -28,8 +29,6 @@ pub struct Request {
     pub path: String,
     /// The query (after `?`), possibly empty.
     pub query: String,
-    /// The `Authorization` header.
-    pub authorization: Option<String>,
     /// The body (empty without `Content-Length`).
     pub body: Vec<u8>,
 }
@@ -46,6 +45,7 @@ impl Request {
 }
 
 /// One response: a status and a JSON body.
+#[derive(Debug)]
 pub struct Response {
     /// The HTTP status.
     pub status: u16,
@@ -70,12 +70,26 @@ impl Response {
     }
 }
 
-/// Reads one request; `max_body` says, from the method and path, how large a body may be.
-/// A request that cannot be served is answered here and `None` returned.
-pub async fn read(
-    stream: &mut impl Connection,
-    max_body: impl Fn(&str, &str) -> usize,
-) -> std::io::Result<Option<Request>> {
+/// A request's head, read before its body: enough to know who is calling and what the body
+/// would be, so that a body is read only for a caller who may send it.
+pub struct Head {
+    /// `GET`, `POST`, `PUT` or `DELETE`.
+    pub method: String,
+    /// The path, without the query.
+    pub path: String,
+    query: String,
+    /// The `Authorization` header.
+    pub authorization: Option<String>,
+    /// The body's `Content-Length` (0 without one).
+    length: usize,
+    expect_continue: bool,
+    /// Bytes of the body that arrived with the head.
+    early: Vec<u8>,
+}
+
+/// Reads one request's head. A head that cannot be served is answered here and `None`
+/// returned.
+pub async fn read_head(stream: &mut impl Connection) -> std::io::Result<Option<Head>> {
     let mut data = Vec::with_capacity(1024);
     let mut buf = [0u8; 8192];
     let head_end = tokio::time::timeout(HEAD_TIMEOUT, async {
@@ -99,18 +113,23 @@ pub async fn read(
         Ok(Err(err)) => return Err(err),
         _ => return Ok(None),
     };
-    let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
-    let mut lines = head.lines();
+    let text = String::from_utf8_lossy(&data[..head_end]).into_owned();
+    let mut lines = text.lines();
     let mut words = lines.next().unwrap_or_default().split_whitespace();
     let (method, target) = (
         words.next().unwrap_or("").to_string(),
         words.next().unwrap_or(""),
     );
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let (path, query) = (path.to_string(), query.to_string());
-    let mut length = 0usize;
-    let mut authorization = None;
-    let mut expect_continue = false;
+    let mut head = Head {
+        method,
+        path: path.to_string(),
+        query: query.to_string(),
+        authorization: None,
+        length: 0,
+        expect_continue: false,
+        early: data.split_off(head_end + 4),
+    };
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             continue;
@@ -118,7 +137,7 @@ pub async fn read(
         let value = value.trim();
         match name.trim().to_ascii_lowercase().as_str() {
             "content-length" => match value.parse() {
-                Ok(n) => length = n,
+                Ok(n) => head.length = n,
                 Err(_) => {
                     let refusal = Response::error(400, "Content-Length is not a number");
                     write(stream, &refusal).await?;
@@ -131,12 +150,22 @@ pub async fn read(
                 write(stream, &refusal).await?;
                 return Ok(None);
             }
-            "authorization" => authorization = Some(value.to_string()),
-            "expect" => expect_continue = value.eq_ignore_ascii_case("100-continue"),
+            "authorization" => head.authorization = Some(value.to_string()),
+            "expect" => head.expect_continue = value.eq_ignore_ascii_case("100-continue"),
             _ => {}
         }
     }
-    let limit = max_body(&method, &path);
+    Ok(Some(head))
+}
+
+/// Reads the body of the request `head` begins, of at most `limit` bytes. A request that
+/// cannot be served is answered here and `None` returned.
+pub async fn read_body(
+    stream: &mut impl Connection,
+    head: Head,
+    limit: usize,
+) -> std::io::Result<Option<Request>> {
+    let length = head.length;
     if length > limit {
         let refusal = Response::error(
             413,
@@ -145,10 +174,11 @@ pub async fn read(
         write(stream, &refusal).await?;
         return Ok(None);
     }
-    if expect_continue {
+    if head.expect_continue {
         stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
     }
-    let mut body = data.split_off(head_end + 4);
+    let mut body = head.early;
+    let mut buf = [0u8; 8192];
     let filled = tokio::time::timeout(BODY_TIMEOUT, async {
         while body.len() < length {
             let n = stream.read(&mut buf).await?;
@@ -167,16 +197,21 @@ pub async fn read(
     }
     body.truncate(length);
     Ok(Some(Request {
-        method,
-        path,
-        query,
-        authorization,
+        method: head.method,
+        path: head.path,
+        query: head.query,
         body,
     }))
 }
 
 /// Writes `response` and closes the connection.
 pub async fn write(stream: &mut impl Connection, response: &Response) -> std::io::Result<()> {
+    stream.write_all(encode(response).as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// `response` as it goes on the wire.
+pub fn encode(response: &Response) -> String {
     let mut body = response.body.to_string();
     body.push('\n');
     let reason = match response.status {
@@ -191,6 +226,8 @@ pub async fn write(stream: &mut impl Connection, response: &Response) -> std::io
         411 => "Length Required",
         413 => "Payload Too Large",
         422 => "Unprocessable Entity",
+        429 => "Too Many Requests",
+        503 => "Service Unavailable",
         _ => "Error",
     };
     let mut out = format!(
@@ -203,6 +240,5 @@ pub async fn write(stream: &mut impl Connection, response: &Response) -> std::io
     }
     out.push_str("\r\n");
     out.push_str(&body);
-    stream.write_all(out.as_bytes()).await?;
-    stream.shutdown().await
+    out
 }

@@ -9,7 +9,9 @@
 //! tenant bucket and starts, restarts, suspends and removes tenant units to match, so a
 //! change made through any instance reaches all of them.
 //!
-//! - `http` — reading requests (bodies bounded per route) and writing JSON responses.
+//! - `http` — reading requests (the head, then a body bounded per route) and writing JSON
+//!   responses.
+//! - `gate` — how many connections and uploads are let in at once.
 //! - `tokens` — the operator's and tenants' tokens.
 //! - `routes` — one function per endpoint.
 //! - `purge` — a removed tenant's data deleted with it, on request.
@@ -17,6 +19,7 @@
 //! - `tls` — the listener's certificate (`[admin.tls]`) and the CLI's trust in it.
 //! - `upload` — checking a pushed plugin before it is accepted.
 
+mod gate;
 mod http;
 mod purge;
 mod routes;
@@ -33,6 +36,7 @@ use crate::config::admin::AdminConfig;
 use crate::config::Config;
 use crate::error::Error;
 use crate::sandbox::Sandbox;
+use http::Response;
 pub use store::{TenantRecord, TenantStore};
 
 /// What the API serves from.
@@ -47,6 +51,7 @@ pub struct Admin {
     max_upload: usize,
     /// `[admin.tls]`: connections are TLS handshakes first.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    gate: gate::Gate,
 }
 
 impl Admin {
@@ -76,6 +81,7 @@ impl Admin {
             max_upload,
             tls,
             config,
+            gate: gate::Gate::default(),
         })
     }
 }
@@ -122,8 +128,25 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
                 continue;
             }
         };
+        let Some(place) = admin.gate.connection() else {
+            // Answered without waiting on the client (plain HTTP only: a TLS client would
+            // read garbage), and closed.
+            if admin.tls.is_none() {
+                let busy = Response::error(
+                    503,
+                    format!(
+                        "the admin API serves {} connections at once; retry later",
+                        gate::MAX_CONNECTIONS
+                    ),
+                );
+                let _ = stream.try_write(http::encode(&busy).as_bytes());
+            }
+            tracing::debug!(%peer, "admin API connection refused: too many at once");
+            continue;
+        };
         let admin = admin.clone();
         tokio::spawn(async move {
+            let _place = place;
             match &admin.tls {
                 None => answer(&admin, stream).await,
                 Some(acceptor) => {
@@ -143,28 +166,42 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     }
 }
 
-/// Reads one request from `stream`, answers it and closes the connection.
+/// Reads one request from `stream`, answers it and closes the connection. The caller is
+/// authenticated from the head, before any body is read; an upload's body is read only in
+/// its turn (see `gate`).
 async fn answer(admin: &Admin, mut stream: impl http::Connection) {
-    let max_upload = admin.max_upload;
-    let limit = |method: &str, path: &str| match method == "PUT" && path.contains("/plugins/") {
-        true => max_upload,
-        false => http::MAX_JSON_BODY,
-    };
-    let request = match http::read(&mut stream, limit).await {
-        Ok(Some(request)) => request,
+    let head = match http::read_head(&mut stream).await {
+        Ok(Some(head)) => head,
         Ok(None) => return,
         Err(err) => {
             tracing::debug!(error = %err, "admin API request failed");
             return;
         }
     };
-    let response = routes::handle(admin, &request).await;
-    tracing::info!(
-        method = %request.method,
-        path = %request.path,
-        status = response.status,
-        "admin API"
-    );
+    let (method, path) = (head.method.clone(), head.path.clone());
+    let response = async {
+        let caller = routes::authenticate(admin, head.authorization.as_deref()).await?;
+        let (_turn, limit) = match routes::upload_of(&method, &path) {
+            Some(tenant) => {
+                routes::own_tenant(&caller, tenant)?;
+                (Some(admin.gate.upload(tenant).await?), admin.max_upload)
+            }
+            None => (None, http::MAX_JSON_BODY),
+        };
+        match http::read_body(&mut stream, head, limit).await {
+            Ok(Some(request)) => Ok(Some(routes::handle(admin, &request, &caller).await)),
+            Ok(None) => Ok(None),
+            Err(err) => {
+                tracing::debug!(error = %err, "admin API request failed");
+                Ok(None)
+            }
+        }
+    };
+    let response = match response.await {
+        Ok(Some(response)) | Err(response) => response,
+        Ok(None) => return,
+    };
+    tracing::info!(%method, %path, status = response.status, "admin API");
     if let Err(err) = http::write(&mut stream, &response).await {
         tracing::debug!(error = %err, "admin API response failed");
     }

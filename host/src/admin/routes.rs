@@ -17,13 +17,11 @@ use crate::ops::metrics;
 
 type Outcome = Result<Response, Response>;
 
-/// Answers one request.
-pub(super) async fn handle(admin: &Admin, request: &Request) -> Response {
-    let outcome = async {
-        let caller = authenticate(admin, request).await?;
-        route(admin, request, &caller).await
-    };
-    outcome.await.unwrap_or_else(|refusal| refusal)
+/// Answers one request of `caller` (see [`authenticate`]).
+pub(super) async fn handle(admin: &Admin, request: &Request, caller: &Caller) -> Response {
+    route(admin, request, caller)
+        .await
+        .unwrap_or_else(|refusal| refusal)
 }
 
 async fn route(admin: &Admin, request: &Request, caller: &Caller) -> Outcome {
@@ -58,9 +56,23 @@ async fn route(admin: &Admin, request: &Request, caller: &Caller) -> Outcome {
     }
 }
 
-/// The operator, or the tenant whose token this is; 401 otherwise.
-async fn authenticate(admin: &Admin, request: &Request) -> Result<Caller, Response> {
-    let Some(token) = tokens::bearer(request.authorization.as_deref()) else {
+/// The tenant a request uploads a plugin for, if it is an upload (`PUT
+/// /v1/tenants/<id>/plugins/<name>`): its body may be large, and is read in its turn.
+pub(super) fn upload_of<'a>(method: &str, path: &'a str) -> Option<&'a str> {
+    let path: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, path.as_slice()) {
+        ("PUT", ["v1", "tenants", id, "plugins", _]) => Some(id),
+        _ => None,
+    }
+}
+
+/// The operator, or the tenant whose token `authorization` (the header) carries; 401
+/// otherwise. Asked before a request's body is read.
+pub(super) async fn authenticate(
+    admin: &Admin,
+    authorization: Option<&str>,
+) -> Result<Caller, Response> {
+    let Some(token) = tokens::bearer(authorization) else {
         return Err(Response::error(
             401,
             "missing token: send `Authorization: Bearer <token>` with the operator token or a \
@@ -94,7 +106,8 @@ fn operator_only(caller: &Caller, what: &str) -> Result<(), Response> {
     }
 }
 
-fn own_tenant(caller: &Caller, id: &str) -> Result<(), Response> {
+/// Refuses (403) a tenant's token used on another tenant.
+pub(super) fn own_tenant(caller: &Caller, id: &str) -> Result<(), Response> {
     match caller.may_use(id) {
         true => Ok(()),
         false => Err(Response::error(

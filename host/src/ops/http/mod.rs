@@ -25,6 +25,10 @@ use crate::ops::telemetry::human_duration;
 const MAX_HEAD: usize = 8 * 1024;
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most connections served at once: each is a task and a socket, and the endpoint answers
+/// anyone who can reach it; past it a connection is answered `503` at once and closed, so a
+/// flood of connections costs tidegate neither its sockets nor its memory.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Binds the configured address (a failure is a start-up error).
 pub async fn bind(config: &HttpConfig) -> Result<TcpListener, Error> {
@@ -50,6 +54,7 @@ pub async fn serve(listener: TcpListener, nats: async_nats::Client) {
             metrics::registry().sample_history();
         }
     };
+    let places = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let requests = async {
         loop {
             let (stream, _) = match listener.accept().await {
@@ -60,8 +65,15 @@ pub async fn serve(listener: TcpListener, nats: async_nats::Client) {
                     continue;
                 }
             };
+            let Ok(place) = places.clone().try_acquire_owned() else {
+                let busy = format!("{MAX_CONNECTIONS} connections are served at once; retry\n");
+                let _ = stream.try_write(&encode(503, "text/plain", &busy, true));
+                tracing::debug!("HTTP connection refused: too many at once");
+                continue;
+            };
             let nats = nats.clone();
             tokio::spawn(async move {
+                let _place = place;
                 if let Err(err) = handle(stream, &nats).await {
                     tracing::debug!(error = %err, "HTTP request failed");
                 }
@@ -98,6 +110,13 @@ async fn handle(mut stream: TcpStream, nats: &async_nats::Client) -> std::io::Re
     };
     // Error texts shown here come from client libraries too: no secret may pass.
     let body = crate::security::scrub(&body);
+    let response = encode(status, content_type, &body, method != "HEAD");
+    stream.write_all(&response).await?;
+    stream.shutdown().await
+}
+
+/// A response as it goes on the wire (`with_body` false: a `HEAD`'s, its length announced).
+fn encode(status: u16, content_type: &str, body: &str, with_body: bool) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         404 => "Not Found",
@@ -109,11 +128,10 @@ async fn handle(mut stream: TcpStream, nats: &async_nats::Client) -> std::io::Re
         body.len()
     )
     .into_bytes();
-    if method != "HEAD" {
+    if with_body {
         response.extend_from_slice(body.as_bytes());
     }
-    stream.write_all(&response).await?;
-    stream.shutdown().await
+    response
 }
 
 fn route(path: &str, nats: &async_nats::Client) -> (u16, &'static str, String) {
