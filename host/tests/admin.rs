@@ -167,6 +167,23 @@ async fn wait_for_answer(
     answer
 }
 
+/// The object store of plugin components.
+async fn plugin_objects(
+    client: &async_nats::Client,
+) -> anyhow::Result<async_nats::jetstream::object_store::ObjectStore> {
+    Ok(async_nats::jetstream::new(client.clone())
+        .get_object_store("tidegate-plugins")
+        .await?)
+}
+
+/// Whether component `digest` is in the object store.
+async fn is_stored(
+    objects: &async_nats::jetstream::object_store::ObjectStore,
+    digest: &str,
+) -> bool {
+    objects.get(digest).await.is_ok()
+}
+
 /// The error text of a refusal.
 fn error(answer: &Value) -> &str {
     answer["error"].as_str().unwrap_or_default()
@@ -507,7 +524,7 @@ async fn tokens_tenants_and_uploads_are_checked() -> anyhow::Result<()> {
         "PUT",
         "/v1/tenants/shop.acme/plugins/trap",
         Some(&acme),
-        &std::fs::read(refuser)?,
+        &std::fs::read(&refuser)?,
     )
     .await;
     assert_eq!(status, 200, "{answer}");
@@ -573,6 +590,26 @@ async fn tokens_tenants_and_uploads_are_checked() -> anyhow::Result<()> {
     .await;
     assert_eq!(status, 403);
 
+    // A new version replaces the old in the object store (no other record names it); pushed
+    // again, the old bytes are stored again.
+    let objects = plugin_objects(&h.nats_client().await?).await?;
+    assert!(is_stored(&objects, &digest).await, "the pushed version");
+    let keeper = std::fs::read(wat_filter(dir, "keeper", 1, "", "", ""))?;
+    let path = "/v1/tenants/shop.acme/plugins/trap";
+    let mut replaced = digest.clone();
+    for version in [keeper, std::fs::read(&refuser)?] {
+        let (status, answer) = call(&api, "PUT", path, Some(&acme), &version).await;
+        assert_eq!(status, 200, "{answer}");
+        let now = answer["sha256"].as_str().unwrap().to_string();
+        assert!(is_stored(&objects, &now).await, "the new version");
+        assert!(
+            !is_stored(&objects, &replaced).await,
+            "the replaced version stays stored"
+        );
+        replaced = now;
+    }
+    assert_eq!(replaced, digest, "the first version pushed again");
+
     // Body limits: a declared body over the upload limit is refused before it is read.
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -596,6 +633,13 @@ fn run_cli(url: &str, token: &str, args: &[&str]) -> std::process::Output {
         .env_remove("TIDEGATE_ADMIN_CA")
         .output()
         .unwrap()
+}
+
+/// `tidegate plugin push` of `file` as plugin `name` of `tenant`; the answer.
+fn push_cli(api: &str, token: &str, tenant: &str, name: &str, file: &std::path::Path) -> Value {
+    let file = file.to_str().unwrap();
+    let args = ["plugin", "push", "--tenant", tenant, "--name", name, file];
+    cli(api, token, &args)
 }
 
 /// Runs `tidegate` (the CLI) against the admin API at `api` with `token`; its stdout as JSON.
@@ -679,19 +723,8 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
         OPERATOR,
         &["tenant", "update", "shop.gamma", spec.to_str().unwrap()],
     );
-    let pushed = cli(
-        &api,
-        &token,
-        &[
-            "plugin",
-            "push",
-            "--tenant",
-            "shop.gamma",
-            "--name",
-            "inserts",
-            h.plugins.join("op-filter.wasm").to_str().unwrap(),
-        ],
-    );
+    let op_filter = h.plugins.join("op-filter.wasm");
+    let pushed = push_cli(&api, &token, "shop.gamma", "inserts", &op_filter);
     assert_eq!(pushed["world"], "filter", "{pushed}");
 
     // A second tenant whose spec names that component by digest: the time to its first
@@ -716,6 +749,22 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
     eprintln!(
         "FIGURE admin add (one plugin by digest) → first published event: {} ms",
         started.elapsed().as_millis()
+    );
+
+    // gamma pushes another version of its plugin: the component beta names stays stored.
+    let objects = plugin_objects(&client).await?;
+    let keeper = wat_filter(h.dir.path(), "keeper", 1, "", "", "");
+    let pushed = push_cli(&api, &token, "shop.gamma", "inserts", &keeper);
+    let keeper_digest = pushed["sha256"].as_str().unwrap().to_string();
+    assert_ne!(keeper_digest, digest, "{pushed}");
+    assert!(is_stored(&objects, digest).await, "a component beta names");
+    // And back to the filter (the rest of the test relies on it): the version it replaces,
+    // named by no one, goes.
+    let pushed = push_cli(&api, &token, "shop.gamma", "inserts", &op_filter);
+    assert_eq!(pushed["sha256"], digest, "{pushed}");
+    assert!(
+        !is_stored(&objects, &keeper_digest).await,
+        "the replaced version stays stored"
     );
 
     // A change to its plugins alone is swapped into the running unit, not a restart: the
@@ -824,7 +873,6 @@ async fn tenant_lifecycle_through_the_cli() -> anyhow::Result<()> {
         checkpoints.get("shop.beta").await?.is_none(),
         "checkpoint kept"
     );
-    let objects = js.get_object_store("tidegate-plugins").await?;
     assert!(objects.get(digest).await.is_err(), "component kept");
     let (status, _) = call(&api, "GET", "/v1/tenants/shop.beta", Some(OPERATOR), b"").await;
     assert_eq!(status, 404);

@@ -140,14 +140,14 @@ pub async fn read_head(stream: &mut impl Connection) -> std::io::Result<Option<H
                 Ok(n) => head.length = n,
                 Err(_) => {
                     let refusal = Response::error(400, "Content-Length is not a number");
-                    write(stream, &refusal).await?;
+                    refuse_unread(stream, &refusal).await?;
                     return Ok(None);
                 }
             },
             "transfer-encoding" => {
                 let refusal =
                     Response::error(411, "send the body with a Content-Length, not chunked");
-                write(stream, &refusal).await?;
+                refuse_unread(stream, &refusal).await?;
                 return Ok(None);
             }
             "authorization" => head.authorization = Some(value.to_string()),
@@ -171,7 +171,7 @@ pub async fn read_body(
             413,
             format!("the body is {length} bytes; at most {limit} are accepted here"),
         );
-        write(stream, &refusal).await?;
+        refuse_unread(stream, &refusal).await?;
         return Ok(None);
     }
     if head.expect_continue {
@@ -192,7 +192,7 @@ pub async fn read_body(
     .await;
     if !matches!(filled, Ok(Ok(()))) || body.len() < length {
         let refusal = Response::error(400, "the body ended before its Content-Length");
-        write(stream, &refusal).await?;
+        refuse_unread(stream, &refusal).await?;
         return Ok(None);
     }
     body.truncate(length);
@@ -202,6 +202,28 @@ pub async fn read_body(
         query: head.query,
         body,
     }))
+}
+
+/// How long a connection refused before its body was read is kept open, reading and
+/// dropping what the client still sends (see [`refuse_unread`]).
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Writes `response` to a request whose body was not read (or not all of it), and closes
+/// the connection without resetting it: what the client still sends is read and dropped for
+/// at most [`LINGER`], since a socket closed with unread data is reset, and the client then
+/// loses the response with it.
+pub async fn refuse_unread(
+    stream: &mut impl Connection,
+    response: &Response,
+) -> std::io::Result<()> {
+    stream.write_all(encode(response).as_bytes()).await?;
+    stream.shutdown().await?;
+    let mut buf = [0u8; 8192];
+    let _ = tokio::time::timeout(LINGER, async {
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    Ok(())
 }
 
 /// Writes `response` and closes the connection.

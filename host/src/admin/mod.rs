@@ -197,12 +197,20 @@ async fn answer(admin: &Admin, mut stream: impl http::Connection) {
             }
         }
     };
-    let response = match response.await {
-        Ok(Some(response)) | Err(response) => response,
+    let (response, written) = match response.await {
+        Ok(Some(response)) => {
+            let written = http::write(&mut stream, &response).await;
+            (response, written)
+        }
+        // Refused before its body was read.
+        Err(response) => {
+            let written = http::refuse_unread(&mut stream, &response).await;
+            (response, written)
+        }
         Ok(None) => return,
     };
     tracing::info!(%method, %path, status = response.status, "admin API");
-    if let Err(err) = http::write(&mut stream, &response).await {
+    if let Err(err) = written {
         tracing::debug!(error = %err, "admin API response failed");
     }
 }

@@ -43,22 +43,7 @@ pub(super) async fn tenant(
     crate::checkpoint::forget(&unit.checkpoint, id, &admin.js, &unit.mongodb_uri)
         .await
         .map_err(|err| err.to_string())?;
-    // A component stays while any tenant's record names it (content-addressed: two tenants
-    // pushing the same bytes share one object).
-    let in_use: std::collections::HashSet<String> = admin
-        .store
-        .list()
-        .await?
-        .iter()
-        .filter(|(other, _)| other != id)
-        .flat_map(|(_, record)| record.plugins())
-        .filter_map(|(_, digest)| digest)
-        .collect();
-    let mut deleted = Vec::new();
-    for digest in components.into_iter().filter(|d| !in_use.contains(d)) {
-        admin.store.delete_component(&digest).await?;
-        deleted.push(digest);
-    }
+    let deleted = admin.store.delete_unused(components, Some(id)).await?;
     Ok(json!({
         "stream": stream_deleted.then_some(stream),
         "checkpoint": true,

@@ -390,9 +390,27 @@ async fn update(admin: &Admin, id: &str, request: &Request, caller: &Caller) -> 
     let unit = unit_of(admin, &record.pipeline, &tenant, &others.streams)?;
     others.check_key_values(&record.pipeline, &unit)?;
     check_components(admin, &unit).await?;
+    let before = record.plugins();
     record.tenant = tenant;
     save(admin, id, &record, revision).await?;
+    let now: HashSet<String> = record
+        .plugins()
+        .into_iter()
+        .filter_map(|(_, d)| d)
+        .collect();
+    let replaced = before.into_iter().filter_map(|(_, d)| d);
+    forget_replaced(admin, replaced.filter(|d| !now.contains(d)).collect()).await;
     Ok(Response::ok(200, view(id, &record)))
+}
+
+/// Deletes the components a tenant's record stopped naming (a new version pushed, a spec
+/// naming others) that no other record names, so the object store holds what is in use
+/// rather than every version ever pushed. The call that replaced them has succeeded: a
+/// failure here only leaves them stored, and is logged.
+async fn forget_replaced(admin: &Admin, replaced: Vec<String>) {
+    if let Err(err) = admin.store.delete_unused(replaced, None).await {
+        tracing::warn!(error = %err, "admin API: a replaced plugin component stays stored");
+    }
 }
 
 async fn remove(admin: &Admin, id: &str, request: &Request, caller: &Caller) -> Outcome {
@@ -485,8 +503,22 @@ async fn push(admin: &Admin, id: &str, name: &str, request: &Request, caller: &C
         .put_component(&request.body)
         .await
         .map_err(|err| Response::error(503, err))?;
+    let replaced = record
+        .plugins()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .and_then(|(_, d)| d)
+        .filter(|d| *d != digest);
     record.set_plugin(name, &digest);
     save(admin, id, &record, revision).await?;
+    // A call replacing the same bytes elsewhere may have found them unused, and deleted
+    // them, between the store and the save: they are stored again then.
+    admin
+        .store
+        .put_component(&request.body)
+        .await
+        .map_err(|err| Response::error(503, err))?;
+    forget_replaced(admin, replaced.into_iter().collect()).await;
     Ok(Response::ok(
         200,
         json!({ "id": id, "plugin": name, "sha256": digest, "world": accepted.world, "imports": accepted.imports, "notes": accepted.notes }),

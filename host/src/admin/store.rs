@@ -5,6 +5,7 @@
 //! Every instance opens the same buckets, so every instance sees the same tenants and can
 //! run any of them without plugin files of its own.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use async_nats::jetstream::{self, kv, object_store};
@@ -230,6 +231,34 @@ impl TenantStore {
             .map_err(|err| format!("cannot delete component sha256 {digest}: {err}"))?;
         let _ = std::fs::remove_file(self.cache.join(format!("{digest}.wasm")));
         Ok(())
+    }
+
+    /// Deletes those of `digests` that no tenant's record names, but tenant `leaving`'s (a
+    /// tenant being purged); returns the ones deleted. Components are content-addressed:
+    /// tenants that pushed the same bytes share one object, which stays while any of them
+    /// names it.
+    pub async fn delete_unused(
+        &self,
+        digests: Vec<String>,
+        leaving: Option<&str>,
+    ) -> Result<Vec<String>, String> {
+        if digests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let in_use: HashSet<String> = self
+            .list()
+            .await?
+            .iter()
+            .filter(|(id, _)| Some(id.as_str()) != leaving)
+            .flat_map(|(_, record)| record.plugins())
+            .filter_map(|(_, digest)| digest)
+            .collect();
+        let mut deleted = Vec::new();
+        for digest in digests.into_iter().filter(|d| !in_use.contains(d)) {
+            self.delete_component(&digest).await?;
+            deleted.push(digest);
+        }
+        Ok(deleted)
     }
 
     /// Stores a component (once per content) and keeps a local copy; returns its SHA-256.
