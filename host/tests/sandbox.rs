@@ -248,6 +248,59 @@ fn components_declaring_more_than_the_cap_are_refused_at_load() {
     }
 }
 
+/// The compiled-plugin cache keeps to `sandbox.cache_max_mib`: plugins of ~400 KB compiled
+/// one after another with a 1 MiB limit leave at most 1 MiB but the last one in the
+/// folder, the last one always among them.
+#[test]
+fn the_compiled_cache_keeps_to_its_size_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = dir.path().join("compiled");
+    let data = "x".repeat(400_000);
+    let cached = |cache: &Path| -> Vec<(String, u64)> {
+        std::fs::read_dir(cache)
+            .expect("read the cache")
+            .flatten()
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().expect("meta").len(),
+                )
+            })
+            .collect()
+    };
+    for n in 0..5 {
+        // Each plugin differs (its data starts with its number), so each is compiled anew.
+        let extra = format!("(data (i32.const 64) \"{n}{data}\")");
+        let file = wat_filter(dir.path(), &format!("big{n}"), 8, &extra, "", "");
+        let path = dir.path().join("tidegate.toml");
+        let text = offline_config("", "big", &file, "", "").replace(
+            "cache = false",
+            &format!("cache_max_mib = 1\ncache_dir = \"{}\"", cache.display()),
+        );
+        std::fs::write(&path, text).expect("write config");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run tidegate check");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let files = cached(&cache);
+        let total: u64 = files.iter().map(|(_, len)| len).sum();
+        let newest = files.iter().map(|(_, len)| *len).max().unwrap_or(0);
+        assert!(total > 400_000, "plugin {n}: nothing cached: {files:?}");
+        assert!(total <= 1024 * 1024 + newest, "plugin {n}: {files:?}");
+    }
+    assert!(
+        cached(&cache).len() < 5,
+        "nothing was deleted: {:?}",
+        cached(&cache)
+    );
+}
+
 /// What the log-forging plugin writes: a line break followed by a line dressed as
 /// tidegate's own, a carriage return and a terminal escape.
 const FORGED: &str =

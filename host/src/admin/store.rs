@@ -85,6 +85,8 @@ pub struct TenantStore {
     kv: kv::Store,
     objects: object_store::ObjectStore,
     cache: PathBuf,
+    /// `admin.object_cache_max_mib`, in bytes.
+    cache_max_bytes: u64,
 }
 
 impl TenantStore {
@@ -132,7 +134,12 @@ impl TenantStore {
                 cache.display()
             ))
         })?;
-        Ok(TenantStore { kv, objects, cache })
+        Ok(TenantStore {
+            kv,
+            objects,
+            cache,
+            cache_max_bytes: config.object_cache_max_mib.saturating_mul(1024 * 1024),
+        })
     }
 
     /// The tenant bucket, for the runtime's watch.
@@ -286,6 +293,7 @@ impl TenantStore {
     pub async fn component_path(&self, digest: &str) -> Result<PathBuf, String> {
         let path = self.cache.join(format!("{digest}.wasm"));
         if std::fs::read(&path).is_ok_and(|bytes| sha256_hex(&bytes) == digest) {
+            crate::sandbox::mark_cache_file_used(&path);
             return Ok(path);
         }
         let mut object = self.objects.get(digest).await.map_err(|err| {
@@ -313,7 +321,9 @@ impl TenantStore {
             .join(format!(".{digest}.{}.partial", std::process::id()));
         std::fs::write(&partial, bytes)
             .and_then(|()| std::fs::rename(&partial, &path))
-            .map_err(|err| format!("cannot write {}: {err}", path.display()))
+            .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+        crate::sandbox::trim_cache_dir(&self.cache, ".wasm", self.cache_max_bytes, &path);
+        Ok(())
     }
 }
 

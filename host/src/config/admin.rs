@@ -37,6 +37,10 @@ pub struct AdminConfig {
     /// against their digest on every load). Default: `$XDG_CACHE_HOME/tidegate/objects`,
     /// else `$HOME/.cache/tidegate/objects`.
     pub object_cache_dir: Option<PathBuf>,
+    /// Most MiB of components kept in `object_cache_dir`: past it the least recently used
+    /// are deleted (they are fetched again if needed). Default: 10240.
+    #[serde(default = "super::plugins::default_cache_max_mib")]
+    pub object_cache_max_mib: u64,
     /// `[admin.tls]`: serve the API over TLS. Absent: plain HTTP, which puts tokens on the
     /// wire in clear; tidegate warns when such a listener is not on a loopback address.
     pub tls: Option<AdminTls>,
@@ -68,6 +72,9 @@ impl AdminConfig {
         let mut problems = Vec::new();
         if self.address.trim().is_empty() {
             problems.push("admin.address: set the address to listen on".into());
+        }
+        if self.object_cache_max_mib == 0 {
+            problems.push("admin.object_cache_max_mib: must be at least 1".into());
         }
         if self.max_upload_mib == 0 {
             problems.push("admin.max_upload_mib: must be at least 1".into());

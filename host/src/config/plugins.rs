@@ -19,6 +19,11 @@ pub struct SandboxConfig {
     /// `$HOME/.cache/tidegate/compiled`. tidegate creates it private to its user and loads
     /// only files it wrote there itself.
     pub cache_dir: Option<PathBuf>,
+    /// Most MiB of compiled plugins kept in `cache_dir`: past it the least recently used are
+    /// deleted (they are compiled again if needed), so that plugin versions pushed one after
+    /// another cannot fill the disk. Default: 10240.
+    #[serde(default = "default_cache_max_mib")]
+    pub cache_max_mib: u64,
     /// Pre-reserve instance slots (wasmtime's pooling allocator): faster instantiation after
     /// a trap or reload. Falls back to on-demand allocation, with a warning, where the
     /// machine cannot reserve the address space. Default: true.
@@ -53,6 +58,7 @@ impl Default for SandboxConfig {
         SandboxConfig {
             cache: true,
             cache_dir: None,
+            cache_max_mib: default_cache_max_mib(),
             pooling: true,
             max_instances: default_max_instances(),
             watch_plugins: true,
@@ -257,6 +263,9 @@ fn default_true() -> bool {
 }
 fn default_watch_interval_ms() -> u64 {
     1000
+}
+pub(super) fn default_cache_max_mib() -> u64 {
+    10 * 1024
 }
 fn default_max_instances() -> u32 {
     256

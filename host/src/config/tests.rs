@@ -481,7 +481,7 @@ fn several_problems_are_reported_together() {
     let text = MINIMAL
         .replace(
             "url = \"nats://127.0.0.1:4222\"",
-            "url = \"nats://127.0.0.1:4222\"\n[sandbox]\nmax_instances = 0",
+            "url = \"nats://127.0.0.1:4222\"\n[sandbox]\nmax_instances = 0\ncache_max_mib = 0",
         )
         .replace(
             "database = \"shop\"",
@@ -506,7 +506,8 @@ fn several_problems_are_reported_together() {
     let err = parse(&text).expect_err("several problems");
     let lines: Vec<&str> = err.lines().collect();
     let expected = [
-        "5 problems:",
+        "6 problems:",
+        "sandbox.cache_max_mib: must be at least 1",
         "sandbox.max_instances: must be at least 1",
         "pipeline 'orders': skip_operations: invalidate cannot be skipped",
         "pipeline 'orders': start_at: 'yesterday' is not `now`",

@@ -69,6 +69,9 @@ impl Config {
     pub(super) fn expand_and_validate(&mut self, base: &Path) -> Result<(), String> {
         let mut problems = Problems::default();
         check_nats(&self.nats, &mut problems);
+        if self.sandbox.cache_max_mib == 0 {
+            problems.push("sandbox.cache_max_mib: must be at least 1".into());
+        }
         if self.sandbox.max_instances == 0 {
             problems.push("sandbox.max_instances: must be at least 1".into());
         }

@@ -66,6 +66,7 @@ pub use pool::{PoolAccount, Ran, Strain, WorkerPool};
 pub use wasi::{link_waits, wasi_context, WaitPastDeadline, Wasi};
 
 use cache::ComponentCache;
+pub use cache::{mark_cache_file_used, trim_cache_dir};
 use limits::Footprint;
 
 /// Compiled components kept in memory, by hash, before the oldest are forgotten (a
@@ -128,7 +129,7 @@ impl Sandbox {
             (engine::new_engine(None)?, false)
         };
         let cache = if config.cache {
-            match ComponentCache::open(config.cache_dir.clone(), &engine) {
+            match ComponentCache::open(config.cache_dir.clone(), config.cache_max_mib, &engine) {
                 Ok(cache) => Some(cache),
                 Err(message) => {
                     tracing::warn!("compiled-plugin cache disabled: {message}");
