@@ -229,14 +229,8 @@ fn components_declaring_more_than_the_cap_are_refused_at_load() {
     ];
     for pooling in [true, false] {
         for (file, expected) in &cases {
-            let path = dir.path().join("tidegate.toml");
             let text = offline_config(&format!("pooling = {pooling}"), "hostile", file, "", "");
-            std::fs::write(&path, text).expect("write config");
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
-                .args(["check", "--config"])
-                .arg(&path)
-                .output()
-                .expect("run tidegate check");
+            let out = check(dir.path(), &text);
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(1), "pooling {pooling}: {err}");
             assert!(
@@ -272,17 +266,11 @@ fn the_compiled_cache_keeps_to_its_size_limit() {
         // Each plugin differs (its data starts with its number), so each is compiled anew.
         let extra = format!("(data (i32.const 64) \"{n}{data}\")");
         let file = wat_filter(dir.path(), &format!("big{n}"), 8, &extra, "", "");
-        let path = dir.path().join("tidegate.toml");
         let text = offline_config("", "big", &file, "", "").replace(
             "cache = false",
             &format!("cache_max_mib = 1\ncache_dir = \"{}\"", cache.display()),
         );
-        std::fs::write(&path, text).expect("write config");
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
-            .args(["check", "--config"])
-            .arg(&path)
-            .output()
-            .expect("run tidegate check");
+        let out = check(dir.path(), &text);
         assert!(
             out.status.success(),
             "{}",
@@ -743,6 +731,17 @@ fn offline_chain(text: &str) -> (tidegate::sandbox::Sandbox, tidegate::plugin::C
     let plugin = Plugin::load(&sandbox, &plugin_config.name, &file, &settings).expect("load");
     let chain = Chain::of(vec![plugin], pipeline);
     (sandbox, chain)
+}
+
+/// `tidegate check` of config `text`, written into `dir`.
+fn check(dir: &Path, text: &str) -> std::process::Output {
+    let path = dir.join("tidegate.toml");
+    std::fs::write(&path, text).expect("write config");
+    std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run tidegate check")
 }
 
 /// A config of one pipeline `p` with one plugin, for tests that load plugins without servers
