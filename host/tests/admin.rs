@@ -589,6 +589,47 @@ async fn tokens_tenants_and_uploads_are_checked() -> anyhow::Result<()> {
     )
     .await;
     assert_eq!(status, 403);
+    // An answer holds at most 4 MiB of dead letters and says where to go on: 80 more of
+    // 70 KB each (64 KiB shown) take two answers, and the two hold every one once.
+    let pad = "p".repeat(70_000);
+    let docs: Vec<bson::Document> = (0..80).map(|n| doc! { "n": n, "pad": &pad }).collect();
+    client
+        .database(DB)
+        .collection("acme")
+        .insert_many(docs)
+        .await?;
+    wait_len(&h, "ACME", 81).await;
+    let page = |from: u64| {
+        let (api, acme) = (api.clone(), acme.clone());
+        async move {
+            let path = format!("/v1/tenants/shop.acme/dead-letters?limit=1000&from_seq={from}");
+            let (status, answer) = call(&api, "GET", &path, Some(&acme), b"").await;
+            assert_eq!(status, 200, "{answer}");
+            let size = answer.to_string().len();
+            assert!(
+                size <= 4 * 1024 * 1024 + 100 * 1024,
+                "an answer of {size} bytes"
+            );
+            let seqs: Vec<u64> = answer["dead_letters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["seq"].as_u64().unwrap())
+                .collect();
+            (seqs, answer["next_from_seq"].as_u64())
+        }
+    };
+    let (first, next) = page(1).await;
+    let next = next.expect("a first answer that says where to go on");
+    assert!(first.len() < 81, "{} letters in one answer", first.len());
+    let (rest, after) = page(next).await;
+    assert_eq!(after, None, "a last answer that says to go on");
+    let all: std::collections::BTreeSet<u64> = first.iter().chain(&rest).copied().collect();
+    assert_eq!(
+        (all.len(), first.len() + rest.len()),
+        (81, 81),
+        "{first:?} {rest:?}"
+    );
 
     // A new version replaces the old in the object store (no other record names it); pushed
     // again, the old bytes are stored again.

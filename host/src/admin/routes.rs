@@ -529,6 +529,12 @@ async fn push(admin: &Admin, id: &str, name: &str, request: &Request, caller: &C
 const MAX_DEAD_LETTERS: usize = 1000;
 /// Most payload bytes shown per dead letter.
 const MAX_SHOWN_PAYLOAD: usize = 64 * 1024;
+/// Most bytes of dead letters (as JSON) in one answer; past it the answer ends early and
+/// says where to go on (`next_from_seq`). A thousand letters of 64 KiB, escaped, would be
+/// hundreds of MiB held per call.
+const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+/// Dead letters fetched from JetStream at once (each up to the server's `max_payload`).
+const FETCH_BATCH: usize = 16;
 
 async fn dead_letters(admin: &Admin, id: &str, request: &Request, caller: &Caller) -> Outcome {
     use futures::StreamExt;
@@ -569,28 +575,41 @@ async fn dead_letters(admin: &Admin, id: &str, request: &Request, caller: &Calle
         .map_err(|err| Response::error(503, format!("cannot read dead letters: {err}")))?;
     let pending = reader.cached_info().num_pending as usize;
     let name = reader.cached_info().name.clone();
-    let mut found = Vec::new();
-    if pending > 0 {
+    let wanted = limit.min(pending);
+    let (mut found, mut bytes, mut next_seq) = (Vec::new(), 0, None);
+    'fetch: while found.len() < wanted {
         let mut batch = reader
             .fetch()
-            .max_messages(limit.min(pending))
+            .max_messages((wanted - found.len()).min(FETCH_BATCH))
             .expires(Duration::from_secs(2))
             .messages()
             .await
             .map_err(|err| Response::error(503, format!("cannot read dead letters: {err}")))?;
+        let before = found.len();
         while let Some(Ok(message)) = batch.next().await {
-            found.push(dead_letter(&message));
+            let (letter, seq) = dead_letter(&message);
+            bytes += letter.to_string().len();
+            found.push(letter);
+            next_seq = Some(seq + 1);
+            if bytes >= MAX_ANSWER_BYTES {
+                break 'fetch;
+            }
+        }
+        if found.len() == before {
+            break;
         }
     }
     let _ = stream.delete_consumer(&name).await;
-    Ok(Response::ok(
-        200,
-        json!({ "id": id, "subject": subject, "dead_letters": found }),
-    ))
+    let mut answer = json!({ "id": id, "subject": subject, "dead_letters": found });
+    if found.len() < pending {
+        answer["next_from_seq"] = json!(next_seq.unwrap_or(from));
+    }
+    Ok(Response::ok(200, answer))
 }
 
 /// One dead letter: its sequence, subject, headers and payload (as text, cut at 64 KiB).
-fn dead_letter(message: &async_nats::jetstream::Message) -> serde_json::Value {
+/// A dead letter as the API shows it, and its stream sequence.
+fn dead_letter(message: &async_nats::jetstream::Message) -> (serde_json::Value, u64) {
     let seq = message
         .info()
         .map(|i| i.stream_sequence)
@@ -606,11 +625,12 @@ fn dead_letter(message: &async_nats::jetstream::Message) -> serde_json::Value {
         })
         .collect();
     let shown = &message.payload[..message.payload.len().min(MAX_SHOWN_PAYLOAD)];
-    json!({
+    let letter = json!({
         "seq": seq,
         "subject": message.subject.as_str(),
         "headers": headers,
         "payload": String::from_utf8_lossy(shown),
         "payload_bytes": message.payload.len(),
-    })
+    });
+    (letter, seq)
 }
