@@ -100,6 +100,33 @@ pub(super) fn engine_config(pool: Option<(u32, u32)>) -> Config {
     config
 }
 
+/// The nice value plugins are compiled at (see [`compile_pool`]).
+pub const COMPILE_NICE: i32 = 10;
+
+/// The threads that compile plugins (one per core; wasmtime spreads a component's functions
+/// over them), at nice [`COMPILE_NICE`]. Compiling a large component is seconds of CPU on
+/// every core, which the running tenants' events would otherwise share evenly with it: a
+/// tenant pushing one version after another would take half of a 2-core machine. At nice 10
+/// a compile gets about a tenth of a busy machine and all of an idle one. `None` if the
+/// threads cannot be started (compiles then run on the caller's thread, as before).
+pub(super) fn compile_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let built = rayon::ThreadPoolBuilder::new()
+            .thread_name(|n| format!("tidegate-compile-{n}"))
+            .start_handler(|_| {
+                if let Err(err) = super::pool::set_nice(COMPILE_NICE) {
+                    tracing::warn!(error = %err, "cannot lower a plugin compiler thread's priority");
+                }
+            })
+            .build();
+        built
+            .map_err(|err| tracing::warn!(error = %err, "no plugin compiler threads: compiling on the loading thread"))
+            .ok()
+    })
+    .as_ref()
+}
+
 /// One admitted instance; frees its slot when dropped.
 pub struct Slot(Arc<Admission>);
 

@@ -17,7 +17,8 @@
 //!   ([`MAX_RESOURCES`]).
 //! - **Compiling** runs in tidegate's own process, its memory and time growing with a
 //!   function's size: a function body over [`MAX_FUNCTION_BYTES`] is refused before it is
-//!   compiled ([`check_declared`]).
+//!   compiled ([`check_declared`]), and compiles run at a lower priority than the tenants'
+//!   events (`engine::compile_pool`).
 //! - **Admission**: at most `sandbox.max_instances` instances live at once; past it loading
 //!   fails with a clear error instead of exhausting the pool or the machine.
 //! - **Workers**: every unit's plugin chain runs in short turns on one process-wide pool of
@@ -247,7 +248,12 @@ impl Sandbox {
                 });
             }
         }
-        let component = Component::new(&self.engine, bytes).map_err(|err| format!("{err:#}"))?;
+        let compile = || Component::new(&self.engine, bytes);
+        let component = match engine::compile_pool() {
+            Some(pool) => pool.install(compile),
+            None => compile(),
+        }
+        .map_err(|err| format!("{err:#}"))?;
         if let Some(cache) = &self.cache {
             cache.store(&hash, &component);
         }

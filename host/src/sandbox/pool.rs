@@ -510,15 +510,9 @@ pub fn lower_priority() {
         return;
     }
     let refused = std::io::Error::last_os_error();
-    // SAFETY: `gettid` takes no arguments; `setpriority` only reads its integer arguments,
-    // and on Linux a thread id names exactly that thread.
-    let rc = unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 19)
-    };
-    if rc != 0 {
+    if let Err(err) = set_nice(19) {
         tracing::warn!(
-            error = %std::io::Error::last_os_error(),
+            error = %err,
             "cannot lower a background plugin worker's priority; heavy tenants then compete \
              with the others at normal priority"
         );
@@ -533,6 +527,26 @@ pub fn lower_priority() {
 /// Elsewhere: no lower priority (see the Linux version).
 #[cfg(not(target_os = "linux"))]
 pub fn lower_priority() {}
+
+/// Sets the calling thread's nice value (on Linux a thread has its own).
+#[cfg(target_os = "linux")]
+pub fn set_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: `gettid` takes no arguments; `setpriority` only reads its integer arguments,
+    // and on Linux a thread id names exactly that thread.
+    let rc = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn set_nice(_nice: i32) -> std::io::Result<()> {
+    Ok(())
+}
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {

@@ -116,3 +116,18 @@ fn admission_is_bounded() {
         assert!(err.contains("restart"), "{err}");
     }
 }
+
+/// Plugins compile on threads at nice 10, whatever the caller's priority.
+#[cfg(target_os = "linux")]
+#[test]
+fn plugins_compile_at_a_lower_priority() {
+    let pool = engine::compile_pool().expect("the compiler's threads");
+    // SAFETY: `gettid` takes no arguments; `getpriority` only reads its integer arguments.
+    let nice = pool.install(|| unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::getpriority(libc::PRIO_PROCESS, tid)
+    });
+    assert_eq!(nice, engine::COMPILE_NICE);
+    let name = pool.install(|| std::thread::current().name().map(str::to_string));
+    assert!(name.is_some_and(|n| n.starts_with("tidegate-compile-")));
+}
