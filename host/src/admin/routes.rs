@@ -512,10 +512,11 @@ async fn push(admin: &Admin, id: &str, name: &str, request: &Request, caller: &C
     record.set_plugin(name, &digest);
     save(admin, id, &record, revision).await?;
     // A call replacing the same bytes elsewhere may have found them unused, and deleted
-    // them, between the store and the save: they are stored again then.
+    // them, between the store and the save: they are stored again then (the local copy
+    // is fetched again from the store when it is next needed).
     admin
         .store
-        .put_component(&request.body)
+        .keep_stored(&digest, &request.body)
         .await
         .map_err(|err| Response::error(503, err))?;
     forget_replaced(admin, replaced.into_iter().collect()).await;

@@ -271,21 +271,28 @@ impl TenantStore {
     /// Stores a component (once per content) and keeps a local copy; returns its SHA-256.
     pub async fn put_component(&self, bytes: &[u8]) -> Result<String, String> {
         let digest = sha256_hex(bytes);
-        // A deleted object (a purge) keeps its info, marked deleted: upload it again then.
+        self.keep_stored(&digest, bytes).await?;
+        self.write_copy(&digest, bytes)?;
+        Ok(digest)
+    }
+
+    /// Stores component `bytes` (of SHA-256 `digest`) in the object store unless it is there.
+    pub async fn keep_stored(&self, digest: &str, bytes: &[u8]) -> Result<(), String> {
+        // A deleted object (a purge, a replaced version) keeps its info, marked deleted:
+        // upload it again then.
         let stored = self
             .objects
-            .info(&digest)
+            .info(digest)
             .await
             .is_ok_and(|info| !info.deleted);
         if !stored {
             let mut reader = bytes;
             self.objects
-                .put(digest.as_str(), &mut reader)
+                .put(digest, &mut reader)
                 .await
                 .map_err(|err| format!("cannot store the component in NATS: {err}"))?;
         }
-        self.write_copy(&digest, bytes)?;
-        Ok(digest)
+        Ok(())
     }
 
     /// The local copy of component `digest`, fetched from the object store unless a copy
