@@ -216,8 +216,7 @@ pub async fn refuse_unread(
     stream: &mut impl Connection,
     response: &Response,
 ) -> std::io::Result<()> {
-    stream.write_all(encode(response).as_bytes()).await?;
-    stream.shutdown().await?;
+    write(stream, response).await?;
     let mut buf = [0u8; 8192];
     let _ = tokio::time::timeout(LINGER, async {
         while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}

@@ -139,7 +139,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
                         gate::MAX_CONNECTIONS
                     ),
                 );
-                let _ = stream.try_write(http::encode(&busy).as_bytes());
+                crate::ops::http::refuse_at_once(&stream, http::encode(&busy).as_bytes());
             }
             tracing::debug!(%peer, "admin API connection refused: too many at once");
             continue;

@@ -67,7 +67,7 @@ pub async fn serve(listener: TcpListener, nats: async_nats::Client) {
             };
             let Ok(place) = places.clone().try_acquire_owned() else {
                 let busy = format!("{MAX_CONNECTIONS} connections are served at once; retry\n");
-                let _ = stream.try_write(&encode(503, "text/plain", &busy, true));
+                refuse_at_once(&stream, &encode(503, "text/plain", &busy, true));
                 tracing::debug!("HTTP connection refused: too many at once");
                 continue;
             };
@@ -113,6 +113,16 @@ async fn handle(mut stream: TcpStream, nats: &async_nats::Client) -> std::io::Re
     let response = encode(status, content_type, &body, method != "HEAD");
     stream.write_all(&response).await?;
     stream.shutdown().await
+}
+
+/// Writes `answer` to a connection refused on arrival and drops what the client has sent
+/// so far, without waiting on it (an accept loop must not): a socket closed with unread
+/// data is reset, and the client would lose the answer with it. A request still on its way
+/// may yet be reset.
+pub fn refuse_at_once(stream: &TcpStream, answer: &[u8]) {
+    let _ = stream.try_write(answer);
+    let mut scratch = [0u8; 4096];
+    while matches!(stream.try_read(&mut scratch), Ok(n) if n > 0) {}
 }
 
 /// A response as it goes on the wire (`with_body` false: a `HEAD`'s, its length announced).
