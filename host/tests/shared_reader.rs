@@ -494,6 +494,75 @@ async fn a_slow_tenant_detaches_and_rejoins_without_loss() -> anyhow::Result<()>
     Ok(())
 }
 
+/// A tenant far behind, whose chain is slow, catches up on its own stream faster than its
+/// chain takes the events: when it joins the shared reader, several batches it forwarded
+/// (more than the chain stage gathers at once) are still queued. They must all come before
+/// what the shared reader hands it, and nothing may wait behind the newer events: the
+/// tenant ends with every event once, in order, on one change stream. (Handed over at
+/// once, the stage took the channel after the first queued batches; the rest waited unread
+/// until the next detach, which never came, while the checkpoint moved past them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_joining_with_a_queue_full_of_its_backlog_loses_nothing() -> anyhow::Result<()> {
+    const BEHIND: i64 = 2_000;
+    const AFTER: i64 = 50;
+    let h = Harness::start().await?;
+    let spin = wat_filter(
+        h.dir.path(),
+        "spin",
+        1,
+        "",
+        "",
+        "(local $i i32)\n(loop $spin\n(local.set $i (i32.add (local.get $i) (i32.const 1)))\n\
+         (br_if $spin (i32.lt_u (local.get $i) (i32.const 2000000))))",
+    );
+    let plugin = format!(
+        "limits = {{ timeout_ms = 10000, fuel_per_call = 1000000000 }}\n\
+         [[pipeline.tenant.plugins]]\nname = \"spin\"\nfile = \"{}\"",
+        spin.display()
+    );
+    let fast = tenant("fast", "\"shop.orders\"", "");
+    let both = [fast.clone(), tenant("slow", "\"shop.returns\"", &plugin)].concat();
+    let pipeline = "database = \"shop\"";
+    let both = h.write_config("both.toml", &slow_config(&h, pipeline, &both))?;
+    let only_fast = h.write_config("fast.toml", &slow_config(&h, pipeline, &fast))?;
+    let returns = h
+        .mongo
+        .client()
+        .await?
+        .database("shop")
+        .collection::<Document>("returns");
+
+    // The slow tenant starts, saves its position and stops.
+    let running = InProcess::start(&both)?;
+    h.wait_checkpoints(&["p.fast", "p.slow"]).await?;
+    running.stop().await?;
+
+    // Its backlog, written in large batches while it is away.
+    let running = InProcess::start(&only_fast)?;
+    for chunk in 0..(BEHIND / 400) {
+        let docs: Vec<Document> = (chunk * 400..chunk * 400 + 400)
+            .map(|n| doc! { "n": n })
+            .collect();
+        returns.insert_many(docs).await?;
+    }
+    running.stop().await?;
+
+    let running = InProcess::start(&both)?;
+    h.wait_for_messages("SLOW", 1, PATIENCE).await?;
+    // Joined (its own stream closed) while its chain still works through the backlog; what
+    // comes next comes through the shared reader.
+    wait_one_change_stream(&h).await?;
+    for n in BEHIND..BEHIND + AFTER {
+        returns.insert_one(doc! { "n": n }).await?;
+    }
+    let slow = h
+        .wait_settled("SLOW", (BEHIND + AFTER) as u64, PATIENCE)
+        .await?;
+    assert_eq!(numbers(&slow), (0..BEHIND + AFTER).collect::<Vec<_>>());
+    running.stop().await?;
+    Ok(())
+}
+
 /// The only tenant attached is never detached for being behind: a slow tenant alone on the
 /// shared reader holds the shared change stream back, as a unit's own stream waits for its
 /// chain, instead of opening a second change stream to read the same events again. Mongod

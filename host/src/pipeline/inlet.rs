@@ -9,9 +9,13 @@
 //! per batch) is a wake-up, a queue and a task switch per event.
 //!
 //! Order is kept by three rules:
-//! 1. The lane hands the channel over *after* forwarding its last batch to the queue, and
-//!    then sends an empty batch (a wake-up) behind it. The stage takes the channel only after
-//!    a batch from the queue, so everything the lane forwarded before comes first.
+//! 1. The lane hands the channel over only once the stage has taken every batch it forwarded
+//!    to the queue (the queue is empty), and then sends an empty batch (a wake-up) behind it.
+//!    The stage looks for a channel only after a batch from the queue, so everything the lane
+//!    forwarded before comes first. (Handing over while forwarded batches were still queued
+//!    let the stage take the channel after the first of them, when it gathered no more than
+//!    [`GATHER`] items: the rest waited behind the channel's newer events, unread until the
+//!    next detach, while the checkpoint moved past them.)
 //! 2. While the stage reads the channel, the lane forwards nothing: the queue carries only
 //!    empty batches (hot reloads' wake-ups), which are handed on at once.
 //! 3. When the router detaches the tenant it drops its end; the stage reads the channel to
@@ -46,9 +50,12 @@ pub(crate) async fn hand_over(
     events: &mpsc::Sender<Vec<SourceItem>>,
     channel: mpsc::Receiver<Vec<SourceItem>>,
 ) -> Option<oneshot::Receiver<Option<ResumeToken>>> {
+    // Every slot free: the stage has taken everything forwarded before (rule 1). Holding
+    // them, nothing else enters the queue until the wake-up is in.
+    let mut drained = events.reserve_many(events.max_capacity()).await.ok()?;
     let (ended, answer) = oneshot::channel();
     bypass.send(Direct { channel, ended }).ok()?;
-    events.send(Vec::new()).await.ok()?;
+    drained.next()?.send(Vec::new());
     Some(answer)
 }
 
@@ -179,15 +186,20 @@ mod tests {
             .send(vec![heartbeat(2), heartbeat(3)])
             .await
             .expect("send");
-        let mut ended = hand_over(&bypass, &events_tx, lane)
-            .await
-            .expect("stage there");
+        // The hand-over waits for the stage to take the forwarded batch.
+        let forwarded = events_tx.clone();
+        let handing = tokio::spawn(async move {
+            let ended = hand_over(&bypass, &forwarded, lane).await;
+            (ended, bypass)
+        });
 
         let mut seen = Vec::new();
-        // The forwarded batch, with the wake-up behind it gathered in.
-        seen.extend(numbers(&inlet.next().await.expect("batch")));
-        seen.extend(numbers(&inlet.next().await.expect("batch")));
+        while seen.len() < 3 {
+            seen.extend(numbers(&inlet.next().await.expect("batch")));
+        }
         assert_eq!(seen, [1, 2, 3]);
+        let (ended, _bypass) = handing.await.expect("handed over");
+        let mut ended = ended.expect("stage there");
 
         // A reload's wake-up while the channel is open comes through at once.
         events_tx.send(Vec::new()).await.expect("send");
@@ -207,6 +219,43 @@ mod tests {
 
         drop(events_tx);
         assert!(inlet.next().await.is_none());
+    }
+
+    /// Batches forwarded before a hand-over, more than one gather's worth, all come before
+    /// the channel's first item, however early the lane hands the channel over.
+    #[tokio::test]
+    async fn everything_forwarded_comes_before_the_channel() {
+        let (events_tx, events) = mpsc::channel(16);
+        let (mut inlet, bypass) = Inlet::new(events);
+        let per = GATHER as u32 / 2 + 1;
+        for b in 0..3 {
+            let batch = (b * per..(b + 1) * per).map(|n| heartbeat(n + 1)).collect();
+            events_tx.send(batch).await.expect("send");
+        }
+        let (lane_tx, lane) = mpsc::channel(16);
+        lane_tx.send(vec![heartbeat(100_000)]).await.expect("send");
+        let handing = tokio::spawn(async move {
+            let ended = hand_over(&bypass, &events_tx, lane).await;
+            (ended, events_tx, bypass)
+        });
+        // The lane hands over before the stage has read anything.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let mut seen = Vec::new();
+        while seen.len() < 3 * per as usize + 1 {
+            // A batch left behind the channel would never come: stop looking, show the order.
+            let wait = std::time::Duration::from_secs(10);
+            match tokio::time::timeout(wait, inlet.next()).await {
+                Ok(batch) => seen.extend(numbers(&batch.expect("batch"))),
+                Err(_) => break,
+            }
+        }
+        let expected: Vec<u32> = (1..=3 * per).chain([100_000]).collect();
+        assert_eq!(seen, expected);
+        let (ended, _events_tx, _bypass) = handing.await.expect("handed over");
+        assert!(ended.is_some(), "the stage took the channel");
+        drop(lane_tx);
     }
 
     /// The stage ending while it holds a channel answers the lane by dropping the answer,

@@ -371,7 +371,12 @@ impl Lane {
                 break;
             }
         }
-        let Some(ended) = inlet::hand_over(&self.bypass, &self.events, channel).await else {
+        // The hand-over waits for the stage to take what was forwarded: not past a stop.
+        let handed = tokio::select! {
+            () = &mut stopping => return false,
+            handed = inlet::hand_over(&self.bypass, &self.events, channel) => handed,
+        };
+        let Some(ended) = handed else {
             return false;
         };
         tokio::select! {
