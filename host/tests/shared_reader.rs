@@ -500,7 +500,10 @@ async fn a_slow_tenant_detaches_and_rejoins_without_loss() -> anyhow::Result<()>
 /// what the shared reader hands it, and nothing may wait behind the newer events: the
 /// tenant ends with every event once, in order, on one change stream. (Handed over at
 /// once, the stage took the channel after the first queued batches; the rest waited unread
-/// until the next detach, which never came, while the checkpoint moved past them.)
+/// until the next detach, which never came, while the checkpoint moved past them. Whether
+/// this test meets that depends on the chain still working through its backlog when the
+/// first event after the join arrives; the inlet's unit test
+/// `everything_forwarded_comes_before_the_channel` pins the rule.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_joining_with_a_queue_full_of_its_backlog_loses_nothing() -> anyhow::Result<()> {
     const BEHIND: i64 = 2_000;
@@ -513,7 +516,7 @@ async fn a_tenant_joining_with_a_queue_full_of_its_backlog_loses_nothing() -> an
         "",
         "",
         "(local $i i32)\n(loop $spin\n(local.set $i (i32.add (local.get $i) (i32.const 1)))\n\
-         (br_if $spin (i32.lt_u (local.get $i) (i32.const 2000000))))",
+         (br_if $spin (i32.lt_u (local.get $i) (i32.const 500000))))",
     );
     let plugin = format!(
         "limits = {{ timeout_ms = 10000, fuel_per_call = 1000000000 }}\n\
