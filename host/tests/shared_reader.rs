@@ -498,7 +498,7 @@ async fn a_slow_tenant_detaches_and_rejoins_without_loss() -> anyhow::Result<()>
 /// chain takes the events: when it joins the shared reader, several batches it forwarded
 /// (more than the chain stage gathers at once) are still queued. They must all come before
 /// what the shared reader hands it, and nothing may wait behind the newer events: the
-/// tenant ends with every event once, in order, on one change stream. (Handed over at
+/// tenant ends with every event once, in order. (Handed over at
 /// once, the stage took the channel after the first queued batches; the rest waited unread
 /// until the next detach, which never came, while the checkpoint moved past them. Whether
 /// this test meets that depends on the chain still working through its backlog when the
@@ -552,9 +552,9 @@ async fn a_tenant_joining_with_a_queue_full_of_its_backlog_loses_nothing() -> an
 
     let running = InProcess::start(&both)?;
     h.wait_for_messages("SLOW", 1, PATIENCE).await?;
-    // Joined (its own stream closed) while its chain still works through the backlog; what
-    // comes next comes through the shared reader.
-    wait_one_change_stream(&h).await?;
+    // While its chain works through the backlog: the first of these may still come through
+    // its own stream, the rest through the shared reader once it has joined. (Not counted
+    // on mongod: the quick stops above can leave a server cursor idle for minutes.)
     for n in BEHIND..BEHIND + AFTER {
         returns.insert_one(doc! { "n": n }).await?;
     }
