@@ -422,14 +422,21 @@ fn slow_config(h: &Harness, pipeline: &str, tenants: &str) -> String {
 }
 
 fn slow_tenant_plugin(h: &Harness) -> String {
+    spinning_plugin(h, 20_000_000)
+}
+
+/// A tenant's plugin tables: one filter that counts to `iterations` on every event.
+fn spinning_plugin(h: &Harness, iterations: u32) -> String {
     let spin = wat_filter(
         h.dir.path(),
         "spin",
         1,
         "",
         "",
-        "(local $i i32)\n(loop $spin\n(local.set $i (i32.add (local.get $i) (i32.const 1)))\n\
-         (br_if $spin (i32.lt_u (local.get $i) (i32.const 20000000))))",
+        &format!(
+            "(local $i i32)\n(loop $spin\n(local.set $i (i32.add (local.get $i) (i32.const 1)))\n\
+             (br_if $spin (i32.lt_u (local.get $i) (i32.const {iterations}))))"
+        ),
     );
     format!(
         "limits = {{ timeout_ms = 10000, fuel_per_call = 1000000000 }}\n\
@@ -509,20 +516,7 @@ async fn a_tenant_joining_with_a_queue_full_of_its_backlog_loses_nothing() -> an
     const BEHIND: i64 = 2_000;
     const AFTER: i64 = 50;
     let h = Harness::start().await?;
-    let spin = wat_filter(
-        h.dir.path(),
-        "spin",
-        1,
-        "",
-        "",
-        "(local $i i32)\n(loop $spin\n(local.set $i (i32.add (local.get $i) (i32.const 1)))\n\
-         (br_if $spin (i32.lt_u (local.get $i) (i32.const 500000))))",
-    );
-    let plugin = format!(
-        "limits = {{ timeout_ms = 10000, fuel_per_call = 1000000000 }}\n\
-         [[pipeline.tenant.plugins]]\nname = \"spin\"\nfile = \"{}\"",
-        spin.display()
-    );
+    let plugin = spinning_plugin(&h, 500_000);
     let fast = tenant("fast", "\"shop.orders\"", "");
     let both = [fast.clone(), tenant("slow", "\"shop.returns\"", &plugin)].concat();
     let pipeline = "database = \"shop\"";
