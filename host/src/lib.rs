@@ -50,8 +50,8 @@
 //!   sink wired with bounded queues, its quota's throttle, its start position, draining and
 //!   shutdown; and the shared reader (`pipeline::shared`): one change stream per tenanted
 //!   pipeline, routed to its tenants, each detaching to a catch-up stream of its own and
-//!   rejoining; an attached tenant's chain stage reads the router's channel directly
-//!   (`pipeline::inlet`).
+//!   rejoining; an attached tenant's chain stage reads the router's channel (its lane,
+//!   counted in events: `pipeline::shared::channel`) directly (`pipeline::inlet`).
 //! - [`admin`] — the admin API (tenants and plugins managed at run time, with operator and
 //!   tenant tokens), the tenant records and plugin components it keeps in NATS, and the
 //!   checks a pushed plugin passes before it is accepted.

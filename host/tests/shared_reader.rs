@@ -1,8 +1,8 @@
 //! One change stream per tenanted pipeline, against real servers: events routed to tenants
 //! by namespace and by tenant key, one change stream on mongod whatever the number of
 //! tenants, a slow tenant detaching and rejoining with nothing lost or duplicated while the
-//! others flow (and, alone, holding the stream back instead), and a restart with tenants at
-//! different positions.
+//! others flow (and, alone, holding the stream back instead), a restart with tenants at
+//! different positions, and a backlog read in the shared reader's large batches.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -458,7 +458,8 @@ async fn a_slow_tenant_detaches_and_rejoins_without_loss() -> anyhow::Result<()>
         tenant("slow", "\"shop.orders\"", &slow_plugin),
     ]
     .concat();
-    let pipeline = "database = \"shop\"";
+    // Detached once 50 events behind (not 16,384), so that a test of 600 events sees it.
+    let pipeline = "database = \"shop\"\ntenant_lane_events = 50";
     let path = h.write_config("slow.toml", &slow_config(&h, pipeline, &tenants))?;
     let mut child = h.spawn_binary(&path)?;
     h.wait_checkpoints(&["p.fast", "p.slow"]).await?;
@@ -470,7 +471,7 @@ async fn a_slow_tenant_detaches_and_rejoins_without_loss() -> anyhow::Result<()>
         let docs: Vec<Document> = (chunk * 50..chunk * 50 + 50)
             .map(|n| doc! { "n": n })
             .collect();
-        // One insert per document: many small change-stream batches fill the slow lane.
+        // One insert per document: the fast tenant keeps up with each as it comes.
         for d in docs {
             orders.insert_one(d).await?;
         }
@@ -570,14 +571,15 @@ async fn the_only_attached_tenant_holds_the_stream_back_instead_of_detaching() -
     let h = Harness::start().await?;
     let slow_plugin = slow_tenant_plugin(&h);
     let tenants = tenant("slow", "\"shop.orders\"", &slow_plugin);
-    let pipeline = "database = \"shop\"";
+    // A lane of 50 events, so that 400 fill it many times over.
+    let pipeline = "database = \"shop\"\ntenant_lane_events = 50";
     let path = h.write_config("alone.toml", &slow_config(&h, pipeline, &tenants))?;
     let mut child = h.spawn_binary(&path)?;
     h.wait_checkpoints(&["p.slow"]).await?;
     wait_one_change_stream(&h).await?;
 
-    // One insert per document: many small change-stream batches, far more than the lane
-    // holds (a tenant beside another is detached by them, see above).
+    // One insert per document, far more than the lane holds (a tenant beside another is
+    // detached by them, see above).
     let total = 400i64;
     let orders = h.collection().await?;
     for n in 0..total {
@@ -1311,6 +1313,68 @@ async fn a_small_window_keeps_each_tenants_order_on_a_shared_stream() -> anyhow:
         })
         .await?;
     }
+    running.stop().await?;
+    Ok(())
+}
+
+/// A backlog the shared reader finds all at once (24,000 events committed by one
+/// transaction, 8,000 for each of three tenants) is read in getMores far larger than a
+/// tenant's own stream asks for (mongod's profiler records one returning more than 1,000
+/// events) and reaches every tenant exactly once, in order, over one change stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_read_in_large_batches_and_reaches_each_tenant_once() -> anyhow::Result<()> {
+    const EACH: i64 = 8_000;
+    let ids = ["a", "b", "c"];
+    let h = Harness::start().await?;
+    let client = h.mongo.client().await?;
+    let db = client.database("shop");
+    for id in ids {
+        db.create_collection(id).await?;
+    }
+    let path = h.write_config("shared.toml", &shared_stream_config(&h, &ids))?;
+    let running = InProcess::start(&path)?;
+    h.wait_checkpoints(&["p.a", "p.b", "p.c"]).await?;
+    wait_one_change_stream(&h).await?;
+    // Every operation is logged from here on (slowms 0), with the events it returned.
+    let admin = client.database("admin");
+    admin
+        .run_command(doc! { "profile": 0, "slowms": 0 })
+        .await?;
+
+    let mut session = client.start_session().await?;
+    session.start_transaction().await?;
+    for id in ids {
+        let docs: Vec<Document> = (0..EACH)
+            .map(|seq| doc! { "seq": seq, "email": format!("user{seq}@example.com") })
+            .collect();
+        db.collection::<Document>(id)
+            .insert_many(docs)
+            .session(&mut session)
+            .await?;
+    }
+    session.commit_transaction().await?;
+
+    let all = h.wait_settled("ALL", 3 * EACH as u64, PATIENCE).await?;
+    for id in ids {
+        support::assert_exactly_once_in_order(&tenant_messages(&all, id), EACH);
+    }
+    admin
+        .run_command(doc! { "profile": 0, "slowms": 100 })
+        .await?;
+    let log = std::fs::read_to_string(h.mongo.log_path())?;
+    let returned: Vec<i64> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|entry| entry["attr"]["command"]["getMore"].is_number())
+        .filter_map(|entry| entry["attr"]["nreturned"].as_i64())
+        .collect();
+    let largest = returned.iter().max();
+    assert!(
+        largest.is_some_and(|&n| n > 1_000),
+        "the largest getMore returned {largest:?} events (of {} getMores logged)",
+        returned.len()
+    );
+    assert_eq!(change_streams(&client).await?, 1, "one change stream");
     running.stop().await?;
     Ok(())
 }

@@ -48,7 +48,10 @@ pub use self::sink::{
     CheckpointConfig, CheckpointStoreKind, Encoding, Format, SinkConfig, Storage,
 };
 pub use self::stage::check_stage;
-pub use self::tenants::{NamespacePattern, TenantConfig, TenantKey, TenantScope, KEYED_OPERATIONS};
+pub use self::tenants::{
+    NamespacePattern, TenantConfig, TenantKey, TenantScope, DEFAULT_TENANT_LANE_EVENTS,
+    KEYED_OPERATIONS, SHARED_READER_EVENTS,
+};
 use self::toml_errors::describe_toml_error;
 use crate::error::Error;
 

@@ -180,10 +180,22 @@ pub struct PipelineConfig {
     /// or a burst of detaches opens. Default: 8.
     #[serde(default = "default_tenant_catch_up_streams")]
     pub tenant_catch_up_streams: u32,
+    /// With a shared reader: how many events it queues for one attached tenant. A tenant
+    /// that falls this far behind while another keeps up is detached, to read on alone from
+    /// its own position; lower detaches sooner (less memory per tenant behind), higher
+    /// absorbs larger bursts for one tenant. At most 65,536, the events the reader queues
+    /// across all its tenants. Default: 16,384.
+    #[serde(default = "default_tenant_lane_events")]
+    pub tenant_lane_events: u32,
     /// Set when this unit was made from a `[[pipeline.tenant]]`: which tenant it runs and
     /// what it may see. Not a config key.
     #[serde(skip)]
     pub tenant: Option<TenantScope>,
+    /// Set on the config a pipeline's shared reader reads with (`pipeline::shared`), never
+    /// on a unit's: its change stream serves every tenant, so it asks for far larger
+    /// batches (see `source::open`). Not a config key.
+    #[serde(skip)]
+    pub shared_reader: bool,
 }
 
 /// See [`PipelineConfig::tenants_from`].
@@ -443,6 +455,9 @@ fn default_shutdown_timeout_secs() -> u64 {
 }
 fn default_tenant_catch_up_streams() -> u32 {
     8
+}
+fn default_tenant_lane_events() -> u32 {
+    super::DEFAULT_TENANT_LANE_EVENTS
 }
 fn default_snapshot_chunk() -> u32 {
     1000

@@ -90,6 +90,15 @@ const LONG_RANGE: f64 = 9_223_372_036_854_775_808.0;
 /// invalidate…) go to every tenant that may see their namespace.
 pub const KEYED_OPERATIONS: [&str; 4] = ["insert", "update", "replace", "delete"];
 
+/// The events a shared reader queues across all its tenants' lanes before it waits for them
+/// (`pipeline::shared`): what it holds in memory ahead of their chains, and so the most one
+/// tenant's `tenant_lane_events` may be.
+pub const SHARED_READER_EVENTS: u32 = 65_536;
+
+/// The default `tenant_lane_events`: a quarter of [`SHARED_READER_EVENTS`], so that a few
+/// tenants far behind never take the whole of it.
+pub const DEFAULT_TENANT_LANE_EVENTS: u32 = SHARED_READER_EVENTS / 4;
+
 impl TenantKey {
     /// Parses `tenant_key`: a dotted path under `fullDocument` or `documentKey`.
     pub fn parse(path: &str) -> Result<TenantKey, String> {
@@ -361,6 +370,14 @@ fn check_tenant_reading(pipeline: &PipelineConfig, problems: &mut Problems) {
              reader could ever catch up)"
         ));
     }
+    let most = SHARED_READER_EVENTS;
+    if pipeline.tenant_lane_events == 0 || pipeline.tenant_lane_events > most {
+        problems.push(format!(
+            "{at}: tenant_lane_events must be between 1 and {most} (the events the shared \
+             reader queues across all its tenants), not {}",
+            pipeline.tenant_lane_events
+        ));
+    }
     if pipeline.tenant_reader == TenantReader::Shared && pipeline.signal_collection.is_some() {
         problems.push(format!(
             "{at}: signal_collection is not supported with a shared tenant reader (a signal \
@@ -630,6 +647,21 @@ mod tests {
                 "database = \"app\"\nsignal_collection = \"app.signals\"",
                 "tenant_reader = \"own\"",
             ),
+            (
+                "database = \"app\"",
+                "database = \"app\"\ntenant_lane_events = 0",
+                "tenant_lane_events must be between 1 and 65536",
+            ),
+            (
+                "database = \"app\"",
+                "database = \"app\"\ntenant_lane_events = 65537",
+                "not 65537",
+            ),
+            (
+                "database = \"app\"",
+                "database = \"app\"\ntenant_catch_up_streams = 0",
+                "tenant_catch_up_streams must be at least 1",
+            ),
         ];
         crate::config::tests::assert_refused(KEYED, &cases);
         let text = KEYED.replace("tenant_key = \"fullDocument.tenantId\"", "");
@@ -640,5 +672,19 @@ mod tests {
             "database = \"app\"\ntenant_reader = \"own\"\nsignal_collection = \"app.signals\"",
         );
         parse(&own).expect("signals with own readers");
+        let lanes = KEYED.replace(
+            "database = \"app\"",
+            "database = \"app\"\ntenant_lane_events = 65536",
+        );
+        let config = parse(&lanes).expect("the largest lane");
+        assert!(config
+            .pipelines
+            .iter()
+            .all(|p| p.tenant_lane_events == 65_536));
+        let config = parse(KEYED).expect("valid");
+        assert!(config
+            .pipelines
+            .iter()
+            .all(|p| p.tenant_lane_events == 16_384));
     }
 }

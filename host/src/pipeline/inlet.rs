@@ -25,6 +25,7 @@
 use mongodb::change_stream::event::ResumeToken;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::pipeline::shared::LaneReceiver;
 use crate::source::SourceItem;
 
 /// The most items the stage gathers into one batch from what is queued (see [`gather`]).
@@ -32,7 +33,7 @@ const GATHER: usize = crate::source::HANDOFF_BATCH;
 
 /// A lane channel handed to the chain stage, and where to say it ended.
 pub(crate) struct Direct {
-    channel: mpsc::Receiver<Vec<SourceItem>>,
+    channel: LaneReceiver,
     /// Answered with the token of the last item read from `channel`, once it has closed
     /// and been read to its end (`None` if nothing was read). Dropped unanswered when the
     /// stage ends first.
@@ -48,7 +49,7 @@ pub(crate) type Bypass = mpsc::UnboundedSender<Direct>;
 pub(crate) async fn hand_over(
     bypass: &Bypass,
     events: &mpsc::Sender<Vec<SourceItem>>,
-    channel: mpsc::Receiver<Vec<SourceItem>>,
+    channel: LaneReceiver,
 ) -> Option<oneshot::Receiver<Option<ResumeToken>>> {
     // Every slot free: the stage has taken everything forwarded before (rule 1). Holding
     // them, nothing else enters the queue until the wake-up is in.
@@ -99,7 +100,7 @@ impl Inlet {
                     biased;
                     batch = direct.channel.recv() => match batch {
                         Some(first) => {
-                            let batch = gather(first, &mut direct.channel);
+                            let batch = gather(first, || direct.channel.try_recv());
                             if let Some(item) = batch.last() {
                                 *last = Some(item.token().clone());
                             }
@@ -124,7 +125,7 @@ impl Inlet {
                 None if self.events_open => self.events.recv().await?,
                 None => return None,
             };
-            let batch = gather(first, &mut self.events);
+            let batch = gather(first, || self.events.try_recv().ok());
             if let Ok(direct) = self.bypasses.try_recv() {
                 self.direct = Some((direct, None));
             }
@@ -140,12 +141,12 @@ impl Inlet {
 /// last turn waited for a worker goes in one.
 fn gather(
     mut batch: Vec<SourceItem>,
-    queue: &mut mpsc::Receiver<Vec<SourceItem>>,
+    mut queued: impl FnMut() -> Option<Vec<SourceItem>>,
 ) -> Vec<SourceItem> {
     while batch.len() < GATHER {
-        match queue.try_recv() {
-            Ok(more) => batch.extend(more),
-            Err(_) => break,
+        match queued() {
+            Some(more) => batch.extend(more),
+            None => break,
         }
     }
     batch
@@ -154,6 +155,7 @@ fn gather(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::shared::lane_channel;
 
     fn heartbeat(n: u32) -> SourceItem {
         let token =
@@ -180,12 +182,9 @@ mod tests {
     async fn a_handed_over_channel_keeps_the_order() {
         let (events_tx, events) = mpsc::channel(16);
         let (mut inlet, bypass) = Inlet::new(events);
-        let (lane_tx, lane) = mpsc::channel(16);
+        let (lane_tx, lane) = lane_channel();
         events_tx.send(vec![heartbeat(1)]).await.expect("send");
-        lane_tx
-            .send(vec![heartbeat(2), heartbeat(3)])
-            .await
-            .expect("send");
+        assert!(lane_tx.send(vec![heartbeat(2), heartbeat(3)]));
         // The hand-over waits for the stage to take the forwarded batch.
         let forwarded = events_tx.clone();
         let handing = tokio::spawn(async move {
@@ -205,7 +204,7 @@ mod tests {
         events_tx.send(Vec::new()).await.expect("send");
         assert_eq!(inlet.next().await.map(|b| b.len()), Some(0));
 
-        lane_tx.send(vec![heartbeat(4)]).await.expect("send");
+        assert!(lane_tx.send(vec![heartbeat(4)]));
         drop(lane_tx);
         assert_eq!(numbers(&inlet.next().await.expect("batch")), [4]);
         assert!(
@@ -232,8 +231,8 @@ mod tests {
             let batch = (b * per..(b + 1) * per).map(|n| heartbeat(n + 1)).collect();
             events_tx.send(batch).await.expect("send");
         }
-        let (lane_tx, lane) = mpsc::channel(16);
-        lane_tx.send(vec![heartbeat(100_000)]).await.expect("send");
+        let (lane_tx, lane) = lane_channel();
+        assert!(lane_tx.send(vec![heartbeat(100_000)]));
         let handing = tokio::spawn(async move {
             let ended = hand_over(&bypass, &events_tx, lane).await;
             (ended, events_tx, bypass)
@@ -264,14 +263,14 @@ mod tests {
     async fn a_stage_that_is_gone_is_noticed() {
         let (events_tx, events) = mpsc::channel(16);
         let (mut inlet, bypass) = Inlet::new(events);
-        let (_lane_tx, lane) = mpsc::channel(16);
+        let (_lane_tx, lane) = lane_channel();
         let ended = hand_over(&bypass, &events_tx, lane)
             .await
             .expect("stage there");
         assert_eq!(inlet.next().await.map(|b| b.len()), Some(0));
         drop(inlet);
         assert!(ended.await.is_err());
-        let (_lane_tx, lane) = mpsc::channel(16);
+        let (_lane_tx, lane) = lane_channel();
         assert!(hand_over(&bypass, &events_tx, lane).await.is_none());
     }
 
@@ -281,13 +280,13 @@ mod tests {
     async fn the_channel_outlives_a_closed_queue() {
         let (events_tx, events) = mpsc::channel(16);
         let (mut inlet, bypass) = Inlet::new(events);
-        let (lane_tx, lane) = mpsc::channel(16);
+        let (lane_tx, lane) = lane_channel();
         let _ended = hand_over(&bypass, &events_tx, lane)
             .await
             .expect("stage there");
         drop(events_tx);
         assert_eq!(inlet.next().await.map(|b| b.len()), Some(0));
-        lane_tx.send(vec![heartbeat(7)]).await.expect("send");
+        assert!(lane_tx.send(vec![heartbeat(7)]));
         assert_eq!(numbers(&inlet.next().await.expect("batch")), [7]);
         drop(lane_tx);
         assert!(inlet.next().await.is_none());

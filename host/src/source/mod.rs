@@ -28,6 +28,8 @@ mod elections;
 mod errors;
 mod heartbeat;
 mod open;
+#[cfg(test)]
+pub(crate) use self::open::SHARED_BATCH_SIZE;
 pub mod oversize;
 mod read;
 pub mod signal;

@@ -31,6 +31,17 @@ pub(crate) enum OpenAt {
 /// server's default, up to 16 MB, made them idle through every long getMore).
 const BATCH_SIZE: u32 = 1000;
 
+/// Events per getMore of a shared reader: as many as the server's 16 MiB reply holds (for
+/// events of 1 KiB or more). Its batch is split among the tenants, and a getMore of 1000
+/// spread over a thousand tenants gave each about one event, so every event made its own
+/// trip through its tenant's chain stage and a pool turn; read in larger batches (and routed
+/// in passes of several reader batches, `pipeline::shared`), each tenant gets several events
+/// at a time, and tidegate's CPU per event at K = 1000 by tenant key fell by about a fifth
+/// (BENCHMARKS.md, "Lanes counted in events"). It changes nothing when the stream keeps up:
+/// a getMore returns what there is. The tenants' own catch-up streams keep [`BATCH_SIZE`]:
+/// each reads one tenant's events.
+pub(crate) const SHARED_BATCH_SIZE: u32 = 16_000;
+
 pub(crate) async fn open(
     client: &mongodb::Client,
     pipeline: &PipelineConfig,
@@ -63,7 +74,11 @@ pub(crate) async fn open(
         .start_at_operation_time(at_time)
         .show_expanded_events(pipeline.show_expanded_events.then_some(true))
         .max_await_time(Duration::from_millis(500))
-        .batch_size(BATCH_SIZE)
+        .batch_size(if pipeline.shared_reader {
+            SHARED_BATCH_SIZE
+        } else {
+            BATCH_SIZE
+        })
         .build();
     let stages = server_side_filter(pipeline);
     // Events are read as raw BSON (see `event::Change`), never through serde.

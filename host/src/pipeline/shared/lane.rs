@@ -34,6 +34,7 @@ use std::sync::Arc;
 use mongodb::change_stream::event::ResumeToken;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::channel::{lane_channel, LaneReceiver};
 use super::route::Command;
 use super::SharedReader;
 use crate::config::PipelineConfig;
@@ -43,9 +44,6 @@ use crate::model::Position;
 use crate::pipeline::inlet::{self, Bypass};
 use crate::sink::stream_order;
 use crate::source::{self, SourceItem};
-
-/// Batches the router may queue for an attached tenant before detaching it.
-pub(super) const LANE_BATCHES: usize = 64;
 
 /// How long a starting tenant waits for the reader's first position before reading alone.
 const FIRST_POSITION: std::time::Duration = std::time::Duration::from_secs(5);
@@ -155,7 +153,7 @@ impl Drop for CatchUpTurn {
 
 /// A join under way: the channel the router fills, and where it took over (once it said).
 struct Joining {
-    channel: mpsc::Receiver<Vec<SourceItem>>,
+    channel: LaneReceiver,
     boundary: Option<ResumeToken>,
 }
 
@@ -166,7 +164,7 @@ impl Lane {
         &mut self,
         start: Option<Position>,
         at_time: Option<bson::Timestamp>,
-    ) -> Result<Option<mpsc::Receiver<Vec<SourceItem>>>, Error> {
+    ) -> Result<Option<LaneReceiver>, Error> {
         let mut position = self.reader.position.clone();
         // Once the reader is gone (its stream failed), the tenant reads on alone.
         let mut reader_gone = false;
@@ -327,14 +325,8 @@ impl Lane {
 
     /// Asks the router for a lane: its channel and the router's answer; `None` when the
     /// reader is gone.
-    #[allow(clippy::type_complexity)]
-    fn join(
-        &self,
-    ) -> Option<(
-        mpsc::Receiver<Vec<SourceItem>>,
-        oneshot::Receiver<ResumeToken>,
-    )> {
-        let (lane, channel) = mpsc::channel(LANE_BATCHES);
+    fn join(&self) -> Option<(LaneReceiver, oneshot::Receiver<ResumeToken>)> {
+        let (lane, channel) = lane_channel();
         let (reply_tx, reply) = oneshot::channel();
         let tenant = self.pipeline.tenant.as_ref()?.id.clone();
         let asked = self.reader.commands.send(Command::Join {
@@ -348,7 +340,7 @@ impl Lane {
     /// Delivers the shared reader's items until the router detaches the tenant (`true`)
     /// or the unit stops (`false`): forwards them through the hand-over's overlap, then
     /// hands the channel to the chain stage and waits for it to end there.
-    async fn attached(&mut self, mut channel: mpsc::Receiver<Vec<SourceItem>>) -> bool {
+    async fn attached(&mut self, mut channel: LaneReceiver) -> bool {
         let mut stopping = std::pin::pin!(crate::pipeline::signalled(&self.shutdown));
         // Until the first item past the hand-over, compare tokens; after it, every item is new.
         while let Some(last) = self.last.clone() {

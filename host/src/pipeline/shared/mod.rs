@@ -17,7 +17,11 @@
 //! change stream (narrowed on the server to its namespaces and key values) from its own
 //! checkpoint, and joins the shared reader once it has caught up, with nothing lost or
 //! repeated at the hand-over. Attached, the lane steps aside: the tenant's chain stage reads
-//! the router's channel itself (`pipeline::inlet`) until the router detaches the tenant. The
+//! the router's channel itself (`pipeline::inlet`) until the router detaches the tenant.
+//! Lanes are counted in events (`channel.rs`), and the router routes what the reader has
+//! queued in one pass, so each tenant gets one share of several events per pass; it takes
+//! the reader's next batch only while the lanes together hold less than a bound (the
+//! process as a whole behind: the shared stream waits). The
 //! router never waits for a tenant while another could be kept waiting: when a tenant's lane
 //! is full (slow plugins, its stream unavailable, a halted or held chain) while another
 //! attached tenant keeps up, the tenant is detached and catches up alone again (when nobody
@@ -31,6 +35,7 @@
 //! running pipeline is running its unit ([`crate::pipeline::run`]); removing it is stopping
 //! the unit.
 
+mod channel;
 mod lane;
 mod route;
 
@@ -46,6 +51,9 @@ use crate::error::Error;
 use crate::source;
 use route::{Command, Router};
 
+#[cfg(test)]
+pub(crate) use channel::lane_channel;
+pub(crate) use channel::LaneReceiver;
 pub(crate) use lane::run as read_lane;
 
 /// Batches read ahead of the router.
@@ -130,7 +138,8 @@ async fn start(unit: &PipelineConfig, id: &str) -> Result<SharedReader, Error> {
             }
         })
     };
-    let routing = tokio::spawn(Router::new(id, key).run(batches, commands_rx, position_tx));
+    let router = Router::new(id, key).lane_events(unit.tenant_lane_events);
+    let routing = tokio::spawn(router.run(batches, commands_rx, position_tx));
     let heartbeats = tokio::spawn(source::write_heartbeats(client.clone(), config));
     tracing::info!(pipeline = %id, "shared change stream starting for the pipeline's tenants");
     Ok(SharedReader {
@@ -163,6 +172,7 @@ fn reader_config(unit: &PipelineConfig, id: &str) -> PipelineConfig {
         // Never skip ahead or snapshot: a tenant would miss events. Failing detaches every
         // tenant, and each one's own stream applies the pipeline's policy.
         on_history_lost: HistoryLostPolicy::Fail,
+        shared_reader: true,
         ..unit.clone()
     }
 }

@@ -25,7 +25,8 @@ use bson::raw::{RawBsonRef, RawDocument};
 use mongodb::change_stream::event::ResumeToken;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{TenantKey, TenantScope, KEYED_OPERATIONS};
+use super::channel::LaneSender;
+use crate::config::{TenantKey, TenantScope, DEFAULT_TENANT_LANE_EVENTS, KEYED_OPERATIONS};
 use crate::model::{Change, Namespace};
 use crate::ops::metrics::PipelineMetrics;
 use crate::source::SourceItem;
@@ -45,6 +46,20 @@ const BEHIND_WAIT: Duration = Duration::from_secs(30);
 /// held up by the wait).
 const BEHIND_RECHECK: Duration = Duration::from_millis(20);
 
+/// The events the router leaves queued across its attached tenants' lanes before it takes
+/// the reader's next batch: what the shared reader holds in memory ahead of its tenants'
+/// chains, however many there are. Reaching it means the process as a whole is behind (no
+/// one lane need be full), so the reader waits, as a unit's own stream waits for its chain.
+/// A lane counts as full at `pipeline.tenant_lane_events`, in events, not in shares: a burst
+/// for one tenant (a database per tenant, written a thousand documents at a time) is not a
+/// slow tenant, nor is a large getMore routed as dozens of one-event shares (`channel.rs`).
+const READER_EVENTS: usize = crate::config::SHARED_READER_EVENTS as usize;
+
+/// The most events the router takes from the reader's queue for one pass: what queued while
+/// it routed the last is routed together, so that each tenant gets one share of several
+/// events rather than several shares of a fraction of one (see `channel.rs`).
+const PASS_EVENTS: usize = 4_096;
+
 /// What a tenant's lane asks of the router.
 pub(super) enum Command {
     /// A tenant unit started: its events are routed to it (while it has a lane) and no longer
@@ -54,7 +69,7 @@ pub(super) enum Command {
     /// current position (sent on `reply`) goes to it.
     Join {
         tenant: String,
-        lane: mpsc::Sender<Vec<SourceItem>>,
+        lane: LaneSender,
         reply: oneshot::Sender<ResumeToken>,
     },
     /// A tenant unit stopped.
@@ -90,7 +105,7 @@ impl Unroutable {
 struct Tenant {
     scope: TenantScope,
     /// Its lane while attached.
-    lane: Option<mpsc::Sender<Vec<SourceItem>>>,
+    lane: Option<LaneSender>,
     /// Whether an event went to its lane since the last heartbeat: its position moved with
     /// that event, so the next heartbeat skips it (at K = 1000 under load, heartbeats to
     /// every lane were as many sends as the events).
@@ -121,16 +136,15 @@ pub(super) struct Router {
     /// The token of the last item routed: where a joining lane takes over.
     position: Option<ResumeToken>,
     /// Joins waiting for the first position.
-    pending: Vec<(
-        String,
-        mpsc::Sender<Vec<SourceItem>>,
-        oneshot::Sender<ResumeToken>,
-    )>,
+    pending: Vec<(String, LaneSender, oneshot::Sender<ResumeToken>)>,
     logged: HashSet<Unroutable>,
     last_heartbeat: Option<Instant>,
     stats: Arc<PipelineMetrics>,
     /// [`BEHIND_WAIT`], shorter in tests.
     behind_wait: Duration,
+    /// The events a lane holds before it counts as full (`pipeline.tenant_lane_events`), and
+    /// [`READER_EVENTS`] (other in tests).
+    bounds: (usize, usize),
 }
 
 impl Router {
@@ -149,7 +163,14 @@ impl Router {
             last_heartbeat: None,
             stats: crate::ops::metrics::pipeline(pipeline),
             behind_wait: BEHIND_WAIT,
+            bounds: (DEFAULT_TENANT_LANE_EVENTS as usize, READER_EVENTS),
         }
+    }
+
+    /// The router, with lanes full at `events` (`pipeline.tenant_lane_events`).
+    pub(super) fn lane_events(mut self, events: u32) -> Router {
+        self.bounds.0 = events as usize;
+        self
     }
 
     /// Routes batches from the reader and answers the lanes until the reader ends; publishes
@@ -160,15 +181,26 @@ impl Router {
         mut commands: mpsc::UnboundedReceiver<Command>,
         position: watch::Sender<Option<ResumeToken>>,
     ) {
+        // When the lanes hold the reader's bound, since when (see [`Router::over_bound`]).
+        let mut full_since = None;
         loop {
+            let full = self.over_bound(&mut full_since);
             tokio::select! {
                 biased;
                 command = commands.recv() => match command {
                     Some(command) => self.command(command),
                     None => return,
                 },
-                batch = batches.recv() => match batch {
-                    Some(batch) => {
+                // Room is made by the chains taking from their lanes: looked at again shortly.
+                () = tokio::time::sleep(BEHIND_RECHECK), if full => {}
+                batch = batches.recv(), if !full => match batch {
+                    Some(mut batch) => {
+                        while batch.len() < PASS_EVENTS {
+                            match batches.try_recv() {
+                                Ok(more) => batch.extend(more),
+                                Err(_) => break,
+                            }
+                        }
                         let held = self.route(batch);
                         if !held.is_empty() && !self.wait_for_room(held, &mut commands).await {
                             return;
@@ -196,16 +228,15 @@ impl Router {
         tokio::pin!(limit);
         for Held { tenant, share } in held {
             while let Some(lane) = self.lane_of(&tenant) {
-                match lane.try_reserve() {
-                    Ok(room) => {
-                        room.send(share);
-                        break;
-                    }
-                    Err(mpsc::error::TrySendError::Closed(())) => {
+                if lane.is_closed() {
+                    self.detach(&tenant);
+                    break;
+                }
+                if lane.has_room(share.len(), self.bounds.0) {
+                    if !lane.send(share) {
                         self.detach(&tenant);
-                        break;
                     }
-                    Err(mpsc::error::TrySendError::Full(())) => {}
+                    break;
                 }
                 if self.someone_keeps_up(&tenant) {
                     self.detach(&tenant);
@@ -222,7 +253,7 @@ impl Router {
                         break;
                     }
                     // Room, or time to look at the others again.
-                    _ = lane.reserve() => {}
+                    () = lane.taken_or_closed() => {}
                     () = tokio::time::sleep(BEHIND_RECHECK) => {}
                 }
             }
@@ -230,8 +261,39 @@ impl Router {
         true
     }
 
+    /// Whether the attached lanes hold [`READER_EVENTS`] or more, so that the reader's next
+    /// batch waits; `since` keeps when that began. A wait as long as [`BEHIND_WAIT`] means
+    /// tenants that are stuck rather than slow: the one holding the most is detached then,
+    /// and the wait starts over.
+    fn over_bound(&mut self, since: &mut Option<Instant>) -> bool {
+        let queued: usize = self.lanes().map(|(_, lane)| lane.queued()).sum();
+        if queued < self.bounds.1 {
+            *since = None;
+            return false;
+        }
+        let began = *since.get_or_insert_with(Instant::now);
+        if began.elapsed() >= self.behind_wait {
+            let fullest = self
+                .lanes()
+                .max_by_key(|(_, lane)| lane.queued())
+                .map(|(id, _)| id.to_string());
+            if let Some(id) = fullest {
+                self.detach(&id);
+            }
+            *since = None;
+        }
+        true
+    }
+
+    /// The attached tenants' ids and lanes.
+    fn lanes(&self) -> impl Iterator<Item = (&str, &LaneSender)> {
+        self.tenants
+            .iter()
+            .filter_map(|t| Some((t.scope.id.as_str(), t.lane.as_ref()?)))
+    }
+
     /// `tenant`'s lane, while it is attached.
-    fn lane_of(&self, tenant: &str) -> Option<mpsc::Sender<Vec<SourceItem>>> {
+    fn lane_of(&self, tenant: &str) -> Option<LaneSender> {
         self.tenants
             .iter()
             .find(|t| t.scope.id == tenant)
@@ -241,12 +303,8 @@ impl Router {
     /// Whether an attached tenant other than `behind` keeps up: its lane is less than half
     /// full, so a wait for `behind` would hold it up.
     fn someone_keeps_up(&self, behind: &str) -> bool {
-        self.tenants.iter().any(|t| {
-            t.scope.id != behind
-                && t.lane
-                    .as_ref()
-                    .is_some_and(|lane| lane.capacity() * 2 > lane.max_capacity())
-        })
+        self.lanes()
+            .any(|(id, lane)| id != behind && lane.queued() * 2 < self.bounds.0)
     }
 
     /// Drops `tenant`'s lane: it reads on from its own position.
@@ -397,15 +455,13 @@ impl Router {
             let Some(lane) = &self.tenants[i].lane else {
                 continue;
             };
-            match lane.try_send(share) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(share)) => full.push(Held {
+            if !lane.has_room(share.len(), self.bounds.0) {
+                full.push(Held {
                     tenant: self.tenants[i].scope.id.clone(),
                     share,
-                }),
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.detach(&self.tenants[i].scope.id.clone())
-                }
+                });
+            } else if !lane.send(share) {
+                self.detach(&self.tenants[i].scope.id.clone());
             }
         }
         // Behind while another keeps up: detached, so that the other never waits.
@@ -523,6 +579,7 @@ fn key_value<'a>(event: &'a RawDocument, path: &str) -> Result<Cow<'a, str>, Unr
 
 #[cfg(test)]
 mod tests {
+    use super::super::channel::{lane_channel, LaneReceiver};
     use super::*;
     use bson::rawdoc;
 
@@ -623,14 +680,20 @@ mod tests {
     }
 
     impl Running {
-        /// Starts a router that waits for tenants behind at most `behind_wait`, with tenants
-        /// `ids` registered.
-        fn start(behind_wait: Duration, ids: &[&str]) -> Running {
+        /// Starts a router whose lanes hold `lane_events` events and that waits for tenants
+        /// behind at most `behind_wait`, with tenants `ids` registered.
+        fn start(lane_events: usize, behind_wait: Duration, ids: &[&str]) -> Running {
+            Running::bounded((lane_events, READER_EVENTS), behind_wait, ids)
+        }
+
+        /// As [`Running::start`], with the lanes' and the reader's bounds.
+        fn bounded(bounds: (usize, usize), behind_wait: Duration, ids: &[&str]) -> Running {
             let (batches, batches_rx) = mpsc::channel(4);
             let (commands, commands_rx) = mpsc::unbounded_channel();
             let (position, _position) = watch::channel(None);
             let mut router = Router::new("p", None);
             router.behind_wait = behind_wait;
+            router.bounds = bounds;
             let task = tokio::spawn(router.run(batches_rx, commands_rx, position));
             for id in ids {
                 commands.send(Command::Register(scope(id))).expect("router");
@@ -643,17 +706,9 @@ mod tests {
             }
         }
 
-        /// Asks for tenant `id` to join with a lane of `capacity` batches; the answer is the
-        /// router's position.
-        fn join(
-            &self,
-            id: &str,
-            capacity: usize,
-        ) -> (
-            mpsc::Receiver<Vec<SourceItem>>,
-            oneshot::Receiver<ResumeToken>,
-        ) {
-            let (lane, lane_rx) = mpsc::channel(capacity);
+        /// Asks for tenant `id` to join; the answer is the router's position.
+        fn join(&self, id: &str) -> (LaneReceiver, oneshot::Receiver<ResumeToken>) {
+            let (lane, lane_rx) = lane_channel();
             let (reply, joined) = oneshot::channel();
             let join = Command::Join {
                 tenant: id.to_string(),
@@ -667,12 +722,36 @@ mod tests {
         async fn send(&self, batch: Vec<SourceItem>) {
             self.batches.send(batch).await.expect("router");
         }
+
+        /// Sends `batch` and waits until the router has taken it: it is routed in a pass of
+        /// its own.
+        async fn pass(&self, batch: Vec<SourceItem>) {
+            self.send(batch).await;
+            taken(&self.batches).await;
+        }
     }
 
     impl Drop for Running {
         fn drop(&mut self) {
             self.task.abort();
         }
+    }
+
+    /// The ids of the next `n` events in `lane`; fewer if it ends first.
+    async fn next_events(lane: &mut LaneReceiver, n: usize) -> Vec<String> {
+        let mut seen = Vec::new();
+        while seen.len() < n {
+            match lane.recv().await {
+                Some(message) => seen.extend(ids(&message)),
+                None => break,
+            }
+        }
+        seen
+    }
+
+    /// `prefix` followed by each of `numbers`.
+    fn named(prefix: &str, numbers: std::ops::RangeInclusive<u32>) -> Vec<String> {
+        numbers.map(|n| format!("{prefix}{n}")).collect()
     }
 
     /// The only attached tenant is never detached for being behind: the router waits for
@@ -685,34 +764,27 @@ mod tests {
     }
 
     async fn only_attached_tenant_scenario() {
-        let router = Running::start(BEHIND_WAIT, &["a", "b"]);
-        let (mut lane_a, joined) = router.join("a", 1);
+        let router = Running::start(1, BEHIND_WAIT, &["a", "b"]);
+        let (mut lane_a, joined) = router.join("a");
         router.send(vec![item("c", 0)]).await;
         joined.await.expect("a joined");
 
-        // `a` alone: its lane holds one batch, and a second and third wait for it.
+        // `a` alone: its lane holds one event, and a second and third wait for it.
         for n in 1..=3 {
             router.send(vec![item("a", n)]).await;
         }
-        for n in 1..=3 {
-            let share = lane_a.recv().await.expect("a is still attached");
-            assert_eq!(ids(&share), [format!("a{n}")]);
-        }
+        assert_eq!(next_events(&mut lane_a, 3).await, named("a", 1..=3));
 
         // Behind again, then `b` joins while the router waits for `a`.
-        router.send(vec![item("a", 4)]).await;
-        router.send(vec![item("a", 5)]).await;
-        taken(&router.batches).await;
-        let (mut lane_b, joined) = router.join("b", 4);
+        router.pass(vec![item("a", 4)]).await;
+        router.pass(vec![item("a", 5)]).await;
+        let (mut lane_b, joined) = router.join("b");
         let at = joined.await.expect("b joined");
         let token_id = crate::model::token::token_id;
         assert_eq!(token_id(&at), token_id(item("a", 5).token()));
-        let share = lane_a.recv().await.expect("a's queued batch");
-        assert_eq!(ids(&share), ["a4"]);
-        assert!(lane_a.recv().await.is_none(), "a was detached");
+        assert_eq!(next_events(&mut lane_a, 2).await, ["a4"], "a was detached");
         router.send(vec![item("b", 6)]).await;
-        let share = lane_b.recv().await.expect("b attached");
-        assert_eq!(ids(&share), ["b6"]);
+        assert_eq!(next_events(&mut lane_b, 1).await, ["b6"]);
     }
 
     /// Two tenants both behind (neither takes from its lane) are waited for, not detached:
@@ -724,18 +796,17 @@ mod tests {
     }
 
     async fn all_behind_scenario() {
-        let router = Running::start(BEHIND_WAIT, &["a", "b"]);
-        let (mut lane_a, joined_a) = router.join("a", 4);
-        let (mut lane_b, joined_b) = router.join("b", 4);
+        let router = Running::start(4, BEHIND_WAIT, &["a", "b"]);
+        let (mut lane_a, joined_a) = router.join("a");
+        let (mut lane_b, joined_b) = router.join("b");
         router.send(vec![item("c", 0)]).await;
         joined_a.await.expect("a joined");
         joined_b.await.expect("b joined");
 
-        // Four batches fill both lanes; the fifth finds both full.
+        // Four passes fill both lanes; the fifth finds both full.
         for n in 1..=5 {
-            router.send(vec![item("a", n), item("b", n)]).await;
+            router.pass(vec![item("a", n), item("b", n)]).await;
         }
-        taken(&router.batches).await;
         // Several rechecks' worth: still both attached.
         tokio::time::sleep(BEHIND_RECHECK * 5).await;
         assert!(
@@ -744,18 +815,10 @@ mod tests {
         );
 
         // `b` catches up: `a`, still behind, is detached, and `b` gets its fifth.
-        for n in 1..=5 {
-            let share = lane_b.recv().await.expect("b attached");
-            assert_eq!(ids(&share), [format!("b{n}")]);
-        }
-        for n in 1..=4 {
-            let share = lane_a.recv().await.expect("a's queued batches");
-            assert_eq!(ids(&share), [format!("a{n}")]);
-        }
-        assert!(lane_a.recv().await.is_none(), "a was detached");
+        assert_eq!(next_events(&mut lane_b, 5).await, named("b", 1..=5));
+        assert_eq!(next_events(&mut lane_a, 5).await, named("a", 1..=4));
         router.send(vec![item("a", 6), item("b", 6)]).await;
-        let share = lane_b.recv().await.expect("b attached");
-        assert_eq!(ids(&share), ["b6"]);
+        assert_eq!(next_events(&mut lane_b, 1).await, ["b6"]);
     }
 
     /// The only attached tenant that makes no room for the router's wait limit is detached
@@ -766,18 +829,161 @@ mod tests {
     }
 
     async fn stuck_tenant_scenario() {
-        let router = Running::start(Duration::from_millis(200), &["a"]);
-        let (mut lane_a, joined) = router.join("a", 1);
+        let router = Running::start(1, Duration::from_millis(200), &["a"]);
+        let (mut lane_a, joined) = router.join("a");
         router.send(vec![item("c", 0)]).await;
         joined.await.expect("a joined");
         // `a` takes nothing: its lane holds 1, the router waits with 2, then gives up.
         for n in 1..=3 {
-            router.send(vec![item("a", n)]).await;
+            router.pass(vec![item("a", n)]).await;
+        }
+        assert_eq!(next_events(&mut lane_a, 2).await, ["a1"], "a was detached");
+    }
+
+    /// Lanes that together hold the reader's bound, none of them full, make the reader's
+    /// batches wait (the process as a whole is behind): nobody is detached, and the next
+    /// batch is routed once a chain has taken from its lane.
+    #[tokio::test]
+    async fn lanes_at_the_readers_bound_hold_the_reader_back() {
+        within_ceiling(readers_bound_scenario()).await;
+    }
+
+    async fn readers_bound_scenario() {
+        let router = Running::bounded((8, 4), BEHIND_WAIT, &["a", "b"]);
+        let (mut lane_a, joined_a) = router.join("a");
+        let (mut lane_b, joined_b) = router.join("b");
+        router.pass(vec![item("c", 0)]).await;
+        joined_a.await.expect("a joined");
+        joined_b.await.expect("b joined");
+        router.pass(vec![item("a", 1), item("b", 1)]).await;
+        router.pass(vec![item("a", 2), item("b", 2)]).await;
+        // Four events queued: the third batch waits in the reader's queue.
+        router.send(vec![item("a", 3), item("b", 3)]).await;
+        tokio::time::sleep(BEHIND_RECHECK * 5).await;
+        assert_eq!(router.batches.capacity() + 1, router.batches.max_capacity());
+        assert!(!lane_a.is_closed() && !lane_b.is_closed());
+
+        assert_eq!(next_events(&mut lane_a, 2).await, named("a", 1..=2));
+        taken(&router.batches).await;
+        assert_eq!(next_events(&mut lane_b, 3).await, named("b", 1..=3));
+        assert_eq!(next_events(&mut lane_a, 1).await, ["a3"]);
+        assert!(!lane_a.is_closed() && !lane_b.is_closed());
+    }
+
+    /// Lanes at the reader's bound that nobody takes from for the wait limit: the tenant
+    /// holding the most is detached, and the reader reads on.
+    #[tokio::test]
+    async fn lanes_stuck_at_the_readers_bound_detach_the_fullest() {
+        within_ceiling(stuck_at_bound_scenario()).await;
+    }
+
+    async fn stuck_at_bound_scenario() {
+        let router = Running::bounded((8, 4), Duration::from_millis(200), &["a", "b"]);
+        let (mut lane_a, joined_a) = router.join("a");
+        let (mut lane_b, joined_b) = router.join("b");
+        router.pass(vec![item("c", 0)]).await;
+        joined_a.await.expect("a joined");
+        joined_b.await.expect("b joined");
+        let first = vec![item("a", 1), item("a", 2), item("a", 3), item("b", 1)];
+        router.pass(first).await;
+        router.pass(vec![item("a", 4), item("b", 2)]).await;
+        assert_eq!(next_events(&mut lane_a, 4).await, named("a", 1..=3));
+        assert_eq!(next_events(&mut lane_b, 2).await, named("b", 1..=2));
+        assert!(!lane_b.is_closed(), "b is still attached");
+    }
+
+    /// What the reader's queue holds is routed in one pass: each tenant gets one share
+    /// with all of its events, however many reader batches they came in.
+    #[tokio::test]
+    async fn queued_batches_are_routed_in_one_pass() {
+        let router = Running::start(
+            DEFAULT_TENANT_LANE_EVENTS as usize,
+            BEHIND_WAIT,
+            &["a", "b"],
+        );
+        let (mut lane_a, joined_a) = router.join("a");
+        let (mut lane_b, joined_b) = router.join("b");
+        router.send(vec![item("c", 0)]).await;
+        joined_a.await.expect("a joined");
+        joined_b.await.expect("b joined");
+        // Four batches queue before the router runs again (this runtime has one thread, and
+        // sends with room never yield to it).
+        for n in 1..=4 {
+            let batch = vec![item("a", n), item("b", n)];
+            router.batches.send(batch).await.expect("router");
         }
         taken(&router.batches).await;
-        let share = lane_a.recv().await.expect("a's queued batch");
-        assert_eq!(ids(&share), ["a1"]);
-        assert!(lane_a.recv().await.is_none(), "a was detached");
+        let a = lane_a.recv().await.expect("a's share");
+        let b = lane_b.recv().await.expect("b's share");
+        assert_eq!(ids(&a), named("a", 1..=4));
+        assert_eq!(ids(&b), named("b", 1..=4));
+    }
+
+    /// One getMore of the shared reader's size, routed over K tenants before any of them
+    /// takes anything, leaves every lane less than half full: a burst alone never makes a
+    /// tenant look behind, nor another look as if it kept up while the first is full (which
+    /// is what detached tenants when lanes were counted in messages: a burst put dozens of
+    /// one-event shares in each). Nothing is lost on the way.
+    #[test]
+    fn a_burst_leaves_every_lane_less_than_half_full() {
+        let burst = crate::source::SHARED_BATCH_SIZE;
+        for k in [2u32, 10, 100, 1000] {
+            let mut router = Router::new("p", None);
+            let ids: Vec<String> = (0..k).map(|t| format!("t{t}")).collect();
+            for id in &ids {
+                router.command(Command::Register(scope(id)));
+            }
+            assert!(router.route(vec![item("c", 0)]).is_empty());
+            let lanes: Vec<LaneReceiver> = ids
+                .iter()
+                .map(|id| {
+                    let (lane, receiver) = lane_channel();
+                    let (reply, _joined) = oneshot::channel();
+                    router.command(Command::Join {
+                        tenant: id.clone(),
+                        lane,
+                        reply,
+                    });
+                    receiver
+                })
+                .collect();
+            let events: Vec<SourceItem> = (0..burst)
+                .map(|n| item(&ids[(n % k) as usize], n + 1))
+                .collect();
+            for pass in events.chunks(PASS_EVENTS) {
+                let held = router.route(pass.iter().map(copy).collect());
+                assert!(held.is_empty(), "K = {k}: a lane was full");
+            }
+            let limit = DEFAULT_TENANT_LANE_EVENTS as usize;
+            for (id, tenant) in ids.iter().zip(&router.tenants) {
+                let lane = tenant.lane.as_ref().expect("still attached");
+                assert_eq!(lane.queued() as u32, burst / k, "K = {k}, {id}");
+                assert!(
+                    lane.queued() * 2 < limit,
+                    "K = {k}, {id}: {} of {limit}",
+                    lane.queued()
+                );
+            }
+            drop(lanes);
+        }
+
+        // A getMore's worth for one tenant alone (a database per tenant, written a thousand
+        // documents at a time) does not make its lane full either.
+        let mut router = Router::new("p", None);
+        router.command(Command::Register(scope("t")));
+        assert!(router.route(vec![item("c", 0)]).is_empty());
+        let (lane, _receiver) = lane_channel();
+        let (reply, _joined) = oneshot::channel();
+        router.command(Command::Join {
+            tenant: "t".to_string(),
+            lane,
+            reply,
+        });
+        let events: Vec<SourceItem> = (0..burst).map(|n| item("t", n + 1)).collect();
+        for pass in events.chunks(PASS_EVENTS) {
+            let pass = pass.iter().map(copy).collect();
+            assert!(router.route(pass).is_empty(), "t's lane was full");
+        }
     }
 
     /// A key value claimed twice stays with the tenant that claimed it first, whatever the

@@ -1,0 +1,177 @@
+//! A lane's channel: the router's shares for one attached tenant, counted in events.
+//!
+//! A bound in messages does not bound what a tenant holds: a share may be one event (a
+//! thousand tenants by key, each getting a fraction of a reader batch) or a reader batch's
+//! every event (one tenant). And it made the router detach tenants that were not behind:
+//! a large getMore routed at once put several dozen one-event shares into every lane, so a
+//! lane whose tenant had not had its turn yet looked full while another's, just served,
+//! looked empty. Counted in events, the router can gather what the reader has queued into
+//! one pass, give each tenant one share per pass, and bound the events held across all
+//! lanes (see `route.rs`: the router decides what counts as full; this channel only counts).
+//!
+//! The channel itself is unbounded; only the router sends, and it sends only while the
+//! count says there is room (or the lane is empty), so the messages are bounded by the
+//! events. A share is sent as pieces of at most [`PIECE`] events, so that one tenant on its
+//! own still hands its chain stage batches of the usual size.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, Notify};
+
+use crate::source::SourceItem;
+
+/// The most events in one message: the size of the source's own hand-off batches.
+const PIECE: usize = crate::source::HANDOFF_BATCH;
+
+/// What both ends share: the events in flight, and the sender's wake-up.
+#[derive(Default)]
+struct Count {
+    /// Events sent and not yet received.
+    queued: AtomicUsize,
+    /// Notified whenever the receiver takes a message (the router waits on it for room).
+    taken: Notify,
+}
+
+/// The router's end.
+#[derive(Clone)]
+pub(crate) struct LaneSender {
+    messages: mpsc::UnboundedSender<Vec<SourceItem>>,
+    count: Arc<Count>,
+}
+
+/// The tenant's end: the lane's, during a hand-over, then the chain stage's.
+pub(crate) struct LaneReceiver {
+    messages: mpsc::UnboundedReceiver<Vec<SourceItem>>,
+    count: Arc<Count>,
+}
+
+/// A new lane channel.
+pub(crate) fn lane_channel() -> (LaneSender, LaneReceiver) {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let count = Arc::new(Count::default());
+    let sender = LaneSender {
+        messages: sender,
+        count: count.clone(),
+    };
+    (
+        sender,
+        LaneReceiver {
+            messages: receiver,
+            count,
+        },
+    )
+}
+
+impl LaneSender {
+    /// Events sent and not yet taken by the receiver.
+    pub(crate) fn queued(&self) -> usize {
+        self.count.queued.load(Ordering::Acquire)
+    }
+
+    /// Whether `events` more fit under `limit`: an empty lane takes any share, so that a
+    /// share larger than the limit is never refused for good.
+    pub(crate) fn has_room(&self, events: usize, limit: usize) -> bool {
+        let queued = self.queued();
+        queued == 0 || queued + events <= limit
+    }
+
+    /// Sends `share` in pieces of at most [`PIECE`] events; false when the receiver is gone.
+    pub(crate) fn send(&self, mut share: Vec<SourceItem>) -> bool {
+        while !share.is_empty() {
+            let rest = share.split_off(share.len().min(PIECE));
+            // Counted before it can be taken, so that the count never goes below zero.
+            self.count.queued.fetch_add(share.len(), Ordering::AcqRel);
+            let events = share.len();
+            if self.messages.send(share).is_err() {
+                self.count.queued.fetch_sub(events, Ordering::AcqRel);
+                return false;
+            }
+            share = rest;
+        }
+        true
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.messages.is_closed()
+    }
+
+    /// Returns once the receiver has taken a message or is gone (at once if it took one
+    /// since the last call: a wake-up is never lost between a look at the count and here).
+    pub(crate) async fn taken_or_closed(&self) {
+        tokio::select! {
+            () = self.count.taken.notified() => {}
+            () = self.messages.closed() => {}
+        }
+    }
+}
+
+impl LaneReceiver {
+    /// The next message; `None` once the sender is gone and everything has been taken.
+    pub(crate) async fn recv(&mut self) -> Option<Vec<SourceItem>> {
+        let message = self.messages.recv().await?;
+        Some(self.took(message))
+    }
+
+    /// The next message if one is there.
+    pub(crate) fn try_recv(&mut self) -> Option<Vec<SourceItem>> {
+        let message = self.messages.try_recv().ok()?;
+        Some(self.took(message))
+    }
+
+    /// Whether the router has dropped its end (it still may have left messages).
+    #[cfg(test)]
+    pub(crate) fn is_closed(&self) -> bool {
+        self.messages.is_closed()
+    }
+
+    fn took(&self, message: Vec<SourceItem>) -> Vec<SourceItem> {
+        self.count.queued.fetch_sub(message.len(), Ordering::AcqRel);
+        self.count.taken.notify_one();
+        message
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heartbeats(n: usize) -> Vec<SourceItem> {
+        (0..n)
+            .map(|i| {
+                let token = crate::model::token::token_from_document(
+                    bson::doc! { "_data": format!("{i:08X}") },
+                )
+                .expect("token");
+                SourceItem::Heartbeat(token, None)
+            })
+            .collect()
+    }
+
+    /// Events are counted from the send until the receiver takes them; a large share
+    /// arrives in pieces of the usual size, in order.
+    #[tokio::test]
+    async fn events_are_counted_until_taken() {
+        let (sender, mut receiver) = lane_channel();
+        assert!(
+            sender.has_room(5 * PIECE, 10),
+            "an empty lane takes any share"
+        );
+        assert!(sender.send(heartbeats(PIECE + 3)));
+        assert_eq!(sender.queued(), PIECE + 3);
+        assert!(!sender.has_room(1, PIECE + 3));
+        assert!(sender.has_room(1, PIECE + 4));
+        assert_eq!(receiver.recv().await.map(|m| m.len()), Some(PIECE));
+        assert_eq!(sender.queued(), 3);
+        // The wake-up for that take is kept for the next wait.
+        sender.taken_or_closed().await;
+        assert_eq!(receiver.try_recv().map(|m| m.len()), Some(3));
+        assert_eq!(sender.queued(), 0);
+        assert!(receiver.try_recv().is_none());
+        drop(receiver);
+        assert!(sender.is_closed());
+        sender.taken_or_closed().await;
+        assert!(!sender.send(heartbeats(1)));
+        assert_eq!(sender.queued(), 0);
+    }
+}
