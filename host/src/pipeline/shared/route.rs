@@ -1,6 +1,9 @@
 //! The shared reader's router: which tenants an event belongs to, in constant time per event
-//! (a hash map on the namespace, or on the tenant key's value), and each tenant's batch handed
-//! to its lane without waiting for it while another tenant could be kept waiting. A tenant
+//! (a hash map on the namespace, or on the tenant key's value), and each tenant's share handed
+//! to its lane without waiting for it while another tenant could be kept waiting. What the
+//! reader has queued is routed in one pass ([`PASS_EVENTS`]), one share per tenant, and lanes
+//! are counted in events (`channel.rs`): full at `pipeline.tenant_lane_events`, and together
+//! bounded by [`READER_EVENTS`], past which the reader's next batch waits. A tenant
 //! whose lane is full while another attached tenant keeps up (its lane less than half full)
 //! is detached: the router drops its lane and the tenant reads on from its own position
 //! (`lane.rs`), so the one keeping up is never held up.
