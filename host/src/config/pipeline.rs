@@ -180,7 +180,8 @@ pub struct PipelineConfig {
     /// or a burst of detaches opens. Default: 8.
     #[serde(default = "default_tenant_catch_up_streams")]
     pub tenant_catch_up_streams: u32,
-    /// With a shared reader: how many events it queues for one attached tenant. A tenant
+    /// With a shared reader: how many events it queues for one attached tenant (and at most
+    /// 64 MiB of documents, see `pipeline::shared`). A tenant
     /// that falls this far behind while another keeps up is detached, to read on alone from
     /// its own position; lower detaches sooner (less memory per tenant behind), higher
     /// absorbs larger bursts for one tenant. At most 65,536, the events the reader queues

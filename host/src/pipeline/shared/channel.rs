@@ -1,4 +1,5 @@
-//! A lane's channel: the router's shares for one attached tenant, counted in events.
+//! A lane's channel: the router's shares for one attached tenant, counted in events and in
+//! bytes.
 //!
 //! A bound in messages does not bound what a tenant holds: a share may be one event (a
 //! thousand tenants by key, each getting a fraction of a reader batch) or a reader batch's
@@ -8,6 +9,8 @@
 //! looked empty. Counted in events, the router can gather what the reader has queued into
 //! one pass, give each tenant one share per pass, and bound the events held across all
 //! lanes (see `route.rs`: the router decides what counts as full; this channel only counts).
+//! Bytes are counted beside events because documents run up to 16 MiB: a bound in events
+//! alone would let a lane of large documents hold gigabytes.
 //!
 //! The channel itself is unbounded; only the router sends, and it sends only while the
 //! count says there is room (or the lane is empty), so the messages are bounded by the
@@ -24,13 +27,71 @@ use crate::source::SourceItem;
 /// The most events in one message: the size of the source's own hand-off batches.
 const PIECE: usize = crate::source::HANDOFF_BATCH;
 
-/// What both ends share: the events in flight, and the sender's wake-up.
+/// What a lane holds, or may hold: events, and their documents' bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Load {
+    pub(crate) events: usize,
+    pub(crate) bytes: usize,
+}
+
+impl Load {
+    /// The load of `items` (a heartbeat counts as an event of no bytes).
+    pub(crate) fn of(items: &[SourceItem]) -> Load {
+        let bytes = items
+            .iter()
+            .map(|item| match item {
+                SourceItem::Event(event) | SourceItem::Oversize { event, .. } => {
+                    event.change.document().as_bytes().len()
+                }
+                SourceItem::Heartbeat(..) => 0,
+            })
+            .sum();
+        Load {
+            events: items.len(),
+            bytes,
+        }
+    }
+
+    /// Whether this load is at `limit` in events or in bytes.
+    pub(crate) fn reaches(self, limit: Load) -> bool {
+        self.events >= limit.events || self.bytes >= limit.bytes
+    }
+
+    /// Whether this load is under half of `limit` in both events and bytes.
+    pub(crate) fn under_half(self, limit: Load) -> bool {
+        self.events * 2 < limit.events && self.bytes * 2 < limit.bytes
+    }
+
+    /// The sum of two loads.
+    pub(crate) fn plus(self, other: Load) -> Load {
+        Load {
+            events: self.events + other.events,
+            bytes: self.bytes + other.bytes,
+        }
+    }
+}
+
+/// What both ends share: the load in flight, and the sender's wake-up.
 #[derive(Default)]
 struct Count {
     /// Events sent and not yet received.
-    queued: AtomicUsize,
+    events: AtomicUsize,
+    /// Their bytes.
+    bytes: AtomicUsize,
     /// Notified whenever the receiver takes a message (the router waits on it for room).
     taken: Notify,
+}
+
+impl Count {
+    fn add(&self, load: Load) {
+        self.events.fetch_add(load.events, Ordering::AcqRel);
+        self.bytes.fetch_add(load.bytes, Ordering::AcqRel);
+    }
+
+    fn sub(&self, load: Load) {
+        self.events.fetch_sub(load.events, Ordering::AcqRel);
+        self.bytes.fetch_sub(load.bytes, Ordering::AcqRel);
+    }
 }
 
 /// The router's end.
@@ -64,16 +125,20 @@ pub(crate) fn lane_channel() -> (LaneSender, LaneReceiver) {
 }
 
 impl LaneSender {
-    /// Events sent and not yet taken by the receiver.
-    pub(crate) fn queued(&self) -> usize {
-        self.count.queued.load(Ordering::Acquire)
+    /// What was sent and not yet taken by the receiver.
+    pub(crate) fn queued(&self) -> Load {
+        Load {
+            events: self.count.events.load(Ordering::Acquire),
+            bytes: self.count.bytes.load(Ordering::Acquire),
+        }
     }
 
-    /// Whether `events` more fit under `limit`: an empty lane takes any share, so that a
-    /// share larger than the limit is never refused for good.
-    pub(crate) fn has_room(&self, events: usize, limit: usize) -> bool {
+    /// Whether `share` more fits under `limit`, in events and in bytes: an empty lane takes
+    /// any share, so that a share larger than the limit is never refused for good.
+    pub(crate) fn has_room(&self, share: Load, limit: Load) -> bool {
         let queued = self.queued();
-        queued == 0 || queued + events <= limit
+        let after = queued.plus(share);
+        queued.events == 0 || (after.events <= limit.events && after.bytes <= limit.bytes)
     }
 
     /// Sends `share` in pieces of at most [`PIECE`] events; false when the receiver is gone.
@@ -81,10 +146,10 @@ impl LaneSender {
         while !share.is_empty() {
             let rest = share.split_off(share.len().min(PIECE));
             // Counted before it can be taken, so that the count never goes below zero.
-            self.count.queued.fetch_add(share.len(), Ordering::AcqRel);
-            let events = share.len();
+            let load = Load::of(&share);
+            self.count.add(load);
             if self.messages.send(share).is_err() {
-                self.count.queued.fetch_sub(events, Ordering::AcqRel);
+                self.count.sub(load);
                 return false;
             }
             share = rest;
@@ -126,7 +191,7 @@ impl LaneReceiver {
     }
 
     fn took(&self, message: Vec<SourceItem>) -> Vec<SourceItem> {
-        self.count.queued.fetch_sub(message.len(), Ordering::AcqRel);
+        self.count.sub(Load::of(&message));
         self.count.taken.notify_one();
         message
     }
@@ -152,26 +217,81 @@ mod tests {
     /// arrives in pieces of the usual size, in order.
     #[tokio::test]
     async fn events_are_counted_until_taken() {
+        let events = |n: usize| Load {
+            events: n,
+            bytes: 0,
+        };
+        let limit = |n: usize| Load {
+            events: n,
+            bytes: usize::MAX,
+        };
         let (sender, mut receiver) = lane_channel();
         assert!(
-            sender.has_room(5 * PIECE, 10),
+            sender.has_room(events(5 * PIECE), limit(10)),
             "an empty lane takes any share"
         );
         assert!(sender.send(heartbeats(PIECE + 3)));
-        assert_eq!(sender.queued(), PIECE + 3);
-        assert!(!sender.has_room(1, PIECE + 3));
-        assert!(sender.has_room(1, PIECE + 4));
+        assert_eq!(sender.queued(), events(PIECE + 3));
+        assert!(!sender.has_room(events(1), limit(PIECE + 3)));
+        assert!(sender.has_room(events(1), limit(PIECE + 4)));
         assert_eq!(receiver.recv().await.map(|m| m.len()), Some(PIECE));
-        assert_eq!(sender.queued(), 3);
+        assert_eq!(sender.queued(), events(3));
         // The wake-up for that take is kept for the next wait.
         sender.taken_or_closed().await;
         assert_eq!(receiver.try_recv().map(|m| m.len()), Some(3));
-        assert_eq!(sender.queued(), 0);
+        assert_eq!(sender.queued(), events(0));
         assert!(receiver.try_recv().is_none());
         drop(receiver);
         assert!(sender.is_closed());
         sender.taken_or_closed().await;
         assert!(!sender.send(heartbeats(1)));
-        assert_eq!(sender.queued(), 0);
+        assert_eq!(sender.queued(), events(0));
+    }
+
+    /// A document's bytes are counted with it: a lane of a few large documents is full by
+    /// its bytes long before its events.
+    #[tokio::test]
+    async fn bytes_are_counted_with_the_events() {
+        let big = |n: i32| {
+            let pad = "x".repeat(1 << 20);
+            let event = bson::doc! {
+                "_id": { "_data": format!("{n:08X}") },
+                "operationType": "insert",
+                "ns": { "db": "db", "coll": "c" },
+                "documentKey": { "_id": n },
+                "fullDocument": { "_id": n, "pad": pad },
+            };
+            let raw = bson::RawDocumentBuf::try_from(&event).expect("raw");
+            let (token, change) = crate::model::Change::from_server_event(&raw).expect("change");
+            SourceItem::Event(Box::new(crate::model::SourceEvent {
+                token,
+                change,
+                snapshot: None,
+            }))
+        };
+        let (sender, mut receiver) = lane_channel();
+        assert!(sender.send(vec![big(1), big(2)]));
+        let queued = sender.queued();
+        assert_eq!(queued.events, 2);
+        assert!(queued.bytes > 2 << 20, "{queued:?}");
+        let limit = Load {
+            events: 1000,
+            bytes: 3 << 20,
+        };
+        let one = Load::of(&[big(3)]);
+        assert!(
+            !sender.has_room(one, limit),
+            "a third MiB document is over 3 MiB"
+        );
+        assert!(queued.under_half(Load {
+            events: 1000,
+            bytes: 8 << 20
+        }));
+        assert!(queued.reaches(Load {
+            events: 1000,
+            bytes: 2 << 20
+        }));
+        receiver.recv().await.expect("the share");
+        assert_eq!(sender.queued(), Load::default());
     }
 }

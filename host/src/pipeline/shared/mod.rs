@@ -18,9 +18,9 @@
 //! checkpoint, and joins the shared reader once it has caught up, with nothing lost or
 //! repeated at the hand-over. Attached, the lane steps aside: the tenant's chain stage reads
 //! the router's channel itself (`pipeline::inlet`) until the router detaches the tenant.
-//! Lanes are counted in events (`channel.rs`), and the router routes what the reader has
-//! queued in one pass, so each tenant gets one share of several events per pass; it takes
-//! the reader's next batch only while the lanes together hold less than a bound (the
+//! Lanes are counted in events and bytes (`channel.rs`), and the router routes what the
+//! reader has queued in one pass, so each tenant gets one share of several events per pass;
+//! it takes the reader's next batch only while the lanes together hold less than a bound (the
 //! process as a whole behind: the shared stream waits). The
 //! router never waits for a tenant while another could be kept waiting: when a tenant's lane
 //! is full (slow plugins, its stream unavailable, a halted or held chain) while another

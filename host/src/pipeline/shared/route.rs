@@ -2,8 +2,9 @@
 //! (a hash map on the namespace, or on the tenant key's value), and each tenant's share handed
 //! to its lane without waiting for it while another tenant could be kept waiting. What the
 //! reader has queued is routed in one pass ([`PASS_EVENTS`]), one share per tenant, and lanes
-//! are counted in events (`channel.rs`): full at `pipeline.tenant_lane_events`, and together
-//! bounded by [`READER_EVENTS`], past which the reader's next batch waits. A tenant
+//! are counted in events and bytes (`channel.rs`): full at `pipeline.tenant_lane_events` or
+//! [`LANE_BYTES`], and together bounded by [`READER_EVENTS`] and [`READER_BYTES`], past
+//! which the reader's next batch waits. A tenant
 //! whose lane is full while another attached tenant keeps up (its lane less than half full)
 //! is detached: the router drops its lane and the tenant reads on from its own position
 //! (`lane.rs`), so the one keeping up is never held up.
@@ -28,7 +29,7 @@ use bson::raw::{RawBsonRef, RawDocument};
 use mongodb::change_stream::event::ResumeToken;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::channel::LaneSender;
+use super::channel::{LaneSender, Load};
 use crate::config::{TenantKey, TenantScope, DEFAULT_TENANT_LANE_EVENTS, KEYED_OPERATIONS};
 use crate::model::{Change, Namespace};
 use crate::ops::metrics::PipelineMetrics;
@@ -57,6 +58,15 @@ const BEHIND_RECHECK: Duration = Duration::from_millis(20);
 /// for one tenant (a database per tenant, written a thousand documents at a time) is not a
 /// slow tenant, nor is a large getMore routed as dozens of one-event shares (`channel.rs`).
 const READER_EVENTS: usize = crate::config::SHARED_READER_EVENTS as usize;
+
+/// The bytes (documents' BSON) the router leaves queued across its attached tenants' lanes
+/// before it takes the reader's next batch, as [`READER_EVENTS`] bounds their number:
+/// documents run up to 16 MiB, and 65,536 of them would be a terabyte.
+const READER_BYTES: usize = 256 << 20;
+
+/// The bytes a lane holds before it counts as full, beside `pipeline.tenant_lane_events`:
+/// a quarter of [`READER_BYTES`], as the default lane is a quarter of [`READER_EVENTS`].
+const LANE_BYTES: usize = READER_BYTES / 4;
 
 /// The most events the router takes from the reader's queue for one pass: what queued while
 /// it routed the last is routed together, so that each tenant gets one share of several
@@ -145,9 +155,10 @@ pub(super) struct Router {
     stats: Arc<PipelineMetrics>,
     /// [`BEHIND_WAIT`], shorter in tests.
     behind_wait: Duration,
-    /// The events a lane holds before it counts as full (`pipeline.tenant_lane_events`), and
-    /// [`READER_EVENTS`] (other in tests).
-    bounds: (usize, usize),
+    /// The load a lane holds before it counts as full (`pipeline.tenant_lane_events` and
+    /// [`LANE_BYTES`]), and the lanes together ([`READER_EVENTS`], [`READER_BYTES`]); other
+    /// in tests.
+    bounds: (Load, Load),
 }
 
 impl Router {
@@ -166,13 +177,22 @@ impl Router {
             last_heartbeat: None,
             stats: crate::ops::metrics::pipeline(pipeline),
             behind_wait: BEHIND_WAIT,
-            bounds: (DEFAULT_TENANT_LANE_EVENTS as usize, READER_EVENTS),
+            bounds: (
+                Load {
+                    events: DEFAULT_TENANT_LANE_EVENTS as usize,
+                    bytes: LANE_BYTES,
+                },
+                Load {
+                    events: READER_EVENTS,
+                    bytes: READER_BYTES,
+                },
+            ),
         }
     }
 
     /// The router, with lanes full at `events` (`pipeline.tenant_lane_events`).
     pub(super) fn lane_events(mut self, events: u32) -> Router {
-        self.bounds.0 = events as usize;
+        self.bounds.0.events = events as usize;
         self
     }
 
@@ -235,7 +255,7 @@ impl Router {
                     self.detach(&tenant);
                     break;
                 }
-                if lane.has_room(share.len(), self.bounds.0) {
+                if lane.has_room(Load::of(&share), self.bounds.0) {
                     if !lane.send(share) {
                         self.detach(&tenant);
                     }
@@ -264,13 +284,15 @@ impl Router {
         true
     }
 
-    /// Whether the attached lanes hold [`READER_EVENTS`] or more, so that the reader's next
-    /// batch waits; `since` keeps when that began. A wait as long as [`BEHIND_WAIT`] means
+    /// Whether the attached lanes hold [`READER_EVENTS`] or [`READER_BYTES`], so that the next
+    /// reader batch waits; `since` keeps when that began. A wait as long as [`BEHIND_WAIT`] means
     /// tenants that are stuck rather than slow: the one holding the most is detached then,
     /// and the wait starts over.
     fn over_bound(&mut self, since: &mut Option<Instant>) -> bool {
-        let queued: usize = self.lanes().map(|(_, lane)| lane.queued()).sum();
-        if queued < self.bounds.1 {
+        let queued = self
+            .lanes()
+            .fold(Load::default(), |sum, (_, lane)| sum.plus(lane.queued()));
+        if !queued.reaches(self.bounds.1) {
             *since = None;
             return false;
         }
@@ -278,7 +300,7 @@ impl Router {
         if began.elapsed() >= self.behind_wait {
             let fullest = self
                 .lanes()
-                .max_by_key(|(_, lane)| lane.queued())
+                .max_by_key(|(_, lane)| (lane.queued().bytes, lane.queued().events))
                 .map(|(id, _)| id.to_string());
             if let Some(id) = fullest {
                 self.detach(&id);
@@ -307,7 +329,7 @@ impl Router {
     /// full, so a wait for `behind` would hold it up.
     fn someone_keeps_up(&self, behind: &str) -> bool {
         self.lanes()
-            .any(|(id, lane)| id != behind && lane.queued() * 2 < self.bounds.0)
+            .any(|(id, lane)| id != behind && lane.queued().under_half(self.bounds.0))
     }
 
     /// Drops `tenant`'s lane: it reads on from its own position.
@@ -458,7 +480,7 @@ impl Router {
             let Some(lane) = &self.tenants[i].lane else {
                 continue;
             };
-            if !lane.has_room(share.len(), self.bounds.0) {
+            if !lane.has_room(Load::of(&share), self.bounds.0) {
                 full.push(Held {
                     tenant: self.tenants[i].scope.id.clone(),
                     share,

@@ -1,6 +1,6 @@
 //! The router's unit tests: routing, waiting for tenants behind, detaching, the bounds.
 
-use super::super::channel::{lane_channel, LaneReceiver};
+use super::super::channel::{lane_channel, LaneReceiver, Load};
 use super::*;
 use bson::rawdoc;
 
@@ -113,7 +113,12 @@ impl Running {
         let (position, _position) = watch::channel(None);
         let mut router = Router::new("p", None);
         router.behind_wait = behind_wait;
-        router.bounds = bounds;
+        // Bytes never bound these scenarios.
+        let events = |events| Load {
+            events,
+            bytes: usize::MAX / 4,
+        };
+        router.bounds = (events(bounds.0), events(bounds.1));
         let task = tokio::spawn(router.run(batches_rx, commands_rx, position));
         for id in ids {
             commands.send(Command::Register(scope(id))).expect("router");
@@ -374,14 +379,14 @@ fn a_burst_leaves_every_lane_less_than_half_full() {
             let held = router.route(pass.iter().map(copy).collect());
             assert!(held.is_empty(), "K = {k}: a lane was full");
         }
-        let limit = DEFAULT_TENANT_LANE_EVENTS as usize;
+        let limit = router.bounds.0;
+        assert_eq!(limit.events, DEFAULT_TENANT_LANE_EVENTS as usize);
         for (id, tenant) in ids.iter().zip(&router.tenants) {
-            let lane = tenant.lane.as_ref().expect("still attached");
-            assert_eq!(lane.queued() as u32, burst / k, "K = {k}, {id}");
+            let queued = tenant.lane.as_ref().expect("still attached").queued();
+            assert_eq!(queued.events as u32, burst / k, "K = {k}, {id}");
             assert!(
-                lane.queued() * 2 < limit,
-                "K = {k}, {id}: {} of {limit}",
-                lane.queued()
+                queued.under_half(limit),
+                "K = {k}, {id}: {queued:?} of {limit:?}"
             );
         }
         drop(lanes);
@@ -426,4 +431,29 @@ fn a_key_value_never_moves_to_a_second_claimant() {
     assert_eq!(owner(&router), "first");
     router.command(Command::Leave("first".to_string()));
     assert_eq!(owner(&router), "second");
+}
+
+/// A lane is full by its documents' bytes as well as by its events: with room for 1,000
+/// events but only two documents' bytes, the third document waits.
+#[test]
+fn a_lane_is_full_by_bytes_too() {
+    let mut router = Router::new("p", None);
+    let one = Load::of(&[item("a", 1)]);
+    router.bounds.0 = Load {
+        events: 1000,
+        bytes: 2 * one.bytes,
+    };
+    router.command(Command::Register(scope("a")));
+    assert!(router.route(vec![item("c", 0)]).is_empty());
+    let (lane, _receiver) = lane_channel();
+    let (reply, _joined) = oneshot::channel();
+    router.command(Command::Join {
+        tenant: "a".to_string(),
+        lane,
+        reply,
+    });
+    assert!(router.route(vec![item("a", 1)]).is_empty());
+    assert!(router.route(vec![item("a", 2)]).is_empty());
+    let held = router.route(vec![item("a", 3)]);
+    assert_eq!(held.len(), 1, "the third document waits for room");
 }
