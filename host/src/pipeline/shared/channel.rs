@@ -97,13 +97,14 @@ impl Count {
 /// The router's end.
 #[derive(Clone)]
 pub(crate) struct LaneSender {
-    messages: mpsc::UnboundedSender<Vec<SourceItem>>,
+    /// Each message with its load, counted once on the way in and taken off as it was.
+    messages: mpsc::UnboundedSender<(Vec<SourceItem>, Load)>,
     count: Arc<Count>,
 }
 
 /// The tenant's end: the lane's, during a hand-over, then the chain stage's.
 pub(crate) struct LaneReceiver {
-    messages: mpsc::UnboundedReceiver<Vec<SourceItem>>,
+    messages: mpsc::UnboundedReceiver<(Vec<SourceItem>, Load)>,
     count: Arc<Count>,
 }
 
@@ -148,7 +149,7 @@ impl LaneSender {
             // Counted before it can be taken, so that the count never goes below zero.
             let load = Load::of(&share);
             self.count.add(load);
-            if self.messages.send(share).is_err() {
+            if self.messages.send((share, load)).is_err() {
                 self.count.sub(load);
                 return false;
             }
@@ -190,8 +191,8 @@ impl LaneReceiver {
         self.messages.is_closed()
     }
 
-    fn took(&self, message: Vec<SourceItem>) -> Vec<SourceItem> {
-        self.count.sub(Load::of(&message));
+    fn took(&self, (message, load): (Vec<SourceItem>, Load)) -> Vec<SourceItem> {
+        self.count.sub(load);
         self.count.taken.notify_one();
         message
     }

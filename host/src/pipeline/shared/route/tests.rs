@@ -162,6 +162,18 @@ impl Drop for Running {
     }
 }
 
+/// Joins tenant `id` to `router` (driven directly, without its task); its lane's receiver.
+fn join_directly(router: &mut Router, id: &str) -> LaneReceiver {
+    let (lane, receiver) = lane_channel();
+    let (reply, _joined) = oneshot::channel();
+    router.command(Command::Join {
+        tenant: id.to_string(),
+        lane,
+        reply,
+    });
+    receiver
+}
+
 /// The ids of the next `n` events in `lane`; fewer if it ends first.
 async fn next_events(lane: &mut LaneReceiver, n: usize) -> Vec<String> {
     let mut seen = Vec::new();
@@ -361,16 +373,7 @@ fn a_burst_leaves_every_lane_less_than_half_full() {
         assert!(router.route(vec![item("c", 0)]).is_empty());
         let lanes: Vec<LaneReceiver> = ids
             .iter()
-            .map(|id| {
-                let (lane, receiver) = lane_channel();
-                let (reply, _joined) = oneshot::channel();
-                router.command(Command::Join {
-                    tenant: id.clone(),
-                    lane,
-                    reply,
-                });
-                receiver
-            })
+            .map(|id| join_directly(&mut router, id))
             .collect();
         let events: Vec<SourceItem> = (0..burst)
             .map(|n| item(&ids[(n % k) as usize], n + 1))
@@ -397,13 +400,7 @@ fn a_burst_leaves_every_lane_less_than_half_full() {
     let mut router = Router::new("p", None);
     router.command(Command::Register(scope("t")));
     assert!(router.route(vec![item("c", 0)]).is_empty());
-    let (lane, _receiver) = lane_channel();
-    let (reply, _joined) = oneshot::channel();
-    router.command(Command::Join {
-        tenant: "t".to_string(),
-        lane,
-        reply,
-    });
+    let _receiver = join_directly(&mut router, "t");
     let events: Vec<SourceItem> = (0..burst).map(|n| item("t", n + 1)).collect();
     for pass in events.chunks(PASS_EVENTS) {
         let pass = pass.iter().map(copy).collect();
@@ -445,13 +442,7 @@ fn a_lane_is_full_by_bytes_too() {
     };
     router.command(Command::Register(scope("a")));
     assert!(router.route(vec![item("c", 0)]).is_empty());
-    let (lane, _receiver) = lane_channel();
-    let (reply, _joined) = oneshot::channel();
-    router.command(Command::Join {
-        tenant: "a".to_string(),
-        lane,
-        reply,
-    });
+    let _receiver = join_directly(&mut router, "a");
     assert!(router.route(vec![item("a", 1)]).is_empty());
     assert!(router.route(vec![item("a", 2)]).is_empty());
     let held = router.route(vec![item("a", 3)]);
